@@ -1,0 +1,37 @@
+"""What the scheduler hands the model runner each step: plain ints, no tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step.
+
+    ``token_ids`` are the tokens whose KV this step computes (a prefill chunk, or the one
+    newest token when decoding); ``start_pos`` is the position of ``token_ids[0]``. Tokens
+    before ``start_pos`` already have KV in ``block_table`` (earlier chunks or a prefix
+    cache hit). ``adapter_slot`` is the GPU LoRA slot (-1: base model). ``sample`` says
+    whether the runner must return logits for the chunk's last token.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    adapter_slot: int
+    sample: bool
+
+
+@dataclass
+class ScheduledBatch:
+    chunks: list[SeqChunk]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(len(c.token_ids) == 1 and c.start_pos > 0 for c in self.chunks)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)

@@ -1,0 +1,47 @@
+"""The app factory: one FastAPI app serving the OpenAI API, the admin API and probes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from gateway.errors import install_error_handlers
+from gateway.middleware import install_middleware
+from gateway.routes import health
+from gateway.settings import GatewaySettings
+from gateway.state import Services
+from tenancy.db import make_engine, make_sessionmaker
+
+log = logging.getLogger("loraplex.gateway")
+
+EngineFactory = Callable[[], Any]
+
+
+def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app. ``engine_factory`` makes the inference engine (called in the lifespan);
+    None serves the control plane only (and ``/ready`` reports the engine as absent)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = make_engine(settings.resolved_database_url())
+        services = Services(settings=settings, db=db, sessions=make_sessionmaker(db))
+        app.state.services = services
+        try:
+            if engine_factory is not None:
+                services.engine = engine_factory()
+                await services.engine.start()
+            yield
+        finally:
+            if services.engine is not None:
+                await services.engine.shutdown()
+            await db.dispose()
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    install_middleware(app, max_body_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,97 @@
+"""The one place where errors become HTTP responses, in the OpenAI error envelope."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import errors as engine_errors
+from tenancy.errors import DomainError, RateLimited
+
+log = logging.getLogger("loraplex.gateway")
+
+_ENGINE_STATUS: list[tuple[type[engine_errors.EngineError], int, str, str]] = [
+    (engine_errors.PromptTooLong, 400, "invalid_request_error", "context_length_exceeded"),
+    (engine_errors.AdapterIncompatible, 400, "invalid_request_error", "adapter_incompatible"),
+    (engine_errors.InvalidRequest, 400, "invalid_request_error", "invalid_value"),
+    (engine_errors.AdapterLoadError, 503, "service_unavailable", "adapter_unavailable"),
+    (engine_errors.EngineOverloaded, 503, "service_unavailable", "engine_overloaded"),
+    (engine_errors.EngineError, 500, "server_error", "engine_error"),
+]
+
+_HTTP_CODES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "payload_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+}
+
+
+def envelope(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
+    for cls, status, type_, code in _ENGINE_STATUS:
+        if isinstance(exc, cls):
+            return envelope(status, exc.message, type_, code, exc.param)
+    return envelope(500, exc.message, "server_error", "engine_error", exc.param)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    first = errs[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    if first.get("type") == "extra_forbidden":
+        return f"unsupported parameter: {param}", param
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after))), **exc.headers}
+        return envelope(exc.status, exc.message, exc.type, exc.code, exc.param, headers)
+
+    @app.exception_handler(engine_errors.EngineError)
+    async def _engine(_: Request, exc: engine_errors.EngineError) -> JSONResponse:
+        return engine_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return envelope(400, message, "invalid_request_error", "invalid_value", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_, code = _HTTP_CODES.get(exc.status_code, ("server_error", "http_error"))
+        return envelope(exc.status_code, str(exc.detail), type_, code, None, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return envelope(500, "internal server error", "server_error", "internal_error")

@@ -1,0 +1,19 @@
+"""What the lifespan builds and the routes use. Built once per app, never at import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from gateway.settings import GatewaySettings
+
+
+@dataclass
+class Services:
+    settings: GatewaySettings
+    db: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    engine: Any = None  # engine.async_engine.AsyncEngine, or None while it loads
+    # Each component adds its own typed field here (object store, registry, limiter, ledger...).
