@@ -139,7 +139,9 @@ class AdapterAlias(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    __table_args__ = (UniqueConstraint("tenant_id", "alias", name="uq_adapter_aliases_tenant_alias"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "alias", name="uq_adapter_aliases_tenant_alias"),
+    )
 
 
 class UsageRecord(Base):

@@ -66,7 +66,9 @@ class StoreSettings(BaseSettings):
             "rediss",
             "unix",
         }:
-            raise ConfigError("LORAPLEX_REDIS_URL", "must start with redis://, rediss:// or unix://")
+            raise ConfigError(
+                "LORAPLEX_REDIS_URL", "must start with redis://, rediss:// or unix://"
+            )
         if self.object_store_url is not None and urlparse(self.object_store_url).scheme not in {
             "s3",
             "file",
