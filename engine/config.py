@@ -1,0 +1,72 @@
+"""Engine configuration: the few numbers that size the engine, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the operator chooses. The runner sizes the KV pool; the scheduler gets ints.
+
+    ``num_gpu_blocks`` pins the KV pool to an exact size (tests, benchmarks); otherwise the
+    runner derives it from ``kv_cache_bytes`` or, on GPU, from ``gpu_memory_utilization``
+    of the memory left after a warm-up.
+    """
+
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's own context length
+    max_loras: int = 8  # GPU LoRA slots = most distinct adapters in one batch
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 32  # loaded adapters kept in host memory
+    enable_prefix_caching: bool = True
+    kv_cache_bytes: int | None = None
+    num_gpu_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    enforce_eager: bool = False  # no CUDA graphs
+    max_waiting: int = 4096  # queued requests beyond this are refused (EngineOverloaded)
+    aging_steps: int = 64  # a request held back this many steps blocks those behind it
+    adapter_load_workers: int = 4
+    seed: int = 0  # for requests without their own seed
+
+    def validate(self) -> None:
+        checks: list[tuple[bool, str, str]] = [
+            (self.block_size >= 1, "block_size", "must be positive"),
+            (self.max_num_seqs >= 1, "max_num_seqs", "must be positive"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be positive"),
+            (
+                self.max_model_len is None or self.max_model_len >= 1,
+                "max_model_len",
+                "must be positive",
+            ),
+            (self.max_loras >= 1, "max_loras", "must be positive"),
+            (self.max_lora_rank >= 1, "max_lora_rank", "must be positive"),
+            (self.max_cpu_loras >= self.max_loras, "max_cpu_loras", "must be >= max_loras"),
+            (
+                self.num_gpu_blocks is None or self.num_gpu_blocks >= 1,
+                "num_gpu_blocks",
+                "must be positive",
+            ),
+            (
+                self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
+                "kv_cache_bytes",
+                "must be positive",
+            ),
+            (
+                0.0 < self.gpu_memory_utilization <= 1.0,
+                "gpu_memory_utilization",
+                "must be in (0, 1]",
+            ),
+            (self.max_waiting >= 1, "max_waiting", "must be positive"),
+            (self.aging_steps >= 1, "aging_steps", "must be positive"),
+            (self.adapter_load_workers >= 1, "adapter_load_workers", "must be positive"),
+        ]
+        for ok, param, msg in checks:
+            if not ok:
+                raise InvalidRequest(f"{param} {msg}", param=param)
