@@ -1,0 +1,91 @@
+"""Ops of the engine: Triton kernels on CUDA, pure-torch references elsewhere.
+
+Each op lives in ``<op>.py`` with its Triton host wrapper ``<op>`` and its reference
+``<op>_ref`` (same signature). The functions here pick one per call: the reference on CPU or
+when triton is missing, Triton on CUDA. ``LORAPLEX_KERNELS=ref|triton`` forces a side
+(read per call, so tests and benchmarks can switch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from engine.kernels import kv_cache_write as _kvw
+from engine.kernels import lora_expand as _expand
+from engine.kernels import lora_shrink as _shrink
+from engine.kernels import paged_decode_attention as _decode
+from engine.kernels import prefill_attention as _prefill
+from engine.kernels import rms_norm as _rms
+from engine.kernels import rotary as _rot
+from engine.kernels import silu_and_mul as _silu
+from engine.kernels._triton import HAVE_TRITON
+from engine.kernels.lora_meta import LoraMeta, build_lora_meta
+from engine.kernels.rotary import rotary_cos_sin_cache
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the op on tensor ``t`` should run the Triton kernel."""
+    mode = os.environ.get("LORAPLEX_KERNELS", "")
+    if mode == "ref":
+        return False
+    if mode == "triton":
+        return HAVE_TRITON
+    return HAVE_TRITON and t.is_cuda
+
+
+def _pick(mod, name: str, t: torch.Tensor):
+    fn = getattr(mod, name, None) if use_triton(t) else None
+    return fn if fn is not None else getattr(mod, name + "_ref")
+
+
+def lora_shrink(x, lora_a, ranks, meta: LoraMeta) -> torch.Tensor:
+    return _pick(_shrink, "lora_shrink", x)(x, lora_a, ranks, meta)
+
+
+def lora_expand(buf, lora_b, ranks, out_offsets: Sequence[int], meta: LoraMeta, y):
+    return _pick(_expand, "lora_expand", y)(buf, lora_b, ranks, out_offsets, meta, y)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
+    fn = _pick(_decode, "paged_decode_attention", q)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale: float):
+    fn = _pick(_prefill, "prefill_attention", q)
+    return fn(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale)
+
+
+def kv_cache_write(k, v, k_cache, v_cache, slot_mapping) -> None:
+    _pick(_kvw, "kv_cache_write", k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    return _pick(_rms, "rms_norm", x)(x, weight, eps, residual)
+
+
+def rotary(q, k, positions, cos_sin_cache):
+    return _pick(_rot, "rotary", q)(q, k, positions, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    return _pick(_silu, "silu_and_mul", x)(x)
+
+
+__all__ = [
+    "LoraMeta",
+    "build_lora_meta",
+    "kv_cache_write",
+    "lora_expand",
+    "lora_shrink",
+    "paged_decode_attention",
+    "prefill_attention",
+    "rms_norm",
+    "rotary",
+    "rotary_cos_sin_cache",
+    "silu_and_mul",
+    "use_triton",
+]

@@ -1,0 +1,138 @@
+"""Per-step LoRA metadata: tokens grouped into segments by adapter slot.
+
+Built by the runner from the per-token slot index ``token_slot[T]`` (int32, -1 = no adapter)
+with torch ops only (no Python loop per token). The SGMV kernels read it:
+
+- ``sorted_tokens[T]``: token indices grouped by slot, adapter tokens first, the -1 tokens last
+  (stable: within a segment tokens keep batch order).
+- ``seg_start[S+1]``, ``seg_slot[S]``: segment ``s`` is ``sorted_tokens[seg_start[s]:seg_start[s+1]]``,
+  all with adapter slot ``seg_slot[s]``.
+- ``tile_seg[NT]``, ``tile_start[NT]``: the segments cut into tiles of ``block_m`` tokens
+  (``tile_start`` is a position in ``sorted_tokens``); padding tiles have ``tile_seg = -1``.
+  One SGMV program handles one tile, so the grid is static: ``NT = cdiv(T, block_m) + S``.
+- ``token_slot[T]``: kept for the per-token (BGMV) decode path.
+
+``num_segments`` is a host int. For CUDA graphs build with ``max_segments`` (e.g. the number
+of LoRA slots): the segment and tile arrays are padded to that bound with empty segments
+(slot -1), so their shapes depend only on ``T`` and the bound; copy a fresh meta into the
+static one with :meth:`LoraMeta.copy_`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BLOCK_M = 16
+
+
+@dataclass
+class LoraMeta:
+    token_slot: torch.Tensor  # [T] int32, -1 = no adapter
+    sorted_tokens: torch.Tensor  # [T] int32
+    seg_start: torch.Tensor  # [S+1] int32
+    seg_slot: torch.Tensor  # [S] int32 (-1 for padding segments)
+    tile_seg: torch.Tensor  # [NT] int32 (-1 for padding tiles)
+    tile_start: torch.Tensor  # [NT] int32
+    num_segments: int  # S (host int; the padded bound when built with max_segments)
+    num_lora_tokens: int  # tokens with an adapter (host int; T when built with max_segments)
+    block_m: int = DEFAULT_BLOCK_M
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slot.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LoraMeta:
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return LoraMeta(
+            mv(self.token_slot),
+            mv(self.sorted_tokens),
+            mv(self.seg_start),
+            mv(self.seg_slot),
+            mv(self.tile_seg),
+            mv(self.tile_start),
+            self.num_segments,
+            self.num_lora_tokens,
+            self.block_m,
+        )
+
+    def copy_(self, other: LoraMeta) -> LoraMeta:
+        """Copy ``other`` into this meta's buffers in place (static buffers for CUDA graphs)."""
+        if other.block_m != self.block_m:
+            raise ValueError("block_m differs")
+        for name in (
+            "token_slot",
+            "sorted_tokens",
+            "seg_start",
+            "seg_slot",
+            "tile_seg",
+            "tile_start",
+        ):
+            dst, src = getattr(self, name), getattr(other, name)
+            if dst.shape != src.shape:
+                raise ValueError(f"{name}: shape {tuple(src.shape)} != static {tuple(dst.shape)}")
+            dst.copy_(src, non_blocking=True)
+        return self
+
+
+def build_lora_meta(
+    token_slot: torch.Tensor,
+    max_segments: int | None = None,
+    block_m: int = DEFAULT_BLOCK_M,
+) -> LoraMeta:
+    """Group tokens by adapter slot. ``token_slot[T]`` int, -1 = no adapter.
+
+    Without ``max_segments`` the arrays are exact (one host sync to learn S on CUDA; build on
+    CPU and move with ``.to`` to avoid it). With it, they are padded to that bound.
+    """
+    if token_slot.dim() != 1:
+        raise ValueError("token_slot must be 1-D [T]")
+    dev = token_slot.device
+    T = token_slot.shape[0]
+    slot = token_slot.to(torch.int64)
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(slot < 0, torch.full_like(slot, big), slot)
+    sorted_key, order = torch.sort(key, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_key, return_counts=True)
+    has = uniq != big
+    seg_slot = uniq[has]
+    seg_len = counts[has]
+    S = int(seg_slot.shape[0])
+    n_lora = int(seg_len.sum()) if S else 0
+    if max_segments is not None:
+        if S > max_segments:
+            raise ValueError(f"{S} segments > max_segments={max_segments}")
+        pad = max_segments - S
+        seg_slot = torch.cat([seg_slot, torch.full((pad,), -1, dtype=torch.int64, device=dev)])
+        seg_len = torch.cat([seg_len, torch.zeros(pad, dtype=torch.int64, device=dev)])
+        S = max_segments
+    seg_start = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(seg_len, 0, out=seg_start[1:])
+
+    # tiles of block_m tokens per segment; static count cdiv(T, block_m) + S
+    n_tiles_seg = (seg_len + block_m - 1) // block_m
+    nt_used = int(n_tiles_seg.sum()) if S else 0
+    nt = (T + block_m - 1) // block_m + S
+    tile_seg = torch.repeat_interleave(torch.arange(S, device=dev), n_tiles_seg)
+    first_tile = torch.cumsum(n_tiles_seg, 0) - n_tiles_seg
+    within = torch.arange(nt_used, device=dev) - first_tile[tile_seg]
+    tile_start = seg_start[tile_seg] + within * block_m
+    pad = nt - nt_used
+    tile_seg = torch.cat([tile_seg, torch.full((pad,), -1, dtype=torch.int64, device=dev)])
+    tile_start = torch.cat([tile_start, torch.zeros(pad, dtype=torch.int64, device=dev)])
+
+    i32 = torch.int32
+    return LoraMeta(
+        token_slot=token_slot.to(i32),
+        sorted_tokens=order.to(i32),
+        seg_start=seg_start.to(i32),
+        seg_slot=seg_slot.to(i32),
+        tile_seg=tile_seg.to(i32),
+        tile_start=tile_start.to(i32),
+        num_segments=S,
+        num_lora_tokens=n_lora if max_segments is None else T,
+        block_m=block_m,
+    )

@@ -1,0 +1,37 @@
+"""Rotary position embedding, neox style (rotate halves), applied to q and k in place.
+
+``cos_sin_cache[p] = cat(cos(p * inv_freq), sin(p * inv_freq))``, shape ``[max_pos, D]``
+float32; build it with :func:`rotary_cos_sin_cache` from the model's (scaled) ``inv_freq``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotary_cos_sin_cache(inv_freq: torch.Tensor, max_pos: int) -> torch.Tensor:
+    """inv_freq [D/2] -> cos_sin_cache [max_pos, D] float32."""
+    t = torch.arange(max_pos, dtype=torch.float32, device=inv_freq.device)
+    freqs = torch.outer(t, inv_freq.float())
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rotary_ref(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T] int
+    cos_sin_cache: torch.Tensor,  # [max_pos, D]
+):
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()].float()
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    q.copy_(_rope(q, cos, sin))
+    k.copy_(_rope(k, cos, sin))
+    return q, k
