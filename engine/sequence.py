@@ -1,0 +1,60 @@
+"""One sequence of tokens as the scheduler and block manager see it: ints only.
+
+A request with ``n`` choices owns ``n`` sequences; they share nothing here but the
+``request_id``. ``token_ids`` is the prompt followed by the generated tokens; the KV of
+the first ``num_computed_tokens`` of them lives in the blocks of ``block_table``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n choices
+    arrival: int  # admission order; smaller is older (preemption takes the largest)
+    token_ids: list[int]
+    prompt_len: int
+    adapter_key: str | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks (memo)
+    num_committed_blocks: int = 0  # leading blocks already offered to the prefix cache
+    slot: int = -1  # GPU LoRA slot while running with an adapter (pinned)
+    waited_steps: int = 0  # steps spent held back in the waiting queue
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        return (self.arrival, self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.prompt_len]
