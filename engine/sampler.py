@@ -1,0 +1,149 @@
+"""Logits -> tokens for a whole batch at once, on the logits' device.
+
+Order (as in HF): repetition penalty (prompt + generated), presence/frequency penalties
+(generated), temperature, top-k, top-p, min-p. Greedy rows (temperature 0) take the
+argmax of the penalized logits. Random rows use the exponential race (argmax of
+``p / E`` with ``E ~ Exp(1)``), which samples from ``p``; a row with its own
+``torch.Generator`` draws its noise from it alone, so a seeded request gives the same
+tokens whatever else shares its batch. Logprobs are of the model's raw distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.api import SamplingParams
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # of the chosen tokens; None when no row asked
+    top_ids: list[list[int]] | None  # per row: its k alternatives (k = that row's logprobs)
+    top_logprobs: list[list[float]] | None
+
+
+def _token_mask(
+    rows_ids: list[list[int]], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, V] counts of each token id per row (padded lists, one scatter)."""
+    width = max((len(ids) for ids in rows_ids), default=0)
+    counts = torch.zeros(len(rows_ids), vocab + 1, device=device)
+    if width == 0:
+        return counts[:, :vocab], counts[:, :vocab] > 0
+    padded = torch.full((len(rows_ids), width), vocab, dtype=torch.long)
+    for i, ids in enumerate(rows_ids):
+        padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    padded = padded.to(device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+    counts = counts[:, :vocab]
+    return counts, counts > 0
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    dev = logits.device
+    rep = [r.params.repetition_penalty for r in rows]
+    if any(p != 1.0 for p in rep):
+        _, seen = _token_mask([r.prompt_ids + r.output_ids for r in rows], vocab, dev)
+        rp = torch.tensor(rep, device=dev, dtype=logits.dtype).unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(seen, penalized, logits)
+    pres = [r.params.presence_penalty for r in rows]
+    freq = [r.params.frequency_penalty for r in rows]
+    if any(pres) or any(freq):
+        counts, seen = _token_mask([r.output_ids for r in rows], vocab, dev)
+        fp = torch.tensor(freq, device=dev, dtype=logits.dtype).unsqueeze(1)
+        pp = torch.tensor(pres, device=dev, dtype=logits.dtype).unsqueeze(1)
+        logits = logits - fp * counts - pp * seen.to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask to -inf what falls outside each row's top-k and top-p (keeps >= 1 token)."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).unsqueeze(1)
+    drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=1)
+    before = probs.cumsum(dim=1) - probs  # mass strictly ahead of each token
+    drop |= before > top_p.unsqueeze(1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sample rows")
+        logits = logits.float()
+        dev = logits.device
+        want = [r.params.logprobs for r in rows]
+        raw_logprobs = logits.log_softmax(dim=1) if any(k is not None for k in want) else None
+
+        logits = apply_penalties(logits, rows)
+        temps = torch.tensor([r.params.temperature for r in rows], device=dev)
+        greedy = temps < _GREEDY_EPS
+        greedy_ids = logits.argmax(dim=1)
+        if bool(greedy.all()):
+            chosen = greedy_ids
+        else:
+            logits = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
+            top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
+            top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
+            if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+                logits = apply_top_k_top_p(logits, top_k, top_p)
+            probs = logits.softmax(dim=1)
+            min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
+            if bool((min_p > 0).any()):
+                floor = min_p.unsqueeze(1) * probs.max(dim=1, keepdim=True).values
+                probs = probs.masked_fill(probs < floor, 0.0)
+            noise = torch.empty_like(probs).exponential_(generator=self._default_generator(dev))
+            for i, r in enumerate(rows):
+                if r.generator is not None:
+                    noise[i].exponential_(generator=r.generator)
+            sampled = (probs / noise).argmax(dim=1)
+            chosen = torch.where(greedy, greedy_ids, sampled)
+
+        token_ids = chosen.tolist()
+        if raw_logprobs is None:
+            return SampleResult(token_ids, None, None, None)
+        chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        k_max = max(k for k in want if k is not None)
+        top_ids: list[list[int]] = [[] for _ in rows]
+        top_lps: list[list[float]] = [[] for _ in rows]
+        if k_max > 0:
+            vals, ids = raw_logprobs.topk(k_max, dim=1)
+            vals_l, ids_l = vals.tolist(), ids.tolist()
+            for i, k in enumerate(want):
+                if k:
+                    top_ids[i], top_lps[i] = ids_l[i][:k], vals_l[i][:k]
+        return SampleResult(token_ids, chosen_lp, top_ids, top_lps)

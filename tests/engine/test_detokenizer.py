@@ -1,0 +1,76 @@
+"""Incremental detokenization (multi-byte characters split over tokens) and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+
+TEXTS = [
+    "Héllo wörld, naïve café",
+    "emoji 🙂🚀✨ and 日本語のテキスト",
+    "🙂",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from conftest import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("prompt", ["", "Prompt: ", "日本"])
+def test_streamed_text_equals_full_decode_and_never_breaks(tok, text, prompt):
+    prompt_ids = tok.encode(prompt)
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in tok.encode("🙂🚀")), "emoji must span tokens"
+    detok = IncrementalDetokenizer(tok, prompt_ids)
+    pieces = [detok.add(i) for i in ids]
+    pieces.append(detok.flush())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids)
+
+
+def test_incomplete_character_is_held_then_flushed(tok):
+    ids = tok.encode("a🙂")
+    detok = IncrementalDetokenizer(tok, [])
+    out = [detok.add(i) for i in ids[:-1]]
+    assert "".join(out) == "a"  # the emoji's first bytes are held back
+    assert detok.flush().endswith("\ufffd")  # at the end, what's left goes out as is
+
+
+def test_stop_string_truncates_and_is_never_emitted_early():
+    sc = StopChecker(("STOP",))
+    emitted = []
+    for piece in ["hello S", "T", "O", "P tail"]:
+        hit = sc.add(piece)
+        emitted.append(sc.take(final=hit))
+        if hit:
+            break
+    assert emitted == ["hello ", "", "", ""] and sc.text == "hello "
+
+
+def test_false_start_of_a_stop_string_is_released():
+    sc = StopChecker(("STOP",))
+    assert not sc.add("ST")
+    assert sc.take(final=False) == ""
+    assert not sc.add("ART")
+    assert sc.take(final=False) == "START"
+
+
+def test_earliest_of_several_stops_wins():
+    sc = StopChecker(("world", "lo w"))
+    assert sc.add("hello world")
+    assert sc.take(final=True) == "hel"
+
+
+def test_stop_spanning_pieces():
+    sc = StopChecker(("\n\n",))
+    assert not sc.add("line\n")
+    assert sc.take(final=False) == "line"
+    assert sc.add("\nnext")
+    assert sc.take(final=True) == ""
+    assert sc.text == "line"
