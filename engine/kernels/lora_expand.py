@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.kernels._triton import HAVE_TRITON, tl, triton
 from engine.kernels.lora_meta import LoraMeta
 
 
@@ -32,4 +33,134 @@ def lora_expand_ref(
                 n0, n1 = out_offsets[p], out_offsets[p + 1]
                 d = buf[p, toks, :r] @ lora_b[slot, n0:n1, :r].float().T
                 y[toks, n0:n1] = (y[toks, n0:n1].float() + d).to(y.dtype)
+    return y
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _sgmv_expand_kernel(
+        buf_ptr,  # [P, T, R] float32
+        b_ptr,  # [slots, N, R]
+        ranks_ptr,  # [slots, P]
+        y_ptr,  # [T, N]
+        sorted_ptr,
+        seg_start_ptr,
+        seg_slot_ptr,
+        tile_seg_ptr,
+        tile_start_ptr,
+        T,
+        R,
+        OFF1,
+        OFF2,
+        OFF3,
+        OFF4,
+        P: tl.constexpr,
+        stride_bs,
+        stride_bn,
+        stride_yt,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        nt = tl.program_id(1)
+        p = tl.program_id(2)
+        seg = tl.load(tile_seg_ptr + tile)
+        if seg < 0:
+            return
+        slot = tl.load(seg_slot_ptr + seg)
+        if slot < 0:
+            return
+        rank = tl.load(ranks_ptr + slot * P + p)
+        if rank == 0:
+            return
+        n_lo = tl.where(p == 0, 0, tl.where(p == 1, OFF1, tl.where(p == 2, OFF2, OFF3)))
+        n_hi = tl.where(p == 0, OFF1, tl.where(p == 1, OFF2, tl.where(p == 2, OFF3, OFF4)))
+        offs_n = n_lo + nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        if n_lo + nt * BLOCK_N >= n_hi:
+            return
+        mask_n = offs_n < n_hi
+        start = tl.load(tile_start_ptr + tile)
+        end = tl.load(seg_start_ptr + seg + 1)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn
+        buf_rows = buf_ptr + p * T * R + tok[:, None] * R
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            bt = tl.load(
+                b_rows + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0
+            )
+            xt = tl.load(
+                buf_rows + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0
+            )
+            if IEEE:
+                acc += tl.dot(xt, tl.trans(bt), input_precision="ieee")
+            else:
+                acc += tl.dot(xt.to(bt.dtype), tl.trans(bt))
+        y_tile = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
+        ymask = mask_m[:, None] & mask_n[None, :]
+        yv = tl.load(y_tile, mask=ymask, other=0.0)
+        tl.store(y_tile, (yv.to(tl.float32) + acc).to(yv.dtype), mask=ymask)
+
+
+def lora_expand(
+    buf: torch.Tensor,  # [P, T, R] float32
+    lora_b: torch.Tensor,  # [slots, N, R]  (scale folded in)
+    ranks: torch.Tensor,  # [slots, P] int32
+    out_offsets: Sequence[int],  # [P+1] host ints into N
+    meta: LoraMeta,
+    y: torch.Tensor,  # [T, N], updated in place
+) -> torch.Tensor:
+    P, T, R = buf.shape
+    S_, N, R2 = lora_b.shape
+    offs = [int(o) for o in out_offsets]
+    if len(offs) != P + 1 or offs[0] != 0 or offs[-1] != N or P > 4:
+        raise ValueError(f"out_offsets {offs} must be [0, ..., N={N}] for P={P} <= 4 projections")
+    if R2 != R or buf.dtype != torch.float32 or not buf.is_contiguous():
+        raise ValueError("buf must be contiguous float32 [P, T, R] with lora_b's R")
+    if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
+        raise ValueError("y must be [T, N] with lora_b's N, last dimensions contiguous")
+    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
+        raise ValueError("ranks must be int32 [slots, P]")
+    nt = meta.tile_seg.shape[0]
+    if T == 0 or nt == 0 or meta.num_segments == 0:
+        return y
+    block_r = 16 if R <= 16 else 32 if R <= 32 else 64
+    max_out = max(offs[i + 1] - offs[i] for i in range(P))
+    block_n = 256 if max_out >= 2048 else 64
+    offs = offs + [N] * (5 - len(offs))
+    grid = (nt, triton.cdiv(max_out, block_n), P)
+    _sgmv_expand_kernel[grid](
+        buf,
+        lora_b,
+        ranks.contiguous(),
+        y,
+        meta.sorted_tokens,
+        meta.seg_start,
+        meta.seg_slot,
+        meta.tile_seg,
+        meta.tile_start,
+        T,
+        R,
+        offs[1],
+        offs[2],
+        offs[3],
+        offs[4],
+        P,
+        lora_b.stride(0),
+        lora_b.stride(1),
+        y.stride(0),
+        BLOCK_M=meta.block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        IEEE=y.dtype == torch.float32,
+        num_warps=4,
+        num_stages=2,
+    )
     return y

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.kernels._triton import HAVE_TRITON, tl, triton
 from engine.kernels.lora_meta import LoraMeta
 
 
@@ -29,4 +30,146 @@ def lora_shrink_ref(
             r = ranks_h[slot][p]
             if r:
                 buf[p, toks, :r] = xs @ lora_a[slot, p, :r].float().T
+    return buf
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _sgmv_shrink_kernel(
+        x_ptr,  # [T, K]
+        a_ptr,  # [slots, P, R, K]
+        ranks_ptr,  # [slots, P]
+        buf_ptr,  # [P, T, R] float32, zeroed (split-K accumulates atomically)
+        sorted_ptr,
+        seg_start_ptr,
+        seg_slot_ptr,
+        tile_seg_ptr,
+        tile_start_ptr,
+        T,
+        K,
+        R,
+        P: tl.constexpr,
+        stride_xt,
+        stride_as,
+        stride_ap,
+        stride_ar,
+        K_PER_SPLIT,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        ATOMIC: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        p = tl.program_id(1)
+        ks = tl.program_id(2)
+        seg = tl.load(tile_seg_ptr + tile)
+        if seg < 0:
+            return
+        slot = tl.load(seg_slot_ptr + seg)
+        if slot < 0:
+            return
+        rank = tl.load(ranks_ptr + slot * P + p)
+        if rank == 0:
+            return
+        start = tl.load(tile_start_ptr + tile)
+        end = tl.load(seg_start_ptr + seg + 1)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        k_lo = ks * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + tok[:, None] * stride_xt
+        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            a_rows = a_base + offs_r[:, None] * stride_ar
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < k_hi
+                xt = tl.load(
+                    x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                )
+                at = tl.load(
+                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                )
+                if IEEE:
+                    acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt, tl.trans(at))
+            out = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
+            omask = mask_m[:, None] & mask_r[None, :]
+            if ATOMIC:
+                tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+            else:
+                tl.store(out, acc, mask=omask)
+
+
+def _shrink_config(T: int, K: int, P: int, R: int, meta: LoraMeta) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, SPLIT_K): split K so that the grid has a few waves of programs."""
+    block_r = 16 if R <= 16 else 32 if R <= 32 else 64
+    block_k = 128 if K >= 128 else 32
+    tiles = meta.tile_seg.shape[0]
+    want = 4 * 132
+    split = max(1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 512)))
+    return block_r, block_k, split
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, in]
+    lora_a: torch.Tensor,  # [slots, P, R, in]
+    ranks: torch.Tensor,  # [slots, P] int32
+    meta: LoraMeta,
+) -> torch.Tensor:  # [P, T, R] float32
+    T, K = x.shape
+    S_, P, R, K2 = lora_a.shape
+    if K2 != K:
+        raise ValueError(f"lora_a in_features {K2} != x {K}")
+    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
+        raise ValueError("ranks must be int32 [slots, P]")
+    if x.dtype != lora_a.dtype:
+        raise ValueError(f"dtype mismatch: x {x.dtype}, lora_a {lora_a.dtype}")
+    if meta.token_slot.shape[0] != T:
+        raise ValueError("meta built for a different number of tokens")
+    if x.stride(1) != 1 or lora_a.stride(3) != 1:
+        raise ValueError("x and lora_a need a contiguous last dimension")
+    ranks = ranks.contiguous()
+    buf = torch.zeros(P, T, R, dtype=torch.float32, device=x.device)
+    nt = meta.tile_seg.shape[0]
+    if T == 0 or nt == 0 or meta.num_segments == 0:
+        return buf
+    block_r, block_k, split = _shrink_config(T, K, P, R, meta)
+    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per)
+    _sgmv_shrink_kernel[(nt, P, split)](
+        x,
+        lora_a,
+        ranks,
+        buf,
+        meta.sorted_tokens,
+        meta.seg_start,
+        meta.seg_slot,
+        meta.tile_seg,
+        meta.tile_start,
+        T,
+        K,
+        R,
+        P,
+        x.stride(0),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_a.stride(2),
+        k_per,
+        BLOCK_M=meta.block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        ATOMIC=split > 1,
+        IEEE=x.dtype == torch.float32,
+        num_warps=4,
+        num_stages=3,
+    )
     return buf

@@ -1,0 +1,136 @@
+"""SGMV shrink/expand vs the torch references (Punica/vLLM style test matrix)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import DEVICE, assert_close, gpu
+
+from engine.kernels import build_lora_meta
+from engine.kernels.lora_expand import lora_expand, lora_expand_ref
+from engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
+
+PATTERNS = ["distinct", "identical", "zipf", "some_none"]
+
+
+def make_token_slot(T: int, pattern: str, num_slots: int, gen: torch.Generator) -> torch.Tensor:
+    if pattern == "distinct":
+        slot = torch.randperm(num_slots, generator=gen)[:T] if T <= num_slots else None
+        if slot is None:
+            slot = torch.arange(T) % num_slots
+    elif pattern == "identical":
+        slot = torch.full((T,), int(torch.randint(num_slots, (1,), generator=gen)))
+    elif pattern == "zipf":
+        w = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.1
+        slot = torch.multinomial(w, T, replacement=True, generator=gen)
+    else:  # some tokens with no adapter
+        slot = torch.randint(num_slots, (T,), generator=gen)
+        slot[torch.rand(T, generator=gen) < 0.4] = -1
+    return slot.to(torch.int32)
+
+
+def make_weights(num_slots, outs, max_rank, k, dtype, gen, rank_choices=(1, 8, 64)):
+    P = len(outs)
+    N = sum(outs)
+    a = (torch.randn(num_slots, P, max_rank, k, generator=gen) / k**0.5).to(dtype)
+    b = (torch.randn(num_slots, N, max_rank, generator=gen) / max_rank**0.5).to(dtype)
+    rc = torch.tensor([r for r in rank_choices if r <= max_rank])
+    ranks = rc[torch.randint(len(rc), (num_slots, P), generator=gen)].to(torch.int32)
+    ranks[0, -1] = 0  # an adapter that does not touch one projection
+    offsets = [0]
+    for o in outs:
+        offsets.append(offsets[-1] + o)
+    return a, b, ranks, offsets
+
+
+def run_case(T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    token_slot = make_token_slot(T, pattern, num_slots, gen)
+    a, b, ranks, offsets = make_weights(num_slots, outs, max_rank, k, dtype, gen, **kw)
+    x = torch.randn(T, k, generator=gen).to(dtype)
+    y0 = torch.randn(T, offsets[-1], generator=gen).to(dtype)
+    meta = build_lora_meta(token_slot, max_segments=max_segments)
+
+    buf_ref = lora_shrink_ref(x.float(), a.float(), ranks, meta)
+    y_ref = lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, y0.float().clone())
+
+    dev = DEVICE
+    meta_d = meta.to(dev)
+    buf = lora_shrink(x.to(dev), a.to(dev), ranks.to(dev), meta_d)
+    assert_close(buf, buf_ref, dtype)
+    y = y0.to(dev).clone()
+    lora_expand(buf, b.to(dev), ranks.to(dev), offsets, meta_d, y)
+    assert_close(y, y_ref, dtype)
+    none = token_slot < 0
+    assert torch.equal(y.cpu()[none], y0[none]), "a token with no adapter was touched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("T", [1, 3, 7])
+def test_sgmv_hidden_2049(T, pattern, dtype):
+    # q/k/v-like group with odd sizes and ranks 1, 8, 64 mixed
+    run_case(T, 2049, [2049, 33, 33], pattern, dtype, num_slots=8, max_rank=64, seed=T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_sgmv_133_tokens(pattern, dtype):
+    run_case(133, 96, [80, 24], pattern, dtype, num_slots=12, max_rank=64, seed=133)
+
+
+def test_sgmv_padded_meta_for_graphs():
+    # segment/tile arrays padded to max_segments (static shapes) give the same result
+    run_case(7, 65, [40], "zipf", torch.float32, num_slots=6, max_rank=16, seed=3, max_segments=6)
+
+
+def test_sgmv_no_adapter_at_all():
+    run_case(5, 64, [32], "some_none", torch.float32, num_slots=1, max_rank=8, seed=0)
+    x = torch.randn(4, 64)
+    meta = build_lora_meta(torch.full((4,), -1, dtype=torch.int32)).to(DEVICE)
+    a = torch.randn(2, 1, 8, 64)
+    buf = lora_shrink(
+        x.to(DEVICE), a.to(DEVICE), torch.ones(2, 1, dtype=torch.int32).to(DEVICE), meta
+    )
+    assert not buf.any()
+
+
+def test_meta_groups_tokens():
+    ts = torch.tensor([2, -1, 0, 2, 2, -1, 1, 0], dtype=torch.int32)
+    m = build_lora_meta(ts, block_m=2)
+    assert m.num_segments == 3
+    assert m.seg_slot.tolist() == [0, 1, 2]
+    assert m.seg_start.tolist() == [0, 2, 3, 6]
+    assert m.sorted_tokens.tolist() == [2, 7, 6, 0, 3, 4, 1, 5]
+    assert m.tile_seg.tolist()[:4] == [0, 1, 2, 2] and m.tile_start.tolist()[:4] == [0, 2, 3, 5]
+    padded = build_lora_meta(ts, max_segments=5, block_m=2)
+    assert padded.seg_start.tolist() == [0, 2, 3, 6, 6, 6]
+    assert padded.tile_seg.shape[0] == 4 + 5
+
+
+# Llama-3-8B projection groups: (in, outs)
+LLAMA_GROUPS = {
+    "qkv": (4096, [4096, 1024, 1024]),
+    "o": (4096, [4096]),
+    "gate_up": (4096, [14336, 14336]),
+    "down": (14336, [4096]),
+}
+
+
+@gpu
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("T", [1, 7, 64, 133])
+@pytest.mark.parametrize("group", list(LLAMA_GROUPS))
+def test_sgmv_llama_bf16(group, T, pattern):
+    k, outs = LLAMA_GROUPS[group]
+    run_case(
+        T,
+        k,
+        outs,
+        pattern,
+        torch.bfloat16,
+        num_slots=16,
+        max_rank=64,
+        seed=T,
+        rank_choices=(8, 16, 64),
+    )
