@@ -1,0 +1,205 @@
+"""SGMV shrink+expand for the seven LoRA projections of one Llama-3-8B layer.
+
+One command: ``python benchmarks/bench_sgmv.py`` (on a CUDA machine). For each case it times
+one layer (4 groups: qkv, o, gate_up, down; shrink + expand each) captured in a CUDA graph,
+L2 flushed before each replay (triton's do_bench), and reports:
+
+- the bytes floor: x, A, B read once, y read and written once, over the device-to-device copy
+  bandwidth measured in the same run;
+- two torch baselines in CUDA graphs too: a matmul loop per adapter (index_select, two
+  matmuls, index_add per segment and projection) and gather + bmm (per-token weights gathered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.kernels import build_lora_meta
+from engine.kernels.lora_expand import lora_expand
+from engine.kernels.lora_shrink import lora_shrink
+
+HIDDEN, INTER, KV = 4096, 14336, 1024
+GROUPS = {  # name: (in_features, [out per projection])
+    "qkv": (HIDDEN, [HIDDEN, KV, KV]),
+    "o": (HIDDEN, [HIDDEN]),
+    "gate_up": (HIDDEN, [INTER, INTER]),
+    "down": (INTER, [HIDDEN]),
+}
+DT = torch.bfloat16
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")  # 512 MiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+class Pool:
+    """Per-group LoRA slot pool (one layer), zero beyond each adapter's rank."""
+
+    def __init__(self, num_slots: int, max_rank: int, ranks: torch.Tensor):
+        self.a, self.b, self.offsets = {}, {}, {}
+        self.ranks = {}
+        for g, (k, outs) in GROUPS.items():
+            P, N = len(outs), sum(outs)
+            a = torch.randn(num_slots, P, max_rank, k, device="cuda", dtype=DT) / k**0.5
+            b = torch.randn(num_slots, N, max_rank, device="cuda", dtype=DT) / max_rank**0.5
+            r = ranks[:, None].expand(num_slots, P).contiguous().to(torch.int32).cuda()
+            ar = torch.arange(max_rank, device="cuda")
+            a *= (ar[None, None, :, None] < r[:, :, None, None]).to(DT)
+            offs = [0]
+            for o in outs:
+                offs.append(offs[-1] + o)
+            keep = torch.zeros(num_slots, N, max_rank, device="cuda", dtype=DT)
+            for p in range(P):
+                keep[:, offs[p] : offs[p + 1]] = (ar[None, None, :] < r[:, p, None, None]).to(DT)
+            b *= keep
+            self.a[g], self.b[g], self.offsets[g], self.ranks[g] = a, b, offs, r
+
+
+def make_case(T: int, n_adapters: int | None, mixed: bool, gen: torch.Generator):
+    """-> token_slot [T], rank per slot. n_adapters None = all distinct."""
+    if n_adapters is None or n_adapters >= T:
+        n = T
+        slot = torch.randperm(T, generator=gen)
+    else:
+        n = n_adapters
+        slot = torch.randint(n, (T,), generator=gen)
+    if mixed:
+        ranks = torch.tensor([8, 16, 32, 64])[torch.randint(4, (max(n, 1),), generator=gen)]
+    else:
+        ranks = torch.full((max(n, 1),), 16)
+    return slot.to(torch.int32), ranks
+
+
+def floor_bytes(T, token_slot, ranks):
+    used = sorted(set(token_slot.tolist()))
+    total = 0
+    for k, outs in GROUPS.values():
+        N = sum(outs)
+        total += T * k * 2 + 2 * T * N * 2  # x once, y read + write
+        for s in used:
+            r = int(ranks[s])
+            total += len(outs) * r * k * 2 + N * r * 2
+    return total
+
+
+def time_graph(fn) -> float:
+    """Median microseconds of one CUDA-graph replay of fn, L2 flushed before each."""
+    fn()  # compile / warm up
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def run_case(T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator):
+    token_slot, ranks = make_case(T, n_ad, mixed, gen)
+    ranks_full = torch.zeros(pool_slots, dtype=torch.int64)
+    ranks_full[: ranks.shape[0]] = ranks
+    pool = Pool(pool_slots, 64 if mixed else 16, ranks_full)
+    meta = build_lora_meta(token_slot).to("cuda")
+    xs = {g: torch.randn(T, k, device="cuda", dtype=DT) for g, (k, _) in GROUPS.items()}
+    ys = {g: torch.randn(T, sum(o), device="cuda", dtype=DT) for g, (_, o) in GROUPS.items()}
+    seg_start = meta.seg_start.tolist()
+    segs = [
+        (int(s), meta.sorted_tokens[seg_start[i] : seg_start[i + 1]].long())
+        for i, s in enumerate(meta.seg_slot.tolist())
+    ]
+    ts_long = token_slot.long().cuda()
+
+    def sgmv():
+        for g in GROUPS:
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta)
+            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g])
+
+    def loop():
+        for g in GROUPS:
+            offs = pool.offsets[g]
+            for s, idx in segs:
+                xi = xs[g].index_select(0, idx)
+                for p in range(len(offs) - 1):
+                    h = xi @ pool.a[g][s, p].T
+                    d = h @ pool.b[g][s, offs[p] : offs[p + 1]].T
+                    ys[g][:, offs[p] : offs[p + 1]].index_add_(0, idx, d)
+
+    def gather_bmm():
+        for g in GROUPS:
+            a = pool.a[g][ts_long]  # [T, P, R, k]
+            P, R = a.shape[1], a.shape[2]
+            h = torch.bmm(a.view(T, P * R, -1), xs[g][:, :, None]).view(T, P, R)
+            b = pool.b[g][ts_long]  # [T, N, R]
+            offs = pool.offsets[g]
+            for p in range(P):
+                n0, n1 = offs[p], offs[p + 1]
+                ys[g][:, n0:n1] += torch.bmm(b[:, n0:n1], h[:, p, :, None])[:, :, 0]
+
+    # correctness against gather + bmm on the same inputs (both add into copies of y)
+    y0 = {g: y.clone() for g, y in ys.items()}
+    sgmv()
+    got = {g: y.clone() for g, y in ys.items()}
+    for g, y in ys.items():
+        y.copy_(y0[g])
+    gather_bmm()
+    for g in GROUPS:
+        d = (got[g].float() - ys[g].float()).norm() / (ys[g].float() - y0[g].float()).norm()
+        if not d < 3e-2:
+            raise SystemExit(f"SGMV differs from gather+bmm on {g}: rel err {d:.3g}")
+    res = {
+        label: time_graph(fn) for label, fn in (("sgmv", sgmv), ("loop", loop), ("bmm", gather_bmm))
+    }
+    return res, floor_bytes(T, token_slot, ranks_full)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="1,4,16,64,256")
+    ap.add_argument("--quick", action="store_true", help="fewer cases")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    bw = copy_bandwidth()
+    print(
+        f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)"
+    )
+    tokens = [int(t) for t in args.tokens.split(",")]
+    cases = [("1 x r16", 1, False), ("8 x r16", 8, False), ("32 x r16", 32, False)]
+    cases += [("distinct r16", None, False), ("distinct r8-64", None, True)]
+    if args.quick:
+        cases = [cases[0], cases[3], cases[4]]
+    rows = []
+    for name, n_ad, mixed in cases:
+        pool_slots = max(tokens) if n_ad is None else n_ad
+        for T in tokens:
+            res, nbytes = run_case(T, n_ad, mixed, pool_slots, gen)
+            torch.cuda.empty_cache()
+            floor_us = nbytes / bw * 1e6
+            s, lo, bm = res["sgmv"], res["loop"], res["bmm"]
+            rows.append((name, T, s, floor_us, lo, bm))
+            print(
+                f"{name:>15} T={T:>4}  sgmv {s:8.1f} us  floor {floor_us:7.1f}  x{s / floor_us:4.2f}"
+                f"  loop {lo:8.1f} (x{lo / s:.1f})  gather+bmm {bm:8.1f} (x{bm / s:.1f})",
+                flush=True,
+            )
+    print(
+        "\n| case | tokens | SGMV us | floor us | SGMV/floor | loop us | loop/SGMV | gather+bmm us | bmm/SGMV |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, T, s, f, lo, bm in rows:
+        print(
+            f"| {name} | {T} | {s:.1f} | {f:.1f} | {s / f:.2f} | {lo:.1f} | {lo / s:.1f} | {bm:.1f} | {bm / s:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
