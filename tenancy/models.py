@@ -178,3 +178,15 @@ class AuditLog(Base):
     target: Mapped[str] = mapped_column(String(256), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     note: Mapped[str] = mapped_column(Text, default="")
+
+
+class AdminToken(Base):
+    """An operator token for the admin API, made on first start when ``LORAPLEX_ADMIN_TOKEN``
+    is unset. Only its keyed hash is stored (see ``tenancy.bootstrap``)."""
+
+    __tablename__ = "admin_tokens"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the shared schema (``tenancy.models``); see ``migrations.runner``."""
