@@ -1,0 +1,322 @@
+"""The synchronous engine: ``add_request``, ``step() -> list[RequestOutput]``, ``abort``.
+
+One thread drives it (the async front's step thread, or a test). Each step: take in
+finished adapter loads, start the loads waiting requests need, schedule, write newly
+assigned LoRA slots, run the model, sample, and turn tokens into outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from engine.api import AdapterRef, Request, RequestOutput
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.errors import EngineOverloaded, InvalidRequest, PromptTooLong
+from engine.lora.loader import AdapterLoader
+from engine.lora.slots import SlotTable
+from engine.request_state import Choice, RequestState, make_logprob
+from engine.sampler import Sampler, SampleRow
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import SeqStatus, Sequence
+from engine.stats import EngineStats
+
+
+class Runner(Protocol):
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: Any  # collection of ints
+    tokenizer: Any
+
+    def execute(self, batch: Any) -> torch.Tensor: ...
+    def read_adapter(self, path: Path) -> Any: ...
+    def write_slot(self, slot: int, weights: Any) -> None: ...
+    def clear_slot(self, slot: int) -> None: ...
+
+
+class LLMEngine:
+    def __init__(self, runner: Runner, config: EngineConfig, *, on_adapter_loaded=None) -> None:
+        config.validate()
+        self.runner = runner
+        self.config = config
+        self.tokenizer = runner.tokenizer
+        self.max_model_len = min(runner.max_model_len, config.max_model_len or runner.max_model_len)
+        self.blocks = BlockManager(
+            runner.num_blocks, runner.block_size, config.enable_prefix_caching
+        )
+        self.slots = SlotTable(config.max_loras)
+        self.scheduler = Scheduler(
+            self.blocks,
+            self.slots,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            aging_steps=config.aging_steps,
+        )
+        self.loader = AdapterLoader(
+            runner.read_adapter,
+            max_host_adapters=config.max_cpu_loras,
+            workers=config.adapter_load_workers,
+            on_done=on_adapter_loaded,
+        )
+        self.sampler = Sampler(config.seed)
+        self._eos = frozenset(int(t) for t in runner.eos_token_ids)
+        self._requests: dict[str, RequestState] = {}
+        self._owner: dict[int, tuple[RequestState, Choice]] = {}
+        self._adapter_refs: dict[str, AdapterRef] = {}
+        self._pending: list[RequestOutput] = []  # aborts and failures, out with the next step
+        self._next_seq_id = 0
+        self._next_arrival = 0
+        self._counters = {
+            "steps": 0,
+            "prompt": 0,
+            "hit_tokens": 0,
+            "gen": 0,
+            "hits": 0,
+            "misses": 0,
+        }
+        self._last_batch = (0, 0)
+        self.last_step_ran = False  # False: nothing could run (idle, or waiting on loads)
+
+    @classmethod
+    def from_model(cls, model: str | Path, config: EngineConfig, **kw: Any) -> LLMEngine:
+        from engine.model_runner import ModelRunner
+
+        return cls(ModelRunner(model, config), config, **kw)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise a typed error that concerns it alone."""
+        p = request.sampling
+        p.validate()
+        if request.request_id in self._requests:
+            raise InvalidRequest(
+                f"request id {request.request_id!r} is already in use", param="request_id"
+            )
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise EngineOverloaded("too many queued requests")
+        prompt_ids = self._tokenize(request.prompt)
+        total = len(prompt_ids) + p.max_tokens
+        if len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
+            raise PromptTooLong(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds the "
+                f"context of {self.max_model_len} tokens",
+                param="max_tokens" if len(prompt_ids) < self.max_model_len else "prompt",
+            )
+        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
+            raise PromptTooLong(f"{total} tokens do not fit the KV cache", param="max_tokens")
+        state = RequestState(request, prompt_ids, [], self._eos)
+        arrival = self._next_arrival
+        self._next_arrival += 1
+        key = state.adapter_key
+        for i in range(p.n):
+            seq = Sequence(
+                self._next_seq_id,
+                request.request_id,
+                i,
+                arrival,
+                list(prompt_ids),
+                len(prompt_ids),
+                key,
+            )
+            self._next_seq_id += 1
+            choice = Choice(
+                seq, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopChecker(p.stop)
+            )
+            state.choices.append(choice)
+            self._owner[seq.seq_id] = (state, choice)
+        self._requests[request.request_id] = state
+        if request.adapter is not None:
+            self._adapter_refs[request.adapter.key] = request.adapter
+            if self.slots.lookup(request.adapter.key) is not None:
+                self._counters["hits"] += 1
+            else:
+                self._counters["misses"] += 1
+                self.loader.start(request.adapter)
+        self.scheduler.add(state.choices[0].seq)  # siblings fork off it after its prefill
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or not 0 <= t < self.runner.vocab_size for t in ids):
+                raise InvalidRequest(
+                    "prompt token ids must be ints in [0, vocab_size)", param="prompt"
+                )
+        if not ids:
+            raise InvalidRequest("prompt is empty", param="prompt")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its final output (finish_reason "abort") comes with the next step."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return False
+        state.finish("abort")
+        self._retire(state)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def _retire(self, state: RequestState) -> None:
+        """Free every sequence of a finished request and queue its last output."""
+        for c in state.choices:
+            if c.seq.status is not SeqStatus.FINISHED:
+                self.scheduler.finish(c.seq)
+            self._owner.pop(c.seq.seq_id, None)
+        self._requests.pop(state.request.request_id, None)
+        out = state.take_output()
+        if out is not None:
+            self._pending.append(out)
+        key = state.adapter_key
+        if key is not None and not any(s.adapter_key == key for s in self._requests.values()):
+            self._adapter_refs.pop(key, None)
+
+    def _fail_adapter(self, key: str, err: Exception) -> None:
+        message = f"adapter {key!r} could not be loaded: {err}"
+        for state in [s for s in self._requests.values() if s.adapter_key == key]:
+            state.finish("error", message)
+            self._retire(state)
+
+    # -- the step ----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        for key, err in self.loader.collect():
+            self._fail_adapter(key, err)
+        for seq in self.scheduler.waiting:
+            key = seq.adapter_key
+            if key is not None and self.slots.lookup(key) is None and not self.loader.is_ready(key):
+                self.loader.start(self._adapter_refs[key])
+        out = self.scheduler.schedule(self.loader.is_ready)
+        self._write_slots(out)
+        outputs, self._pending = self._pending, []
+        self.last_step_ran = not out.is_empty
+        if out.is_empty:
+            return outputs
+        self._counters["steps"] += 1
+        self._last_batch = (len(out.seqs), out.batch.num_tokens)
+        for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
+            if chunk.start_pos < seq.prompt_len:
+                self._counters["prompt"] += (
+                    min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids)) - chunk.start_pos
+                )
+        logits = self.runner.execute(out.batch)
+        self.scheduler.advance(out)
+        self._sample(out, logits)
+        for state in {self._owner[s.seq_id][0] for s in out.seqs if s.seq_id in self._owner}:
+            if state.finished:
+                self._retire(state)
+        outputs += self._pending
+        self._pending = []
+        for state in self._touched(out):
+            o = state.take_output()
+            if o is not None:
+                outputs.append(o)
+        return outputs
+
+    def _touched(self, out: SchedulerOutput) -> list[RequestState]:
+        seen: dict[str, RequestState] = {}
+        for seq in out.seqs:
+            owner = self._owner.get(seq.seq_id)
+            if owner is not None:
+                seen.setdefault(owner[0].request.request_id, owner[0])
+        return list(seen.values())
+
+    def _write_slots(self, out: SchedulerOutput) -> None:
+        for slot, key in out.slot_writes:
+            try:
+                self.runner.write_slot(slot, self.loader.get(key))
+            except Exception as err:
+                keep = [i for i, s in enumerate(out.seqs) if s.adapter_key != key]
+                out.seqs = [out.seqs[i] for i in keep]
+                out.batch.chunks = [out.batch.chunks[i] for i in keep]
+                self._fail_adapter(key, err)
+                self.slots.release(key)
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
+        sampled = [(s, c) for s, c in zip(out.seqs, out.batch.chunks, strict=True) if c.sample]
+        if logits.shape[0] != len(sampled):
+            raise RuntimeError(
+                f"runner returned {logits.shape[0]} logits rows for {len(sampled)} samples"
+            )
+        if not sampled:
+            return
+        rows = []
+        for seq, _ in sampled:
+            state, choice = self._owner[seq.seq_id]
+            seed = state.params.seed
+            if seed is not None and choice.generator is None:  # choice i draws from seed + i
+                choice.generator = torch.Generator(device=logits.device).manual_seed(
+                    seed + seq.index
+                )
+            rows.append(SampleRow(state.params, seq.prompt_ids, seq.output_ids, choice.generator))
+        res = self.sampler(logits, rows)
+        for i, (seq, _) in enumerate(sampled):
+            state, choice = self._owner[seq.seq_id]
+            if seq.index == 0 and not state.forked:
+                state.cached_tokens = seq.num_cached_tokens
+                self._counters["hit_tokens"] += seq.num_cached_tokens
+                self._fork_siblings(state)
+            token = res.token_ids[i]
+            seq.token_ids.append(token)
+            self._counters["gen"] += 1
+            lp = None
+            if (
+                state.params.logprobs is not None
+                and res.logprobs
+                and res.top_ids
+                and res.top_logprobs
+            ):
+                lp = make_logprob(
+                    self.tokenizer, token, res.logprobs[i], res.top_ids[i], res.top_logprobs[i]
+                )
+            state.on_token(choice, token, lp, self.max_model_len)
+            if choice.finished:
+                self.scheduler.finish(seq)
+
+    def _fork_siblings(self, state: RequestState) -> None:
+        state.forked = True
+        parent = state.choices[0].seq
+        for c in reversed(state.choices[1:]):
+            self.blocks.fork(parent, c.seq)
+            self.scheduler.add_front(c.seq)
+
+    # -- stats -------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        c = self._counters
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used,
+            last_batch_seqs=self._last_batch[0],
+            last_batch_tokens=self._last_batch[1],
+            steps=c["steps"],
+            preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=c["prompt"],
+            prefix_cache_hit_tokens=c["hit_tokens"],
+            generation_tokens=c["gen"],
+            adapter_hits=c["hits"],
+            adapter_misses=c["misses"],
+            adapter_loads=self.loader.loads,
+            adapter_load_failures=self.loader.failures,
+            adapter_evictions=self.slots.evictions,
+            adapters_loading=self.loader.num_loading,
+            adapters_resident=len(self.slots.resident),
+            lora_slots=self.slots.num_slots,
+        )
+
+    def shutdown(self) -> None:
+        self.loader.shutdown()

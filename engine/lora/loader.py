@@ -1,0 +1,99 @@
+"""Cold adapter loads in worker threads; loaded weights kept in host memory (LRU).
+
+``start(ref)`` submits at most one load per key however many requests want it; the
+worker calls ``ref.fetch()`` then ``read_adapter(path)`` (validated CPU weights). The
+step thread calls :meth:`collect` each step to take finished loads in: successes go to
+the host cache, failures come back so the engine can fail that adapter's requests.
+Writing weights into a GPU slot is not done here (the step thread does it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from engine.api import AdapterRef
+
+
+class AdapterLoader:
+    def __init__(
+        self,
+        read_adapter: Callable[[Path], Any],
+        *,
+        max_host_adapters: int,
+        workers: int,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self._read = read_adapter
+        self._max_host = max_host_adapters
+        self._on_done = on_done
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        self._lock = threading.Lock()
+        self._done: list[tuple[str, Any, Exception | None]] = []  # guarded by _lock
+        self._loading: set[str] = set()  # step thread only, like everything below
+        self._host: OrderedDict[str, Any] = OrderedDict()
+        self.loads = 0
+        self.failures = 0
+
+    def is_ready(self, key: str) -> bool:
+        return key in self._host
+
+    @property
+    def num_loading(self) -> int:
+        return len(self._loading)
+
+    def is_loading(self, key: str) -> bool:
+        return key in self._loading
+
+    def start(self, ref: AdapterRef) -> bool:
+        """Begin loading unless loaded or loading already. True when a load started."""
+        if ref.key in self._host or ref.key in self._loading:
+            return False
+        self._loading.add(ref.key)
+        self._pool.submit(self._load, ref)
+        return True
+
+    def _load(self, ref: AdapterRef) -> None:
+        try:
+            weights = self._read(Path(ref.fetch()))
+        except Exception as exc:
+            result: tuple[str, Any, Exception | None] = (ref.key, None, exc)
+        else:
+            result = (ref.key, weights, None)
+        with self._lock:
+            self._done.append(result)
+        if self._on_done is not None:
+            self._on_done()
+
+    def has_finished(self) -> bool:
+        with self._lock:
+            return bool(self._done)
+
+    def collect(self) -> list[tuple[str, Exception]]:
+        """Take finished loads in; return the failures as ``(key, error)``."""
+        with self._lock:
+            done, self._done = self._done, []
+        failed = []
+        for key, weights, err in done:
+            self._loading.discard(key)
+            if err is not None:
+                self.failures += 1
+                failed.append((key, err))
+                continue
+            self.loads += 1
+            self._host[key] = weights
+            self._host.move_to_end(key)
+            while len(self._host) > self._max_host:
+                self._host.popitem(last=False)
+        return failed
+
+    def get(self, key: str) -> Any:
+        self._host.move_to_end(key)
+        return self._host[key]
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,133 @@
+"""What the engine remembers of one request: its choices' text, stops and pending deltas.
+
+The scheduler sees only :class:`Sequence` ints; everything a client sees (text,
+logprobs, finish reasons) is built here, one :class:`Choice` per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.api import (
+    CompletionDelta,
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from engine.detokenizer import Decoder, IncrementalDetokenizer, StopChecker
+from engine.sequence import Sequence
+
+
+@dataclass(eq=False)
+class Choice:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stops: StopChecker
+    generator: torch.Generator | None = None
+    finish_reason: FinishReason | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    reported_finish: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class RequestState:
+    request: Request
+    prompt_ids: list[int]
+    choices: list[Choice]
+    eos_token_ids: frozenset[int]
+    forked: bool = False  # the n-1 siblings got the first choice's prompt blocks
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def adapter_key(self) -> str | None:
+        return None if self.request.adapter is None else self.request.adapter.key
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.choices)
+
+    def on_token(
+        self, choice: Choice, token_id: int, logprob: TokenLogprob | None, max_model_len: int
+    ) -> None:
+        """Account one sampled token (already appended to the sequence) and check stops."""
+        p = self.params
+        choice.new_token_ids.append(token_id)
+        if logprob is not None:
+            choice.new_logprobs.append(logprob)
+        seq = choice.seq
+        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+            choice.finish_reason = "stop"
+            return
+        if choice.stops.add(choice.detok.add(token_id)):
+            choice.finish_reason = "stop"
+            return
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= max_model_len:
+            choice.finish_reason = "length"
+            if choice.stops.add(choice.detok.flush()):
+                choice.finish_reason = "stop"
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        for c in self.choices:
+            if c.finish_reason is None:
+                c.finish_reason = reason
+        if error is not None:
+            self.error = error
+
+    def take_output(self) -> RequestOutput | None:
+        """The deltas since the last call; None when there is nothing new to say."""
+        deltas = []
+        for i, c in enumerate(self.choices):
+            final = c.finished and not c.reported_finish
+            text = c.stops.take(final=c.finished)
+            if not (c.new_token_ids or text or final):
+                continue
+            deltas.append(
+                CompletionDelta(
+                    index=i,
+                    text=text,
+                    token_ids=c.new_token_ids,
+                    logprobs=c.new_logprobs if self.params.logprobs is not None else None,
+                    finish_reason=c.finish_reason if final else None,
+                )
+            )
+            c.new_token_ids, c.new_logprobs = [], []
+            c.reported_finish = c.reported_finish or final
+        if not deltas:
+            return None
+        return RequestOutput(
+            request_id=self.request.request_id,
+            deltas=deltas,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=sum(c.seq.num_output_tokens for c in self.choices),
+            cached_tokens=self.cached_tokens,
+            finished=self.finished,
+            error=self.error if self.finished else None,
+        )
+
+
+def make_logprob(
+    tokenizer: Decoder, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float]
+) -> TokenLogprob:
+    def text(i: int) -> str:
+        return tokenizer.decode([i], skip_special_tokens=False)
+
+    return TokenLogprob(
+        token_id=token_id,
+        token=text(token_id),
+        logprob=logprob,
+        top=[(i, text(i), lp) for i, lp in zip(top_ids, top_lps, strict=True)],
+    )

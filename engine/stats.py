@@ -1,0 +1,32 @@
+"""A snapshot of the engine's counters, for metrics and readiness. Plain numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int = 0  # sequences queued (not yet running, or preempted)
+    num_running: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    last_batch_seqs: int = 0  # sequences in the last step's batch
+    last_batch_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    prompt_tokens: int = 0  # computed prompt tokens (cache hits excluded)
+    prefix_cache_hit_tokens: int = 0
+    generation_tokens: int = 0
+    adapter_hits: int = 0  # request's adapter already in a GPU slot on arrival
+    adapter_misses: int = 0
+    adapter_loads: int = 0  # fetch + read completed
+    adapter_load_failures: int = 0
+    adapter_evictions: int = 0  # GPU slot evictions
+    adapters_loading: int = 0
+    adapters_resident: int = 0  # in GPU slots
+    lora_slots: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0

@@ -1,0 +1,108 @@
+"""A model runner made of ints, with a real paged "KV" pool, for engine logic tests.
+
+It honours the runner contract (``execute(batch) -> logits[n_sample, vocab]``): each
+chunk writes ``(token, adapter weights)`` into the pool slots its block table names, and
+a sampled chunk's logits are a pseudo-random function of the whole context *as read back
+from the pool*. So any block-table, prefix-cache, preemption or slot bug changes the
+tokens, and :func:`reference_greedy` (same function over the true context) says what
+they must be. Adapter "weights" are an int read from ``toy_adapter.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import zlib
+from pathlib import Path
+
+import torch
+
+from engine.batch import ScheduledBatch
+from engine.errors import AdapterIncompatible, AdapterLoadError
+
+
+def toy_logits(context: list[tuple[int, int]], vocab: int) -> torch.Tensor:
+    seed = zlib.crc32(repr(context).encode())
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def reference_greedy(
+    prompt: list[int], weights: int, max_tokens: int, vocab: int, eos: int | None = None
+) -> list[int]:
+    tokens = list(prompt)
+    out: list[int] = []
+    for _ in range(max_tokens):
+        tok = int(toy_logits([(t, weights) for t in tokens], vocab).argmax())
+        out.append(tok)
+        tokens.append(tok)
+        if tok == eos:
+            break
+    return out
+
+
+def write_toy_adapter(path: Path, weights: int) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "toy_adapter.json").write_text(json.dumps({"weights": weights}))
+    return path
+
+
+class ToyRunner:
+    def __init__(
+        self, tokenizer, *, num_blocks=64, block_size=4, max_model_len=256, num_slots=4, eos=(1,)
+    ):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos
+        self.device = torch.device("cpu")
+        self.pool: list[list[tuple[int, int] | None]] = [
+            [None] * block_size for _ in range(num_blocks)
+        ]
+        self.slot_weights: list[int | None] = [None] * num_slots
+        self.batches: list[ScheduledBatch] = []
+        self.reads = 0
+        self.read_gate = threading.Event()
+        self.read_gate.set()
+        self._lock = threading.Lock()
+
+    def read_adapter(self, path: Path) -> int:
+        self.read_gate.wait(10)
+        with self._lock:
+            self.reads += 1
+        f = Path(path) / "toy_adapter.json"
+        if not f.exists():
+            raise AdapterLoadError(f"no adapter at {path}")
+        weights = json.loads(f.read_text())["weights"]
+        if weights < 0:
+            raise AdapterIncompatible("negative toy weights")
+        return weights
+
+    def write_slot(self, slot: int, weights: int) -> None:
+        self.slot_weights[slot] = weights
+
+    def clear_slot(self, slot: int) -> None:
+        self.slot_weights[slot] = None
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        self.batches.append(batch)
+        bs = self.block_size
+        rows = []
+        for c in batch.chunks:
+            w = 0 if c.adapter_slot < 0 else self.slot_weights[c.adapter_slot]
+            if w is None:
+                raise RuntimeError(f"slot {c.adapter_slot} used before it was written")
+            for j, t in enumerate(c.token_ids):
+                pos = c.start_pos + j
+                self.pool[c.block_table[pos // bs]][pos % bs] = (t, w)
+        for c in batch.chunks:  # read after every write, as a layer's attention does
+            if c.sample:
+                end = c.start_pos + len(c.token_ids)
+                ctx = [self.pool[c.block_table[p // bs]][p % bs] for p in range(end)]
+                if any(x is None for x in ctx):
+                    raise RuntimeError("read an unwritten KV slot")
+                rows.append(toy_logits(ctx, self.vocab_size))  # type: ignore[arg-type]
+        if not rows:
+            return torch.empty(0, self.vocab_size)
+        return torch.stack(rows)
