@@ -1,0 +1,205 @@
+"""``RedisLimiter``: one Lua script per check, so limits hold across gateway replicas.
+
+When Redis cannot be reached the configured policy decides: by default request rates
+fail open (the request goes through unchecked) and budgets fail closed (503), since a
+burst is cheaper than an unbounded bill. Either way the outcome is counted in
+``loraplex_limiter_unavailable_total``. After a failure the limiter does not try Redis
+again for ``retry_s``, so an outage does not add a timeout to every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from gateway.limit_scripts import ADMIT_LUA, SETTLE_LUA
+from gateway.limits import (
+    KIND_CODES,
+    Admission,
+    Scope,
+    Verdict,
+    Violation,
+    Window,
+    month_key,
+    ms_to_next_month,
+    new_admission_id,
+    ratelimit_headers,
+    rejection,
+    reserve_spend,
+    scopes_for,
+    settled_spend,
+)
+from gateway.metrics import Metrics
+from tenancy.errors import Unavailable
+from tenancy.principal import Principal
+
+log = logging.getLogger("loraplex.limits")
+
+MONTH_TTL_MS = 40 * 24 * 3600 * 1000
+STORE_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
+
+
+def _keys(scopes: tuple[Scope, ...], month: str) -> list[str]:
+    keys: list[str] = []
+    for s in scopes:
+        b = s.redis_base
+        keys += [f"{b}:w", f"{b}:wt", f"{b}:f", f"{b}:fr", f"{b}:sum", f"{b}:m:{month}"]
+    return keys
+
+
+def _limit_args(scope: Scope) -> list[int]:
+    lim = scope.limits
+    values = (
+        lim.requests_per_minute,
+        lim.tokens_per_minute,
+        lim.max_concurrent,
+        lim.monthly_token_budget,
+        lim.monthly_spend_budget_micros,
+    )
+    return [-1 if v is None else v for v in values]
+
+
+def _verdict(reply: list[int], scopes: tuple[Scope, ...]) -> Verdict:
+    admitted, nviol = int(reply[0]) == 1, int(reply[1])
+    pos = 2
+    violations = []
+    for _ in range(nviol):
+        i, kind, limit, retry = (int(x) for x in reply[pos : pos + 4])
+        violations.append(Violation(scopes[i - 1].name, KIND_CODES[kind], limit, retry))
+        pos += 4
+    requests: list[Window] = []
+    tokens: list[Window] = []
+    for _ in scopes:
+        rpm, count, tpm, wt, reset = (int(x) for x in reply[pos : pos + 5])
+        pos += 5
+        if rpm >= 0:
+            requests.append(Window(rpm, count, reset))
+        if tpm >= 0:
+            tokens.append(Window(tpm, wt, reset))
+    return Verdict(admitted, tuple(requests), tuple(tokens), tuple(violations))
+
+
+class RedisLimiter:
+    def __init__(
+        self,
+        redis: Redis,
+        metrics: Metrics,
+        *,
+        lease_s: float = 600.0,
+        rates_fail_open: bool = True,
+        budgets_fail_open: bool = False,
+        timeout_s: float = 0.5,
+        retry_s: float = 1.0,
+        owns_client: bool = True,
+    ) -> None:
+        self._redis = redis
+        self._metrics = metrics
+        self._lease_ms = int(lease_s * 1000)
+        self._rates_fail_open = rates_fail_open
+        self._budgets_fail_open = budgets_fail_open
+        self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._owns_client = owns_client
+        self._down_until = 0.0
+        self._admit = redis.register_script(ADMIT_LUA)
+        self._settle = redis.register_script(SETTLE_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, metrics: Metrics, **kwargs: float | bool) -> RedisLimiter:
+        timeout = float(kwargs.get("timeout_s", 0.5))
+        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return cls(client, metrics, **kwargs)  # type: ignore[arg-type]
+
+    async def _call(self, script: object, keys: list[str], args: list[int | str]) -> list[int]:
+        if time.monotonic() < self._down_until:
+            raise ConnectionError("limit store marked down after a recent failure")
+        try:
+            async with asyncio.timeout(self._timeout_s * 2):
+                return await script(keys=keys, args=args)  # type: ignore[operator,no-any-return]
+        except STORE_ERRORS:
+            self._down_until = time.monotonic() + self._retry_s
+            raise
+
+    async def admit(
+        self, principal: Principal, reserve_tokens: int, *, prompt_tokens: int | None = None
+    ) -> Admission:
+        scopes = scopes_for(principal)
+        spend = reserve_spend(principal, reserve_tokens, prompt_tokens)
+        rid = new_admission_id()
+        now = datetime.now(UTC)
+        args: list[int | str] = [
+            rid,
+            reserve_tokens,
+            spend,
+            self._lease_ms,
+            ms_to_next_month(now),
+            len(scopes),
+        ]
+        for s in scopes:
+            args += _limit_args(s)
+        try:
+            reply = await self._call(self._admit, _keys(scopes, month_key(now)), args)
+        except STORE_ERRORS as exc:
+            return self._unavailable(principal, scopes, rid, reserve_tokens, spend, exc)
+        verdict = _verdict(reply, scopes)
+        if not verdict.admitted:
+            for v in verdict.violations:
+                self._metrics.limit_rejected(v.kind.value, v.scope, principal.tenant_name)
+            raise rejection(verdict, reserve_tokens)
+        return Admission(rid, scopes, reserve_tokens, spend, ratelimit_headers(verdict))
+
+    def _unavailable(
+        self,
+        principal: Principal,
+        scopes: tuple[Scope, ...],
+        rid: str,
+        reserve: int,
+        spend: int,
+        exc: BaseException,
+    ) -> Admission:
+        budgets = any(s.limits.has_budgets for s in scopes)
+        rates = any(s.limits.has_rates for s in scopes)
+        for check, applies, fail_open in (
+            ("budget", budgets, self._budgets_fail_open),
+            ("rate", rates, self._rates_fail_open),
+        ):
+            if not applies:
+                continue
+            if not fail_open:
+                self._metrics.limiter_unavailable.labels(check, "rejected").inc()
+                log.warning("limit store unreachable (%s): refusing %s", exc, principal.tenant_name)
+                raise Unavailable(
+                    f"usage limits cannot be checked right now ({check}); retry shortly"
+                )
+            self._metrics.limiter_unavailable.labels(check, "admitted").inc()
+        log.warning("limit store unreachable (%s): admitting unchecked", exc)
+        return Admission(rid, scopes, reserve, spend, degraded=True)
+
+    async def settle(
+        self, admission: Admission, used_tokens: int, *, cost_micros: int | None = None
+    ) -> None:
+        if admission.settled:
+            return
+        admission.settled = True
+        if admission.degraded:
+            return
+        spend = settled_spend(admission, used_tokens, cost_micros)
+        scopes = admission.scopes
+        keys = _keys(scopes, month_key(datetime.now(UTC)))
+        args: list[int | str] = [admission.id, used_tokens, spend, len(scopes), MONTH_TTL_MS]
+        try:
+            await self._call(self._settle, keys, args)
+        except STORE_ERRORS as exc:
+            # The ledger still bills it; only the Redis budget counter misses this request
+            # (and its concurrency slot frees itself when the lease ends).
+            self._metrics.limiter_settle_errors.inc()
+            log.warning("limit store unreachable on settle (%s); lease will expire", exc)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._redis.aclose()

@@ -1,0 +1,200 @@
+"""Prometheus metrics, on a ``CollectorRegistry`` the lifespan builds (never the default one).
+
+Label sets are bounded: route templates, status codes, limit kinds. Tenant labels only
+when ``metrics_tenant_labels`` is on (cardinality grows with the number of tenants).
+Engine gauges are read from the engine's stats at scrape time, not pushed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tenancy.usage import UsageEvent
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class EngineStats(Protocol):
+    """What the gauges read from the engine (``engine.stats()``) at scrape time."""
+
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def kv_blocks_used(self) -> int: ...
+    @property
+    def kv_blocks_total(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def adapters_loaded(self) -> int: ...
+    @property
+    def adapter_slots(self) -> int: ...
+
+
+StatsSource = Callable[[], EngineStats | None]
+
+
+class EngineCollector(Collector):
+    def __init__(self, source: StatsSource) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # values exist only at scrape time
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            stats = self._source()
+        except Exception:  # a scrape must never fail because the engine is starting
+            stats = None
+        if stats is None:
+            return
+        for name, doc, value in (
+            (
+                "loraplex_engine_requests_waiting",
+                "Requests queued in the engine",
+                stats.num_waiting,
+            ),
+            (
+                "loraplex_engine_requests_running",
+                "Requests in the running batch",
+                stats.num_running,
+            ),
+            (
+                "loraplex_engine_kv_blocks_used",
+                "Paged KV cache blocks in use",
+                stats.kv_blocks_used,
+            ),
+            (
+                "loraplex_engine_kv_blocks_total",
+                "Paged KV cache blocks in all",
+                stats.kv_blocks_total,
+            ),
+            ("loraplex_engine_batch_size", "Sequences in the last engine step", stats.batch_size),
+            (
+                "loraplex_engine_adapters_loaded",
+                "LoRA adapters in GPU slots",
+                stats.adapters_loaded,
+            ),
+            ("loraplex_engine_adapter_slots", "LoRA GPU slots in all", stats.adapter_slots),
+        ):
+            yield GaugeMetricFamily(name, doc, value=float(value))
+
+
+class Metrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        tenant_labels: bool = False,
+        engine_stats: StatsSource | None = None,
+    ) -> None:
+        self.registry = registry
+        self.tenant_labels = tenant_labels
+        t = ("tenant",) if tenant_labels else ()
+        self.http_requests = Counter(
+            "loraplex_http_requests",
+            "HTTP responses by route template, method and status code",
+            ("route", "method", "status"),
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "Time from admission to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "loraplex_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request",
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            "loraplex_e2e_request_latency_seconds",
+            "Time from admission to the last token (or the cut-off)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter("loraplex_tokens", "Metered tokens", ("kind", *t), registry=registry)
+        self.metered = Counter(
+            "loraplex_metered_requests",
+            "Requests metered, by how they ended (ok, aborted, error)",
+            ("status", *t),
+            registry=registry,
+        )
+        self.limit_rejections = Counter(
+            "loraplex_limit_rejections",
+            "Requests refused by a rate limit or budget",
+            ("limit", "scope", *t),
+            registry=registry,
+        )
+        self.limiter_unavailable = Counter(
+            "loraplex_limiter_unavailable",
+            "Checks made while the limit store was unreachable, by policy outcome",
+            ("check", "outcome"),
+            registry=registry,
+        )
+        self.limiter_settle_errors = Counter(
+            "loraplex_limiter_settle_errors",
+            "Settlements lost because the limit store was unreachable",
+            registry=registry,
+        )
+        self.ledger_lag = Gauge(
+            "loraplex_ledger_lag_seconds",
+            "Age of the oldest usage record not yet committed to the database",
+            registry=registry,
+        )
+        self.ledger_pending = Gauge(
+            "loraplex_ledger_pending_records",
+            "Usage records in the outbox, not yet committed to the database",
+            registry=registry,
+        )
+        self.ledger_written = Counter(
+            "loraplex_ledger_records_written",
+            "Usage records committed to the database (redeliveries excluded)",
+            registry=registry,
+        )
+        self.ledger_errors = Counter(
+            "loraplex_ledger_write_errors",
+            "Failed attempts to commit outbox records to the database",
+            registry=registry,
+        )
+        self.usage_exports = Counter(
+            "loraplex_usage_exports",
+            "Daily usage exports, by outcome",
+            ("outcome",),
+            registry=registry,
+        )
+        if engine_stats is not None:
+            registry.register(EngineCollector(engine_stats))
+
+    def _t(self, tenant: str) -> tuple[str, ...]:
+        return (tenant,) if self.tenant_labels else ()
+
+    def observe_http(self, route: str, method: str, status: int) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+
+    def observe_usage(self, event: UsageEvent, tenant: str = "") -> None:
+        """Latency and token metrics from one metered request (called by the ledger)."""
+        t = self._t(tenant or str(event.tenant_id))
+        self.metered.labels(event.status, *t).inc()
+        self.tokens.labels("prompt", *t).inc(event.prompt_tokens)
+        self.tokens.labels("completion", *t).inc(event.completion_tokens)
+        self.tokens.labels("cached", *t).inc(event.cached_tokens)
+        self.e2e.observe(event.duration_ms / 1000)
+        if event.ttft_ms is not None:
+            self.ttft.observe(event.ttft_ms / 1000)
+            if event.completion_tokens > 1 and event.duration_ms >= event.ttft_ms:
+                gaps = event.completion_tokens - 1
+                self.tpot.observe((event.duration_ms - event.ttft_ms) / 1000 / gaps)
+
+    def limit_rejected(self, limit: str, scope: str, tenant: str = "") -> None:
+        self.limit_rejections.labels(limit, scope, *self._t(tenant)).inc()
