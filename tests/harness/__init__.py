@@ -1,0 +1,1 @@
+"""Test harness helpers behind ``tests/conftest.py``: real services and tiny models."""
