@@ -41,7 +41,7 @@ class Runner(Protocol):
 
 
 class LLMEngine:
-    def __init__(self, runner: Runner, config: EngineConfig, *, on_adapter_loaded=None) -> None:
+    def __init__(self, runner: Runner, config: EngineConfig) -> None:
         config.validate()
         self.runner = runner
         self.config = config
@@ -62,7 +62,6 @@ class LLMEngine:
             runner.read_adapter,
             max_host_adapters=config.max_cpu_loras,
             workers=config.adapter_load_workers,
-            on_done=on_adapter_loaded,
         )
         self.sampler = Sampler(config.seed)
         self._eos = frozenset(int(t) for t in runner.eos_token_ids)
@@ -84,10 +83,10 @@ class LLMEngine:
         self.last_step_ran = False  # False: nothing could run (idle, or waiting on loads)
 
     @classmethod
-    def from_model(cls, model: str | Path, config: EngineConfig, **kw: Any) -> LLMEngine:
+    def from_model(cls, model: str | Path, config: EngineConfig) -> LLMEngine:
         from engine.model_runner import ModelRunner
 
-        return cls(ModelRunner(model, config), config, **kw)
+        return cls(ModelRunner(model, config), config)
 
     # -- requests ----------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ class AdapterLoader:
     ) -> None:
         self._read = read_adapter
         self._max_host = max_host_adapters
-        self._on_done = on_done
+        self.on_done = on_done  # called from a worker thread when a load ends
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
         self._lock = threading.Lock()
         self._done: list[tuple[str, Any, Exception | None]] = []  # guarded by _lock
@@ -66,8 +66,8 @@ class AdapterLoader:
             result = (ref.key, weights, None)
         with self._lock:
             self._done.append(result)
-        if self._on_done is not None:
-            self._on_done()
+        if self.on_done is not None:
+            self.on_done()
 
     def has_finished(self) -> bool:
         with self._lock:
