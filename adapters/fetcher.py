@@ -1,0 +1,172 @@
+"""The fetcher the engine is given: a registry version -> ``(key, fetch)`` for ``AdapterRef``.
+
+``fetch`` runs in an engine worker thread: disk cache hit, else one download from the
+object store per cold adapter however many threads ask at once (the others wait for it).
+A failed download raises :class:`AdapterFetchError` (the engine answers 503 for that
+adapter's requests); after a store failure every cold fetch fails fast until a backoff
+(doubling, capped) expires, so a down store is not hammered, and the next fetch after it
+tries again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+from adapters.bundle import sha256_file, unpack
+from adapters.cache import DiskCache
+from adapters.errors import AdapterFetchError, InvalidAdapter
+from adapters.metrics import AdapterMetrics
+from adapters.storage import ObjectMissing, ObjectStore, StoreError
+
+TIER = "object_store"
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """What the gateway wraps as ``engine.api.AdapterRef(key, fetch)``."""
+
+    key: str
+    fetch: Callable[[], Path]
+
+
+class StoredVersion(Protocol):
+    """A registry ``VersionInfo`` or a ``tenancy.models.AdapterVersion`` row."""
+
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def storage_key(self) -> str: ...
+
+
+class Backoff:
+    def __init__(self, initial: float, maximum: float, clock: Callable[[], float]) -> None:
+        self.initial, self.maximum, self.clock = initial, maximum, clock
+        self.delay = 0.0
+        self.until = 0.0
+
+    def wait_left(self) -> float:
+        return max(0.0, self.until - self.clock())
+
+    def failed(self) -> None:
+        self.delay = min(self.maximum, self.delay * 2 if self.delay else self.initial)
+        self.until = self.clock() + self.delay
+
+    def succeeded(self) -> None:
+        self.delay = self.until = 0.0
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.path: Path | None = None
+        self.error: AdapterFetchError | None = None
+
+
+class Fetcher:
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: DiskCache,
+        metrics: AdapterMetrics,
+        *,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        max_bytes: int = 2 * 1024 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store, self.cache, self.metrics = store, cache, metrics
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+        self._store_backoff = Backoff(backoff_initial_s, backoff_max_s, clock)
+        self._new_backoff = partial(Backoff, backoff_initial_s, backoff_max_s, clock)
+        self._key_backoff: dict[str, Backoff] = {}
+        self.downloads = 0  # completed downloads (tests: one per cold adapter)
+
+    def source(self, version: StoredVersion) -> AdapterSource:
+        return AdapterSource(
+            key=version.sha256, fetch=partial(self.fetch, version.sha256, version.storage_key)
+        )
+
+    def fetch(self, sha256: str, storage_key: str) -> Path:
+        hit = self.cache.get(sha256)
+        if hit is not None:
+            return hit
+        with self._lock:
+            flight = self._flights.get(sha256)
+            leader = flight is None
+            if flight is None:
+                self._refuse_during_backoff(sha256)
+                flight = self._flights[sha256] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.path is None:
+                raise AdapterFetchError(f"adapter {sha256[:12]} fetch ended without a result")
+            return flight.path
+        try:
+            flight.path = self._download(sha256, storage_key)
+            return flight.path
+        except AdapterFetchError as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[sha256]
+            flight.done.set()
+
+    def _refuse_during_backoff(self, sha256: str) -> None:
+        for backoff, what in (
+            (self._store_backoff, "object store unavailable"),
+            (self._key_backoff.get(sha256), "adapter could not be fetched"),
+        ):
+            if backoff is not None and (left := backoff.wait_left()) > 0:
+                raise AdapterFetchError(
+                    f"{what}; retrying in {left:.1f}s (adapter {sha256[:12]})",
+                    retry_after=left,
+                )
+
+    def _download(self, sha256: str, storage_key: str) -> Path:
+        start = time.monotonic()
+        work = self.cache.new_tmp_dir()
+        try:
+            bundle, out = work / "bundle.tar", work / "adapter"
+            out.mkdir()
+            try:
+                self.store.get_file(storage_key, bundle)
+            except ObjectMissing as exc:
+                self._failed(self._key_backoff.setdefault(sha256, self._new_backoff()), start)
+                raise AdapterFetchError(f"adapter {sha256[:12]} is missing from the store") from exc
+            except StoreError as exc:
+                self._failed(self._store_backoff, start)
+                raise AdapterFetchError(f"object store unavailable: {exc}") from exc
+            self._store_backoff.succeeded()
+            try:
+                got = sha256_file(bundle)
+                if got != sha256:
+                    raise InvalidAdapter(f"stored bundle hashes to {got[:12]}, not {sha256[:12]}")
+                unpack(bundle, out, max_bytes=self.max_bytes)
+            except InvalidAdapter as exc:
+                self._failed(self._key_backoff.setdefault(sha256, self._new_backoff()), start)
+                raise AdapterFetchError(f"adapter {sha256[:12]} is corrupt: {exc}") from exc
+            path = self.cache.install(sha256, out)
+            with self._lock:
+                self._key_backoff.pop(sha256, None)
+                self.downloads += 1
+            self.metrics.record_load(TIER, time.monotonic() - start)
+            return path
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _failed(self, backoff: Backoff, start: float) -> None:
+        with self._lock:
+            backoff.failed()
+        self.metrics.record_load(TIER, time.monotonic() - start, ok=False)

@@ -1,0 +1,66 @@
+"""The served base model's shape, as adapter validation needs it: plain ints and names.
+
+The app builds one from the engine's model config (``BaseModelSpec.from_hf_config``); the
+validator checks every LoRA tensor against it without importing the engine or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Llama-family decoder layer: projection name -> the submodule that holds it.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    parent: str  # "self_attn" or "mlp"
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    name: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    modules: tuple[str, ...] = ATTENTION + MLP  # the projections the engine can adapt
+
+    def module_shape(self, module: str) -> ModuleShape | None:
+        """``(parent, in, out)`` of one projection, or None if the engine cannot adapt it."""
+        if module not in self.modules:
+            return None
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes = {
+            "q_proj": ModuleShape("self_attn", h, q),
+            "k_proj": ModuleShape("self_attn", h, kv),
+            "v_proj": ModuleShape("self_attn", h, kv),
+            "o_proj": ModuleShape("self_attn", q, h),
+            "gate_proj": ModuleShape("mlp", h, i),
+            "up_proj": ModuleShape("mlp", h, i),
+            "down_proj": ModuleShape("mlp", i, h),
+        }
+        return shapes.get(module)
+
+    @classmethod
+    def from_hf_config(cls, name: str, config: Mapping[str, Any]) -> BaseModelSpec:
+        """From a Llama-style ``config.json`` (``hidden_size``, ``num_attention_heads``...)."""
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return cls(
+            name=name,
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+        )
