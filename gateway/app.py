@@ -9,6 +9,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from admin.routes import keys as admin_keys
+from admin.routes import tenants as admin_tenants
+from gateway.auth import KeyAuthenticator
 from gateway.errors import install_error_handlers
 from gateway.middleware import install_middleware
 from gateway.routes import health
@@ -30,6 +33,12 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
         db = make_engine(settings.resolved_database_url())
         services = Services(settings=settings, db=db, sessions=make_sessionmaker(db))
         app.state.services = services
+        services.keys = KeyAuthenticator(
+            services.sessions,
+            secret_key=settings.resolved_secret_key(),
+            ttl_s=settings.key_cache_ttl_s,
+        )
+        services.keys.start()
         try:
             if engine_factory is not None:
                 services.engine = engine_factory()
@@ -38,10 +47,13 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
         finally:
             if services.engine is not None:
                 await services.engine.shutdown()
+            await services.keys.aclose()
             await db.dispose()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
+    app.include_router(admin_tenants.router)
+    app.include_router(admin_keys.router)
     return app

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from gateway.auth import KeyAuthenticator
 
 
 @dataclass
@@ -16,4 +19,5 @@ class Services:
     db: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     engine: Any = None  # engine.async_engine.AsyncEngine, or None while it loads
+    keys: KeyAuthenticator | None = None  # API key auth (gateway.auth), built in the lifespan
     # Each component adds its own typed field here (object store, registry, limiter, ledger...).

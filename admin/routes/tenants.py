@@ -1,0 +1,46 @@
+"""Tenants: create, list, show, update (status, limits, plan)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from admin.auth import AdminDep
+from admin.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
+from gateway.deps import SessionDep
+from tenancy import tenants
+
+router = APIRouter(prefix="/admin/v1/tenants", tags=["admin: tenants"])
+
+
+@router.post("", status_code=201)
+async def create_tenant(body: TenantCreate, admin: AdminDep, session: SessionDep) -> TenantOut:
+    tenant = await tenants.create_tenant(
+        session, name=body.name, plan=body.plan, limits=body.limits, actor=admin.actor
+    )
+    return TenantOut.of(tenant)
+
+
+@router.get("")
+async def list_tenants(_: AdminDep, session: SessionDep) -> TenantList:
+    return TenantList(data=[TenantOut.of(t) for t in await tenants.list_tenants(session)])
+
+
+@router.get("/{name}")
+async def get_tenant(name: str, _: AdminDep, session: SessionDep) -> TenantOut:
+    return TenantOut.of(await tenants.get_tenant(session, name))
+
+
+@router.patch("/{name}")
+async def update_tenant(
+    name: str, body: TenantUpdate, admin: AdminDep, session: SessionDep
+) -> TenantOut:
+    tenant = await tenants.update_tenant(
+        session,
+        name,
+        actor=admin.actor,
+        status=body.status,
+        limits=body.limits,
+        plan=body.plan,
+        clear_plan="plan" in body.model_fields_set and body.plan is None,
+    )
+    return TenantOut.of(tenant)

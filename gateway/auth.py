@@ -1,0 +1,161 @@
+"""API key authentication: ``Authorization: Bearer lpx_<prefix>_<secret>``.
+
+The key row is found by its public prefix and the secret checked against the stored keyed
+hash in constant time on every request. Rows are cached in-process for ``ttl_s`` seconds
+(negative answers too), so a revocation or suspension reaches every replica within that
+time with no cross-replica messaging; expiry is checked against the clock on every request.
+``last_used_at`` is collected in memory and written in one batched UPDATE per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from tenancy.api_keys import find_by_prefix, record_last_used
+from tenancy.errors import Forbidden, Unauthenticated
+from tenancy.keys import parse_key, verify
+from tenancy.models import ApiKey, Tenant, utcnow
+from tenancy.principal import Principal
+
+log = logging.getLogger("loraplex.gateway.auth")
+
+
+@dataclass(frozen=True)
+class _KeyState:
+    secret_hash: str
+    expires_at: datetime | None
+    revoked: bool
+    tenant_active: bool
+    principal: Principal
+
+
+def _state(key: ApiKey, tenant: Tenant) -> _KeyState:
+    plan = tenant.plan
+    return _KeyState(
+        secret_hash=key.secret_hash,
+        expires_at=key.expires_at,
+        revoked=key.revoked_at is not None,
+        tenant_active=tenant.status == "active",
+        principal=Principal(
+            tenant_id=tenant.id,
+            tenant_name=tenant.name,
+            key_id=key.id,
+            scopes=frozenset(key.scopes),
+            tenant_limits=dict(tenant.limits),
+            key_limits=dict(key.limits),
+            plan_name=plan.name if plan is not None else None,
+            prompt_price_micros=plan.prompt_price_micros if plan is not None else 0,
+            completion_price_micros=plan.completion_price_micros if plan is not None else 0,
+        ),
+    )
+
+
+def _invalid(detail: str = "Incorrect API key provided.") -> Unauthenticated:
+    return Unauthenticated(detail)
+
+
+class KeyAuthenticator:
+    """Turns a bearer token into a :class:`Principal`, or raises 401/403."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        secret_key: str,
+        ttl_s: float,
+        flush_interval_s: float = 10.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sessions = sessions
+        self._secret_key = secret_key
+        self._ttl_s = ttl_s
+        self._flush_interval_s = flush_interval_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._cache: dict[str, tuple[float, _KeyState | None]] = {}
+        self._used: dict[uuid.UUID, datetime] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    @property
+    def secret_key(self) -> str:
+        return self._secret_key
+
+    async def authenticate(self, token: str | None) -> Principal:
+        if not token:
+            raise _invalid(
+                "You didn't provide an API key. Send it as `Authorization: Bearer lpx_...`."
+            )
+        parsed = parse_key(token)
+        if parsed is None:
+            raise _invalid()
+        prefix, secret = parsed
+        state = await self._lookup(prefix)
+        if state is None or not verify(self._secret_key, secret, state.secret_hash):
+            raise _invalid()
+        if state.revoked:
+            raise _invalid("This API key has been revoked.")
+        if state.expires_at is not None and state.expires_at <= utcnow():
+            raise _invalid("This API key has expired.")
+        if not state.tenant_active:
+            raise Forbidden("This tenant is suspended.", code="tenant_suspended")
+        self._used[state.principal.key_id] = utcnow()  # type: ignore[index]
+        return state.principal
+
+    async def _lookup(self, prefix: str) -> _KeyState | None:
+        now = self._clock()
+        hit = self._cache.get(prefix)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        async with self._sessions() as session:
+            found = await find_by_prefix(session, prefix)
+        state = None if found is None else _state(*found)
+        if len(self._cache) >= self._max_entries:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache.pop(prefix, None)
+        self._cache[prefix] = (now + self._ttl_s, state)
+        return state
+
+    def forget(self, prefix: str) -> None:
+        """Drop one cached key (this replica sees a revocation it made at once)."""
+        self._cache.pop(prefix, None)
+
+    async def flush(self) -> None:
+        """Write the collected ``last_used_at`` values in one statement."""
+        if not self._used:
+            return
+        used, self._used = self._used, {}
+        async with self._sessions() as session:
+            await record_last_used(session, used)
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval_s)
+            try:
+                await self.flush()
+            except Exception:  # a database blip must not kill the flusher
+                log.exception("could not record last_used_at")
+
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_forever(), name="key-last-used")
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("could not record last_used_at at shutdown")

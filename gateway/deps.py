@@ -1,0 +1,71 @@
+"""``Annotated`` dependency aliases the routes declare. Authorization chains on
+authentication: ``InferenceDep`` needs ``PrincipalDep``, which needs the bearer token."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.auth import KeyAuthenticator
+from gateway.state import Services
+from tenancy.errors import Forbidden, Unavailable
+from tenancy.principal import Principal
+
+_bearer = HTTPBearer(auto_error=False, description="A tenant API key: lpx_<prefix>_<secret>")
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
+    async with services.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def get_authenticator(services: ServicesDep) -> KeyAuthenticator:
+    if services.keys is None:
+        raise Unavailable("authentication is not configured yet")
+    return services.keys
+
+
+AuthDep = Annotated[KeyAuthenticator, Depends(get_authenticator)]
+
+
+async def get_principal(
+    auth: AuthDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    return await auth.authenticate(credentials.credentials if credentials else None)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_scope(*any_of: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency passing principals that hold at least one of ``any_of``."""
+
+    async def check(principal: PrincipalDep) -> Principal:
+        if not any(principal.has(scope) for scope in any_of):
+            raise Forbidden(
+                f"This API key lacks the required scope: {' or '.join(any_of)}.",
+                param="scope",
+            )
+        return principal
+
+    return check
+
+
+InferenceDep = Annotated[Principal, Depends(require_scope("inference"))]
+ModelsReadDep = Annotated[Principal, Depends(require_scope("inference", "adapters:read"))]
