@@ -58,7 +58,7 @@ class AsyncEngine:
         self._stats = EngineStats()
 
     @classmethod
-    def from_model(cls, model: str | Path, config: EngineConfig) -> AsyncEngine:
+    def from_model(cls, model: str | Path | None, config: EngineConfig) -> AsyncEngine:
         """Build (on :meth:`start`, in the step thread) an engine for the model at ``model``."""
         return cls(lambda: LLMEngine.from_model(model, config))
 

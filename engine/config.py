@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from engine.errors import InvalidRequest
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,16 @@ class EngineConfig:
     aging_steps: int = 64  # a request held back this many steps blocks those behind it
     adapter_load_workers: int = 4
     seed: int = 0  # for requests without their own seed
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
 
     def validate(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -66,6 +80,11 @@ class EngineConfig:
             (self.max_waiting >= 1, "max_waiting", "must be positive"),
             (self.aging_steps >= 1, "aging_steps", "must be positive"),
             (self.adapter_load_workers >= 1, "adapter_load_workers", "must be positive"),
+            (
+                self.dtype == "auto" or self.dtype in _DTYPES,
+                "dtype",
+                f"must be auto or one of {sorted(_DTYPES)}",
+            ),
         ]
         for ok, param, msg in checks:
             if not ok:

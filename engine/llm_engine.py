@@ -83,10 +83,28 @@ class LLMEngine:
         self.last_step_ran = False  # False: nothing could run (idle, or waiting on loads)
 
     @classmethod
-    def from_model(cls, model: str | Path, config: EngineConfig) -> LLMEngine:
+    def from_model(cls, model: str | Path | None, config: EngineConfig) -> LLMEngine:
+        """``model``: an HF directory, a ``.gguf`` file, ``dummy:<preset>`` (see the runner)."""
         from engine.model_runner import ModelRunner
 
-        return cls(ModelRunner(model, config), config)
+        config.validate()
+        runner = ModelRunner(
+            model,
+            device=config.resolved_device(),
+            dtype=config.resolved_dtype(),
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            kv_cache_bytes=config.kv_cache_bytes,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            num_blocks=config.num_gpu_blocks,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enforce_eager=config.enforce_eager,
+            seed=config.seed,
+        )
+        return cls(runner, config)
 
     # -- requests ----------------------------------------------------------------------
 
