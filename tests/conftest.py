@@ -3,7 +3,8 @@
 Fixtures (use them by name):
 
 - ``pg_url``: asyncpg URL of a PostgreSQL database made for this test run, migrated to head
-  (dropped at the end). Session-scoped; every test that uses it starts with empty tables.
+  (dropped at the end); its tables are emptied before each test that uses it.
+  ``pg_database`` is the same URL session-scoped (no truncation), for session fixtures.
 - ``sqlite_url``: aiosqlite URL of a fresh migrated SQLite file in the test's tmp dir.
 - ``redis_url``: ``redis://127.0.0.1:6379/<n>``, a DB index of its own for this run;
   session-scoped, flushed before every test that uses it.
@@ -53,7 +54,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_database() -> Iterator[str]:
     try:
         services.ensure_postgres()
     except services.ServiceUnavailable as exc:
@@ -66,16 +67,12 @@ def pg_url() -> Iterator[str]:
         services.drop_database(url)
 
 
-@pytest.fixture(autouse=True)
-def _clean_stores(request: pytest.FixtureRequest) -> None:
-    """Empty tables / Redis DB before each test that uses ``pg_url`` / ``redis_url``."""
-    if "pg_url" in request.fixturenames:
-        from tenancy.models import Base
+@pytest.fixture
+def pg_url(pg_database: str) -> str:
+    from tenancy.models import Base
 
-        tables = [t.name for t in Base.metadata.sorted_tables]
-        services.truncate_all(request.getfixturevalue("pg_url"), tables)
-    if "redis_url" in request.fixturenames:
-        services.flush_redis(request.getfixturevalue("redis_url"))
+    services.truncate_all(pg_database, [t.name for t in Base.metadata.sorted_tables])
+    return pg_database
 
 
 # ---- SQLite --------------------------------------------------------------------------------
@@ -112,6 +109,13 @@ def redis_url() -> Iterator[str]:
     finally:
         services.flush_redis(url)
         services.release_redis_db(index)
+
+
+@pytest.fixture(autouse=True)
+def _flush_redis(request: pytest.FixtureRequest) -> None:
+    """Empty the run's Redis DB before each test that uses ``redis_url``."""
+    if "redis_url" in request.fixturenames:
+        services.flush_redis(request.getfixturevalue("redis_url"))
 
 
 # ---- S3 (moto) -----------------------------------------------------------------------------
