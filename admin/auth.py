@@ -1,23 +1,21 @@
 """Admin authentication: ``Authorization: Bearer <admin token>``.
 
-A token is accepted when it equals ``LORAPLEX_ADMIN_TOKEN`` (constant-time compare) or when
-its keyed hash matches an unrevoked bootstrap token row (``tenancy.bootstrap``).
+A token is accepted when it equals ``LORAPLEX_ADMIN_TOKEN`` (constant-time compare) or, when
+none is configured, when its keyed hash matches an unrevoked bootstrap admin token
+(``tenancy.bootstrap.verify_admin_token``).
 """
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
 
 from gateway.deps import AuthDep, ServicesDep
+from tenancy.bootstrap import verify_admin_token
 from tenancy.errors import Unauthenticated
-from tenancy.keys import hash_secret
-from tenancy.models import AdminToken
 
 _bearer = HTTPBearer(auto_error=False, description="The operator's admin token")
 
@@ -34,20 +32,17 @@ async def get_admin(
 ) -> Admin:
     if credentials is None or not credentials.credentials:
         raise Unauthenticated("An admin token is required: `Authorization: Bearer <token>`.")
-    token = credentials.credentials
-    configured = services.settings.admin_token
-    if configured and hmac.compare_digest(token.encode(), configured.encode()):
-        return Admin(actor="admin-token")
-    digest = hash_secret(auth.secret_key, token)
     async with services.sessions() as session:
-        name = await session.scalar(
-            select(AdminToken.name).where(
-                AdminToken.token_hash == digest, AdminToken.revoked_at.is_(None)
-            )
+        ok = await verify_admin_token(
+            session,
+            secret_key=auth.secret_key,
+            configured_token=services.settings.admin_token,
+            presented=credentials.credentials,
         )
-    if name is None:
+    if not ok:
         raise Unauthenticated("Incorrect admin token.")
-    return Admin(actor=f"admin:{name}")
+    # The configured token is one shared identity; bootstrap tokens are named in the audit.
+    return Admin(actor="admin-token" if services.settings.admin_token else "admin:bootstrap")
 
 
 AdminDep = Annotated[Admin, Depends(get_admin)]

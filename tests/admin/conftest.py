@@ -26,15 +26,28 @@ class AdminServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
 
-@pytest.fixture(scope="module")
-def admin_server() -> Iterator[AdminServer]:
-    token, secret = secrets.token_hex(16), secrets.token_hex(32)
+def _serve(admin_token: str | None) -> Iterator[AdminServer]:
+    secret = secrets.token_hex(32)
     with fresh_database() as url:
         settings = GatewaySettings(
-            database_url=url, admin_token=token, secret_key=secret, key_cache_ttl_s=0.5
+            database_url=url, admin_token=admin_token, secret_key=secret, key_cache_ttl_s=0.5
         )
         with live_server(create_app(settings)) as base:
-            yield AdminServer(url=base, database_url=url, admin_token=token, secret_key=secret)
+            yield AdminServer(
+                url=base, database_url=url, admin_token=admin_token or "", secret_key=secret
+            )
+
+
+@pytest.fixture(scope="module")
+def admin_server() -> Iterator[AdminServer]:
+    """Admin auth by a configured ``LORAPLEX_ADMIN_TOKEN``."""
+    yield from _serve(secrets.token_hex(16))
+
+
+@pytest.fixture(scope="module")
+def bootstrap_server() -> Iterator[AdminServer]:
+    """No configured admin token: the bootstrap token (a hash in the database) is used."""
+    yield from _serve(None)
 
 
 @pytest.fixture

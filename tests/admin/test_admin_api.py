@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import psycopg
 
+from tenancy.bootstrap import new_admin_token
 from tenancy.keys import hash_secret
 
 
@@ -36,19 +37,31 @@ def test_admin_token_required(admin_server) -> None:
         _error(wrong.get("/admin/v1/tenants"), 401)
 
 
-def test_bootstrap_token_row_is_accepted_until_revoked(admin_server) -> None:
-    token = uuid.uuid4().hex
+def test_bootstrap_admin_token_when_none_is_configured(bootstrap_server) -> None:
+    token = new_admin_token()
+    with psycopg.connect(_pg(bootstrap_server.database_url), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO admin_tokens (id, name, token_hash, created_at) "
+            "VALUES (%s, 'bootstrap', %s, now())",
+            (uuid.uuid4(), hash_secret(bootstrap_server.secret_key, token)),
+        )
+        with bootstrap_server.client(token) as client:
+            assert client.get("/admin/v1/tenants").status_code == 200
+            _error(client.get("/admin/v1/tenants", headers={"Authorization": "Bearer x"}), 401)
+            conn.execute("UPDATE admin_tokens SET revoked_at = now()")
+            _error(client.get("/admin/v1/tenants"), 401)
+
+
+def test_bootstrap_token_is_refused_when_a_token_is_configured(admin_server) -> None:
+    token = new_admin_token()
     with psycopg.connect(_pg(admin_server.database_url), autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO admin_tokens (id, name, token_hash, created_at) VALUES (%s, %s, %s, now())",
-            (uuid.uuid4(), f"boot-{token[:6]}", hash_secret(admin_server.secret_key, token)),
+            "INSERT INTO admin_tokens (id, name, token_hash, created_at) "
+            "VALUES (%s, 'bootstrap', %s, now())",
+            (uuid.uuid4(), hash_secret(admin_server.secret_key, token)),
         )
-        with admin_server.client(token) as client:
-            assert client.get("/admin/v1/tenants").status_code == 200
-            conn.execute(
-                "UPDATE admin_tokens SET revoked_at = now() WHERE name = %s", (f"boot-{token[:6]}",)
-            )
-            _error(client.get("/admin/v1/tenants"), 401)
+    with admin_server.client(token) as client:
+        _error(client.get("/admin/v1/tenants"), 401)
 
 
 def test_tenant_lifecycle_and_audit(admin, admin_server) -> None:

@@ -3,37 +3,28 @@ a real uvicorn server (in a thread, on a free port) serving an app from the fact
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import psycopg
 import uvicorn
 from fastapi import FastAPI
-
-from migrations.runner import upgrade
-
-PG_SERVER = os.environ.get("LORAPLEX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+from harness import services
 
 
 @contextmanager
-def fresh_database(server_url: str = PG_SERVER) -> Iterator[str]:
-    """A new database, migrated to head; dropped afterwards. Yields its asyncpg URL."""
-    name = f"lpx_gw_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = server_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    url = f"{base}/{name}"
+def fresh_database() -> Iterator[str]:
+    """A database of its own (module-scoped servers must not see other tests' truncations),
+    migrated to head; dropped afterwards. Yields its asyncpg URL."""
+    services.ensure_postgres()
+    url = services.create_database()
     try:
-        upgrade(url)
+        services.migrate(url)
         yield url
     finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        services.drop_database(url)
 
 
 def free_port() -> int:
