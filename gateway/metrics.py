@@ -157,6 +157,11 @@ class Metrics:
             "Usage records in the outbox, not yet committed to the database",
             registry=registry,
         )
+        self.ledger_dead = Gauge(
+            "loraplex_ledger_dead_letters",
+            "Usage records the database refused for their data, kept aside in the outbox",
+            registry=registry,
+        )
         self.ledger_written = Counter(
             "loraplex_ledger_records_written",
             "Usage records committed to the database (redeliveries excluded)",

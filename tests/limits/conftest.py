@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,13 +14,9 @@ from gateway.limits import Limiter
 from gateway.metrics import Metrics
 
 
-@pytest.fixture(scope="session")
-def limits_redis_url(request: pytest.FixtureRequest) -> str:
-    """The shared ``redis_url`` fixture when the suite has one, else the local server."""
-    try:
-        return str(request.getfixturevalue("redis_url"))
-    except pytest.FixtureLookupError:
-        return os.environ.get("LORAPLEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+@pytest.fixture
+def limits_redis_url(redis_url: str) -> str:
+    return redis_url
 
 
 @pytest.fixture

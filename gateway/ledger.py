@@ -1,0 +1,98 @@
+"""Metering: ``Ledger.record(event)`` makes one request's usage durable in the outbox.
+
+Call it exactly once per request, however the request ends (finished, cut off by the
+client, failed), before the response finishes. Concurrent calls are group-committed:
+one fsync for everything queued while the previous write ran.
+
+The event is queued synchronously, before the first ``await``: if the caller is then
+cancelled (a client that disconnects cancels the streaming task), the event is still
+written by the flusher task. Callers on a cancelled scope should nonetheless shield the
+call (``anyio.CancelScope(shield=True)``) to wait for durability.
+
+``LedgerWriter`` (``gateway.ledger_writer``) moves outbox rows into the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from gateway.metrics import Metrics
+from gateway.outbox import Outbox
+from tenancy.usage import UsageEvent
+
+log = logging.getLogger("loraplex.ledger")
+
+
+class Ledger:
+    def __init__(self, outbox: Outbox, metrics: Metrics, *, retry_s: float = 0.5) -> None:
+        self._outbox = outbox
+        self._metrics = metrics
+        self._retry_s = retry_s
+        self._pending: list[tuple[UsageEvent, asyncio.Future[None] | None]] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+        self.appended = asyncio.Event()  # set after each durable append (wakes the writer)
+
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flush")
+
+    def record_nowait(self, event: UsageEvent, tenant: str = "") -> asyncio.Future[None]:
+        """Queue the event; the future resolves once it is durable."""
+        if self._closing:
+            raise RuntimeError("ledger is closed")
+        self.start()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, fut))
+        self._wake.set()
+        self._metrics.observe_usage(event, tenant)
+        return fut
+
+    async def record(self, event: UsageEvent, tenant: str = "") -> None:
+        """Durable (fsynced to the outbox) when this returns."""
+        await asyncio.shield(self.record_nowait(event, tenant))
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._pending = self._pending, []
+            try:
+                events = [e for e, _ in batch]
+                await loop.run_in_executor(self._executor, self._outbox.append, events)
+            except Exception as exc:  # disk full, I/O error: keep the events, tell callers
+                log.exception("usage outbox append failed; retrying")
+                for _, fut in batch:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(OutboxUnavailable(str(exc)))
+                self._pending = [(e, None) for e, _ in batch] + self._pending
+                await asyncio.sleep(self._retry_s)
+                continue
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            self.appended.set()
+
+    async def aclose(self, timeout_s: float = 30.0) -> None:
+        """Write everything queued, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._flusher is not None:
+            try:
+                await asyncio.wait_for(self._flusher, timeout_s)
+            except TimeoutError:
+                log.error("usage outbox unwritable at shutdown: %d events lost", len(self._pending))
+        self._executor.shutdown(wait=True)
+
+
+class OutboxUnavailable(Exception):
+    """The usage could not be made durable yet (it stays queued in memory and is retried)."""

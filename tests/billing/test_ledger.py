@@ -1,0 +1,229 @@
+"""The ledger under faults: every request is billed exactly once, whatever dies when."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from billing_helpers import TcpProxy, event, ledger_count, ledger_rows, make_tenant
+from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import make_url
+
+from gateway.ledger import Ledger
+from gateway.ledger_writer import LedgerWriter
+from gateway.metrics import Metrics
+from gateway.outbox import Outbox
+from tenancy.db import make_engine, make_sessionmaker
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+async def record_all(ledger: Ledger, events) -> None:
+    await asyncio.gather(*(ledger.record(e) for e in events))
+
+
+async def wait_for(path: Path, timeout: float = 60) -> None:
+    for _ in range(int(timeout * 20)):
+        if path.exists():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{path} never appeared")
+
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}"}
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env)
+
+
+async def test_recorded_usage_reaches_the_ledger_once(sessions, tmp_path):
+    tid = await make_tenant(sessions, "acme")
+    events = [event(tid, i) for i in range(300)]
+    m = metrics()
+    ledger = Ledger(Outbox(tmp_path / "outbox.sqlite"), m)
+    await record_all(ledger, events)
+    await ledger.record(events[0])  # the same request id again: still one record
+    writer = LedgerWriter(Outbox(tmp_path / "outbox.sqlite"), sessions, m, batch_size=128)
+    while await writer.drain_once():
+        pass
+    await writer.update_lag()
+    assert await ledger_rows(sessions) == {
+        e.request_id: (e.prompt_tokens, e.completion_tokens) for e in events
+    }
+    sample = m.registry.get_sample_value
+    assert sample("loraplex_ledger_records_written_total") == 300
+    assert sample("loraplex_ledger_pending_records") == 0
+    assert sample("loraplex_ledger_lag_seconds") == 0
+    assert sample("loraplex_metered_requests_total", {"status": "aborted"}) == 75
+    await ledger.aclose()
+    writer.close()
+
+
+@pytest.mark.parametrize("hook", ["before_commit", "after_commit"])
+async def test_writer_killed_mid_batch_loses_and_doubles_nothing(sessions, pg_url, tmp_path, hook):
+    tid = await make_tenant(sessions, "acme")
+    events = [event(tid, i) for i in range(200)]
+    path = tmp_path / "outbox.sqlite"
+    ledger = Ledger(Outbox(path), metrics())
+    await record_all(ledger, events)  # the responses have finished: usage is durable
+    await ledger.aclose()
+
+    marker = tmp_path / "marker"
+    proc = spawn(str(HERE / "writer_proc.py"), str(path), pg_url, hook, str(marker))
+    try:
+        await wait_for(marker)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    committed = await ledger_count(sessions)
+    assert committed == (0 if hook == "before_commit" else 200)
+    assert Outbox(path).stats().pending == 200  # never acknowledged
+
+    m = metrics()
+    writer = LedgerWriter(Outbox(path), sessions, m)
+    while await writer.drain_once():
+        pass
+    writer.close()
+    assert await ledger_rows(sessions) == {
+        e.request_id: (e.prompt_tokens, e.completion_tokens) for e in events
+    }
+    assert m.registry.get_sample_value("loraplex_ledger_records_written_total") == 200 - committed
+    assert Outbox(path).stats().pending == 0
+
+
+async def test_gateway_killed_after_responses_keeps_their_usage(sessions, tmp_path):
+    """A process that recorded usage and died at once (SIGKILL) left it in the outbox."""
+    tid = await make_tenant(sessions, "acme")
+    path = tmp_path / "outbox.sqlite"
+    code = (
+        "import asyncio, os, signal, sys, uuid\n"
+        "from pathlib import Path\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from billing_helpers import event\n"
+        "from gateway.ledger import Ledger\n"
+        "from gateway.metrics import Metrics\n"
+        "from gateway.outbox import Outbox\n"
+        "async def main():\n"
+        f"    ledger = Ledger(Outbox(Path({str(path)!r})), Metrics(CollectorRegistry()))\n"
+        f"    tid = uuid.UUID({str(tid)!r})\n"
+        "    await asyncio.gather(*(ledger.record(event(tid, i)) for i in range(50)))\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = spawn("-c", code)
+    assert proc.wait() == -signal.SIGKILL
+    writer = LedgerWriter(Outbox(path), sessions, metrics())
+    while await writer.drain_once():
+        pass
+    writer.close()
+    assert len(await ledger_rows(sessions)) == 50
+
+
+async def test_database_outage_delays_but_loses_nothing(sessions, pg_url, tmp_path, free_port):
+    tid = await make_tenant(sessions, "acme")
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432, free_port)
+    await proxy.restore()
+    proxied = make_engine(url.set(port=free_port).render_as_string(hide_password=False))
+    path = tmp_path / "outbox.sqlite"
+    m = metrics()
+    ledger = Ledger(Outbox(path), m)
+    writer = LedgerWriter(
+        Outbox(path),
+        make_sessionmaker(proxied),
+        m,
+        idle_s=0.05,
+        retry_max_s=0.3,
+        wake=ledger.appended,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(writer.run(stop))
+    try:
+        first = [event(tid, i) for i in range(100)]
+        await record_all(ledger, first)
+        await until(lambda: ledger_count(sessions), 100)
+
+        await proxy.cut()  # the database goes away, mid-traffic
+        during = [event(tid, i) for i in range(100, 250)]
+        await record_all(ledger, during)  # requests still finish: their usage is durable
+        await asyncio.sleep(1.0)
+        assert await ledger_count(sessions) == 100
+        sample = m.registry.get_sample_value
+        assert sample("loraplex_ledger_write_errors_total") >= 1
+        assert sample("loraplex_ledger_pending_records") == 150
+        assert sample("loraplex_ledger_lag_seconds") > 0.5
+
+        await proxy.restore()
+        after = [event(tid, i) for i in range(250, 300)]
+        await record_all(ledger, after)
+        await until(lambda: ledger_count(sessions), 300)
+    finally:
+        stop.set()
+        await task
+        writer.close()
+        await ledger.aclose()
+        await proxy.cut()
+        await proxied.dispose()
+    every = first + during + after
+    assert await ledger_rows(sessions) == {
+        e.request_id: (e.prompt_tokens, e.completion_tokens) for e in every
+    }
+    assert Outbox(path).stats().pending == 0
+
+
+async def until(probe, expected: int, timeout: float = 30) -> None:
+    for _ in range(int(timeout * 10)):
+        if await probe() == expected:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"expected {expected}, got {await probe()}")
+
+
+async def test_a_refused_row_is_dead_lettered_and_the_rest_written(sessions, tmp_path):
+    import uuid
+
+    tid = await make_tenant(sessions, "acme")
+    good = [event(tid, i) for i in range(20)]
+    orphan = event(uuid.uuid4(), 99)  # no such tenant: the foreign key refuses it
+    path = tmp_path / "outbox.sqlite"
+    ledger = Ledger(Outbox(path), metrics())
+    await record_all(ledger, [*good[:10], orphan, *good[10:]])
+    await ledger.aclose()
+    m = metrics()
+    writer = LedgerWriter(Outbox(path), sessions, m)
+    while await writer.drain_once():
+        pass
+    await writer.update_lag()
+    writer.close()
+    assert len(await ledger_rows(sessions)) == 20
+    stats = Outbox(path).stats()
+    assert stats.pending == 0 and stats.dead == 1
+    assert m.registry.get_sample_value("loraplex_ledger_dead_letters") == 1
+
+
+async def test_sqlite_ledger(sqlite_url, tmp_path):
+    engine = make_engine(sqlite_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        tid = await make_tenant(sessions, "solo")
+        events = [event(tid, i) for i in range(30)]
+        ledger = Ledger(Outbox(tmp_path / "outbox.sqlite"), metrics())
+        await record_all(ledger, events + events[:5])
+        await ledger.aclose()
+        writer = LedgerWriter(Outbox(tmp_path / "outbox.sqlite"), sessions, metrics())
+        while await writer.drain_once():
+            pass
+        writer.close()
+        assert len(await ledger_rows(sessions)) == 30
+    finally:
+        await engine.dispose()
