@@ -32,9 +32,9 @@ async def record_all(ledger: Ledger, events) -> None:
     await asyncio.gather(*(ledger.record(e) for e in events))
 
 
-async def wait_for(path: Path, timeout: float = 60) -> None:
-    for _ in range(int(timeout * 20)):
-        if path.exists():
+async def wait_for(path: Path, limit_s: float = 60) -> None:
+    for _ in range(int(limit_s * 20)):
+        if await asyncio.to_thread(path.exists):
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"{path} never appeared")
@@ -181,8 +181,8 @@ async def test_database_outage_delays_but_loses_nothing(sessions, pg_url, tmp_pa
     assert Outbox(path).stats().pending == 0
 
 
-async def until(probe, expected: int, timeout: float = 30) -> None:
-    for _ in range(int(timeout * 10)):
+async def until(probe, expected: int, limit_s: float = 30) -> None:
+    for _ in range(int(limit_s * 10)):
         if await probe() == expected:
             return
         await asyncio.sleep(0.1)

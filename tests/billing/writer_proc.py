@@ -22,7 +22,7 @@ from tenancy.db import make_engine, make_sessionmaker
 
 async def main(outbox_path: str, db_url: str, hook: str, marker: str) -> None:
     async def hang(rows: list[OutboxRow]) -> None:
-        Path(marker).write_text(str(len(rows)))
+        await asyncio.to_thread(Path(marker).write_text, str(len(rows)))
         await asyncio.sleep(3600)
 
     hooks = WriterHooks(**{hook: hang}) if hook != "none" else WriterHooks()
