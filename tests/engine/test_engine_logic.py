@@ -288,3 +288,72 @@ def test_logprobs_through_the_engine(make_engine, tok):
             lp.logprob <= 0 and len(lp.top) == 2 and lp.top[0][0] == lp.token_id
         )  # greedy = top-1
         assert lp.top[0][2] >= lp.top[1][2]
+
+
+def test_seeded_sampling_survives_preemption(make_engine):
+    prompt = list(range(3, 20))
+    params = SamplingParams(max_tokens=10, temperature=0.8, seed=99)
+    alone = make_engine()
+    alone.add_request(Request("a", prompt, params))
+    first = tokens_of(run_all(alone)["a"])
+    tight = make_engine(num_blocks=12)
+    for i in range(4):
+        tight.add_request(
+            Request(f"o{i}", [5 + i] * 9, SamplingParams(max_tokens=10, temperature=1.0))
+        )
+    tight.add_request(Request("a", prompt, params))
+    assert tokens_of(run_all(tight)["a"]) == first
+    assert tight.stats().preemptions > 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_workload_with_aborts(make_engine, tmp_path, tok, seed):
+    import random
+
+    rng = random.Random(seed)
+    engine = make_engine(
+        num_blocks=rng.choice([14, 24, 64]),
+        slots=rng.choice([1, 2, 3]),
+        max_num_batched_tokens=rng.choice([6, 16, 64]),
+        max_num_seqs=rng.choice([2, 4, 16]),
+        enable_prefix_caching=rng.random() < 0.7,
+    )
+    refs = [adapter(tmp_path, f"w{i}", 30 + i) for i in range(4)]
+    expected: dict[str, list[int]] = {}
+    aborted: set[str] = set()
+    outs: dict[str, list[RequestOutput]] = {}
+    live: list[str] = []
+    for step in range(400):
+        if step < 60 and rng.random() < 0.4:
+            rid = f"q{step}"
+            k = rng.randrange(5)
+            prompt = [rng.randrange(3, 300) for _ in range(rng.randrange(1, 20))]
+            ref, w = (None, 0) if k == 4 else (refs[k], 30 + k)
+            n = rng.choice([1, 1, 2, 3])
+            engine.add_request(
+                Request(
+                    rid, prompt, SamplingParams(max_tokens=rng.randrange(1, 8), n=n, **GREEDY), ref
+                )
+            )
+            expected[rid] = reference_greedy(
+                prompt, w, engine._requests[rid].params.max_tokens, len(tok)
+            )
+            live.append(rid)
+        if live and rng.random() < 0.05:
+            rid = live.pop(rng.randrange(len(live)))
+            if engine.abort(rid):
+                aborted.add(rid)
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+        if not engine.last_step_ran:
+            threading.Event().wait(0.002)
+        if step > 60 and not engine.has_unfinished():
+            break
+    assert not engine.has_unfinished()
+    for rid, want in expected.items():
+        assert outs[rid][-1].finished and [o.finished for o in outs[rid]].count(True) == 1
+        if rid in aborted:
+            continue
+        n = len({d.index for o in outs[rid] for d in o.deltas})
+        for i in range(n):
+            assert tokens_of(outs[rid], i) == want, (rid, i)
