@@ -43,6 +43,9 @@ def read_config(path: Path, *, max_rank: int) -> LoraConfig:
     _refuse_set(cfg, "rank_pattern", "per-module ranks are not supported")
     _refuse_set(cfg, "alpha_pattern", "per-module alphas are not supported")
     _refuse_set(cfg, "trainable_token_indices", "trainable tokens are not supported")
+    _refuse_set(cfg, "target_parameters", "LoRA on parameters (not modules) is not supported")
+    _refuse_set(cfg, "use_qalora", "QA-LoRA is not supported")
+    _refuse_set(cfg, "alora_invocation_tokens", "activated LoRA (aLoRA) is not supported")
     if cfg.get("bias", "none") != "none":
         raise _bad(f'bias {cfg.get("bias")!r} is not supported (only "none")')
     if cfg.get("fan_in_fan_out"):

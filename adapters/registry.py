@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -23,27 +25,34 @@ from adapters.storage import ObjectStore, StoreError, blob_key
 from adapters.validate import ValidatedAdapter, validate_dir
 from adapters.values import AdapterInfo, AliasInfo, VersionInfo
 from tenancy.errors import Unavailable
-from tenancy.models import Adapter, AdapterAlias, AdapterVersion, utcnow
+from tenancy.models import Adapter, AdapterAlias, AdapterVersion, AuditLog, utcnow
 
 Sessions = async_sessionmaker[AsyncSession]
 
 
 class AdapterRegistry:
     def __init__(
-        self, sessions: Sessions, store: ObjectStore, spec: BaseModelSpec | None, *, max_rank: int
+        self,
+        sessions: Sessions,
+        store: ObjectStore,
+        spec: Callable[[], BaseModelSpec | None],
+        *,
+        max_rank: int,
     ) -> None:
         self.sessions = sessions
         self.store = store
         self.spec = spec
         self.max_rank = max_rank
 
-    async def publish(self, tenant_id: uuid.UUID, name: str, adapter_dir: Path) -> VersionInfo:
+    async def publish(
+        self, tenant_id: uuid.UUID, name: str, adapter_dir: Path, *, actor: str = "system"
+    ) -> VersionInfo:
         """Validate the staged PEFT dir, store its bundle, and register a new version."""
         check_name(name)
-        if self.spec is None:
+        spec = self.spec()
+        if spec is None:
             raise Unavailable("no base model is loaded yet: adapters cannot be validated")
-        valid = await asyncio.to_thread(validate_dir, adapter_dir, self.spec,
-                                        max_rank=self.max_rank)  # fmt: skip
+        valid = await asyncio.to_thread(validate_dir, adapter_dir, spec, max_rank=self.max_rank)
         bundle = await asyncio.to_thread(pack, adapter_dir, adapter_dir / "bundle.tar")
         key = blob_key(bundle.sha256)
         try:
@@ -53,7 +62,7 @@ class AdapterRegistry:
         attempt = 0
         while True:
             try:
-                return await self._register(tenant_id, name, valid, bundle, self.spec.name)
+                return await self._register(tenant_id, name, valid, bundle, spec.name, actor)
             except IntegrityError:  # a concurrent upload took the version number or the name
                 attempt += 1
                 if attempt >= 5:
@@ -67,6 +76,7 @@ class AdapterRegistry:
         valid: ValidatedAdapter,
         bundle: Bundle,
         base_model: str,
+        actor: str,
     ) -> VersionInfo:
         async with self.sessions() as s, s.begin():
             adapter = await self._lock_or_create(s, tenant_id, name)
@@ -91,6 +101,8 @@ class AdapterRegistry:
             await s.flush()
             adapter.current_version = row.version
             adapter.deleted_at = None
+            _audit(s, actor, "adapter.upload", tenant_id, f"{name}@{row.version}",
+                   {"sha256": bundle.sha256, "bytes": bundle.size})  # fmt: skip
         return VersionInfo.of(name, row)
 
     async def _lock_or_create(self, s: AsyncSession, tenant_id: uuid.UUID, name: str) -> Adapter:
@@ -104,7 +116,7 @@ class AdapterRegistry:
             await s.flush()
         return adapter
 
-    async def delete(self, tenant_id: uuid.UUID, name: str) -> None:
+    async def delete(self, tenant_id: uuid.UUID, name: str, *, actor: str = "system") -> None:
         """The name stops resolving at once; its bytes go at the next GC."""
         async with self.sessions() as s, s.begin():
             adapter = await queries.live_adapter(s, tenant_id, name)
@@ -121,9 +133,10 @@ class AdapterRegistry:
             )
             adapter.deleted_at = utcnow()
             adapter.current_version = None
+            _audit(s, actor, "adapter.delete", tenant_id, name)
 
     async def set_alias(
-        self, tenant_id: uuid.UUID, alias: str, name: str, version: int
+        self, tenant_id: uuid.UUID, alias: str, name: str, version: int, *, actor: str = "system"
     ) -> AliasInfo:
         """Point ``alias`` at ``name@version`` (create or move). New requests only."""
         check_name(alias, param="alias")
@@ -139,14 +152,18 @@ class AdapterRegistry:
             else:
                 row.adapter_version_id = target.id
                 row.updated_at = utcnow()
+            _audit(s, actor, "adapter.alias", tenant_id, alias, {"target": f"{name}@{version}"})
         return AliasInfo(alias=alias, name=name, version=version)
 
-    async def delete_alias(self, tenant_id: uuid.UUID, alias: str) -> None:
+    async def delete_alias(
+        self, tenant_id: uuid.UUID, alias: str, *, actor: str = "system"
+    ) -> None:
         async with self.sessions() as s, s.begin():
             row = await queries.alias_row(s, tenant_id, alias)
             if row is None:
                 raise AdapterNotFound(f"alias {alias!r} not found", param="alias")
             await s.delete(row)
+            _audit(s, actor, "adapter.alias_delete", tenant_id, alias)
 
     async def list(self, tenant_id: uuid.UUID) -> list[AdapterInfo]:
         async with self.sessions() as s:
@@ -163,3 +180,15 @@ class AdapterRegistry:
         """``name``, ``name@version`` or an alias -> the ready version, else None."""
         async with self.sessions() as s:
             return await queries.resolve(s, tenant_id, model)
+
+
+def _audit(
+    s: AsyncSession,
+    actor: str,
+    action: str,
+    tenant_id: uuid.UUID,
+    target: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    s.add(AuditLog(actor=actor, action=action, tenant_id=tenant_id, target=target,
+                   detail=detail or {}))  # fmt: skip

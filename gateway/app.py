@@ -8,9 +8,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
+from admin.routes import adapters as admin_adapters
 from admin.routes import keys as admin_keys
 from admin.routes import tenants as admin_tenants
+from gateway.adapter_wiring import build_for_app
 from gateway.auth import KeyAuthenticator
 from gateway.errors import install_error_handlers
 from gateway.middleware import install_middleware
@@ -39,6 +42,9 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
             ttl_s=settings.key_cache_ttl_s,
         )
         services.keys.start()
+        services.adapters = build_for_app(
+            settings, services.sessions, lambda: services.engine, CollectorRegistry()
+        )
         try:
             if engine_factory is not None:
                 services.engine = engine_factory()
@@ -56,4 +62,5 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
     app.include_router(health.router)
     app.include_router(admin_tenants.router)
     app.include_router(admin_keys.router)
+    app.include_router(admin_adapters.router)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from tenancy.settings import StoreSettings
@@ -24,6 +25,10 @@ class GatewaySettings(StoreSettings):
     gpu_memory_utilization: float = 0.9
     # HTTP limits
     max_body_bytes: int = 4 * 1024 * 1024
+    # Adapters: upload cap (multipart body; an archive's contents get twice this), disk cache.
+    adapter_upload_max_bytes: int = 1024 * 1024 * 1024
+    adapter_cache_dir: Path | None = None  # default: <data_dir>/adapter-cache
+    adapter_cache_bytes: int = 20 * 1024 * 1024 * 1024
     # Auth cache TTL: revocations reach every replica within this many seconds.
     key_cache_ttl_s: float = 5.0
     migrate_on_start: bool = True

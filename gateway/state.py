@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
+    from adapters.service import AdapterServices
     from gateway.auth import KeyAuthenticator
 
 
@@ -20,4 +21,5 @@ class Services:
     sessions: async_sessionmaker[AsyncSession]
     engine: Any = None  # engine.async_engine.AsyncEngine, or None while it loads
     keys: KeyAuthenticator | None = None  # API key auth (gateway.auth), built in the lifespan
+    adapters: AdapterServices | None = None  # store, registry, disk cache, fetcher (adapters/)
     # Each component adds its own typed field here (object store, registry, limiter, ledger...).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from adapter_files import write_lora
-from conftest import MotoServer, bucket_keys
+from moto_proc import MotoServer
 from prometheus_client import CollectorRegistry
 
 from adapters.bundle import pack
@@ -50,7 +50,7 @@ def test_s3_multipart_upload(moto: MotoServer, bucket: str, tmp_path: Path) -> N
     big.write_bytes(b"\1" * (12 << 20))  # 3 parts of 5 MiB
     store = S3Store(bucket, "p", endpoint_url=moto.url, multipart_threshold=5 << 20)
     store.put_file("blobs/big", big)
-    assert bucket_keys(moto, bucket) == ["p/blobs/big"]
+    assert moto.keys(bucket) == ["p/blobs/big"]
     head = moto.client().head_object(Bucket=bucket, Key="p/blobs/big")
     assert head["ContentLength"] == 12 << 20 and "-" in head["ETag"]  # a multipart ETag
 
@@ -63,7 +63,7 @@ def test_s3_interrupted_upload_leaves_nothing_visible(
     client.upload_part(
         Bucket=bucket, Key="p/blobs/half", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100
     )
-    assert bucket_keys(moto, bucket) == []  # parts of an unfinished upload are invisible
+    assert moto.keys(bucket) == []  # parts of an unfinished upload are invisible
     store = S3Store(bucket, "p", endpoint_url=moto.url)
     assert store.cleanup_incomplete(datetime.now(UTC) + timedelta(seconds=5)) == 1
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

@@ -1,0 +1,72 @@
+"""Who may manage a tenant's adapters: the admin token (any tenant), or a tenant API key
+holding the scope, for its own tenant only. Authorization chains on authentication."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from adapters.service import AdapterServices
+from admin.auth import get_admin
+from gateway.deps import AuthDep, ServicesDep
+from tenancy.errors import Forbidden, Unavailable
+from tenancy.keys import parse_key
+from tenancy.tenants import get_tenant
+
+_bearer = HTTPBearer(auto_error=False, description="The admin token or a tenant API key")
+
+
+@dataclass(frozen=True)
+class AdapterCaller:
+    tenant_id: uuid.UUID
+    actor: str  # for the audit log
+
+
+def adapter_access(*any_of: str) -> Callable[..., Coroutine[Any, Any, AdapterCaller]]:
+    async def check(
+        tenant: str,
+        services: ServicesDep,
+        auth: AuthDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> AdapterCaller:
+        token = credentials.credentials if credentials else ""
+        if parse_key(token) is not None:
+            principal = await auth.authenticate(token)
+            if principal.tenant_name != tenant:
+                raise Forbidden(
+                    f"This API key belongs to another tenant; it may not manage {tenant!r}'s "
+                    "adapters.",
+                    param="tenant",
+                )
+            if not any(principal.has(scope) for scope in any_of):
+                raise Forbidden(
+                    f"This API key lacks the required scope: {' or '.join(any_of)}.",
+                    param="scope",
+                )
+            return AdapterCaller(principal.tenant_id, f"key:{principal.key_id}")
+        admin = await get_admin(services, auth, credentials)
+        async with services.sessions() as session:
+            row = await get_tenant(session, tenant)
+        return AdapterCaller(row.id, admin.actor)
+
+    return check
+
+
+AdapterWriteDep = Annotated[AdapterCaller, Depends(adapter_access("adapters:write"))]
+AdapterReadDep = Annotated[
+    AdapterCaller, Depends(adapter_access("adapters:read", "adapters:write"))
+]
+
+
+def get_adapter_services(services: ServicesDep) -> AdapterServices:
+    if services.adapters is None:
+        raise Unavailable("adapter storage is not configured")
+    return services.adapters
+
+
+AdaptersDep = Annotated[AdapterServices, Depends(get_adapter_services)]

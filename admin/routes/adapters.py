@@ -1,0 +1,70 @@
+"""A tenant's adapters: upload (multipart, streamed to disk), list, show, delete, aliases."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+
+from adapters.names import check_name
+from adapters.upload import stage
+from admin.adapter_access import AdapterReadDep, AdaptersDep, AdapterWriteDep
+from admin.adapter_schemas import AdapterList, AdapterOut, AliasIn, AliasOut, Deleted, VersionOut
+from admin.multipart import read_upload
+
+router = APIRouter(prefix="/admin/v1/tenants/{tenant}/adapters", tags=["admin: adapters"])
+
+
+@router.post("", status_code=201)
+async def upload_adapter(
+    tenant: str, request: Request, caller: AdapterWriteDep, svc: AdaptersDep
+) -> VersionOut:
+    """Multipart: ``name`` plus adapter_config.json + adapter_model.safetensors, or one
+    .tar.gz/.zip. A new version of ``name`` on every upload."""
+    with tempfile.TemporaryDirectory(prefix="lpx-upload-") as tmp:
+        work = Path(tmp)
+        upload = await read_upload(request, work, max_bytes=svc.limits.max_body_bytes, max_files=4)
+        name = check_name(upload.fields.get("name", ""))
+        adapter_dir = await asyncio.to_thread(stage, upload.files, work / "adapter", svc.limits)
+        info = await svc.registry.publish(caller.tenant_id, name, adapter_dir, actor=caller.actor)
+    return VersionOut.of(info)
+
+
+@router.get("")
+async def list_adapters(tenant: str, caller: AdapterReadDep, svc: AdaptersDep) -> AdapterList:
+    return AdapterList(data=[AdapterOut.of(a) for a in await svc.registry.list(caller.tenant_id)])
+
+
+@router.get("/{name}")
+async def get_adapter(
+    tenant: str, name: str, caller: AdapterReadDep, svc: AdaptersDep
+) -> AdapterOut:
+    return AdapterOut.of(await svc.registry.get(caller.tenant_id, name))
+
+
+@router.delete("/{name}")
+async def delete_adapter(
+    tenant: str, name: str, caller: AdapterWriteDep, svc: AdaptersDep
+) -> Deleted:
+    await svc.registry.delete(caller.tenant_id, name, actor=caller.actor)
+    return Deleted(name=name)
+
+
+@router.put("/{name}/aliases/{alias}")
+async def set_alias(
+    tenant: str, name: str, alias: str, body: AliasIn, caller: AdapterWriteDep, svc: AdaptersDep
+) -> AliasOut:
+    info = await svc.registry.set_alias(
+        caller.tenant_id, alias, name, body.version, actor=caller.actor
+    )
+    return AliasOut.of(info)
+
+
+@router.delete("/{name}/aliases/{alias}")
+async def delete_alias(
+    tenant: str, name: str, alias: str, caller: AdapterWriteDep, svc: AdaptersDep
+) -> Deleted:
+    await svc.registry.delete_alias(caller.tenant_id, alias, actor=caller.actor)
+    return Deleted(name=alias)

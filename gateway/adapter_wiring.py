@@ -1,0 +1,65 @@
+"""Adapter services for the app: built from settings, validating against the engine's model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from adapters.service import AdapterServices, build_adapter_services
+from adapters.spec import BaseModelSpec
+from adapters.upload import UploadLimits
+from gateway.settings import GatewaySettings
+
+
+def engine_adapter_spec(engine: Any, name: str) -> BaseModelSpec | None:
+    """The served base model's shape from a started ``AsyncEngine``; None until it is ready."""
+    inner = None if engine is None else engine.engine
+    if inner is None:
+        return None
+    c = inner.runner.config
+    return BaseModelSpec(
+        name=name,
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_heads=c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+    )
+
+
+def model_dir_spec(model: str, name: str) -> BaseModelSpec | None:
+    """From an HF model directory's ``config.json`` (control-plane pods run no engine)."""
+    config = Path(model) / "config.json" if model else None
+    if config is None or not config.is_file():
+        return None
+    return BaseModelSpec.from_hf_config(name, json.loads(config.read_text()))
+
+
+def build_for_app(
+    settings: GatewaySettings,
+    sessions: async_sessionmaker[AsyncSession],
+    engine: Any,
+    registry: CollectorRegistry,
+) -> AdapterServices:
+    """``engine`` is a zero-argument callable returning the current engine (or None)."""
+    name = settings.served_model_name or settings.model or "base"
+    from_dir = model_dir_spec(settings.model, name)
+    return build_adapter_services(
+        sessions,
+        store_url=settings.resolved_object_store_url(),
+        s3_endpoint_url=settings.s3_endpoint_url,
+        cache_dir=settings.adapter_cache_dir or settings.data_dir / "adapter-cache",
+        cache_bytes=settings.adapter_cache_bytes,
+        spec=lambda: engine_adapter_spec(engine(), name) or from_dir,
+        limits=UploadLimits(
+            max_rank=settings.max_lora_rank,
+            max_body_bytes=settings.adapter_upload_max_bytes,
+            max_expanded_bytes=2 * settings.adapter_upload_max_bytes,
+        ),
+        metrics_registry=registry,
+    )
