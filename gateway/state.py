@@ -12,6 +12,8 @@ from gateway.settings import GatewaySettings
 if TYPE_CHECKING:
     from adapters.service import AdapterServices
     from gateway.auth import KeyAuthenticator
+    from gateway.ledger import Ledger
+    from gateway.limits import Limiter
 
 
 @dataclass
@@ -22,4 +24,6 @@ class Services:
     engine: Any = None  # engine.async_engine.AsyncEngine, or None while it loads
     keys: KeyAuthenticator | None = None  # API key auth (gateway.auth), built in the lifespan
     adapters: AdapterServices | None = None  # store, registry, disk cache, fetcher (adapters/)
+    limiter: Limiter | None = None  # admission (gateway.limits); None: no limits enforced
+    ledger: Ledger | None = None  # usage metering (gateway.ledger); None: not recorded
     # Each component adds its own typed field here (object store, registry, limiter, ledger...).
