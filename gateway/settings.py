@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from tenancy.settings import StoreSettings
 
 
@@ -32,3 +34,18 @@ class GatewaySettings(StoreSettings):
     # Auth cache TTL: revocations reach every replica within this many seconds.
     key_cache_ttl_s: float = 5.0
     migrate_on_start: bool = True
+    # Limits (gateway.limits): Redis when LORAPLEX_REDIS_URL is set, else in-process.
+    # Redis unreachable: request rates fail open, budgets fail closed (503), by default.
+    limits_rates_fail_open: bool = True
+    limits_budgets_fail_open: bool = False
+    limits_lease_s: float = 600.0  # a concurrency slot not settled by then frees itself
+    limits_redis_timeout_s: float = 0.25
+    # Metering (gateway.ledger): the durable outbox, drained into the database.
+    ledger_outbox_path: Path | None = None  # default: <data_dir>/usage-outbox.sqlite
+    ledger_batch_size: int = 500
+    # Metrics: per-tenant labels multiply series by the number of tenants; off by default.
+    metrics_tenant_labels: bool = False
+    # Daily usage export (exports/dt=YYYY-MM-DD/usage.parquet), after this hour (UTC).
+    usage_export_enabled: bool = True
+    usage_export_url: str | None = None  # s3://bucket/prefix or file:///dir; default: object store
+    usage_export_after_hour_utc: int = Field(default=1, ge=0, le=23)
