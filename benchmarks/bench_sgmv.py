@@ -1,8 +1,10 @@
 """SGMV shrink+expand for the seven LoRA projections of one Llama-3-8B layer.
 
 One command: ``python benchmarks/bench_sgmv.py`` (on a CUDA machine). For each case it times
-one layer (4 groups: qkv, o, gate_up, down; shrink + expand each) captured in a CUDA graph,
-L2 flushed before each replay (triton's do_bench), and reports:
+one layer (4 groups: qkv, o, gate_up, down; shrink + expand each) inside a CUDA graph of
+several layers, each with its own slot pool (as in a model: weights cold in L2, the per-step
+metadata and activations warm), at least 256 MB of LoRA weights in all, and reports the
+time per layer (median of replays over the number of layers), with:
 
 - the bytes floor: x, A, B read once, y read and written once, over the device-to-device copy
   bandwidth measured in the same run;
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,21 +96,26 @@ def floor_bytes(T, token_slot, ranks):
     return total
 
 
-def time_graph(fn) -> float:
-    """Median microseconds of one CUDA-graph replay of fn, L2 flushed before each."""
+def time_graph(fn, layers: int) -> float:
+    """Median microseconds per layer of a CUDA-graph replay of fn (which runs all layers)."""
     fn()  # compile / warm up
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
+    ms = triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+    return ms * 1e3 / layers
 
 
 def run_case(T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator):
     token_slot, ranks = make_case(T, n_ad, mixed, gen)
     ranks_full = torch.zeros(pool_slots, dtype=torch.int64)
     ranks_full[: ranks.shape[0]] = ranks
-    pool = Pool(pool_slots, 64 if mixed else 16, ranks_full)
+    max_rank = 64 if mixed else 16
+    pool = Pool(pool_slots, max_rank, ranks_full)
+    per_layer = sum(t.numel() * 2 for t in [*pool.a.values(), *pool.b.values()])
+    n_layers = max(2, min(32, -(-(256 << 20) // per_layer)))
+    pools = [pool] + [Pool(pool_slots, max_rank, ranks_full) for _ in range(n_layers - 1)]
     meta = build_lora_meta(token_slot).to("cuda")
     xs = {g: torch.randn(T, k, device="cuda", dtype=DT) for g, (k, _) in GROUPS.items()}
     ys = {g: torch.randn(T, sum(o), device="cuda", dtype=DT) for g, (_, o) in GROUPS.items()}
@@ -119,11 +127,23 @@ def run_case(T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.
     ts_long = token_slot.long().cuda()
 
     def sgmv():
+        for pool in pools:
+            sgmv_layer(pool)
+
+    def loop():
+        for pool in pools:
+            loop_layer(pool)
+
+    def gather_bmm():
+        for pool in pools:
+            gather_bmm_layer(pool)
+
+    def sgmv_layer(pool):
         for g in GROUPS:
             buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta)
             lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g])
 
-    def loop():
+    def loop_layer(pool):
         for g in GROUPS:
             offs = pool.offsets[g]
             for s, idx in segs:
@@ -133,7 +153,7 @@ def run_case(T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.
                     d = h @ pool.b[g][s, offs[p] : offs[p + 1]].T
                     ys[g][:, offs[p] : offs[p + 1]].index_add_(0, idx, d)
 
-    def gather_bmm():
+    def gather_bmm_layer(pool):
         for g in GROUPS:
             a = pool.a[g][ts_long]  # [T, P, R, k]
             P, R = a.shape[1], a.shape[2]
@@ -146,26 +166,108 @@ def run_case(T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.
 
     # correctness against gather + bmm on the same inputs (both add into copies of y)
     y0 = {g: y.clone() for g, y in ys.items()}
-    sgmv()
+    sgmv_layer(pool)
     got = {g: y.clone() for g, y in ys.items()}
     for g, y in ys.items():
         y.copy_(y0[g])
-    gather_bmm()
+    gather_bmm_layer(pool)
     for g in GROUPS:
         d = (got[g].float() - ys[g].float()).norm() / (ys[g].float() - y0[g].float()).norm()
         if not d < 3e-2:
             raise SystemExit(f"SGMV differs from gather+bmm on {g}: rel err {d:.3g}")
-    res = {
-        label: time_graph(fn) for label, fn in (("sgmv", sgmv), ("loop", loop), ("bmm", gather_bmm))
-    }
+    fns = (("sgmv", sgmv), ("loop", loop), ("bmm", gather_bmm))
+    res = {label: time_graph(fn, n_layers) for label, fn in fns}
     return res, floor_bytes(T, token_slot, ranks_full)
+
+
+def profile(T: int) -> None:
+    """Per-kernel device times of one layer, all-distinct rank-16 adapters, eager launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    gen = torch.Generator().manual_seed(0)
+    token_slot, ranks = make_case(T, None, False, gen)
+    pool = Pool(T, 16, ranks)
+    meta = build_lora_meta(token_slot).to("cuda")
+    xs = {g: torch.randn(T, k, device="cuda", dtype=DT) for g, (k, _) in GROUPS.items()}
+    ys = {g: torch.randn(T, sum(o), device="cuda", dtype=DT) for g, (_, o) in GROUPS.items()}
+    flush = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+
+    def layer():
+        for g in GROUPS:
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta)
+            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g])
+
+    layer()
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            flush.zero_()
+            layer()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    for e in evs[-len(evs) // 3 :]:
+        print(f"{e.name[:60]:60s} {e.device_time:8.1f} us")
+
+
+def _shrink_all(pools, x, g, meta, c):
+    for p in pools:
+        lora_shrink(x, p.a[g], p.ranks[g], meta, config=c)
+
+
+def _expand_all(pools, bufs, y, g, meta, c):
+    for p, b in zip(pools, bufs, strict=True):
+        lora_expand(b, p.b[g], p.ranks[g], p.offsets[g], meta, y, config=c)
+
+
+def sweep() -> None:
+    """Per-group time of shrink and expand configurations, all-distinct rank 16."""
+    shrink_cfgs = [
+        {"block_k": bk, "k_per": kp, "num_warps": w, "num_stages": st}
+        for bk, kp in ((128, 256), (128, 512), (256, 512), (256, 1024), (512, 1024))
+        for w, st in ((4, 2), (4, 4), (8, 3))
+    ]
+    expand_cfgs = [
+        {"block_n": bn, "n_per": npp, "num_warps": w, "num_stages": st}
+        for bn, npp in ((64, 64), (128, 128), (256, 256), (128, 512), (256, 1024), (512, 512))
+        for w, st in ((4, 2), (4, 4), (8, 3))
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for T in (1, 64, 256):
+        token_slot, ranks = make_case(T, None, False, gen)
+        pools = [Pool(T, 16, ranks) for _ in range(max(2, 2048 // (T * 3)))]
+        meta = build_lora_meta(token_slot).to("cuda")
+        for g, (k, outs) in GROUPS.items():
+            x = torch.randn(T, k, device="cuda", dtype=DT)
+            y = torch.randn(T, sum(outs), device="cuda", dtype=DT)
+            bufs = [lora_shrink(x, p.a[g], p.ranks[g], meta) for p in pools]
+            res = []
+            for c in [None, *shrink_cfgs]:
+                f = partial(_shrink_all, pools, x, g, meta, c)
+                res.append((time_graph(f, len(pools)), "shrink", c))
+            for c in [None, *expand_cfgs]:
+                f = partial(_expand_all, pools, bufs, y, g, meta, c)
+                res.append((time_graph(f, len(pools)), "expand", c))
+            for op in ("shrink", "expand"):
+                rows = sorted(r for r in res if r[1] == op and r[2] is not None)[:3]
+                dflt = next(r[0] for r in res if r[1] == op and r[2] is None)
+                best = ", ".join(f"{t:.1f} {c}" for t, _, c in rows)
+                print(f"T={T:>3} {g:>7} {op}: default {dflt:.1f} us; best {best}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,4,16,64,256")
     ap.add_argument("--quick", action="store_true", help="fewer cases")
+    ap.add_argument("--sweep", action="store_true", help="time kernel configurations")
+    ap.add_argument("--profile", type=int, default=0, help="per-kernel times at T tokens, distinct")
     args = ap.parse_args()
+    if args.profile:
+        profile(args.profile)
+        return
+    if args.sweep:
+        sweep()
+        return
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     bw = copy_bandwidth()

@@ -55,6 +55,7 @@ if HAVE_TRITON:
         OFF2,
         OFF3,
         OFF4,
+        N_PER_PROG,  # columns of one projection per program (a multiple of BLOCK_N)
         P: tl.constexpr,
         stride_bs,
         stride_bn,
@@ -64,8 +65,10 @@ if HAVE_TRITON:
         BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr,
     ):
+        # program: one tile of <= BLOCK_M tokens of one segment (one adapter), one projection p,
+        # a range of N_PER_PROG output columns walked in BLOCK_N steps.
         tile = tl.program_id(0)
-        nt = tl.program_id(1)
+        ns = tl.program_id(1)
         p = tl.program_id(2)
         seg = tl.load(tile_seg_ptr + tile)
         if seg < 0:
@@ -78,35 +81,56 @@ if HAVE_TRITON:
             return
         n_lo = tl.where(p == 0, 0, tl.where(p == 1, OFF1, tl.where(p == 2, OFF2, OFF3)))
         n_hi = tl.where(p == 0, OFF1, tl.where(p == 1, OFF2, tl.where(p == 2, OFF3, OFF4)))
-        offs_n = n_lo + nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        if n_lo + nt * BLOCK_N >= n_hi:
+        n_start = n_lo + ns * N_PER_PROG
+        if n_start >= n_hi:
             return
-        mask_n = offs_n < n_hi
+        n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
         start = tl.load(tile_start_ptr + tile)
         end = tl.load(seg_start_ptr + seg + 1)
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn
-        buf_rows = buf_ptr + p * T * R + tok[:, None] * R
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        y_rows = y_ptr + tok[:, None] * stride_yt
+        # the rank is walked in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
+        # read-modified-written once per step, the N loop inside so that it is pipelined.
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            bt = tl.load(
-                b_rows + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0
-            )
             xt = tl.load(
-                buf_rows + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0
+                buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :],
+                mask=mask_m[:, None] & mask_r[None, :],
+                other=0.0,
             )
-            if IEEE:
-                acc += tl.dot(xt, tl.trans(bt), input_precision="ieee")
-            else:
-                acc += tl.dot(xt.to(bt.dtype), tl.trans(bt))
-        y_tile = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
-        ymask = mask_m[:, None] & mask_n[None, :]
-        yv = tl.load(y_tile, mask=ymask, other=0.0)
-        tl.store(y_tile, (yv.to(tl.float32) + acc).to(yv.dtype), mask=ymask)
+            if not IEEE:
+                xt = xt.to(b_ptr.dtype.element_ty)
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_end
+                bt = tl.load(
+                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                    mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                ymask = mask_m[:, None] & mask_n[None, :]
+                yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
+                if IEEE:
+                    acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, tl.trans(bt))
+                tl.store(
+                    y_rows + offs_n[None, :], (yv.to(tl.float32) + acc).to(yv.dtype), mask=ymask
+                )
+
+
+def _expand_config(T: int, R: int, max_out: int, P: int, tiles: int, on_gpu: bool):
+    """(BLOCK_R, BLOCK_N, N_PER_PROG): enough programs for a few waves, each a long N walk."""
+    block_r = 16 if R <= 16 else 32 if R <= 32 else 64
+    block_n = 128 if max_out >= 128 else 32
+    want = 8 * 132 if on_gpu else 4
+    n_split = max(1, min(triton.cdiv(max_out, block_n), triton.cdiv(want, max(1, tiles * P))))
+    n_per = triton.cdiv(triton.cdiv(max_out, n_split), block_n) * block_n
+    return block_r, block_n, n_per
 
 
 def lora_expand(
@@ -116,6 +140,7 @@ def lora_expand(
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
+    config: dict | None = None,  # tuning override: block_n, n_per, num_warps, num_stages
 ) -> torch.Tensor:
     P, T, R = buf.shape
     S_, N, R2 = lora_b.shape
@@ -126,16 +151,21 @@ def lora_expand(
         raise ValueError("buf must be contiguous float32 [P, T, R] with lora_b's R")
     if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
         raise ValueError("y must be [T, N] with lora_b's N, last dimensions contiguous")
+    if y.dtype != lora_b.dtype:
+        raise ValueError(f"dtype mismatch: y {y.dtype}, lora_b {lora_b.dtype}")
     if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
         raise ValueError("ranks must be int32 [slots, P]")
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return y
-    block_r = 16 if R <= 16 else 32 if R <= 32 else 64
     max_out = max(offs[i + 1] - offs[i] for i in range(P))
-    block_n = 256 if max_out >= 2048 else 64
+    block_r, block_n, n_per = _expand_config(T, R, max_out, P, nt, y.is_cuda)
+    cfg = {"num_warps": 4, "num_stages": 3}
+    if config:
+        block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
+        cfg.update({k: v for k, v in config.items() if k in cfg})
     offs = offs + [N] * (5 - len(offs))
-    grid = (nt, triton.cdiv(max_out, block_n), P)
+    grid = (nt, triton.cdiv(max_out, n_per), P)
     _sgmv_expand_kernel[grid](
         buf,
         lora_b,
@@ -152,6 +182,7 @@ def lora_expand(
         offs[2],
         offs[3],
         offs[4],
+        n_per,
         P,
         lora_b.stride(0),
         lora_b.stride(1),
@@ -160,7 +191,6 @@ def lora_expand(
         BLOCK_N=block_n,
         BLOCK_R=block_r,
         IEEE=y.dtype == torch.float32,
-        num_warps=4,
-        num_stages=2,
+        **cfg,
     )
     return y

@@ -109,14 +109,14 @@ if HAVE_TRITON:
                 tl.store(out, acc, mask=omask)
 
 
-def _shrink_config(T: int, K: int, P: int, R: int, meta: LoraMeta) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_K, SPLIT_K): split K so that the grid has a few waves of programs."""
+def _shrink_config(T: int, K: int, P: int, R: int, tiles: int, on_gpu: bool):
+    """(BLOCK_R, BLOCK_K, K_PER_PROG): split K so that the grid has a few waves of programs."""
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
-    block_k = 128 if K >= 128 else 32
-    tiles = meta.tile_seg.shape[0]
-    want = 4 * 132
-    split = max(1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 512)))
-    return block_r, block_k, split
+    block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
+    want = 8 * 132 if on_gpu else 16
+    split = max(1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 2 * block_k)))
+    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    return block_r, block_k, k_per
 
 
 def lora_shrink(
@@ -124,6 +124,7 @@ def lora_shrink(
     lora_a: torch.Tensor,  # [slots, P, R, in]
     ranks: torch.Tensor,  # [slots, P] int32
     meta: LoraMeta,
+    config: dict | None = None,  # tuning override: block_k, k_per, num_warps, num_stages
 ) -> torch.Tensor:  # [P, T, R] float32
     T, K = x.shape
     S_, P, R, K2 = lora_a.shape
@@ -142,8 +143,12 @@ def lora_shrink(
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return buf
-    block_r, block_k, split = _shrink_config(T, K, P, R, meta)
-    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    block_r, block_k, k_per = _shrink_config(T, K, P, R, nt, x.is_cuda)
+    cfg = {"num_warps": 4, "num_stages": 3 if block_k <= 128 else 2}
+    if config:
+        block_k, k_per = config.get("block_k", block_k), config.get("k_per", k_per)
+        cfg.update({k: v for k, v in config.items() if k in cfg})
+    k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
     split = triton.cdiv(K, k_per)
     _sgmv_shrink_kernel[(nt, P, split)](
         x,
@@ -169,7 +174,6 @@ def lora_shrink(
         BLOCK_K=block_k,
         ATOMIC=split > 1,
         IEEE=x.dtype == torch.float32,
-        num_warps=4,
-        num_stages=3,
+        **cfg,
     )
     return buf
