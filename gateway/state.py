@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gateway.auth import KeyAuthenticator
     from gateway.ledger import Ledger
     from gateway.limits import Limiter
+    from gateway.metrics import Metrics
 
 
 @dataclass
@@ -26,4 +27,5 @@ class Services:
     adapters: AdapterServices | None = None  # store, registry, disk cache, fetcher (adapters/)
     limiter: Limiter | None = None  # admission (gateway.limits); None: no limits enforced
     ledger: Ledger | None = None  # usage metering (gateway.ledger); None: not recorded
+    metrics: Metrics | None = None  # Prometheus registry and instruments (gateway.metrics)
     # Each component adds its own typed field here (object store, registry, limiter, ledger...).
