@@ -8,41 +8,56 @@ Engine gauges are read from the engine's stats at scrape time, not pushed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.stats import EngineStats
 from tenancy.usage import UsageEvent
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
-class EngineStats(Protocol):
-    """What the gauges read from the engine (``engine.stats()``) at scrape time."""
-
-    @property
-    def num_waiting(self) -> int: ...
-    @property
-    def num_running(self) -> int: ...
-    @property
-    def kv_blocks_used(self) -> int: ...
-    @property
-    def kv_blocks_total(self) -> int: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def adapters_loaded(self) -> int: ...
-    @property
-    def adapter_slots(self) -> int: ...
-
-
 StatsSource = Callable[[], EngineStats | None]
+
+_ENGINE_GAUGES: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
+    ("requests_waiting", "Sequences queued in the engine", lambda s: s.num_waiting),
+    ("requests_running", "Sequences in the running batch", lambda s: s.num_running),
+    ("kv_blocks_used", "Paged KV cache blocks in use", lambda s: s.kv_blocks_used),
+    ("kv_blocks_total", "Paged KV cache blocks in all", lambda s: s.kv_blocks_total),
+    ("kv_usage_ratio", "Share of KV cache blocks in use", lambda s: s.kv_usage),
+    ("batch_size", "Sequences in the last engine step", lambda s: s.last_batch_seqs),
+    ("batch_tokens", "Tokens in the last engine step", lambda s: s.last_batch_tokens),
+    ("adapters_resident", "LoRA adapters in GPU slots", lambda s: s.adapters_resident),
+    ("adapters_loading", "LoRA adapters being fetched or read", lambda s: s.adapters_loading),
+    ("adapter_slots", "LoRA GPU slots in all", lambda s: s.lora_slots),
+)
+_ENGINE_COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
+    ("steps", "Engine steps run", lambda s: s.steps),
+    ("preemptions", "Sequences preempted for KV space", lambda s: s.preemptions),
+    (
+        "prefix_cache_hit_tokens",
+        "Prompt tokens served from the prefix cache",
+        lambda s: s.prefix_cache_hit_tokens,
+    ),
+    (
+        "adapter_cache_hits",
+        "Requests whose adapter was already in a GPU slot",
+        lambda s: s.adapter_hits,
+    ),
+    ("adapter_cache_misses", "Requests whose adapter had to be loaded", lambda s: s.adapter_misses),
+    ("adapter_loads", "Adapter loads completed", lambda s: s.adapter_loads),
+    ("adapter_load_failures", "Adapter loads failed", lambda s: s.adapter_load_failures),
+    ("adapter_evictions", "Adapters evicted from GPU slots", lambda s: s.adapter_evictions),
+)
 
 
 class EngineCollector(Collector):
+    """Reads ``engine.stats()`` at scrape time (a cheap snapshot, any thread)."""
+
     def __init__(self, source: StatsSource) -> None:
         self._source = source
 
@@ -56,36 +71,20 @@ class EngineCollector(Collector):
             stats = None
         if stats is None:
             return
-        for name, doc, value in (
-            (
-                "loraplex_engine_requests_waiting",
-                "Requests queued in the engine",
-                stats.num_waiting,
-            ),
-            (
-                "loraplex_engine_requests_running",
-                "Requests in the running batch",
-                stats.num_running,
-            ),
-            (
-                "loraplex_engine_kv_blocks_used",
-                "Paged KV cache blocks in use",
-                stats.kv_blocks_used,
-            ),
-            (
-                "loraplex_engine_kv_blocks_total",
-                "Paged KV cache blocks in all",
-                stats.kv_blocks_total,
-            ),
-            ("loraplex_engine_batch_size", "Sequences in the last engine step", stats.batch_size),
-            (
-                "loraplex_engine_adapters_loaded",
-                "LoRA adapters in GPU slots",
-                stats.adapters_loaded,
-            ),
-            ("loraplex_engine_adapter_slots", "LoRA GPU slots in all", stats.adapter_slots),
-        ):
-            yield GaugeMetricFamily(name, doc, value=float(value))
+        for name, doc, read in _ENGINE_GAUGES:
+            yield GaugeMetricFamily(f"loraplex_engine_{name}", doc, value=float(read(stats)))
+        for name, doc, read in _ENGINE_COUNTERS:
+            yield CounterMetricFamily(f"loraplex_engine_{name}", doc, value=float(read(stats)))
+
+
+def engine_stats_of(engine: Callable[[], Any]) -> StatsSource:
+    """A stats source over ``services.engine`` as it is at scrape time (None while loading)."""
+
+    def read() -> EngineStats | None:
+        current = engine()
+        return None if current is None else current.stats()
+
+    return read
 
 
 class Metrics:

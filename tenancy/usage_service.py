@@ -106,6 +106,22 @@ class UsageQuery:
             )
 
 
+def parse_time(value: str, param: str) -> datetime:
+    """``2026-11-23`` (midnight UTC) or an ISO 8601 time; a time without zone is UTC."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{param} must be a date (2026-11-23) or an ISO 8601 time (2026-11-23T05:00:00Z)",
+            param=param,
+        ) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def month_start(now: datetime) -> datetime:
+    return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
 def columns(granularity: Granularity) -> tuple[str, ...]:
     return REQUEST_COLUMNS if granularity == "request" else BUCKET_COLUMNS
 

@@ -1,0 +1,87 @@
+"""Usage export: the operator's (all tenants, or one) and a tenant's own (``usage:read``).
+
+``GET /admin/v1/usage/export?from=&to=&tenant=&granularity=request|hour|day&format=csv|jsonl|parquet``
+``GET /v1/usage?from=&to=&granularity=&format=`` (the caller's tenant only)
+
+``from`` defaults to the start of the current month (UTC), ``to`` (exclusive) to now.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+
+from admin.auth import AdminDep
+from gateway.deps import ServicesDep, SessionDep, require_scope
+from gateway.state import Services
+from tenancy.principal import Principal
+from tenancy.tenants import get_tenant
+from tenancy.usage_export import MEDIA_TYPES, Format, open_export
+from tenancy.usage_service import Granularity, UsageQuery, month_start, parse_time
+
+router = APIRouter(tags=["usage"])
+
+UsageReadDep = Annotated[Principal, Depends(require_scope("usage:read"))]
+FromQ = Annotated[str | None, Query(alias="from", description="inclusive; date or ISO time")]
+ToQ = Annotated[str | None, Query(description="exclusive; date or ISO time")]
+
+
+def _query(
+    start: str | None,
+    end: str | None,
+    granularity: Granularity,
+    tenant_id: uuid.UUID | None = None,
+) -> UsageQuery:
+    now = datetime.now(UTC)
+    return UsageQuery(
+        start=parse_time(start, "from") if start else month_start(now),
+        end=parse_time(end, "to") if end else now,
+        tenant_id=tenant_id,
+        granularity=granularity,
+    )
+
+
+async def _respond(
+    services: Services, query: UsageQuery, fmt: Format, name: str
+) -> StreamingResponse:
+    body = await open_export(services.sessions, query, fmt)
+    stamp = f"{query.start:%Y%m%dT%H%M%S}-{query.end:%Y%m%dT%H%M%S}"
+    filename = f"usage-{name}-{query.granularity}-{stamp}.{fmt}"
+    return StreamingResponse(
+        body,
+        media_type=MEDIA_TYPES[fmt],
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/admin/v1/usage/export")
+async def export_usage(
+    _: AdminDep,
+    services: ServicesDep,
+    session: SessionDep,
+    start: FromQ = None,
+    to: ToQ = None,
+    tenant: str | None = None,
+    granularity: Granularity = "request",
+    format: Format = "csv",
+) -> StreamingResponse:
+    tenant_id = (await get_tenant(session, tenant)).id if tenant else None
+    query = _query(start, to, granularity, tenant_id)
+    return await _respond(services, query, format, tenant or "all")
+
+
+@router.get("/v1/usage")
+async def own_usage(
+    principal: UsageReadDep,
+    services: ServicesDep,
+    start: FromQ = None,
+    to: ToQ = None,
+    granularity: Granularity = "day",
+    format: Format = "jsonl",
+) -> StreamingResponse:
+    query = _query(start, to, granularity, principal.tenant_id)
+    return await _respond(services, query, format, principal.tenant_name)

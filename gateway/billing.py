@@ -1,0 +1,110 @@
+"""Builds the metering side of the app in its lifespan: metrics registry, limiter, ledger
+(outbox + writer task) and the daily usage export task. Nothing here exists at import."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from adapters.storage import open_store
+from admin.daily_export import DailyExporter
+from gateway.ledger import Ledger
+from gateway.ledger_writer import LedgerWriter
+from gateway.limiter_memory import InProcessLimiter
+from gateway.limiter_redis import RedisLimiter
+from gateway.limits import Limiter
+from gateway.metrics import Metrics, engine_stats_of
+from gateway.outbox import Outbox
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("loraplex.billing")
+
+
+@dataclass
+class Billing:
+    metrics: Metrics
+    limiter: Limiter
+    ledger: Ledger
+    writer: LedgerWriter
+
+
+def build_limiter(settings: GatewaySettings, metrics: Metrics) -> Limiter:
+    if settings.redis_url:
+        return RedisLimiter.from_url(
+            settings.redis_url,
+            metrics,
+            lease_s=settings.limits_lease_s,
+            rates_fail_open=settings.limits_rates_fail_open,
+            budgets_fail_open=settings.limits_budgets_fail_open,
+            timeout_s=settings.limits_redis_timeout_s,
+        )
+    return InProcessLimiter(metrics, lease_s=settings.limits_lease_s)
+
+
+@asynccontextmanager
+async def open_billing(
+    settings: GatewaySettings,
+    sessions: async_sessionmaker[AsyncSession],
+    registry: CollectorRegistry,
+    engine: Callable[[], Any],
+) -> AsyncIterator[Billing]:
+    """Yields the running parts; on exit flushes the outbox and drains what it can."""
+    metrics = Metrics(
+        registry, tenant_labels=settings.metrics_tenant_labels, engine_stats=engine_stats_of(engine)
+    )
+    outbox_path = settings.ledger_outbox_path or settings.data_dir / "usage-outbox.sqlite"
+    ledger = Ledger(Outbox(outbox_path), metrics)
+    ledger.start()
+    writer = LedgerWriter(
+        Outbox(outbox_path),
+        sessions,
+        metrics,
+        batch_size=settings.ledger_batch_size,
+        wake=ledger.appended,
+    )
+    limiter = build_limiter(settings, metrics)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(writer.run(stop), name="ledger-writer")]
+    exporter = _exporter(settings, sessions, metrics)
+    if exporter is not None:
+        tasks.append(asyncio.create_task(exporter.run(stop), name="usage-export"))
+    try:
+        yield Billing(metrics, limiter, ledger, writer)
+    finally:
+        await ledger.aclose()  # everything recorded is now in the outbox
+        stop.set()
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain_once(), 5)  # best effort; the rest waits on disk
+        writer.close()
+        await limiter.aclose()
+
+
+def _exporter(
+    settings: GatewaySettings, sessions: async_sessionmaker[AsyncSession], metrics: Metrics
+) -> Any:
+    if not settings.usage_export_enabled:
+        return None
+
+    url = settings.usage_export_url or settings.resolved_object_store_url()
+    try:
+        store = open_store(url, endpoint_url=settings.s3_endpoint_url)
+    except Exception:
+        log.exception("usage export disabled: cannot open %s", url)
+        return None
+    return DailyExporter(
+        sessions,
+        store,
+        after_hour_utc=settings.usage_export_after_hour_utc,
+        record=lambda outcome: metrics.usage_exports.labels(outcome).inc(),
+    )
