@@ -335,3 +335,29 @@ def test_tar_member_names_cannot_smuggle_pickles(admin: httpx.Client, tmp_path: 
             tf.addfile(info, io.BytesIO(data))
     r = upload(admin, tenant, "p", [("files", ("a.tgz", buf.getvalue()))])
     assert r.status_code == 400 and "pickle" in r.json()["error"]["message"]
+
+
+def test_cli_upload_with_progress(
+    server: AdapterServer, admin: httpx.Client, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from loraplex_cli.main import app
+
+    tenant, _ = make_tenant(admin)
+    src = write_lora(tmp_path / "peft", TINY, rank=2)
+    base = ["admin", "--url", server.url, "--token", server.admin_token, "--json", "adapter"]
+    result = CliRunner().invoke(app, [*base, "upload", tenant, "cli-lora", str(src)])
+    assert result.exit_code == 0, result.output
+    assert '"version": 1' in result.output and '"rank": 2' in result.output
+    archive = tar_gz(tmp_path / "a.tar.gz", peft_members(src))
+    result = CliRunner().invoke(app, [*base, "upload", tenant, "cli-lora", str(archive)])
+    assert result.exit_code == 0 and '"version": 2' in result.output, result.output
+    result = CliRunner().invoke(app, [*base, "alias", tenant, "cli-lora", "stable", "1"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*base, "upload", tenant, "bad", str(tmp_path / "nope")])
+    assert result.exit_code != 0
+    bad = tmp_path / "bad"
+    write_lora(bad, TINY, rank=16)
+    result = CliRunner().invoke(app, [*base, "upload", tenant, "bad", str(bad)])
+    assert result.exit_code == 1 and "maximum rank" in result.output
