@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 PLACEHOLDERS = {"", "changeme", "change-me", "change_me", "secret", "placeholder", "xxx", "todo"}
 MIN_SECRET_LEN = 16
@@ -54,6 +56,10 @@ class StoreSettings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> StoreSettings:
         if self.database_url is not None:
+            try:
+                make_url(self.database_url)
+            except (ArgumentError, ValueError) as exc:
+                raise ConfigError("LORAPLEX_DATABASE_URL", f"not a valid URL ({exc})") from None
             scheme = urlparse(self.database_url).scheme
             if scheme not in {"postgresql+asyncpg", "sqlite+aiosqlite"}:
                 raise ConfigError(
