@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from gateway.adapter_wiring import build_for_app
 from gateway.auth import KeyAuthenticator
 from gateway.errors import install_error_handlers
 from gateway.middleware import install_middleware
-from gateway.routes import health
+from gateway.routes import chat, completions, health, models
 from gateway.settings import GatewaySettings
 from gateway.state import Services
 from tenancy.db import make_engine, make_sessionmaker
@@ -48,11 +49,11 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
         try:
             if engine_factory is not None:
                 services.engine = engine_factory()
-                await services.engine.start()
+                services.engine.start()  # loads in its own thread; /ready reports when done
             yield
         finally:
             if services.engine is not None:
-                await services.engine.shutdown()
+                await asyncio.to_thread(services.engine.shutdown)
             await services.keys.aclose()
             await db.dispose()
 
@@ -63,4 +64,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
     app.include_router(admin_tenants.router)
     app.include_router(admin_keys.router)
     app.include_router(admin_adapters.router)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
     return app

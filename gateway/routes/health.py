@@ -27,6 +27,8 @@ async def ready(request: Request) -> JSONResponse:
     except Exception as exc:  # any driver error means not ready
         checks["database"] = f"error: {type(exc).__name__}"
     engine = services.engine
-    checks["engine"] = "ok" if engine is not None and engine.is_ready() else "not ready"
+    checks["engine"] = "ok" if engine is not None and engine.is_ready else "not ready"
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+    )

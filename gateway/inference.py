@@ -1,0 +1,216 @@
+"""One request's life in the engine: admitted, run, then settled and metered exactly once.
+
+``EngineCall.start`` admits the request with the limiter and submits it to the engine,
+waiting for its first output so that the request's own errors (a prompt too long, an
+adapter that cannot load, an overloaded engine) still become a proper HTTP status.
+``finish`` is idempotent: it aborts the engine request if it is still running (the KV
+cache is freed), settles the limiter's reservation with the tokens really used, and
+records one :class:`UsageEvent` (``ok``, ``aborted`` or ``error``) with the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import anyio
+
+from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
+from engine.errors import AdapterLoadError, EngineError
+from gateway.limits import Admission, Limiter
+from gateway.prompts import prompt_ids, sampling_params, served_model
+from gateway.render import Choices
+from gateway.resolve import Target, resolve_model
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.settings import GatewaySettings
+from gateway.state import Services
+from tenancy.errors import Unavailable
+from tenancy.models import utcnow
+from tenancy.principal import Principal
+from tenancy.usage import UsageEvent, UsageStatus, cost_micros
+
+log = logging.getLogger("loraplex.gateway.inference")
+
+
+class UsageSink(Protocol):
+    async def record(self, event: UsageEvent, tenant: str = "") -> None: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the engine is asked to do for one API request."""
+
+    request_id: str
+    principal: Principal
+    target: Target
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter: AdapterRef | None
+
+
+class EngineCall:
+    def __init__(
+        self, engine: Any, plan: Plan, limiter: Limiter | None, ledger: UsageSink | None
+    ) -> None:
+        self.plan = plan
+        self._engine = engine
+        self._limiter = limiter
+        self._ledger = ledger
+        self._admission: Admission | None = None
+        self._outputs: AsyncGenerator[RequestOutput, None] | None = None
+        self._started_at: datetime = utcnow()
+        self._t0 = time.monotonic()
+        self._ttft_s: float | None = None
+        self.last: RequestOutput | None = None
+        self._finished = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``x-ratelimit-*`` values of the admission, for the response."""
+        return dict(self._admission.headers) if self._admission is not None else {}
+
+    @property
+    def done(self) -> bool:
+        return self.last is not None and self.last.finished
+
+    async def start(self) -> RequestOutput:
+        """Admit and submit; returns the first output. On any error the call is finished
+        (status ``error``) and the error propagates to the route's handler."""
+        plan = self.plan
+        if self._limiter is not None:
+            reserve = len(plan.prompt_ids) + plan.sampling.max_tokens * plan.sampling.n
+            self._admission = await self._limiter.admit(
+                plan.principal, reserve, prompt_tokens=len(plan.prompt_ids)
+            )
+        request = Request(plan.request_id, plan.prompt_ids, plan.sampling, plan.adapter)
+        try:
+            self._outputs = self._engine.generate(request)
+            first = await self.next()
+            if first is None:
+                raise AdapterLoadError("the engine ended the request without output")
+            if first.finished and first.error is not None and first.completion_tokens == 0:
+                raise AdapterLoadError(first.error)
+        except BaseException:
+            await self.finish("error")
+            raise
+        return first
+
+    async def next(self) -> RequestOutput | None:
+        """The next output, or None after the last."""
+        if self._outputs is None or self.done:
+            return None
+        try:
+            out = await anext(self._outputs)
+        except StopAsyncIteration:
+            return None
+        if self._ttft_s is None and out.completion_tokens > 0:
+            self._ttft_s = time.monotonic() - self._t0
+        self.last = out
+        return out
+
+    async def finish(self, status: UsageStatus | None = None) -> None:
+        """Idempotent. ``status`` None: ``ok`` when the engine finished the request, else
+        ``aborted`` (the client left); an engine-reported error counts as ``error``."""
+        if self._finished:
+            return
+        self._finished = True
+        with anyio.CancelScope(shield=True):  # a disconnect cancels us; metering must run
+            if self._outputs is not None:
+                await self._outputs.aclose()  # the engine aborts an unfinished request
+            if status is None:
+                status = "ok" if self.done else "aborted"
+            if self.last is not None and self.last.error is not None:
+                status = "error"
+            await self._meter(status)
+
+    async def _meter(self, status: UsageStatus) -> None:
+        plan, last = self.plan, self.last
+        prompt = last.prompt_tokens if last is not None else 0
+        completion = last.completion_tokens if last is not None else 0
+        principal = plan.principal
+        cost = cost_micros(
+            prompt, completion, principal.prompt_price_micros, principal.completion_price_micros
+        )
+        if self._limiter is not None and self._admission is not None:
+            try:
+                await self._limiter.settle(self._admission, prompt + completion, cost_micros=cost)
+            except Exception:  # the limiter's store is down: never lose the usage record
+                log.exception("could not settle admission of %s", plan.request_id)
+        if self._ledger is None:
+            return
+        event = UsageEvent(
+            request_id=plan.request_id,
+            tenant_id=principal.tenant_id,
+            api_key_id=principal.key_id,
+            adapter_version_id=plan.target.version.id if plan.target.version else None,
+            model=plan.target.model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=last.cached_tokens if last is not None else 0,
+            status=status,
+            started_at=self._started_at,
+            finished_at=utcnow(),
+            ttft_ms=None if self._ttft_s is None else int(self._ttft_s * 1000),
+            duration_ms=int((time.monotonic() - self._t0) * 1000),
+            cost_micros=cost,
+        )
+        await self._ledger.record(event, principal.tenant_name)
+
+
+def new_request_id(prefix: str) -> str:
+    """The response id, also the engine's and the ledger's request id. Never the client's
+    ``x-request-id``: a reused one must not merge two requests' usage records."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def base_model_name(settings: GatewaySettings) -> str:
+    """The name clients use for the base model (``--served-model-name`` or the model's)."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return settings.model or "base"  # the same name adapters/ validates uploads against
+
+
+async def open_call(
+    services: Services,
+    principal: Principal,
+    body: ChatCompletionRequest | CompletionRequest,
+    request_id: str,
+) -> tuple[EngineCall, RequestOutput]:
+    """Resolve, tokenize, admit and submit; returns the started call and its first output.
+
+    The database session lives only for the resolution: a long stream holds no connection.
+    """
+    model = served_model(base_model_name(services.settings), services.engine)
+    async with services.sessions() as session:
+        target = await resolve_model(session, principal, body.model, base_model=model.name)
+    ids = await prompt_ids(model, body)
+    sampling = sampling_params(model, body, len(ids))
+    adapter = None
+    if target.version is not None:
+        if services.adapters is None:
+            raise Unavailable("adapters are not configured on this server")
+        source = services.adapters.fetcher.source(target.version)
+        adapter = AdapterRef(key=source.key, fetch=source.fetch)
+    plan = Plan(request_id, principal, target, ids, sampling, adapter)
+    call = EngineCall(services.engine, plan, services.limiter, services.ledger)
+    return call, await call.start()
+
+
+async def collect(call: EngineCall, first: RequestOutput) -> Choices:
+    """A whole (non-streaming) response: every output until the last, then ``finish``."""
+    choices = Choices(call.plan.sampling.n)
+    try:
+        out: RequestOutput | None = first
+        while out is not None:
+            choices.add(out)
+            out = await call.next()
+    finally:
+        await call.finish()
+    if call.last is not None and call.last.error is not None:
+        raise EngineError(f"generation failed: {call.last.error}")
+    return choices

@@ -1,0 +1,123 @@
+"""From an OpenAI request to what the engine runs: prompt token ids and sampling values.
+
+The gateway tokenizes (with the engine's own tokenizer and chat template) because it must
+know the prompt's length before the engine sees it: to refuse a prompt over the context
+with a clear 400, to default ``max_tokens`` to what the context leaves, and to reserve
+prompt + completion tokens with the limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine.api import SamplingParams
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from tenancy.errors import InvalidInput, Unavailable
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The base model as the API presents it."""
+
+    name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+
+
+def served_model(name: str, engine: Any) -> ServedModel:
+    """What the gateway needs of a started ``engine.async_engine.AsyncEngine``."""
+    if engine is None or not engine.is_ready or engine.engine is None:
+        raise Unavailable("The model is not loaded yet; retry shortly.")
+    core = engine.engine
+    return ServedModel(
+        name=name,
+        tokenizer=core.tokenizer,
+        max_model_len=int(core.max_model_len),
+    )
+
+
+class ContextLengthExceeded(InvalidInput):
+    code = "context_length_exceeded"
+
+
+def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in body.messages
+    ]
+    try:
+        text = model.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # the template itself refuses this conversation
+        raise InvalidInput(f"messages: {exc}", param="messages") from None
+    # The template already holds every special token the model expects.
+    return list(model.tokenizer.encode(str(text), add_special_tokens=False))
+
+
+def _encode_prompt(model: ServedModel, body: CompletionRequest) -> list[int]:
+    if isinstance(body.prompt, list):
+        return list(body.prompt)  # the engine checks each id against its vocabulary
+    return list(model.tokenizer.encode(body.prompt))
+
+
+async def prompt_ids(
+    model: ServedModel, body: ChatCompletionRequest | CompletionRequest
+) -> list[int]:
+    """Tokenized in a worker thread: a long prompt must not stall the event loop."""
+    if isinstance(body, ChatCompletionRequest):
+        ids = await asyncio.to_thread(_render_chat, model, body)
+        param = "messages"
+    else:
+        ids = await asyncio.to_thread(_encode_prompt, model, body)
+        param = "prompt"
+    if not ids:
+        raise InvalidInput("the prompt is empty", param=param)
+    if len(ids) >= model.max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {model.max_model_len} tokens. However, "
+            f"your {param} has {len(ids)} tokens.",
+            param=param,
+        )
+    return ids
+
+
+def sampling_params(
+    model: ServedModel, body: ChatCompletionRequest | CompletionRequest, prompt_len: int
+) -> SamplingParams:
+    room = model.max_model_len - prompt_len
+    limit = body.token_limit()
+    if limit is not None and limit > room:
+        field = "max_tokens"
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            field = "max_completion_tokens"
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {model.max_model_len} tokens. However, "
+            f"you requested {prompt_len + limit} tokens ({prompt_len} in the prompt, {limit} "
+            "for the completion). Please reduce the prompt or the completion length.",
+            param=field,
+        )
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidInput("top_logprobs requires logprobs to be true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    return SamplingParams(
+        max_tokens=limit if limit is not None else room,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        stop=body.stop_list(),
+        logprobs=logprobs,
+        n=body.n,
+    )

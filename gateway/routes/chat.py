@@ -1,0 +1,36 @@
+"""POST /v1/chat/completions: streaming and not."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from gateway.deps import InferenceDep, ServicesDep
+from gateway.inference import collect, new_request_id, open_call
+from gateway.render import chat_chunks
+from gateway.schemas import ChatCompletion, ChatCompletionRequest
+from gateway.streaming import EngineStream, chat_usage_chunk, events
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def chat_completions(
+    body: ChatCompletionRequest, principal: InferenceDep, services: ServicesDep
+) -> JSONResponse | EngineStream:
+    call, first = await open_call(services, principal, body, new_request_id("chatcmpl"))
+    id_, created, model = call.plan.request_id, int(time.time()), body.model
+    if body.stream:
+        chunks = partial(chat_chunks, id_, created, model, lp=body.logprobs)
+        usage = chat_usage_chunk(id_, created, model) if body.include_usage() else None
+        return EngineStream(call, events(call, first, chunks, usage))
+    choices = await collect(call, first)
+    result = choices.chat(id_, created, model, call.last or first, body.logprobs)
+    return JSONResponse(result.model_dump(), headers=call.headers)

@@ -1,0 +1,93 @@
+"""Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
+
+A client that disconnects cancels the stream (Starlette listens for ``http.disconnect``);
+:class:`EngineStream` then finishes the call, which aborts the engine request (its KV
+blocks are freed) and records the usage so far with status ``aborted``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.api import RequestOutput
+from engine.errors import EngineError
+from gateway.inference import EngineCall
+from gateway.render import ChoiceState, usage
+from gateway.schemas import ChatCompletionChunk, Completion
+
+DONE = b"data: [DONE]\n\n"
+
+ChunkMaker = Callable[[RequestOutput, list[ChoiceState]], Sequence[BaseModel]]
+UsageChunk = Callable[[RequestOutput | None], BaseModel]
+
+
+def sse(obj: BaseModel) -> bytes:
+    return b"data: " + obj.model_dump_json().encode() + b"\n\n"
+
+
+def sse_error(message: str, type_: str = "server_error", code: str = "engine_error") -> bytes:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def events(
+    call: EngineCall,
+    first: RequestOutput,
+    chunks: ChunkMaker,
+    usage_chunk: UsageChunk | None,
+) -> AsyncIterator[bytes]:
+    states = [ChoiceState() for _ in range(call.plan.sampling.n)]
+    out: RequestOutput | None = first
+    try:
+        while out is not None:
+            for chunk in chunks(out, states):
+                yield sse(chunk)
+            out = await call.next()
+    except EngineError as exc:  # the engine died mid-stream: say so in-band, then end
+        await call.finish("error")
+        yield sse_error(exc.message)
+        yield DONE
+        return
+    last = call.last
+    if last is not None and last.error is not None:
+        yield sse_error(f"generation failed: {last.error}")
+    elif usage_chunk is not None:
+        yield sse(usage_chunk(last))
+    yield DONE
+    await call.finish()
+
+
+def chat_usage_chunk(id_: str, created: int, model: str) -> UsageChunk:
+    def make(last: RequestOutput | None) -> BaseModel:
+        return ChatCompletionChunk(
+            id=id_, created=created, model=model, choices=[], usage=usage(last)
+        )
+
+    return make
+
+
+def completion_usage_chunk(id_: str, created: int, model: str) -> UsageChunk:
+    def make(last: RequestOutput | None) -> BaseModel:
+        return Completion(id=id_, created=created, model=model, choices=[], usage=usage(last))
+
+    return make
+
+
+class EngineStream(StreamingResponse):
+    """An SSE response that always finishes its engine call, however the stream ends."""
+
+    def __init__(self, call: EngineCall, body: AsyncIterator[bytes]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **call.headers}
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self._call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._call.finish()  # no-op after a complete stream; else status aborted
