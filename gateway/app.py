@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,12 +13,16 @@ from prometheus_client import CollectorRegistry
 
 from admin.routes import adapters as admin_adapters
 from admin.routes import keys as admin_keys
+from admin.routes import plans as admin_plans
 from admin.routes import tenants as admin_tenants
+from admin.routes import usage as admin_usage
 from gateway.adapter_wiring import build_for_app
 from gateway.auth import KeyAuthenticator
+from gateway.billing import open_billing
 from gateway.errors import install_error_handlers
 from gateway.middleware import install_middleware
 from gateway.routes import chat, completions, health, models
+from gateway.routes import metrics as metrics_routes
 from gateway.settings import GatewaySettings
 from gateway.state import Services
 from tenancy.db import make_engine, make_sessionmaker
@@ -28,7 +32,9 @@ log = logging.getLogger("loraplex.gateway")
 EngineFactory = Callable[[], Any]
 
 
-def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings, *, engine_factory: EngineFactory | None = None
+) -> FastAPI:
     """Build the app. ``engine_factory`` makes the inference engine (called in the lifespan);
     None serves the control plane only (and ``/ready`` reports the engine as absent)."""
 
@@ -43,8 +49,18 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
             ttl_s=settings.key_cache_ttl_s,
         )
         services.keys.start()
+        registry = CollectorRegistry()  # the one /metrics serves
         services.adapters = build_for_app(
-            settings, services.sessions, lambda: services.engine, CollectorRegistry()
+            settings, services.sessions, lambda: services.engine, registry
+        )
+        billing_stack = AsyncExitStack()
+        billing = await billing_stack.enter_async_context(
+            open_billing(settings, services.sessions, registry, lambda: services.engine)
+        )
+        services.metrics, services.limiter, services.ledger = (
+            billing.metrics,
+            billing.limiter,
+            billing.ledger,
         )
         try:
             if engine_factory is not None:
@@ -54,16 +70,21 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory | Non
         finally:
             if services.engine is not None:
                 await asyncio.to_thread(services.engine.shutdown)
+            await billing_stack.aclose()  # after the engine: its last requests are metered
             await services.keys.aclose()
             await db.dispose()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(metrics_routes.HttpMetricsMiddleware)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
     app.include_router(admin_tenants.router)
     app.include_router(admin_keys.router)
     app.include_router(admin_adapters.router)
+    app.include_router(admin_plans.router)
+    app.include_router(admin_usage.router)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
