@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.storage import open_store
@@ -49,6 +52,18 @@ def build_limiter(settings: GatewaySettings, metrics: Metrics) -> Limiter:
     return InProcessLimiter(metrics, lease_s=settings.limits_lease_s)
 
 
+def outbox_path_for(settings: GatewaySettings) -> Path:
+    """The configured outbox, else one per ledger database in the data dir (named by the
+    database's host, port and name: not its credentials, which may rotate), so processes
+    sharing a data dir but not a database never drain each other's usage."""
+    if settings.ledger_outbox_path is not None:
+        return settings.ledger_outbox_path
+    url = make_url(settings.resolved_database_url())
+    ident = f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return settings.data_dir / f"usage-outbox-{digest}.sqlite"
+
+
 @asynccontextmanager
 async def open_billing(
     settings: GatewaySettings,
@@ -60,7 +75,7 @@ async def open_billing(
     metrics = Metrics(
         registry, tenant_labels=settings.metrics_tenant_labels, engine_stats=engine_stats_of(engine)
     )
-    outbox_path = settings.ledger_outbox_path or settings.data_dir / "usage-outbox.sqlite"
+    outbox_path = outbox_path_for(settings)
     ledger = Ledger(Outbox(outbox_path), metrics)
     ledger.start()
     writer = LedgerWriter(
@@ -93,10 +108,12 @@ async def open_billing(
 def _exporter(
     settings: GatewaySettings, sessions: async_sessionmaker[AsyncSession], metrics: Metrics
 ) -> Any:
-    if not settings.usage_export_enabled:
-        return None
-
     url = settings.usage_export_url or settings.resolved_object_store_url()
+    enabled = settings.usage_export_enabled
+    if enabled is None:
+        enabled = settings.usage_export_url is not None or url.startswith("s3://")
+    if not enabled:
+        return None
     try:
         store = open_store(url, endpoint_url=settings.s3_endpoint_url)
     except Exception:

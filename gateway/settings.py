@@ -41,11 +41,12 @@ class GatewaySettings(StoreSettings):
     limits_lease_s: float = 600.0  # a concurrency slot not settled by then frees itself
     limits_redis_timeout_s: float = 0.25
     # Metering (gateway.ledger): the durable outbox, drained into the database.
-    ledger_outbox_path: Path | None = None  # default: <data_dir>/usage-outbox.sqlite
+    ledger_outbox_path: Path | None = None  # default: <data_dir>/usage-outbox-<db>.sqlite
     ledger_batch_size: int = 500
     # Metrics: per-tenant labels multiply series by the number of tenants; off by default.
     metrics_tenant_labels: bool = False
     # Daily usage export (exports/dt=YYYY-MM-DD/usage.parquet), after this hour (UTC).
-    usage_export_enabled: bool = True
+    # None: on when usage_export_url is set or the object store is on S3.
+    usage_export_enabled: bool | None = None
     usage_export_url: str | None = None  # s3://bucket/prefix or file:///dir; default: object store
     usage_export_after_hour_utc: int = Field(default=1, ge=0, le=23)
