@@ -168,6 +168,10 @@ class AsyncEngine:
             self._dead = exc
         finally:
             self._ready.set()
+            if self._engine is not None and self._dead is None:
+                self._drain_commands(self._engine)
+                self._deliver(self._engine.abort_all())  # shutdown: streams end with "abort"
+                self._stats = self._engine.stats()
             self._close_streams()
             if self._engine is not None:
                 self._engine.shutdown()
@@ -179,6 +183,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
+                if self._stop:
+                    stream.put(EngineDead("the engine is shutting down"))
+                    continue
                 try:
                     engine.add_request(arg)
                 except Exception as exc:  # this request's own error

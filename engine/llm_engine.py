@@ -180,6 +180,13 @@ class LLMEngine:
         self._retire(state)
         return True
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort everything in flight; return the final outputs at once (shutdown)."""
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        outputs, self._pending = self._pending, []
+        return outputs
+
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 
@@ -314,6 +321,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         c = self._counters
         return EngineStats(
+            num_requests=len(self._requests),
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
             kv_blocks_total=self.blocks.num_blocks,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineStats:
+    num_requests: int = 0  # in flight (added, not yet finished)
     num_waiting: int = 0  # sequences queued (not yet running, or preempted)
     num_running: int = 0
     kv_blocks_total: int = 0

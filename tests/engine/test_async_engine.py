@@ -74,7 +74,7 @@ async def test_concurrent_streams_match_reference(aengine, tok, tmp_path):
         w = 0 if req.adapter is None else 20 + int(req.adapter.key[1:])
         assert toks(outs) == reference_greedy(req.prompt, w, 6, len(tok))
         assert outs[-1].finished and [o.finished for o in outs].count(True) == 1
-    await wait_for(lambda: aengine.stats().steps > 0 and aengine.stats().num_running == 0)
+    await wait_for(lambda: aengine.stats().steps > 0 and aengine.stats().num_requests == 0)
     s = aengine.stats()
     assert s.adapter_loads == 3 and s.adapter_evictions >= 1 and s.kv_blocks_total == 64
 
@@ -105,7 +105,25 @@ async def test_leaving_the_stream_aborts(aengine):
     async for _ in agen:
         break
     await agen.aclose()
-    await wait_for(lambda: aengine.stats().num_running == 0 and aengine.stats().kv_blocks_used == 0)
+    await wait_for(lambda: aengine.stats().steps > 0 and aengine.stats().num_requests == 0)
+    assert aengine.stats().kv_blocks_used == 0
+
+
+async def test_shutdown_ends_streams_with_abort(tok):
+    engine = AsyncEngine(
+        LLMEngine(ToyRunner(tok), EngineConfig(block_size=4, max_loras=2, max_cpu_loras=2))
+    )
+    engine.start()
+    outs = []
+    async for o in engine.generate(Request("s", [3, 4], SamplingParams(max_tokens=200, **GREEDY))):
+        outs.append(o)
+        if len(outs) == 2:
+            await asyncio.to_thread(engine.shutdown)
+    assert outs[-1].finished and outs[-1].deltas[-1].finish_reason == "abort"
+    inner = engine.engine
+    assert inner is not None and inner.blocks.is_whole() and inner.num_requests() == 0
+    with pytest.raises(EngineDead):
+        await collect(engine, Request("late", [3], SamplingParams()))
 
 
 async def test_failed_adapter_errors_its_stream_only(aengine, tmp_path):
