@@ -29,6 +29,7 @@ def lora_tensors(
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    scale: float = 0.1,
 ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -37,8 +38,8 @@ def lora_tensors(
             shape = spec.module_shape(module)
             assert shape is not None
             prefix = f"base_model.model.model.layers.{layer}.{shape.parent}.{module}"
-            a = torch.randn(rank, shape.in_features, generator=g) * 0.1
-            b = torch.randn(shape.out_features, rank, generator=g) * 0.1
+            a = torch.randn(rank, shape.in_features, generator=g) * scale
+            b = torch.randn(shape.out_features, rank, generator=g) * scale
             out[f"{prefix}.lora_A.weight"] = a.to(dtype)
             out[f"{prefix}.lora_B.weight"] = b.to(dtype)
     return out
@@ -67,9 +68,11 @@ def write_lora(
     seed: int = 0,
     tensors: dict[str, torch.Tensor] | None = None,
     config: dict | None = None,
+    scale: float = 0.1,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = tensors if tensors is not None else lora_tensors(spec, rank, targets, seed=seed)
+    if tensors is None:
+        tensors = lora_tensors(spec, rank, targets, seed=seed, scale=scale)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     cfg = config if config is not None else lora_config(rank, targets)
     (directory / "adapter_config.json").write_text(json.dumps(cfg))

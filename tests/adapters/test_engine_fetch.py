@@ -1,0 +1,185 @@
+"""The fetcher as the engine's AdapterRef: registry -> S3 (moto) -> disk cache -> engine.
+
+200 adapters through 8 GPU slots in a shuffled order, each answer checked against HF + PEFT;
+the object store going down (cached adapters keep serving, cold ones fail) and coming back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from adapter_files import TINY, write_lora
+from hf_reference import HfReference
+from moto_proc import MotoServer
+from prometheus_client import CollectorRegistry
+
+from adapters.cache import DiskCache
+from adapters.fetcher import Fetcher
+from adapters.metrics import AdapterMetrics
+from adapters.registry import AdapterRegistry
+from adapters.storage import S3Store
+from engine.api import AdapterRef, Request, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+
+PROMPT = [1, 40, 41, 42, 43, 44, 45]
+MAX_TOKENS = 4
+TARGETS = [("q_proj", "v_proj"), ("o_proj",), ("gate_proj", "down_proj"), ("k_proj", "up_proj")]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir: Path) -> Iterator[AsyncEngine]:
+    config = EngineConfig(
+        max_loras=8, max_cpu_loras=8, max_lora_rank=8, device="cpu", dtype="float32",
+        max_num_seqs=16, kv_cache_bytes=8 << 20,
+    )  # fmt: skip
+    eng = AsyncEngine(lambda: LLMEngine.from_model(tiny_llama_dir, config))
+    eng.start()
+    assert eng.wait_ready(120)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama_dir: Path) -> HfReference:
+    return HfReference(tiny_llama_dir)
+
+
+async def generate(engine: AsyncEngine, adapter: AdapterRef | None) -> tuple[list[int], str | None]:
+    sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    request = Request(f"r-{uuid.uuid4().hex[:8]}", PROMPT, sampling, adapter)
+    tokens: list[int] = []
+    error = None
+    async for out in engine.generate(request):
+        for d in out.deltas:
+            tokens.extend(d.token_ids)
+        error = out.error or error
+    return tokens, error
+
+
+class World:
+    def __init__(self, sessions, moto: MotoServer, bucket: str, cache_dir: Path) -> None:  # type: ignore[no-untyped-def]
+        self.store = S3Store(bucket, "lpx", endpoint_url=moto.url, connect_timeout=0.5,
+                             read_timeout=2.0)  # fmt: skip
+        self.registry = AdapterRegistry(sessions, self.store, lambda: TINY, max_rank=8)
+        self.metrics = AdapterMetrics(CollectorRegistry())
+        self.cache = DiskCache(cache_dir, 1 << 30, self.metrics)
+        self.fetcher = Fetcher(self.store, self.cache, self.metrics, backoff_initial_s=0.5,
+                               backoff_max_s=2.0)  # fmt: skip
+
+    async def ref(self, tenant_id: uuid.UUID, model: str) -> AdapterRef:
+        version = await self.registry.resolve(tenant_id, model)
+        assert version is not None, model
+        src = self.fetcher.source(version)
+        return AdapterRef(key=src.key, fetch=src.fetch)
+
+
+@pytest.fixture
+async def world(sessions, moto: MotoServer, bucket: str, tmp_path: Path) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
+    yield World(sessions, moto, bucket, tmp_path / "cache")
+
+
+def make_adapter(root: Path, i: int) -> Path:
+    return write_lora(
+        root / f"a{i}", TINY, rank=1 + i % 4, targets=TARGETS[i % len(TARGETS)], seed=1000 + i,
+        scale=0.4,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_200_adapters_through_8_slots(
+    engine: AsyncEngine, hf: HfReference, world: World, tenant_id: uuid.UUID, tmp_path: Path
+) -> None:
+    n = 200
+    sources = [make_adapter(tmp_path / "src", i) for i in range(n)]
+    for i, src in enumerate(sources):
+        await world.registry.publish(tenant_id, f"lora-{i}", src)
+    order = list(range(n)) * 2  # every adapter twice: cold, then after eviction
+    random.Random(7).shuffle(order)
+    gate = asyncio.Semaphore(24)  # 24 requests in flight over 8 GPU slots
+
+    async def call(i: int) -> tuple[int, list[int]]:
+        async with gate:
+            tokens, error = await generate(engine, await world.ref(tenant_id, f"lora-{i}"))
+        assert error is None, error
+        return i, tokens
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(call(i) for i in order))
+    elapsed = time.monotonic() - started
+    answers: dict[int, list[int]] = {}
+    for i, tokens in results:
+        assert answers.setdefault(i, tokens) == tokens, f"lora-{i} answered differently twice"
+    base, _ = await generate(engine, None)
+    expected = {i: hf.greedy(sources[i], PROMPT, MAX_TOKENS) for i in range(n)}
+    mismatched = [i for i in range(n) if answers[i] != expected[i]]
+    assert not mismatched, f"{len(mismatched)} adapters differ from HF+PEFT: {mismatched[:10]}"
+    assert base == hf.greedy(None, PROMPT, MAX_TOKENS)
+    distinct = len({tuple(t) for t in answers.values()})
+    assert distinct > n // 4, f"only {distinct} distinct answers: adapters barely matter"
+    stats = engine.stats()
+    assert stats.adapter_evictions >= n - 8 and stats.lora_slots == 8
+    assert world.fetcher.downloads == n  # one download each; the rest came from disk
+    print(f"200 adapters x2 shuffled: {elapsed:.1f}s, {distinct} distinct answers, "
+          f"{stats.adapter_loads} engine loads, {stats.adapter_evictions} slot evictions")  # fmt: skip
+
+
+async def test_store_down_cached_serve_cold_fail_then_recover(
+    engine: AsyncEngine,
+    hf: HfReference,
+    sessions,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    moto = MotoServer()  # this test's own server: stopping it disturbs no other test
+    moto.start()
+    try:
+        bucket = f"down-{uuid.uuid4().hex[:8]}"
+        moto.client().create_bucket(Bucket=bucket)
+        w = World(sessions, moto, bucket, tmp_path / "cache")
+        from tenancy.models import Tenant
+
+        async with sessions() as s, s.begin():
+            tenant = Tenant(name=f"t-{uuid.uuid4().hex[:8]}")
+            s.add(tenant)
+        warm_src, cold_src = make_adapter(tmp_path, 501), make_adapter(tmp_path, 502)
+        await w.registry.publish(tenant.id, "warm", warm_src)
+        await w.registry.publish(tenant.id, "cold", cold_src)
+        warm_tokens, err = await generate(engine, await w.ref(tenant.id, "warm"))
+        assert err is None and warm_tokens == hf.greedy(warm_src, PROMPT, MAX_TOKENS)
+        snapshot = moto.snapshot(bucket)
+
+        moto.stop()  # the object store is down
+        cold_ref = await w.ref(tenant.id, "cold")  # the database still answers
+        for _ in range(3):
+            tokens, err = await generate(engine, await w.ref(tenant.id, "warm"))
+            assert err is None and tokens == warm_tokens  # served from host memory / disk
+        # evict "warm" from the engine's memory tiers; the disk cache still holds it
+        for i in range(10):
+            await generate(engine, AdapterRef(f"filler-{i}", fetch=lambda i=i: make_adapter(
+                tmp_path / "fill", 600 + i)))  # fmt: skip
+        tokens, err = await generate(engine, await w.ref(tenant.id, "warm"))
+        assert err is None and tokens == warm_tokens
+        started = time.monotonic()
+        for _ in range(5):  # cold: fails fast while the fetcher backs off
+            tokens, err = await generate(engine, cold_ref)
+            assert err is not None and "object store unavailable" in err
+        assert time.monotonic() - started < 10
+
+        moto.start()  # the store comes back (moto is in memory: put back what S3 would hold)
+        moto.restore(bucket, snapshot)
+        deadline = time.monotonic() + 10
+        while True:
+            tokens, err = await generate(engine, cold_ref)
+            if err is None or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert err is None and tokens == hf.greedy(cold_src, PROMPT, MAX_TOKENS)
+    finally:
+        moto.stop()
