@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from engine.errors import EngineError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -44,7 +47,11 @@ class SamplingParams:
             (self.top_k >= 0, "top_k", "must be 0 (off) or positive"),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be between 0 and 1"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2"),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                "frequency_penalty",
+                "must be between -2 and 2",
+            ),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be 0..20"),
             (1 <= self.n <= 16, "n", "must be between 1 and 16"),
@@ -105,3 +112,5 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens served from the prefix cache
     finished: bool
     error: str | None = None  # set when finish_reason == "error"
+    # the typed cause behind ``error`` (e.g. AdapterIncompatible -> 400, AdapterLoadError -> 503)
+    exception: EngineError | None = None

@@ -16,7 +16,13 @@ from engine.api import AdapterRef, Request, RequestOutput
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
-from engine.errors import EngineOverloaded, InvalidRequest, PromptTooLong
+from engine.errors import (
+    AdapterLoadError,
+    EngineError,
+    EngineOverloaded,
+    InvalidRequest,
+    PromptTooLong,
+)
 from engine.lora.loader import AdapterLoader
 from engine.lora.slots import SlotTable
 from engine.request_state import Choice, RequestState, make_logprob
@@ -209,8 +215,13 @@ class LLMEngine:
 
     def _fail_adapter(self, key: str, err: Exception) -> None:
         message = f"adapter {key!r} could not be loaded: {err}"
+        typed = (
+            type(err)(message, param="model")
+            if isinstance(err, EngineError)
+            else AdapterLoadError(message, param="model")
+        )
         for state in [s for s in self._requests.values() if s.adapter_key == key]:
-            state.finish("error", message)
+            state.finish("error", typed)
             self._retire(state)
 
     # -- the step ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from engine.api import (
     TokenLogprob,
 )
 from engine.detokenizer import Decoder, IncrementalDetokenizer, StopChecker
+from engine.errors import EngineError
 from engine.sequence import Sequence
 
 
@@ -47,6 +48,7 @@ class RequestState:
     forked: bool = False  # the n-1 siblings got the first choice's prompt blocks
     cached_tokens: int = 0
     error: str | None = None
+    exception: EngineError | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -80,12 +82,12 @@ class RequestState:
             if choice.stops.add(choice.detok.flush()):
                 choice.finish_reason = "stop"
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: EngineError | None = None) -> None:
         for c in self.choices:
             if c.finish_reason is None:
                 c.finish_reason = reason
         if error is not None:
-            self.error = error
+            self.error, self.exception = error.message, error
 
     def take_output(self) -> RequestOutput | None:
         """The deltas since the last call; None when there is nothing new to say."""
@@ -116,6 +118,7 @@ class RequestState:
             cached_tokens=self.cached_tokens,
             finished=self.finished,
             error=self.error if self.finished else None,
+            exception=self.exception if self.finished else None,
         )
 
 

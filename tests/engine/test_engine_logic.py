@@ -13,7 +13,7 @@ from toy_runner import ToyRunner, reference_greedy, write_toy_adapter
 
 from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest, PromptTooLong
+from engine.errors import AdapterIncompatible, AdapterLoadError, InvalidRequest, PromptTooLong
 from engine.llm_engine import LLMEngine
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -194,10 +194,14 @@ def test_failed_adapter_outputs(make_engine, tmp_path):
     engine = make_engine()
     missing = AdapterRef("missing@1", fetch=lambda: tmp_path / "nowhere")
     engine.add_request(Request("m", [5, 6, 7], SamplingParams(max_tokens=3), missing))
-    outs = run_all(engine)["m"]
-    assert (
-        outs[-1].finished and finish_of(outs) == "error" and "missing@1" in (outs[-1].error or "")
-    )
+    incompatible = adapter(tmp_path, "neg", -1)
+    engine.add_request(Request("i", [5, 6, 7], SamplingParams(max_tokens=3), incompatible))
+    outs = run_all(engine)
+    m, i = outs["m"], outs["i"]
+    assert m[-1].finished and finish_of(m) == "error" and "missing@1" in (m[-1].error or "")
+    assert isinstance(m[-1].exception, AdapterLoadError)
+    assert isinstance(i[-1].exception, AdapterIncompatible) and i[-1].exception.param == "model"
+    assert "negative" in (i[-1].error or "")
 
 
 def test_one_load_for_concurrent_requests(make_engine, tmp_path):
