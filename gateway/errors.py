@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,12 +55,22 @@ def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
     return envelope(500, exc.message, "server_error", "engine_error", exc.param)
 
 
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request", None
     first = errs[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    # Union members add tags such as "constrained-str" or "list[int]" to the location;
+    # the param names only fields and list indices.
+    loc = [
+        str(p)
+        for p in first.get("loc", ())
+        if p not in ("body", "query", "path", "header")
+        and (isinstance(p, int) or _FIELD.match(str(p)))
+    ]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
@@ -89,7 +100,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_, code = _HTTP_CODES.get(exc.status_code, ("server_error", "http_error"))
-        return envelope(exc.status_code, str(exc.detail), type_, code, None, exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return envelope(exc.status_code, str(exc.detail), type_, code, None, headers)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

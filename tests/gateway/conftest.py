@@ -5,78 +5,20 @@ admin API. One server per test module."""
 from __future__ import annotations
 
 import secrets
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
-import psycopg
 import pytest
-from fastapi import FastAPI
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.state import Services
-from tests.gateway.live import fresh_database, live_server
-
-BASE = "tiny-llama"
-
-
-@dataclass
-class Gateway:
-    url: str
-    app: FastAPI
-    database_url: str
-    admin_token: str
-    tenants: dict[str, str] = field(default_factory=dict)  # role -> tenant name
-    keys: dict[str, str] = field(default_factory=dict)  # role -> full API key
-
-    @property
-    def services(self) -> Services:
-        services: Services = self.app.state.services
-        return services
-
-    def admin(self) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.admin_token}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
-
-    def http(self, key: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
-
-    def openai(self, key: str = "a") -> openai.OpenAI:
-        return openai.OpenAI(api_key=self.keys[key], base_url=f"{self.url}/v1", max_retries=0)
-
-    def async_openai(self, key: str = "a") -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            api_key=self.keys[key], base_url=f"{self.url}/v1", max_retries=0
-        )
-
-    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
-        url = self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        with psycopg.connect(url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
-
-
-def _ok(r: httpx.Response) -> Any:
-    assert r.is_success, r.text
-    return r.json()
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.05)
+from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
 
 
 def _upload(admin: httpx.Client, tenant: str, name: str, adapter_dir: Path) -> dict[str, Any]:
@@ -84,7 +26,7 @@ def _upload(admin: httpx.Client, tenant: str, name: str, adapter_dir: Path) -> d
         (p, (p, (adapter_dir / p).read_bytes(), "application/octet-stream"))
         for p in ("adapter_config.json", "adapter_model.safetensors")
     ]
-    return _ok(admin.post(f"/admin/v1/tenants/{tenant}/adapters", data={"name": name}, files=files))
+    return ok(admin.post(f"/admin/v1/tenants/{tenant}/adapters", data={"name": name}, files=files))
 
 
 def _setup(gw: Gateway, lora_a: Path, lora_b: Path) -> None:
@@ -92,11 +34,11 @@ def _setup(gw: Gateway, lora_a: Path, lora_b: Path) -> None:
     with gw.admin() as admin:
         for role in ("a", "b"):
             gw.tenants[role] = name = f"{role}-corp-{suffix}"
-            _ok(admin.post("/admin/v1/tenants", json={"name": name}))
+            ok(admin.post("/admin/v1/tenants", json={"name": name}))
         a, b = gw.tenants["a"], gw.tenants["b"]
 
         def key(role: str, tenant: str, scopes: list[str]) -> dict[str, Any]:
-            issued = _ok(admin.post(f"/admin/v1/tenants/{tenant}/keys", json={"scopes": scopes}))
+            issued = ok(admin.post(f"/admin/v1/tenants/{tenant}/keys", json={"scopes": scopes}))
             gw.keys[role] = issued["key"]
             return issued
 
@@ -104,16 +46,16 @@ def _setup(gw: Gateway, lora_a: Path, lora_b: Path) -> None:
         key("b", b, ["inference"])
         key("a_read_only", a, ["adapters:read"])
         revoked = key("a_revoked", a, ["inference"])
-        _ok(admin.delete(f"/admin/v1/tenants/{a}/keys/{revoked['id']}"))
+        ok(admin.delete(f"/admin/v1/tenants/{a}/keys/{revoked['id']}"))
         expired = key("a_expired", a, ["inference"])
         gw.tenants["s"] = suspended = f"s-corp-{suffix}"
-        _ok(admin.post("/admin/v1/tenants", json={"name": suspended}))
+        ok(admin.post("/admin/v1/tenants", json={"name": suspended}))
         key("s", suspended, ["inference"])
-        _ok(admin.patch(f"/admin/v1/tenants/{suspended}", json={"status": "suspended"}))
+        ok(admin.patch(f"/admin/v1/tenants/{suspended}", json={"status": "suspended"}))
 
         _upload(admin, a, "support", lora_a)  # support@1
         _upload(admin, a, "support", lora_b)  # support@2, current
-        _ok(admin.put(f"/admin/v1/tenants/{a}/adapters/support/aliases/prod", json={"version": 1}))
+        ok(admin.put(f"/admin/v1/tenants/{a}/adapters/support/aliases/prod", json={"version": 1}))
         _upload(admin, b, "globex-secret", lora_b)
     past = datetime.now(UTC) - timedelta(minutes=1)
     gw.sql("UPDATE api_keys SET expires_at = %s WHERE id = %s", past, uuid.UUID(expired["id"]))
@@ -121,7 +63,9 @@ def _setup(gw: Gateway, lora_a: Path, lora_b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def gateway(
-    tiny_llama_dir: Path, make_peft_adapter: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+    tiny_llama_dir: Path,
+    make_peft_adapter: Callable[..., Path],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
     data_dir = tmp_path_factory.mktemp("gateway-data")
     admin_token = secrets.token_hex(16)
@@ -139,7 +83,9 @@ def gateway(
             key_cache_ttl_s=1.0,
             max_body_bytes=256 * 1024,
         )
-        app = create_app(settings, engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config))
+        app = create_app(
+            settings, engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config)
+        )
         with live_server(app) as base_url:
             gw = Gateway(url=base_url, app=app, database_url=url, admin_token=admin_token)
             with httpx.Client(base_url=base_url) as probe:

@@ -6,12 +6,19 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
+import openai
+import psycopg
 import uvicorn
 from fastapi import FastAPI
 from harness import services
+
+from gateway.state import Services
 
 
 @contextmanager
@@ -53,3 +60,54 @@ def live_server(app: FastAPI, *, startup_timeout_s: float = 120.0) -> Iterator[s
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+BASE = "tiny-llama"
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: FastAPI
+    database_url: str
+    admin_token: str
+    tenants: dict[str, str] = field(default_factory=dict)  # role -> tenant name
+    keys: dict[str, str] = field(default_factory=dict)  # role -> full API key
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.app.state.services
+        return services
+
+    def admin(self) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
+
+    def http(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
+
+    def sdk(self, key: str = "a") -> openai.OpenAI:
+        return openai.OpenAI(api_key=self.keys[key], base_url=f"{self.url}/v1", max_retries=0)
+
+    def async_sdk(self, key: str = "a") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=self.keys[key], base_url=f"{self.url}/v1", max_retries=0)
+
+    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        url = self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+
+def ok(r: httpx.Response) -> Any:
+    assert r.is_success, r.text
+    return r.json()
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
