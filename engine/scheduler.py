@@ -107,10 +107,9 @@ class Scheduler:
                     if seq.waited_steps >= self.aging_steps:
                         break
                     continue
-            if seq.block_table:  # forked from a parent: its shared blocks are in hand
-                ok = self.blocks.can_grow(seq, min(seq.num_uncomputed, budget))
-            else:
-                ok = self.blocks.can_admit(seq, budget)
+            ok = self._fits(seq, budget)
+            if not ok and not self.running and self._unfork_waiting():
+                ok = self._fits(seq, budget)
             if not ok:
                 seq.waited_steps += 1
                 break
@@ -134,6 +133,19 @@ class Scheduler:
             budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
+
+    def _fits(self, seq: Sequence, budget: int) -> bool:
+        if seq.block_table:  # forked from a parent: its shared blocks are in hand
+            return self.blocks.can_grow(seq, min(seq.num_uncomputed, budget))
+        return self.blocks.can_admit(seq, budget)
+
+    def _unfork_waiting(self) -> bool:
+        """Nothing runs and the head cannot fit: let waiting forks drop their shared blocks
+        (they will recompute the prompt) so the pool can drain. True if any were held."""
+        held = [s for s in self.waiting if s.block_table]
+        for s in held:
+            self.blocks.free(s)
+        return bool(held)
 
     def _add_chunk(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         start = seq.num_computed_tokens

@@ -241,3 +241,19 @@ def test_abort_while_waiting_returns_blocks():
     s.finish(a)
     assert not s.has_work()
     drain(s)
+
+
+def test_waiting_forks_give_up_blocks_rather_than_deadlock():
+    s = make_sched(num_blocks=4, block_size=2, prefix=False)
+    parent = make_seq(5)
+    s.add(parent)
+    run_step(s, s.schedule(always))  # parent: 3 blocks
+    child = Sequence(next(_ids), parent.request_id, 1, parent.arrival, list(range(5)), 5)
+    s.blocks.fork(parent, child)  # the child holds 2 of them while it waits
+    s.add(child)
+    s.finish(parent)
+    big = make_seq(8, base=50)
+    s.add_front(big)  # needs every block; nothing runs that could free any
+    out = s.schedule(always)
+    assert out.seqs == [big] and child.block_table == [] and child.num_computed_tokens == 0
+    drain(s, big, child)
