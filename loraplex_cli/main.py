@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from loraplex_cli import admin, admin_adapters
+from loraplex_cli import admin, admin_adapters, export_usage
 from loraplex_cli import serve as serving
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ migrate_app = typer.Typer(
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(admin.app, name="admin")
 admin.app.add_typer(admin_adapters.adapter_app, name="adapter")
+app.command("export-usage")(export_usage.export_usage)
 
 
 class Device(StrEnum):

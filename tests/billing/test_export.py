@@ -160,3 +160,45 @@ async def test_daily_exporter_runs_yesterday_once_after_the_hour(sessions, tmp_p
     assert (tmp_path / "objects" / export_key(date(2026, 11, 23))).exists()
     assert await exporter.run_once() is None  # done for today
     assert outcomes == ["ok"]
+
+
+async def test_cli_export_usage_reruns_to_the_same_object(sessions, pg_url, s3):
+    import asyncio
+    import os
+    import secrets
+    import sys
+    from pathlib import Path
+
+    await seed(sessions)
+    env = {
+        **os.environ,
+        "LORAPLEX_DATABASE_URL": pg_url,
+        "LORAPLEX_SECRET_KEY": secrets.token_hex(32),
+        "LORAPLEX_S3_ENDPOINT_URL": s3.endpoint_url,
+    }
+    argv = [
+        str(Path(sys.executable).parent / "loraplex"),
+        "export-usage",
+        "--date",
+        "2026-11-24",
+        "--to",
+        f"s3://{s3.bucket}/billing",
+    ]
+
+    async def run() -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        return out.decode().strip()
+
+    first, second = await run(), await run()
+    assert first == second and first.startswith("exports/dt=2026-11-24/usage.parquet: ")
+    key = "billing/exports/dt=2026-11-24/usage.parquet"
+    body = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    start = datetime(2026, 11, 24, tzinfo=UTC)
+    async with sessions() as s:
+        expected = await usage_totals(s, start, start + timedelta(days=1))
+    assert totals(parse(body, "parquet"), "request") == expected
+    assert f": {expected.requests} rows" in first

@@ -1,0 +1,61 @@
+"""`loraplex export-usage --date YYYY-MM-DD`: the daily usage export, run by hand.
+
+Writes ``exports/dt=YYYY-MM-DD/usage.parquet`` to the export target (LORAPLEX_USAGE_EXPORT_URL,
+else the object store). Rerunning writes the same key with the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from adapters.storage import StoreError, open_store
+from admin.daily_export import ExportResult, export_day
+from gateway.settings import GatewaySettings
+from loraplex_cli.errors import config_errors, fail
+from loraplex_cli.serve import load_settings
+from tenancy.db import make_engine, make_sessionmaker
+
+
+def export_usage(
+    day: Annotated[
+        str | None,
+        typer.Option("--date", help="The UTC day to export, YYYY-MM-DD (default: yesterday)."),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(help="s3://bucket/prefix or file:///dir (default: the export target)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Embedded-mode data directory (LORAPLEX_DATA_DIR).")
+    ] = None,
+) -> None:
+    """Export one day's usage records (all tenants, one row per request) as Parquet."""
+    settings = load_settings(data_dir=data_dir, usage_export_url=to)
+    if day is None:
+        when = datetime.now(UTC).date() - timedelta(days=1)
+    else:
+        try:
+            when = date.fromisoformat(day)
+        except ValueError:
+            fail("--date", f"expected YYYY-MM-DD, got {day!r}")
+    with config_errors():
+        try:
+            result = asyncio.run(_run(settings, when))
+        except StoreError as exc:
+            fail("LORAPLEX_USAGE_EXPORT_URL", str(exc))
+    typer.echo(f"{result.key}: {result.rows} rows, sha256 {result.sha256}")
+
+
+async def _run(settings: GatewaySettings, day: date) -> ExportResult:
+    url = settings.usage_export_url or settings.resolved_object_store_url()
+    store = open_store(url, endpoint_url=settings.s3_endpoint_url)
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        return await export_day(make_sessionmaker(engine), store, day)
+    finally:
+        await engine.dispose()
