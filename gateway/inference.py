@@ -94,7 +94,9 @@ class EngineCall:
             if first is None:
                 raise AdapterLoadError("the engine ended the request without output")
             if first.finished and first.error is not None and first.completion_tokens == 0:
-                raise AdapterLoadError(first.error)
+                # Failed before any token (an adapter that cannot load or does not fit):
+                # the typed cause picks the status (400 incompatible, 503 unavailable).
+                raise first.exception or AdapterLoadError(first.error)
         except BaseException:
             await self.finish("error")
             raise

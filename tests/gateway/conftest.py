@@ -66,6 +66,7 @@ def gateway(
     tiny_llama_dir: Path,
     make_peft_adapter: Callable[..., Path],
     tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str,
 ) -> Iterator[Gateway]:
     data_dir = tmp_path_factory.mktemp("gateway-data")
     admin_token = secrets.token_hex(16)
@@ -75,6 +76,7 @@ def gateway(
     with fresh_database() as url:
         settings = GatewaySettings(
             database_url=url,
+            redis_url=redis_url,  # the limiter's counters
             admin_token=admin_token,
             secret_key=secrets.token_hex(32),
             data_dir=data_dir,
