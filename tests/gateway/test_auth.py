@@ -1,0 +1,140 @@
+"""KeyAuthenticator against a real database: cache TTL (with a clock we move by hand),
+revocation and expiry, scopes into the Principal, batched ``last_used_at`` writes."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.auth import KeyAuthenticator
+from tenancy import api_keys, tenants
+from tenancy.db import make_engine, make_sessionmaker
+from tenancy.errors import Forbidden, Unauthenticated
+from tenancy.models import ApiKey, utcnow
+
+SECRET = secrets.token_hex(32)
+
+
+@dataclass
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def sessions(pg_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = make_engine(pg_url)
+    yield make_sessionmaker(engine)
+    await engine.dispose()
+
+
+async def _key(
+    sessions: async_sessionmaker[AsyncSession], tenant: str, **kw: object
+) -> api_keys.IssuedKey:
+    async with sessions() as s:
+        try:
+            await tenants.get_tenant(s, tenant)
+        except Exception:
+            await tenants.create_tenant(s, name=tenant, actor="test")
+        return await api_keys.create_key(s, tenant, secret_key=SECRET, actor="test", **kw)  # type: ignore[arg-type]
+
+
+async def test_principal_carries_tenant_and_scopes(sessions) -> None:
+    issued = await _key(sessions, "acme", scopes=["inference", "usage:read"])
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5)
+    p = await auth.authenticate(issued.key)
+    assert p.tenant_name == "acme" and p.key_id == issued.row.id
+    assert p.scopes == frozenset({"inference", "usage:read"})
+    assert p.has("inference") and not p.has("adapters:write")
+
+
+async def test_revocation_takes_effect_when_the_cache_entry_expires(sessions) -> None:
+    issued = await _key(sessions, "acme")
+    clock = Clock()
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5, clock=clock)
+    await auth.authenticate(issued.key)
+    async with sessions() as s:  # as another replica's admin call would
+        await api_keys.revoke_key(s, "acme", issued.row.id, actor="test")
+    clock.now += 4.9
+    await auth.authenticate(issued.key)  # still cached
+    clock.now += 0.2
+    with pytest.raises(Unauthenticated, match="revoked"):
+        await auth.authenticate(issued.key)
+
+
+async def test_forget_drops_the_entry_at_once(sessions) -> None:
+    issued = await _key(sessions, "acme")
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=60, clock=Clock())
+    await auth.authenticate(issued.key)
+    async with sessions() as s:
+        await api_keys.revoke_key(s, "acme", issued.row.id, actor="test")
+    auth.forget(issued.row.prefix)
+    with pytest.raises(Unauthenticated):
+        await auth.authenticate(issued.key)
+
+
+async def test_expiry_is_checked_on_every_request(sessions) -> None:
+    issued = await _key(sessions, "acme", expires_at=utcnow() + timedelta(seconds=60))
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=3600, clock=Clock())
+    await auth.authenticate(issued.key)
+    async with sessions() as s:
+        row = await s.get(ApiKey, issued.row.id)
+        assert row is not None
+        row.expires_at = utcnow() - timedelta(seconds=1)
+        await s.commit()
+    auth.forget(issued.row.prefix)
+    with pytest.raises(Unauthenticated, match="expired"):
+        await auth.authenticate(issued.key)
+
+
+async def test_wrong_secret_unknown_prefix_and_garbage(sessions) -> None:
+    issued = await _key(sessions, "acme")
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5)
+    prefix = issued.row.prefix
+    for token in [None, "", "garbage", f"lpx_{prefix}_{'A' * 43}", "lpx_ffffffffffff_abc"]:
+        with pytest.raises(Unauthenticated):
+            await auth.authenticate(token)
+    other = KeyAuthenticator(sessions, secret_key=secrets.token_hex(32), ttl_s=5)
+    with pytest.raises(Unauthenticated):  # another deployment's secret key
+        await other.authenticate(issued.key)
+
+
+async def test_suspended_tenant_is_forbidden(sessions) -> None:
+    issued = await _key(sessions, "sleepy")
+    async with sessions() as s:
+        await tenants.update_tenant(s, "sleepy", actor="test", status="suspended")
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5)
+    with pytest.raises(Forbidden):
+        await auth.authenticate(issued.key)
+
+
+async def test_last_used_is_written_in_one_batch(sessions) -> None:
+    one, two = await _key(sessions, "acme"), await _key(sessions, "acme")
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5)
+    for _ in range(20):
+        await auth.authenticate(one.key)
+    await auth.authenticate(two.key)
+    async with sessions() as s:
+        used = await s.scalar(select(func.count()).where(ApiKey.last_used_at.is_not(None)))
+    assert used == 0  # nothing written per request
+    await auth.flush()
+    async with sessions() as s:
+        rows = (await s.scalars(select(ApiKey).order_by(ApiKey.created_at))).all()
+    assert all(r.last_used_at is not None for r in rows)
+    await auth.aclose()
+
+
+async def test_negative_answers_are_cached_and_bounded(sessions) -> None:
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5, max_entries=3)
+    for i in range(10):
+        with pytest.raises(Unauthenticated):
+            await auth.authenticate(f"lpx_{i:012x}_{'a' * 43}")
+    assert len(auth._cache) <= 3
