@@ -249,7 +249,9 @@ def sweep() -> None:
                 f = partial(_expand_all, pools, bufs, y, g, meta, c)
                 res.append((time_graph(f, len(pools)), "expand", c))
             for op in ("shrink", "expand"):
-                rows = sorted(r for r in res if r[1] == op and r[2] is not None)[:3]
+                rows = sorted(
+                    (r for r in res if r[1] == op and r[2] is not None), key=lambda r: r[0]
+                )[:3]
                 dflt = next(r[0] for r in res if r[1] == op and r[2] is None)
                 best = ", ".join(f"{t:.1f} {c}" for t, _, c in rows)
                 print(f"T={T:>3} {g:>7} {op}: default {dflt:.1f} us; best {best}", flush=True)

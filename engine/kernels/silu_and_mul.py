@@ -5,8 +5,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.kernels._triton import HAVE_TRITON, tl, triton
+
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     i = x.shape[-1] // 2
     xf = x.float()
     return (F.silu(xf[..., :i]) * xf[..., i:]).to(x.dtype)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, n_inner, stride_x, stride_o, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_inner
+        g = tl.load(x_ptr + t * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + t * stride_x + n_inner + offs, mask=mask, other=0.0).to(tl.float32)
+        out = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + t * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
+        raise ValueError("x must be [T, 2I] with a contiguous last dimension")
+    T, I2 = x.shape
+    i = I2 // 2
+    out = torch.empty(T, i, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(i))
+    _silu_and_mul_kernel[(T, triton.cdiv(i, block))](
+        x, out, i, x.stride(0), out.stride(0), BLOCK=block
+    )
+    return out

@@ -1,0 +1,116 @@
+"""RMSNorm (+residual), rotary, SiLU-and-mul and KV cache write vs the torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import DEVICE, assert_close, gpu
+
+from engine.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref
+from engine.kernels.rms_norm import rms_norm, rms_norm_ref
+from engine.kernels.rotary import rotary, rotary_cos_sin_cache, rotary_ref
+from engine.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def check_rms(T, H, dtype, residual):
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(H, generator=gen)).to(dtype)
+    r = torch.randn(T, H, generator=gen).to(dtype) if residual else None
+    ref = rms_norm_ref(x.float(), w.float(), 1e-5, None if r is None else r.float())
+    out = rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-5, None if r is None else r.to(DEVICE))
+    if residual:
+        assert_close(out[0], ref[0], dtype)
+        assert_close(out[1], ref[1], dtype)
+    else:
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("T,H", [(1, 2049), (3, 64), (133, 96)])
+def test_rms_norm(T, H, dtype, residual):
+    check_rms(T, H, dtype, residual)
+
+
+def check_rotary(T, hq, hkv, d, dtype):
+    gen = torch.Generator().manual_seed(T)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cache = rotary_cos_sin_cache(inv, 4096)
+    q = torch.randn(T, hq, d, generator=gen).to(dtype)
+    k = torch.randn(T, hkv, d, generator=gen).to(dtype)
+    pos = torch.randint(4096, (T,), generator=gen)
+    qr, kr = rotary_ref(q.float().clone(), k.float().clone(), pos, cache)
+    qd, kd = q.to(DEVICE), k.to(DEVICE)
+    rotary(qd, kd, pos.to(DEVICE), cache.to(DEVICE))  # in place
+    assert_close(qd, qr, dtype, tol=2e-5 if dtype == torch.float32 else None)
+    assert_close(kd, kr, dtype, tol=2e-5 if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,hq,hkv,d", [(1, 4, 1, 64), (7, 6, 2, 32), (133, 3, 3, 16)])
+def test_rotary(T, hq, hkv, d, dtype):
+    check_rotary(T, hq, hkv, d, dtype)
+
+
+def test_rotary_ref_matches_hf_neox():
+    # rotate_half formulation (HF Llama): x * cos + rotate_half(x) * sin
+    d = 8
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cache = rotary_cos_sin_cache(inv, 16)
+    q, k = torch.randn(3, 2, d), torch.randn(3, 1, d)
+    pos = torch.tensor([0, 5, 15])
+    freqs = torch.outer(pos.float(), inv)
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+
+    def rot_half(x):
+        return torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
+
+    eq, ek = q * cos + rot_half(q) * sin, k * cos + rot_half(k) * sin
+    qr, kr = rotary_ref(q.clone(), k.clone(), pos, cache)
+    torch.testing.assert_close(qr, eq)
+    torch.testing.assert_close(kr, ek)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,i", [(1, 2049), (7, 64), (133, 33)])
+def test_silu_and_mul(T, i, dtype):
+    x = torch.randn(T, 2 * i, generator=torch.Generator().manual_seed(T)).to(dtype)
+    assert_close(silu_and_mul(x.to(DEVICE)), silu_and_mul_ref(x.float()), dtype)
+
+
+def check_kv_write(T, hkv, d, bs, dtype):
+    gen = torch.Generator().manual_seed(T)
+    nb = (T + bs - 1) // bs + 2
+    k = torch.randn(T, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(T, hkv, d, generator=gen).to(dtype)
+    kc = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+    vc = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    slots[::3] = -1  # padding tokens are skipped
+    kr, vr = kc.clone(), vc.clone()
+    kv_cache_write_ref(k, v, kr, vr, slots)
+    kd, vd = kc.to(DEVICE), vc.to(DEVICE)
+    kv_cache_write(k.to(DEVICE), v.to(DEVICE), kd, vd, slots.to(DEVICE))
+    assert torch.equal(kd.cpu(), kr) and torch.equal(vd.cpu(), vr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,hkv,d,bs", [(1, 1, 64, 16), (7, 2, 32, 4), (133, 3, 24, 8)])
+def test_kv_cache_write(T, hkv, d, bs, dtype):
+    check_kv_write(T, hkv, d, bs, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 133, 2048])
+def test_elementwise_llama_bf16(T):
+    bf = torch.bfloat16
+    check_rms(T, 4096, bf, residual=False)
+    check_rms(T, 4096, bf, residual=True)
+    check_rotary(T, 32, 8, 128, bf)
+    x = torch.randn(T, 2 * 14336).to(bf)
+    assert_close(silu_and_mul(x.cuda()), silu_and_mul_ref(x.float()), bf)
+    check_kv_write(T, 8, 128, 16, bf)
