@@ -1,0 +1,150 @@
+"""``loraplex serve`` as a real process: probes answer, first start prints secrets once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+GOOD_SECRET = "0123456789abcdef0123456789abcdef"
+
+
+@dataclass
+class Served:
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@contextmanager
+def serving(
+    args: list[str], port: int, cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[Served]:
+    script = Path(sys.executable).with_name("loraplex")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "loraplex_cli.main"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    log = cwd / f"serve-{port}-{time.monotonic_ns()}.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [*argv, "serve", "--port", str(port), *args],
+            cwd=cwd,
+            env={**base, **(env or {})},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    served = Served(f"http://127.0.0.1:{port}", log)
+    try:
+        wait_for(served, proc, "/health", 90)
+        yield served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"serve did not stop on SIGTERM:\n{served.output()}") from None
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert rc in (0, -signal.SIGTERM), f"serve exited {rc}:\n{served.output()}"
+        assert "Application shutdown complete" in served.output(), served.output()
+
+
+def wait_for(served: Served, proc: subprocess.Popen[bytes], path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}:\n{served.output()}")
+        try:
+            if httpx.get(served.url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{path} not 200 after {timeout}s:\n{served.output()}")
+
+
+def wait_ready(served: Served, timeout: float = 90) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(served.url + "/ready", timeout=5)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert r.status_code == 200, (r.text, served.output())
+    body: dict[str, object] = r.json()
+    return body
+
+
+def secret_after(output: str, label: str) -> str | None:
+    for line in output.splitlines():
+        if line.strip().startswith(label):
+            return line.split(label, 1)[1].strip()
+    return None
+
+
+def get(served: Served, path: str, token: str) -> httpx.Response:
+    return httpx.get(served.url + path, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def test_first_start_then_restart(tiny_llama_dir: Path, tmp_path: Path, free_port: int) -> None:
+    args = ["--model", str(tiny_llama_dir), "--data-dir", str(tmp_path / "data")]
+    with serving(args, free_port, tmp_path) as first:
+        assert httpx.get(first.url + "/health").json() == {"status": "ok"}
+        checks = wait_ready(first)["checks"]
+        assert isinstance(checks, dict)
+        assert {"database", "engine"} <= set(checks) and set(checks.values()) == {"ok"}
+        out = first.output()
+        key, token = secret_after(out, "API key:"), secret_after(out, "Admin token:")
+        assert key is not None and key.startswith("lpx_"), out
+        assert token is not None and token.startswith("lpxadm_"), out
+        assert out.count(key) == 1 and out.count(token) == 1
+        models = get(first, "/v1/models", key)
+        assert models.status_code == 200, models.text
+        assert get(first, "/v1/models", key + "x").status_code == 401
+        assert get(first, "/admin/v1/tenants", token).status_code == 200
+    assert (tmp_path / "data/loraplex.db").exists()
+    assert key not in (tmp_path / "data/loraplex.db").read_bytes().decode("latin-1")
+
+    with serving(args, free_port, tmp_path) as second:
+        wait_ready(second)
+        out = second.output()
+        assert secret_after(out, "API key:") is None and secret_after(out, "Admin token:") is None
+        assert "lpx_" not in out
+        assert get(second, "/v1/models", key).status_code == 200
+        assert get(second, "/admin/v1/tenants", token).status_code == 200
+
+
+def test_production_mode_on_postgres(pg_url: str, tmp_path: Path, free_port: int) -> None:
+    admin = "adm-" + "x" * 32
+    env = {
+        "LORAPLEX_DATABASE_URL": pg_url,
+        "LORAPLEX_SECRET_KEY": GOOD_SECRET,
+        "LORAPLEX_ADMIN_TOKEN": admin,
+    }
+    with serving(["--model", "dummy:tiny"], free_port, tmp_path, env) as served:
+        wait_ready(served)
+        out = served.output()
+        key = secret_after(out, "API key:")
+        assert key is not None, out
+        assert secret_after(out, "Admin token:") is None  # configured, so none generated
+        assert get(served, "/v1/models", key).status_code == 200
+        assert get(served, "/admin/v1/tenants", admin).status_code == 200
+    assert not (tmp_path / ".loraplex/loraplex.db").exists()  # the database is PostgreSQL
+
+
+@pytest.mark.parametrize("model", ["dummy:tiny"])
+def test_ready_reports_each_check(model: str, tmp_path: Path, free_port: int) -> None:
+    with serving(["--model", model, "--data-dir", str(tmp_path / "d")], free_port, tmp_path) as s:
+        body = wait_ready(s)
+        assert body["status"] == "ok"

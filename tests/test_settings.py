@@ -1,0 +1,115 @@
+"""Settings: embedded defaults need nothing running; production refuses what is unsafe."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.settings import GatewaySettings
+from tenancy.settings import StoreSettings
+
+GOOD_SECRET = "0123456789abcdef0123456789abcdef"
+PG = "postgresql+asyncpg://u@db:5432/loraplex"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env; relative data dir lands here
+
+
+def refused(setting: str, **kwargs: object) -> str:
+    with pytest.raises(ValidationError) as info:
+        StoreSettings(**kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert setting in message, message
+    return message
+
+
+def test_embedded_defaults(tmp_path: Path) -> None:
+    s = StoreSettings()
+    assert s.embedded and s.mode == "auto"
+    assert s.data_dir == Path(".loraplex")
+    assert s.resolved_database_url() == f"sqlite+aiosqlite:///{tmp_path / '.loraplex/loraplex.db'}"
+    assert s.resolved_object_store_url() == (tmp_path / ".loraplex/objects").as_uri()
+    assert s.redis_url is None and s.admin_token is None
+
+
+def test_embedded_secret_key_generated_once(tmp_path: Path) -> None:
+    s = StoreSettings(data_dir=tmp_path / "d")
+    key = s.resolved_secret_key()
+    assert len(key) == 64
+    assert StoreSettings(data_dir=tmp_path / "d").resolved_secret_key() == key
+    mode = stat.S_IMODE((tmp_path / "d/secret_key").stat().st_mode)
+    assert mode == 0o600
+
+
+def test_environment_and_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "env-dir"))
+    assert StoreSettings().data_dir == tmp_path / "env-dir"
+    (tmp_path / ".env").write_text("LORAPLEX_PORT=9123\nLORAPLEX_MODEL=dummy:tiny\n")
+    g = GatewaySettings()
+    assert (g.port, g.model) == (9123, "dummy:tiny")
+    assert GatewaySettings(port=9000).port == 9000  # explicit values win
+
+
+def test_gateway_defaults() -> None:
+    g = GatewaySettings()
+    assert (g.host, g.port, g.model, g.device, g.dtype) == ("127.0.0.1", 8000, "", "auto", "auto")
+    assert g.migrate_on_start
+
+
+def test_production_needs_a_real_secret() -> None:
+    refused("LORAPLEX_SECRET_KEY", database_url=PG)
+    for bad in ["changeme", "secret", "changeme-please-1234", "short"]:
+        refused("LORAPLEX_SECRET_KEY", database_url=PG, secret_key=bad)
+    refused("LORAPLEX_SECRET_KEY", mode="production")
+    s = StoreSettings(database_url=PG, secret_key=GOOD_SECRET)
+    assert not s.embedded and s.resolved_database_url() == PG
+    assert s.resolved_secret_key() == GOOD_SECRET
+
+
+def test_production_refuses_placeholder_admin_token() -> None:
+    refused("LORAPLEX_ADMIN_TOKEN", database_url=PG, secret_key=GOOD_SECRET, admin_token="changeme")
+    ok = StoreSettings(database_url=PG, secret_key=GOOD_SECRET, admin_token="t" * 32)
+    assert ok.admin_token == "t" * 32
+
+
+def test_embedded_accepts_dev_values() -> None:
+    assert StoreSettings(admin_token="dev").admin_token == "dev"
+
+
+@pytest.mark.parametrize(
+    ("setting", "field", "value"),
+    [
+        ("LORAPLEX_DATABASE_URL", "database_url", "mysql://db/x"),
+        ("LORAPLEX_DATABASE_URL", "database_url", "postgresql://db/x"),
+        ("LORAPLEX_DATABASE_URL", "database_url", "postgresql+asyncpg://db:port/x"),
+        ("LORAPLEX_REDIS_URL", "redis_url", "http://localhost:6379"),
+        ("LORAPLEX_OBJECT_STORE_URL", "object_store_url", "ftp://host/dir"),
+    ],
+)
+def test_bad_urls_name_the_setting(setting: str, field: str, value: str) -> None:
+    refused(setting, **{field: value, "secret_key": GOOD_SECRET})
+
+
+def test_good_urls() -> None:
+    s = StoreSettings(
+        database_url="sqlite+aiosqlite:////tmp/x.db",
+        redis_url="redis://127.0.0.1:6379/3",
+        object_store_url="s3://bucket/prefix",
+        secret_key=GOOD_SECRET,
+    )
+    assert s.resolved_object_store_url() == "s3://bucket/prefix"
+
+
+def test_bad_values_are_validation_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAPLEX_PORT", "eighty")
+    with pytest.raises(ValidationError):
+        GatewaySettings()
+    monkeypatch.setenv("LORAPLEX_PORT", "8000")
+    monkeypatch.setenv("LORAPLEX_DEVICE", "tpu")
+    with pytest.raises(ValidationError):
+        GatewaySettings()
