@@ -1,0 +1,1 @@
+"""loraplex inference engine: torch only (no web or database imports)."""

@@ -1,0 +1,1 @@
+"""LoRA adapters: slot table (policy), host weights and the device slot pool."""

@@ -1,0 +1,1 @@
+"""The base model: config, weights loading, the Llama-family forward, CUDA graphs."""

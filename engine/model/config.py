@@ -1,0 +1,170 @@
+"""The base model's shape: one typed value, read from an HF ``config.json`` dict or GGUF fields.
+
+Only the Llama family is served (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2): pre-norm decoder,
+RMSNorm, rotary (neox style), GQA, SiLU-gated MLP. Everything else is refused by name with
+:class:`UnsupportedModel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint is not a model this engine can serve (architecture, rope type, ...)."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """``kind``: "default", "linear" or "llama3"; the other fields are used by llama3 only."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: bias on q, k and v (not on o)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def validate(self) -> None:
+        checks = [
+            (
+                self.num_heads % self.num_kv_heads == 0,
+                "num_heads must be a multiple of num_kv_heads",
+            ),
+            (self.head_dim % 2 == 0, "head_dim must be even (rotary)"),
+            (self.num_layers >= 1 and self.hidden_size >= 1, "empty model"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UnsupportedModel(msg)
+
+    def rope_inv_freq(self) -> torch.Tensor:
+        """The (scaled) rotary inverse frequencies, ``[head_dim / 2]`` float32."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        rs = self.rope_scaling
+        if rs.kind == "linear":
+            return inv / rs.factor
+        if rs.kind != "llama3":
+            return inv
+        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / rs.factor, inv)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+        return torch.where(medium, smoothed, scaled)
+
+
+def _ids(v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, int):
+        return (v,)
+    return tuple(int(x) for x in v)
+
+
+def _rope_scaling(d: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """(theta, scaling) from either the transformers 5 ``rope_parameters`` or the older keys."""
+    rp = d.get("rope_parameters") or {}
+    old = d.get("rope_scaling") or {}
+    theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+    src = rp if rp.get("rope_type", "default") != "default" else old
+    kind = src.get("rope_type", src.get("type", "default")) if src else "default"
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(src["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling(
+            kind="llama3",
+            factor=float(src["factor"]),
+            low_freq_factor=float(src["low_freq_factor"]),
+            high_freq_factor=float(src["high_freq_factor"]),
+            original_max_position_embeddings=int(src["original_max_position_embeddings"]),
+        )
+    raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """Build from a parsed HF ``config.json``."""
+    archs = d.get("architectures") or [_MODEL_TYPES.get(d.get("model_type", ""), "?")]
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedModel(
+            f"architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})"
+        )
+    if d.get("mlp_bias"):
+        raise UnsupportedModel("mlp_bias=True is not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"hidden_act {d['hidden_act']!r} is not supported (silu)")
+    is_qwen2 = arch == "Qwen2ForCausalLM"
+    if d.get("attention_bias") and not is_qwen2:
+        raise UnsupportedModel("attention_bias=True (bias on o_proj too) is not supported")
+    n_heads = int(d["num_attention_heads"])
+    theta, scaling = _rope_scaling(d)
+    max_pos = int(d.get("max_position_embeddings", 4096))
+    window = d.get("sliding_window")
+    if window and (not is_qwen2 or d.get("use_sliding_window")):
+        max_pos = min(max_pos, int(window))  # served without a window: cap the context to it
+    cfg = ModelConfig(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=n_heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+        head_dim=int(d.get("head_dim") or d["hidden_size"] // n_heads),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=is_qwen2,
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=_ids(d.get("eos_token_id")),
+        architecture=arch,
+    )
+    cfg.validate()
+    return cfg

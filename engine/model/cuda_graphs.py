@@ -1,0 +1,131 @@
+"""CUDA graphs for decode steps, one per batch-size bucket (and with / without LoRA).
+
+Every per-step input lives in a static buffer that the graph reads: token ids, positions,
+slot mapping, block tables, context lengths, and the LoRA metadata (built padded to the
+number of slots, so its shapes depend on the bucket only). A step of ``b`` sequences runs
+the smallest bucket ``>= b``; padding rows write no KV (slot -1), attend to nothing
+(context 0) and use no adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kernels import LoraMeta, build_lora_meta
+from engine.lora.pool import LoraPool
+from engine.model.inputs import HostInputs
+from engine.model.llama import ForwardInputs, LlamaModel
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, ... up to ``max_batch`` (which is always the last bucket)."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        lora: LoraPool | None,
+        *,
+        max_batch: int,
+        max_blocks: int,
+    ) -> None:
+        self.model, self.kv_caches, self.lora = model, kv_caches, lora
+        self.buckets = batch_buckets(max_batch)
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        dev = model.device
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = torch.zeros(max_batch, dtype=i64, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=i64, device=dev)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=i64, device=dev)
+        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=i32, device=dev)
+        self.context_lens = torch.zeros(max_batch, dtype=i32, device=dev)
+        self.cu_q_lens = torch.arange(max_batch + 1, dtype=i32, device=dev)
+        self._metas: dict[int, LoraMeta] = {}
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._mempool = None
+
+    def _num_slots(self) -> int:
+        return self.lora.num_slots if self.lora is not None else 0
+
+    def _inputs(self, bs: int, with_lora: bool) -> ForwardInputs:
+        return ForwardInputs(
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            context_lens=self.context_lens[:bs],
+            cu_q_lens=self.cu_q_lens[: bs + 1],
+            is_decode=True,
+            lora=self._metas[bs] if with_lora else None,
+        )
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first (smaller graphs reuse its memory pool)."""
+        self.context_lens.fill_(1)  # capture-time inputs: read block 0, write nothing
+        self._mempool = torch.cuda.graph_pool_handle()
+        variants = [False, True] if self.lora is not None else [False]
+        for bs in reversed(self.buckets):
+            if self.lora is not None:
+                pad = torch.full((bs,), -1, dtype=torch.int32)
+                self._metas[bs] = build_lora_meta(pad, max_segments=self._num_slots()).to(
+                    self.model.device
+                )
+            for with_lora in variants:
+                inp = self._inputs(bs, with_lora)
+                lora = self.lora if with_lora else None
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self.model.forward(inp, self.kv_caches, lora)  # warm-up (autotune, alloc)
+                torch.cuda.current_stream().wait_stream(stream)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self._mempool):
+                    out = self.model.forward(inp, self.kv_caches, lora)
+                self._graphs[(bs, with_lora)] = (g, out)
+        self.context_lens.zero_()
+        torch.cuda.synchronize()
+
+    def can_run(self, host: HostInputs) -> bool:
+        return bool(self._graphs) and host.is_decode and host.num_seqs <= self.max_batch
+
+    def run(self, host: HostInputs) -> torch.Tensor:
+        """Replay the bucket for ``host`` (a decode step) -> hidden ``[b, H]`` (a view)."""
+        b = host.num_seqs
+        bs = next(x for x in self.buckets if x >= b)
+        mb = host.block_tables.shape[1]
+        if mb > self.max_blocks:
+            raise ValueError(f"block table of {mb} blocks > {self.max_blocks} (max_model_len)")
+        # one padded host buffer per input, then one non-blocking copy each
+        ids = torch.zeros(bs, dtype=torch.int64)
+        pos = torch.zeros(bs, dtype=torch.int64)
+        slots = torch.full((bs,), -1, dtype=torch.int64)
+        ctx = torch.zeros(bs, dtype=torch.int32)
+        ids[:b], pos[:b], slots[:b], ctx[:b] = (
+            host.input_ids,
+            host.positions,
+            host.slot_mapping,
+            host.context_lens,
+        )
+        for dst, src in (
+            (self.input_ids, ids),
+            (self.positions, pos),
+            (self.slot_mapping, slots),
+            (self.context_lens, ctx),
+        ):
+            dst[:bs].copy_(src.pin_memory(), non_blocking=True)
+        self.block_tables[:b, :mb].copy_(host.block_tables.pin_memory(), non_blocking=True)
+        with_lora = host.has_lora and self.lora is not None
+        if with_lora:
+            tok = torch.full((bs,), -1, dtype=torch.int32)
+            tok[:b] = host.token_slot
+            self._metas[bs].copy_(build_lora_meta(tok, max_segments=self._num_slots()))
+        g, out = self._graphs[(bs, with_lora)]
+        g.replay()
+        return out[:b]

@@ -1,0 +1,115 @@
+"""ScheduledBatch -> the step's input tensors, built on the host with a few torch ops.
+
+Per-sequence values (lengths, start positions, block tables) become tensors once; per-token
+tensors (positions, slot mapping, adapter slot) are derived from them with vector ops, not a
+Python loop per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from engine.batch import ScheduledBatch
+from engine.kernels import LoraMeta, build_lora_meta
+from engine.model.llama import ForwardInputs
+
+
+@dataclass
+class HostInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, MB] int32
+    context_lens: torch.Tensor  # [B] int32
+    cu_q_lens: torch.Tensor  # [B+1] int32
+    token_slot: torch.Tensor  # [T] int32, -1 = base model
+    sample_idx: torch.Tensor  # [N] int64: rows whose logits are returned, in chunk order
+    is_decode: bool
+    has_lora: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    def to_device(self, device: torch.device) -> ForwardInputs:
+        """Move to ``device`` (pinned + non-blocking on CUDA). LoRA meta only if needed."""
+        cuda = device.type == "cuda"
+
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t
+
+        meta: LoraMeta | None = None
+        if self.has_lora:
+            meta = build_lora_meta(self.token_slot)
+            if cuda:
+                meta = meta.to(device, non_blocking=False)
+        return ForwardInputs(
+            input_ids=mv(self.input_ids),
+            positions=mv(self.positions),
+            slot_mapping=mv(self.slot_mapping),
+            block_tables=mv(self.block_tables),
+            context_lens=mv(self.context_lens),
+            cu_q_lens=mv(self.cu_q_lens),
+            is_decode=self.is_decode,
+            lora=meta,
+        )
+
+
+def build_host_inputs(
+    batch: ScheduledBatch, *, block_size: int, max_model_len: int, num_slots: int
+) -> HostInputs:
+    chunks = batch.chunks
+    if not chunks:
+        raise ValueError("empty batch")
+    B = len(chunks)
+    lens_l = [len(c.token_ids) for c in chunks]
+    starts_l = [c.start_pos for c in chunks]
+    for c, n in zip(chunks, lens_l, strict=True):
+        end = c.start_pos + n
+        if n == 0 or c.start_pos < 0 or end > max_model_len:
+            raise ValueError(f"seq {c.seq_id}: chunk [{c.start_pos}, {end}) outside the context")
+        if (end - 1) // block_size >= len(c.block_table):
+            raise ValueError(f"seq {c.seq_id}: block table too short for position {end - 1}")
+        if not -1 <= c.adapter_slot < num_slots:
+            raise ValueError(f"seq {c.seq_id}: adapter slot {c.adapter_slot} out of range")
+    lens = torch.tensor(lens_l, dtype=torch.int64)
+    starts = torch.tensor(starts_l, dtype=torch.int64)
+    T = int(sum(lens_l))
+    cu = torch.zeros(B + 1, dtype=torch.int64)
+    torch.cumsum(lens, 0, out=cu[1:])
+    seq_idx = torch.repeat_interleave(torch.arange(B), lens)
+    positions = torch.arange(T) - cu[:-1][seq_idx] + starts[seq_idx]
+
+    bt_lens_l = [len(c.block_table) for c in chunks]
+    bt_lens = torch.tensor(bt_lens_l, dtype=torch.int64)
+    flat = torch.tensor(list(chain.from_iterable(c.block_table for c in chunks)), dtype=torch.int32)
+    bt = torch.zeros(B, max(bt_lens_l), dtype=torch.int32)
+    row = torch.repeat_interleave(torch.arange(B), bt_lens)
+    bt_cu = torch.cumsum(bt_lens, 0) - bt_lens
+    col = torch.arange(flat.shape[0]) - bt_cu[row]
+    bt[row, col] = flat
+    slot_mapping = bt[seq_idx, positions // block_size].long() * block_size + positions % block_size
+
+    slots = torch.tensor([c.adapter_slot for c in chunks], dtype=torch.int32)
+    sample = torch.tensor([c.sample for c in chunks], dtype=torch.bool)
+    return HostInputs(
+        input_ids=torch.tensor(
+            list(chain.from_iterable(c.token_ids for c in chunks)), dtype=torch.int64
+        ),
+        positions=positions,
+        slot_mapping=slot_mapping,
+        block_tables=bt,
+        context_lens=(starts + lens).to(torch.int32),
+        cu_q_lens=cu.to(torch.int32),
+        token_slot=torch.repeat_interleave(slots, lens),
+        sample_idx=(cu[1:] - 1)[sample],
+        is_decode=batch.is_decode,
+        has_lora=bool((slots >= 0).any()),
+    )

@@ -1,0 +1,160 @@
+"""The Llama-family forward over a paged KV cache, with batched multi-adapter LoRA.
+
+Weights are held fused: ``qkv`` (q, k, v stacked on the output dim) and ``gate_up``. Every
+op goes through :mod:`engine.kernels` (Triton on CUDA, torch references on CPU). The forward
+reads no host state: all per-step inputs arrive in one :class:`ForwardInputs` value, which the
+runner fills (into static buffers when replaying a CUDA graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine import kernels as K
+from engine.kernels import LoraMeta
+from engine.lora.pool import LoraGroup, LoraPool
+from engine.model.config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [q + 2kv, H]
+    qkv_bias: torch.Tensor | None  # [q + 2kv] (Qwen2)
+    o: torch.Tensor  # [H, q]
+    post_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]; the embedding itself when tied
+
+    def nbytes(self) -> int:
+        seen: dict[int, int] = {}
+        for t in self.tensors():
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.embed, self.norm, self.lm_head]
+        for lw in self.layers:
+            out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
+            if lw.qkv_bias is not None:
+                out.append(lw.qkv_bias)
+        return out
+
+
+@dataclass
+class ForwardInputs:
+    """One step's inputs, all on the model's device.
+
+    ``T`` tokens of ``B`` sequences. On the decode path ``T == B`` (one token per sequence)
+    and ``cu_q_lens`` is unused.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64 (-1: padding, not written)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: cached + new tokens
+    cu_q_lens: torch.Tensor  # [B+1] int32
+    is_decode: bool
+    lora: LoraMeta | None  # None: no token of this step uses an adapter
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: LlamaWeights, max_positions: int) -> None:
+        self.config = config
+        self.weights = weights
+        dev = weights.embed.device
+        self.cos_sin = K.rotary_cos_sin_cache(config.rope_inv_freq().to(dev), max_positions)
+        self.scale = config.head_dim**-0.5
+        c = config
+        self.qkv_offsets = [0, c.q_size, c.q_size + c.kv_size, c.q_size + 2 * c.kv_size]
+        self.gate_up_offsets = [0, c.intermediate_size, 2 * c.intermediate_size]
+        self.single_offsets = {"o": [0, c.hidden_size], "down": [0, c.hidden_size]}
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    def _lora(self, y, x, group: LoraGroup, offsets, meta: LoraMeta | None) -> None:
+        if meta is None:
+            return
+        buf = K.lora_shrink(x, group.a, group.ranks, meta)
+        K.lora_expand(buf, group.b, group.ranks, offsets, meta, y)
+
+    def forward(
+        self,
+        inp: ForwardInputs,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        lora: LoraPool | None,
+    ) -> torch.Tensor:
+        """-> final normed hidden states ``[T, H]``. Writes the step's K/V into ``kv_caches``."""
+        c = self.config
+        meta = inp.lora if lora is not None else None
+        T = inp.input_ids.shape[0]
+        x = F.embedding(inp.input_ids, self.weights.embed)
+        residual = None
+        for i, w in enumerate(self.weights.layers):
+            if residual is None:
+                residual = x
+                h = K.rms_norm(x, w.input_norm, c.rms_norm_eps)
+            else:
+                h, residual = K.rms_norm(x, w.input_norm, c.rms_norm_eps, residual)
+            groups = lora.layers[i] if lora is not None else None
+
+            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            if groups is not None:
+                self._lora(qkv, h, groups["qkv"], self.qkv_offsets, meta)
+            q = qkv[:, : c.q_size].reshape(T, c.num_heads, c.head_dim)
+            k = qkv[:, c.q_size : c.q_size + c.kv_size].reshape(T, c.num_kv_heads, c.head_dim)
+            v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_kv_heads, c.head_dim)
+            q, k = K.rotary(q, k, inp.positions, self.cos_sin)
+            k_cache, v_cache = kv_caches[i]
+            K.kv_cache_write(k, v, k_cache, v_cache, inp.slot_mapping)
+            if inp.is_decode:
+                attn = K.paged_decode_attention(
+                    q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale
+                )
+            else:
+                attn = K.prefill_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    inp.block_tables,
+                    inp.cu_q_lens,
+                    inp.context_lens,
+                    self.scale,
+                )
+            attn = attn.reshape(T, c.q_size)
+            o = F.linear(attn, w.o)
+            if groups is not None:
+                self._lora(o, attn, groups["o"], self.single_offsets["o"], meta)
+
+            h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+            gu = F.linear(h, w.gate_up)
+            if groups is not None:
+                self._lora(gu, h, groups["gate_up"], self.gate_up_offsets, meta)
+            act = K.silu_and_mul(gu)
+            x = F.linear(act, w.down)
+            if groups is not None:
+                self._lora(x, act, groups["down"], self.single_offsets["down"], meta)
+        out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` -> float32 ``[N, V]``."""
+        return F.linear(hidden, self.weights.lm_head).float()

