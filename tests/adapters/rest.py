@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from moto_proc import MotoServer
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.gateway.live import fresh_database, live_server
+from tests.gateway.live import fresh_database, live_server, wait_until
 
 PREFIX = "lpx"
 
@@ -40,7 +40,11 @@ class AdapterServer:
 
 @contextmanager
 def adapter_server(
-    moto: MotoServer, model_dir: Path, cache_dir: Path, **settings: Any
+    moto: MotoServer,
+    model_dir: Path,
+    cache_dir: Path,
+    engine_factory: Callable[[], Any] | None = None,
+    **settings: Any,
 ) -> Iterator[AdapterServer]:
     token = secrets.token_hex(16)
     bucket = f"lpx-rest-{uuid.uuid4().hex[:10]}"
@@ -57,7 +61,10 @@ def adapter_server(
             adapter_cache_dir=cache_dir,
             **settings,
         )
-        with live_server(create_app(config)) as base:
+        with live_server(create_app(config, engine_factory=engine_factory)) as base:
+            if engine_factory is not None:
+                with httpx.Client(base_url=base) as probe:
+                    wait_until(lambda: probe.get("/ready").status_code == 200, 120)
             yield AdapterServer(base, url, token, bucket, moto, cache_dir)
 
 

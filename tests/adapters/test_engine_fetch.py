@@ -1,13 +1,13 @@
 """The fetcher as the engine's AdapterRef: registry -> S3 (moto) -> disk cache -> engine.
 
-200 adapters through 8 GPU slots in a shuffled order, each answer checked against HF + PEFT;
-the object store going down (cached adapters keep serving, cold ones fail) and coming back.
+The object store goes down: adapters in the engine's memory keep serving, and so does one
+evicted from it but still in the disk cache; cold ones fail fast; all recover when it returns.
+(200 adapters through 8 slots, via HTTP, is in test_rest_e2e.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -91,44 +91,6 @@ def make_adapter(root: Path, i: int) -> Path:
         root / f"a{i}", TINY, rank=1 + i % 4, targets=TARGETS[i % len(TARGETS)], seed=1000 + i,
         scale=0.4,
     )  # fmt: skip
-
-
-@pytest.mark.slow
-async def test_200_adapters_through_8_slots(
-    engine: AsyncEngine, hf: HfReference, world: World, tenant_id: uuid.UUID, tmp_path: Path
-) -> None:
-    n = 200
-    sources = [make_adapter(tmp_path / "src", i) for i in range(n)]
-    for i, src in enumerate(sources):
-        await world.registry.publish(tenant_id, f"lora-{i}", src)
-    order = list(range(n)) * 2  # every adapter twice: cold, then after eviction
-    random.Random(7).shuffle(order)
-    gate = asyncio.Semaphore(24)  # 24 requests in flight over 8 GPU slots
-
-    async def call(i: int) -> tuple[int, list[int]]:
-        async with gate:
-            tokens, error = await generate(engine, await world.ref(tenant_id, f"lora-{i}"))
-        assert error is None, error
-        return i, tokens
-
-    started = time.monotonic()
-    results = await asyncio.gather(*(call(i) for i in order))
-    elapsed = time.monotonic() - started
-    answers: dict[int, list[int]] = {}
-    for i, tokens in results:
-        assert answers.setdefault(i, tokens) == tokens, f"lora-{i} answered differently twice"
-    base, _ = await generate(engine, None)
-    expected = {i: hf.greedy(sources[i], PROMPT, MAX_TOKENS) for i in range(n)}
-    mismatched = [i for i in range(n) if answers[i] != expected[i]]
-    assert not mismatched, f"{len(mismatched)} adapters differ from HF+PEFT: {mismatched[:10]}"
-    assert base == hf.greedy(None, PROMPT, MAX_TOKENS)
-    distinct = len({tuple(t) for t in answers.values()})
-    assert distinct > n // 4, f"only {distinct} distinct answers: adapters barely matter"
-    stats = engine.stats()
-    assert stats.adapter_evictions >= n - 8 and stats.lora_slots == 8
-    assert world.fetcher.downloads == n  # one download each; the rest came from disk
-    print(f"200 adapters x2 shuffled: {elapsed:.1f}s, {distinct} distinct answers, "
-          f"{stats.adapter_loads} engine loads, {stats.adapter_evictions} slot evictions")  # fmt: skip
 
 
 async def test_store_down_cached_serve_cold_fail_then_recover(
