@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.storage import open_store
 from admin.daily_export import DailyExporter
+from gateway.budget_sync import run_budget_sync
 from gateway.ledger import Ledger
 from gateway.ledger_writer import LedgerWriter
 from gateway.limiter_memory import InProcessLimiter
@@ -88,6 +89,9 @@ async def open_billing(
     limiter = build_limiter(settings, metrics)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(writer.run(stop), name="ledger-writer")]
+    if settings.limits_budget_sync_s > 0:
+        sync = run_budget_sync(sessions, limiter, stop, interval_s=settings.limits_budget_sync_s)
+        tasks.append(asyncio.create_task(sync, name="budget-sync"))
     exporter = _exporter(settings, sessions, metrics)
     if exporter is not None:
         tasks.append(asyncio.create_task(exporter.run(stop), name="usage-export"))

@@ -173,3 +173,17 @@ end
 return 1
 """
 )
+
+SYNC_MONTH_LUA = """
+-- KEYS: month hashes (one tenant's scopes); ARGV: ttl ms, then per key: tokens, spend.
+-- Raises each counter to at least the given value; never lowers one.
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local t, s = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local cur = redis.call('HMGET', KEYS[i], 't', 's')
+  if t > tonumber(cur[1] or '0') then redis.call('HSET', KEYS[i], 't', string.format('%d', t)) end
+  if s > tonumber(cur[2] or '0') then redis.call('HSET', KEYS[i], 's', string.format('%d', s)) end
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return #KEYS
+"""

@@ -18,6 +18,7 @@ from gateway.limits import (
     WINDOW_MS,
     Admission,
     LimitKind,
+    MonthUsage,
     Scope,
     Verdict,
     Violation,
@@ -116,6 +117,8 @@ class InProcessLimiter:
         for scope in scopes:
             st, lim = self._state(scope), scope.limits
             st.prune(now)
+            for old in [m for m in st.months if m < month]:
+                del st.months[old]
             used_month = st.months.get(month, [0, 0])
             if lim.requests_per_minute is not None:
                 rpm = lim.requests_per_minute
@@ -185,6 +188,14 @@ class InProcessLimiter:
                 counters = st.months.setdefault(month, [0, 0])
                 counters[0] += used_tokens
                 counters[1] += spend
+
+    async def sync_month(self, usage: list[MonthUsage]) -> None:
+        with self._lock:
+            for u in usage:
+                counters = self._states.setdefault(u.redis_base, _ScopeState()).months
+                current = counters.setdefault(u.month, [0, 0])
+                current[0] = max(current[0], u.tokens)
+                current[1] = max(current[1], u.spend_micros)
 
     async def aclose(self) -> None:
         return None

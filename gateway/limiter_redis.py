@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from gateway.limit_scripts import ADMIT_LUA, SETTLE_LUA
+from gateway.limit_scripts import ADMIT_LUA, SETTLE_LUA, SYNC_MONTH_LUA
 from gateway.limits import (
     KIND_CODES,
     Admission,
+    MonthUsage,
     Scope,
     Verdict,
     Violation,
@@ -108,6 +109,7 @@ class RedisLimiter:
         self._down_until = 0.0
         self._admit = redis.register_script(ADMIT_LUA)
         self._settle = redis.register_script(SETTLE_LUA)
+        self._sync = redis.register_script(SYNC_MONTH_LUA)
 
     @classmethod
     def from_url(cls, url: str, metrics: Metrics, **kwargs: float | bool) -> RedisLimiter:
@@ -199,6 +201,20 @@ class RedisLimiter:
             # (and its concurrency slot frees itself when the lease ends).
             self._metrics.limiter_settle_errors.inc()
             log.warning("limit store unreachable on settle (%s); lease will expire", exc)
+
+    async def sync_month(self, usage: list[MonthUsage]) -> None:
+        """One script call per tenant (its scopes share a hash slot), pipelined."""
+        by_tenant: dict[str, list[MonthUsage]] = {}
+        for u in usage:
+            by_tenant.setdefault(u.tenant_id, []).append(u)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for group in by_tenant.values():
+                keys = [f"{u.redis_base}:m:{u.month}" for u in group]
+                args: list[int] = [MONTH_TTL_MS]
+                for u in group:
+                    args += [u.tokens, u.spend_micros]
+                await self._sync(keys=keys, args=args, client=pipe)
+            await pipe.execute()
 
     async def aclose(self) -> None:
         if self._owns_client:

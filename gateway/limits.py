@@ -119,6 +119,23 @@ class Admission:
     settled: bool = False
 
 
+@dataclass(frozen=True)
+class MonthUsage:
+    """One scope's usage this month as the ledger has it (``key_id`` None: the tenant)."""
+
+    tenant_id: str
+    key_id: str | None
+    month: str  # YYYYMM
+    tokens: int
+    spend_micros: int
+
+    @property
+    def redis_base(self) -> str:
+        return Scope(
+            "key" if self.key_id else "tenant", self.tenant_id, self.key_id, Limits()
+        ).redis_base
+
+
 class Limiter(Protocol):
     async def admit(
         self, principal: Principal, reserve_tokens: int, *, prompt_tokens: int | None = None
@@ -127,6 +144,11 @@ class Limiter(Protocol):
     async def settle(
         self, admission: Admission, used_tokens: int, *, cost_micros: int | None = None
     ) -> None: ...
+
+    async def sync_month(self, usage: list[MonthUsage]) -> None:
+        """Raise the month counters to at least the ledger's (after a store restart lost
+        them, or for usage settled elsewhere); never lowers them."""
+        ...
 
     async def aclose(self) -> None: ...
 

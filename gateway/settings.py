@@ -40,6 +40,8 @@ class GatewaySettings(StoreSettings):
     limits_budgets_fail_open: bool = False
     limits_lease_s: float = 600.0  # a concurrency slot not settled by then frees itself
     limits_redis_timeout_s: float = 0.25
+    # Budget counters raised to the ledger's month totals this often (0: never).
+    limits_budget_sync_s: float = 300.0
     # Metering (gateway.ledger): the durable outbox, drained into the database.
     ledger_outbox_path: Path | None = None  # default: <data_dir>/usage-outbox-<db>.sqlite
     ledger_batch_size: int = 500

@@ -233,3 +233,28 @@ async def usage_totals(
         stmt = stmt.where(UsageRecord.tenant_id == tenant_id)
     row = (await session.execute(stmt)).one()
     return UsageTotals(*(int(v) for v in row))
+
+
+@dataclass(frozen=True)
+class ScopeTotals:
+    tenant_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    tokens: int  # prompt + completion
+    cost_micros: int
+
+
+async def totals_by_key(session: AsyncSession, start: datetime, end: datetime) -> list[ScopeTotals]:
+    """Tokens and cost per (tenant, key) over ``[start, end)``: what budgets are checked
+    against, recomputed from the ledger."""
+    stmt = (
+        select(
+            UsageRecord.tenant_id,
+            UsageRecord.api_key_id,
+            func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens),
+            func.sum(UsageRecord.cost_micros),
+        )
+        .where(UsageRecord.started_at >= start, UsageRecord.started_at < end)
+        .group_by(UsageRecord.tenant_id, UsageRecord.api_key_id)
+    )
+    rows = await session.execute(stmt)
+    return [ScopeTotals(t, k, int(tok or 0), int(cost or 0)) for t, k, tok, cost in rows]
