@@ -11,13 +11,14 @@ from engine.kernels.lora_meta import LoraMeta
 
 
 def lora_expand_ref(
-    buf: torch.Tensor,  # [P, T, R] float32
+    buf: torch.Tensor,  # [KS, P, T, R] float32 partials (lora_shrink's), summed here
     lora_b: torch.Tensor,  # [slots, N, R]  (scale folded in)
     ranks: torch.Tensor,  # [slots, P] int32
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
 ) -> torch.Tensor:
+    buf = buf.sum(0)
     P = buf.shape[0]
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
@@ -40,7 +41,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sgmv_expand_kernel(
-        buf_ptr,  # [P, T, R] float32
+        buf_ptr,  # [KS, P, T, R] float32 partial sums
         b_ptr,  # [slots, N, R]
         ranks_ptr,  # [slots, P]
         y_ptr,  # [T, N]
@@ -55,6 +56,7 @@ if HAVE_TRITON:
         OFF2,
         OFF3,
         OFF4,
+        KS,
         N_PER_PROG,  # columns of one projection per program (a multiple of BLOCK_N)
         P: tl.constexpr,
         stride_bs,
@@ -97,11 +99,11 @@ if HAVE_TRITON:
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            xt = tl.load(
-                buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :],
-                mask=mask_m[:, None] & mask_r[None, :],
-                other=0.0,
-            )
+            xmask = mask_m[:, None] & mask_r[None, :]
+            xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
+            xt = tl.load(xrows, mask=xmask, other=0.0)
+            for ks in range(1, KS):
+                xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
             if not IEEE:
                 xt = xt.to(b_ptr.dtype.element_ty)
             for n0 in range(n_start, n_end, BLOCK_N):
@@ -134,7 +136,7 @@ def _expand_config(T: int, R: int, max_out: int, P: int, tiles: int, on_gpu: boo
 
 
 def lora_expand(
-    buf: torch.Tensor,  # [P, T, R] float32
+    buf: torch.Tensor,  # [KS, P, T, R] float32 partials from lora_shrink
     lora_b: torch.Tensor,  # [slots, N, R]  (scale folded in)
     ranks: torch.Tensor,  # [slots, P] int32
     out_offsets: Sequence[int],  # [P+1] host ints into N
@@ -142,13 +144,13 @@ def lora_expand(
     y: torch.Tensor,  # [T, N], updated in place
     config: dict | None = None,  # tuning override: block_n, n_per, num_warps, num_stages
 ) -> torch.Tensor:
-    P, T, R = buf.shape
+    KS, P, T, R = buf.shape
     S_, N, R2 = lora_b.shape
     offs = [int(o) for o in out_offsets]
     if len(offs) != P + 1 or offs[0] != 0 or offs[-1] != N or P > 4:
         raise ValueError(f"out_offsets {offs} must be [0, ..., N={N}] for P={P} <= 4 projections")
     if R2 != R or buf.dtype != torch.float32 or not buf.is_contiguous():
-        raise ValueError("buf must be contiguous float32 [P, T, R] with lora_b's R")
+        raise ValueError("buf must be contiguous float32 [KS, P, T, R] with lora_b's R")
     if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
         raise ValueError("y must be [T, N] with lora_b's N, last dimensions contiguous")
     if y.dtype != lora_b.dtype:
@@ -182,6 +184,7 @@ def lora_expand(
         offs[2],
         offs[3],
         offs[4],
+        KS,
         n_per,
         P,
         lora_b.stride(0),

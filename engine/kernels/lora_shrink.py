@@ -1,4 +1,10 @@
-"""SGMV shrink: ``buf[p, t, :r] = x[t] @ lora_a[slot(t), p, :r].T`` for every projection p."""
+"""SGMV shrink: ``buf[p, t, :r] = x[t] @ lora_a[slot(t), p, :r].T`` for every projection p.
+
+The result comes as K-split partial sums ``buf[KS, P, T, R]`` float32 (the shrink is
+``buf.sum(0)``): each split writes its own slice, so there is no zero-fill and no atomics;
+``lora_expand`` adds the partials when it loads them. Only entries that the expand reads
+(tokens with an adapter, ``r < ranks[slot, p]``) are written; the rest is undefined.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,10 @@ def lora_shrink_ref(
     lora_a: torch.Tensor,  # [slots, P, R, in]
     ranks: torch.Tensor,  # [slots, P] int32
     meta: LoraMeta,
-) -> torch.Tensor:  # [P, T, R] float32
+) -> torch.Tensor:  # [1, P, T, R] float32
     T = x.shape[0]
     _, P, R, _ = lora_a.shape
-    buf = torch.zeros(P, T, R, dtype=torch.float32, device=x.device)
+    buf = torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
     ranks_h = ranks.tolist()
@@ -29,7 +35,7 @@ def lora_shrink_ref(
         for p in range(P):
             r = ranks_h[slot][p]
             if r:
-                buf[p, toks, :r] = xs @ lora_a[slot, p, :r].float().T
+                buf[0, p, toks, :r] = xs @ lora_a[slot, p, :r].float().T
     return buf
 
 
@@ -40,7 +46,7 @@ if HAVE_TRITON:
         x_ptr,  # [T, K]
         a_ptr,  # [slots, P, R, K]
         ranks_ptr,  # [slots, P]
-        buf_ptr,  # [P, T, R] float32, zeroed (split-K accumulates atomically)
+        buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
         sorted_ptr,
         seg_start_ptr,
         seg_slot_ptr,
@@ -58,7 +64,6 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        ATOMIC: tl.constexpr,
         IEEE: tl.constexpr,
     ):
         tile = tl.program_id(0)
@@ -101,12 +106,9 @@ if HAVE_TRITON:
                     acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
                 else:
                     acc += tl.dot(xt, tl.trans(at))
-            out = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
+            out = buf_ptr + (ks * P + p) * T * R + tok[:, None] * R + offs_r[None, :]
             omask = mask_m[:, None] & mask_r[None, :]
-            if ATOMIC:
-                tl.atomic_add(out, acc, mask=omask, sem="relaxed")
-            else:
-                tl.store(out, acc, mask=omask)
+            tl.store(out, acc, mask=omask)
 
 
 def _shrink_config(T: int, K: int, P: int, R: int, tiles: int, on_gpu: bool):
@@ -125,7 +127,7 @@ def lora_shrink(
     ranks: torch.Tensor,  # [slots, P] int32
     meta: LoraMeta,
     config: dict | None = None,  # tuning override: block_k, k_per, num_warps, num_stages
-) -> torch.Tensor:  # [P, T, R] float32
+) -> torch.Tensor:  # [KS, P, T, R] float32 partials over K splits
     T, K = x.shape
     S_, P, R, K2 = lora_a.shape
     if K2 != K:
@@ -139,10 +141,9 @@ def lora_shrink(
     if x.stride(1) != 1 or lora_a.stride(3) != 1:
         raise ValueError("x and lora_a need a contiguous last dimension")
     ranks = ranks.contiguous()
-    buf = torch.zeros(P, T, R, dtype=torch.float32, device=x.device)
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
-        return buf
+        return torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     block_r, block_k, k_per = _shrink_config(T, K, P, R, nt, x.is_cuda)
     cfg = {"num_warps": 4, "num_stages": 3 if block_k <= 128 else 2}
     if config:
@@ -150,6 +151,7 @@ def lora_shrink(
         cfg.update({k: v for k, v in config.items() if k in cfg})
     k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
     split = triton.cdiv(K, k_per)
+    buf = torch.empty(split, P, T, R, dtype=torch.float32, device=x.device)
     _sgmv_shrink_kernel[(nt, P, split)](
         x,
         lora_a,
@@ -172,7 +174,6 @@ def lora_shrink(
         BLOCK_M=meta.block_m,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
-        ATOMIC=split > 1,
         IEEE=x.dtype == torch.float32,
         **cfg,
     )

@@ -57,7 +57,13 @@ def run_case(T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments
     dev = DEVICE
     meta_d = meta.to(dev)
     buf = lora_shrink(x.to(dev), a.to(dev), ranks.to(dev), meta_d)
-    assert_close(buf, buf_ref, dtype)
+    # only what the expand reads is defined: tokens with an adapter, r < rank
+    slot = token_slot.long().clamp_min(0)
+    r_tok = ranks.long()[slot].T  # [P, T]
+    defined = (token_slot >= 0)[None, :, None] & (
+        torch.arange(max_rank)[None, None, :] < r_tok[:, :, None]
+    )
+    assert_close(buf.sum(0).cpu()[defined], buf_ref.sum(0)[defined], dtype)
     y = y0.to(dev).clone()
     lora_expand(buf, b.to(dev), ranks.to(dev), offsets, meta_d, y)
     assert_close(y, y_ref, dtype)
