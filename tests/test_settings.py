@@ -113,3 +113,13 @@ def test_bad_values_are_validation_errors(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("LORAPLEX_DEVICE", "tpu")
     with pytest.raises(ValidationError):
         GatewaySettings()
+
+
+def test_every_setting_is_documented() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    reference = (root / "docs/configuration.md").read_text()
+    for name in GatewaySettings.model_fields:
+        var = f"`LORAPLEX_{name.upper()}`"
+        assert var in readme, f"{var} missing from README.md's configuration table"
+        assert var in reference, f"{var} missing from docs/configuration.md"
