@@ -261,3 +261,39 @@ def test_metrics_endpoint(pair: Pair) -> None:
     ):
         assert name in text, name
     assert "tenant=" not in text  # bounded labels unless switched on
+
+
+def test_usage_routes_scope_and_validation(pair: Pair) -> None:
+    mine, other = pair.tenant(), pair.tenant()
+    asyncio.run(burst(pair, mine, 2))
+    asyncio.run(burst(pair, other, 3))
+    wait_ledger(pair, mine, 2)
+    wait_ledger(pair, other, 3)
+    url = f"{pair.urls[0]}/v1/usage"
+    auth = {"Authorization": f"Bearer {pair.keys[mine]}"}
+    rows = httpx.get(url, params={"from": "2000-01-01", "granularity": "request"}, headers=auth)
+    assert {json.loads(line)["tenant"] for line in rows.text.splitlines()} == {mine}
+    day = httpx.get(url, params={"format": "parquet"}, headers=auth)  # month to date, by day
+    assert (
+        day.status_code == 200 and day.headers["content-type"] == "application/vnd.apache.parquet"
+    )
+    for params, param in (
+        ({"granularity": "week"}, "granularity"),
+        ({"format": "xml"}, "format"),
+        ({"from": "yesterday"}, "from"),
+        ({"from": "2026-02-01", "to": "2026-01-01"}, "to"),
+    ):
+        bad = httpx.get(url, params=params, headers=auth)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+    with pair.admin() as admin:
+        issued = ok(admin.post(f"/admin/v1/tenants/{mine}/keys", json={"scopes": ["inference"]}))
+        missing = admin.get("/admin/v1/usage/export", params={"tenant": "no-such-tenant"})
+        assert missing.status_code == 404
+        everyone = admin.get(
+            "/admin/v1/usage/export", params={"format": "jsonl", "from": "2000-01-01"}
+        )
+        tenants = {json.loads(line)["tenant"] for line in everyone.text.splitlines()}
+        assert {mine, other} <= tenants
+    no_scope = httpx.get(url, headers={"Authorization": f"Bearer {issued['key']}"})
+    assert no_scope.status_code == 403
+    assert httpx.get(f"{pair.urls[0]}/admin/v1/usage/export", headers=auth).status_code == 401

@@ -1,0 +1,64 @@
+"""Metrics: bounded labels by default, tenant labels when switched on, engine gauges read
+from the engine's stats at scrape time (absent while there is no engine)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from engine.stats import EngineStats
+from gateway.metrics import Metrics
+from tenancy.usage import UsageEvent
+
+
+def usage(tenant: uuid.UUID) -> UsageEvent:
+    now = datetime.now(UTC)
+    return UsageEvent(
+        request_id="r1", tenant_id=tenant, api_key_id=None, adapter_version_id=None,
+        model="base", prompt_tokens=10, completion_tokens=5, cached_tokens=2, status="ok",
+        started_at=now, finished_at=now, ttft_ms=100, duration_ms=500, cost_micros=7,
+    )  # fmt: skip
+
+
+def test_usage_observations_and_tenant_labels() -> None:
+    plain = Metrics(CollectorRegistry())
+    plain.observe_usage(usage(uuid.uuid4()), "acme")
+    get = plain.registry.get_sample_value
+    assert get("loraplex_tokens_total", {"kind": "completion"}) == 5
+    assert get("loraplex_time_to_first_token_seconds_sum") == 0.1
+    assert get("loraplex_time_per_output_token_seconds_sum") == 0.1  # (500 - 100) / 4 gaps
+    assert get("loraplex_e2e_request_latency_seconds_count") == 1
+    assert b"acme" not in generate_latest(plain.registry)
+
+    labelled = Metrics(CollectorRegistry(), tenant_labels=True)
+    labelled.observe_usage(usage(uuid.uuid4()), "acme")
+    labelled.limit_rejected("requests", "key", "acme")
+    get = labelled.registry.get_sample_value
+    assert get("loraplex_tokens_total", {"kind": "prompt", "tenant": "acme"}) == 10
+    assert (
+        get(
+            "loraplex_limit_rejections_total",
+            {"limit": "requests", "scope": "key", "tenant": "acme"},
+        )
+        == 1
+    )
+
+
+def test_engine_gauges_are_read_at_scrape_time() -> None:
+    current: list[EngineStats | None] = [None]
+    metrics = Metrics(CollectorRegistry(), engine_stats=lambda: current[0])
+    assert b"loraplex_engine_" not in generate_latest(metrics.registry)
+    current[0] = EngineStats(
+        num_waiting=3, num_running=5, kv_blocks_total=100, kv_blocks_used=40,
+        last_batch_seqs=5, adapters_resident=2, lora_slots=8, adapter_hits=9,
+    )  # fmt: skip
+    get = metrics.registry.get_sample_value
+    assert get("loraplex_engine_requests_waiting") == 3
+    assert get("loraplex_engine_requests_running") == 5
+    assert get("loraplex_engine_kv_blocks_used") == 40
+    assert get("loraplex_engine_kv_usage_ratio") == 0.4
+    assert get("loraplex_engine_batch_size") == 5
+    assert get("loraplex_engine_adapters_resident") == 2
+    assert get("loraplex_engine_adapter_cache_hits_total") == 9
