@@ -10,6 +10,7 @@ tries again.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -26,6 +27,7 @@ from adapters.metrics import AdapterMetrics
 from adapters.storage import ObjectMissing, ObjectStore, StoreError
 
 TIER = "object_store"
+log = logging.getLogger("loraplex.adapters")
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,17 @@ class Fetcher:
             try:
                 self.store.get_file(storage_key, bundle)
             except ObjectMissing as exc:
+                log.error("adapter %s: %s", sha256, exc)
                 self._failed(self._key_backoff.setdefault(sha256, self._new_backoff()), start)
                 raise AdapterFetchError(f"adapter {sha256[:12]} is missing from the store") from exc
-            except StoreError as exc:
+            except StoreError as exc:  # the detail (endpoint, bucket) goes to the log only
+                log.warning("adapter %s: object store unavailable: %s", sha256, exc)
                 self._failed(self._store_backoff, start)
-                raise AdapterFetchError(f"object store unavailable: {exc}") from exc
+                raise AdapterFetchError(
+                    "object store unavailable; retrying in "
+                    f"{self._store_backoff.wait_left():.1f}s (adapter {sha256[:12]})",
+                    retry_after=self._store_backoff.wait_left(),
+                ) from exc
             self._store_backoff.succeeded()
             try:
                 got = sha256_file(bundle)
@@ -155,6 +163,7 @@ class Fetcher:
                     raise InvalidAdapter(f"stored bundle hashes to {got[:12]}, not {sha256[:12]}")
                 unpack(bundle, out, max_bytes=self.max_bytes)
             except InvalidAdapter as exc:
+                log.error("adapter %s: stored bundle is corrupt: %s", sha256, exc.message)
                 self._failed(self._key_backoff.setdefault(sha256, self._new_backoff()), start)
                 raise AdapterFetchError(f"adapter {sha256[:12]} is corrupt: {exc}") from exc
             path = self.cache.install(sha256, out)

@@ -7,6 +7,7 @@ before the commit leaves no row; an object without a row is collected by :mod:`a
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from tenancy.errors import Unavailable
 from tenancy.models import Adapter, AdapterAlias, AdapterVersion, AuditLog, utcnow
 
 Sessions = async_sessionmaker[AsyncSession]
+log = logging.getLogger("loraplex.adapters")
 
 
 class AdapterRegistry:
@@ -57,8 +59,9 @@ class AdapterRegistry:
         key = blob_key(bundle.sha256)
         try:
             await asyncio.to_thread(self.store.put_file, key, bundle.path)
-        except StoreError as exc:
-            raise StoreUnavailable(f"object store unavailable; nothing was stored ({exc})") from exc
+        except StoreError as exc:  # the detail (endpoint, bucket) goes to the log only
+            log.warning("upload of %s: %s", name, exc)
+            raise StoreUnavailable("object store unavailable; nothing was stored") from exc
         attempt = 0
         while True:
             try:

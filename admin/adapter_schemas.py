@@ -75,3 +75,14 @@ class AliasOut(BaseModel):
 class Deleted(BaseModel):
     name: str
     deleted: bool = True
+
+
+class GcIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_s: float = Field(default=3600.0, ge=0)  # spares uploads still committing
+
+
+class GcOut(BaseModel):
+    deleted_objects: int
+    deleted_bytes: int
+    aborted_uploads: int

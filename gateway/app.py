@@ -83,6 +83,7 @@ def create_app(
     app.include_router(admin_tenants.router)
     app.include_router(admin_keys.router)
     app.include_router(admin_adapters.router)
+    app.include_router(admin_adapters.gc_router)
     app.include_router(admin_plans.router)
     app.include_router(admin_usage.router)
     app.include_router(models.router)

@@ -158,3 +158,16 @@ def delete(ctx: typer.Context, tenant: str, name: str) -> None:
     remote: Remote = ctx.obj
     _show(remote, remote.call("DELETE", f"/admin/v1/tenants/{tenant}/adapters/{name}"),
           ["name", "deleted"], "deleted")  # fmt: skip
+
+
+@adapter_app.command("gc")
+def gc(
+    ctx: typer.Context,
+    grace_s: Annotated[
+        float, typer.Option(help="Spare objects younger than this (uploads in flight).")
+    ] = 3600.0,
+) -> None:
+    """Delete stored adapter bytes that no live version uses (deleted or orphaned)."""
+    remote: Remote = ctx.obj
+    data = remote.call("POST", "/admin/v1/adapters/gc", {"grace_s": grace_s})
+    _show(remote, data, ["deleted_objects", "deleted_bytes", "aborted_uploads"], "adapter GC")

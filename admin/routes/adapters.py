@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 
+from adapters.gc import collect_garbage
 from adapters.names import check_name
 from adapters.upload import stage
 from admin.adapter_access import AdapterReadDep, AdaptersDep, AdapterWriteDep
-from admin.adapter_schemas import AdapterList, AdapterOut, AliasIn, AliasOut, Deleted, VersionOut
+from admin.adapter_schemas import (
+    AdapterList,
+    AdapterOut,
+    AliasIn,
+    AliasOut,
+    Deleted,
+    GcIn,
+    GcOut,
+    VersionOut,
+)
+from admin.auth import AdminDep
 from admin.multipart import read_upload
 
 router = APIRouter(prefix="/admin/v1/tenants/{tenant}/adapters", tags=["admin: adapters"])
+gc_router = APIRouter(prefix="/admin/v1/adapters", tags=["admin: adapters"])
 
 
 @router.post("", status_code=201)
@@ -68,3 +82,12 @@ async def delete_alias(
 ) -> Deleted:
     await svc.registry.delete_alias(caller.tenant_id, alias, actor=caller.actor)
     return Deleted(name=alias)
+
+
+@gc_router.post("/gc")
+async def collect_adapter_garbage(_: AdminDep, svc: AdaptersDep, body: GcIn) -> GcOut:
+    """Delete stored bundles no ready version uses, older than ``grace_s`` (admin only)."""
+    report = await collect_garbage(
+        svc.registry.sessions, svc.store, grace=timedelta(seconds=body.grace_s)
+    )
+    return GcOut(**dataclasses.asdict(report))

@@ -5,6 +5,7 @@ completions naming it answer what Hugging Face + PEFT answer with that adapter; 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -58,8 +59,8 @@ class Reference:
         text = self.tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
         self.prompt = list(self.tok.encode(text, add_special_tokens=False))
 
-    def text(self, adapter: Path | None) -> str:
-        tokens = self.hf.greedy(adapter, self.prompt, MAX_TOKENS)
+    def text(self, adapter: Path | None, max_tokens: int = MAX_TOKENS) -> str:
+        tokens = self.hf.greedy(adapter, self.prompt, max_tokens)
         if self.tok.eos_token_id in tokens:
             tokens = tokens[: tokens.index(self.tok.eos_token_id)]
         return str(self.tok.decode(tokens, skip_special_tokens=True))
@@ -112,6 +113,39 @@ def test_upload_then_chat_matches_hf_peft_versions_aliases(
         for model in ("support", "support@1", "prod"):
             r = chat(c, model)
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_alias_moved_mid_stream_in_flight_finishes_on_its_version(
+    server: AdapterServer, ref: Reference, tmp_path: Path
+) -> None:
+    n = 48
+    v1 = write_lora(tmp_path / "v1", TINY, rank=2, seed=21, scale=0.4)
+    v2 = write_lora(tmp_path / "v2", TINY, rank=2, seed=22, scale=0.4)
+    with server.client() as admin:
+        tenant, key = make_tenant(admin, "inference", "adapters:write")
+    with server.client(key) as c:
+        upload(c, tenant, "bot", peft_files(v1))
+        upload(c, tenant, "bot", peft_files(v2))
+        alias = f"/admin/v1/tenants/{tenant}/adapters/bot/aliases/live"
+        assert c.put(alias, json={"version": 1}).status_code == 200
+        body = {"model": "live", "messages": MESSAGES, "max_tokens": n, "temperature": 0,
+                "stream": True}  # fmt: skip
+        pieces: list[str] = []
+        moved = False
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[6:])["choices"]:
+                    pieces.append(choice["delta"].get("content") or "")
+                if not moved:  # after the first chunk: new requests go to v2
+                    assert c.put(alias, json={"version": 2}).status_code == 200
+                    moved = True
+                    after = answer(c, "live")
+        assert moved
+        assert "".join(pieces) == ref.text(v1, n)  # the stream stayed on v1 to its end
+        assert after == ref.text(v2) != ref.text(v1)
 
 
 @pytest.mark.slow

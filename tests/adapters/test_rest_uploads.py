@@ -361,3 +361,26 @@ def test_cli_upload_with_progress(
     write_lora(bad, TINY, rank=16)
     result = CliRunner().invoke(app, [*base, "upload", tenant, "bad", str(bad)])
     assert result.exit_code == 1 and "maximum rank" in result.output
+
+
+def test_gc_collects_deleted_bytes(
+    server: AdapterServer, admin: httpx.Client, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from loraplex_cli.main import app
+
+    tenant, key = make_tenant(admin, "adapters:write")
+    v = upload(admin, tenant, "temp", _files(write_lora(tmp_path / "x", TINY, seed=99))).json()
+    obj = f"{PREFIX}/blobs/{v['sha256'][:2]}/{v['sha256']}.tar"
+    assert obj in server.bucket_keys()
+    with server.client(key) as c:  # a tenant key may not run GC
+        assert c.post("/admin/v1/adapters/gc", json={"grace_s": 0}).status_code == 401
+    assert admin.post("/admin/v1/adapters/gc", json={"grace_s": 0}).status_code == 200
+    assert obj in server.bucket_keys()  # still used
+    assert admin.delete(f"/admin/v1/tenants/{tenant}/adapters/temp").status_code == 200
+    assert obj in server.bucket_keys()  # collected later, not at delete
+    base = ["admin", "--url", server.url, "--token", server.admin_token, "--json", "adapter"]
+    result = CliRunner().invoke(app, [*base, "gc", "--grace-s", "0"])
+    assert result.exit_code == 0, result.output
+    assert obj not in server.bucket_keys()
