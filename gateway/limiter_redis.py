@@ -123,7 +123,11 @@ class RedisLimiter:
         try:
             async with asyncio.timeout(self._timeout_s * 2):
                 return await script(keys=keys, args=args)  # type: ignore[operator,no-any-return]
-        except STORE_ERRORS:
+        except STORE_ERRORS as exc:
+            # Logged once per retry period, not per request; every check is counted.
+            log.warning(
+                "limit store unreachable (%s); policies apply for %.1fs", exc, self._retry_s
+            )
             self._down_until = time.monotonic() + self._retry_s
             raise
 
@@ -146,8 +150,8 @@ class RedisLimiter:
             args += _limit_args(s)
         try:
             reply = await self._call(self._admit, _keys(scopes, month_key(now)), args)
-        except STORE_ERRORS as exc:
-            return self._unavailable(principal, scopes, rid, reserve_tokens, spend, exc)
+        except STORE_ERRORS:
+            return self._unavailable(scopes, rid, reserve_tokens, spend)
         verdict = _verdict(reply, scopes)
         if not verdict.admitted:
             for v in verdict.violations:
@@ -156,14 +160,9 @@ class RedisLimiter:
         return Admission(rid, scopes, reserve_tokens, spend, ratelimit_headers(verdict))
 
     def _unavailable(
-        self,
-        principal: Principal,
-        scopes: tuple[Scope, ...],
-        rid: str,
-        reserve: int,
-        spend: int,
-        exc: BaseException,
+        self, scopes: tuple[Scope, ...], rid: str, reserve: int, spend: int
     ) -> Admission:
+        """The store is unreachable: each applicable check's policy decides."""
         budgets = any(s.limits.has_budgets for s in scopes)
         rates = any(s.limits.has_rates for s in scopes)
         for check, applies, fail_open in (
@@ -174,12 +173,10 @@ class RedisLimiter:
                 continue
             if not fail_open:
                 self._metrics.limiter_unavailable.labels(check, "rejected").inc()
-                log.warning("limit store unreachable (%s): refusing %s", exc, principal.tenant_name)
                 raise Unavailable(
                     f"usage limits cannot be checked right now ({check}); retry shortly"
                 )
             self._metrics.limiter_unavailable.labels(check, "admitted").inc()
-        log.warning("limit store unreachable (%s): admitting unchecked", exc)
         return Admission(rid, scopes, reserve, spend, degraded=True)
 
     async def settle(
@@ -200,7 +197,7 @@ class RedisLimiter:
             # The ledger still bills it; only the Redis budget counter misses this request
             # (and its concurrency slot frees itself when the lease ends).
             self._metrics.limiter_settle_errors.inc()
-            log.warning("limit store unreachable on settle (%s); lease will expire", exc)
+            log.debug("settle of %s lost (%s); its lease will expire", admission.id, exc)
 
     async def sync_month(self, usage: list[MonthUsage]) -> None:
         """One script call per tenant (its scopes share a hash slot), pipelined."""
