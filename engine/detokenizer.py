@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 _CONTEXT_TOKENS = 5
+_WINDOW = 32
 _REPLACEMENT = "\ufffd"
 
 
@@ -20,16 +21,24 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
+    """One decode of a short token window per new token.
+
+    The window starts with a few context tokens whose text (``_base``) is never emitted;
+    each new token re-decodes the window and emits what follows the text already out.
+    Every ``_WINDOW`` tokens the window slides forward (one extra decode).
+    """
+
     def __init__(
         self, tokenizer: Decoder, prompt_ids: list[int], skip_special_tokens: bool = True
     ) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
-        self._read = len(self._ids)  # ids[:read] are emitted (or prompt): context only
+        self._base = self._decode(self._ids)  # context text: never emitted
+        self._out = self._base  # window text accounted for (context + emitted)
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip)
+        return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly complete text (maybe empty)."""
@@ -41,21 +50,15 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        if self._read == len(self._ids):
-            return ""
-        before = self._decode(self._ids[: self._read])
-        after = self._decode(self._ids)
-        if len(after) <= len(before) or (after.endswith(_REPLACEMENT) and not final):
-            return ""
-        if not after.startswith(before):  # a merge changed earlier text; rare
-            common = 0
-            while common < min(len(before), len(after)) and before[common] == after[common]:
-                common += 1
-            before = before[:common]
-        new = after[len(before) :]
-        # slide the window: the tokens just emitted become the next decode's context
-        del self._ids[: self._read]
-        self._read = len(self._ids)
+        text = self._decode(self._ids)
+        if text.endswith(_REPLACEMENT) and not final:
+            return ""  # a multi-byte character is still incomplete
+        # decoding more tokens may rewrite earlier text (space clean-up); never retract
+        new = text[len(self._out) :] if len(text) > len(self._out) else ""
+        self._out = text
+        if len(self._ids) > _WINDOW:  # slide: keep a little context, forget the rest
+            self._ids = self._ids[-_CONTEXT_TOKENS:]
+            self._base = self._out = self._decode(self._ids)
         return new
 
 

@@ -295,7 +295,7 @@ class LLMEngine:
                 choice.generator = torch.Generator(device=logits.device).manual_seed(
                     seed + seq.index
                 )
-            rows.append(SampleRow(state.params, seq.prompt_ids, seq.output_ids, choice.generator))
+            rows.append(SampleRow(state.params, seq.token_ids, seq.prompt_len, choice.generator))
         res = self.sampler(logits, rows)
         for i, (seq, _) in enumerate(sampled):
             state, choice = self._owner[seq.seq_id]

@@ -22,9 +22,17 @@ _GREEDY_EPS = 1e-5
 @dataclass
 class SampleRow:
     params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
+    token_ids: list[int]  # prompt then output; read only when a penalty asks
+    prompt_len: int
     generator: torch.Generator | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.prompt_len]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
 
 
 @dataclass
@@ -57,7 +65,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     dev = logits.device
     rep = [r.params.repetition_penalty for r in rows]
     if any(p != 1.0 for p in rep):
-        _, seen = _token_mask([r.prompt_ids + r.output_ids for r in rows], vocab, dev)
+        _, seen = _token_mask([r.token_ids for r in rows], vocab, dev)
         rp = torch.tensor(rep, device=dev, dtype=logits.dtype).unsqueeze(1)
         penalized = torch.where(logits > 0, logits / rp, logits * rp)
         logits = torch.where(seen, penalized, logits)

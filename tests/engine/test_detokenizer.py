@@ -11,6 +11,7 @@ TEXTS = [
     "emoji 🙂🚀✨ and 日本語のテキスト",
     "🙂",
     "The quick brown fox jumps over the lazy dog.",
+    "Paged attention 🙂 keeps the KV cache in fixed-size blocks; 日本語. " * 6,  # window slides
 ]
 
 

@@ -17,7 +17,7 @@ def row(prompt=(), output=(), seed: int | None = None, **kw) -> SampleRow:
     gen = None
     if seed is not None:
         gen = torch.Generator().manual_seed(seed)
-    return SampleRow(SamplingParams(**kw), list(prompt), list(output), gen)
+    return SampleRow(SamplingParams(**kw), [*prompt, *output], len(prompt), gen)
 
 
 def test_greedy_is_argmax():
