@@ -43,10 +43,15 @@ class Ledger:
 
     def record_nowait(self, event: UsageEvent, tenant: str = "") -> asyncio.Future[None]:
         """Queue the event; the future resolves once it is durable."""
-        if self._closing:
-            raise RuntimeError("ledger is closed")
-        self.start()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closing and (self._flusher is None or self._flusher.done()):
+            # A request that ends during shutdown, after the flusher stopped: write it
+            # here, blocking the loop for one fsync, rather than lose it.
+            self._metrics.observe_usage(event, tenant)
+            self._outbox.append([event])
+            fut.set_result(None)
+            return fut
+        self.start()
         self._pending.append((event, fut))
         self._wake.set()
         self._metrics.observe_usage(event, tenant)

@@ -227,3 +227,18 @@ async def test_sqlite_ledger(sqlite_url, tmp_path):
         assert len(await ledger_rows(sessions)) == 30
     finally:
         await engine.dispose()
+
+
+async def test_usage_recorded_during_shutdown_is_kept(tmp_path):
+    import uuid
+
+    path = tmp_path / "outbox.sqlite"
+    ledger = Ledger(Outbox(path), metrics())
+    tid = uuid.uuid4()
+    await ledger.record(event(tid, 0))
+    await ledger.aclose()
+    await ledger.record(event(tid, 1))  # a request the engine's shutdown ended late
+    assert [r.event.request_id for r in Outbox(path).read(10)] == [
+        event(tid, 0).request_id,
+        event(tid, 1).request_id,
+    ]
