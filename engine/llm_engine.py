@@ -7,8 +7,8 @@ assigned LoRA slots, run the model, sample, and turn tokens into outputs.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 
@@ -21,29 +21,15 @@ from engine.errors import (
     EngineError,
     EngineOverloaded,
     InvalidRequest,
-    PromptTooLong,
 )
 from engine.lora.loader import AdapterLoader
 from engine.lora.slots import SlotTable
-from engine.request_state import Choice, RequestState, make_logprob
+from engine.request_state import Choice, RequestState, check_fits, make_logprob, tokenize_prompt
+from engine.runner import Runner, build_runner
 from engine.sampler import Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SeqStatus, Sequence
-from engine.stats import EngineStats
-
-
-class Runner(Protocol):
-    num_blocks: int
-    block_size: int
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: Any  # collection of ints
-    tokenizer: Any
-
-    def execute(self, batch: Any) -> torch.Tensor: ...
-    def read_adapter(self, path: Path) -> Any: ...
-    def write_slot(self, slot: int, weights: Any) -> None: ...
-    def clear_slot(self, slot: int) -> None: ...
+from engine.stats import EngineStats, StepCounters
 
 
 class LLMEngine:
@@ -73,44 +59,18 @@ class LLMEngine:
         self._eos = frozenset(int(t) for t in runner.eos_token_ids)
         self._requests: dict[str, RequestState] = {}
         self._owner: dict[int, tuple[RequestState, Choice]] = {}
-        self._adapter_refs: dict[str, AdapterRef] = {}
+        self._adapter_refs: dict[str, AdapterRef] = {}  # keys some request in flight uses
+        self._adapter_users: dict[str, int] = {}
         self._pending: list[RequestOutput] = []  # aborts and failures, out with the next step
         self._next_seq_id = 0
         self._next_arrival = 0
-        self._counters = {
-            "steps": 0,
-            "prompt": 0,
-            "hit_tokens": 0,
-            "gen": 0,
-            "hits": 0,
-            "misses": 0,
-        }
-        self._last_batch = (0, 0)
+        self._counters = StepCounters()
         self.last_step_ran = False  # False: nothing could run (idle, or waiting on loads)
 
     @classmethod
     def from_model(cls, model: str | Path | None, config: EngineConfig) -> LLMEngine:
         """``model``: an HF directory, a ``.gguf`` file, ``dummy:<preset>`` (see the runner)."""
-        from engine.model_runner import ModelRunner
-
-        config.validate()
-        runner = ModelRunner(
-            model,
-            device=config.resolved_device(),
-            dtype=config.resolved_dtype(),
-            block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs,
-            max_model_len=config.max_model_len,
-            max_loras=config.max_loras,
-            max_lora_rank=config.max_lora_rank,
-            kv_cache_bytes=config.kv_cache_bytes,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            num_blocks=config.num_gpu_blocks,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            enforce_eager=config.enforce_eager,
-            seed=config.seed,
-        )
-        return cls(runner, config)
+        return cls(build_runner(model, config), config)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -124,16 +84,13 @@ class LLMEngine:
             )
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloaded("too many queued requests")
-        prompt_ids = self._tokenize(request.prompt)
-        total = len(prompt_ids) + p.max_tokens
-        if len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
-            raise PromptTooLong(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds the "
-                f"context of {self.max_model_len} tokens",
-                param="max_tokens" if len(prompt_ids) < self.max_model_len else "prompt",
-            )
-        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
-            raise PromptTooLong(f"{total} tokens do not fit the KV cache", param="max_tokens")
+        prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, self.runner.vocab_size)
+        check_fits(
+            len(prompt_ids),
+            p.max_tokens,
+            self.max_model_len,
+            self.blocks.num_blocks * self.blocks.block_size,
+        )
         state = RequestState(request, prompt_ids, [], self._eos)
         arrival = self._next_arrival
         self._next_arrival += 1
@@ -157,25 +114,15 @@ class LLMEngine:
         self._requests[request.request_id] = state
         if request.adapter is not None:
             self._adapter_refs[request.adapter.key] = request.adapter
+            self._adapter_users[request.adapter.key] = (
+                self._adapter_users.get(request.adapter.key, 0) + 1
+            )
             if self.slots.lookup(request.adapter.key) is not None:
-                self._counters["hits"] += 1
+                self._counters.adapter_hits += 1
             else:
-                self._counters["misses"] += 1
+                self._counters.adapter_misses += 1
                 self.loader.start(request.adapter)
         self.scheduler.add(state.choices[0].seq)  # siblings fork off it after its prefill
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt))
-        else:
-            ids = list(prompt)
-            if any(not isinstance(t, int) or not 0 <= t < self.runner.vocab_size for t in ids):
-                raise InvalidRequest(
-                    "prompt token ids must be ints in [0, vocab_size)", param="prompt"
-                )
-        if not ids:
-            raise InvalidRequest("prompt is empty", param="prompt")
-        return ids
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its final output (finish_reason "abort") comes with the next step."""
@@ -210,8 +157,10 @@ class LLMEngine:
         if out is not None:
             self._pending.append(out)
         key = state.adapter_key
-        if key is not None and not any(s.adapter_key == key for s in self._requests.values()):
-            self._adapter_refs.pop(key, None)
+        if key is not None:
+            self._adapter_users[key] -= 1
+            if self._adapter_users[key] == 0:
+                del self._adapter_users[key], self._adapter_refs[key]
 
     def _fail_adapter(self, key: str, err: Exception) -> None:
         message = f"adapter {key!r} could not be loaded: {err}"
@@ -239,13 +188,12 @@ class LLMEngine:
         self.last_step_ran = not out.is_empty
         if out.is_empty:
             return outputs
-        self._counters["steps"] += 1
-        self._last_batch = (len(out.seqs), out.batch.num_tokens)
+        c = self._counters
+        c.steps += 1
+        c.last_batch_seqs, c.last_batch_tokens = len(out.seqs), out.batch.num_tokens
         for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
-            if chunk.start_pos < seq.prompt_len:
-                self._counters["prompt"] += (
-                    min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids)) - chunk.start_pos
-                )
+            end = min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids))
+            c.prompt_tokens += max(0, end - chunk.start_pos)
         logits = self.runner.execute(out.batch)
         self.scheduler.advance(out)
         self._sample(out, logits)
@@ -301,21 +249,15 @@ class LLMEngine:
             state, choice = self._owner[seq.seq_id]
             if seq.index == 0 and not state.forked:
                 state.cached_tokens = seq.num_cached_tokens
-                self._counters["hit_tokens"] += seq.num_cached_tokens
+                self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
                 self._fork_siblings(state)
             token = res.token_ids[i]
             seq.token_ids.append(token)
-            self._counters["gen"] += 1
+            self._counters.generation_tokens += 1
             lp = None
-            if (
-                state.params.logprobs is not None
-                and res.logprobs
-                and res.top_ids
-                and res.top_logprobs
-            ):
-                lp = make_logprob(
-                    self.tokenizer, token, res.logprobs[i], res.top_ids[i], res.top_logprobs[i]
-                )
+            found = res.logprob_of(i) if state.params.logprobs is not None else None
+            if found is not None:
+                lp = make_logprob(self.tokenizer, token, *found)
             state.on_token(choice, token, lp, self.max_model_len)
             if choice.finished:
                 self.scheduler.finish(seq)
@@ -330,28 +272,20 @@ class LLMEngine:
     # -- stats -------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        c = self._counters
         return EngineStats(
             num_requests=len(self._requests),
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_used,
-            last_batch_seqs=self._last_batch[0],
-            last_batch_tokens=self._last_batch[1],
-            steps=c["steps"],
             preemptions=self.scheduler.num_preemptions,
-            prompt_tokens=c["prompt"],
-            prefix_cache_hit_tokens=c["hit_tokens"],
-            generation_tokens=c["gen"],
-            adapter_hits=c["hits"],
-            adapter_misses=c["misses"],
             adapter_loads=self.loader.loads,
             adapter_load_failures=self.loader.failures,
             adapter_evictions=self.slots.evictions,
             adapters_loading=self.loader.num_loading,
             adapters_resident=len(self.slots.resident),
             lora_slots=self.slots.num_slots,
+            **asdict(self._counters),
         )
 
     def shutdown(self) -> None:

@@ -7,6 +7,7 @@ logprobs, finish reasons) is built here, one :class:`Choice` per sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from engine.api import (
     TokenLogprob,
 )
 from engine.detokenizer import Decoder, IncrementalDetokenizer, StopChecker
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidRequest, PromptTooLong
 from engine.sequence import Sequence
 
 
@@ -134,3 +135,30 @@ def make_logprob(
         logprob=logprob,
         top=[(i, text(i), lp) for i, lp in zip(top_ids, top_lps, strict=True)],
     )
+
+
+def tokenize_prompt(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:
+    if isinstance(prompt, str):
+        ids = list(tokenizer.encode(prompt))
+    else:
+        ids = list(prompt)
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+            raise InvalidRequest("prompt token ids must be ints in [0, vocab_size)", param="prompt")
+    if not ids:
+        raise InvalidRequest("prompt is empty", param="prompt")
+    return ids
+
+
+def check_fits(prompt_len: int, max_tokens: int, max_model_len: int, kv_tokens: int) -> None:
+    """PromptTooLong unless prompt + max_tokens fits the context and the whole KV pool."""
+    total = prompt_len + max_tokens
+    if prompt_len >= max_model_len or total > max_model_len:
+        raise PromptTooLong(
+            f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"context of {max_model_len} tokens",
+            param="max_tokens" if prompt_len < max_model_len else "prompt",
+        )
+    if total > kv_tokens:
+        raise PromptTooLong(
+            f"{total} tokens do not fit the KV cache ({kv_tokens})", param="max_tokens"
+        )

@@ -42,6 +42,12 @@ class SampleResult:
     top_ids: list[list[int]] | None  # per row: its k alternatives (k = that row's logprobs)
     top_logprobs: list[list[float]] | None
 
+    def logprob_of(self, row: int) -> tuple[float, list[int], list[float]] | None:
+        """Row's (chosen logprob, alternative ids, their logprobs); None when not computed."""
+        if self.logprobs is None or self.top_ids is None or self.top_logprobs is None:
+            return None
+        return self.logprobs[row], self.top_ids[row], self.top_logprobs[row]
+
 
 def _token_mask(
     rows_ids: list[list[int]], vocab: int, device: torch.device

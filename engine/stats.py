@@ -31,3 +31,17 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass
+class StepCounters:
+    """The engine's running totals (step thread only); part of :class:`EngineStats`."""
+
+    steps: int = 0
+    last_batch_seqs: int = 0
+    last_batch_tokens: int = 0
+    prompt_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    generation_tokens: int = 0
+    adapter_hits: int = 0
+    adapter_misses: int = 0

@@ -1,0 +1,59 @@
+"""What the engine needs of a model runner, and how one is built from a config.
+
+The runner (``engine/model_runner.py``) owns every tensor; the engine talks to it through
+these few members only, so tests can hand the engine a small stand-in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from engine.batch import ScheduledBatch
+from engine.config import EngineConfig
+
+
+class Runner(Protocol):
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: Any  # a collection of ints
+    tokenizer: Any  # a transformers tokenizer (encode / decode)
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """One forward -> float32 logits ``[chunks with sample=True, vocab]``."""
+        ...
+
+    def read_adapter(self, path: Path) -> Any:
+        """Read and validate a PEFT directory into host memory; any thread."""
+        ...
+
+    def write_slot(self, slot: int, weights: Any) -> None: ...
+
+    def clear_slot(self, slot: int) -> None: ...
+
+
+def build_runner(model: str | Path | None, config: EngineConfig) -> Runner:
+    """``model``: an HF directory, a ``.gguf`` file or ``dummy:<preset>`` (None: default)."""
+    from engine.model_runner import ModelRunner
+
+    config.validate()
+    return ModelRunner(
+        model,
+        device=config.resolved_device(),
+        dtype=config.resolved_dtype(),
+        block_size=config.block_size,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len,
+        max_loras=config.max_loras,
+        max_lora_rank=config.max_lora_rank,
+        kv_cache_bytes=config.kv_cache_bytes,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        num_blocks=config.num_gpu_blocks,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        enforce_eager=config.enforce_eager,
+        seed=config.seed,
+    )
