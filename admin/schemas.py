@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from tenancy.api_keys import as_utc
 from tenancy.models import ApiKey, Tenant
 
 _REQUEST = ConfigDict(extra="forbid")
+# Stored times are UTC; SQLite hands them back without a zone.
+UtcTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class TenantCreate(BaseModel):
@@ -35,8 +38,8 @@ class TenantOut(BaseModel):
     status: str
     plan: str | None
     limits: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcTime
+    updated_at: UtcTime
 
     @classmethod
     def of(cls, t: Tenant) -> TenantOut:
@@ -72,10 +75,10 @@ class KeyOut(BaseModel):
     prefix: str
     scopes: list[str]
     limits: dict[str, Any]
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None
+    created_at: UtcTime
+    expires_at: UtcTime | None
+    revoked_at: UtcTime | None
+    last_used_at: UtcTime | None
 
     @classmethod
     def of(cls, k: ApiKey, tenant: str) -> KeyOut:

@@ -20,7 +20,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tenancy.api_keys import find_by_prefix, record_last_used
+from tenancy.api_keys import as_utc, find_by_prefix, record_last_used
 from tenancy.errors import Forbidden, Unauthenticated
 from tenancy.keys import parse_key, verify
 from tenancy.models import ApiKey, Tenant, utcnow
@@ -42,7 +42,7 @@ def _state(key: ApiKey, tenant: Tenant) -> _KeyState:
     plan = tenant.plan
     return _KeyState(
         secret_hash=key.secret_hash,
-        expires_at=key.expires_at,
+        expires_at=as_utc(key.expires_at),
         revoked=key.revoked_at is not None,
         tenant_active=tenant.status == "active",
         principal=Principal(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -30,6 +30,11 @@ class IssuedKey:
     row: ApiKey
     key: str  # the full secret key: shown once, never stored
     replaced_prefix: str | None = None  # rotation: the prefix of the key it revoked
+
+
+def as_utc(at: datetime | None) -> datetime | None:
+    """Timestamps read back from SQLite lose their zone; every stored one is UTC."""
+    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
 
 
 def check_scopes(scopes: Iterable[str]) -> list[str]:

@@ -29,9 +29,12 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-async def sessions(pg_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = make_engine(pg_url)
+@pytest.fixture(params=["pg_url", "sqlite_url"])
+async def sessions(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """PostgreSQL (cluster) and SQLite (embedded: timestamps come back without a zone)."""
+    engine = make_engine(request.getfixturevalue(request.param))
     yield make_sessionmaker(engine)
     await engine.dispose()
 
