@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, tl, triton
+from engine.kernels._triton import HAVE_TRITON, gdc_wait, pdl_ok, tl, triton
 from engine.kernels.lora_meta import LoraMeta
 
 
@@ -66,6 +66,8 @@ if HAVE_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr,
+        USE_PDL: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
         # program: one tile of <= BLOCK_M tokens of one segment (one adapter), one projection p,
         # a range of N_PER_PROG output columns walked in BLOCK_N steps.
@@ -92,6 +94,8 @@ if HAVE_TRITON:
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        if USE_PDL:
+            gdc_wait()  # what the previous kernel wrote (x, or buf and y) is visible after this
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
         y_rows = y_ptr + tok[:, None] * stride_yt
         # the rank is walked in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
@@ -99,30 +103,52 @@ if HAVE_TRITON:
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            xmask = mask_m[:, None] & mask_r[None, :]
-            xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
-            xt = tl.load(xrows, mask=xmask, other=0.0)
-            for ks in range(1, KS):
-                xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
-            if not IEEE:
-                xt = xt.to(b_ptr.dtype.element_ty)
-            for n0 in range(n_start, n_end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < n_end
-                bt = tl.load(
-                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
-                    mask=mask_n[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
-                ymask = mask_m[:, None] & mask_n[None, :]
-                yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
-                if IEEE:
-                    acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
-                else:
-                    acc = tl.dot(xt, tl.trans(bt))
-                tl.store(
-                    y_rows + offs_n[None, :], (yv.to(tl.float32) + acc).to(yv.dtype), mask=ymask
-                )
+            if ROWS:
+                # few tokens per tile (decode): per token, multiply-reduce on the CUDA cores
+                for i in range(0, tl.minimum(end - start, BLOCK_M)):
+                    t_i = tl.load(sorted_ptr + start + i).to(tl.int64)
+                    xr_ptr = buf_ptr + p * T * R + t_i * R + offs_r
+                    xr = tl.load(xr_ptr, mask=mask_r, other=0.0)
+                    for ks in range(1, KS):
+                        xr += tl.load(xr_ptr + ks * P * T * R, mask=mask_r, other=0.0)
+                    y_row = y_ptr + t_i * stride_yt
+                    for n0 in range(n_start, n_end, BLOCK_N):
+                        offs_n = n0 + tl.arange(0, BLOCK_N)
+                        mask_n = offs_n < n_end
+                        bt = tl.load(
+                            b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                            mask=mask_n[:, None] & mask_r[None, :],
+                            other=0.0,
+                        )
+                        acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
+                        yv = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
+                        tl.store(
+                            y_row + offs_n, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask_n
+                        )
+            else:
+                xmask = mask_m[:, None] & mask_r[None, :]
+                xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
+                xt = tl.load(xrows, mask=xmask, other=0.0)
+                for ks in range(1, KS):
+                    xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
+                if not IEEE:
+                    xt = xt.to(b_ptr.dtype.element_ty)
+                for n0 in range(n_start, n_end, BLOCK_N):
+                    offs_n = n0 + tl.arange(0, BLOCK_N)
+                    mask_n = offs_n < n_end
+                    bt = tl.load(
+                        b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                        mask=mask_n[:, None] & mask_r[None, :],
+                        other=0.0,
+                    )
+                    ymask = mask_m[:, None] & mask_n[None, :]
+                    yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
+                    if IEEE:
+                        acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
+                    else:
+                        acc = tl.dot(xt, tl.trans(bt))
+                    out = (yv.to(tl.float32) + acc).to(yv.dtype)
+                    tl.store(y_rows + offs_n[None, :], out, mask=ymask)
 
 
 def _expand_config(T: int, R: int, max_out: int, P: int, tiles: int, on_gpu: bool):
@@ -162,10 +188,15 @@ def lora_expand(
         return y
     max_out = max(offs[i + 1] - offs[i] for i in range(P))
     block_r, block_n, n_per = _expand_config(T, R, max_out, P, nt, y.is_cuda)
-    cfg = {"num_warps": 4, "num_stages": 3}
+    pdl = pdl_ok(y)
+    # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
+    rows = T < 4 * max(1, meta.num_segments)
+    cfg = {"num_warps": 4, "num_stages": 3, "launch_pdl": pdl}
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
+        pdl = cfg["launch_pdl"]
+        rows = config.get("rows", rows)
     offs = offs + [N] * (5 - len(offs))
     grid = (nt, triton.cdiv(max_out, n_per), P)
     _sgmv_expand_kernel[grid](
@@ -194,6 +225,8 @@ def lora_expand(
         BLOCK_N=block_n,
         BLOCK_R=block_r,
         IEEE=y.dtype == torch.float32,
+        USE_PDL=pdl,
+        ROWS=rows,
         **cfg,
     )
     return y

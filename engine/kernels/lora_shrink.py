@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, tl, triton
+from engine.kernels._triton import HAVE_TRITON, gdc_launch_dependents, gdc_wait, pdl_ok, tl, triton
 from engine.kernels.lora_meta import LoraMeta
 
 
@@ -65,6 +65,8 @@ if HAVE_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr,
+        USE_PDL: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
         tile = tl.program_id(0)
         p = tl.program_id(1)
@@ -83,32 +85,52 @@ if HAVE_TRITON:
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        if USE_PDL:
+            gdc_wait()  # what the previous kernel wrote (x, or buf and y) is visible after this
         k_lo = ks * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + tok[:, None] * stride_xt
         a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        out_base = buf_ptr + (ks * P + p) * T * R
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
             a_rows = a_base + offs_r[:, None] * stride_ar
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                kk = k0 + offs_k
-                mask_k = kk < k_hi
-                xt = tl.load(
-                    x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-                )
-                at = tl.load(
-                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
-                )
-                if IEEE:
-                    acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
-                else:
-                    acc += tl.dot(xt, tl.trans(at))
-            out = buf_ptr + (ks * P + p) * T * R + tok[:, None] * R + offs_r[None, :]
-            omask = mask_m[:, None] & mask_r[None, :]
-            tl.store(out, acc, mask=omask)
+            if ROWS:
+                # few tokens per tile (decode): per token, multiply-reduce on the CUDA cores;
+                # the A tile of a second token comes from L1/L2
+                for i in range(0, tl.minimum(end - start, BLOCK_M)):
+                    t_i = tl.load(sorted_ptr + start + i).to(tl.int64)
+                    acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+                    for k0 in range(k_lo, k_hi, BLOCK_K):
+                        kk = k0 + offs_k
+                        mask_k = kk < k_hi
+                        xv = tl.load(x_ptr + t_i * stride_xt + kk, mask=mask_k, other=0.0)
+                        at = tl.load(
+                            a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                        )
+                        acc2 += at.to(tl.float32) * xv.to(tl.float32)[None, :]
+                    tl.store(out_base + t_i * R + offs_r, tl.sum(acc2, axis=1), mask=mask_r)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(k_lo, k_hi, BLOCK_K):
+                    kk = k0 + offs_k
+                    mask_k = kk < k_hi
+                    xt = tl.load(
+                        x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                    )
+                    at = tl.load(
+                        a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                    )
+                    if IEEE:
+                        acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+                    else:
+                        acc += tl.dot(xt, tl.trans(at))
+                out = out_base + tok[:, None] * R + offs_r[None, :]
+                tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
+        if USE_PDL:
+            gdc_launch_dependents()
 
 
 def _shrink_config(T: int, K: int, P: int, R: int, tiles: int, on_gpu: bool):
@@ -145,10 +167,15 @@ def lora_shrink(
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     block_r, block_k, k_per = _shrink_config(T, K, P, R, nt, x.is_cuda)
-    cfg = {"num_warps": 4, "num_stages": 3 if block_k <= 128 else 2}
+    pdl = pdl_ok(x)
+    # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
+    rows = T < 4 * max(1, meta.num_segments)
+    cfg = {"num_warps": 4, "num_stages": 3 if block_k <= 128 else 2, "launch_pdl": pdl}
     if config:
         block_k, k_per = config.get("block_k", block_k), config.get("k_per", k_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
+        pdl = cfg["launch_pdl"]
+        rows = config.get("rows", rows)
     k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
     split = triton.cdiv(K, k_per)
     buf = torch.empty(split, P, T, R, dtype=torch.float32, device=x.device)
@@ -175,6 +202,8 @@ def lora_shrink(
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32,
+        USE_PDL=pdl,
+        ROWS=rows,
         **cfg,
     )
     return buf
