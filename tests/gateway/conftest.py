@@ -62,7 +62,14 @@ def _setup(gw: Gateway, lora_a: Path, lora_b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+def served_model_name() -> str:
+    """The base model's API name; a module may override this fixture."""
+    return BASE
+
+
+@pytest.fixture(scope="module")
 def gateway(
+    served_model_name: str,
     tiny_llama_dir: Path,
     make_peft_adapter: Callable[..., Path],
     tmp_path_factory: pytest.TempPathFactory,
@@ -80,7 +87,7 @@ def gateway(
             admin_token=admin_token,
             secret_key=secrets.token_hex(32),
             data_dir=data_dir,
-            served_model_name=BASE,
+            served_model_name=served_model_name,
             model=str(tiny_llama_dir),
             key_cache_ttl_s=1.0,
             max_body_bytes=256 * 1024,
