@@ -8,7 +8,8 @@ Python loop per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
+from operator import add
 
 import torch
 
@@ -84,17 +85,18 @@ def build_host_inputs(
     T = int(sum(lens_l))
     cu = torch.zeros(B + 1, dtype=torch.int64)
     torch.cumsum(lens, 0, out=cu[1:])
-    seq_idx = torch.repeat_interleave(torch.arange(B), lens)
-    positions = torch.arange(T) - cu[:-1][seq_idx] + starts[seq_idx]
-
-    bt_lens_l = [len(c.block_table) for c in chunks]
-    bt_lens = torch.tensor(bt_lens_l, dtype=torch.int64)
-    flat = torch.tensor(list(chain.from_iterable(c.block_table for c in chunks)), dtype=torch.int32)
-    bt = torch.zeros(B, max(bt_lens_l), dtype=torch.int32)
-    row = torch.repeat_interleave(torch.arange(B), bt_lens)
-    bt_cu = torch.cumsum(bt_lens, 0) - bt_lens
-    col = torch.arange(flat.shape[0]) - bt_cu[row]
-    bt[row, col] = flat
+    if T == B:  # one token per sequence (decode)
+        seq_idx = torch.arange(B)
+        positions = starts
+    else:  # built by itertools in C (torch's searchsorted / repeat_interleave are slower here)
+        seq_idx = torch.tensor(list(chain.from_iterable(map(repeat, range(B), lens_l))))
+        positions = torch.tensor(
+            list(chain.from_iterable(map(range, starts_l, map(add, starts_l, lens_l))))
+        )
+    mb = max(len(c.block_table) for c in chunks)
+    bt = torch.tensor(
+        [c.block_table + [0] * (mb - len(c.block_table)) for c in chunks], dtype=torch.int32
+    )
     slot_mapping = bt[seq_idx, positions // block_size].long() * block_size + positions % block_size
 
     slots = torch.tensor([c.adapter_slot for c in chunks], dtype=torch.int32)
@@ -108,7 +110,7 @@ def build_host_inputs(
         block_tables=bt,
         context_lens=(starts + lens).to(torch.int32),
         cu_q_lens=cu.to(torch.int32),
-        token_slot=torch.repeat_interleave(slots, lens),
+        token_slot=slots[seq_idx],
         sample_idx=(cu[1:] - 1)[sample],
         is_decode=batch.is_decode,
         has_lora=bool((slots >= 0).any()),

@@ -23,6 +23,7 @@ from model_builders import (
     runner_logits,
 )
 
+from engine.batch import ScheduledBatch, SeqChunk
 from engine.model.loader import default_model_path, load_model
 from engine.model_runner import ModelRunner
 
@@ -163,3 +164,42 @@ def test_smollm2_gguf_base_and_adapters_match_hf(smollm2):
     prompts += [tok(t)["input_ids"] for t in ("1, 2, 3, 4,", "def fib(n):")]
     refs = _references(hf, adapters, prompts)
     _check_batch(_runner(loaded), adapters, prompts, refs)
+
+
+def test_mixed_prefill_and_decode_batch_equals_separate_steps(tiny_llama):
+    """One step holding a decode, a prefill chunk and a first prefill gives each sequence
+    the logits it gets when run alone (per-sequence positions, tables, adapters)."""
+    base, adapters = tiny_llama
+    prompts = _prompts(3, 320, seed=11)
+    alone = _runner(str(base))
+    mixed = _runner(str(base))
+    for r in (alone, mixed):
+        r.write_slot(0, r.read_adapter(adapters[0]))
+        r.write_slot(1, r.read_adapter(adapters[2]))
+    t = [list(range(i * 16, (i + 1) * 16)) for i in range(3)]
+    p0, p1, p2 = prompts
+    # sequence 0 prefilled and decoding, 1 half prefilled, 2 new
+    ref = [
+        alone.execute(ScheduledBatch([SeqChunk(0, p0, 0, t[0], 0, False)])),
+        alone.execute(ScheduledBatch([SeqChunk(0, [9], len(p0), t[0], 0, True)])),
+        alone.execute(ScheduledBatch([SeqChunk(1, p1[:5], 0, t[1], -1, False)])),
+        alone.execute(ScheduledBatch([SeqChunk(1, p1[5:], 5, t[1], -1, True)])),
+        alone.execute(ScheduledBatch([SeqChunk(2, p2, 0, t[2], 1, True)])),
+    ]
+    mixed.execute(
+        ScheduledBatch(
+            [SeqChunk(0, p0, 0, t[0], 0, False), SeqChunk(1, p1[:5], 0, t[1], -1, False)]
+        )
+    )
+    got = mixed.execute(
+        ScheduledBatch(
+            [
+                SeqChunk(1, p1[5:], 5, t[1], -1, True),
+                SeqChunk(0, [9], len(p0), t[0], 0, True),
+                SeqChunk(2, p2, 0, t[2], 1, True),
+            ]
+        )
+    )
+    assert got.shape == (3, 320)
+    for row, want in zip(got, (ref[3][0], ref[1][0], ref[4][0]), strict=True):
+        assert rel_err(row, want) < 1e-5
