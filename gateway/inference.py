@@ -67,6 +67,7 @@ class EngineCall:
         self._t0 = time.monotonic()
         self._ttft_s: float | None = None
         self.last: RequestOutput | None = None
+        self._engine_aborted = False
         self._finished = False
 
     @property
@@ -112,12 +113,15 @@ class EngineCall:
             return None
         if self._ttft_s is None and out.completion_tokens > 0:
             self._ttft_s = time.monotonic() - self._t0
+        if any(d.finish_reason == "abort" for d in out.deltas):
+            self._engine_aborted = True  # e.g. the engine shutting down under us
         self.last = out
         return out
 
     async def finish(self, status: UsageStatus | None = None) -> None:
-        """Idempotent. ``status`` None: ``ok`` when the engine finished the request, else
-        ``aborted`` (the client left); an engine-reported error counts as ``error``."""
+        """Idempotent. ``status`` None: ``ok`` when the engine completed the request, else
+        ``aborted`` (the client left, or the engine stopped it); an engine-reported error
+        counts as ``error``."""
         if self._finished:
             return
         self._finished = True
@@ -125,7 +129,7 @@ class EngineCall:
             if self._outputs is not None:
                 await self._outputs.aclose()  # the engine aborts an unfinished request
             if status is None:
-                status = "ok" if self.done else "aborted"
+                status = "ok" if self.done and not self._engine_aborted else "aborted"
             if self.last is not None and self.last.error is not None:
                 status = "error"
             await self._meter(status)
@@ -211,8 +215,12 @@ async def collect(call: EngineCall, first: RequestOutput) -> Choices:
         while out is not None:
             choices.add(out)
             out = await call.next()
+    except EngineError:  # the engine died under the request
+        await call.finish("error")
+        raise
     finally:
         await call.finish()
-    if call.last is not None and call.last.error is not None:
-        raise EngineError(f"generation failed: {call.last.error}")
+    last = call.last
+    if last is not None and last.error is not None:
+        raise last.exception or EngineError(f"generation failed: {last.error}")
     return choices

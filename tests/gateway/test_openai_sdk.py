@@ -149,3 +149,30 @@ def test_sdk_error_types(gateway: Gateway) -> None:
     assert auth.value.code == "invalid_api_key"
     with pytest.raises(openai.PermissionDeniedError):
         gateway.sdk("a_read_only").chat.completions.create(model=BASE, messages=HELLO)
+
+
+async def test_concurrent_requests_over_many_adapters(gateway: Gateway) -> None:
+    """Mixed tenants, adapters, streaming and not, in flight together (one batch)."""
+    import asyncio
+
+    a, b = gateway.async_sdk("a"), gateway.async_sdk("b")
+
+    async def plain(client: openai.AsyncOpenAI, model: str) -> int:
+        r = await client.chat.completions.create(model=model, messages=HELLO, max_tokens=4)
+        return r.usage.completion_tokens
+
+    async def streamed(client: openai.AsyncOpenAI, model: str) -> int:
+        stream = await client.completions.create(
+            model=model, prompt="Once upon a time", max_tokens=4, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+        return chunks[-1].usage.completion_tokens
+
+    jobs = []
+    for model in (BASE, "support", "prod", "support@1"):
+        jobs += [plain(a, model), streamed(a, model)]
+    jobs += [plain(b, "globex-secret"), streamed(b, "globex-secret"), plain(b, BASE)]
+    assert await asyncio.gather(*jobs) == [4] * len(jobs)
+    await a.close()
+    await b.close()
