@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenancy.api_keys import as_utc, find_by_prefix, record_last_used
 from tenancy.errors import Forbidden, Unauthenticated
 from tenancy.keys import parse_key, verify
+from tenancy.limits import effective_tenant_limits
 from tenancy.models import ApiKey, Tenant, utcnow
 from tenancy.principal import Principal
 
@@ -50,7 +51,7 @@ def _state(key: ApiKey, tenant: Tenant) -> _KeyState:
             tenant_name=tenant.name,
             key_id=key.id,
             scopes=frozenset(key.scopes),
-            tenant_limits=dict(tenant.limits),
+            tenant_limits=effective_tenant_limits(plan.limits if plan else None, tenant.limits),
             key_limits=dict(key.limits),
             plan_name=plan.name if plan is not None else None,
             prompt_price_micros=plan.prompt_price_micros if plan is not None else 0,

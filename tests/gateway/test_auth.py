@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.auth import KeyAuthenticator
-from tenancy import api_keys, tenants
+from tenancy import api_keys, plans, tenants
 from tenancy.db import make_engine, make_sessionmaker
 from tenancy.errors import Forbidden, Unauthenticated
 from tenancy.models import ApiKey, utcnow
@@ -141,3 +141,20 @@ async def test_negative_answers_are_cached_and_bounded(sessions) -> None:
         with pytest.raises(Unauthenticated):
             await auth.authenticate(f"lpx_{i:012x}_{'a' * 43}")
     assert len(auth._cache) <= 3
+
+
+async def test_principal_carries_plan_prices_and_merged_limits(sessions) -> None:
+    async with sessions() as s:
+        await plans.create_plan(
+            s, name="pro", actor="test", prompt_price_micros=100, completion_price_micros=300,
+            limits={"requests_per_minute": 600, "tokens_per_minute": 10_000},
+        )  # fmt: skip
+        await tenants.create_tenant(
+            s, name="planned", actor="test", plan="pro", limits={"requests_per_minute": 60}
+        )
+    issued = await _key(sessions, "planned", limits={"max_concurrent": 2})
+    p = await KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5).authenticate(issued.key)
+    assert p.plan_name == "pro"
+    assert (p.prompt_price_micros, p.completion_price_micros) == (100, 300)
+    assert p.tenant_limits == {"requests_per_minute": 60, "tokens_per_minute": 10_000}
+    assert p.key_limits == {"max_concurrent": 2}
