@@ -130,6 +130,16 @@ class KeyAuthenticator:
         """Drop one cached key (this replica sees a revocation it made at once)."""
         self._cache.pop(prefix, None)
 
+    def forget_tenant(self, tenant_id: uuid.UUID) -> None:
+        """Drop every cached key of a tenant (its status or limits changed here)."""
+        stale = [
+            prefix
+            for prefix, (_, state) in self._cache.items()
+            if state is not None and state.principal.tenant_id == tenant_id
+        ]
+        for prefix in stale:
+            self._cache.pop(prefix, None)
+
     async def flush(self) -> None:
         """Write the collected ``last_used_at`` values in one statement."""
         if not self._used:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from admin.auth import AdminDep
 from admin.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
-from gateway.deps import SessionDep
+from gateway.deps import AuthDep, SessionDep
 from tenancy import tenants
 
 router = APIRouter(prefix="/admin/v1/tenants", tags=["admin: tenants"])
@@ -32,7 +32,7 @@ async def get_tenant(name: str, _: AdminDep, session: SessionDep) -> TenantOut:
 
 @router.patch("/{name}")
 async def update_tenant(
-    name: str, body: TenantUpdate, admin: AdminDep, session: SessionDep
+    name: str, body: TenantUpdate, admin: AdminDep, auth: AuthDep, session: SessionDep
 ) -> TenantOut:
     tenant = await tenants.update_tenant(
         session,
@@ -43,4 +43,5 @@ async def update_tenant(
         plan=body.plan,
         clear_plan="plan" in body.model_fields_set and body.plan is None,
     )
+    auth.forget_tenant(tenant.id)  # this replica at once; the others within the cache TTL
     return TenantOut.of(tenant)

@@ -168,3 +168,15 @@ def test_key_errors(admin) -> None:
     admin.post("/admin/v1/tenants", json={"name": other})
     theirs = admin.post(f"/admin/v1/tenants/{other}/keys", json={}).json()
     _error(admin.delete(f"{keys}/{theirs['id']}"), 404)
+
+
+def test_control_plane_only_server_answers_inference_with_503(admin, admin_server) -> None:
+    """No engine in this server: keys authenticate, inference is 503 in the envelope."""
+    name = _name()
+    admin.post("/admin/v1/tenants", json={"name": name})
+    key = admin.post(f"/admin/v1/tenants/{name}/keys", json={}).json()["key"]
+    with httpx.Client(base_url=admin_server.url, headers={"Authorization": f"Bearer {key}"}) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base"]
+        body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+        err = _error(c.post("/v1/chat/completions", json=body), 503)
+        assert err["code"] == "service_unavailable"

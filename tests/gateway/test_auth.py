@@ -158,3 +158,18 @@ async def test_principal_carries_plan_prices_and_merged_limits(sessions) -> None
     assert (p.prompt_price_micros, p.completion_price_micros) == (100, 300)
     assert p.tenant_limits == {"requests_per_minute": 60, "tokens_per_minute": 10_000}
     assert p.key_limits == {"max_concurrent": 2}
+
+
+async def test_forget_tenant_drops_all_its_keys(sessions) -> None:
+    one, two = await _key(sessions, "acme"), await _key(sessions, "acme")
+    other = await _key(sessions, "globex")
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=3600, clock=Clock())
+    for issued in (one, two, other):
+        await auth.authenticate(issued.key)
+    async with sessions() as s:
+        tenant = await tenants.update_tenant(s, "acme", actor="test", status="suspended")
+    auth.forget_tenant(tenant.id)
+    for issued in (one, two):
+        with pytest.raises(Forbidden):
+            await auth.authenticate(issued.key)
+    await auth.authenticate(other.key)
