@@ -42,7 +42,7 @@ class UsageSink(Protocol):
 
 
 @dataclass(frozen=True)
-class Plan:
+class CallSpec:
     """Everything the engine is asked to do for one API request."""
 
     request_id: str
@@ -55,9 +55,9 @@ class Plan:
 
 class EngineCall:
     def __init__(
-        self, engine: Any, plan: Plan, limiter: Limiter | None, ledger: UsageSink | None
+        self, engine: Any, spec: CallSpec, limiter: Limiter | None, ledger: UsageSink | None
     ) -> None:
-        self.plan = plan
+        self.spec = spec
         self._engine = engine
         self._limiter = limiter
         self._ledger = ledger
@@ -82,18 +82,18 @@ class EngineCall:
     async def start(self) -> RequestOutput:
         """Admit and submit; returns the first output. On any error the call is finished
         (status ``error``) and the error propagates to the route's handler."""
-        plan = self.plan
+        spec = self.spec
         if self._limiter is not None:
-            reserve = len(plan.prompt_ids) + plan.sampling.max_tokens * plan.sampling.n
+            reserve = len(spec.prompt_ids) + spec.sampling.max_tokens * spec.sampling.n
             self._admission = await self._limiter.admit(
-                plan.principal, reserve, prompt_tokens=len(plan.prompt_ids)
+                spec.principal, reserve, prompt_tokens=len(spec.prompt_ids)
             )
-        request = Request(plan.request_id, plan.prompt_ids, plan.sampling, plan.adapter)
+        request = Request(spec.request_id, spec.prompt_ids, spec.sampling, spec.adapter)
         try:
             self._outputs = self._engine.generate(request)
             first = await self.next()
             if first is None:
-                raise AdapterLoadError("the engine ended the request without output")
+                raise EngineError("the engine ended the request without any output")
             if first.finished and first.error is not None and first.completion_tokens == 0:
                 # Failed before any token (an adapter that cannot load or does not fit):
                 # the typed cause picks the status (400 incompatible, 503 unavailable).
@@ -135,10 +135,10 @@ class EngineCall:
             await self._meter(status)
 
     async def _meter(self, status: UsageStatus) -> None:
-        plan, last = self.plan, self.last
+        spec, last = self.spec, self.last
         prompt = last.prompt_tokens if last is not None else 0
         completion = last.completion_tokens if last is not None else 0
-        principal = plan.principal
+        principal = spec.principal
         cost = cost_micros(
             prompt, completion, principal.prompt_price_micros, principal.completion_price_micros
         )
@@ -146,15 +146,15 @@ class EngineCall:
             try:
                 await self._limiter.settle(self._admission, prompt + completion, cost_micros=cost)
             except Exception:  # the limiter's store is down: never lose the usage record
-                log.exception("could not settle admission of %s", plan.request_id)
+                log.exception("could not settle admission of %s", spec.request_id)
         if self._ledger is None:
             return
         event = UsageEvent(
-            request_id=plan.request_id,
+            request_id=spec.request_id,
             tenant_id=principal.tenant_id,
             api_key_id=principal.key_id,
-            adapter_version_id=plan.target.version.id if plan.target.version else None,
-            model=plan.target.model,
+            adapter_version_id=spec.target.version.id if spec.target.version else None,
+            model=spec.target.model,
             prompt_tokens=prompt,
             completion_tokens=completion,
             cached_tokens=last.cached_tokens if last is not None else 0,
@@ -202,14 +202,14 @@ async def open_call(
             raise Unavailable("adapters are not configured on this server")
         source = services.adapters.fetcher.source(target.version)
         adapter = AdapterRef(key=source.key, fetch=source.fetch)
-    plan = Plan(request_id, principal, target, ids, sampling, adapter)
-    call = EngineCall(services.engine, plan, services.limiter, services.ledger)
+    spec = CallSpec(request_id, principal, target, ids, sampling, adapter)
+    call = EngineCall(services.engine, spec, services.limiter, services.ledger)
     return call, await call.start()
 
 
 async def collect(call: EngineCall, first: RequestOutput) -> Choices:
     """A whole (non-streaming) response: every output until the last, then ``finish``."""
-    choices = Choices(call.plan.sampling.n)
+    choices = Choices(call.spec.sampling.n)
     try:
         out: RequestOutput | None = first
         while out is not None:

@@ -41,7 +41,7 @@ async def events(
     chunks: ChunkMaker,
     usage_chunk: UsageChunk | None,
 ) -> AsyncIterator[bytes]:
-    states = [ChoiceState() for _ in range(call.plan.sampling.n)]
+    states = [ChoiceState() for _ in range(call.spec.sampling.n)]
     out: RequestOutput | None = first
     try:
         while out is not None:

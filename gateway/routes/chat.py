@@ -26,7 +26,7 @@ async def chat_completions(
     body: ChatCompletionRequest, principal: InferenceDep, services: ServicesDep
 ) -> JSONResponse | EngineStream:
     call, first = await open_call(services, principal, body, new_request_id("chatcmpl"))
-    id_, created, model = call.plan.request_id, int(time.time()), body.model
+    id_, created, model = call.spec.request_id, int(time.time()), body.model
     if body.stream:
         chunks = partial(chat_chunks, id_, created, model, lp=body.logprobs)
         usage = chat_usage_chunk(id_, created, model) if body.include_usage() else None

@@ -26,7 +26,7 @@ async def completions(
     body: CompletionRequest, principal: InferenceDep, services: ServicesDep
 ) -> JSONResponse | EngineStream:
     call, first = await open_call(services, principal, body, new_request_id("cmpl"))
-    id_, created, model = call.plan.request_id, int(time.time()), body.model
+    id_, created, model = call.spec.request_id, int(time.time()), body.model
     if body.stream:
         chunks = partial(completion_chunks, id_, created, model, lp=body.logprobs is not None)
         usage = completion_usage_chunk(id_, created, model) if body.include_usage() else None
