@@ -158,6 +158,8 @@ class ModelRunner:
             hidden = self.graphs.run(host)
         else:
             inp = host.to_device(self.device)
+            if inp.lora is not None:
+                inp.lora_groups = self.lora.groups_used({c.adapter_slot for c in batch.chunks})
             hidden = self.model.forward(inp, self.kv_caches, self.lora)
         idx = host.sample_idx
         if self.device.type == "cuda":

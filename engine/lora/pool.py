@@ -54,6 +54,15 @@ class LoraPool:
                 b = torch.zeros(num_slots, off, max_rank, dtype=dtype, device=device)
                 self.layers[i][g] = LoraGroup(a, b, ranks[i])
         self._num_layers = config.num_layers
+        self._slot_groups: list[frozenset[str]] = [frozenset()] * num_slots
+
+    def groups_used(self, slots: set[int]) -> frozenset[str]:
+        """The projection groups that the adapters in ``slots`` touch (host bookkeeping)."""
+        out: frozenset[str] = frozenset()
+        for s in slots:
+            if s >= 0:
+                out |= self._slot_groups[s]
+        return out
 
     def nbytes(self) -> int:
         n = 0
@@ -71,6 +80,7 @@ class LoraPool:
         self._check_slot(slot)
         for ranks in self._ranks.values():
             ranks[:, slot].zero_()
+        self._slot_groups[slot] = frozenset()
 
     def write(self, slot: int, weights: LoraWeights) -> None:
         """Copy ``weights`` into ``slot`` (non-blocking from pinned host memory on GPU)."""
@@ -93,3 +103,4 @@ class LoraPool:
             host_ranks[g][layer, p] = r
         for g, ranks in self._ranks.items():
             ranks[:, slot].copy_(host_ranks[g])
+        self._slot_groups[slot] = frozenset(MODULE_GROUP[m] for _, m in weights.modules)

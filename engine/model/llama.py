@@ -68,6 +68,7 @@ class ForwardInputs:
     cu_q_lens: torch.Tensor  # [B+1] int32
     is_decode: bool
     lora: LoraMeta | None  # None: no token of this step uses an adapter
+    lora_groups: frozenset[str] | None = None  # groups the step's adapters touch (None: all)
 
 
 class LlamaModel:
@@ -90,9 +91,11 @@ class LlamaModel:
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
 
-    def _lora(self, y, x, group: LoraGroup, offsets, meta: LoraMeta | None) -> None:
-        if meta is None:
+    def _lora(self, y, x, groups: dict[str, LoraGroup], name: str, offsets, inp) -> None:
+        meta = inp.lora
+        if meta is None or (inp.lora_groups is not None and name not in inp.lora_groups):
             return
+        group = groups[name]
         buf = K.lora_shrink(x, group.a, group.ranks, meta)
         K.lora_expand(buf, group.b, group.ranks, offsets, meta, y)
 
@@ -104,7 +107,6 @@ class LlamaModel:
     ) -> torch.Tensor:
         """-> final normed hidden states ``[T, H]``. Writes the step's K/V into ``kv_caches``."""
         c = self.config
-        meta = inp.lora if lora is not None else None
         T = inp.input_ids.shape[0]
         x = F.embedding(inp.input_ids, self.weights.embed)
         residual = None
@@ -118,7 +120,7 @@ class LlamaModel:
 
             qkv = F.linear(h, w.qkv, w.qkv_bias)
             if groups is not None:
-                self._lora(qkv, h, groups["qkv"], self.qkv_offsets, meta)
+                self._lora(qkv, h, groups, "qkv", self.qkv_offsets, inp)
             q = qkv[:, : c.q_size].reshape(T, c.num_heads, c.head_dim)
             k = qkv[:, c.q_size : c.q_size + c.kv_size].reshape(T, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_kv_heads, c.head_dim)
@@ -142,16 +144,16 @@ class LlamaModel:
             attn = attn.reshape(T, c.q_size)
             o = F.linear(attn, w.o)
             if groups is not None:
-                self._lora(o, attn, groups["o"], self.single_offsets["o"], meta)
+                self._lora(o, attn, groups, "o", self.single_offsets["o"], inp)
 
             h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
             gu = F.linear(h, w.gate_up)
             if groups is not None:
-                self._lora(gu, h, groups["gate_up"], self.gate_up_offsets, meta)
+                self._lora(gu, h, groups, "gate_up", self.gate_up_offsets, inp)
             act = K.silu_and_mul(gu)
             x = F.linear(act, w.down)
             if groups is not None:
-                self._lora(x, act, groups["down"], self.single_offsets["down"], meta)
+                self._lora(x, act, groups, "down", self.single_offsets["down"], inp)
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
         return out
 

@@ -190,12 +190,13 @@ def test_pool_write_clear_and_overwrite(tmp_path):
     grp = pool.layers[0]["qkv"]
     assert grp.ranks[1].tolist() == [8, 0, 8] and grp.ranks[0].tolist() == [0, 0, 0]
     assert pool.layers[1]["qkv"].ranks[1].tolist() == [0, 0, 0]
+    assert pool.groups_used({-1, 1}) == {"qkv"} and pool.groups_used({0}) == frozenset()
     pool.write(1, small)
     assert grp.ranks[1].tolist() == [2, 0, 2]
     assert grp.a[1, 0, 2:].abs().sum() == 0 and grp.b[1, :64, 2:].abs().sum() == 0
     torch.testing.assert_close(grp.b[1, 64 + 32 :, :2], small.modules[(0, "v_proj")].b)
     pool.clear(1)
-    assert grp.ranks.abs().sum() == 0
+    assert grp.ranks.abs().sum() == 0 and pool.groups_used({1}) == frozenset()
     with pytest.raises(IndexError):
         pool.write(2, small)
 
