@@ -1,0 +1,236 @@
+"""Decode step of the engine's model runner against its bytes floor.
+
+One command: ``PYTHONPATH=. python benchmarks/bench_decode.py`` (CUDA; ``--smoke`` runs
+``dummy:tiny`` on the CPU). For ``dummy:llama3-8b`` in bf16, every sequence at context 512,
+it times steady-state decode steps through ``ModelRunner.execute`` (CUDA graphs on) for
+batch 1/8/32/64/128 and three adapter mixes:
+
+- ``base``: no adapter;
+- ``one``: every sequence uses the same rank-16 adapter;
+- ``distinct``: every sequence its own rank-16 adapter (N = batch distinct adapters).
+
+Two times per case:
+
+- ``gpu_ms``: the captured decode graph's replay plus the LM head, back to back under CUDA
+  events (device time of a step; host work excluded);
+- ``step_ms``: ``runner.execute(batch)`` followed by a device sync, median wall clock: what
+  the engine's loop pays per step (host input building, copies, replay, LM head).
+
+The floor is (base weights + the batch's distinct adapter weights + the KV read) over the
+device-to-device copy bandwidth measured in the same run (read + write bytes counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    adapter_bytes,
+    base_step_bytes,
+    copy_bandwidth,
+    device_info,
+    kv_read_bytes,
+    median_synced,
+    pick_device,
+    random_lora_weights,
+    table,
+    time_once,
+    write_json,
+)
+
+from engine.batch import ScheduledBatch, SeqChunk
+from engine.model_runner import ModelRunner
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dummy:llama3-8b")
+    p.add_argument("--batches", default="1,8,32,64,128")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--modes", default="base,one,distinct")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", default=None, help="dir: torch.profiler of the batch-32 case")
+    p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.batches, args.context = "dummy:tiny", "1,3", 40
+        args.steps, args.warmup = 3, 1
+    return args
+
+
+def build_runner(args, device: torch.device, max_batch: int, num_slots: int) -> ModelRunner:
+    per_seq = -(-(args.context + 1) // args.block_size)
+    return ModelRunner(
+        args.model,
+        device=device,
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        block_size=args.block_size,
+        max_num_seqs=max_batch,
+        max_model_len=per_seq * args.block_size,
+        max_loras=num_slots,
+        max_lora_rank=args.rank,
+        num_blocks=max_batch * per_seq + 1,
+        seed=0,
+    )
+
+
+def decode_batch(batch: int, context: int, per_seq: int, slots: list[int]) -> ScheduledBatch:
+    """``batch`` sequences at ``context`` tokens each: the step computes position context-1.
+
+    Block tables are disjoint (block 0 is left unused)."""
+    gen = torch.Generator().manual_seed(batch)
+    toks = torch.randint(3, 200, (batch,), generator=gen).tolist()
+    chunks = [
+        SeqChunk(
+            seq_id=i,
+            token_ids=[toks[i]],
+            start_pos=context - 1,
+            block_table=list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)),
+            adapter_slot=slots[i],
+            sample=True,
+        )
+        for i in range(batch)
+    ]
+    return ScheduledBatch(chunks)
+
+
+def gpu_step_seconds(runner: ModelRunner, batch: ScheduledBatch, with_lora: bool, n: int):
+    """Device time of one step: the decode graph's replay + LM head, ``n`` back to back."""
+    graphs = runner.graphs
+    b = len(batch.chunks)
+    if graphs is None:
+        return None
+    runner.execute(batch)  # fills the static buffers for this batch
+    bs = next(x for x in graphs.buckets if x >= b)
+    g, out = graphs._graphs[(bs, with_lora)]
+
+    def run() -> None:
+        for _ in range(n):
+            g.replay()
+            runner.model.logits(out[:b])
+
+    run()
+    return time_once(run, runner.device) / n
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.smoke)
+    batches = [int(x) for x in args.batches.split(",")]
+    modes = args.modes.split(",")
+    max_batch = max(batches)
+    num_slots = max_batch if "distinct" in modes else 1
+    bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
+    print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
+
+    runner = build_runner(args, device, max_batch, num_slots)
+    cfg = runner.config
+    elem = torch.empty((), dtype=runner.dtype).element_size()
+    per_seq = -(-(args.context + 1) // args.block_size)
+    print(
+        f"{args.model}: {runner.loaded.weights.nbytes() / 2**30:.2f} GiB weights, "
+        f"{runner.num_blocks} KV blocks, {num_slots} LoRA slots, "
+        f"graphs={'on' if runner.graphs is not None else 'off'}",
+        flush=True,
+    )
+    with torch.inference_mode():
+        for k_cache, v_cache in runner.kv_caches:  # random KV (never time on zeros)
+            k_cache.normal_()
+            v_cache.normal_()
+        for s in range(num_slots):
+            w = random_lora_weights(cfg, args.rank, dtype=runner.dtype, device=device, seed=s)
+            runner.write_slot(s, w)
+            del w
+    a_bytes = adapter_bytes(cfg, args.rank, elem)
+    w_bytes = runner.loaded.weights.nbytes()
+
+    rows = []
+    for b in batches:
+        for mode in modes:
+            slots = {"base": [-1] * b, "one": [0] * b, "distinct": list(range(b))}[mode]
+            n_adapters = len({s for s in slots if s >= 0})
+            batch = decode_batch(b, args.context, per_seq, slots)
+            for _ in range(args.warmup):
+                runner.execute(batch)
+            step = median_synced(lambda batch=batch: runner.execute(batch), device, args.steps)
+            gpu = gpu_step_seconds(runner, batch, n_adapters > 0, args.steps)
+            floor_bytes = (
+                base_step_bytes(cfg, w_bytes, b, elem)
+                + n_adapters * a_bytes
+                + kv_read_bytes(cfg, b, args.context, elem)
+            )
+            floor = floor_bytes / bw
+            row = {
+                "batch": b,
+                "mode": mode,
+                "adapters": n_adapters,
+                "floor_ms": floor * 1e3,
+                "gpu_ms": gpu * 1e3 if gpu is not None else float("nan"),
+                "gpu/floor": gpu / floor if gpu is not None else float("nan"),
+                "step_ms": step * 1e3,
+                "step/floor": step / floor,
+                "floor_GB": floor_bytes / 1e9,
+            }
+            rows.append(row)
+            print(table([row], list(row)), flush=True)
+
+    # each mode against base at the same batch (same run)
+    base = {r["batch"]: r for r in rows if r["mode"] == "base"}
+    for r in rows:
+        if r["batch"] in base:
+            r["step/base"] = r["step_ms"] / base[r["batch"]]["step_ms"]
+    cols = ["batch", "mode", "adapters", "floor_ms", "gpu_ms", "gpu/floor", "step_ms"]
+    cols += ["step/floor", "step/base"]
+    print("\n" + table(rows, cols))
+    result = {
+        "bench": "decode",
+        "args": vars(args),
+        "info": device_info(device),
+        "copy_bandwidth_GBps": bw / 1e9,
+        "weights_bytes": w_bytes,
+        "adapter_bytes": a_bytes,
+        "rows": rows,
+        "median_step_over_floor": statistics.median(r["step/floor"] for r in rows),
+    }
+    write_json(args.json, result)
+    if args.profile:
+        b = 32 if 32 in batches else max(batches)
+        profile_steps(runner, decode_batch(b, args.context, per_seq, list(range(b))), args)
+    return result
+
+
+def profile_steps(runner: ModelRunner, batch: ScheduledBatch, args) -> None:
+    """torch.profiler over a few synced ``execute`` steps -> op table + chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if runner.device.type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        runner.execute(batch)
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            runner.execute(batch).cpu()
+    key = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=40)
+    text += "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    (out / "decode_profile.txt").write_text(text)
+    prof.export_chrome_trace(str(out / "decode_trace.json"))
+    print(f"profile of {len(batch.chunks)} sequences written to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

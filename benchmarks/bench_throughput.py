@@ -1,0 +1,366 @@
+"""Offline throughput of the engine with many adapters, against itself without adapters and
+against Hugging Face transformers + PEFT on the same GPU.
+
+One command: ``PYTHONPATH=. python benchmarks/bench_throughput.py`` (CUDA; ``--smoke`` runs
+``dummy:tiny`` on the CPU with a handful of requests). Workload: ``--num-requests`` requests
+(1,000), random prompt ids of ``--prompt-len`` (256) tokens, ``--output-len`` (128) output
+tokens each (``ignore_eos``, greedy), all queued at once; each request's adapter is drawn with
+Zipf(``--zipf``) popularity from N adapters, N in ``--adapters`` (0 = no adapter: the baseline).
+
+One :class:`ModelRunner` (weights, KV pool, LoRA slot pool, CUDA graphs) serves every case;
+each case gets a fresh :class:`LLMEngine` over it (scheduler, block manager, slot table and
+adapter loader start empty). Adapters are rank-16 PEFT directories on local disk read by the
+engine's own loader; ``--weight-files`` distinct random weight files are written and adapter i
+reads file ``i % weight-files`` under its own key (the engine keys slots, host cache and KV
+prefixes by key, so it treats every key as a distinct adapter; only the bytes repeat).
+Before a case is timed its adapters are loaded into the host cache (``--preload``; the
+load rate is reported); GPU slot writes and evictions happen inside the timed run.
+
+The HF baseline (``--hf-adapters``, default 32) builds the same architecture in
+transformers with random bf16 weights, adds N PEFT LoRA adapters and runs ``generate`` with
+``adapter_names=`` (PEFT's mixed-adapter batch) on ``--hf-requests`` requests of the same
+shape in batches of ``--hf-batch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    ALL_TARGETS,
+    device_info,
+    hf_llama_config,
+    pick_device,
+    table,
+    write_json,
+    write_peft_adapter,
+    zipf_indices,
+)
+
+from engine.api import AdapterRef, Request, SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_runner import ModelRunner
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dummy:llama3-8b")
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--adapters", default="0,1,32,512", help="cases; 0 = no adapters")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--weight-files", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-loras", type=int, default=128, help="GPU LoRA slots")
+    p.add_argument("--load-workers", type=int, default=8)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--no-preload", dest="preload", action="store_false")
+    p.add_argument("--hf-adapters", default="32", help="HF+PEFT cases ('' = skip HF)")
+    p.add_argument("--hf-requests", type=int, default=64)
+    p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, help="dir: cProfile of a short 32-adapter case")
+    p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.num_requests, args.prompt_len, args.output_len = "dummy:tiny", 24, 20, 8
+        args.adapters, args.weight_files, args.max_num_seqs = "0,1,4,16", 2, 8
+        args.max_num_batched_tokens, args.max_loras, args.load_workers = 64, 4, 2
+        args.hf_adapters, args.hf_requests, args.hf_batch = "4", 4, 4
+    return args
+
+
+def make_runner(args, device: torch.device) -> ModelRunner:
+    return ModelRunner(
+        args.model,
+        device=device,
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        block_size=16,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.prompt_len + args.output_len + 16,
+        max_loras=args.max_loras,
+        max_lora_rank=args.rank,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_bytes=64 * 2**20 if device.type == "cpu" else None,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+    )
+
+
+def make_engine(args, runner: ModelRunner, n_adapters: int) -> LLMEngine:
+    cfg = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=runner.max_model_len,
+        max_loras=args.max_loras,
+        max_lora_rank=args.rank,
+        max_cpu_loras=max(args.max_loras, n_adapters),
+        adapter_load_workers=args.load_workers,
+        seed=args.seed,
+    )
+    return LLMEngine(runner, cfg)
+
+
+def prompts(args, vocab: int, n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    return torch.randint(3, vocab, (n, args.prompt_len), generator=gen).tolist()
+
+
+def adapter_refs(args, cfg, n: int, root: Path) -> list[AdapterRef]:
+    files = []
+    for f in range(min(n, args.weight_files)):
+        d = root / f"w{f}"
+        if not d.exists():
+            write_peft_adapter(d, cfg, args.rank, seed=1000 + f)
+        files.append(d)
+    return [
+        AdapterRef(key=f"bench-{n}-{i}", fetch=lambda p=files[i % len(files)]: p) for i in range(n)
+    ]
+
+
+def preload(engine: LLMEngine, refs: list[AdapterRef]) -> float:
+    """Load every adapter into the engine's host cache; -> seconds taken."""
+    t0 = time.perf_counter()
+    for ref in refs:
+        engine.loader.start(ref)
+    while engine.loader.num_loading:
+        time.sleep(0.005)
+        failed = engine.loader.collect()
+        if failed:
+            raise RuntimeError(f"adapter load failed: {failed[0]}")
+    return time.perf_counter() - t0
+
+
+def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[AdapterRef]):
+    """Queue every request, step to the end. -> dict of the case's numbers."""
+    n = len(ids)
+    picks = zipf_indices(len(refs), n, args.zipf, seed=args.seed) if refs else [None] * n
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    before = engine.stats()
+    t0 = time.perf_counter()
+    for i, (p, a) in enumerate(zip(ids, picks, strict=True)):
+        engine.add_request(Request(f"r{i}", p, params, None if a is None else refs[a]))
+    out_tokens, finished, seqs_sum, steps = 0, 0, 0, 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                finished += 1
+                out_tokens += o.completion_tokens
+                if o.error:
+                    raise RuntimeError(f"{o.request_id}: {o.error}")
+        if engine.last_step_ran:
+            steps += 1
+            seqs_sum += engine.stats().last_batch_seqs
+        else:
+            time.sleep(0.001)  # waiting on adapter loads only
+    elapsed = time.perf_counter() - t0
+    st = engine.stats()
+    if finished != n or out_tokens != n * args.output_len:
+        raise RuntimeError(f"{finished}/{n} finished, {out_tokens} output tokens")
+    return {
+        "adapters": len(refs),
+        "distinct_used": len({a for a in picks if a is not None}),
+        "requests": n,
+        "seconds": elapsed,
+        "out_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + n * args.prompt_len) / elapsed,
+        "steps": steps,
+        "mean_batch": seqs_sum / max(steps, 1),
+        "preemptions": st.preemptions - before.preemptions,
+        "slot_evictions": st.adapter_evictions - before.adapter_evictions,
+        "loads_in_run": st.adapter_loads - before.adapter_loads,
+    }
+
+
+def run_hf_case(args, model_cfg, device, n_adapters: int, ids: list[list[int]]) -> dict:
+    """HF transformers + PEFT mixed-adapter ``generate`` (greedy, fixed output length)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(hf_llama_config(model_cfg), dtype=dtype).eval()
+    holder = {"model": base}
+    names: list[str] | None = None
+    if n_adapters:
+        lcfg = LoraConfig(
+            r=args.rank, lora_alpha=args.rank, target_modules=list(ALL_TARGETS), lora_dropout=0.0
+        )
+        model = get_peft_model(base, lcfg, adapter_name="a0")  # wraps base in place
+        for i in range(1, n_adapters):
+            model.add_adapter(f"a{i}", lcfg)
+        with torch.no_grad():  # PEFT starts B at zero; make every adapter change the output
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.normal_(std=p.shape[1] ** -0.5)
+                elif "lora_B" in name:
+                    p.normal_(std=0.1 * p.shape[1] ** -0.5)
+        picks = zipf_indices(n_adapters, len(ids), args.zipf, seed=args.seed)
+        names = [f"a{i}" for i in picks]
+        model.eval()
+        holder["model"] = model
+
+    def generate(batch_ids: list[list[int]], batch_names: list[str] | None, new: int):
+        x = torch.tensor(batch_ids, device=device)
+        kw = {"adapter_names": batch_names} if batch_names is not None else {}
+        with torch.no_grad():
+            out = holder["model"].generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                **kw,
+            )
+        return out.shape[1] - x.shape[1]
+
+    generate(ids[:2], names[:2] if names else None, 4)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out_tokens = 0
+    for s in range(0, len(ids), args.hf_batch):
+        chunk = ids[s : s + args.hf_batch]
+        got = generate(chunk, names[s : s + args.hf_batch] if names else None, args.output_len)
+        out_tokens += got * len(chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    holder.clear()
+    del base
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "adapters": n_adapters,
+        "requests": len(ids),
+        "batch": args.hf_batch,
+        "seconds": elapsed,
+        "out_tok_s": out_tokens / elapsed,
+    }
+
+
+def profile_case(args, runner: ModelRunner, ids: list[list[int]], root: Path) -> None:
+    """cProfile of the engine's step loop (host side) over a short 32-adapter case."""
+    import cProfile
+    import io
+    import pstats
+
+    n = min(32, max(int(x) for x in args.adapters.split(",")))
+    engine = make_engine(args, runner, n)
+    refs = adapter_refs(args, runner.config, n, root)
+    preload(engine, refs)
+    prof = cProfile.Profile()
+    prof.enable()
+    row = run_engine_case(args, engine, ids[: max(len(ids) // 5, 1)], refs)
+    prof.disable()
+    engine.shutdown()
+    buf = io.StringIO()
+    buf.write(f"{row}\n\n")
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(30)
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput_cprofile.txt").write_text(buf.getvalue())
+    print(f"cProfile ({row['out_tok_s']:.0f} out tok/s under the profiler) written to {out}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.smoke)
+    cases = [int(x) for x in args.adapters.split(",") if x != ""]
+    hf_cases = [int(x) for x in args.hf_adapters.split(",") if x != ""]
+
+    t0 = time.perf_counter()
+    runner = make_runner(args, device)
+    cfg = runner.config
+    print(
+        f"{args.model} on {device}: runner ready in {time.perf_counter() - t0:.1f}s "
+        f"({runner.num_blocks} KV blocks, {args.max_loras} LoRA slots, "
+        f"graphs={'on' if runner.graphs is not None else 'off'})",
+        flush=True,
+    )
+    ids = prompts(args, cfg.vocab_size, args.num_requests)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lpx-bench-") as tmp:
+        # warm-up: a few short requests through the whole engine path (with and without LoRA)
+        warm = make_engine(args, runner, 1)
+        warm_refs = adapter_refs(args, cfg, 1, Path(tmp))
+        for i in range(4):
+            warm.add_request(
+                Request(f"w{i}", ids[i], SamplingParams(max_tokens=4, ignore_eos=True),
+                        warm_refs[0] if i % 2 else None)
+            )  # fmt: skip
+        while warm.has_unfinished():
+            warm.step()
+            if not warm.last_step_ran:
+                time.sleep(0.005)
+        warm.shutdown()
+
+        for n in cases:
+            engine = make_engine(args, runner, n)
+            refs = adapter_refs(args, cfg, n, Path(tmp))
+            load_s = preload(engine, refs) if (refs and args.preload) else 0.0
+            row = run_engine_case(args, engine, ids, refs)
+            row["preload_s"] = load_s
+            row["loads_per_s"] = len(refs) / load_s if load_s else float("nan")
+            engine.shutdown()
+            rows.append(row)
+            print(table([row], list(row)), flush=True)
+
+        if args.profile:
+            profile_case(args, runner, ids, Path(tmp))
+
+    del runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    base = next((r for r in rows if r["adapters"] == 0), None)
+    for r in rows:
+        r["vs_no_adapter"] = r["out_tok_s"] / base["out_tok_s"] if base else float("nan")
+
+    hf_rows = []
+    for n in hf_cases:
+        hf_ids = ids[: args.hf_requests]
+        hf = run_hf_case(args, cfg, device, n, hf_ids)
+        same = next((r for r in rows if r["adapters"] == n), None)
+        hf["engine_over_hf"] = same["out_tok_s"] / hf["out_tok_s"] if same else float("nan")
+        hf_rows.append(hf)
+        print(table([hf], list(hf)), flush=True)
+
+    cols = ["adapters", "distinct_used", "seconds", "out_tok_s", "vs_no_adapter", "mean_batch"]
+    cols += ["steps", "preemptions", "slot_evictions", "loads_in_run", "preload_s"]
+    print("\nengine\n" + table(rows, cols))
+    if hf_rows:
+        print("\nHF transformers + PEFT\n" + table(hf_rows, list(hf_rows[0])))
+    result = {
+        "bench": "throughput",
+        "args": vars(args),
+        "info": device_info(device),
+        "engine": rows,
+        "hf_peft": hf_rows,
+    }
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Shared pieces of the engine-level benchmarks: bandwidth, byte counts, adapters, output.
+
+Every benchmark reports ratios against a baseline measured in the same run; the bytes floor
+uses :func:`copy_bandwidth`, a large device-to-device copy timed here (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.lora.weights import GROUPS, LoraModule, LoraWeights, module_dims
+from engine.model.config import ModelConfig
+
+ALL_TARGETS = tuple(m for mods in GROUPS.values() for m in mods)
+GiB = 2**30
+
+
+# ---- timing and bandwidth ------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = GiB, reps: int = 20) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written.
+
+    Median of ``reps`` copies timed with CUDA events after a warm-up (wall clock on CPU)."""
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    bufs[0].random_(0, 255)
+
+    def copy() -> None:
+        bufs[1].copy_(bufs[0])
+
+    for _ in range(3):
+        copy()
+    times = [time_once(copy, device) for _ in range(reps)]
+    bufs.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes on ``device`` (CUDA events; wall clock on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def wall_per_call(fn: Callable[[], object], device: torch.device, n: int) -> float:
+    """Seconds per call of ``fn`` run ``n`` times back to back, synchronizing once at the end
+    (so the host may run ahead of the device: max(host time, device time) per call)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def median_synced(fn: Callable[[], object], device: torch.device, n: int) -> float:
+    """Median wall seconds of ``fn`` followed by a device sync (what a step loop that reads
+    its result every step, as the engine's sampler does, sees)."""
+    out = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+# ---- byte counts for the floor -------------------------------------------------------------
+
+
+def adapter_bytes(cfg: ModelConfig, rank: int, elem: int, targets=ALL_TARGETS) -> int:
+    """Bytes of one adapter's A and B (what a decode step must read per distinct adapter)."""
+    dims = module_dims(cfg)
+    per_layer = sum(rank * (dims[m][0] + dims[m][1]) for m in targets)
+    return per_layer * cfg.num_layers * elem
+
+
+def base_step_bytes(cfg: ModelConfig, weights_nbytes: int, batch: int, elem: int) -> int:
+    """Weight bytes a decode step reads: every weight except the embedding table, of which
+    only ``batch`` rows are gathered (when tied, the table is read in full as the LM head)."""
+    embed = cfg.vocab_size * cfg.hidden_size * elem
+    if cfg.tie_word_embeddings:
+        return weights_nbytes
+    return weights_nbytes - embed + batch * cfg.hidden_size * elem
+
+
+def kv_read_bytes(cfg: ModelConfig, batch: int, context: int, elem: int) -> int:
+    """K and V of ``context`` positions for ``batch`` sequences, every layer."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem * context * batch
+
+
+# ---- random adapters -----------------------------------------------------------------------
+
+
+def random_lora_weights(
+    cfg: ModelConfig,
+    rank: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    targets=ALL_TARGETS,
+) -> LoraWeights:
+    """A rank-``rank`` adapter on every target of every layer, as the runner holds it.
+
+    A has unit gain (std 1/sqrt(in)); B (scale folded) moves the output by about 0.1x."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dims = module_dims(cfg)
+    mods = {}
+    for layer in range(cfg.num_layers):
+        for m in targets:
+            in_f, out_f = dims[m]
+            a = torch.randn(rank, in_f, generator=gen, device=device) / math.sqrt(in_f)
+            b = torch.randn(out_f, rank, generator=gen, device=device) * (0.1 / math.sqrt(rank))
+            mods[(layer, m)] = LoraModule(a.to(dtype), b.to(dtype))
+    return LoraWeights(mods)
+
+
+def write_peft_adapter(
+    out: Path,
+    cfg: ModelConfig,
+    rank: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    targets=ALL_TARGETS,
+) -> Path:
+    """A PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) with
+    random A and B, written straight from tensors (no model needed). lora_alpha = rank."""
+    from safetensors.torch import save_file
+
+    w = random_lora_weights(cfg, rank, dtype=dtype, seed=seed, targets=targets)
+    tensors = {}
+    for (layer, m), mod in w.modules.items():
+        parent = "self_attn" if m in GROUPS["qkv"] + GROUPS["o"] else "mlp"
+        prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+        tensors[f"{prefix}.lora_A.weight"] = mod.a.contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = mod.b.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": list(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def zipf_indices(n_items: int, n_draws: int, s: float = 1.0, seed: int = 0) -> list[int]:
+    """``n_draws`` indices in ``[0, n_items)``, P(k) proportional to 1 / (k+1)^s."""
+    gen = torch.Generator().manual_seed(seed)
+    w = 1.0 / torch.arange(1, n_items + 1, dtype=torch.float64) ** s
+    return torch.multinomial(w, n_draws, replacement=True, generator=gen).tolist()
+
+
+def hf_llama_config(cfg: ModelConfig):
+    """The transformers ``LlamaConfig`` of an engine preset (for the HF baseline)."""
+    from transformers import LlamaConfig
+
+    rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rs = cfg.rope_scaling
+    if rs.kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=min(cfg.max_position_embeddings, 8192),
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=list(cfg.eos_token_ids) or None,
+    )
+
+
+# ---- output --------------------------------------------------------------------------------
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / GiB, 1)
+        )
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return info
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A plain fixed-width table of ``rows`` (dicts) in column order ``cols``."""
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def pick_device(smoke: bool) -> torch.device:
+    if smoke and not os.environ.get("LORAPLEX_BENCH_SMOKE_CUDA"):
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
