@@ -3,8 +3,9 @@
 When Redis cannot be reached the configured policy decides: by default request rates
 fail open (the request goes through unchecked) and budgets fail closed (503), since a
 burst is cheaper than an unbounded bill. Either way the outcome is counted in
-``loraplex_limiter_unavailable_total``. After a failure the limiter does not try Redis
-again for ``retry_s``, so an outage does not add a timeout to every request.
+``loraplex_limiter_unavailable_total``. After ``TRIP_AFTER`` consecutive failures the
+limiter does not try Redis again for ``retry_s``, so an outage does not add a timeout to
+every request (while one slow call, say on a busy event loop, does not stop the checks).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from tenancy.principal import Principal
 log = logging.getLogger("loraplex.limits")
 
 MONTH_TTL_MS = 40 * 24 * 3600 * 1000
+TRIP_AFTER = 3  # consecutive store failures before the limiter stops trying for retry_s
 STORE_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
 
 
@@ -94,7 +96,7 @@ class RedisLimiter:
         lease_s: float = 600.0,
         rates_fail_open: bool = True,
         budgets_fail_open: bool = False,
-        timeout_s: float = 0.5,
+        timeout_s: float = 1.0,
         retry_s: float = 1.0,
         owns_client: bool = True,
     ) -> None:
@@ -107,29 +109,36 @@ class RedisLimiter:
         self._retry_s = retry_s
         self._owns_client = owns_client
         self._down_until = 0.0
+        self._failures = 0
         self._admit = redis.register_script(ADMIT_LUA)
         self._settle = redis.register_script(SETTLE_LUA)
         self._sync = redis.register_script(SYNC_MONTH_LUA)
 
     @classmethod
     def from_url(cls, url: str, metrics: Metrics, **kwargs: float | bool) -> RedisLimiter:
-        timeout = float(kwargs.get("timeout_s", 0.5))
+        timeout = float(kwargs.get("timeout_s", 1.0))
         client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         return cls(client, metrics, **kwargs)  # type: ignore[arg-type]
 
     async def _call(self, script: object, keys: list[str], args: list[int | str]) -> list[int]:
         if time.monotonic() < self._down_until:
-            raise ConnectionError("limit store marked down after a recent failure")
+            raise ConnectionError("limit store marked down after repeated failures")
         try:
             async with asyncio.timeout(self._timeout_s * 2):
-                return await script(keys=keys, args=args)  # type: ignore[operator,no-any-return]
+                reply = await script(keys=keys, args=args)  # type: ignore[operator]
         except STORE_ERRORS as exc:
-            # Logged once per retry period, not per request; every check is counted.
-            log.warning(
-                "limit store unreachable (%s); policies apply for %.1fs", exc, self._retry_s
-            )
-            self._down_until = time.monotonic() + self._retry_s
+            # One slow call (a busy event loop) is not an outage: only consecutive failures
+            # mark the store down, and that is logged once per retry period.
+            self._failures += 1
+            if self._failures >= TRIP_AFTER:
+                log.warning(
+                    "limit store unreachable (%s); policies apply for %.1fs", exc, self._retry_s
+                )
+                self._down_until = time.monotonic() + self._retry_s
+                self._failures = 0
             raise
+        self._failures = 0
+        return reply  # type: ignore[no-any-return]
 
     async def admit(
         self, principal: Principal, reserve_tokens: int, *, prompt_tokens: int | None = None

@@ -39,7 +39,7 @@ class GatewaySettings(StoreSettings):
     limits_rates_fail_open: bool = True
     limits_budgets_fail_open: bool = False
     limits_lease_s: float = 600.0  # a concurrency slot not settled by then frees itself
-    limits_redis_timeout_s: float = 0.25
+    limits_redis_timeout_s: float = 1.0  # generous: a busy event loop is not an outage
     # Budget counters raised to the ledger's month totals this often (0: never).
     limits_budget_sync_s: float = 300.0
     # Metering (gateway.ledger): the durable outbox, drained into the database.

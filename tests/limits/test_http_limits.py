@@ -81,6 +81,7 @@ def pair(
                     served_model_name=BASE,
                     model=str(tiny_llama_dir),
                     key_cache_ttl_s=1.0,
+                    limits_redis_timeout_s=10.0,  # a loaded CI machine is not an outage
                 ),
                 engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config),
             )
@@ -112,6 +113,20 @@ async def burst(pair: Pair, tenant: str, n: int, max_tokens: int = 1) -> list[ht
         )
 
 
+def store_failures(pair: Pair) -> float:
+    """Checks made while a gateway could not reach Redis (they would void the counts)."""
+    total = 0.0
+    for g in pair.gateways:
+        registry = g.services.metrics.registry  # type: ignore[union-attr]
+        for check in ("rate", "budget"):
+            for outcome in ("admitted", "rejected"):
+                labels = {"check": check, "outcome": outcome}
+                total += (
+                    registry.get_sample_value("loraplex_limiter_unavailable_total", labels) or 0
+                )
+    return total
+
+
 def wait_ledger(pair: Pair, tenant: str, count: int) -> dict[str, tuple[int, int, int, str]]:
     wait_until(lambda: len(pair.ledger(tenant)) >= count, 60)
     rows = pair.ledger(tenant)
@@ -131,7 +146,7 @@ def test_requests_per_minute_across_two_instances(pair: Pair) -> None:
     tenant = pair.tenant({"requests_per_minute": 50})
     responses = asyncio.run(burst(pair, tenant, 200))
     codes = [r.status_code for r in responses]
-    assert codes.count(200) == 50 and codes.count(429) == 150, sorted(set(codes))
+    assert codes.count(200) == 50 and codes.count(429) == 150, (codes, store_failures(pair))
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert refused.json()["error"]["type"] == "rate_limit_error"
@@ -179,7 +194,7 @@ def test_tokens_per_minute_across_two_instances(pair: Pair) -> None:
     tenant = pair.tenant({"tokens_per_minute": 20 * reserve})
     responses = asyncio.run(burst(pair, tenant, 80))
     codes = [r.status_code for r in responses]
-    assert codes.count(200) == 20 and codes.count(429) == 60
+    assert codes.count(200) == 20 and codes.count(429) == 60, (codes, store_failures(pair))
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["x-ratelimit-limit-tokens"] == str(20 * reserve)
     assert "tokens per minute" in refused.json()["error"]["message"]

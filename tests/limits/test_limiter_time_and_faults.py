@@ -156,3 +156,15 @@ async def test_quota_is_reported_over_rates():
     with pytest.raises(QuotaExceeded) as err:
         await lim.admit(who, 1)
     assert err.value.retry_after > 60  # until the month ends, not the minute
+
+
+async def test_only_consecutive_failures_mark_the_store_down():
+    lim = RedisLimiter.from_url(UNREACHABLE, new_metrics(), timeout_s=0.2)
+    try:
+        for _ in range(2):
+            await lim.admit(principal({"requests_per_minute": 5}), 1)
+        assert lim._down_until == 0.0  # a slow or failed call or two: keep trying
+        await lim.admit(principal({"requests_per_minute": 5}), 1)
+        assert lim._down_until > 0.0
+    finally:
+        await lim.aclose()
