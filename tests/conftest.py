@@ -17,7 +17,8 @@ Fixtures (use them by name):
 
 Markers: ``gpu`` (skipped unless CUDA is available; run ``pytest -m gpu`` on a GPU machine)
 and ``slow``. Missing PostgreSQL/Redis servers are started on demand (see harness.services).
-LORAPLEX_* variables of the caller's environment are removed for the run (hermetic tests).
+LORAPLEX_* variables of the caller's environment are removed for the run (hermetic tests);
+without CUDA, TRITON_INTERPRET=1 is set before anything imports triton.
 """
 
 from __future__ import annotations
@@ -34,10 +35,20 @@ for _name in [n for n in os.environ if n.startswith("LORAPLEX_") and "_TEST_" no
     del os.environ[_name]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def _has_cuda() -> bool:
     import torch
 
-    if torch.cuda.is_available():
+    return bool(torch.cuda.is_available())
+
+
+# Without a GPU, Triton kernels run in its interpreter; this must be set before anything
+# imports triton (kernel tests and the engine modules other tests import share it).
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run `pytest -m gpu` on a GPU machine)")
     for item in items:
