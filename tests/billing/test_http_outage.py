@@ -1,6 +1,7 @@
-"""The database goes away under a serving gateway: requests keep being served (keys are
-cached), their usage waits in the outbox, and once the database is back the ledger holds
-each request exactly once with the usage the API returned."""
+"""Stores go away under a serving gateway. The database: requests keep being served (keys
+are cached), their usage waits in the outbox, and once the database is back the ledger
+holds each request exactly once with the usage the API returned. Redis: request rates
+fail open, budgets fail closed (503), both counted; limits apply again once it is back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import secrets
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -56,10 +59,17 @@ class ThreadedProxy:
         self._thread.join(10)
 
 
+@dataclass
+class Served:
+    gw: Gateway
+    db: ThreadedProxy
+    redis: ThreadedProxy
+
+
 @pytest.fixture(scope="module")
 def served(
-    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Gateway, ThreadedProxy]]:
+    tiny_llama_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     token = secrets.token_hex(16)
     config = EngineConfig(device="cpu", max_num_seqs=16, num_gpu_blocks=256, max_loras=2)
     with fresh_database() as url:
@@ -67,8 +77,13 @@ def served(
         proxy = ThreadedProxy(real.host or "127.0.0.1", real.port or 5432)
         proxy.restore()
         proxied = real.set(port=proxy.port).render_as_string(hide_password=False)
+        redis_parts = urlsplit(redis_url)
+        redis_proxy = ThreadedProxy(redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379)
+        redis_proxy.restore()
         settings = GatewaySettings(
             database_url=proxied,
+            redis_url=f"redis://127.0.0.1:{redis_proxy.port}{redis_parts.path}",
+            limits_budget_sync_s=0,
             admin_token=token,
             secret_key=secrets.token_hex(32),
             data_dir=tmp_path_factory.mktemp("gw"),
@@ -84,9 +99,10 @@ def served(
                 gw = Gateway(url=base, app=app, database_url=url, admin_token=token)
                 with httpx.Client() as probe:
                     wait_until(lambda: probe.get(f"{base}/ready").status_code == 200, 120)
-                yield gw, proxy
+                yield Served(gw, proxy, redis_proxy)
         finally:
             proxy.close()
+            redis_proxy.close()
 
 
 def metric(gw: Gateway, name: str) -> float:
@@ -96,13 +112,21 @@ def metric(gw: Gateway, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-def test_database_outage_under_traffic(served: tuple[Gateway, ThreadedProxy]) -> None:
-    gw, proxy = served
+BODY = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+def new_key(gw: Gateway, limits: dict[str, int] | None = None) -> tuple[str, str]:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     with gw.admin() as admin:
-        ok(admin.post("/admin/v1/tenants", json={"name": tenant}))
+        ok(admin.post("/admin/v1/tenants", json={"name": tenant, "limits": limits or {}}))
         key = ok(admin.post(f"/admin/v1/tenants/{tenant}/keys", json={"scopes": ["inference"]}))
-    body = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    return tenant, key["key"]
+
+
+def test_database_outage_under_traffic(served: Served) -> None:
+    gw, proxy = served.gw, served.db
+    tenant, key = new_key(gw)
+    body = BODY
     returned: dict[str, tuple[int, int]] = {}
 
     def call(client: httpx.Client) -> None:
@@ -111,7 +135,7 @@ def test_database_outage_under_traffic(served: tuple[Gateway, ThreadedProxy]) ->
         u = r.json()["usage"]
         returned[r.json()["id"]] = (u["prompt_tokens"], u["completion_tokens"])
 
-    headers = {"Authorization": f"Bearer {key['key']}"}
+    headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=gw.url, headers=headers, timeout=60) as client:
         call(client)  # the key is now cached
         wait_until(lambda: len(ledger(gw, tenant)) == 1, 30)
@@ -136,3 +160,34 @@ def ledger(gw: Gateway, tenant: str) -> dict[str, tuple[int, int]]:
         tenant,
     )
     return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def test_redis_outage_rates_fail_open_budgets_fail_closed(served: Served) -> None:
+    gw = served.gw
+    _, rated = new_key(gw, {"requests_per_minute": 2})
+    _, budgeted = new_key(gw, {"monthly_token_budget": 100_000})
+
+    def post(key: str) -> httpx.Response:
+        with httpx.Client(base_url=gw.url, timeout=60) as c:
+            return c.post(
+                "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}
+            )
+
+    for key in (rated, budgeted):
+        assert post(key).status_code == 200  # keys cached, limits checked in Redis
+    served.redis.cut()
+    try:
+        for _ in range(4):  # over the 2 a minute: let through unchecked
+            assert post(rated).status_code == 200
+        refused = post(budgeted)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        text = httpx.get(f"{gw.url}/metrics").text
+        assert 'loraplex_limiter_unavailable_total{check="rate",outcome="admitted"} 4.0' in text
+        assert 'loraplex_limiter_unavailable_total{check="budget",outcome="rejected"} 1.0' in text
+    finally:
+        served.redis.restore()
+    # Back: after the retry period the limiter checks Redis again (1 of 2 already counted).
+    wait_until(lambda: post(budgeted).status_code == 200, 10)
+    codes = [post(rated).status_code for _ in range(2)]
+    assert codes == [200, 429]
