@@ -9,7 +9,7 @@ stop string and holds back text that could be the start of one.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 _CONTEXT_TOKENS = 5
 _WINDOW = 32
@@ -18,6 +18,15 @@ _REPLACEMENT = "\ufffd"
 
 class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def fast_decoder(tokenizer: Any) -> Decoder:
+    """The Rust tokenizer behind a transformers fast tokenizer, where decoding through it
+    gives the same text (no clean-up of spaces); it skips per-call Python overhead."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return backend
+    return tokenizer
 
 
 class IncrementalDetokenizer:

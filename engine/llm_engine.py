@@ -15,7 +15,7 @@ import torch
 from engine.api import AdapterRef, Request, RequestOutput
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.detokenizer import IncrementalDetokenizer, StopChecker, fast_decoder
 from engine.errors import (
     AdapterLoadError,
     EngineError,
@@ -38,6 +38,7 @@ class LLMEngine:
         self.runner = runner
         self.config = config
         self.tokenizer = runner.tokenizer
+        self._decoder = fast_decoder(runner.tokenizer)
         self.max_model_len = min(runner.max_model_len, config.max_model_len or runner.max_model_len)
         self.blocks = BlockManager(
             runner.num_blocks, runner.block_size, config.enable_prefix_caching
@@ -107,7 +108,7 @@ class LLMEngine:
             )
             self._next_seq_id += 1
             choice = Choice(
-                seq, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopChecker(p.stop)
+                seq, IncrementalDetokenizer(self._decoder, prompt_ids), StopChecker(p.stop)
             )
             state.choices.append(choice)
             self._owner[seq.seq_id] = (state, choice)
@@ -257,7 +258,7 @@ class LLMEngine:
             lp = None
             found = res.logprob_of(i) if state.params.logprobs is not None else None
             if found is not None:
-                lp = make_logprob(self.tokenizer, token, *found)
+                lp = make_logprob(self._decoder, token, *found)
             state.on_token(choice, token, lp, self.max_model_len)
             if choice.finished:
                 self.scheduler.finish(seq)

@@ -93,9 +93,13 @@ class RequestState:
     def take_output(self) -> RequestOutput | None:
         """The deltas since the last call; None when there is nothing new to say."""
         deltas = []
+        finished, completion = True, 0
         for i, c in enumerate(self.choices):
-            final = c.finished and not c.reported_finish
-            text = c.stops.take(final=c.finished)
+            done = c.finish_reason is not None
+            finished = finished and done
+            completion += c.seq.num_tokens - c.seq.prompt_len
+            final = done and not c.reported_finish
+            text = c.stops.take(final=done)
             if not (c.new_token_ids or text or final):
                 continue
             deltas.append(
@@ -115,11 +119,11 @@ class RequestState:
             request_id=self.request.request_id,
             deltas=deltas,
             prompt_tokens=len(self.prompt_ids),
-            completion_tokens=sum(c.seq.num_output_tokens for c in self.choices),
+            completion_tokens=completion,
             cached_tokens=self.cached_tokens,
-            finished=self.finished,
-            error=self.error if self.finished else None,
-            exception=self.exception if self.finished else None,
+            finished=finished,
+            error=self.error if finished else None,
+            exception=self.exception if finished else None,
         )
 
 

@@ -124,27 +124,32 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=1) if any(k is not None for k in want) else None
 
         logits = apply_penalties(logits, rows)
-        temps = torch.tensor([r.params.temperature for r in rows], device=dev)
-        greedy = temps < _GREEDY_EPS
         greedy_ids = logits.argmax(dim=1)
-        if bool(greedy.all()):
+        ps = [r.params for r in rows]
+        is_greedy = [p.temperature < _GREEDY_EPS for p in ps]
+        if all(is_greedy):  # decided on the host: no device sync for the common case
             chosen = greedy_ids
         else:
-            logits = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
-            top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
-            top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
-            if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
-                logits = apply_top_k_top_p(logits, top_k, top_p)
+            # one host->device copy for every per-row knob: temperature, top_p, min_p, top_k
+            knobs = torch.tensor(
+                [
+                    [1.0 if g else p.temperature, p.top_p, p.min_p, float(p.top_k)]
+                    for p, g in zip(ps, is_greedy, strict=True)
+                ]
+            ).to(dev, non_blocking=True)
+            logits = logits / knobs[:, 0:1]
+            if any(p.top_k > 0 or p.top_p < 1.0 for p in ps):
+                logits = apply_top_k_top_p(logits, knobs[:, 3].long(), knobs[:, 1])
             probs = logits.softmax(dim=1)
-            min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
-            if bool((min_p > 0).any()):
-                floor = min_p.unsqueeze(1) * probs.max(dim=1, keepdim=True).values
+            if any(p.min_p > 0 for p in ps):
+                floor = knobs[:, 2:3] * probs.max(dim=1, keepdim=True).values
                 probs = probs.masked_fill(probs < floor, 0.0)
             noise = torch.empty_like(probs).exponential_(generator=self._default_generator(dev))
             for i, r in enumerate(rows):
                 if r.generator is not None:
                     noise[i].exponential_(generator=r.generator)
             sampled = (probs / noise).argmax(dim=1)
+            greedy = torch.tensor(is_greedy).to(dev, non_blocking=True)
             chosen = torch.where(greedy, greedy_ids, sampled)
 
         token_ids = chosen.tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.detokenizer import IncrementalDetokenizer, StopChecker, fast_decoder
 
 TEXTS = [
     "Héllo wörld, naïve café",
@@ -33,6 +33,16 @@ def test_streamed_text_equals_full_decode_and_never_breaks(tok, text, prompt):
     pieces.append(detok.flush())
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_fast_decoder_streams_the_same_text(tok, text):
+    decoder = fast_decoder(tok)
+    assert decoder is tok.backend_tokenizer  # this tokenizer does no space clean-up
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(decoder, tok.encode("ctx "))
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tok.decode(ids) and all("\ufffd" not in p for p in pieces)
 
 
 def test_incomplete_character_is_held_then_flushed(tok):
