@@ -85,6 +85,11 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine is dead (the model failed to load, the step loop raised), if it is."""
+        return self._dead
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until ready (or dead); True when ready."""
         self._ready.wait(timeout)

@@ -163,3 +163,16 @@ async def test_not_started_is_not_ready(tok):
     assert not engine.is_ready
     with pytest.raises(EngineDead):
         await collect(engine, Request("x", [3], SamplingParams()))
+
+
+async def test_failed_build_is_reported(tok):
+    def factory() -> LLMEngine:
+        raise FileNotFoundError("no model at /nowhere")
+
+    engine = AsyncEngine(factory)
+    engine.start()
+    assert not engine.wait_ready(5)
+    assert isinstance(engine.failure, FileNotFoundError) and engine.engine is None
+    with pytest.raises(EngineDead, match="no model"):
+        await collect(engine, Request("x", [3], SamplingParams()))
+    engine.shutdown()
