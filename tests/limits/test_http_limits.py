@@ -312,3 +312,20 @@ def test_usage_routes_scope_and_validation(pair: Pair) -> None:
     no_scope = httpx.get(url, headers={"Authorization": f"Bearer {issued['key']}"})
     assert no_scope.status_code == 403
     assert httpx.get(f"{pair.urls[0]}/admin/v1/usage/export", headers=auth).status_code == 401
+
+
+def test_plan_limits_apply_under_the_tenants_own(pair: Pair) -> None:
+    name = f"starter-{uuid.uuid4().hex[:6]}"
+    with pair.admin() as admin:
+        ok(admin.post("/admin/v1/plans", json={"name": name, "limits": {"requests_per_minute": 3}}))
+    on_plan = pair.tenant(plan=name)
+    overridden = pair.tenant({"requests_per_minute": 5}, plan=name)
+    codes = [r.status_code for r in asyncio.run(burst(pair, on_plan, 6))]
+    assert codes.count(200) == 3 and codes.count(429) == 3
+    codes = [r.status_code for r in asyncio.run(burst(pair, overridden, 8))]
+    assert codes.count(200) == 5 and codes.count(429) == 3
+    with pair.admin() as admin:  # a plan change applies (cached keys: within the cache TTL)
+        ok(admin.patch(f"/admin/v1/plans/{name}", json={"limits": {"requests_per_minute": 1}}))
+    later = pair.tenant(plan=name)
+    codes = [r.status_code for r in asyncio.run(burst(pair, later, 3))]
+    assert codes.count(200) == 1 and codes.count(429) == 2
