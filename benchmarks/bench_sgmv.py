@@ -222,17 +222,21 @@ def _expand_all(pools, bufs, y, g, meta, c):
 
 def sweep() -> None:
     """Per-group time of shrink and expand configurations, all-distinct rank 16."""
-    shrink_cfgs = [
-        {"rows": rows, "block_k": bk, "k_per": kp, "num_warps": w, "num_stages": st}
-        for rows in (True, False)
-        for bk, kp in ((128, 256), (256, 512), (256, 1024))
-        for w, st in ((4, 2), (4, 3), (8, 2))
+    variants = [
+        {"prefetch": False},
+        {"launch_pdl": False, "prefetch": False},
+        {"rows": False},
+        {"rows": True},
     ]
-    expand_cfgs = [
-        {"rows": rows, "block_n": bn, "n_per": npp, "num_warps": w, "num_stages": st}
-        for rows in (True, False)
+    shrink_cfgs = variants + [
+        {"block_k": bk, "k_per": kp, "num_warps": w, "num_stages": st}
+        for bk, kp in ((128, 256), (256, 512), (256, 1024))
+        for w, st in ((4, 2), (8, 2))
+    ]
+    expand_cfgs = variants + [
+        {"block_n": bn, "n_per": npp, "num_warps": w, "num_stages": st}
         for bn, npp in ((64, 256), (128, 128), (128, 512), (256, 1024))
-        for w, st in ((4, 2), (4, 3), (8, 2))
+        for w, st in ((4, 2), (8, 2))
     ]
     gen = torch.Generator().manual_seed(0)
     for T in (1, 64):
@@ -254,6 +258,7 @@ def sweep() -> None:
                 rows = sorted(
                     (r for r in res if r[1] == op and r[2] is not None), key=lambda r: r[0]
                 )[:3]
+                rows += [r for r in res if r[1] == op and r[2] in variants]
                 dflt = next(r[0] for r in res if r[1] == op and r[2] is None)
                 best = ", ".join(f"{t:.1f} {c}" for t, _, c in rows)
                 print(f"T={T:>3} {g:>7} {op}: default {dflt:.1f} us; best {best}", flush=True)

@@ -14,6 +14,24 @@ except ImportError:  # pragma: no cover
 
 import torch
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def prefetch_l2(ptrs, mask):
+        """Ask L2 for the lines at ptrs (no registers written): weights a kernel will read
+        after gdc_wait() start streaming while the previous kernel finishes."""
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r",
+            [ptrs, mask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+else:  # pragma: no cover
+    prefetch_l2 = None
+
 
 def pdl_ok(t: torch.Tensor) -> bool:
     """Programmatic dependent launch (Hopper+): the next kernel's prologue overlaps this one's
@@ -21,4 +39,12 @@ def pdl_ok(t: torch.Tensor) -> bool:
     return HAVE_TRITON and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-__all__ = ["HAVE_TRITON", "gdc_launch_dependents", "gdc_wait", "pdl_ok", "tl", "triton"]
+__all__ = [
+    "HAVE_TRITON",
+    "gdc_launch_dependents",
+    "gdc_wait",
+    "pdl_ok",
+    "prefetch_l2",
+    "tl",
+    "triton",
+]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, gdc_wait, pdl_ok, tl, triton
+from engine.kernels._triton import HAVE_TRITON, gdc_wait, pdl_ok, prefetch_l2, tl, triton
 from engine.kernels.lora_meta import LoraMeta
 
 
@@ -46,10 +46,9 @@ if HAVE_TRITON:
         ranks_ptr,  # [slots, P]
         y_ptr,  # [T, N]
         sorted_ptr,
-        seg_start_ptr,
-        seg_slot_ptr,
-        tile_seg_ptr,
+        tile_slot_ptr,
         tile_start_ptr,
+        tile_end_ptr,
         T,
         R,
         OFF1,
@@ -68,16 +67,17 @@ if HAVE_TRITON:
         IEEE: tl.constexpr,
         USE_PDL: tl.constexpr,
         ROWS: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        LINE: tl.constexpr,
     ):
         # program: one tile of <= BLOCK_M tokens of one segment (one adapter), one projection p,
         # a range of N_PER_PROG output columns walked in BLOCK_N steps.
         tile = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
-        seg = tl.load(tile_seg_ptr + tile)
-        if seg < 0:
-            return
-        slot = tl.load(seg_slot_ptr + seg)
+        slot = tl.load(tile_slot_ptr + tile)  # the three loads of one round trip
+        start = tl.load(tile_start_ptr + tile)
+        end = tl.load(tile_end_ptr + tile)
         if slot < 0:
             return
         rank = tl.load(ranks_ptr + slot * P + p)
@@ -89,14 +89,21 @@ if HAVE_TRITON:
         if n_start >= n_hi:
             return
         n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
-        start = tl.load(tile_start_ptr + tile)
-        end = tl.load(seg_start_ptr + seg + 1)
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        if USE_PDL:
-            gdc_wait()  # what the previous kernel wrote (x, or buf and y) is visible after this
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        if USE_PDL:
+            if PREFETCH:
+                # B rows [n_start, n_end) stream into L2 while the shrink ends; only when the
+                # adapter fills the stored rank (else whole lines would fetch unused columns)
+                if rank == R:
+                    lo_e = n_start * stride_bn
+                    n_lines = tl.cdiv((n_end - n_start) * stride_bn, LINE)
+                    for i0 in range(0, n_lines, 256):
+                        idx = i0 + tl.arange(0, 256)
+                        prefetch_l2(b_base + lo_e + idx * LINE, idx < n_lines)
+            gdc_wait()  # what the shrink wrote (buf) and y are visible after this
         y_rows = y_ptr + tok[:, None] * stride_yt
         # the rank is walked in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
         # read-modified-written once per step, the N loop inside so that it is pipelined.
@@ -108,9 +115,15 @@ if HAVE_TRITON:
                 for i in range(0, tl.minimum(end - start, BLOCK_M)):
                     t_i = tl.load(sorted_ptr + start + i).to(tl.int64)
                     xr_ptr = buf_ptr + p * T * R + t_i * R + offs_r
-                    xr = tl.load(xr_ptr, mask=mask_r, other=0.0)
-                    for ks in range(1, KS):
-                        xr += tl.load(xr_ptr + ks * P * T * R, mask=mask_r, other=0.0)
+                    xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
+                    for ks0 in range(0, KS, 16):  # K-split partials, 16 loads in flight
+                        offs_ks = ks0 + tl.arange(0, 16)
+                        part = tl.load(
+                            xr_ptr + offs_ks[:, None] * (P * T * R),
+                            mask=(offs_ks[:, None] < KS) & mask_r[None, :],
+                            other=0.0,
+                        )
+                        xr += tl.sum(part, axis=0)
                     y_row = y_ptr + t_i * stride_yt
                     for n0 in range(n_start, n_end, BLOCK_N):
                         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -191,12 +204,14 @@ def lora_expand(
     pdl = pdl_ok(y)
     # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
     rows = T < 4 * max(1, meta.num_segments)
+    prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
     cfg = {"num_warps": 4, "num_stages": 3, "launch_pdl": pdl}
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
         rows = config.get("rows", rows)
+        prefetch = config.get("prefetch", prefetch)
     offs = offs + [N] * (5 - len(offs))
     grid = (nt, triton.cdiv(max_out, n_per), P)
     _sgmv_expand_kernel[grid](
@@ -205,10 +220,9 @@ def lora_expand(
         ranks.contiguous(),
         y,
         meta.sorted_tokens,
-        meta.seg_start,
-        meta.seg_slot,
-        meta.tile_seg,
+        meta.tile_slot,
         meta.tile_start,
+        meta.tile_end,
         T,
         R,
         offs[1],
@@ -227,6 +241,8 @@ def lora_expand(
         IEEE=y.dtype == torch.float32,
         USE_PDL=pdl,
         ROWS=rows,
+        PREFETCH=prefetch,
+        LINE=128 // y.element_size(),
         **cfg,
     )
     return y

@@ -10,6 +10,8 @@ with torch ops only (no Python loop per token). The SGMV kernels read it:
 - ``tile_seg[NT]``, ``tile_start[NT]``: the segments cut into tiles of ``block_m`` tokens
   (``tile_start`` is a position in ``sorted_tokens``); padding tiles have ``tile_seg = -1``.
   One SGMV program handles one tile, so the grid is static: ``NT = cdiv(T, block_m) + S``.
+- ``tile_slot[NT]``, ``tile_end[NT]``: per tile its adapter slot (-1 for padding) and the end of
+  its segment, so that a program reads its whole work description in one round trip.
 - ``token_slot[T]``: kept for the per-token (BGMV) decode path.
 
 ``num_segments`` is a host int. For CUDA graphs build with ``max_segments`` (e.g. the number
@@ -35,6 +37,8 @@ class LoraMeta:
     seg_slot: torch.Tensor  # [S] int32 (-1 for padding segments)
     tile_seg: torch.Tensor  # [NT] int32 (-1 for padding tiles)
     tile_start: torch.Tensor  # [NT] int32
+    tile_slot: torch.Tensor  # [NT] int32 (-1 for padding tiles)
+    tile_end: torch.Tensor  # [NT] int32
     num_segments: int  # S (host int; the padded bound when built with max_segments)
     num_lora_tokens: int  # tokens with an adapter (host int; T when built with max_segments)
     block_m: int = DEFAULT_BLOCK_M
@@ -54,6 +58,8 @@ class LoraMeta:
             mv(self.seg_slot),
             mv(self.tile_seg),
             mv(self.tile_start),
+            mv(self.tile_slot),
+            mv(self.tile_end),
             self.num_segments,
             self.num_lora_tokens,
             self.block_m,
@@ -70,6 +76,8 @@ class LoraMeta:
             "seg_slot",
             "tile_seg",
             "tile_start",
+            "tile_slot",
+            "tile_end",
         ):
             dst, src = getattr(self, name), getattr(other, name)
             if dst.shape != src.shape:
@@ -121,8 +129,14 @@ def build_lora_meta(
     within = torch.arange(nt_used, device=dev) - first_tile[tile_seg]
     tile_start = seg_start[tile_seg] + within * block_m
     pad = nt - nt_used
-    tile_seg = torch.cat([tile_seg, torch.full((pad,), -1, dtype=torch.int64, device=dev)])
-    tile_start = torch.cat([tile_start, torch.zeros(pad, dtype=torch.int64, device=dev)])
+    tile_slot = seg_slot[tile_seg]
+    tile_end = seg_start[tile_seg + 1]
+    neg = torch.full((pad,), -1, dtype=torch.int64, device=dev)
+    zero = torch.zeros(pad, dtype=torch.int64, device=dev)
+    tile_seg = torch.cat([tile_seg, neg])
+    tile_start = torch.cat([tile_start, zero])
+    tile_slot = torch.cat([tile_slot, neg])
+    tile_end = torch.cat([tile_end, zero])
 
     i32 = torch.int32
     return LoraMeta(
@@ -132,6 +146,8 @@ def build_lora_meta(
         seg_slot=seg_slot.to(i32),
         tile_seg=tile_seg.to(i32),
         tile_start=tile_start.to(i32),
+        tile_slot=tile_slot.to(i32),
+        tile_end=tile_end.to(i32),
         num_segments=S,
         num_lora_tokens=n_lora if max_segments is None else T,
         block_m=block_m,

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, gdc_launch_dependents, gdc_wait, pdl_ok, tl, triton
+from engine.kernels._triton import (
+    HAVE_TRITON,
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_ok,
+    prefetch_l2,
+    tl,
+    triton,
+)
 from engine.kernels.lora_meta import LoraMeta
 
 
@@ -48,10 +56,9 @@ if HAVE_TRITON:
         ranks_ptr,  # [slots, P]
         buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
         sorted_ptr,
-        seg_start_ptr,
-        seg_slot_ptr,
-        tile_seg_ptr,
+        tile_slot_ptr,
         tile_start_ptr,
+        tile_end_ptr,
         T,
         K,
         R,
@@ -67,31 +74,37 @@ if HAVE_TRITON:
         IEEE: tl.constexpr,
         USE_PDL: tl.constexpr,
         ROWS: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        LINE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         p = tl.program_id(1)
         ks = tl.program_id(2)
-        seg = tl.load(tile_seg_ptr + tile)
-        if seg < 0:
-            return
-        slot = tl.load(seg_slot_ptr + seg)
+        slot = tl.load(tile_slot_ptr + tile)  # the three loads of one round trip
+        start = tl.load(tile_start_ptr + tile)
+        end = tl.load(tile_end_ptr + tile)
         if slot < 0:
             return
         rank = tl.load(ranks_ptr + slot * P + p)
         if rank == 0:
             return
-        start = tl.load(tile_start_ptr + tile)
-        end = tl.load(seg_start_ptr + seg + 1)
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        if USE_PDL:
-            gdc_wait()  # what the previous kernel wrote (x, or buf and y) is visible after this
         k_lo = ks * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        if USE_PDL:
+            if PREFETCH:  # this program's A rows stream into L2 while the previous kernel ends
+                n_lines = tl.cdiv(k_hi - k_lo, LINE)
+                for i0 in range(0, rank * n_lines, 256):
+                    idx = i0 + tl.arange(0, 256)
+                    r_i = idx // n_lines
+                    pf = a_base + r_i * stride_ar + k_lo + (idx - r_i * n_lines) * LINE
+                    prefetch_l2(pf, idx < rank * n_lines)
+            gdc_wait()  # what the previous kernel wrote (x) is visible after this
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + tok[:, None] * stride_xt
-        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
         out_base = buf_ptr + (ks * P + p) * T * R
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -133,12 +146,15 @@ if HAVE_TRITON:
             gdc_launch_dependents()
 
 
-def _shrink_config(T: int, K: int, P: int, R: int, tiles: int, on_gpu: bool):
+def _shrink_config(T: int, K: int, P: int, R: int, tiles: int, on_gpu: bool, rows: bool):
     """(BLOCK_R, BLOCK_K, K_PER_PROG): split K so that the grid has a few waves of programs."""
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
+    if on_gpu and rows:  # decode: short K slices, many programs (best in the H100 sweep)
+        return block_r, 128, min(256, triton.cdiv(K, 128) * 128)
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
     want = 8 * 132 if on_gpu else 16
-    split = max(1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 2 * block_k)))
+    # at most 8 splits: the expand's tensor-core path adds the partials one by one
+    split = max(1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 2 * block_k), 8))
     k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     return block_r, block_k, k_per
 
@@ -166,16 +182,18 @@ def lora_shrink(
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
-    block_r, block_k, k_per = _shrink_config(T, K, P, R, nt, x.is_cuda)
-    pdl = pdl_ok(x)
     # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
     rows = T < 4 * max(1, meta.num_segments)
-    cfg = {"num_warps": 4, "num_stages": 3 if block_k <= 128 else 2, "launch_pdl": pdl}
+    block_r, block_k, k_per = _shrink_config(T, K, P, R, nt, x.is_cuda, rows)
+    pdl = pdl_ok(x)
+    prefetch = pdl and T <= 16  # L2 prefetch of A before gdc_wait pays for small batches only
+    cfg = {"num_warps": 4, "num_stages": 2, "launch_pdl": pdl}
     if config:
         block_k, k_per = config.get("block_k", block_k), config.get("k_per", k_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
         rows = config.get("rows", rows)
+        prefetch = config.get("prefetch", prefetch)
     k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
     split = triton.cdiv(K, k_per)
     buf = torch.empty(split, P, T, R, dtype=torch.float32, device=x.device)
@@ -185,10 +203,9 @@ def lora_shrink(
         ranks,
         buf,
         meta.sorted_tokens,
-        meta.seg_start,
-        meta.seg_slot,
-        meta.tile_seg,
+        meta.tile_slot,
         meta.tile_start,
+        meta.tile_end,
         T,
         K,
         R,
@@ -204,6 +221,8 @@ def lora_shrink(
         IEEE=x.dtype == torch.float32,
         USE_PDL=pdl,
         ROWS=rows,
+        PREFETCH=prefetch,
+        LINE=128 // x.element_size(),
         **cfg,
     )
     return buf
