@@ -4,7 +4,9 @@ One file per UTC day, every request started that day (request granularity, all t
 Idempotent: the key depends only on the day and the bytes only on the ledger's rows, so
 a rerun (the CLI, another replica, a restart) writes the same object again. The lifespan
 task exports yesterday once ``after_hour_utc`` has passed (leaving the ledger writer time
-to catch up), on startup and then daily; ``loraplex export-usage --date`` runs it by hand.
+to catch up), on startup and then daily, and waits while this replica's outbox holds rows
+the database has not taken for a minute (an outage); ``loraplex export-usage --date`` runs
+it by hand (rerun it for a day whose usage arrived late, e.g. from another replica).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -83,6 +85,7 @@ class DailyExporter:
         check_every_s: float = 300.0,
         record: Recorder | None = None,
         now: Callable[[], datetime] | None = None,
+        ledger_behind: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._store = store
@@ -90,6 +93,7 @@ class DailyExporter:
         self._check_every_s = check_every_s
         self._record = record or (lambda _: None)
         self._now = now or (lambda: datetime.now(UTC))
+        self._ledger_behind = ledger_behind
         self.last_exported: date | None = None
 
     def due(self) -> date | None:
@@ -103,6 +107,10 @@ class DailyExporter:
     async def run_once(self) -> ExportResult | None:
         day = self.due()
         if day is None:
+            return None
+        if self._ledger_behind is not None and await self._ledger_behind():
+            self._record("postponed")
+            log.warning("usage export for %s postponed: the ledger writer is behind", day)
             return None
         try:
             result = await export_day(self._sessions, self._store, day)

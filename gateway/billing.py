@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ async def open_billing(
     if settings.limits_budget_sync_s > 0:
         sync = run_budget_sync(sessions, limiter, stop, interval_s=settings.limits_budget_sync_s)
         tasks.append(asyncio.create_task(sync, name="budget-sync"))
-    exporter = _exporter(settings, sessions, metrics)
+    exporter = _exporter(settings, sessions, metrics, Outbox(outbox_path))
     if exporter is not None:
         tasks.append(asyncio.create_task(exporter.run(stop), name="usage-export"))
     try:
@@ -110,8 +111,11 @@ async def open_billing(
 
 
 def _exporter(
-    settings: GatewaySettings, sessions: async_sessionmaker[AsyncSession], metrics: Metrics
-) -> Any:
+    settings: GatewaySettings,
+    sessions: async_sessionmaker[AsyncSession],
+    metrics: Metrics,
+    outbox: Outbox,
+) -> DailyExporter | None:
     url = settings.usage_export_url or settings.resolved_object_store_url()
     enabled = settings.usage_export_enabled
     if enabled is None:
@@ -128,4 +132,13 @@ def _exporter(
         store,
         after_hour_utc=settings.usage_export_after_hour_utc,
         record=lambda outcome: metrics.usage_exports.labels(outcome).inc(),
+        ledger_behind=lambda: _behind(outbox),
     )
+
+
+async def _behind(outbox: Outbox, lag_s: float = 60.0) -> bool:
+    """This replica's writer is behind (the database was away): an export now could miss
+    rows of the day, so the exporter waits."""
+    stats = await asyncio.to_thread(outbox.stats)
+    oldest = stats.oldest_enqueued_at
+    return oldest is not None and time.time() - oldest > lag_s

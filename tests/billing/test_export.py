@@ -162,6 +162,27 @@ async def test_daily_exporter_runs_yesterday_once_after_the_hour(sessions, tmp_p
     assert outcomes == ["ok"]
 
 
+async def test_daily_exporter_waits_for_a_lagging_ledger(sessions, tmp_path):
+    await seed(sessions)
+    behind = [True]
+
+    async def ledger_behind() -> bool:
+        return behind[0]
+
+    outcomes: list[str] = []
+    exporter = DailyExporter(
+        sessions,
+        LocalStore(tmp_path / "objects"),
+        record=outcomes.append,
+        now=lambda: datetime(2026, 11, 24, 2, 0, tzinfo=UTC),
+        ledger_behind=ledger_behind,
+    )
+    assert await exporter.run_once() is None
+    behind[0] = False
+    assert (await exporter.run_once()) is not None
+    assert outcomes == ["postponed", "ok"]
+
+
 async def test_cli_export_usage_reruns_to_the_same_object(sessions, pg_url, s3):
     import asyncio
     import os
