@@ -2,8 +2,9 @@
 
 Layout (docs/engine-internals.md): per layer and group, ``a[slots, P, max_rank, in]``,
 ``b[slots, sum(out_p), max_rank]`` (scale folded in), ``ranks[slots, P]`` int32 where 0 means
-the adapter in that slot does not touch that projection. The ranks of all layers of a group
-live in one ``[L, slots, P]`` tensor so a slot's ranks are written with one copy per group.
+the adapter in that slot does not touch that projection. Each group's tensors hold all
+layers (``[L, slots, ...]``; a layer's view is the contracted shape), so writing an adapter
+is a few copies per group, not a few per module and layer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.lora.weights import GROUPS, MODULE_GROUP, LoraWeights, module_dims
+from engine.lora.weights import GROUPS, LoraWeights, module_dims
 from engine.model.config import ModelConfig
 
 
@@ -37,23 +38,20 @@ class LoraPool:
         self.max_rank = max_rank
         self.device = device
         dims = module_dims(config)
-        self._offsets: dict[str, tuple[int, int]] = {}  # module -> (index p, out offset)
-        self._ranks: dict[str, torch.Tensor] = {}
-        self.layers: list[dict[str, LoraGroup]] = [{} for _ in range(config.num_layers)]
+        L = config.num_layers
+        self._a: dict[str, torch.Tensor] = {}  # [L, slots, P, R, in]
+        self._b: dict[str, torch.Tensor] = {}  # [L, slots, N, R]
+        self._ranks: dict[str, torch.Tensor] = {}  # [L, slots, P]
         for g, mods in GROUPS.items():
-            in_f = dims[mods[0]][0]
-            off = 0
-            for p, m in enumerate(mods):
-                self._offsets[m] = (p, off)
-                off += dims[m][1]
-            P = len(mods)
-            ranks = torch.zeros(config.num_layers, num_slots, P, dtype=torch.int32, device=device)
-            self._ranks[g] = ranks
-            for i in range(config.num_layers):
-                a = torch.zeros(num_slots, P, max_rank, in_f, dtype=dtype, device=device)
-                b = torch.zeros(num_slots, off, max_rank, dtype=dtype, device=device)
-                self.layers[i][g] = LoraGroup(a, b, ranks[i])
-        self._num_layers = config.num_layers
+            n_out = sum(dims[m][1] for m in mods)
+            P, in_f = len(mods), dims[mods[0]][0]
+            self._a[g] = torch.zeros(L, num_slots, P, max_rank, in_f, dtype=dtype, device=device)
+            self._b[g] = torch.zeros(L, num_slots, n_out, max_rank, dtype=dtype, device=device)
+            self._ranks[g] = torch.zeros(L, num_slots, P, dtype=torch.int32, device=device)
+        self.layers: list[dict[str, LoraGroup]] = [
+            {g: LoraGroup(self._a[g][i], self._b[g][i], self._ranks[g][i]) for g in GROUPS}
+            for i in range(L)
+        ]
         self._slot_groups: list[frozenset[str]] = [frozenset()] * num_slots
 
     def groups_used(self, slots: set[int]) -> frozenset[str]:
@@ -83,24 +81,21 @@ class LoraPool:
         self._slot_groups[slot] = frozenset()
 
     def write(self, slot: int, weights: LoraWeights) -> None:
-        """Copy ``weights`` into ``slot`` (non-blocking from pinned host memory on GPU)."""
+        """Copy ``weights`` into ``slot``: a few copies per group (non-blocking from pinned
+        host memory on GPU); rows past the adapter's rank are zeroed."""
         self._check_slot(slot)
         if weights.max_rank > self.max_rank:
             raise ValueError(f"adapter rank {weights.max_rank} > pool max rank {self.max_rank}")
         nb = self.device.type == "cuda"
-        host_ranks = {
-            g: torch.zeros(self._num_layers, len(m), dtype=torch.int32) for g, m in GROUPS.items()
-        }
-        for (layer, module), mod in weights.modules.items():
-            g = MODULE_GROUP[module]
-            p, off = self._offsets[module]
-            grp = self.layers[layer][g]
-            r, out_f = mod.rank, mod.b.shape[0]
-            grp.a[slot, p, :r].copy_(mod.a, non_blocking=nb)
-            grp.a[slot, p, r:].zero_()
-            grp.b[slot, off : off + out_f, :r].copy_(mod.b, non_blocking=nb)
-            grp.b[slot, off : off + out_f, r:].zero_()
-            host_ranks[g][layer, p] = r
-        for g, ranks in self._ranks.items():
-            ranks[:, slot].copy_(host_ranks[g])
-        self._slot_groups[slot] = frozenset(MODULE_GROUP[m] for _, m in weights.modules)
+        for g in GROUPS:
+            packed = weights.groups.get(g)
+            if packed is None:
+                self._ranks[g][:, slot].zero_()
+                continue
+            r = packed.a.shape[2]
+            self._a[g][:, slot, :, :r].copy_(packed.a, non_blocking=nb)
+            self._a[g][:, slot, :, r:].zero_()
+            self._b[g][:, slot, :, :r].copy_(packed.b, non_blocking=nb)
+            self._b[g][:, slot, :, r:].zero_()
+            self._ranks[g][:, slot].copy_(packed.ranks, non_blocking=nb)
+        self._slot_groups[slot] = frozenset(weights.groups)

@@ -65,10 +65,21 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class PackedGroup:
+    """One projection group of an adapter, all layers, as the slot pool stores it (so a slot
+    write is a few copies). ``r`` is this adapter's largest rank in the group, not the pool's."""
+
+    a: torch.Tensor  # [L, P, r, in]
+    b: torch.Tensor  # [L, N, r]
+    ranks: torch.Tensor  # [L, P] int32 (0: module or layer not in the adapter)
+
+
+@dataclass(frozen=True)
 class LoraWeights:
-    """One adapter on the host: ``(layer, module) -> LoraModule``."""
+    """One adapter on the host: ``(layer, module) -> LoraModule`` (views into ``groups``)."""
 
     modules: dict[tuple[int, str], LoraModule]
+    groups: dict[str, PackedGroup]
 
     @property
     def max_rank(self) -> int:
@@ -222,9 +233,40 @@ def read_adapter(
             raise AdapterIncompatible(f"{name}: weights contain NaN or Inf")
         alpha = _pattern_value(alpha_pattern, name, alpha_default)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        a_out = a.to(dtype).contiguous()
-        b_out = (b.double() * scale).to(dtype).contiguous()
+        modules[(layer, module)] = LoraModule(a, (b.double() * scale).to(dtype))
+    return _pack(modules, config, dtype, pin_memory)
+
+
+def _pack(
+    modules: dict[tuple[int, str], LoraModule],
+    config: ModelConfig,
+    dtype: torch.dtype,
+    pin_memory: bool,
+) -> LoraWeights:
+    dims = module_dims(config)
+    L = config.num_layers
+    groups: dict[str, PackedGroup] = {}
+    views: dict[tuple[int, str], LoraModule] = {}
+    for g, mods in GROUPS.items():
+        mine = {k: m for k, m in modules.items() if k[1] in mods}
+        if not mine:
+            continue
+        r = max(m.rank for m in mine.values())
+        offs = [0]
+        for m in mods:
+            offs.append(offs[-1] + dims[m][1])
+        a = torch.zeros(L, len(mods), r, dims[mods[0]][0], dtype=dtype)
+        b = torch.zeros(L, offs[-1], r, dtype=dtype)
+        ranks = torch.zeros(L, len(mods), dtype=torch.int32)
         if pin_memory:
-            a_out, b_out = a_out.pin_memory(), b_out.pin_memory()
-        modules[(layer, module)] = LoraModule(a_out, b_out)
-    return LoraWeights(modules)
+            a, b, ranks = a.pin_memory(), b.pin_memory(), ranks.pin_memory()
+        for (layer, module), m in mine.items():
+            p, rk = mods.index(module), m.rank
+            a[layer, p, :rk] = m.a
+            b[layer, offs[p] : offs[p + 1], :rk] = m.b
+            ranks[layer, p] = rk
+            views[(layer, module)] = LoraModule(
+                a[layer, p, :rk], b[layer, offs[p] : offs[p + 1], :rk]
+            )
+        groups[g] = PackedGroup(a, b, ranks)
+    return LoraWeights(views, groups)
