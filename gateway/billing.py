@@ -80,8 +80,9 @@ async def open_billing(
     outbox_path = outbox_path_for(settings)
     ledger = Ledger(Outbox(outbox_path), metrics)
     ledger.start()
+    drain_outbox = Outbox(outbox_path)
     writer = LedgerWriter(
-        Outbox(outbox_path),
+        drain_outbox,
         sessions,
         metrics,
         batch_size=settings.ledger_batch_size,
@@ -93,7 +94,7 @@ async def open_billing(
     if settings.limits_budget_sync_s > 0:
         sync = run_budget_sync(sessions, limiter, stop, interval_s=settings.limits_budget_sync_s)
         tasks.append(asyncio.create_task(sync, name="budget-sync"))
-    exporter = _exporter(settings, sessions, metrics, Outbox(outbox_path))
+    exporter = _exporter(settings, sessions, metrics, drain_outbox)
     if exporter is not None:
         tasks.append(asyncio.create_task(exporter.run(stop), name="usage-export"))
     try:
@@ -107,6 +108,7 @@ async def open_billing(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain_once(), 5)  # best effort; the rest waits on disk
         writer.close()
+        drain_outbox.close()  # the ledger's stays open: a request ending late still records
         await limiter.aclose()
 
 
