@@ -223,3 +223,23 @@ async def test_cli_export_usage_reruns_to_the_same_object(sessions, pg_url, s3):
         expected = await usage_totals(s, start, start + timedelta(days=1))
     assert totals(parse(body, "parquet"), "request") == expected
     assert f": {expected.requests} rows" in first
+
+
+async def test_export_on_sqlite(sqlite_url):
+    from tenancy.db import make_engine, make_sessionmaker
+
+    engine = make_engine(sqlite_url)
+    try:
+        lite = make_sessionmaker(engine)
+        a, _, _ = await seed(lite)
+        start, end = T0 + timedelta(hours=3), T0 + timedelta(days=1, hours=5)
+        async with lite() as s:
+            expected = await usage_totals(s, start, end, a)
+        assert expected.requests > 0
+        for fmt in FORMATS:
+            for granularity in GRANULARITIES:
+                query = UsageQuery(start, end, a, granularity)
+                rows = parse(await export_bytes(lite, query, fmt), fmt)
+                assert totals(rows, granularity) == expected, (fmt, granularity)
+    finally:
+        await engine.dispose()
