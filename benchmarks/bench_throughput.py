@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--no-preload", dest="preload", action="store_false")
     p.add_argument("--hf-adapters", default="32", help="HF+PEFT cases ('' = skip HF)")
-    p.add_argument("--hf-requests", type=int, default=64)
+    p.add_argument("--hf-requests", type=int, default=32)
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
@@ -142,7 +142,9 @@ def preload(engine: LLMEngine, refs: list[AdapterRef]) -> float:
         failed = engine.loader.collect()
         if failed:
             raise RuntimeError(f"adapter load failed: {failed[0]}")
-    return time.perf_counter() - t0
+    took = time.perf_counter() - t0
+    print(f"preloaded {len(refs)} adapters in {took:.1f}s", flush=True)
+    return took
 
 
 def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[AdapterRef]):
@@ -324,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             engine.shutdown()
             rows.append(row)
             print(table([row], list(row)), flush=True)
+            write_json(args.json, {"bench": "throughput", "partial": True, "engine": rows})
 
         if args.profile:
             profile_case(args, runner, ids, Path(tmp))
