@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from harness.cli import SECRET as GOOD_SECRET
+from harness.cli import clean_env, loraplex_argv
 
 from loraplex_cli.main import app, command_lines
-
-GOOD_SECRET = "0123456789abcdef0123456789abcdef"
 
 
 def loraplex(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):  # type: ignore[no-untyped-def]
     """Run the real ``loraplex`` entry point in a subprocess."""
-    script = Path(sys.executable).with_name("loraplex")
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "loraplex_cli.main"]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     return subprocess.run(
-        [*argv, *args],
-        env={**base, "COLUMNS": "200", **(env or {})},
+        [*loraplex_argv(), *args],
+        env=clean_env({"COLUMNS": "200", **(env or {})}),
         cwd=cwd,
         capture_output=True,
         text=True,

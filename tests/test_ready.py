@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from harness.cli import SECRET
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-
-SECRET = "0123456789abcdef0123456789abcdef"
 
 
 async def ready(settings: GatewaySettings) -> tuple[int, dict[str, str]]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-GOOD_SECRET = "0123456789abcdef0123456789abcdef"
+from harness.cli import SECRET as GOOD_SECRET
+from harness.cli import clean_env, loraplex_argv
 
 
 @dataclass
@@ -31,15 +29,12 @@ class Served:
 def serving(
     args: list[str], port: int, cwd: Path, env: dict[str, str] | None = None
 ) -> Iterator[Served]:
-    script = Path(sys.executable).with_name("loraplex")
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "loraplex_cli.main"]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     log = cwd / f"serve-{port}-{time.monotonic_ns()}.log"
     with log.open("w") as sink:
         proc = subprocess.Popen(
-            [*argv, "serve", "--port", str(port), *args],
+            [*loraplex_argv(), "serve", "--port", str(port), *args],
             cwd=cwd,
-            env={**base, **(env or {})},
+            env=clean_env(env),
             stdout=sink,
             stderr=subprocess.STDOUT,
         )

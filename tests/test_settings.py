@@ -6,12 +6,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from harness.cli import SECRET as GOOD_SECRET
 from pydantic import ValidationError
 
 from gateway.settings import GatewaySettings
 from tenancy.settings import StoreSettings
 
-GOOD_SECRET = "0123456789abcdef0123456789abcdef"
 PG = "postgresql+asyncpg://u@db:5432/loraplex"
 
 
