@@ -9,6 +9,10 @@ batch 1/8/32/64/128 and three adapter mixes:
 - ``one``: every sequence uses the same rank-16 adapter;
 - ``distinct``: every sequence its own rank-16 adapter (N = batch distinct adapters).
 
+Adapters are PEFT directories with random weights read by the runner's own reader; slot s
+holds weight file ``s % --weight-files`` (4): each slot is its own memory, so the bytes a step
+reads are those of N adapters, only their values repeat.
+
 Two times per case:
 
 - ``gpu_ms``: the captured decode graph's replay plus the LM head, back to back under CUDA
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,10 +44,10 @@ from common import (
     kv_read_bytes,
     median_synced,
     pick_device,
-    random_lora_weights,
     table,
     time_once,
     write_json,
+    write_peft_adapter,
 )
 
 from engine.batch import ScheduledBatch, SeqChunk
@@ -59,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--weight-files", type=int, default=4, help="distinct random adapter files")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", default=None, help="dir: torch.profiler of the batch-32 case")
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
@@ -148,10 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
         for k_cache, v_cache in runner.kv_caches:  # random KV (never time on zeros)
             k_cache.normal_()
             v_cache.normal_()
+        with tempfile.TemporaryDirectory(prefix="lpx-decode-") as tmp:
+            files = [
+                runner.read_adapter(write_peft_adapter(Path(tmp) / f"w{i}", cfg, args.rank, seed=i))
+                for i in range(min(args.weight_files, num_slots))
+            ]
         for s in range(num_slots):
-            w = random_lora_weights(cfg, args.rank, dtype=runner.dtype, device=device, seed=s)
-            runner.write_slot(s, w)
-            del w
+            runner.write_slot(s, files[s % len(files)])
+        del files
     a_bytes = adapter_bytes(cfg, args.rank, elem)
     w_bytes = runner.loaded.weights.nbytes()
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.lora.weights import GROUPS, LoraModule, LoraWeights, module_dims
+from engine.lora.weights import GROUPS, LoraModule, module_dims
 from engine.model.config import ModelConfig
 
 ALL_TARGETS = tuple(m for mods in GROUPS.values() for m in mods)
@@ -119,7 +119,7 @@ def kv_read_bytes(cfg: ModelConfig, batch: int, context: int, elem: int) -> int:
 # ---- random adapters -----------------------------------------------------------------------
 
 
-def random_lora_weights(
+def random_lora_modules(
     cfg: ModelConfig,
     rank: int,
     *,
@@ -127,8 +127,8 @@ def random_lora_weights(
     device: torch.device | str = "cpu",
     seed: int = 0,
     targets=ALL_TARGETS,
-) -> LoraWeights:
-    """A rank-``rank`` adapter on every target of every layer, as the runner holds it.
+) -> dict[tuple[int, str], LoraModule]:
+    """A rank-``rank`` adapter on every target of every layer: ``(layer, module) -> (A, B)``.
 
     A has unit gain (std 1/sqrt(in)); B (scale folded) moves the output by about 0.1x."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -140,7 +140,7 @@ def random_lora_weights(
             a = torch.randn(rank, in_f, generator=gen, device=device) / math.sqrt(in_f)
             b = torch.randn(out_f, rank, generator=gen, device=device) * (0.1 / math.sqrt(rank))
             mods[(layer, m)] = LoraModule(a.to(dtype), b.to(dtype))
-    return LoraWeights(mods)
+    return mods
 
 
 def write_peft_adapter(
@@ -156,9 +156,9 @@ def write_peft_adapter(
     random A and B, written straight from tensors (no model needed). lora_alpha = rank."""
     from safetensors.torch import save_file
 
-    w = random_lora_weights(cfg, rank, dtype=dtype, seed=seed, targets=targets)
+    mods = random_lora_modules(cfg, rank, dtype=dtype, seed=seed, targets=targets)
     tensors = {}
-    for (layer, m), mod in w.modules.items():
+    for (layer, m), mod in mods.items():
         parent = "self_attn" if m in GROUPS["qkv"] + GROUPS["o"] else "mlp"
         prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
         tensors[f"{prefix}.lora_A.weight"] = mod.a.contiguous()
