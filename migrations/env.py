@@ -8,9 +8,10 @@ Migrations run on an async engine; SQLite gets batch mode so ALTERs work there t
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from alembic import context
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -22,7 +23,11 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    return config.get_main_option("sqlalchemy.url") or StoreSettings().resolved_database_url()
+    url = config.get_main_option("sqlalchemy.url") or StoreSettings().resolved_database_url()
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # the embedded data dir
+    return url
 
 
 def _configure(**kwargs: object) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.engine import make_url
 
 HERE = Path(__file__).resolve().parent
 
@@ -19,14 +18,7 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def _ensure_sqlite_dir(url: str) -> None:
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-
-
 def upgrade(url: str, revision: str = "head") -> None:
-    _ensure_sqlite_dir(url)
     command.upgrade(alembic_config(url), revision)
 
 
