@@ -16,6 +16,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 from sqlalchemy.engine import make_url
 
@@ -80,8 +81,8 @@ def ensure_postgres() -> None:
 
 
 def ensure_redis() -> None:
-    url = make_url(REDIS_BASE_URL.replace("redis://", "redis+x://", 1))
-    host, port = url.host or "127.0.0.1", url.port or 6379
+    url = urlparse(REDIS_BASE_URL)
+    host, port = url.hostname or "127.0.0.1", url.port or 6379
     for d in ("/var/lib/redis", "/var/log/redis"):
         Path(d).mkdir(parents=True, exist_ok=True)
     _start("Redis", REDIS_START, host, port)
