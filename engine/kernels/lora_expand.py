@@ -203,7 +203,7 @@ def lora_expand(
     block_r, block_n, n_per = _expand_config(T, R, max_out, P, nt, y.is_cuda)
     pdl = pdl_ok(y)
     # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
-    rows = T < 4 * max(1, meta.num_segments)
+    rows = T < 2 * max(1, meta.num_segments)
     prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
     cfg = {"num_warps": 4, "num_stages": 3, "launch_pdl": pdl}
     if config:

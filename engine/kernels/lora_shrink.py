@@ -183,7 +183,7 @@ def lora_shrink(
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
-    rows = T < 4 * max(1, meta.num_segments)
+    rows = T < 2 * max(1, meta.num_segments)
     block_r, block_k, k_per = _shrink_config(T, K, P, R, nt, x.is_cuda, rows)
     pdl = pdl_ok(x)
     prefetch = pdl and T <= 16  # L2 prefetch of A before gdc_wait pays for small batches only
