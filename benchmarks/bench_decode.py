@@ -216,30 +216,47 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.json, result)
     if args.profile:
         b = 32 if 32 in batches else max(batches)
-        profile_steps(runner, decode_batch(b, args.context, per_seq, list(range(b))), args)
+        texts = []
+        for mode, slots in (("distinct", [i % num_slots for i in range(b)]), ("one", [0] * b)):
+            batch = decode_batch(b, args.context, per_seq, slots)
+            texts.append(f"==== batch {b}, {mode}\n" + profile_steps(runner, batch))
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / "decode_profile.txt").write_text("\n\n".join(texts))
+        print(f"decode profiles written to {args.profile}", flush=True)
     return result
 
 
-def profile_steps(runner: ModelRunner, batch: ScheduledBatch, args) -> None:
-    """torch.profiler over a few synced ``execute`` steps -> op table + chrome trace."""
+def profile_steps(runner: ModelRunner, batch: ScheduledBatch, steps: int = 5) -> str:
+    """torch.profiler over a few synced ``execute`` steps -> op table, and per kernel name and
+    grid the time per step (from the trace), largest first."""
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU]
-    if runner.device.type == "cuda":
-        acts.append(ProfilerActivity.CUDA)
-    out = Path(args.profile)
-    out.mkdir(parents=True, exist_ok=True)
+    cuda = runner.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for _ in range(3):
         runner.execute(batch)
     with profile(activities=acts) as prof:
-        for _ in range(5):
-            runner.execute(batch).cpu()
-    key = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
-    text = prof.key_averages().table(sort_by=key, row_limit=40)
-    text += "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    (out / "decode_profile.txt").write_text(text)
-    prof.export_chrome_trace(str(out / "decode_trace.json"))
-    print(f"profile of {len(batch.chunks)} sequences written to {out}", flush=True)
+        for _ in range(steps):
+            runner.execute(batch).argmax(dim=1).tolist()  # the sampler's sync, not a big copy
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=30)
+    text += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    by: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("cat") == "kernel":
+            k = (e["name"][:60], str(e.get("args", {}).get("grid")))
+            by.setdefault(k, []).append(e["dur"])
+    rows = sorted(by.items(), key=lambda kv: -sum(kv[1]))
+    text += "\nkernel (name, grid): us per step, calls per step, mean us\n"
+    for (name, grid), durs in rows[:25]:
+        text += f"{sum(durs) / steps:9.1f} {len(durs) // steps:5d} {sum(durs) / len(durs):8.2f}  {name} {grid}\n"
+    return text
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from common import (
 from engine.api import AdapterRef, Request, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.model.presets import PRESETS
 from engine.model_runner import ModelRunner
 
 
@@ -284,12 +285,8 @@ def profile_case(args, runner: ModelRunner, ids: list[list[int]], root: Path) ->
     print(f"cProfile ({row['out_tok_s']:.0f} out tok/s under the profiler) written to {out}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = pick_device(args.smoke)
-    cases = [int(x) for x in args.adapters.split(",") if x != ""]
-    hf_cases = [int(x) for x in args.hf_adapters.split(",") if x != ""]
-
+def run_engine_cases(args, device: torch.device, cases: list[int], ids) -> list[dict]:
+    """Every engine case over one runner; the runner is freed on return."""
     t0 = time.perf_counter()
     runner = make_runner(args, device)
     cfg = runner.config
@@ -299,7 +296,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"graphs={'on' if runner.graphs is not None else 'off'})",
         flush=True,
     )
-    ids = prompts(args, cfg.vocab_size, args.num_requests)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lpx-bench-") as tmp:
         # warm-up: a few short requests through the whole engine path (with and without LoRA)
@@ -331,10 +327,24 @@ def main(argv: list[str] | None = None) -> dict:
         if args.profile:
             profile_case(args, runner, ids, Path(tmp))
 
-    del runner
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.smoke)
+    cases = [int(x) for x in args.adapters.split(",") if x != ""]
+    hf_cases = [int(x) for x in args.hf_adapters.split(",") if x != ""]
+    if not args.model.startswith("dummy:"):
+        raise SystemExit("--model must be a dummy:<preset> (random weights; the HF baseline too)")
+    cfg = PRESETS[args.model.removeprefix("dummy:")]
+    ids = prompts(args, cfg.vocab_size, args.num_requests)
+
+    rows = run_engine_cases(args, device, cases, ids)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        print(f"GPU memory after the engine: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
 
     base = next((r for r in rows if r["adapters"] == 0), None)
     for r in rows:

@@ -208,7 +208,7 @@ def hf_llama_config(cfg: ModelConfig):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
-        max_position_embeddings=min(cfg.max_position_embeddings, 8192),
+        max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         rope_parameters=rope,
         tie_word_embeddings=cfg.tie_word_embeddings,
