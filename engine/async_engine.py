@@ -10,7 +10,6 @@ later call raises :class:`EngineDead`.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import queue
 import threading
@@ -157,10 +156,6 @@ class AsyncEngine:
             if engine is None:
                 raise RuntimeError("no engine")
             engine.loader.on_done = self._wake.set
-            # The model's objects live as long as the process: keep them out of the garbage
-            # collector's full passes, which otherwise stall steps for milliseconds.
-            gc.collect()
-            gc.freeze()
             self._stats = engine.stats()
             self._ready.set()
             while not self._stop:
