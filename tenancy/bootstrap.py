@@ -88,7 +88,12 @@ async def bootstrap(
     secret_key: str,
     admin_token_configured: bool,
 ) -> BootstrapResult:
-    """Idempotent; safe when several replicas start at once (the loser creates nothing)."""
+    """Idempotent; safe when several replicas start at once (the loser creates nothing).
+
+    Everything is written in one transaction, not through ``tenancy.tenants`` and
+    ``tenancy.api_keys`` (which commit each step): a crash in between must not leave a
+    ``default`` tenant whose key was never shown.
+    """
     async with sessions() as session:
         try:
             api_key = await _create_default_tenant(session, secret_key)
