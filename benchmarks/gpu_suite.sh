@@ -10,6 +10,9 @@
 # 4. profiles (torch.profiler of decode steps, cProfile of the engine's step loop).
 # Logs and JSON go to $OUT (default /tmp/loraplex-gpu-suite); the exit status is non-zero if
 # any step failed, but every step runs.
+# On an H100 the full suite takes ~10 min (tests ~2, decode ~1, throughput ~6 of which the
+# 512-adapter preload ~1.5 and HF+PEFT ~2): past one 10-minute device call, so split it with
+# SECTIONS across calls, or use `quick`.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-/tmp/loraplex-gpu-suite}

@@ -1,0 +1,46 @@
+"""The engine benchmarks' CPU smoke modes run end to end (``dummy:tiny``), so an engine API
+change that breaks ``benchmarks/bench_decode.py`` or ``bench_throughput.py`` shows up here
+rather than on the GPU machine."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    monkeypatch.delenv("LORAPLEX_BENCH_SMOKE_CUDA", raising=False)
+
+    def load(name: str):
+        return importlib.import_module(name)
+
+    yield load
+    for name in ("bench_decode", "bench_throughput", "common"):
+        sys.modules.pop(name, None)
+
+
+def test_decode_smoke(bench, tmp_path):
+    out = bench("bench_decode").main(["--smoke", "--json", str(tmp_path / "d.json")])
+    rows = out["rows"]
+    assert {(r["batch"], r["mode"]) for r in rows} == {
+        (b, m) for b in (1, 3) for m in ("base", "one", "distinct")
+    }
+    assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert (tmp_path / "d.json").is_file()
+
+
+def test_throughput_smoke(bench, tmp_path):
+    out = bench("bench_throughput").main(["--smoke", "--json", str(tmp_path / "t.json")])
+    engine = {r["adapters"]: r for r in out["engine"]}
+    assert set(engine) == {0, 1, 4, 16}
+    assert all(r["out_tok_s"] > 0 and r["requests"] == 24 for r in engine.values())
+    assert engine[0]["vs_no_adapter"] == 1.0
+    (hf,) = out["hf_peft"]
+    assert hf["adapters"] == 4 and hf["out_tok_s"] > 0
