@@ -102,8 +102,11 @@ def test_decode_graph_replay_equals_eager(tiny, dtype):
                 assert batch.is_decode
                 steps.append(r.execute(batch).clone())
             outs.append(torch.stack(steps))
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert rel_err(outs[0], outs[1]) < tol, f"{n_seqs} sequences"
+        # bf16: the kernels may pick another tiling for the padded graph batch (DESIGN.md's
+        # bf16 tolerance); float32 shows that the inputs and the math are the same
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        err = rel_err(outs[0], outs[1])
+        assert err < tol, f"{n_seqs} sequences: graph vs eager relative error {err:.2e}"
 
 
 def test_kv_pool_is_sized_from_free_memory():
