@@ -11,14 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A multi-tenant LoRA gateway serves many adapters on one base model.",
-    "Paged attention keeps the KV cache in fixed-size blocks.",
-    "Continuous batching admits new requests every step.",
-    "Héllo wörld, naïve café, 日本語のテキスト, emoji 🙂🚀✨ and more.",
-] * 20
+from tiny_tokenizer import build_tokenizer
 
 ADAPTER_SPECS = {  # name -> (rank, alpha, target modules, use_rslora)
     "a-qv": (8, 16, ["q_proj", "v_proj"], False),
@@ -32,27 +25,6 @@ ADAPTER_SPECS = {  # name -> (rank, alpha, target modules, use_rslora)
     "d-attn": (8, 32, ["q_proj", "k_proj", "v_proj", "o_proj"], True),
     "e-o-down": (12, 12, ["o_proj", "down_proj"], False),
 }
-
-
-def build_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    fast.save_pretrained(path)
-    return fast
 
 
 def build_model(path: Path, vocab_size: int, bos: int, eos: int, seed: int = 0):

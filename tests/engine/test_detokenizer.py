@@ -17,7 +17,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from conftest import build_tokenizer
+    from tiny_tokenizer import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 

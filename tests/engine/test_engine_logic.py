@@ -21,7 +21,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from conftest import build_tokenizer
+    from tiny_tokenizer import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("toytok"))
 
