@@ -55,6 +55,7 @@ class LLMEngine:
             runner.read_adapter,
             max_host_adapters=config.max_cpu_loras,
             workers=config.adapter_load_workers,
+            in_use=lambda key: key in self._adapter_users,
         )
         self.sampler = Sampler(config.seed)
         self._eos = frozenset(int(t) for t in runner.eos_token_ids)

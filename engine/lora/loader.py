@@ -27,10 +27,14 @@ class AdapterLoader:
         max_host_adapters: int,
         workers: int,
         on_done: Callable[[], None] | None = None,
+        in_use: Callable[[str], bool] = lambda _key: False,
     ) -> None:
         self._read = read_adapter
         self._max_host = max_host_adapters
         self.on_done = on_done  # called from a worker thread when a load ends
+        # Keys that requests in flight still need are never evicted: evicting one that a
+        # waiting request is about to use only makes it load again (a thrash under load).
+        self._in_use = in_use
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
         self._lock = threading.Lock()
         self._done: list[tuple[str, Any, Exception | None]] = []  # guarded by _lock
@@ -87,9 +91,17 @@ class AdapterLoader:
             self.loads += 1
             self._host[key] = weights
             self._host.move_to_end(key)
-            while len(self._host) > self._max_host:
-                self._host.popitem(last=False)
+        self._evict()
         return failed
+
+    def _evict(self) -> None:
+        """Drop least recently used weights over the bound, skipping keys still in use
+        (so the bound can be exceeded by at most the adapters of requests in flight)."""
+        excess = len(self._host) - self._max_host
+        if excess <= 0:
+            return
+        for key in [k for k in self._host if not self._in_use(k)][:excess]:
+            del self._host[key]
 
     def get(self, key: str) -> Any:
         self._host.move_to_end(key)
