@@ -47,7 +47,7 @@ def build_for_app(
     registry: CollectorRegistry,
 ) -> AdapterServices:
     """``engine`` is a zero-argument callable returning the current engine (or None)."""
-    name = settings.served_model_name or settings.model or "base"
+    name = settings.base_model_name()
     from_dir = model_dir_spec(settings.model, name)
     return build_adapter_services(
         sessions,

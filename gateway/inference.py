@@ -27,7 +27,6 @@ from gateway.prompts import prompt_ids, sampling_params, served_model
 from gateway.render import Choices
 from gateway.resolve import Target, resolve_model
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.settings import GatewaySettings
 from gateway.state import Services
 from tenancy.errors import Unavailable
 from tenancy.models import utcnow
@@ -174,13 +173,6 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def base_model_name(settings: GatewaySettings) -> str:
-    """The name clients use for the base model (``--served-model-name`` or the model's)."""
-    if settings.served_model_name:
-        return settings.served_model_name
-    return settings.model or "base"  # the same name adapters/ validates uploads against
-
-
 async def open_call(
     services: Services,
     principal: Principal,
@@ -191,7 +183,7 @@ async def open_call(
 
     The database session lives only for the resolution: a long stream holds no connection.
     """
-    model = served_model(base_model_name(services.settings), services.engine)
+    model = served_model(services.settings.base_model_name(), services.engine)
     async with services.sessions() as session:
         target = await resolve_model(session, principal, body.model, base_model=model.name)
     ids = await prompt_ids(model, body)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
+from pathlib import Path, PurePath
 from typing import Literal
 
 from pydantic import Field
@@ -52,3 +53,19 @@ class GatewaySettings(StoreSettings):
     usage_export_enabled: bool | None = None
     usage_export_url: str | None = None  # s3://bucket/prefix or file:///dir; default: object store
     usage_export_after_hour_utc: int = Field(default=1, ge=0, le=23)
+
+    def base_model_name(self) -> str:
+        """The base model's id in the API (and what adapter versions record as their base):
+        ``served_model_name``, else ``base`` for the embedded default, ``dummy:<preset>`` as
+        given, or a path's last part without ``.gguf`` and a quantization suffix
+        (``/m/Llama-3-8B.Q4_K_M.gguf`` -> ``Llama-3-8B``)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.model:
+            return "base"
+        if self.model.startswith("dummy:"):
+            return self.model
+        name = PurePath(self.model.rstrip("/")).name
+        if name.lower().endswith(".gguf"):
+            name = re.sub(r"\.(Q\d\w*|F16|F32|BF16)$", "", name[: -len(".gguf")], flags=re.I)
+        return name or "base"

@@ -123,3 +123,19 @@ def test_every_setting_is_documented() -> None:
         var = f"`LORAPLEX_{name.upper()}`"
         assert var in readme, f"{var} missing from README.md's configuration table"
         assert var in reference, f"{var} missing from docs/configuration.md"
+
+
+@pytest.mark.parametrize(
+    ("model", "served", "expected"),
+    [
+        ("", None, "base"),
+        ("dummy:tiny", None, "dummy:tiny"),
+        ("/models/Llama-3-8B.Q4_K_M.gguf", None, "Llama-3-8B"),
+        ("/models/llama3-8b/", None, "llama3-8b"),
+        ("/models/llama3-8b", "prod-base", "prod-base"),
+    ],
+)
+def test_base_model_name_is_short_and_stable(model, served, expected):
+    from gateway.settings import GatewaySettings
+
+    assert GatewaySettings(model=model, served_model_name=served).base_model_name() == expected
