@@ -54,9 +54,16 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def prefill_attention(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale: float):
+def prefill_attention(
+    q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale: float, max_q_len=None
+):
+    """``max_q_len``: the longest query of the batch, known on the host (the Triton path
+    sizes its grid from it; without it, it reads it back from the device: one sync)."""
+    args = (q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale)
     fn = _pick(_prefill, "prefill_attention", q)
-    return fn(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale)
+    if fn is _prefill.prefill_attention_ref:
+        return fn(*args)
+    return fn(*args, max_q_len=max_q_len)
 
 
 def kv_cache_write(k, v, k_cache, v_cache, slot_mapping) -> None:

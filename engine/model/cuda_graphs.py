@@ -63,6 +63,7 @@ class DecodeGraphs:
             context_lens=self.context_lens[:bs],
             cu_q_lens=self.cu_q_lens[: bs + 1],
             is_decode=True,
+            max_q_len=1,
             lora=self._metas[bs] if with_lora else None,
         )
 

@@ -30,6 +30,7 @@ class HostInputs:
     sample_idx: torch.Tensor  # [N] int64: rows whose logits are returned, in chunk order
     is_decode: bool
     has_lora: bool
+    max_q_len: int  # longest chunk of the step, known here so no kernel reads it back
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +60,7 @@ class HostInputs:
             context_lens=mv(self.context_lens),
             cu_q_lens=mv(self.cu_q_lens),
             is_decode=self.is_decode,
+            max_q_len=self.max_q_len,
             lora=meta,
         )
 
@@ -114,4 +116,5 @@ def build_host_inputs(
         sample_idx=(cu[1:] - 1)[sample],
         is_decode=batch.is_decode,
         has_lora=bool((slots >= 0).any()),
+        max_q_len=max(lens_l),
     )

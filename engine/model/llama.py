@@ -67,6 +67,7 @@ class ForwardInputs:
     context_lens: torch.Tensor  # [B] int32: cached + new tokens
     cu_q_lens: torch.Tensor  # [B+1] int32
     is_decode: bool
+    max_q_len: int
     lora: LoraMeta | None  # None: no token of this step uses an adapter
     lora_groups: frozenset[str] | None = None  # groups the step's adapters touch (None: all)
 
@@ -140,6 +141,7 @@ class LlamaModel:
                     inp.cu_q_lens,
                     inp.context_lens,
                     self.scale,
+                    max_q_len=inp.max_q_len,
                 )
             attn = attn.reshape(T, c.q_size)
             o = F.linear(attn, w.o)

@@ -64,7 +64,8 @@ PREFILL_CASES = [  # (new lens, cached lens, block_size, Hq, Hkv, D)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
-def test_prefill(case, dtype):
+@pytest.mark.parametrize("host_max", [False, True])
+def test_prefill(case, dtype, host_max):
     qlens, cached, bs, hq, hkv, d = PREFILL_CASES[case]
     gen = torch.Generator().manual_seed(10 + case)
     lens = [a + b for a, b in zip(qlens, cached, strict=True)]
@@ -75,7 +76,10 @@ def test_prefill(case, dtype):
     scale = d**-0.5
     ref = prefill_attention_ref(q.float(), kc.float(), vc.float(), bt, cu, cl, scale)
     dv = DEVICE
-    out = prefill_attention(q.to(dv), kc.to(dv), vc.to(dv), bt.to(dv), cu.to(dv), cl.to(dv), scale)
+    # max_q_len given by the host (as the runner does: no device read-back) or derived
+    max_q = max(qlens) if host_max else None
+    args = (q.to(dv), kc.to(dv), vc.to(dv), bt.to(dv), cu.to(dv), cl.to(dv), scale)
+    out = prefill_attention(*args, max_q_len=max_q)
     assert_close(out, ref, dtype, tol=2e-5 if dtype == torch.float32 else None)
 
 
