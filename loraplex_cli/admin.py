@@ -38,14 +38,20 @@ class Remote:
         except httpx.HTTPError as exc:
             err.print(f"[red]cannot reach {self.url}: {exc}[/red]")
             raise typer.Exit(2) from None
-        if response.is_error:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text
-            err.print(f"[red]error {response.status_code}: {message}[/red]")
-            raise typer.Exit(1)
+        exit_on_error(response)
         return response.json()
+
+
+def exit_on_error(response: httpx.Response) -> None:
+    """Print the API's error envelope message in one line and exit 1 on a 4xx/5xx."""
+    if not response.is_error:
+        return
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    err.print(f"[red]error {response.status_code}: {message}[/red]")
+    raise typer.Exit(1)
 
 
 @app.callback()

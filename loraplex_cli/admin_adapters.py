@@ -22,7 +22,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from loraplex_cli.admin import Remote, _show, err
+from loraplex_cli.admin import Remote, _show, err, exit_on_error
 
 adapter_app = typer.Typer(
     help="A tenant's LoRA adapters: upload, list, show, alias, delete.", no_args_is_help=True
@@ -114,13 +114,7 @@ def upload(
     except httpx.HTTPError as exc:
         err.print(f"[red]upload failed: {exc}[/red]")
         raise typer.Exit(2) from None
-    if response.is_error:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text
-        err.print(f"[red]error {response.status_code}: {message}[/red]")
-        raise typer.Exit(1)
+    exit_on_error(response)
     _show(remote, response.json(), VERSION_COLUMNS, "adapter version")
 
 

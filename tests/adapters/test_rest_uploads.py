@@ -384,3 +384,33 @@ def test_gc_collects_deleted_bytes(
     result = CliRunner().invoke(app, [*base, "gc", "--grace-s", "0"])
     assert result.exit_code == 0, result.output
     assert obj not in server.bucket_keys()
+
+
+def test_cli_upload_streams_a_peft_dir_and_reports_errors(
+    server: AdapterServer, admin: httpx.Client, make_peft_adapter, tiny_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """`loraplex admin adapter upload` over the same REST: a PEFT directory lands as a new
+    version; an upload the server refuses exits 1 with the server's message."""
+    from typer.testing import CliRunner
+
+    from loraplex_cli.admin import app
+
+    tenant, _ = make_tenant(admin)
+    base = ["--url", server.url, "--token", server.admin_token]
+    peft_dir = make_peft_adapter(tiny_llama_dir, rank=2, targets=["q_proj"])
+    result = CliRunner().invoke(
+        app, [*base, "--json", "adapter", "upload", tenant, "cli", str(peft_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert (shown["name"], shown["version"], shown["rank"]) == ("cli", 1, 2)
+    assert f"{PREFIX}/blobs/{shown['sha256'][:2]}/{shown['sha256']}.tar" in server.bucket_keys()
+
+    bad = peft_dir.parent / "bad-cli-adapter"
+    bad.mkdir(exist_ok=True)
+    (bad / "adapter_config.json").write_text((peft_dir / "adapter_config.json").read_text())
+    (bad / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    result = CliRunner().invoke(app, [*base, "adapter", "upload", tenant, "cli", str(bad)])
+    assert result.exit_code != 0 and ("pickle" in result.output or "safetensors" in result.output)
+    listed = admin.get(f"/admin/v1/tenants/{tenant}/adapters/cli").json()
+    assert [v["version"] for v in listed["versions"]] == [1]
