@@ -41,7 +41,9 @@ def test_chat_completion_with_usage(gateway: Gateway) -> None:
     # Greedy decoding is deterministic; the adapter and its aliases resolve per tenant.
     again = client.chat.completions.create(model=BASE, messages=HELLO, max_tokens=4, temperature=0)
     assert again.choices[0].message.content == choice.message.content
-    via_alias = client.chat.completions.create(model="prod", messages=HELLO, max_tokens=4)
+    via_alias = client.chat.completions.create(
+        model="prod", messages=HELLO, max_tokens=4, temperature=0
+    )
     assert via_alias.model == "prod" and via_alias.usage.completion_tokens == 4
 
 
@@ -78,6 +80,7 @@ def test_chat_stream_sync(gateway: Gateway) -> None:
         model="support",
         messages=HELLO,
         max_tokens=6,
+        temperature=0,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -101,12 +104,15 @@ def test_chat_stream_sync(gateway: Gateway) -> None:
 
 async def test_chat_and_completions_async(gateway: Gateway) -> None:
     client = gateway.async_sdk("a")
-    r = await client.chat.completions.create(model="prod", messages=HELLO, max_tokens=3)
+    r = await client.chat.completions.create(
+        model="prod", messages=HELLO, max_tokens=3, temperature=0
+    )
     assert r.usage.completion_tokens == 3
     stream = await client.completions.create(
         model=BASE,
         prompt="The quick brown fox",
         max_tokens=5,
+        temperature=0,
         stream=True,
         stream_options={"include_usage": True},
         logprobs=1,
