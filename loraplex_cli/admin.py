@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Operate tenants and API keys.", no_args_is_help=True)
+app = typer.Typer(
+    help="Operate tenants, API keys and adapters over the admin REST API.", no_args_is_help=True
+)
 tenant_app = typer.Typer(help="Tenants: create, list, update.", no_args_is_help=True)
 key_app = typer.Typer(
     help="A tenant's API keys: create, list, revoke, rotate.", no_args_is_help=True
