@@ -1,0 +1,179 @@
+"""Host time of one decode step at a large batch, on CPU: everything but the forward.
+
+An :class:`LLMEngine` drives a stub runner whose ``execute`` builds the step's host inputs
+(``build_host_inputs``, as the real runner does) and returns pre-made random logits, so only
+host work is timed. 256 requests decode with the byte-level tokenizer of ``dummy:tiny``,
+some with stop strings, some with logprobs, over 32 adapter keys plus the base model.
+
+    .venv/bin/python benchmarks/bench_step_overhead.py [--seqs 256] [--steps 200]
+
+Prints ms per decode step: schedule, build inputs, sample, post-process (detokenize, stops,
+output objects; the step's rest), and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.api import AdapterRef, Request, SamplingParams
+from engine.batch import ScheduledBatch
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model.dummy_tokenizer import dummy_tokenizer
+from engine.model.inputs import build_host_inputs
+from engine.model.presets import PRESETS
+
+PHASES = ("schedule", "inputs", "sample", "post")
+
+
+class StubRunner:
+    """The runner contract with no model: host inputs are built, logits are pre-made."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, max_model_len: int, slots: int):
+        cfg = PRESETS["tiny"]
+        self.tokenizer = dummy_tokenizer(cfg.vocab_size)
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.max_model_len, self.num_slots = max_model_len, slots
+        gen = torch.Generator().manual_seed(0)
+        self._logits = [torch.randn(1024, self.vocab_size, generator=gen) * 4 for _ in range(8)]
+        self._calls = 0
+        self.timers = dict.fromkeys(PHASES, 0.0)
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        t = time.perf_counter()
+        host = build_host_inputs(
+            batch,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            num_slots=self.num_slots,
+        )
+        self.timers["inputs"] += time.perf_counter() - t
+        self._calls += 1
+        return self._logits[self._calls % 8][: host.sample_idx.shape[0]]
+
+    def read_adapter(self, path: Path) -> str:
+        return str(path)
+
+    def write_slot(self, slot: int, weights: object) -> None:
+        pass
+
+    def clear_slot(self, slot: int) -> None:
+        pass
+
+
+def timed(fn, timers: dict[str, float], name: str):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timers[name] += time.perf_counter() - t
+
+    return wrapper
+
+
+def requests(n: int, adapters: int, max_tokens: int) -> list[Request]:
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog; naïve café 日本語 🙂".split()
+    refs = [AdapterRef(key=f"adapter-{i:03d}", fetch=lambda: Path(".")) for i in range(adapters)]
+    out = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))
+        out.append(
+            Request(
+                request_id=f"r{i}",
+                prompt=prompt,
+                sampling=SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=0.0 if i % 2 else 0.8,
+                    top_p=1.0 if i % 3 else 0.9,
+                    stop=("###", "<t9999>", "\n\nUser:") if i % 4 == 0 else (),
+                    logprobs=2 if i % 16 == 0 else None,
+                    ignore_eos=True,
+                    seed=i if i % 5 == 0 else None,
+                ),
+                adapter=None if i % 8 == 0 else refs[i % adapters],
+            )
+        )
+    return out
+
+
+def run(seqs: int, steps: int, adapters: int, warmup: int) -> dict[str, float]:
+    block_size, max_model_len = 16, 2048
+    runner = StubRunner(
+        num_blocks=seqs * max_model_len // block_size,
+        block_size=block_size,
+        max_model_len=max_model_len,
+        slots=adapters,
+    )
+    config = EngineConfig(
+        block_size=block_size,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=4096,
+        max_loras=adapters,
+        max_cpu_loras=adapters,
+        num_gpu_blocks=runner.num_blocks,
+        device="cpu",
+    )
+    engine = LLMEngine(runner, config)
+    timers = runner.timers
+    engine.scheduler.schedule = timed(engine.scheduler.schedule, timers, "schedule")
+    engine.sampler = timed(engine.sampler, timers, "sample")
+    for r in requests(seqs, adapters, max_tokens=warmup + steps + 64):
+        engine.add_request(r)
+    deadline = time.monotonic() + 60
+    while len(engine.scheduler.running) < seqs or engine.scheduler.waiting:
+        engine.step()
+        if time.monotonic() > deadline:
+            raise RuntimeError("requests never all ran (adapter loads?)")
+    for _ in range(warmup):
+        engine.step()
+    for k in timers:
+        timers[k] = 0.0
+    n_out = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if len(engine.scheduler.running) != seqs:
+            raise RuntimeError("a request finished early: the batch shrank")
+        n_out += len(engine.step())
+    total = time.perf_counter() - t0
+    engine.shutdown()
+    ms = {k: 1e3 * v / steps for k, v in timers.items()}
+    ms["post"] = 1e3 * total / steps - sum(ms.values())
+    ms["total"] = 1e3 * total / steps
+    ms["outputs_per_step"] = n_out / steps
+    return ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    runs = [run(args.seqs, args.steps, args.adapters, args.warmup) for _ in range(args.repeats)]
+    best = min(runs, key=lambda m: m["total"])
+    print(
+        f"decode step host time, {args.seqs} seqs, {args.adapters} adapters, best of "
+        f"{args.repeats} x {args.steps} steps (ms/step)"
+    )
+    for k in (*PHASES, "total"):
+        print(f"  {k:9s} {best[k]:7.3f}")
+    print(f"  outputs/step {best['outputs_per_step']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
