@@ -76,6 +76,9 @@ class StopChecker:
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._stops = tuple(s for s in stops if s)
+        # each stop's proper prefixes, longest first; and every char one can end with
+        self._prefixes = [[s[:k] for k in range(len(s) - 1, 0, -1)] for s in self._stops]
+        self._prefix_ends = frozenset(c for s in self._stops for c in s[:-1])
         self.text = ""
         self.emitted = 0  # chars of ``text`` already handed out
 
@@ -106,10 +109,16 @@ class StopChecker:
         return out
 
     def _held_back(self) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop."""
+        text = self.text
+        if not text or text[-1] not in self._prefix_ends:  # the common case: O(1)
+            return 0
         longest = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:k]):
-                    longest = k
+        for prefixes in self._prefixes:
+            for p in prefixes:
+                if len(p) <= longest:
+                    break
+                if text.endswith(p):
+                    longest = len(p)
                     break
         return longest

@@ -138,8 +138,17 @@ class Sampler:
                 ]
             ).to(dev, non_blocking=True)
             logits = logits / knobs[:, 0:1]
-            if any(p.top_k > 0 or p.top_p < 1.0 for p in ps):
+            cut = [i for i, p in enumerate(ps) if p.top_k > 0 or p.top_p < 1.0]
+            if len(cut) == len(ps):
                 logits = apply_top_k_top_p(logits, knobs[:, 3].long(), knobs[:, 1])
+            elif cut:  # sort only the rows that ask (the sort is the sampler's costliest op)
+                idx = torch.tensor(cut).to(dev, non_blocking=True)
+                sub = knobs.index_select(0, idx)
+                logits = logits.index_copy(
+                    0,
+                    idx,
+                    apply_top_k_top_p(logits.index_select(0, idx), sub[:, 3].long(), sub[:, 1]),
+                )
             probs = logits.softmax(dim=1)
             if any(p.min_p > 0 for p in ps):
                 floor = knobs[:, 2:3] * probs.max(dim=1, keepdim=True).values
