@@ -1,4 +1,9 @@
-"""SGMV expand: ``y[t, off_p:off_p+1] += buf[p, t, :r] @ lora_b[slot(t), off_p:off_p+1, :r].T``."""
+"""SGMV expand: ``y[t, off_p:off_p+1] += buf[p, t, :r] @ lora_b[slot(t), off_p:off_p+1, :r].T``.
+
+Two kernels, picked on the host like the shrink's (``use_token_path``): per token (decode;
+grid ``(T, N ranges, P)``, slot from ``meta.token_slot``) or per tile of one segment
+(prefill; grid ``(NT, N ranges, P)``, tensor-core dots). Both grids are static for a given T.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 
 from engine.kernels._triton import HAVE_TRITON, gdc_wait, pdl_ok, prefetch_l2, tl, triton
 from engine.kernels.lora_meta import LoraMeta
+from engine.kernels.lora_shrink import use_token_path
 
 
 def lora_expand_ref(
@@ -40,6 +46,86 @@ def lora_expand_ref(
 if HAVE_TRITON:
 
     @triton.jit
+    def _proj_cols(p, OFF1, OFF2, OFF3, OFF4):
+        """[n_lo, n_hi): the output columns of projection p (P <= 4)."""
+        n_lo = tl.where(p == 0, 0, tl.where(p == 1, OFF1, tl.where(p == 2, OFF2, OFF3)))
+        n_hi = tl.where(p == 0, OFF1, tl.where(p == 1, OFF2, tl.where(p == 2, OFF3, OFF4)))
+        return n_lo, n_hi
+
+    @triton.jit
+    def _bgmv_expand_kernel(
+        buf_ptr,  # [KS, P, T, R] float32 partial sums
+        b_ptr,  # [slots, N, R]
+        ranks_ptr,  # [slots, P]
+        y_ptr,  # [T, N]
+        token_slot_ptr,  # [T] int32, -1 = no adapter
+        T,
+        R,
+        OFF1,
+        OFF2,
+        OFF3,
+        OFF4,
+        KS,
+        N_PER_PROG,  # columns of one projection per program (a multiple of BLOCK_N)
+        P: tl.constexpr,
+        stride_bs,
+        stride_bn,
+        stride_yt,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_KS: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):
+        # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
+        # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
+        # tokens group into segments (tokens of one adapter find its B rows in L2).
+        t = tl.program_id(0)
+        ns = tl.program_id(1)
+        p = tl.program_id(2)
+        slot = tl.load(token_slot_ptr + t)
+        if slot < 0:
+            return
+        rank = tl.load(ranks_ptr + slot * P + p)
+        if rank == 0:
+            return
+        n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
+        n_start = n_lo + ns * N_PER_PROG
+        if n_start >= n_hi:
+            return
+        n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        if USE_PDL:
+            gdc_wait()  # what the shrink wrote (buf) and y are visible after this
+        t64 = t.to(tl.int64)
+        xr_base = buf_ptr + (p * T + t64) * R
+        y_row = y_ptr + t64 * stride_yt
+        # the rank in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
+        # read-modified-written once per step
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for ks0 in range(0, KS, BLOCK_KS):  # K-split partials, BLOCK_KS loads in flight
+                offs_ks = ks0 + tl.arange(0, BLOCK_KS)
+                part = tl.load(
+                    xr_base + offs_ks[:, None] * (P * T * R) + offs_r[None, :],
+                    mask=(offs_ks[:, None] < KS) & mask_r[None, :],
+                    other=0.0,
+                )
+                xr += tl.sum(part, axis=0)
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_end
+                bt = tl.load(
+                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                    mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
+                yv = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
+                tl.store(y_row + offs_n, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask_n)
+
+    @triton.jit
     def _sgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
         b_ptr,  # [slots, N, R]
@@ -66,12 +152,12 @@ if HAVE_TRITON:
         BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr,
         USE_PDL: tl.constexpr,
-        ROWS: tl.constexpr,
         PREFETCH: tl.constexpr,
         LINE: tl.constexpr,
     ):
-        # program: one tile of <= BLOCK_M tokens of one segment (one adapter), one projection p,
-        # a range of N_PER_PROG output columns walked in BLOCK_N steps.
+        # segment path (prefill-like): one tile of <= BLOCK_M tokens of one segment (one
+        # adapter), one projection p, a range of N_PER_PROG output columns in BLOCK_N steps;
+        # tensor-core dots.
         tile = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
@@ -83,8 +169,7 @@ if HAVE_TRITON:
         rank = tl.load(ranks_ptr + slot * P + p)
         if rank == 0:
             return
-        n_lo = tl.where(p == 0, 0, tl.where(p == 1, OFF1, tl.where(p == 2, OFF2, OFF3)))
-        n_hi = tl.where(p == 0, OFF1, tl.where(p == 1, OFF2, tl.where(p == 2, OFF3, OFF4)))
+        n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
         n_start = n_lo + ns * N_PER_PROG
         if n_start >= n_hi:
             return
@@ -110,67 +195,50 @@ if HAVE_TRITON:
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            if ROWS:
-                # few tokens per tile (decode): per token, multiply-reduce on the CUDA cores
-                for i in range(0, tl.minimum(end - start, BLOCK_M)):
-                    t_i = tl.load(sorted_ptr + start + i).to(tl.int64)
-                    xr_ptr = buf_ptr + p * T * R + t_i * R + offs_r
-                    xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
-                    for ks0 in range(0, KS, 16):  # K-split partials, 16 loads in flight
-                        offs_ks = ks0 + tl.arange(0, 16)
-                        part = tl.load(
-                            xr_ptr + offs_ks[:, None] * (P * T * R),
-                            mask=(offs_ks[:, None] < KS) & mask_r[None, :],
-                            other=0.0,
-                        )
-                        xr += tl.sum(part, axis=0)
-                    y_row = y_ptr + t_i * stride_yt
-                    for n0 in range(n_start, n_end, BLOCK_N):
-                        offs_n = n0 + tl.arange(0, BLOCK_N)
-                        mask_n = offs_n < n_end
-                        bt = tl.load(
-                            b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
-                            mask=mask_n[:, None] & mask_r[None, :],
-                            other=0.0,
-                        )
-                        acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
-                        yv = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
-                        tl.store(
-                            y_row + offs_n, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask_n
-                        )
-            else:
-                xmask = mask_m[:, None] & mask_r[None, :]
-                xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
-                xt = tl.load(xrows, mask=xmask, other=0.0)
-                for ks in range(1, KS):
-                    xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
-                if not IEEE:
-                    xt = xt.to(b_ptr.dtype.element_ty)
-                for n0 in range(n_start, n_end, BLOCK_N):
-                    offs_n = n0 + tl.arange(0, BLOCK_N)
-                    mask_n = offs_n < n_end
-                    bt = tl.load(
-                        b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
-                        mask=mask_n[:, None] & mask_r[None, :],
-                        other=0.0,
-                    )
-                    ymask = mask_m[:, None] & mask_n[None, :]
-                    yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
-                    if IEEE:
-                        acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
-                    else:
-                        acc = tl.dot(xt, tl.trans(bt))
-                    out = (yv.to(tl.float32) + acc).to(yv.dtype)
-                    tl.store(y_rows + offs_n[None, :], out, mask=ymask)
+            xmask = mask_m[:, None] & mask_r[None, :]
+            xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
+            xt = tl.load(xrows, mask=xmask, other=0.0)
+            for ks in range(1, KS):
+                xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
+            if not IEEE:
+                xt = xt.to(b_ptr.dtype.element_ty)
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_end
+                bt = tl.load(
+                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                    mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                ymask = mask_m[:, None] & mask_n[None, :]
+                yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
+                if IEEE:
+                    acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, tl.trans(bt))
+                out = (yv.to(tl.float32) + acc).to(yv.dtype)
+                tl.store(y_rows + offs_n[None, :], out, mask=ymask)
 
 
-def _expand_config(T: int, R: int, max_out: int, P: int, tiles: int, on_gpu: bool):
-    """(BLOCK_R, BLOCK_N, N_PER_PROG): enough programs for a few waves, each a long N walk."""
+def _expand_config(T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: bool, block_m: int):
+    """(BLOCK_R, BLOCK_N, N_PER_PROG): enough programs for a few waves, each a long N walk.
+
+    Sized from the real work known on the host: ``T`` tokens (per-token path: ``T`` programs
+    per N range; segment path: at least ``cdiv(T, block_m)`` real tiles when every token has
+    an adapter), never from the padded tile count of a graph's meta."""
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
-    block_n = 128 if max_out >= 128 else 32
+    if rows:  # one token: a [BLOCK_N, BLOCK_R] tile of B per step, ~32 fp32 per thread
+        block_n = max(32, min(256, 4096 // block_r))
+        units = T
+    else:
+        block_n = 128 if max_out >= 128 else 32
+        units = triton.cdiv(T, block_m)
+    if not on_gpu:  # interpreter: small blocks so that tests walk several N and R steps
+        block_r, block_n = min(block_r, 32), 32
     want = 8 * 132 if on_gpu else 4
-    n_split = max(1, min(triton.cdiv(max_out, block_n), triton.cdiv(want, max(1, tiles * P))))
-    n_per = triton.cdiv(triton.cdiv(max_out, n_split), block_n) * block_n
+    n_blocks = triton.cdiv(max_out, block_n)
+    n_split = max(1, min(n_blocks, triton.cdiv(want, max(1, units * P))))
+    n_per = triton.cdiv(n_blocks, n_split) * block_n
     return block_r, block_n, n_per
 
 
@@ -181,7 +249,7 @@ def lora_expand(
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
-    config: dict | None = None,  # tuning override: block_n, n_per, num_warps, num_stages
+    config: dict | None = None,  # tuning override: rows, block_n, n_per, num_warps, num_stages
 ) -> torch.Tensor:
     KS, P, T, R = buf.shape
     S_, N, R2 = lora_b.shape
@@ -196,51 +264,61 @@ def lora_expand(
         raise ValueError(f"dtype mismatch: y {y.dtype}, lora_b {lora_b.dtype}")
     if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
         raise ValueError("ranks must be int32 [slots, P]")
+    if meta.token_slot.shape[0] != T:
+        raise ValueError("meta built for a different number of tokens")
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return y
     max_out = max(offs[i + 1] - offs[i] for i in range(P))
-    block_r, block_n, n_per = _expand_config(T, R, max_out, P, nt, y.is_cuda)
+    rows = use_token_path(T, meta)
+    if config:
+        rows = config.get("rows", rows)
+    block_r, block_n, n_per = _expand_config(T, R, max_out, P, y.is_cuda, rows, meta.block_m)
     pdl = pdl_ok(y)
-    # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
-    rows = T < 2 * max(1, meta.num_segments)
     prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
     cfg = {"num_warps": 4, "num_stages": 3, "launch_pdl": pdl}
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
-        rows = config.get("rows", rows)
         prefetch = config.get("prefetch", prefetch)
     offs = offs + [N] * (5 - len(offs))
-    grid = (nt, triton.cdiv(max_out, n_per), P)
-    _sgmv_expand_kernel[grid](
+    ranks = ranks.contiguous()
+    tail = (T, R, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
+    strides = (lora_b.stride(0), lora_b.stride(1), y.stride(0))
+    n_split = triton.cdiv(max_out, n_per)
+    if rows:  # grid (T, N ranges, P): static for a given T
+        _bgmv_expand_kernel[(T, n_split, P)](
+            buf,
+            lora_b,
+            ranks,
+            y,
+            meta.token_slot,
+            *tail,
+            *strides,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+            BLOCK_KS=16,
+            USE_PDL=pdl,
+            **cfg,
+        )
+        return y
+    _sgmv_expand_kernel[(nt, n_split, P)](
         buf,
         lora_b,
-        ranks.contiguous(),
+        ranks,
         y,
         meta.sorted_tokens,
         meta.tile_slot,
         meta.tile_start,
         meta.tile_end,
-        T,
-        R,
-        offs[1],
-        offs[2],
-        offs[3],
-        offs[4],
-        KS,
-        n_per,
-        P,
-        lora_b.stride(0),
-        lora_b.stride(1),
-        y.stride(0),
+        *tail,
+        *strides,
         BLOCK_M=meta.block_m,
         BLOCK_N=block_n,
         BLOCK_R=block_r,
         IEEE=y.dtype == torch.float32,
         USE_PDL=pdl,
-        ROWS=rows,
         PREFETCH=prefetch,
         LINE=128 // y.element_size(),
         **cfg,

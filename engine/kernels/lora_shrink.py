@@ -4,6 +4,12 @@ The result comes as K-split partial sums ``buf[KS, P, T, R]`` float32 (the shrin
 ``buf.sum(0)``): each split writes its own slice, so there is no zero-fill and no atomics;
 ``lora_expand`` adds the partials when it loads them. Only entries that the expand reads
 (tokens with an adapter, ``r < ranks[slot, p]``) are written; the rest is undefined.
+
+Two kernels, picked on the host from ``T`` and ``meta.num_segments`` (:func:`use_token_path`):
+the per-token path (decode: one program per token, projection and K slice, the token's slot
+read from ``meta.token_slot``; grid ``(T, P, KS)``) and the segment path (prefill: one program
+per tile of one adapter's tokens, tensor-core dots; grid ``(NT, P, KS)``). Both grids depend on
+``T`` and the meta's static shapes only, so either is CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -50,6 +56,77 @@ def lora_shrink_ref(
 if HAVE_TRITON:
 
     @triton.jit
+    def _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE: tl.constexpr):
+        """This program's A rows ``[:rank, k_lo:k_hi]`` into L2 (before gdc_wait)."""
+        n_lines = tl.cdiv(k_hi - k_lo, LINE)
+        for i0 in range(0, rank * n_lines, 256):
+            idx = i0 + tl.arange(0, 256)
+            r_i = idx // n_lines
+            pf = a_base + r_i * stride_ar + k_lo + (idx - r_i * n_lines) * LINE
+            prefetch_l2(pf, idx < rank * n_lines)
+
+    @triton.jit
+    def _bgmv_shrink_kernel(
+        x_ptr,  # [T, K]
+        a_ptr,  # [slots, P, R, K]
+        ranks_ptr,  # [slots, P]
+        buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
+        token_slot_ptr,  # [T] int32, -1 = no adapter
+        T,
+        K,
+        R,
+        P: tl.constexpr,
+        stride_xt,
+        stride_as,
+        stride_ap,
+        stride_ar,
+        K_PER_SPLIT,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        LINE: tl.constexpr,
+    ):
+        # per-token path (decode): one program = one token, one projection p, one K slice;
+        # multiply-reduce on the CUDA cores. Its cost does not depend on how the tokens group
+        # into segments (a second token of the same adapter finds the A slice in L2).
+        t = tl.program_id(0)
+        p = tl.program_id(1)
+        ks = tl.program_id(2)
+        slot = tl.load(token_slot_ptr + t)
+        if slot < 0:
+            return
+        rank = tl.load(ranks_ptr + slot * P + p)
+        if rank == 0:
+            return
+        k_lo = ks * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        if USE_PDL:
+            if PREFETCH:
+                _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
+            gdc_wait()  # what the previous kernel wrote (x) is visible after this
+        offs_k = tl.arange(0, BLOCK_K)
+        x_row = x_ptr + t.to(tl.int64) * stride_xt
+        out = buf_ptr + ((ks * P + p) * T + t).to(tl.int64) * R
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            a_rows = a_base + offs_r[:, None] * stride_ar
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < k_hi
+                xv = tl.load(x_row + kk, mask=mask_k, other=0.0)
+                at = tl.load(
+                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                )
+                acc += at.to(tl.float32) * xv.to(tl.float32)[None, :]
+            tl.store(out + offs_r, tl.sum(acc, axis=1), mask=mask_r)
+        if USE_PDL:
+            gdc_launch_dependents()
+
+    @triton.jit
     def _sgmv_shrink_kernel(
         x_ptr,  # [T, K]
         a_ptr,  # [slots, P, R, K]
@@ -73,10 +150,11 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr,
         USE_PDL: tl.constexpr,
-        ROWS: tl.constexpr,
         PREFETCH: tl.constexpr,
         LINE: tl.constexpr,
     ):
+        # segment path (prefill-like): one program = one tile of <= BLOCK_M tokens of one
+        # segment (one adapter), one projection p, one K slice; tensor-core dots.
         tile = tl.program_id(0)
         p = tl.program_id(1)
         ks = tl.program_id(2)
@@ -96,12 +174,7 @@ if HAVE_TRITON:
         a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
         if USE_PDL:
             if PREFETCH:  # this program's A rows stream into L2 while the previous kernel ends
-                n_lines = tl.cdiv(k_hi - k_lo, LINE)
-                for i0 in range(0, rank * n_lines, 256):
-                    idx = i0 + tl.arange(0, 256)
-                    r_i = idx // n_lines
-                    pf = a_base + r_i * stride_ar + k_lo + (idx - r_i * n_lines) * LINE
-                    prefetch_l2(pf, idx < rank * n_lines)
+                _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + tok[:, None] * stride_xt
@@ -110,49 +183,53 @@ if HAVE_TRITON:
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
             a_rows = a_base + offs_r[:, None] * stride_ar
-            if ROWS:
-                # few tokens per tile (decode): per token, multiply-reduce on the CUDA cores;
-                # the A tile of a second token comes from L1/L2
-                for i in range(0, tl.minimum(end - start, BLOCK_M)):
-                    t_i = tl.load(sorted_ptr + start + i).to(tl.int64)
-                    acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-                    for k0 in range(k_lo, k_hi, BLOCK_K):
-                        kk = k0 + offs_k
-                        mask_k = kk < k_hi
-                        xv = tl.load(x_ptr + t_i * stride_xt + kk, mask=mask_k, other=0.0)
-                        at = tl.load(
-                            a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
-                        )
-                        acc2 += at.to(tl.float32) * xv.to(tl.float32)[None, :]
-                    tl.store(out_base + t_i * R + offs_r, tl.sum(acc2, axis=1), mask=mask_r)
-            else:
-                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    kk = k0 + offs_k
-                    mask_k = kk < k_hi
-                    xt = tl.load(
-                        x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-                    )
-                    at = tl.load(
-                        a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
-                    )
-                    if IEEE:
-                        acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
-                    else:
-                        acc += tl.dot(xt, tl.trans(at))
-                out = out_base + tok[:, None] * R + offs_r[None, :]
-                tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < k_hi
+                xt = tl.load(
+                    x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                )
+                at = tl.load(
+                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                )
+                if IEEE:
+                    acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt, tl.trans(at))
+            out = out_base + tok[:, None] * R + offs_r[None, :]
+            tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
         if USE_PDL:
             gdc_launch_dependents()
 
 
-def _shrink_config(T: int, K: int, P: int, R: int, tiles: int, on_gpu: bool, rows: bool):
-    """(BLOCK_R, BLOCK_K, K_PER_PROG): split K so that the grid has a few waves of programs."""
+def use_token_path(T: int, meta: LoraMeta) -> bool:
+    """Per-token path or segment path, from host ints only (static for a CUDA graph).
+
+    The segment path (tensor-core tiles of one adapter) pays when segments hold several
+    tokens on average: ``T >= 2 * num_segments``. Decode graphs build their meta padded to the
+    slot count, so their batches (fewer than 2 tokens per slot) always take the per-token path,
+    which costs the same however the tokens group; eager prefill takes the segment path.
+    """
+    return T < 2 * max(1, meta.num_segments)
+
+
+def _shrink_config(T: int, K: int, P: int, R: int, on_gpu: bool, rows: bool, block_m: int):
+    """(BLOCK_R, BLOCK_K, K_PER_PROG): split K so that the grid has a few waves of programs.
+
+    Sized from ``T`` (known on the host, the graph's batch size), never from the padded tile
+    count: the segment path has at least ``cdiv(T, block_m)`` real tiles when every token has
+    an adapter."""
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
-    if on_gpu and rows:  # decode: short K slices, many programs (best in the H100 sweep)
+    if not on_gpu:  # interpreter: small blocks so that tests walk several K and R steps
+        block_r = min(block_r, 32)
+        if rows:
+            return block_r, 32, 256 if K > 512 else 64
+    if rows:  # decode: short K slices, many programs (best in the H100 sweep)
         return block_r, 128, min(256, triton.cdiv(K, 128) * 128)
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
     want = 8 * 132 if on_gpu else 16
+    tiles = triton.cdiv(T, block_m)
     # at most 8 splits: the expand's tensor-core path adds the partials one by one
     split = max(1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 2 * block_k), 8))
     k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
@@ -182,9 +259,10 @@ def lora_shrink(
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
-    # per-token multiply-reduce when tiles hold few tokens (decode), tensor-core dots otherwise
-    rows = T < 2 * max(1, meta.num_segments)
-    block_r, block_k, k_per = _shrink_config(T, K, P, R, nt, x.is_cuda, rows)
+    rows = use_token_path(T, meta)
+    if config:
+        rows = config.get("rows", rows)
+    block_r, block_k, k_per = _shrink_config(T, K, P, R, x.is_cuda, rows, meta.block_m)
     pdl = pdl_ok(x)
     prefetch = pdl and T <= 16  # L2 prefetch of A before gdc_wait pays for small batches only
     cfg = {"num_warps": 4, "num_stages": 2, "launch_pdl": pdl}
@@ -192,11 +270,33 @@ def lora_shrink(
         block_k, k_per = config.get("block_k", block_k), config.get("k_per", k_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
-        rows = config.get("rows", rows)
         prefetch = config.get("prefetch", prefetch)
     k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
     split = triton.cdiv(K, k_per)
     buf = torch.empty(split, P, T, R, dtype=torch.float32, device=x.device)
+    strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
+    line = 128 // x.element_size()
+    if rows:  # grid (T, P, K splits): static for a given T
+        _bgmv_shrink_kernel[(T, P, split)](
+            x,
+            lora_a,
+            ranks,
+            buf,
+            meta.token_slot,
+            T,
+            K,
+            R,
+            P,
+            *strides,
+            k_per,
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            USE_PDL=pdl,
+            PREFETCH=prefetch,
+            LINE=line,
+            **cfg,
+        )
+        return buf
     _sgmv_shrink_kernel[(nt, P, split)](
         x,
         lora_a,
@@ -210,19 +310,15 @@ def lora_shrink(
         K,
         R,
         P,
-        x.stride(0),
-        lora_a.stride(0),
-        lora_a.stride(1),
-        lora_a.stride(2),
+        *strides,
         k_per,
         BLOCK_M=meta.block_m,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32,
         USE_PDL=pdl,
-        ROWS=rows,
         PREFETCH=prefetch,
-        LINE=128 // x.element_size(),
+        LINE=line,
         **cfg,
     )
     return buf

@@ -43,9 +43,13 @@ def make_weights(num_slots, outs, max_rank, k, dtype, gen, rank_choices=(1, 8, 6
     return a, b, ranks, offsets
 
 
-def run_case(T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, **kw):
+def run_case(
+    T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, config=None, **kw
+):
     gen = torch.Generator().manual_seed(seed)
     token_slot = make_token_slot(T, pattern, num_slots, gen)
+    if max_segments is not None and T > 1:
+        token_slot[-1] = -1  # a graph's padding row (bucket > batch)
     a, b, ranks, offsets = make_weights(num_slots, outs, max_rank, k, dtype, gen, **kw)
     x = torch.randn(T, k, generator=gen).to(dtype)
     y0 = torch.randn(T, offsets[-1], generator=gen).to(dtype)
@@ -56,7 +60,7 @@ def run_case(T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments
 
     dev = DEVICE
     meta_d = meta.to(dev)
-    buf = lora_shrink(x.to(dev), a.to(dev), ranks.to(dev), meta_d)
+    buf = lora_shrink(x.to(dev), a.to(dev), ranks.to(dev), meta_d, config=config)
     # only what the expand reads is defined: tokens with an adapter, r < rank
     slot = token_slot.long().clamp_min(0)
     r_tok = ranks.long()[slot].T  # [P, T]
@@ -65,7 +69,7 @@ def run_case(T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments
     )
     assert_close(buf.sum(0).cpu()[defined], buf_ref.sum(0)[defined], dtype)
     y = y0.to(dev).clone()
-    lora_expand(buf, b.to(dev), ranks.to(dev), offsets, meta_d, y)
+    lora_expand(buf, b.to(dev), ranks.to(dev), offsets, meta_d, y, config=config)
     assert_close(y, y_ref, dtype)
     none = token_slot < 0
     assert torch.equal(y.cpu()[none], y0[none]), "a token with no adapter was touched"
@@ -88,6 +92,36 @@ def test_sgmv_133_tokens(pattern, dtype):
 def test_sgmv_padded_meta_for_graphs():
     # segment/tile arrays padded to max_segments (static shapes) give the same result
     run_case(7, 65, [40], "zipf", torch.float32, num_slots=6, max_rank=16, seed=3, max_segments=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pattern", ["identical", "some_none", "distinct"])
+@pytest.mark.parametrize("T", [1, 7, 24])
+def test_sgmv_graph_padded_decode(T, pattern, dtype):
+    # a decode graph's meta: padded to the slot count (16 > segments), the last row a padding
+    # row (-1); "identical" = one adapter for the whole batch (all its tokens in one segment)
+    run_case(T, 257, [96, 40], pattern, dtype, num_slots=16, max_rank=64, seed=T, max_segments=16)
+
+
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_sgmv_both_paths(pattern, rows):
+    # the per-token and the segment kernel agree with the reference on the same cases,
+    # exact and graph-padded metas, whichever the host would pick
+    for max_segments in (None, 12):
+        cfg = {"rows": rows}
+        run_case(19, 130, [70, 33, 9], pattern, torch.float32, 12, 64, 5, max_segments, cfg)
+
+
+def test_token_path_choice():
+    # host ints only: padded decode metas take the per-token path, prefill the segment path
+    from engine.kernels.lora_shrink import use_token_path
+
+    one = torch.zeros(32, dtype=torch.int32)
+    assert use_token_path(32, build_lora_meta(one, max_segments=128))
+    assert not use_token_path(32, build_lora_meta(one))
+    assert use_token_path(32, build_lora_meta(torch.arange(32, dtype=torch.int32)))
+    assert not use_token_path(256, build_lora_meta(one[:1].expand(256), max_segments=128))
 
 
 def test_sgmv_no_adapter_at_all():
