@@ -107,7 +107,9 @@ def time_graph(fn, layers: int) -> float:
     return ms * 1e3 / layers
 
 
-def run_case(T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator):
+def run_case(
+    T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator, pad: int = 0
+):
     token_slot, ranks = make_case(T, n_ad, mixed, gen)
     ranks_full = torch.zeros(pool_slots, dtype=torch.int64)
     ranks_full[: ranks.shape[0]] = ranks
@@ -116,13 +118,16 @@ def run_case(T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.
     per_layer = sum(t.numel() * 2 for t in [*pool.a.values(), *pool.b.values()])
     n_layers = max(2, min(32, -(-(256 << 20) // per_layer)))
     pools = [pool] + [Pool(pool_slots, max_rank, ranks_full) for _ in range(n_layers - 1)]
-    meta = build_lora_meta(token_slot).to("cuda")
+    # pad > 0: the metadata padded to that many segments, as the decode CUDA graphs build it
+    n_seg = len(set(token_slot.tolist()))
+    meta = build_lora_meta(token_slot, max_segments=max(pad, n_seg) if pad else None).to("cuda")
     xs = {g: torch.randn(T, k, device="cuda", dtype=DT) for g, (k, _) in GROUPS.items()}
     ys = {g: torch.randn(T, sum(o), device="cuda", dtype=DT) for g, (_, o) in GROUPS.items()}
     seg_start = meta.seg_start.tolist()
     segs = [
         (int(s), meta.sorted_tokens[seg_start[i] : seg_start[i + 1]].long())
         for i, s in enumerate(meta.seg_slot.tolist())
+        if s >= 0
     ]
     ts_long = token_slot.long().cuda()
 
@@ -268,6 +273,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,4,16,64,256")
     ap.add_argument("--quick", action="store_true", help="fewer cases")
+    ap.add_argument(
+        "--slots", type=int, default=0, help="pad the metadata to this many segments (graphs)"
+    )
     ap.add_argument("--sweep", action="store_true", help="time kernel configurations")
     ap.add_argument("--profile", type=int, default=0, help="per-kernel times at T tokens, distinct")
     args = ap.parse_args()
@@ -282,6 +290,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(
         f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)"
+        f"  metadata padded to {args.slots or 'no'} segments"
     )
     tokens = [int(t) for t in args.tokens.split(",")]
     cases = [("1 x r16", 1, False), ("8 x r16", 8, False), ("32 x r16", 32, False)]
@@ -292,7 +301,7 @@ def main() -> None:
     for name, n_ad, mixed in cases:
         pool_slots = max(tokens) if n_ad is None else n_ad
         for T in tokens:
-            res, nbytes = run_case(T, n_ad, mixed, pool_slots, gen)
+            res, nbytes = run_case(T, n_ad, mixed, pool_slots, gen, args.slots)
             torch.cuda.empty_cache()
             floor_us = nbytes / bw * 1e6
             s, lo, bm = res["sgmv"], res["loop"], res["bmm"]
