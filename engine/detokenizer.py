@@ -29,29 +29,92 @@ def fast_decoder(tokenizer: Any) -> Decoder:
     return tokenizer
 
 
-class IncrementalDetokenizer:
-    """One decode of a short token window per new token.
+class TokenPieces:
+    """Each token's text on its own (``decode([id])``), decoded once per id and kept.
 
-    The window starts with a few context tokens whose text (``_base``) is never emitted;
-    each new token re-decodes the window and emits what follows the text already out.
-    Every ``_WINDOW`` tokens the window slides forward (one extra decode).
+    Caching the single-token decode is exact for any tokenizer. Where the decoder is
+    byte-level (the text of ids is the UTF-8 of their bytes joined), a token whose piece
+    holds no U+FFFD is a whole UTF-8 string, and appended to a window whose text ends on a
+    character boundary it adds exactly its piece: :meth:`appendable` says so, and
+    :class:`IncrementalDetokenizer` then skips the window decode.
+    """
+
+    def __init__(self, tokenizer: Decoder) -> None:
+        self._tok = tokenizer
+        self.byte_level = _is_byte_level(tokenizer)
+        self._text: tuple[dict[int, str], dict[int, str]] = ({}, {})  # by skip_special_tokens
+        self._whole: dict[int, str | None] = {}  # skip_special_tokens=True only
+
+    def text(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        cache = self._text[skip_special_tokens]
+        piece = cache.get(token_id)
+        if piece is None:
+            piece = cache[token_id] = self._tok.decode(
+                [token_id], skip_special_tokens=skip_special_tokens
+            )
+        return piece
+
+    def appendable(self, token_id: int) -> str | None:
+        """The token's text (special tokens skipped) if it appends as is; else None."""
+        try:
+            return self._whole[token_id]
+        except KeyError:
+            piece = self.text(token_id, True)
+            ok = self.byte_level and _REPLACEMENT not in piece
+            self._whole[token_id] = piece if ok else None
+            return piece if ok else None
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    try:
+        from tokenizers import Tokenizer, decoders
+    except ImportError:
+        return False
+    return isinstance(tokenizer, Tokenizer) and isinstance(tokenizer.decoder, decoders.ByteLevel)
+
+
+class IncrementalDetokenizer:
+    """One decode of a short token window per new token (none on the fast path).
+
+    The window starts with a few context tokens whose text is never emitted; each new
+    token re-decodes the window and emits what follows the text already out. Every
+    ``_WINDOW`` tokens the window slides forward (one extra decode). With ``pieces`` on a
+    byte-level tokenizer, a whole-character token after a window that ends on a character
+    boundary emits its cached piece without decoding (the same text, see
+    :class:`TokenPieces`).
     """
 
     def __init__(
-        self, tokenizer: Decoder, prompt_ids: list[int], skip_special_tokens: bool = True
+        self,
+        tokenizer: Decoder,
+        prompt_ids: list[int],
+        skip_special_tokens: bool = True,
+        pieces: TokenPieces | None = None,
     ) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._pieces = pieces if pieces is not None and skip_special_tokens else None
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
-        self._base = self._decode(self._ids)  # context text: never emitted
-        self._out = self._base  # window text accounted for (context + emitted)
+        self._set_out(self._decode(self._ids))  # context text: never emitted
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
 
+    def _set_out(self, text: str) -> None:
+        self._out_len = len(text)  # window text accounted for (context + emitted)
+        # the window's text is all accounted for and ends on a character boundary
+        self._clean = not text.endswith(_REPLACEMENT)
+
     def add(self, token_id: int) -> str:
         """Append one token; return the newly complete text (maybe empty)."""
         self._ids.append(token_id)
+        if self._clean and self._pieces is not None:
+            piece = self._pieces.appendable(token_id)
+            if piece is not None:
+                self._out_len += len(piece)
+                if len(self._ids) > _WINDOW:
+                    self._slide()
+                return piece
         return self._emit(final=False)
 
     def flush(self) -> str:
@@ -61,14 +124,19 @@ class IncrementalDetokenizer:
     def _emit(self, final: bool) -> str:
         text = self._decode(self._ids)
         if text.endswith(_REPLACEMENT) and not final:
+            self._clean = False
             return ""  # a multi-byte character is still incomplete
         # decoding more tokens may rewrite earlier text (space clean-up); never retract
-        new = text[len(self._out) :] if len(text) > len(self._out) else ""
-        self._out = text
-        if len(self._ids) > _WINDOW:  # slide: keep a little context, forget the rest
-            self._ids = self._ids[-_CONTEXT_TOKENS:]
-            self._base = self._out = self._decode(self._ids)
+        new = text[self._out_len :]
+        self._set_out(text)
+        if len(self._ids) > _WINDOW:
+            self._slide()
         return new
+
+    def _slide(self) -> None:
+        """Keep a little context, forget the rest."""
+        self._ids = self._ids[-_CONTEXT_TOKENS:]
+        self._set_out(self._decode(self._ids))
 
 
 class StopChecker:

@@ -15,7 +15,7 @@ import torch
 from engine.api import AdapterRef, Request, RequestOutput
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer, StopChecker, fast_decoder
+from engine.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces, fast_decoder
 from engine.errors import (
     AdapterLoadError,
     EngineError,
@@ -39,6 +39,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = runner.tokenizer
         self._decoder = fast_decoder(runner.tokenizer)
+        self._pieces = TokenPieces(self._decoder)  # each token's text, decoded once
         self.max_model_len = min(runner.max_model_len, config.max_model_len or runner.max_model_len)
         self.blocks = BlockManager(
             runner.num_blocks, runner.block_size, config.enable_prefix_caching
@@ -109,7 +110,9 @@ class LLMEngine:
             )
             self._next_seq_id += 1
             choice = Choice(
-                seq, IncrementalDetokenizer(self._decoder, prompt_ids), StopChecker(p.stop)
+                seq,
+                IncrementalDetokenizer(self._decoder, prompt_ids, pieces=self._pieces),
+                StopChecker(p.stop),
             )
             state.choices.append(choice)
             self._owner[seq.seq_id] = (state, choice)
@@ -194,28 +197,32 @@ class LLMEngine:
         c.steps += 1
         c.last_batch_seqs, c.last_batch_tokens = len(out.seqs), out.batch.num_tokens
         for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
-            end = min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids))
-            c.prompt_tokens += max(0, end - chunk.start_pos)
+            if chunk.start_pos < seq.prompt_len:
+                end = min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids))
+                c.prompt_tokens += end - chunk.start_pos
         logits = self.runner.execute(out.batch)
         self.scheduler.advance(out)
         self._sample(out, logits)
-        for state in {self._owner[s.seq_id][0] for s in out.seqs if s.seq_id in self._owner}:
+        touched = self._touched(out)
+        for state in touched:
             if state.finished:
                 self._retire(state)
         outputs += self._pending
         self._pending = []
-        for state in self._touched(out):
+        for state in touched:
             o = state.take_output()
             if o is not None:
                 outputs.append(o)
         return outputs
 
     def _touched(self, out: SchedulerOutput) -> list[RequestState]:
-        seen: dict[str, RequestState] = {}
+        """The requests with a sequence in this step, each once, in batch order."""
+        seen: dict[int, RequestState] = {}
+        owner = self._owner
         for seq in out.seqs:
-            owner = self._owner.get(seq.seq_id)
-            if owner is not None:
-                seen.setdefault(owner[0].request.request_id, owner[0])
+            o = owner.get(seq.seq_id)
+            if o is not None:
+                seen.setdefault(id(o[0]), o[0])
         return list(seen.values())
 
     def _write_slots(self, out: SchedulerOutput) -> None:
@@ -237,32 +244,37 @@ class LLMEngine:
             )
         if not sampled:
             return
+        owners = [self._owner[seq.seq_id] for seq, _ in sampled]
         rows = []
-        for seq, _ in sampled:
-            state, choice = self._owner[seq.seq_id]
-            seed = state.params.seed
-            if seed is not None and choice.generator is None:  # choice i draws from seed + i
-                choice.generator = torch.Generator(device=logits.device).manual_seed(
-                    seed + seq.index
+        for (seq, _), (state, choice) in zip(sampled, owners, strict=True):
+            row = choice.row
+            if row is None:  # first sample: the row lives as long as the choice
+                seed = state.params.seed
+                if seed is not None:  # choice i draws from seed + i
+                    choice.generator = torch.Generator(device=logits.device).manual_seed(
+                        seed + seq.index
+                    )
+                row = choice.row = SampleRow(
+                    state.params, seq.token_ids, seq.prompt_len, choice.generator
                 )
-            rows.append(SampleRow(state.params, seq.token_ids, seq.prompt_len, choice.generator))
+            rows.append(row)
         res = self.sampler(logits, rows)
-        for i, (seq, _) in enumerate(sampled):
-            state, choice = self._owner[seq.seq_id]
-            if seq.index == 0 and not state.forked:
+        want_logprobs = res.logprobs is not None
+        max_len = self.max_model_len
+        for i, ((seq, _), (state, choice)) in enumerate(zip(sampled, owners, strict=True)):
+            if not state.forked and seq.index == 0:
                 state.cached_tokens = seq.num_cached_tokens
                 self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
                 self._fork_siblings(state)
             token = res.token_ids[i]
             seq.token_ids.append(token)
-            self._counters.generation_tokens += 1
             lp = None
-            found = res.logprob_of(i) if state.params.logprobs is not None else None
-            if found is not None:
-                lp = make_logprob(self._decoder, token, *found)
-            state.on_token(choice, token, lp, self.max_model_len)
-            if choice.finished:
+            if want_logprobs and state.params.logprobs is not None:
+                lp = make_logprob(self._pieces, token, *res.logprob_of(i))  # type: ignore[misc]
+            state.on_token(choice, token, lp, max_len)
+            if choice.finish_reason is not None:
                 self.scheduler.finish(seq)
+        self._counters.generation_tokens += len(sampled)
 
     def _fork_siblings(self, state: RequestState) -> None:
         state.forked = True

@@ -19,8 +19,9 @@ from engine.api import (
     SamplingParams,
     TokenLogprob,
 )
-from engine.detokenizer import Decoder, IncrementalDetokenizer, StopChecker
+from engine.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
 from engine.errors import EngineError, InvalidRequest, PromptTooLong
+from engine.sampler import SampleRow
 from engine.sequence import Sequence
 
 
@@ -30,6 +31,7 @@ class Choice:
     detok: IncrementalDetokenizer
     stops: StopChecker
     generator: torch.Generator | None = None
+    row: SampleRow | None = None  # what the sampler reads, made at the first sample
     finish_reason: FinishReason | None = None
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -50,6 +52,12 @@ class RequestState:
     cached_tokens: int = 0
     error: str | None = None
     exception: EngineError | None = None
+    _stop_ids: frozenset[int] = field(init=False, repr=False)  # token ids that end a choice
+
+    def __post_init__(self) -> None:
+        p = self.request.sampling
+        eos = frozenset() if p.ignore_eos else self.eos_token_ids
+        self._stop_ids = eos.union(p.stop_token_ids)
 
     @property
     def params(self) -> SamplingParams:
@@ -67,18 +75,18 @@ class RequestState:
         self, choice: Choice, token_id: int, logprob: TokenLogprob | None, max_model_len: int
     ) -> None:
         """Account one sampled token (already appended to the sequence) and check stops."""
-        p = self.params
         choice.new_token_ids.append(token_id)
         if logprob is not None:
             choice.new_logprobs.append(logprob)
-        seq = choice.seq
-        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+        if token_id in self._stop_ids:
             choice.finish_reason = "stop"
             return
         if choice.stops.add(choice.detok.add(token_id)):
             choice.finish_reason = "stop"
             return
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= max_model_len:
+        seq = choice.seq
+        n = len(seq.token_ids)
+        if n - seq.prompt_len >= self.request.sampling.max_tokens or n >= max_model_len:
             choice.finish_reason = "length"
             if choice.stops.add(choice.detok.flush()):
                 choice.finish_reason = "stop"
@@ -94,10 +102,13 @@ class RequestState:
         """The deltas since the last call; None when there is nothing new to say."""
         deltas = []
         finished, completion = True, 0
+        want_logprobs = self.request.sampling.logprobs is not None
         for i, c in enumerate(self.choices):
-            done = c.finish_reason is not None
+            reason = c.finish_reason
+            done = reason is not None
             finished = finished and done
-            completion += c.seq.num_tokens - c.seq.prompt_len
+            seq = c.seq
+            completion += len(seq.token_ids) - seq.prompt_len
             final = done and not c.reported_finish
             text = c.stops.take(final=done)
             if not (c.new_token_ids or text or final):
@@ -107,12 +118,15 @@ class RequestState:
                     index=i,
                     text=text,
                     token_ids=c.new_token_ids,
-                    logprobs=c.new_logprobs if self.params.logprobs is not None else None,
-                    finish_reason=c.finish_reason if final else None,
+                    logprobs=c.new_logprobs if want_logprobs else None,
+                    finish_reason=reason if final else None,
                 )
             )
-            c.new_token_ids, c.new_logprobs = [], []
-            c.reported_finish = c.reported_finish or final
+            c.new_token_ids = []
+            if want_logprobs:  # (otherwise the list stays empty and is never handed out)
+                c.new_logprobs = []
+            if final:
+                c.reported_finish = True
         if not deltas:
             return None
         return RequestOutput(
@@ -128,10 +142,10 @@ class RequestState:
 
 
 def make_logprob(
-    tokenizer: Decoder, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float]
+    pieces: TokenPieces, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float]
 ) -> TokenLogprob:
     def text(i: int) -> str:
-        return tokenizer.decode([i], skip_special_tokens=False)
+        return pieces.text(i, skip_special_tokens=False)
 
     return TokenLogprob(
         token_id=token_id,

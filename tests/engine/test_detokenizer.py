@@ -85,3 +85,29 @@ def test_stop_spanning_pieces():
     assert sc.add("\nnext")
     assert sc.take(final=True) == ""
     assert sc.text == "line"
+
+
+@pytest.mark.parametrize("which", ["tiny_bpe", "dummy"])
+def test_cached_pieces_stream_exactly_the_window_decode(tok, which):
+    """The fast path (cached whole-character pieces) emits the very same deltas, step by
+    step, as decoding the window, over random ids: broken bytes, specials, slides."""
+    import random
+
+    from engine.detokenizer import TokenPieces
+    from engine.model.dummy_tokenizer import dummy_tokenizer
+
+    base = tok if which == "tiny_bpe" else dummy_tokenizer(512)
+    decoder = fast_decoder(base)
+    pieces = TokenPieces(decoder)
+    assert pieces.byte_level
+    rng = random.Random(0)
+    vocab = len(base)
+    for trial in range(60):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 120))]
+        if trial % 3 == 0:  # mostly valid text too
+            ids = base.encode(TEXTS[trial % len(TEXTS)])[:100]
+        slow = IncrementalDetokenizer(decoder, prompt)
+        fast = IncrementalDetokenizer(decoder, prompt, pieces=pieces)
+        assert [fast.add(i) for i in ids] == [slow.add(i) for i in ids]
+        assert fast.flush() == slow.flush()
