@@ -174,3 +174,25 @@ def test_sgmv_llama_bf16(group, T, pattern):
         seed=T,
         rank_choices=(8, 16, 64),
     )
+
+
+@gpu
+@pytest.mark.parametrize("pattern", ["identical", "some_none", "distinct"])
+@pytest.mark.parametrize("T", [1, 32, 128])
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+def test_sgmv_llama_bf16_graph_padded(group, T, pattern):
+    # decode graphs on 128 slots: metadata padded to 128 segments, the last row padding;
+    # "identical" is one adapter for the whole batch (the per-token path at every T here)
+    k, outs = LLAMA_GROUPS[group]
+    run_case(
+        T,
+        k,
+        outs,
+        pattern,
+        torch.bfloat16,
+        num_slots=128,
+        max_rank=16,
+        seed=T,
+        max_segments=128,
+        rank_choices=(8, 16),
+    )
