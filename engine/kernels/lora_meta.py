@@ -12,7 +12,7 @@ with torch ops only (no Python loop per token). The SGMV kernels read it:
   One SGMV program handles one tile, so the grid is static: ``NT = cdiv(T, block_m) + S``.
 - ``tile_slot[NT]``, ``tile_end[NT]``: per tile its adapter slot (-1 for padding) and the end of
   its segment, so that a program reads its whole work description in one round trip.
-- ``token_slot[T]``: kept for the per-token (BGMV) decode path.
+- ``token_slot[T]``: read by the per-token (BGMV) decode kernels (one program per token).
 
 ``num_segments`` is a host int. For CUDA graphs build with ``max_segments`` (e.g. the number
 of LoRA slots): the segment and tile arrays are padded to that bound with empty segments
