@@ -7,6 +7,8 @@ Python loop per token.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import add
@@ -16,6 +18,8 @@ import torch
 from engine.batch import ScheduledBatch
 from engine.kernels import LoraMeta, build_lora_meta
 from engine.model.llama import ForwardInputs
+
+_DTYPES = {"i": torch.int32, "q": torch.int64}
 
 
 @dataclass
@@ -65,6 +69,15 @@ class HostInputs:
         )
 
 
+def _tensor(typecode: str, ints: Iterable[int]) -> torch.Tensor:
+    """A 1-d int32 ("i") or int64 ("q") tensor of ``ints``, packed by ``array`` in C (many
+    times faster than ``torch.tensor`` of a list); it owns its memory."""
+    packed = array(typecode, ints)
+    if not packed:
+        return torch.empty(0, dtype=_DTYPES[typecode])
+    return torch.frombuffer(packed, dtype=_DTYPES[typecode]).clone()
+
+
 def build_host_inputs(
     batch: ScheduledBatch, *, block_size: int, max_model_len: int, num_slots: int
 ) -> HostInputs:
@@ -82,8 +95,8 @@ def build_host_inputs(
             raise ValueError(f"seq {c.seq_id}: block table too short for position {end - 1}")
         if not -1 <= c.adapter_slot < num_slots:
             raise ValueError(f"seq {c.seq_id}: adapter slot {c.adapter_slot} out of range")
-    lens = torch.tensor(lens_l, dtype=torch.int64)
-    starts = torch.tensor(starts_l, dtype=torch.int64)
+    lens = _tensor("q", lens_l)
+    starts = _tensor("q", starts_l)
     T = int(sum(lens_l))
     cu = torch.zeros(B + 1, dtype=torch.int64)
     torch.cumsum(lens, 0, out=cu[1:])
@@ -91,22 +104,22 @@ def build_host_inputs(
         seq_idx = torch.arange(B)
         positions = starts
     else:  # built by itertools in C (torch's searchsorted / repeat_interleave are slower here)
-        seq_idx = torch.tensor(list(chain.from_iterable(map(repeat, range(B), lens_l))))
-        positions = torch.tensor(
-            list(chain.from_iterable(map(range, starts_l, map(add, starts_l, lens_l))))
+        seq_idx = _tensor("q", chain.from_iterable(map(repeat, range(B), lens_l)))
+        positions = _tensor(
+            "q", chain.from_iterable(map(range, starts_l, map(add, starts_l, lens_l)))
         )
-    mb = max(len(c.block_table) for c in chunks)
-    bt = torch.tensor(
-        [c.block_table + [0] * (mb - len(c.block_table)) for c in chunks], dtype=torch.int32
+    # block tables: joined into one flat array in C, scattered into the zero-padded [B, MB]
+    nb = _tensor("q", [len(c.block_table) for c in chunks])
+    bt = torch.zeros(B, int(nb.max()), dtype=torch.int32)
+    bt[torch.arange(bt.shape[1]) < nb.unsqueeze(1)] = _tensor(
+        "i", chain.from_iterable(c.block_table for c in chunks)
     )
     slot_mapping = bt[seq_idx, positions // block_size].long() * block_size + positions % block_size
 
-    slots = torch.tensor([c.adapter_slot for c in chunks], dtype=torch.int32)
+    slots = _tensor("i", [c.adapter_slot for c in chunks])
     sample = torch.tensor([c.sample for c in chunks], dtype=torch.bool)
     return HostInputs(
-        input_ids=torch.tensor(
-            list(chain.from_iterable(c.token_ids for c in chunks)), dtype=torch.int64
-        ),
+        input_ids=_tensor("q", chain.from_iterable(c.token_ids for c in chunks)),
         positions=positions,
         slot_mapping=slot_mapping,
         block_tables=bt,
@@ -114,7 +127,7 @@ def build_host_inputs(
         cu_q_lens=cu.to(torch.int32),
         token_slot=slots[seq_idx],
         sample_idx=(cu[1:] - 1)[sample],
-        is_decode=batch.is_decode,
+        is_decode=T == B and min(starts_l) > 0,  # = batch.is_decode, without a pass
         has_lora=bool((slots >= 0).any()),
         max_q_len=max(lens_l),
     )
