@@ -110,6 +110,19 @@ class BlockManager:
         for _ in range(need):
             seq.block_table.append(self._take_free())
 
+    def grow_if_fits(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """:meth:`grow` if :meth:`can_grow`; say which (one look at the sizes)."""
+        need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(
+            seq.block_table
+        )
+        if need > len(self._free):
+            return False
+        if need > 0:
+            take, table = self._take_free, seq.block_table
+            for _ in range(need):
+                table.append(take())
+        return True
+
     def commit(self, seq: Sequence) -> None:
         """Register the full blocks whose KV is now computed in the prefix cache."""
         if not self.enable_prefix_caching:

@@ -16,11 +16,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from engine.batch import ScheduledBatch, SeqChunk
 from engine.block_manager import BlockManager
 from engine.lora.slots import SlotTable
 from engine.sequence import SeqStatus, Sequence
+
+_priority = attrgetter("arrival", "index")  # = Sequence.priority, read in C
 
 
 @dataclass
@@ -70,18 +73,19 @@ class Scheduler:
         """Pick this step's chunks. ``adapter_ready(key)``: weights are loaded on host."""
         out = SchedulerOutput(batch=ScheduledBatch(chunks=[]), seqs=[])
         budget = self.max_num_batched_tokens
-        self.running.sort(key=lambda s: s.priority)
+        running = self.running
+        running.sort(key=_priority)
+        grow = self.blocks.grow_if_fits
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            while not self.blocks.can_grow(seq, n):
-                victim = self.running[-1]
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not grow(seq, n):
+                victim = running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
                     break
             else:
-                self.blocks.grow(seq, n)
                 self._add_chunk(out, seq, n)
                 budget -= n
                 i += 1
@@ -149,14 +153,16 @@ class Scheduler:
 
     def _add_chunk(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         start = seq.num_computed_tokens
+        end = start + n
+        tokens = seq.token_ids
         out.batch.chunks.append(
             SeqChunk(
                 seq_id=seq.seq_id,
-                token_ids=seq.token_ids[start : start + n],
+                token_ids=tokens[start:end],
                 start_pos=start,
-                block_table=list(seq.block_table),
+                block_table=seq.block_table[:],  # a snapshot: the sequence's table grows on
                 adapter_slot=seq.slot,
-                sample=start + n == seq.num_tokens,
+                sample=end == len(tokens),
             )
         )
         out.seqs.append(seq)
