@@ -227,8 +227,9 @@ def _expand_config(T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: boo
     per N range; segment path: at least ``cdiv(T, block_m)`` real tiles when every token has
     an adapter), never from the padded tile count of a graph's meta."""
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
-    if rows:  # one token: a [BLOCK_N, BLOCK_R] tile of B per step, ~32 fp32 per thread
-        block_n = max(32, min(256, 4096 // block_r))
+    if rows:  # one token: a [BLOCK_N, BLOCK_R] tile of B per step (sm_90 build, 4 warps:
+        # r16 x n256 and r32 x n128 64 registers, r64 x n64 168, r64 x n32 80)
+        block_n = {16: 256, 32: 128, 64: 32}[block_r]
         units = T
     else:
         block_n = 128 if max_out >= 128 else 32

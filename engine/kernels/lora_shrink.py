@@ -225,8 +225,10 @@ def _shrink_config(T: int, K: int, P: int, R: int, on_gpu: bool, rows: bool, blo
         block_r = min(block_r, 32)
         if rows:
             return block_r, 32, 256 if K > 512 else 64
-    if rows:  # decode: short K slices, many programs (best in the H100 sweep)
-        return block_r, 128, min(256, triton.cdiv(K, 128) * 128)
+    if rows:  # decode: short K slices, many programs (best in the H100 sweep); BLOCK_K 32 for
+        # wide ranks (sm_90 build: r16 x k128 48 registers, r64 x k128 254 and spills, r64 x k32 80)
+        block_k = 128 if block_r == 16 else 32
+        return block_r, block_k, min(256, triton.cdiv(K, block_k) * block_k)
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
     want = 8 * 132 if on_gpu else 16
     tiles = triton.cdiv(T, block_m)
