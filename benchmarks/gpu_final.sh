@@ -35,14 +35,14 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, tee, remember fail
   $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } 2>&1 | tee -a "$LOG"
 
-step "kernel tests" 170 $PY -m pytest -m gpu -q -p no:cacheprovider -rs \
+step "kernel tests" 180 $PY -m pytest -m gpu -q -p no:cacheprovider -rs \
   --confcutdir=tests/kernels tests/kernels
 # SGMV per layer (7 Llama-3-8B projections): one rank-16 adapter, all distinct r16, distinct
 # r8-64; metadata padded to 128 segments like the decode graphs on 128 slots
 step "bench_sgmv" 90 $PY benchmarks/bench_sgmv.py --quick --tokens 1,32,128 --slots 128
 grep '^| ' "$LOG" | tail -n 11 >"$OUT/sgmv.log"
 # decode steps of dummy:llama3-8b through the runner's CUDA graphs, 128 LoRA slots
-step "bench_decode" 170 $PY benchmarks/bench_decode.py --batches 1,32,128 \
+step "bench_decode" 150 $PY benchmarks/bench_decode.py --batches 1,32,128 \
   --modes base,one,distinct --steps 20 --json "$OUT/decode.json" --profile "$OUT"
 
 $PY - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
