@@ -3,8 +3,10 @@
 :class:`IncrementalDetokenizer` decodes a sliding window of tokens (a few prompt tokens
 for context, so tokenizers that drop a leading space decode as in the full text) and
 emits the new text only once it no longer ends in U+FFFD, i.e. once a multi-byte
-character split over several tokens is complete. :class:`StopChecker` truncates at a
-stop string and holds back text that could be the start of one.
+character split over several tokens is complete; with :class:`TokenPieces` (each token's
+text, decoded once) it skips that decode for whole-character tokens of a byte-level
+tokenizer. :class:`StopChecker` truncates at a stop string and holds back text that could be
+the start of one.
 """
 
 from __future__ import annotations

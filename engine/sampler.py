@@ -5,7 +5,7 @@ Order (as in HF): repetition penalty (prompt + generated), presence/frequency pe
 argmax of the penalized logits. Random rows use the exponential race (argmax of
 ``p / E`` with ``E ~ Exp(1)``), which samples from ``p``; a row with its own
 ``torch.Generator`` draws its noise from it alone, so a seeded request gives the same
-tokens whatever else shares its batch. Logprobs are of the model's raw distribution.
+tokens whatever else shares its batch. Only the rows that ask for top-k/top-p are sorted. Logprobs are of the model's raw distribution.
 """
 
 from __future__ import annotations
