@@ -111,3 +111,21 @@ def test_cached_pieces_stream_exactly_the_window_decode(tok, which):
         fast = IncrementalDetokenizer(decoder, prompt, pieces=pieces)
         assert [fast.add(i) for i in ids] == [slow.add(i) for i in ids]
         assert fast.flush() == slow.flush()
+
+
+def test_held_back_tail_is_the_longest_stop_prefix():
+    """The O(1)-first hold-back check against the plain definition, on random texts."""
+    import random
+
+    rng = random.Random(1)
+    for _ in range(5000):
+        stops = tuple(
+            "".join(rng.choice("ab#<t") for _ in range(rng.randint(1, 6)))
+            for _ in range(rng.randint(1, 3))
+        )
+        sc = StopChecker(stops)
+        sc.text = "".join(rng.choice("ab#<tx") for _ in range(rng.randint(0, 10)))
+        want = max(
+            (k for s in stops for k in range(1, len(s)) if sc.text.endswith(s[:k])), default=0
+        )
+        assert sc._held_back() == want, (sc.text, stops)
