@@ -19,8 +19,6 @@ from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 
-pytest.importorskip("engine.model_runner")
-
 MAX_TOKENS = 8
 GREEDY = dict(temperature=0.0, ignore_eos=True, max_tokens=MAX_TOKENS)
 
