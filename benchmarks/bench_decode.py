@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-files", type=int, default=4, help="distinct random adapter files")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", default=None, help="dir: torch.profiler of the batch-32 case")
+    p.add_argument(
+        "--compare-in-line",
+        action="store_true",
+        help="also time the adapter mixes with LoRA in line (no side stream; graphs recaptured)",
+    )
+    p.add_argument("--host-profile", default=None, help="dir: cProfile of execute, batch 32")
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -165,35 +171,53 @@ def main(argv: list[str] | None = None) -> dict:
     a_bytes = adapter_bytes(cfg, args.rank, elem)
     w_bytes = runner.loaded.weights.nbytes()
 
-    rows = []
-    for b in batches:
-        for mode in modes:
-            slots = {"base": [-1] * b, "one": [0] * b, "distinct": list(range(b))}[mode]
-            n_adapters = len({s for s in slots if s >= 0})
-            batch = decode_batch(b, args.context, per_seq, slots)
-            for _ in range(args.warmup):
-                runner.execute(batch)
-            step = median_synced(lambda batch=batch: runner.execute(batch), device, args.steps)
-            gpu = gpu_step_seconds(runner, batch, n_adapters > 0, args.steps)
-            floor_bytes = (
-                base_step_bytes(cfg, w_bytes, b, elem)
-                + n_adapters * a_bytes
-                + kv_read_bytes(cfg, b, args.context, elem)
-            )
-            floor = floor_bytes / bw
-            row = {
-                "batch": b,
-                "mode": mode,
-                "adapters": n_adapters,
-                "floor_ms": floor * 1e3,
-                "gpu_ms": gpu * 1e3 if gpu is not None else float("nan"),
-                "gpu/floor": gpu / floor if gpu is not None else float("nan"),
-                "step_ms": step * 1e3,
-                "step/floor": step / floor,
-                "floor_GB": floor_bytes / 1e9,
-            }
-            rows.append(row)
-            print(table([row], list(row)), flush=True)
+    def measure(b: int, mode: str, label: str) -> dict:
+        slots = {"base": [-1] * b, "one": [0] * b, "distinct": list(range(b))}[mode]
+        n_adapters = len({s for s in slots if s >= 0})
+        batch = decode_batch(b, args.context, per_seq, slots)
+        for _ in range(args.warmup):
+            runner.execute(batch)
+        step = median_synced(lambda batch=batch: runner.execute(batch), device, args.steps)
+        gpu = gpu_step_seconds(runner, batch, n_adapters > 0, args.steps)
+        floor_bytes = (
+            base_step_bytes(cfg, w_bytes, b, elem)
+            + n_adapters * a_bytes
+            + kv_read_bytes(cfg, b, args.context, elem)
+        )
+        floor = floor_bytes / bw
+        row = {
+            "batch": b,
+            "mode": label,
+            "adapters": n_adapters,
+            "floor_ms": floor * 1e3,
+            "gpu_ms": gpu * 1e3 if gpu is not None else float("nan"),
+            "gpu/floor": gpu / floor if gpu is not None else float("nan"),
+            "step_ms": step * 1e3,
+            "step/floor": step / floor,
+            "floor_GB": floor_bytes / 1e9,
+        }
+        print(table([row], list(row)), flush=True)
+        return row
+
+    rows = [measure(b, mode, mode) for b in batches for mode in modes]
+    if args.host_profile:
+        b = 32 if 32 in batches else max(batches)
+        slots = list(range(b)) if "distinct" in modes else [-1] * b
+        text = host_profile(runner, decode_batch(b, args.context, per_seq, slots))
+        Path(args.host_profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.host_profile) / "decode_host_profile.txt").write_text(text)
+    if args.compare_in_line and runner.graphs is not None:
+        # the baseline of the side-stream LoRA: every LoRA kernel in line after its GEMM
+        runner.model.side_stream = None
+        runner.graphs.capture()
+        for b in batches:
+            for mode in modes:
+                if mode == "base":
+                    continue
+                row = measure(b, mode, mode + "-in-line")
+                beside = next(r for r in rows if r["batch"] == b and r["mode"] == mode)
+                beside["gpu/in-line"] = beside["gpu_ms"] / row["gpu_ms"]
+                rows.append(row)
 
     # each mode against base at the same batch (same run)
     base = {r["batch"]: r for r in rows if r["mode"] == "base"}
@@ -201,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         if r["batch"] in base:
             r["step/base"] = r["step_ms"] / base[r["batch"]]["step_ms"]
     cols = ["batch", "mode", "adapters", "floor_ms", "gpu_ms", "gpu/floor", "step_ms"]
-    cols += ["step/floor", "step/base"]
+    cols += ["step/floor", "step/base"] + (["gpu/in-line"] if args.compare_in_line else [])
     print("\n" + table(rows, cols))
     result = {
         "bench": "decode",
@@ -224,6 +248,29 @@ def main(argv: list[str] | None = None) -> dict:
         (Path(args.profile) / "decode_profile.txt").write_text("\n\n".join(texts))
         print(f"decode profiles written to {args.profile}", flush=True)
     return result
+
+
+def host_profile(runner: ModelRunner, batch: ScheduledBatch, steps: int = 30) -> str:
+    """cProfile of ``execute`` + sync: where the host's part of a step goes."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(3):
+        runner.execute(batch)
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        runner.execute(batch)
+        sync()
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("cumulative").print_stats(35)
+    stats.sort_stats("tottime").print_stats(20)
+    return f"{steps} steps of batch {len(batch.chunks)}\n" + out.getvalue()
 
 
 def profile_steps(runner: ModelRunner, batch: ScheduledBatch, steps: int = 5) -> str:

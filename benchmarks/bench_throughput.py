@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import tempfile
 import time
@@ -59,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--adapters", default="0,1,32,512", help="cases; 0 = no adapters")
+    p.add_argument(
+        "--adapters",
+        default="0,1,32,512",
+        help="cases; 0 = no adapters; a case may repeat; suffix i (e.g. 32i): LoRA in line, "
+        "without the decode side stream (the baseline of that design)",
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--weight-files", type=int, default=8)
@@ -265,7 +271,7 @@ def profile_case(args, runner: ModelRunner, ids: list[list[int]], root: Path) ->
     import io
     import pstats
 
-    n = min(32, max(int(x) for x in args.adapters.split(",")))
+    n = min(32, max(int(x.strip().rstrip("i")) for x in args.adapters.split(",") if x.strip()))
     engine = make_engine(args, runner, n)
     refs = adapter_refs(args, runner.config, n, root)
     preload(engine, refs)
@@ -285,7 +291,7 @@ def profile_case(args, runner: ModelRunner, ids: list[list[int]], root: Path) ->
     print(f"cProfile ({row['out_tok_s']:.0f} out tok/s under the profiler) written to {out}")
 
 
-def run_engine_cases(args, device: torch.device, cases: list[int], ids) -> list[dict]:
+def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[dict]:
     """Every engine case over one runner; the runner is freed on return."""
     t0 = time.perf_counter()
     runner = make_runner(args, device)
@@ -312,11 +318,18 @@ def run_engine_cases(args, device: torch.device, cases: list[int], ids) -> list[
                 time.sleep(0.005)
         warm.shutdown()
 
-        for n in cases:
+        side = runner.model.side_stream
+        for case in cases:
+            n, in_line = int(case.rstrip("i")), case.endswith("i")
+            if side is not None and (runner.model.side_stream is None) != in_line:
+                runner.model.side_stream = None if in_line else side
+                if runner.graphs is not None:
+                    runner.graphs.capture()  # the decode graphs hold the stream layout
             engine = make_engine(args, runner, n)
             refs = adapter_refs(args, cfg, n, Path(tmp))
             load_s = preload(engine, refs) if (refs and args.preload) else 0.0
             row = run_engine_case(args, engine, ids, refs)
+            row["lora"] = "in line" if in_line else "beside"
             row["preload_s"] = load_s
             row["loads_per_s"] = len(refs) / load_s if load_s else float("nan")
             engine.shutdown()
@@ -333,7 +346,7 @@ def run_engine_cases(args, device: torch.device, cases: list[int], ids) -> list[
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.smoke)
-    cases = [int(x) for x in args.adapters.split(",") if x != ""]
+    cases = [x.strip() for x in args.adapters.split(",") if x.strip()]
     hf_cases = [int(x) for x in args.hf_adapters.split(",") if x != ""]
     if not args.model.startswith("dummy:"):
         raise SystemExit("--model must be a dummy:<preset> (random weights; the HF baseline too)")
@@ -346,20 +359,23 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
         print(f"GPU memory after the engine: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
 
-    base = next((r for r in rows if r["adapters"] == 0), None)
+    # against the no-adapter case (the mean when it ran more than once), same run
+    base_runs = [r["out_tok_s"] for r in rows if r["adapters"] == 0]
+    base_tok = statistics.mean(base_runs) if base_runs else float("nan")
     for r in rows:
-        r["vs_no_adapter"] = r["out_tok_s"] / base["out_tok_s"] if base else float("nan")
+        r["vs_no_adapter"] = r["out_tok_s"] / base_tok
 
     hf_rows = []
     for n in hf_cases:
         hf_ids = ids[: args.hf_requests]
         hf = run_hf_case(args, cfg, device, n, hf_ids)
-        same = next((r for r in rows if r["adapters"] == n), None)
+        same = next((r for r in rows if r["adapters"] == n and r["lora"] == "beside"), None)
         hf["engine_over_hf"] = same["out_tok_s"] / hf["out_tok_s"] if same else float("nan")
         hf_rows.append(hf)
         print(table([hf], list(hf)), flush=True)
 
-    cols = ["adapters", "distinct_used", "seconds", "out_tok_s", "vs_no_adapter", "mean_batch"]
+    cols = ["adapters", "lora", "distinct_used", "seconds", "out_tok_s", "vs_no_adapter"]
+    cols += ["mean_batch"]
     cols += ["steps", "preemptions", "slot_evictions", "loads_in_run", "preload_s"]
     print("\nengine\n" + table(rows, cols))
     if hf_rows:

@@ -45,8 +45,11 @@ def lora_shrink(x, lora_a, ranks, meta: LoraMeta) -> torch.Tensor:
     return _pick(_shrink, "lora_shrink", x)(x, lora_a, ranks, meta)
 
 
-def lora_expand(buf, lora_b, ranks, out_offsets: Sequence[int], meta: LoraMeta, y):
-    return _pick(_expand, "lora_expand", y)(buf, lora_b, ranks, out_offsets, meta, y)
+def lora_expand(
+    buf, lora_b, ranks, out_offsets: Sequence[int], meta: LoraMeta, y, accumulate: bool = True
+):
+    fn = _pick(_expand, "lora_expand", y)
+    return fn(buf, lora_b, ranks, out_offsets, meta, y, accumulate=accumulate)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
@@ -78,8 +81,8 @@ def rotary(q, k, positions, cos_sin_cache):
     return _pick(_rot, "rotary", q)(q, k, positions, cos_sin_cache)
 
 
-def silu_and_mul(x):
-    return _pick(_silu, "silu_and_mul", x)(x)
+def silu_and_mul(x, delta=None):
+    return _pick(_silu, "silu_and_mul", x)(x, delta)
 
 
 __all__ = [

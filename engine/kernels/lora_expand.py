@@ -1,5 +1,10 @@
 """SGMV expand: ``y[t, off_p:off_p+1] += buf[p, t, :r] @ lora_b[slot(t), off_p:off_p+1, :r].T``.
 
+``accumulate=False`` stores the LoRA delta instead (``y = delta``, zero in the rows of tokens
+with no adapter and the columns of projections an adapter does not touch): the decode forward
+computes the delta on a side stream while the base GEMM writes its own output, and adds the
+two afterwards (``LlamaModel.forward``).
+
 Two kernels, picked on the host like the shrink's (``use_token_path``): per token (decode;
 grid ``(T, N ranges, P)``, slot from ``meta.token_slot``) or per tile of one segment
 (prefill; grid ``(NT, N ranges, P)``, tensor-core dots). Both grids are static for a given T.
@@ -23,7 +28,10 @@ def lora_expand_ref(
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
+    accumulate: bool = True,  # False: y = the delta (zeros where no adapter applies)
 ) -> torch.Tensor:
+    if not accumulate:
+        y.zero_()
     buf = buf.sum(0)
     P = buf.shape[0]
     seg_start = meta.seg_start.tolist()
@@ -75,6 +83,7 @@ if HAVE_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_KS: tl.constexpr,
         USE_PDL: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
         # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
@@ -82,23 +91,28 @@ if HAVE_TRITON:
         t = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
-        slot = tl.load(token_slot_ptr + t)
-        if slot < 0:
-            return
-        rank = tl.load(ranks_ptr + slot * P + p)
-        if rank == 0:
-            return
         n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
         n_start = n_lo + ns * N_PER_PROG
         if n_start >= n_hi:
             return
         n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
+        t64 = t.to(tl.int64)
+        y_row = y_ptr + t64 * stride_yt
+        slot = tl.load(token_slot_ptr + t)
+        rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * P + p)
+        if (slot < 0) | (rank == 0):
+            if not ACCUMULATE:  # the delta of this token and projection is zero
+                if USE_PDL:
+                    gdc_wait()  # y's earlier readers are done
+                for n0 in range(n_start, n_end, BLOCK_N):
+                    offs_n = n0 + tl.arange(0, BLOCK_N)
+                    zero = tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty)
+                    tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
+            return
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
         if USE_PDL:
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
-        t64 = t.to(tl.int64)
         xr_base = buf_ptr + (p * T + t64) * R
-        y_row = y_ptr + t64 * stride_yt
         # the rank in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
         # read-modified-written once per step
         for r0 in range(0, rank, BLOCK_R):
@@ -122,8 +136,11 @@ if HAVE_TRITON:
                     other=0.0,
                 )
                 acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
-                yv = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
-                tl.store(y_row + offs_n, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask_n)
+                if ACCUMULATE:
+                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                elif r0 > 0:  # store mode: the first rank step writes, later ones add
+                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
     def _sgmv_expand_kernel(
@@ -251,6 +268,7 @@ def lora_expand(
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
     config: dict | None = None,  # tuning override: rows, block_n, n_per, num_warps, num_stages
+    accumulate: bool = True,  # False: y = the delta (zeros where no adapter applies)
 ) -> torch.Tensor:
     KS, P, T, R = buf.shape
     S_, N, R2 = lora_b.shape
@@ -269,7 +287,7 @@ def lora_expand(
         raise ValueError("meta built for a different number of tokens")
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
-        return y
+        return y if accumulate else y.zero_()
     max_out = max(offs[i + 1] - offs[i] for i in range(P))
     rows = use_token_path(T, meta)
     if config:
@@ -301,9 +319,12 @@ def lora_expand(
             BLOCK_R=block_r,
             BLOCK_KS=16,
             USE_PDL=pdl,
+            ACCUMULATE=accumulate,
             **cfg,
         )
         return y
+    if not accumulate:  # segment path: tokens with no adapter belong to no tile
+        y.zero_()
     _sgmv_expand_kernel[(nt, n_split, P)](
         buf,
         lora_b,

@@ -1,4 +1,9 @@
-"""SiLU-and-mul: ``silu(x[:, :I]) * x[:, I:]`` (the Llama MLP's gated activation)."""
+"""SiLU-and-mul: ``silu(x[:, :I]) * x[:, I:]`` (the Llama MLP's gated activation).
+
+With ``delta`` (same shape as ``x``), the activation of ``x + delta`` (added in float32): the
+decode forward computes the gate/up LoRA delta beside the base GEMM and adds it here rather
+than in a launch of its own.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +13,59 @@ import torch.nn.functional as F
 from engine.kernels._triton import HAVE_TRITON, tl, triton
 
 
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
-    i = x.shape[-1] // 2
-    xf = x.float()
+def silu_and_mul_ref(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    i = x.shape[-1] // 2  # [T, 2I] -> [T, I]
+    xf = x.float() if delta is None else x.float() + delta.float()
     return (F.silu(xf[..., :i]) * xf[..., i:]).to(x.dtype)
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, n_inner, stride_x, stride_o, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(
+        x_ptr,
+        d_ptr,
+        out_ptr,
+        n_inner,
+        stride_x,
+        stride_d,
+        stride_o,
+        BLOCK: tl.constexpr,
+        HAS_DELTA: tl.constexpr,
+    ):
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_inner
         g = tl.load(x_ptr + t * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + t * stride_x + n_inner + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            g += tl.load(d_ptr + t * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+            u += tl.load(d_ptr + t * stride_d + n_inner + offs, mask=mask, other=0.0).to(tl.float32)
         out = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + t * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+def silu_and_mul(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
         raise ValueError("x must be [T, 2I] with a contiguous last dimension")
+    if delta is not None and (delta.shape != x.shape or delta.stride(1) != 1):
+        raise ValueError("delta must match x")
     T, I2 = x.shape
     i = I2 // 2
     out = torch.empty(T, i, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
     block = min(1024, triton.next_power_of_2(i))
+    d = delta if delta is not None else x
     _silu_and_mul_kernel[(T, triton.cdiv(i, block))](
-        x, out, i, x.stride(0), out.stride(0), BLOCK=block
+        x,
+        d,
+        out,
+        i,
+        x.stride(0),
+        d.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        HAS_DELTA=delta is not None,
     )
     return out

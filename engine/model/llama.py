@@ -8,6 +8,8 @@ runner fills (into static buffers when replaying a CUDA graph).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,9 @@ class LlamaModel:
         self.qkv_offsets = [0, c.q_size, c.q_size + c.kv_size, c.q_size + 2 * c.kv_size]
         self.gate_up_offsets = [0, c.intermediate_size, 2 * c.intermediate_size]
         self.single_offsets = {"o": [0, c.hidden_size], "down": [0, c.hidden_size]}
+        # decode steps run each group's LoRA on this stream, beside the base GEMM (CUDA only;
+        # high priority so that its small kernels are scheduled ahead of the GEMM's tail)
+        self.side_stream = torch.cuda.Stream(dev, priority=-1) if dev.type == "cuda" else None
 
     @property
     def device(self) -> torch.device:
@@ -93,12 +98,48 @@ class LlamaModel:
         return self.weights.embed.dtype
 
     def _lora(self, y, x, groups: dict[str, LoraGroup], name: str, offsets, inp) -> None:
-        meta = inp.lora
-        if meta is None or (inp.lora_groups is not None and name not in inp.lora_groups):
+        """In line, after the base GEMM: ``y += x @ A @ B`` per token (prefill and mixed steps)."""
+        if not self._uses(inp, name):
             return
         group = groups[name]
-        buf = K.lora_shrink(x, group.a, group.ranks, meta)
-        K.lora_expand(buf, group.b, group.ranks, offsets, meta, y)
+        buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
+        K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, y)
+
+    @staticmethod
+    def _uses(inp: ForwardInputs, name: str) -> bool:
+        return inp.lora is not None and (inp.lora_groups is None or name in inp.lora_groups)
+
+    @contextmanager
+    def _beside(self) -> Iterator[None]:
+        """Work issued inside runs beside the main stream's next ops (the side stream on CUDA,
+        forked after everything issued so far; in line elsewhere). :meth:`_join` ends it."""
+        side = self.side_stream
+        if side is None:
+            yield
+            return
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+
+    def _join(self) -> None:
+        if self.side_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+
+    def _delta_beside(self, x, group: LoraGroup, offsets, inp, n_out: int) -> torch.Tensor:
+        """The group's LoRA delta ``[T, n_out]`` (zero rows for tokens with no adapter),
+        computed beside what the main stream does next; read it only after :meth:`_join`."""
+        d = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)  # on the main stream
+        with self._beside():
+            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
+            K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, d, accumulate=False)
+        return d
+
+    def _add_beside(self, y, x, group: LoraGroup, offsets, inp) -> None:
+        """``y += x @ A @ B`` beside what the main stream does next (which must not touch y
+        before :meth:`_join`)."""
+        with self._beside():
+            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
+            K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, y)
 
     def forward(
         self,
@@ -106,7 +147,15 @@ class LlamaModel:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         lora: LoraPool | None,
     ) -> torch.Tensor:
-        """-> final normed hidden states ``[T, H]``. Writes the step's K/V into ``kv_caches``."""
+        """-> final normed hidden states ``[T, H]``. Writes the step's K/V into ``kv_caches``.
+
+        LoRA in decode steps runs beside the base GEMMs (``_beside``: the side stream on
+        CUDA): the q/k/v and gate/up deltas go to buffers that the main stream adds after the
+        GEMM (gate/up inside SiLU-and-mul), the o and down deltas straight into the residual
+        stream, which the GEMM does not touch. The small LoRA kernels then overlap the
+        weight-bound GEMMs instead of queueing behind them. Prefill and mixed steps (large
+        segments, tensor-core tiles) add in line after each GEMM.
+        """
         c = self.config
         T = inp.input_ids.shape[0]
         x = F.embedding(inp.input_ids, self.weights.embed)
@@ -117,11 +166,19 @@ class LlamaModel:
                 h = K.rms_norm(x, w.input_norm, c.rms_norm_eps)
             else:
                 h, residual = K.rms_norm(x, w.input_norm, c.rms_norm_eps, residual)
-            groups = lora.layers[i] if lora is not None else None
+            groups = lora.layers[i] if lora is not None and inp.lora is not None else None
+            beside = groups is not None and inp.is_decode
 
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
-            if groups is not None:
-                self._lora(qkv, h, groups, "qkv", self.qkv_offsets, inp)
+            if beside and self._uses(inp, "qkv"):
+                n = w.qkv.shape[0]
+                d = self._delta_beside(h, groups["qkv"], self.qkv_offsets, inp, n)
+                qkv = F.linear(h, w.qkv, w.qkv_bias)
+                self._join()
+                qkv += d
+            else:
+                qkv = F.linear(h, w.qkv, w.qkv_bias)
+                if groups is not None:
+                    self._lora(qkv, h, groups, "qkv", self.qkv_offsets, inp)
             q = qkv[:, : c.q_size].reshape(T, c.num_heads, c.head_dim)
             k = qkv[:, c.q_size : c.q_size + c.kv_size].reshape(T, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_kv_heads, c.head_dim)
@@ -144,18 +201,36 @@ class LlamaModel:
                     max_q_len=inp.max_q_len,
                 )
             attn = attn.reshape(T, c.q_size)
-            o = F.linear(attn, w.o)
-            if groups is not None:
-                self._lora(o, attn, groups, "o", self.single_offsets["o"], inp)
+            if beside and self._uses(inp, "o"):
+                self._add_beside(residual, attn, groups["o"], self.single_offsets["o"], inp)
+                o = F.linear(attn, w.o)
+                self._join()
+            else:
+                o = F.linear(attn, w.o)
+                if groups is not None:
+                    self._lora(o, attn, groups, "o", self.single_offsets["o"], inp)
 
             h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
-            gu = F.linear(h, w.gate_up)
-            if groups is not None:
-                self._lora(gu, h, groups, "gate_up", self.gate_up_offsets, inp)
-            act = K.silu_and_mul(gu)
-            x = F.linear(act, w.down)
-            if groups is not None:
-                self._lora(x, act, groups, "down", self.single_offsets["down"], inp)
+            if beside and self._uses(inp, "gate_up"):
+                n = w.gate_up.shape[0]
+                d = self._delta_beside(h, groups["gate_up"], self.gate_up_offsets, inp, n)
+                gu = F.linear(h, w.gate_up)
+                self._join()
+                act = K.silu_and_mul(gu, d)
+            else:
+                gu = F.linear(h, w.gate_up)
+                if groups is not None:
+                    self._lora(gu, h, groups, "gate_up", self.gate_up_offsets, inp)
+                act = K.silu_and_mul(gu)
+            if beside and self._uses(inp, "down"):
+                offs = self.single_offsets["down"]
+                self._add_beside(residual, act, groups["down"], offs, inp)
+                x = F.linear(act, w.down)
+                self._join()
+            else:
+                x = F.linear(act, w.down)
+                if groups is not None:
+                    self._lora(x, act, groups, "down", self.single_offsets["down"], inp)
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
         return out
 

@@ -109,6 +109,42 @@ def test_decode_graph_replay_equals_eager(tiny, dtype):
         assert err < tol, f"{n_seqs} sequences: graph vs eager relative error {err:.2e}"
 
 
+def test_decode_lora_beside_equals_in_line(tiny):
+    # decode LoRA on the side stream (deltas joined after each base GEMM) gives the logits
+    # of the same forward with every kernel in line on one stream (float32: same math)
+    base, _, adapters = tiny
+    runner = _runner(str(base), eager=True)
+    assert runner.model.side_stream is not None
+    for slot, path in enumerate(adapters):
+        runner.write_slot(slot, runner.read_adapter(path))
+    g = torch.Generator().manual_seed(2)
+    n_seqs = 7
+    slots = [(-1, 0, 1, 2)[i % 4] for i in range(n_seqs)]
+    prompts = [torch.randint(3, 320, (9 + i,), generator=g).tolist() for i in range(n_seqs)]
+    tables = [list(range(i * 8, (i + 1) * 8)) for i in range(n_seqs)]
+    runner.execute(
+        ScheduledBatch(
+            [SeqChunk(i, p, 0, tables[i], slots[i], True) for i, p in enumerate(prompts)]
+        )
+    )
+    dec = ScheduledBatch(
+        [SeqChunk(i, [11], len(p), tables[i], slots[i], True) for i, p in enumerate(prompts)]
+    )
+    beside = runner.execute(dec).clone()
+    side, runner.model.side_stream = runner.model.side_stream, None
+    try:
+        in_line = runner.execute(dec).clone()
+    finally:
+        runner.model.side_stream = side
+    assert rel_err(beside, in_line) < 1e-5
+    with_lora = torch.tensor([s >= 0 for s in slots])
+    dec_base = ScheduledBatch(
+        [SeqChunk(i, [11], len(p), tables[i], -1, True) for i, p in enumerate(prompts)]
+    )
+    base_logits = runner.execute(dec_base)
+    assert rel_err(beside[with_lora], base_logits[with_lora]) > 1e-3, "adapters had no effect"
+
+
 def test_kv_pool_is_sized_from_free_memory():
     loaded = load_model("dummy:llama3-1b", dtype=torch.bfloat16, device="cuda")
     free0, total = torch.cuda.mem_get_info()

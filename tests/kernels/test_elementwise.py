@@ -82,6 +82,20 @@ def test_silu_and_mul(T, i, dtype):
     assert_close(silu_and_mul(x.to(DEVICE)), silu_and_mul_ref(x.float()), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,i", [(1, 2049), (7, 64), (133, 33)])
+def test_silu_and_mul_with_delta(T, i, dtype):
+    # the gate/up LoRA delta added inside the activation == activation of the sum
+    gen = torch.Generator().manual_seed(T + 1)
+    x = torch.randn(T, 2 * i, generator=gen).to(dtype)
+    d = (torch.randn(T, 2 * i, generator=gen) * 0.5).to(dtype)
+    want = silu_and_mul_ref(x.float() + d.float())
+    assert_close(silu_and_mul(x.to(DEVICE), d.to(DEVICE)), want, dtype)
+    torch.testing.assert_close(silu_and_mul_ref(x.float(), d.float()), want)
+    with pytest.raises(ValueError, match="delta"):
+        silu_and_mul(x.to(DEVICE), d[:, :-2].to(DEVICE))
+
+
 def check_kv_write(T, hkv, d, bs, dtype):
     gen = torch.Generator().manual_seed(T)
     nb = (T + bs - 1) // bs + 2

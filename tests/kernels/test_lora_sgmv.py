@@ -113,6 +113,48 @@ def test_sgmv_both_paths(pattern, rows):
         run_case(19, 130, [70, 33, 9], pattern, torch.float32, 12, 64, 5, max_segments, cfg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_expand_store_mode(pattern, rows, dtype):
+    # accumulate=False writes the delta itself over stale memory: zero rows for tokens with no
+    # adapter (and graph padding rows), zero columns where an adapter's projection has rank 0
+    for max_segments in (None, 12):
+        gen = torch.Generator().manual_seed(11)
+        T, k, outs = 21, 130, [70, 33, 9]
+        token_slot = make_token_slot(T, pattern, 12, gen)
+        token_slot[-1] = -1
+        a, b, ranks, offsets = make_weights(12, outs, 64, k, dtype, gen)
+        ranks[:, 1] = torch.where(torch.arange(12) % 3 == 0, 0, ranks[:, 1])
+        x = torch.randn(T, k, generator=gen).to(dtype)
+        meta = build_lora_meta(token_slot, max_segments=max_segments)
+        buf_ref = lora_shrink_ref(x.float(), a.float(), ranks, meta)
+        zero = torch.zeros(T, offsets[-1])
+        d_ref = lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, zero)
+        m = meta.to(DEVICE)
+        cfg = {"rows": rows}
+        buf = lora_shrink(x.to(DEVICE), a.to(DEVICE), ranks.to(DEVICE), m, config=cfg)
+        d = torch.full((T, offsets[-1]), float("nan"), dtype=dtype, device=DEVICE)
+        lora_expand(buf, b.to(DEVICE), ranks.to(DEVICE), offsets, m, d, cfg, accumulate=False)
+        assert not d.isnan().any(), "store mode left stale values"
+        assert_close(d, d_ref, dtype)
+        assert not d.cpu()[token_slot < 0].any()
+        # the reference in store mode agrees with the accumulate reference from zero
+        d2 = torch.full_like(zero, 7.0)
+        lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, d2, accumulate=False)
+        torch.testing.assert_close(d2, d_ref)
+
+
+def test_expand_store_mode_no_adapter_at_all():
+    meta = build_lora_meta(torch.full((3,), -1, dtype=torch.int32)).to(DEVICE)
+    buf = torch.zeros(1, 1, 3, 8, device=DEVICE)
+    b = torch.randn(2, 16, 8, device=DEVICE)
+    y = torch.ones(3, 16, device=DEVICE)
+    ranks = torch.ones(2, 1, dtype=torch.int32, device=DEVICE)
+    lora_expand(buf, b, ranks, [0, 16], meta, y, accumulate=False)
+    assert not y.any()
+
+
 def test_token_path_choice():
     # host ints only: padded decode metas take the per-token path, prefill the segment path
     from engine.kernels.lora_shrink import use_token_path
