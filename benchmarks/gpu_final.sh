@@ -10,8 +10,9 @@
 # sgmv: benchmarks/bench_sgmv.py --quick (exact metadata);
 # decode: benchmarks/bench_decode.py, every batch and mix, LoRA beside the GEMMs (side stream)
 # and in line (graphs recaptured), torch profiles and a host cProfile of batch 32;
+# ops: benchmarks/bench_decode_ops.py (decode GEMMs and paged attention vs their floor);
 # throughput: benchmarks/bench_throughput.py, no adapters twice, 1/32/512 adapters, 32 in
-# line, and HF+PEFT.
+# line, and HF+PEFT (with a cProfile of the step loop).
 # Each step runs under its own time limit; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,9 +57,12 @@ for s in $SECTIONS; do
         --modes base,one,distinct --steps 30 --compare-in-line --json "$OUT/decode.json" \
         --profile "$OUT" --host-profile "$OUT"
       ;;
+    ops)
+      step "bench_decode_ops" 150 $PY benchmarks/bench_decode_ops.py
+      ;;
     throughput)
       step "bench_throughput" 560 $PY benchmarks/bench_throughput.py \
-        --adapters 0,32,1,32i,0,512 --json "$OUT/throughput.json"
+        --adapters 0,32,1,32i,0,512 --json "$OUT/throughput.json" --profile "$OUT"
       ;;
     *) echo "unknown section $s" | tee -a "$LOG" && status=1 ;;
   esac

@@ -8,6 +8,8 @@ a slot by :meth:`write_slot` from the step thread.
 
 from __future__ import annotations
 
+import gc
+
 import logging
 from pathlib import Path
 
@@ -113,6 +115,7 @@ class ModelRunner:
 
     def _profile_num_blocks(self, utilization: float, max_tokens: int) -> int:
         """Warm-up forward at full token budget, then size the pool from what is left."""
+        gc.collect()  # unreachable tensors of earlier objects still count as allocated
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         seq_len = min(self.max_model_len, max_tokens)

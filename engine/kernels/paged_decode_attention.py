@@ -176,6 +176,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B] int32 (includes the current token)
     scale: float,
     num_splits: int | None = None,  # split-KV partitions (None: by max_blocks and batch)
+    config: dict | None = None,  # tuning override: want (programs), block_n, num_warps, num_stages
 ) -> torch.Tensor:  # [B, Hq, D]
     B, hq, d = q.shape
     _, bs, hkv, d2 = k_cache.shape
@@ -189,11 +190,12 @@ def paged_decode_attention(
     if B == 0:
         return out
     group = hq // hkv
-    block_n = 64 if q.is_cuda else 16
+    cfg = config or {}
+    block_n = cfg.get("block_n", 64 if q.is_cuda else 16)
     max_ctx = block_tables.shape[1] * bs  # static bound: no host sync, graph-safe
     if num_splits is None:
         # split long contexts when the batch alone does not fill the GPU
-        want = 2 * 132 if q.is_cuda else 1
+        want = cfg.get("want", 2 * 132) if q.is_cuda else 1
         num_splits = max(1, min(triton.cdiv(want, B * hkv), triton.cdiv(max_ctx, 512), 16))
     split_len = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_ctx, split_len)
@@ -205,8 +207,10 @@ def paged_decode_attention(
         BLOCK_SIZE=bs,
         NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        num_warps=cfg.get("num_warps", 4),
     )
+    if "num_stages" in cfg:
+        common["num_stages"] = cfg["num_stages"]
     if num_splits == 1:
         acc, ml = out, out
         so_b, so_h = out.stride(0), out.stride(1)
