@@ -93,7 +93,7 @@ def main() -> None:
                         print(f"  {name} M={m} {cfg}: wrong ({err:.3g})")
                         continue
                     t = do_bench(lambda x=x, w=w, cfg=cfg: skinny(x, w, *cfg)) * 1e3
-                except Exception as e:  # noqa: BLE001 - a config that does not compile
+                except Exception as e:
                     print(f"  {name} M={m} {cfg}: {type(e).__name__}")
                     continue
                 best = min(best, (t, cfg), key=lambda r: r[0])
@@ -130,7 +130,7 @@ def main() -> None:
                             print(f"  {cfg}: wrong ({err:.3g})")
                             continue
                         rows.append((do_bench(f) * 1e3, cfg))
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         print(f"  {cfg}: {type(e).__name__}")
     for t, cfg in sorted(rows, key=lambda r: r[0])[:8]:
         print(f"  {t:6.1f} us  x/floor {t / floor:.2f}  vs engine {t / base:.2f}  {cfg}")

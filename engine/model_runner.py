@@ -9,7 +9,6 @@ a slot by :meth:`write_slot` from the step thread.
 from __future__ import annotations
 
 import gc
-
 import logging
 from pathlib import Path
 
