@@ -12,7 +12,8 @@
 # and in line (graphs recaptured), torch profiles and a host cProfile of batch 32;
 # ops: benchmarks/bench_decode_ops.py (decode GEMMs and paged attention vs their floor);
 # throughput: benchmarks/bench_throughput.py, no adapters twice, 1/32/512 adapters, 32 in
-# line, and HF+PEFT (with a cProfile of the step loop).
+# line (with a cProfile of the step loop); hf: no adapters, 32 adapters and HF+PEFT (the
+# two do not fit one call together); sweep: benchmarks/sweep_decode_lora.py.
 # Each step runs under its own time limit; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,9 +61,17 @@ for s in $SECTIONS; do
     ops)
       step "bench_decode_ops" 150 $PY benchmarks/bench_decode_ops.py
       ;;
+    sweep)
+      step "sweep_decode_lora" 200 $PY benchmarks/sweep_decode_lora.py
+      ;;
+    hf)
+      step "bench_throughput (32 adapters + HF+PEFT)" 400 $PY benchmarks/bench_throughput.py \
+        --adapters 0,32 --json "$OUT/throughput_hf.json"
+      ;;
     throughput)
       step "bench_throughput" 560 $PY benchmarks/bench_throughput.py \
-        --adapters 0,32,1,32i,0,512 --json "$OUT/throughput.json" --profile "$OUT"
+        --adapters 0,32,1,32i,0,512 --hf-adapters "" --json "$OUT/throughput.json" \
+        --profile "$OUT"
       ;;
     *) echo "unknown section $s" | tee -a "$LOG" && status=1 ;;
   esac
