@@ -68,6 +68,11 @@ for s in $SECTIONS; do
       step "bench_throughput (32 adapters + HF+PEFT)" 400 $PY benchmarks/bench_throughput.py \
         --adapters 0,32 --json "$OUT/throughput_hf.json"
       ;;
+    tp_repeat)
+      step "bench_throughput (0 and 32 adapters, alternating)" 300 $PY \
+        benchmarks/bench_throughput.py --adapters 0,32,0,32,0,32 --hf-adapters "" \
+        --json "$OUT/throughput_repeat.json"
+      ;;
     throughput)
       step "bench_throughput" 560 $PY benchmarks/bench_throughput.py \
         --adapters 0,32,1,32i,0,512 --hf-adapters "" --json "$OUT/throughput.json" \

@@ -12,6 +12,7 @@ applied by wrapping the module functions the model calls).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +29,9 @@ from common import (
     write_peft_adapter,
 )
 
-import engine.kernels.lora_expand as E
-import engine.kernels.lora_shrink as S
-
+# the modules (engine.kernels re-exports functions of the same names)
+S = importlib.import_module("engine.kernels.lora_shrink")
+E = importlib.import_module("engine.kernels.lora_expand")
 ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
 VARIANTS: list[tuple[str, dict]] = [
