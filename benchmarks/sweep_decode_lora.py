@@ -34,24 +34,15 @@ S = importlib.import_module("engine.kernels.lora_shrink")
 E = importlib.import_module("engine.kernels.lora_expand")
 ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
-E8 = {"num_warps": 8}
 VARIANTS: list[tuple[str, dict]] = [
-    ("default (beside, priority -1)", {}),
+    ("default", {}),
     ("in line", {"in_line": True}),
-    ("expand 8 warps", {"expand": E8}),
-    ("expand 8 warps + shrink k_per 512", {"expand": E8, "shrink": {"k_per": 512}}),
-    ("expand 16 warps", {"expand": {"num_warps": 16}}),
-    ("expand 8 warps, block_n 512", {"expand": {**E8, "block_n": 512, "n_per": 1024}}),
-    ("expand 8 warps, 4 stages", {"expand": {**E8, "num_stages": 4}}),
-    ("expand 8 warps + shrink 8 warps", {"expand": E8, "shrink": {"num_warps": 8}}),
-    (
-        "expand 8 warps + shrink block_k 256, k_per 512, 8 warps",
-        {"expand": E8, "shrink": {"block_k": 256, "k_per": 512, "num_warps": 8}},
-    ),
-    ("expand 4 warps, block_n 128", {"expand": {"block_n": 128}}),
-    ("expand 8 warps, n_per 256", {"expand": {**E8, "n_per": 256}}),
-    ("expand 8 warps, n_per 512", {"expand": {**E8, "n_per": 512}}),
-    ("shrink k_per 512", {"shrink": {"k_per": 512}}),
+    ("expand n_per 256", {"expand": {"n_per": 256}}),
+    ("expand 4 warps", {"expand": {"num_warps": 4}}),
+    ("shrink 4 warps", {"shrink": {"num_warps": 4}}),
+    ("shrink k_per 1024", {"shrink": {"k_per": 1024}}),
+    ("shrink k_per 256", {"shrink": {"k_per": 256}}),
+    ("shrink 3 stages", {"shrink": {"num_stages": 3}}),
 ]
 
 

@@ -295,7 +295,9 @@ def lora_expand(
     block_r, block_n, n_per = _expand_config(T, R, max_out, P, y.is_cuda, rows, meta.block_m)
     pdl = pdl_ok(y)
     prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
-    cfg = {"num_warps": 4, "num_stages": 3, "launch_pdl": pdl}
+    # per token, rank 16: 8 warps over the [256, 16] tile of B (H100 sweep of the decode step)
+    warps = 8 if rows and block_r == 16 and y.is_cuda else 4
+    cfg = {"num_warps": warps, "num_stages": 3, "launch_pdl": pdl}
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
