@@ -8,7 +8,7 @@ from kernel_testing import DEVICE, assert_close, gpu
 
 from engine.kernels import build_lora_meta
 from engine.kernels.lora_expand import lora_expand, lora_expand_ref
-from engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref, use_token_path
 
 PATTERNS = ["distinct", "identical", "zipf", "some_none"]
 
@@ -155,10 +155,33 @@ def test_expand_store_mode_no_adapter_at_all():
     assert not y.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_path_reads_token_slot_only(dtype):
+    # a decode graph's static meta updates only token_slot on buckets that take the per-token
+    # path (cuda_graphs.DecodeGraphs.run): stale segment arrays must not change the result
+    gen = torch.Generator().manual_seed(4)
+    T, k, outs, slots = 7, 96, [40, 24], 16
+    a, b, ranks, offsets = make_weights(slots, outs, 16, k, dtype, gen, rank_choices=(1, 8, 16))
+    x = torch.randn(T, k, generator=gen).to(dtype)
+    y0 = torch.randn(T, offsets[-1], generator=gen).to(dtype)
+    true_slot = make_token_slot(T, "some_none", slots, gen)
+    stale = build_lora_meta(torch.full((T,), -1, dtype=torch.int32), max_segments=slots)
+    assert use_token_path(T, stale)
+    stale.token_slot.copy_(true_slot)
+    meta = build_lora_meta(true_slot, max_segments=slots)
+    want = lora_expand_ref(
+        lora_shrink_ref(x.float(), a.float(), ranks, meta), b.float(), ranks, offsets, meta,
+        y0.float().clone(),
+    )  # fmt: skip
+    m = stale.to(DEVICE)
+    rk = ranks.to(DEVICE)
+    buf = lora_shrink(x.to(DEVICE), a.to(DEVICE), rk, m)
+    y = lora_expand(buf, b.to(DEVICE), rk, offsets, m, y0.to(DEVICE).clone())
+    assert_close(y, want, dtype)
+
+
 def test_token_path_choice():
     # host ints only: padded decode metas take the per-token path, prefill the segment path
-    from engine.kernels.lora_shrink import use_token_path
-
     one = torch.zeros(32, dtype=torch.int32)
     assert use_token_path(32, build_lora_meta(one, max_segments=128))
     assert not use_token_path(32, build_lora_meta(one))
