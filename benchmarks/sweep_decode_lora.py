@@ -38,11 +38,9 @@ VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
     ("expand n_per 256", {"expand": {"n_per": 256}}),
-    ("expand 4 warps", {"expand": {"num_warps": 4}}),
     ("shrink 4 warps", {"shrink": {"num_warps": 4}}),
-    ("shrink k_per 1024", {"shrink": {"k_per": 1024}}),
-    ("shrink k_per 256", {"shrink": {"k_per": 256}}),
-    ("shrink 3 stages", {"shrink": {"num_stages": 3}}),
+    ("expand n_per 256 + shrink 4 warps", {"expand": {"n_per": 256}, "shrink": {"num_warps": 4}}),
+    ("default again", {}),
 ]
 
 

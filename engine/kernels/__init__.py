@@ -19,6 +19,7 @@ from engine.kernels import lora_shrink as _shrink
 from engine.kernels import paged_decode_attention as _decode
 from engine.kernels import prefill_attention as _prefill
 from engine.kernels import rms_norm as _rms
+from engine.kernels import rope_cache as _rope_cache
 from engine.kernels import rotary as _rot
 from engine.kernels import silu_and_mul as _silu
 from engine.kernels._triton import HAVE_TRITON
@@ -81,6 +82,22 @@ def rotary(q, k, positions, cos_sin_cache):
     return _pick(_rot, "rotary", q)(q, k, positions, cos_sin_cache)
 
 
+def rope_cache(
+    qkv,
+    positions,
+    cos_sin_cache,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    num_heads,
+    num_kv_heads,
+    delta=None,
+):
+    fn = _pick(_rope_cache, "rope_cache", qkv)
+    args = (qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    return fn(*args, num_heads, num_kv_heads, delta=delta)
+
+
 def silu_and_mul(x, delta=None):
     return _pick(_silu, "silu_and_mul", x)(x, delta)
 
@@ -94,6 +111,7 @@ __all__ = [
     "paged_decode_attention",
     "prefill_attention",
     "rms_norm",
+    "rope_cache",
     "rotary",
     "rotary_cos_sin_cache",
     "silu_and_mul",

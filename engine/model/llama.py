@@ -151,8 +151,8 @@ class LlamaModel:
 
         LoRA in decode steps runs beside the base GEMMs (``_beside``: the side stream on
         CUDA): the q/k/v and gate/up deltas go to buffers that the main stream adds after the
-        GEMM (gate/up inside SiLU-and-mul), the o and down deltas straight into the residual
-        stream, which the GEMM does not touch. The small LoRA kernels then overlap the
+        GEMM (q/k/v inside the rotary + cache-write pass, gate/up inside SiLU-and-mul), the o
+        and down deltas straight into the residual stream, which the GEMM does not touch. The small LoRA kernels then overlap the
         weight-bound GEMMs instead of queueing behind them. Prefill and mixed steps (large
         segments, tensor-core tiles) add in line after each GEMM.
         """
@@ -169,22 +169,29 @@ class LlamaModel:
             groups = lora.layers[i] if lora is not None and inp.lora is not None else None
             beside = groups is not None and inp.is_decode
 
+            d = None
             if beside and self._uses(inp, "qkv"):
                 n = w.qkv.shape[0]
                 d = self._delta_beside(h, groups["qkv"], self.qkv_offsets, inp, n)
                 qkv = F.linear(h, w.qkv, w.qkv_bias)
                 self._join()
-                qkv += d
             else:
                 qkv = F.linear(h, w.qkv, w.qkv_bias)
                 if groups is not None:
                     self._lora(qkv, h, groups, "qkv", self.qkv_offsets, inp)
-            q = qkv[:, : c.q_size].reshape(T, c.num_heads, c.head_dim)
-            k = qkv[:, c.q_size : c.q_size + c.kv_size].reshape(T, c.num_kv_heads, c.head_dim)
-            v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_kv_heads, c.head_dim)
-            q, k = K.rotary(q, k, inp.positions, self.cos_sin)
             k_cache, v_cache = kv_caches[i]
-            K.kv_cache_write(k, v, k_cache, v_cache, inp.slot_mapping)
+            # + the q/k/v delta, rotary, and K/V into the cache: one pass
+            q = K.rope_cache(
+                qkv,
+                inp.positions,
+                self.cos_sin,
+                k_cache,
+                v_cache,
+                inp.slot_mapping,
+                c.num_heads,
+                c.num_kv_heads,
+                delta=d,
+            )
             if inp.is_decode:
                 attn = K.paged_decode_attention(
                     q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale

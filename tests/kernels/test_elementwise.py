@@ -1,4 +1,5 @@
-"""RMSNorm (+residual), rotary, SiLU-and-mul and KV cache write vs the torch references."""
+"""RMSNorm (+residual), rotary, SiLU-and-mul, KV cache write and the fused rotary + cache write
+vs the torch references."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from kernel_testing import DEVICE, assert_close, gpu
 
 from engine.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref
 from engine.kernels.rms_norm import rms_norm, rms_norm_ref
+from engine.kernels.rope_cache import rope_cache, rope_cache_ref
 from engine.kernels.rotary import rotary, rotary_cos_sin_cache, rotary_ref
 from engine.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
@@ -118,6 +120,59 @@ def test_kv_cache_write(T, hkv, d, bs, dtype):
     check_kv_write(T, hkv, d, bs, dtype)
 
 
+def check_rope_cache(T, hq, hkv, d, bs, dtype, with_delta):
+    gen = torch.Generator().manual_seed(T + hq)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos_sin = rotary_cos_sin_cache(inv, 4096)
+    width = (hq + 2 * hkv) * d
+    qkv = torch.randn(T, width, generator=gen).to(dtype)
+    delta = (torch.randn(T, width, generator=gen) * 0.3).to(dtype) if with_delta else None
+    nb = (T + bs - 1) // bs + 2
+    kc = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+    vc = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+    pos = torch.randint(4096, (T,), generator=gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    slots[1::3] = -1  # padding tokens: q still rotated, nothing stored
+    kr, vr = kc.float().clone(), vc.float().clone()
+    dr = delta.float() if with_delta else None
+    qr = rope_cache_ref(qkv.float().clone(), pos, cos_sin, kr, vr, slots, hq, hkv, dr)
+    kd, vd = kc.to(DEVICE), vc.to(DEVICE)
+    qkv_d = qkv.clone().to(DEVICE)  # the kernel writes q in place
+    dd = delta.to(DEVICE) if with_delta else None
+    q = rope_cache(qkv_d, pos.to(DEVICE), cos_sin.to(DEVICE), kd, vd, slots.to(DEVICE), hq, hkv, dd)
+    tol = 2e-5 if dtype == torch.float32 else None
+    assert q.shape == (T, hq, d) and q.data_ptr() == qkv_d.data_ptr()
+    assert_close(q, qr, dtype, tol=tol)
+    assert_close(kd, kr, dtype, tol=tol)
+    assert_close(vd, vr, dtype, tol=tol)
+    # the same as the separate ops: add, rotary, cache write
+    if not with_delta:
+        qs = qkv.float().clone()[:, : hq * d].reshape(T, hq, d)
+        ks = qkv.float().clone()[:, hq * d : (hq + hkv) * d].reshape(T, hkv, d)
+        rotary_ref(qs, ks, pos, cos_sin)
+        torch.testing.assert_close(qr, qs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("T,hq,hkv,d,bs", [(1, 4, 1, 64, 16), (7, 6, 2, 32, 4), (133, 3, 3, 16, 8)])
+def test_rope_cache(T, hq, hkv, d, bs, dtype, with_delta):
+    check_rope_cache(T, hq, hkv, d, bs, dtype, with_delta)
+
+
+def test_rope_cache_rejects_bad_shapes():
+    kc = torch.zeros(2, 4, 1, 8, device=DEVICE)
+    cs = torch.zeros(16, 8, device=DEVICE)
+    pos = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    qkv = torch.zeros(3, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="delta"):
+        rope_cache(qkv, pos, cs, kc, kc.clone(), pos, 1, 1, torch.zeros(3, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="caches"):
+        rope_cache(qkv, pos, cs, kc[..., :4], kc[..., :4].clone(), pos, 1, 1)
+    with pytest.raises(ValueError, match="qkv"):
+        rope_cache(torch.zeros(3, 25, device=DEVICE), pos, cs, kc, kc.clone(), pos, 1, 1)
+
+
 @gpu
 @pytest.mark.parametrize("T", [1, 133, 2048])
 def test_elementwise_llama_bf16(T):
@@ -127,4 +182,8 @@ def test_elementwise_llama_bf16(T):
     check_rotary(T, 32, 8, 128, bf)
     x = torch.randn(T, 2 * 14336).to(bf)
     assert_close(silu_and_mul(x.cuda()), silu_and_mul_ref(x.float()), bf)
+    d = torch.randn(T, 2 * 14336).to(bf)
+    assert_close(silu_and_mul(x.cuda(), d.cuda()), silu_and_mul_ref(x.float() + d.float()), bf)
     check_kv_write(T, 8, 128, 16, bf)
+    check_rope_cache(T, 32, 8, 128, 16, bf, with_delta=False)
+    check_rope_cache(T, 32, 8, 128, 16, bf, with_delta=True)

@@ -1,0 +1,157 @@
+"""Rotary embedding and the KV-cache write in one pass over a step's fused q/k/v rows.
+
+``rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
+num_kv_heads, delta=None) -> q``: per token, ``x = qkv (+ delta)`` (added in float32: the
+decode forward's q/k/v LoRA delta, computed beside the qkv GEMM), q and k rotated (neox
+style, as :mod:`engine.kernels.rotary`), q written back into ``qkv`` and returned as a
+``[T, Hq, D]`` view, the rotated k and v stored at the token's cache slot (``-1``: padding,
+not stored). The k and v columns of ``qkv`` are undefined afterwards (the reference rotates
+k in place there; the kernel leaves them); attention reads K and V from the cache.
+
+One launch instead of three (the delta add, rotary, the cache write) per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kernels._triton import HAVE_TRITON, tl, triton
+from engine.kernels.kv_cache_write import kv_cache_write_ref
+from engine.kernels.rotary import rotary_ref
+
+
+def _split(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
+    T, width = qkv.shape
+    d = width // (num_heads + 2 * num_kv_heads)
+    qs, ks = num_heads * d, num_kv_heads * d
+    q = qkv[:, :qs].reshape(T, num_heads, d)
+    k = qkv[:, qs : qs + ks].reshape(T, num_kv_heads, d)
+    v = qkv[:, qs + ks :].reshape(T, num_kv_heads, d)
+    return q, k, v
+
+
+def rope_cache_ref(
+    qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D]
+    positions: torch.Tensor,  # [T] int
+    cos_sin_cache: torch.Tensor,  # [max_pos, D] float32
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = not stored
+    num_heads: int,
+    num_kv_heads: int,
+    delta: torch.Tensor | None = None,  # [T, (Hq + 2 Hkv) D]
+) -> torch.Tensor:  # q [T, Hq, D], a view into qkv
+    if delta is not None:
+        qkv.copy_((qkv.float() + delta.float()).to(qkv.dtype))
+    q, k, v = _split(qkv, num_heads, num_kv_heads)
+    rotary_ref(q, k, positions, cos_sin_cache)
+    kv_cache_write_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rope_cache_kernel(
+        qkv_ptr,
+        d_ptr,
+        pos_ptr,
+        cs_ptr,
+        kc_ptr,
+        vc_ptr,
+        slot_ptr,
+        HQ,
+        HKV,
+        HALF,
+        stride_t,
+        stride_dt,
+        stride_c,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_HKV: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HAS_DELTA: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        D = 2 * HALF
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HALF
+        cos = tl.load(cs_ptr + pos * stride_c + offs_d, mask=dmask, other=0.0)[None, :]
+        sin = tl.load(cs_ptr + pos * stride_c + HALF + offs_d, mask=dmask, other=0.0)[None, :]
+        row = qkv_ptr + t * stride_t
+        drow = d_ptr + t * stride_dt
+        # q: rotated in place
+        offs_h = tl.arange(0, BLOCK_HQ)
+        mq = (offs_h[:, None] < HQ) & dmask[None, :]
+        pq = offs_h[:, None] * D + offs_d[None, :]
+        x1 = tl.load(row + pq, mask=mq, other=0.0).to(tl.float32)
+        x2 = tl.load(row + pq + HALF, mask=mq, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            x1 += tl.load(drow + pq, mask=mq, other=0.0).to(tl.float32)
+            x2 += tl.load(drow + pq + HALF, mask=mq, other=0.0).to(tl.float32)
+        out_ty = qkv_ptr.dtype.element_ty
+        tl.store(row + pq, (x1 * cos - x2 * sin).to(out_ty), mask=mq)
+        tl.store(row + pq + HALF, (x2 * cos + x1 * sin).to(out_ty), mask=mq)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            offs_g = tl.arange(0, BLOCK_HKV)
+            mk = (offs_g[:, None] < HKV) & dmask[None, :]
+            pk = HQ * D + offs_g[:, None] * D + offs_d[None, :]
+            pv = pk + HKV * D
+            dst = slot * HKV * D + offs_g[:, None] * D + offs_d[None, :]
+            k1 = tl.load(row + pk, mask=mk, other=0.0).to(tl.float32)
+            k2 = tl.load(row + pk + HALF, mask=mk, other=0.0).to(tl.float32)
+            v1 = tl.load(row + pv, mask=mk, other=0.0).to(tl.float32)
+            v2 = tl.load(row + pv + HALF, mask=mk, other=0.0).to(tl.float32)
+            if HAS_DELTA:
+                k1 += tl.load(drow + pk, mask=mk, other=0.0).to(tl.float32)
+                k2 += tl.load(drow + pk + HALF, mask=mk, other=0.0).to(tl.float32)
+                v1 += tl.load(drow + pv, mask=mk, other=0.0).to(tl.float32)
+                v2 += tl.load(drow + pv + HALF, mask=mk, other=0.0).to(tl.float32)
+            c_ty = kc_ptr.dtype.element_ty
+            tl.store(kc_ptr + dst, (k1 * cos - k2 * sin).to(c_ty), mask=mk)
+            tl.store(kc_ptr + dst + HALF, (k2 * cos + k1 * sin).to(c_ty), mask=mk)
+            tl.store(vc_ptr + dst, v1.to(c_ty), mask=mk)
+            tl.store(vc_ptr + dst + HALF, v2.to(c_ty), mask=mk)
+
+
+def rope_cache(
+    qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D], last dimension contiguous
+    positions: torch.Tensor,  # [T] int
+    cos_sin_cache: torch.Tensor,  # [max_pos, D] float32
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] contiguous
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = not stored
+    num_heads: int,
+    num_kv_heads: int,
+    delta: torch.Tensor | None = None,  # [T, (Hq + 2 Hkv) D]
+) -> torch.Tensor:  # q [T, Hq, D], a view into qkv
+    T, width = qkv.shape
+    heads = num_heads + 2 * num_kv_heads
+    if qkv.dim() != 2 or width % heads or (width // heads) % 2 or qkv.stride(1) != 1:
+        raise ValueError("qkv must be [T, (Hq + 2 Hkv) * D] with an even D, last dim contiguous")
+    d = width // heads
+    if delta is not None and (delta.shape != qkv.shape or delta.stride(1) != 1):
+        raise ValueError("delta must match qkv")
+    if k_cache.shape[2:] != (num_kv_heads, d) or v_cache.shape != k_cache.shape:
+        raise ValueError("caches must be [num_blocks, block_size, Hkv, D]")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("caches must be contiguous")
+    if positions.shape != (T,) or slot_mapping.shape != (T,):
+        raise ValueError("positions and slot_mapping must be [T]")
+    if cos_sin_cache.shape[1] != d or cos_sin_cache.dtype != torch.float32:
+        raise ValueError("cos_sin_cache must be float32 [max_pos, D]")
+    if cos_sin_cache.stride(1) != 1:
+        raise ValueError("cos_sin_cache needs a contiguous last dimension")
+    if T:
+        dl = delta if delta is not None else qkv
+        _rope_cache_kernel[(T,)](
+            qkv, dl, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+            num_heads, num_kv_heads, d // 2, qkv.stride(0), dl.stride(0),
+            cos_sin_cache.stride(0),
+            BLOCK_HQ=triton.next_power_of_2(num_heads),
+            BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+            BLOCK_D=triton.next_power_of_2(d // 2),
+            HAS_DELTA=delta is not None,
+        )  # fmt: skip
+    return qkv[:, : num_heads * d].reshape(T, num_heads, d)
