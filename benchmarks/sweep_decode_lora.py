@@ -37,10 +37,8 @@ ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
-    ("expand n_per 256", {"expand": {"n_per": 256}}),
-    ("shrink 4 warps", {"shrink": {"num_warps": 4}}),
-    ("expand n_per 256 + shrink 4 warps", {"expand": {"n_per": 256}, "shrink": {"num_warps": 4}}),
-    ("default again", {}),
+    ("shrink 8 warps", {"shrink": {"num_warps": 8}}),
+    ("expand n_per 512", {"expand": {"n_per": 512}}),
 ]
 
 

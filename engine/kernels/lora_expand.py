@@ -253,6 +253,10 @@ def _expand_config(T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: boo
         units = triton.cdiv(T, block_m)
     if not on_gpu:  # interpreter: small blocks so that tests walk several N and R steps
         block_r, block_n = min(block_r, 32), 32
+    elif rows and block_r == 16:
+        # one [256, 16] tile of B per program (8 warps, lora_expand): the most programs, best
+        # in the H100 sweeps of the decode step with the LoRA beside the GEMMs
+        return block_r, block_n, block_n
     want = 8 * 132 if on_gpu else 4
     n_blocks = triton.cdiv(max_out, block_n)
     n_split = max(1, min(n_blocks, triton.cdiv(want, max(1, units * P))))

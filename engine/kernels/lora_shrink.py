@@ -225,9 +225,9 @@ def _shrink_config(T: int, K: int, P: int, R: int, on_gpu: bool, rows: bool, blo
         block_r = min(block_r, 32)
         if rows:
             return block_r, 32, 256 if K > 512 else 64
-    if rows:  # decode: short K slices, many programs. Rank 16: 512-wide slices in 256 steps
-        # (8 warps, see lora_shrink), best in the H100 sweep of a batch-32 decode step with the
-        # LoRA beside the GEMMs (benchmarks/sweep_decode_lora.py); BLOCK_K 32 for wide ranks
+    if rows:  # decode: short K slices, many programs. Rank 16: 512-wide slices in 256 steps,
+        # best in the H100 sweeps of a batch-32 decode step with the LoRA beside the GEMMs
+        # (benchmarks/sweep_decode_lora.py, docs/benchmarks.md); BLOCK_K 32 for wide ranks
         # (sm_90 build: r16 x k128 48 registers, r64 x k128 254 and spills, r64 x k32 80)
         if block_r == 16:
             return block_r, 256, min(512, triton.cdiv(K, 256) * 256)
@@ -270,8 +270,7 @@ def lora_shrink(
     block_r, block_k, k_per = _shrink_config(T, K, P, R, x.is_cuda, rows, meta.block_m)
     pdl = pdl_ok(x)
     prefetch = pdl and T <= 16  # L2 prefetch of A before gdc_wait pays for small batches only
-    warps = 8 if rows and block_r == 16 and x.is_cuda else 4
-    cfg = {"num_warps": warps, "num_stages": 2, "launch_pdl": pdl}
+    cfg = {"num_warps": 4, "num_stages": 2, "launch_pdl": pdl}
     if config:
         block_k, k_per = config.get("block_k", block_k), config.get("k_per", k_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
