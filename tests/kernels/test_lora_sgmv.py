@@ -180,6 +180,29 @@ def test_token_path_reads_token_slot_only(dtype):
     assert_close(y, want, dtype)
 
 
+@pytest.mark.parametrize("block_m", [16, 4])
+def test_meta_numpy_path_equals_torch_path(block_m):
+    # CPU metas are grouped with numpy (the runner's per-step host cost); the torch path,
+    # used for device tensors, must give the same arrays
+    from engine.kernels.lora_meta import _build_numpy, _build_torch
+
+    gen = torch.Generator().manual_seed(9)
+    fields = ["token_slot", "sorted_tokens", "seg_start", "seg_slot", "tile_seg"]
+    fields += ["tile_start", "tile_slot", "tile_end"]
+    cases = [torch.zeros(0, dtype=torch.int32), torch.full((5,), -1, dtype=torch.int32)]
+    for T in (1, 3, 7, 64, 133, 256):
+        for pattern in PATTERNS:
+            cases.append(make_token_slot(T, pattern, 32, gen))
+    for tok in cases:
+        for max_segments in (None, 32):
+            a = _build_numpy(tok, max_segments, block_m)
+            b = _build_torch(tok, max_segments, block_m)
+            for f in fields:
+                x, y = getattr(a, f), getattr(b, f)
+                assert x.dtype == y.dtype == torch.int32 and torch.equal(x, y), (f, tok)
+            assert (a.num_segments, a.num_lora_tokens) == (b.num_segments, b.num_lora_tokens)
+
+
 def test_token_path_choice():
     # host ints only: padded decode metas take the per-token path, prefill the segment path
     one = torch.zeros(32, dtype=torch.int32)
