@@ -82,9 +82,13 @@ class LlamaModel:
         self.cos_sin = K.rotary_cos_sin_cache(config.rope_inv_freq().to(dev), max_positions)
         self.scale = config.head_dim**-0.5
         c = config
-        self.qkv_offsets = [0, c.q_size, c.q_size + c.kv_size, c.q_size + 2 * c.kv_size]
-        self.gate_up_offsets = [0, c.intermediate_size, 2 * c.intermediate_size]
-        self.single_offsets = {"o": [0, c.hidden_size], "down": [0, c.hidden_size]}
+        # each group's projection boundaries in its output (lora_expand's out_offsets)
+        self.offsets = {
+            "qkv": [0, c.q_size, c.q_size + c.kv_size, c.q_size + 2 * c.kv_size],
+            "o": [0, c.hidden_size],
+            "gate_up": [0, c.intermediate_size, 2 * c.intermediate_size],
+            "down": [0, c.hidden_size],
+        }
         # decode steps run each group's LoRA on this stream, beside the base GEMM (CUDA only;
         # high priority so that its small kernels are scheduled ahead of the GEMM's tail)
         self.side_stream = torch.cuda.Stream(dev, priority=-1) if dev.type == "cuda" else None
@@ -96,14 +100,6 @@ class LlamaModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
-
-    def _lora(self, y, x, groups: dict[str, LoraGroup], name: str, offsets, inp) -> None:
-        """In line, after the base GEMM: ``y += x @ A @ B`` per token (prefill and mixed steps)."""
-        if not self._uses(inp, name):
-            return
-        group = groups[name]
-        buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
-        K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, y)
 
     @staticmethod
     def _uses(inp: ForwardInputs, name: str) -> bool:
@@ -125,21 +121,43 @@ class LlamaModel:
         if self.side_stream is not None:
             torch.cuda.current_stream().wait_stream(self.side_stream)
 
-    def _delta_beside(self, x, group: LoraGroup, offsets, inp, n_out: int) -> torch.Tensor:
-        """The group's LoRA delta ``[T, n_out]`` (zero rows for tokens with no adapter),
-        computed beside what the main stream does next; read it only after :meth:`_join`."""
-        d = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)  # on the main stream
-        with self._beside():
-            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
-            K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, d, accumulate=False)
-        return d
+    def _proj(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        groups: dict[str, LoraGroup] | None,
+        name: str,
+        inp: ForwardInputs,
+        *,
+        beside: bool,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One projection group's base GEMM and its LoRA. -> ``(y, delta)``.
 
-    def _add_beside(self, y, x, group: LoraGroup, offsets, inp) -> None:
-        """``y += x @ A @ B`` beside what the main stream does next (which must not touch y
-        before :meth:`_join`)."""
-        with self._beside():
+        In line (``beside=False``): ``y = x W^T + x A B``, delta None. Beside the GEMM: with
+        ``residual``, the LoRA adds into the residual stream and delta is None; without, the
+        LoRA's delta (zero rows where no adapter applies) for the consumer to add."""
+        if groups is None or not self._uses(inp, name):
+            return F.linear(x, weight, bias), None
+        group, offsets = groups[name], self.offsets[name]
+        if not beside:
+            y = F.linear(x, weight, bias)
             buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
             K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, y)
+            return y, None
+        delta = None
+        if residual is None:  # allocated on the main stream, written beside
+            delta = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        with self._beside():
+            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
+            if delta is None:
+                K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, residual)
+            else:
+                K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, delta, accumulate=False)
+        y = F.linear(x, weight, bias)
+        self._join()
+        return y, delta
 
     def forward(
         self,
@@ -169,16 +187,7 @@ class LlamaModel:
             groups = lora.layers[i] if lora is not None and inp.lora is not None else None
             beside = groups is not None and inp.is_decode
 
-            d = None
-            if beside and self._uses(inp, "qkv"):
-                n = w.qkv.shape[0]
-                d = self._delta_beside(h, groups["qkv"], self.qkv_offsets, inp, n)
-                qkv = F.linear(h, w.qkv, w.qkv_bias)
-                self._join()
-            else:
-                qkv = F.linear(h, w.qkv, w.qkv_bias)
-                if groups is not None:
-                    self._lora(qkv, h, groups, "qkv", self.qkv_offsets, inp)
+            qkv, d = self._proj(h, w.qkv, groups, "qkv", inp, beside=beside, bias=w.qkv_bias)
             k_cache, v_cache = kv_caches[i]
             # + the q/k/v delta, rotary, and K/V into the cache: one pass
             q = K.rope_cache(
@@ -208,36 +217,11 @@ class LlamaModel:
                     max_q_len=inp.max_q_len,
                 )
             attn = attn.reshape(T, c.q_size)
-            if beside and self._uses(inp, "o"):
-                self._add_beside(residual, attn, groups["o"], self.single_offsets["o"], inp)
-                o = F.linear(attn, w.o)
-                self._join()
-            else:
-                o = F.linear(attn, w.o)
-                if groups is not None:
-                    self._lora(o, attn, groups, "o", self.single_offsets["o"], inp)
-
+            o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
             h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
-            if beside and self._uses(inp, "gate_up"):
-                n = w.gate_up.shape[0]
-                d = self._delta_beside(h, groups["gate_up"], self.gate_up_offsets, inp, n)
-                gu = F.linear(h, w.gate_up)
-                self._join()
-                act = K.silu_and_mul(gu, d)
-            else:
-                gu = F.linear(h, w.gate_up)
-                if groups is not None:
-                    self._lora(gu, h, groups, "gate_up", self.gate_up_offsets, inp)
-                act = K.silu_and_mul(gu)
-            if beside and self._uses(inp, "down"):
-                offs = self.single_offsets["down"]
-                self._add_beside(residual, act, groups["down"], offs, inp)
-                x = F.linear(act, w.down)
-                self._join()
-            else:
-                x = F.linear(act, w.down)
-                if groups is not None:
-                    self._lora(x, act, groups, "down", self.single_offsets["down"], inp)
+            gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
+            act = K.silu_and_mul(gu, d)
+            x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
         return out
 
