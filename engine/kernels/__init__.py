@@ -13,14 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels import kv_cache_write as _kvw
 from engine.kernels import lora_expand as _expand
 from engine.kernels import lora_shrink as _shrink
 from engine.kernels import paged_decode_attention as _decode
 from engine.kernels import prefill_attention as _prefill
 from engine.kernels import rms_norm as _rms
 from engine.kernels import rope_cache as _rope_cache
-from engine.kernels import rotary as _rot
 from engine.kernels import silu_and_mul as _silu
 from engine.kernels._triton import HAVE_TRITON
 from engine.kernels.lora_meta import LoraMeta, build_lora_meta
@@ -70,16 +68,8 @@ def prefill_attention(
     return fn(*args, max_q_len=max_q_len)
 
 
-def kv_cache_write(k, v, k_cache, v_cache, slot_mapping) -> None:
-    _pick(_kvw, "kv_cache_write", k)(k, v, k_cache, v_cache, slot_mapping)
-
-
 def rms_norm(x, weight, eps: float, residual=None):
     return _pick(_rms, "rms_norm", x)(x, weight, eps, residual)
-
-
-def rotary(q, k, positions, cos_sin_cache):
-    return _pick(_rot, "rotary", q)(q, k, positions, cos_sin_cache)
 
 
 def rope_cache(
@@ -105,14 +95,12 @@ def silu_and_mul(x, delta=None):
 __all__ = [
     "LoraMeta",
     "build_lora_meta",
-    "kv_cache_write",
     "lora_expand",
     "lora_shrink",
     "paged_decode_attention",
     "prefill_attention",
     "rms_norm",
     "rope_cache",
-    "rotary",
     "rotary_cos_sin_cache",
     "silu_and_mul",
     "use_triton",
