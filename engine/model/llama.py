@@ -113,13 +113,14 @@ class LlamaModel:
         if side is None:
             yield
             return
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(torch.cuda.current_stream(side.device))
         with torch.cuda.stream(side):
             yield
 
     def _join(self) -> None:
-        if self.side_stream is not None:
-            torch.cuda.current_stream().wait_stream(self.side_stream)
+        side = self.side_stream
+        if side is not None:
+            torch.cuda.current_stream(side.device).wait_stream(side)
 
     def _proj(
         self,
