@@ -108,8 +108,11 @@ def time_graph(fn, layers: int) -> float:
 
 
 def run_case(
-    T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator, pad: int = 0
-):
+    T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator, pad: int = 0,
+    variants: list[tuple[str, dict | None, dict | None]] | None = None,
+):  # fmt: skip
+    """-> ({label: µs per layer}, floor bytes). Labels: sgmv, loop, bmm; or with
+    ``variants`` ((name, shrink config, expand config), ...) one SGMV time per variant."""
     token_slot, ranks = make_case(T, n_ad, mixed, gen)
     ranks_full = torch.zeros(pool_slots, dtype=torch.int64)
     ranks_full[: ranks.shape[0]] = ranks
@@ -143,10 +146,10 @@ def run_case(
         for pool in pools:
             gather_bmm_layer(pool)
 
-    def sgmv_layer(pool):
+    def sgmv_layer(pool, sc=None, ec=None):
         for g in GROUPS:
-            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta)
-            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g])
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta, config=sc)
+            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g], config=ec)
 
     def loop_layer(pool):
         for g in GROUPS:
@@ -169,20 +172,61 @@ def run_case(
                 n0, n1 = offs[p], offs[p + 1]
                 ys[g][:, n0:n1] += torch.bmm(b[:, n0:n1], h[:, p, :, None])[:, :, 0]
 
-    # correctness against gather + bmm on the same inputs (both add into copies of y)
+    # correctness against gather + bmm on the same inputs (both add into copies of y), for
+    # every launch variant timed
     y0 = {g: y.clone() for g, y in ys.items()}
-    sgmv_layer(pool)
-    got = {g: y.clone() for g, y in ys.items()}
-    for g, y in ys.items():
-        y.copy_(y0[g])
     gather_bmm_layer(pool)
-    for g in GROUPS:
-        d = (got[g].float() - ys[g].float()).norm() / (ys[g].float() - y0[g].float()).norm()
-        if not d < 3e-2:
-            raise SystemExit(f"SGMV differs from gather+bmm on {g}: rel err {d:.3g}")
-    fns = (("sgmv", sgmv), ("loop", loop), ("bmm", gather_bmm))
+    want = {g: y.clone() for g, y in ys.items()}
+    for name, sc, ec in variants or [("default", None, None)]:
+        for g, y in ys.items():
+            y.copy_(y0[g])
+        sgmv_layer(pool, sc, ec)
+        for g in GROUPS:
+            ref, d0 = want[g].float(), y0[g].float()
+            d = (ys[g].float() - ref).norm() / (ref - d0).norm()
+            if not d < 3e-2:
+                raise SystemExit(f"SGMV ({name}) differs from gather+bmm on {g}: rel err {d:.3g}")
+    fns = [("sgmv", sgmv), ("loop", loop), ("bmm", gather_bmm)]
+    if variants is not None:
+        fns = [
+            (name, partial(_sgmv_variant, sgmv_layer, pools, sc, ec)) for name, sc, ec in variants
+        ]
     res = {label: time_graph(fn, n_layers) for label, fn in fns}
     return res, floor_bytes(T, token_slot, ranks_full)
+
+
+def _sgmv_variant(layer, pools, sc, ec):
+    for pool in pools:
+        layer(pool, sc, ec)
+
+
+# --variants: launch options of both kernels against the defaults, whole layer in one graph
+VARIANTS: list[tuple[str, dict | None, dict | None]] = [
+    ("default", None, None),
+    (
+        "no preload, no early trigger",
+        {"preload": False, "early": False},
+        {"preload": False, "early": False},
+    ),
+    ("preload only", {"early": False}, {"early": False}),
+    ("early trigger only", {"preload": False}, {"preload": False}),
+    ("default again", None, None),
+]
+
+
+def run_variants(tokens: list[int], bw: float, slots: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    names = [v[0] for v in VARIANTS]
+    print("| case | tokens | floor us | " + " | ".join(names) + " |")
+    print("|---|---:|---:|" + "---:|" * len(names))
+    for case, n_ad in (("distinct r16", None), ("32 x r16", 32)):
+        for T in tokens:
+            pool_slots = T if n_ad is None else n_ad
+            res, nbytes = run_case(T, n_ad, False, pool_slots, gen, slots, VARIANTS)
+            torch.cuda.empty_cache()
+            f = nbytes / bw * 1e6
+            cells = " | ".join(f"{res[n]:.1f} ({res[n] / f:.2f}x)" for n in names)
+            print(f"| {case} | {T} | {f:.1f} | {cells} |", flush=True)
 
 
 def profile(T: int) -> None:
@@ -278,6 +322,9 @@ def main() -> None:
     )
     ap.add_argument("--sweep", action="store_true", help="time kernel configurations")
     ap.add_argument("--profile", type=int, default=0, help="per-kernel times at T tokens, distinct")
+    ap.add_argument(
+        "--variants", action="store_true", help="layer time per launch variant (VARIANTS)"
+    )
     args = ap.parse_args()
     if args.profile:
         profile(args.profile)
@@ -293,6 +340,9 @@ def main() -> None:
         f"  metadata padded to {args.slots or 'no'} segments"
     )
     tokens = [int(t) for t in args.tokens.split(",")]
+    if args.variants:
+        run_variants(tokens, bw, args.slots)
+        return
     cases = [("1 x r16", 1, False), ("8 x r16", 8, False), ("32 x r16", 32, False)]
     cases += [("distinct r16", None, False), ("distinct r8-64", None, True)]
     if args.quick:

@@ -13,7 +13,9 @@
 # ops: benchmarks/bench_decode_ops.py (decode GEMMs and paged attention vs their floor);
 # throughput: benchmarks/bench_throughput.py, no adapters twice, 1/32/512 adapters, 32 in
 # line (with a cProfile of the step loop); hf: no adapters, 32 adapters and HF+PEFT (the
-# two do not fit one call together); sweep: benchmarks/sweep_decode_lora.py.
+# two do not fit one call together); sweep: benchmarks/sweep_decode_lora.py; variants: the
+# SGMV launch variants (bench_sgmv --variants, sweep_decode_lora at batch 32 and at ~250
+# sequences over 32 Zipf adapters).
 # Each step runs under its own time limit; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +65,13 @@ for s in $SECTIONS; do
       ;;
     sweep)
       step "sweep_decode_lora" 200 $PY benchmarks/sweep_decode_lora.py
+      ;;
+    variants)
+      step "bench_sgmv --variants" 150 $PY benchmarks/bench_sgmv.py --variants \
+        --tokens 32,64,128,256
+      step "sweep_decode_lora (batch 32, 32 distinct)" 150 $PY benchmarks/sweep_decode_lora.py
+      step "sweep_decode_lora (batch 248, 32 Zipf adapters, 128 slots)" 200 $PY \
+        benchmarks/sweep_decode_lora.py --batch 248 --adapters 32 --zipf 1.0 --slots 128
       ;;
     hf)
       step "bench_throughput (32 adapters + HF+PEFT)" 400 $PY benchmarks/bench_throughput.py \

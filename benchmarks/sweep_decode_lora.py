@@ -4,9 +4,10 @@ One command (CUDA): ``PYTHONPATH=. python benchmarks/sweep_decode_lora.py``. Bui
 ``dummy:llama3-8b`` (bf16, graphs up to batch 32, 32 slots of rank-16 adapters, KV at
 context 512) once; for each variant it recaptures the decode graphs and times the
 batch-32 step (graph replay + LM head, device time as in bench_decode.py) with base only,
-and 32 distinct adapters. Variants: the side stream's priority, LoRA in line, and the
-per-token SGMV launch configurations (``config=`` of ``lora_shrink`` / ``lora_expand``,
-applied by wrapping the module functions the model calls).
+and 32 distinct adapters (``--batch``, ``--adapters``, ``--zipf``, ``--slots``: other mixes,
+e.g. the throughput benchmark's ~250-sequence steps over 32 Zipf adapters on 128 slots).
+Variants: LoRA in line, and SGMV launch options (``config=`` of ``lora_shrink`` /
+``lora_expand``, applied by wrapping the module functions the model calls).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ S = importlib.import_module("engine.kernels.lora_shrink")
 E = importlib.import_module("engine.kernels.lora_expand")
 ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
+OFF = {"preload": False, "early": False}
 VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
-    ("shrink 8 warps", {"shrink": {"num_warps": 8}}),
-    ("expand n_per 512", {"expand": {"n_per": 512}}),
+    ("no preload, no early trigger", {"shrink": OFF, "expand": OFF}),
+    ("preload only", {"shrink": {"early": False}, "expand": {"early": False}}),
+    ("early trigger only", {"shrink": {"preload": False}, "expand": {"preload": False}}),
+    ("default again", {}),
 ]
 
 
@@ -64,13 +68,18 @@ def apply(runner, side, v: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--adapters", type=int, default=0, help="distinct adapters (0 = batch)")
+    ap.add_argument("--zipf", type=float, default=0.0, help="adapter popularity (0 = uniform)")
+    ap.add_argument("--slots", type=int, default=0, help="GPU LoRA slots (0 = adapters)")
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
+    n_ad = args.adapters or args.batch
+    n_slots = max(args.slots, n_ad)
     ns = argparse.Namespace(model="dummy:llama3-8b", context=512, block_size=16, rank=16)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev, nbytes=1 << 30)
     b = args.batch
-    runner = build_runner(ns, dev, b, b)
+    runner = build_runner(ns, dev, b, n_slots)
     cfg = runner.config
     per_seq = -(-(ns.context + 1) // ns.block_size)
     with torch.inference_mode():
@@ -82,18 +91,26 @@ def main() -> None:
                 runner.read_adapter(write_peft_adapter(Path(tmp) / f"w{i}", cfg, 16, seed=i))
                 for i in range(4)
             ]
-        for s in range(b):
+        for s in range(n_ad):
             runner.write_slot(s, files[s % 4])
+    gen = torch.Generator().manual_seed(0)
+    if args.zipf:  # each sequence's adapter drawn with Zipf popularity
+        w = 1.0 / torch.arange(1, n_ad + 1, dtype=torch.float64) ** args.zipf
+        tok_slots = torch.multinomial(w, b, replacement=True, generator=gen).tolist()
+    else:
+        tok_slots = [i % n_ad for i in range(b)]
+    used = len(set(tok_slots))
     elem = 2
     w_bytes = runner.loaded.weights.nbytes()
     base_floor = (base_step_bytes(cfg, w_bytes, b, elem) + kv_read_bytes(cfg, b, 512, elem)) / bw
-    lora_floor = base_floor + b * adapter_bytes(cfg, 16, elem) / bw
+    lora_floor = base_floor + used * adapter_bytes(cfg, 16, elem) / bw
     side = runner.model.side_stream
     base_b = decode_batch(b, ns.context, per_seq, [-1] * b)
-    dist_b = decode_batch(b, ns.context, per_seq, list(range(b)))
-    print(f"copy bw {bw / 1e9:.0f} GB/s; floors: base {base_floor * 1e3:.3f} ms, "
-          f"{b} distinct {lora_floor * 1e3:.3f} ms")  # fmt: skip
-    print("| variant | base ms | distinct ms | distinct/floor | LoRA over base ms |")
+    dist_b = decode_batch(b, ns.context, per_seq, tok_slots)
+    print(f"batch {b}, {used} adapters used of {n_ad} ({n_slots} slots, zipf {args.zipf}); "
+          f"copy bw {bw / 1e9:.0f} GB/s; floors: base {base_floor * 1e3:.3f} ms, "
+          f"with adapters {lora_floor * 1e3:.3f} ms")  # fmt: skip
+    print("| variant | base ms | adapters ms | adapters/floor | LoRA over base ms |")
     print("|---|---:|---:|---:|---:|")
     with torch.inference_mode():
         for name, v in VARIANTS:

@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, gdc_wait, pdl_ok, prefetch_l2, tl, triton
+from engine.kernels._triton import (
+    HAVE_TRITON,
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_ok,
+    prefetch_l2,
+    tl,
+    triton,
+)
 from engine.kernels.lora_meta import LoraMeta
 from engine.kernels.lora_shrink import use_token_path
 
@@ -84,10 +92,14 @@ if HAVE_TRITON:
         BLOCK_KS: tl.constexpr,
         USE_PDL: tl.constexpr,
         ACCUMULATE: tl.constexpr,
+        EARLY: tl.constexpr,
+        PRELOAD: tl.constexpr,
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
         # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
         # tokens group into segments (tokens of one adapter find its B rows in L2).
+        if USE_PDL and EARLY:
+            gdc_launch_dependents()  # the next kernel may start its own weight loads now
         t = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
@@ -110,9 +122,44 @@ if HAVE_TRITON:
                     tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
             return
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        xr_base = buf_ptr + (p * T + t64) * R
+        if PRELOAD:  # rank <= BLOCK_R: the first B tile is in flight before the wait
+            offs_r = tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            b_cols = b_base + offs_r[None, :]
+            bt = tl.load(
+                b_cols + offs_n[:, None] * stride_bn,
+                mask=(offs_n < n_end)[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            if USE_PDL:
+                gdc_wait()  # what the shrink wrote (buf) and y are visible after this
+            xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for ks0 in range(0, KS, BLOCK_KS):
+                offs_ks = ks0 + tl.arange(0, BLOCK_KS)
+                part = tl.load(
+                    xr_base + offs_ks[:, None] * (P * T * R) + offs_r[None, :],
+                    mask=(offs_ks[:, None] < KS) & mask_r[None, :],
+                    other=0.0,
+                )
+                xr += tl.sum(part, axis=0)
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_end
+                acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
+                nn = offs_n + BLOCK_N  # the next tile (all masked off after the last)
+                bt = tl.load(
+                    b_cols + nn[:, None] * stride_bn,
+                    mask=(nn < n_end)[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                if ACCUMULATE:
+                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+            return
         if USE_PDL:
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
-        xr_base = buf_ptr + (p * T + t64) * R
         # the rank in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
         # read-modified-written once per step
         for r0 in range(0, rank, BLOCK_R):
@@ -171,10 +218,14 @@ if HAVE_TRITON:
         USE_PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
         LINE: tl.constexpr,
+        EARLY: tl.constexpr,
+        PRELOAD: tl.constexpr,
     ):
         # segment path (prefill-like): one tile of <= BLOCK_M tokens of one segment (one
         # adapter), one projection p, a range of N_PER_PROG output columns in BLOCK_N steps;
         # tensor-core dots.
+        if USE_PDL and EARLY:
+            gdc_launch_dependents()  # the next kernel may start its own weight loads now
         tile = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
@@ -195,6 +246,43 @@ if HAVE_TRITON:
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        y_rows = y_ptr + tok[:, None] * stride_yt
+        if PRELOAD:  # rank <= BLOCK_R: the first B tile is in flight before the wait
+            offs_r = tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            b_cols = b_base + offs_r[None, :]
+            bt = tl.load(
+                b_cols + offs_n[:, None] * stride_bn,
+                mask=(offs_n < n_end)[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            if USE_PDL:
+                gdc_wait()  # what the shrink wrote (buf) and y are visible after this
+            xmask = mask_m[:, None] & mask_r[None, :]
+            xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
+            xt = tl.load(xrows, mask=xmask, other=0.0)
+            for ks in range(1, KS):
+                xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
+            if not IEEE:
+                xt = xt.to(b_ptr.dtype.element_ty)
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                ymask = mask_m[:, None] & (offs_n < n_end)[None, :]
+                yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
+                if IEEE:
+                    acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, tl.trans(bt))
+                nn = offs_n + BLOCK_N  # the next tile (all masked off after the last)
+                bt = tl.load(
+                    b_cols + nn[:, None] * stride_bn,
+                    mask=(nn < n_end)[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                out = (yv.to(tl.float32) + acc).to(yv.dtype)
+                tl.store(y_rows + offs_n[None, :], out, mask=ymask)
+            return
         if USE_PDL:
             if PREFETCH:
                 # B rows [n_start, n_end) stream into L2 while the shrink ends; only when the
@@ -206,7 +294,6 @@ if HAVE_TRITON:
                         idx = i0 + tl.arange(0, 256)
                         prefetch_l2(b_base + lo_e + idx * LINE, idx < n_lines)
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
-        y_rows = y_ptr + tok[:, None] * stride_yt
         # the rank is walked in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
         # read-modified-written once per step, the N loop inside so that it is pipelined.
         for r0 in range(0, rank, BLOCK_R):
@@ -301,12 +388,17 @@ def lora_expand(
     prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
     # per token, rank 16: 8 warps over the [256, 16] tile of B (H100 sweep of the decode step)
     warps = 8 if rows and block_r == 16 and y.is_cuda else 4
+    # the first B tile loaded before gdc_wait (one rank step only); the dependent kernel
+    # launched as soon as every program has started
+    preload, early = block_r >= R, pdl
     cfg = {"num_warps": warps, "num_stages": 3, "launch_pdl": pdl}
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
         prefetch = config.get("prefetch", prefetch)
+        preload = config.get("preload", preload) and block_r >= R
+        early = config.get("early", early)
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
     tail = (T, R, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
@@ -326,6 +418,8 @@ def lora_expand(
             BLOCK_KS=16,
             USE_PDL=pdl,
             ACCUMULATE=accumulate,
+            EARLY=early and pdl,
+            PRELOAD=preload,
             **cfg,
         )
         return y
@@ -349,6 +443,8 @@ def lora_expand(
         USE_PDL=pdl,
         PREFETCH=prefetch,
         LINE=128 // y.element_size(),
+        EARLY=early and pdl,
+        PRELOAD=preload,
         **cfg,
     )
     return y
