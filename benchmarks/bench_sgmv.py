@@ -203,13 +203,7 @@ def _sgmv_variant(layer, pools, sc, ec):
 # --variants: launch options of both kernels against the defaults, whole layer in one graph
 VARIANTS: list[tuple[str, dict | None, dict | None]] = [
     ("default", None, None),
-    (
-        "no preload, no early trigger",
-        {"preload": False, "early": False},
-        {"preload": False, "early": False},
-    ),
-    ("preload only", {"early": False}, {"early": False}),
-    ("early trigger only", {"preload": False}, {"preload": False}),
+    ("no early launch", {"early": False}, {"early": False}),
     ("default again", None, None),
 ]
 

@@ -69,9 +69,11 @@ for s in $SECTIONS; do
     variants)
       step "bench_sgmv --variants" 150 $PY benchmarks/bench_sgmv.py --variants \
         --tokens 32,64,128,256
+      step "bench_sgmv --variants (metadata padded to 128 segments)" 100 $PY \
+        benchmarks/bench_sgmv.py --variants --tokens 64,256 --slots 128
       step "sweep_decode_lora (batch 32, 32 distinct)" 150 $PY benchmarks/sweep_decode_lora.py
       step "sweep_decode_lora (batch 256, 32 Zipf adapters, 128 slots)" 200 $PY \
-        benchmarks/sweep_decode_lora.py --batch 256 --adapters 32 --zipf 1.0 --slots 128
+        benchmarks/sweep_decode_lora.py --batch 256 --adapters 32 --zipf 1.0 --slots 128 --profile
       ;;
     hf)
       step "bench_throughput (32 adapters + HF+PEFT)" 400 $PY benchmarks/bench_throughput.py \

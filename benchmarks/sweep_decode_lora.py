@@ -35,13 +35,10 @@ S = importlib.import_module("engine.kernels.lora_shrink")
 E = importlib.import_module("engine.kernels.lora_expand")
 ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
-OFF = {"preload": False, "early": False}
 VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
-    ("no preload, no early trigger", {"shrink": OFF, "expand": OFF}),
-    ("preload only", {"shrink": {"early": False}, "expand": {"early": False}}),
-    ("early trigger only", {"shrink": {"preload": False}, "expand": {"preload": False}}),
+    ("early launch beside", {"shrink": {"early": True}, "expand": {"early": True}}),
     ("default again", {}),
 ]
 
@@ -49,11 +46,12 @@ VARIANTS: list[tuple[str, dict]] = [
 def apply(runner, side, v: dict) -> None:
     sc, ec = v.get("shrink"), v.get("expand")
     S.lora_shrink = (
-        (lambda x, a, r, m, config=None: ORIG_S(x, a, r, m, config=sc)) if sc else ORIG_S
+        (lambda x, a, r, m, config=None, **kw: ORIG_S(x, a, r, m, config=sc, **kw))
+        if sc
+        else ORIG_S
     )
     E.lora_expand = (
-        (lambda b, w, r, o, m, y, config=None, accumulate=True: ORIG_E(
-            b, w, r, o, m, y, config=ec, accumulate=accumulate))
+        (lambda b, w, r, o, m, y, config=None, **kw: ORIG_E(b, w, r, o, m, y, config=ec, **kw))
         if ec else ORIG_E
     )  # fmt: skip
     if v.get("in_line"):
@@ -72,6 +70,9 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=0.0, help="adapter popularity (0 = uniform)")
     ap.add_argument("--slots", type=int, default=0, help="GPU LoRA slots (0 = adapters)")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument(
+        "--profile", action="store_true", help="per-kernel device time of the default's steps"
+    )
     args = ap.parse_args()
     n_ad = args.adapters or args.batch
     n_slots = max(args.slots, n_ad)
@@ -127,6 +128,34 @@ def main() -> None:
                 flush=True,
             )
     apply(runner, side, {})
+    if args.profile:
+        with torch.inference_mode():
+            for label, batch, lora in (("base", base_b, False), ("adapters", dist_b, True)):
+                kernel_profile(runner, batch, lora, label)
+
+
+def kernel_profile(runner, batch, lora: bool, label: str, steps: int = 5) -> None:
+    """Device time per step by kernel name (torch profiler over graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu_step_seconds(runner, batch, lora, 2)  # fills the static buffers, warm
+    bs = next(x for x in runner.graphs.buckets if x >= len(batch.chunks))
+    g, _ = runner.graphs._graphs[(bs, lora)]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            g.replay()
+        torch.cuda.synchronize()
+    tot: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            t = tot.setdefault(e.name[:70], [0.0, 0])
+            t[0] += e.device_time / steps
+            t[1] += 1 / steps
+    print(f"\n{label}: graph replay, per step (sum {sum(v[0] for v in tot.values()) / 1e3:.3f} ms)")
+    print("| kernel | us per step | launches per step |\n|---|---:|---:|")
+    for name, (us, n) in sorted(tot.items(), key=lambda kv: -kv[1][0])[:16]:
+        print(f"| `{name}` | {us:.0f} | {n:.0f} |")
 
 
 if __name__ == "__main__":

@@ -40,15 +40,27 @@ def _pick(mod, name: str, t: torch.Tensor):
     return fn if fn is not None else getattr(mod, name + "_ref")
 
 
-def lora_shrink(x, lora_a, ranks, meta: LoraMeta) -> torch.Tensor:
-    return _pick(_shrink, "lora_shrink", x)(x, lora_a, ranks, meta)
+def lora_shrink(x, lora_a, ranks, meta: LoraMeta, early_launch: bool = True) -> torch.Tensor:
+    """``early_launch``: a launch option of the Triton kernel (see there), not of the math."""
+    if use_triton(x):
+        return _shrink.lora_shrink(x, lora_a, ranks, meta, early_launch=early_launch)
+    return _shrink.lora_shrink_ref(x, lora_a, ranks, meta)
 
 
 def lora_expand(
-    buf, lora_b, ranks, out_offsets: Sequence[int], meta: LoraMeta, y, accumulate: bool = True
+    buf,
+    lora_b,
+    ranks,
+    out_offsets: Sequence[int],
+    meta: LoraMeta,
+    y,
+    accumulate: bool = True,
+    early_launch: bool = True,
 ):
-    fn = _pick(_expand, "lora_expand", y)
-    return fn(buf, lora_b, ranks, out_offsets, meta, y, accumulate=accumulate)
+    args = (buf, lora_b, ranks, out_offsets, meta, y)
+    if use_triton(y):
+        return _expand.lora_expand(*args, accumulate=accumulate, early_launch=early_launch)
+    return _expand.lora_expand_ref(*args, accumulate=accumulate)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):

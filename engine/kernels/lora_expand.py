@@ -69,6 +69,17 @@ if HAVE_TRITON:
         return n_lo, n_hi
 
     @triton.jit
+    def _zero_rows(y_ptr, rows, mask_rows, stride_yt, n_start, n_end, BLOCK_N: tl.constexpr):
+        """y[rows[mask_rows], n_start:n_end] = 0."""
+        y_rows = y_ptr + rows[:, None] * stride_yt
+        zero = tl.zeros((rows.shape[0], BLOCK_N), dtype=y_ptr.dtype.element_ty)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            tl.store(
+                y_rows + offs_n[None, :], zero, mask=mask_rows[:, None] & (offs_n < n_end)[None, :]
+            )
+
+    @triton.jit
     def _bgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
         b_ptr,  # [slots, N, R]
@@ -93,13 +104,12 @@ if HAVE_TRITON:
         USE_PDL: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         EARLY: tl.constexpr,
-        PRELOAD: tl.constexpr,
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
         # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
         # tokens group into segments (tokens of one adapter find its B rows in L2).
         if USE_PDL and EARLY:
-            gdc_launch_dependents()  # the next kernel may start its own weight loads now
+            gdc_launch_dependents()  # the next kernel may start (and load its weights) now
         t = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
@@ -122,44 +132,9 @@ if HAVE_TRITON:
                     tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
             return
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
-        xr_base = buf_ptr + (p * T + t64) * R
-        if PRELOAD:  # rank <= BLOCK_R: the first B tile is in flight before the wait
-            offs_r = tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            offs_n = n_start + tl.arange(0, BLOCK_N)
-            b_cols = b_base + offs_r[None, :]
-            bt = tl.load(
-                b_cols + offs_n[:, None] * stride_bn,
-                mask=(offs_n < n_end)[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            if USE_PDL:
-                gdc_wait()  # what the shrink wrote (buf) and y are visible after this
-            xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for ks0 in range(0, KS, BLOCK_KS):
-                offs_ks = ks0 + tl.arange(0, BLOCK_KS)
-                part = tl.load(
-                    xr_base + offs_ks[:, None] * (P * T * R) + offs_r[None, :],
-                    mask=(offs_ks[:, None] < KS) & mask_r[None, :],
-                    other=0.0,
-                )
-                xr += tl.sum(part, axis=0)
-            for n0 in range(n_start, n_end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < n_end
-                acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
-                nn = offs_n + BLOCK_N  # the next tile (all masked off after the last)
-                bt = tl.load(
-                    b_cols + nn[:, None] * stride_bn,
-                    mask=(nn < n_end)[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
-                if ACCUMULATE:
-                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-            return
         if USE_PDL:
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
+        xr_base = buf_ptr + (p * T + t64) * R
         # the rank in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
         # read-modified-written once per step
         for r0 in range(0, rank, BLOCK_R):
@@ -199,6 +174,8 @@ if HAVE_TRITON:
         tile_slot_ptr,
         tile_start_ptr,
         tile_end_ptr,
+        token_slot_ptr,  # [T] int32 (store mode: the rows of tokens with no adapter)
+        NT,
         T,
         R,
         OFF1,
@@ -219,70 +196,48 @@ if HAVE_TRITON:
         PREFETCH: tl.constexpr,
         LINE: tl.constexpr,
         EARLY: tl.constexpr,
-        PRELOAD: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
     ):
         # segment path (prefill-like): one tile of <= BLOCK_M tokens of one segment (one
         # adapter), one projection p, a range of N_PER_PROG output columns in BLOCK_N steps;
-        # tensor-core dots.
+        # tensor-core dots. Store mode (not ACCUMULATE) writes y without reading it: the tile
+        # programs their tokens' delta (zero where the adapter's rank is 0), programs past the
+        # NT tiles zero the rows of tokens with no adapter (BLOCK_M tokens each).
         if USE_PDL and EARLY:
-            gdc_launch_dependents()  # the next kernel may start its own weight loads now
+            gdc_launch_dependents()  # the next kernel may start (and load its weights) now
         tile = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
+        n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
+        n_start = n_lo + ns * N_PER_PROG
+        if n_start >= n_hi:
+            return
+        n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
+        if not ACCUMULATE:
+            if tile >= NT:  # the rows of tokens with no adapter (graph padding rows too)
+                offs_t = (tile - NT) * BLOCK_M + tl.arange(0, BLOCK_M)
+                ts = tl.load(token_slot_ptr + offs_t, mask=offs_t < T, other=0)
+                none = (offs_t < T) & (ts < 0)
+                if USE_PDL:
+                    gdc_wait()  # y's earlier readers are done
+                _zero_rows(y_ptr, offs_t.to(tl.int64), none, stride_yt, n_start, n_end, BLOCK_N)
+                return
         slot = tl.load(tile_slot_ptr + tile)  # the three loads of one round trip
         start = tl.load(tile_start_ptr + tile)
         end = tl.load(tile_end_ptr + tile)
         if slot < 0:
             return
         rank = tl.load(ranks_ptr + slot * P + p)
-        if rank == 0:
-            return
-        n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
-        n_start = n_lo + ns * N_PER_PROG
-        if n_start >= n_hi:
-            return
-        n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        b_base = b_ptr + slot.to(tl.int64) * stride_bs
-        y_rows = y_ptr + tok[:, None] * stride_yt
-        if PRELOAD:  # rank <= BLOCK_R: the first B tile is in flight before the wait
-            offs_r = tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            offs_n = n_start + tl.arange(0, BLOCK_N)
-            b_cols = b_base + offs_r[None, :]
-            bt = tl.load(
-                b_cols + offs_n[:, None] * stride_bn,
-                mask=(offs_n < n_end)[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            if USE_PDL:
-                gdc_wait()  # what the shrink wrote (buf) and y are visible after this
-            xmask = mask_m[:, None] & mask_r[None, :]
-            xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
-            xt = tl.load(xrows, mask=xmask, other=0.0)
-            for ks in range(1, KS):
-                xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
-            if not IEEE:
-                xt = xt.to(b_ptr.dtype.element_ty)
-            for n0 in range(n_start, n_end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                ymask = mask_m[:, None] & (offs_n < n_end)[None, :]
-                yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
-                if IEEE:
-                    acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
-                else:
-                    acc = tl.dot(xt, tl.trans(bt))
-                nn = offs_n + BLOCK_N  # the next tile (all masked off after the last)
-                bt = tl.load(
-                    b_cols + nn[:, None] * stride_bn,
-                    mask=(nn < n_end)[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
-                out = (yv.to(tl.float32) + acc).to(yv.dtype)
-                tl.store(y_rows + offs_n[None, :], out, mask=ymask)
+        if rank == 0:
+            if not ACCUMULATE:  # this adapter leaves projection p alone: its delta is zero
+                if USE_PDL:
+                    gdc_wait()
+                _zero_rows(y_ptr, tok, mask_m, stride_yt, n_start, n_end, BLOCK_N)
             return
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
         if USE_PDL:
             if PREFETCH:
                 # B rows [n_start, n_end) stream into L2 while the shrink ends; only when the
@@ -294,6 +249,7 @@ if HAVE_TRITON:
                         idx = i0 + tl.arange(0, 256)
                         prefetch_l2(b_base + lo_e + idx * LINE, idx < n_lines)
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
+        y_rows = y_ptr + tok[:, None] * stride_yt
         # the rank is walked in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
         # read-modified-written once per step, the N loop inside so that it is pipelined.
         for r0 in range(0, rank, BLOCK_R):
@@ -315,13 +271,13 @@ if HAVE_TRITON:
                     other=0.0,
                 )
                 ymask = mask_m[:, None] & mask_n[None, :]
-                yv = tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0)
                 if IEEE:
                     acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
                 else:
                     acc = tl.dot(xt, tl.trans(bt))
-                out = (yv.to(tl.float32) + acc).to(yv.dtype)
-                tl.store(y_rows + offs_n[None, :], out, mask=ymask)
+                if ACCUMULATE or r0 > 0:  # store mode: the first rank step writes
+                    acc += tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0).to(tl.float32)
+                tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 def _expand_config(T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: bool, block_m: int):
@@ -360,6 +316,7 @@ def lora_expand(
     y: torch.Tensor,  # [T, N], updated in place
     config: dict | None = None,  # tuning override: rows, block_n, n_per, num_warps, num_stages
     accumulate: bool = True,  # False: y = the delta (zeros where no adapter applies)
+    early_launch: bool = True,  # as lora_shrink's: off beside another stream's GEMM
 ) -> torch.Tensor:
     KS, P, T, R = buf.shape
     S_, N, R2 = lora_b.shape
@@ -388,17 +345,13 @@ def lora_expand(
     prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
     # per token, rank 16: 8 warps over the [256, 16] tile of B (H100 sweep of the decode step)
     warps = 8 if rows and block_r == 16 and y.is_cuda else 4
-    # the first B tile loaded before gdc_wait (one rank step only); the dependent kernel
-    # launched as soon as every program has started
-    preload, early = block_r >= R, pdl
     cfg = {"num_warps": warps, "num_stages": 3, "launch_pdl": pdl}
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
         prefetch = config.get("prefetch", prefetch)
-        preload = config.get("preload", preload) and block_r >= R
-        early = config.get("early", early)
+        early_launch = config.get("early", early_launch)
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
     tail = (T, R, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
@@ -418,14 +371,13 @@ def lora_expand(
             BLOCK_KS=16,
             USE_PDL=pdl,
             ACCUMULATE=accumulate,
-            EARLY=early and pdl,
-            PRELOAD=preload,
+            EARLY=early_launch,
             **cfg,
         )
         return y
-    if not accumulate:  # segment path: tokens with no adapter belong to no tile
-        y.zero_()
-    _sgmv_expand_kernel[(nt, n_split, P)](
+    # store mode: cdiv(T, BLOCK_M) more programs zero the rows of tokens with no adapter
+    extra = 0 if accumulate else triton.cdiv(T, meta.block_m)
+    _sgmv_expand_kernel[(nt + extra, n_split, P)](
         buf,
         lora_b,
         ranks,
@@ -434,6 +386,8 @@ def lora_expand(
         meta.tile_slot,
         meta.tile_start,
         meta.tile_end,
+        meta.token_slot,
+        nt,
         *tail,
         *strides,
         BLOCK_M=meta.block_m,
@@ -443,8 +397,8 @@ def lora_expand(
         USE_PDL=pdl,
         PREFETCH=prefetch,
         LINE=128 // y.element_size(),
-        EARLY=early and pdl,
-        PRELOAD=preload,
+        EARLY=early_launch,
+        ACCUMULATE=accumulate,
         **cfg,
     )
     return y

@@ -150,12 +150,19 @@ class LlamaModel:
         delta = None
         if residual is None:  # allocated on the main stream, written beside
             delta = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-        with self._beside():
-            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
-            if delta is None:
-                K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, residual)
-            else:
-                K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, delta, accumulate=False)
+        with self._beside():  # no early launch beside the GEMM (lora_shrink's docstring)
+            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora, early_launch=False)
+            out, acc = (residual, True) if delta is None else (delta, False)
+            K.lora_expand(
+                buf,
+                group.b,
+                group.ranks,
+                offsets,
+                inp.lora,
+                out,
+                accumulate=acc,
+                early_launch=False,
+            )
         y = F.linear(x, weight, bias)
         self._join()
         return y, delta

@@ -114,28 +114,12 @@ def test_sgmv_both_paths(pattern, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("preload", [True, False])
-@pytest.mark.parametrize("rows", [True, False])
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_sgmv_preloaded_first_tile(pattern, rows, preload, dtype):
-    # ranks that fit one BLOCK_R step take the path that loads the first A / B tile before
-    # the dependency wait and the next one inside the loop: several K and N steps here (the
-    # interpreter's blocks are 32 wide), exact and graph-padded metas, both kernel paths
-    for max_segments in (None, 12):
-        cfg = {"rows": rows, "preload": preload}
-        run_case(
-            19, 130, [70, 33, 9], pattern, dtype, 12, 16, 7, max_segments, cfg,
-            rank_choices=(1, 8, 16),
-        )  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [True, False])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_expand_store_mode(pattern, rows, dtype):
     # accumulate=False writes the delta itself over stale memory: zero rows for tokens with no
     # adapter (and graph padding rows), zero columns where an adapter's projection has rank 0
-    # max rank 64: rank steps of 32 in the interpreter; 16: one step, first tile preloaded
+    # max rank 64: rank steps of 32 in the interpreter; 16: one step
     for max_segments, max_rank in ((None, 64), (12, 64), (None, 16), (12, 16)):
         rank_choices = (1, 8, 64) if max_rank == 64 else (1, 8, 16)
         gen = torch.Generator().manual_seed(11)
