@@ -223,15 +223,17 @@ def run_variants(tokens: list[int], bw: float, slots: int) -> None:
             print(f"| {case} | {T} | {f:.1f} | {cells} |", flush=True)
 
 
-def profile(T: int) -> None:
-    """Per-kernel device times of one layer, all-distinct rank-16 adapters, eager launches."""
+def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
+    """Per-kernel device times of one layer, rank-16 adapters (all distinct, or ``n_ad``),
+    eager launches; ``slots``: metadata padded to that many segments."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     gen = torch.Generator().manual_seed(0)
-    token_slot, ranks = make_case(T, None, False, gen)
-    pool = Pool(T, 16, ranks)
-    meta = build_lora_meta(token_slot).to("cuda")
+    token_slot, ranks = make_case(T, n_ad, False, gen)
+    pool = Pool(max(T, slots), 16, torch.cat([ranks, ranks.new_zeros(max(0, slots - len(ranks)))]))
+    meta = build_lora_meta(token_slot, max_segments=max(slots, len(ranks)) if slots else None)
+    meta = meta.to("cuda")
     xs = {g: torch.randn(T, k, device="cuda", dtype=DT) for g, (k, _) in GROUPS.items()}
     ys = {g: torch.randn(T, sum(o), device="cuda", dtype=DT) for g, (_, o) in GROUPS.items()}
     flush = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
@@ -263,8 +265,9 @@ def _expand_all(pools, bufs, y, g, meta, c):
         lora_expand(b, p.b[g], p.ranks[g], p.offsets[g], meta, y, config=c)
 
 
-def sweep() -> None:
-    """Per-group time of shrink and expand configurations, all-distinct rank 16."""
+def sweep(tokens=(1, 64), n_ad: int | None = None, slots: int = 0) -> None:
+    """Per-group time of shrink and expand configurations, rank 16, all distinct or ``n_ad``
+    adapters; ``slots``: metadata padded to that many segments."""
     variants = [
         {"prefetch": False},
         {"launch_pdl": False, "prefetch": False},
@@ -282,10 +285,13 @@ def sweep() -> None:
         for w, st in ((4, 2), (8, 2))
     ]
     gen = torch.Generator().manual_seed(0)
-    for T in (1, 64):
-        token_slot, ranks = make_case(T, None, False, gen)
-        pools = [Pool(T, 16, ranks) for _ in range(max(2, 2048 // (T * 3)))]
-        meta = build_lora_meta(token_slot).to("cuda")
+    for T in tokens:
+        token_slot, ranks = make_case(T, n_ad, False, gen)
+        n = len(ranks)
+        ranks = torch.cat([ranks, ranks.new_zeros(max(0, slots - n))])
+        pools = [Pool(max(n, slots), 16, ranks) for _ in range(max(2, 2048 // (n * 3)))]
+        meta = build_lora_meta(token_slot, max_segments=max(slots, n) if slots else None)
+        meta = meta.to("cuda")
         for g, (k, outs) in GROUPS.items():
             x = torch.randn(T, k, device="cuda", dtype=DT)
             y = torch.randn(T, sum(outs), device="cuda", dtype=DT)
@@ -319,12 +325,16 @@ def main() -> None:
     ap.add_argument(
         "--variants", action="store_true", help="layer time per launch variant (VARIANTS)"
     )
+    ap.add_argument(
+        "--adapters", type=int, default=0, help="--profile/--sweep: N adapters (0 = distinct)"
+    )
     args = ap.parse_args()
+    n_ad = args.adapters or None
     if args.profile:
-        profile(args.profile)
+        profile(args.profile, n_ad, args.slots)
         return
     if args.sweep:
-        sweep()
+        sweep([int(t) for t in args.tokens.split(",")], n_ad, args.slots)
         return
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
