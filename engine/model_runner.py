@@ -82,6 +82,8 @@ class ModelRunner:
             raise RuntimeError("no memory left for the KV cache")
         self.num_blocks = num_blocks
         self.kv_caches = self._alloc_kv(num_blocks)
+        if self.device.type == "cuda" and K.use_triton(model.weights.embed):
+            self._warm_lora()
         if self.device.type == "cuda" and not enforce_eager and K.use_triton(model.weights.embed):
             self.graphs = DecodeGraphs(
                 self.model,
@@ -113,7 +115,8 @@ class ModelRunner:
         return max(1, kv_cache_bytes // self.block_bytes())
 
     def _profile_num_blocks(self, utilization: float, max_tokens: int) -> int:
-        """Warm-up forward at full token budget, then size the pool from what is left."""
+        """Warm-up forwards (full token budget, LoRA on every group), then size the pool
+        from what is left."""
         gc.collect()  # unreachable tensors of earlier objects still count as allocated
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -133,7 +136,7 @@ class ModelRunner:
             )
             for i in range(n_seqs)
         ]
-        self.execute(ScheduledBatch(chunks))
+        self._warm_forward(ScheduledBatch(chunks))  # its LoRA temporaries count in the peak
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del self.kv_caches
@@ -159,14 +162,55 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host)
         else:
-            inp = host.to_device(self.device)
-            if inp.lora is not None:
-                inp.lora_groups = self.lora.groups_used({c.adapter_slot for c in batch.chunks})
-            hidden = self.model.forward(inp, self.kv_caches, self.lora)
+            groups = self.lora.groups_used({c.adapter_slot for c in batch.chunks})
+            hidden = self._eager(host, groups)
         idx = host.sample_idx
         if self.device.type == "cuda":
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         return self.model.logits(hidden[idx])
+
+    def _eager(self, host, lora_groups: frozenset[str]) -> torch.Tensor:
+        inp = host.to_device(self.device)
+        if inp.lora is not None:
+            inp.lora_groups = lora_groups
+        return self.model.forward(inp, self.kv_caches, self.lora)
+
+    @torch.inference_mode()
+    def _warm_forward(self, batch: ScheduledBatch) -> None:
+        """An eager forward that runs the LoRA of every projection group, whatever the slots
+        hold (empty slots have rank 0, their programs return at once): the in-line LoRA
+        kernels are compiled here, not in the first step with an adapter, and their
+        temporaries count in the memory profile."""
+        host = build_host_inputs(
+            batch,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            num_slots=self.num_slots,
+        )
+        hidden = self._eager(host, frozenset(self.model.offsets))
+        self.model.logits(hidden[host.sample_idx.to(self.device)])
+
+    def _warm_lora(self) -> None:
+        """Compile the LoRA kernels of eager steps now, not in the first step that has an
+        adapter: a prefill chunk on one slot (in line, segment path), and one token per
+        sequence as a prefill (in line) and as a decode step (beside the GEMMs), each sequence
+        on its own slot (per-token path) and all on slot 0 (segment path). Decode graphs
+        compile their own when captured. Writes K/V into the first blocks of the pool, which
+        no sequence holds yet."""
+        m = min(64, self.max_model_len, self.num_blocks * self.block_size)
+        blocks = list(range(-(-m // self.block_size)))
+        self._warm_forward(ScheduledBatch([SeqChunk(0, [0] * m, 0, blocks, 0, True)]))
+        most = min(self.num_blocks, self.max_num_seqs)
+        for pos in (0, 1):
+            for own_slot in (True, False):
+                # the segment path needs 2+ tokens per segment, the per-token path fewer
+                n = max(1, min(most, self.num_slots)) if own_slot else min(most, 2)
+                one = [
+                    SeqChunk(seq_id=i, token_ids=[0], start_pos=pos, block_table=[i],
+                             adapter_slot=i if own_slot else 0, sample=True)
+                    for i in range(n)
+                ]  # fmt: skip
+                self._warm_forward(ScheduledBatch(one))
 
     # ---- adapters ------------------------------------------------------------------------
 

@@ -79,7 +79,8 @@ if HAVE_TRITON:
                 y_rows + offs_n[None, :], zero, mask=mask_rows[:, None] & (offs_n < n_end)[None, :]
             )
 
-    @triton.jit
+    # not specialized on the token count, the K splits or the tile count (lora_shrink's note)
+    @triton.jit(do_not_specialize=["T", "KS"])
     def _bgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
         b_ptr,  # [slots, N, R]
@@ -164,7 +165,7 @@ if HAVE_TRITON:
                     acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "KS", "NT"])
     def _sgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
         b_ptr,  # [slots, N, R]

@@ -65,7 +65,9 @@ if HAVE_TRITON:
             pf = a_base + r_i * stride_ar + k_lo + (idx - r_i * n_lines) * LINE
             prefetch_l2(pf, idx < rank * n_lines)
 
-    @triton.jit
+    # the token count is not specialized on (divisible by 16 or not, == 1): one compiled
+    # variant serves every step size, so steps of new sizes never wait for the JIT
+    @triton.jit(do_not_specialize=["T", "PREFETCH"])
     def _bgmv_shrink_kernel(
         x_ptr,  # [T, K]
         a_ptr,  # [slots, P, R, K]
@@ -84,7 +86,7 @@ if HAVE_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         USE_PDL: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH,  # int 0/1, a runtime flag: one compiled variant for every T
         LINE: tl.constexpr,
         EARLY: tl.constexpr,
     ):
@@ -106,7 +108,7 @@ if HAVE_TRITON:
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
         if USE_PDL:
-            if PREFETCH:
+            if PREFETCH != 0:
                 _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
         offs_k = tl.arange(0, BLOCK_K)
@@ -129,7 +131,7 @@ if HAVE_TRITON:
         if USE_PDL and not EARLY:
             gdc_launch_dependents()
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "PREFETCH"])
     def _sgmv_shrink_kernel(
         x_ptr,  # [T, K]
         a_ptr,  # [slots, P, R, K]
@@ -153,7 +155,7 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr,
         USE_PDL: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH,  # int 0/1, a runtime flag: one compiled variant for every T
         LINE: tl.constexpr,
         EARLY: tl.constexpr,
     ):
@@ -179,7 +181,7 @@ if HAVE_TRITON:
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
         if USE_PDL:
-            if PREFETCH:  # this program's A rows stream into L2 while the previous kernel ends
+            if PREFETCH != 0:  # this program's A rows stream into L2 while the previous ends
                 _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
         offs_k = tl.arange(0, BLOCK_K)
@@ -310,7 +312,7 @@ def lora_shrink(
             BLOCK_R=block_r,
             BLOCK_K=block_k,
             USE_PDL=pdl,
-            PREFETCH=prefetch,
+            PREFETCH=int(prefetch),
             LINE=line,
             EARLY=early_launch,
             **cfg,
@@ -336,7 +338,7 @@ def lora_shrink(
         BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32,
         USE_PDL=pdl,
-        PREFETCH=prefetch,
+        PREFETCH=int(prefetch),
         LINE=line,
         EARLY=early_launch,
         **cfg,

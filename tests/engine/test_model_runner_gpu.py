@@ -164,3 +164,56 @@ def test_kv_pool_is_sized_from_free_memory():
     batch = ScheduledBatch([SeqChunk(0, [1, 2, 3], 0, [runner.num_blocks - 1], -1, True)])
     assert runner.execute(batch).shape == (1, loaded.config.vocab_size)
     del free0
+
+
+def test_lora_kernels_compiled_before_the_first_adapter_step(tiny):
+    # the runner's warm-up forwards compile the in-line LoRA kernels; with the token count
+    # not specialized on, no later prefill size or adapter mix compiles one again (a compile
+    # stalls every request of that step for a second or more)
+    import triton
+
+    from engine.kernels import lora_expand as E
+    from engine.kernels import lora_shrink as S
+
+    lora_kernels = [S._bgmv_shrink_kernel, S._sgmv_shrink_kernel]
+    lora_kernels += [E._bgmv_expand_kernel, E._sgmv_expand_kernel]
+    for fn in lora_kernels:  # forget what earlier tests in this process compiled
+        fn.device_caches.clear()
+    base, _, adapters = tiny
+    runner = ModelRunner(
+        str(base), device="cuda", dtype=torch.bfloat16, max_num_seqs=8, max_model_len=128,
+        max_loras=4, gpu_memory_utilization=0.3, enforce_eager=True,
+    )  # fmt: skip
+    for slot, path in enumerate(adapters):
+        runner.write_slot(slot, runner.read_adapter(path))
+    compiled: list[str] = []
+
+    def hook(*, fn, **_kw):
+        compiled.append(fn.name)
+        return False  # compile as usual
+
+    old = triton.knobs.runtime.jit_cache_hook
+    triton.knobs.runtime.jit_cache_hook = hook
+    try:
+        g = torch.Generator().manual_seed(2)
+        steps = [([37], [0]), ([1, 1, 1], [0, 1, 2]), ([48, 3], [1, -1]), ([5], [2])]
+        steps += [([20] * 5, [0, 1, 2, 0, -1])]
+        for lens, slots in steps:
+            chunks = [
+                SeqChunk(i, torch.randint(3, 300, (n,), generator=g).tolist(), 0,
+                         list(range(i * 8, i * 8 + 8)), s, True)
+                for i, (n, s) in enumerate(zip(lens, slots, strict=True))
+            ]  # fmt: skip
+            runner.execute(ScheduledBatch(chunks))
+            for step in range(2):  # decode steps (eager: the runner has no graphs)
+                dec = [
+                    SeqChunk(c.seq_id, [5], len(c.token_ids) + step, c.block_table,
+                             c.adapter_slot, True)
+                    for c in chunks
+                ]  # fmt: skip
+                runner.execute(ScheduledBatch(dec))
+        torch.cuda.synchronize()
+    finally:
+        triton.knobs.runtime.jit_cache_hook = old
+    lora = [n for n in compiled if "shrink" in n or "expand" in n]
+    assert not lora, f"compiled after start-up: {lora}"
