@@ -170,10 +170,13 @@ def test_lora_kernels_compiled_before_the_first_adapter_step(tiny):
     # the runner's warm-up forwards compile the in-line LoRA kernels; with the token count
     # not specialized on, no later prefill size or adapter mix compiles one again (a compile
     # stalls every request of that step for a second or more)
+    import importlib
+
     import triton
 
-    from engine.kernels import lora_expand as E
-    from engine.kernels import lora_shrink as S
+    # the modules (engine.kernels re-exports functions of the same names)
+    S = importlib.import_module("engine.kernels.lora_shrink")
+    E = importlib.import_module("engine.kernels.lora_expand")
 
     lora_kernels = [S._bgmv_shrink_kernel, S._sgmv_shrink_kernel]
     lora_kernels += [E._bgmv_expand_kernel, E._sgmv_expand_kernel]
