@@ -204,6 +204,10 @@ def _sgmv_variant(layer, pools, sc, ec):
 VARIANTS: list[tuple[str, dict | None, dict | None]] = [
     ("default", None, None),
     ("no early launch", {"early": False}, {"early": False}),
+    ("expand n_per 512", None, {"n_per": 512}),
+    ("expand n_per 1024", None, {"n_per": 1024}),
+    ("shrink k_per 1024", {"k_per": 1024}, None),
+    ("shrink block_k 128, k_per 256", {"block_k": 128, "k_per": 256}, None),
     ("default again", None, None),
 ]
 
