@@ -35,15 +35,15 @@ S = importlib.import_module("engine.kernels.lora_shrink")
 E = importlib.import_module("engine.kernels.lora_expand")
 ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
-SEG_E = {"block_n": 64, "n_per": 256, "num_warps": 8, "num_stages": 2}
-SEG_S = {"block_k": 256, "k_per": 512}
 VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
     ("early launch beside", {"shrink": {"early": True}, "expand": {"early": True}}),
-    ("expand block_n 64, n_per 256, 8 warps, 2 stages", {"expand": SEG_E}),
-    ("shrink k_per 512", {"shrink": SEG_S}),
-    ("both", {"shrink": SEG_S, "expand": SEG_E}),
+    ("expand n_per 1024", {"expand": {"n_per": 1024}}),
+    ("expand n_per 2048", {"expand": {"n_per": 2048}}),
+    ("expand 8 warps", {"expand": {"num_warps": 8}}),
+    ("shrink k_per 1024", {"shrink": {"k_per": 1024}}),
+    ("shrink k_per 2048", {"shrink": {"k_per": 2048}}),
     ("default again", {}),
 ]
 
