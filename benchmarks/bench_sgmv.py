@@ -235,8 +235,9 @@ def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
 
     gen = torch.Generator().manual_seed(0)
     token_slot, ranks = make_case(T, n_ad, False, gen)
-    pool = Pool(max(T, slots), 16, torch.cat([ranks, ranks.new_zeros(max(0, slots - len(ranks)))]))
-    meta = build_lora_meta(token_slot, max_segments=max(slots, len(ranks)) if slots else None)
+    ranks = torch.cat([ranks, ranks.new_zeros(max(0, slots - len(ranks)))])
+    pool = Pool(len(ranks), 16, ranks)
+    meta = build_lora_meta(token_slot, max_segments=len(ranks) if slots else None)
     meta = meta.to("cuda")
     xs = {g: torch.randn(T, k, device="cuda", dtype=DT) for g, (k, _) in GROUPS.items()}
     ys = {g: torch.randn(T, sum(o), device="cuda", dtype=DT) for g, (_, o) in GROUPS.items()}
