@@ -19,7 +19,7 @@ from engine.batch import ScheduledBatch, SeqChunk
 from engine.lora.pool import LoraPool
 from engine.lora.weights import LoraWeights, read_adapter
 from engine.model.cuda_graphs import DecodeGraphs
-from engine.model.inputs import build_host_inputs
+from engine.model.inputs import HostInputs, build_host_inputs
 from engine.model.llama import LlamaModel
 from engine.model.loader import LoadedModel, load_model
 
@@ -82,9 +82,10 @@ class ModelRunner:
             raise RuntimeError("no memory left for the KV cache")
         self.num_blocks = num_blocks
         self.kv_caches = self._alloc_kv(num_blocks)
-        if self.device.type == "cuda" and K.use_triton(model.weights.embed):
+        triton_on_gpu = self.device.type == "cuda" and K.use_triton(model.weights.embed)
+        if triton_on_gpu:
             self._warm_lora()
-        if self.device.type == "cuda" and not enforce_eager and K.use_triton(model.weights.embed):
+        if triton_on_gpu and not enforce_eager:
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv_caches,
@@ -169,7 +170,7 @@ class ModelRunner:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         return self.model.logits(hidden[idx])
 
-    def _eager(self, host, lora_groups: frozenset[str]) -> torch.Tensor:
+    def _eager(self, host: HostInputs, lora_groups: frozenset[str]) -> torch.Tensor:
         inp = host.to_device(self.device)
         if inp.lora is not None:
             inp.lora_groups = lora_groups
@@ -197,6 +198,8 @@ class ModelRunner:
         on its own slot (per-token path) and all on slot 0 (segment path). Decode graphs
         compile their own when captured. Writes K/V into the first blocks of the pool, which
         no sequence holds yet."""
+        if self.num_slots < 1:
+            return
         m = min(64, self.max_model_len, self.num_blocks * self.block_size)
         blocks = list(range(-(-m // self.block_size)))
         self._warm_forward(ScheduledBatch([SeqChunk(0, [0] * m, 0, blocks, 0, True)]))
