@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels import build_lora_meta
 from engine.kernels.lora_expand import lora_expand
-from engine.kernels.lora_sgmv import lora_sgmv
 from engine.kernels.lora_shrink import lora_shrink
 
 HIDDEN, INTER, KV = 4096, 14336, 1024
@@ -110,10 +109,10 @@ def time_graph(fn, layers: int) -> float:
 
 def run_case(
     T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator, pad: int = 0,
-    variants: list[tuple[str, dict | None]] | None = None,
+    variants: list[tuple[str, dict | None, dict | None]] | None = None,
 ):  # fmt: skip
     """-> ({label: µs per layer}, floor bytes). Labels: sgmv, loop, bmm; or with
-    ``variants`` ((name, lora_sgmv config), ...) one SGMV time per variant."""
+    ``variants`` ((name, shrink config, expand config), ...) one SGMV time per variant."""
     token_slot, ranks = make_case(T, n_ad, mixed, gen)
     ranks_full = torch.zeros(pool_slots, dtype=torch.int64)
     ranks_full[: ranks.shape[0]] = ranks
@@ -147,10 +146,10 @@ def run_case(
         for pool in pools:
             gather_bmm_layer(pool)
 
-    def sgmv_layer(pool, cfg=None):
+    def sgmv_layer(pool, sc=None, ec=None):
         for g in GROUPS:
-            a, b, r, o = pool.a[g], pool.b[g], pool.ranks[g], pool.offsets[g]
-            lora_sgmv(xs[g], a, b, r, o, meta, ys[g], config=cfg)
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta, config=sc)
+            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g], config=ec)
 
     def loop_layer(pool):
         for g in GROUPS:
@@ -178,10 +177,10 @@ def run_case(
     y0 = {g: y.clone() for g, y in ys.items()}
     gather_bmm_layer(pool)
     want = {g: y.clone() for g, y in ys.items()}
-    for name, cfg in variants or [("default", None)]:
+    for name, sc, ec in variants or [("default", None, None)]:
         for g, y in ys.items():
             y.copy_(y0[g])
-        sgmv_layer(pool, cfg)
+        sgmv_layer(pool, sc, ec)
         for g in GROUPS:
             ref, d0 = want[g].float(), y0[g].float()
             d = (ys[g].float() - ref).norm() / (ref - d0).norm()
@@ -189,24 +188,27 @@ def run_case(
                 raise SystemExit(f"SGMV ({name}) differs from gather+bmm on {g}: rel err {d:.3g}")
     fns = [("sgmv", sgmv), ("loop", loop), ("bmm", gather_bmm)]
     if variants is not None:
-        fns = [(name, partial(_sgmv_variant, sgmv_layer, pools, cfg)) for name, cfg in variants]
+        fns = [
+            (name, partial(_sgmv_variant, sgmv_layer, pools, sc, ec)) for name, sc, ec in variants
+        ]
     res = {label: time_graph(fn, n_layers) for label, fn in fns}
     return res, floor_bytes(T, token_slot, ranks_full)
 
 
-def _sgmv_variant(layer, pools, cfg):
+def _sgmv_variant(layer, pools, sc, ec):
     for pool in pools:
-        layer(pool, cfg)
+        layer(pool, sc, ec)
 
 
 # --variants: launch options of both kernels against the defaults, whole layer in one graph
-VARIANTS: list[tuple[str, dict | None]] = [
-    ("default", None),
-    ("two launches", {"fused": False}),
-    ("one launch, 4 warps", {"num_warps": 4}),
-    ("one launch, expand n_per 512", {"expand": {"n_per": 512}}),
-    ("no early launch", {"early": False}),
-    ("default again", None),
+VARIANTS: list[tuple[str, dict | None, dict | None]] = [
+    ("default", None, None),
+    ("no early launch", {"early": False}, {"early": False}),
+    ("expand n_per 512", None, {"n_per": 512}),
+    ("expand n_per 1024", None, {"n_per": 1024}),
+    ("shrink k_per 1024", {"k_per": 1024}, None),
+    ("shrink block_k 128, k_per 256", {"block_k": 128, "k_per": 256}, None),
+    ("default again", None, None),
 ]
 
 
@@ -243,8 +245,8 @@ def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
 
     def layer():
         for g in GROUPS:
-            a, b, r, o = pool.a[g], pool.b[g], pool.ranks[g], pool.offsets[g]
-            lora_sgmv(xs[g], a, b, r, o, meta, ys[g])
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta)
+            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g])
 
     layer()
     torch.cuda.synchronize()

@@ -6,8 +6,8 @@ context 512) once; for each variant it recaptures the decode graphs and times th
 batch-32 step (graph replay + LM head, device time as in bench_decode.py) with base only,
 and 32 distinct adapters (``--batch``, ``--adapters``, ``--zipf``, ``--slots``: other mixes,
 e.g. the throughput benchmark's ~250-sequence steps over 32 Zipf adapters on 128 slots).
-Variants: LoRA in line, and SGMV launch options (``config=`` of ``lora_sgmv``, applied by
-wrapping the module function the model calls).
+Variants: LoRA in line, and SGMV launch options (``config=`` of ``lora_shrink`` /
+``lora_expand``, applied by wrapping the module functions the model calls).
 """
 
 from __future__ import annotations
@@ -30,22 +30,35 @@ from common import (
     write_peft_adapter,
 )
 
-# the module (engine.kernels re-exports a function of the same name)
-G = importlib.import_module("engine.kernels.lora_sgmv")
-ORIG = G.lora_sgmv
+# the modules (engine.kernels re-exports functions of the same names)
+S = importlib.import_module("engine.kernels.lora_shrink")
+E = importlib.import_module("engine.kernels.lora_expand")
+ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
 VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
-    ("two launches", {"sgmv": {"fused": False}}),
-    ("one launch, 4 warps", {"sgmv": {"num_warps": 4}}),
+    ("early launch beside", {"shrink": {"early": True}, "expand": {"early": True}}),
+    ("expand n_per 1024", {"expand": {"n_per": 1024}}),
+    ("expand n_per 2048", {"expand": {"n_per": 2048}}),
+    ("expand 8 warps", {"expand": {"num_warps": 8}}),
+    ("shrink k_per 1024", {"shrink": {"k_per": 1024}}),
+    ("shrink k_per 2048", {"shrink": {"k_per": 2048}}),
     ("default again", {}),
 ]
 
 
 def apply(runner, side, v: dict) -> None:
-    c = v.get("sgmv")
-    G.lora_sgmv = (lambda *a, config=None, **kw: ORIG(*a, config=c, **kw)) if c else ORIG
+    sc, ec = v.get("shrink"), v.get("expand")
+    S.lora_shrink = (
+        (lambda x, a, r, m, config=None, **kw: ORIG_S(x, a, r, m, config=sc, **kw))
+        if sc
+        else ORIG_S
+    )
+    E.lora_expand = (
+        (lambda b, w, r, o, m, y, config=None, **kw: ORIG_E(b, w, r, o, m, y, config=ec, **kw))
+        if ec else ORIG_E
+    )  # fmt: skip
     if v.get("in_line"):
         runner.model.side_stream = None
     elif "priority" in v:

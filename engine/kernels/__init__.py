@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels import lora_sgmv as _sgmv
+from engine.kernels import lora_expand as _expand
+from engine.kernels import lora_shrink as _shrink
 from engine.kernels import paged_decode_attention as _decode
 from engine.kernels import prefill_attention as _prefill
 from engine.kernels import rms_norm as _rms
@@ -39,9 +40,15 @@ def _pick(mod, name: str, t: torch.Tensor):
     return fn if fn is not None else getattr(mod, name + "_ref")
 
 
-def lora_sgmv(
-    x,
-    lora_a,
+def lora_shrink(x, lora_a, ranks, meta: LoraMeta, early_launch: bool = True) -> torch.Tensor:
+    """``early_launch``: a launch option of the Triton kernel (see there), not of the math."""
+    if use_triton(x):
+        return _shrink.lora_shrink(x, lora_a, ranks, meta, early_launch=early_launch)
+    return _shrink.lora_shrink_ref(x, lora_a, ranks, meta)
+
+
+def lora_expand(
+    buf,
     lora_b,
     ranks,
     out_offsets: Sequence[int],
@@ -50,12 +57,10 @@ def lora_sgmv(
     accumulate: bool = True,
     early_launch: bool = True,
 ):
-    """A projection group's LoRA (shrink + expand) into ``y``; ``early_launch``: a launch
-    option of the Triton kernels (lora_shrink.py), not of the math."""
-    args = (x, lora_a, lora_b, ranks, out_offsets, meta, y)
+    args = (buf, lora_b, ranks, out_offsets, meta, y)
     if use_triton(y):
-        return _sgmv.lora_sgmv(*args, accumulate=accumulate, early_launch=early_launch)
-    return _sgmv.lora_sgmv_ref(*args, accumulate=accumulate)
+        return _expand.lora_expand(*args, accumulate=accumulate, early_launch=early_launch)
+    return _expand.lora_expand_ref(*args, accumulate=accumulate)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):

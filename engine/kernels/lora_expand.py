@@ -79,100 +79,6 @@ if HAVE_TRITON:
                 y_rows + offs_n[None, :], zero, mask=mask_rows[:, None] & (offs_n < n_end)[None, :]
             )
 
-    @triton.jit
-    def _bgmv_expand_body(
-        buf_ptr,
-        b_ptr,
-        ranks_ptr,
-        y_ptr,
-        token_slot_ptr,
-        ctr_ptr,  # [2, P, T] int32 (SYNC): K splits done, expand programs done
-        t,
-        ns,
-        p,
-        T,
-        R,
-        OFF1,
-        OFF2,
-        OFF3,
-        OFF4,
-        KS,
-        N_PER_PROG,
-        P: tl.constexpr,
-        stride_bs,
-        stride_bn,
-        stride_yt,
-        BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_KS: tl.constexpr,
-        USE_PDL: tl.constexpr,
-        ACCUMULATE: tl.constexpr,
-        SYNC: tl.constexpr,
-    ):
-        """One program of the per-token expand (token t, N range ns of projection p). SYNC
-        (lora_sgmv): wait until ``ctr[0, p, t]`` counts KS shrink slices (acquire); the last
-        of the token's expand programs for p sets both counters back to 0."""
-        n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
-        n_start = n_lo + ns * N_PER_PROG
-        if n_start >= n_hi:
-            return
-        n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
-        t64 = t.to(tl.int64)
-        y_row = y_ptr + t64 * stride_yt
-        slot = tl.load(token_slot_ptr + t)
-        rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * P + p)
-        if (slot < 0) | (rank == 0):
-            if not ACCUMULATE:  # the delta of this token and projection is zero
-                if USE_PDL:
-                    gdc_wait()  # y's earlier readers are done
-                for n0 in range(n_start, n_end, BLOCK_N):
-                    offs_n = n0 + tl.arange(0, BLOCK_N)
-                    zero = tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty)
-                    tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
-            return
-        b_base = b_ptr + slot.to(tl.int64) * stride_bs
-        if USE_PDL:
-            gdc_wait()  # what the shrink wrote (buf) and y are visible after this
-        if SYNC:  # this token's K slices of projection p, from programs of this grid
-            done = tl.atomic_add(ctr_ptr + p * T + t, 0, sem="acquire")
-            while done < KS:
-                done = tl.atomic_add(ctr_ptr + p * T + t, 0, sem="acquire")
-        xr_base = buf_ptr + (p * T + t64) * R
-        # the rank in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
-        # read-modified-written once per step
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for ks0 in range(0, KS, BLOCK_KS):  # K-split partials, BLOCK_KS loads in flight
-                offs_ks = ks0 + tl.arange(0, BLOCK_KS)
-                part = tl.load(
-                    xr_base + offs_ks[:, None] * (P * T * R) + offs_r[None, :],
-                    mask=(offs_ks[:, None] < KS) & mask_r[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",  # from L2: written by other programs of the grid
-                )
-                xr += tl.sum(part, axis=0)
-            for n0 in range(n_start, n_end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < n_end
-                bt = tl.load(
-                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
-                    mask=mask_n[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
-                acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
-                if ACCUMULATE:
-                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                elif r0 > 0:  # store mode: the first rank step writes, later ones add
-                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-        if SYNC:  # the last expand program of (p, t) resets the counters for the next launch
-            n_progs = tl.cdiv(n_hi - n_lo, N_PER_PROG)
-            if tl.atomic_add(ctr_ptr + (P + p) * T + t, 1, sem="relaxed") == n_progs - 1:
-                tl.atomic_xchg(ctr_ptr + p * T + t, 0, sem="relaxed")
-                tl.atomic_xchg(ctr_ptr + (P + p) * T + t, 0, sem="relaxed")
-
     # not specialized on the token count, the K splits or the tile count (lora_shrink's note)
     @triton.jit(do_not_specialize=["T", "KS"])
     def _bgmv_expand_kernel(
@@ -205,12 +111,59 @@ if HAVE_TRITON:
         # tokens group into segments (tokens of one adapter find its B rows in L2).
         if USE_PDL and EARLY:
             gdc_launch_dependents()  # the next kernel may start (and load its weights) now
-        _bgmv_expand_body(
-            buf_ptr, b_ptr, ranks_ptr, y_ptr, token_slot_ptr, token_slot_ptr,
-            tl.program_id(0), tl.program_id(1), tl.program_id(2),
-            T, R, OFF1, OFF2, OFF3, OFF4, KS, N_PER_PROG, P, stride_bs, stride_bn, stride_yt,
-            BLOCK_N, BLOCK_R, BLOCK_KS, USE_PDL, ACCUMULATE, False,
-        )  # fmt: skip
+        t = tl.program_id(0)
+        ns = tl.program_id(1)
+        p = tl.program_id(2)
+        n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
+        n_start = n_lo + ns * N_PER_PROG
+        if n_start >= n_hi:
+            return
+        n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
+        t64 = t.to(tl.int64)
+        y_row = y_ptr + t64 * stride_yt
+        slot = tl.load(token_slot_ptr + t)
+        rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * P + p)
+        if (slot < 0) | (rank == 0):
+            if not ACCUMULATE:  # the delta of this token and projection is zero
+                if USE_PDL:
+                    gdc_wait()  # y's earlier readers are done
+                for n0 in range(n_start, n_end, BLOCK_N):
+                    offs_n = n0 + tl.arange(0, BLOCK_N)
+                    zero = tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty)
+                    tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
+            return
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        if USE_PDL:
+            gdc_wait()  # what the shrink wrote (buf) and y are visible after this
+        xr_base = buf_ptr + (p * T + t64) * R
+        # the rank in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
+        # read-modified-written once per step
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for ks0 in range(0, KS, BLOCK_KS):  # K-split partials, BLOCK_KS loads in flight
+                offs_ks = ks0 + tl.arange(0, BLOCK_KS)
+                part = tl.load(
+                    xr_base + offs_ks[:, None] * (P * T * R) + offs_r[None, :],
+                    mask=(offs_ks[:, None] < KS) & mask_r[None, :],
+                    other=0.0,
+                )
+                xr += tl.sum(part, axis=0)
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_end
+                bt = tl.load(
+                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                    mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
+                if ACCUMULATE:
+                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                elif r0 > 0:  # store mode: the first rank step writes, later ones add
+                    acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit(do_not_specialize=["T", "KS", "NT"])
     def _sgmv_expand_kernel(
@@ -328,25 +281,6 @@ if HAVE_TRITON:
                 tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-def check_expand_args(P: int, T: int, R: int, lora_b, ranks, out_offsets, meta, y) -> list[int]:
-    """-> the out_offsets as host ints."""
-    S_, N, R2 = lora_b.shape
-    offs = [int(o) for o in out_offsets]
-    if len(offs) != P + 1 or offs[0] != 0 or offs[-1] != N or P > 4:
-        raise ValueError(f"out_offsets {offs} must be [0, ..., N={N}] for P={P} <= 4 projections")
-    if R2 != R:
-        raise ValueError(f"lora_b rank {R2} != {R}")
-    if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
-        raise ValueError("y must be [T, N] with lora_b's N, last dimensions contiguous")
-    if y.dtype != lora_b.dtype:
-        raise ValueError(f"dtype mismatch: y {y.dtype}, lora_b {lora_b.dtype}")
-    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
-        raise ValueError("ranks must be int32 [slots, P]")
-    if meta.token_slot.shape[0] != T:
-        raise ValueError("meta built for a different number of tokens")
-    return offs
-
-
 def _expand_config(T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: bool, block_m: int):
     """(BLOCK_R, BLOCK_N, N_PER_PROG): enough programs for a few waves, each a long N walk.
 
@@ -386,10 +320,20 @@ def lora_expand(
     early_launch: bool = True,  # as lora_shrink's: off beside another stream's GEMM
 ) -> torch.Tensor:
     KS, P, T, R = buf.shape
-    if buf.dtype != torch.float32 or not buf.is_contiguous():
-        raise ValueError("buf must be contiguous float32 [KS, P, T, R]")
-    offs = check_expand_args(P, T, R, lora_b, ranks, out_offsets, meta, y)
-    N = lora_b.shape[1]
+    S_, N, R2 = lora_b.shape
+    offs = [int(o) for o in out_offsets]
+    if len(offs) != P + 1 or offs[0] != 0 or offs[-1] != N or P > 4:
+        raise ValueError(f"out_offsets {offs} must be [0, ..., N={N}] for P={P} <= 4 projections")
+    if R2 != R or buf.dtype != torch.float32 or not buf.is_contiguous():
+        raise ValueError("buf must be contiguous float32 [KS, P, T, R] with lora_b's R")
+    if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
+        raise ValueError("y must be [T, N] with lora_b's N, last dimensions contiguous")
+    if y.dtype != lora_b.dtype:
+        raise ValueError(f"dtype mismatch: y {y.dtype}, lora_b {lora_b.dtype}")
+    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
+        raise ValueError("ranks must be int32 [slots, P]")
+    if meta.token_slot.shape[0] != T:
+        raise ValueError("meta built for a different number of tokens")
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return y if accumulate else y.zero_()

@@ -65,72 +65,6 @@ if HAVE_TRITON:
             pf = a_base + r_i * stride_ar + k_lo + (idx - r_i * n_lines) * LINE
             prefetch_l2(pf, idx < rank * n_lines)
 
-    @triton.jit
-    def _bgmv_shrink_body(
-        x_ptr,
-        a_ptr,
-        ranks_ptr,
-        buf_ptr,
-        token_slot_ptr,
-        ctr_ptr,  # [P, T] int32 (SYNC): K splits done per projection and token
-        t,
-        p,
-        ks,
-        T,
-        K,
-        R,
-        P: tl.constexpr,
-        stride_xt,
-        stride_as,
-        stride_ap,
-        stride_ar,
-        K_PER_SPLIT,
-        BLOCK_R: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        USE_PDL: tl.constexpr,
-        PREFETCH,
-        LINE: tl.constexpr,
-        EARLY: tl.constexpr,
-        SYNC: tl.constexpr,
-    ):
-        """One program of the per-token shrink (token t, projection p, K slice ks). SYNC: then
-        count the slice done in ``ctr[p, t]`` (release), for lora_sgmv's expand programs."""
-        slot = tl.load(token_slot_ptr + t)
-        if slot < 0:
-            return
-        rank = tl.load(ranks_ptr + slot * P + p)
-        if rank == 0:
-            return
-        k_lo = ks * K_PER_SPLIT
-        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
-        if USE_PDL:
-            if PREFETCH != 0:
-                _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
-            gdc_wait()  # what the previous kernel wrote (x) is visible after this
-        offs_k = tl.arange(0, BLOCK_K)
-        x_row = x_ptr + t.to(tl.int64) * stride_xt
-        out = buf_ptr + ((ks * P + p) * T + t).to(tl.int64) * R
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            a_rows = a_base + offs_r[:, None] * stride_ar
-            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                kk = k0 + offs_k
-                mask_k = kk < k_hi
-                xv = tl.load(x_row + kk, mask=mask_k, other=0.0)
-                at = tl.load(
-                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
-                )
-                acc += at.to(tl.float32) * xv.to(tl.float32)[None, :]
-            tl.store(out + offs_r, tl.sum(acc, axis=1), mask=mask_r)
-        if SYNC:
-            tl.debug_barrier()  # every thread's stores before the one release below
-            tl.atomic_add(ctr_ptr + p * T + t, 1, sem="release")
-        if USE_PDL and not EARLY:
-            gdc_launch_dependents()
-
     # the token count is not specialized on (divisible by 16 or not, == 1): one compiled
     # variant serves every step size, so steps of new sizes never wait for the JIT
     @triton.jit(do_not_specialize=["T", "PREFETCH"])
@@ -161,12 +95,41 @@ if HAVE_TRITON:
         # into segments (a second token of the same adapter finds the A slice in L2).
         if USE_PDL and EARLY:
             gdc_launch_dependents()  # the next kernel may start (and load its weights) now
-        _bgmv_shrink_body(
-            x_ptr, a_ptr, ranks_ptr, buf_ptr, token_slot_ptr, token_slot_ptr,
-            tl.program_id(0), tl.program_id(1), tl.program_id(2),
-            T, K, R, P, stride_xt, stride_as, stride_ap, stride_ar, K_PER_SPLIT,
-            BLOCK_R, BLOCK_K, USE_PDL, PREFETCH, LINE, EARLY, False,
-        )  # fmt: skip
+        t = tl.program_id(0)
+        p = tl.program_id(1)
+        ks = tl.program_id(2)
+        slot = tl.load(token_slot_ptr + t)
+        if slot < 0:
+            return
+        rank = tl.load(ranks_ptr + slot * P + p)
+        if rank == 0:
+            return
+        k_lo = ks * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        if USE_PDL:
+            if PREFETCH != 0:
+                _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
+            gdc_wait()  # what the previous kernel wrote (x) is visible after this
+        offs_k = tl.arange(0, BLOCK_K)
+        x_row = x_ptr + t.to(tl.int64) * stride_xt
+        out = buf_ptr + ((ks * P + p) * T + t).to(tl.int64) * R
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            a_rows = a_base + offs_r[:, None] * stride_ar
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < k_hi
+                xv = tl.load(x_row + kk, mask=mask_k, other=0.0)
+                at = tl.load(
+                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                )
+                acc += at.to(tl.float32) * xv.to(tl.float32)[None, :]
+            tl.store(out + offs_r, tl.sum(acc, axis=1), mask=mask_r)
+        if USE_PDL and not EARLY:
+            gdc_launch_dependents()
 
     @triton.jit(do_not_specialize=["T", "PREFETCH"])
     def _sgmv_shrink_kernel(
@@ -259,21 +222,6 @@ def use_token_path(T: int, meta: LoraMeta) -> bool:
     return T < 2 * max(1, meta.num_segments)
 
 
-def check_shrink_args(x, lora_a, ranks, meta: LoraMeta) -> None:
-    T, K = x.shape
-    S_, P, _, K2 = lora_a.shape
-    if K2 != K:
-        raise ValueError(f"lora_a in_features {K2} != x {K}")
-    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
-        raise ValueError("ranks must be int32 [slots, P]")
-    if x.dtype != lora_a.dtype:
-        raise ValueError(f"dtype mismatch: x {x.dtype}, lora_a {lora_a.dtype}")
-    if meta.token_slot.shape[0] != T:
-        raise ValueError("meta built for a different number of tokens")
-    if x.stride(1) != 1 or lora_a.stride(3) != 1:
-        raise ValueError("x and lora_a need a contiguous last dimension")
-
-
 def _shrink_config(T: int, K: int, P: int, R: int, on_gpu: bool, rows: bool, block_m: int):
     """(BLOCK_R, BLOCK_K, K_PER_PROG): split K so that the grid has a few waves of programs.
 
@@ -314,9 +262,18 @@ def lora_shrink(
     in ``gdc_wait`` before reading what this one writes). Off for kernels that run beside
     another stream's GEMM, where the waiting programs take SMs from it (H100: -6 % for the
     layer in line, +4 % for the decode step beside; docs/benchmarks.md)."""
-    check_shrink_args(x, lora_a, ranks, meta)
     T, K = x.shape
-    _, P, R, _ = lora_a.shape
+    S_, P, R, K2 = lora_a.shape
+    if K2 != K:
+        raise ValueError(f"lora_a in_features {K2} != x {K}")
+    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
+        raise ValueError("ranks must be int32 [slots, P]")
+    if x.dtype != lora_a.dtype:
+        raise ValueError(f"dtype mismatch: x {x.dtype}, lora_a {lora_a.dtype}")
+    if meta.token_slot.shape[0] != T:
+        raise ValueError("meta built for a different number of tokens")
+    if x.stride(1) != 1 or lora_a.stride(3) != 1:
+        raise ValueError("x and lora_a need a contiguous last dimension")
     ranks = ranks.contiguous()
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from kernel_testing import DEVICE, assert_close, gpu
@@ -318,61 +316,3 @@ def test_sgmv_llama_bf16_graph_padded(group, T, pattern):
         max_segments=128,
         rank_choices=(8, 16),
     )
-
-
-def run_sgmv_case(T, k, outs, pattern, dtype, accumulate, max_rank, choices, n_slots,
-                  max_segments, gen):  # fmt: skip
-    """lora_sgmv against its reference, twice in a row; the counters end at zero."""
-    G = importlib.import_module("engine.kernels.lora_sgmv")
-    a, b, ranks, offsets = make_weights(n_slots, outs, max_rank, k, dtype, gen, choices)
-    ranks[:, 1 % len(outs)] = torch.where(
-        torch.arange(n_slots) % 3 == 0, 0, ranks[:, 1 % len(outs)]
-    )
-    token_slot = make_token_slot(T, pattern, n_slots, gen)
-    if T > 1:
-        token_slot[-1] = -1
-    meta = build_lora_meta(token_slot, max_segments=max_segments)
-    x = torch.randn(T, k, generator=gen).to(dtype)
-    y0 = torch.randn(T, offsets[-1], generator=gen).to(dtype)
-    want = G.lora_sgmv_ref(
-        x.float(), a.float(), b.float(), ranks, offsets, meta,
-        y0.float().clone() if accumulate else torch.zeros(T, offsets[-1]),
-    )  # fmt: skip
-    m = meta.to(DEVICE)
-    args = (x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), ranks.to(DEVICE), offsets, m)
-    for _ in range(2):
-        y = y0.to(DEVICE) if accumulate else torch.full(y0.shape, float("nan"), dtype=dtype)
-        y = y.to(DEVICE).clone()
-        G.lora_sgmv(*args, y, accumulate=accumulate)
-        assert_close(y, want, dtype)
-        assert not G._counters(torch.device(DEVICE), 1).any(), "counters left non-zero"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("accumulate", [True, False])
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_lora_sgmv_one_launch(pattern, accumulate, dtype):
-    # shrink + expand in one launch on the per-token path (expand programs wait on counters
-    # of their token's K slices), the two kernels on the segment path: the reference either
-    # way, twice in a row (the counters are back to zero after each launch)
-    gen = torch.Generator().manual_seed(17)
-    for max_rank, choices in ((16, (1, 8, 16)), (64, (1, 8, 64))):
-        for max_segments, n_slots in ((None, 12), (12, 12), (None, 3)):  # 3: segment path
-            # several K slices and N ranges in the interpreter
-            run_sgmv_case(9, 600, [70, 33, 9], pattern, dtype, accumulate, max_rank, choices,
-                          n_slots, max_segments, gen)  # fmt: skip
-
-
-@gpu
-@pytest.mark.parametrize("accumulate", [True, False])
-@pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("T", [1, 7, 64, 133])
-@pytest.mark.parametrize("group", list(LLAMA_GROUPS))
-def test_lora_sgmv_llama_bf16(group, T, pattern, accumulate):
-    # bf16 at Llama-3-8B sizes: metadata padded to 128 slots (the one-launch path at every T
-    # here) and exact (the segment path where segments are long)
-    k, outs = LLAMA_GROUPS[group]
-    gen = torch.Generator().manual_seed(T)
-    for max_segments in (128, None):
-        run_sgmv_case(T, k, outs, pattern, torch.bfloat16, accumulate, 16, (8, 16), 128,
-                      max_segments, gen)  # fmt: skip
