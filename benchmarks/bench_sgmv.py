@@ -148,8 +148,9 @@ def run_case(
 
     def sgmv_layer(pool, sc=None, ec=None):
         for g in GROUPS:
-            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta, config=sc)
-            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g], config=ec)
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta, config=_pick(sc, g))
+            e = _pick(ec, g)
+            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g], config=e)
 
     def loop_layer(pool):
         for g in GROUPS:
@@ -195,19 +196,28 @@ def run_case(
     return res, floor_bytes(T, token_slot, ranks_full)
 
 
+def _pick(config: dict | None, group: str) -> dict | None:
+    """A variant's config for one group: ``{"groups": {name: config}}`` sets them per group."""
+    if config and "groups" in config:
+        return config["groups"].get(group)
+    return config
+
+
 def _sgmv_variant(layer, pools, sc, ec):
     for pool in pools:
         layer(pool, sc, ec)
 
 
 # --variants: launch options of both kernels against the defaults, whole layer in one graph
+L2 = {"block_n": 256, "n_per": 512, "num_warps": 4}  # two 256-column tiles per program
+N5 = {"block_n": 512, "n_per": 512, "num_warps": 4, "preload": True}  # one tile, early loads
 VARIANTS: list[tuple[str, dict | None, dict | None]] = [
     ("default", None, None),
-    ("no early launch", {"early": False}, {"early": False}),
-    ("expand n_per 512", None, {"n_per": 512}),
-    ("expand n_per 1024", None, {"n_per": 1024}),
-    ("shrink k_per 1024", {"k_per": 1024}, None),
-    ("shrink block_k 128, k_per 256", {"block_k": 128, "k_per": 256}, None),
+    ("beside configs", None, {"block_n": 256, "n_per": 256, "num_warps": 8, "preload": False}),
+    ("expand 2x256 loop", None, L2),
+    ("expand n512 preload", None, N5),
+    ("expand no preload", None, {"preload": False}),
+    ("shrink gate_up k_per 1024", {"groups": {"gate_up": {"k_per": 1024}}}, None),
     ("default again", None, None),
 ]
 
@@ -272,7 +282,9 @@ def _expand_all(pools, bufs, y, g, meta, c):
 
 def sweep(tokens=(1, 64), n_ad: int | None = None, slots: int = 0) -> None:
     """Per-group time of shrink and expand configurations, rank 16, all distinct or ``n_ad``
-    adapters; ``slots``: metadata padded to that many segments."""
+    adapters; ``slots``: metadata padded to that many segments. Each kernel alone (a chain of
+    one group's shrinks, or expands, over the layers' pools in one graph), against its floor:
+    the shrink's A and x, the expand's B and y read + written, over the copy bandwidth."""
     variants = [
         {"prefetch": False},
         {"launch_pdl": False, "prefetch": False},
@@ -281,14 +293,20 @@ def sweep(tokens=(1, 64), n_ad: int | None = None, slots: int = 0) -> None:
     ]
     shrink_cfgs = variants + [
         {"block_k": bk, "k_per": kp, "num_warps": w, "num_stages": st}
-        for bk, kp in ((128, 256), (256, 512), (256, 1024))
-        for w, st in ((4, 2), (8, 2))
+        for bk, kp in ((128, 256), (256, 512), (256, 1024), (256, 2048))
+        for w, st in ((4, 2), (8, 2), (4, 3))
     ]
     expand_cfgs = variants + [
+        {"one_tile": False},
+        {"preload": True},
+        {"block_n": 512, "n_per": 512, "num_warps": 4, "preload": True},
+    ] + [
         {"block_n": bn, "n_per": npp, "num_warps": w, "num_stages": st}
-        for bn, npp in ((64, 256), (128, 128), (128, 512), (256, 1024))
-        for w, st in ((4, 2), (8, 2))
-    ]
+        for bn, npp in ((128, 512), (256, 512), (256, 768), (256, 1024), (256, 2048))
+        for w, st in ((4, 3), (2, 3), (4, 4), (8, 3))
+    ]  # fmt: skip
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     gen = torch.Generator().manual_seed(0)
     for T in tokens:
         token_slot, ranks = make_case(T, n_ad, False, gen)
@@ -297,9 +315,14 @@ def sweep(tokens=(1, 64), n_ad: int | None = None, slots: int = 0) -> None:
         pools = [Pool(max(n, slots), 16, ranks) for _ in range(max(2, 2048 // (n * 3)))]
         meta = build_lora_meta(token_slot, max_segments=max(slots, n) if slots else None)
         meta = meta.to("cuda")
+        used = len(set(token_slot.tolist()))
         for g, (k, outs) in GROUPS.items():
             x = torch.randn(T, k, device="cuda", dtype=DT)
             y = torch.randn(T, sum(outs), device="cuda", dtype=DT)
+            floor = {
+                "shrink": (used * len(outs) * 16 * k * 2 + T * k * 2) / bw * 1e6,
+                "expand": (used * sum(outs) * 16 * 2 + 2 * T * sum(outs) * 2) / bw * 1e6,
+            }
             bufs = [lora_shrink(x, p.a[g], p.ranks[g], meta) for p in pools]
             res = []
             for c in [None, *shrink_cfgs]:
@@ -311,11 +334,15 @@ def sweep(tokens=(1, 64), n_ad: int | None = None, slots: int = 0) -> None:
             for op in ("shrink", "expand"):
                 rows = sorted(
                     (r for r in res if r[1] == op and r[2] is not None), key=lambda r: r[0]
-                )[:3]
-                rows += [r for r in res if r[1] == op and r[2] in variants]
+                )
                 dflt = next(r[0] for r in res if r[1] == op and r[2] is None)
-                best = ", ".join(f"{t:.1f} {c}" for t, _, c in rows)
-                print(f"T={T:>3} {g:>7} {op}: default {dflt:.1f} us; best {best}", flush=True)
+                print(
+                    f"T={T:>3} {g:>7} {op}: floor {floor[op]:.1f} us, default {dflt:.1f} us "
+                    f"({dflt / floor[op]:.2f}x)",
+                    flush=True,
+                )
+                for t, _, c in rows:
+                    print(f"    {t:7.1f} us {t / floor[op]:5.2f}x  {c}", flush=True)
 
 
 def main() -> None:

@@ -38,12 +38,8 @@ ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
-    ("early launch beside", {"shrink": {"early": True}, "expand": {"early": True}}),
-    ("expand n_per 1024", {"expand": {"n_per": 1024}}),
-    ("expand n_per 2048", {"expand": {"n_per": 2048}}),
-    ("expand 8 warps", {"expand": {"num_warps": 8}}),
-    ("shrink k_per 1024", {"shrink": {"k_per": 1024}}),
-    ("shrink k_per 2048", {"shrink": {"k_per": 2048}}),
+    ("expand loop", {"expand": {"one_tile": False}}),
+    ("expand n_per 512", {"expand": {"block_n": 256, "n_per": 512}}),
     ("default again", {}),
 ]
 

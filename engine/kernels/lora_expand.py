@@ -105,6 +105,8 @@ if HAVE_TRITON:
         USE_PDL: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         EARLY: tl.constexpr,
+        ONE_TILE: tl.constexpr,  # N_PER_PROG == BLOCK_N and R <= BLOCK_R: one B tile, one step
+        PRELOAD: tl.constexpr,  # ONE_TILE: load the B tile before gdc_wait
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
         # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
@@ -123,6 +125,47 @@ if HAVE_TRITON:
         y_row = y_ptr + t64 * stride_yt
         slot = tl.load(token_slot_ptr + t)
         rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * P + p)
+        if ONE_TILE:
+            # every load issued before the first wait on one: two dependent round trips (the
+            # slot, then the rank with the partial sums and y) ahead of the B tile, where the
+            # general loop below runs four (slot, rank, partials, B then y)
+            has = slot >= 0
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_end
+            offs_r = tl.arange(0, BLOCK_R)
+            b_tile = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs
+            b_tile += offs_n[:, None] * stride_bn + offs_r[None, :]
+            if PRELOAD:  # B is never written by the previous kernel: no need to wait for it
+                eff = tl.where(has, rank, 0)
+                bt = tl.load(b_tile, mask=mask_n[:, None] & (offs_r < eff)[None, :], other=0.0)
+            if USE_PDL:
+                gdc_wait()  # what the shrink wrote (buf) and y are visible after this
+            if ACCUMULATE:
+                yv = tl.load(y_row + offs_n, mask=mask_n & has, other=0.0)
+            # the partial sums of all R columns (those past the rank are undefined, dropped
+            # below): not masked by the rank, so they are in flight while it arrives
+            xr_base = buf_ptr + (p * T + t64) * R
+            xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for ks0 in range(0, KS, BLOCK_KS):
+                offs_ks = ks0 + tl.arange(0, BLOCK_KS)
+                part = tl.load(
+                    xr_base + offs_ks[:, None] * (P * T * R) + offs_r[None, :],
+                    mask=(offs_ks[:, None] < KS) & (offs_r < R)[None, :] & has,
+                    other=0.0,
+                )
+                xr += tl.sum(part, axis=0)
+            eff = tl.where(has, rank, 0)
+            if not PRELOAD:
+                bt = tl.load(b_tile, mask=mask_n[:, None] & (offs_r < eff)[None, :], other=0.0)
+            xr = tl.where(offs_r < eff, xr, 0.0)
+            acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
+            if ACCUMULATE:
+                # a token with no adapter (or rank 0 here) keeps its row untouched
+                acc += yv.to(tl.float32)
+                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n & (eff > 0))
+            else:  # the delta: zero where no adapter applies
+                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+            return
         if (slot < 0) | (rank == 0):
             if not ACCUMULATE:  # the delta of this token and projection is zero
                 if USE_PDL:
@@ -281,12 +324,16 @@ if HAVE_TRITON:
                 tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-def _expand_config(T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: bool, block_m: int):
-    """(BLOCK_R, BLOCK_N, N_PER_PROG): enough programs for a few waves, each a long N walk.
+def _expand_config(
+    T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: bool, block_m: int, in_line: bool
+):
+    """(BLOCK_R, BLOCK_N, N_PER_PROG, warps, preload): enough programs for a few waves, each a
+    long N walk.
 
     Sized from the real work known on the host: ``T`` tokens (per-token path: ``T`` programs
     per N range; segment path: at least ``cdiv(T, block_m)`` real tiles when every token has
-    an adapter), never from the padded tile count of a graph's meta."""
+    an adapter), never from the padded tile count of a graph's meta. ``in_line``: the kernel
+    runs alone on its stream (early launch), not beside another stream's GEMM."""
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
     if rows:  # one token: a [BLOCK_N, BLOCK_R] tile of B per step (sm_90 build, 4 warps:
         # r16 x n256 and r32 x n128 64 registers, r64 x n64 168, r64 x n32 80)
@@ -298,14 +345,24 @@ def _expand_config(T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: boo
     if not on_gpu:  # interpreter: small blocks so that tests walk several N and R steps
         block_r, block_n = min(block_r, 32), 32
     elif rows and block_r == 16:
-        # one [256, 16] tile of B per program (8 warps, lora_expand): the most programs, best
-        # in the H100 sweeps of the decode step with the LoRA beside the GEMMs
-        return block_r, block_n, block_n
+        if not in_line:
+            # beside the GEMM: one [256, 16] tile of B per program, 8 warps: the most
+            # programs, best in the H100 sweeps of the decode step (sweep_decode_lora.py)
+            return block_r, block_n, block_n, 8, False
+        # in line (H100, bench_sgmv.py --sweep / --variants at 64 tokens): 512 columns per
+        # program, 4 warps. Up to one wave (<= 8 programs per SM) as one [512, 16] tile loaded
+        # before gdc_wait, overlapping the previous kernel's tail (o, down: 6.1 / 6.8 us
+        # against 7.5 / 8.4); more programs than that walk two 256-column tiles in a pipelined
+        # loop instead (gate_up 28.2 against 34.5 us, where the early loads only compete)
+        progs = T * triton.cdiv(max_out, 512) * P
+        if progs <= 8 * 132:
+            return block_r, 512, 512, 4, True
+        return block_r, 256, 512, 4, False
     want = 8 * 132 if on_gpu else 4
     n_blocks = triton.cdiv(max_out, block_n)
     n_split = max(1, min(n_blocks, triton.cdiv(want, max(1, units * P))))
     n_per = triton.cdiv(n_blocks, n_split) * block_n
-    return block_r, block_n, n_per
+    return block_r, block_n, n_per, 4, False
 
 
 def lora_expand(
@@ -341,18 +398,22 @@ def lora_expand(
     rows = use_token_path(T, meta)
     if config:
         rows = config.get("rows", rows)
-    block_r, block_n, n_per = _expand_config(T, R, max_out, P, y.is_cuda, rows, meta.block_m)
+        early_launch = config.get("early", early_launch)
+    block_r, block_n, n_per, warps, preload = _expand_config(
+        T, R, max_out, P, y.is_cuda, rows, meta.block_m, early_launch
+    )
     pdl = pdl_ok(y)
     prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
-    # per token, rank 16: 8 warps over the [256, 16] tile of B (H100 sweep of the decode step)
-    warps = 8 if rows and block_r == 16 and y.is_cuda else 4
     cfg = {"num_warps": warps, "num_stages": 3, "launch_pdl": pdl}
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
         prefetch = config.get("prefetch", prefetch)
-        early_launch = config.get("early", early_launch)
+        preload = config.get("preload", preload)
+    one_tile = n_per == block_n and R <= block_r
+    if config:
+        one_tile = one_tile and config.get("one_tile", True)
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
     tail = (T, R, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
@@ -373,6 +434,8 @@ def lora_expand(
             USE_PDL=pdl,
             ACCUMULATE=accumulate,
             EARLY=early_launch,
+            ONE_TILE=one_tile,
+            PRELOAD=preload and pdl,
             **cfg,
         )
         return y

@@ -113,8 +113,27 @@ def test_sgmv_both_paths(pattern, rows):
         run_case(19, 130, [70, 33, 9], pattern, torch.float32, 12, 64, 5, max_segments, cfg)
 
 
+# the per-token expand's one-tile kernel (one [BLOCK_N, BLOCK_R] tile of B per program, every
+# load issued up front): the decode default at rank 16 on the GPU; the interpreter takes it
+# when a program's column range is one BLOCK_N tile and the pool rank fits BLOCK_R
+ONE_TILE = {"rows": True, "block_n": 32, "n_per": 32}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("T", [3, 21])
+def test_expand_one_tile_per_token(T, pattern, dtype):
+    # ranks 1, 8, 16 in a rank-16 pool (columns past a rank hold garbage partial sums that must
+    # be dropped) and a projection of rank 0; exact and graph-padded metas
+    for max_segments in (None, 16):
+        run_case(
+            T, 130, [70, 33, 9], pattern, dtype, num_slots=16, max_rank=16, seed=T,
+            max_segments=max_segments, config=ONE_TILE, rank_choices=(1, 8, 16),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [True, False, "one_tile"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_expand_store_mode(pattern, rows, dtype):
     # accumulate=False writes the delta itself over stale memory: zero rows for tokens with no
@@ -134,7 +153,7 @@ def test_expand_store_mode(pattern, rows, dtype):
         zero = torch.zeros(T, offsets[-1])
         d_ref = lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, zero)
         m = meta.to(DEVICE)
-        cfg = {"rows": rows}
+        cfg = ONE_TILE if rows == "one_tile" else {"rows": rows}
         buf = lora_shrink(x.to(DEVICE), a.to(DEVICE), ranks.to(DEVICE), m, config=cfg)
         d = torch.full((T, offsets[-1]), float("nan"), dtype=dtype, device=DEVICE)
         lora_expand(buf, b.to(DEVICE), ranks.to(DEVICE), offsets, m, d, cfg, accumulate=False)
@@ -316,3 +335,30 @@ def test_sgmv_llama_bf16_graph_padded(group, T, pattern):
         max_segments=128,
         rank_choices=(8, 16),
     )
+
+
+@gpu
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("T", [1, 64, 133])
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+def test_expand_one_tile_preload_bf16(group, T, accumulate):
+    # the one-tile per-token expand with its B tile loaded before gdc_wait (PDL on the H100),
+    # over a shrink that launches its dependents early: the same result as the reference
+    k, outs = LLAMA_GROUPS[group]
+    gen = torch.Generator().manual_seed(T)
+    token_slot = make_token_slot(T, "some_none", 32, gen)
+    a, b, ranks, offsets = make_weights(32, outs, 16, k, torch.bfloat16, gen, (8, 16))
+    x = torch.randn(T, k, generator=gen).to(torch.bfloat16)
+    y0 = torch.randn(T, offsets[-1], generator=gen).to(torch.bfloat16)
+    meta = build_lora_meta(token_slot, max_segments=32)
+    base = y0.float() if accumulate else torch.zeros(T, offsets[-1])
+    want = lora_expand_ref(
+        lora_shrink_ref(x.float(), a.float(), ranks, meta), b.float(), ranks, offsets, meta,
+        base.clone(),
+    )  # fmt: skip
+    m, rk = meta.to("cuda"), ranks.cuda()
+    buf = lora_shrink(x.cuda(), a.cuda(), rk, m, config={"rows": True})
+    y = y0.cuda() if accumulate else torch.full_like(y0, float("nan")).cuda()
+    cfg = {"rows": True, "preload": True}
+    lora_expand(buf, b.cuda(), rk, offsets, m, y, config=cfg, accumulate=accumulate)
+    assert_close(y, want, torch.bfloat16)
