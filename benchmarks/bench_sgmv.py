@@ -217,7 +217,7 @@ VARIANTS: list[tuple[str, dict | None, dict | None]] = [
     ("expand 2x256 loop", None, L2),
     ("expand n512 preload", None, N5),
     ("expand no preload", None, {"preload": False}),
-    ("shrink gate_up k_per 1024", {"groups": {"gate_up": {"k_per": 1024}}}, None),
+    ("shrink max_split 8", {"max_split": 8}, None),
     ("default again", None, None),
 ]
 

@@ -40,6 +40,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("in line", {"in_line": True}),
     ("expand loop", {"expand": {"one_tile": False}}),
     ("expand n_per 512", {"expand": {"block_n": 256, "n_per": 512}}),
+    ("shrink max_split 8", {"shrink": {"max_split": 8}}),
     ("default again", {}),
 ]
 
