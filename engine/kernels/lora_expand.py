@@ -154,7 +154,7 @@ if HAVE_TRITON:
                     other=0.0,
                 )
                 xr += tl.sum(part, axis=0)
-            eff = tl.where(has, rank, 0)
+            eff = tl.where(has, rank, 0)  # only here: a use before the loads above would wait
             if not PRELOAD:
                 bt = tl.load(b_tile, mask=mask_n[:, None] & (offs_r < eff)[None, :], other=0.0)
             xr = tl.where(offs_r < eff, xr, 0.0)

@@ -211,6 +211,13 @@ if HAVE_TRITON:
             gdc_launch_dependents()
 
 
+# Segment path: at most this many K splits. 16, not 8, for the long K of down (14336:
+# 1024-wide slices, 14 splits): H100, 32 adapters over 256 tokens on 128 slots, the layer in
+# line 91.3 -> 88.4 us, the decode step beside the GEMMs 16.18-16.28 -> 16.12 ms
+# (bench_sgmv.py --variants, sweep_decode_lora.py --batch 256; docs/benchmarks.md)
+MAX_SPLIT = 16
+
+
 def use_token_path(T: int, meta: LoraMeta) -> bool:
     """Per-token path or segment path, from host ints only (static for a CUDA graph).
 
@@ -223,7 +230,14 @@ def use_token_path(T: int, meta: LoraMeta) -> bool:
 
 
 def _shrink_config(
-    T: int, K: int, P: int, R: int, on_gpu: bool, rows: bool, block_m: int, max_split: int = 16
+    T: int,
+    K: int,
+    P: int,
+    R: int,
+    on_gpu: bool,
+    rows: bool,
+    block_m: int,
+    max_split: int = MAX_SPLIT,
 ):
     """(BLOCK_R, BLOCK_K, K_PER_PROG): split K so that the grid has a few waves of programs.
 
@@ -245,10 +259,7 @@ def _shrink_config(
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
     want = 8 * 132 if on_gpu else 16
     tiles = triton.cdiv(T, block_m)
-    # at most 16 splits: the expand's tensor-core path adds the partials one by one. 16, not
-    # 8, for the long K of down (14336: 1024-wide slices, 14 splits): H100, 32 adapters over
-    # 256 tokens on 128 slots, layer in line 91.3 -> 88.4 us, decode step beside the GEMMs
-    # 16.18-16.28 -> 16.12 ms (bench_sgmv.py --variants, sweep_decode_lora.py --batch 256)
+    # at most MAX_SPLIT splits (the expand's tensor-core path adds the partials one by one)
     split = max(
         1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 2 * block_k), max_split)
     )
@@ -288,7 +299,7 @@ def lora_shrink(
     rows = use_token_path(T, meta)
     if config:
         rows = config.get("rows", rows)
-    max_split = config.get("max_split", 16) if config else 16
+    max_split = config.get("max_split", MAX_SPLIT) if config else MAX_SPLIT
     block_r, block_k, k_per = _shrink_config(T, K, P, R, x.is_cuda, rows, meta.block_m, max_split)
     pdl = pdl_ok(x)
     prefetch = pdl and T <= 16  # L2 prefetch of A before gdc_wait pays for small batches only
