@@ -359,6 +359,8 @@ def test_expand_one_tile_preload_bf16(group, T, accumulate):
     m, rk = meta.to("cuda"), ranks.cuda()
     buf = lora_shrink(x.cuda(), a.cuda(), rk, m, config={"rows": True})
     y = y0.cuda() if accumulate else torch.full_like(y0, float("nan")).cuda()
-    cfg = {"rows": True, "preload": True}
+    # one [512, 16] tile per program whatever the program count (the in-line default takes the
+    # two-tile loop, where preload does not apply, for qkv and gate_up at 64 and 133 tokens)
+    cfg = {"rows": True, "block_n": 512, "n_per": 512, "num_warps": 4, "preload": True}
     lora_expand(buf, b.cuda(), rk, offsets, m, y, config=cfg, accumulate=accumulate)
     assert_close(y, want, torch.bfloat16)
