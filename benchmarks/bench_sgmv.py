@@ -2,9 +2,10 @@
 
 One command: ``python benchmarks/bench_sgmv.py`` (on a CUDA machine). For each case it times
 one layer (4 groups: qkv, o, gate_up, down; shrink + expand each) inside a CUDA graph of
-several layers, each with its own slot pool (as in a model: weights cold in L2, the per-step
-metadata and activations warm), at least 256 MB of LoRA weights in all, and reports the
-time per layer (median of replays over the number of layers), with:
+32 layers by default (``--min-layers``; Llama-3-8B's depth), each with its own slot pool (as
+in a model: weights cold in L2, the per-step metadata and activations warm), at least 256 MB
+of LoRA weights in all (at most 16 GB: the largest mixed-rank cases take fewer layers), and
+reports the time per layer (median of replays over the number of layers), with:
 
 - the bytes floor: x, A, B read once, y read and written once, over the device-to-device copy
   bandwidth measured in the same run;
@@ -36,6 +37,11 @@ GROUPS = {  # name: (in_features, [out per projection])
     "down": (INTER, [HIDDEN]),
 }
 DT = torch.bfloat16
+# layers per timed graph: at least this many (Llama-3-8B's depth: a graph of 2 layers charges
+# each layer half of the replay's fixed cost, 13 us on the H100) and at least 256 MB of
+# weights, as long as the pools stay within 16 GB (large mixed-rank cases take fewer layers)
+MIN_LAYERS = 32
+MAX_POOL_BYTES = 16 << 30
 
 
 def copy_bandwidth() -> float:
@@ -119,7 +125,8 @@ def run_case(
     max_rank = 64 if mixed else 16
     pool = Pool(pool_slots, max_rank, ranks_full)
     per_layer = sum(t.numel() * 2 for t in [*pool.a.values(), *pool.b.values()])
-    n_layers = max(2, min(32, -(-(256 << 20) // per_layer)))
+    n_layers = max(MIN_LAYERS, min(256, -(-(256 << 20) // per_layer)))
+    n_layers = max(2, min(n_layers, MAX_POOL_BYTES // per_layer))
     pools = [pool] + [Pool(pool_slots, max_rank, ranks_full) for _ in range(n_layers - 1)]
     # pad > 0: the metadata padded to that many segments, as the decode CUDA graphs build it
     n_seg = len(set(token_slot.tolist()))
@@ -148,8 +155,13 @@ def run_case(
 
     def sgmv_layer(pool, sc=None, ec=None):
         for g in GROUPS:
-            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta, config=_pick(sc, g))
+            s = _pick(sc, g)
+            if s and s.get("skip"):  # marginal cost of a group: leave it out
+                continue
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta, config=s)
             e = _pick(ec, g)
+            if e and e.get("skip"):
+                continue
             lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g], config=e)
 
     def loop_layer(pool):
@@ -183,6 +195,8 @@ def run_case(
             y.copy_(y0[g])
         sgmv_layer(pool, sc, ec)
         for g in GROUPS:
+            if any((_pick(c, g) or {}).get("skip") for c in (sc, ec)):
+                continue
             ref, d0 = want[g].float(), y0[g].float()
             d = (ys[g].float() - ref).norm() / (ref - d0).norm()
             if not d < 3e-2:
@@ -208,33 +222,51 @@ def _sgmv_variant(layer, pools, sc, ec):
         layer(pool, sc, ec)
 
 
-# --variants: launch options of both kernels against the defaults, whole layer in one graph
-L2 = {"block_n": 256, "n_per": 512, "num_warps": 4}  # two 256-column tiles per program
-N5 = {"block_n": 512, "n_per": 512, "num_warps": 4, "preload": True}  # one tile, early loads
+# --variants: launch options of both kernels against the defaults, whole layer in one graph;
+# "skip" leaves a group (shrink config) or its expand out (the marginal cost of the rest)
+LOOP = {"one_tile": False, "block_n": 256, "n_per": 512, "num_warps": 4, "preload": False}
+
+
+def _tiles(block_n: int, n_per: int, warps: int = 4, preload: bool = True) -> dict:
+    return {"one_tile": True, "block_n": block_n, "n_per": n_per, "num_warps": warps,
+            "preload": preload}  # fmt: skip
+
+
+# the defaults before the in-line shrink took one preloaded A tile and the in-line expand the
+# tiled rule, as they were at 64 and 128 tokens (the old rule's choices at those sizes)
+PREVIOUS = (
+    {"one_tile": False, "block_k": 256, "k_per": 512},
+    {"groups": {"qkv": LOOP, "o": _tiles(512, 512), "gate_up": LOOP, "down": _tiles(512, 512)}},
+)
 VARIANTS: list[tuple[str, dict | None, dict | None]] = [
     ("default", None, None),
-    ("beside configs", None, {"block_n": 256, "n_per": 256, "num_warps": 8, "preload": False}),
-    ("expand 2x256 loop", None, L2),
-    ("expand n512 preload", None, N5),
-    ("expand no preload", None, {"preload": False}),
-    ("shrink max_split 8", {"max_split": 8}, None),
+    ("previous defaults (64 / 128 tokens)", *PREVIOUS),
+    ("shrink previous", PREVIOUS[0], None),
+    ("expand previous", None, PREVIOUS[1]),
     ("default again", None, None),
 ]
 
 
-def run_variants(tokens: list[int], bw: float, slots: int) -> None:
+def run_variants(tokens: list[int], bw: float, slots: int, distinct_only: bool = False) -> None:
+    """One row per variant, one column per case: µs per layer (ratio to the bytes floor)."""
     gen = torch.Generator().manual_seed(0)
-    names = [v[0] for v in VARIANTS]
-    print("| case | tokens | floor us | " + " | ".join(names) + " |")
-    print("|---|---:|---:|" + "---:|" * len(names))
-    for case, n_ad in (("distinct r16", None), ("32 x r16", 32)):
+    cases = [("distinct r16", None)] + ([] if distinct_only else [("32 x r16", 32)])
+    cols, results = [], []
+    for case, n_ad in cases:
         for T in tokens:
             pool_slots = T if n_ad is None else n_ad
             res, nbytes = run_case(T, n_ad, False, pool_slots, gen, slots, VARIANTS)
             torch.cuda.empty_cache()
             f = nbytes / bw * 1e6
-            cells = " | ".join(f"{res[n]:.1f} ({res[n] / f:.2f}x)" for n in names)
-            print(f"| {case} | {T} | {f:.1f} | {cells} |", flush=True)
+            cols.append(f"{case} T={T} (floor {f:.1f})")
+            results.append((res, f))
+            best = min(res, key=res.get)
+            print(f"{case} T={T}: floor {f:.1f} us, best {best}: {res[best]:.1f} us", flush=True)
+    print("\n| variant | " + " | ".join(cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    for name, _, _ in VARIANTS:
+        cells = " | ".join(f"{res[name]:.1f} ({res[name] / f:.2f}x)" for res, f in results)
+        print(f"| {name} | {cells} |")
 
 
 def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
@@ -358,9 +390,16 @@ def main() -> None:
         "--variants", action="store_true", help="layer time per launch variant (VARIANTS)"
     )
     ap.add_argument(
+        "--distinct-only", action="store_true", help="--variants: all-distinct adapters only"
+    )
+    ap.add_argument(
         "--adapters", type=int, default=0, help="--profile/--sweep: N adapters (0 = distinct)"
     )
+    ap.add_argument(
+        "--min-layers", type=int, default=MIN_LAYERS, help="layers per timed graph, at least"
+    )
     args = ap.parse_args()
+    globals()["MIN_LAYERS"] = args.min_layers
     n_ad = args.adapters or None
     if args.profile:
         profile(args.profile, n_ad, args.slots)
@@ -377,7 +416,7 @@ def main() -> None:
     )
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.variants:
-        run_variants(tokens, bw, args.slots)
+        run_variants(tokens, bw, args.slots, args.distinct_only)
         return
     cases = [("1 x r16", 1, False), ("8 x r16", 8, False), ("32 x r16", 32, False)]
     cases += [("distinct r16", None, False), ("distinct r8-64", None, True)]

@@ -53,7 +53,7 @@ for s in $SECTIONS; do
         --confcutdir=tests/engine tests/engine
       ;;
     sgmv)
-      step "bench_sgmv" 90 $PY benchmarks/bench_sgmv.py --quick --tokens 1,32,64,128
+      step "bench_sgmv" 240 $PY benchmarks/bench_sgmv.py --quick --tokens 1,32,64,128,256
       ;;
     decode)
       step "bench_decode" 200 $PY benchmarks/bench_decode.py --batches 1,8,32,64,128 \

@@ -12,6 +12,7 @@ grid ``(T, N ranges, P)``, slot from ``meta.token_slot``) or per tile of one seg
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -105,8 +106,9 @@ if HAVE_TRITON:
         USE_PDL: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         EARLY: tl.constexpr,
-        ONE_TILE: tl.constexpr,  # N_PER_PROG == BLOCK_N and R <= BLOCK_R: one B tile, one step
-        PRELOAD: tl.constexpr,  # ONE_TILE: load the B tile before gdc_wait
+        ONE_TILE: tl.constexpr,  # R <= BLOCK_R and N_PER_PROG == N_TILES * BLOCK_N
+        N_TILES: tl.constexpr,  # ONE_TILE: the program's B tiles (unrolled, one ahead)
+        PRELOAD: tl.constexpr,  # ONE_TILE: load the first B tile before gdc_wait
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
         # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
@@ -127,17 +129,21 @@ if HAVE_TRITON:
         rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * P + p)
         if ONE_TILE:
             # every load issued before the first wait on one: two dependent round trips (the
-            # slot, then the rank with the partial sums and y) ahead of the B tile, where the
-            # general loop below runs four (slot, rank, partials, B then y)
+            # slot, then the rank with the partial sums and y) ahead of the first B tile,
+            # where the general loop below runs four (slot, rank, partials, B then y); each
+            # later tile's B (and y) loads are issued before the tile ahead of it is reduced
             has = slot >= 0
             offs_n = n_start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_end
             offs_r = tl.arange(0, BLOCK_R)
-            b_tile = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs
-            b_tile += offs_n[:, None] * stride_bn + offs_r[None, :]
+            b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + offs_r[None, :]
             if PRELOAD:  # B is never written by the previous kernel: no need to wait for it
                 eff = tl.where(has, rank, 0)
-                bt = tl.load(b_tile, mask=mask_n[:, None] & (offs_r < eff)[None, :], other=0.0)
+                bt = tl.load(
+                    b_rows + offs_n[:, None] * stride_bn,
+                    mask=mask_n[:, None] & (offs_r < eff)[None, :],
+                    other=0.0,
+                )
             if USE_PDL:
                 gdc_wait()  # what the shrink wrote (buf) and y are visible after this
             if ACCUMULATE:
@@ -155,16 +161,34 @@ if HAVE_TRITON:
                 )
                 xr += tl.sum(part, axis=0)
             eff = tl.where(has, rank, 0)  # only here: a use before the loads above would wait
+            mask_b = (offs_r < eff)[None, :]
             if not PRELOAD:
-                bt = tl.load(b_tile, mask=mask_n[:, None] & (offs_r < eff)[None, :], other=0.0)
+                bt = tl.load(
+                    b_rows + offs_n[:, None] * stride_bn, mask=mask_n[:, None] & mask_b, other=0.0
+                )
             xr = tl.where(offs_r < eff, xr, 0.0)
-            acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
-            if ACCUMULATE:
-                # a token with no adapter (or rank 0 here) keeps its row untouched
-                acc += yv.to(tl.float32)
-                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n & (eff > 0))
-            else:  # the delta: zero where no adapter applies
-                tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+            for i in tl.static_range(N_TILES):
+                if i + 1 < N_TILES:  # the next tile in flight while this one is reduced
+                    nn = offs_n + BLOCK_N
+                    mnn = nn < n_end
+                    bt_next = tl.load(
+                        b_rows + nn[:, None] * stride_bn, mask=mnn[:, None] & mask_b, other=0.0
+                    )
+                    if ACCUMULATE:
+                        yv_next = tl.load(y_row + nn, mask=mnn & has, other=0.0)
+                acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
+                if ACCUMULATE:
+                    # a token with no adapter (or rank 0 here) keeps its row untouched
+                    acc += yv.to(tl.float32)
+                    tl.store(
+                        y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n & (eff > 0)
+                    )
+                else:  # the delta: zero where no adapter applies
+                    tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+                if i + 1 < N_TILES:
+                    offs_n, mask_n, bt = nn, mnn, bt_next
+                    if ACCUMULATE:
+                        yv = yv_next
             return
         if (slot < 0) | (rank == 0):
             if not ACCUMULATE:  # the delta of this token and projection is zero
@@ -324,16 +348,30 @@ if HAVE_TRITON:
                 tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _expand_config(
-    T: int, R: int, max_out: int, P: int, on_gpu: bool, rows: bool, block_m: int, in_line: bool
+    T: int,
+    R: int,
+    outs: Sequence[int],
+    on_gpu: bool,
+    rows: bool,
+    block_m: int,
+    in_line: bool,
+    sms: int = 132,
 ):
-    """(BLOCK_R, BLOCK_N, N_PER_PROG, warps, preload): enough programs for a few waves, each a
-    long N walk.
+    """(BLOCK_R, BLOCK_N, N_PER_PROG, warps, one tile, preload): enough programs for a few
+    waves, each a long N walk.
 
     Sized from the real work known on the host: ``T`` tokens (per-token path: ``T`` programs
     per N range; segment path: at least ``cdiv(T, block_m)`` real tiles when every token has
-    an adapter), never from the padded tile count of a graph's meta. ``in_line``: the kernel
-    runs alone on its stream (early launch), not beside another stream's GEMM."""
+    an adapter), never from the padded tile count of a graph's meta. ``outs``: the columns of
+    each projection. ``in_line``: the kernel runs alone on its stream (early launch), not
+    beside another stream's GEMM."""
+    P, max_out = len(outs), max(outs)
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
     if rows:  # one token: a [BLOCK_N, BLOCK_R] tile of B per step (sm_90 build, 4 warps:
         # r16 x n256 and r32 x n128 64 registers, r64 x n64 168, r64 x n32 80)
@@ -348,21 +386,23 @@ def _expand_config(
         if not in_line:
             # beside the GEMM: one [256, 16] tile of B per program, 8 warps: the most
             # programs, best in the H100 sweeps of the decode step (sweep_decode_lora.py)
-            return block_r, block_n, block_n, 8, False
-        # in line (H100, bench_sgmv.py --sweep / --variants at 64 tokens): 512 columns per
-        # program, 4 warps. Up to one wave (<= 8 programs per SM) as one [512, 16] tile loaded
-        # before gdc_wait, overlapping the previous kernel's tail (o, down: 6.1 / 6.8 us
-        # against 7.5 / 8.4); more programs than that walk two 256-column tiles in a pipelined
-        # loop instead (gate_up 28.2 against 34.5 us, where the early loads only compete)
-        progs = T * triton.cdiv(max_out, 512) * P
-        if progs <= 8 * 132:
-            return block_r, 512, 512, 4, True
-        return block_r, 256, 512, 4, False
+            return block_r, block_n, block_n, 8, True, False
+        # in line, 4 warps: if one wave holds every program (4 per SM: a [512, 16] tile takes
+        # 96 registers), each program's first tile loads before gdc_wait, overlapping the
+        # previous kernel's tail, and its later tiles are one ahead; the fewest columns per
+        # program that fit. Else two 256-column tiles in a pipelined loop (the early loads of
+        # more programs than fit only compete). H100, bench_sgmv.py --variants, 64 tokens:
+        # o, down expand 7.5 / 8.4 -> 6.1 / 6.8 us in one tile; the layer 78.7 -> 76.3 us
+        # with qkv in two 512-column tiles (docs/benchmarks.md)
+        for bn, tiles in ((512, 1), (512, 2), (256, 8)):
+            if T * sum(triton.cdiv(o, bn * tiles) for o in outs) <= 4 * sms:
+                return block_r, bn, bn * tiles, 4, True, True
+        return block_r, 256, 512, 4, False, False
     want = 8 * 132 if on_gpu else 4
     n_blocks = triton.cdiv(max_out, block_n)
     n_split = max(1, min(n_blocks, triton.cdiv(want, max(1, units * P))))
     n_per = triton.cdiv(n_blocks, n_split) * block_n
-    return block_r, block_n, n_per, 4, False
+    return block_r, block_n, n_per, 4, n_per == block_n, False
 
 
 def lora_expand(
@@ -394,13 +434,15 @@ def lora_expand(
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return y if accumulate else y.zero_()
-    max_out = max(offs[i + 1] - offs[i] for i in range(P))
+    outs = [offs[i + 1] - offs[i] for i in range(P)]
+    max_out = max(outs)
     rows = use_token_path(T, meta)
     if config:
         rows = config.get("rows", rows)
         early_launch = config.get("early", early_launch)
-    block_r, block_n, n_per, warps, preload = _expand_config(
-        T, R, max_out, P, y.is_cuda, rows, meta.block_m, early_launch
+    sms = _num_sms(y.device) if y.is_cuda else 132
+    block_r, block_n, n_per, warps, one_tile, preload = _expand_config(
+        T, R, outs, y.is_cuda, rows, meta.block_m, early_launch, sms
     )
     pdl = pdl_ok(y)
     prefetch = False  # measured: L2 prefetch of B before gdc_wait slowed the expand at 64 tokens
@@ -411,9 +453,10 @@ def lora_expand(
         pdl = cfg["launch_pdl"]
         prefetch = config.get("prefetch", prefetch)
         preload = config.get("preload", preload)
-    one_tile = n_per == block_n and R <= block_r
-    if config:
-        one_tile = one_tile and config.get("one_tile", True)
+    if config:  # an override of the shape without "one_tile" takes one tile if it is one
+        one_tile = config.get("one_tile", n_per == block_n if "n_per" in config else one_tile)
+    n_tiles = n_per // block_n
+    one_tile = one_tile and n_per == n_tiles * block_n and R <= block_r
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
     tail = (T, R, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
@@ -435,6 +478,7 @@ def lora_expand(
             ACCUMULATE=accumulate,
             EARLY=early_launch,
             ONE_TILE=one_tile,
+            N_TILES=n_tiles if one_tile else 1,
             PRELOAD=preload and pdl,
             **cfg,
         )

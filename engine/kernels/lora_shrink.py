@@ -89,6 +89,8 @@ if HAVE_TRITON:
         PREFETCH,  # int 0/1, a runtime flag: one compiled variant for every T
         LINE: tl.constexpr,
         EARLY: tl.constexpr,
+        ONE_TILE: tl.constexpr,  # K_PER_SPLIT <= BLOCK_K and R <= BLOCK_R: one A tile
+        PRELOAD: tl.constexpr,  # ONE_TILE: the A tile loads before gdc_wait
     ):
         # per-token path (decode): one program = one token, one projection p, one K slice;
         # multiply-reduce on the CUDA cores. Its cost does not depend on how the tokens group
@@ -107,6 +109,28 @@ if HAVE_TRITON:
         k_lo = ks * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        if ONE_TILE:
+            # the program's whole A slice as one [BLOCK_R, BLOCK_K] tile; with PRELOAD it is
+            # in flight before gdc_wait (A is never written by the previous kernel), so after
+            # the wait only x (L2) is left to fetch
+            offs_r = tl.arange(0, BLOCK_R)
+            offs_k = k_lo + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            a_tile = a_base + offs_r[:, None] * stride_ar + offs_k[None, :]
+            a_mask = (offs_r < rank)[:, None] & mask_k[None, :]
+            if PRELOAD:
+                at = tl.load(a_tile, mask=a_mask, other=0.0)
+            if USE_PDL:
+                gdc_wait()  # what the previous kernel wrote (x) is visible after this
+            xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_k, mask=mask_k, other=0.0)
+            if not PRELOAD:
+                at = tl.load(a_tile, mask=a_mask, other=0.0)
+            part = tl.sum(at.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+            out = buf_ptr + ((ks * P + p) * T + t).to(tl.int64) * R
+            tl.store(out + offs_r, part, mask=offs_r < rank)
+            if USE_PDL and not EARLY:
+                gdc_launch_dependents()
+            return
         if USE_PDL:
             if PREFETCH != 0:
                 _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
@@ -238,24 +262,34 @@ def _shrink_config(
     rows: bool,
     block_m: int,
     max_split: int = MAX_SPLIT,
+    in_line: bool = True,
 ):
-    """(BLOCK_R, BLOCK_K, K_PER_PROG): split K so that the grid has a few waves of programs.
+    """(BLOCK_R, BLOCK_K, K_PER_PROG, ONE_TILE): split K so that the grid has a few waves of
+    programs.
 
     Sized from ``T`` (known on the host, the graph's batch size), never from the padded tile
     count: the segment path has at least ``cdiv(T, block_m)`` real tiles when every token has
-    an adapter."""
+    an adapter. ``in_line``: the kernel runs alone on its stream (early launch), not beside
+    another stream's GEMM."""
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
     if not on_gpu:  # interpreter: small blocks so that tests walk several K and R steps
         block_r = min(block_r, 32)
         if rows:
-            return block_r, 32, 256 if K > 512 else 64
-    if rows:  # decode: short K slices, many programs. Rank 16: 512-wide slices in 256 steps,
-        # best in the H100 sweeps of a batch-32 decode step with the LoRA beside the GEMMs
-        # (benchmarks/sweep_decode_lora.py, docs/benchmarks.md); BLOCK_K 32 for wide ranks
-        # (sm_90 build: r16 x k128 48 registers, r64 x k128 254 and spills, r64 x k32 80)
+            return block_r, 32, 256 if K > 512 else 64, False
+    if rows:  # decode: short K slices, many programs. Rank 16: 512-wide slices.
         if block_r == 16:
-            return block_r, 256, min(512, triton.cdiv(K, 256) * 256)
-        return block_r, 32, min(256, triton.cdiv(K, 32) * 32)
+            if in_line:
+                # in line: each slice one [16, 512] tile of A, loaded before gdc_wait (H100,
+                # Llama-3-8B layer of distinct adapters in a 32-layer graph, 4 warps: 32 / 64 /
+                # 128 / 256 tokens 49.5 / 84.4 / 153.1 / 280.3 -> 45.3 / 78.7 / 146.5 / 276.6
+                # us; bench_sgmv.py --variants, docs/benchmarks.md)
+                return block_r, 512, min(512, triton.cdiv(K, 512) * 512), True
+            # beside the GEMMs: 256-wide steps, best in the H100 sweeps of a batch-32 decode
+            # step (benchmarks/sweep_decode_lora.py, docs/benchmarks.md)
+            return block_r, 256, min(512, triton.cdiv(K, 256) * 256), False
+        # BLOCK_K 32 for wide ranks (sm_90 build: r16 x k128 48 registers, r64 x k128 254 and
+        # spills, r64 x k32 80)
+        return block_r, 32, min(256, triton.cdiv(K, 32) * 32), False
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
     want = 8 * 132 if on_gpu else 16
     tiles = triton.cdiv(T, block_m)
@@ -264,7 +298,7 @@ def _shrink_config(
         1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 2 * block_k), max_split)
     )
     k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    return block_r, block_k, k_per
+    return block_r, block_k, k_per, False
 
 
 def lora_shrink(
@@ -300,17 +334,25 @@ def lora_shrink(
     if config:
         rows = config.get("rows", rows)
     max_split = config.get("max_split", MAX_SPLIT) if config else MAX_SPLIT
-    block_r, block_k, k_per = _shrink_config(T, K, P, R, x.is_cuda, rows, meta.block_m, max_split)
+    if config:
+        early_launch = config.get("early", early_launch)
+    block_r, block_k, k_per, one_tile = _shrink_config(
+        T, K, P, R, x.is_cuda, rows, meta.block_m, max_split, early_launch
+    )
     pdl = pdl_ok(x)
-    prefetch = pdl and T <= 16  # L2 prefetch of A before gdc_wait pays for small batches only
+    # L2 prefetch of A before gdc_wait pays for small batches only (the one-tile kernel loads
+    # its A tile into registers there instead)
+    prefetch = pdl and T <= 16
     cfg = {"num_warps": 4, "num_stages": 2, "launch_pdl": pdl}
+    preload = True
     if config:
         block_k, k_per = config.get("block_k", block_k), config.get("k_per", k_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
         pdl = cfg["launch_pdl"]
         prefetch = config.get("prefetch", prefetch)
-        early_launch = config.get("early", early_launch)
+        one_tile, preload = config.get("one_tile", one_tile), config.get("preload", preload)
     k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
+    one_tile = one_tile and rows and k_per <= block_k and R <= block_r
     split = triton.cdiv(K, k_per)
     buf = torch.empty(split, P, T, R, dtype=torch.float32, device=x.device)
     strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
@@ -334,6 +376,8 @@ def lora_shrink(
             PREFETCH=int(prefetch),
             LINE=line,
             EARLY=early_launch,
+            ONE_TILE=one_tile,
+            PRELOAD=one_tile and preload and pdl,
             **cfg,
         )
         return buf

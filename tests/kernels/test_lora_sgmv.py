@@ -132,8 +132,26 @@ def test_expand_one_tile_per_token(T, pattern, dtype):
         )  # fmt: skip
 
 
+# the in-line defaults on the GPU at rank 16: the shrink's one-tile kernel (a program's whole
+# K slice one [BLOCK_R, BLOCK_K] tile of A) and the expand's run of tiles (N_TILES per
+# program, each next one loaded before the one ahead is reduced). Widths 70, 33, 9 in 3-tile
+# ranges of 32 columns: the last tile of each range partial or empty; K 130 in 64-wide slices
+TILES = {"rows": True, "one_tile": True, "block_k": 64, "k_per": 64, "block_n": 32, "n_per": 96}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [True, False, "one_tile"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("T", [3, 21])
+def test_one_tile_shrink_and_tiled_expand(T, pattern, dtype):
+    for max_segments in (None, 16):
+        run_case(
+            T, 130, [70, 33, 9], pattern, dtype, num_slots=16, max_rank=16, seed=T + 100,
+            max_segments=max_segments, config=TILES, rank_choices=(1, 8, 16),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [True, False, "one_tile", "tiles"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_expand_store_mode(pattern, rows, dtype):
     # accumulate=False writes the delta itself over stale memory: zero rows for tokens with no
@@ -153,7 +171,9 @@ def test_expand_store_mode(pattern, rows, dtype):
         zero = torch.zeros(T, offsets[-1])
         d_ref = lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, zero)
         m = meta.to(DEVICE)
-        cfg = ONE_TILE if rows == "one_tile" else {"rows": rows}
+        cfg = {"one_tile": ONE_TILE, "tiles": TILES}.get(rows) or {"rows": rows}
+        if rows == "tiles" and max_rank > 16:
+            continue  # the tiled kernels need the pool rank within one BLOCK_R step
         buf = lora_shrink(x.to(DEVICE), a.to(DEVICE), ranks.to(DEVICE), m, config=cfg)
         d = torch.full((T, offsets[-1]), float("nan"), dtype=dtype, device=DEVICE)
         lora_expand(buf, b.to(DEVICE), ranks.to(DEVICE), offsets, m, d, cfg, accumulate=False)
@@ -338,12 +358,14 @@ def test_sgmv_llama_bf16_graph_padded(group, T, pattern):
 
 
 @gpu
+@pytest.mark.parametrize("tiles", [1, 2])
 @pytest.mark.parametrize("accumulate", [True, False])
 @pytest.mark.parametrize("T", [1, 64, 133])
 @pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
-def test_expand_one_tile_preload_bf16(group, T, accumulate):
-    # the one-tile per-token expand with its B tile loaded before gdc_wait (PDL on the H100),
-    # over a shrink that launches its dependents early: the same result as the reference
+def test_expand_one_tile_preload_bf16(group, T, accumulate, tiles):
+    # the tiled per-token expand with its first B tile loaded before gdc_wait (PDL on the
+    # H100), over the in-line shrink (one A tile per program, also loaded before gdc_wait)
+    # that launches its dependents early: the same result as the reference
     k, outs = LLAMA_GROUPS[group]
     gen = torch.Generator().manual_seed(T)
     token_slot = make_token_slot(T, "some_none", 32, gen)
@@ -359,8 +381,9 @@ def test_expand_one_tile_preload_bf16(group, T, accumulate):
     m, rk = meta.to("cuda"), ranks.cuda()
     buf = lora_shrink(x.cuda(), a.cuda(), rk, m, config={"rows": True})
     y = y0.cuda() if accumulate else torch.full_like(y0, float("nan")).cuda()
-    # one [512, 16] tile per program whatever the program count (the in-line default takes the
-    # two-tile loop, where preload does not apply, for qkv and gate_up at 64 and 133 tokens)
-    cfg = {"rows": True, "block_n": 512, "n_per": 512, "num_warps": 4, "preload": True}
+    # 1 or 2 [512, 16] tiles per program whatever the program count (the in-line default
+    # takes the loop, where preload does not apply, for gate_up at 64 and 133 tokens)
+    cfg = {"rows": True, "one_tile": True, "block_n": 512, "n_per": 512 * tiles,
+           "num_warps": 4, "preload": True}  # fmt: skip
     lora_expand(buf, b.cuda(), rk, offsets, m, y, config=cfg, accumulate=accumulate)
     assert_close(y, want, torch.bfloat16)
