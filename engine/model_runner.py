@@ -9,6 +9,7 @@ a slot by :meth:`write_slot` from the step thread.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from engine import kernels as K
 from engine.batch import ScheduledBatch, SeqChunk
+from engine.kernels.lora_expand import token_path_sizes
 from engine.lora.pool import LoraPool
 from engine.lora.weights import LoraWeights, read_adapter
 from engine.model.cuda_graphs import DecodeGraphs
@@ -195,25 +197,39 @@ class ModelRunner:
         """Compile the LoRA kernels of eager steps now, not in the first step that has an
         adapter: a prefill chunk on one slot (in line, segment path), and one token per
         sequence as a prefill (in line) and as a decode step (beside the GEMMs), each sequence
-        on its own slot (per-token path) and all on slot 0 (segment path). Decode graphs
-        compile their own when captured. Writes K/V into the first blocks of the pool, which
-        no sequence holds yet."""
+        on its own slot (per-token path) and all on slot 0 (segment path). The in-line
+        per-token expand takes more tiles per program as the token count grows: one more
+        prefill per tile config it can reach (``token_path_sizes``; the per-token path runs up
+        to ``2 * num_slots - 1`` tokens). Decode graphs compile their own when captured.
+        Writes K/V into the first blocks of the pool, which no sequence holds yet."""
         if self.num_slots < 1:
             return
         m = min(64, self.max_model_len, self.num_blocks * self.block_size)
         blocks = list(range(-(-m // self.block_size)))
         self._warm_forward(ScheduledBatch([SeqChunk(0, [0] * m, 0, blocks, 0, True)]))
         most = min(self.num_blocks, self.max_num_seqs)
+
+        def one_token_each(n: int, pos: int, slot_of) -> None:
+            one = [
+                SeqChunk(seq_id=i, token_ids=[0], start_pos=pos, block_table=[i],
+                         adapter_slot=slot_of(i), sample=True)
+                for i in range(n)
+            ]  # fmt: skip
+            self._warm_forward(ScheduledBatch(one))
+
         for pos in (0, 1):
-            for own_slot in (True, False):
-                # the segment path needs 2+ tokens per segment, the per-token path fewer
-                n = max(1, min(most, self.num_slots)) if own_slot else min(most, 2)
-                one = [
-                    SeqChunk(seq_id=i, token_ids=[0], start_pos=pos, block_table=[i],
-                             adapter_slot=i if own_slot else 0, sample=True)
-                    for i in range(n)
-                ]  # fmt: skip
-                self._warm_forward(ScheduledBatch(one))
+            # the segment path needs 2+ tokens per segment, the per-token path fewer
+            one_token_each(max(1, min(most, self.num_slots)), pos, lambda i: i)
+            one_token_each(min(most, 2), pos, lambda i: 0)
+        if self.device.type != "cuda":
+            return  # the CPU runs the references
+        t_max = min(most, 2 * self.num_slots - 1)
+        sizes: set[int] = set()
+        for offs in self.model.offsets.values():
+            outs = [b - a for a, b in itertools.pairwise(offs)]
+            sizes.update(token_path_sizes(self.max_lora_rank, outs, self.device, t_max))
+        for n in sorted(sizes - {max(1, min(most, self.num_slots))}):
+            one_token_each(n, 0, lambda i: i % self.num_slots)
 
     # ---- adapters ------------------------------------------------------------------------
 

@@ -405,6 +405,25 @@ def _expand_config(
     return block_r, block_n, n_per, 4, n_per == block_n, False
 
 
+def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: int) -> list[int]:
+    """The fewest tokens that reach each compiled variant of the in-line per-token expand
+    over 1..``t_max`` tokens (its tiles per program depend on the token count): one warm-up
+    forward at each size compiles them all before a step needs one (``_warm_lora``)."""
+    on_gpu = device.type == "cuda"
+    sms = _num_sms(device) if on_gpu else 132
+    sizes, seen = [], set()
+    for T in range(1, t_max + 1):
+        block_r, block_n, n_per, warps, one_tile, preload = _expand_config(
+            T, R, outs, on_gpu, True, 1, True, sms
+        )
+        one_tile = one_tile and n_per % block_n == 0 and R <= block_r  # as lora_expand's
+        key = (block_n, warps, one_tile, n_per // block_n if one_tile else 1, preload)
+        if key not in seen:
+            seen.add(key)
+            sizes.append(T)
+    return sizes
+
+
 def lora_expand(
     buf: torch.Tensor,  # [KS, P, T, R] float32 partials from lora_shrink
     lora_b: torch.Tensor,  # [slots, N, R]  (scale folded in)

@@ -220,3 +220,58 @@ def test_lora_kernels_compiled_before_the_first_adapter_step(tiny):
         triton.knobs.runtime.jit_cache_hook = old
     lora = [n for n in compiled if "shrink" in n or "expand" in n]
     assert not lora, f"compiled after start-up: {lora}"
+
+
+def test_in_line_token_path_compiled_for_every_tile_config(tmp_path):
+    # a model wide enough that the in-line per-token expand changes its tiles per program with
+    # the token count (llama3-1b: gate_up 2 x 8192 columns, one 512-column tile per program
+    # up to 16 tokens, two up to 33, eight 256-column tiles up to 66): the runner's warm-up
+    # compiles every config, so prefills of 5, 20, 40 and 60 one-token sequences on 32
+    # adapters (the per-token path, in line) compile nothing
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    import triton
+
+    from engine.kernels.lora_expand import token_path_sizes
+
+    S = importlib.import_module("engine.kernels.lora_shrink")
+    E = importlib.import_module("engine.kernels.lora_expand")
+    lora_kernels = [S._bgmv_shrink_kernel, S._sgmv_shrink_kernel]
+    lora_kernels += [E._bgmv_expand_kernel, E._sgmv_expand_kernel]
+    for fn in lora_kernels:  # forget what earlier tests in this process compiled
+        fn.device_caches.clear()
+    runner = ModelRunner(
+        "dummy:llama3-1b", device="cuda", dtype=torch.bfloat16, max_num_seqs=64,
+        max_model_len=64, max_loras=32, max_lora_rank=16, gpu_memory_utilization=0.4,
+        enforce_eager=True,
+    )  # fmt: skip
+    cfg = runner.config
+    sizes = token_path_sizes(16, [cfg.intermediate_size] * 2, torch.device("cuda"), 63)
+    assert len(sizes) >= 3, sizes  # the steps below reach several configs
+    spec = importlib.util.spec_from_file_location(
+        "bench_common", Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
+    )
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    weights = runner.read_adapter(common.write_peft_adapter(tmp_path / "a", cfg, 16))
+    for slot in range(32):
+        runner.write_slot(slot, weights)
+    compiled: list[str] = []
+
+    def hook(*, fn, **_kw):
+        compiled.append(fn.name)
+        return False
+
+    old = triton.knobs.runtime.jit_cache_hook
+    triton.knobs.runtime.jit_cache_hook = hook
+    try:
+        for n in (5, 20, 40, 60):
+            chunks = [SeqChunk(i, [7], 0, [i], i % 32, True) for i in range(n)]
+            runner.execute(ScheduledBatch(chunks))
+        torch.cuda.synchronize()
+    finally:
+        triton.knobs.runtime.jit_cache_hook = old
+    lora = [n for n in compiled if "shrink" in n or "expand" in n]
+    assert not lora, f"compiled after start-up: {lora}"
