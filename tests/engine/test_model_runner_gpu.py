@@ -3,6 +3,9 @@ and KV pool sizing from measured memory. Run with ``pytest -m gpu`` on a GPU mac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from model_builders import (
@@ -166,22 +169,46 @@ def test_kv_pool_is_sized_from_free_memory():
     del free0
 
 
+def _cold_lora_kernels() -> None:
+    """Forget what earlier tests in this process compiled of the LoRA kernels (the modules:
+    engine.kernels re-exports functions of the same names)."""
+    import importlib
+
+    S = importlib.import_module("engine.kernels.lora_shrink")
+    E = importlib.import_module("engine.kernels.lora_expand")
+    for fn in (S._bgmv_shrink_kernel, S._sgmv_shrink_kernel):
+        fn.device_caches.clear()
+    for fn in (E._bgmv_expand_kernel, E._sgmv_expand_kernel):
+        fn.device_caches.clear()
+
+
+@contextmanager
+def _lora_compiles() -> Iterator[list[str]]:
+    """The LoRA kernels Triton compiles inside the block (compiled as usual)."""
+    import triton
+
+    compiled: list[str] = []
+
+    def hook(*, fn, **_kw):
+        compiled.append(fn.name)
+        return False
+
+    old = triton.knobs.runtime.jit_cache_hook
+    triton.knobs.runtime.jit_cache_hook = hook
+    lora: list[str] = []
+    try:
+        yield lora
+        torch.cuda.synchronize()
+    finally:
+        triton.knobs.runtime.jit_cache_hook = old
+        lora.extend(n for n in compiled if "shrink" in n or "expand" in n)
+
+
 def test_lora_kernels_compiled_before_the_first_adapter_step(tiny):
     # the runner's warm-up forwards compile the in-line LoRA kernels; with the token count
     # not specialized on, no later prefill size or adapter mix compiles one again (a compile
     # stalls every request of that step for a second or more)
-    import importlib
-
-    import triton
-
-    # the modules (engine.kernels re-exports functions of the same names)
-    S = importlib.import_module("engine.kernels.lora_shrink")
-    E = importlib.import_module("engine.kernels.lora_expand")
-
-    lora_kernels = [S._bgmv_shrink_kernel, S._sgmv_shrink_kernel]
-    lora_kernels += [E._bgmv_expand_kernel, E._sgmv_expand_kernel]
-    for fn in lora_kernels:  # forget what earlier tests in this process compiled
-        fn.device_caches.clear()
+    _cold_lora_kernels()
     base, _, adapters = tiny
     runner = ModelRunner(
         str(base), device="cuda", dtype=torch.bfloat16, max_num_seqs=8, max_model_len=128,
@@ -189,15 +216,7 @@ def test_lora_kernels_compiled_before_the_first_adapter_step(tiny):
     )  # fmt: skip
     for slot, path in enumerate(adapters):
         runner.write_slot(slot, runner.read_adapter(path))
-    compiled: list[str] = []
-
-    def hook(*, fn, **_kw):
-        compiled.append(fn.name)
-        return False  # compile as usual
-
-    old = triton.knobs.runtime.jit_cache_hook
-    triton.knobs.runtime.jit_cache_hook = hook
-    try:
+    with _lora_compiles() as lora:
         g = torch.Generator().manual_seed(2)
         steps = [([37], [0]), ([1, 1, 1], [0, 1, 2]), ([48, 3], [1, -1]), ([5], [2])]
         steps += [([20] * 5, [0, 1, 2, 0, -1])]
@@ -215,10 +234,6 @@ def test_lora_kernels_compiled_before_the_first_adapter_step(tiny):
                     for c in chunks
                 ]  # fmt: skip
                 runner.execute(ScheduledBatch(dec))
-        torch.cuda.synchronize()
-    finally:
-        triton.knobs.runtime.jit_cache_hook = old
-    lora = [n for n in compiled if "shrink" in n or "expand" in n]
     assert not lora, f"compiled after start-up: {lora}"
 
 
@@ -228,20 +243,12 @@ def test_in_line_token_path_compiled_for_every_tile_config(tmp_path):
     # up to 16 tokens, two up to 33, eight 256-column tiles up to 66): the runner's warm-up
     # compiles every config, so prefills of 5, 20, 40 and 60 one-token sequences on 32
     # adapters (the per-token path, in line) compile nothing
-    import importlib
     import importlib.util
     from pathlib import Path
 
-    import triton
-
     from engine.kernels.lora_expand import token_path_sizes
 
-    S = importlib.import_module("engine.kernels.lora_shrink")
-    E = importlib.import_module("engine.kernels.lora_expand")
-    lora_kernels = [S._bgmv_shrink_kernel, S._sgmv_shrink_kernel]
-    lora_kernels += [E._bgmv_expand_kernel, E._sgmv_expand_kernel]
-    for fn in lora_kernels:  # forget what earlier tests in this process compiled
-        fn.device_caches.clear()
+    _cold_lora_kernels()
     runner = ModelRunner(
         "dummy:llama3-1b", device="cuda", dtype=torch.bfloat16, max_num_seqs=64,
         max_model_len=64, max_loras=32, max_lora_rank=16, gpu_memory_utilization=0.4,
@@ -258,20 +265,8 @@ def test_in_line_token_path_compiled_for_every_tile_config(tmp_path):
     weights = runner.read_adapter(common.write_peft_adapter(tmp_path / "a", cfg, 16))
     for slot in range(32):
         runner.write_slot(slot, weights)
-    compiled: list[str] = []
-
-    def hook(*, fn, **_kw):
-        compiled.append(fn.name)
-        return False
-
-    old = triton.knobs.runtime.jit_cache_hook
-    triton.knobs.runtime.jit_cache_hook = hook
-    try:
+    with _lora_compiles() as lora:
         for n in (5, 20, 40, 60):
             chunks = [SeqChunk(i, [7], 0, [i], i % 32, True) for i in range(n)]
             runner.execute(ScheduledBatch(chunks))
-        torch.cuda.synchronize()
-    finally:
-        triton.knobs.runtime.jit_cache_hook = old
-    lora = [n for n in compiled if "shrink" in n or "expand" in n]
     assert not lora, f"compiled after start-up: {lora}"
