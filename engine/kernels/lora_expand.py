@@ -405,6 +405,13 @@ def _expand_config(
     return block_r, block_n, n_per, 4, n_per == block_n, False
 
 
+def _tile_run(one_tile: bool, block_n: int, n_per: int, R: int, block_r: int) -> int:
+    """The per-token kernel's N_TILES: the tiles of a program's run, 0 where it takes the
+    general loop (the rank needs several BLOCK_R steps or N_PER_PROG is not whole tiles)."""
+    fits = one_tile and n_per % block_n == 0 and R <= block_r
+    return n_per // block_n if fits else 0
+
+
 def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: int) -> list[int]:
     """The fewest tokens that reach each compiled variant of the in-line per-token expand
     over 1..``t_max`` tokens (its tiles per program depend on the token count): one warm-up
@@ -416,8 +423,7 @@ def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: i
         block_r, block_n, n_per, warps, one_tile, preload = _expand_config(
             T, R, outs, on_gpu, True, 1, True, sms
         )
-        one_tile = one_tile and n_per % block_n == 0 and R <= block_r  # as lora_expand's
-        key = (block_n, warps, one_tile, n_per // block_n if one_tile else 1, preload)
+        key = (block_n, warps, _tile_run(one_tile, block_n, n_per, R, block_r), preload)
         if key not in seen:
             seen.add(key)
             sizes.append(T)
@@ -474,8 +480,7 @@ def lora_expand(
         preload = config.get("preload", preload)
     if config:  # an override of the shape without "one_tile" takes one tile if it is one
         one_tile = config.get("one_tile", n_per == block_n if "n_per" in config else one_tile)
-    n_tiles = n_per // block_n
-    one_tile = one_tile and n_per == n_tiles * block_n and R <= block_r
+    n_tiles = _tile_run(one_tile, block_n, n_per, R, block_r)
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
     tail = (T, R, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
@@ -496,8 +501,8 @@ def lora_expand(
             USE_PDL=pdl,
             ACCUMULATE=accumulate,
             EARLY=early_launch,
-            ONE_TILE=one_tile,
-            N_TILES=n_tiles if one_tile else 1,
+            ONE_TILE=n_tiles > 0,
+            N_TILES=max(n_tiles, 1),
             PRELOAD=preload and pdl,
             **cfg,
         )
