@@ -1,6 +1,6 @@
-"""The fetcher the engine is given: a registry version -> ``(key, fetch)`` for ``AdapterRef``.
+"""The engine side's fetcher: a content key and an object key -> a local adapter directory.
 
-``fetch`` runs in an engine worker thread: disk cache hit, else one download from the
+``fetch`` runs in an engine loader thread: disk cache hit, else one download from the
 object store per cold adapter however many threads ask at once (the others wait for it).
 A failed download raises :class:`AdapterFetchError` (the engine answers 503 for that
 adapter's requests); after a store failure every cold fetch fails fast until a backoff
@@ -15,10 +15,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 from adapters.bundle import sha256_file, unpack
 from adapters.cache import DiskCache
@@ -28,23 +26,6 @@ from adapters.storage import ObjectMissing, ObjectStore, StoreError
 
 TIER = "object_store"
 log = logging.getLogger("loraplex.adapters")
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """What the gateway wraps as ``engine.api.AdapterRef(key, fetch)``."""
-
-    key: str
-    fetch: Callable[[], Path]
-
-
-class StoredVersion(Protocol):
-    """A registry ``VersionInfo`` or a ``tenancy.models.AdapterVersion`` row."""
-
-    @property
-    def sha256(self) -> str: ...
-    @property
-    def storage_key(self) -> str: ...
 
 
 class Backoff:
@@ -91,11 +72,6 @@ class Fetcher:
         self._new_backoff = partial(Backoff, backoff_initial_s, backoff_max_s, clock)
         self._key_backoff: dict[str, Backoff] = {}
         self.downloads = 0  # completed downloads (tests: one per cold adapter)
-
-    def source(self, version: StoredVersion) -> AdapterSource:
-        return AdapterSource(
-            key=version.sha256, fetch=partial(self.fetch, version.sha256, version.storage_key)
-        )
 
     def fetch(self, sha256: str, storage_key: str) -> Path:
         hit = self.cache.get(sha256)

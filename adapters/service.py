@@ -1,4 +1,10 @@
-"""Build the adapter components once, in the app lifespan, from the few values they use."""
+"""Build the adapter components once, from the few values they use.
+
+The gateway and admin side gets the store, the registry and upload limits
+(:func:`build_adapter_services`); the engine side gets the fetcher that turns a content key
+and an object key into a local directory through its own disk cache (:func:`build_fetcher`),
+both from the same object-store settings.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +28,6 @@ from adapters.upload import UploadLimits
 class AdapterServices:
     store: ObjectStore
     registry: AdapterRegistry
-    cache: DiskCache
-    fetcher: Fetcher
-    metrics: AdapterMetrics
     limits: UploadLimits
 
 
@@ -33,20 +36,27 @@ def build_adapter_services(
     *,
     store_url: str,
     s3_endpoint_url: str | None,
-    cache_dir: Path,
-    cache_bytes: int,
     spec: Callable[[], BaseModelSpec | None],
     limits: UploadLimits,
-    metrics_registry: CollectorRegistry,
 ) -> AdapterServices:
     store = open_store(store_url, endpoint_url=s3_endpoint_url)
-    metrics = AdapterMetrics(metrics_registry)
-    cache = DiskCache(cache_dir, cache_bytes, metrics)
     return AdapterServices(
         store=store,
         registry=AdapterRegistry(sessions, store, spec, max_rank=limits.max_rank),
-        cache=cache,
-        fetcher=Fetcher(store, cache, metrics, max_bytes=limits.max_expanded_bytes),
-        metrics=metrics,
         limits=limits,
     )
+
+
+def build_fetcher(
+    *,
+    store_url: str,
+    s3_endpoint_url: str | None,
+    cache_dir: Path,
+    cache_bytes: int,
+    max_bytes: int,
+    metrics_registry: CollectorRegistry,
+) -> Fetcher:
+    """The engine side's fetcher: object store -> disk cache -> a local PEFT directory."""
+    metrics = AdapterMetrics(metrics_registry)
+    store = open_store(store_url, endpoint_url=s3_endpoint_url)
+    return Fetcher(store, DiskCache(cache_dir, cache_bytes, metrics), metrics, max_bytes=max_bytes)

@@ -85,7 +85,7 @@ def timed(fn, timers: dict[str, float], name: str):
 def requests(n: int, adapters: int, max_tokens: int, greedy: bool) -> list[Request]:
     rng = random.Random(0)
     words = "the quick brown fox jumps over a lazy dog; naïve café 日本語 🙂".split()
-    refs = [AdapterRef(key=f"adapter-{i:03d}", fetch=lambda: Path(".")) for i in range(adapters)]
+    refs = [AdapterRef(f"adapter-{i:03d}", ".") for i in range(adapters)]
     out = []
     for i in range(n):
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))

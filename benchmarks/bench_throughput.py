@@ -135,7 +135,7 @@ def adapter_refs(args, cfg, n: int, root: Path) -> list[AdapterRef]:
             write_peft_adapter(d, cfg, args.rank, seed=1000 + f)
         files.append(d)
     return [
-        AdapterRef(key=f"bench-{n}-{i}", fetch=lambda p=files[i % len(files)]: p) for i in range(n)
+        AdapterRef(f"bench-{n}-{i}", str(files[i % len(files)])) for i in range(n)
     ]
 
 
@@ -165,12 +165,13 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
         engine.add_request(Request(f"r{i}", p, params, None if a is None else refs[a]))
     out_tokens, finished, seqs_sum, steps = 0, 0, 0, 0
     while engine.has_unfinished():
-        for o in engine.step():
+        for o in engine.step():  # the core's outputs: token ids (text is the client's work)
+            for c in o.choices:
+                out_tokens += len(c.token_ids)
             if o.finished:
                 finished += 1
-                out_tokens += o.completion_tokens
                 if o.error:
-                    raise RuntimeError(f"{o.request_id}: {o.error}")
+                    raise RuntimeError(f"{o.request_id}: {o.error.message}")
         if engine.last_step_ran:
             steps += 1
             seqs_sum += engine.stats().last_batch_seqs

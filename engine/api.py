@@ -1,28 +1,36 @@
 """The values that cross the engine's boundary.
 
-The gateway (or a benchmark, or a test) builds a :class:`Request`; the engine yields
-:class:`RequestOutput` values back. Nothing here knows of tenants: an adapter is a content
-key plus a callback that produces its PEFT directory on demand.
+A client (the gateway, a benchmark, a test) builds a :class:`Request`; the engine core
+answers each step with :class:`EngineOutput` values (token ids, not text). The client side
+(``engine.output_processor``) turns those into :class:`RequestOutput` values with text,
+stop strings applied. Everything that crosses a process boundary is a ``msgspec.Struct``
+of plain values (``engine.wire`` encodes them); nothing here knows of tenants, and
+nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+import msgspec
 
 if TYPE_CHECKING:
     from engine.errors import EngineError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is a signed 64-bit integer
+MAX_STOPS = 16  # per request (the OpenAI API allows 4; the engine's own bound)
+MAX_STOP_CHARS = 4096  # per stop string
+MAX_STOP_TOKEN_IDS = 1024
 
-@dataclass(frozen=True)
-class SamplingParams:
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Per-request sampling. Validation lives in :meth:`validate` (never ``assert``)."""
 
     max_tokens: int = 16
+    min_tokens: int = 0  # no stop (eos, stop ids, stop strings) before this many tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -31,7 +39,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # applied by the client side, on text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
@@ -42,6 +50,7 @@ class SamplingParams:
 
         checks: list[tuple[bool, str, str]] = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be 0..max_tokens"),
             (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be 0 (off) or positive"),
@@ -55,33 +64,96 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be 0..20"),
             (1 <= self.n <= 16, "n", "must be between 1 and 16"),
-            (len(self.stop) <= 8, "stop", "at most 8 stop sequences"),
+            (
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                "seed",
+                f"must be an integer between {SEED_MIN} and {SEED_MAX}",
+            ),
+            (len(self.stop) <= MAX_STOPS, "stop", f"at most {MAX_STOPS} stop sequences"),
+            (
+                all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+                "stop",
+                f"each stop sequence at most {MAX_STOP_CHARS} characters",
+            ),
+            (
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+                "stop_token_ids",
+                f"at most {MAX_STOP_TOKEN_IDS} ids",
+            ),
         ]
         for ok, param, msg in checks:
             if not ok:
                 raise InvalidRequest(f"{param} {msg}", param=param)
 
 
-@dataclass(frozen=True)
-class AdapterRef:
-    """A LoRA adapter as the engine sees it.
+class AdapterRef(msgspec.Struct, frozen=True):
+    """A LoRA adapter as the engine sees it: plain data.
 
-    ``key`` identifies the exact weights (a content hash or version id): KV prefix caching
-    and GPU slots are keyed by it, so two versions never share anything. ``fetch`` is
-    called (in a worker thread, at most once per cold load) and returns a local directory
-    holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+    ``key`` identifies the exact weights (a content hash): KV prefix caching and GPU slots
+    are keyed by it, so two versions never share anything. ``uri`` says where the engine
+    side fetches them: ``store:<object key>`` (the engine's own object-store fetcher, built
+    from the same settings as the gateway's store) or a local directory holding
+    ``adapter_config.json`` and ``adapter_model.safetensors`` (tests, benchmarks).
     """
 
     key: str
-    fetch: Callable[[], Path]
+    uri: str
+
+    @classmethod
+    def in_store(cls, key: str, storage_key: str) -> AdapterRef:
+        return cls(key, f"store:{storage_key}")
+
+    @property
+    def storage_key(self) -> str | None:
+        return self.uri[len("store:") :] if self.uri.startswith("store:") else None
 
 
-@dataclass
-class Request:
+class Request(msgspec.Struct):
     request_id: str
-    prompt: str | list[int]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt: str | list[int]  # token ids over the wire; text only in-process (tests, tools)
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     adapter: AdapterRef | None = None
+
+
+# ---- what the engine core sends back each step (token ids) --------------------------------
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """The sampled token's logprob and the top alternatives (ids, logprobs)."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class ChoiceTokens(msgspec.Struct, array_like=True):
+    """What one of the ``n`` choices produced since the previous output."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ErrorInfo(msgspec.Struct, array_like=True):
+    """An engine error as data: the class name of the typed error, its message and param."""
+
+    kind: str
+    message: str
+    param: str | None = None
+
+
+class EngineOutput(msgspec.Struct, array_like=True):
+    request_id: str
+    choices: list[ChoiceTokens]
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache
+    finished: bool
+    error: ErrorInfo | None = None  # set when the request failed (finish_reason "error")
+
+
+# ---- what a client of the engine sees (text, after the output processor) -------------------
 
 
 @dataclass
@@ -108,9 +180,17 @@ class RequestOutput:
     request_id: str
     deltas: list[CompletionDelta]
     prompt_tokens: int
-    completion_tokens: int  # so far, summed over the n choices
+    completion_tokens: int  # so far, summed over the n choices (up to a stop string)
     cached_tokens: int  # prompt tokens served from the prefix cache
     finished: bool
     error: str | None = None  # set when finish_reason == "error"
     # the typed cause behind ``error`` (e.g. AdapterIncompatible -> 400, AdapterLoadError -> 503)
     exception: EngineError | None = None
+
+
+class AdapterResidency(msgspec.Struct):
+    """Which adapter keys the engine holds where: GPU slots, host memory, being loaded."""
+
+    gpu: list[str]
+    host: list[str]
+    loading: list[str]

@@ -6,7 +6,7 @@ emits the new text only once it no longer ends in U+FFFD, i.e. once a multi-byte
 character split over several tokens is complete; with :class:`TokenPieces` (each token's
 text, decoded once) it skips that decode for whole-character tokens of a byte-level
 tokenizer. :class:`StopChecker` truncates at a stop string and holds back text that could be
-the start of one.
+the start of one. Both run on the client side of the engine (``engine.output_processor``).
 """
 
 from __future__ import annotations
@@ -141,31 +141,80 @@ class IncrementalDetokenizer:
         self._set_out(self._decode(self._ids))
 
 
+class _StopMatcher:
+    """One stop string as a streaming KMP automaton: ``state`` is the length of the longest
+    prefix of the stop that ends the text fed so far. Memory linear in the stop's length,
+    amortized O(1) per character."""
+
+    __slots__ = ("fail", "state", "stop")
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        fail = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            fail[i] = k
+        self.fail = fail
+        self.state = 0
+
+    def feed(self, c: str) -> bool:
+        """Advance by one character; True when the whole stop string has just matched."""
+        stop, k = self.stop, self.state
+        while k and stop[k] != c:
+            k = self.fail[k - 1]
+        if stop[k] == c:
+            k += 1
+        if k == len(stop):
+            self.state = self.fail[k - 1]
+            return True
+        self.state = k
+        return False
+
+
 class StopChecker:
-    """Tracks one choice's text; finds stop strings; says how much is safe to emit."""
+    """Tracks one choice's text; finds stop strings; says how much is safe to emit.
+
+    Memory and time are linear in the stop strings and the text: each stop is a streaming
+    automaton fed the new text once (no prefix sets, no re-scans); the text held back is
+    the longest stop prefix that ends it, read off the automata's states.
+    """
 
     def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        # each stop's proper prefixes, longest first; and every char one can end with
-        self._prefixes = [[s[:k] for k in range(len(s) - 1, 0, -1)] for s in self._stops]
-        self._prefix_ends = frozenset(c for s in self._stops for c in s[:-1])
+        self._matchers = [_StopMatcher(s) for s in stops if s]
+        self._chars = frozenset(c for m in self._matchers for c in m.stop)
+        self._partial = False  # some automaton is past its start state
         self.text = ""
         self.emitted = 0  # chars of ``text`` already handed out
 
     def add(self, new_text: str) -> bool:
-        """Append text; on a stop string, truncate before it and return True."""
+        """Append text; on a stop string, truncate before it and return True. The earliest
+        stop to complete wins (the longest, if several complete at once)."""
         if not new_text:
             return False
         start = len(self.text)
         self.text += new_text
-        hit = -1
-        for stop in self._stops:
-            i = self.text.find(stop, max(0, start - len(stop) + 1))
-            if i >= 0 and (hit < 0 or i < hit):
-                hit = i
-        if hit >= 0:
-            self.text = self.text[:hit]
-            return True
+        matchers, chars = self._matchers, self._chars
+        if not matchers:
+            return False
+        for i, c in enumerate(new_text):
+            if c not in chars:  # no stop holds c: every automaton restarts
+                if self._partial:
+                    for m in matchers:
+                        m.state = 0
+                    self._partial = False
+                continue
+            hit = 0  # the longest stop that completes here (it starts earliest)
+            for m in matchers:
+                if m.feed(c) and len(m.stop) > hit:
+                    hit = len(m.stop)
+            if hit:
+                self.text = self.text[: start + i + 1 - hit]
+                return True
+            self._partial = True
         return False
 
     def take(self, final: bool) -> str:
@@ -180,15 +229,6 @@ class StopChecker:
 
     def _held_back(self) -> int:
         """Length of the longest tail of ``text`` that is a proper prefix of a stop."""
-        text = self.text
-        if not text or text[-1] not in self._prefix_ends:  # the common case: O(1)
+        if not self._partial:
             return 0
-        longest = 0
-        for prefixes in self._prefixes:
-            for p in prefixes:
-                if len(p) <= longest:
-                    break
-                if text.endswith(p):
-                    longest = len(p)
-                    break
-        return longest
+        return max(m.state for m in self._matchers)

@@ -1,6 +1,13 @@
-"""Typed engine errors. The gateway maps each to an HTTP status exactly once."""
+"""Typed engine errors. The gateway maps each to an HTTP status exactly once.
+
+Errors cross the engine's process boundary as :class:`engine.api.ErrorInfo` (the class
+name, message and param) and become the same typed error on the client side
+(:func:`error_from_info`).
+"""
 
 from __future__ import annotations
+
+from engine.api import ErrorInfo
 
 
 class EngineError(Exception):
@@ -10,6 +17,9 @@ class EngineError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo(type(self).__name__, self.message, self.param)
 
 
 class InvalidRequest(EngineError):
@@ -33,4 +43,36 @@ class EngineOverloaded(EngineError):
 
 
 class EngineDead(EngineError):
-    """The step loop died; nothing more will be served (maps to 500)."""
+    """The engine is gone (step loop died, process exited, unreachable): 503 until it is
+    back."""
+
+
+class RequestFailed(EngineError):
+    """The engine failed this request alone while serving it (maps to 500)."""
+
+
+_KINDS: dict[str, type[EngineError]] = {
+    cls.__name__: cls
+    for cls in (
+        EngineError,
+        InvalidRequest,
+        PromptTooLong,
+        AdapterIncompatible,
+        AdapterLoadError,
+        EngineOverloaded,
+        EngineDead,
+        RequestFailed,
+    )
+}
+
+
+def error_from_info(info: ErrorInfo) -> EngineError:
+    """The typed error an :class:`ErrorInfo` describes (unknown kinds: ``EngineError``)."""
+    return _KINDS.get(info.kind, EngineError)(info.message, param=info.param)
+
+
+def as_engine_error(exc: BaseException) -> EngineError:
+    """``exc`` itself when typed, else a :class:`RequestFailed` that says what it was."""
+    if isinstance(exc, EngineError):
+        return exc
+    return RequestFailed(f"the engine failed this request ({type(exc).__name__}; see its log)")

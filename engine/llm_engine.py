@@ -1,45 +1,61 @@
-"""The synchronous engine: ``add_request``, ``step() -> list[RequestOutput]``, ``abort``.
+"""The synchronous engine core: ``add_request``, ``step() -> list[EngineOutput]``, ``abort``.
 
-One thread drives it (the async front's step thread, or a test). Each step: take in
+One thread drives it (the step loop of ``engine.step_loop``, or a test). Each step: take in
 finished adapter loads, start the loads waiting requests need, schedule, write newly
-assigned LoRA slots, run the model, sample, and turn tokens into outputs.
+assigned LoRA slots, run the model, sample, and report each touched request's new token ids.
+
+A failure that concerns one request (a bad value, a sampling row that cannot be made) fails
+that request alone. A failed forward fails the requests of that batch; only repeated failed
+forwards (a broken device) end the step loop.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from engine.api import AdapterRef, Request, RequestOutput
+from engine.api import AdapterRef, AdapterResidency, EngineOutput, Request, TokenLogprobs
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces, fast_decoder
 from engine.errors import (
     AdapterLoadError,
     EngineError,
     EngineOverloaded,
     InvalidRequest,
+    as_engine_error,
 )
-from engine.lora.loader import AdapterLoader
+from engine.lora.loader import AdapterLoader, local_fetch
 from engine.lora.slots import SlotTable
-from engine.request_state import Choice, RequestState, check_fits, make_logprob, tokenize_prompt
+from engine.request_state import Choice, RequestState, check_fits, tokenize_prompt
 from engine.runner import Runner, build_runner
-from engine.sampler import Sampler, SampleRow
+from engine.sampler import Sampler, SampleResult, SampleRow
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SeqStatus, Sequence
 from engine.stats import EngineStats, StepCounters
 
+log = logging.getLogger(__name__)
+MAX_FAILED_FORWARDS = 3  # consecutive failed forwards before the step loop gives up
+
 
 class LLMEngine:
-    def __init__(self, runner: Runner, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        config: EngineConfig,
+        *,
+        fetch: Callable[[AdapterRef], Path] = local_fetch,
+    ) -> None:
+        """``fetch``: an adapter reference -> a local PEFT directory (runs in loader
+        threads). The default takes local directories only; the engine server passes the
+        object-store fetcher built from its settings."""
         config.validate()
         self.runner = runner
         self.config = config
         self.tokenizer = runner.tokenizer
-        self._decoder = fast_decoder(runner.tokenizer)
-        self._pieces = TokenPieces(self._decoder)  # each token's text, decoded once
         self.max_model_len = min(runner.max_model_len, config.max_model_len or runner.max_model_len)
         self.blocks = BlockManager(
             runner.num_blocks, runner.block_size, config.enable_prefix_caching
@@ -54,6 +70,7 @@ class LLMEngine:
         )
         self.loader = AdapterLoader(
             runner.read_adapter,
+            fetch,
             max_host_adapters=config.max_cpu_loras,
             workers=config.adapter_load_workers,
             in_use=lambda key: key in self._adapter_users,
@@ -64,16 +81,27 @@ class LLMEngine:
         self._owner: dict[int, tuple[RequestState, Choice]] = {}
         self._adapter_refs: dict[str, AdapterRef] = {}  # keys some request in flight uses
         self._adapter_users: dict[str, int] = {}
-        self._pending: list[RequestOutput] = []  # aborts and failures, out with the next step
+        self._pending: list[EngineOutput] = []  # aborts and failures, out with the next step
         self._next_seq_id = 0
         self._next_arrival = 0
+        self._failed_forwards = 0
         self._counters = StepCounters()
         self.last_step_ran = False  # False: nothing could run (idle, or waiting on loads)
 
     @classmethod
-    def from_model(cls, model: str | Path | None, config: EngineConfig) -> LLMEngine:
+    def from_model(
+        cls,
+        model: str | Path | None,
+        config: EngineConfig,
+        *,
+        fetch: Callable[[AdapterRef], Path] = local_fetch,
+    ) -> LLMEngine:
         """``model``: an HF directory, a ``.gguf`` file, ``dummy:<preset>`` (see the runner)."""
-        return cls(build_runner(model, config), config)
+        return cls(build_runner(model, config), config, fetch=fetch)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
 
     # -- requests ----------------------------------------------------------------------
 
@@ -87,13 +115,11 @@ class LLMEngine:
             )
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloaded("too many queued requests")
-        prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, self.runner.vocab_size)
-        check_fits(
-            len(prompt_ids),
-            p.max_tokens,
-            self.max_model_len,
-            self.blocks.num_blocks * self.blocks.block_size,
-        )
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in p.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, vocab)
+        check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
         state = RequestState(request, prompt_ids, [], self._eos)
         arrival = self._next_arrival
         self._next_arrival += 1
@@ -109,11 +135,7 @@ class LLMEngine:
                 key,
             )
             self._next_seq_id += 1
-            choice = Choice(
-                seq,
-                IncrementalDetokenizer(self._decoder, prompt_ids, pieces=self._pieces),
-                StopChecker(p.stop),
-            )
+            choice = Choice(seq)
             state.choices.append(choice)
             self._owner[seq.seq_id] = (state, choice)
         self._requests[request.request_id] = state
@@ -138,7 +160,7 @@ class LLMEngine:
         self._retire(state)
         return True
 
-    def abort_all(self) -> list[RequestOutput]:
+    def abort_all(self) -> list[EngineOutput]:
         """Abort everything in flight; return the final outputs at once (shutdown)."""
         for request_id in list(self._requests):
             self.abort(request_id)
@@ -157,7 +179,8 @@ class LLMEngine:
             if c.seq.status is not SeqStatus.FINISHED:
                 self.scheduler.finish(c.seq)
             self._owner.pop(c.seq.seq_id, None)
-        self._requests.pop(state.request.request_id, None)
+        if self._requests.pop(state.request.request_id, None) is None:
+            return  # retired already
         out = state.take_output()
         if out is not None:
             self._pending.append(out)
@@ -166,6 +189,14 @@ class LLMEngine:
             self._adapter_users[key] -= 1
             if self._adapter_users[key] == 0:
                 del self._adapter_users[key], self._adapter_refs[key]
+
+    def _fail(self, state: RequestState, exc: BaseException) -> None:
+        """This request alone failed while being served: it ends with its error."""
+        err = as_engine_error(exc)
+        if not isinstance(exc, EngineError):
+            log.error("request %s failed", state.request.request_id, exc_info=exc)
+        state.finish("error", err)
+        self._retire(state)
 
     def _fail_adapter(self, key: str, err: Exception) -> None:
         message = f"adapter {key!r} could not be loaded: {err}"
@@ -180,9 +211,13 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def collect_loads(self) -> None:
+        """Take finished adapter loads in (each step does; an idle loop calls it too)."""
         for key, err in self.loader.collect():
             self._fail_adapter(key, err)
+
+    def step(self) -> list[EngineOutput]:
+        self.collect_loads()
         for seq in self.scheduler.waiting:
             key = seq.adapter_key
             if key is not None and self.slots.lookup(key) is None and not self.loader.is_ready(key):
@@ -200,20 +235,37 @@ class LLMEngine:
             if chunk.start_pos < seq.prompt_len:
                 end = min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids))
                 c.prompt_tokens += end - chunk.start_pos
-        logits = self.runner.execute(out.batch)
+        try:
+            logits = self.runner.execute(out.batch)
+        except Exception as exc:
+            self._forward_failed(out, exc)
+            return outputs + self._take_pending()
+        self._failed_forwards = 0
         self.scheduler.advance(out)
         self._sample(out, logits)
         touched = self._touched(out)
         for state in touched:
             if state.finished:
                 self._retire(state)
-        outputs += self._pending
-        self._pending = []
+        outputs += self._take_pending()
         for state in touched:
             o = state.take_output()
             if o is not None:
                 outputs.append(o)
         return outputs
+
+    def _take_pending(self) -> list[EngineOutput]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _forward_failed(self, out: SchedulerOutput, exc: Exception) -> None:
+        """Fail the batch's requests; give up (re-raise) after repeated failed forwards."""
+        self._failed_forwards += 1
+        log.error("forward failed (%d in a row)", self._failed_forwards, exc_info=exc)
+        for state in self._touched(out):
+            self._fail(state, exc)
+        if self._failed_forwards >= MAX_FAILED_FORWARDS:
+            raise RuntimeError(f"{self._failed_forwards} forwards failed in a row") from exc
 
     def _touched(self, out: SchedulerOutput) -> list[RequestState]:
         """The requests with a sequence in this step, each once, in batch order."""
@@ -236,45 +288,92 @@ class LLMEngine:
                 self._fail_adapter(key, err)
                 self.slots.release(key)
 
+    def _row(self, state: RequestState, choice: Choice, device: torch.device) -> SampleRow:
+        row = choice.row
+        if row is None:  # first sample: the row lives as long as the choice
+            choice.generator = state.generator_for(choice.seq.index, device)
+            p = state.params
+            stop_ids = tuple(sorted(state._stop_ids)) if p.min_tokens > 0 else ()
+            row = choice.row = SampleRow(
+                p, choice.seq.token_ids, choice.seq.prompt_len, choice.generator, stop_ids
+            )
+        return row
+
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
-        sampled = [(s, c) for s, c in zip(out.seqs, out.batch.chunks, strict=True) if c.sample]
+        sampled = [s for s, c in zip(out.seqs, out.batch.chunks, strict=True) if c.sample]
         if logits.shape[0] != len(sampled):
             raise RuntimeError(
                 f"runner returned {logits.shape[0]} logits rows for {len(sampled)} samples"
             )
-        if not sampled:
+        owners: list[tuple[RequestState, Choice]] = []
+        rows: list[SampleRow] = []
+        keep: list[int] = []
+        for i, seq in enumerate(sampled):
+            owner = self._owner.get(seq.seq_id)
+            if owner is None:  # failed earlier in this step
+                continue
+            try:
+                rows.append(self._row(owner[0], owner[1], logits.device))
+            except Exception as exc:
+                self._fail(owner[0], exc)
+                continue
+            owners.append(owner)
+            keep.append(i)
+        if not rows:
             return
-        owners = [self._owner[seq.seq_id] for seq, _ in sampled]
-        rows = []
-        for (seq, _), (state, choice) in zip(sampled, owners, strict=True):
-            row = choice.row
-            if row is None:  # first sample: the row lives as long as the choice
-                seed = state.params.seed
-                if seed is not None:  # choice i draws from seed + i
-                    choice.generator = torch.Generator(device=logits.device).manual_seed(
-                        seed + seq.index
-                    )
-                row = choice.row = SampleRow(
-                    state.params, seq.token_ids, seq.prompt_len, choice.generator
-                )
-            rows.append(row)
-        res = self.sampler(logits, rows)
+        if len(keep) != len(sampled):
+            sampled = [sampled[i] for i in keep]
+            logits = logits[keep]
+        res = self._sample_rows(logits, rows, owners)
         want_logprobs = res.logprobs is not None
         max_len = self.max_model_len
-        for i, ((seq, _), (state, choice)) in enumerate(zip(sampled, owners, strict=True)):
+        for i, (seq, (state, choice)) in enumerate(zip(sampled, owners, strict=True)):
+            token = res.token_ids[i]
+            if token < 0 or state.request.request_id not in self._requests:
+                continue  # this row's request failed in the sampler
             if not state.forked and seq.index == 0:
                 state.cached_tokens = seq.num_cached_tokens
                 self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
                 self._fork_siblings(state)
-            token = res.token_ids[i]
             seq.token_ids.append(token)
             lp = None
             if want_logprobs and state.params.logprobs is not None:
-                lp = make_logprob(self._pieces, token, *res.logprob_of(i))  # type: ignore[misc]
+                got = res.logprob_of(i)
+                if got is not None:
+                    lp = TokenLogprobs(token, *got)
             state.on_token(choice, token, lp, max_len)
             if choice.finish_reason is not None:
                 self.scheduler.finish(seq)
         self._counters.generation_tokens += len(sampled)
+
+    def _sample_rows(
+        self,
+        logits: torch.Tensor,
+        rows: list[SampleRow],
+        owners: list[tuple[RequestState, Choice]],
+    ) -> SampleResult:
+        """The batch in one sampler call; if that raises, row by row, failing only the
+        requests whose own rows raise (their token reads -1)."""
+        try:
+            return self.sampler(logits, rows)
+        except Exception:
+            log.exception("batch sampling failed; sampling row by row")
+        merged = SampleResult([], [], [], [])
+        for i, (row, (state, _)) in enumerate(zip(rows, owners, strict=True)):
+            try:
+                one = self.sampler(logits[i : i + 1], [row])
+            except Exception as exc:
+                self._fail(state, exc)
+                one = SampleResult([-1], None, None, None)
+            merged.token_ids += one.token_ids
+            got = one.logprob_of(0)
+            lp, top_ids, top_lps = got if got is not None else (0.0, [], [])
+            merged.logprobs.append(lp)  # type: ignore[union-attr]
+            merged.top_ids.append(top_ids)  # type: ignore[union-attr]
+            merged.top_logprobs.append(top_lps)  # type: ignore[union-attr]
+        if all(r.params.logprobs is None for r in rows):
+            merged.logprobs = merged.top_ids = merged.top_logprobs = None
+        return merged
 
     def _fork_siblings(self, state: RequestState) -> None:
         state.forked = True
@@ -282,6 +381,28 @@ class LLMEngine:
         for c in reversed(state.choices[1:]):
             self.blocks.fork(parent, c.seq)
             self.scheduler.add_front(c.seq)
+
+    # -- adapters ----------------------------------------------------------------------
+
+    def adapter_residency(self) -> AdapterResidency:
+        return self.loader.residency(self.slots.resident)
+
+    def load_adapter(self, ref: AdapterRef) -> bool:
+        """Start loading ``ref`` into host memory (it takes a GPU slot with its first
+        request). False when it is loaded or loading already."""
+        return self.loader.start(ref)
+
+    def unload_adapter(self, key: str) -> bool:
+        """Free the adapter's GPU slot and host memory. Refused (InvalidRequest) while a
+        request in flight uses it; False when it was not loaded."""
+        if key in self._adapter_users:
+            raise InvalidRequest(f"adapter {key!r} is in use by requests in flight", param="key")
+        freed = False
+        slot = self.slots.release(key)
+        if slot is not None:
+            self.runner.clear_slot(slot)
+            freed = True
+        return self.loader.drop(key) or freed
 
     # -- stats -------------------------------------------------------------------------
 
@@ -298,6 +419,7 @@ class LLMEngine:
             adapter_evictions=self.slots.evictions,
             adapters_loading=self.loader.num_loading,
             adapters_resident=len(self.slots.resident),
+            adapters_host=self.loader.num_host,
             lora_slots=self.slots.num_slots,
             **asdict(self._counters),
         )

@@ -1,7 +1,8 @@
-"""What the engine remembers of one request: its choices' text, stops and pending deltas.
+"""What the engine core remembers of one request: its choices' new tokens and finish reasons.
 
-The scheduler sees only :class:`Sequence` ints; everything a client sees (text,
-logprobs, finish reasons) is built here, one :class:`Choice` per sequence.
+The scheduler sees only :class:`Sequence` ints. The core reports token ids (and raw
+logprobs); text, stop strings and token texts are the client side's work
+(``engine.output_processor``), so nothing per token costs the step loop a decode.
 """
 
 from __future__ import annotations
@@ -12,29 +13,28 @@ from typing import Any
 import torch
 
 from engine.api import (
-    CompletionDelta,
+    ChoiceTokens,
+    EngineOutput,
     FinishReason,
     Request,
-    RequestOutput,
     SamplingParams,
-    TokenLogprob,
+    TokenLogprobs,
 )
-from engine.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
 from engine.errors import EngineError, InvalidRequest, PromptTooLong
 from engine.sampler import SampleRow
 from engine.sequence import Sequence
+
+_U64 = (1 << 64) - 1
 
 
 @dataclass(eq=False)
 class Choice:
     seq: Sequence
-    detok: IncrementalDetokenizer
-    stops: StopChecker
     generator: torch.Generator | None = None
     row: SampleRow | None = None  # what the sampler reads, made at the first sample
     finish_reason: FinishReason | None = None
     new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     reported_finish: bool = False
 
     @property
@@ -50,8 +50,7 @@ class RequestState:
     eos_token_ids: frozenset[int]
     forked: bool = False  # the n-1 siblings got the first choice's prompt blocks
     cached_tokens: int = 0
-    error: str | None = None
-    exception: EngineError | None = None
+    error: EngineError | None = None
     _stop_ids: frozenset[int] = field(init=False, repr=False)  # token ids that end a choice
 
     def __post_init__(self) -> None:
@@ -75,54 +74,53 @@ class RequestState:
         return True
 
     def on_token(
-        self, choice: Choice, token_id: int, logprob: TokenLogprob | None, max_model_len: int
+        self, choice: Choice, token_id: int, logprob: TokenLogprobs | None, max_model_len: int
     ) -> None:
-        """Account one sampled token (already appended to the sequence) and check stops."""
+        """Account one sampled token (already appended to the sequence); stop ids, length."""
         choice.new_token_ids.append(token_id)
         if logprob is not None:
             choice.new_logprobs.append(logprob)
-        if token_id in self._stop_ids:
-            choice.finish_reason = "stop"
-            return
-        if choice.stops.add(choice.detok.add(token_id)):
-            choice.finish_reason = "stop"
-            return
         seq = choice.seq
         n = len(seq.token_ids)
-        if n - seq.prompt_len >= self.request.sampling.max_tokens or n >= max_model_len:
+        generated = n - seq.prompt_len
+        p = self.request.sampling
+        if token_id in self._stop_ids and generated > p.min_tokens:
+            choice.finish_reason = "stop"
+        elif generated >= p.max_tokens or n >= max_model_len:
             choice.finish_reason = "length"
-            if choice.stops.add(choice.detok.flush()):
-                choice.finish_reason = "stop"
+
+    def generator_for(self, index: int, device: torch.device) -> torch.Generator | None:
+        """Choice ``index`` draws from ``seed + index`` (wrapped to 64 bits), if seeded."""
+        seed = self.request.sampling.seed
+        if seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed((seed + index) & _U64)
 
     def finish(self, reason: FinishReason, error: EngineError | None = None) -> None:
         for c in self.choices:
             if c.finish_reason is None:
                 c.finish_reason = reason
         if error is not None:
-            self.error, self.exception = error.message, error
+            self.error = error
 
-    def take_output(self) -> RequestOutput | None:
-        """The deltas since the last call; None when there is nothing new to say."""
+    def take_output(self) -> EngineOutput | None:
+        """The new tokens since the last call; None when there is nothing new to say."""
         deltas = []
-        finished, completion = True, 0
+        finished = True
         want_logprobs = self.request.sampling.logprobs is not None
         for i, c in enumerate(self.choices):
             reason = c.finish_reason
             done = reason is not None
             finished = finished and done
-            seq = c.seq
-            completion += len(seq.token_ids) - seq.prompt_len
             final = done and not c.reported_finish
-            text = c.stops.take(final=done)
-            if not (c.new_token_ids or text or final):
+            if not (c.new_token_ids or final):
                 continue
             deltas.append(
-                CompletionDelta(
-                    index=i,
-                    text=text,
-                    token_ids=c.new_token_ids,
-                    logprobs=c.new_logprobs if want_logprobs else None,
-                    finish_reason=reason if final else None,
+                ChoiceTokens(
+                    i,
+                    c.new_token_ids,
+                    c.new_logprobs if want_logprobs else None,
+                    reason if final else None,
                 )
             )
             c.new_token_ids = []
@@ -132,30 +130,15 @@ class RequestState:
                 c.reported_finish = True
         if not deltas:
             return None
-        return RequestOutput(
-            request_id=self.request.request_id,
-            deltas=deltas,
-            prompt_tokens=len(self.prompt_ids),
-            completion_tokens=completion,
-            cached_tokens=self.cached_tokens,
-            finished=finished,
-            error=self.error if finished else None,
-            exception=self.exception if finished else None,
+        error = self.error.to_info() if finished and self.error is not None else None
+        return EngineOutput(
+            self.request.request_id,
+            deltas,
+            len(self.prompt_ids),
+            self.cached_tokens,
+            finished,
+            error,
         )
-
-
-def make_logprob(
-    pieces: TokenPieces, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float]
-) -> TokenLogprob:
-    def text(i: int) -> str:
-        return pieces.text(i, skip_special_tokens=False)
-
-    return TokenLogprob(
-        token_id=token_id,
-        token=text(token_id),
-        logprob=logprob,
-        top=[(i, text(i), lp) for i, lp in zip(top_ids, top_lps, strict=True)],
-    )
 
 
 def tokenize_prompt(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:
@@ -163,7 +146,7 @@ def tokenize_prompt(tokenizer: Any, prompt: str | list[int], vocab_size: int) ->
         ids = list(tokenizer.encode(prompt))
     else:
         ids = list(prompt)
-        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        if any(type(t) is not int or not 0 <= t < vocab_size for t in ids):
             raise InvalidRequest("prompt token ids must be ints in [0, vocab_size)", param="prompt")
     if not ids:
         raise InvalidRequest("prompt is empty", param="prompt")

@@ -13,9 +13,13 @@ import torch
 
 from engine.batch import ScheduledBatch
 from engine.config import EngineConfig
+from engine.model.config import ModelConfig
 
 
 class Runner(Protocol):
+    config: ModelConfig  # the base model's shape (adapter validation, model info)
+    device: torch.device
+    dtype: torch.dtype
     num_blocks: int
     block_size: int
     max_model_len: int

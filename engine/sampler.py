@@ -25,6 +25,15 @@ class SampleRow:
     token_ids: list[int]  # prompt then output; read only when a penalty asks
     prompt_len: int
     generator: torch.Generator | None = None
+    # token ids that may not be sampled before ``params.min_tokens`` (eos and stop ids)
+    stop_ids: tuple[int, ...] = ()
+
+    @property
+    def banned_now(self) -> bool:
+        """Under ``min_tokens`` still: the stop ids are masked this step."""
+        return bool(self.stop_ids) and (
+            len(self.token_ids) - self.prompt_len < self.params.min_tokens
+        )
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -85,6 +94,19 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     return logits
 
 
+def apply_min_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Rows still under their ``min_tokens``: their stop ids cannot be sampled."""
+    banned = [(i, t) for i, r in enumerate(rows) if r.banned_now for t in r.stop_ids]
+    if not banned:
+        return logits
+    rows_idx, ids = zip(*banned, strict=True)
+    logits = logits.clone()
+    logits[
+        torch.tensor(rows_idx, device=logits.device), torch.tensor(ids, device=logits.device)
+    ] = float("-inf")
+    return logits
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
@@ -124,6 +146,7 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=1) if any(k is not None for k in want) else None
 
         logits = apply_penalties(logits, rows)
+        logits = apply_min_tokens(logits, rows)
         greedy_ids = logits.argmax(dim=1)
         ps = [r.params for r in rows]
         is_greedy = [p.temperature < _GREEDY_EPS for p in ps]

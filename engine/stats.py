@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 
-@dataclass(frozen=True)
-class EngineStats:
+
+class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     num_requests: int = 0  # in flight (added, not yet finished)
     num_waiting: int = 0  # sequences queued (not yet running, or preempted)
     num_running: int = 0
@@ -26,6 +27,7 @@ class EngineStats:
     adapter_evictions: int = 0  # GPU slot evictions
     adapters_loading: int = 0
     adapters_resident: int = 0  # in GPU slots
+    adapters_host: int = 0  # loaded in host memory
     lora_slots: int = 0
 
     @property

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.service import AdapterServices, build_adapter_services
 from adapters.spec import BaseModelSpec
 from adapters.upload import UploadLimits
+from engine.client import EngineClient
 from gateway.settings import GatewaySettings
 
 
-def engine_adapter_spec(engine: Any, name: str) -> BaseModelSpec | None:
-    """The served base model's shape from a started ``AsyncEngine``; None until it is ready."""
-    inner = None if engine is None else engine.engine
-    if inner is None:
+def engine_adapter_spec(engine: EngineClient | None, name: str) -> BaseModelSpec | None:
+    """The served base model's shape from the engine's model info; None until it is ready."""
+    info = None if engine is None else engine.model_info()
+    if info is None:
         return None
-    c = inner.runner.config
+    c = info.adapter_shape
     return BaseModelSpec(
         name=name,
         num_layers=c.num_layers,
@@ -29,6 +29,7 @@ def engine_adapter_spec(engine: Any, name: str) -> BaseModelSpec | None:
         num_heads=c.num_heads,
         num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim,
+        modules=tuple(c.modules),
     )
 
 
@@ -43,8 +44,7 @@ def model_dir_spec(model: str, name: str) -> BaseModelSpec | None:
 def build_for_app(
     settings: GatewaySettings,
     sessions: async_sessionmaker[AsyncSession],
-    engine: Any,
-    registry: CollectorRegistry,
+    engine: Callable[[], EngineClient | None],
 ) -> AdapterServices:
     """``engine`` is a zero-argument callable returning the current engine (or None)."""
     name = settings.base_model_name()
@@ -53,13 +53,10 @@ def build_for_app(
         sessions,
         store_url=settings.resolved_object_store_url(),
         s3_endpoint_url=settings.s3_endpoint_url,
-        cache_dir=settings.adapter_cache_dir or settings.data_dir / "adapter-cache",
-        cache_bytes=settings.adapter_cache_bytes,
         spec=lambda: engine_adapter_spec(engine(), name) or from_dir,
         limits=UploadLimits(
             max_rank=settings.max_lora_rank,
             max_body_bytes=settings.adapter_upload_max_bytes,
             max_expanded_bytes=2 * settings.adapter_upload_max_bytes,
         ),
-        metrics_registry=registry,
     )

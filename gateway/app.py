@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -27,16 +26,20 @@ from gateway.settings import GatewaySettings
 from gateway.state import Services
 from tenancy.db import make_engine, make_sessionmaker
 
+if TYPE_CHECKING:
+    from engine.client import EngineClient
+
 log = logging.getLogger("loraplex.gateway")
 
-EngineFactory = Callable[[], Any]
+EngineFactory = Callable[[], "EngineClient"]
 
 
 def create_app(
     settings: GatewaySettings, *, engine_factory: EngineFactory | None = None
 ) -> FastAPI:
-    """Build the app. ``engine_factory`` makes the inference engine (called in the lifespan);
-    None serves the control plane only (and ``/ready`` reports the engine as absent)."""
+    """Build the app. ``engine_factory`` makes the engine client (in-process or remote;
+    called in the lifespan); None serves the control plane only (``/ready`` reports the
+    engine as absent)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,9 +53,7 @@ def create_app(
         )
         services.keys.start()
         registry = CollectorRegistry()  # the one /metrics serves
-        services.adapters = build_for_app(
-            settings, services.sessions, lambda: services.engine, registry
-        )
+        services.adapters = build_for_app(settings, services.sessions, lambda: services.engine)
         billing_stack = AsyncExitStack()
         billing = await billing_stack.enter_async_context(
             open_billing(settings, services.sessions, registry, lambda: services.engine)
@@ -65,11 +66,11 @@ def create_app(
         try:
             if engine_factory is not None:
                 services.engine = engine_factory()
-                services.engine.start()  # loads in its own thread; /ready reports when done
+                await services.engine.start()  # loads or connects; /ready reports when done
             yield
         finally:
             if services.engine is not None:
-                await asyncio.to_thread(services.engine.shutdown)
+                await services.engine.close()
             await billing_stack.aclose()  # after the engine: its last requests are metered
             await services.keys.aclose()
             await db.dispose()

@@ -22,6 +22,7 @@ _ENGINE_STATUS: list[tuple[type[engine_errors.EngineError], int, str, str]] = [
     (engine_errors.InvalidRequest, 400, "invalid_request_error", "invalid_value"),
     (engine_errors.AdapterLoadError, 503, "service_unavailable", "adapter_unavailable"),
     (engine_errors.EngineOverloaded, 503, "service_unavailable", "engine_overloaded"),
+    (engine_errors.EngineDead, 503, "service_unavailable", "engine_unavailable"),
     (engine_errors.EngineError, 500, "server_error", "engine_error"),
 ]
 
@@ -51,7 +52,8 @@ def envelope(
 def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
     for cls, status, type_, code in _ENGINE_STATUS:
         if isinstance(exc, cls):
-            return envelope(status, exc.message, type_, code, exc.param)
+            headers = {"Retry-After": "1"} if status == 503 else None
+            return envelope(status, exc.message, type_, code, exc.param, headers)
     return envelope(500, exc.message, "server_error", "engine_error", exc.param)
 
 

@@ -16,11 +16,12 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 
 from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
+from engine.client import EngineClient
 from engine.errors import AdapterLoadError, EngineError
 from gateway.limits import Admission, Limiter
 from gateway.prompts import prompt_ids, sampling_params, served_model
@@ -54,7 +55,11 @@ class CallSpec:
 
 class EngineCall:
     def __init__(
-        self, engine: Any, spec: CallSpec, limiter: Limiter | None, ledger: UsageSink | None
+        self,
+        engine: EngineClient,
+        spec: CallSpec,
+        limiter: Limiter | None,
+        ledger: UsageSink | None,
     ) -> None:
         self.spec = spec
         self._engine = engine
@@ -183,19 +188,20 @@ async def open_call(
 
     The database session lives only for the resolution: a long stream holds no connection.
     """
-    model = served_model(services.settings.base_model_name(), services.engine)
+    model = served_model(services.base_model_name(), services.engine)
     async with services.sessions() as session:
         target = await resolve_model(session, principal, body.model, base_model=model.name)
     ids = await prompt_ids(model, body)
     sampling = sampling_params(model, body, len(ids))
     adapter = None
     if target.version is not None:
-        if services.adapters is None:
-            raise Unavailable("adapters are not configured on this server")
-        source = services.adapters.fetcher.source(target.version)
-        adapter = AdapterRef(key=source.key, fetch=source.fetch)
+        # the engine side fetches it from the same object store, keyed by content hash
+        adapter = AdapterRef.in_store(target.version.sha256, target.version.storage_key)
+    engine = services.engine
+    if engine is None:
+        raise Unavailable("no engine is configured on this server")
     spec = CallSpec(request_id, principal, target, ids, sampling, adapter)
-    call = EngineCall(services.engine, spec, services.limiter, services.ledger)
+    call = EngineCall(engine, spec, services.limiter, services.ledger)
     return call, await call.start()
 
 

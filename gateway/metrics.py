@@ -8,12 +8,12 @@ Engine gauges are read from the engine's stats at scrape time, not pushed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.client import EngineClient
 from engine.stats import EngineStats
 from tenancy.usage import UsageEvent
 
@@ -77,7 +77,7 @@ class EngineCollector(Collector):
             yield CounterMetricFamily(f"loraplex_engine_{name}", doc, value=float(read(stats)))
 
 
-def engine_stats_of(engine: Callable[[], Any]) -> StatsSource:
+def engine_stats_of(engine: Callable[[], EngineClient | None]) -> StatsSource:
     """A stats source over ``services.engine`` as it is at scrape time (None while loading)."""
 
     def read() -> EngineStats | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.api import SamplingParams
+from engine.client import EngineClient
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tenancy.errors import InvalidInput, Unavailable
 
@@ -31,16 +32,15 @@ class ServedModel:
     max_model_len: int
 
 
-def served_model(name: str, engine: Any) -> ServedModel:
-    """What the gateway needs of a started ``engine.async_engine.AsyncEngine``."""
-    if engine is None or not engine.is_ready or engine.engine is None:
-        raise Unavailable("The model is not loaded yet; retry shortly.")
-    core = engine.engine
-    return ServedModel(
-        name=name,
-        tokenizer=core.tokenizer,
-        max_model_len=int(core.max_model_len),
-    )
+def served_model(name: str, engine: EngineClient | None) -> ServedModel:
+    """What the gateway needs of the engine: its tokenizer and context length."""
+    info = None if engine is None else engine.model_info()
+    if engine is None or info is None:
+        detail = "" if engine is None else engine.health().detail
+        raise Unavailable(
+            f"The model is not available yet ({detail or 'not loaded'}); retry shortly."
+        )
+    return ServedModel(name=name, tokenizer=engine.tokenizer(), max_model_len=info.max_model_len)
 
 
 class ContextLengthExceeded(InvalidInput):
@@ -120,4 +120,6 @@ def sampling_params(
         stop=body.stop_list(),
         logprobs=logprobs,
         n=body.n,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
     )

@@ -59,6 +59,9 @@ class _SamplingFields(BaseModel):
     user: Annotated[str, Field(max_length=256)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extra sampling parameters (``extra_body``): exact output lengths for benchmarks
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

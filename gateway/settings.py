@@ -26,6 +26,12 @@ class GatewaySettings(StoreSettings):
     max_lora_rank: int = 64
     kv_cache_bytes: int = 512 * 1024 * 1024
     gpu_memory_utilization: float = 0.9
+    # Processes: the engine server the gateway talks to (None: `serve` starts its own), the
+    # shared token that engine requires, and how many gateway worker processes serve HTTP.
+    engine_url: str | None = None
+    engine_listen: str = "tcp://127.0.0.1:7700"  # `loraplex engine`'s address
+    engine_token: str | None = Field(default=None, repr=False)
+    workers: int | None = Field(default=None, ge=1, le=64)  # None: from the core count
     # HTTP limits
     max_body_bytes: int = 4 * 1024 * 1024
     # Adapters: upload cap (multipart body; an archive's contents get twice this), disk cache.

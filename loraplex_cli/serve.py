@@ -1,13 +1,13 @@
-"""What ``loraplex serve`` does: settings, model check, migrate, bootstrap, then uvicorn.
+"""What ``loraplex serve``, ``gateway`` and ``engine`` do: settings, model check, migrate,
+bootstrap, then the processes (``loraplex_cli.supervisor``).
 
 Every failure that comes from configuration is reported as one line naming the setting
-(``loraplex_cli.errors``); the model itself is loaded by the engine in the app's lifespan.
+(``loraplex_cli.errors``); the model itself is loaded by the engine process.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,33 +86,16 @@ def run_bootstrap(settings: GatewaySettings) -> BootstrapResult:
         return asyncio.run(go())
 
 
-def engine_factory(settings: GatewaySettings, model: str) -> Callable[[], Any]:
-    """Builds the engine in the app's lifespan; the model loads on the engine's thread."""
-
-    def make() -> Any:
-        from engine.async_engine import AsyncEngine
-        from engine.config import EngineConfig
-
-        config = EngineConfig(
-            device=settings.device,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,
-            kv_cache_bytes=settings.kv_cache_bytes,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-        )
-        return AsyncEngine.from_model(model, config)
-
-    return make
-
-
 def serve(settings: GatewaySettings) -> None:
-    import uvicorn
-
-    from gateway.app import create_app
+    """The engine in a process of its own (unless LORAPLEX_ENGINE_URL names one already
+    running) and the gateway workers in front of it."""
+    from loraplex_cli.supervisor import (
+        EngineProcess,
+        child_env,
+        default_workers,
+        engine_address,
+        run_gateways,
+    )
 
     check_device(settings)
     model = resolve_model(settings.model)
@@ -123,5 +106,44 @@ def serve(settings: GatewaySettings) -> None:
     banner = run_bootstrap(settings).banner()
     if banner:
         print(banner, flush=True)
-    app = create_app(settings, engine_factory=engine_factory(settings, model))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    workers = settings.workers or default_workers()
+    engine = None
+    address = settings.engine_url
+    if address is None:
+        address = engine_address(settings)
+        names = {"model": model, "served_model_name": settings.base_model_name()}
+        engine = EngineProcess(child_env(settings, **names), address)
+        engine.start()
+    env = child_env(settings, engine_url=address, migrate_on_start=False)
+    try:
+        run_gateways(settings, env, workers)
+    finally:
+        if engine is not None:
+            engine.stop()
+
+
+def serve_gateway(settings: GatewaySettings) -> None:
+    """Gateway workers only, in front of the engine at LORAPLEX_ENGINE_URL."""
+    from loraplex_cli.supervisor import child_env, default_workers, run_gateways
+
+    if not settings.engine_url:
+        fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
+    if settings.migrate_on_start:
+        migrate(settings)
+    banner = run_bootstrap(settings).banner()
+    if banner:
+        print(banner, flush=True)
+    env = child_env(settings, migrate_on_start=False)
+    run_gateways(settings, env, settings.workers or default_workers())
+
+
+def serve_engine(settings: GatewaySettings, listen: str, parent_pid: int | None = None) -> int:
+    """``loraplex engine``: the engine server in this process until SIGTERM/SIGINT."""
+    import logging
+
+    from loraplex_cli.engine_wiring import engine_server
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s: %(message)s")
+    check_device(settings)
+    model = resolve_model(settings.model)
+    return engine_server(settings, model, listen, parent_pid=parent_pid).serve_forever()

@@ -1,7 +1,8 @@
 """Cold adapter loads in worker threads; loaded weights kept in host memory (LRU).
 
 ``start(ref)`` submits at most one load per key however many requests want it; the
-worker calls ``ref.fetch()`` then ``read_adapter(path)`` (validated CPU weights). The
+worker calls ``fetch(ref)`` (a local PEFT directory: the engine's object-store fetcher, or
+the reference's own directory) then ``read_adapter(path)`` (validated CPU weights). The
 step thread calls :meth:`collect` each step to take finished loads in: successes go to
 the host cache, failures come back so the engine can fail that adapter's requests.
 Writing weights into a GPU slot is not done here (the step thread does it).
@@ -16,13 +17,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.api import AdapterRef
+from engine.api import AdapterRef, AdapterResidency
+from engine.errors import AdapterLoadError
+
+
+def local_fetch(ref: AdapterRef) -> Path:
+    """The default fetch: ``ref.uri`` is a local directory (``file://`` or a plain path)."""
+    if ref.storage_key is not None:
+        raise AdapterLoadError(
+            f"adapter {ref.key[:12]}: this engine has no object store configured", param="model"
+        )
+    uri = ref.uri
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 class AdapterLoader:
     def __init__(
         self,
         read_adapter: Callable[[Path], Any],
+        fetch: Callable[[AdapterRef], Path] = local_fetch,
         *,
         max_host_adapters: int,
         workers: int,
@@ -30,6 +43,7 @@ class AdapterLoader:
         in_use: Callable[[str], bool] = lambda _key: False,
     ) -> None:
         self._read = read_adapter
+        self._fetch = fetch
         self._max_host = max_host_adapters
         self.on_done = on_done  # called from a worker thread when a load ends
         # Keys that requests in flight still need are never evicted: evicting one that a
@@ -50,6 +64,10 @@ class AdapterLoader:
     def num_loading(self) -> int:
         return len(self._loading)
 
+    @property
+    def num_host(self) -> int:
+        return len(self._host)
+
     def is_loading(self, key: str) -> bool:
         return key in self._loading
 
@@ -63,7 +81,7 @@ class AdapterLoader:
 
     def _load(self, ref: AdapterRef) -> None:
         try:
-            weights = self._read(Path(ref.fetch()))
+            weights = self._read(Path(self._fetch(ref)))
         except Exception as exc:
             result: tuple[str, Any, Exception | None] = (ref.key, None, exc)
         else:
@@ -106,6 +124,13 @@ class AdapterLoader:
     def get(self, key: str) -> Any:
         self._host.move_to_end(key)
         return self._host[key]
+
+    def drop(self, key: str) -> bool:
+        """Forget ``key``'s host weights. True when they were held."""
+        return self._host.pop(key, None) is not None
+
+    def residency(self, gpu: list[str]) -> AdapterResidency:
+        return AdapterResidency(gpu=list(gpu), host=list(self._host), loading=list(self._loading))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -31,8 +31,14 @@ async def _object_store(services: Any) -> str:
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness: this process serves. 503 only when its in-process engine died for good
+    (a remote engine that is down is a readiness matter: its supervisor restarts it)."""
+    engine = request.app.state.services.engine
+    state = None if engine is None else engine.health()
+    if state is not None and state.state == "dead":
+        return JSONResponse({"status": "dead", "detail": state.detail}, 503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
@@ -47,7 +53,11 @@ async def ready(request: Request) -> JSONResponse:
         checks["database"] = f"error: {type(exc).__name__}"
     checks["object_store"] = await _object_store(services)
     engine = services.engine
-    checks["engine"] = "ok" if engine is not None and engine.is_ready else "not ready"
+    if engine is None:
+        checks["engine"] = "not configured"
+    else:
+        state = engine.health()
+        checks["engine"] = "ok" if state.ready else f"{state.state}: {state.detail}".rstrip(": ")
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503

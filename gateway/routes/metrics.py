@@ -11,8 +11,11 @@ router = APIRouter(tags=["probes"])
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.services.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    services = request.app.state.services
+    body = generate_latest(services.metrics.registry)
+    if services.engine is not None:  # the engine side's own families (adapter fetches...)
+        body += services.engine.metrics_text()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 class HttpMetricsMiddleware:

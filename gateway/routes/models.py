@@ -33,7 +33,7 @@ def _cards(base: str, tenant: str, info: AdapterInfo) -> list[ModelCard]:
 async def list_models(
     principal: ModelsReadDep, services: ServicesDep, session: SessionDep
 ) -> ModelList:
-    base = services.settings.base_model_name()
+    base = services.base_model_name()
     data = [ModelCard(id=base, created=0, owned_by=BASE_OWNER, root=base)]
     for info in await list_adapters(session, principal.tenant_id):
         data.extend(_cards(base, principal.tenant_name, info))
@@ -44,7 +44,7 @@ async def list_models(
 async def retrieve_model(
     model: str, principal: ModelsReadDep, services: ServicesDep, session: SessionDep
 ) -> ModelCard:
-    base = services.settings.base_model_name()
+    base = services.base_model_name()
     target = await resolve_model(session, principal, model, base_model=base)
     if target.version is None:
         return ModelCard(id=base, created=0, owned_by=BASE_OWNER, root=base)

@@ -43,7 +43,7 @@ def adapter_server(
     moto: MotoServer,
     model_dir: Path,
     cache_dir: Path,
-    engine_factory: Callable[[], Any] | None = None,
+    engine_factory: Callable[[GatewaySettings], Any] | None = None,
     **settings: Any,
 ) -> Iterator[AdapterServer]:
     token = secrets.token_hex(16)
@@ -61,7 +61,8 @@ def adapter_server(
             adapter_cache_dir=cache_dir,
             **settings,
         )
-        with live_server(create_app(config, engine_factory=engine_factory)) as base:
+        factory = None if engine_factory is None else (lambda: engine_factory(config))
+        with live_server(create_app(config, engine_factory=factory)) as base:
             if engine_factory is not None:
                 with httpx.Client(base_url=base) as probe:
                     wait_until(lambda: probe.get("/ready").status_code == 200, 120)

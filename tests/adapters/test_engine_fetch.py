@@ -1,4 +1,4 @@
-"""The fetcher as the engine's AdapterRef: registry -> S3 (moto) -> disk cache -> engine.
+"""The engine side's fetcher: registry -> S3 (moto) -> disk cache -> engine.
 
 The object store goes down: adapters in the engine's memory keep serving, and so does one
 evicted from it but still in the disk cache; cold ones fail fast; all recover when it returns.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +25,11 @@ from adapters.metrics import AdapterMetrics
 from adapters.registry import AdapterRegistry
 from adapters.storage import S3Store
 from engine.api import AdapterRef, Request, SamplingParams
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.errors import EngineError
+from engine.inproc_client import InprocEngineClient
 from engine.llm_engine import LLMEngine
+from engine.lora.loader import local_fetch
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45]
 MAX_TOKENS = 4
@@ -35,32 +37,24 @@ TARGETS = [("q_proj", "v_proj"), ("o_proj",), ("gate_proj", "down_proj"), ("k_pr
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path) -> Iterator[AsyncEngine]:
-    config = EngineConfig(
-        max_loras=8, max_cpu_loras=8, max_lora_rank=8, device="cpu", dtype="float32",
-        max_num_seqs=16, kv_cache_bytes=8 << 20,
-    )  # fmt: skip
-    eng = AsyncEngine(lambda: LLMEngine.from_model(tiny_llama_dir, config))
-    eng.start()
-    assert eng.wait_ready(120)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def hf(tiny_llama_dir: Path) -> HfReference:
     return HfReference(tiny_llama_dir)
 
 
-async def generate(engine: AsyncEngine, adapter: AdapterRef | None) -> tuple[list[int], str | None]:
+async def generate(
+    engine: InprocEngineClient, adapter: AdapterRef | None
+) -> tuple[list[int], str | None]:
     sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     request = Request(f"r-{uuid.uuid4().hex[:8]}", PROMPT, sampling, adapter)
     tokens: list[int] = []
     error = None
-    async for out in engine.generate(request):
-        for d in out.deltas:
-            tokens.extend(d.token_ids)
-        error = out.error or error
+    try:
+        async for out in engine.generate(request):
+            for d in out.deltas:
+                tokens.extend(d.token_ids)
+            error = out.error or error
+    except EngineError as exc:  # failed before any token
+        error = exc.message
     return tokens, error
 
 
@@ -77,8 +71,23 @@ class World:
     async def ref(self, tenant_id: uuid.UUID, model: str) -> AdapterRef:
         version = await self.registry.resolve(tenant_id, model)
         assert version is not None, model
-        src = self.fetcher.source(version)
-        return AdapterRef(key=src.key, fetch=src.fetch)
+        return AdapterRef.in_store(version.sha256, version.storage_key)
+
+    def fetch(self, ref: AdapterRef) -> Path:
+        """The engine side's fetch, as ``loraplex_cli.engine_wiring.store_fetch`` builds it."""
+        key = ref.storage_key
+        return local_fetch(ref) if key is None else self.fetcher.fetch(ref.key, key)
+
+
+async def start_engine(model: Path, w: World) -> InprocEngineClient:
+    config = EngineConfig(
+        max_loras=8, max_cpu_loras=8, max_lora_rank=8, device="cpu", dtype="float32",
+        max_num_seqs=16, kv_cache_bytes=8 << 20,
+    )  # fmt: skip
+    eng = InprocEngineClient(lambda: LLMEngine.from_model(model, config, fetch=w.fetch))
+    await eng.start()
+    assert await asyncio.to_thread(eng.wait_ready, 120)
+    return eng
 
 
 @pytest.fixture
@@ -94,17 +103,19 @@ def make_adapter(root: Path, i: int) -> Path:
 
 
 async def test_store_down_cached_serve_cold_fail_then_recover(
-    engine: AsyncEngine,
+    tiny_llama_dir: Path,
     hf: HfReference,
     sessions,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     moto = MotoServer()  # this test's own server: stopping it disturbs no other test
     moto.start()
+    engine = None
     try:
         bucket = f"down-{uuid.uuid4().hex[:8]}"
         moto.client().create_bucket(Bucket=bucket)
         w = World(sessions, moto, bucket, tmp_path / "cache")
+        engine = await start_engine(tiny_llama_dir, w)
         from tenancy.models import Tenant
 
         async with sessions() as s, s.begin():
@@ -124,8 +135,8 @@ async def test_store_down_cached_serve_cold_fail_then_recover(
             assert err is None and tokens == warm_tokens  # served from host memory / disk
         # evict "warm" from the engine's memory tiers; the disk cache still holds it
         for i in range(10):
-            await generate(engine, AdapterRef(f"filler-{i}", fetch=lambda i=i: make_adapter(
-                tmp_path / "fill", 600 + i)))  # fmt: skip
+            filler = make_adapter(tmp_path / "fill", 600 + i)
+            await generate(engine, AdapterRef(f"filler-{i}", str(filler)))
         tokens, err = await generate(engine, await w.ref(tenant.id, "warm"))
         assert err is None and tokens == warm_tokens
         started = time.monotonic()
@@ -144,4 +155,6 @@ async def test_store_down_cached_serve_cold_fail_then_recover(
             await asyncio.sleep(0.2)
         assert err is None and tokens == hf.greedy(cold_src, PROMPT, MAX_TOKENS)
     finally:
+        if engine is not None:
+            await engine.close()
         moto.stop()

@@ -19,8 +19,8 @@ from hf_reference import HfReference
 from moto_proc import MotoServer
 from rest import AdapterServer, adapter_server, make_tenant, peft_files, upload
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from loraplex_cli.engine_wiring import inproc_engine
 
 BASE = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Tell me a story about a robot."}]
@@ -35,7 +35,7 @@ def serve(moto: MotoServer, model: Path, cache: Path):  # type: ignore[no-untype
     )  # fmt: skip
     return adapter_server(
         moto, model, cache,
-        engine_factory=lambda: AsyncEngine.from_model(str(model), config),
+        engine_factory=lambda settings: inproc_engine(settings, str(model), config),
         served_model_name=BASE, max_lora_rank=8,
     )  # fmt: skip
 

@@ -19,10 +19,10 @@ import pytest
 from billing_helpers import TcpProxy
 from sqlalchemy.engine import make_url
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from loraplex_cli.engine_wiring import inproc_engine
 from tests.gateway.live import (
     BASE,
     Gateway,
@@ -92,7 +92,7 @@ def served(
             key_cache_ttl_s=600,
         )
         app = create_app(
-            settings, engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config)
+            settings, engine_factory=lambda: inproc_engine(settings, str(tiny_llama_dir), config)
         )
         try:
             with live_server(app) as base:

@@ -22,7 +22,7 @@ def test_host_cache_keeps_adapters_that_requests_still_need(tmp_path):
     )
     try:
         for key in sorted(in_use):
-            loader.start(AdapterRef(key, lambda key=key: tmp_path / key))
+            loader.start(AdapterRef(key, str(tmp_path / key)))
         deadline = time.monotonic() + 10
         while loader.num_loading and time.monotonic() < deadline:
             loader.collect()
@@ -33,7 +33,7 @@ def test_host_cache_keeps_adapters_that_requests_still_need(tmp_path):
         loader.collect()
         assert [k for k in "abcd" if loader.is_ready(k)] == ["c", "d"]  # released ones go
         for key in ("c", "d"):
-            assert not loader.start(AdapterRef(key, lambda: tmp_path))  # no second load
+            assert not loader.start(AdapterRef(key, str(tmp_path)))  # no second load
         assert len(reads) == 4
     finally:
         loader.shutdown()

@@ -114,7 +114,8 @@ def test_cached_pieces_stream_exactly_the_window_decode(tok, which):
 
 
 def test_held_back_tail_is_the_longest_stop_prefix():
-    """The O(1)-first hold-back check against the plain definition, on random texts."""
+    """The streamed hold-back and stop search against the plain definitions, on random
+    texts fed in random pieces."""
     import random
 
     rng = random.Random(1)
@@ -123,9 +124,36 @@ def test_held_back_tail_is_the_longest_stop_prefix():
             "".join(rng.choice("ab#<t") for _ in range(rng.randint(1, 6)))
             for _ in range(rng.randint(1, 3))
         )
+        text = "".join(rng.choice("ab#<tx") for _ in range(rng.randint(0, 12)))
         sc = StopChecker(stops)
-        sc.text = "".join(rng.choice("ab#<tx") for _ in range(rng.randint(0, 10)))
-        want = max(
-            (k for s in stops for k in range(1, len(s)) if sc.text.endswith(s[:k])), default=0
-        )
-        assert sc._held_back() == want, (sc.text, stops)
+        hit, fed = False, 0
+        while fed < len(text) and not hit:
+            n = rng.randint(1, 4)
+            hit = sc.add(text[fed : fed + n])
+            fed += n
+        ends = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
+        if ends:
+            end, minus_len = min(ends)  # the earliest stop to complete; the longest of those
+            stop = "x" * -minus_len
+            assert hit and sc.text == text[: end - len(stop)], (text, stops)
+            continue
+        assert not hit and sc.text == text
+        want = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        assert sc._held_back() == want, (text, stops)
+
+
+def test_stop_checker_memory_is_linear_in_the_stop():
+    """A 1 MiB stop string costs memory linear in its length (the old checker kept every
+    prefix: quadratic, an OOM), and checking text against it stays fast."""
+    import tracemalloc
+
+    big = "x" * (1 << 20)
+    tracemalloc.start()
+    sc = StopChecker((big, "END"))
+    for _ in range(200):
+        sc.add("xxxxxxxx ")
+        sc.take(final=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * len(big), peak  # the failure table: a list of small ints
+    assert sc.add("the END") and sc.text.endswith("the ")

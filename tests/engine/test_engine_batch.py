@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
+from engine.api import AdapterRef, EngineOutput, Request, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 
@@ -98,7 +98,7 @@ def ref_for(adapters: dict[str, Path], name: str | None) -> AdapterRef | None:
     if name is None:
         return None
     path = adapters[name]
-    return AdapterRef(key=f"{name}@v1", fetch=lambda: path)
+    return AdapterRef(f"{name}@v1", str(path))
 
 
 def mixed_requests(adapters: dict[str, Path], n: int = 12) -> list[tuple[Request, str | None]]:
@@ -114,8 +114,8 @@ def mixed_requests(adapters: dict[str, Path], n: int = 12) -> list[tuple[Request
     return out
 
 
-def run_all(engine: LLMEngine) -> dict[str, list[RequestOutput]]:
-    outs: dict[str, list[RequestOutput]] = {}
+def run_all(engine: LLMEngine) -> dict[str, list[EngineOutput]]:
+    outs: dict[str, list[EngineOutput]] = {}
     for _ in range(5000):
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
@@ -126,8 +126,8 @@ def run_all(engine: LLMEngine) -> dict[str, list[RequestOutput]]:
     raise AssertionError("engine did not finish")
 
 
-def tokens_of(outs: list[RequestOutput]) -> list[int]:
-    return [t for o in outs for d in o.deltas for t in d.token_ids]
+def tokens_of(outs: list[EngineOutput]) -> list[int]:
+    return [t for o in outs for d in o.choices for t in d.token_ids]
 
 
 def check(engine: LLMEngine, hf: HFReference, reqs: list[tuple[Request, str | None]]) -> dict:
@@ -222,9 +222,9 @@ def test_bad_adapter_fails_alone(make_engine, hf, tiny_adapters, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_adapters["a-qv"], broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    bad = AdapterRef("broken@v1", fetch=lambda: broken)
+    bad = AdapterRef("broken@v1", str(broken))
     engine = make_engine()
     engine.add_request(Request("bad", [5, 6, 7], SamplingParams(**GREEDY), bad))
     outs = check(engine, hf, mixed_requests(tiny_adapters, n=4))
-    assert outs["bad"][-1].finished and outs["bad"][-1].deltas[-1].finish_reason == "error"
-    assert "broken@v1" in (outs["bad"][-1].error or "")
+    bad = outs["bad"][-1]
+    assert bad.finished and bad.error is not None and "broken@v1" in bad.error.message

@@ -15,6 +15,7 @@ from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
 from engine.config import EngineConfig
 from engine.errors import AdapterIncompatible, AdapterLoadError, InvalidRequest, PromptTooLong
 from engine.llm_engine import LLMEngine
+from engine.offline import OfflineEngine
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -28,30 +29,30 @@ def tok(tmp_path_factory):
 
 @pytest.fixture
 def make_engine(tok):
-    engines: list[LLMEngine] = []
+    engines: list[OfflineEngine] = []
 
-    def make(num_blocks=64, block_size=4, slots=4, **cfg) -> LLMEngine:
+    def make(num_blocks=64, block_size=4, slots=4, **cfg) -> OfflineEngine:
         runner = ToyRunner(tok, num_blocks=num_blocks, block_size=block_size, num_slots=slots)
         config = EngineConfig(
             block_size=block_size, max_loras=slots, max_cpu_loras=max(slots, 4), **cfg
         )
-        engine = LLMEngine(runner, config)
+        engine = OfflineEngine(LLMEngine(runner, config))
         engines.append(engine)
         return engine
 
     yield make
     for e in engines:
-        assert e.blocks.is_whole(), "KV pool leaked blocks"
-        assert e.slots.is_idle(), "a LoRA slot is still pinned"
+        assert e.core.blocks.is_whole(), "KV pool leaked blocks"
+        assert e.core.slots.is_idle(), "a LoRA slot is still pinned"
         e.shutdown()
 
 
 def adapter(tmp_path, name: str, weights: int) -> AdapterRef:
     path = write_toy_adapter(tmp_path / name, weights)
-    return AdapterRef(key=f"{name}@{weights}", fetch=lambda: path)
+    return AdapterRef(f"{name}@{weights}", str(path))
 
 
-def run_all(engine: LLMEngine, max_steps: int = 2000) -> dict[str, list[RequestOutput]]:
+def run_all(engine: OfflineEngine, max_steps: int = 2000) -> dict[str, list[RequestOutput]]:
     outs: dict[str, list[RequestOutput]] = {}
     for _ in range(max_steps):
         for o in engine.step():
@@ -115,7 +116,7 @@ def test_batch_over_adapters_matches_reference(make_engine, tmp_path, tok):
     reqs = mixed_requests(tmp_path)
     warm(engine, reqs)
     check_against_reference(engine, reqs, tok)
-    assert max(len(b.chunks) for b in engine.runner.batches) == 10  # all in one batch
+    assert max(len(b.chunks) for b in engine.core.runner.batches) == 10  # all in one batch
     assert engine.stats().adapter_loads == 5 and engine.stats().adapter_hits == 10 - 1
 
 
@@ -128,7 +129,7 @@ def test_preemption_keeps_results(make_engine, tmp_path, tok):
 def test_chunked_prefill_keeps_results(make_engine, tmp_path, tok):
     engine = make_engine(max_num_batched_tokens=7)
     check_against_reference(engine, mixed_requests(tmp_path), tok)
-    assert any(not c.sample for b in engine.runner.batches for c in b.chunks)
+    assert any(not c.sample for b in engine.core.runner.batches for c in b.chunks)
 
 
 def test_slot_pressure_keeps_results(make_engine, tmp_path, tok):
@@ -179,7 +180,7 @@ def test_bad_requests_are_refused_alone(make_engine, tmp_path, tok):
 
 def test_failed_adapter_fails_only_its_requests(make_engine, tmp_path, tok):
     engine = make_engine()
-    missing = AdapterRef("missing@1", fetch=lambda: tmp_path / "nowhere")
+    missing = AdapterRef("missing@1", str(tmp_path / "nowhere"))
     incompatible = adapter(tmp_path, "neg", -1)
     engine.add_request(Request("m1", [5, 6, 7], SamplingParams(max_tokens=3), missing))
     engine.add_request(Request("m2", [5, 6, 8], SamplingParams(max_tokens=3), missing))
@@ -187,12 +188,14 @@ def test_failed_adapter_fails_only_its_requests(make_engine, tmp_path, tok):
     good = mixed_requests(tmp_path, n=4, max_tokens=5)
     check_against_reference(engine, good, tok)  # runs the bad ones to completion too
     stats = engine.stats()
-    assert stats.adapter_load_failures == 2 and engine.runner.reads == 4 + 2  # one load per key
+    assert (
+        stats.adapter_load_failures == 2 and engine.core.runner.reads == 4 + 2
+    )  # one load per key
 
 
 def test_failed_adapter_outputs(make_engine, tmp_path):
     engine = make_engine()
-    missing = AdapterRef("missing@1", fetch=lambda: tmp_path / "nowhere")
+    missing = AdapterRef("missing@1", str(tmp_path / "nowhere"))
     engine.add_request(Request("m", [5, 6, 7], SamplingParams(max_tokens=3), missing))
     incompatible = adapter(tmp_path, "neg", -1)
     engine.add_request(Request("i", [5, 6, 7], SamplingParams(max_tokens=3), incompatible))
@@ -206,7 +209,7 @@ def test_failed_adapter_outputs(make_engine, tmp_path):
 
 def test_one_load_for_concurrent_requests(make_engine, tmp_path):
     engine = make_engine()
-    engine.runner.read_gate.clear()  # hold the load until all requests are in
+    engine.core.runner.read_gate.clear()  # hold the load until all requests are in
     ref = adapter(tmp_path, "cold", 4)
     for i in range(5):
         engine.add_request(
@@ -217,9 +220,9 @@ def test_one_load_for_concurrent_requests(make_engine, tmp_path):
     for o in engine.step():  # the base request runs while the adapter loads
         outs[o.request_id] = o
     assert "base" in outs
-    engine.runner.read_gate.set()
+    engine.core.runner.read_gate.set()
     run_all(engine)
-    assert engine.runner.reads == 1 and engine.stats().adapter_loads == 1
+    assert engine.core.runner.reads == 1 and engine.stats().adapter_loads == 1
 
 
 def text_of(outs: list[RequestOutput], index: int = 0) -> str:
@@ -240,7 +243,7 @@ def test_n_choices_share_the_prompt(make_engine, tok):
     assert len(set(sampled)) > 1 and all(len(t) == 6 for t in sampled)
     assert outs["s"][-1].completion_tokens == 24 and outs["g"][-1].finished
     # a sibling computed only the prompt tail, not the whole prompt
-    sizes = [len(c.token_ids) for b in engine.runner.batches for c in b.chunks]
+    sizes = [len(c.token_ids) for b in engine.core.runner.batches for c in b.chunks]
     assert sizes.count(27) <= 2
 
 
@@ -349,7 +352,7 @@ def test_random_workload_with_aborts(make_engine, tmp_path, tok, seed):
                 )
             )
             expected[rid] = reference_greedy(
-                prompt, w, engine._requests[rid].params.max_tokens, len(tok)
+                prompt, w, engine.core._requests[rid].params.max_tokens, len(tok)
             )
             live.append(rid)
         if live and rng.random() < 0.05:

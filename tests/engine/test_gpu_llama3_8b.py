@@ -79,7 +79,7 @@ def run(engine: LLMEngine, requests: list[Request]) -> dict[str, list]:
 
 def test_llama3_8b_with_32_distinct_rank16_adapters(tmp_path):
     dirs = [write_adapter(tmp_path / f"a{i}", seed=i) for i in range(N_ADAPTERS)]
-    refs = [AdapterRef(key=f"smoke-{i}", fetch=lambda d=d: d) for i, d in enumerate(dirs)]
+    refs = [AdapterRef(f"smoke-{i}", str(d)) for i, d in enumerate(dirs)]
     config = EngineConfig(
         max_num_seqs=64,
         max_num_batched_tokens=4096,

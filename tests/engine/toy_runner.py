@@ -19,6 +19,7 @@ import torch
 
 from engine.batch import ScheduledBatch
 from engine.errors import AdapterIncompatible, AdapterLoadError
+from engine.model.config import ModelConfig
 
 
 def toy_logits(context: list[tuple[int, int]], vocab: int) -> torch.Tensor:
@@ -57,6 +58,17 @@ class ToyRunner:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos
         self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.config = ModelConfig(  # what model info reports; the toy has no real layers
+            vocab_size=self.vocab_size,
+            hidden_size=8,
+            intermediate_size=16,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=4,
+            max_position_embeddings=max_model_len,
+        )
         self.pool: list[list[tuple[int, int] | None]] = [
             [None] * block_size for _ in range(num_blocks)
         ]

@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from loraplex_cli.engine_wiring import inproc_engine
 from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
 
 
@@ -93,7 +93,7 @@ def gateway(
             max_body_bytes=256 * 1024,
         )
         app = create_app(
-            settings, engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config)
+            settings, engine_factory=lambda: inproc_engine(settings, str(tiny_llama_dir), config)
         )
         with live_server(app) as base_url:
             gw = Gateway(url=base_url, app=app, database_url=url, admin_token=admin_token)

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from gateway.app import create_app
 from gateway.limiter_memory import InProcessLimiter
 from gateway.settings import GatewaySettings
+from loraplex_cli.engine_wiring import inproc_engine
 from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
 
 
@@ -33,7 +33,7 @@ def single(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             model=str(tiny_llama_dir),
         )
         app = create_app(
-            settings, engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config)
+            settings, engine_factory=lambda: inproc_engine(settings, str(tiny_llama_dir), config)
         )
         with live_server(app) as base:
             gw = Gateway(url=base, app=app, database_url=url, admin_token=token)

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from loraplex_cli.engine_wiring import inproc_engine
 from tenancy.usage import cost_micros
 from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
 
@@ -70,22 +70,23 @@ def pair(
     token, secret = secrets.token_hex(16), secrets.token_hex(32)
     config = EngineConfig(device="cpu", max_num_seqs=16, num_gpu_blocks=256, max_loras=2)
     with fresh_database() as url:
-        apps = [
-            create_app(
-                GatewaySettings(
-                    database_url=url,
-                    redis_url=redis_url,
-                    admin_token=token,
-                    secret_key=secret,
-                    data_dir=tmp_path_factory.mktemp(f"gw{i}"),
-                    served_model_name=BASE,
-                    model=str(tiny_llama_dir),
-                    key_cache_ttl_s=1.0,
-                    limits_redis_timeout_s=10.0,  # a loaded CI machine is not an outage
-                ),
-                engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config),
+        settings = [
+            GatewaySettings(
+                database_url=url,
+                redis_url=redis_url,
+                admin_token=token,
+                secret_key=secret,
+                data_dir=tmp_path_factory.mktemp(f"gw{i}"),
+                served_model_name=BASE,
+                model=str(tiny_llama_dir),
+                key_cache_ttl_s=1.0,
+                limits_redis_timeout_s=10.0,  # a loaded CI machine is not an outage
             )
             for i in range(2)
+        ]
+        apps = [
+            create_app(s, engine_factory=lambda s=s: inproc_engine(s, str(tiny_llama_dir), config))
+            for s in settings
         ]
         with live_server(apps[0]) as u0, live_server(apps[1]) as u1:
             gws = [

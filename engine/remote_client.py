@@ -1,0 +1,324 @@
+"""The remote :class:`engine.client.EngineClient`: an engine server in another process.
+
+One ZeroMQ DEALER socket per gateway process, driven by this process's event loop: a
+receive task hands each ``Outputs`` message (one step) to the streams in one call, applies
+``Status``/``Info``, resolves ``Reply``s; a heartbeat task pings. The engine is *ready* once
+its ``Info`` has come and a status says so; *unreachable* when its connection drops or it
+stops answering pings for ``timeout_s``; in-flight streams then end with ``EngineDead``
+(their requests' usage is metered by the gateway as usual). When an engine comes back (a
+restart: a new ``engine_id``), the client says hello again and serves on. No torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
+
+from engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
+from engine.client import EngineHealth, ModelInfo
+from engine.client_streams import ClientStreams
+from engine.errors import EngineDead, error_from_info
+from engine.stats import EngineStats
+from engine.tokenizer_files import load_tokenizer
+from engine.wire import (
+    Abort,
+    Add,
+    Call,
+    CallOp,
+    Hello,
+    Info,
+    Outputs,
+    Ping,
+    Refused,
+    Reply,
+    Status,
+    client_decoder,
+    encoder,
+)
+
+log = logging.getLogger("loraplex.engine.client")
+_DISCONNECT_GRACE_S = 0.2
+
+
+class RemoteEngineClient:
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str = "",
+        heartbeat_s: float = 0.5,
+        timeout_s: float = 5.0,
+        call_timeout_s: float = 30.0,
+    ) -> None:
+        self.address = address
+        self._token = token
+        self._heartbeat_s = heartbeat_s
+        self._timeout_s = timeout_s
+        self._call_timeout_s = call_timeout_s
+        self._streams = ClientStreams()
+        self._enc = encoder()
+        self._dec = client_decoder()
+        self._health = EngineHealth("unreachable", f"connecting to the engine at {address}")
+        self._info: ModelInfo | None = None
+        self._loading_info: str | None = None  # the engine id whose Info is being applied
+        self._engine_id: str | None = None
+        self._stats: EngineStats | None = None
+        self._metrics = b""
+        self._last_heard = 0.0
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tx: zmq.Socket[bytes] | None = None  # a blocking view of _sock, for NOBLOCK sends
+        self._monitor_sock: zmq.asyncio.Socket | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for an engine that is not there
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor_sock = monitor
+        sock.connect(self.address)
+        self._sock = sock
+        self._tx = zmq.Socket.shadow(sock.underlying)
+        self._tasks = [
+            asyncio.create_task(self._receive(), name="engine-receive"),
+            asyncio.create_task(self._heartbeat(), name="engine-heartbeat"),
+            asyncio.create_task(self._monitor(monitor), name="engine-monitor"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._streams.fail_all(EngineDead("the gateway is shutting down"))
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)  # closes the socket and its monitor
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _send(self, msg: Any) -> None:
+        if self._tx is None:
+            raise EngineDead("the engine client is not started")
+        try:
+            self._tx.send(self._enc.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            raise EngineDead("the engine is not reachable") from None
+
+    def _send_add(self, request: Request) -> None:
+        self._send(Add(request))
+
+    def _send_abort(self, request_id: str) -> None:
+        with contextlib.suppress(EngineDead):
+            self._send(Abort([request_id]))
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        assert self._sock is not None
+        while True:
+            await self._handle(await self._sock.recv())
+
+    async def _handle(self, data: bytes) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            msg = self._dec.decode(data)
+        except msgspec.DecodeError:
+            log.warning("undecodable message from the engine")
+            return
+        try:
+            await self._apply(msg)
+        except Exception:
+            log.exception("applying an engine message failed")
+
+    async def _drain(self) -> None:
+        """Apply what already arrived (a dying engine's last outputs) before a disconnect."""
+        assert self._tx is not None
+        while True:
+            try:
+                data = self._tx.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            await self._handle(data)
+
+    async def _apply(self, msg: Any) -> None:
+        if isinstance(msg, Outputs):
+            aborts = self._streams.deliver(msg.outputs)
+            if aborts:
+                with contextlib.suppress(EngineDead):
+                    self._send(Abort(aborts))
+        elif isinstance(msg, Status):
+            self._on_status(msg)
+        elif isinstance(msg, Info):
+            await self._on_info(msg.info)
+        elif isinstance(msg, Reply):
+            fut = self._calls.pop(msg.call_id, None)
+            if fut is not None and not fut.done():
+                if msg.error is not None:
+                    fut.set_exception(error_from_info(msg.error))
+                else:
+                    fut.set_result(msg.result)
+        elif isinstance(msg, Refused):
+            detail = f"the engine refused this gateway: {msg.detail}"
+            self._lost(detail)
+            self._set_health(EngineHealth("unreachable", detail))
+            if "hello" in msg.detail:
+                self._hello()
+
+    def _on_status(self, msg: Status) -> None:
+        if self._engine_id is not None and msg.engine_id and msg.engine_id != self._engine_id:
+            self._lost("the engine restarted")  # what ran on the old one is gone
+            self._hello()
+        if msg.engine_id:
+            self._engine_id = msg.engine_id
+        if msg.stats is not None:
+            self._stats = msg.stats
+        if msg.metrics:
+            self._metrics = msg.metrics
+        if msg.state == "ready":
+            if self._info is not None and self._info.engine_id == msg.engine_id:
+                self._set_health(EngineHealth("ready"))
+        elif msg.state == "dead":  # its supervisor restarts it: unreachable, not dead, here
+            with contextlib.suppress(EngineDead):
+                self._send(Ping())  # read to here: the engine may close now
+            self._lost(msg.detail)
+            self._set_health(EngineHealth("unreachable", msg.detail))
+        else:
+            self._set_health(EngineHealth(msg.state, msg.detail))
+
+    async def _on_info(self, info: ModelInfo) -> None:
+        if self._info is not None and self._info.engine_id == info.engine_id:
+            return
+        if self._loading_info == info.engine_id:
+            return
+        self._loading_info = info.engine_id
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, info.tokenizer_files)
+        finally:
+            self._loading_info = None
+        self._streams.set_tokenizer(tokenizer)
+        self._info = info
+        self._engine_id = info.engine_id
+        self._set_health(EngineHealth("ready"))
+
+    def _lost(self, detail: str) -> None:
+        """The engine went away: every stream in flight ends, calls fail."""
+        dead = EngineDead(detail or "the engine went away")
+        self._streams.fail_all(dead)
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(dead)
+        self._calls.clear()
+        if self._health.state == "ready":
+            self._set_health(EngineHealth("unreachable", dead.message))
+
+    def _set_health(self, health: EngineHealth) -> None:
+        if health != self._health:
+            if health.state != self._health.state:
+                log.info("engine %s: %s %s", self.address, health.state, health.detail)
+            self._health = health
+
+    def _hello(self) -> None:
+        with contextlib.suppress(EngineDead):
+            self._send(Hello(self._token))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            if self._engine_id is None or self._info is None:
+                self._hello()
+            else:
+                with contextlib.suppress(EngineDead):
+                    self._send(Ping())
+            await asyncio.sleep(self._heartbeat_s)
+            silent = time.monotonic() - self._last_heard
+            if self._health.state == "ready" and silent > self._timeout_s:
+                self._lost(f"the engine did not answer for {silent:.1f}s")
+
+    async def _monitor(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = await recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                # No new requests from now; the streams in flight end after a short grace,
+                # so what a dying engine sent last (its final outputs) is applied first.
+                self._set_health(EngineHealth("unreachable", "the engine is not connected"))
+                await asyncio.sleep(_DISCONNECT_GRACE_S)
+                await self._drain()
+                self._lost("the connection to the engine dropped")
+            elif event["event"] == zmq.EVENT_CONNECTED:
+                self._hello()
+
+    # -- the protocol --------------------------------------------------------------------
+
+    def health(self) -> EngineHealth:
+        return self._health
+
+    def model_info(self) -> ModelInfo | None:
+        return self._info if self._health.ready else None
+
+    def tokenizer(self) -> Any:
+        return self._streams.tokenizer
+
+    def stats(self) -> EngineStats | None:
+        return self._stats
+
+    def metrics_text(self) -> bytes:
+        return self._metrics
+
+    def _check_ready(self) -> None:
+        if not self._health.ready:
+            raise EngineDead(self._health.detail or "the engine is not ready")
+
+    def generate(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
+        self._check_ready()
+        return self._streams.stream(request, self._send_add, self._send_abort)
+
+    async def abort(self, request_id: str) -> None:
+        self._send_abort(request_id)
+
+    async def _call(self, op: CallOp, ref: AdapterRef | None = None, key: str | None = None) -> Any:
+        self._check_ready()
+        call_id = next(self._call_ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = fut
+        try:
+            self._send(Call(call_id, op, ref, key))
+            return await asyncio.wait_for(fut, self._call_timeout_s)
+        except TimeoutError:
+            raise EngineDead(f"the engine did not answer a {op} call in time") from None
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def adapter_residency(self) -> AdapterResidency:
+        result: AdapterResidency = await self._call("residency")
+        return result
+
+    async def load_adapter(self, ref: AdapterRef) -> bool:
+        return bool(await self._call("load", ref=ref))
+
+    async def unload_adapter(self, key: str) -> bool:
+        return bool(await self._call("unload", key=key))

@@ -1,0 +1,203 @@
+"""The step loop: one thread that owns the :class:`LLMEngine` and runs it.
+
+Clients hand it commands (add, abort, a call on the engine) through a queue; it hands back
+each step's outputs as ONE list through ``emit`` (the in-process client schedules one call
+on its event loop per step; the engine server queues one message per gateway). A request's
+own failure (a bad value, an overloaded engine) comes back as a finished output with its
+error. If the loop itself dies, ``failure`` says why and ``on_dead`` is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.api import EngineOutput, Request
+from engine.errors import EngineDead, as_engine_error
+from engine.llm_engine import LLMEngine
+from engine.stats import EngineStats
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5  # nothing to do: how long to sleep before looking again
+_LOADING_WAIT_S = 0.02  # only waiting on adapter loads
+_STATS_EVERY_S = 0.05  # the stats snapshot is refreshed at most this often while busy
+
+Emit = Callable[[list[EngineOutput]], None]
+CallDone = Callable[[Any, BaseException | None], None]
+
+
+def failed(request_id: str, exc: BaseException) -> EngineOutput:
+    return EngineOutput(request_id, [], 0, 0, True, as_engine_error(exc).to_info())
+
+
+class StepLoop:
+    def __init__(
+        self,
+        factory: Callable[[], LLMEngine],
+        emit: Emit,
+        *,
+        on_ready: Callable[[LLMEngine], None] | None = None,
+        on_dead: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._factory = factory
+        self._emit = emit
+        self._on_ready = on_ready
+        self._on_dead = on_dead
+        self._commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._ready = threading.Event()
+        self._stop = False
+        self._dead: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._stats = EngineStats()
+        self._stats_at = 0.0
+        self.engine: LLMEngine | None = None  # for tests and tools; the step thread's own
+
+    # -- lifecycle (any thread) -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self._dead is None and not self._stop
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._dead
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self.is_ready
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- commands (any thread) -----------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        self._put("add", request, None)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._put("abort", request_ids, None)
+
+    def call(self, fn: Callable[[LLMEngine], Any], done: CallDone) -> None:
+        """Run ``fn(engine)`` on the step thread; ``done(result, error)`` there after."""
+        self._put("call", fn, done)
+
+    def _put(self, kind: str, arg: Any, extra: Any) -> None:
+        self._commands.put((kind, arg, extra))
+        self._wake.set()
+
+    # -- the step thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.engine = engine = self._factory()
+            engine.loader.on_done = self._wake.set
+            self._stats = engine.stats()
+            if self._on_ready is not None:
+                self._on_ready(engine)
+            self._ready.set()
+            self._loop(engine)
+        except BaseException as exc:
+            log.exception("engine step loop died")
+            self._dead = exc
+        finally:
+            self._ready.set()
+            self._finish()
+
+    def _loop(self, engine: LLMEngine) -> None:
+        while not self._stop:
+            self._wake.clear()
+            self._drain(engine)
+            if not engine.has_unfinished():
+                if engine.loader.has_finished():  # loads asked for without a request
+                    engine.collect_loads()
+                self._stats = engine.stats()
+                self._wake.wait(_IDLE_WAIT_S)
+                continue
+            outputs = engine.step()
+            if outputs:
+                self._emit(outputs)
+            now = time.monotonic()
+            if now - self._stats_at >= _STATS_EVERY_S:
+                self._stats, self._stats_at = engine.stats(), now
+            if not engine.last_step_ran:
+                self._wake.wait(_LOADING_WAIT_S)
+
+    def _drain(self, engine: LLMEngine) -> None:
+        failures: list[EngineOutput] = []
+        while True:
+            try:
+                kind, arg, extra = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                try:
+                    if self._stop:
+                        raise EngineDead("the engine is shutting down")
+                    engine.add_request(arg)
+                except Exception as exc:  # this request's own error
+                    failures.append(failed(arg.request_id, exc))
+            elif kind == "abort":
+                for request_id in arg:
+                    engine.abort(request_id)
+            elif kind == "call":
+                try:
+                    result = arg(engine)
+                except Exception as exc:
+                    extra(None, exc)
+                else:
+                    extra(result, None)
+        if failures:
+            self._emit(failures)
+
+    def _finish(self) -> None:
+        """Stopped or dead: every request in flight and queued ends, then the engine."""
+        engine = self.engine
+        reason = EngineDead(
+            f"the engine step loop died: {self._dead}" if self._dead else "the engine shut down"
+        )
+        outputs: list[EngineOutput] = []
+        if engine is not None:
+            try:
+                outputs += engine.abort_all()  # streams end with "abort"
+            except Exception:
+                log.exception("aborting requests at shutdown failed")
+        while True:  # commands that never reached the engine
+            try:
+                kind, arg, extra = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                outputs.append(failed(arg.request_id, reason))
+            elif kind == "call":
+                extra(None, reason)
+        if self._dead is not None:  # what the engine held died with it
+            outputs = [failed(o.request_id, reason) if not o.error else o for o in outputs]
+        try:
+            if outputs:
+                self._emit(outputs)
+        finally:
+            if engine is not None:
+                engine.shutdown()
+            if self._dead is not None and self._on_dead is not None:
+                self._on_dead(self._dead)

@@ -1,0 +1,44 @@
+"""The app factory of a gateway worker process: settings from the environment that
+``loraplex serve`` / ``loraplex gateway`` set, the engine reached over ZeroMQ. No torch.
+
+uvicorn imports this by name in each worker process it spawns
+(``gateway.worker:create_worker_app``, ``factory=True``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import sys
+
+from fastapi import FastAPI
+
+from engine.remote_client import RemoteEngineClient
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("loraplex.gateway")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that started it dies, so a killed
+    supervisor leaves no worker behind holding the port."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not fatal: the supervisor also stops its workers
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+
+def create_worker_app() -> FastAPI:
+    settings = GatewaySettings()
+    die_with_parent()
+    url = settings.engine_url
+    token = settings.engine_token or ""
+    if url is None:
+        log.warning("LORAPLEX_ENGINE_URL is not set: this worker serves the control plane only")
+        return create_app(settings)
+    return create_app(settings, engine_factory=lambda: RemoteEngineClient(url, token=token))

@@ -1,0 +1,103 @@
+"""Composition of the engine side from settings: its config, its adapter fetcher, the
+engine server, and the in-process client (the one place that joins ``engine`` and
+``adapters``, which never import each other)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from engine.api import AdapterRef
+    from engine.config import EngineConfig
+    from engine.inproc_client import InprocEngineClient
+    from engine.server import EngineServer
+
+
+def engine_config(settings: GatewaySettings) -> EngineConfig:
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        device=settings.device,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+    )
+
+
+def store_fetch(
+    settings: GatewaySettings, registry: CollectorRegistry
+) -> Callable[[AdapterRef], Path]:
+    """``AdapterRef`` -> local PEFT directory: ``store:`` keys through the object store and
+    the engine's disk cache; anything else is a local directory. Its metrics go into
+    ``registry`` (the engine side's own)."""
+    from adapters.service import build_fetcher
+    from engine.lora.loader import local_fetch
+
+    fetcher = build_fetcher(
+        store_url=settings.resolved_object_store_url(),
+        s3_endpoint_url=settings.s3_endpoint_url,
+        cache_dir=settings.adapter_cache_dir or settings.data_dir / "adapter-cache",
+        cache_bytes=settings.adapter_cache_bytes,
+        max_bytes=2 * settings.adapter_upload_max_bytes,
+        metrics_registry=registry,
+    )
+
+    def fetch(ref: AdapterRef) -> Path:
+        storage_key = ref.storage_key
+        if storage_key is None:
+            return local_fetch(ref)
+        return fetcher.fetch(ref.key, storage_key)
+
+    return fetch
+
+
+def inproc_engine(
+    settings: GatewaySettings, model: str, config: EngineConfig | None = None
+) -> InprocEngineClient:
+    """The engine in a thread of this process (tests, tools). ``config`` overrides the one
+    the settings make."""
+    from engine.inproc_client import InprocEngineClient
+
+    registry = CollectorRegistry()
+    return InprocEngineClient.from_model(
+        model,
+        config or engine_config(settings),
+        name=settings.base_model_name(),
+        fetch=store_fetch(settings, registry),
+        metrics=lambda: generate_latest(registry),
+    )
+
+
+def engine_server(
+    settings: GatewaySettings,
+    model: str,
+    address: str,
+    *,
+    config: EngineConfig | None = None,
+    parent_pid: int | None = None,
+) -> EngineServer:
+    from engine.llm_engine import LLMEngine
+    from engine.server import EngineServer
+
+    registry = CollectorRegistry()
+    config, fetch = config or engine_config(settings), store_fetch(settings, registry)
+    return EngineServer(
+        lambda: LLMEngine.from_model(model, config, fetch=fetch),
+        address,
+        name=settings.base_model_name(),
+        model=model,
+        token=settings.engine_token or "",
+        parent_pid=parent_pid,
+        metrics=lambda: generate_latest(registry),
+    )

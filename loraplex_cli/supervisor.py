@@ -1,0 +1,143 @@
+"""The processes of ``loraplex serve`` and ``loraplex gateway``.
+
+``serve``: an engine server process (``loraplex engine``, restarted with a backoff if it
+dies) and N gateway worker processes (uvicorn's, restarted by uvicorn), all from this
+supervisor. Settings reach the children through ``LORAPLEX_*`` environment variables.
+Ctrl-C or SIGTERM stops the workers (graceful), then the engine; a supervisor that is
+killed outright leaves nothing behind: workers get SIGTERM from the kernel
+(``PR_SET_PDEATHSIG``) and the engine stops when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("loraplex.serve")
+_MAX_IPC_PATH = 100  # a Unix socket path must fit sun_path (108 bytes)
+
+
+def default_workers() -> int:
+    """Gateway processes for this machine: a quarter of the cores, 1 to 8 (the engine
+    process needs a few cores of its own: its step loop, I/O thread and loaders)."""
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+def engine_address(settings: GatewaySettings) -> str:
+    """Where ``serve``'s engine listens: a Unix socket in the data dir (or /tmp if that
+    path is too long), one per port so that two servers never share one."""
+    path = (settings.data_dir / f"engine-{settings.port}.sock").resolve()
+    if len(str(path)) > _MAX_IPC_PATH:
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        path = Path("/tmp") / f"loraplex-engine-{digest}.sock"
+    return f"ipc://{path}"
+
+
+def child_env(settings: GatewaySettings, **extra: Any) -> dict[str, str]:
+    """This process's environment plus every setting given (by environment or command
+    line) as ``LORAPLEX_<NAME>``, plus ``extra``."""
+    env = dict(os.environ)
+    values = {name: getattr(settings, name) for name in settings.model_fields_set}
+    values.update(extra)
+    for name, value in values.items():
+        key = f"LORAPLEX_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        elif isinstance(value, bool):
+            env[key] = "true" if value else "false"
+        elif isinstance(value, dict | list):
+            env[key] = json.dumps(value)
+        else:
+            env[key] = str(value)
+    return env
+
+
+class EngineProcess:
+    """``loraplex engine`` as a child process, restarted (with a doubling backoff, reset
+    after a minute of good health) whenever it exits unasked."""
+
+    def __init__(self, env: dict[str, str], address: str, *, backoff_max_s: float = 30.0):
+        self._env = env
+        self.address = address
+        self._backoff_max_s = backoff_max_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="engine-watch", daemon=True)
+        self.restarts = 0
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "loraplex_cli.main", "engine", "--listen", self.address,
+                "--parent-pid", str(os.getpid())]  # fmt: skip
+        # its own session: a terminal's Ctrl-C reaches the supervisor, which stops it last
+        return subprocess.Popen(argv, env=self._env, start_new_session=True)
+
+    def start(self) -> None:
+        self._proc = self._spawn()
+        self._thread.start()
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            proc = self._proc
+            if proc is None:
+                return
+            started = time.monotonic()
+            rc = proc.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            log.error("the engine process exited (status %s); restarting in %.0fs", rc, backoff)
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, self._backoff_max_s)
+            self.restarts += 1
+            self._proc = self._spawn()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("the engine did not stop in %.0fs; killing it", timeout_s)
+            proc.kill()
+            proc.wait(5)
+
+
+def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -> None:
+    """uvicorn's workers over ``gateway.worker:create_worker_app`` until a signal stops
+    them. Their settings come from ``env``."""
+    import uvicorn
+
+    os.environ.update(env)  # uvicorn's spawned workers (and the one in-process) read it
+    stopped: list[int] = []
+
+    def remember(signum: int, _frame: Any) -> None:  # uvicorn re-raises what it caught
+        stopped.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, remember)
+    uvicorn.run(
+        "gateway.worker:create_worker_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+    )
