@@ -134,9 +134,7 @@ def adapter_refs(args, cfg, n: int, root: Path) -> list[AdapterRef]:
         if not d.exists():
             write_peft_adapter(d, cfg, args.rank, seed=1000 + f)
         files.append(d)
-    return [
-        AdapterRef(f"bench-{n}-{i}", str(files[i % len(files)])) for i in range(n)
-    ]
+    return [AdapterRef(f"bench-{n}-{i}", str(files[i % len(files)])) for i in range(n)]
 
 
 def preload(engine: LLMEngine, refs: list[AdapterRef]) -> float:

@@ -39,4 +39,3 @@ class Services:
             if info is not None and info.name:
                 return info.name
         return s.base_model_name()
-    # Each component adds its own typed field here (object store, registry, limiter, ledger...).
