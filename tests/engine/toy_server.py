@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def main() -> int:
         model="toy",
         token=opts.get("token", ""),
         client_timeout_s=opts.get("client_timeout_s", 10.0),
+        parent_pid=os.getppid(),  # a test process that dies takes its engine along
     )
     return server.serve_forever()
 

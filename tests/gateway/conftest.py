@@ -1,20 +1,24 @@
-"""Gateway tests: a real uvicorn server running the tiny Llama in the in-process engine, over
-a fresh PostgreSQL database, with two tenants, their keys and adapters made through the
-admin API. One server per test module."""
+"""Gateway tests: a real uvicorn server running the tiny Llama, over a fresh PostgreSQL
+database, with two tenants, their keys and adapters made through the admin API. One server
+per test module and engine kind: every gateway test runs against the in-process engine
+client and against an engine server in a process of its own (the remote client)."""
 
 from __future__ import annotations
 
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from harness.engines import engine_process
 
 from engine.config import EngineConfig
+from engine.remote_client import RemoteEngineClient
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from loraplex_cli.engine_wiring import inproc_engine
@@ -67,8 +71,9 @@ def served_model_name() -> str:
     return BASE
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["inproc", "remote"])
 def gateway(
+    request: pytest.FixtureRequest,
     served_model_name: str,
     tiny_llama_dir: Path,
     make_peft_adapter: Callable[..., Path],
@@ -92,12 +97,24 @@ def gateway(
             key_cache_ttl_s=1.0,
             max_body_bytes=256 * 1024,
         )
-        app = create_app(
-            settings, engine_factory=lambda: inproc_engine(settings, str(tiny_llama_dir), config)
-        )
-        with live_server(app) as base_url:
-            gw = Gateway(url=base_url, app=app, database_url=url, admin_token=admin_token)
+        with ExitStack() as stack:
+            proc = None
+            if request.param == "inproc":
+                factory = lambda: inproc_engine(settings, str(tiny_llama_dir), config)  # noqa: E731
+            else:
+                proc = stack.enter_context(
+                    engine_process(settings, device="cpu", max_num_seqs=8, max_loras=2)
+                )
+                factory = lambda: RemoteEngineClient(proc.address)  # noqa: E731
+            app = create_app(settings, engine_factory=factory)
+            base_url = stack.enter_context(live_server(app))
+            gw = Gateway(url=base_url, app=app, database_url=url, admin_token=admin_token,
+                         engine_proc=proc)  # fmt: skip
             with httpx.Client(base_url=base_url) as probe:
-                wait_until(lambda: probe.get("/ready").status_code == 200, 120)
+                ready = lambda: probe.get("/ready")  # noqa: E731
+                try:
+                    wait_until(lambda: ready().status_code == 200, 120)
+                except TimeoutError:
+                    raise TimeoutError(f"not ready: {ready().text}") from None
             _setup(gw, lora_a, lora_b)
             yield gw

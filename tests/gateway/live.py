@@ -17,7 +17,9 @@ import psycopg
 import uvicorn
 from fastapi import FastAPI
 from harness import services
+from harness.engines import EngineProc
 
+from engine.client import EngineClient
 from gateway.state import Services
 
 
@@ -71,6 +73,7 @@ class Gateway:
     app: FastAPI
     database_url: str
     admin_token: str
+    engine_proc: EngineProc | None = None  # the engine server process (remote engine only)
     tenants: dict[str, str] = field(default_factory=dict)  # role -> tenant name
     keys: dict[str, str] = field(default_factory=dict)  # role -> full API key
 
@@ -78,6 +81,19 @@ class Gateway:
     def services(self) -> Services:
         services: Services = self.app.state.services
         return services
+
+    @property
+    def engine(self) -> EngineClient:
+        engine = self.services.engine
+        assert engine is not None
+        return engine
+
+    def stop_engine(self) -> None:
+        """Shut the engine down under the gateway (in flight: streams end with abort)."""
+        if self.engine_proc is not None:
+            self.engine_proc.stop()
+        else:
+            self.engine.shutdown()  # type: ignore[attr-defined]
 
     def admin(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.admin_token}"}

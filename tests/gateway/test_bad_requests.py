@@ -146,5 +146,5 @@ def test_server_unharmed_after_bad_requests(gateway: Gateway, http: httpx.Client
     r = http.post("/v1/chat/completions", json=_chat(max_tokens=2))
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2
-    stats = gateway.services.engine.stats()
-    assert stats.num_running == 0 and stats.num_waiting == 0
+    stats = gateway.engine.stats()
+    assert stats is not None and stats.num_running == 0 and stats.num_waiting == 0

@@ -13,7 +13,6 @@ MSG = [{"role": "user", "content": "Tell me a story about a robot."}]
 
 
 def test_engine_shutdown_mid_stream(gateway: Gateway) -> None:
-    engine = gateway.services.engine
     body = {"model": BASE, "messages": MSG, "max_tokens": 400, "stream": True}
     events: list[dict[str, Any]] = []
     with gateway.http("a") as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -23,7 +22,7 @@ def test_engine_shutdown_mid_stream(gateway: Gateway) -> None:
                 events.append(json.loads(line[6:]))
             if len(events) >= 3:
                 break
-        threading.Thread(target=engine.shutdown, daemon=True).start()
+        threading.Thread(target=gateway.stop_engine, daemon=True).start()
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     rows: list[tuple[Any, ...]] = []

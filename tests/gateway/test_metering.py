@@ -49,7 +49,7 @@ def test_every_request_leaves_one_usage_record(gateway: Gateway) -> None:
 def test_client_disconnect_aborts_the_engine_request_and_records_usage(
     gateway: Gateway,
 ) -> None:
-    engine = gateway.services.engine
+    engine = gateway.engine
     request = {"model": BASE, "messages": MSG, "max_tokens": 400, "stream": True}
     started = time.monotonic()
     with gateway.http("a") as http, http.stream("POST", "/v1/chat/completions", json=request) as r:
@@ -62,7 +62,7 @@ def test_client_disconnect_aborts_the_engine_request_and_records_usage(
                 events.append(json.loads(line[6:]))
             if len(events) >= 3:
                 break
-        assert engine.stats().num_running == 1
+        wait_until(lambda: engine.stats().num_running == 1, 10)
     # The connection is closed here, long before 400 tokens could have been generated.
     wait_until(lambda: engine.stats().num_running == 0 and engine.stats().num_waiting == 0, 10)
     wait_until(lambda: engine.stats().kv_blocks_used == 0, 10)
