@@ -113,6 +113,7 @@ def serve(settings: GatewaySettings) -> None:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.http_protocol import http_protocol
 
     check_device(settings)
     model = resolve_model(settings.model)
@@ -124,4 +125,4 @@ def serve(settings: GatewaySettings) -> None:
     if banner:
         print(banner, flush=True)
     app = create_app(settings, engine_factory=engine_factory(settings, model))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", http=http_protocol())

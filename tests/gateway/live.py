@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from harness import services
 
+from gateway.http_protocol import http_protocol
 from gateway.state import Services
 
 
@@ -44,7 +45,14 @@ def free_port() -> int:
 def live_server(app: FastAPI, *, startup_timeout_s: float = 120.0) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread (lifespan on). Yields the base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=http_protocol(),  # as `loraplex serve` runs it
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
