@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 router = APIRouter(tags=["probes"])
 
 CHECK_TIMEOUT_S = 5.0
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]  # database, object_store, engine: "ok" or what is wrong
 
 
 def _list_one(store: Any) -> None:
@@ -31,11 +41,15 @@ async def _object_store(services: Any) -> str:
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health() -> Health:
+    return Health(status="ok")
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: see `checks`"}},
+)
 async def ready(request: Request) -> JSONResponse:
     services = request.app.state.services
     checks: dict[str, Any] = {}
