@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from gateway.request_fields import Text
+from gateway.request_fields import VALID_UNICODE, Text
 from tenancy.limits import MAX_LIMIT
 from tenancy.models import ApiKey, Plan, Tenant
 from tenancy.principal import SCOPES
@@ -27,10 +27,12 @@ UtcTime = Annotated[datetime, AfterValidator(_utc)]
 TENANT_NAME = "^[a-z0-9][a-z0-9_-]{0,63}$"
 PLAN_NAME = "^[a-z0-9][a-z0-9_.-]{0,63}$"
 TenantName = Annotated[
-    Text, Field(min_length=1, max_length=64, json_schema_extra={"pattern": TENANT_NAME})
+    str,
+    Field(min_length=1, max_length=64, json_schema_extra={"pattern": TENANT_NAME}),
+    VALID_UNICODE,
 ]
 PlanName = Annotated[
-    Text, Field(min_length=1, max_length=64, json_schema_extra={"pattern": PLAN_NAME})
+    str, Field(min_length=1, max_length=64, json_schema_extra={"pattern": PLAN_NAME}), VALID_UNICODE
 ]
 Scope = Annotated[Text, Field(json_schema_extra={"enum": list(SCOPES)})]
 Price = Annotated[int, Field(strict=True, ge=0, le=MAX_LIMIT)]
@@ -81,7 +83,7 @@ class TenantList(BaseModel):
 
 class KeyCreate(BaseModel):
     model_config = _REQUEST
-    name: Annotated[Text, Field(max_length=128)] = ""
+    name: Annotated[str, Field(max_length=128), VALID_UNICODE] = ""
     scopes: Annotated[list[Scope], Field(max_length=16)] = Field(
         default_factory=lambda: ["inference"]
     )

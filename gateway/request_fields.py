@@ -55,18 +55,20 @@ def _seed_in_range(value: int) -> int:
     return value
 
 
-# Any text a request carries.
-Text = Annotated[str, AfterValidator(_valid_unicode)]
+# Any text a request carries; bounded text puts ``VALID_UNICODE`` after its length bounds
+# (after it, a bound would count "items").
+VALID_UNICODE = AfterValidator(_valid_unicode)
+Text = Annotated[str, VALID_UNICODE]
 Seed = Annotated[
     int,
     AfterValidator(_seed_in_range),
     Field(json_schema_extra={"minimum": SEED_MIN, "maximum": SEED_MAX}),
 ]
-Name = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), VALID_UNICODE]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(ge=1)]
-StopSeq = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopSeq = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), VALID_UNICODE]
 Stop = StopSeq | Annotated[list[StopSeq], Field(max_length=MAX_STOP_SEQUENCES)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.request_fields import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
+    VALID_UNICODE,
     MaxTokens,
     Name,
     Penalty,
@@ -70,7 +71,7 @@ class _SamplingFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=16)] = 1
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    user: Annotated[Text, Field(max_length=256)] | None = None
+    user: Annotated[str, Field(max_length=256), VALID_UNICODE] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -94,7 +95,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[Text, Field(min_length=1)] | TokenIds
+    prompt: Annotated[str, Field(min_length=1), VALID_UNICODE] | TokenIds
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: Literal[False] = False
 
