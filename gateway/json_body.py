@@ -3,7 +3,7 @@
 Python's ``json`` reads more than JSON: ``NaN`` and ``Infinity``, duplicate keys (the last
 one wins, so that two parsers of one body can disagree on what it says), and nesting
 until the interpreter's recursion limit. A body that is not plain JSON (RFC 8259, UTF-8)
-is a 400 naming why, and a body sent as another media type is a 415.
+is a 400 naming why, and a body sent as another media type (or none) is a 415.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def parse_json(body: bytes) -> Any:
         raise json.JSONDecodeError("not UTF-8", doc, exc.start) from None
     try:
         return json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
-    except _NotJson as exc:
+    except json.JSONDecodeError:
+        raise
+    except (_NotJson, ValueError) as exc:  # also an integer of over 4,300 digits
         raise json.JSONDecodeError(str(exc), text, 0) from None
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text, 0) from None
@@ -69,16 +71,19 @@ class StrictJsonRequest(Request):
 
 
 class StrictJsonRoute(APIRoute):
-    """A route whose JSON body is read by :func:`parse_json`; other media types are 415."""
+    """A route whose JSON body is read by :func:`parse_json`; a body of another media type,
+    or of none, is a 415 (FastAPI would not read it as JSON)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         has_json_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
-            content_type = request.headers.get("content-type")
-            if has_json_body and content_type and not is_json_media_type(content_type):
-                raise HTTPException(415, f"send the body as application/json, not {content_type}")
-            return await handler(StrictJsonRequest(request.scope, request.receive))
+            request = StrictJsonRequest(request.scope, request.receive)
+            content_type = request.headers.get("content-type", "")
+            if has_json_body and not is_json_media_type(content_type) and await request.body():
+                sent = content_type[:100] or "no Content-Type"
+                raise HTTPException(415, f"send the body as application/json, not {sent}")
+            return await handler(request)
 
         return strict
