@@ -68,8 +68,16 @@ def served_model_name() -> str:
 
 
 @pytest.fixture(scope="module")
+def max_body_bytes() -> int:
+    """The server's body limit (small, so that tests reach it quickly); a module may
+    override this fixture (the abuse suite runs at the production default, 4 MiB)."""
+    return 256 * 1024
+
+
+@pytest.fixture(scope="module")
 def gateway(
     served_model_name: str,
+    max_body_bytes: int,
     tiny_llama_dir: Path,
     make_peft_adapter: Callable[..., Path],
     tmp_path_factory: pytest.TempPathFactory,
@@ -90,7 +98,7 @@ def gateway(
             served_model_name=served_model_name,
             model=str(tiny_llama_dir),
             key_cache_ttl_s=1.0,
-            max_body_bytes=256 * 1024,
+            max_body_bytes=max_body_bytes,
         )
         app = create_app(
             settings, engine_factory=lambda: AsyncEngine.from_model(str(tiny_llama_dir), config)
