@@ -49,9 +49,21 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def text_stream(description: str) -> dict[str, Any]:
-    """The 200 of a route that streams server-sent events when asked to."""
-    schema = {"type": "string", "description": "`data: <chunk JSON>` events, then `data: [DONE]`"}
-    return {"description": description, "content": {"text/event-stream": {"schema": schema}}}
+    """The 200 of a route that streams server-sent events when asked to (``stream``): the
+    schema is one event's."""
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "description": "a chunk (the JSON of the application/json schema, "
+                "with choices' deltas), an error envelope, or `[DONE]` last",
+            },
+            "event": {"type": "string"},
+        },
+    }
+    return {"description": description, "content": {"text/event-stream": {"schema": event}}}
 
 
 _REF = "#/components/schemas/{model}"
