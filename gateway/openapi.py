@@ -10,6 +10,7 @@ request that fails validation is a 400).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -64,6 +65,18 @@ def text_stream(description: str) -> dict[str, Any]:
         },
     }
     return {"description": description, "content": {"text/event-stream": {"schema": event}}}
+
+
+def download(
+    description: str, media_types: Mapping[Any, str], *, binary: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The 200 of a route that sends a file (``Content-Disposition: attachment``) in one
+    of ``media_types`` (format -> media type); ``binary`` formats are bytes, others text."""
+    content = {
+        media: {"schema": {"type": "string", **({"format": "binary"} if fmt in binary else {})}}
+        for fmt, media in media_types.items()
+    }
+    return {"description": description, "content": content}
 
 
 _REF = "#/components/schemas/{model}"

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from admin.auth import AdminDep
 from gateway.deps import ServicesDep, SessionDep, require_scope
-from gateway.openapi import errors
+from gateway.openapi import download, errors
 from gateway.state import Services
 from tenancy.principal import Principal
 from tenancy.tenants import get_tenant
@@ -29,14 +29,7 @@ router = APIRouter(tags=["usage"])
 UsageReadDep = Annotated[Principal, Depends(require_scope("usage:read"))]
 FromQ = Annotated[str | None, Query(alias="from", description="inclusive; date or ISO time")]
 ToQ = Annotated[str | None, Query(description="exclusive; date or ISO time")]
-_EXPORT = {
-    "description": "The export as a file (`Content-Disposition: attachment`), in `format`",
-    "content": {
-        MEDIA_TYPES["csv"]: {"schema": {"type": "string"}},
-        MEDIA_TYPES["jsonl"]: {"schema": {"type": "string"}},
-        MEDIA_TYPES["parquet"]: {"schema": {"type": "string", "format": "binary"}},
-    },
-}
+_EXPORT = download("The export as a file, in `format`", MEDIA_TYPES, binary=("parquet",))
 
 
 def _query(
