@@ -7,7 +7,7 @@ import re
 from adapters.errors import InvalidAdapter
 
 # No '@' (name@version), '/' or ':' (reserved for base models and routing).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" passes a trailing newline
 
 
 def check_name(name: str, *, param: str = "name") -> str:

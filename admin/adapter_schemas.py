@@ -1,12 +1,38 @@
-"""Admin API bodies for adapters. Requests forbid unknown fields."""
+"""Admin API bodies for adapters. Requests forbid unknown fields; numbers are strict."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.names import NAME_RE
 from adapters.values import AdapterInfo, AliasInfo, VersionInfo
+from admin.schemas import UtcTime
+
+# The upload is read by hand (streamed to disk under its own cap), so its body is stated
+# here: ``name`` and up to 4 file parts (any field name), either adapter_config.json +
+# adapter_model.safetensors, or one .tar.gz / .zip holding them.
+UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["name", "files"],
+                "properties": {
+                    "name": {"type": "string", "pattern": NAME_RE.pattern.replace("\\Z", "$")},
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "minItems": 1,
+                        "maxItems": 4,
+                    },
+                },
+            }
+        }
+    },
+}
 
 
 class VersionOut(BaseModel):
@@ -18,7 +44,7 @@ class VersionOut(BaseModel):
     target_modules: list[str]
     bytes: int
     base_model: str
-    created_at: datetime
+    created_at: UtcTime
 
     @classmethod
     def of(cls, v: VersionInfo) -> VersionOut:
@@ -38,7 +64,7 @@ class VersionOut(BaseModel):
 class AdapterOut(BaseModel):
     name: str
     current_version: int | None
-    created_at: datetime
+    created_at: UtcTime
     versions: list[VersionOut]
     aliases: dict[str, int]
 
@@ -59,7 +85,7 @@ class AdapterList(BaseModel):
 
 class AliasIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(strict=True, ge=1)
 
 
 class AliasOut(BaseModel):
@@ -79,7 +105,8 @@ class Deleted(BaseModel):
 
 class GcIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grace_s: float = Field(default=3600.0, ge=0)  # spares uploads still committing
+    # spares uploads still committing; at most about 31 years
+    grace_s: float = Field(default=3600.0, strict=True, ge=0, le=1e9, allow_inf_nan=False)
 
 
 class GcOut(BaseModel):

@@ -1,25 +1,47 @@
-"""Admin API request and response bodies. Requests forbid unknown fields."""
+"""Admin API request and response bodies. Requests forbid unknown fields; numbers are
+strict (``true`` is not 1); every time is answered in UTC with its zone."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tenancy.api_keys import as_utc
-from tenancy.models import ApiKey, Tenant
+from gateway.request_fields import VALID_UNICODE, Text
+from tenancy.limits import MAX_LIMIT
+from tenancy.models import ApiKey, Plan, Tenant
+from tenancy.principal import SCOPES
 
 _REQUEST = ConfigDict(extra="forbid")
-# Stored times are UTC; SQLite hands them back without a zone.
-UtcTime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+def _utc(at: datetime) -> datetime:
+    """Stored times are UTC; SQLite hands them back without a zone."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+UtcTime = Annotated[datetime, AfterValidator(_utc)]
+# What the services accept, stated in the document too (they check it again).
+TENANT_NAME = "^[a-z0-9][a-z0-9_-]{0,63}$"
+PLAN_NAME = "^[a-z0-9][a-z0-9_.-]{0,63}$"
+TenantName = Annotated[
+    str,
+    Field(min_length=1, max_length=64, json_schema_extra={"pattern": TENANT_NAME}),
+    VALID_UNICODE,
+]
+PlanName = Annotated[
+    str, Field(min_length=1, max_length=64, json_schema_extra={"pattern": PLAN_NAME}), VALID_UNICODE
+]
+Scope = Annotated[Text, Field(json_schema_extra={"enum": list(SCOPES)})]
+Price = Annotated[int, Field(strict=True, ge=0, le=MAX_LIMIT)]
 
 
 class TenantCreate(BaseModel):
     model_config = _REQUEST
-    name: str = Field(min_length=1, max_length=64)
-    plan: str | None = None
+    name: TenantName
+    plan: PlanName | None = None
     limits: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -29,7 +51,7 @@ class TenantUpdate(BaseModel):
     model_config = _REQUEST
     status: Literal["active", "suspended"] | None = None
     limits: dict[str, Any] | None = None
-    plan: str | None = None
+    plan: PlanName | None = None
 
 
 class TenantOut(BaseModel):
@@ -61,8 +83,10 @@ class TenantList(BaseModel):
 
 class KeyCreate(BaseModel):
     model_config = _REQUEST
-    name: str = Field(default="", max_length=128)
-    scopes: list[str] = Field(default_factory=lambda: ["inference"])
+    name: Annotated[str, Field(max_length=128), VALID_UNICODE] = ""
+    scopes: Annotated[list[Scope], Field(max_length=16)] = Field(
+        default_factory=lambda: ["inference"]
+    )
     expires_at: datetime | None = None
     limits: dict[str, Any] = Field(default_factory=dict)
 
@@ -103,3 +127,42 @@ class IssuedKeyOut(KeyOut):
 class KeyList(BaseModel):
     object: Literal["list"] = "list"
     data: list[KeyOut]
+
+
+class PlanCreate(BaseModel):
+    model_config = _REQUEST
+    name: PlanName
+    prompt_price_micros: Price = Field(0, description="per million prompt tokens")
+    completion_price_micros: Price = Field(0, description="per million completion tokens")
+    limits: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlanUpdate(BaseModel):
+    model_config = _REQUEST
+    prompt_price_micros: Price | None = None
+    completion_price_micros: Price | None = None
+    limits: dict[str, Any] | None = None
+
+
+class PlanOut(BaseModel):
+    object: Literal["plan"] = "plan"
+    name: str
+    prompt_price_micros: int
+    completion_price_micros: int
+    limits: dict[str, Any]
+    created_at: UtcTime
+
+    @classmethod
+    def of(cls, p: Plan) -> PlanOut:
+        return cls(
+            name=p.name,
+            prompt_price_micros=p.prompt_price_micros,
+            completion_price_micros=p.completion_price_micros,
+            limits=p.limits,
+            created_at=p.created_at,
+        )
+
+
+class PlanList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PlanOut]

@@ -20,6 +20,7 @@ from gateway.auth import KeyAuthenticator
 from gateway.billing import open_billing
 from gateway.errors import install_error_handlers
 from gateway.middleware import install_middleware
+from gateway.openapi import install_openapi
 from gateway.routes import chat, completions, health, models
 from gateway.routes import metrics as metrics_routes
 from gateway.settings import GatewaySettings
@@ -77,6 +78,7 @@ def create_app(
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(metrics_routes.HttpMetricsMiddleware)
     app.include_router(health.router)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +39,14 @@ _HTTP_CODES = {
 }
 
 
+class _AsciiJSON(JSONResponse):
+    """Non-ASCII escaped: an error message may quote what a request sent, and text that
+    is not valid Unicode must still make a response."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def envelope(
     status: int,
     message: str,
@@ -46,7 +56,7 @@ def envelope(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _AsciiJSON(body, status_code=status, headers=headers)
 
 
 def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
@@ -60,11 +70,20 @@ def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _pick(errs: list[Any]) -> Any:
+    """The error to report: a union tries each member, and the member that did not even
+    match the input's type (``string_type``, ``list_type``...) says the least."""
+    return next((e for e in errs if not str(e.get("type", "")).endswith("_type")), errs[0])
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errs = exc.errors()
+    errs = list(exc.errors())
     if not errs:
         return "invalid request", None
-    first = errs[0]
+    first = _pick(errs)
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error")
+        return "request body is not valid JSON" + (f": {reason}" if reason else ""), None
     # Union members add tags such as "constrained-str" or "list[int]" to the location;
     # the param names only fields and list indices.
     loc = [
@@ -75,10 +94,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     ]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
     if first.get("type") == "extra_forbidden":
-        return f"unsupported parameter: {param}", param
+        return (f"unsupported parameter: {param}" if param else "unsupported parameter"), param
     return (f"{param}: {msg}" if param else msg), param
 
 

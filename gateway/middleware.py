@@ -1,7 +1,13 @@
-"""Request ids on every response, and a body-size cap enforced before parsing."""
+"""Request ids on every response, and a body-size cap enforced before parsing.
+
+``RequestIdMiddleware`` is the outermost of the app's own middleware: it also turns an
+unhandled error into the 500 envelope itself, so that the 500 carries the request id too
+(Starlette's last-resort handler sits outside every user middleware).
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
@@ -10,7 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import envelope
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+log = logging.getLogger("loraplex.gateway")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
+# Adapter uploads stream to disk under their own, larger cap (``admin.multipart``).
+_OWN_LIMIT = re.compile(r"^/admin/v1/tenants/[^/]+/adapters/?\Z")
+_MAX_LENGTH_DIGITS = 19  # a Content-Length past this is no size a server reads
 
 
 class RequestIdMiddleware:
@@ -26,20 +37,34 @@ class RequestIdMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _SAFE_ID.match(given) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"].append((b"x-request-id", request_id.encode()))
+                started = True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if started:  # a streamed response cut off: nothing more can be sent
+                raise
+            log.exception(
+                "unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id
+            )
+            response = envelope(500, "internal server error", "server_error", "internal_error")
+            await response(scope, receive, send_with_id)
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over ``max_bytes`` with 413, by Content-Length or while streaming.
-
-    Multipart uploads (adapters) enforce their own, larger limit in their route.
+    """Reads the whole body before the app sees it (at most ``max_bytes``, which the app
+    reads whole anyway), so that a body over the cap is a 413 however it is sent
+    (Content-Length or chunked), and a Content-Length that is not a size is a 400, both in
+    the envelope.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -50,29 +75,33 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").startswith(b"multipart/"):
+        lengths = {v for k, v in scope["headers"] if k.lower() == b"content-length"}
+        if lengths:
+            length = lengths.pop()
+            if lengths or not _is_size(length):
+                await _bad_length(scope, receive, send)
+                return
+            if int(length) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        if scope["method"] == "POST" and _OWN_LIMIT.match(scope["path"]):
             await self.app(scope, receive, send)
             return
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._too_large(scope, receive, send)
-            return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._too_large(scope, receive, send)
+            if message["type"] != "http.request":
+                return  # the client left before its body was sent
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = envelope(
@@ -84,8 +113,33 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _is_size(value: bytes) -> bool:
+    return value.isdigit() and value.isascii() and len(value) <= _MAX_LENGTH_DIGITS
+
+
+async def _bad_length(scope: Scope, receive: Receive, send: Send) -> None:
+    response = envelope(
+        400,
+        "the Content-Length header must be one non-negative whole number of bytes",
+        "invalid_request_error",
+        "bad_request",
+        param="content-length",
+    )
+    await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body read ahead, as one message; then the client's channel (disconnects)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 def install_middleware(app: FastAPI, *, max_body_bytes: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from engine.api import SamplingParams
 from engine.client import EngineClient
+from gateway.prompt_budget import check_prompt_size
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tenancy.errors import InvalidInput, Unavailable
 
@@ -48,21 +49,32 @@ class ContextLengthExceeded(InvalidInput):
 
 
 def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    """The template's control tokens are recognized, the messages' text never is: with
+    ``sanitize_control_tokens`` a control token typed inside a message (``<|im_start|>``)
+    is encoded as plain text, so that a user cannot forge a system or assistant turn.
+    A conversation without such text gets the ids of its whole rendering, as before.
+    (Encoding the contents apart with ``split_special_tokens=True`` is no alternative: it
+    flips a flag on the shared tokenizer, a race between requests tokenized at once.)"""
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in body.messages
     ]
     try:
-        text = model.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
+        ids = model.tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            sanitize_control_tokens=True,
         )
     except Exception as exc:  # the template itself refuses this conversation
         raise InvalidInput(f"messages: {exc}", param="messages") from None
-    # The template already holds every special token the model expects.
-    return list(model.tokenizer.encode(str(text), add_special_tokens=False))
+    return [int(i) for i in ids]  # the template holds every special token the model expects
 
 
 def _encode_prompt(model: ServedModel, body: CompletionRequest) -> list[int]:
+    """A text prompt is raw, as in OpenAI's API: control tokens written in it are the
+    model's (the caller writes the whole prompt, and token ids could name them anyway)."""
     if isinstance(body.prompt, list):
         return list(body.prompt)  # the engine checks each id against its vocabulary
     return list(model.tokenizer.encode(body.prompt))
@@ -71,7 +83,9 @@ def _encode_prompt(model: ServedModel, body: CompletionRequest) -> list[int]:
 async def prompt_ids(
     model: ServedModel, body: ChatCompletionRequest | CompletionRequest
 ) -> list[int]:
-    """Tokenized in a worker thread: a long prompt must not stall the event loop."""
+    """Tokenized in a worker thread: a long prompt must not stall the event loop. A prompt
+    too large for the context is refused before it is tokenized (``gateway.prompt_budget``)."""
+    check_prompt_size(model.max_model_len, body)
     if isinstance(body, ChatCompletionRequest):
         ids = await asyncio.to_thread(_render_chat, model, body)
         param = "messages"

@@ -1,7 +1,8 @@
 """OpenAI request and response shapes.
 
 Requests are strict and forbid unknown fields, so an unsupported parameter (``tools``,
-``response_format``...) is a 400 that names it instead of being silently ignored.
+``response_format``...) is a 400 that names it instead of being silently ignored. The
+bounds on each field (seed, stop, text, counts) live in ``gateway.request_fields``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,22 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_REQUEST = ConfigDict(extra="forbid", strict=True)
+from gateway.request_fields import (
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    VALID_UNICODE,
+    MaxTokens,
+    Name,
+    Penalty,
+    Seed,
+    Stop,
+    Temperature,
+    Text,
+    TokenIds,
+    TopP,
+)
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-MaxTokens = Annotated[int, Field(ge=1)]
-StopSeq = Annotated[str, Field(min_length=1)]
-Stop = StopSeq | Annotated[list[StopSeq], Field(max_length=4)]
+_REQUEST = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
@@ -28,35 +37,41 @@ class StreamOptions(BaseModel):
 class TextPart(BaseModel):
     model_config = _REQUEST
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = _REQUEST
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_CONTENT_PARTS)]
+    name: Name | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def text_length(self) -> int:
+        """Characters of ``text()``, without joining the parts."""
+        if isinstance(self.content, str):
+            return len(self.content)
+        return sum(len(part.text) for part in self.content)
+
 
 class _SamplingFields(BaseModel):
     """Parameters shared by chat and text completions."""
 
     model_config = _REQUEST
-    model: Annotated[str, Field(min_length=1, max_length=256)]
+    model: Name
     temperature: Temperature | None = None
     top_p: TopP | None = None
     max_tokens: MaxTokens | None = None
     stop: Stop | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    user: Annotated[str, Field(max_length=256)] | None = None
+    user: Annotated[str, Field(max_length=256), VALID_UNICODE] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extra sampling parameters (``extra_body``): exact output lengths for benchmarks
@@ -73,7 +88,7 @@ class _SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -83,7 +98,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    prompt: Annotated[str, Field(min_length=1), VALID_UNICODE] | TokenIds
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: Literal[False] = False
 

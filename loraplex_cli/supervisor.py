@@ -124,6 +124,8 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
     them. Their settings come from ``env``."""
     import uvicorn
 
+    from gateway.http_protocol import http_protocol
+
     os.environ.update(env)  # uvicorn's spawned workers (and the one in-process) read it
     stopped: list[int] = []
 
@@ -140,4 +142,5 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
         workers=workers,
         log_level="info",
         timeout_graceful_shutdown=30,
+        http=http_protocol(),  # malformed HTTP is answered in the API's error envelope
     )

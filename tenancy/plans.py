@@ -20,7 +20,7 @@ from tenancy.limits import MAX_LIMIT, Limits
 from tenancy.models import Plan
 from tenancy.tenants import audit
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")  # \Z: "$" passes a trailing newline
 
 
 def _price(value: int, param: str) -> int:

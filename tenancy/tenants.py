@@ -14,7 +14,7 @@ from tenancy.limits import Limits
 from tenancy.models import AuditLog, Plan, Tenant
 
 TenantStatus = Literal["active", "suspended"]
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: "$" passes a trailing newline
 
 
 async def _plan_id(session: AsyncSession, plan: str | None) -> int | None:

@@ -15,6 +15,7 @@ from adapters.names import check_name
 from adapters.upload import stage
 from admin.adapter_access import AdapterReadDep, AdaptersDep, AdapterWriteDep
 from admin.adapter_schemas import (
+    UPLOAD_BODY,
     AdapterList,
     AdapterOut,
     AliasIn,
@@ -26,12 +27,26 @@ from admin.adapter_schemas import (
 )
 from admin.auth import AdminDep
 from admin.multipart import read_upload
+from gateway.json_body import StrictJsonRoute
+from gateway.openapi import errors
 
-router = APIRouter(prefix="/admin/v1/tenants/{tenant}/adapters", tags=["admin: adapters"])
-gc_router = APIRouter(prefix="/admin/v1/adapters", tags=["admin: adapters"])
+router = APIRouter(
+    prefix="/admin/v1/tenants/{tenant}/adapters",
+    tags=["admin: adapters"],
+    route_class=StrictJsonRoute,
+)
+gc_router = APIRouter(
+    prefix="/admin/v1/adapters", tags=["admin: adapters"], route_class=StrictJsonRoute
+)
+_READ = errors(401, 403, 404, 503)
 
 
-@router.post("", status_code=201)
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra={"requestBody": UPLOAD_BODY},
+    responses=errors(401, 403, 404, 409, 503),
+)
 async def upload_adapter(
     tenant: str, request: Request, caller: AdapterWriteDep, svc: AdaptersDep
 ) -> VersionOut:
@@ -46,19 +61,19 @@ async def upload_adapter(
     return VersionOut.of(info)
 
 
-@router.get("")
+@router.get("", responses=_READ)
 async def list_adapters(tenant: str, caller: AdapterReadDep, svc: AdaptersDep) -> AdapterList:
     return AdapterList(data=[AdapterOut.of(a) for a in await svc.registry.list(caller.tenant_id)])
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=_READ)
 async def get_adapter(
     tenant: str, name: str, caller: AdapterReadDep, svc: AdaptersDep
 ) -> AdapterOut:
     return AdapterOut.of(await svc.registry.get(caller.tenant_id, name))
 
 
-@router.delete("/{name}")
+@router.delete("/{name}", responses=_READ)
 async def delete_adapter(
     tenant: str, name: str, caller: AdapterWriteDep, svc: AdaptersDep
 ) -> Deleted:
@@ -66,7 +81,7 @@ async def delete_adapter(
     return Deleted(name=name)
 
 
-@router.put("/{name}/aliases/{alias}")
+@router.put("/{name}/aliases/{alias}", responses=errors(401, 403, 404, 409, 415, 503))
 async def set_alias(
     tenant: str, name: str, alias: str, body: AliasIn, caller: AdapterWriteDep, svc: AdaptersDep
 ) -> AliasOut:
@@ -76,7 +91,7 @@ async def set_alias(
     return AliasOut.of(info)
 
 
-@router.delete("/{name}/aliases/{alias}")
+@router.delete("/{name}/aliases/{alias}", responses=_READ)
 async def delete_alias(
     tenant: str, name: str, alias: str, caller: AdapterWriteDep, svc: AdaptersDep
 ) -> Deleted:
@@ -84,7 +99,7 @@ async def delete_alias(
     return Deleted(name=alias)
 
 
-@gc_router.post("/gc")
+@gc_router.post("/gc", responses=errors(401, 415, 503))
 async def collect_adapter_garbage(_: AdminDep, svc: AdaptersDep, body: GcIn) -> GcOut:
     """Delete stored bundles no ready version uses, older than ``grace_s`` (admin only)."""
     report = await collect_garbage(

@@ -9,17 +9,21 @@ from fastapi import APIRouter
 from admin.auth import AdminDep
 from admin.schemas import IssuedKeyOut, KeyCreate, KeyList, KeyOut
 from gateway.deps import AuthDep, SessionDep
+from gateway.json_body import StrictJsonRoute
+from gateway.openapi import errors
 from tenancy import api_keys
 from tenancy.api_keys import IssuedKey
 
-router = APIRouter(prefix="/admin/v1/tenants/{name}/keys", tags=["admin: keys"])
+router = APIRouter(
+    prefix="/admin/v1/tenants/{name}/keys", tags=["admin: keys"], route_class=StrictJsonRoute
+)
 
 
 def _issued(issued: IssuedKey, tenant: str) -> IssuedKeyOut:
     return IssuedKeyOut(**KeyOut.of(issued.row, tenant).model_dump(), key=issued.key)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(401, 404, 415, 503))
 async def create_key(
     name: str, body: KeyCreate, admin: AdminDep, auth: AuthDep, session: SessionDep
 ) -> IssuedKeyOut:
@@ -36,12 +40,12 @@ async def create_key(
     return _issued(issued, name)
 
 
-@router.get("")
+@router.get("", responses=errors(401, 404, 503))
 async def list_keys(name: str, _: AdminDep, session: SessionDep) -> KeyList:
     return KeyList(data=[KeyOut.of(k, name) for k in await api_keys.list_keys(session, name)])
 
 
-@router.delete("/{key_id}")
+@router.delete("/{key_id}", responses=errors(401, 404, 503))
 async def revoke_key(
     name: str, key_id: uuid.UUID, admin: AdminDep, auth: AuthDep, session: SessionDep
 ) -> KeyOut:
@@ -50,7 +54,7 @@ async def revoke_key(
     return KeyOut.of(row, name)
 
 
-@router.post("/{key_id}/rotate", status_code=201)
+@router.post("/{key_id}/rotate", status_code=201, responses=errors(401, 404, 503))
 async def rotate_key(
     name: str, key_id: uuid.UUID, admin: AdminDep, auth: AuthDep, session: SessionDep
 ) -> IssuedKeyOut:

@@ -7,12 +7,14 @@ from fastapi import APIRouter
 from admin.auth import AdminDep
 from admin.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
 from gateway.deps import AuthDep, SessionDep
+from gateway.json_body import StrictJsonRoute
+from gateway.openapi import errors
 from tenancy import tenants
 
-router = APIRouter(prefix="/admin/v1/tenants", tags=["admin: tenants"])
+router = APIRouter(prefix="/admin/v1/tenants", tags=["admin: tenants"], route_class=StrictJsonRoute)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(401, 404, 409, 415, 503))
 async def create_tenant(body: TenantCreate, admin: AdminDep, session: SessionDep) -> TenantOut:
     tenant = await tenants.create_tenant(
         session, name=body.name, plan=body.plan, limits=body.limits, actor=admin.actor
@@ -20,17 +22,17 @@ async def create_tenant(body: TenantCreate, admin: AdminDep, session: SessionDep
     return TenantOut.of(tenant)
 
 
-@router.get("")
+@router.get("", responses=errors(401, 503))
 async def list_tenants(_: AdminDep, session: SessionDep) -> TenantList:
     return TenantList(data=[TenantOut.of(t) for t in await tenants.list_tenants(session)])
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=errors(401, 404, 503))
 async def get_tenant(name: str, _: AdminDep, session: SessionDep) -> TenantOut:
     return TenantOut.of(await tenants.get_tenant(session, name))
 
 
-@router.patch("/{name}")
+@router.patch("/{name}", responses=errors(401, 404, 415, 503))
 async def update_tenant(
     name: str, body: TenantUpdate, admin: AdminDep, auth: AuthDep, session: SessionDep
 ) -> TenantOut:

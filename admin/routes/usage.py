@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from admin.auth import AdminDep
 from gateway.deps import ServicesDep, SessionDep, require_scope
+from gateway.openapi import download, errors
 from gateway.state import Services
 from tenancy.principal import Principal
 from tenancy.tenants import get_tenant
@@ -28,6 +29,7 @@ router = APIRouter(tags=["usage"])
 UsageReadDep = Annotated[Principal, Depends(require_scope("usage:read"))]
 FromQ = Annotated[str | None, Query(alias="from", description="inclusive; date or ISO time")]
 ToQ = Annotated[str | None, Query(description="exclusive; date or ISO time")]
+_EXPORT = download("The export as a file, in `format`", MEDIA_TYPES, binary=("parquet",))
 
 
 def _query(
@@ -58,7 +60,11 @@ async def _respond(
     )
 
 
-@router.get("/admin/v1/usage/export")
+@router.get(
+    "/admin/v1/usage/export",
+    response_class=StreamingResponse,
+    responses={200: _EXPORT, **errors(401, 404, 503)},
+)
 async def export_usage(
     _: AdminDep,
     services: ServicesDep,
@@ -74,7 +80,11 @@ async def export_usage(
     return await _respond(services, query, format, tenant or "all")
 
 
-@router.get("/v1/usage")
+@router.get(
+    "/v1/usage",
+    response_class=StreamingResponse,
+    responses={200: _EXPORT, **errors(401, 403, 503)},
+)
 async def own_usage(
     principal: UsageReadDep,
     services: ServicesDep,

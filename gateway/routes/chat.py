@@ -10,17 +10,22 @@ from fastapi.responses import JSONResponse
 
 from gateway.deps import InferenceDep, ServicesDep
 from gateway.inference import collect, new_request_id, open_call
+from gateway.json_body import StrictJsonRoute
+from gateway.openapi import errors, text_stream
 from gateway.render import chat_chunks
 from gateway.schemas import ChatCompletion, ChatCompletionRequest
 from gateway.streaming import EngineStream, chat_usage_chunk, events
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 
 
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: text_stream("A chat completion, or its chunks as server-sent events with `stream`"),
+        **errors(401, 403, 404, 415, 429, 503),
+    },
 )
 async def chat_completions(
     body: ChatCompletionRequest, principal: InferenceDep, services: ServicesDep

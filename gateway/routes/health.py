@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 router = APIRouter(tags=["probes"])
 
 CHECK_TIMEOUT_S = 5.0
+
+
+class Health(BaseModel):
+    status: Literal["ok", "dead"]
+    detail: str | None = None  # why, when dead
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]  # database, object_store, engine: "ok" or what is wrong
 
 
 def _list_one(store: Any) -> None:
@@ -30,18 +41,26 @@ async def _object_store(services: Any) -> str:
         return f"error: {type(exc).__name__}"
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The in-process engine died"}},
+)
 async def health(request: Request) -> JSONResponse:
     """Liveness: this process serves. 503 only when its in-process engine died for good
     (a remote engine that is down is a readiness matter: its supervisor restarts it)."""
     engine = request.app.state.services.engine
     state = None if engine is None else engine.health()
     if state is not None and state.state == "dead":
-        return JSONResponse({"status": "dead", "detail": state.detail}, 503)
-    return JSONResponse({"status": "ok"})
+        return JSONResponse(Health(status="dead", detail=state.detail).model_dump(), 503)
+    return JSONResponse(Health(status="ok").model_dump())
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: see `checks`"}},
+)
 async def ready(request: Request) -> JSONResponse:
     services = request.app.state.services
     checks: dict[str, Any] = {}

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from adapters.queries import list_adapters
 from adapters.values import AdapterInfo
 from gateway.deps import ModelsReadDep, ServicesDep, SessionDep
+from gateway.openapi import errors
 from gateway.resolve import resolve_model
 from gateway.schemas import ModelCard, ModelList
 
@@ -29,7 +30,7 @@ def _cards(base: str, tenant: str, info: AdapterInfo) -> list[ModelCard]:
     return cards
 
 
-@router.get("/models")
+@router.get("/models", responses=errors(401, 403, 503))
 async def list_models(
     principal: ModelsReadDep, services: ServicesDep, session: SessionDep
 ) -> ModelList:
@@ -40,7 +41,7 @@ async def list_models(
     return ModelList(data=data)
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", responses=errors(401, 403, 404, 503))
 async def retrieve_model(
     model: str, principal: ModelsReadDep, services: ServicesDep, session: SessionDep
 ) -> ModelCard:

@@ -71,10 +71,18 @@ def served_model_name() -> str:
     return BASE
 
 
+@pytest.fixture(scope="module")
+def max_body_bytes() -> int:
+    """The server's body limit (small, so that tests reach it quickly); a module may
+    override this fixture (the abuse suite runs at the production default, 4 MiB)."""
+    return 256 * 1024
+
+
 @pytest.fixture(scope="module", params=["inproc", "remote"])
 def gateway(
     request: pytest.FixtureRequest,
     served_model_name: str,
+    max_body_bytes: int,
     tiny_llama_dir: Path,
     make_peft_adapter: Callable[..., Path],
     tmp_path_factory: pytest.TempPathFactory,
@@ -95,7 +103,7 @@ def gateway(
             served_model_name=served_model_name,
             model=str(tiny_llama_dir),
             key_cache_ttl_s=1.0,
-            max_body_bytes=256 * 1024,
+            max_body_bytes=max_body_bytes,
         )
         with ExitStack() as stack:
             proc = None

@@ -20,6 +20,7 @@ from harness import services
 from harness.engines import EngineProc
 
 from engine.client import EngineClient
+from gateway.http_protocol import http_protocol
 from gateway.state import Services
 
 
@@ -46,7 +47,14 @@ def free_port() -> int:
 def live_server(app: FastAPI, *, startup_timeout_s: float = 120.0) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread (lifespan on). Yields the base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=http_protocol(),  # as `loraplex serve` runs it
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
