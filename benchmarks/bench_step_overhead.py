@@ -49,7 +49,7 @@ class StubRunner:
         self._calls = 0
         self.timers = dict.fromkeys(PHASES, 0.0)
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None):
         t = time.perf_counter()
         host = build_host_inputs(
             batch,

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     ALL_TARGETS,
+    GpuBusy,
     device_info,
     hf_llama_config,
     pick_device,
@@ -79,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-requests", type=int, default=32)
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--busy-steps", type=int, default=40, help="steps in the GPU-busy window")
+    p.add_argument(
+        "--busy-window-at", type=float, default=0.3, help="where the window starts (of the run)"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, help="dir: cProfile of a short 32-adapter case")
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
@@ -158,11 +163,20 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
     picks = zipf_indices(len(refs), n, args.zipf, seed=args.seed) if refs else [None] * n
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     before = engine.stats()
+    busy = GpuBusy(engine.runner.device)
+    busy_from = int(args.busy_window_at * args.num_requests * args.output_len / args.max_num_seqs)
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(ids, picks, strict=True)):
         engine.add_request(Request(f"r{i}", p, params, None if a is None else refs[a]))
     out_tokens, finished, seqs_sum, steps = 0, 0, 0, 0
+    busy_t0 = busy_wall = None
     while engine.has_unfinished():
+        if args.busy_steps and steps == busy_from:
+            busy.start()
+            busy_t0 = time.perf_counter()
+        elif busy_t0 is not None and busy_wall is None and steps == busy_from + args.busy_steps:
+            busy.stop()
+            busy_wall = time.perf_counter() - busy_t0
         for o in engine.step():  # the core's outputs: token ids (text is the client's work)
             for c in o.choices:
                 out_tokens += len(c.token_ids)
@@ -191,6 +205,11 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
         "preemptions": st.preemptions - before.preemptions,
         "slot_evictions": st.adapter_evictions - before.adapter_evictions,
         "loads_in_run": st.adapter_loads - before.adapter_loads,
+        "gpu_busy": busy.fraction,  # kernels' union over their span, in the busy window
+        "busy_ms_per_step": busy.span_ms / args.busy_steps if args.busy_steps else float("nan"),
+        "busy_window_wall_ms_per_step": (
+            float("nan") if busy_wall is None else busy_wall * 1000 / args.busy_steps
+        ),
     }
 
 
@@ -374,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(table([hf], list(hf)), flush=True)
 
     cols = ["adapters", "lora", "distinct_used", "seconds", "out_tok_s", "vs_no_adapter"]
-    cols += ["mean_batch"]
+    cols += ["mean_batch", "gpu_busy", "busy_ms_per_step"]
     cols += ["steps", "preemptions", "slot_evictions", "loads_in_run", "preload_s"]
     print("\nengine\n" + table(rows, cols))
     if hf_rows:

@@ -267,3 +267,51 @@ def pick_device(smoke: bool) -> torch.device:
     if smoke and not os.environ.get("LORAPLEX_BENCH_SMOKE_CUDA"):
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class GpuBusy:
+    """How busy the GPU is over a window of steps: the union of every kernel's run time
+    (from the profiler's CUDA activity, graph replays included) over the window's span, from
+    the first kernel's start to the last one's end. ``start()`` and ``stop()`` bracket the
+    window; CPU-only runs report nothing."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._prof = None
+        self.fraction = float("nan")
+        self.kernel_ms = float("nan")
+        self.span_ms = float("nan")
+
+    def start(self) -> None:
+        if self.device.type != "cuda":
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(self.device)
+        self._prof = profile(activities=[ProfilerActivity.CUDA])
+        self._prof.start()
+
+    def stop(self) -> None:
+        if self._prof is None:
+            return
+        torch.cuda.synchronize(self.device)
+        self._prof.stop()
+        spans = sorted(
+            (e.time_range.start, e.time_range.end)
+            for e in self._prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0
+        )
+        self._prof = None
+        if not spans:
+            return
+        busy, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
+        for s, e in spans[1:]:
+            if s > cur_end:
+                busy += cur_end - cur_start
+                cur_start, cur_end = s, e
+            else:
+                cur_end = max(cur_end, e)
+        busy += cur_end - cur_start
+        span = spans[-1][1] - spans[0][0]
+        self.kernel_ms, self.span_ms = busy / 1000, span / 1000
+        self.fraction = busy / span if span > 0 else float("nan")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -27,6 +27,10 @@ class SeqChunk:
 @dataclass
 class ScheduledBatch:
     chunks: list[SeqChunk]
+    # Tokens not known on the host yet (sampled by the step still in flight, -1 in
+    # ``token_ids``): (index of the token in the batch, row of the previous step's samples).
+    # The runner reads them on the device, from what that step sampled.
+    gather: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:

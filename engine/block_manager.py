@@ -124,10 +124,12 @@ class BlockManager:
         return True
 
     def commit(self, seq: Sequence) -> None:
-        """Register the full blocks whose KV is now computed in the prefix cache."""
+        """Register the full blocks whose KV is now computed in the prefix cache (blocks
+        that hold a token still to be sampled wait: their hash is not known yet)."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        known = len(seq.token_ids) - seq.num_pending
+        full = min(seq.num_computed_tokens, known) // self.block_size
         start = seq.num_committed_blocks
         if full <= start:
             return

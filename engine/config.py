@@ -38,6 +38,9 @@ class EngineConfig:
     aging_steps: int = 64  # a request held back this many steps blocks those behind it
     adapter_load_workers: int = 4
     seed: int = 0  # for requests without their own seed
+    # Launch step n+1 before reading step n's tokens (the host's work overlaps the GPU's);
+    # steps with penalty requests (their sampling reads the tokens) run one at a time.
+    async_scheduling: bool = True
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -28,11 +28,12 @@ from engine.errors import (
     InvalidRequest,
     as_engine_error,
 )
+from engine.inflight import PLACEHOLDER, InFlight, SampledRow, gather_for
 from engine.lora.loader import AdapterLoader, local_fetch
 from engine.lora.slots import SlotTable
 from engine.request_state import Choice, RequestState, check_fits, tokenize_prompt
 from engine.runner import Runner, build_runner
-from engine.sampler import Sampler, SampleResult, SampleRow
+from engine.sampler import DeviceSample, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SeqStatus, Sequence
 from engine.stats import EngineStats, StepCounters
@@ -85,6 +86,8 @@ class LLMEngine:
         self._next_seq_id = 0
         self._next_arrival = 0
         self._failed_forwards = 0
+        self._inflight: InFlight | None = None  # launched, its tokens not read yet
+        self._history_users = 0  # requests in flight whose sampling reads their tokens
         self._counters = StepCounters()
         self.last_step_ran = False  # False: nothing could run (idle, or waiting on loads)
 
@@ -121,6 +124,7 @@ class LLMEngine:
         prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, vocab)
         check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
         state = RequestState(request, prompt_ids, [], self._eos)
+        max_total = min(len(prompt_ids) + p.max_tokens, self.max_model_len)
         arrival = self._next_arrival
         self._next_arrival += 1
         key = state.adapter_key
@@ -133,12 +137,15 @@ class LLMEngine:
                 list(prompt_ids),
                 len(prompt_ids),
                 key,
+                max_total=max_total,
             )
             self._next_seq_id += 1
             choice = Choice(seq)
             state.choices.append(choice)
             self._owner[seq.seq_id] = (state, choice)
         self._requests[request.request_id] = state
+        if state.reads_history:
+            self._history_users += 1
         if request.adapter is not None:
             self._adapter_refs[request.adapter.key] = request.adapter
             self._adapter_users[request.adapter.key] = (
@@ -164,11 +171,12 @@ class LLMEngine:
         """Abort everything in flight; return the final outputs at once (shutdown)."""
         for request_id in list(self._requests):
             self.abort(request_id)
+        self._inflight = None  # what it sampled belongs to aborted requests
         outputs, self._pending = self._pending, []
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or bool(self._pending)
+        return bool(self._requests) or bool(self._pending) or self._inflight is not None
 
     def num_requests(self) -> int:
         return len(self._requests)
@@ -181,6 +189,8 @@ class LLMEngine:
             self._owner.pop(c.seq.seq_id, None)
         if self._requests.pop(state.request.request_id, None) is None:
             return  # retired already
+        if state.reads_history:
+            self._history_users -= 1
         out = state.take_output()
         if out is not None:
             self._pending.append(out)
@@ -217,46 +227,149 @@ class LLMEngine:
             self._fail_adapter(key, err)
 
     def step(self) -> list[EngineOutput]:
+        """Schedule and launch a step; read back the step launched before (async: while
+        this one runs on the device). Returns the outputs that are ready."""
         self.collect_loads()
         for seq in self.scheduler.waiting:
             key = seq.adapter_key
             if key is not None and self.slots.lookup(key) is None and not self.loader.is_ready(key):
                 self.loader.start(self._adapter_refs[key])
+        outputs = self._take_pending()
+        if not self._async_now():
+            outputs += self._finish_inflight()  # its tokens are needed on the host first
         out = self.scheduler.schedule(self.loader.is_ready)
         self._write_slots(out)
-        outputs, self._pending = self._pending, []
-        self.last_step_ran = not out.is_empty
-        if out.is_empty:
-            return outputs
-        c = self._counters
-        c.steps += 1
-        c.last_batch_seqs, c.last_batch_tokens = len(out.seqs), out.batch.num_tokens
-        for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
-            if chunk.start_pos < seq.prompt_len:
-                end = min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids))
-                c.prompt_tokens += end - chunk.start_pos
-        try:
-            logits = self.runner.execute(out.batch)
-        except Exception as exc:
-            self._forward_failed(out, exc)
-            return outputs + self._take_pending()
-        self._failed_forwards = 0
-        self.scheduler.advance(out)
-        self._sample(out, logits)
-        touched = self._touched(out)
-        for state in touched:
-            if state.finished:
-                self._retire(state)
-        outputs += self._take_pending()
-        for state in touched:
-            o = state.take_output()
-            if o is not None:
-                outputs.append(o)
-        return outputs
+        launched = None
+        if not out.is_empty:
+            c = self._counters
+            c.steps += 1
+            c.last_batch_seqs, c.last_batch_tokens = len(out.seqs), out.batch.num_tokens
+            for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
+                if chunk.start_pos < seq.prompt_len:
+                    end = min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids))
+                    c.prompt_tokens += end - chunk.start_pos
+            launched = self._launch(out)
+        outputs += self._finish_inflight()  # the previous step, while this one runs
+        self._inflight = launched
+        if launched is not None and not self._async_now():
+            outputs += self._finish_inflight()
+        self.last_step_ran = launched is not None or bool(outputs)
+        return outputs + self._take_pending()
+
+    def _async_now(self) -> bool:
+        """Launch the next step before reading this one's tokens, unless a request in
+        flight needs its token history on the host (repetition/presence/frequency
+        penalties read it when sampling)."""
+        return self.config.async_scheduling and not self._history_users
 
     def _take_pending(self) -> list[EngineOutput]:
         pending, self._pending = self._pending, []
         return pending
+
+    def _launch(self, out: SchedulerOutput) -> InFlight | None:
+        """Run the model on ``out`` and queue the sampling; None when the forward failed
+        (its requests failed with it)."""
+        prev = self._inflight
+        out.batch.gather = gather_for(out, prev)
+        try:
+            logits = self.runner.execute(
+                out.batch, None if prev is None or not out.batch.gather else prev.tokens
+            )
+        except Exception as exc:
+            self._forward_failed(out, exc)
+            return None
+        self._failed_forwards = 0
+        self.scheduler.advance(out)
+        rows: list[SampledRow] = []
+        sample_rows: list[SampleRow] = []
+        keep: list[int] = []
+        k = 0
+        for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
+            if not chunk.sample:
+                continue
+            k += 1
+            owner = self._owner.get(seq.seq_id)
+            if owner is None or owner[1].finish_reason is not None:
+                continue  # failed or finished earlier in this step
+            try:
+                sample_rows.append(self._row(owner[0], owner[1], logits.device))
+            except Exception as exc:
+                self._fail(owner[0], exc)
+                continue
+            rows.append(SampledRow(seq, owner[0], owner[1], len(seq.token_ids)))
+            keep.append(k - 1)
+        if logits.shape[0] != k:
+            raise RuntimeError(f"runner returned {logits.shape[0]} logits rows for {k} samples")
+        if not rows:
+            return InFlight([], None)
+        if len(keep) != k:
+            logits = logits[keep]
+        sample = self._sample_rows(logits, sample_rows, rows)
+        for row in rows:  # the next step reads these on the device
+            row.seq.token_ids.append(PLACEHOLDER)
+            row.seq.num_pending += 1
+        return InFlight(rows, sample, {r.seq.seq_id: i for i, r in enumerate(rows)})
+
+    def _sample_rows(
+        self, logits: torch.Tensor, sample_rows: list[SampleRow], rows: list[SampledRow]
+    ) -> DeviceSample:
+        """The batch in one sampler call; if that raises, row by row (waiting for each),
+        failing only the requests whose own rows raise (their token reads -1)."""
+        try:
+            return self.sampler.sample(logits, sample_rows)
+        except Exception:
+            log.exception("batch sampling failed; sampling row by row")
+        tokens: list[int] = []
+        for i, (row, r) in enumerate(zip(sample_rows, rows, strict=True)):
+            try:
+                tokens += self.sampler(logits[i : i + 1], [row]).token_ids
+            except Exception as exc:
+                self._fail(r.state, exc)
+                tokens.append(PLACEHOLDER)
+        want = [None] * len(tokens)  # (logprobs of this rare path are dropped)
+        return DeviceSample(torch.tensor(tokens, device=logits.device), want)
+
+    def _finish_inflight(self) -> list[EngineOutput]:
+        """Read the step in flight's tokens (one sync) and account them."""
+        f, self._inflight = self._inflight, None
+        if f is None or f.sample is None:
+            return []
+        res = f.sample.resolve()
+        max_len = self.max_model_len
+        touched: dict[int, RequestState] = {}
+        for i, r in enumerate(f.rows):
+            seq, state, choice = r.seq, r.state, r.choice
+            token = res.token_ids[i]
+            seq.token_ids[r.index] = token
+            seq.num_pending -= 1
+            if token < 0 or choice.finish_reason is not None:
+                continue  # its request failed, or it finished while this step ran
+            if state.request.request_id not in self._requests:
+                continue  # aborted while this step ran
+            touched.setdefault(id(state), state)
+            if not state.forked and seq.index == 0:
+                state.cached_tokens = seq.num_cached_tokens
+                self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
+                self._fork_siblings(state)
+            lp = None
+            if res.logprobs is not None and state.params.logprobs is not None:
+                got = res.logprob_of(i)
+                if got is not None:
+                    lp = TokenLogprobs(token, *got)
+            state.on_token(choice, token, lp, r.index, max_len)
+            if choice.finish_reason is not None:
+                self.scheduler.finish(seq)
+        self._counters.generation_tokens += len(f.rows)
+        outputs = []
+        for state in touched.values():
+            if state.finished:
+                self._retire(state)
+        outputs += self._take_pending()
+        for state in touched.values():
+            o = state.take_output()
+            if o is not None:
+                outputs.append(o)
+        return outputs
 
     def _forward_failed(self, out: SchedulerOutput, exc: Exception) -> None:
         """Fail the batch's requests; give up (re-raise) after repeated failed forwards."""
@@ -298,82 +411,6 @@ class LLMEngine:
                 p, choice.seq.token_ids, choice.seq.prompt_len, choice.generator, stop_ids
             )
         return row
-
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
-        sampled = [s for s, c in zip(out.seqs, out.batch.chunks, strict=True) if c.sample]
-        if logits.shape[0] != len(sampled):
-            raise RuntimeError(
-                f"runner returned {logits.shape[0]} logits rows for {len(sampled)} samples"
-            )
-        owners: list[tuple[RequestState, Choice]] = []
-        rows: list[SampleRow] = []
-        keep: list[int] = []
-        for i, seq in enumerate(sampled):
-            owner = self._owner.get(seq.seq_id)
-            if owner is None:  # failed earlier in this step
-                continue
-            try:
-                rows.append(self._row(owner[0], owner[1], logits.device))
-            except Exception as exc:
-                self._fail(owner[0], exc)
-                continue
-            owners.append(owner)
-            keep.append(i)
-        if not rows:
-            return
-        if len(keep) != len(sampled):
-            sampled = [sampled[i] for i in keep]
-            logits = logits[keep]
-        res = self._sample_rows(logits, rows, owners)
-        want_logprobs = res.logprobs is not None
-        max_len = self.max_model_len
-        for i, (seq, (state, choice)) in enumerate(zip(sampled, owners, strict=True)):
-            token = res.token_ids[i]
-            if token < 0 or state.request.request_id not in self._requests:
-                continue  # this row's request failed in the sampler
-            if not state.forked and seq.index == 0:
-                state.cached_tokens = seq.num_cached_tokens
-                self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
-                self._fork_siblings(state)
-            seq.token_ids.append(token)
-            lp = None
-            if want_logprobs and state.params.logprobs is not None:
-                got = res.logprob_of(i)
-                if got is not None:
-                    lp = TokenLogprobs(token, *got)
-            state.on_token(choice, token, lp, max_len)
-            if choice.finish_reason is not None:
-                self.scheduler.finish(seq)
-        self._counters.generation_tokens += len(sampled)
-
-    def _sample_rows(
-        self,
-        logits: torch.Tensor,
-        rows: list[SampleRow],
-        owners: list[tuple[RequestState, Choice]],
-    ) -> SampleResult:
-        """The batch in one sampler call; if that raises, row by row, failing only the
-        requests whose own rows raise (their token reads -1)."""
-        try:
-            return self.sampler(logits, rows)
-        except Exception:
-            log.exception("batch sampling failed; sampling row by row")
-        merged = SampleResult([], [], [], [])
-        for i, (row, (state, _)) in enumerate(zip(rows, owners, strict=True)):
-            try:
-                one = self.sampler(logits[i : i + 1], [row])
-            except Exception as exc:
-                self._fail(state, exc)
-                one = SampleResult([-1], None, None, None)
-            merged.token_ids += one.token_ids
-            got = one.logprob_of(0)
-            lp, top_ids, top_lps = got if got is not None else (0.0, [], [])
-            merged.logprobs.append(lp)  # type: ignore[union-attr]
-            merged.top_ids.append(top_ids)  # type: ignore[union-attr]
-            merged.top_logprobs.append(top_lps)  # type: ignore[union-attr]
-        if all(r.params.logprobs is None for r in rows):
-            merged.logprobs = merged.top_ids = merged.top_logprobs = None
-        return merged
 
     def _fork_siblings(self, state: RequestState) -> None:
         state.forked = True

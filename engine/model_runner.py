@@ -21,7 +21,7 @@ from engine.kernels.lora_expand import token_path_sizes
 from engine.lora.pool import LoraPool
 from engine.lora.weights import LoraWeights, read_adapter
 from engine.model.cuda_graphs import DecodeGraphs
-from engine.model.inputs import HostInputs, build_host_inputs
+from engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
 from engine.model.llama import LlamaModel
 from engine.model.loader import LoadedModel, load_model
 
@@ -154,8 +154,12 @@ class ModelRunner:
     # ---- steps ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """One forward. -> float32 logits ``[chunks with sample=True, vocab]``, in chunk order."""
+    def execute(
+        self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One forward. -> float32 logits ``[chunks with sample=True, vocab]``, in chunk order.
+        ``prev_tokens``: what the previous step sampled (on the device), for
+        ``batch.gather``."""
         host = build_host_inputs(
             batch,
             block_size=self.block_size,
@@ -163,17 +167,24 @@ class ModelRunner:
             num_slots=self.num_slots,
         )
         if self.graphs is not None and self.graphs.can_run(host):
-            hidden = self.graphs.run(host)
+            hidden = self.graphs.run(host, batch.gather, prev_tokens)
         else:
             groups = self.lora.groups_used({c.adapter_slot for c in batch.chunks})
-            hidden = self._eager(host, groups)
+            hidden = self._eager(host, groups, batch.gather, prev_tokens)
         idx = host.sample_idx
         if self.device.type == "cuda":
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         return self.model.logits(hidden[idx])
 
-    def _eager(self, host: HostInputs, lora_groups: frozenset[str]) -> torch.Tensor:
+    def _eager(
+        self,
+        host: HostInputs,
+        lora_groups: frozenset[str],
+        gather: list[tuple[int, int]] | None = None,
+        prev_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inp = host.to_device(self.device)
+        gather_sampled(inp.input_ids, gather or [], prev_tokens)
         if inp.lora is not None:
             inp.lora_groups = lora_groups
         return self.model.forward(inp, self.kv_caches, self.lora)

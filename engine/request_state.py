@@ -67,6 +67,12 @@ class RequestState:
         return None if self.request.adapter is None else self.request.adapter.key
 
     @property
+    def reads_history(self) -> bool:
+        """Its sampling reads the tokens so far on the host (penalties)."""
+        p = self.request.sampling
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+    @property
     def finished(self) -> bool:
         for c in self.choices:  # (a loop: cheaper than all() over a generator, per step)
             if c.finish_reason is None:
@@ -74,15 +80,20 @@ class RequestState:
         return True
 
     def on_token(
-        self, choice: Choice, token_id: int, logprob: TokenLogprobs | None, max_model_len: int
+        self,
+        choice: Choice,
+        token_id: int,
+        logprob: TokenLogprobs | None,
+        index: int,
+        max_model_len: int,
     ) -> None:
-        """Account one sampled token (already appended to the sequence); stop ids, length."""
+        """Account one sampled token, at ``index`` of the sequence's token ids (later
+        ones may be placeholders of a step in flight); stop ids, length."""
         choice.new_token_ids.append(token_id)
         if logprob is not None:
             choice.new_logprobs.append(logprob)
-        seq = choice.seq
-        n = len(seq.token_ids)
-        generated = n - seq.prompt_len
+        n = index + 1
+        generated = n - choice.seq.prompt_len
         p = self.request.sampling
         if token_id in self._stop_ids and generated > p.min_tokens:
             choice.finish_reason = "stop"

@@ -27,8 +27,12 @@ class Runner(Protocol):
     eos_token_ids: Any  # a collection of ints
     tokenizer: Any  # a transformers tokenizer (encode / decode)
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """One forward -> float32 logits ``[chunks with sample=True, vocab]``."""
+    def execute(
+        self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One forward -> float32 logits ``[chunks with sample=True, vocab]``. Tokens that
+        ``batch.gather`` names come from ``prev_tokens`` (the previous step's samples, on
+        the device)."""
         ...
 
     def read_adapter(self, path: Path) -> Any:

@@ -138,6 +138,13 @@ class Sampler:
         return gen
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+        """Sample and wait for the result (one device sync)."""
+        return self.sample(logits, rows).resolve()
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> DeviceSample:
+        """Queue the sampling of every row on the logits' device; nothing waits for it.
+        The chosen ids stay on the device (the next step's inputs can read them there) and
+        start their copy to the host; :meth:`DeviceSample.resolve` waits for that."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sample rows")
         logits = logits.float()
@@ -184,17 +191,60 @@ class Sampler:
             greedy = torch.tensor(is_greedy).to(dev, non_blocking=True)
             chosen = torch.where(greedy, greedy_ids, sampled)
 
-        token_ids = chosen.tolist()
         if raw_logprobs is None:
-            return SampleResult(token_ids, None, None, None)
-        chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+            return DeviceSample(chosen, want)
+        chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
         k_max = max(k for k in want if k is not None)
-        top_ids: list[list[int]] = [[] for _ in rows]
-        top_lps: list[list[float]] = [[] for _ in rows]
-        if k_max > 0:
-            vals, ids = raw_logprobs.topk(k_max, dim=1)
-            vals_l, ids_l = vals.tolist(), ids.tolist()
-            for i, k in enumerate(want):
+        top = raw_logprobs.topk(k_max, dim=1) if k_max > 0 else None
+        return DeviceSample(
+            chosen, want, chosen_lp, None if top is None else top.values, None if top is None
+            else top.indices
+        )  # fmt: skip
+
+
+class DeviceSample:
+    """A batch's sampled ids (and logprobs) on the device, on their way to the host."""
+
+    def __init__(
+        self,
+        chosen: torch.Tensor,
+        want: list[int | None],
+        chosen_lp: torch.Tensor | None = None,
+        top_vals: torch.Tensor | None = None,
+        top_ids: torch.Tensor | None = None,
+    ) -> None:
+        self.token_ids = chosen  # [N] int64, on the device: the next step may gather from it
+        self._want = want
+        parts = [t for t in (chosen, chosen_lp, top_vals, top_ids) if t is not None]
+        self._host: list[torch.Tensor] = []
+        self._event = None
+        if chosen.device.type == "cuda":
+            for t in parts:
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t, non_blocking=True)
+                self._host.append(h)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = parts
+        self._has_lp = chosen_lp is not None
+        self._has_top = top_vals is not None
+
+    def resolve(self) -> SampleResult:
+        """Wait for the copy (one sync on CUDA) and read the host lists."""
+        if self._event is not None:
+            self._event.synchronize()
+        host = iter(self._host)
+        token_ids = next(host).tolist()
+        if not self._has_lp:
+            return SampleResult(token_ids, None, None, None)
+        chosen_lp = next(host).tolist()
+        rows = len(token_ids)
+        top_ids: list[list[int]] = [[] for _ in range(rows)]
+        top_lps: list[list[float]] = [[] for _ in range(rows)]
+        if self._has_top:
+            vals_l, ids_l = next(host).tolist(), next(host).tolist()
+            for i, k in enumerate(self._want):
                 if k:
                     top_ids[i], top_lps[i] = ids_l[i][:k], vals_l[i][:k]
         return SampleResult(token_ids, chosen_lp, top_ids, top_lps)

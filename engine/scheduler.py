@@ -79,6 +79,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
+            if len(seq.token_ids) >= seq.max_total:  # its last token is in flight: done
+                i += 1
+                continue
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while not grow(seq, n):
                 victim = running[-1]
@@ -100,6 +103,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if seq.num_pending:  # preempted with a token in flight: back once it is known
+                continue
             key = seq.adapter_key
             slot = -1 if key is None else self.slots.lookup(key)
             if slot is None:

@@ -2,7 +2,9 @@
 
 A request with ``n`` choices owns ``n`` sequences; they share nothing here but the
 ``request_id``. ``token_ids`` is the prompt followed by the generated tokens; the KV of
-the first ``num_computed_tokens`` of them lives in the blocks of ``block_table``.
+the first ``num_computed_tokens`` of them lives in the blocks of ``block_table``. With a
+step in flight, its last ``num_pending`` tokens are placeholders (-1) for what that step
+samples: the next step reads them on the device (``ScheduledBatch.gather``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Sequence:
     num_committed_blocks: int = 0  # leading blocks already offered to the prefix cache
     slot: int = -1  # GPU LoRA slot while running with an adapter (pinned)
     waited_steps: int = 0  # steps spent held back in the waiting queue
+    # tokens at the end of ``token_ids`` that a step in flight samples (placeholders, -1)
+    num_pending: int = 0
+    max_total: int = 1 << 62  # prompt + the most tokens it may generate (scheduler's stop)
 
     @property
     def priority(self) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import torch
 from engine.kernels import LoraMeta, build_lora_meta
 from engine.kernels.lora_shrink import use_token_path
 from engine.lora.pool import LoraPool
-from engine.model.inputs import HostInputs
+from engine.model.inputs import HostInputs, gather_sampled
 from engine.model.llama import ForwardInputs, LlamaModel
 
 
@@ -97,8 +97,14 @@ class DecodeGraphs:
     def can_run(self, host: HostInputs) -> bool:
         return bool(self._graphs) and host.is_decode and host.num_seqs <= self.max_batch
 
-    def run(self, host: HostInputs) -> torch.Tensor:
-        """Replay the bucket for ``host`` (a decode step) -> hidden ``[b, H]`` (a view)."""
+    def run(
+        self,
+        host: HostInputs,
+        gather: list[tuple[int, int]] | None = None,
+        prev_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Replay the bucket for ``host`` (a decode step) -> hidden ``[b, H]`` (a view).
+        ``gather``: token ids read from ``prev_tokens`` on the device (``gather_sampled``)."""
         b = host.num_seqs
         bs = next(x for x in self.buckets if x >= b)
         mb = host.block_tables.shape[1]
@@ -122,6 +128,7 @@ class DecodeGraphs:
             (self.context_lens, ctx),
         ):
             dst[:bs].copy_(src.pin_memory(), non_blocking=True)
+        gather_sampled(self.input_ids, gather or [], prev_tokens)
         self.block_tables[:b, :mb].copy_(host.block_tables.pin_memory(), non_blocking=True)
         with_lora = host.has_lora and self.lora is not None
         if with_lora:

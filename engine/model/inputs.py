@@ -69,6 +69,22 @@ class HostInputs:
         )
 
 
+def gather_sampled(
+    input_ids: torch.Tensor, gather: list[tuple[int, int]], prev_tokens: torch.Tensor | None
+) -> None:
+    """Fill the placeholders of ``input_ids`` (on the device) with the previous step's
+    sampled ids, which are still on the device: ``input_ids[dst] = prev_tokens[src]``."""
+    if not gather:
+        return
+    if prev_tokens is None:
+        raise RuntimeError("the batch reads sampled ids but no previous samples were given")
+    dev = input_ids.device
+    pairs = torch.tensor(gather, dtype=torch.int64)
+    if dev.type == "cuda":
+        pairs = pairs.pin_memory().to(dev, non_blocking=True)
+    input_ids.index_copy_(0, pairs[:, 0], prev_tokens.index_select(0, pairs[:, 1]))
+
+
 def _tensor(typecode: str, ints: Iterable[int]) -> torch.Tensor:
     """A 1-d int32 ("i") or int64 ("q") tensor of ``ints``, packed by ``array`` in C (many
     times faster than ``torch.tensor`` of a list); it owns its memory."""
@@ -118,8 +134,11 @@ def build_host_inputs(
 
     slots = _tensor("i", [c.adapter_slot for c in chunks])
     sample = torch.tensor([c.sample for c in chunks], dtype=torch.bool)
+    input_ids = _tensor("q", chain.from_iterable(c.token_ids for c in chunks))
+    if batch.gather:
+        input_ids.clamp_(min=0)  # placeholders: the device fills them in (gather_sampled)
     return HostInputs(
-        input_ids=_tensor("q", chain.from_iterable(c.token_ids for c in chunks)),
+        input_ids=input_ids,
         positions=positions,
         slot_mapping=slot_mapping,
         block_tables=bt,

@@ -94,12 +94,12 @@ async def toy_engine(kind: str, tok_dir: Path, **opts: Any) -> AsyncIterator[Har
         execute = runner.execute
         delay = opts.get("step_delay_s", 0.0)
 
-        def slow_or_failing(batch):  # type: ignore[no-untyped-def]
+        def slow_or_failing(batch, prev_tokens=None):  # type: ignore[no-untyped-def]
             if opts.get("fail_execute"):
                 raise RuntimeError("device lost")
             if delay:
                 time.sleep(delay)
-            return execute(batch)
+            return execute(batch, prev_tokens)
 
         runner.execute = slow_or_failing  # type: ignore[method-assign]
         config = EngineConfig(block_size=4, max_loras=slots, max_cpu_loras=max(slots, 4))

@@ -154,9 +154,9 @@ def record_batches(engine: LLMEngine) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     execute = engine.runner.execute
 
-    def recording(batch):
+    def recording(batch, prev_tokens=None):
         seen.append((len(batch.chunks), len({c.adapter_slot for c in batch.chunks})))
-        return execute(batch)
+        return execute(batch, prev_tokens)
 
     engine.runner.execute = recording  # type: ignore[method-assign]
     return seen

@@ -27,12 +27,15 @@ def tok(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("toytok"))
 
 
-@pytest.fixture
-def make_engine(tok):
+@pytest.fixture(params=["async", "sync"])
+def make_engine(tok, request):
+    """Engines over the toy runner; every test runs with async scheduling (step n+1 launched
+    before step n's tokens are read, placeholders filled on the "device") and without."""
     engines: list[OfflineEngine] = []
 
     def make(num_blocks=64, block_size=4, slots=4, **cfg) -> OfflineEngine:
         runner = ToyRunner(tok, num_blocks=num_blocks, block_size=block_size, num_slots=slots)
+        cfg.setdefault("async_scheduling", request.param == "async")
         config = EngineConfig(
             block_size=block_size, max_loras=slots, max_cpu_loras=max(slots, 4), **cfg
         )
@@ -217,9 +220,11 @@ def test_one_load_for_concurrent_requests(make_engine, tmp_path):
         )
     engine.add_request(Request("base", [3, 4, 5], SamplingParams(max_tokens=2, **GREEDY)))
     outs = {}
-    for o in engine.step():  # the base request runs while the adapter loads
-        outs[o.request_id] = o
-    assert "base" in outs
+    for _ in range(3):  # the base request runs (and finishes) while the adapter loads
+        for o in engine.step():
+            outs[o.request_id] = o
+    assert "base" in outs and outs["base"].finished
+    assert not any(k.startswith("c") for k in outs)
     engine.core.runner.read_gate.set()
     run_all(engine)
     assert engine.core.runner.reads == 1 and engine.stats().adapter_loads == 1
@@ -373,3 +378,36 @@ def test_random_workload_with_aborts(make_engine, tmp_path, tok, seed):
         n = len({d.index for o in outs[rid] for d in o.deltas})
         for i in range(n):
             assert tokens_of(outs[rid], i) == want, (rid, i)
+
+
+def test_async_steps_read_the_previous_samples_on_the_device(make_engine, tok, request):
+    """Async scheduling launches each decode step before the host has read the tokens of
+    the step before: the batch names them (gather) instead of carrying them, and the
+    tokens still equal the reference. Synchronous steps never need to."""
+    engine = make_engine()
+    prompt = list(range(3, 12))
+    engine.add_request(Request("a", prompt, SamplingParams(max_tokens=8, **GREEDY)))
+    outs = run_all(engine)
+    assert tokens_of(outs["a"]) == reference_greedy(prompt, 0, 8, len(tok))
+    gathered = [len(b.gather) for b in engine.core.runner.batches]
+    if "async" in request.node.callspec.id:
+        assert gathered[1:] == [1] * 7  # every decode step after the prefill
+    else:
+        assert not any(gathered)
+
+
+def test_penalties_run_steps_one_at_a_time(make_engine, tok):
+    """A penalty request's sampling reads its tokens on the host: while one is in flight,
+    steps run one at a time (no placeholders), and every request's tokens are those of a
+    synchronous engine."""
+    want = {}
+    for mode in (False, True):
+        engine = make_engine(async_scheduling=mode)
+        p = SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.5)
+        engine.add_request(Request("pen", [3, 4, 5, 3, 4], p))
+        engine.add_request(Request("plain", [6, 7, 8], SamplingParams(max_tokens=6, **GREEDY)))
+        outs = run_all(engine)
+        got = {rid: tokens_of(o) for rid, o in outs.items()}
+        want.setdefault("tokens", got)
+        assert got == want["tokens"]
+        assert not any(b.gather for b in engine.core.runner.batches)

@@ -97,17 +97,27 @@ class ToyRunner:
     def clear_slot(self, slot: int) -> None:
         self.slot_weights[slot] = None
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None):
         self.batches.append(batch)
         bs = self.block_size
         rows = []
+        filled = {}  # placeholders: the previous step's samples, as the device would read
+        if batch.gather:
+            if prev_tokens is None:
+                raise RuntimeError("gather without the previous step's samples")
+            filled = {dst: int(prev_tokens[src]) for dst, src in batch.gather}
+        offset = 0
         for c in batch.chunks:
             w = 0 if c.adapter_slot < 0 else self.slot_weights[c.adapter_slot]
             if w is None:
                 raise RuntimeError(f"slot {c.adapter_slot} used before it was written")
             for j, t in enumerate(c.token_ids):
+                t = filled.get(offset + j, t)
+                if t < 0:
+                    raise RuntimeError(f"seq {c.seq_id}: an unfilled placeholder")
                 pos = c.start_pos + j
                 self.pool[c.block_table[pos // bs]][pos % bs] = (t, w)
+            offset += len(c.token_ids)
         for c in batch.chunks:  # read after every write, as a layer's attention does
             if c.sample:
                 end = c.start_pos + len(c.token_ids)
