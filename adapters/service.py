@@ -11,11 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.cache import DiskCache
 from adapters.fetcher import Fetcher
+from adapters.guarded_store import GuardedStore
 from adapters.metrics import AdapterMetrics
 from adapters.registry import AdapterRegistry
 from adapters.spec import BaseModelSpec
-from adapters.storage import ObjectStore, open_store
+from adapters.storage import ObjectStore, S3Options, open_store
 from adapters.upload import UploadLimits
+from tenancy.breaker import CircuitBreaker
+from tenancy.settings import StoreSettings
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,14 @@ class AdapterServices:
     limits: UploadLimits
 
 
+def s3_options(settings: StoreSettings) -> S3Options:
+    return S3Options(
+        connect_timeout_s=settings.s3_connect_timeout_s,
+        read_timeout_s=settings.s3_read_timeout_s,
+        max_attempts=settings.s3_max_attempts,
+    )
+
+
 def build_adapter_services(
     sessions: async_sessionmaker[AsyncSession],
     *,
@@ -38,8 +49,13 @@ def build_adapter_services(
     spec: Callable[[], BaseModelSpec | None],
     limits: UploadLimits,
     metrics_registry: CollectorRegistry,
+    s3: S3Options | None = None,
+    store_breaker: CircuitBreaker | None = None,
 ) -> AdapterServices:
-    store = open_store(store_url, endpoint_url=s3_endpoint_url)
+    """``store_breaker``: every store call passes it (:mod:`adapters.guarded_store`)."""
+    store: ObjectStore = open_store(store_url, endpoint_url=s3_endpoint_url, s3=s3)
+    if store_breaker is not None:
+        store = GuardedStore(store, store_breaker)
     metrics = AdapterMetrics(metrics_registry)
     cache = DiskCache(cache_dir, cache_bytes, metrics)
     return AdapterServices(
