@@ -9,10 +9,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.service import AdapterServices, build_adapter_services
+from adapters.service import AdapterServices, build_adapter_services, s3_options
 from adapters.spec import BaseModelSpec
 from adapters.upload import UploadLimits
 from gateway.settings import GatewaySettings
+from tenancy.breaker import CircuitBreaker
 
 
 def engine_adapter_spec(engine: Any, name: str) -> BaseModelSpec | None:
@@ -45,6 +46,7 @@ def build_for_app(
     sessions: async_sessionmaker[AsyncSession],
     engine: Any,
     registry: CollectorRegistry,
+    store_breaker: CircuitBreaker | None = None,
 ) -> AdapterServices:
     """``engine`` is a zero-argument callable returning the current engine (or None)."""
     name = settings.base_model_name()
@@ -62,4 +64,6 @@ def build_for_app(
             max_expanded_bytes=2 * settings.adapter_upload_max_bytes,
         ),
         metrics_registry=registry,
+        s3=s3_options(settings),
+        store_breaker=store_breaker,
     )

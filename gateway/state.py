@@ -12,16 +12,20 @@ from gateway.settings import GatewaySettings
 if TYPE_CHECKING:
     from adapters.service import AdapterServices
     from gateway.auth import KeyAuthenticator
+    from gateway.breakers import Breakers
     from gateway.ledger import Ledger
     from gateway.limits import Limiter
     from gateway.metrics import Metrics
+    from gateway.resolve import ModelResolver
 
 
 @dataclass
 class Services:
     settings: GatewaySettings
     db: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: async_sessionmaker[AsyncSession]  # behind breakers.database
+    breakers: Breakers  # database, object store (gateway.breakers)
+    resolver: ModelResolver  # model -> base or adapter version, stale-if-error
     engine: Any = None  # engine.async_engine.AsyncEngine, or None while it loads
     keys: KeyAuthenticator | None = None  # API key auth (gateway.auth), built in the lifespan
     adapters: AdapterServices | None = None  # store, registry, disk cache, fetcher (adapters/)

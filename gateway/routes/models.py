@@ -8,7 +8,6 @@ from fastapi import APIRouter
 from adapters.queries import list_adapters
 from adapters.values import AdapterInfo
 from gateway.deps import ModelsReadDep, ServicesDep, SessionDep
-from gateway.resolve import resolve_model
 from gateway.schemas import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -41,11 +40,9 @@ async def list_models(
 
 
 @router.get("/models/{model:path}")
-async def retrieve_model(
-    model: str, principal: ModelsReadDep, services: ServicesDep, session: SessionDep
-) -> ModelCard:
+async def retrieve_model(model: str, principal: ModelsReadDep, services: ServicesDep) -> ModelCard:
     base = services.settings.base_model_name()
-    target = await resolve_model(session, principal, model, base_model=base)
+    target = await services.resolver.resolve(principal, model, base_model=base)
     if target.version is None:
         return ModelCard(id=base, created=0, owned_by=BASE_OWNER, root=base)
     v = target.version
