@@ -32,33 +32,37 @@ def store_via(proxy: ThreadedProxy, bucket: str, options: S3Options = OPTIONS) -
     return open_store(f"s3://{bucket}/p", endpoint_url=f"http://127.0.0.1:{proxy.port}", s3=options)
 
 
+def slow_store(proxy: ThreadedProxy, bucket: str, read_timeout_s: float) -> S3Store:
+    """One PUT and no retries: a timeout anywhere fails the transfer."""
+    return S3Store(
+        bucket,
+        "p",
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        connect_timeout=0.5,
+        read_timeout=read_timeout_s,
+        max_attempts=1,
+        multipart_threshold=64 << 20,
+    )
+
+
 def test_large_transfers_over_a_slow_link_outlast_the_read_timeout(
     s3,
     proxy: ThreadedProxy,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    payload = os.urandom(16 << 20)
+    payload = os.urandom(24 << 20)
     src, dest = tmp_path / "big.tar", tmp_path / "back.tar"
     src.write_bytes(payload)
-    # One PUT and no retries: a timeout anywhere fails the transfer.
-    store = S3Store(
-        s3.bucket,
-        "p",
-        endpoint_url=f"http://127.0.0.1:{proxy.port}",
-        connect_timeout=0.5,
-        read_timeout=1.0,
-        max_attempts=1,
-        multipart_threshold=64 << 20,
-    )
-    # 16 MiB take 2 s each way. The read timeout also covers the wait for the answer once
-    # the body is in the kernel's send buffer (up to 4 MiB here: 0.5 s at this rate).
-    proxy.throttle(8 << 20)
+    proxy.throttle(6 << 20)  # 24 MiB take 4 s each way
+    # An upload's read timeout also covers the wait for S3's answer once the body has left
+    # for the kernel's send buffer (up to 4 MiB: 0.7 s at this rate) and S3 has stored it
+    # (moto, in this busy process): 2 s leave room for both, and are half the transfer.
     started = time.monotonic()
-    store.put_file("blobs/big.tar", src)
-    assert time.monotonic() - started > 1.5
-    started = time.monotonic()
-    store.get_file("blobs/big.tar", dest)
-    assert time.monotonic() - started > 1.5
+    slow_store(proxy, s3.bucket, 2.0).put_file("blobs/big.tar", src)
+    assert time.monotonic() - started > 3.0
+    started = time.monotonic()  # a download reads as the bytes come: 0.5 s is plenty
+    slow_store(proxy, s3.bucket, 0.5).get_file("blobs/big.tar", dest)
+    assert time.monotonic() - started > 3.0
     assert dest.read_bytes() == payload
 
 
