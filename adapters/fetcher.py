@@ -3,9 +3,11 @@
 ``fetch`` runs in an engine loader thread: disk cache hit, else one download from the
 object store per cold adapter however many threads ask at once (the others wait for it).
 A failed download raises :class:`AdapterFetchError` (the engine answers 503 for that
-adapter's requests); after a store failure every cold fetch fails fast until a backoff
-(doubling, capped) expires, so a down store is not hammered, and the next fetch after it
-tries again.
+adapter's requests). A store that is down is not hammered: the app's store sits behind a
+circuit breaker (:mod:`adapters.guarded_store`) that fails cold fetches at once while it
+is open and lets one through as soon as it may probe, so fetches work again within
+``open_s`` of the store coming back. A missing or corrupt object backs off per adapter
+(doubling, capped), since fetching it again soon would fail the same way.
 """
 
 from __future__ import annotations
@@ -41,9 +43,6 @@ class Backoff:
         self.delay = min(self.maximum, self.delay * 2 if self.delay else self.initial)
         self.until = self.clock() + self.delay
 
-    def succeeded(self) -> None:
-        self.delay = self.until = 0.0
-
 
 class _Flight:
     def __init__(self) -> None:
@@ -68,7 +67,6 @@ class Fetcher:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
-        self._store_backoff = Backoff(backoff_initial_s, backoff_max_s, clock)
         self._new_backoff = partial(Backoff, backoff_initial_s, backoff_max_s, clock)
         self._key_backoff: dict[str, Backoff] = {}
         self.downloads = 0  # completed downloads (tests: one per cold adapter)
@@ -102,15 +100,12 @@ class Fetcher:
             flight.done.set()
 
     def _refuse_during_backoff(self, sha256: str) -> None:
-        for backoff, what in (
-            (self._store_backoff, "object store unavailable"),
-            (self._key_backoff.get(sha256), "adapter could not be fetched"),
-        ):
-            if backoff is not None and (left := backoff.wait_left()) > 0:
-                raise AdapterFetchError(
-                    f"{what}; retrying in {left:.1f}s (adapter {sha256[:12]})",
-                    retry_after=left,
-                )
+        backoff = self._key_backoff.get(sha256)
+        if backoff is not None and (left := backoff.wait_left()) > 0:
+            raise AdapterFetchError(
+                f"adapter could not be fetched; retrying in {left:.1f}s (adapter {sha256[:12]})",
+                retry_after=left,
+            )
 
     def _download(self, sha256: str, storage_key: str) -> Path:
         start = time.monotonic()
@@ -126,13 +121,12 @@ class Fetcher:
                 raise AdapterFetchError(f"adapter {sha256[:12]} is missing from the store") from exc
             except StoreError as exc:  # the detail (endpoint, bucket) goes to the log only
                 log.warning("adapter %s: object store unavailable: %s", sha256, exc)
-                self._failed(self._store_backoff, start)
+                self.metrics.record_load(TIER, time.monotonic() - start, ok=False)
+                left = exc.retry_after or 1.0
                 raise AdapterFetchError(
-                    "object store unavailable; retrying in "
-                    f"{self._store_backoff.wait_left():.1f}s (adapter {sha256[:12]})",
-                    retry_after=self._store_backoff.wait_left(),
+                    f"object store unavailable; retry in {left:.1f}s (adapter {sha256[:12]})",
+                    retry_after=left,
                 ) from exc
-            self._store_backoff.succeeded()
             try:
                 got = sha256_file(bundle)
                 if got != sha256:

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.storage import ObjectStore
+from adapters.errors import StoreUnavailable
+from adapters.storage import ObjectStore, StoreError
 from adapters.values import GcReport
 from tenancy.models import AdapterVersion
 
@@ -42,4 +43,10 @@ async def collect_garbage(
         aborted = store.cleanup_incomplete(cutoff)
         return GcReport(deleted_objects=deleted, deleted_bytes=freed, aborted_uploads=aborted)
 
-    return await asyncio.to_thread(sweep)
+    try:
+        return await asyncio.to_thread(sweep)
+    except StoreError as exc:  # what was deleted before stays deleted; the rest waits
+        raise StoreUnavailable(
+            "object store unavailable; garbage collection stopped",
+            retry_after=exc.retry_after or 1.0,
+        ) from exc

@@ -61,7 +61,9 @@ class AdapterRegistry:
             await asyncio.to_thread(self.store.put_file, key, bundle.path)
         except StoreError as exc:  # the detail (endpoint, bucket) goes to the log only
             log.warning("upload of %s: %s", name, exc)
-            raise StoreUnavailable("object store unavailable; nothing was stored") from exc
+            raise StoreUnavailable(
+                "object store unavailable; nothing was stored", retry_after=exc.retry_after or 1.0
+            ) from exc
         attempt = 0
         while True:
             try:

@@ -20,11 +20,26 @@ from urllib.parse import urlparse
 
 
 class StoreError(Exception):
-    """The store failed or could not be reached."""
+    """The store failed or could not be reached. ``retry_after``: when its circuit breaker
+    will let a call try again (None: not known)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ObjectMissing(StoreError):
     pass
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Bounds of every S3 call. The read timeout applies to each socket read or write, not
+    to a whole transfer: a large upload that keeps moving never times out."""
+
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 5.0
+    max_attempts: int = 2  # per call, the first included (botocore standard retries)
 
 
 @dataclass(frozen=True)
@@ -113,8 +128,9 @@ class S3Store:
         *,
         endpoint_url: str | None = None,
         multipart_threshold: int = 16 * 1024 * 1024,
-        connect_timeout: float = 3.0,
-        read_timeout: float = 30.0,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        max_attempts: int = 2,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -128,13 +144,14 @@ class S3Store:
             config=Config(
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"max_attempts": 2, "mode": "standard"},
+                retries={"total_max_attempts": max_attempts, "mode": "standard"},
             ),
         )
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_threshold,
             max_concurrency=4,
+            num_download_attempts=max_attempts,  # s3transfer's own retries of a body read
         )
 
     def _key(self, key: str) -> str:
@@ -194,11 +211,21 @@ class S3Store:
             raise StoreError(f"s3: cannot list multipart uploads: {exc}") from exc
 
 
-def open_store(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
+def open_store(
+    url: str, *, endpoint_url: str | None = None, s3: S3Options | None = None
+) -> ObjectStore:
     """``s3://bucket/prefix`` or ``file:///dir``."""
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
+        o = s3 or S3Options()
+        return S3Store(
+            parsed.netloc,
+            parsed.path,
+            endpoint_url=endpoint_url,
+            connect_timeout=o.connect_timeout_s,
+            read_timeout=o.read_timeout_s,
+            max_attempts=o.max_attempts,
+        )
     if parsed.scheme == "file":
         return LocalStore(Path(parsed.path))
     raise ValueError(f"unsupported object store URL {url!r}")

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.service import AdapterServices, build_adapter_services
+from adapters.service import AdapterServices, build_adapter_services, s3_options
 from adapters.spec import BaseModelSpec
 from adapters.upload import UploadLimits
 from engine.client import EngineClient
 from gateway.settings import GatewaySettings
+from tenancy.breaker import CircuitBreaker
 
 
 def engine_adapter_spec(engine: EngineClient | None, name: str) -> BaseModelSpec | None:
@@ -45,6 +46,7 @@ def build_for_app(
     settings: GatewaySettings,
     sessions: async_sessionmaker[AsyncSession],
     engine: Callable[[], EngineClient | None],
+    store_breaker: CircuitBreaker | None = None,
 ) -> AdapterServices:
     """``engine`` is a zero-argument callable returning the current engine (or None)."""
     name = settings.base_model_name()
@@ -59,4 +61,6 @@ def build_for_app(
             max_body_bytes=settings.adapter_upload_max_bytes,
             max_expanded_bytes=2 * settings.adapter_upload_max_bytes,
         ),
+        s3=s3_options(settings),
+        store_breaker=store_breaker,
     )

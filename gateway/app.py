@@ -18,9 +18,11 @@ from admin.routes import usage as admin_usage
 from gateway.adapter_wiring import build_for_app
 from gateway.auth import KeyAuthenticator
 from gateway.billing import open_billing
+from gateway.breakers import BreakerCollector, Breakers
 from gateway.errors import install_error_handlers
 from gateway.middleware import install_middleware
 from gateway.openapi import install_openapi
+from gateway.resolve import ModelResolver
 from gateway.routes import chat, completions, health, models
 from gateway.routes import metrics as metrics_routes
 from gateway.settings import GatewaySettings
@@ -44,17 +46,24 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = make_engine(settings.resolved_database_url())
-        services = Services(settings=settings, db=db, sessions=make_sessionmaker(db))
+        breakers = Breakers.from_settings(settings)
+        db = make_engine(settings.resolved_database_url(), settings.db_timeouts())
+        sessions = make_sessionmaker(db, breakers.database)
+        resolver = ModelResolver(sessions, stale_s=settings.model_cache_stale_s)
+        services = Services(settings, db, sessions, breakers, resolver)
         app.state.services = services
         services.keys = KeyAuthenticator(
             services.sessions,
             secret_key=settings.resolved_secret_key(),
             ttl_s=settings.key_cache_ttl_s,
+            stale_s=settings.key_cache_stale_s,
         )
         services.keys.start()
         registry = CollectorRegistry()  # the one /metrics serves
-        services.adapters = build_for_app(settings, services.sessions, lambda: services.engine)
+        registry.register(BreakerCollector(breakers))
+        services.adapters = build_for_app(
+            settings, services.sessions, lambda: services.engine, breakers.object_store
+        )
         billing_stack = AsyncExitStack()
         billing = await billing_stack.enter_async_context(
             open_billing(settings, services.sessions, registry, lambda: services.engine)

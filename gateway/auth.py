@@ -4,6 +4,9 @@ The key row is found by its public prefix and the secret checked against the sto
 hash in constant time on every request. Rows are cached in-process for ``ttl_s`` seconds
 (negative answers too), so a revocation or suspension reaches every replica within that
 time with no cross-replica messaging; expiry is checked against the clock on every request.
+While the database is unavailable, a key seen before keeps authenticating from its last
+known state for ``stale_s`` seconds past its TTL (a revocation made elsewhere applies once
+the database answers again); any other key gets the database's 503.
 ``last_used_at`` is collected in memory and written in one batched UPDATE per interval.
 """
 
@@ -21,7 +24,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tenancy.api_keys import as_utc, find_by_prefix, record_last_used
-from tenancy.errors import Forbidden, Unauthenticated
+from tenancy.errors import DatabaseUnavailable, Forbidden, Unauthenticated
 from tenancy.keys import parse_key, verify
 from tenancy.limits import effective_tenant_limits
 from tenancy.models import ApiKey, Tenant, utcnow
@@ -73,6 +76,7 @@ class KeyAuthenticator:
         *,
         secret_key: str,
         ttl_s: float,
+        stale_s: float = 0.0,
         flush_interval_s: float = 10.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
@@ -80,6 +84,7 @@ class KeyAuthenticator:
         self._sessions = sessions
         self._secret_key = secret_key
         self._ttl_s = ttl_s
+        self._stale_s = stale_s
         self._flush_interval_s = flush_interval_s
         self._max_entries = max_entries
         self._clock = clock
@@ -117,8 +122,13 @@ class KeyAuthenticator:
         hit = self._cache.get(prefix)
         if hit is not None and hit[0] > now:
             return hit[1]
-        async with self._sessions() as session:
-            found = await find_by_prefix(session, prefix)
+        try:
+            async with self._sessions() as session:
+                found = await find_by_prefix(session, prefix)
+        except DatabaseUnavailable:
+            if hit is not None and hit[1] is not None and now < hit[0] + self._stale_s:
+                return hit[1]  # last known good; never a stale "no such key"
+            raise
         state = None if found is None else _state(*found)
         if len(self._cache) >= self._max_entries:
             self._cache.pop(next(iter(self._cache)))
@@ -153,6 +163,8 @@ class KeyAuthenticator:
             await asyncio.sleep(self._flush_interval_s)
             try:
                 await self.flush()
+            except DatabaseUnavailable as exc:  # an outage: the breaker logs no traceback
+                log.warning("could not record last_used_at: %s", exc.message)
             except Exception:  # a database blip must not kill the flusher
                 log.exception("could not record last_used_at")
 

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from adapters.service import s3_options
 from adapters.storage import open_store
 from admin.daily_export import DailyExporter
 from gateway.budget_sync import run_budget_sync
@@ -125,7 +126,7 @@ def _exporter(
     if not enabled:
         return None
     try:
-        store = open_store(url, endpoint_url=settings.s3_endpoint_url)
+        store = open_store(url, endpoint_url=settings.s3_endpoint_url, s3=s3_options(settings))
     except Exception:
         log.exception("usage export disabled: cannot open %s", url)
         return None

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import errors as engine_errors
-from tenancy.errors import DomainError, RateLimited
+from tenancy.errors import DomainError, RateLimited, Unavailable
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -59,10 +59,20 @@ def envelope(
     return _AsciiJSON(body, status_code=status, headers=headers)
 
 
+# An engine 503 (an adapter that could not be fetched, an overloaded engine) says nothing
+# of when to come back; the adapter fetcher's breaker probes again within seconds.
+ENGINE_RETRY_AFTER_S = 1
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
     for cls, status, type_, code in _ENGINE_STATUS:
         if isinstance(exc, cls):
-            headers = {"Retry-After": "1"} if status == 503 else None
+            headers = retry_after(ENGINE_RETRY_AFTER_S) if status == 503 else None
             return envelope(status, exc.message, type_, code, exc.param, headers)
     return envelope(500, exc.message, "server_error", "engine_error", exc.param)
 
@@ -104,7 +114,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         headers = None
         if isinstance(exc, RateLimited):
-            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after))), **exc.headers}
+            headers = {**retry_after(exc.retry_after), **exc.headers}
+        elif isinstance(exc, Unavailable):
+            headers = retry_after(exc.retry_after)
         return envelope(exc.status, exc.message, exc.type, exc.code, exc.param, headers)
 
     @app.exception_handler(engine_errors.EngineError)

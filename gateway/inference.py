@@ -26,7 +26,7 @@ from engine.errors import AdapterLoadError, EngineError
 from gateway.limits import Admission, Limiter
 from gateway.prompts import prompt_ids, sampling_params, served_model
 from gateway.render import Choices
-from gateway.resolve import Target, resolve_model
+from gateway.resolve import Target
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import Services
 from tenancy.errors import Unavailable
@@ -189,8 +189,7 @@ async def open_call(
     The database session lives only for the resolution: a long stream holds no connection.
     """
     model = served_model(services.base_model_name(), services.engine)
-    async with services.sessions() as session:
-        target = await resolve_model(session, principal, body.model, base_model=model.name)
+    target = await services.resolver.resolve(principal, body.model, base_model=model.name)
     ids = await prompt_ids(model, body)
     sampling = sampling_params(model, body, len(ids))
     adapter = None

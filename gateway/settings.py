@@ -6,7 +6,7 @@ import re
 from pathlib import Path, PurePath
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from tenancy.settings import StoreSettings
 
@@ -40,6 +40,14 @@ class GatewaySettings(StoreSettings):
     adapter_cache_bytes: int = 20 * 1024 * 1024 * 1024
     # Auth cache TTL: revocations reach every replica within this many seconds.
     key_cache_ttl_s: float = 5.0
+    # Database unreachable: keys seen before keep authenticating from their last known
+    # state, and models resolved before keep resolving, for this long after their TTL.
+    key_cache_stale_s: float = Field(default=300.0, ge=0)
+    model_cache_stale_s: float = Field(default=300.0, ge=0)
+    # Circuit breakers (database, object store): this many consecutive failures open one;
+    # calls then fail at once for breaker_open_s, after which one probe call may close it.
+    breaker_failure_threshold: int = Field(default=3, ge=1)
+    breaker_open_s: PositiveFloat = 2.0
     migrate_on_start: bool = True
     # Limits (gateway.limits): Redis when LORAPLEX_REDIS_URL is set, else in-process.
     # Redis unreachable: request rates fail open, budgets fail closed (503), by default.

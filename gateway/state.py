@@ -13,16 +13,20 @@ if TYPE_CHECKING:
     from adapters.service import AdapterServices
     from engine.client import EngineClient
     from gateway.auth import KeyAuthenticator
+    from gateway.breakers import Breakers
     from gateway.ledger import Ledger
     from gateway.limits import Limiter
     from gateway.metrics import Metrics
+    from gateway.resolve import ModelResolver
 
 
 @dataclass
 class Services:
     settings: GatewaySettings
     db: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: async_sessionmaker[AsyncSession]  # behind breakers.database
+    breakers: Breakers  # database, object store (gateway.breakers)
+    resolver: ModelResolver  # model -> base or adapter version, stale-if-error
     engine: EngineClient | None = None  # in-process or remote (engine.client); None: no engine
     keys: KeyAuthenticator | None = None  # API key auth (gateway.auth), built in the lifespan
     adapters: AdapterServices | None = None  # store, registry, disk cache, fetcher (adapters/)

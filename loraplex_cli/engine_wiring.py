@@ -41,8 +41,9 @@ def store_fetch(
     """``AdapterRef`` -> local PEFT directory: ``store:`` keys through the object store and
     the engine's disk cache; anything else is a local directory. Its metrics go into
     ``registry`` (the engine side's own)."""
-    from adapters.service import build_fetcher
+    from adapters.service import build_fetcher, s3_options
     from engine.lora.loader import local_fetch
+    from tenancy.breaker import CircuitBreaker
 
     fetcher = build_fetcher(
         store_url=settings.resolved_object_store_url(),
@@ -51,6 +52,12 @@ def store_fetch(
         cache_bytes=settings.adapter_cache_bytes,
         max_bytes=2 * settings.adapter_upload_max_bytes,
         metrics_registry=registry,
+        s3=s3_options(settings),
+        store_breaker=CircuitBreaker(
+            "object_store",  # the engine process's own: a store that is down fails fast
+            failure_threshold=settings.breaker_failure_threshold,
+            open_s=settings.breaker_open_s,
+        ),
     )
 
     def fetch(ref: AdapterRef) -> Path:

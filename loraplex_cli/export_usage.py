@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from adapters.service import s3_options
 from adapters.storage import StoreError, open_store
 from admin.daily_export import ExportResult, export_day
 from gateway.settings import GatewaySettings
@@ -53,8 +54,8 @@ def export_usage(
 
 async def _run(settings: GatewaySettings, day: date) -> ExportResult:
     url = settings.usage_export_url or settings.resolved_object_store_url()
-    store = open_store(url, endpoint_url=settings.s3_endpoint_url)
-    engine = make_engine(settings.resolved_database_url())
+    store = open_store(url, endpoint_url=settings.s3_endpoint_url, s3=s3_options(settings))
+    engine = make_engine(settings.resolved_database_url(), settings.db_timeouts())
     try:
         return await export_day(make_sessionmaker(engine), store, day)
     finally:

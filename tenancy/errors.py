@@ -68,4 +68,23 @@ class QuotaExceeded(RateLimited):
 
 
 class Unavailable(DomainError):
+    """503. ``retry_after`` seconds go on the response as ``Retry-After``."""
+
     status, type, code = 503, "service_unavailable", "service_unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float = 1.0,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database refused, timed out, or its circuit breaker is open."""
+
+    code = "database_unavailable"

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveFloat, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from tenancy.db import DbTimeouts
 
 PLACEHOLDERS = {"", "changeme", "change-me", "change_me", "secret", "placeholder", "xxx", "todo"}
 MIN_SECRET_LEN = 16
@@ -46,6 +48,13 @@ class StoreSettings(BaseSettings):
     s3_endpoint_url: str | None = None
     admin_token: str | None = None
     secret_key: str | None = Field(default=None, repr=False)
+    # Every store call is bounded: an unreachable store costs a timeout, never a hang.
+    db_connect_timeout_s: PositiveFloat = 3.0
+    db_statement_timeout_s: PositiveFloat = 5.0  # server-side; also SQLite's busy timeout
+    db_pool_timeout_s: PositiveFloat = 3.0  # wait for a free pooled connection
+    s3_connect_timeout_s: PositiveFloat = 2.0
+    s3_read_timeout_s: PositiveFloat = 5.0  # per socket read/write, not per transfer
+    s3_max_attempts: int = Field(default=2, ge=1, le=10)  # per call, the first included
 
     @property
     def embedded(self) -> bool:
@@ -106,6 +115,13 @@ class StoreSettings(BaseSettings):
         if self.object_store_url:
             return self.object_store_url
         return (self.data_dir / "objects").resolve().as_uri()
+
+    def db_timeouts(self) -> DbTimeouts:
+        return DbTimeouts(
+            connect_s=self.db_connect_timeout_s,
+            statement_s=self.db_statement_timeout_s,
+            pool_checkout_s=self.db_pool_timeout_s,
+        )
 
     def resolved_secret_key(self) -> str:
         """The configured key, or (embedded only) one generated once into the data dir."""

@@ -164,7 +164,9 @@ async def open_export(
     sessions: async_sessionmaker[AsyncSession], query: UsageQuery, fmt: Format
 ) -> AsyncIterator[bytes]:
     """The export's bytes. Parquet is fully built before this returns (so a failure is an
-    error response, not a cut-off file); CSV and JSON lines stream from the database."""
+    error response, not a cut-off file); CSV and JSON lines stream from the database, their
+    first chunk read before this returns (a database that is down is an error response,
+    not a 200 cut off after its headers)."""
     if fmt == "parquet":
         fd, name = tempfile.mkstemp(prefix="usage-", suffix=".parquet")
         os.close(fd)
@@ -176,7 +178,14 @@ async def open_export(
             _remove(path)
             raise
         return file_chunks(path)
-    return _streamed(sessions, query, fmt)
+    stream = _streamed(sessions, query, fmt)
+    return _chain(await anext(stream, b""), stream)
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 async def _streamed(

@@ -9,7 +9,6 @@ from adapters.queries import list_adapters
 from adapters.values import AdapterInfo
 from gateway.deps import ModelsReadDep, ServicesDep, SessionDep
 from gateway.openapi import errors
-from gateway.resolve import resolve_model
 from gateway.schemas import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -42,11 +41,9 @@ async def list_models(
 
 
 @router.get("/models/{model:path}", responses=errors(401, 403, 404, 503))
-async def retrieve_model(
-    model: str, principal: ModelsReadDep, services: ServicesDep, session: SessionDep
-) -> ModelCard:
+async def retrieve_model(model: str, principal: ModelsReadDep, services: ServicesDep) -> ModelCard:
     base = services.base_model_name()
-    target = await resolve_model(session, principal, model, base_model=base)
+    target = await services.resolver.resolve(principal, model, base_model=base)
     if target.version is None:
         return ModelCard(id=base, created=0, owned_by=BASE_OWNER, root=base)
     v = target.version

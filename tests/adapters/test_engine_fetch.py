@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from adapters.cache import DiskCache
 from adapters.fetcher import Fetcher
+from adapters.guarded_store import GuardedStore
 from adapters.metrics import AdapterMetrics
 from adapters.registry import AdapterRegistry
 from adapters.storage import S3Store
@@ -30,6 +31,7 @@ from engine.errors import EngineError
 from engine.inproc_client import InprocEngineClient
 from engine.llm_engine import LLMEngine
 from engine.lora.loader import local_fetch
+from tenancy.breaker import CircuitBreaker
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45]
 MAX_TOKENS = 4
@@ -60,8 +62,9 @@ async def generate(
 
 class World:
     def __init__(self, sessions, moto: MotoServer, bucket: str, cache_dir: Path) -> None:  # type: ignore[no-untyped-def]
-        self.store = S3Store(bucket, "lpx", endpoint_url=moto.url, connect_timeout=0.5,
-                             read_timeout=2.0)  # fmt: skip
+        s3 = S3Store(bucket, "lpx", endpoint_url=moto.url, connect_timeout=0.5, read_timeout=2.0)
+        self.store = GuardedStore(s3, CircuitBreaker("object_store", failure_threshold=1,
+                                                     open_s=0.5))  # fmt: skip
         self.registry = AdapterRegistry(sessions, self.store, lambda: TINY, max_rank=8)
         self.metrics = AdapterMetrics(CollectorRegistry())
         self.cache = DiskCache(cache_dir, 1 << 30, self.metrics)
@@ -140,7 +143,7 @@ async def test_store_down_cached_serve_cold_fail_then_recover(
         tokens, err = await generate(engine, await w.ref(tenant.id, "warm"))
         assert err is None and tokens == warm_tokens
         started = time.monotonic()
-        for _ in range(5):  # cold: fails fast while the fetcher backs off
+        for _ in range(5):  # cold: fails fast while the store's breaker is open
             tokens, err = await generate(engine, cold_ref)
             assert err is not None and "object store unavailable" in err
         assert time.monotonic() - started < 10

@@ -15,8 +15,10 @@ from adapters.bundle import pack
 from adapters.cache import DiskCache
 from adapters.errors import AdapterFetchError
 from adapters.fetcher import Fetcher
+from adapters.guarded_store import GuardedStore
 from adapters.metrics import AdapterMetrics
 from adapters.storage import LocalStore, ObjectMissing, ObjectStore, S3Store, blob_key
+from tenancy.breaker import CircuitBreaker
 
 
 def bundle_of(tmp_path: Path, seed: int = 0, rank: int = 2):  # type: ignore[no-untyped-def]
@@ -128,7 +130,7 @@ def test_disk_cache_evicts_lru_by_size(tmp_path: Path) -> None:
     assert again.get(bundles[1].sha256) is not None
 
 
-def test_store_down_backoff_and_recovery(tmp_path: Path) -> None:
+def test_store_down_breaker_fails_fast_and_recovers(tmp_path: Path) -> None:
     clock = [0.0]
     root = tmp_path / "objects"
     store = LocalStore(root)
@@ -153,21 +155,27 @@ def test_store_down_backoff_and_recovery(tmp_path: Path) -> None:
             store.get_file(key, dest)
 
     flaky = Flaky()
-    fetcher, _ = make_fetcher(flaky, tmp_path, backoff_initial_s=1.0, clock=lambda: clock[0])  # type: ignore[arg-type]
+    breaker = CircuitBreaker(
+        "object_store", failure_threshold=1, open_s=1.0, clock=lambda: clock[0]
+    )
+    guarded = GuardedStore(flaky, breaker)  # type: ignore[arg-type]
+    fetcher, _ = make_fetcher(guarded, tmp_path)
     for _ in range(5):
-        with pytest.raises(AdapterFetchError):
+        with pytest.raises(AdapterFetchError) as failed:
             fetcher.fetch(b.sha256, blob_key(b.sha256))
-    assert flaky.calls == 1  # the rest failed fast during the backoff
+        assert failed.value.retry_after == pytest.approx(1.0)
+    assert flaky.calls == 1  # the rest failed fast while the breaker was open
     clock[0] = 1.5
     with pytest.raises(AdapterFetchError):
         fetcher.fetch(b.sha256, blob_key(b.sha256))
-    assert flaky.calls == 2  # one retry; the backoff doubles to 2s
-    clock[0] = 2.5
-    with pytest.raises(AdapterFetchError, match="retrying in"):
+    assert flaky.calls == 2  # one probe, which failed: open for another second
+    clock[0] = 2.0
+    with pytest.raises(AdapterFetchError, match=r"retry in 0\.5s"):
         fetcher.fetch(b.sha256, blob_key(b.sha256))
     flaky.down = False
-    clock[0] = 4.0
+    clock[0] = 2.5  # the store is back: the next fetch probes, and works
     assert (fetcher.fetch(b.sha256, blob_key(b.sha256)) / "adapter_config.json").is_file()
+    assert breaker.state == "closed" and flaky.calls == 3
 
 
 def test_corrupt_object_refused(tmp_path: Path) -> None:

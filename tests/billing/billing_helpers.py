@@ -1,9 +1,7 @@
-"""Builders for billing tests: tenants, usage events with known totals, a cuttable TCP proxy."""
+"""Builders for billing tests: tenants, usage events with known totals."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -69,44 +67,3 @@ async def ledger_rows(sessions: async_sessionmaker[AsyncSession]) -> dict[str, t
 async def ledger_count(sessions: async_sessionmaker[AsyncSession]) -> int:
     async with sessions() as s:
         return int((await s.execute(select(func.count(UsageRecord.id)))).scalar_one())
-
-
-class TcpProxy:
-    """127.0.0.1:<port> -> upstream; ``cut()`` drops every connection and stops listening
-    (the database "goes away"), ``restore()`` listens again on the same port."""
-
-    def __init__(self, upstream_host: str, upstream_port: int, port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
-        self.port = port
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def restore(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}

@@ -5,9 +5,7 @@ fail open, budgets fail closed (503), both counted; limits apply again once it i
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from billing_helpers import TcpProxy
+from harness.tcp_proxy import ThreadedProxy
 from sqlalchemy.engine import make_url
 
 from engine.config import EngineConfig
@@ -26,37 +24,11 @@ from loraplex_cli.engine_wiring import inproc_engine
 from tests.gateway.live import (
     BASE,
     Gateway,
-    free_port,
     fresh_database,
     live_server,
     ok,
     wait_until,
 )
-
-
-class ThreadedProxy:
-    """A ``TcpProxy`` on an event loop of its own (the servers run in other threads)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._proxy = TcpProxy(host, port, self.port)
-
-    def _run(self, coro) -> None:  # type: ignore[no-untyped-def]
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
-
-    def restore(self) -> None:
-        self._run(self._proxy.restore())
-
-    def cut(self) -> None:
-        self._run(self._proxy.cut())
-
-    def close(self) -> None:
-        self.cut()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 @dataclass
@@ -75,11 +47,9 @@ def served(
     with fresh_database() as url:
         real = make_url(url)
         proxy = ThreadedProxy(real.host or "127.0.0.1", real.port or 5432)
-        proxy.restore()
         proxied = real.set(port=proxy.port).render_as_string(hide_password=False)
         redis_parts = urlsplit(redis_url)
         redis_proxy = ThreadedProxy(redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379)
-        redis_proxy.restore()
         settings = GatewaySettings(
             database_url=proxied,
             redis_url=f"redis://127.0.0.1:{redis_proxy.port}{redis_parts.path}",
@@ -139,7 +109,7 @@ def test_database_outage_under_traffic(served: Served) -> None:
     with httpx.Client(base_url=gw.url, headers=headers, timeout=60) as client:
         call(client)  # the key is now cached
         wait_until(lambda: len(ledger(gw, tenant)) == 1, 30)
-        proxy.cut()
+        proxy.refuse()
         for _ in range(20):
             call(client)  # served while the database is away
         wait_until(lambda: metric(gw, "loraplex_ledger_pending_records") == 20, 30)
@@ -175,7 +145,7 @@ def test_redis_outage_rates_fail_open_budgets_fail_closed(served: Served) -> Non
 
     for key in (rated, budgeted):
         assert post(key).status_code == 200  # keys cached, limits checked in Redis
-    served.redis.cut()
+    served.redis.refuse()
     try:
         for _ in range(4):  # over the 2 a minute: let through unchecked
             assert post(rated).status_code == 200

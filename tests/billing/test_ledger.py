@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from billing_helpers import TcpProxy, event, ledger_count, ledger_rows, make_tenant
+from billing_helpers import event, ledger_count, ledger_rows, make_tenant
+from harness.tcp_proxy import TcpProxy
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
@@ -153,7 +154,7 @@ async def test_database_outage_delays_but_loses_nothing(sessions, pg_url, tmp_pa
         await record_all(ledger, first)
         await until(lambda: ledger_count(sessions), 100)
 
-        await proxy.cut()  # the database goes away, mid-traffic
+        await proxy.refuse()  # the database goes away, mid-traffic
         during = [event(tid, i) for i in range(100, 250)]
         await record_all(ledger, during)  # requests still finish: their usage is durable
         await asyncio.sleep(1.0)
@@ -172,7 +173,7 @@ async def test_database_outage_delays_but_loses_nothing(sessions, pg_url, tmp_pa
         await task
         writer.close()
         await ledger.aclose()
-        await proxy.cut()
+        await proxy.refuse()
         await proxied.dispose()
     every = first + during + after
     assert await ledger_rows(sessions) == {
