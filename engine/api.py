@@ -151,6 +151,7 @@ class EngineOutput(msgspec.Struct, array_like=True):
     cached_tokens: int  # prompt tokens served from the prefix cache
     finished: bool
     error: ErrorInfo | None = None  # set when the request failed (finish_reason "error")
+    engine_ms: float = 0.0  # on the last output: the engine's own time for the request
 
 
 # ---- what a client of the engine sees (text, after the output processor) -------------------
@@ -186,6 +187,7 @@ class RequestOutput:
     error: str | None = None  # set when finish_reason == "error"
     # the typed cause behind ``error`` (e.g. AdapterIncompatible -> 400, AdapterLoadError -> 503)
     exception: EngineError | None = None
+    engine_ms: float = 0.0  # on the last output: from the engine taking the request to its end
 
 
 class AdapterResidency(msgspec.Struct):

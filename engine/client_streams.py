@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from engine.api import EngineOutput, Request, RequestOutput
-from engine.errors import EngineError
+from engine.errors import EngineDead, EngineError, InvalidRequest
 from engine.output_processor import OutputProcessor, RequestTracker
 
 
@@ -31,12 +31,14 @@ class ClientStreams:
         self._streams: dict[str, _Stream] = {}
         self.processor: OutputProcessor | None = None  # set once the tokenizer is known
         self.tokenizer: Any = None
+        self.vocab_size = 0
 
     def __len__(self) -> int:
         return len(self._streams)
 
-    def set_tokenizer(self, tokenizer: Any) -> None:
+    def set_tokenizer(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
         self.processor = OutputProcessor(tokenizer)
 
     def prepare(self, request: Request) -> list[int]:
@@ -44,8 +46,11 @@ class ClientStreams:
         request.sampling.validate()
         if isinstance(request.prompt, str):
             if self.tokenizer is None:
-                raise EngineError("the engine is not ready")
+                raise EngineDead("the engine is not ready")
             request.prompt = list(self.tokenizer.encode(request.prompt))
+        vocab = self.vocab_size
+        if any(type(t) is not int or not 0 <= t < vocab for t in request.prompt):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         return request.prompt
 
     def deliver(self, outputs: list[EngineOutput]) -> list[str]:
@@ -81,7 +86,7 @@ class ClientStreams:
     ) -> AsyncGenerator[RequestOutput, None]:
         """The body of ``EngineClient.generate``."""
         if self.processor is None:
-            raise EngineError("the engine is not ready")
+            raise EngineDead("the engine is not ready")
         prompt_ids = self.prepare(request)
         rid = request.request_id
         if rid in self._streams:

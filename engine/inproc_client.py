@@ -84,7 +84,7 @@ class InprocEngineClient:
 
     def _on_ready(self, engine: LLMEngine) -> None:  # step thread
         self._info = describe(engine, name=self._name, model=self._model)
-        self._streams.set_tokenizer(engine.tokenizer)
+        self._streams.set_tokenizer(engine.tokenizer, engine.runner.vocab_size)
 
     def _on_dead(self, exc: BaseException) -> None:  # step thread
         if self._loop is not None and not self._loop.is_closed():

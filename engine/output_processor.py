@@ -154,4 +154,5 @@ class RequestTracker:
             finished=finished,
             error=error if finished else None,
             exception=exception if finished else None,
+            engine_ms=out.engine_ms,
         )

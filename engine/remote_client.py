@@ -58,7 +58,7 @@ class RemoteEngineClient:
         *,
         token: str = "",
         heartbeat_s: float = 0.5,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,  # silent this long: gone (a dead process drops at once)
         call_timeout_s: float = 30.0,
     ) -> None:
         self.address = address
@@ -81,7 +81,6 @@ class RemoteEngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
-        self._tx: zmq.Socket[bytes] | None = None  # a blocking view of _sock, for NOBLOCK sends
         self._monitor_sock: zmq.asyncio.Socket | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -100,7 +99,6 @@ class RemoteEngineClient:
         self._monitor_sock = monitor
         sock.connect(self.address)
         self._sock = sock
-        self._tx = zmq.Socket.shadow(sock.underlying)
         self._tasks = [
             asyncio.create_task(self._receive(), name="engine-receive"),
             asyncio.create_task(self._heartbeat(), name="engine-heartbeat"),
@@ -123,11 +121,13 @@ class RemoteEngineClient:
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, msg: Any) -> None:
-        if self._tx is None:
+        """Send now or fail now. Through the asyncio socket (never a plain view of it):
+        ZeroMQ signals readiness on edges, and a send made behind the asyncio wrapper's
+        back can swallow the edge that would wake the receive task (pyzmq #1203)."""
+        if self._sock is None:
             raise EngineDead("the engine client is not started")
-        try:
-            self._tx.send(self._enc.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
+        fut = self._sock.send(self._enc.encode(msg), zmq.NOBLOCK)
+        if fut.done() and isinstance(fut.exception(), zmq.Again):
             raise EngineDead("the engine is not reachable") from None
 
     def _send_add(self, request: Request) -> None:
@@ -155,16 +155,6 @@ class RemoteEngineClient:
             await self._apply(msg)
         except Exception:
             log.exception("applying an engine message failed")
-
-    async def _drain(self) -> None:
-        """Apply what already arrived (a dying engine's last outputs) before a disconnect."""
-        assert self._tx is not None
-        while True:
-            try:
-                data = self._tx.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            await self._handle(data)
 
     async def _apply(self, msg: Any) -> None:
         if isinstance(msg, Outputs):
@@ -221,7 +211,7 @@ class RemoteEngineClient:
             tokenizer = await asyncio.to_thread(load_tokenizer, info.tokenizer_files)
         finally:
             self._loading_info = None
-        self._streams.set_tokenizer(tokenizer)
+        self._streams.set_tokenizer(tokenizer, info.vocab_size)
         self._info = info
         self._engine_id = info.engine_id
         self._set_health(EngineHealth("ready"))
@@ -267,7 +257,6 @@ class RemoteEngineClient:
                 # so what a dying engine sent last (its final outputs) is applied first.
                 self._set_health(EngineHealth("unreachable", "the engine is not connected"))
                 await asyncio.sleep(_DISCONNECT_GRACE_S)
-                await self._drain()
                 self._lost("the connection to the engine dropped")
             elif event["event"] == zmq.EVENT_CONNECTED:
                 self._hello()

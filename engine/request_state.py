@@ -7,6 +7,7 @@ logprobs); text, stop strings and token texts are the client side's work
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ class RequestState:
     forked: bool = False  # the n-1 siblings got the first choice's prompt blocks
     cached_tokens: int = 0
     error: EngineError | None = None
+    arrival_s: float = field(default_factory=time.perf_counter)
     _stop_ids: frozenset[int] = field(init=False, repr=False)  # token ids that end a choice
 
     def __post_init__(self) -> None:
@@ -142,6 +144,7 @@ class RequestState:
         if not deltas:
             return None
         error = self.error.to_info() if finished and self.error is not None else None
+        took = (time.perf_counter() - self.arrival_s) * 1000 if finished else 0.0
         return EngineOutput(
             self.request.request_id,
             deltas,
@@ -149,6 +152,7 @@ class RequestState:
             self.cached_tokens,
             finished,
             error,
+            took,
         )
 
 

@@ -76,8 +76,13 @@ class EngineCall:
 
     @property
     def headers(self) -> dict[str, str]:
-        """``x-ratelimit-*`` values of the admission, for the response."""
-        return dict(self._admission.headers) if self._admission is not None else {}
+        """``x-ratelimit-*`` values of the admission, for the response; once the engine is
+        done, its own time for the request as ``Server-Timing: engine;dur=<ms>``."""
+        out = dict(self._admission.headers) if self._admission is not None else {}
+        last = self.last
+        if last is not None and last.finished and last.engine_ms > 0:
+            out["Server-Timing"] = f"engine;dur={last.engine_ms:.3f}"
+        return out
 
     @property
     def done(self) -> bool:

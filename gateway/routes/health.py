@@ -16,6 +16,8 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from adapters.storage import ObjectStore
+from gateway.errors import envelope
+from gateway.openapi import errors
 from gateway.state import Services
 from tenancy.errors import DatabaseUnavailable
 
@@ -25,8 +27,7 @@ CHECK_TIMEOUT_S = 2.0
 
 
 class Health(BaseModel):
-    status: Literal["ok", "dead"]
-    detail: str | None = None  # why, when dead
+    status: Literal["ok"]
 
 
 class Readiness(BaseModel):
@@ -69,7 +70,7 @@ async def _object_store(services: Services) -> str:
 @router.get(
     "/health",
     response_model=Health,
-    responses={503: {"model": Health, "description": "The in-process engine died"}},
+    responses=errors(503),  # the in-process engine died
 )
 async def health(request: Request) -> JSONResponse:
     """Liveness: this process serves. 503 only when its in-process engine died for good
@@ -77,7 +78,7 @@ async def health(request: Request) -> JSONResponse:
     engine = request.app.state.services.engine
     state = None if engine is None else engine.health()
     if state is not None and state.state == "dead":
-        return JSONResponse(Health(status="dead", detail=state.detail).model_dump(), 503)
+        return envelope(503, state.detail, "service_unavailable", "engine_dead")
     return JSONResponse(Health(status="ok").model_dump())
 
 

@@ -62,10 +62,12 @@ def test_client_disconnect_aborts_the_engine_request_and_records_usage(
                 events.append(json.loads(line[6:]))
             if len(events) >= 3:
                 break
-        wait_until(lambda: engine.stats().num_running == 1, 10)
+        wait_until(lambda: (s := engine.stats()) is not None and s.num_running == 1, 10)
     # The connection is closed here, long before 400 tokens could have been generated.
-    wait_until(lambda: engine.stats().num_running == 0 and engine.stats().num_waiting == 0, 10)
-    wait_until(lambda: engine.stats().kv_blocks_used == 0, 10)
+    wait_until(
+        lambda: (s := engine.stats()) is not None and s.num_running == s.num_waiting == 0, 10
+    )
+    wait_until(lambda: (s := engine.stats()) is not None and s.kv_blocks_used == 0, 10)
     row = _usage_row(gateway, events[0]["id"])
     assert row["status"] == "aborted"
     assert 2 <= row["completion_tokens"] < 400
