@@ -157,6 +157,18 @@ def preload(engine: LLMEngine, refs: list[AdapterRef]) -> float:
     return took
 
 
+def warm_up(engine: LLMEngine, ids: list[list[int]], refs: list[AdapterRef | None]) -> None:
+    """Short requests (4 tokens) through the whole engine path, prompt ``ids[i]`` with
+    adapter ``refs[i]`` (None: the base model); steps until all are done."""
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for i, (p, ref) in enumerate(zip(ids, refs, strict=True)):
+        engine.add_request(Request(f"w{i}", p, params, ref))
+    while engine.has_unfinished():
+        engine.step()
+        if not engine.last_step_ran:
+            time.sleep(0.005)
+
+
 def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[AdapterRef]):
     """Queue every request, step to the end. -> dict of the case's numbers."""
     n = len(ids)
@@ -324,16 +336,8 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
     with tempfile.TemporaryDirectory(prefix="lpx-bench-") as tmp:
         # warm-up: a few short requests through the whole engine path (with and without LoRA)
         warm = make_engine(args, runner, 1)
-        warm_refs = adapter_refs(args, cfg, 1, Path(tmp))
-        for i in range(4):
-            warm.add_request(
-                Request(f"w{i}", ids[i], SamplingParams(max_tokens=4, ignore_eos=True),
-                        warm_refs[0] if i % 2 else None)
-            )  # fmt: skip
-        while warm.has_unfinished():
-            warm.step()
-            if not warm.last_step_ran:
-                time.sleep(0.005)
+        (ref,) = adapter_refs(args, cfg, 1, Path(tmp))
+        warm_up(warm, ids[:4], [None, ref, None, ref])
         warm.shutdown()
 
         side = runner.model.side_stream

@@ -1,0 +1,137 @@
+"""One timed run of the online serving benchmark against a server: the server's engine
+counters before and after (``/metrics``), the batch size sampled while it runs, the
+client's own CPU use, and the summary of the requests (``serving_metrics``)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import httpx
+from serving_client import Planned, closed_loop, poisson, send
+from serving_metrics import RequestRecord, check_output, summarize
+
+STEPS = "loraplex_engine_steps_total"
+COUNTERS = {  # the engine's counters read before and after a run
+    "steps": STEPS,
+    "preemptions": "loraplex_engine_preemptions_total",
+    "adapter_loads": "loraplex_engine_adapter_loads_total",
+    "adapter_load_failures": "loraplex_engine_adapter_load_failures_total",
+    "adapter_evictions": "loraplex_engine_adapter_evictions_total",
+    "adapter_hits": "loraplex_engine_adapter_cache_hits_total",
+    "adapter_misses": "loraplex_engine_adapter_cache_misses_total",
+}
+GAUGES = {"batch": "loraplex_engine_batch_size", "running": "loraplex_engine_requests_running"}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The unlabelled samples of a Prometheus text page (the engine's are unlabelled)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+class Runner:
+    def __init__(self, client: httpx.AsyncClient, url: str, args) -> None:
+        self.client, self.url, self.args = client, url, args
+        self._idle: dict[str, float] | None = None  # /metrics after the last run
+
+    async def _send(self, p: Planned, t_run: float) -> RequestRecord:
+        return await send(self.client, self.url, p, t_run)
+
+    async def metrics(self) -> dict[str, float]:
+        r = await self.client.get(self.url + "/metrics")
+        r.raise_for_status()
+        return parse_metrics(r.text)
+
+    async def settled(self, poll_s: float = 0.6) -> dict[str, float]:
+        """``/metrics`` once the engine's step count stops moving: the gateway's copy of
+        the engine's stats comes with a heartbeat (every 0.5 s)."""
+        last = await self.metrics()
+        for _ in range(30):
+            await asyncio.sleep(poll_s)
+            cur = await self.metrics()
+            if cur.get(STEPS) == last.get(STEPS):
+                return cur
+            last = cur
+        return last
+
+    async def warm_up(self, plan: list[Planned], timeout_s: float = 120.0) -> dict:
+        """Each request until it succeeds (a worker may still be connecting to the engine:
+        503), all at once. -> seconds and retries."""
+        t0, retries, todo = time.perf_counter(), 0, plan
+        while todo:
+            records, _ = await closed_loop(todo, len(todo), self._send)
+            failed = [p for p, r in zip(todo, records, strict=True) if r.error is not None]
+            if failed and (
+                time.perf_counter() - t0 > timeout_s
+                or any(r.status not in (0, 503) for r in records if r.error is not None)
+            ):
+                errors = sorted({r.error or "" for r in records if r.error})
+                raise RuntimeError(f"warm-up failed: {errors}")
+            retries += len(failed)
+            todo = failed
+            if todo:
+                await asyncio.sleep(1.0)
+        return {"requests": len(plan), "retries": retries, "seconds": time.perf_counter() - t0}
+
+    async def closed(self, plan: list[Planned], concurrency: int) -> dict:
+        row = await self._timed(closed_loop(plan, concurrency, self._send))
+        return {"mode": "closed", "concurrency": concurrency, "rate": None, **row}
+
+    async def poisson(self, plan: list[Planned], rate: float, seed: int) -> dict:
+        row = await self._timed(poisson(plan, rate, seed, self._send))
+        return {"mode": "poisson", "concurrency": None, "rate": rate, **row}
+
+    async def _timed(self, run) -> dict:
+        a = self.args
+        before = self._idle or await self.settled()
+        samples: list[dict[str, float]] = []
+        sampler = asyncio.create_task(self._sample(samples)) if a.metrics_interval > 0 else None
+        cpu0 = time.process_time()
+        try:
+            records, duration = await run
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+        cpu = time.process_time() - cpu0
+        after = self._idle = await self.settled()
+        for r in records:
+            check_output(r, a.output_len)
+        row = summarize(records, duration, a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3)
+        eng = {k: after.get(m, math.nan) - before.get(m, math.nan) for k, m in COUNTERS.items()}
+        steps = eng["steps"]
+        eng["ms_per_step"] = duration * 1e3 / steps if steps > 0 else math.nan
+        eng["tokens_per_step"] = row["output_tokens"] / steps if steps > 0 else math.nan
+        busy = [s for s in samples if s.get("batch", 0) > 0]
+        eng["batch_sampled"] = sum(s["batch"] for s in busy) / len(busy) if busy else math.nan
+        eng["running_sampled"] = (
+            sum(s.get("running", 0) for s in busy) / len(busy) if busy else math.nan
+        )
+        eng["samples"] = len(samples)
+        row["engine"] = eng
+        row["client_cpu"] = cpu / duration if duration > 0 else math.nan
+        row["records"] = [r.compact() for r in records]
+        print(
+            f"  {len(records)} requests in {duration:.1f}s, {row['out_tok_s']:.0f} out tok/s, "
+            f"errors {row['errors'] or 'none'}",
+            flush=True,
+        )
+        return row
+
+    async def _sample(self, into: list[dict[str, float]]) -> None:
+        while True:
+            await asyncio.sleep(self.args.metrics_interval)
+            try:
+                m = await self.metrics()
+            except httpx.HTTPError:
+                continue
+            into.append({k: m[name] for k, name in GAUGES.items() if name in m})

@@ -1,0 +1,101 @@
+"""``benchmarks/bench_serving.py --smoke`` end to end on the CPU: the offline baseline in a
+subprocess, then ``loraplex serve`` as a process, tenants, keys and adapters through the
+admin API, a closed loop and a Poisson run of streamed completions, the server stopped.
+The numbers must add up exactly (every request succeeds with exactly ``--output-len``
+tokens); the metric helpers are checked on hand-made records."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+MODULES = ("bench_serving", "bench_throughput", "common", "serving_client", "serving_metrics",
+           "serving_offline", "serving_report", "serving_runs", "serving_server",
+           "serving_setup")  # fmt: skip
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    monkeypatch.delenv("LORAPLEX_BENCH_SMOKE_CUDA", raising=False)
+    yield importlib.import_module
+    for name in MODULES:
+        sys.modules.pop(name, None)
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+@pytest.mark.slow
+def test_serving_smoke(bench, tmp_path):
+    path = tmp_path / "serving.json"
+    out = bench("bench_serving").main(["--smoke", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    assert saved.keys() == out.keys() and len(saved["runs"]) == len(out["runs"]) == 2
+    a = out["args"]
+    n, out_len, prompt_len = a["num_requests"], a["output_len"], a["prompt_len"]
+
+    off = out["offline"]
+    assert off["requests"] == n and off["adapters"] == a["adapters"] == 2
+    assert finite(off["out_tok_s"]) and off["out_tok_s"] > 0 and off["steps"] > 0
+
+    assert [r["mode"] for r in out["runs"]] == ["closed", "poisson"]
+    for run in out["runs"]:
+        assert run["errors"] == {}, run["errors"]
+        assert run["requests"] == run["completed"] == n
+        assert run["output_tokens"] == n * out_len  # exact lengths, counted from usage
+        assert run["prompt_tokens"] == n * prompt_len  # token-id prompts are exact too
+        assert [r["out"] for r in run["records"]] == [out_len] * n
+        assert {r["tenant"] for r in run["records"]} == {0, 1}
+        assert {r["adapter"] for r in run["records"]} <= {0, 1}
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
+            d = run[metric]
+            assert all(finite(d[k]) and d[k] >= 0 for k in d), (metric, d)
+            assert d["p50"] <= d["p90"] <= d["p99"]
+        assert 0 < run["ttft_ms"]["p50"] <= run["e2e_s"]["p99"] * 1e3
+        assert 0 < run["chunks_per_token"] <= 1
+        assert run["out_tok_s"] > 0 and 0 <= run["goodput_req_s"] <= run["req_s"]
+        eng = run["engine"]
+        assert eng["steps"] > 0 and finite(eng["ms_per_step"])
+        assert eng["preemptions"] == 0 and eng["adapter_load_failures"] == 0
+        assert eng["adapter_misses"] == 0  # the warm-up made every adapter resident
+
+    ratio = out["http_over_offline"]
+    assert all(finite(v) and v > 0 for v in ratio.values()), ratio
+    assert out["max_rate_ttft_p99_ok"] in (None, float(a["rates"]))
+    stop = out["server"]["stop"]
+    assert stop["left_running"] == [] and stop["exit_code"] in (0, -15)
+    assert out["server"]["warmup"]["requests"] == 3
+
+
+def test_metrics_flag_inexact_lengths(bench):
+    m = bench("serving_metrics")
+    good = m.RequestRecord(0, 0, 0, ttft=0.1, e2e=0.8, chunk_times=[0.1, 0.2, 0.8])
+    good.output_tokens, good.finish_reason = 8, "length"
+    short = m.RequestRecord(1, 1, None, ttft=0.1, e2e=0.5, chunk_times=[0.1, 0.5])
+    short.output_tokens, short.finish_reason = 7, "stop"
+    missing = m.RequestRecord(2, 0, 1, ttft=0.1, e2e=0.5, chunk_times=[0.1])
+    failed = m.RequestRecord(3, 0, 1, status=429, error="http_429")
+    for r in (good, short, missing, failed):
+        m.check_output(r, 8)
+    assert [r.error for r in (good, short, missing, failed)] == [
+        None,
+        "wrong_length",
+        "no_usage",
+        "http_429",
+    ]
+    s = m.summarize([good, short, missing, failed], 2.0, slo_ttft_s=0.2, slo_tpot_s=0.05)
+    assert s["errors"] == {"http_429": 1, "no_usage": 1, "wrong_length": 1}
+    assert s["completed"] == 1 and s["output_tokens"] == 8 and s["out_tok_s"] == 4.0
+    assert s["tpot_ms"]["mean"] == pytest.approx(100.0)  # (0.8 - 0.1) / 7
+    assert s["goodput_req_s"] == 0.0  # TPOT 100 ms > 50 ms
+    assert s["itl_ms"]["p50"] == pytest.approx(350.0)  # gaps 0.1 and 0.6 s
+    assert m.dist([1, 2, 3, 4, 5])["p90"] == pytest.approx(4.6)
+    assert all(math.isnan(v) for v in m.dist([]).values())
