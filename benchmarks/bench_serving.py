@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--baseline", action="store_true", help="the offline engine first")
+    p.add_argument("--busy-steps", type=int, default=40, help="offline: GPU-busy window, steps")
+    p.add_argument("--busy-window-at", type=float, default=0.3, help="offline: where it starts")
     server = p.add_mutually_exclusive_group()
     server.add_argument("--serve", action="store_true", help="start loraplex serve (default)")
     server.add_argument("--url", default=None, help="a running server instead")

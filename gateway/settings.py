@@ -24,6 +24,7 @@ class GatewaySettings(StoreSettings):
     max_num_batched_tokens: int = 2048
     max_loras: int = 8
     max_lora_rank: int = 64
+    async_scheduling: bool = True  # launch step n+1 before reading step n's tokens
     kv_cache_bytes: int = 512 * 1024 * 1024
     gpu_memory_utilization: float = 0.9
     # Processes: the engine server the gateway talks to (None: `serve` starts its own), the

@@ -32,6 +32,7 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         max_lora_rank=settings.max_lora_rank,
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        async_scheduling=settings.async_scheduling,
     )
 
 

@@ -22,6 +22,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.lora.weights import module_dims
 from engine.model.presets import PRESETS
+from engine.offline import OfflineEngine
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +57,7 @@ def write_adapter(out: Path, seed: int) -> Path:
     return out
 
 
-def run(engine: LLMEngine, requests: list[Request]) -> dict[str, list]:
+def run(engine: OfflineEngine, requests: list[Request]) -> dict[str, list]:
     """-> request id -> its deltas' logprobs (one TokenLogprob per output token)."""
     for r in requests:
         engine.add_request(r)
@@ -90,9 +91,9 @@ def test_llama3_8b_with_32_distinct_rank16_adapters(tmp_path):
         adapter_load_workers=8,
         gpu_memory_utilization=0.8,
     )
-    engine = LLMEngine.from_model("dummy:llama3-8b", config)
+    engine = OfflineEngine(LLMEngine.from_model("dummy:llama3-8b", config))
     try:
-        assert engine.runner.graphs is not None
+        assert engine.core.runner.graphs is not None
         prompt = torch.randint(3, 128000, (200,), generator=torch.Generator().manual_seed(0))
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
 

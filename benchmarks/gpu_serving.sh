@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue #14 on a CUDA machine, from the repo root, in device-call-sized sections:
+#
+#   SECTIONS="tests throughput" bash benchmarks/gpu_serving.sh
+#   SECTIONS="serving" bash benchmarks/gpu_serving.sh
+#
+# setup (always): the gateway's packages from .whl/ (carried; see docs/benchmarks.md) into
+#   /tmp/site, unless there already;
+# tests: the engine's gpu-marked tests (graphs, async scheduling, the 8B smoke);
+# throughput: the offline engine, async and synchronous steps, 0 and 32 adapters, with the
+#   GPU-busy window;
+# serving: bench_serving.py, the offline baseline then loraplex serve over HTTP: closed loop
+#   of 256 streams, Poisson at 21.6 req/s and a rate sweep.
+# Logs and JSON go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/loraplex-gpu-serving}
+SECTIONS=${SECTIONS:-tests throughput serving}
+RATES=${RATES:-21.6,30,40,50}
+mkdir -p "$OUT"
+if [ ! -f /tmp/site/.done ] && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && touch /tmp/site/.done
+fi
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -c "import gateway.worker, engine.remote_client, loraplex_cli.main" || exit 1
+status=0
+step() {  # step NAME CMD...: run, log, remember failure
+  local name=$1
+  shift
+  echo "=== $name ($(date -u +%T))"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name: exit $rc in $((SECONDS - t0))s"
+  [ $rc -eq 0 ] || status=1
+}
+for s in $SECTIONS; do
+  case $s in
+    tests)
+      step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -x \
+        --confcutdir=tests/engine tests/engine/test_model_runner_gpu.py \
+        tests/engine/test_gpu_llama3_8b.py ;;
+    throughput)
+      step throughput python3 benchmarks/bench_throughput.py --adapters 0,0s,32,32s \
+        --hf-adapters "" --json "$OUT/throughput.json" ;;
+    serving)
+      step serving python3 benchmarks/bench_serving.py --baseline --concurrency 256 \
+        --rates "$RATES" --json "$OUT/serving.json" ;;
+  esac
+done
+exit $status
