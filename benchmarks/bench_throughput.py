@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     ALL_TARGETS,
-    GpuBusy,
+    StepEvents,
     device_info,
     hf_llama_config,
     pick_device,
@@ -179,7 +179,8 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
     picks = zipf_indices(len(refs), n, args.zipf, seed=args.seed) if refs else [None] * n
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     before = engine.stats()
-    busy = GpuBusy(engine.runner.device)
+    busy = StepEvents(engine.runner.device)
+    busy.attach(engine)
     busy_from = int(args.busy_window_at * args.num_requests * args.output_len / args.max_num_seqs)
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(ids, picks, strict=True)):
@@ -221,7 +222,7 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
         "preemptions": st.preemptions - before.preemptions,
         "slot_evictions": st.adapter_evictions - before.adapter_evictions,
         "loads_in_run": st.adapter_loads - before.adapter_loads,
-        "gpu_busy": busy.fraction,  # kernels' union over their span, in the busy window
+        "gpu_busy": busy.fraction,  # the steps' GPU spans over the window (StepEvents)
         "busy_ms_per_step": busy.span_ms / args.busy_steps if args.busy_steps else float("nan"),
         "busy_window_wall_ms_per_step": (
             float("nan") if busy_wall is None else busy_wall * 1000 / args.busy_steps

@@ -269,49 +269,57 @@ def pick_device(smoke: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class GpuBusy:
-    """How busy the GPU is over a window of steps: the union of every kernel's run time
-    (from the profiler's CUDA activity, graph replays included) over the window's span, from
-    the first kernel's start to the last one's end. ``start()`` and ``stop()`` bracket the
-    window; CPU-only runs report nothing."""
+class StepEvents:
+    """How busy the GPU is while an engine steps, from CUDA events (no profiler, so the host
+    runs at its own speed): an event before each step's first launch (the runner's
+    ``execute``) and one after its last (the sampler's launch). The GPU is busy with a step
+    from the first event to the second; the fraction is the sum of those spans over the
+    window, from the first step's start to the last one's end. Install on an engine with
+    :meth:`attach`; ``start()`` and ``stop()`` bracket the window; CPU runs report nothing."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._prof = None
+        self._on = False
+        self._pairs: list[list] = []
         self.fraction = float("nan")
-        self.kernel_ms = float("nan")
+        self.busy_ms = float("nan")
         self.span_ms = float("nan")
 
-    def start(self) -> None:
+    def attach(self, engine) -> None:  # type: ignore[no-untyped-def]
         if self.device.type != "cuda":
             return
-        from torch.profiler import ProfilerActivity, profile
+        runner, sampler = engine.runner, engine.sampler
+        execute, sample = runner.execute, sampler.sample
 
-        torch.cuda.synchronize(self.device)
-        self._prof = profile(activities=[ProfilerActivity.CUDA])
-        self._prof.start()
+        def timed_execute(batch, prev_tokens=None):  # type: ignore[no-untyped-def]
+            if self._on:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                self._pairs.append([ev, None])
+            return execute(batch, prev_tokens)
+
+        def timed_sample(logits, rows):  # type: ignore[no-untyped-def]
+            out = sample(logits, rows)
+            if self._on and self._pairs and self._pairs[-1][1] is None:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                self._pairs[-1][1] = ev
+            return out
+
+        runner.execute, sampler.sample = timed_execute, timed_sample
+
+    def start(self) -> None:
+        self._on = self.device.type == "cuda"
+        self._pairs = []
 
     def stop(self) -> None:
-        if self._prof is None:
+        if not self._on:
             return
+        self._on = False
         torch.cuda.synchronize(self.device)
-        self._prof.stop()
-        spans = sorted(
-            (e.time_range.start, e.time_range.end)
-            for e in self._prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0
-        )
-        self._prof = None
-        if not spans:
+        pairs = [(a, b) for a, b in self._pairs if b is not None]
+        if not pairs:
             return
-        busy, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
-        for s, e in spans[1:]:
-            if s > cur_end:
-                busy += cur_end - cur_start
-                cur_start, cur_end = s, e
-            else:
-                cur_end = max(cur_end, e)
-        busy += cur_end - cur_start
-        span = spans[-1][1] - spans[0][0]
-        self.kernel_ms, self.span_ms = busy / 1000, span / 1000
-        self.fraction = busy / span if span > 0 else float("nan")
+        self.busy_ms = sum(a.elapsed_time(b) for a, b in pairs)
+        self.span_ms = pairs[0][0].elapsed_time(pairs[-1][1])
+        self.fraction = self.busy_ms / self.span_ms if self.span_ms > 0 else float("nan")
