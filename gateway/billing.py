@@ -23,6 +23,7 @@ from admin.daily_export import DailyExporter
 from gateway.budget_sync import run_budget_sync
 from gateway.ledger import Ledger
 from gateway.ledger_writer import LedgerWriter
+from gateway.limiter_broker import BrokerLimiter
 from gateway.limiter_memory import InProcessLimiter
 from gateway.limiter_redis import RedisLimiter
 from gateway.limits import Limiter
@@ -42,11 +43,21 @@ class Billing:
 
 
 def build_limiter(settings: GatewaySettings, metrics: Metrics) -> Limiter:
+    """Redis when configured (shared by every replica); else the limits broker of this
+    worker's supervisor (shared by its workers); else this process's own."""
     if settings.redis_url:
         return RedisLimiter.from_url(
             settings.redis_url,
             metrics,
             lease_s=settings.limits_lease_s,
+            rates_fail_open=settings.limits_rates_fail_open,
+            budgets_fail_open=settings.limits_budgets_fail_open,
+            timeout_s=settings.limits_redis_timeout_s,
+        )
+    if settings.limits_broker_url:
+        return BrokerLimiter(
+            settings.limits_broker_url,
+            metrics,
             rates_fail_open=settings.limits_rates_fail_open,
             budgets_fail_open=settings.limits_budgets_fail_open,
             timeout_s=settings.limits_redis_timeout_s,
