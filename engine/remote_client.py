@@ -81,7 +81,7 @@ class RemoteEngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
-        self._tx: zmq.Socket[bytes] | None = None  # a blocking view of _sock, for NOBLOCK sends
+        self._tx: zmq.Socket[bytes] | None = None  # a blocking view of _sock (_drain)
         self._monitor_sock: zmq.asyncio.Socket | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -123,12 +123,17 @@ class RemoteEngineClient:
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, msg: Any) -> None:
-        if self._tx is None:
+        if self._sock is None:
             raise EngineDead("the engine client is not started")
-        try:
-            self._tx.send(self._enc.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
+        # The asyncio socket's own send, which resolves at once with NOBLOCK: a send through
+        # the blocking shadow (_tx) can consume the edge-triggered wake-up the receive task
+        # waits for, which then never sees the messages already queued (a worker stuck
+        # "connecting" for good).
+        error = self._sock.send(self._enc.encode(msg), zmq.NOBLOCK).exception()
+        if isinstance(error, zmq.Again):
             raise EngineDead("the engine is not reachable") from None
+        if error is not None:
+            raise error
 
     def _send_add(self, request: Request) -> None:
         self._send(Add(request))
