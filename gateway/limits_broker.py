@@ -76,7 +76,7 @@ class LimitsBroker:
         sock.setsockopt(zmq.RCVHWM, 0)
         try:
             sock.bind(self.address)
-            _make_private(self.address)
+            inode = _make_private(self.address)
         except (zmq.ZMQError, OSError) as exc:
             self._error = exc
             sock.close(0)
@@ -89,8 +89,9 @@ class LimitsBroker:
                 if sock.poll(_POLL_MS):
                     self._serve_ready(sock)
         finally:
-            sock.close(0)  # ZeroMQ removes the ipc socket file it made
+            sock.close(0)
             ctx.term()
+            _remove_socket_file(self.address, inode)
 
     def _serve_ready(self, sock: zmq.Socket[bytes]) -> None:
         while True:
@@ -152,8 +153,21 @@ def _refuse_live_socket(address: str) -> None:
     )
 
 
-def _make_private(address: str) -> None:
-    """Only this user may connect: the broker trusts whoever does."""
+def _make_private(address: str) -> int | None:
+    """Only this user may connect: the broker trusts whoever does. Returns the socket
+    file's inode (None: not an ipc address)."""
     path = _ipc_path(address)
-    if path is not None:
-        os.chmod(path, 0o600)
+    if path is None:
+        return None
+    os.chmod(path, 0o600)
+    return os.stat(path).st_ino
+
+
+def _remove_socket_file(address: str, inode: int | None) -> None:
+    """ZeroMQ leaves the ipc socket file behind; remove it unless it is no longer ours."""
+    path = _ipc_path(address)
+    if path is None or inode is None:
+        return
+    with suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
