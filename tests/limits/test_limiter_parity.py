@@ -14,7 +14,6 @@ from gateway.limiter_broker import BrokerLimiter
 from gateway.limiter_memory import InProcessLimiter
 from gateway.limiter_redis import RedisLimiter
 from gateway.limits import Admission
-from gateway.limits_broker import LimitsBroker
 from tenancy.errors import RateLimited
 
 STABLE_HEADERS = (
