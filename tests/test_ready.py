@@ -27,7 +27,7 @@ async def test_control_plane_only_is_not_ready(sqlite_url: str, tmp_path: Path) 
     )
     status, checks = await ready(settings)
     assert status == 503
-    assert checks == {"database": "ok", "object_store": "ok", "engine": "not ready"}
+    assert checks == {"database": "ok", "object_store": "ok", "engine": "not configured"}
 
 
 async def test_s3_object_store(pg_url: str, s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
