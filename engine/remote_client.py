@@ -126,9 +126,11 @@ class RemoteEngineClient:
         back can swallow the edge that would wake the receive task (pyzmq #1203)."""
         if self._sock is None:
             raise EngineDead("the engine client is not started")
-        fut = self._sock.send(self._enc.encode(msg), zmq.NOBLOCK)
-        if fut.done() and isinstance(fut.exception(), zmq.Again):
+        error = self._sock.send(self._enc.encode(msg), zmq.NOBLOCK).exception()
+        if isinstance(error, zmq.Again):
             raise EngineDead("the engine is not reachable") from None
+        if error is not None:
+            raise error
 
     def _send_add(self, request: Request) -> None:
         self._send(Add(request))

@@ -1,5 +1,7 @@
 """Builds the metering side of the app in its lifespan: metrics registry, limiter, ledger
-(outbox + writer task) and the daily usage export task. Nothing here exists at import."""
+(the outbox every worker appends to) and the background jobs (ledger writer, budget sync,
+daily usage export), which one process per data dir runs: the holder of its leader lock
+(``gateway.leader``). Nothing here exists at import."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,12 +19,10 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.service import s3_options
-from adapters.storage import open_store
-from admin.daily_export import DailyExporter
-from gateway.budget_sync import run_budget_sync
+from gateway.background import BackgroundJobs
+from gateway.leader import LeaderLock, lead_when_possible
 from gateway.ledger import Ledger
-from gateway.ledger_writer import LedgerWriter
+from gateway.limiter_broker import BrokerLimiter
 from gateway.limiter_memory import InProcessLimiter
 from gateway.limiter_redis import RedisLimiter
 from gateway.limits import Limiter
@@ -39,15 +38,24 @@ class Billing:
     metrics: Metrics
     limiter: Limiter
     ledger: Ledger
-    writer: LedgerWriter
 
 
 def build_limiter(settings: GatewaySettings, metrics: Metrics) -> Limiter:
+    """Redis when configured (shared by every replica); else the limits broker of this
+    worker's supervisor (shared by its workers); else this process's own."""
     if settings.redis_url:
         return RedisLimiter.from_url(
             settings.redis_url,
             metrics,
             lease_s=settings.limits_lease_s,
+            rates_fail_open=settings.limits_rates_fail_open,
+            budgets_fail_open=settings.limits_budgets_fail_open,
+            timeout_s=settings.limits_redis_timeout_s,
+        )
+    if settings.limits_broker_url:
+        return BrokerLimiter(
+            settings.limits_broker_url,
+            metrics,
             rates_fail_open=settings.limits_rates_fail_open,
             budgets_fail_open=settings.limits_budgets_fail_open,
             timeout_s=settings.limits_redis_timeout_s,
@@ -74,74 +82,38 @@ async def open_billing(
     registry: CollectorRegistry,
     engine: Callable[[], Any],
 ) -> AsyncIterator[Billing]:
-    """Yields the running parts; on exit flushes the outbox and drains what it can."""
+    """Yields the running parts; on exit flushes the outbox and, in the process that runs
+    the background jobs (or can take them over now), drains what it can."""
     metrics = Metrics(
         registry, tenant_labels=settings.metrics_tenant_labels, engine_stats=engine_stats_of(engine)
     )
     outbox_path = outbox_path_for(settings)
     ledger = Ledger(Outbox(outbox_path), metrics)
     ledger.start()
-    drain_outbox = Outbox(outbox_path)
-    writer = LedgerWriter(
-        drain_outbox,
-        sessions,
-        metrics,
-        batch_size=settings.ledger_batch_size,
-        wake=ledger.appended,
-    )
     limiter = build_limiter(settings, metrics)
+    jobs = BackgroundJobs(settings, sessions, metrics, limiter, outbox_path, wake=ledger.appended)
+    lock = LeaderLock(leader_lock_path(outbox_path))
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(writer.run(stop), name="ledger-writer")]
-    if settings.limits_budget_sync_s > 0:
-        sync = run_budget_sync(sessions, limiter, stop, interval_s=settings.limits_budget_sync_s)
-        tasks.append(asyncio.create_task(sync, name="budget-sync"))
-    exporter = _exporter(settings, sessions, metrics, drain_outbox)
-    if exporter is not None:
-        tasks.append(asyncio.create_task(exporter.run(stop), name="usage-export"))
+    leading = asyncio.create_task(
+        lead_when_possible(lock, jobs.run, stop, on_lead=lambda: metrics.leader.set(1)),
+        name="background-jobs",
+    )
     try:
-        yield Billing(metrics, limiter, ledger, writer)
+        yield Billing(metrics, limiter, ledger)
     finally:
         await ledger.aclose()  # everything recorded is now in the outbox
         stop.set()
-        for task in tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.drain_once(), 5)  # best effort; the rest waits on disk
-        writer.close()
-        drain_outbox.close()  # the ledger's stays open: a request ending late still records
+            await asyncio.wait_for(leading, 10)
+        with contextlib.suppress(OSError):
+            if lock.try_acquire():  # the leader, or a worker outliving it
+                await jobs.drain_at_exit()
+        jobs.close()  # the ledger's outbox stays open: a request ending late still records
+        lock.release()
+        metrics.leader.set(0)
         await limiter.aclose()
 
 
-def _exporter(
-    settings: GatewaySettings,
-    sessions: async_sessionmaker[AsyncSession],
-    metrics: Metrics,
-    outbox: Outbox,
-) -> DailyExporter | None:
-    url = settings.usage_export_url or settings.resolved_object_store_url()
-    enabled = settings.usage_export_enabled
-    if enabled is None:
-        enabled = settings.usage_export_url is not None or url.startswith("s3://")
-    if not enabled:
-        return None
-    try:
-        store = open_store(url, endpoint_url=settings.s3_endpoint_url, s3=s3_options(settings))
-    except Exception:
-        log.exception("usage export disabled: cannot open %s", url)
-        return None
-    return DailyExporter(
-        sessions,
-        store,
-        after_hour_utc=settings.usage_export_after_hour_utc,
-        record=lambda outcome: metrics.usage_exports.labels(outcome).inc(),
-        ledger_behind=lambda: _behind(outbox),
-    )
-
-
-async def _behind(outbox: Outbox, lag_s: float = 60.0) -> bool:
-    """This replica's writer is behind (the database was away): an export now could miss
-    rows of the day, so the exporter waits."""
-    stats = await asyncio.to_thread(outbox.stats)
-    oldest = stats.oldest_enqueued_at
-    return oldest is not None and time.time() - oldest > lag_s
+def leader_lock_path(outbox_path: Path) -> Path:
+    """One leader per outbox (a data dir holds one outbox per ledger database)."""
+    return outbox_path.with_name(outbox_path.name + ".leader")

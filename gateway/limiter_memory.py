@@ -3,6 +3,10 @@
 Every check runs without an ``await`` between reading and writing the counters, so it is
 atomic on the event loop; a lock also covers callers from other threads. The algorithm
 is the one in ``limiter_redis.ADMIT_LUA``, step for step; the same tests run on both.
+
+The synchronous core (``decide``, ``settle_now``, ``raise_months``) is also what the
+limits broker (``gateway.limits_broker``) serves to the gateway workers of one supervisor;
+``decide`` counts no metrics, so each worker counts its own rejections.
 """
 
 from __future__ import annotations
@@ -97,20 +101,34 @@ class InProcessLimiter:
     async def admit(
         self, principal: Principal, reserve_tokens: int, *, prompt_tokens: int | None = None
     ) -> Admission:
-        scopes = scopes_for(principal)
-        spend = reserve_spend(principal, reserve_tokens, prompt_tokens)
-        wall = self._wall()
-        with self._lock:
-            verdict, rid = self._check(scopes, reserve_tokens, spend, wall)
-        if not verdict.admitted:
+        verdict, admission = self.decide(principal, reserve_tokens, prompt_tokens)
+        if admission is None:
             for v in verdict.violations:
                 self._metrics.limit_rejected(v.kind.value, v.scope, principal.tenant_name)
             raise rejection(verdict, reserve_tokens)
-        return Admission(rid, scopes, reserve_tokens, spend, ratelimit_headers(verdict))
+        return admission
+
+    def decide(
+        self,
+        principal: Principal,
+        reserve_tokens: int,
+        prompt_tokens: int | None = None,
+        admission_id: str | None = None,
+    ) -> tuple[Verdict, Admission | None]:
+        """One atomic check: the verdict, and the admission when granted (no metrics)."""
+        scopes = scopes_for(principal)
+        spend = reserve_spend(principal, reserve_tokens, prompt_tokens)
+        rid = admission_id or new_admission_id()
+        wall = self._wall()
+        with self._lock:
+            verdict = self._check(scopes, reserve_tokens, spend, wall, rid)
+        if not verdict.admitted:
+            return verdict, None
+        return verdict, Admission(rid, scopes, reserve_tokens, spend, ratelimit_headers(verdict))
 
     def _check(
-        self, scopes: tuple[Scope, ...], reserve: int, spend: int, wall: datetime
-    ) -> tuple[Verdict, str]:
+        self, scopes: tuple[Scope, ...], reserve: int, spend: int, wall: datetime, rid: str
+    ) -> Verdict:
         now = self._clock_ms()
         month, month_ms = month_key(wall), ms_to_next_month(wall)
         violations: list[Violation] = []
@@ -142,7 +160,6 @@ class InProcessLimiter:
             budget = lim.monthly_spend_budget_micros
             if budget is not None and used_month[1] + st.reserved_spend + spend > budget:
                 violations.append(Violation(scope.name, LimitKind.SPEND_BUDGET, budget, month_ms))
-        rid = new_admission_id()
         if not violations:
             for scope in scopes:
                 st, lim = self._state(scope), scope.limits
@@ -152,7 +169,7 @@ class InProcessLimiter:
                 st.inflight[rid] = (now + self._lease_ms, reserve, spend)
                 st.reserved_tokens += reserve
                 st.reserved_spend += spend
-        return Verdict(not violations, *self._windows(scopes, now), tuple(violations)), rid
+        return Verdict(not violations, *self._windows(scopes, now), tuple(violations))
 
     def _windows(
         self, scopes: tuple[Scope, ...], now: int
@@ -175,6 +192,10 @@ class InProcessLimiter:
         if admission.settled:
             return
         admission.settled = True
+        self.settle_now(admission, used_tokens, cost_micros)
+
+    def settle_now(self, admission: Admission, used_tokens: int, cost_micros: int | None) -> None:
+        """``settle`` without the once-only guard (the caller keeps it)."""
         spend = settled_spend(admission, used_tokens, cost_micros)
         month = month_key(self._wall())
         with self._lock:
@@ -190,6 +211,9 @@ class InProcessLimiter:
                 counters[1] += spend
 
     async def sync_month(self, usage: list[MonthUsage]) -> None:
+        self.raise_months(usage)
+
+    def raise_months(self, usage: list[MonthUsage]) -> None:
         with self._lock:
             for u in usage:
                 counters = self._states.setdefault(u.redis_base, _ScopeState()).months

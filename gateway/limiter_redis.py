@@ -1,24 +1,22 @@
 """``RedisLimiter``: one Lua script per check, so limits hold across gateway replicas.
 
-When Redis cannot be reached the configured policy decides: by default request rates
-fail open (the request goes through unchecked) and budgets fail closed (503), since a
-burst is cheaper than an unbounded bill. Either way the outcome is counted in
-``loraplex_limiter_unavailable_total``. After ``TRIP_AFTER`` consecutive failures the
-limiter does not try Redis again for ``retry_s``, so an outage does not add a timeout to
-every request (while one slow call, say on a busy event loop, does not stop the checks).
+When Redis cannot be reached the configured policy decides (``gateway.limit_store``): by
+default request rates fail open and budgets fail closed (503), counted in
+``loraplex_limiter_unavailable_total``; after a few consecutive failures Redis is not tried
+again for ``retry_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from datetime import UTC, datetime
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from gateway.limit_scripts import ADMIT_LUA, SETTLE_LUA, SYNC_MONTH_LUA
+from gateway.limit_store import Breaker, OutagePolicy
 from gateway.limits import (
     KIND_CODES,
     Admission,
@@ -37,13 +35,11 @@ from gateway.limits import (
     settled_spend,
 )
 from gateway.metrics import Metrics
-from tenancy.errors import Unavailable
 from tenancy.principal import Principal
 
 log = logging.getLogger("loraplex.limits")
 
 MONTH_TTL_MS = 40 * 24 * 3600 * 1000
-TRIP_AFTER = 3  # consecutive store failures before the limiter stops trying for retry_s
 STORE_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
 
 
@@ -103,13 +99,10 @@ class RedisLimiter:
         self._redis = redis
         self._metrics = metrics
         self._lease_ms = int(lease_s * 1000)
-        self._rates_fail_open = rates_fail_open
-        self._budgets_fail_open = budgets_fail_open
+        self._policy = OutagePolicy(rates_fail_open, budgets_fail_open)
         self._timeout_s = timeout_s
-        self._retry_s = retry_s
+        self._breaker = Breaker("limit store (Redis)", retry_s=retry_s)
         self._owns_client = owns_client
-        self._down_until = 0.0
-        self._failures = 0
         self._admit = redis.register_script(ADMIT_LUA)
         self._settle = redis.register_script(SETTLE_LUA)
         self._sync = redis.register_script(SYNC_MONTH_LUA)
@@ -121,23 +114,14 @@ class RedisLimiter:
         return cls(client, metrics, **kwargs)  # type: ignore[arg-type]
 
     async def _call(self, script: object, keys: list[str], args: list[int | str]) -> list[int]:
-        if time.monotonic() < self._down_until:
-            raise ConnectionError("limit store marked down after repeated failures")
+        self._breaker.check()
         try:
             async with asyncio.timeout(self._timeout_s * 2):
                 reply = await script(keys=keys, args=args)  # type: ignore[operator]
         except STORE_ERRORS as exc:
-            # One slow call (a busy event loop) is not an outage: only consecutive failures
-            # mark the store down, and that is logged once per retry period.
-            self._failures += 1
-            if self._failures >= TRIP_AFTER:
-                log.warning(
-                    "limit store unreachable (%s); policies apply for %.1fs", exc, self._retry_s
-                )
-                self._down_until = time.monotonic() + self._retry_s
-                self._failures = 0
+            self._breaker.failed(exc)
             raise
-        self._failures = 0
+        self._breaker.succeeded()
         return reply  # type: ignore[no-any-return]
 
     async def admit(
@@ -160,33 +144,13 @@ class RedisLimiter:
         try:
             reply = await self._call(self._admit, _keys(scopes, month_key(now)), args)
         except STORE_ERRORS:
-            return self._unavailable(scopes, rid, reserve_tokens, spend)
+            return self._policy.degraded(self._metrics, scopes, rid, reserve_tokens, spend)
         verdict = _verdict(reply, scopes)
         if not verdict.admitted:
             for v in verdict.violations:
                 self._metrics.limit_rejected(v.kind.value, v.scope, principal.tenant_name)
             raise rejection(verdict, reserve_tokens)
         return Admission(rid, scopes, reserve_tokens, spend, ratelimit_headers(verdict))
-
-    def _unavailable(
-        self, scopes: tuple[Scope, ...], rid: str, reserve: int, spend: int
-    ) -> Admission:
-        """The store is unreachable: each applicable check's policy decides."""
-        budgets = any(s.limits.has_budgets for s in scopes)
-        rates = any(s.limits.has_rates for s in scopes)
-        for check, applies, fail_open in (
-            ("budget", budgets, self._budgets_fail_open),
-            ("rate", rates, self._rates_fail_open),
-        ):
-            if not applies:
-                continue
-            if not fail_open:
-                self._metrics.limiter_unavailable.labels(check, "rejected").inc()
-                raise Unavailable(
-                    f"usage limits cannot be checked right now ({check}); retry shortly"
-                )
-            self._metrics.limiter_unavailable.labels(check, "admitted").inc()
-        return Admission(rid, scopes, reserve, spend, degraded=True)
 
     async def settle(
         self, admission: Admission, used_tokens: int, *, cost_micros: int | None = None

@@ -171,6 +171,12 @@ class Metrics:
             "Failed attempts to commit outbox records to the database",
             registry=registry,
         )
+        self.leader = Gauge(
+            "loraplex_background_jobs_leader",
+            "1 in the one process of a data dir that runs the ledger writer, budget sync "
+            "and usage export (gateway.leader)",
+            registry=registry,
+        )
         self.usage_exports = Counter(
             "loraplex_usage_exports",
             "Daily usage exports, by outcome",

@@ -50,12 +50,15 @@ class GatewaySettings(StoreSettings):
     breaker_failure_threshold: int = Field(default=3, ge=1)
     breaker_open_s: PositiveFloat = 2.0
     migrate_on_start: bool = True
-    # Limits (gateway.limits): Redis when LORAPLEX_REDIS_URL is set, else in-process.
-    # Redis unreachable: request rates fail open, budgets fail closed (503), by default.
+    # Limits (gateway.limits): Redis when LORAPLEX_REDIS_URL is set; else the limits broker
+    # of this process's supervisor when it set LORAPLEX_LIMITS_BROKER_URL (several gateway
+    # workers, internal); else in-process. The store (Redis or the broker) unreachable:
+    # request rates fail open, budgets fail closed (503), by default.
     limits_rates_fail_open: bool = True
     limits_budgets_fail_open: bool = False
     limits_lease_s: float = 600.0  # a concurrency slot not settled by then frees itself
-    limits_redis_timeout_s: float = 1.0  # generous: a busy event loop is not an outage
+    limits_redis_timeout_s: float = 1.0  # also the broker's; a busy event loop is no outage
+    limits_broker_url: str | None = None  # internal: set by `serve`/`gateway` for workers
     # Budget counters raised to the ledger's month totals this often (0: never).
     limits_budget_sync_s: float = 300.0
     # Metering (gateway.ledger): the durable outbox, drained into the database.

@@ -94,6 +94,7 @@ def serve(settings: GatewaySettings) -> None:
         child_env,
         default_workers,
         engine_address,
+        limits_broker,
         run_gateways,
     )
 
@@ -114,9 +115,12 @@ def serve(settings: GatewaySettings) -> None:
         names = {"model": model, "served_model_name": settings.base_model_name()}
         engine = EngineProcess(child_env(settings, **names), address)
         engine.start()
-    env = child_env(settings, engine_url=address, migrate_on_start=False)
     try:
-        run_gateways(settings, env, workers)
+        with limits_broker(settings, workers) as broker:
+            env = child_env(
+                settings, engine_url=address, migrate_on_start=False, limits_broker_url=broker
+            )
+            run_gateways(settings, env, workers)
     finally:
         if engine is not None:
             engine.stop()
@@ -124,7 +128,7 @@ def serve(settings: GatewaySettings) -> None:
 
 def serve_gateway(settings: GatewaySettings) -> None:
     """Gateway workers only, in front of the engine at LORAPLEX_ENGINE_URL."""
-    from loraplex_cli.supervisor import child_env, default_workers, run_gateways
+    from loraplex_cli.supervisor import child_env, default_workers, limits_broker, run_gateways
 
     if not settings.engine_url:
         fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
@@ -133,8 +137,10 @@ def serve_gateway(settings: GatewaySettings) -> None:
     banner = run_bootstrap(settings).banner()
     if banner:
         print(banner, flush=True)
-    env = child_env(settings, migrate_on_start=False)
-    run_gateways(settings, env, settings.workers or default_workers())
+    workers = settings.workers or default_workers()
+    with limits_broker(settings, workers) as broker:
+        env = child_env(settings, migrate_on_start=False, limits_broker_url=broker)
+        run_gateways(settings, env, workers)
 
 
 def serve_engine(settings: GatewaySettings, listen: str, parent_pid: int | None = None) -> int:

@@ -3,6 +3,8 @@
 ``serve``: an engine server process (``loraplex engine``, restarted with a backoff if it
 dies) and N gateway worker processes (uvicorn's, restarted by uvicorn), all from this
 supervisor. Settings reach the children through ``LORAPLEX_*`` environment variables.
+Without Redis and with several workers, this process also hosts the limits broker (a
+thread), so the workers share one set of limit counters that outlives their restarts.
 Ctrl-C or SIGTERM stops the workers (graceful), then the engine; a supervisor that is
 killed outright leaves nothing behind: workers get SIGTERM from the kernel
 (``PR_SET_PDEATHSIG``) and the engine stops when its parent is gone.
@@ -19,10 +21,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gateway.settings import GatewaySettings
+from loraplex_cli.errors import fail
 
 log = logging.getLogger("loraplex.serve")
 _MAX_IPC_PATH = 100  # a Unix socket path must fit sun_path (108 bytes)
@@ -37,11 +42,42 @@ def default_workers() -> int:
 def engine_address(settings: GatewaySettings) -> str:
     """Where ``serve``'s engine listens: a Unix socket in the data dir (or /tmp if that
     path is too long), one per port so that two servers never share one."""
-    path = (settings.data_dir / f"engine-{settings.port}.sock").resolve()
+    return _ipc_address(settings, "engine")
+
+
+def limits_broker_address(settings: GatewaySettings) -> str:
+    """Where the limits broker listens (as ``engine_address``)."""
+    return _ipc_address(settings, "limits")
+
+
+def _ipc_address(settings: GatewaySettings, name: str) -> str:
+    path = (settings.data_dir / f"{name}-{settings.port}.sock").resolve()
     if len(str(path)) > _MAX_IPC_PATH:
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-        path = Path("/tmp") / f"loraplex-engine-{digest}.sock"
+        path = Path("/tmp") / f"loraplex-{name}-{digest}.sock"
     return f"ipc://{path}"
+
+
+@contextmanager
+def limits_broker(settings: GatewaySettings, workers: int) -> Iterator[str | None]:
+    """Several workers without Redis: ONE in-process limiter for all of them, in this
+    process (``gateway.limits_broker``); yields its address for the workers'
+    ``LORAPLEX_LIMITS_BROKER_URL`` (None: the workers need none)."""
+    if settings.redis_url or workers <= 1 or settings.limits_broker_url:
+        yield settings.limits_broker_url
+        return
+    from gateway.limits_broker import BrokerStartError, LimitsBroker
+
+    broker = LimitsBroker(limits_broker_address(settings), lease_s=settings.limits_lease_s)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        broker.start()
+    except (OSError, BrokerStartError) as exc:
+        fail("LORAPLEX_DATA_DIR", f"cannot start the limits broker: {exc}")
+    try:
+        yield broker.address
+    finally:
+        broker.stop()
 
 
 def child_env(settings: GatewaySettings, **extra: Any) -> dict[str, str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -35,3 +38,10 @@ def principal(
         prompt_price_micros=prompt_price,
         completion_price_micros=completion_price,
     )
+
+
+@contextmanager
+def broker_address() -> Iterator[str]:
+    """An ipc:// address in a short temporary directory (a socket path must fit 108 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="lpx-") as tmp:
+        yield f"ipc://{tmp}/limits.sock"

@@ -1,5 +1,6 @@
-"""Limiter semantics, run against both implementations (Redis: two limiters on separate
-connections sharing one Redis, as two gateway replicas would)."""
+"""Limiter semantics, run against every implementation (Redis: two limiters on separate
+connections sharing one Redis, as two gateway replicas would; the broker: two clients of
+one limits broker, as two gateway workers of one supervisor would)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from gateway.limits import Admission, Limiter
 from tenancy.errors import QuotaExceeded, RateLimited
 from tenancy.principal import Principal
 
-KINDS = ["redis", "memory"]
+KINDS = ["redis", "memory", "broker"]
 
 
 def replicas(make_limiter: Callable[..., Limiter], kind: str, **options: object) -> list[Limiter]:
-    if kind == "redis":
+    if kind in ("redis", "broker"):
         return [make_limiter(kind, **options), make_limiter(kind, **options)]
     return [make_limiter(kind, **options)]
 

@@ -1,5 +1,6 @@
-"""The Lua script and the in-process limiter decide alike: one random sequence of admits
-and settles (well inside a minute, so no window expires), run on both, step by step."""
+"""The Lua script, the in-process limiter and the limits broker (through two worker
+clients) decide alike: one random sequence of admits and settles (well inside a minute,
+so no window expires), run on all three, step by step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 import pytest
 from limits_helpers import new_metrics, principal
 
+from gateway.limiter_broker import BrokerLimiter
 from gateway.limiter_memory import InProcessLimiter
 from gateway.limiter_redis import RedisLimiter
 from gateway.limits import Admission
@@ -40,7 +42,7 @@ PROFILES = {
 
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-async def test_redis_and_in_process_decide_alike(redis_url, seed, profile):
+async def test_redis_in_process_and_broker_decide_alike(redis_url, limits_broker, seed, profile):
     rng = random.Random(seed)
     rpm, tpm, budget, spend, key_rpm, key_tpm = PROFILES[profile]
     tid, keys = uuid.uuid4(), [uuid.uuid4(), uuid.uuid4()]
@@ -59,27 +61,32 @@ async def test_redis_and_in_process_decide_alike(redis_url, seed, profile):
     ]  # fmt: skip
     redis = RedisLimiter.from_url(redis_url, new_metrics())
     memory = InProcessLimiter(new_metrics())
-    open_: list[tuple[Admission, Admission]] = []
+    workers = [BrokerLimiter(limits_broker.address, new_metrics()) for _ in range(2)]
+    open_: list[tuple[Admission, Admission, Admission]] = []
     try:
         for step in range(250):
             if open_ and rng.random() < 0.4:
-                a_redis, a_memory = open_.pop(rng.randrange(len(open_)))
+                a_redis, a_memory, a_broker = open_.pop(rng.randrange(len(open_)))
                 used = rng.randint(0, a_redis.reserved_tokens)
                 cost = rng.randint(0, a_redis.reserved_spend_micros)
                 await redis.settle(a_redis, used, cost_micros=cost)
                 await memory.settle(a_memory, used, cost_micros=cost)
+                await workers[step % 2].settle(a_broker, used, cost_micros=cost)
                 continue
             p = who[rng.randrange(2)]
             reserve = rng.randint(1, 120)
             prompt = rng.choice([None, rng.randint(0, reserve)])
             results = []
-            for lim in (redis, memory):
+            for lim in (redis, memory, workers[step % 2]):
                 try:
                     results.append(await lim.admit(p, reserve, prompt_tokens=prompt))
                 except RateLimited as exc:
                     results.append(exc)
-            assert outcome(results[0]) == outcome(results[1]), f"step {step}"
+            assert outcome(results[0]) == outcome(results[1]) == outcome(results[2]), f"step {step}"
+            assert not any(isinstance(r, Admission) and r.degraded for r in results)
             if isinstance(results[0], Admission):
-                open_.append((results[0], results[1]))  # type: ignore[arg-type]
+                open_.append(tuple(results))  # type: ignore[arg-type]
     finally:
         await redis.aclose()
+        for w in workers:
+            await w.aclose()

@@ -130,9 +130,9 @@ async def test_redis_down_then_back(make_limiter, limits_redis_url):
     metrics = new_metrics()
     lim = RedisLimiter.from_url(limits_redis_url, metrics, timeout_s=0.2, retry_s=0.2)
     try:
-        lim._down_until = float("inf")  # as if the last call had failed
+        lim._breaker.down_until = float("inf")  # as if the last call had failed
         assert (await lim.admit(principal({"requests_per_minute": 1}), 1)).degraded
-        lim._down_until = 0.0
+        lim._breaker.down_until = 0.0
         who = principal({"requests_per_minute": 1})
         assert not (await lim.admit(who, 1)).degraded
         with pytest.raises(RateLimited):
@@ -163,8 +163,8 @@ async def test_only_consecutive_failures_mark_the_store_down():
     try:
         for _ in range(2):
             await lim.admit(principal({"requests_per_minute": 5}), 1)
-        assert lim._down_until == 0.0  # a slow or failed call or two: keep trying
+        assert lim._breaker.down_until == 0.0  # a slow or failed call or two: keep trying
         await lim.admit(principal({"requests_per_minute": 5}), 1)
-        assert lim._down_until > 0.0
+        assert lim._breaker.down_until > 0.0
     finally:
         await lim.aclose()
