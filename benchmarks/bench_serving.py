@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import adapter_refs
 from common import write_json, zipf_indices
-from serving_client import Planned, chat_body, completion_body, make_client
+from serving_client import ClientPool, Planned, chat_body, completion_body, make_client
 from serving_offline import WARM_SALT, prompt_set
 from serving_report import offline_row, report, run_row
 from serving_runs import Runner
@@ -88,13 +88,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="dummy:tiny on the CPU, tiny counts")
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) // 4)),
+        help="client processes sending the timed runs (0: this process's event loop)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.num_requests, args.prompt_len, args.output_len = "dummy:tiny", 12, 16, 8
         args.adapters, args.tenants, args.weight_files, args.concurrency = 2, 2, 2, 4
         args.rates, args.baseline, args.workers, args.max_num_seqs = "6", True, 1, 8
         args.max_num_batched_tokens, args.max_loras, args.metrics_interval = 128, 2, 0.5
-        args.kv_cache_bytes, args.startup_timeout = 64 * 2**20, 120.0
+        args.kv_cache_bytes, args.startup_timeout, args.client_procs = 64 * 2**20, 120.0, 2
         if not os.environ.get("LORAPLEX_BENCH_SMOKE_CUDA"):
             args.device = "cpu"
     if not args.model.startswith("dummy:"):
@@ -174,21 +180,32 @@ def warm_plan(args, tenancy, vocab: int) -> list[Planned]:
     return plan_requests(args, tenancy, ids, [None, *range(args.adapters)], 4)
 
 
-async def http_runs(args, url: str, tenancy, vocab: int, result: dict) -> None:
-    async with make_client(args.request_timeout) as client:
-        runner = Runner(client, url, args)
-        result["server"]["warmup"] = await runner.warm_up(warm_plan(args, tenancy, vocab))
-        print(f"warm-up: {result['server']['warmup']}", flush=True)
-        if args.concurrency > 0:
-            print(f"closed loop, {args.concurrency} streams", flush=True)
-            plan = timed_plan(args, tenancy, vocab, 0)
-            result["runs"].append(await runner.closed(plan, args.concurrency))
-            write_json(args.json, result)
-        for k, rate in enumerate(args.rate_list):
-            plan = timed_plan(args, tenancy, vocab, 1000 * (k + 1))
-            print(f"Poisson arrivals, {rate:g} req/s", flush=True)
-            result["runs"].append(await runner.poisson(plan, rate, args.seed + k))
-            write_json(args.json, result)
+async def http_runs(
+    args, url: str, tenancy, vocab: int, result: dict, server_pid: int | None = None
+) -> None:
+    pool = ClientPool(args.client_procs) if args.client_procs > 0 else None
+    try:
+        async with make_client(args.request_timeout) as client:
+            runner = Runner(client, url, args, pool, server_pid)
+            await _runs(args, runner, tenancy, vocab, result)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+async def _runs(args, runner: Runner, tenancy, vocab: int, result: dict) -> None:  # type: ignore[no-untyped-def]
+    result["server"]["warmup"] = await runner.warm_up(warm_plan(args, tenancy, vocab))
+    print(f"warm-up: {result['server']['warmup']}", flush=True)
+    if args.concurrency > 0:
+        print(f"closed loop, {args.concurrency} streams", flush=True)
+        plan = timed_plan(args, tenancy, vocab, 0)
+        result["runs"].append(await runner.closed(plan, args.concurrency))
+        write_json(args.json, result)
+    for k, rate in enumerate(args.rate_list):
+        plan = timed_plan(args, tenancy, vocab, 1000 * (k + 1))
+        print(f"Poisson arrivals, {rate:g} req/s", flush=True)
+        result["runs"].append(await runner.poisson(plan, rate, args.seed + k))
+        write_json(args.json, result)
 
 
 def server_session(args, refs, work: Path, vocab: int, result: dict) -> None:
@@ -219,7 +236,8 @@ def server_session(args, refs, work: Path, vocab: int, result: dict) -> None:
             f"({tenancy.upload_bytes / 2**20:.0f} MiB) in {tenancy.upload_s:.1f}s",
             flush=True,
         )
-        asyncio.run(http_runs(args, url, tenancy, vocab, result))
+        pid = None if serve is None else serve.proc.pid
+        asyncio.run(http_runs(args, url, tenancy, vocab, result, pid))
     finally:
         if serve is not None:
             result["server"]["stop"] = serve.stop()

@@ -47,7 +47,8 @@ for s in $SECTIONS; do
         --hf-adapters "" --json "$OUT/throughput.json" ;;
     serving)
       step serving python3 benchmarks/bench_serving.py --baseline --concurrency 256 \
-        --rates "$RATES" --json "$OUT/serving.json" ;;
+        --rates "$RATES" --workers "${WORKERS:-6}" --client-procs "${CLIENT_PROCS:-4}" \
+        --json "$OUT/serving.json" ;;
   esac
 done
 exit $status

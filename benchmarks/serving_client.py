@@ -166,3 +166,86 @@ def _done(records: list[RequestRecord | None], t_run: float):
     if len(got) != len(records) or not got:
         raise RuntimeError("a planned request was never sent")
     return got, end - min(r.start for r in got)
+
+
+# ---- sending from several processes -----------------------------------------------------
+# One Python process parsing every stream's events saturates a core long before the server
+# does (256 streams at ~70 tokens/s each is ~18,000 events/s): the client would measure itself.
+# Each run is split over client processes; perf_counter is CLOCK_MONOTONIC on Linux, shared
+# by every process, so all records count from one start.
+
+
+def _proc_run(url: str, timeout_s: float, jobs: list[tuple[Planned, float]], streams: int,
+              t_run: float) -> tuple[list[RequestRecord], float]:  # fmt: skip
+    """In a client process: ``jobs`` as (request, send offset) pairs; ``streams`` > 0 sends
+    them in a closed loop of that many streams (offsets unused). -> (records, CPU seconds)."""
+    cpu0 = time.process_time()
+
+    async def main() -> list[RequestRecord]:
+        async with make_client(timeout_s) as client:
+            out: list[RequestRecord] = []
+
+            async def one(p: Planned, at: float) -> None:
+                delay = t_run + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                out.append(await send(client, url, p, t_run))
+
+            if streams > 0:
+                todo = iter(jobs)
+
+                async def stream() -> None:
+                    for p, _ in todo:
+                        await one(p, 0.0)
+
+                await asyncio.gather(*(stream() for _ in range(min(streams, len(jobs)))))
+            else:
+                await asyncio.gather(*(one(p, at) for p, at in jobs))
+            return out
+
+    records = asyncio.run(main())
+    return records, time.process_time() - cpu0
+
+
+class ClientPool:
+    """``procs`` client processes, started once and reused by every run."""
+
+    def __init__(self, procs: int) -> None:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        self.procs = max(1, procs)
+        self._pool = cf.ProcessPoolExecutor(self.procs, mp_context=mp.get_context("spawn"))
+        list(self._pool.map(time.sleep, [0.0] * self.procs))  # start them now
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def run(self, url: str, timeout_s: float, plan: list[Planned], *,
+                  concurrency: int = 0, rate: float = 0.0, seed: int = 0):  # fmt: skip
+        """A closed loop of ``concurrency`` streams, or Poisson arrivals at ``rate``. ->
+        (records in plan order, seconds from the first send to the last end, client CPU
+        seconds over all processes)."""
+        n = self.procs
+        if concurrency > 0:
+            n = min(n, concurrency)
+            offsets = [0.0] * len(plan)
+        else:
+            gen, at, offsets = random.Random(seed), 0.0, []
+            for _ in plan:
+                offsets.append(at)
+                at += gen.expovariate(rate)
+        shares = [[(p, offsets[i]) for i, p in enumerate(plan) if i % n == k] for k in range(n)]
+        streams = [concurrency // n + (1 if k < concurrency % n else 0) for k in range(n)]
+        t_run = time.perf_counter() + 0.2  # every process's clock starts here
+        loop = asyncio.get_running_loop()
+        futures = [
+            loop.run_in_executor(self._pool, _proc_run, url, timeout_s, share, streams[k], t_run)
+            for k, share in enumerate(shares)
+            if share
+        ]
+        done = await asyncio.gather(*futures)
+        records = sorted((r for recs, _ in done for r in recs), key=lambda r: r.index)
+        cpu = sum(c for _, c in done)
+        got, seconds = _done(list(records), t_run)
+        return got, seconds, cpu

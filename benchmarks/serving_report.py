@@ -9,7 +9,7 @@ from common import table
 MAIN = ["case", "ok", "errors", "seconds", "req_s", "out_tok_s", "goodput", "ttft_p50",
         "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50", "itl_p99", "e2e_p50"]  # fmt: skip
 ENGINE = ["case", "steps", "ms_step", "tok_step", "batch", "preempt", "evictions", "loads",
-          "chunk_tok", "client_cpu"]  # fmt: skip
+          "chunk_tok", "client_cpu", "engine_cpu", "gateway_cpu"]  # fmt: skip
 
 
 def offline_row(off: dict) -> dict:
@@ -53,6 +53,8 @@ def run_row(r: dict) -> dict:
         "loads": e["adapter_loads"],
         "chunk_tok": r["chunks_per_token"],
         "client_cpu": r["client_cpu"],
+        "engine_cpu": r.get("server_cpu", {}).get("engine", math.nan),
+        "gateway_cpu": r.get("server_cpu", {}).get("gateway", math.nan),
     }
 
 

@@ -25,6 +25,28 @@ COUNTERS = {  # the engine's counters read before and after a run
 GAUGES = {"batch": "loraplex_engine_batch_size", "running": "loraplex_engine_requests_running"}
 
 
+def server_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of the serve process tree: the engine process and the gateway
+    workers (everything but the engine) apart."""
+    if pid is None:
+        return {}
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return {}
+    out = {"engine": 0.0, "gateway": 0.0}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            kind = "engine" if "engine" in " ".join(p.cmdline()) else "gateway"
+        except psutil.Error:
+            continue
+        out[kind] += t.user + t.system
+    return out
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """The unlabelled samples of a Prometheus text page (the engine's are unlabelled)."""
     out = {}
@@ -40,8 +62,12 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class Runner:
-    def __init__(self, client: httpx.AsyncClient, url: str, args) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, url: str, args, pool=None, server_pid=None
+    ) -> None:  # type: ignore[no-untyped-def]
         self.client, self.url, self.args = client, url, args
+        self.pool = pool  # serving_client.ClientPool, or None: send from this process
+        self.server_pid = server_pid  # loraplex serve's supervisor (--serve), for CPU use
         self._idle: dict[str, float] | None = None  # /metrics after the last run
 
     async def _send(self, p: Planned, t_run: float) -> RequestRecord:
@@ -84,25 +110,36 @@ class Runner:
         return {"requests": len(plan), "retries": retries, "seconds": time.perf_counter() - t0}
 
     async def closed(self, plan: list[Planned], concurrency: int) -> dict:
-        row = await self._timed(closed_loop(plan, concurrency, self._send))
+        row = await self._timed(self._pool_or_here(plan, concurrency=concurrency))
         return {"mode": "closed", "concurrency": concurrency, "rate": None, **row}
 
     async def poisson(self, plan: list[Planned], rate: float, seed: int) -> dict:
-        row = await self._timed(poisson(plan, rate, seed, self._send))
+        row = await self._timed(self._pool_or_here(plan, rate=rate, seed=seed))
         return {"mode": "poisson", "concurrency": None, "rate": rate, **row}
+
+    async def _pool_or_here(self, plan: list[Planned], **load):  # type: ignore[no-untyped-def]
+        """-> (records, seconds, client CPU seconds): from the client processes, or from
+        this process's own event loop with ``--client-procs 0``."""
+        if self.pool is not None:
+            return await self.pool.run(self.url, self.args.request_timeout, plan, **load)
+        cpu0 = time.process_time()
+        if load.get("concurrency"):
+            records, seconds = await closed_loop(plan, load["concurrency"], self._send)
+        else:
+            records, seconds = await poisson(plan, load["rate"], load["seed"], self._send)
+        return records, seconds, time.process_time() - cpu0
 
     async def _timed(self, run) -> dict:
         a = self.args
         before = self._idle or await self.settled()
         samples: list[dict[str, float]] = []
         sampler = asyncio.create_task(self._sample(samples)) if a.metrics_interval > 0 else None
-        cpu0 = time.process_time()
+        cpu_before = server_cpu(self.server_pid)
         try:
-            records, duration = await run
+            records, duration, cpu = await run
         finally:
             if sampler is not None:
                 sampler.cancel()
-        cpu = time.process_time() - cpu0
         after = self._idle = await self.settled()
         for r in records:
             check_output(r, a.output_len)
@@ -118,7 +155,11 @@ class Runner:
         )
         eng["samples"] = len(samples)
         row["engine"] = eng
-        row["client_cpu"] = cpu / duration if duration > 0 else math.nan
+        row["client_cpu"] = cpu / duration if duration > 0 else math.nan  # cores, all procs
+        cpu_after = server_cpu(self.server_pid)
+        row["server_cpu"] = {  # cores used, by the server's processes, over the run
+            k: (cpu_after[k] - cpu_before.get(k, 0.0)) / duration for k in cpu_after if duration > 0
+        }
         row["records"] = [r.compact() for r in records]
         print(
             f"  {len(records)} requests in {duration:.1f}s, {row['out_tok_s']:.0f} out tok/s, "
