@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.api import SamplingParams
+from engine.devices import tensor_on, to_device
 
 _GREEDY_EPS = 1e-5
 
@@ -69,7 +70,7 @@ def _token_mask(
     padded = torch.full((len(rows_ids), width), vocab, dtype=torch.long)
     for i, ids in enumerate(rows_ids):
         padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    padded = padded.to(device)
+    padded = to_device(padded, device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     counts = counts[:, :vocab]
     return counts, counts > 0
@@ -81,15 +82,15 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     rep = [r.params.repetition_penalty for r in rows]
     if any(p != 1.0 for p in rep):
         _, seen = _token_mask([r.token_ids for r in rows], vocab, dev)
-        rp = torch.tensor(rep, device=dev, dtype=logits.dtype).unsqueeze(1)
+        rp = tensor_on(rep, dev, logits.dtype).unsqueeze(1)
         penalized = torch.where(logits > 0, logits / rp, logits * rp)
         logits = torch.where(seen, penalized, logits)
     pres = [r.params.presence_penalty for r in rows]
     freq = [r.params.frequency_penalty for r in rows]
     if any(pres) or any(freq):
         counts, seen = _token_mask([r.output_ids for r in rows], vocab, dev)
-        fp = torch.tensor(freq, device=dev, dtype=logits.dtype).unsqueeze(1)
-        pp = torch.tensor(pres, device=dev, dtype=logits.dtype).unsqueeze(1)
+        fp = tensor_on(freq, dev, logits.dtype).unsqueeze(1)
+        pp = tensor_on(pres, dev, logits.dtype).unsqueeze(1)
         logits = logits - fp * counts - pp * seen.to(logits.dtype)
     return logits
 
@@ -101,9 +102,8 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
         return logits
     rows_idx, ids = zip(*banned, strict=True)
     logits = logits.clone()
-    logits[
-        torch.tensor(rows_idx, device=logits.device), torch.tensor(ids, device=logits.device)
-    ] = float("-inf")
+    dev = logits.device
+    logits[tensor_on(list(rows_idx), dev), tensor_on(list(ids), dev)] = float("-inf")
     return logits
 
 
@@ -166,13 +166,14 @@ class Sampler:
                     [1.0 if g else p.temperature, p.top_p, p.min_p, float(p.top_k)]
                     for p, g in zip(ps, is_greedy, strict=True)
                 ]
-            ).to(dev, non_blocking=True)
+            )
+            knobs = to_device(knobs, dev)
             logits = logits / knobs[:, 0:1]
             cut = [i for i, p in enumerate(ps) if p.top_k > 0 or p.top_p < 1.0]
             if len(cut) == len(ps):
                 logits = apply_top_k_top_p(logits, knobs[:, 3].long(), knobs[:, 1])
             elif cut:  # sort only the rows that ask (the sort is the sampler's costliest op)
-                idx = torch.tensor(cut).to(dev, non_blocking=True)
+                idx = tensor_on(cut, dev)
                 sub = knobs.index_select(0, idx)
                 logits = logits.index_copy(
                     0,
@@ -188,7 +189,7 @@ class Sampler:
                 if r.generator is not None:
                     noise[i].exponential_(generator=r.generator)
             sampled = (probs / noise).argmax(dim=1)
-            greedy = torch.tensor(is_greedy).to(dev, non_blocking=True)
+            greedy = tensor_on(is_greedy, dev)
             chosen = torch.where(greedy, greedy_ids, sampled)
 
         if raw_logprobs is None:

@@ -49,7 +49,12 @@ class LoraMeta:
         return self.token_slot.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LoraMeta:
+        """To ``device``; with ``non_blocking``, from pinned copies (a pageable source would
+        make the copy wait for the work queued on the stream)."""
+
         def mv(t: torch.Tensor) -> torch.Tensor:
+            if non_blocking and t.device.type == "cpu" and torch.device(device).type == "cuda":
+                t = t.pin_memory()
             return t.to(device, non_blocking=non_blocking)
 
         return LoraMeta(
@@ -83,6 +88,8 @@ class LoraMeta:
             dst, src = getattr(self, name), getattr(other, name)
             if dst.shape != src.shape:
                 raise ValueError(f"{name}: shape {tuple(src.shape)} != static {tuple(dst.shape)}")
+            if dst.is_cuda and src.device.type == "cpu":
+                src = src.pin_memory()  # pageable: the copy would wait for the stream
             dst.copy_(src, non_blocking=True)
         return self
 

@@ -55,7 +55,7 @@ class HostInputs:
         if self.has_lora:
             meta = build_lora_meta(self.token_slot)
             if cuda:
-                meta = meta.to(device, non_blocking=False)
+                meta = meta.to(device, non_blocking=True)
         return ForwardInputs(
             input_ids=mv(self.input_ids),
             positions=mv(self.positions),
