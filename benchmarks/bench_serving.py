@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from serving_client import ClientPool, Planned, chat_body, completion_body, make
 from serving_offline import WARM_SALT, prompt_set
 from serving_report import offline_row, report, run_row
 from serving_runs import Runner
-from serving_server import ServeProcess, child_env
+from serving_server import ServeProcess, child_env, free_port
 from serving_setup import make_tenancy
 
 from engine.config import EngineConfig
@@ -129,12 +128,6 @@ def engine_settings(args: argparse.Namespace) -> dict[str, str]:
     if args.kv_cache_bytes:
         s["LORAPLEX_KV_CACHE_BYTES"] = args.kv_cache_bytes
     return {k: str(v) for k, v in s.items()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_baseline(args: argparse.Namespace, work: Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,3 +156,9 @@ class ServeProcess:
         for pid in left:  # ours: started by the server we started
             os.kill(pid, signal.SIGKILL)
         return {"exit_code": rc, "stop_s": time.perf_counter() - t0, "left_running": left}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

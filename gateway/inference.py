@@ -10,6 +10,7 @@ records one :class:`UsageEvent` (``ok``, ``aborted`` or ``error``) with the ledg
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -151,14 +152,25 @@ class EngineCall:
         cost = cost_micros(
             prompt, completion, principal.prompt_price_micros, principal.completion_price_micros
         )
+        settle = None
         if self._limiter is not None and self._admission is not None:
-            try:
-                await self._limiter.settle(self._admission, prompt + completion, cost_micros=cost)
-            except Exception:  # the limiter's store is down: never lose the usage record
-                log.exception("could not settle admission of %s", spec.request_id)
-        if self._ledger is None:
-            return
-        event = UsageEvent(
+            settle = asyncio.ensure_future(
+                self._limiter.settle(self._admission, prompt + completion, cost_micros=cost)
+            )  # alongside the ledger's durable write, not before it
+        try:
+            if self._ledger is not None:
+                event = self._event(status, prompt, completion, cost)
+                await self._ledger.record(event, spec.principal.tenant_name)
+        finally:
+            if settle is not None:
+                try:
+                    await settle
+                except Exception:  # the limiter's store is down: the usage record is safe
+                    log.exception("could not settle admission of %s", spec.request_id)
+
+    def _event(self, status: UsageStatus, prompt: int, completion: int, cost: int) -> UsageEvent:
+        spec, last, principal = self.spec, self.last, self.spec.principal
+        return UsageEvent(
             request_id=spec.request_id,
             tenant_id=principal.tenant_id,
             api_key_id=principal.key_id,
@@ -174,7 +186,6 @@ class EngineCall:
             duration_ms=int((time.monotonic() - self._t0) * 1000),
             cost_micros=cost,
         )
-        await self._ledger.record(event, principal.tenant_name)
 
 
 def new_request_id(prefix: str) -> str:

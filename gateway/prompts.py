@@ -44,6 +44,9 @@ def served_model(name: str, engine: EngineClient | None) -> ServedModel:
     return ServedModel(name=name, tokenizer=engine.tokenizer(), max_model_len=info.max_model_len)
 
 
+INLINE_CHARS = 2048  # text up to this is tokenized on the event loop (well under a millisecond)
+
+
 class ContextLengthExceeded(InvalidInput):
     code = "context_length_exceeded"
 
@@ -83,14 +86,26 @@ def _encode_prompt(model: ServedModel, body: CompletionRequest) -> list[int]:
 async def prompt_ids(
     model: ServedModel, body: ChatCompletionRequest | CompletionRequest
 ) -> list[int]:
-    """Tokenized in a worker thread: a long prompt must not stall the event loop. A prompt
-    too large for the context is refused before it is tokenized (``gateway.prompt_budget``)."""
+    """Token ids as given; short text tokenized in line (a thread hop costs more than the
+    tokenizer there); a long prompt in a worker thread, so it cannot stall the event loop.
+    A prompt too large for the context is refused before it is tokenized
+    (``gateway.prompt_budget``)."""
     check_prompt_size(model.max_model_len, body)
     if isinstance(body, ChatCompletionRequest):
-        ids = await asyncio.to_thread(_render_chat, model, body)
+        short = sum(len(m.text()) for m in body.messages) <= INLINE_CHARS
+        ids = (
+            _render_chat(model, body)
+            if short
+            else await asyncio.to_thread(_render_chat, model, body)
+        )
         param = "messages"
     else:
-        ids = await asyncio.to_thread(_encode_prompt, model, body)
+        short = not isinstance(body.prompt, str) or len(body.prompt) <= INLINE_CHARS
+        ids = (
+            _encode_prompt(model, body)
+            if short
+            else await asyncio.to_thread(_encode_prompt, model, body)
+        )
         param = "prompt"
     if not ids:
         raise InvalidInput("the prompt is empty", param=param)
