@@ -69,11 +69,19 @@ def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
+def engine_error_kind(exc: engine_errors.EngineError) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, code) of an engine error."""
     for cls, status, type_, code in _ENGINE_STATUS:
         if isinstance(exc, cls):
-            headers = retry_after(ENGINE_RETRY_AFTER_S) if status == 503 else None
-            return envelope(status, exc.message, type_, code, exc.param, headers)
+            return status, type_, code
+    return 500, "server_error", "engine_error"
+
+
+def engine_error_response(exc: engine_errors.EngineError) -> JSONResponse:
+    status, type_, code = engine_error_kind(exc)
+    if status != 500:
+        headers = retry_after(ENGINE_RETRY_AFTER_S) if status == 503 else None
+        return envelope(status, exc.message, type_, code, exc.param, headers)
     return envelope(500, exc.message, "server_error", "engine_error", exc.param)
 
 

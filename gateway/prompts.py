@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from engine.api import SamplingParams
 from engine.client import EngineClient
+from engine.errors import EngineDead
 from gateway.prompt_budget import check_prompt_size
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tenancy.errors import InvalidInput, Unavailable
@@ -36,11 +37,11 @@ class ServedModel:
 def served_model(name: str, engine: EngineClient | None) -> ServedModel:
     """What the gateway needs of the engine: its tokenizer and context length."""
     info = None if engine is None else engine.model_info()
-    if engine is None or info is None:
-        detail = "" if engine is None else engine.health().detail
-        raise Unavailable(
-            f"The model is not available yet ({detail or 'not loaded'}); retry shortly."
-        )
+    if engine is None:
+        raise Unavailable("This server runs no engine.")
+    if info is None:  # 503 engine_unavailable, with Retry-After
+        detail = engine.health().detail or "not loaded"
+        raise EngineDead(f"The model is not available ({detail}); retry shortly.")
     return ServedModel(name=name, tokenizer=engine.tokenizer(), max_model_len=info.max_model_len)
 
 

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from engine.api import RequestOutput
 from engine.errors import EngineError
+from gateway.errors import engine_error_kind
 from gateway.inference import EngineCall
 from gateway.render import ChoiceState, usage
 from gateway.schemas import ChatCompletionChunk, Completion
@@ -33,7 +34,12 @@ def sse(obj: BaseModel) -> bytes:
     return b"data: " + obj.model_dump_json().encode() + b"\n\n"
 
 
-def sse_error(message: str, type_: str = "server_error", code: str = "engine_error") -> bytes:
+def sse_error(message: str, exc: EngineError | None = None) -> bytes:
+    """An in-band error event, typed like the status the error would have had before the
+    stream began (e.g. an engine gone: ``service_unavailable``/``engine_unavailable``)."""
+    _, type_, code = (
+        engine_error_kind(exc) if exc is not None else (500, "server_error", "engine_error")
+    )
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -55,13 +61,13 @@ async def events(
             out = None if out.finished else await call.next()
     except EngineError as exc:  # the engine died mid-stream: say so in-band, then end
         await call.finish("error")
-        yield sse_error(exc.message)
+        yield sse_error(exc.message, exc)
         yield DONE
         return
     await call.finish()  # (a no-op unless the engine ended the stream without a last output)
     last = call.last
     if last is not None and last.error is not None:
-        yield sse_error(f"generation failed: {last.error}")
+        yield sse_error(f"generation failed: {last.error}", last.exception)
     elif usage_chunk is not None:
         yield sse(usage_chunk(last))
     yield DONE
