@@ -7,8 +7,10 @@ some with stop strings, some with logprobs, over 32 adapter keys plus the base m
 
     .venv/bin/python benchmarks/bench_step_overhead.py [--seqs 256] [--steps 200]
 
-Prints ms per decode step: schedule, build inputs, sample, post-process (detokenize, stops,
-output objects; the step's rest), and the total.
+Prints ms per decode step: schedule, build inputs, sample (its launch; the CPU computes it
+there), post-process (token bookkeeping, output objects; the step's rest), and the total;
+then, apart, the client side's time for the same outputs (text, stop strings, logprob
+texts), which runs in the gateway processes, not in the step loop.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from engine.llm_engine import LLMEngine
 from engine.model.dummy_tokenizer import dummy_tokenizer
 from engine.model.inputs import build_host_inputs
 from engine.model.presets import PRESETS
+from engine.output_processor import OutputProcessor
 
 PHASES = ("schedule", "inputs", "sample", "post")
 
@@ -128,9 +131,14 @@ def run(seqs: int, steps: int, adapters: int, warmup: int, greedy: bool) -> dict
     engine = LLMEngine(runner, config)
     timers = runner.timers
     engine.scheduler.schedule = timed(engine.scheduler.schedule, timers, "schedule")
-    engine.sampler = timed(engine.sampler, timers, "sample")
+    engine.sampler.sample = timed(engine.sampler.sample, timers, "sample")  # type: ignore[method-assign]
+    processor = OutputProcessor(runner.tokenizer)  # the client side, as a gateway runs it
+    trackers = {}
     for r in requests(seqs, adapters, warmup + steps + 64, greedy):
+        if isinstance(r.prompt, str):  # the client tokenizes (the engine takes ids)
+            r.prompt = list(runner.tokenizer.encode(r.prompt))
         engine.add_request(r)
+        trackers[r.request_id] = processor.track(r, r.prompt)
     deadline = time.monotonic() + 60
     while len(engine.scheduler.running) < seqs or engine.scheduler.waiting:
         engine.step()
@@ -141,17 +149,24 @@ def run(seqs: int, steps: int, adapters: int, warmup: int, greedy: bool) -> dict
     for k in timers:
         timers[k] = 0.0
     n_out = 0
+    client = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
         if len(engine.scheduler.running) != seqs:
             raise RuntimeError("a request finished early: the batch shrank")
-        n_out += len(engine.step())
-    total = time.perf_counter() - t0
+        outputs = engine.step()
+        n_out += len(outputs)
+        tc = time.perf_counter()
+        for o in outputs:  # not the step loop's: timed apart, subtracted below
+            trackers[o.request_id].process(o)
+        client += time.perf_counter() - tc
+    total = time.perf_counter() - t0 - client
     engine.shutdown()
     ms = {k: 1e3 * v / steps for k, v in timers.items()}
     ms["post"] = 1e3 * total / steps - sum(ms.values())
     ms["total"] = 1e3 * total / steps
     ms["outputs_per_step"] = n_out / steps
+    ms["client_side"] = 1e3 * client / steps  # text, stops, logprob texts: the gateway's work
     return ms
 
 
@@ -183,6 +198,7 @@ def main() -> None:
     for k in (*PHASES, "total"):
         print(f"  {k:9s} {best[k]:7.3f}")
     print(f"  outputs/step {best['outputs_per_step']:.1f}")
+    print(f"  client side (gateway processes, not in the step) {best['client_side']:7.3f}")
 
 
 if __name__ == "__main__":
