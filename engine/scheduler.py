@@ -165,7 +165,7 @@ class Scheduler:
                 seq_id=seq.seq_id,
                 token_ids=tokens[start:end],
                 start_pos=start,
-                block_table=seq.block_table[:],  # a snapshot: the sequence's table grows on
+                block_table=seq.block_table,  # read by the runner before it grows again
                 adapter_slot=seq.slot,
                 sample=end == len(tokens),
             )
