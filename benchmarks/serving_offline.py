@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,8 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import adapter_refs, preload, prompts, run_engine_case, warm_up
-from common import device_info, write_json
+from common import device_info, write_json, zipf_indices
 
+from engine.api import AdapterRef, Request, SamplingParams
 from engine.llm_engine import LLMEngine
 from engine.model.presets import PRESETS
 from gateway.settings import GatewaySettings
@@ -48,6 +51,12 @@ def run_offline(args: argparse.Namespace, weights_root: Path) -> dict:
     warm_up(engine, prompt_set(args, cfg.vocab_size, len(refs) + 1, WARM_SALT), [None, *refs])
     ids = prompt_set(args, cfg.vocab_size, args.num_requests, 0)
     row = run_engine_case(args, engine, ids, refs)
+    rates = [float(x) for x in str(getattr(args, "rates", "")).split(",") if x.strip()]
+    row["poisson"] = [
+        run_poisson(args, engine, prompt_set(args, cfg.vocab_size, args.num_requests,
+                                             1000 * (k + 1)), refs, rate, args.seed + k)
+        for k, rate in enumerate(rates)
+    ]  # fmt: skip
     engine.shutdown()
     row.update(
         ms_per_step=row["seconds"] * 1e3 / max(row["steps"], 1),
@@ -62,6 +71,69 @@ def run_offline(args: argparse.Namespace, weights_root: Path) -> dict:
     if torch.cuda.is_available():
         row["info"]["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    if not xs:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "mean": float("nan")}
+    at = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": statistics.fmean(xs)}
+
+
+def run_poisson(
+    args: argparse.Namespace,
+    engine: LLMEngine,
+    ids: list[list[int]],
+    refs: list[AdapterRef],
+    rate: float,
+    seed: int,
+) -> dict:
+    """The engine alone under the HTTP run's Poisson arrivals (same gaps, prompts and picks):
+    each request is added when its arrival time has passed (checked between steps, as the
+    engine server's loop takes new requests), so its TTFT here is the engine's own share of
+    the TTFT a client sees: queueing for a step, its prefill, the step that reads the token."""
+    n = len(ids)
+    gen, at, offsets = random.Random(seed), 0.0, []
+    for _ in range(n):
+        offsets.append(at)
+        at += gen.expovariate(rate)
+    picks = zipf_indices(len(refs), n, args.zipf, seed=args.seed) if refs else [None] * n
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    added, first, end, toks = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+    nxt, done, steps = 0, 0, 0
+    t0 = time.perf_counter()
+    while done < n:
+        now = time.perf_counter() - t0
+        while nxt < n and offsets[nxt] <= now:
+            a = picks[nxt]
+            engine.add_request(Request(f"p{seed}-{nxt}", ids[nxt], params,
+                                       None if a is None else refs[a]))  # fmt: skip
+            added[nxt] = time.perf_counter() - t0
+            nxt += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(0.002, offsets[nxt] - now)) if nxt < n else 0.0)
+            continue
+        outs = engine.step()
+        steps += int(engine.last_step_ran)
+        t = time.perf_counter() - t0
+        for o in outs:
+            i = int(o.request_id.rsplit("-", 1)[1])
+            got = sum(len(c.token_ids) for c in o.choices)
+            if got and not toks[i]:
+                first[i] = t
+            toks[i] += got
+            if o.finished:
+                if o.error:
+                    raise RuntimeError(f"{o.request_id}: {o.error.message}")
+                end[i], done = t, done + 1
+    ttft = [(first[i] - added[i]) * 1e3 for i in range(n)]
+    tpot = [(end[i] - first[i]) * 1e3 / max(toks[i] - 1, 1) for i in range(n)]
+    out = {"rate": rate, "requests": n, "seconds": max(end), "steps": steps,
+           "ttft_ms": _pcts(ttft), "tpot_ms": _pcts(tpot)}  # fmt: skip
+    print(f"offline Poisson {rate:g}/s: TTFT p50 {out['ttft_ms']['p50']:.1f} p99 "
+          f"{out['ttft_ms']['p99']:.1f} ms, TPOT p50 {out['tpot_ms']['p50']:.1f} ms", flush=True)  # fmt: skip
+    return out
 
 
 def main(argv: list[str]) -> None:

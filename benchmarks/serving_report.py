@@ -72,6 +72,13 @@ def report(result: dict, rows: list[dict], args) -> str:
     for r, row in zip(result["runs"], rows[-len(result["runs"]) :], strict=False):
         for kind, detail in r["error_samples"].items():
             lines.append(f"{row['case']}: {kind}: {detail[:160]}")
+    off = result.get("offline") or {}
+    for po in off.get("poisson", []):
+        lines.append(
+            f"engine alone under the same Poisson arrivals, {po['rate']:g} req/s: TTFT p50 / p99 "
+            f"{po['ttft_ms']['p50']:.1f} / {po['ttft_ms']['p99']:.1f} ms, TPOT p50 "
+            f"{po['tpot_ms']['p50']:.1f} ms"
+        )
     ratio = result.get("http_over_offline")
     if ratio:
         lines.append(
