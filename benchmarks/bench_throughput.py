@@ -223,6 +223,7 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
         "slot_evictions": st.adapter_evictions - before.adapter_evictions,
         "loads_in_run": st.adapter_loads - before.adapter_loads,
         "gpu_busy": busy.fraction,  # the steps' GPU spans over the window (StepEvents)
+        "busy_breakdown": busy.breakdown,
         "busy_ms_per_step": busy.span_ms / args.busy_steps if args.busy_steps else float("nan"),
         "busy_window_wall_ms_per_step": (
             float("nan") if busy_wall is None else busy_wall * 1000 / args.busy_steps
@@ -362,7 +363,7 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
             row["loads_per_s"] = len(refs) / load_s if load_s else float("nan")
             engine.shutdown()
             rows.append(row)
-            print(table([row], list(row)), flush=True)
+            print(table([row], [k for k in row if k != "busy_breakdown"]), flush=True)
             write_json(args.json, {"bench": "throughput", "partial": True, "engine": rows})
 
         if args.profile:
@@ -409,6 +410,12 @@ def main(argv: list[str] | None = None) -> dict:
     cols += ["mean_batch", "gpu_busy", "busy_ms_per_step"]
     cols += ["steps", "preemptions", "slot_evictions", "loads_in_run", "preload_s"]
     print("\nengine\n" + table(rows, cols))
+    for r in rows:
+        for kind, d in (r.get("busy_breakdown") or {}).items():
+            if d.get("steps"):
+                print(f"  {r['adapters']} {r['steps_mode']} {kind} steps: {d['steps']}, GPU idle before each "
+                      f"{d['gap_ms']:.2f} ms, GPU {d['gpu_ms']:.2f} ms, host launch "
+                      f"{d['launch_ms']:.2f} ms, host between steps {d['between_ms']:.2f} ms")  # fmt: skip
     if hf_rows:
         print("\nHF transformers + PEFT\n" + table(hf_rows, list(hf_rows[0])))
     result = {

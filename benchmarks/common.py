@@ -6,6 +6,7 @@ uses :func:`copy_bandwidth`, a large device-to-device copy timed here (bytes rea
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -284,6 +285,7 @@ class StepEvents:
         self.fraction = float("nan")
         self.busy_ms = float("nan")
         self.span_ms = float("nan")
+        self.breakdown: dict = {}
 
     def attach(self, engine) -> None:  # type: ignore[no-untyped-def]
         if self.device.type != "cuda":
@@ -292,11 +294,17 @@ class StepEvents:
         execute, sample = runner.execute, sampler.sample
 
         def timed_execute(batch, prev_tokens=None):  # type: ignore[no-untyped-def]
-            if self._on:
-                ev = torch.cuda.Event(enable_timing=True)
-                ev.record()
-                self._pairs.append([ev, None])
-            return execute(batch, prev_tokens)
+            if not self._on:
+                return execute(batch, prev_tokens)
+            t0 = time.perf_counter()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            # [start event, end event, host: execute entry, execute exit, sample exit, eager]
+            eager = batch.num_tokens != len(batch.chunks)  # a prefill chunk: no decode graph
+            self._pairs.append([ev, None, t0, None, None, eager])
+            out = execute(batch, prev_tokens)
+            self._pairs[-1][3] = time.perf_counter()
+            return out
 
         def timed_sample(logits, rows):  # type: ignore[no-untyped-def]
             out = sample(logits, rows)
@@ -304,6 +312,7 @@ class StepEvents:
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()
                 self._pairs[-1][1] = ev
+                self._pairs[-1][4] = time.perf_counter()
             return out
 
         runner.execute, sampler.sample = timed_execute, timed_sample
@@ -317,9 +326,28 @@ class StepEvents:
             return
         self._on = False
         torch.cuda.synchronize(self.device)
-        pairs = [(a, b) for a, b in self._pairs if b is not None]
-        if not pairs:
+        steps = [s for s in self._pairs if s[1] is not None]
+        if not steps:
             return
-        self.busy_ms = sum(a.elapsed_time(b) for a, b in pairs)
-        self.span_ms = pairs[0][0].elapsed_time(pairs[-1][1])
+        self.busy_ms = sum(s[0].elapsed_time(s[1]) for s in steps)
+        self.span_ms = steps[0][0].elapsed_time(steps[-1][1])
         self.fraction = self.busy_ms / self.span_ms if self.span_ms > 0 else float("nan")
+        # Where the idle time falls: the gap before each step, by the step's kind (eager:
+        # it has a prefill chunk; graph: decode only), and the host's launch time for it
+        # (execute + sample calls) against its GPU time.
+        by: dict[str, list[float]] = {
+            "eager": [0, 0.0, 0.0, 0.0, 0.0],
+            "graph": [0, 0.0, 0.0, 0.0, 0.0],
+        }
+        for prev, s in itertools.pairwise(steps):
+            k = by["eager" if s[5] else "graph"]
+            k[0] += 1
+            k[1] += max(0.0, prev[1].elapsed_time(s[0]))  # GPU idle before this step
+            k[2] += s[0].elapsed_time(s[1])  # GPU span
+            k[3] += (s[4] - s[2]) * 1e3  # host launch time
+            k[4] += (s[2] - prev[4]) * 1e3  # host time between steps (read-back, schedule)
+        self.breakdown = {
+            kind: {"steps": n, "gap_ms": g / n, "gpu_ms": b / n, "launch_ms": h / n,
+                   "between_ms": w / n} if n else {"steps": 0}
+            for kind, (n, g, b, h, w) in by.items()
+        }  # fmt: skip
