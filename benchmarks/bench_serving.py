@@ -31,12 +31,14 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import adapter_refs
 from common import write_json, zipf_indices
 from serving_client import ClientPool, Planned, chat_body, completion_body, make_client
-from serving_offline import WARM_SALT, prompt_set
+from serving_offline import WARM_SALT, pcts, prompt_set
 from serving_report import offline_row, report, run_row
 from serving_runs import Runner
 from serving_server import ServeProcess, child_env, free_port
@@ -201,6 +203,39 @@ async def _runs(args, runner: Runner, tenancy, vocab: int, result: dict) -> None
         write_json(args.json, result)
 
 
+def ledger_split(url: str, token: str, result: dict) -> None:
+    """Split each run's TTFT with the usage ledger's own ``ttft_ms`` (the gateway's clock,
+    from its engine call's start to the first token): ``gateway_ttft_ms`` holds the engine,
+    the engine boundary and the gateway's stream handling; ``outside_ttft_ms`` (client TTFT
+    minus it) the client, HTTP, auth, model resolution, tokenizing and admission."""
+    try:
+        resp = httpx.get(
+            f"{url}/admin/v1/usage/export",
+            params={"granularity": "request", "format": "jsonl", "from": "2000-01-01T00:00:00Z"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120.0,
+            trust_env=False,
+        )
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"ledger split: no usage export ({exc})", flush=True)
+        return
+    ttft = {}
+    for line in resp.text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("ttft_ms") is not None:
+                ttft[row["request_id"]] = float(row["ttft_ms"])
+    for run in result["runs"]:
+        inner, outside = [], []
+        for r in run.get("records", []):
+            g = ttft.get(r.get("id") or "")
+            if g is not None and r.get("ttft") is not None:
+                inner.append(g)
+                outside.append(r["ttft"] * 1e3 - g)
+        run["gateway_ttft_ms"], run["outside_ttft_ms"] = pcts(inner), pcts(outside)
+
+
 def server_session(args, refs, work: Path, vocab: int, result: dict) -> None:
     """Start the server (``--serve``) or use ``--url``; tenants, keys, adapters; the runs;
     the server stopped whatever happens."""
@@ -231,6 +266,7 @@ def server_session(args, refs, work: Path, vocab: int, result: dict) -> None:
         )
         pid = None if serve is None else serve.proc.pid
         asyncio.run(http_runs(args, url, tenancy, vocab, result, pid))
+        ledger_split(url, token, result)
     finally:
         if serve is not None:
             result["server"]["stop"] = serve.stop()

@@ -100,6 +100,8 @@ def _on_event(rec: RequestRecord, event: bytes, now: float) -> None:
     if payload == b"[DONE]":
         return
     obj = json.loads(payload)
+    if rec.response_id is None:
+        rec.response_id = obj.get("id")
     if "error" in obj:
         rec.error = "stream_error"
         rec.detail = str(obj["error"].get("message", ""))[:300]

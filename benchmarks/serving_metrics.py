@@ -38,6 +38,7 @@ class RequestRecord:
     status: int = 0  # HTTP status; 0: no response
     error: str | None = None  # None: success
     detail: str = ""  # the error's message (its body, cut short)
+    response_id: str | None = None  # the response's id: the ledger's request id
 
     def compact(self) -> dict:
         """The record for the JSON file (chunk times left out: they are in the ITL stats)."""
@@ -53,6 +54,7 @@ class RequestRecord:
             "prompt": self.prompt_tokens,
             "status": self.status,
             "error": self.error,
+            "id": self.response_id,
         }
 
 

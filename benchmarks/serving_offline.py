@@ -73,7 +73,7 @@ def run_offline(args: argparse.Namespace, weights_root: Path) -> dict:
     return row
 
 
-def _pcts(xs: list[float]) -> dict[str, float]:
+def pcts(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
     if not xs:
         return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "mean": float("nan")}
@@ -130,7 +130,7 @@ def run_poisson(
     ttft = [(first[i] - added[i]) * 1e3 for i in range(n)]
     tpot = [(end[i] - first[i]) * 1e3 / max(toks[i] - 1, 1) for i in range(n)]
     out = {"rate": rate, "requests": n, "seconds": max(end), "steps": steps,
-           "ttft_ms": _pcts(ttft), "tpot_ms": _pcts(tpot)}  # fmt: skip
+           "ttft_ms": pcts(ttft), "tpot_ms": pcts(tpot)}  # fmt: skip
     print(f"offline Poisson {rate:g}/s: TTFT p50 {out['ttft_ms']['p50']:.1f} p99 "
           f"{out['ttft_ms']['p99']:.1f} ms, TPOT p50 {out['tpot_ms']['p50']:.1f} ms", flush=True)  # fmt: skip
     return out

@@ -72,6 +72,14 @@ def report(result: dict, rows: list[dict], args) -> str:
     for r, row in zip(result["runs"], rows[-len(result["runs"]) :], strict=False):
         for kind, detail in r["error_samples"].items():
             lines.append(f"{row['case']}: {kind}: {detail[:160]}")
+    for r, row in zip(result["runs"], rows[-len(result["runs"]) :], strict=False):
+        g, o = r.get("gateway_ttft_ms"), r.get("outside_ttft_ms")
+        if g and o and g["p50"] == g["p50"]:
+            lines.append(
+                f"{row['case']}: TTFT in the gateway's ledger (engine call to first token) p50 / "
+                f"p99 {g['p50']:.1f} / {g['p99']:.1f} ms; the rest of the client's TTFT p50 / "
+                f"p99 {o['p50']:.1f} / {o['p99']:.1f} ms"
+            )
     off = result.get("offline") or {}
     for po in off.get("poisson", []):
         lines.append(
