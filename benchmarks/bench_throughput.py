@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-requests", type=int, default=32)
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--busy-steps", type=int, default=40, help="steps in the GPU-busy window")
+    p.add_argument(
+        "--busy-steps", type=int, default=40, help="steps in the GPU-busy window (-1: all)"
+    )
     p.add_argument(
         "--busy-window-at", type=float, default=0.3, help="where the window starts (of the run)"
     )
@@ -181,14 +183,15 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
     before = engine.stats()
     busy = StepEvents(engine.runner.device)
     busy.attach(engine)
-    busy_from = int(args.busy_window_at * args.num_requests * args.output_len / args.max_num_seqs)
+    whole = args.busy_steps < 0  # the whole run
+    busy_from = 0 if whole else int(args.busy_window_at * n * args.output_len / args.max_num_seqs)
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(ids, picks, strict=True)):
         engine.add_request(Request(f"r{i}", p, params, None if a is None else refs[a]))
     out_tokens, finished, seqs_sum, steps = 0, 0, 0, 0
     busy_t0 = busy_wall = None
     while engine.has_unfinished():
-        if args.busy_steps and steps == busy_from:
+        if args.busy_steps and steps == busy_from and busy_t0 is None:
             busy.start()
             busy_t0 = time.perf_counter()
         elif busy_t0 is not None and busy_wall is None and steps == busy_from + args.busy_steps:
@@ -207,6 +210,10 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
         else:
             time.sleep(0.001)  # waiting on adapter loads only
     elapsed = time.perf_counter() - t0
+    window = args.busy_steps
+    if whole and busy_t0 is not None:
+        busy.stop()
+        busy_wall, window = time.perf_counter() - busy_t0, steps
     st = engine.stats()
     if finished != n or out_tokens != n * args.output_len:
         raise RuntimeError(f"{finished}/{n} finished, {out_tokens} output tokens")
@@ -224,9 +231,9 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
         "loads_in_run": st.adapter_loads - before.adapter_loads,
         "gpu_busy": busy.fraction,  # the steps' GPU spans over the window (StepEvents)
         "busy_breakdown": busy.breakdown,
-        "busy_ms_per_step": busy.span_ms / args.busy_steps if args.busy_steps else float("nan"),
+        "busy_ms_per_step": busy.span_ms / window if window else float("nan"),
         "busy_window_wall_ms_per_step": (
-            float("nan") if busy_wall is None else busy_wall * 1000 / args.busy_steps
+            float("nan") if busy_wall is None else busy_wall * 1000 / window
         ),
     }
 

@@ -43,7 +43,7 @@ for s in $SECTIONS; do
         tests/engine/test_gpu_llama3_8b.py ;;
     throughput)
       step throughput python3 benchmarks/bench_throughput.py \
-        --adapters "${CASES:-0,0s,32,32s,32s,32,0s,0}" --busy-steps 100 \
+        --adapters "${CASES:-0,0s,32,32s,32s,32,0s,0}" --busy-steps "${BUSY_STEPS:--1}" \
         --hf-adapters "" --json "$OUT/throughput.json" ;;
     serving)
       step serving python3 benchmarks/bench_serving.py --baseline --concurrency 256 \
