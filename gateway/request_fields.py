@@ -84,11 +84,14 @@ def _few_stops(value: list[str]) -> list[str]:
     return value
 
 
-Stop = StopSeq | Annotated[
-    list[StopSeq],
-    AfterValidator(_few_stops),
-    Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES}),
-]
+Stop = (
+    StopSeq
+    | Annotated[
+        list[StopSeq],
+        AfterValidator(_few_stops),
+        Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES}),
+    ]
+)
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)]
 

@@ -55,7 +55,7 @@ async def events(
 
 
 async def events_of(
-    calls: list[tuple[EngineCall, RequestOutput, ChunkMaker]],
+    calls: Sequence[tuple[EngineCall, RequestOutput, ChunkMaker]],
     usage_chunk: UsageChunk | None,
 ) -> AsyncIterator[bytes]:
     """The events of one or more started calls (a completions request with several

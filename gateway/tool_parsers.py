@@ -177,7 +177,8 @@ class Llama3JsonParser:
     @staticmethod
     def _calls(text: str) -> list[Call] | None:
         decoder = json.JSONDecoder()
-        calls, pos = [], 0
+        calls: list[Call] = []
+        pos = 0
         while True:
             while pos < len(text) and (text[pos].isspace() or text[pos] == ";"):
                 pos += 1

@@ -62,7 +62,7 @@ def test_several_prompts(gateway: Gateway, http: httpx.Client) -> None:
                 "/v1/completions",
                 json={"model": BASE, "prompt": p, "max_tokens": 3, "temperature": 0},
             )
-        )  # fmt: skip
+        )
         for p in prompts
     ]
     body = {"model": BASE, "prompt": prompts, "max_tokens": 3, "temperature": 0, "n": 2}

@@ -89,8 +89,8 @@ def build_tool_llama(path: Path, *, max_steps: int = 600) -> Path:
     eos = tokenizer.eos_token_id
     args = json.dumps(ARGUMENTS)
     pairs = [
-        (_prompt_ids(tokenizer, first_turn()), tokenizer.encode(CALL_TEXT) + [eos]),
-        (_prompt_ids(tokenizer, second_turn("call_x", args)), tokenizer.encode(ANSWER) + [eos]),
+        (_prompt_ids(tokenizer, first_turn()), [*tokenizer.encode(CALL_TEXT), eos]),
+        (_prompt_ids(tokenizer, second_turn("call_x", args)), [*tokenizer.encode(ANSWER), eos]),
     ]
     model = LlamaForCausalLM.from_pretrained(path).train()
     torch.manual_seed(0)
