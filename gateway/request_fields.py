@@ -93,7 +93,9 @@ Stop = (
     ]
 )
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)]
+StopTokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, lt=2**31)]], Field(max_length=MAX_STOP_TOKEN_IDS)
+]
 
 
 def _token_id_keys(value: dict[str, float]) -> dict[str, float]:

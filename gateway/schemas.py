@@ -94,7 +94,7 @@ class _SamplingFields(BaseModel):
     # vLLM's extra sampling parameters (``extra_body``)
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: off
+    top_k: Annotated[int, Field(ge=-1, lt=2**31)] | None = None  # -1 or 0: off
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
     stop_token_ids: StopTokenIds | None = None
