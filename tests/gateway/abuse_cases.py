@@ -67,8 +67,9 @@ CASES: list[Case] = [
     _c("content as number", chat(messages=[{"role": "user", "content": 5}])),
     _c("model as number", chat(model=5), param="model"),
     _t("prompt as number", text(prompt=5), param="prompt"),
-    _t("prompt as list of strings", text(prompt=["a", "b"])),
-    _t("prompt as list of lists", text(prompt=[[1, 2]])),
+    _t("prompts mixing text and ids", text(prompt=["a", [1, 2]]), param="prompt"),
+    _t("prompt lists with an empty one", text(prompt=[[1, 2], []]), param="prompt.1"),
+    _t("more than 128 prompts", text(prompt=["a"] * 129), param="prompt"),
     _t("prompt id as float", text(prompt=[1.5])),
     # ranges
     _c("temperature over 2", chat(temperature=2.5), param="temperature"),
