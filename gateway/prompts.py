@@ -170,3 +170,22 @@ def sampling_params(
         logit_bias=bias,
         skip_special_tokens=body.skip_special_tokens,
     )
+
+
+def check_completion_options(body: CompletionRequest) -> None:
+    """The options this server does not do, refused by name."""
+    if body.suffix is not None:
+        raise InvalidInput(
+            "suffix is not supported: the served model has no fill-in-the-middle format",
+            param="suffix",
+        )
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidInput(
+            f"best_of must equal n ({body.n}): ranking extra completions is not supported",
+            param="best_of",
+        )
+    if body.echo and body.logprobs is not None:
+        raise InvalidInput(
+            "echo with logprobs is not supported (the prompt's logprobs are not computed)",
+            param="echo",
+        )

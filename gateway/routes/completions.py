@@ -13,33 +13,13 @@ from gateway.deps import InferenceDep, ServicesDep
 from gateway.inference import collect, new_request_id, open_calls
 from gateway.json_body import StrictJsonRoute
 from gateway.openapi import errors, text_stream
-from gateway.prompts import served_model
+from gateway.prompts import check_completion_options, served_model
 from gateway.render import SYSTEM_FINGERPRINT, completion_chunks, usage
 from gateway.schemas import Completion, CompletionRequest
 from gateway.state import Services
 from gateway.streaming import EngineStream, completion_usage_chunk, events_of
-from tenancy.errors import InvalidInput
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
-
-
-def check_options(body: CompletionRequest) -> None:
-    """The options this server does not do, refused by name."""
-    if body.suffix is not None:
-        raise InvalidInput(
-            "suffix is not supported: the served model has no fill-in-the-middle format",
-            param="suffix",
-        )
-    if body.best_of is not None and body.best_of != body.n:
-        raise InvalidInput(
-            f"best_of must equal n ({body.n}): ranking extra completions is not supported",
-            param="best_of",
-        )
-    if body.echo and body.logprobs is not None:
-        raise InvalidInput(
-            "echo with logprobs is not supported (the prompt's logprobs are not computed)",
-            param="echo",
-        )
 
 
 def echo_texts(services: Services, body: CompletionRequest) -> list[str]:
@@ -59,7 +39,7 @@ def echo_texts(services: Services, body: CompletionRequest) -> list[str]:
 async def completions(
     body: CompletionRequest, principal: InferenceDep, services: ServicesDep
 ) -> JSONResponse | EngineStream:
-    check_options(body)
+    check_completion_options(body)
     calls = await open_calls(services, principal, body, new_request_id("cmpl"))
     id_, created, model = calls[0][0].spec.request_id, int(time.time()), body.model
     lp, n = body.logprobs is not None, body.n
