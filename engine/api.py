@@ -24,6 +24,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is a signed 64-bit int
 MAX_STOPS = 16  # per request (the OpenAI API allows 4; the engine's own bound)
 MAX_STOP_CHARS = 4096  # per stop string
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries per request
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -44,6 +45,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     n: int = 1
+    # (token id, bias) pairs added to the logits before any other step (OpenAI's logit_bias)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    skip_special_tokens: bool = True  # in the output text (the token ids are unchanged)
 
     def validate(self) -> None:
         from engine.errors import InvalidRequest
@@ -79,6 +83,16 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
                 len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
                 "stop_token_ids",
                 f"at most {MAX_STOP_TOKEN_IDS} ids",
+            ),
+            (
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"at most {MAX_LOGIT_BIAS} entries",
+            ),
+            (
+                all(-100.0 <= b <= 100.0 for _, b in self.logit_bias),
+                "logit_bias",
+                "each bias must be between -100 and 100",
             ),
         ]
         for ok, param, msg in checks:

@@ -121,6 +121,10 @@ class LLMEngine:
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in p.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if any(not 0 <= t < vocab for t, _ in p.logit_bias):
+            raise InvalidRequest(
+                f"logit_bias token ids must be in [0, {vocab})", param="logit_bias"
+            )
         prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, vocab)
         check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
         state = RequestState(request, prompt_ids, [], self._eos)

@@ -37,7 +37,12 @@ class OutputProcessor:
         p = request.sampling
         choices = [
             _ChoiceText(
-                IncrementalDetokenizer(self.decoder, prompt_ids, pieces=self.pieces),
+                IncrementalDetokenizer(
+                    self.decoder,
+                    prompt_ids,
+                    skip_special_tokens=p.skip_special_tokens,
+                    pieces=self.pieces,
+                ),
                 StopChecker(p.stop),
             )
             for _ in range(p.n)

@@ -1,6 +1,6 @@
 """Logits -> tokens for a whole batch at once, on the logits' device.
 
-Order (as in HF): repetition penalty (prompt + generated), presence/frequency penalties
+Order (as in HF, after OpenAI's ``logit_bias``): logit bias, repetition penalty (prompt + generated), presence/frequency penalties
 (generated), temperature, top-k, top-p, min-p. Greedy rows (temperature 0) take the
 argmax of the penalized logits. Random rows use the exponential race (argmax of
 ``p / E`` with ``E ~ Exp(1)``), which samples from ``p``; a row with its own
@@ -95,6 +95,17 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Adds each row's ``logit_bias`` (token id -> bias) in one scatter for the batch."""
+    pairs = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias]
+    if not pairs:
+        return logits
+    rows_idx, ids, biases = zip(*pairs, strict=True)
+    dev = logits.device
+    index = (tensor_on(list(rows_idx), dev), tensor_on(list(ids), dev))
+    return logits.index_put(index, tensor_on(list(biases), dev, logits.dtype), accumulate=True)
+
+
 def apply_min_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Rows still under their ``min_tokens``: their stop ids cannot be sampled."""
     banned = [(i, t) for i, r in enumerate(rows) if r.banned_now for t in r.stop_ids]
@@ -152,6 +163,7 @@ class Sampler:
         want = [r.params.logprobs for r in rows]
         raw_logprobs = logits.log_softmax(dim=1) if any(k is not None for k in want) else None
 
+        logits = apply_logit_bias(logits, rows)
         logits = apply_penalties(logits, rows)
         logits = apply_min_tokens(logits, rows)
         greedy_ids = logits.argmax(dim=1)

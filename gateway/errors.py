@@ -94,6 +94,43 @@ def _pick(errs: list[Any]) -> Any:
     return next((e for e in errs if not str(e.get("type", "")).endswith("_type")), errs[0])
 
 
+_TYPE_WORDS = {
+    "string_type": "a string",
+    "list_type": "a list",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "literal_error": "one of the allowed values",
+}
+
+
+def _member(err: Any) -> str:
+    """What one branch of a union wanted, in words: ``a list of content parts``."""
+    tag = str(err.get("loc", ("",))[-1])
+    if tag.startswith("list["):
+        if "TextPart" in tag:
+            return "a list of content parts"
+        if tag.startswith("list[list["):
+            return "a list of token id lists"
+        if "int" in tag:
+            return "a list of token ids"
+        return "a list of strings" if "str" in tag else "a list"
+    if err.get("type") == "literal_error":
+        return f"one of {(err.get('ctx') or {}).get('expected', 'the allowed values')}"
+    return _TYPE_WORDS.get(str(err.get("type")), "a valid value")
+
+
+def _path(loc: list[str]) -> str:
+    """``messages[1].content``: the field as a person reads it."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = list(exc.errors())
     if not errs:
@@ -104,17 +141,29 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "request body is not valid JSON" + (f": {reason}" if reason else ""), None
     # Union members add tags such as "constrained-str" or "list[int]" to the location;
     # the param names only fields and list indices.
-    loc = [
-        str(p)
-        for p in first.get("loc", ())
-        if p not in ("body", "query", "path", "header")
-        and (isinstance(p, int) or _FIELD.match(str(p)))
-    ]
+    loc = _fields(first)
     param = ".".join(loc) or None
+    path = _path(loc)
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
         return (f"unsupported parameter: {param}" if param else "unsupported parameter"), param
-    return (f"{param}: {msg}" if param else msg), param
+    same = [e for e in errs if _fields(e) == loc]
+    if len(same) > 1 and all(e.get("type") in _TYPE_WORDS for e in same):
+        # every branch of a union refused the value's type: say what the field takes
+        wanted = list(dict.fromkeys(_member(e) for e in same))
+        msg = "expected " + (
+            " or ".join([", ".join(wanted[:-1]), wanted[-1]]) if len(wanted) > 1 else wanted[0]
+        )
+    return (f"{path}: {msg}" if path else msg), param
+
+
+def _fields(err: Any) -> list[str]:
+    return [
+        str(p)
+        for p in err.get("loc", ())
+        if p not in ("body", "query", "path", "header")
+        and (isinstance(p, int) or _FIELD.match(str(p)))
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:

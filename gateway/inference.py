@@ -24,13 +24,14 @@ import anyio
 from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
 from engine.client import EngineClient
 from engine.errors import AdapterLoadError, EngineError
+from gateway.chat_messages import ToolPlan, plan_tools, template_text
 from gateway.limits import Admission, Limiter
 from gateway.prompts import prompt_ids, sampling_params, served_model
 from gateway.render import Choices
 from gateway.resolve import Target
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import Services
-from tenancy.errors import Unavailable
+from tenancy.errors import InvalidInput, Unavailable
 from tenancy.models import utcnow
 from tenancy.principal import Principal
 from tenancy.usage import UsageEvent, UsageStatus, cost_micros
@@ -52,6 +53,7 @@ class CallSpec:
     prompt_ids: list[int]
     sampling: SamplingParams
     adapter: AdapterRef | None
+    tool_plan: ToolPlan | None = None  # chat: how the output is read for tool calls
 
 
 class EngineCall:
@@ -204,10 +206,36 @@ async def open_call(
 
     The database session lives only for the resolution: a long stream holds no connection.
     """
+    calls = await open_calls(services, principal, body, request_id)
+    return calls[0]
+
+
+async def open_calls(
+    services: Services,
+    principal: Principal,
+    body: ChatCompletionRequest | CompletionRequest,
+    request_id: str,
+) -> list[tuple[EngineCall, RequestOutput]]:
+    """One started call per prompt (a completions request may hold several; the calls of
+    the second and later ones have ids ``<request_id>-<i>``, each metered on its own). If
+    one cannot start, those already started are finished and the error propagates."""
+    if body.stream_options is not None and not body.stream:
+        raise InvalidInput(
+            "stream_options is only allowed when stream is true", param="stream_options"
+        )
     model = served_model(services.base_model_name(), services.engine)
     target = await services.resolver.resolve(principal, body.model, base_model=model.name)
-    ids = await prompt_ids(model, body)
-    sampling = sampling_params(model, body, len(ids))
+    plan = None
+    if isinstance(body, ChatCompletionRequest):
+        template = template_text(model.tokenizer)
+        plan = plan_tools(body, template, services.settings.tool_call_parser)
+        prompts: list[str | list[int] | None] = [None]
+    else:
+        prompts = list(body.prompts())
+    tokenized = []
+    for prompt in prompts:
+        ids = await prompt_ids(model, body, plan, prompt)
+        tokenized.append((ids, sampling_params(model, body, len(ids))))
     adapter = None
     if target.version is not None:
         # the engine side fetches it from the same object store, keyed by content hash
@@ -215,9 +243,18 @@ async def open_call(
     engine = services.engine
     if engine is None:
         raise Unavailable("no engine is configured on this server")
-    spec = CallSpec(request_id, principal, target, ids, sampling, adapter)
-    call = EngineCall(engine, spec, services.limiter, services.ledger)
-    return call, await call.start()
+    started: list[tuple[EngineCall, RequestOutput]] = []
+    try:
+        for i, (ids, sampling) in enumerate(tokenized):
+            rid = request_id if i == 0 else f"{request_id}-{i}"
+            spec = CallSpec(rid, principal, target, ids, sampling, adapter, plan)
+            call = EngineCall(engine, spec, services.limiter, services.ledger)
+            started.append((call, await call.start()))
+    except BaseException:
+        for call, _ in started:
+            await call.finish("aborted")
+        raise
+    return started
 
 
 async def collect(call: EngineCall, first: RequestOutput) -> Choices:

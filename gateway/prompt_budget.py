@@ -41,13 +41,17 @@ def check_prompt_size(max_model_len: int, body: ChatCompletionRequest | Completi
         if count >= max_model_len:
             raise _too_long(max_model_len, f"messages number {count}", "messages")
         chars = sum(m.text_length() for m in body.messages)
+        for tool in body.tools or ():
+            f = tool.function
+            chars += len(f.description or "") + len(str(f.parameters or ""))
         if chars > max_chars:
             what = f"messages have {chars} characters, more than {max_chars} can fit"
             raise _too_long(max_model_len, what, "messages")
         return
-    if isinstance(body.prompt, list):
-        if len(body.prompt) >= max_model_len:
-            raise _too_long(max_model_len, f"prompt has {len(body.prompt)} tokens", "prompt")
-    elif len(body.prompt) > max_chars:
-        what = f"prompt has {len(body.prompt)} characters, more than {max_chars} can fit"
-        raise _too_long(max_model_len, what, "prompt")
+    for prompt in body.prompts():
+        if isinstance(prompt, list):
+            if len(prompt) >= max_model_len:
+                raise _too_long(max_model_len, f"prompt has {len(prompt)} tokens", "prompt")
+        elif len(prompt) > max_chars:
+            what = f"prompt has {len(prompt)} characters, more than {max_chars} can fit"
+            raise _too_long(max_model_len, what, "prompt")

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from engine.api import SamplingParams
 from engine.client import EngineClient
 from engine.errors import EngineDead
+from gateway.chat_messages import ToolPlan, check_messages, template_inputs, template_text
 from gateway.prompt_budget import check_prompt_size
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tenancy.errors import InvalidInput, Unavailable
@@ -22,6 +23,7 @@ from tenancy.errors import InvalidInput, Unavailable
 
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
 
@@ -52,20 +54,21 @@ class ContextLengthExceeded(InvalidInput):
     code = "context_length_exceeded"
 
 
-def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> list[int]:
+def _render_chat(
+    model: ServedModel, body: ChatCompletionRequest, plan: ToolPlan | None = None
+) -> list[int]:
     """The template's control tokens are recognized, the messages' text never is: with
     ``sanitize_control_tokens`` a control token typed inside a message (``<|im_start|>``)
     is encoded as plain text, so that a user cannot forge a system or assistant turn.
     A conversation without such text gets the ids of its whole rendering, as before.
     (Encoding the contents apart with ``split_special_tokens=True`` is no alternative: it
-    flips a flag on the shared tokenizer, a race between requests tokenized at once.)"""
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
+    flips a flag on the shared tokenizer, a race between requests tokenized at once.)
+    Tools, tool calls and tool results: ``gateway.chat_messages``."""
+    messages, tools = template_inputs(body, plan, template_text(model.tokenizer))
     try:
         ids = model.tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             add_generation_prompt=True,
             tokenize=True,
             return_dict=False,
@@ -76,36 +79,41 @@ def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> list[int]:
     return [int(i) for i in ids]  # the template holds every special token the model expects
 
 
-def _encode_prompt(model: ServedModel, body: CompletionRequest) -> list[int]:
+def _encode_prompt(model: ServedModel, prompt: str | list[int]) -> list[int]:
     """A text prompt is raw, as in OpenAI's API: control tokens written in it are the
     model's (the caller writes the whole prompt, and token ids could name them anyway)."""
-    if isinstance(body.prompt, list):
-        return list(body.prompt)  # the engine checks each id against its vocabulary
-    return list(model.tokenizer.encode(body.prompt))
+    if isinstance(prompt, list):
+        return list(prompt)  # the engine checks each id against its vocabulary
+    return list(model.tokenizer.encode(prompt))
 
 
 async def prompt_ids(
-    model: ServedModel, body: ChatCompletionRequest | CompletionRequest
+    model: ServedModel,
+    body: ChatCompletionRequest | CompletionRequest,
+    plan: ToolPlan | None = None,
+    prompt: str | list[int] | None = None,
 ) -> list[int]:
     """Token ids as given; short text tokenized in line (a thread hop costs more than the
     tokenizer there); a long prompt in a worker thread, so it cannot stall the event loop.
     A prompt too large for the context is refused before it is tokenized
-    (``gateway.prompt_budget``)."""
+    (``gateway.prompt_budget``). ``prompt``: which of a completions request's prompts."""
     check_prompt_size(model.max_model_len, body)
     if isinstance(body, ChatCompletionRequest):
-        short = sum(len(m.text()) for m in body.messages) <= INLINE_CHARS
+        check_messages(body)
+        short = sum(m.text_length() for m in body.messages) <= INLINE_CHARS and not body.tools
         ids = (
-            _render_chat(model, body)
+            _render_chat(model, body, plan)
             if short
-            else await asyncio.to_thread(_render_chat, model, body)
+            else await asyncio.to_thread(_render_chat, model, body, plan)
         )
         param = "messages"
     else:
-        short = not isinstance(body.prompt, str) or len(body.prompt) <= INLINE_CHARS
+        one = body.prompts()[0] if prompt is None else prompt
+        short = not isinstance(one, str) or len(one) <= INLINE_CHARS
         ids = (
-            _encode_prompt(model, body)
+            _encode_prompt(model, one)
             if short
-            else await asyncio.to_thread(_encode_prompt, model, body)
+            else await asyncio.to_thread(_encode_prompt, model, one)
         )
         param = "prompt"
     if not ids:
@@ -124,6 +132,8 @@ def sampling_params(
 ) -> SamplingParams:
     room = model.max_model_len - prompt_len
     limit = body.token_limit()
+    if isinstance(body, CompletionRequest) and body.max_tokens is None and limit is not None:
+        limit = min(limit, room)  # the default (16) fits what the context leaves
     if limit is not None and limit > room:
         field = "max_tokens"
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
@@ -140,6 +150,7 @@ def sampling_params(
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         logprobs = body.logprobs
+    bias = tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items())
     return SamplingParams(
         max_tokens=limit if limit is not None else room,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -152,4 +163,29 @@ def sampling_params(
         n=body.n,
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
+        top_k=max(body.top_k or 0, 0),
+        min_p=body.min_p or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        logit_bias=bias,
+        skip_special_tokens=body.skip_special_tokens,
     )
+
+
+def check_completion_options(body: CompletionRequest) -> None:
+    """The options this server does not do, refused by name."""
+    if body.suffix is not None:
+        raise InvalidInput(
+            "suffix is not supported: the served model has no fill-in-the-middle format",
+            param="suffix",
+        )
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidInput(
+            f"best_of must equal n ({body.n}): ranking extra completions is not supported",
+            param="best_of",
+        )
+    if body.echo and body.logprobs is not None:
+        raise InvalidInput(
+            "echo with logprobs is not supported (the prompt's logprobs are not computed)",
+            param="echo",
+        )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from engine.api import CompletionDelta, RequestOutput, TokenLogprob
+from gateway.chat_messages import ToolPlan
 from gateway.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -21,19 +23,49 @@ from gateway.schemas import (
     TopLogprob,
     Usage,
 )
+from gateway.tool_parsers import Call, Content, Event, StreamParser, make_parser, parse
+from gateway.tool_schemas import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
+
+# Which build served a response (OpenAI's ``system_fingerprint``): the gateway's version.
+SYSTEM_FINGERPRINT = "fp_loraplex"
 
 
-def usage(out: RequestOutput | None) -> Usage:
-    prompt = out.prompt_tokens if out is not None else 0
-    completion = out.completion_tokens if out is not None else 0
+def usage(out: RequestOutput | None, *more: RequestOutput | None) -> Usage:
+    """The usage of one engine call's last output, or summed over several (one completions
+    request with several prompts)."""
+    outs = [o for o in (out, *more) if o is not None]
+    prompt = sum(o.prompt_tokens for o in outs)
+    completion = sum(o.completion_tokens for o in outs)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(
-            cached_tokens=out.cached_tokens if out is not None else 0
-        ),
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(o.cached_tokens for o in outs)),
     )
+
+
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def assistant_message(
+    text: str, finish: str, plan: ToolPlan | None
+) -> tuple[AssistantMessage, str]:
+    """The message of a whole response and its finish reason: calls parsed out of the text
+    when the request offered tools (text that does not parse stays content)."""
+    if plan is None or plan.parser is None:
+        return AssistantMessage(content=text), finish
+    content, calls = parse(plan.parser, text)
+    if not calls:
+        return AssistantMessage(content=text), finish
+    if not plan.parallel:
+        calls = calls[:1]
+    tool_calls = [
+        ToolCall(id=tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+    message = AssistantMessage(content=content.strip() or None, tool_calls=tool_calls)
+    return message, "tool_calls" if finish == "stop" else finish
 
 
 def _top(token: str, logprob: float) -> TopLogprob:
@@ -86,6 +118,8 @@ class ChoiceState:
     text_logprobs: TextLogprobs = field(default_factory=TextLogprobs)
     finish_reason: str | None = None
     started: bool = False  # streaming: the role chunk went out
+    parser: StreamParser | None = None  # streaming chat with tools: reads calls out of the text
+    calls: int = 0  # streaming: tool calls sent
 
 
 def finish_reason(delta: CompletionDelta) -> str | None:
@@ -110,88 +144,149 @@ class Choices:
                 s.finish_reason = finish_reason(d)
 
     def chat(
-        self, id_: str, created: int, model: str, out: RequestOutput, lp: bool
+        self,
+        id_: str,
+        created: int,
+        model: str,
+        out: RequestOutput,
+        lp: bool,
+        plan: ToolPlan | None = None,
     ) -> ChatCompletion:
+        choices = []
+        for i, s in enumerate(self.states):
+            message, reason = assistant_message("".join(s.text), s.finish_reason or "stop", plan)
+            logprobs = chat_logprobs(s.chat_logprobs) if lp else None
+            choices.append(
+                ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason)
+            )
         return ChatCompletion(
             id=id_,
             created=created,
             model=model,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content="".join(s.text)),
-                    logprobs=chat_logprobs(s.chat_logprobs) if lp else None,
-                    finish_reason=s.finish_reason or "stop",
-                )
-                for i, s in enumerate(self.states)
-            ],
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=choices,
             usage=usage(out),
         )
 
-    def completion(
-        self, id_: str, created: int, model: str, out: RequestOutput, lp: bool
-    ) -> Completion:
-        return Completion(
-            id=id_,
-            created=created,
-            model=model,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text="".join(s.text),
-                    logprobs=s.text_logprobs.value if lp else None,
-                    finish_reason=s.finish_reason or "stop",
-                )
-                for i, s in enumerate(self.states)
-            ],
-            usage=usage(out),
-        )
+    def completion_choices(self, lp: bool) -> list[CompletionChoice]:
+        return [
+            CompletionChoice(
+                index=i,
+                text="".join(s.text),
+                logprobs=s.text_logprobs.value if lp else None,
+                finish_reason=s.finish_reason or "stop",
+            )
+            for i, s in enumerate(self.states)
+        ]
 
 
 def chat_chunks(
-    id_: str, created: int, model: str, out: RequestOutput, states: list[ChoiceState], lp: bool
+    id_: str,
+    created: int,
+    model: str,
+    out: RequestOutput,
+    states: list[ChoiceState],
+    lp: bool,
+    plan: ToolPlan | None = None,
 ) -> list[ChatCompletionChunk]:
-    """Chunks for one engine output: a role chunk first per choice, then its deltas."""
+    """Chunks for one engine output: a role chunk first per choice, then its deltas; with
+    tools, text that forms a call goes out as a call (its name, then its arguments)."""
     chunks = []
+
+    def chunk(
+        index: int, delta: Delta, logprobs: ChoiceLogprobs | None = None, reason: str | None = None
+    ) -> None:
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)
+        chunks.append(
+            ChatCompletionChunk(
+                id=id_,
+                created=created,
+                model=model,
+                system_fingerprint=SYSTEM_FINGERPRINT,
+                choices=[choice],
+            )
+        )
+
     for d in out.deltas:
         s = states[d.index]
         if not s.started:
             s.started = True
-            chunks.append(
-                _chat_chunk(id_, created, model, d.index, Delta(role="assistant", content=""))
-            )
+            if plan is not None and plan.parser is not None:
+                s.parser = make_parser(plan.parser)
+            chunk(d.index, Delta(role="assistant", content=""))
         reason = finish_reason(d) if d.finish_reason is not None else None
-        if d.text or d.logprobs or reason is not None:
-            logprobs = chat_logprobs(d.logprobs or []) if lp else None
-            delta = Delta(content=d.text) if d.text else Delta()
-            chunks.append(_chat_chunk(id_, created, model, d.index, delta, logprobs, reason))
+        logprobs = chat_logprobs(d.logprobs) if lp and d.logprobs else None
+        if s.parser is None:
+            if d.text or d.logprobs or reason is not None:
+                delta = Delta(content=d.text) if d.text else Delta()
+                chunk(d.index, delta, chat_logprobs(d.logprobs or []) if lp else None, reason)
+            continue
+        events: list[Event] = s.parser.feed(d.text) if d.text else []
+        if reason is not None:
+            events += s.parser.finish()
+        for event in events:
+            if isinstance(event, Content):
+                chunk(d.index, Delta(content=event.text), logprobs)
+                logprobs = None
+            elif isinstance(event, Call) and (s.calls == 0 or plan is None or plan.parallel):
+                head = ToolCallDelta(
+                    index=s.calls,
+                    id=tool_call_id(),
+                    type="function",
+                    function=FunctionCallDelta(name=event.name, arguments=""),
+                )
+                args = ToolCallDelta(
+                    index=s.calls, function=FunctionCallDelta(arguments=event.arguments)
+                )
+                chunk(d.index, Delta(tool_calls=[head]), logprobs)
+                chunk(d.index, Delta(tool_calls=[args]))
+                logprobs = None
+                s.calls += 1
+        if logprobs is not None or reason is not None:
+            if reason == "stop" and s.calls:
+                reason = "tool_calls"
+            chunk(d.index, Delta(), logprobs, reason)
     return chunks
 
 
-def _chat_chunk(
+def completion_chunks(
     id_: str,
     created: int,
     model: str,
-    index: int,
-    delta: Delta,
-    logprobs: ChoiceLogprobs | None = None,
-    reason: str | None = None,
-) -> ChatCompletionChunk:
-    choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)
-    return ChatCompletionChunk(id=id_, created=created, model=model, choices=[choice])
-
-
-def completion_chunks(
-    id_: str, created: int, model: str, out: RequestOutput, states: list[ChoiceState], lp: bool
+    out: RequestOutput,
+    states: list[ChoiceState],
+    lp: bool,
+    offset: int = 0,
+    echo: str | None = None,
 ) -> list[Completion]:
+    """``offset``: the index of this prompt's first choice; ``echo``: the prompt's text,
+    sent first in each of its choices."""
     chunks = []
+
+    def chunk(choice: CompletionChoice) -> None:
+        chunks.append(
+            Completion(
+                id=id_,
+                created=created,
+                model=model,
+                system_fingerprint=SYSTEM_FINGERPRINT,
+                choices=[choice],
+            )
+        )
+
     for d in out.deltas:
+        s = states[d.index]
+        if not s.started:
+            s.started = True
+            if echo:
+                chunk(CompletionChoice(index=offset + d.index, text=echo))
         reason = finish_reason(d) if d.finish_reason is not None else None
         if not d.text and not d.logprobs and reason is None:
             continue
-        logprobs = states[d.index].text_logprobs.add(d.logprobs or []) if lp else None
-        choice = CompletionChoice(
-            index=d.index, text=d.text, logprobs=logprobs, finish_reason=reason
+        logprobs = s.text_logprobs.add(d.logprobs or []) if lp else None
+        chunk(
+            CompletionChoice(
+                index=offset + d.index, text=d.text, logprobs=logprobs, finish_reason=reason
+            )
         )
-        chunks.append(Completion(id=id_, created=created, model=model, choices=[choice]))
     return chunks

@@ -29,6 +29,8 @@ MAX_STOP_CHARS = 1_000
 MAX_MESSAGES = 4_096
 MAX_CONTENT_PARTS = 256
 MAX_NAME_CHARS = 256
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
+MAX_STOP_TOKEN_IDS = 1024
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -70,5 +72,45 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(ge=1)]
 StopSeq = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), VALID_UNICODE]
-Stop = StopSeq | Annotated[list[StopSeq], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+def _few_stops(value: list[str]) -> list[str]:
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise PydanticCustomError(
+            "too_many_stops",
+            "at most {max} stop sequences are allowed, got {count}",
+            {"max": MAX_STOP_SEQUENCES, "count": len(value)},
+        )
+    return value
+
+
+Stop = (
+    StopSeq
+    | Annotated[
+        list[StopSeq],
+        AfterValidator(_few_stops),
+        Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES}),
+    ]
+)
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+StopTokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, lt=2**31)]], Field(max_length=MAX_STOP_TOKEN_IDS)
+]
+
+
+def _token_id_keys(value: dict[str, float]) -> dict[str, float]:
+    for key in value:
+        if not key.isascii() or not key.isdigit() or len(key) > 9:
+            raise PydanticCustomError(
+                "logit_bias_key",
+                "keys must be token ids written as decimal strings (e.g. \"50256\"), not '{key}'",
+                {"key": key[:20]},
+            )
+    return value
+
+
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]],
+    Field(max_length=MAX_LOGIT_BIAS),
+    AfterValidator(_token_id_keys),
+]

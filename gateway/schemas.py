@@ -1,7 +1,7 @@
 """OpenAI request and response shapes.
 
-Requests are strict and forbid unknown fields, so an unsupported parameter (``tools``,
-``response_format``...) is a 400 that names it instead of being silently ignored. The
+Requests are strict and forbid unknown fields, so an unsupported parameter is a 400 that
+names it instead of being silently ignored. The
 bounds on each field (seed, stop, text, counts) live in ``gateway.request_fields``.
 """
 
@@ -15,16 +15,19 @@ from gateway.request_fields import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     VALID_UNICODE,
+    LogitBias,
     MaxTokens,
     Name,
     Penalty,
     Seed,
     Stop,
+    StopTokenIds,
     Temperature,
     Text,
     TokenIds,
     TopP,
 )
+from gateway.tool_schemas import ToolCall, ToolCallDelta, ToolCallsIn, ToolChoice, Tools
 
 _REQUEST = ConfigDict(extra="forbid", strict=True)
 
@@ -41,21 +44,34 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One message of the history. Which fields each role needs (content, except for an
+    assistant message with ``tool_calls``; ``tool_call_id`` on a tool result) is checked by
+    ``gateway.chat_messages.check_messages``, which names the field."""
+
     model_config = _REQUEST
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_CONTENT_PARTS)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: (
+        Text | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_CONTENT_PARTS)] | None
+    ) = None
     name: Name | None = None
+    tool_calls: ToolCallsIn | None = None  # assistant messages
+    tool_call_id: Name | None = None  # tool messages
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
     def text_length(self) -> int:
-        """Characters of ``text()``, without joining the parts."""
+        """Characters of ``text()`` and of the calls' arguments, without joining them."""
+        calls = sum(len(c.function.arguments) for c in self.tool_calls or ())
+        if self.content is None:
+            return calls
         if isinstance(self.content, str):
-            return len(self.content)
-        return sum(len(part.text) for part in self.content)
+            return len(self.content) + calls
+        return sum(len(part.text) for part in self.content) + calls
 
 
 class _SamplingFields(BaseModel):
@@ -74,9 +90,15 @@ class _SamplingFields(BaseModel):
     user: Annotated[str, Field(max_length=256), VALID_UNICODE] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # vLLM's extra sampling parameters (``extra_body``): exact output lengths for benchmarks
+    logit_bias: LogitBias | None = None
+    # vLLM's extra sampling parameters (``extra_body``)
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
+    top_k: Annotated[int, Field(ge=-1, lt=2**31)] | None = None  # -1 or 0: off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    stop_token_ids: StopTokenIds | None = None
+    skip_special_tokens: bool = True
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -92,18 +114,41 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
+PromptText = Annotated[str, Field(min_length=1), VALID_UNICODE]
+MAX_PROMPTS = 128  # prompts in one completions request
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[str, Field(min_length=1), VALID_UNICODE] | TokenIds
+    prompt: (
+        PromptText
+        | TokenIds
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: Literal[False] = False
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1, le=16)] | None = None
+    suffix: Text | None = None  # refused with a clear 400: no fill-in-the-middle here
 
     def token_limit(self) -> int | None:
-        return self.max_tokens
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, one or several (each a text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -136,7 +181,8 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -151,6 +197,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
 
@@ -158,6 +205,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -172,6 +220,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -197,6 +246,7 @@ class Completion(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

@@ -17,6 +17,8 @@ class GatewaySettings(StoreSettings):
     # Model spec: "" = the embedded SmolLM2 GGUF; a HF directory; a .gguf file; dummy:<preset>.
     model: str = ""
     served_model_name: str | None = None
+    # how chat output is read for tool calls; None: chosen from the model's chat template
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = None

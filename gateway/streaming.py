@@ -21,13 +21,13 @@ from engine.api import RequestOutput
 from engine.errors import EngineError
 from gateway.errors import engine_error_kind
 from gateway.inference import EngineCall
-from gateway.render import ChoiceState, usage
+from gateway.render import SYSTEM_FINGERPRINT, ChoiceState, usage
 from gateway.schemas import ChatCompletionChunk, Completion
 
 DONE = b"data: [DONE]\n\n"
 
 ChunkMaker = Callable[[RequestOutput, list[ChoiceState]], Sequence[BaseModel]]
-UsageChunk = Callable[[RequestOutput | None], BaseModel]
+UsageChunk = Callable[..., BaseModel]  # (the calls' last outputs) -> the usage chunk
 
 
 def sse(obj: BaseModel) -> bytes:
@@ -50,55 +50,87 @@ async def events(
     chunks: ChunkMaker,
     usage_chunk: UsageChunk | None,
 ) -> AsyncIterator[bytes]:
-    states = [ChoiceState() for _ in range(call.spec.sampling.n)]
-    out: RequestOutput | None = first
-    try:
-        while out is not None:
-            if out.finished:  # metered durably before the client sees the end
-                await call.finish()
-            for chunk in chunks(out, states):
-                yield sse(chunk)
-            out = None if out.finished else await call.next()
-    except EngineError as exc:  # the engine died mid-stream: say so in-band, then end
-        await call.finish("error")
-        yield sse_error(exc.message, exc)
-        yield DONE
-        return
-    await call.finish()  # (a no-op unless the engine ended the stream without a last output)
-    last = call.last
-    if last is not None and last.error is not None:
-        yield sse_error(f"generation failed: {last.error}", last.exception)
-    elif usage_chunk is not None:
-        yield sse(usage_chunk(last))
+    async for b in events_of([(call, first, chunks)], usage_chunk):
+        yield b
+
+
+async def events_of(
+    calls: Sequence[tuple[EngineCall, RequestOutput, ChunkMaker]],
+    usage_chunk: UsageChunk | None,
+) -> AsyncIterator[bytes]:
+    """The events of one or more started calls (a completions request with several
+    prompts), one call after the other: the engine runs them all at once meanwhile."""
+    lasts: list[RequestOutput | None] = []
+    for call, first, chunks in calls:
+        states = [ChoiceState() for _ in range(call.spec.sampling.n)]
+        out: RequestOutput | None = first
+        try:
+            while out is not None:
+                if out.finished:  # metered durably before the client sees the end
+                    await call.finish()
+                for chunk in chunks(out, states):
+                    yield sse(chunk)
+                out = None if out.finished else await call.next()
+        except EngineError as exc:  # the engine died mid-stream: say so in-band, then end
+            await call.finish("error")
+            yield sse_error(exc.message, exc)
+            yield DONE
+            return
+        await call.finish()  # (a no-op unless the engine ended the stream without a last output)
+        last = call.last
+        if last is not None and last.error is not None:
+            yield sse_error(f"generation failed: {last.error}", last.exception)
+            yield DONE
+            return
+        lasts.append(last)
+    if usage_chunk is not None:
+        yield sse(usage_chunk(*lasts))
     yield DONE
 
 
 def chat_usage_chunk(id_: str, created: int, model: str) -> UsageChunk:
-    def make(last: RequestOutput | None) -> BaseModel:
+    def make(*lasts: RequestOutput | None) -> BaseModel:
         return ChatCompletionChunk(
-            id=id_, created=created, model=model, choices=[], usage=usage(last)
+            id=id_,
+            created=created,
+            model=model,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[],
+            usage=usage(*lasts),
         )
 
     return make
 
 
 def completion_usage_chunk(id_: str, created: int, model: str) -> UsageChunk:
-    def make(last: RequestOutput | None) -> BaseModel:
-        return Completion(id=id_, created=created, model=model, choices=[], usage=usage(last))
+    def make(*lasts: RequestOutput | None) -> BaseModel:
+        return Completion(
+            id=id_,
+            created=created,
+            model=model,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[],
+            usage=usage(*lasts),
+        )
 
     return make
 
 
 class EngineStream(StreamingResponse):
-    """An SSE response that always finishes its engine call, however the stream ends."""
+    """An SSE response that always finishes its engine calls, however the stream ends."""
 
-    def __init__(self, call: EngineCall, body: AsyncIterator[bytes]) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **call.headers}
+    def __init__(self, call: EngineCall | list[EngineCall], body: AsyncIterator[bytes]) -> None:
+        self._calls = call if isinstance(call, list) else [call]
+        headers = {
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **self._calls[0].headers,
+        }
         super().__init__(body, media_type="text/event-stream", headers=headers)
-        self._call = call
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._call.finish()  # no-op after a complete stream; else status aborted
+            for call in self._calls:  # no-op after a complete stream; else status aborted
+                await call.finish()

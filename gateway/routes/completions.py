@@ -1,7 +1,8 @@
-"""POST /v1/completions: streaming and not."""
+"""POST /v1/completions: streaming and not; one prompt or several."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from functools import partial
 
@@ -9,14 +10,22 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from gateway.deps import InferenceDep, ServicesDep
-from gateway.inference import collect, new_request_id, open_call
+from gateway.inference import collect, new_request_id, open_calls
 from gateway.json_body import StrictJsonRoute
 from gateway.openapi import errors, text_stream
-from gateway.render import completion_chunks
+from gateway.prompts import check_completion_options, served_model
+from gateway.render import SYSTEM_FINGERPRINT, completion_chunks, usage
 from gateway.schemas import Completion, CompletionRequest
-from gateway.streaming import EngineStream, completion_usage_chunk, events
+from gateway.state import Services
+from gateway.streaming import EngineStream, completion_usage_chunk, events_of
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
+
+
+def echo_texts(services: Services, body: CompletionRequest) -> list[str]:
+    """Each prompt as text (token ids decoded), for ``echo``."""
+    tokenizer = served_model(services.base_model_name(), services.engine).tokenizer
+    return [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts()]
 
 
 @router.post(
@@ -30,12 +39,43 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 async def completions(
     body: CompletionRequest, principal: InferenceDep, services: ServicesDep
 ) -> JSONResponse | EngineStream:
-    call, first = await open_call(services, principal, body, new_request_id("cmpl"))
-    id_, created, model = call.spec.request_id, int(time.time()), body.model
+    check_completion_options(body)
+    calls = await open_calls(services, principal, body, new_request_id("cmpl"))
+    id_, created, model = calls[0][0].spec.request_id, int(time.time()), body.model
+    lp, n = body.logprobs is not None, body.n
+    echo = echo_texts(services, body) if body.echo else None
     if body.stream:
-        chunks = partial(completion_chunks, id_, created, model, lp=body.logprobs is not None)
-        usage = completion_usage_chunk(id_, created, model) if body.include_usage() else None
-        return EngineStream(call, events(call, first, chunks, usage))
-    choices = await collect(call, first)
-    result = choices.completion(id_, created, model, call.last or first, body.logprobs is not None)
-    return JSONResponse(result.model_dump(), headers=call.headers)
+        makers = [
+            (
+                call,
+                first,
+                partial(
+                    completion_chunks,
+                    id_,
+                    created,
+                    model,
+                    lp=lp,
+                    offset=p * n,
+                    echo=None if echo is None else echo[p],
+                ),
+            )
+            for p, (call, first) in enumerate(calls)
+        ]
+        usage_chunk = completion_usage_chunk(id_, created, model) if body.include_usage() else None
+        return EngineStream([c for c, _ in calls], events_of(makers, usage_chunk))
+    collected = await asyncio.gather(*(collect(call, first) for call, first in calls))
+    result = Completion(
+        id=id_,
+        created=created,
+        model=model,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        choices=[],
+        usage=usage(*(call.last or first for call, first in calls)),
+    )
+    for p, choices in enumerate(collected):
+        for choice in choices.completion_choices(lp):
+            choice.index += p * n
+            if echo is not None:
+                choice.text = echo[p] + choice.text
+            result.choices.append(choice)
+    return JSONResponse(result.model_dump(), headers=calls[0][0].headers)

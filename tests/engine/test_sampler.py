@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from engine.api import SamplingParams
-from engine.sampler import Sampler, SampleRow, apply_penalties, apply_top_k_top_p
+from engine.sampler import (
+    Sampler,
+    SampleRow,
+    apply_logit_bias,
+    apply_penalties,
+    apply_top_k_top_p,
+)
 
 V = 50
 
@@ -117,3 +123,24 @@ def test_mixed_batch_greedy_rows_stay_greedy():
     res = Sampler()(logits, rows)
     for i in range(1, 6, 2):
         assert res.token_ids[i] == logits[i].argmax().item()
+
+
+def test_logit_bias_per_row_in_one_batch():
+    logits = torch.randn(4, V)
+    top = logits.argmax(1).tolist()
+    rows = [
+        row(temperature=0.0, logit_bias=((7, 100.0),)),  # forces 7
+        row(temperature=0.0, logit_bias=((top[1], -100.0),)),  # bans its argmax
+        row(temperature=0.0),  # untouched
+        row(temperature=0.8, seed=3, logit_bias=((11, 100.0), (12, -5.0))),  # sampled: 11
+    ]
+    biased = apply_logit_bias(logits, rows)
+    expected = logits.clone()
+    expected[0, 7] += 100.0
+    expected[1, top[1]] -= 100.0
+    expected[3, 11] += 100.0
+    expected[3, 12] -= 5.0
+    assert torch.equal(biased, expected)
+    out = Sampler()(logits, rows).token_ids
+    assert out == [7, expected[1].argmax().item(), top[2], 11]
+    assert out[1] != top[1]
