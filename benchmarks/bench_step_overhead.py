@@ -33,6 +33,7 @@ from engine.model.dummy_tokenizer import dummy_tokenizer
 from engine.model.inputs import build_host_inputs
 from engine.model.presets import PRESETS
 from engine.output_processor import OutputProcessor
+from engine.runner import StepTensors
 
 PHASES = ("schedule", "inputs", "sample", "post")
 
@@ -63,6 +64,9 @@ class StubRunner:
         self.timers["inputs"] += time.perf_counter() - t
         self._calls += 1
         return self._logits[self._calls % 8][: host.sample_idx.shape[0]]
+
+    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepTensors:
+        return StepTensors(self.execute(batch, prev_tokens))
 
     def read_adapter(self, path: Path) -> str:
         return str(path)

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from engine.errors import EngineError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+# "generate": sample tokens; "embed": prefill only, the answer is the pooled final hidden
+# state (``EMBEDDING_POOLING``), one output with ``embedding`` set
+Task = Literal["generate", "embed"]
+# How an embedding is pooled, for every model the engine serves (decoder LMs): the final
+# normed hidden state of the prompt's last token, L2-normalized, float32 (vLLM's default for
+# decoder LMs). Last-token pooling needs no hidden state but the last one, so an embedding
+# request prefills in chunks and hits the prefix cache like any prompt.
+EMBEDDING_POOLING = "last"
+EMBEDDING_NORMALIZE = True
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is a signed 64-bit integer
 MAX_STOPS = 16  # per request (the OpenAI API allows 4; the engine's own bound)
@@ -127,6 +136,7 @@ class Request(msgspec.Struct):
     prompt: str | list[int]  # token ids over the wire; text only in-process (tests, tools)
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     adapter: AdapterRef | None = None
+    task: Task = "generate"  # "embed": ``sampling`` is not used (n must be 1)
 
 
 # ---- what the engine core sends back each step (token ids) --------------------------------
@@ -166,6 +176,8 @@ class EngineOutput(msgspec.Struct, array_like=True):
     finished: bool
     error: ErrorInfo | None = None  # set when the request failed (finish_reason "error")
     engine_ms: float = 0.0  # on the last output: the engine's own time for the request
+    # an "embed" request's one (finished) output: ``[hidden_size]`` little-endian float32
+    embedding: bytes | None = None
 
 
 # ---- what a client of the engine sees (text, after the output processor) -------------------
@@ -202,6 +214,7 @@ class RequestOutput:
     # the typed cause behind ``error`` (e.g. AdapterIncompatible -> 400, AdapterLoadError -> 503)
     exception: EngineError | None = None
     engine_ms: float = 0.0  # on the last output: from the engine taking the request to its end
+    embedding: bytes | None = None  # an "embed" request's result (``EngineOutput.embedding``)
 
 
 class AdapterResidency(msgspec.Struct):

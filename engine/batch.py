@@ -13,7 +13,9 @@ class SeqChunk:
     newest token when decoding); ``start_pos`` is the position of ``token_ids[0]``. Tokens
     before ``start_pos`` already have KV in ``block_table`` (earlier chunks or a prefix
     cache hit). ``adapter_slot`` is the GPU LoRA slot (-1: base model). ``sample`` says
-    whether the runner must return logits for the chunk's last token. ``block_table`` is the
+    whether the runner must return logits for the chunk's last token, ``pool`` whether it must
+    return that token's final hidden state (the last chunk of an embedding request: an
+    embedding chunk never samples). ``block_table`` is the
     sequence's own list (not a copy): valid while the runner builds this step's inputs, it
     grows with the next scheduling step.
     """
@@ -24,6 +26,7 @@ class SeqChunk:
     block_table: list[int]
     adapter_slot: int
     sample: bool
+    pool: bool = False
 
 
 @dataclass

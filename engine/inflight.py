@@ -28,11 +28,36 @@ class SampledRow:
     index: int  # where its token goes in ``seq.token_ids``
 
 
+class DevicePooled:
+    """A step's pooled embeddings on their way to the host (copied as they are launched,
+    read with the step's tokens)."""
+
+    def __init__(self, pooled: torch.Tensor, states: list[RequestState]) -> None:
+        self.states = states  # aligned with the rows of ``pooled``
+        self._event = None
+        if pooled.device.type == "cuda":
+            host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(pooled, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._host = host
+        else:
+            self._host = pooled.float()
+
+    def resolve(self) -> list[bytes]:
+        """Each row as little-endian float32 bytes (waits for the copy on CUDA)."""
+        if self._event is not None:
+            self._event.synchronize()
+        rows = self._host.contiguous().numpy().astype("<f4", copy=False)
+        return [row.tobytes() for row in rows]
+
+
 @dataclass(eq=False)
 class InFlight:
     rows: list[SampledRow]
     sample: DeviceSample | None  # None: nothing sampled (prefill chunks only)
     row_of: dict[int, int] = field(default_factory=dict)  # seq_id -> row of ``sample``
+    pooled: DevicePooled | None = None  # embedding requests this step finished
 
     @property
     def tokens(self) -> torch.Tensor | None:

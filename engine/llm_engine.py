@@ -28,10 +28,16 @@ from engine.errors import (
     InvalidRequest,
     as_engine_error,
 )
-from engine.inflight import PLACEHOLDER, InFlight, SampledRow, gather_for
+from engine.inflight import PLACEHOLDER, DevicePooled, InFlight, SampledRow, gather_for
 from engine.lora.loader import AdapterLoader, local_fetch
 from engine.lora.slots import SlotTable
-from engine.request_state import Choice, RequestState, check_fits, tokenize_prompt
+from engine.request_state import (
+    Choice,
+    RequestState,
+    check_embed_fits,
+    check_fits,
+    tokenize_prompt,
+)
 from engine.runner import Runner, build_runner
 from engine.sampler import DeviceSample, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -126,9 +132,15 @@ class LLMEngine:
                 f"logit_bias token ids must be in [0, {vocab})", param="logit_bias"
             )
         prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, vocab)
-        check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
+        embed = request.task == "embed"
+        if embed:
+            check_embed_fits(len(prompt_ids), p.n, self.max_model_len, self.kv_tokens)
+            # one past the prompt: the scheduler prefills it all; it ends with its last chunk
+            max_total = len(prompt_ids) + 1
+        else:
+            check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
+            max_total = min(len(prompt_ids) + p.max_tokens, self.max_model_len)
         state = RequestState(request, prompt_ids, [], self._eos)
-        max_total = min(len(prompt_ids) + p.max_tokens, self.max_model_len)
         arrival = self._next_arrival
         self._next_arrival += 1
         key = state.adapter_key
@@ -142,6 +154,7 @@ class LLMEngine:
                 len(prompt_ids),
                 key,
                 max_total=max_total,
+                embed=embed,
             )
             self._next_seq_id += 1
             choice = Choice(seq)
@@ -276,7 +289,7 @@ class LLMEngine:
         prev = self._inflight
         out.batch.gather = gather_for(out, prev)
         try:
-            logits = self.runner.execute(
+            result = self.runner.run(
                 out.batch, None if prev is None or not out.batch.gather else prev.tokens
             )
         except Exception as exc:
@@ -284,6 +297,8 @@ class LLMEngine:
             return None
         self._failed_forwards = 0
         self.scheduler.advance(out)
+        logits = result.logits
+        pooled = None if result.pooled is None else self._pooled(out, result.pooled)
         rows: list[SampledRow] = []
         sample_rows: list[SampleRow] = []
         keep: list[int] = []
@@ -305,14 +320,39 @@ class LLMEngine:
         if logits.shape[0] != k:
             raise RuntimeError(f"runner returned {logits.shape[0]} logits rows for {k} samples")
         if not rows:
-            return InFlight([], None)
+            return InFlight([], None, pooled=pooled)
         if len(keep) != k:
             logits = logits[keep]
         sample = self._sample_rows(logits, sample_rows, rows)
         for row in rows:  # the next step reads these on the device
             row.seq.token_ids.append(PLACEHOLDER)
             row.seq.num_pending += 1
-        return InFlight(rows, sample, {r.seq.seq_id: i for i, r in enumerate(rows)})
+        return InFlight(rows, sample, {r.seq.seq_id: i for i, r in enumerate(rows)}, pooled)
+
+    def _pooled(self, out: SchedulerOutput, pooled: torch.Tensor) -> DevicePooled | None:
+        """The embedding requests whose last chunk ran: their blocks and slot pins are
+        freed now (later steps' writes are ordered after this one's reads on the device);
+        the requests end when their vectors reach the host (``_finish_inflight``)."""
+        keep: list[int] = []
+        states: list[RequestState] = []
+        k = 0
+        for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
+            if not chunk.pool:
+                continue
+            k += 1
+            owner = self._owner.get(seq.seq_id)
+            if owner is None or owner[1].finish_reason is not None:
+                continue  # failed or aborted earlier in this step
+            owner[0].cached_tokens = seq.num_cached_tokens
+            self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
+            self.scheduler.finish(seq)
+            keep.append(k - 1)
+            states.append(owner[0])
+        if pooled.shape[0] != k:
+            raise RuntimeError(f"runner returned {pooled.shape[0]} pooled rows for {k} chunks")
+        if not states:
+            return None
+        return DevicePooled(pooled if len(keep) == k else pooled[keep], states)
 
     def _sample_rows(
         self, logits: torch.Tensor, sample_rows: list[SampleRow], rows: list[SampledRow]
@@ -336,8 +376,11 @@ class LLMEngine:
     def _finish_inflight(self) -> list[EngineOutput]:
         """Read the step in flight's tokens (one sync) and account them."""
         f, self._inflight = self._inflight, None
-        if f is None or f.sample is None:
+        if f is None:
             return []
+        outputs = [] if f.pooled is None else self._finish_pooled(f.pooled)
+        if f.sample is None:
+            return outputs
         res = f.sample.resolve()
         max_len = self.max_model_len
         touched: dict[int, RequestState] = {}
@@ -364,7 +407,6 @@ class LLMEngine:
             if choice.finish_reason is not None:
                 self.scheduler.finish(seq)
         self._counters.generation_tokens += len(f.rows)
-        outputs = []
         for state in touched.values():
             if state.finished:
                 self._retire(state)
@@ -374,6 +416,16 @@ class LLMEngine:
             if o is not None:
                 outputs.append(o)
         return outputs
+
+    def _finish_pooled(self, pooled: DevicePooled) -> list[EngineOutput]:
+        """End the embedding requests of a step: each one output, with its vector."""
+        for state, vector in zip(pooled.states, pooled.resolve(), strict=True):
+            if state.request.request_id not in self._requests:
+                continue  # aborted while this step ran
+            state.embedding = vector
+            state.finish("stop")
+            self._retire(state)
+        return self._take_pending()
 
     def _forward_failed(self, out: SchedulerOutput, exc: Exception) -> None:
         """Fail the batch's requests; give up (re-raise) after repeated failed forwards."""

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from engine import kernels as K
 from engine.batch import ScheduledBatch, SeqChunk
@@ -24,6 +25,7 @@ from engine.model.cuda_graphs import DecodeGraphs
 from engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
 from engine.model.llama import LlamaModel
 from engine.model.loader import LoadedModel, load_model
+from engine.runner import StepTensors
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
@@ -153,13 +155,18 @@ class ModelRunner:
 
     # ---- steps ---------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(
         self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
         """One forward. -> float32 logits ``[chunks with sample=True, vocab]``, in chunk order.
         ``prev_tokens``: what the previous step sampled (on the device), for
         ``batch.gather``."""
+        return self.run(batch, prev_tokens).logits
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepTensors:
+        """``execute``, plus each ``pool`` chunk's last hidden state, float32, L2-normalized
+        (the hidden states are the final norm's output: what the LM head reads)."""
         host = build_host_inputs(
             batch,
             block_size=self.block_size,
@@ -172,9 +179,15 @@ class ModelRunner:
             groups = self.lora.groups_used({c.adapter_slot for c in batch.chunks})
             hidden = self._eager(host, groups, batch.gather, prev_tokens)
         idx = host.sample_idx
+        pooled = None
+        if host.pool_idx is not None:
+            pidx = host.pool_idx
+            if self.device.type == "cuda":
+                pidx = pidx.pin_memory().to(self.device, non_blocking=True)
+            pooled = F.normalize(hidden[pidx].float(), dim=-1)
         if self.device.type == "cuda":
             idx = idx.pin_memory().to(self.device, non_blocking=True)
-        return self.model.logits(hidden[idx])
+        return StepTensors(self.model.logits(hidden[idx]), pooled)
 
     def _eager(
         self,

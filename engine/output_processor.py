@@ -160,4 +160,5 @@ class RequestTracker:
             error=error if finished else None,
             exception=exception if finished else None,
             engine_ms=out.engine_ms,
+            embedding=out.embedding if finished else None,
         )

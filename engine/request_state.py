@@ -53,6 +53,7 @@ class RequestState:
     cached_tokens: int = 0
     error: EngineError | None = None
     arrival_s: float = field(default_factory=time.perf_counter)
+    embedding: bytes | None = None  # an embedding request's vector, once on the host
     _stop_ids: frozenset[int] = field(init=False, repr=False)  # token ids that end a choice
 
     def __post_init__(self) -> None:
@@ -153,6 +154,7 @@ class RequestState:
             finished,
             error,
             took,
+            self.embedding if finished else None,
         )
 
 
@@ -180,4 +182,20 @@ def check_fits(prompt_len: int, max_tokens: int, max_model_len: int, kv_tokens: 
     if total > kv_tokens:
         raise PromptTooLong(
             f"{total} tokens do not fit the KV cache ({kv_tokens})", param="max_tokens"
+        )
+
+
+def check_embed_fits(prompt_len: int, n: int, max_model_len: int, kv_tokens: int) -> None:
+    """An embedding request: one choice, and its whole prompt fits the context and the KV
+    pool (nothing is generated after it)."""
+    if n != 1:
+        raise InvalidRequest("an embedding request has exactly one choice (n=1)", param="n")
+    if prompt_len > max_model_len:
+        raise PromptTooLong(
+            f"input ({prompt_len} tokens) exceeds the context of {max_model_len} tokens",
+            param="input",
+        )
+    if prompt_len > kv_tokens:
+        raise PromptTooLong(
+            f"{prompt_len} tokens do not fit the KV cache ({kv_tokens})", param="input"
         )

@@ -6,6 +6,7 @@ these few members only, so tests can hand the engine a small stand-in.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,6 +15,16 @@ import torch
 from engine.batch import ScheduledBatch
 from engine.config import EngineConfig
 from engine.model.config import ModelConfig
+
+
+@dataclass
+class StepTensors:
+    """One forward's results, on the device."""
+
+    logits: torch.Tensor  # [chunks with sample=True, vocab] float32, in chunk order
+    # [chunks with pool=True, hidden] float32, in chunk order: each such chunk's last token's
+    # final normed hidden state, L2-normalized (``engine.api.EMBEDDING_POOLING``); None: none
+    pooled: torch.Tensor | None = None
 
 
 class Runner(Protocol):
@@ -33,6 +44,10 @@ class Runner(Protocol):
         """One forward -> float32 logits ``[chunks with sample=True, vocab]``. Tokens that
         ``batch.gather`` names come from ``prev_tokens`` (the previous step's samples, on
         the device)."""
+        ...
+
+    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepTensors:
+        """``execute`` that also returns the pooled hidden states of ``pool`` chunks."""
         ...
 
     def read_adapter(self, path: Path) -> Any:

@@ -160,6 +160,7 @@ class Scheduler:
         start = seq.num_computed_tokens
         end = start + n
         tokens = seq.token_ids
+        last = end == len(tokens)
         out.batch.chunks.append(
             SeqChunk(
                 seq_id=seq.seq_id,
@@ -167,7 +168,8 @@ class Scheduler:
                 start_pos=start,
                 block_table=seq.block_table,  # read by the runner before it grows again
                 adapter_slot=seq.slot,
-                sample=end == len(tokens),
+                sample=last and not seq.embed,
+                pool=last and seq.embed,
             )
         )
         out.seqs.append(seq)

@@ -39,6 +39,7 @@ class Sequence:
     # tokens at the end of ``token_ids`` that a step in flight samples (placeholders, -1)
     num_pending: int = 0
     max_total: int = 1 << 62  # prompt + the most tokens it may generate (scheduler's stop)
+    embed: bool = False  # an embedding request: its last prompt chunk pools, never samples
 
     @property
     def priority(self) -> tuple[int, int]:

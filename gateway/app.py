@@ -24,6 +24,7 @@ from gateway.middleware import install_middleware
 from gateway.openapi import install_openapi
 from gateway.resolve import ModelResolver
 from gateway.routes import chat, completions, health, models
+from gateway.routes import embeddings as embeddings_routes
 from gateway.routes import metrics as metrics_routes
 from gateway.settings import GatewaySettings
 from gateway.state import Services
@@ -101,4 +102,5 @@ def create_app(
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(embeddings_routes.router)
     return app

@@ -37,6 +37,8 @@ class GatewaySettings(StoreSettings):
     workers: int | None = Field(default=None, ge=1, le=64)  # None: from the core count
     # HTTP limits
     max_body_bytes: int = 4 * 1024 * 1024
+    # /v1/embeddings: tokens over all the inputs of one request (OpenAI's limit)
+    embedding_max_tokens: int = Field(default=300_000, ge=1)
     # Adapters: upload cap (multipart body; an archive's contents get twice this), disk cache.
     adapter_upload_max_bytes: int = 1024 * 1024 * 1024
     adapter_cache_dir: Path | None = None  # default: <data_dir>/adapter-cache

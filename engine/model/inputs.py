@@ -35,6 +35,7 @@ class HostInputs:
     is_decode: bool
     has_lora: bool
     max_q_len: int  # longest chunk of the step, known here so no kernel reads it back
+    pool_idx: torch.Tensor | None = None  # [P] int64: rows pooled (embeddings); None: none
 
     @property
     def num_tokens(self) -> int:
@@ -134,6 +135,7 @@ def build_host_inputs(
 
     slots = _tensor("i", [c.adapter_slot for c in chunks])
     sample = torch.tensor([c.sample for c in chunks], dtype=torch.bool)
+    pool = [i for i, c in enumerate(chunks) if c.pool]
     input_ids = _tensor("q", chain.from_iterable(c.token_ids for c in chunks))
     if batch.gather:
         input_ids.clamp_(min=0)  # placeholders: the device fills them in (gather_sampled)
@@ -149,4 +151,5 @@ def build_host_inputs(
         is_decode=T == B and min(starts_l) > 0,  # = batch.is_decode, without a pass
         has_lora=bool((slots >= 0).any()),
         max_q_len=max(lens_l),
+        pool_idx=(cu[1:] - 1)[pool] if pool else None,
     )

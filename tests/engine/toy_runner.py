@@ -20,11 +20,18 @@ import torch
 from engine.batch import ScheduledBatch
 from engine.errors import AdapterIncompatible, AdapterLoadError
 from engine.model.config import ModelConfig
+from engine.runner import StepTensors
 
 
 def toy_logits(context: list[tuple[int, int]], vocab: int) -> torch.Tensor:
     seed = zlib.crc32(repr(context).encode())
     return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def toy_embedding(context: list[tuple[int, int]], hidden: int) -> torch.Tensor:
+    """What the toy pools for an embedding request: a unit vector that is a pseudo-random
+    function of the whole context (tokens and adapter weights) read back from the pool."""
+    return torch.nn.functional.normalize(toy_logits(context, hidden), dim=0)
 
 
 def reference_greedy(
@@ -97,7 +104,7 @@ class ToyRunner:
     def clear_slot(self, slot: int) -> None:
         self.slot_weights[slot] = None
 
-    def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None):
+    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepTensors:
         self.batches.append(batch)
         bs = self.block_size
         rows = []
@@ -118,13 +125,19 @@ class ToyRunner:
                 pos = c.start_pos + j
                 self.pool[c.block_table[pos // bs]][pos % bs] = (t, w)
             offset += len(c.token_ids)
+        pooled = []
         for c in batch.chunks:  # read after every write, as a layer's attention does
-            if c.sample:
+            if c.sample or c.pool:
                 end = c.start_pos + len(c.token_ids)
                 ctx = [self.pool[c.block_table[p // bs]][p % bs] for p in range(end)]
                 if any(x is None for x in ctx):
                     raise RuntimeError("read an unwritten KV slot")
-                rows.append(toy_logits(ctx, self.vocab_size))  # type: ignore[arg-type]
-        if not rows:
-            return torch.empty(0, self.vocab_size)
-        return torch.stack(rows)
+                if c.sample:
+                    rows.append(toy_logits(ctx, self.vocab_size))  # type: ignore[arg-type]
+                else:
+                    pooled.append(toy_embedding(ctx, self.config.hidden_size))  # type: ignore[arg-type]
+        logits = torch.stack(rows) if rows else torch.empty(0, self.vocab_size)
+        return StepTensors(logits, torch.stack(pooled) if pooled else None)
+
+    def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None):
+        return self.run(batch, prev_tokens).logits
