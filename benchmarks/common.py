@@ -273,7 +273,7 @@ def pick_device(smoke: bool) -> torch.device:
 class StepEvents:
     """How busy the GPU is while an engine steps, from CUDA events (no profiler, so the host
     runs at its own speed): an event before each step's first launch (the runner's
-    ``execute``) and one after its last (the sampler's launch). The GPU is busy with a step
+    ``run``) and one after its last (the sampler's launch). The GPU is busy with a step
     from the first event to the second; the fraction is the sum of those spans over the
     window, from the first step's start to the last one's end. Install on an engine with
     :meth:`attach`; ``start()`` and ``stop()`` bracket the window; CPU runs report nothing."""
@@ -291,18 +291,18 @@ class StepEvents:
         if self.device.type != "cuda":
             return
         runner, sampler = engine.runner, engine.sampler
-        execute, sample = runner.execute, sampler.sample
+        run, sample = runner.run, sampler.sample
 
-        def timed_execute(batch, prev_tokens=None):  # type: ignore[no-untyped-def]
+        def timed_run(batch, prev_tokens=None):  # type: ignore[no-untyped-def]
             if not self._on:
-                return execute(batch, prev_tokens)
+                return run(batch, prev_tokens)
             t0 = time.perf_counter()
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            # [start event, end event, host: execute entry, execute exit, sample exit, eager]
+            # [start event, end event, host: run entry, run exit, sample exit, eager]
             eager = batch.num_tokens != len(batch.chunks)  # a prefill chunk: no decode graph
             self._pairs.append([ev, None, t0, None, None, eager])
-            out = execute(batch, prev_tokens)
+            out = run(batch, prev_tokens)
             self._pairs[-1][3] = time.perf_counter()
             return out
 
@@ -315,7 +315,7 @@ class StepEvents:
                 self._pairs[-1][4] = time.perf_counter()
             return out
 
-        runner.execute, sampler.sample = timed_execute, timed_sample
+        runner.run, sampler.sample = timed_run, timed_sample
 
     def start(self) -> None:
         self._on = self.device.type == "cuda"

@@ -80,7 +80,9 @@ async def input_ids(
         texts: list[str] = inputs  # type: ignore[assignment]
         for i, t in enumerate(texts):
             if len(t) > n * CHARS_PER_TOKEN:
-                raise _too_long(n, i, f"{len(t)} characters, more than {n * CHARS_PER_TOKEN} can fit")
+                raise _too_long(
+                    n, i, f"{len(t)} characters, more than {n * CHARS_PER_TOKEN} can fit"
+                )
         chars = sum(map(len, texts))
         if chars > max_tokens * CHARS_PER_TOKEN:
             raise _too_many(max_tokens, f"{chars} characters")
@@ -167,9 +169,7 @@ class EmbeddingCall:
         spec = self.spec
         total = sum(map(len, spec.inputs))
         if self._limiter is not None:
-            self._admission = await self._limiter.admit(
-                spec.principal, total, prompt_tokens=total
-            )
+            self._admission = await self._limiter.admit(spec.principal, total, prompt_tokens=total)
         gate = asyncio.Semaphore(IN_FLIGHT)
         tasks = [
             asyncio.ensure_future(self._one(gate, i, ids)) for i, ids in enumerate(spec.inputs)

@@ -91,7 +91,7 @@ async def toy_engine(kind: str, tok_dir: Path, **opts: Any) -> AsyncIterator[Har
         slots = opts.get("slots", 2)
         runner = ToyRunner(tok, num_blocks=opts.get("num_blocks", 64), block_size=4,
                            num_slots=slots)  # fmt: skip
-        execute = runner.execute
+        run = runner.run
         delay = opts.get("step_delay_s", 0.0)
 
         def slow_or_failing(batch, prev_tokens=None):  # type: ignore[no-untyped-def]
@@ -99,9 +99,9 @@ async def toy_engine(kind: str, tok_dir: Path, **opts: Any) -> AsyncIterator[Har
                 raise RuntimeError("device lost")
             if delay:
                 time.sleep(delay)
-            return execute(batch, prev_tokens)
+            return run(batch, prev_tokens)
 
-        runner.execute = slow_or_failing  # type: ignore[method-assign]
+        runner.run = slow_or_failing  # type: ignore[method-assign]
         config = EngineConfig(block_size=4, max_loras=slots, max_cpu_loras=max(slots, 4))
         client: EngineClient = InprocEngineClient(lambda: LLMEngine(runner, config), name="toy")
     else:

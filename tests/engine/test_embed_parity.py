@@ -91,7 +91,13 @@ def test_base_and_adapters_match_transformers_in_a_mixed_batch(tiny):
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (1, 9, 40, 17, 77)]
     # inputs 0..2 on the base, 3 with adapter 0, 4 with adapter 1
-    refs = [None, None, None, AdapterRef("a0", str(adapters[0])), AdapterRef("a1", str(adapters[1]))]
+    refs = [
+        None,
+        None,
+        None,
+        AdapterRef("a0", str(adapters[0])),
+        AdapterRef("a1", str(adapters[1])),
+    ]
     engine = engine_over(str(base), max_num_batched_tokens=32, enable_prefix_caching=True)
     gen = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     requests = [Request("g0", inputs[2][:10], gen), Request("g1", inputs[1], gen, refs[4])]

@@ -152,13 +152,13 @@ def test_adapters_change_the_greedy_tokens(hf, tiny_adapters):
 def record_batches(engine: LLMEngine) -> list[tuple[int, int]]:
     """(sequences, distinct adapter slots) of every batch the runner executes."""
     seen: list[tuple[int, int]] = []
-    execute = engine.runner.execute
+    run = engine.runner.run
 
     def recording(batch, prev_tokens=None):
         seen.append((len(batch.chunks), len({c.adapter_slot for c in batch.chunks})))
-        return execute(batch, prev_tokens)
+        return run(batch, prev_tokens)
 
-    engine.runner.execute = recording  # type: ignore[method-assign]
+    engine.runner.run = recording  # type: ignore[method-assign]
     return seen
 
 

@@ -12,6 +12,8 @@ import struct
 
 import pytest
 import torch
+
+# the engine fixtures of the logic tests (toy runner, async and sync scheduling)
 from test_engine_logic import adapter, make_engine, run_all, tok, tokens_of  # noqa: F401
 from toy_runner import reference_greedy, toy_embedding
 
@@ -36,7 +38,7 @@ def expected(prompt: list[int], weights: int = 0) -> torch.Tensor:
     return toy_embedding([(t, weights) for t in prompt], HIDDEN)
 
 
-def test_embeddings_in_a_batch_with_generation(make_engine, tmp_path):
+def test_embeddings_in_a_batch_with_generation(make_engine, tmp_path):  # noqa: F811
     """Embeddings (short, chunked, with an adapter) beside generating requests: each gets
     its own vector, the generations their reference tokens, one finished output each."""
     engine = make_engine(max_num_batched_tokens=16)
@@ -64,7 +66,7 @@ def test_embeddings_in_a_batch_with_generation(make_engine, tmp_path):
     assert not any(c.pool and c.sample for c in chunks)
 
 
-def test_prefix_cache_hit_and_repeat(make_engine):
+def test_prefix_cache_hit_and_repeat(make_engine):  # noqa: F811
     """The same input twice: the second reuses cached blocks and pools the same vector."""
     engine = make_engine(enable_prefix_caching=True)
     prompt = list(range(3, 30))
@@ -77,7 +79,7 @@ def test_prefix_cache_hit_and_repeat(make_engine):
     assert torch.allclose(vector(second), expected(prompt))
 
 
-def test_preempted_embedding_recomputes(make_engine):
+def test_preempted_embedding_recomputes(make_engine):  # noqa: F811
     """A pool too small for everyone: embeddings get preempted and still come out right."""
     engine = make_engine(num_blocks=12, max_num_batched_tokens=8)
     prompts = {f"e{i}": list(range(3 + i, 3 + i + 15)) for i in range(4)}
@@ -89,7 +91,7 @@ def test_preempted_embedding_recomputes(make_engine):
         assert torch.allclose(vector(outs[rid]), expected(p)), rid
 
 
-def test_abort_embedding(make_engine):
+def test_abort_embedding(make_engine):  # noqa: F811
     engine = make_engine(max_num_batched_tokens=4)
     engine.add_request(embed("e", list(range(3, 40))))
     engine.step()
@@ -99,7 +101,7 @@ def test_abort_embedding(make_engine):
     assert last.embedding is None and last.deltas[0].finish_reason == "abort"
 
 
-def test_embedding_request_errors(make_engine):
+def test_embedding_request_errors(make_engine):  # noqa: F811
     engine = make_engine()
     max_len = engine.core.max_model_len
     with pytest.raises(PromptTooLong) as e:

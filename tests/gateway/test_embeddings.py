@@ -83,7 +83,7 @@ def test_sdk_inputs_and_encodings(gateway: Gateway) -> None:
     assert raw.status_code == 200, raw.text
     body = raw.json()
     assert body["id"].startswith("embd-") and body["object"] == "list"
-    for d, f in zip(body["data"], floats.data, strict=True):
+    for d, f in zip(body["data"], floats.data[:2], strict=True):
         assert isinstance(d["embedding"], str)
         values = struct.unpack(f"<{HIDDEN}f", base64.b64decode(d["embedding"]))
         assert torch.allclose(torch.tensor(values), _vec(f), atol=1e-5)
