@@ -37,11 +37,13 @@ def hf_embeddings(model, inputs: list[list[int]]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def engine_over(model, **cfg) -> OfflineEngine:
+def engine_over(
+    model, device: str = "cpu", dtype: torch.dtype = torch.float32, **cfg
+) -> OfflineEngine:
     runner = ModelRunner(
         model,
-        device="cpu",
-        dtype=torch.float32,
+        device=device,
+        dtype=dtype,
         block_size=4,
         max_num_seqs=8,
         max_model_len=128,
@@ -49,7 +51,7 @@ def engine_over(model, **cfg) -> OfflineEngine:
         max_lora_rank=16,
         num_blocks=256,
     )
-    config = EngineConfig(device="cpu", block_size=4, max_loras=2, max_lora_rank=16, **cfg)
+    config = EngineConfig(device=device, block_size=4, max_loras=2, max_lora_rank=16, **cfg)
     return OfflineEngine(LLMEngine(runner, config))
 
 
@@ -84,7 +86,16 @@ def tiny(tmp_path_factory) -> tuple[Path, list[Path]]:
     return base, [build_adapter(base, root / f"lora{i}", s) for i, s in enumerate(SPECS)]
 
 
-def test_base_and_adapters_match_transformers_in_a_mixed_batch(tiny):
+@pytest.mark.parametrize(
+    ("device", "dtype", "tol"),
+    [
+        ("cpu", torch.float32, TOL),
+        pytest.param("cuda", torch.bfloat16, 3e-2, marks=pytest.mark.gpu),
+    ],
+)
+def test_base_and_adapters_match_transformers_in_a_mixed_batch(tiny, device, dtype, tol):
+    """On CUDA (bf16 against float32 references, as test_gpu_parity): Triton kernels, decode
+    CUDA graphs (the repeat below pools inside a graph replay), pinned copies of vectors."""
     from peft import PeftModel
 
     base, adapters = tiny
@@ -98,7 +109,17 @@ def test_base_and_adapters_match_transformers_in_a_mixed_batch(tiny):
         AdapterRef("a0", str(adapters[0])),
         AdapterRef("a1", str(adapters[1])),
     ]
-    engine = engine_over(str(base), max_num_batched_tokens=32, enable_prefix_caching=True)
+    engine = engine_over(
+        str(base), device, dtype, max_num_batched_tokens=32, enable_prefix_caching=True
+    )
+    pooled_in_decode: list[bool] = []
+    run_step = engine.core.runner.run
+
+    def recording(batch, prev_tokens=None):  # type: ignore[no-untyped-def]
+        pooled_in_decode.append(batch.is_decode and any(c.pool for c in batch.chunks))
+        return run_step(batch, prev_tokens)
+
+    engine.core.runner.run = recording  # type: ignore[method-assign]
     gen = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     requests = [Request("g0", inputs[2][:10], gen), Request("g1", inputs[1], gen, refs[4])]
     requests += [
@@ -118,15 +139,21 @@ def test_base_and_adapters_match_transformers_in_a_mixed_batch(tiny):
     for i, w in enumerate(want):
         v = got[f"e{i}"]
         assert v is not None and v.shape == (64,)
-        assert max_err(v, w) < TOL, f"input {i}: {max_err(v, w):.2e}"
+        assert max_err(v, w) < tol, f"input {i}: {max_err(v, w):.2e}"
     # sharp: the adapter moves the vector far outside the tolerance
     with peft.disable_adapter():
         base_of_3 = hf_embeddings(peft, [inputs[3]])[0]
     assert max_err(got["e3"], base_of_3) > 100 * TOL  # type: ignore[arg-type]
+    assert engine.core.blocks.num_used == 0 and engine.core.slots.is_idle()
 
-    # the same input again: served from the prefix cache, the same vector
+    # the same input again while another request decodes: served from the prefix cache,
+    # its last chunk is one token at a position > 0, so the step is a decode step
+    engine.add_request(Request("g2", inputs[1], SamplingParams(max_tokens=12, ignore_eos=True)))
+    for _ in range(3):
+        engine.step()
     again = run(engine, [Request("again", inputs[4], adapter=refs[4], task="embed")])
-    assert max_err(again["again"], want[4]) < TOL  # type: ignore[arg-type]
+    assert max_err(again["again"], want[4]) < tol  # type: ignore[arg-type]
+    assert any(pooled_in_decode), "the repeat did not pool in a decode step"
     assert engine.core.blocks.is_whole() and engine.core.slots.is_idle()
     engine.shutdown()
 
