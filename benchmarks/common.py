@@ -334,7 +334,7 @@ class StepEvents:
         self.fraction = self.busy_ms / self.span_ms if self.span_ms > 0 else float("nan")
         # Where the idle time falls: the gap before each step, by the step's kind (eager:
         # it has a prefill chunk; graph: decode only), and the host's launch time for it
-        # (execute + sample calls) against its GPU time.
+        # (run + sample calls) against its GPU time.
         by: dict[str, list[float]] = {
             "eager": [0, 0.0, 0.0, 0.0, 0.0],
             "graph": [0, 0.0, 0.0, 0.0, 0.0],
