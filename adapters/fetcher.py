@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 from adapters.bundle import sha256_file, unpack
+from adapters.cache import TIER as DISK_TIER
 from adapters.cache import DiskCache
 from adapters.errors import AdapterFetchError, InvalidAdapter
 from adapters.metrics import AdapterMetrics
@@ -72,9 +73,14 @@ class Fetcher:
         self.downloads = 0  # completed downloads (tests: one per cold adapter)
 
     def fetch(self, sha256: str, storage_key: str) -> Path:
+        return self.fetch_with_tier(sha256, storage_key)[0]
+
+    def fetch_with_tier(self, sha256: str, storage_key: str) -> tuple[Path, str]:
+        """The local directory, and where it came from: ``disk`` (the cache held it) or
+        ``object_store`` (this call, or the one it waited for, downloaded it)."""
         hit = self.cache.get(sha256)
         if hit is not None:
-            return hit
+            return hit, DISK_TIER
         with self._lock:
             flight = self._flights.get(sha256)
             leader = flight is None
@@ -87,10 +93,10 @@ class Fetcher:
                 raise flight.error
             if flight.path is None:
                 raise AdapterFetchError(f"adapter {sha256[:12]} fetch ended without a result")
-            return flight.path
+            return flight.path, TIER
         try:
             flight.path = self._download(sha256, storage_key)
-            return flight.path
+            return flight.path, TIER
         except AdapterFetchError as exc:
             flight.error = exc
             raise
