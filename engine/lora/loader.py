@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +64,7 @@ class TierLoads:
     read_seconds: float = 0.0
     bytes: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * len(LOAD_BUCKETS_S))
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # seconds
 
     def add(self, queue_s: float, fetch_s: float, read_s: float, nbytes: int) -> None:
         total = queue_s + fetch_s + read_s
@@ -73,6 +74,7 @@ class TierLoads:
         self.fetch_seconds += fetch_s
         self.read_seconds += read_s
         self.bytes += nbytes
+        self.recent.append(total)
         for i, edge in enumerate(LOAD_BUCKETS_S):
             if total <= edge:
                 self.buckets[i] += 1  # non-cumulative; the exporter sums them up

@@ -112,7 +112,10 @@ class LoraWeights:
         return frozenset(m for _, m in self.ranks)
 
     def nbytes(self) -> int:
-        return self.buffer.numel()
+        """Host memory this adapter holds. Pinned memory comes from torch's caching host
+        allocator, which rounds each block up to a power of two: that is what it holds."""
+        n = self.buffer.numel()
+        return 1 << (n - 1).bit_length() if self.buffer.is_pinned() else n
 
 
 def _read_config(path: Path) -> dict[str, Any]:
