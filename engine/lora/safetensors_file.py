@@ -49,6 +49,18 @@ class SafetensorsFile:
     entries: list[TensorEntry]  # in offset order
     data: torch.Tensor  # uint8 view of the data region (a memory map)
 
+    def flat_views(self) -> dict[str, torch.Tensor] | None:
+        """Every tensor as a 1-D view of the mapping, made by one ``split`` (one call, not
+        a few per tensor). None when the tensors' dtypes differ or the data is unaligned."""
+        if not self.entries or len({e.dtype for e in self.entries}) != 1:
+            return None
+        dtype = self.entries[0].dtype
+        if self.data.storage_offset() % dtype.itemsize:
+            return None
+        sizes = [(e.end - e.begin) // dtype.itemsize for e in self.entries]
+        parts = self.data.view(dtype).split(sizes)
+        return {e.name: t for e, t in zip(self.entries, parts, strict=True)}
+
     def view(self, e: TensorEntry) -> torch.Tensor:
         """One tensor, as a view of the mapping when aligned (else a copy of its bytes)."""
         raw = self.data[e.begin : e.end]

@@ -225,10 +225,10 @@ def read_adapter(
     """Read and validate the PEFT adapter at ``path``; host tensors in ``dtype``, scale folded.
 
     The file is mapped, not read; every check that needs no tensor data runs first (from the
-    header); then each projection group is packed with one copy per group (a ``cat`` of
-    views of the mapping into the adapter's one flat buffer, converting the dtype), the
-    scale is folded in place, and NaN/Inf are found with one min/max per packed tensor.
-    Errors name the same module, with the same message, as a module-by-module check would.
+    header); NaN/Inf are found with one min/max over the stored weights; then each
+    projection group is packed with one copy (a ``cat`` of views of the mapping into the
+    adapter's one flat buffer, converting the dtype) and its scale folded in place. Errors
+    name the same module, with the same message, as a module-by-module check would.
     """
     path = Path(path)
     if not path.is_dir():
@@ -243,10 +243,9 @@ def read_adapter(
     if not pairs:
         raise AdapterIncompatible("the adapter holds no LoRA weights")
     mods = _plan(st, pairs, cfg, config, max_rank)
-    weights = _pack(st, mods, config, dtype, pin_memory)
-    if not _all_finite(weights):
-        _raise_first_nonfinite(st, mods)  # else only the conversion overflowed: as before
-    return weights
+    if not _all_finite(st):
+        _raise_first_nonfinite(st, mods)
+    return _pack(st, mods, config, dtype, pin_memory)
 
 
 def _plan(
@@ -321,13 +320,20 @@ def _raise_first_nonfinite(st: SafetensorsFile, mods: list[_Module]) -> None:
             raise AdapterIncompatible(f"{m.name}: weights contain NaN or Inf")
 
 
-def _all_finite(weights: LoraWeights) -> bool:
-    """NaN and Inf survive min and max: two reductions per packed tensor, no temporaries."""
-    for packed in weights.groups.values():
-        for t in (packed.a, packed.b):
-            lo, hi = torch.aminmax(t)
-            if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
-                return False
+def _all_finite(st: SafetensorsFile) -> bool:
+    """NaN and Inf survive min and max. Every tensor in the file is a LoRA weight by now, so
+    when they share a dtype the whole data region is one reduction; else one per tensor."""
+    if st.data.numel() == 0:
+        return True
+    dtypes = {e.dtype for e in st.entries}
+    if len(dtypes) == 1 and st.data.storage_offset() % next(iter(dtypes)).itemsize == 0:
+        parts = [st.data.view(next(iter(dtypes)))]
+    else:
+        parts = [st.view(e) for e in st.entries]
+    for t in parts:
+        lo, hi = torch.aminmax(t)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            return False
     return True
 
 
@@ -361,6 +367,7 @@ def _pack(
         total += _align(L * P * r * in_f * elem) + _align(L * offs[-1] * r * elem)
         total += _align(L * P * 4)
     buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+    flat = st.flat_views()  # every tensor's 1-D view in one call (one dtype: the usual case)
     groups: dict[str, PackedGroup] = {}
     ranks: dict[tuple[int, str], int] = {}
     for g, r, offs, start in plan:
@@ -377,7 +384,7 @@ def _pack(
             table[m.layer * P + p] = m.rank
             ranks[(m.layer, m.module)] = m.rank
         rk.copy_(torch.tensor(table, dtype=torch.int32).view(L, P))
-        _fill(st, mods_g, g, r, offs, a, b, full=all(x == r for x in table))
+        _fill(st, mods_g, g, r, offs, a, b, flat, full=all(x == r for x in table))
         _fold_scale(mods_g, g, offs, b)
         groups[g] = PackedGroup(a, b, rk)
     row_offsets = {g: offs for g, _, offs, _ in plan}
@@ -392,6 +399,7 @@ def _fill(
     offs: tuple[int, ...],
     a: torch.Tensor,
     b: torch.Tensor,
+    flat: dict[str, torch.Tensor] | None,
     *,
     full: bool,
 ) -> None:
@@ -400,8 +408,10 @@ def _fill(
     the packed A and B are the sources concatenated in (layer, module) order: one ``cat``."""
     order = sorted(mods, key=lambda m: (m.layer, GROUPS[g].index(m.module)))
     if full:
-        torch.cat([st.view(m.a).view(-1) for m in order], out=a.view(-1))
-        torch.cat([st.view(m.b).view(-1) for m in order], out=b.view(-1))
+        if flat is None:
+            flat = {e.name: st.view(e).view(-1) for m in order for e in (m.a, m.b)}
+        torch.cat([flat[m.a.name] for m in order], out=a.view(-1))
+        torch.cat([flat[m.b.name] for m in order], out=b.view(-1))
         return
     a.zero_()
     b.zero_()

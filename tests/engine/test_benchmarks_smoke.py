@@ -48,8 +48,9 @@ def test_throughput_smoke(bench, tmp_path):
 
 def test_adapter_scale_smoke(bench, tmp_path):
     out = bench("bench_adapter_scale").main(["--smoke", "--json", str(tmp_path / "a.json")])
-    cpu = out["cpu"]
-    assert cpu["old_wall_min_ms"] > 0 and cpu["new_wall_min_ms"] > 0
+    for cpu in out["cpu"]:
+        assert cpu["old_wall_min_ms"] > 0 and cpu["new_wall_min_ms"] > 0
+    assert out["cpu"][-1]["torch_threads"] == 1
     assert out["single"]["p50_ms"] > 0 and out["single"]["adapter_mib"] > 0
     assert [r["workers"] for r in out["aggregate"]] == [1, 2]
     rows = {(r["setting"], r["adapters"], r["mode"]): r for r in out["engine"]}
