@@ -18,7 +18,7 @@ Sections (``--sections``, all by default):
   Llama-3-8B) from the page cache into a GPU slot: read (validate, pack, pin) + slot write +
   sync, p50/p99 over ``--reps`` keys; against the file's plain read speed and host-to-GPU
   bandwidth.
-- ``aggregate``: ``--files`` distinct adapters through the engine's ``AdapterLoader`` with
+- ``aggregate``: ``--files`` distinct adapters (the ``all7`` files) through the engine's ``AdapterLoader`` with
   1/4/8/16 workers: adapters/s and GB/s.
 - ``engine``: per setting (``all7``: rank 16 on seven projections; ``slora``: q,k,v,o with
   ranks 8/16/32/64 mixed, S-LoRA's) and per N in ``--adapters``: one request per adapter
@@ -34,6 +34,7 @@ Sections (``--sections``, all by default):
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import sys
@@ -46,10 +47,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapter_load_old import read_adapter_old
-from common import copy_bandwidth, device_info, pick_device, table, write_json, write_peft_adapter
+from common import device_info, pick_device, table, write_json, write_peft_adapter
 
 from engine.api import AdapterRef, Request, SamplingParams
-from engine.config import EngineConfig
+from engine.config import EngineConfig, host_memory_bytes
 from engine.llm_engine import LLMEngine
 from engine.lora.loader import AdapterLoader
 from engine.lora.weights import read_adapter
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", default="1,32,512,2000")
     p.add_argument("--settings", default="all7,slora")
     p.add_argument("--modes", default="host,disk,store")
-    p.add_argument("--distinct-files", type=int, default=256)
+    p.add_argument("--distinct-files", type=int, default=64)
     p.add_argument("--store-max", type=int, default=32)
     p.add_argument("--min-requests", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -80,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-loras", type=int, default=32, help="GPU adapter slots")
     p.add_argument("--load-workers", type=int, default=8)
-    p.add_argument("--host-bytes", type=int, default=None, help="host tier (default: engine's)")
+    p.add_argument(
+        "--host-bytes",
+        type=int,
+        default=None,
+        help="host tier; default: the engine's, raised for a host-cached case up to 0.6 of RAM",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
@@ -127,6 +133,22 @@ def file_read_gbs(path: Path, reps: int = 5) -> float:
             f.readinto(buf)
         best = min(best, time.perf_counter() - t0)
     return size / best / 1e9
+
+
+def h2d_gbs(device: torch.device, nbytes: int, reps: int = 10) -> float:
+    """Host (pinned) to GPU copy of ``nbytes``, median of ``reps``: the copy's limit."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for i in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / pct(times, 0.5) / 1e9
 
 
 # -- cpu: the loader's CPU path, old vs new ------------------------------------------------
@@ -223,7 +245,7 @@ def section_single(args, runner: ModelRunner, root: Path) -> dict:
         "write_p50_ms": pct(writes, 0.5),
         "old_read_p50_ms": pct(olds, 0.5),
         "file_read_gbs": file_read_gbs(st),
-        "h2d_gbs": copy_bandwidth(device) / 1e9 if device.type == "cuda" else float("nan"),
+        "h2d_gbs": h2d_gbs(device, nbytes) if device.type == "cuda" else float("nan"),
     }
     row["floor_ms"] = nbytes / 1e6 / row["file_read_gbs"] + (
         nbytes / 1e6 / row["h2d_gbs"] if device.type == "cuda" else 0.0
@@ -236,11 +258,7 @@ def section_single(args, runner: ModelRunner, root: Path) -> dict:
 
 
 def section_aggregate(args, runner: ModelRunner, root: Path) -> list[dict]:
-    cfg = runner.config
-    files = [
-        write_peft_adapter(root / "agg" / f"a{i}", cfg, 16, seed=i, targets=ALL7)
-        for i in range(args.files)
-    ]
+    files = write_adapters(args, runner.config, "all7", args.files, root)
     rows = []
     for workers in [int(x) for x in args.workers.split(",")]:
         loader = AdapterLoader(runner.read_adapter, workers=workers, max_host_adapters=None)
@@ -319,7 +337,14 @@ class StoreRefs:
         return self.fetcher.fetch_with_tier(ref.key, storage_key)
 
 
-def run_case(args, runner: ModelRunner, refs: list[AdapterRef | None], fetch, host: bool) -> dict:
+def run_case(
+    args,
+    runner: ModelRunner,
+    refs: list[AdapterRef | None],
+    fetch,
+    host: bool,
+    host_bytes: int | None = None,
+) -> dict:
     n_req = max(args.min_requests, len([r for r in refs if r is not None]))
     cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs,
@@ -327,7 +352,7 @@ def run_case(args, runner: ModelRunner, refs: list[AdapterRef | None], fetch, ho
         max_model_len=runner.max_model_len,
         max_loras=args.max_loras,
         max_lora_rank=64,
-        host_lora_bytes=args.host_bytes,
+        host_lora_bytes=host_bytes,
         adapter_load_workers=args.load_workers,
     )
     engine = LLMEngine(runner, cfg, fetch=fetch) if fetch else LLMEngine(runner, cfg)
@@ -370,11 +395,13 @@ def run_case(args, runner: ModelRunner, refs: list[AdapterRef | None], fetch, ho
         }
     finally:
         engine.shutdown()
+        del engine
+        gc.collect()  # the engine holds its host tier (pinned on GPU) until collected
 
 
 def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
     cfg = runner.config
-    base = run_case(args, runner, [None], None, host=False)
+    base = run_case(args, runner, [None], None, False)
     print(f"\nno-adapter engine: {base['out_tok_s']:.0f} out tok/s", flush=True)
     rows = [{"setting": "base", "adapters": 0, "mode": "-", **base, "vs_base": 1.0}]
     host_cap = EngineConfig(host_lora_bytes=args.host_bytes).resolved_host_lora_bytes()
@@ -384,9 +411,12 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
             for mode in args.modes.split(","):
                 if mode == "store" and n > args.store_max:
                     continue
-                one = runner.read_adapter(files[0]).nbytes()
+                one = max(runner.read_adapter(f).nbytes() for f in files[:4])
+                host_bytes = args.host_bytes
                 if mode == "host" and n * one > host_cap:
-                    continue  # the host tier cannot hold them all
+                    if args.host_bytes is not None or n * one > 0.6 * host_memory_bytes():
+                        continue  # the host tier cannot hold them all
+                    host_bytes = int(n * one * 1.05)
                 if mode == "store":
                     store = StoreRefs(root / f"store-{setting}-{n}")
                     refs = [store.put(files[i % len(files)]) for i in range(n)]
@@ -398,7 +428,7 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
                     fetch = None
                     if mode == "disk":
                         evict_from_page_cache(root / setting)
-                r = run_case(args, runner, list(refs), fetch, host=mode == "host")
+                r = run_case(args, runner, list(refs), fetch, mode == "host", host_bytes)
                 row = {"setting": setting, "adapters": n, "mode": mode, **r}
                 row["vs_base"] = r["out_tok_s"] / base["out_tok_s"]
                 row["loads_s"] = r["loads_in_run"] / r["seconds"] if r["loads_in_run"] else 0.0

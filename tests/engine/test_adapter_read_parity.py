@@ -182,20 +182,38 @@ def test_unaligned_and_truncated_files(tmp_path):
         read_adapter(path, CFG, max_rank=16, dtype=torch.float32)
 
 
-def test_host_memory_flat_over_many_loads(tmp_path):
-    """Reading (and dropping) the same adapter many times holds no memory: the mapping and
-    the packed buffer go with the weights."""
-    import resource
+def _rss_kib() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4  # resident pages of 4 KiB
 
-    path = _write(
-        tmp_path / "a", _tensors({(i, m): 16 for i in (0, 1) for m in ALL}, torch.float32, 4), r=16
-    )
-    for _ in range(50):
-        read_adapter(path, CFG, max_rank=16, dtype=torch.float32)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    maps = Path("/proc/self/maps").read_text().count("\n")
-    for _ in range(1000):
-        read_adapter(path, CFG, max_rank=16, dtype=torch.float32)
-    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    assert grown_kib < 4096, f"peak RSS grew {grown_kib} KiB over 1,000 loads"
-    assert Path("/proc/self/maps").read_text().count("\n") <= maps + 2  # no mapping leaks
+
+def test_host_memory_flat_over_load_and_unload(tmp_path):
+    """Load an adapter into the loader's host tier and drop it, 1,000 times: the resident
+    memory and the number of mappings stay flat (the mapping and the packed buffer go with
+    the weights)."""
+    from functools import partial
+
+    from engine.api import AdapterRef
+    from engine.lora.loader import AdapterLoader
+
+    ranks = {(i, m): 16 for i in (0, 1) for m in ALL}
+    path = _write(tmp_path / "a", _tensors(ranks, torch.float32, 4), r=16, lora_alpha=16)
+    read = partial(read_adapter, config=CFG, max_rank=16, dtype=torch.float32)
+    loader = AdapterLoader(read, workers=1, max_host_bytes=1 << 30)
+    ref = AdapterRef("k", str(path))
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            assert loader.start(ref)
+            while loader.num_loading:
+                assert not loader.collect()
+            assert loader.host_bytes > 0 and loader.drop("k") and loader.host_bytes == 0
+
+    try:
+        cycle(50)
+        rss, maps = _rss_kib(), Path("/proc/self/maps").read_text().count("\n")
+        cycle(1000)
+        assert _rss_kib() - rss < 8192, f"resident memory grew {_rss_kib() - rss} KiB"
+        assert Path("/proc/self/maps").read_text().count("\n") <= maps + 4  # no mapping leaks
+        assert loader.loads == 1050
+    finally:
+        loader.shutdown()
