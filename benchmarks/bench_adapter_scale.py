@@ -51,7 +51,7 @@ from common import device_info, pick_device, table, write_json, write_peft_adapt
 
 from engine.api import AdapterRef, Request, SamplingParams
 from engine.config import EngineConfig, host_memory_bytes
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, loader_threads
 from engine.lora.loader import AdapterLoader
 from engine.lora.weights import read_adapter
 from engine.model.presets import PRESETS
@@ -261,7 +261,9 @@ def section_aggregate(args, runner: ModelRunner, root: Path) -> list[dict]:
     files = write_adapters(args, runner.config, "all7", args.files, root)
     rows = []
     for workers in [int(x) for x in args.workers.split(",")]:
-        loader = AdapterLoader(runner.read_adapter, workers=workers, max_host_adapters=None)
+        loader = AdapterLoader(
+            runner.read_adapter, workers=workers, init_worker=loader_threads(workers)
+        )
         refs = [AdapterRef(f"agg-{workers}-{i}", str(f)) for i, f in enumerate(files)]
         t0 = time.perf_counter()
         for ref in refs:

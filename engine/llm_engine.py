@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class LLMEngine:
             max_host_adapters=config.max_cpu_loras,
             workers=config.adapter_load_workers,
             in_use=lambda key: key in self._adapter_users,
+            init_worker=loader_threads(config.adapter_load_workers),
         )
         self.sampler = Sampler(config.seed)
         self._eos = frozenset(int(t) for t in runner.eos_token_ids)
@@ -490,3 +492,10 @@ def tier_loads(t: TierLoads) -> AdapterTierLoads:
         bytes=t.bytes,
         buckets=list(zip(LOAD_BUCKETS_S, itertools.accumulate(t.buckets), strict=True)),
     )
+
+
+def loader_threads(workers: int) -> Callable[[], None]:
+    """Each loader thread gets its share of the intra-op threads (torch's thread count is
+    per calling thread): W loads at once use the cores once, not W times."""
+    share = max(1, torch.get_num_threads() // workers)
+    return lambda: torch.set_num_threads(share)

@@ -113,7 +113,10 @@ class AdapterLoader:
         on_done: Callable[[], None] | None = None,
         in_use: Callable[[str], bool] = lambda _key: False,
         nbytes: Callable[[Any], int] = _nbytes,
+        init_worker: Callable[[], None] | None = None,
     ) -> None:
+        """``init_worker`` runs once in each worker thread (the engine limits its torch
+        threads there, so W loads at once do not run W times all cores' threads)."""
         self._read = read_adapter
         self._fetch = fetch
         self._max_bytes = max_host_bytes
@@ -123,7 +126,9 @@ class AdapterLoader:
         # Keys that requests in flight still need are never evicted: evicting one that a
         # waiting request is about to use only makes it load again (a thrash under load).
         self._in_use = in_use
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="adapter-load", initializer=init_worker
+        )
         self._lock = threading.Lock()
         self._done: list[_Done] = []  # guarded by _lock
         self._loading: set[str] = set()  # step thread only, like everything below
