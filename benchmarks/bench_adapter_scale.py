@@ -413,7 +413,7 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
             for mode in args.modes.split(","):
                 if mode == "store" and n > args.store_max:
                     continue
-                one = max(runner.read_adapter(f).nbytes() for f in files[:4])
+                one = max(runner.read_adapter(f).host_bytes() for f in files[:4])
                 host_bytes = args.host_bytes
                 if mode == "host" and n * one > host_cap:
                     if args.host_bytes is not None or n * one > 0.6 * host_memory_bytes():

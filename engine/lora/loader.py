@@ -48,7 +48,8 @@ def local_fetch(ref: AdapterRef) -> Path:
 
 
 def _nbytes(weights: Any) -> int:
-    size = getattr(weights, "nbytes", None)
+    """Host memory held: ``host_bytes()`` where the weights say, else ``nbytes()``."""
+    size = getattr(weights, "host_bytes", None) or getattr(weights, "nbytes", None)
     return int(size()) if callable(size) else 0
 
 
@@ -200,7 +201,9 @@ class AdapterLoader:
                 continue
             self.loads += 1
             size = self._nbytes(d.weights)
-            self.stats.tier(d.tier).add(d.queue_s, d.fetch_s, d.read_s, size)
+            data = getattr(d.weights, "nbytes", None)  # the bytes loaded (not their rounding)
+            loaded = int(data()) if callable(data) else size
+            self.stats.tier(d.tier).add(d.queue_s, d.fetch_s, d.read_s, loaded)
             old = self._host.pop(d.key, None)
             if old is not None:
                 self.host_bytes -= old[1]

@@ -112,6 +112,10 @@ class LoraWeights:
         return frozenset(m for _, m in self.ranks)
 
     def nbytes(self) -> int:
+        """Bytes of the packed weights (what a slot write copies)."""
+        return self.buffer.numel()
+
+    def host_bytes(self) -> int:
         """Host memory this adapter holds. Pinned memory comes from torch's caching host
         allocator, which rounds each block up to a power of two: that is what it holds."""
         n = self.buffer.numel()
