@@ -44,7 +44,6 @@ from serving_runs import Runner
 from serving_server import ServeProcess, child_env, free_port
 from serving_setup import make_tenancy
 
-from engine.config import EngineConfig
 from engine.model.presets import PRESETS
 from loraplex_cli.supervisor import default_workers
 
@@ -106,9 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.device = "cpu"
     if not args.model.startswith("dummy:"):
         raise SystemExit("--model must be a dummy:<preset> (random adapters of its shapes)")
-    host_cache = EngineConfig().max_cpu_loras  # the server has no setting for it (yet)
-    if args.max_loras > host_cache:
-        raise SystemExit(f"--max-loras above {host_cache} (the engine's host cache) is refused")
     args.rate_list = [float(x) for x in args.rates.split(",") if x.strip()]
     args.model_name = args.model_name or args.model  # serve's name of a dummy model
     return args

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from engine.errors import InvalidRequest
+
+
+def host_memory_bytes() -> int:
+    """The memory this process may use: physical memory, or the cgroup's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            total = min(total, int(raw))
+    return total
+
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -26,7 +42,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     max_loras: int = 8  # GPU LoRA slots = most distinct adapters in one batch
     max_lora_rank: int = 64
-    max_cpu_loras: int = 32  # loaded adapters kept in host memory
+    # The host tier: loaded adapters kept in (pinned, on GPU) host memory, bounded in bytes
+    # (None: host_lora_memory_fraction of the machine's memory) and optionally in count.
+    host_lora_bytes: int | None = None
+    host_lora_memory_fraction: float = 0.2
+    max_cpu_loras: int | None = None
     enable_prefix_caching: bool = True
     kv_cache_bytes: int | None = None
     num_gpu_blocks: int | None = None
@@ -52,6 +72,11 @@ class EngineConfig:
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
 
+    def resolved_host_lora_bytes(self) -> int:
+        if self.host_lora_bytes is not None:
+            return self.host_lora_bytes
+        return int(self.host_lora_memory_fraction * host_memory_bytes())
+
     def validate(self) -> None:
         checks: list[tuple[bool, str, str]] = [
             (self.block_size >= 1, "block_size", "must be positive"),
@@ -64,7 +89,21 @@ class EngineConfig:
             ),
             (self.max_loras >= 1, "max_loras", "must be positive"),
             (self.max_lora_rank >= 1, "max_lora_rank", "must be positive"),
-            (self.max_cpu_loras >= self.max_loras, "max_cpu_loras", "must be >= max_loras"),
+            (
+                self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
+                "max_cpu_loras",
+                "must be >= max_loras",
+            ),
+            (
+                self.host_lora_bytes is None or self.host_lora_bytes > 0,
+                "host_lora_bytes",
+                "must be positive",
+            ),
+            (
+                0.0 < self.host_lora_memory_fraction <= 0.9,
+                "host_lora_memory_fraction",
+                "must be in (0, 0.9]",
+            ),
             (
                 self.num_gpu_blocks is None or self.num_gpu_blocks >= 1,
                 "num_gpu_blocks",

@@ -19,7 +19,7 @@ from engine.client_streams import ClientStreams
 from engine.config import EngineConfig
 from engine.errors import EngineDead
 from engine.llm_engine import LLMEngine
-from engine.lora.loader import local_fetch
+from engine.lora.loader import Fetch, local_fetch
 from engine.model_info import describe
 from engine.stats import EngineStats
 from engine.step_loop import StepLoop
@@ -58,7 +58,7 @@ class InprocEngineClient:
         config: EngineConfig,
         *,
         name: str = "",
-        fetch: Callable[[AdapterRef], Path] = local_fetch,
+        fetch: Fetch = local_fetch,
         metrics: Callable[[], bytes] | None = None,
     ) -> InprocEngineClient:
         """Build (on :meth:`start`, in the step thread) an engine for the model at ``model``."""

@@ -11,7 +11,9 @@ forwards (a broken device) end the step loop.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +31,7 @@ from engine.errors import (
     as_engine_error,
 )
 from engine.inflight import PLACEHOLDER, DevicePooled, InFlight, SampledRow, gather_for
-from engine.lora.loader import AdapterLoader, local_fetch
+from engine.lora.loader import LOAD_BUCKETS_S, AdapterLoader, Fetch, TierLoads, local_fetch
 from engine.lora.slots import SlotTable
 from engine.request_state import (
     Choice,
@@ -42,7 +44,7 @@ from engine.runner import Runner, build_runner
 from engine.sampler import DeviceSample, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SeqStatus, Sequence
-from engine.stats import EngineStats, StepCounters
+from engine.stats import AdapterTierLoads, EngineStats, StepCounters
 
 log = logging.getLogger(__name__)
 MAX_FAILED_FORWARDS = 3  # consecutive failed forwards before the step loop gives up
@@ -54,7 +56,7 @@ class LLMEngine:
         runner: Runner,
         config: EngineConfig,
         *,
-        fetch: Callable[[AdapterRef], Path] = local_fetch,
+        fetch: Fetch = local_fetch,
     ) -> None:
         """``fetch``: an adapter reference -> a local PEFT directory (runs in loader
         threads). The default takes local directories only; the engine server passes the
@@ -78,9 +80,11 @@ class LLMEngine:
         self.loader = AdapterLoader(
             runner.read_adapter,
             fetch,
+            max_host_bytes=config.resolved_host_lora_bytes(),
             max_host_adapters=config.max_cpu_loras,
             workers=config.adapter_load_workers,
             in_use=lambda key: key in self._adapter_users,
+            init_worker=loader_threads(config.adapter_load_workers),
         )
         self.sampler = Sampler(config.seed)
         self._eos = frozenset(int(t) for t in runner.eos_token_ids)
@@ -103,7 +107,7 @@ class LLMEngine:
         model: str | Path | None,
         config: EngineConfig,
         *,
-        fetch: Callable[[AdapterRef], Path] = local_fetch,
+        fetch: Fetch = local_fetch,
     ) -> LLMEngine:
         """``model``: an HF directory, a ``.gguf`` file, ``dummy:<preset>`` (see the runner)."""
         return cls(build_runner(model, config), config, fetch=fetch)
@@ -447,9 +451,16 @@ class LLMEngine:
         return list(seen.values())
 
     def _write_slots(self, out: SchedulerOutput) -> None:
+        c = self._counters
         for slot, key in out.slot_writes:
             try:
-                self.runner.write_slot(slot, self.loader.get(key))
+                t0 = time.perf_counter()
+                weights = self.loader.get(key)
+                self.runner.write_slot(slot, weights)
+                c.adapter_gpu_write_seconds += time.perf_counter() - t0
+                c.adapter_gpu_writes += 1
+                nbytes = getattr(weights, "nbytes", None)
+                c.adapter_gpu_write_bytes += int(nbytes()) if callable(nbytes) else 0
             except Exception as err:
                 keep = [i for i, s in enumerate(out.seqs) if s.adapter_key != key]
                 out.seqs = [out.seqs[i] for i in keep]
@@ -513,9 +524,34 @@ class LLMEngine:
             adapters_loading=self.loader.num_loading,
             adapters_resident=len(self.slots.resident),
             adapters_host=self.loader.num_host,
+            adapters_host_bytes=self.loader.host_bytes,
+            adapters_host_capacity_bytes=self.loader.max_host_bytes or 0,
+            adapter_host_evictions=self.loader.stats.host_evictions,
+            adapter_loads_by_tier={
+                tier: tier_loads(t) for tier, t in self.loader.stats.by_tier.items()
+            },
             lora_slots=self.slots.num_slots,
             **asdict(self._counters),
         )
 
     def shutdown(self) -> None:
         self.loader.shutdown()
+
+
+def tier_loads(t: TierLoads) -> AdapterTierLoads:
+    return AdapterTierLoads(
+        count=t.count,
+        seconds=t.seconds,
+        queue_seconds=t.queue_seconds,
+        fetch_seconds=t.fetch_seconds,
+        read_seconds=t.read_seconds,
+        bytes=t.bytes,
+        buckets=list(zip(LOAD_BUCKETS_S, itertools.accumulate(t.buckets), strict=True)),
+    )
+
+
+def loader_threads(workers: int) -> Callable[[], None]:
+    """Each loader thread gets its share of the intra-op threads (torch's thread count is
+    per calling thread): W loads at once use the cores once, not W times."""
+    share = max(1, torch.get_num_threads() // workers)
+    return lambda: torch.set_num_threads(share)

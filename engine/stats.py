@@ -7,6 +7,19 @@ from dataclasses import dataclass
 import msgspec
 
 
+class AdapterTierLoads(msgspec.Struct, frozen=True, kw_only=True):
+    """Adapter loads from one source tier (``disk``, ``object_store``) into host memory;
+    seconds from asked for (request queued) to host-ready, split into queue/fetch/read."""
+
+    count: int = 0
+    seconds: float = 0.0
+    queue_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    read_seconds: float = 0.0
+    bytes: int = 0
+    buckets: list[tuple[float, int]] = []  # (upper bound s, cumulative count)
+
+
 class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     num_requests: int = 0  # in flight (added, not yet finished)
     num_waiting: int = 0  # sequences queued (not yet running, or preempted)
@@ -28,6 +41,13 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     adapters_loading: int = 0
     adapters_resident: int = 0  # in GPU slots
     adapters_host: int = 0  # loaded in host memory
+    adapters_host_bytes: int = 0
+    adapters_host_capacity_bytes: int = 0
+    adapter_host_evictions: int = 0
+    adapter_loads_by_tier: dict[str, AdapterTierLoads] = {}
+    adapter_gpu_writes: int = 0  # host weights written into a GPU slot
+    adapter_gpu_write_bytes: int = 0
+    adapter_gpu_write_seconds: float = 0.0  # the step thread's time issuing them
     lora_slots: int = 0
 
     @property
@@ -47,3 +67,6 @@ class StepCounters:
     generation_tokens: int = 0
     adapter_hits: int = 0
     adapter_misses: int = 0
+    adapter_gpu_writes: int = 0
+    adapter_gpu_write_bytes: int = 0
+    adapter_gpu_write_seconds: float = 0.0

@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from engine.client import EngineClient
@@ -34,6 +39,17 @@ _ENGINE_GAUGES: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
     ("adapters_resident", "LoRA adapters in GPU slots", lambda s: s.adapters_resident),
     ("adapters_loading", "LoRA adapters being fetched or read", lambda s: s.adapters_loading),
     ("adapter_slots", "LoRA GPU slots in all", lambda s: s.lora_slots),
+    ("adapters_host", "LoRA adapters loaded in host memory", lambda s: s.adapters_host),
+    (
+        "adapters_host_bytes",
+        "Bytes of LoRA adapter weights in host memory",
+        lambda s: s.adapters_host_bytes,
+    ),
+    (
+        "adapters_host_capacity_bytes",
+        "The host tier's bound in bytes",
+        lambda s: s.adapters_host_capacity_bytes,
+    ),
 )
 _ENGINE_COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
     ("steps", "Engine steps run", lambda s: s.steps),
@@ -52,7 +68,55 @@ _ENGINE_COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = 
     ("adapter_loads", "Adapter loads completed", lambda s: s.adapter_loads),
     ("adapter_load_failures", "Adapter loads failed", lambda s: s.adapter_load_failures),
     ("adapter_evictions", "Adapters evicted from GPU slots", lambda s: s.adapter_evictions),
+    (
+        "adapter_host_evictions",
+        "Adapters evicted from host memory",
+        lambda s: s.adapter_host_evictions,
+    ),
+    (
+        "adapter_gpu_writes",
+        "Adapters written from host into a GPU slot",
+        lambda s: s.adapter_gpu_writes,
+    ),
+    (
+        "adapter_gpu_write_bytes",
+        "Bytes of adapter weights written from host into GPU slots",
+        lambda s: s.adapter_gpu_write_bytes,
+    ),
 )
+
+
+def _load_families(stats: EngineStats) -> Iterable[Metric]:
+    """Adapter loads into host memory by the tier they came from (``disk``,
+    ``object_store``): latency from asked for to ready, its parts, loads and bytes (rate()
+    of these gives loads/s and bytes/s)."""
+    by_tier = stats.adapter_loads_by_tier
+    hist = HistogramMetricFamily(
+        "loraplex_engine_adapter_load_seconds",
+        "Adapter load latency into host memory (request queued to weights ready), by source",
+        labels=["source"],
+    )
+    nbytes = CounterMetricFamily(
+        "loraplex_engine_adapter_load_bytes",
+        "Bytes of host adapter weights loaded, by source",
+        labels=["source"],
+    )
+    phases = CounterMetricFamily(
+        "loraplex_engine_adapter_load_phase_seconds",
+        "Adapter load time by source and phase (queue, fetch, read)",
+        labels=["source", "phase"],
+    )
+    for tier, t in sorted(by_tier.items()):
+        buckets = [(repr(edge), float(n)) for edge, n in t.buckets] + [("+Inf", float(t.count))]
+        hist.add_metric([tier], buckets, t.seconds)
+        nbytes.add_metric([tier], float(t.bytes))
+        for phase, v in (
+            ("queue", t.queue_seconds),
+            ("fetch", t.fetch_seconds),
+            ("read", t.read_seconds),
+        ):
+            phases.add_metric([tier, phase], v)
+    return (hist, nbytes, phases)
 
 
 class EngineCollector(Collector):
@@ -75,6 +139,7 @@ class EngineCollector(Collector):
             yield GaugeMetricFamily(f"loraplex_engine_{name}", doc, value=float(read(stats)))
         for name, doc, read in _ENGINE_COUNTERS:
             yield CounterMetricFamily(f"loraplex_engine_{name}", doc, value=float(read(stats)))
+        yield from _load_families(stats)
 
 
 def engine_stats_of(engine: Callable[[], EngineClient | None]) -> StatsSource:

@@ -26,6 +26,11 @@ class GatewaySettings(StoreSettings):
     max_num_batched_tokens: int = 2048
     max_loras: int = 8
     max_lora_rank: int = 64
+    # Adapter host tier (loaded, validated weights in host memory): bytes, or None for
+    # host_lora_memory_fraction of the machine's (or cgroup's) memory; loader threads.
+    host_lora_bytes: int | None = Field(default=None, gt=0)
+    host_lora_memory_fraction: float = Field(default=0.2, gt=0, le=0.9)
+    adapter_load_workers: int = Field(default=4, ge=1, le=64)
     async_scheduling: bool = True  # launch step n+1 before reading step n's tokens
     kv_cache_bytes: int = 512 * 1024 * 1024
     gpu_memory_utilization: float = 0.9

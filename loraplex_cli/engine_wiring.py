@@ -30,6 +30,9 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,
+        host_lora_bytes=settings.host_lora_bytes,
+        host_lora_memory_fraction=settings.host_lora_memory_fraction,
+        adapter_load_workers=settings.adapter_load_workers,
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         async_scheduling=settings.async_scheduling,
@@ -38,7 +41,7 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
 
 def store_fetch(
     settings: GatewaySettings, registry: CollectorRegistry
-) -> Callable[[AdapterRef], Path]:
+) -> Callable[[AdapterRef], Path | tuple[Path, str]]:
     """``AdapterRef`` -> local PEFT directory: ``store:`` keys through the object store and
     the engine's disk cache; anything else is a local directory. Its metrics go into
     ``registry`` (the engine side's own)."""
@@ -61,11 +64,11 @@ def store_fetch(
         ),
     )
 
-    def fetch(ref: AdapterRef) -> Path:
+    def fetch(ref: AdapterRef) -> Path | tuple[Path, str]:
         storage_key = ref.storage_key
         if storage_key is None:
             return local_fetch(ref)
-        return fetcher.fetch(ref.key, storage_key)
+        return fetcher.fetch_with_tier(ref.key, storage_key)  # the tier for load metrics
 
     return fetch
 

@@ -12,12 +12,19 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.errors import AdapterIncompatible, AdapterLoadError
+from engine.lora.safetensors_file import (
+    SafetensorsError,
+    SafetensorsFile,
+    TensorEntry,
+    open_safetensors,
+)
 from engine.model.config import ModelConfig
 
 # projection groups of the slot pool, in concatenation order (docs/engine-internals.md)
@@ -76,21 +83,43 @@ class PackedGroup:
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One adapter on the host: ``(layer, module) -> LoraModule`` (views into ``groups``)."""
+    """One adapter on the host: its packed groups, all views of one flat ``buffer`` (pinned
+    when the engine runs on a GPU), and each ``(layer, module)``'s rank."""
 
-    modules: dict[tuple[int, str], LoraModule]
     groups: dict[str, PackedGroup]
+    ranks: dict[tuple[int, str], int]
+    buffer: torch.Tensor  # uint8: every byte of this adapter's host memory
+    row_offsets: dict[str, tuple[int, ...]]  # group -> each module's first row in ``b``
+
+    @cached_property
+    def modules(self) -> dict[tuple[int, str], LoraModule]:
+        """``(layer, module) -> LoraModule``, views into ``groups`` (tests and tools)."""
+        out = {}
+        for (layer, module), rk in sorted(self.ranks.items()):
+            g = MODULE_GROUP[module]
+            p = GROUPS[g].index(module)
+            lo, hi = self.row_offsets[g][p], self.row_offsets[g][p + 1]
+            packed = self.groups[g]
+            out[(layer, module)] = LoraModule(packed.a[layer, p, :rk], packed.b[layer, lo:hi, :rk])
+        return out
 
     @property
     def max_rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
+        return max(self.ranks.values())
 
     @property
     def target_modules(self) -> frozenset[str]:
-        return frozenset(m for _, m in self.modules)
+        return frozenset(m for _, m in self.ranks)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in (m.a, m.b))
+        """Bytes of the packed weights (what a slot write copies)."""
+        return self.buffer.numel()
+
+    def host_bytes(self) -> int:
+        """Host memory this adapter holds. Pinned memory comes from torch's caching host
+        allocator, which rounds each block up to a power of two: that is what it holds."""
+        n = self.buffer.numel()
+        return 1 << (n - 1).bit_length() if self.buffer.is_pinned() else n
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -140,25 +169,6 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: float) -> float
     return default
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    st = path / "adapter_model.safetensors"
-    if not st.is_file():
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        if pickles:
-            raise AdapterIncompatible(
-                f"{pickles[0]} is a pickle file, which is never loaded; "
-                "save the adapter as adapter_model.safetensors"
-            )
-        raise AdapterLoadError(f"adapter_model.safetensors not found in {path}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(st), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterLoadError(f"adapter_model.safetensors could not be read: {e}") from e
-
-
 def _parse_key(key: str, config: ModelConfig) -> tuple[int, str, str]:
     if "magnitude" in key:
         raise AdapterIncompatible(f"tensor {key!r}: DoRA magnitude vectors are not supported")
@@ -178,6 +188,36 @@ def _parse_key(key: str, config: ModelConfig) -> tuple[int, str, str]:
     return layer, module, ab
 
 
+@dataclass(frozen=True)
+class _Module:
+    """One (layer, module) of the adapter, checked against the base: where its A and B
+    lie in the file, its rank and its scale."""
+
+    layer: int
+    module: str
+    name: str
+    a: TensorEntry
+    b: TensorEntry
+    rank: int
+    scale: float
+
+
+def _open_file(path: Path) -> SafetensorsFile:
+    st = path / "adapter_model.safetensors"
+    if not st.is_file():
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        if pickles:
+            raise AdapterIncompatible(
+                f"{pickles[0]} is a pickle file, which is never loaded; "
+                "save the adapter as adapter_model.safetensors"
+            )
+        raise AdapterLoadError(f"adapter_model.safetensors not found in {path}")
+    try:
+        return open_safetensors(st)
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise AdapterLoadError(f"adapter_model.safetensors could not be read: {e}") from e
+
+
 def read_adapter(
     path: Path,
     config: ModelConfig,
@@ -186,87 +226,218 @@ def read_adapter(
     dtype: torch.dtype,
     pin_memory: bool = False,
 ) -> LoraWeights:
-    """Read and validate the PEFT adapter at ``path``; host tensors in ``dtype``, scale folded."""
+    """Read and validate the PEFT adapter at ``path``; host tensors in ``dtype``, scale folded.
+
+    The file is mapped, not read; every check that needs no tensor data runs first (from the
+    header); NaN/Inf are found with one min/max over the stored weights; then each
+    projection group is packed with one copy (a ``cat`` of views of the mapping into the
+    adapter's one flat buffer, converting the dtype) and its scale folded in place. Errors
+    name the same module, with the same message, as a module-by-module check would.
+    """
     path = Path(path)
     if not path.is_dir():
         raise AdapterLoadError(f"adapter directory {path} does not exist")
     cfg = _read_config(path)
     _check_config(cfg)
-    tensors = _load_tensors(path)
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        layer, module, ab = _parse_key(key, config)
-        pairs.setdefault((layer, module), {})[ab] = t
+    st = _open_file(path)
+    pairs: dict[tuple[int, str], dict[str, TensorEntry]] = {}
+    for e in st.entries:  # offset order, the order safetensors' load_file gives
+        layer, module, ab = _parse_key(e.name, config)
+        pairs.setdefault((layer, module), {})[ab] = e
     if not pairs:
         raise AdapterIncompatible("the adapter holds no LoRA weights")
+    mods = _plan(st, pairs, cfg, config, max_rank)
+    if not _all_finite(st):
+        _raise_first_nonfinite(st, mods)
+    return _pack(st, mods, config, dtype, pin_memory)
 
+
+def _plan(
+    st: SafetensorsFile,
+    pairs: dict[tuple[int, str], dict[str, TensorEntry]],
+    cfg: dict[str, Any],
+    config: ModelConfig,
+    max_rank: int,
+) -> list[_Module]:
+    """Every check that needs only the header, module by module in (layer, module) order.
+    A module that fails raises, unless an earlier module holds NaN/Inf (that error first)."""
     dims = module_dims(config)
     r_default, alpha_default = float(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     rslora = bool(cfg.get("use_rslora"))
-    modules: dict[tuple[int, str], LoraModule] = {}
+    mods: list[_Module] = []
     for (layer, module), ab in sorted(pairs.items()):
         name = f"model.layers.{layer}.{'self_attn' if module in _PARENT else 'mlp'}.{module}"
-        if set(ab) != {"A", "B"}:
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise AdapterIncompatible(f"{name}: {missing} weight is missing")
-        a, b = ab["A"], ab["B"]
-        for t in (a, b):
-            if t.dtype not in _FLOAT_DTYPES:
-                raise AdapterIncompatible(f"{name}: dtype {t.dtype} is not a float type")
-        in_f, out_f = dims[module]
-        r = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
-            raise AdapterIncompatible(
-                f"{name}: shape mismatch: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
-                f"the base expects [r, {in_f}] and [{out_f}, r]"
-            )
-        if not 1 <= r <= max_rank:
-            raise AdapterIncompatible(f"{name}: rank {r} is outside 1..{max_rank} (max_lora_rank)")
-        r_cfg = _pattern_value(rank_pattern, name, r_default)
-        if int(r_cfg) != r:
-            raise AdapterIncompatible(
-                f"{name}: weights have rank {r}, adapter_config says {r_cfg:g}"
-            )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterIncompatible(f"{name}: weights contain NaN or Inf")
-        alpha = _pattern_value(alpha_pattern, name, alpha_default)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[(layer, module)] = LoraModule(a, (b.double() * scale).to(dtype))
-    return _pack(modules, config, dtype, pin_memory)
+        try:
+            mods.append(
+                _check_module(
+                    layer, module, name, ab, dims[module], max_rank,
+                    _pattern_value(rank_pattern, name, r_default),
+                    _pattern_value(alpha_pattern, name, alpha_default),
+                    rslora,
+                )
+            )  # fmt: skip
+        except AdapterIncompatible:
+            _raise_first_nonfinite(st, mods)
+            raise
+    return mods
+
+
+def _check_module(
+    layer: int,
+    module: str,
+    name: str,
+    ab: dict[str, TensorEntry],
+    dims: tuple[int, int],
+    max_rank: int,
+    r_cfg: float,
+    alpha: float,
+    rslora: bool,
+) -> _Module:
+    if set(ab) != {"A", "B"}:
+        missing = "lora_B" if "A" in ab else "lora_A"
+        raise AdapterIncompatible(f"{name}: {missing} weight is missing")
+    a, b = ab["A"], ab["B"]
+    for t in (a, b):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise AdapterIncompatible(f"{name}: dtype {t.dtype} is not a float type")
+    in_f, out_f = dims
+    r = a.shape[0] if len(a.shape) == 2 else -1
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
+        raise AdapterIncompatible(
+            f"{name}: shape mismatch: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
+            f"the base expects [r, {in_f}] and [{out_f}, r]"
+        )
+    if not 1 <= r <= max_rank:
+        raise AdapterIncompatible(f"{name}: rank {r} is outside 1..{max_rank} (max_lora_rank)")
+    if int(r_cfg) != r:
+        raise AdapterIncompatible(f"{name}: weights have rank {r}, adapter_config says {r_cfg:g}")
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    return _Module(layer, module, name, a, b, r, scale)
+
+
+def _raise_first_nonfinite(st: SafetensorsFile, mods: list[_Module]) -> None:
+    """The error path only: the first module (in order) whose stored weights hold NaN/Inf."""
+    for m in mods:
+        if not all(torch.isfinite(st.view(e)).all() for e in (m.a, m.b)):
+            raise AdapterIncompatible(f"{m.name}: weights contain NaN or Inf")
+
+
+def _all_finite(st: SafetensorsFile) -> bool:
+    """NaN and Inf survive min and max. Every tensor in the file is a LoRA weight by now, so
+    when they share a dtype the whole data region is one reduction; else one per tensor."""
+    if st.data.numel() == 0:
+        return True
+    dtypes = {e.dtype for e in st.entries}
+    if len(dtypes) == 1 and st.data.storage_offset() % next(iter(dtypes)).itemsize == 0:
+        parts = [st.data.view(next(iter(dtypes)))]
+    else:
+        parts = [st.view(e) for e in st.entries]
+    for t in parts:
+        lo, hi = torch.aminmax(t)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            return False
+    return True
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
 
 
 def _pack(
-    modules: dict[tuple[int, str], LoraModule],
+    st: SafetensorsFile,
+    mods: list[_Module],
     config: ModelConfig,
     dtype: torch.dtype,
     pin_memory: bool,
 ) -> LoraWeights:
     dims = module_dims(config)
     L = config.num_layers
-    groups: dict[str, PackedGroup] = {}
-    views: dict[tuple[int, str], LoraModule] = {}
-    for g, mods in GROUPS.items():
-        mine = {k: m for k, m in modules.items() if k[1] in mods}
-        if not mine:
-            continue
-        r = max(m.rank for m in mine.values())
+    by_group: dict[str, list[_Module]] = {}
+    for m in mods:
+        by_group.setdefault(MODULE_GROUP[m.module], []).append(m)
+    # layout of the one flat buffer: per group A, B, ranks (64-byte aligned)
+    elem = dtype.itemsize
+    plan: list[tuple[str, int, tuple[int, ...], int]] = []  # group, rank, row offsets, start
+    total = 0
+    for g, mods_g in by_group.items():
+        r = max(m.rank for m in mods_g)
         offs = [0]
-        for m in mods:
-            offs.append(offs[-1] + dims[m][1])
-        a = torch.zeros(L, len(mods), r, dims[mods[0]][0], dtype=dtype)
-        b = torch.zeros(L, offs[-1], r, dtype=dtype)
-        ranks = torch.zeros(L, len(mods), dtype=torch.int32)
-        if pin_memory:
-            a, b, ranks = a.pin_memory(), b.pin_memory(), ranks.pin_memory()
-        for (layer, module), m in mine.items():
-            p, rk = mods.index(module), m.rank
-            a[layer, p, :rk] = m.a
-            b[layer, offs[p] : offs[p + 1], :rk] = m.b
-            ranks[layer, p] = rk
-            views[(layer, module)] = LoraModule(
-                a[layer, p, :rk], b[layer, offs[p] : offs[p + 1], :rk]
-            )
-        groups[g] = PackedGroup(a, b, ranks)
-    return LoraWeights(views, groups)
+        for mod in GROUPS[g]:
+            offs.append(offs[-1] + dims[mod][1])
+        P, in_f = len(GROUPS[g]), dims[GROUPS[g][0]][0]
+        plan.append((g, r, tuple(offs), total))
+        total += _align(L * P * r * in_f * elem) + _align(L * offs[-1] * r * elem)
+        total += _align(L * P * 4)
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+    flat = st.flat_views()  # every tensor's 1-D view in one call (one dtype: the usual case)
+    groups: dict[str, PackedGroup] = {}
+    ranks: dict[tuple[int, str], int] = {}
+    for g, r, offs, start in plan:
+        mods_g = by_group[g]
+        P, in_f = len(GROUPS[g]), dims[GROUPS[g][0]][0]
+        na, nb = L * P * r * in_f * elem, L * offs[-1] * r * elem
+        sa, sb = start + _align(na), start + _align(na) + _align(nb)
+        a = buf[start : start + na].view(dtype).view(L, P, r, in_f)
+        b = buf[sa : sa + nb].view(dtype).view(L, offs[-1], r)
+        rk = buf[sb : sb + L * P * 4].view(torch.int32).view(L, P)
+        table = [0] * (L * P)
+        for m in mods_g:
+            p = GROUPS[g].index(m.module)
+            table[m.layer * P + p] = m.rank
+            ranks[(m.layer, m.module)] = m.rank
+        rk.copy_(torch.tensor(table, dtype=torch.int32).view(L, P))
+        _fill(st, mods_g, g, r, offs, a, b, flat, full=all(x == r for x in table))
+        _fold_scale(mods_g, g, offs, b)
+        groups[g] = PackedGroup(a, b, rk)
+    row_offsets = {g: offs for g, _, offs, _ in plan}
+    return LoraWeights(groups, ranks, buf, row_offsets)
+
+
+def _fill(
+    st: SafetensorsFile,
+    mods: list[_Module],
+    g: str,
+    r: int,
+    offs: tuple[int, ...],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    flat: dict[str, torch.Tensor] | None,
+    *,
+    full: bool,
+) -> None:
+    """Copy the group's A and B from the mapping into the packed tensors (with the dtype
+    conversion). ``full``: every layer holds every module of the group at rank ``r``, so
+    the packed A and B are the sources concatenated in (layer, module) order: one ``cat``."""
+    order = sorted(mods, key=lambda m: (m.layer, GROUPS[g].index(m.module)))
+    if full:
+        if flat is None:
+            flat = {e.name: st.view(e).view(-1) for m in order for e in (m.a, m.b)}
+        torch.cat([flat[m.a.name] for m in order], out=a.view(-1))
+        torch.cat([flat[m.b.name] for m in order], out=b.view(-1))
+        return
+    a.zero_()
+    b.zero_()
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+    for m in order:
+        p = GROUPS[g].index(m.module)
+        dst += [a[m.layer, p, : m.rank], b[m.layer, offs[p] : offs[p + 1], : m.rank]]
+        src += [st.view(m.a), st.view(m.b)]
+    torch._foreach_copy_(dst, src)
+
+
+def _fold_scale(mods: list[_Module], g: str, offs: tuple[int, ...], b: torch.Tensor) -> None:
+    scales = {m.scale for m in mods}
+    if len(scales) == 1:
+        (s,) = scales
+        if s != 1.0:
+            b.mul_(s)
+        return
+    views, factors = [], []
+    for m in mods:
+        p = GROUPS[g].index(m.module)
+        views.append(b[m.layer, offs[p] : offs[p + 1]])
+        factors.append(m.scale)
+    torch._foreach_mul_(views, factors)

@@ -76,10 +76,10 @@ class World:
         assert version is not None, model
         return AdapterRef.in_store(version.sha256, version.storage_key)
 
-    def fetch(self, ref: AdapterRef) -> Path:
+    def fetch(self, ref: AdapterRef) -> Path | tuple[Path, str]:
         """The engine side's fetch, as ``loraplex_cli.engine_wiring.store_fetch`` builds it."""
         key = ref.storage_key
-        return local_fetch(ref) if key is None else self.fetcher.fetch(ref.key, key)
+        return local_fetch(ref) if key is None else self.fetcher.fetch_with_tier(ref.key, key)
 
 
 async def start_engine(model: Path, w: World) -> InprocEngineClient:
@@ -157,6 +157,18 @@ async def test_store_down_cached_serve_cold_fail_then_recover(
                 break
             await asyncio.sleep(0.2)
         assert err is None and tokens == hf.greedy(cold_src, PROMPT, MAX_TOKENS)
+        # loads by the tier they came from: "warm" and "cold" downloaded once each; the
+        # fillers (local directories) and "warm" again (from the disk cache) from disk
+        deadline = time.monotonic() + 5
+        while True:
+            stats = engine.stats()
+            tiers = {} if stats is None else stats.adapter_loads_by_tier
+            counts = {t: v.count for t, v in tiers.items()}
+            if counts == {"object_store": 2, "disk": 11} or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert counts == {"object_store": 2, "disk": 11}
+        assert tiers["object_store"].fetch_seconds > 0 and tiers["disk"].bytes > 0
     finally:
         if engine is not None:
             await engine.close()

@@ -37,3 +37,60 @@ def test_host_cache_keeps_adapters_that_requests_still_need(tmp_path):
         assert len(reads) == 4
     finally:
         loader.shutdown()
+
+
+class _Weights:
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def nbytes(self) -> int:
+        return self.size
+
+
+def _drain(loader: AdapterLoader) -> None:
+    deadline = time.monotonic() + 10
+    while loader.num_loading and time.monotonic() < deadline:
+        loader.collect()
+        time.sleep(0.01)
+    loader.collect()
+
+
+def test_host_tier_is_bounded_in_bytes_and_loads_are_counted_by_tier(tmp_path):
+    """250 bytes hold two 100-byte adapters: the least recently used one not in use goes;
+    each load is counted under the tier its fetch reports (a plain path: disk)."""
+    in_use: set[str] = set()
+    sizes = {"a": 100, "b": 100, "c": 100, "d": 60}
+
+    def fetch(ref: AdapterRef):
+        path = tmp_path / ref.key
+        return (path, "object_store") if ref.key == "c" else path
+
+    loader = AdapterLoader(
+        lambda p: _Weights(p.name, sizes[p.name]),
+        fetch,
+        max_host_bytes=250,
+        workers=2,
+        in_use=in_use.__contains__,
+    )
+    try:
+        for key in ("a", "b"):
+            loader.start(AdapterRef(key, str(tmp_path / key)))
+        _drain(loader)
+        assert loader.host_bytes == 200 and loader.num_host == 2
+        loader.get("a")  # "b" is now the least recently used
+        in_use.add("b")  # ...but a request needs it: "a" goes instead
+        loader.start(AdapterRef("c", "store:c"))
+        _drain(loader)
+        assert [k for k in "abc" if loader.is_ready(k)] == ["b", "c"]
+        assert loader.host_bytes == 200 and loader.stats.host_evictions == 1
+        in_use.clear()
+        loader.start(AdapterRef("d", str(tmp_path / "d")))
+        _drain(loader)
+        assert [k for k in "abcd" if loader.is_ready(k)] == ["c", "d"]
+        assert loader.host_bytes == 160
+        disk, store = loader.stats.by_tier["disk"], loader.stats.by_tier["object_store"]
+        assert (disk.count, disk.bytes, store.count, store.bytes) == (3, 260, 1, 100)
+        assert sum(disk.buckets) <= 3 and disk.seconds >= disk.read_seconds >= 0
+        assert loader.drop("c") and loader.host_bytes == 60 and not loader.drop("c")
+    finally:
+        loader.shutdown()

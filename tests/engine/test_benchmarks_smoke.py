@@ -44,3 +44,23 @@ def test_throughput_smoke(bench, tmp_path):
     assert engine[0]["vs_no_adapter"] == 1.0
     (hf,) = out["hf_peft"]
     assert hf["adapters"] == 4 and hf["out_tok_s"] > 0
+
+
+def test_adapter_scale_smoke(bench, tmp_path):
+    out = bench("bench_adapter_scale").main(["--smoke", "--json", str(tmp_path / "a.json")])
+    for cpu in out["cpu"]:
+        assert cpu["old_wall_min_ms"] > 0 and cpu["new_wall_min_ms"] > 0
+    assert out["cpu"][-1]["torch_threads"] == 1
+    assert out["single"]["p50_ms"] > 0 and out["single"]["adapter_mib"] > 0
+    assert [r["workers"] for r in out["aggregate"]] == [1, 2]
+    rows = {(r["setting"], r["adapters"], r["mode"]): r for r in out["engine"]}
+    assert rows[("base", 0, "-")]["vs_base"] == 1.0
+    for setting in ("all7", "slora"):
+        for n in (1, 3):
+            disk, store = rows[(setting, n, "disk")], rows[(setting, n, "store")]
+            assert disk["loads_in_run"] == n and disk["latency_ms"]["disk"][2] == n
+            # store keys are content hashes: adapters sharing a weight file are one key
+            assert store["latency_ms"]["object_store"][2] == min(n, 2)  # real downloads
+            assert rows[(setting, n, "host")]["loads_in_run"] == 0  # all in the host tier
+    sys.modules.pop("bench_adapter_scale", None)
+    sys.modules.pop("adapter_load_old", None)

@@ -62,3 +62,33 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
     assert get("loraplex_engine_batch_size") == 5
     assert get("loraplex_engine_adapters_resident") == 2
     assert get("loraplex_engine_adapter_cache_hits_total") == 9
+
+
+def test_engine_adapter_loads_by_source_tier() -> None:
+    """Loads into host memory by the tier they came from: a histogram of latency, bytes and
+    the queue/fetch/read split, each labelled by source; the host tier's bytes and bound."""
+    from engine.stats import AdapterTierLoads
+
+    disk = AdapterTierLoads(
+        count=3, seconds=0.06, queue_seconds=0.01, fetch_seconds=0.0, read_seconds=0.05,
+        bytes=3 * 2**20, buckets=[(0.01, 1), (0.05, 3)],
+    )  # fmt: skip
+    store = AdapterTierLoads(count=1, seconds=0.4, fetch_seconds=0.3, read_seconds=0.1,
+                             bytes=2**20, buckets=[(0.01, 0), (0.05, 0)])  # fmt: skip
+    stats = EngineStats(
+        adapters_host=4, adapters_host_bytes=4 * 2**20, adapters_host_capacity_bytes=2**30,
+        adapter_loads_by_tier={"disk": disk, "object_store": store}, adapter_gpu_writes=2,
+    )  # fmt: skip
+    metrics = Metrics(CollectorRegistry(), engine_stats=lambda: stats)
+    get = metrics.registry.get_sample_value
+    name = "loraplex_engine_adapter_load_seconds"
+    assert get(f"{name}_bucket", {"source": "disk", "le": "0.01"}) == 1
+    assert get(f"{name}_bucket", {"source": "disk", "le": "+Inf"}) == 3
+    assert get(f"{name}_count", {"source": "object_store"}) == 1
+    assert get(f"{name}_sum", {"source": "object_store"}) == 0.4
+    assert get("loraplex_engine_adapter_load_bytes_total", {"source": "disk"}) == 3 * 2**20
+    phase = "loraplex_engine_adapter_load_phase_seconds_total"
+    assert get(phase, {"source": "object_store", "phase": "fetch"}) == 0.3
+    assert get("loraplex_engine_adapters_host_bytes") == 4 * 2**20
+    assert get("loraplex_engine_adapters_host_capacity_bytes") == 2**30
+    assert get("loraplex_engine_adapter_gpu_writes_total") == 2

@@ -1,0 +1,488 @@
+"""Adapter loading at scale: the loader's CPU path (old reader vs new, same run), one cold
+adapter into GPU memory, aggregate loads/s with N workers, and the engine with 1 to 2,000
+adapters host-cached, cold from local disk and cold from the object store, against the
+no-adapter engine in the same run.
+
+One command on the GPU machine (H200, ``dummy:llama3-8b`` bf16; about 4 minutes)::
+
+    PYTHONPATH=. python benchmarks/bench_adapter_scale.py --json /tmp/adapter_scale.json
+
+``--smoke`` runs everything small on the CPU (``dummy:tiny``; the CI smoke test).
+
+Sections (``--sections``, all by default):
+
+- ``cpu``: ``read_adapter`` now vs the reader it replaced (``adapter_load_old.py``) on a
+  ``--cpu-preset`` (SmolLM2-135M) rank-16 adapter on all seven projections, in the engine's
+  dtype, interleaved ``--reps`` times; wall min/median and process CPU time of each.
+- ``single``: one cold ``--model``-shaped adapter (rank 16, seven projections: 80 MiB for
+  Llama-3-8B) from the page cache into a GPU slot: read (validate, pack, pin) + slot write +
+  sync, p50/p99 over ``--reps`` keys; against the file's plain read speed and host-to-GPU
+  bandwidth.
+- ``aggregate``: ``--files`` distinct adapters (the ``all7`` files) through the engine's ``AdapterLoader`` with
+  1/4/8/16 workers: adapters/s and GB/s.
+- ``engine``: per setting (``all7``: rank 16 on seven projections; ``slora``: q,k,v,o with
+  ranks 8/16/32/64 mixed, S-LoRA's) and per N in ``--adapters``: one request per adapter
+  (at least ``--min-requests``, adapters cycled), ``--prompt-len``/``--output-len``, all
+  queued at once; modes ``host`` (loaded into the host tier first, when N fits it),
+  ``disk`` (files evicted from the page cache first: ``posix_fadvise(DONTNEED)``) and
+  ``store`` (bundles in a local object store through the real fetcher and disk cache, N <=
+  ``--store-max``). Above ``--distinct-files`` adapters, keys share weight files (each key
+  is still a distinct adapter to the engine; its bytes repeat on disk and in the page cache).
+  Output tok/s against the no-adapter engine; load latency p50/p99 per source tier; loads/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adapter_load_old import read_adapter_old
+from common import device_info, pick_device, table, write_json, write_peft_adapter
+
+from engine.api import AdapterRef, Request, SamplingParams
+from engine.config import EngineConfig, host_memory_bytes
+from engine.llm_engine import LLMEngine, loader_threads
+from engine.lora.loader import AdapterLoader
+from engine.lora.weights import read_adapter
+from engine.model.presets import PRESETS
+from engine.model_runner import ModelRunner
+
+ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dummy:llama3-8b")
+    p.add_argument("--cpu-preset", default="smollm2-135m")
+    p.add_argument("--sections", default="cpu,single,aggregate,engine")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--files", type=int, default=64, help="adapters of the aggregate section")
+    p.add_argument("--workers", default="1,4,8,16")
+    p.add_argument("--adapters", default="1,32,512,2000")
+    p.add_argument("--settings", default="all7,slora")
+    p.add_argument("--modes", default="host,disk,store")
+    p.add_argument("--distinct-files", type=int, default=64)
+    p.add_argument("--store-max", type=int, default=32)
+    p.add_argument("--min-requests", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-loras", type=int, default=32, help="GPU adapter slots")
+    p.add_argument("--load-workers", type=int, default=8)
+    p.add_argument(
+        "--host-bytes",
+        type=int,
+        default=None,
+        help="host tier; default: the engine's, raised for a host-cached case up to 0.6 of RAM",
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.cpu_preset, args.reps, args.files, args.workers = (
+            "dummy:tiny", "tiny", 3, 6, "1,2")  # fmt: skip
+        args.adapters, args.distinct_files, args.store_max, args.min_requests = "1,3", 2, 3, 3
+        args.prompt_len, args.output_len, args.max_num_seqs = 4, 2, 8
+        args.max_num_batched_tokens, args.max_loras, args.load_workers = 128, 2, 2
+    return args
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def evict_from_page_cache(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def file_read_gbs(path: Path, reps: int = 5) -> float:
+    """Plain read() of a file in the page cache into a reused buffer: the host's limit."""
+    size = path.stat().st_size
+    buf = bytearray(size)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(buf)
+        best = min(best, time.perf_counter() - t0)
+    return size / best / 1e9
+
+
+def h2d_gbs(device: torch.device, nbytes: int, reps: int = 10) -> float:
+    """Host (pinned) to GPU copy of ``nbytes``, median of ``reps``: the copy's limit."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for i in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / pct(times, 0.5) / 1e9
+
+
+# -- cpu: the loader's CPU path, old vs new ------------------------------------------------
+
+
+def section_cpu(args, device: torch.device, root: Path) -> list[dict]:
+    cfg = PRESETS[args.cpu_preset]
+    path = write_peft_adapter(root / "cpu", cfg, 16, targets=ALL7)
+    dt = dtype_for(device)
+    readers = {
+        "old": lambda: read_adapter_old(path, cfg, max_rank=64, dtype=dt),
+        "new": lambda: read_adapter(path, cfg, max_rank=64, dtype=dt),
+    }
+    rows = []
+    threads = torch.get_num_threads()
+    for n_threads in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        res: dict[str, list[tuple[float, float]]] = {k: [] for k in readers}
+        for fn in readers.values():
+            fn()  # warm: imports, allocator
+        for _ in range(args.reps):
+            for name, fn in readers.items():  # interleaved: both see the same machine
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                res[name].append((time.perf_counter() - w0, time.process_time() - c0))
+        row: dict = {"preset": args.cpu_preset, "dtype": str(dt).removeprefix("torch.")}
+        row["torch_threads"] = n_threads
+        row["file_mib"] = (path / "adapter_model.safetensors").stat().st_size / 2**20
+        for name, xs in res.items():
+            wall, cpu = [x[0] * 1e3 for x in xs], [x[1] * 1e3 for x in xs]
+            row[f"{name}_wall_min_ms"], row[f"{name}_wall_p50_ms"] = min(wall), pct(wall, 0.5)
+            row[f"{name}_cpu_p50_ms"] = pct(cpu, 0.5)  # process CPU time (all threads)
+        row["speedup_wall_min"] = row["old_wall_min_ms"] / row["new_wall_min_ms"]
+        row["speedup_wall_p50"] = row["old_wall_p50_ms"] / row["new_wall_p50_ms"]
+        row["speedup_cpu_p50"] = row["old_cpu_p50_ms"] / row["new_cpu_p50_ms"]
+        rows.append(row)
+    torch.set_num_threads(threads)
+    print("\nloader CPU path, old vs new (same run)\n" + table(rows, list(rows[0])), flush=True)
+    return rows
+
+
+# -- single: one cold adapter into a GPU slot -------------------------------------------------
+
+
+def make_runner(args, device: torch.device) -> ModelRunner:
+    return ModelRunner(
+        args.model,
+        device=device,
+        dtype=dtype_for(device),
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.prompt_len + args.output_len + 16,
+        max_loras=args.max_loras,
+        max_lora_rank=64,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_bytes=64 * 2**20 if device.type == "cpu" else None,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def section_single(args, runner: ModelRunner, root: Path) -> dict:
+    cfg, device = runner.config, runner.device
+    path = write_peft_adapter(root / "single", cfg, 16, targets=ALL7)
+    st = path / "adapter_model.safetensors"
+    reads, writes, totals, olds = [], [], [], []
+    for i in range(args.reps + 1):
+        t0 = time.perf_counter()
+        w = runner.read_adapter(path)  # a new read each time: nothing is cached but the file
+        t1 = time.perf_counter()
+        runner.write_slot(i % runner.num_slots, w)
+        sync(device)
+        t2 = time.perf_counter()
+        if i:  # the first one warms the allocators
+            reads.append((t1 - t0) * 1e3)
+            writes.append((t2 - t1) * 1e3)
+            totals.append((t2 - t0) * 1e3)
+    for _ in range(min(5, args.reps)):
+        t0 = time.perf_counter()
+        read_adapter_old(
+            path, cfg, max_rank=64, dtype=runner.dtype, pin_memory=device.type == "cuda"
+        )
+        olds.append((time.perf_counter() - t0) * 1e3)
+    nbytes = w.buffer.numel()
+    row = {
+        "model": args.model,
+        "adapter_mib": nbytes / 2**20,
+        "p50_ms": pct(totals, 0.5),
+        "p99_ms": pct(totals, 0.99),
+        "read_p50_ms": pct(reads, 0.5),
+        "write_p50_ms": pct(writes, 0.5),
+        "old_read_p50_ms": pct(olds, 0.5),
+        "file_read_gbs": file_read_gbs(st),
+        "h2d_gbs": h2d_gbs(device, nbytes) if device.type == "cuda" else float("nan"),
+    }
+    row["floor_ms"] = nbytes / 1e6 / row["file_read_gbs"] + (
+        nbytes / 1e6 / row["h2d_gbs"] if device.type == "cuda" else 0.0
+    )
+    print("\none cold adapter: page cache -> GPU slot\n" + table([row], list(row)), flush=True)
+    return row
+
+
+# -- aggregate: loads/s with N workers ---------------------------------------------------------
+
+
+def section_aggregate(args, runner: ModelRunner, root: Path) -> list[dict]:
+    files = write_adapters(args, runner.config, "all7", args.files, root)
+    rows = []
+    for workers in [int(x) for x in args.workers.split(",")]:
+        loader = AdapterLoader(
+            runner.read_adapter, workers=workers, init_worker=loader_threads(workers)
+        )
+        refs = [AdapterRef(f"agg-{workers}-{i}", str(f)) for i, f in enumerate(files)]
+        t0 = time.perf_counter()
+        for ref in refs:
+            loader.start(ref)
+        while loader.num_loading:
+            time.sleep(0.001)
+            failed = loader.collect()
+            if failed:
+                raise RuntimeError(f"load failed: {failed[0]}")
+        took = time.perf_counter() - t0
+        loader.shutdown()
+        nbytes = loader.stats.tier("disk").bytes
+        rows.append(
+            {"workers": workers, "adapters": len(refs), "seconds": took,
+             "adapters_s": len(refs) / took, "gb_s": nbytes / took / 1e9}
+        )  # fmt: skip
+        del loader
+    print("\naggregate loads into host memory\n" + table(rows, list(rows[0])), flush=True)
+    return rows
+
+
+# -- engine: 1 .. 2,000 adapters ----------------------------------------------------------------
+
+
+def write_adapters(args, cfg, setting: str, n_files: int, root: Path) -> list[Path]:
+    out = []
+    for i in range(n_files):
+        d = root / setting / f"f{i}"
+        if not d.exists():
+            if setting == "all7":
+                write_peft_adapter(d, cfg, 16, seed=i, targets=ALL7)
+            else:  # S-LoRA's: q,k,v,o, ranks 8/16/32/64 mixed
+                write_peft_adapter(d, cfg, (8, 16, 32, 64)[i % 4], seed=i, targets=QKVO)
+        out.append(d)
+    return out
+
+
+class StoreRefs:
+    """Bundles in a local object store, fetched by the real fetcher into a disk cache."""
+
+    def __init__(self, root: Path) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from adapters.service import build_fetcher
+
+        self.root = root
+        self.store_dir = root / "store"
+        self.fetcher = build_fetcher(
+            store_url=f"file://{self.store_dir}",
+            s3_endpoint_url=None,
+            cache_dir=root / "disk-cache",
+            cache_bytes=1 << 40,
+            max_bytes=1 << 34,
+            metrics_registry=CollectorRegistry(),
+        )
+        self.keys: dict[Path, tuple[str, str]] = {}
+
+    def put(self, adapter_dir: Path) -> AdapterRef:
+        from adapters.bundle import pack
+        from adapters.storage import blob_key
+
+        if adapter_dir not in self.keys:
+            b = pack(adapter_dir, self.root / "bundle.tar")
+            self.fetcher.store.put_file(blob_key(b.sha256), b.path)
+            self.keys[adapter_dir] = (b.sha256, blob_key(b.sha256))
+        sha, key = self.keys[adapter_dir]
+        return AdapterRef.in_store(sha, key)
+
+    def fetch(self, ref: AdapterRef):
+        storage_key = ref.storage_key
+        if storage_key is None:
+            return Path(ref.uri)
+        return self.fetcher.fetch_with_tier(ref.key, storage_key)
+
+
+def run_case(
+    args,
+    runner: ModelRunner,
+    refs: list[AdapterRef | None],
+    fetch,
+    host: bool,
+    host_bytes: int | None = None,
+) -> dict:
+    n_req = max(args.min_requests, len([r for r in refs if r is not None]))
+    cfg = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=runner.max_model_len,
+        max_loras=args.max_loras,
+        max_lora_rank=64,
+        host_lora_bytes=host_bytes,
+        adapter_load_workers=args.load_workers,
+    )
+    engine = LLMEngine(runner, cfg, fetch=fetch) if fetch else LLMEngine(runner, cfg)
+    try:
+        if host:
+            for ref in refs:
+                if ref is not None:
+                    engine.load_adapter(ref)
+            while engine.loader.num_loading:
+                time.sleep(0.002)
+                engine.collect_loads()
+        vocab = runner.config.vocab_size
+        gen = torch.Generator().manual_seed(7)
+        ids = torch.randint(3, vocab, (n_req, args.prompt_len), generator=gen).tolist()
+        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        before = engine.stats()
+        t0 = time.perf_counter()
+        for i in range(n_req):
+            engine.add_request(Request(f"r{i}", ids[i], params, refs[i % len(refs)]))
+        out_tokens = 0
+        while engine.has_unfinished():
+            for o in engine.step():
+                out_tokens += sum(len(c.token_ids) for c in o.choices)
+                if o.error:
+                    raise RuntimeError(f"{o.request_id}: {o.error.message}")
+            if not engine.last_step_ran:
+                time.sleep(0.0005)
+        elapsed = time.perf_counter() - t0
+        st = engine.stats()
+        lat = {t: [x * 1e3 for x in v.recent] for t, v in engine.loader.stats.by_tier.items()}
+        loads = st.adapter_loads - before.adapter_loads
+        return {
+            "requests": n_req,
+            "seconds": elapsed,
+            "out_tok_s": out_tokens / elapsed,
+            "loads_in_run": loads,
+            "gpu_writes": st.adapter_gpu_writes - before.adapter_gpu_writes,
+            "host_evictions": st.adapter_host_evictions,
+            "latency_ms": {t: (pct(v, 0.5), pct(v, 0.99), len(v)) for t, v in lat.items()},
+        }
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()  # the engine holds its host tier (pinned on GPU) until collected
+
+
+def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
+    cfg = runner.config
+    base = run_case(args, runner, [None], None, False)
+    print(f"\nno-adapter engine: {base['out_tok_s']:.0f} out tok/s", flush=True)
+    rows = [{"setting": "base", "adapters": 0, "mode": "-", **base, "vs_base": 1.0}]
+    host_cap = EngineConfig(host_lora_bytes=args.host_bytes).resolved_host_lora_bytes()
+    for setting in args.settings.split(","):
+        for n in [int(x) for x in args.adapters.split(",")]:
+            files = write_adapters(args, cfg, setting, min(n, args.distinct_files), root)
+            for mode in args.modes.split(","):
+                if mode == "store" and n > args.store_max:
+                    continue
+                one = max(runner.read_adapter(f).host_bytes() for f in files[:4])
+                host_bytes = args.host_bytes
+                if mode == "host" and n * one > host_cap:
+                    if args.host_bytes is not None or n * one > 0.6 * host_memory_bytes():
+                        continue  # the host tier cannot hold them all
+                    host_bytes = int(n * one * 1.05)
+                if mode == "store":
+                    store = StoreRefs(root / f"store-{setting}-{n}")
+                    refs = [store.put(files[i % len(files)]) for i in range(n)]
+                    evict_from_page_cache(store.store_dir)
+                    fetch = store.fetch
+                else:
+                    tag = f"{setting}-{n}-{mode}-{time.monotonic_ns()}"
+                    refs = [AdapterRef(f"{tag}-{i}", str(files[i % len(files)])) for i in range(n)]
+                    fetch = None
+                    if mode == "disk":
+                        evict_from_page_cache(root / setting)
+                r = run_case(args, runner, list(refs), fetch, mode == "host", host_bytes)
+                row = {"setting": setting, "adapters": n, "mode": mode, **r}
+                row["vs_base"] = r["out_tok_s"] / base["out_tok_s"]
+                row["loads_s"] = r["loads_in_run"] / r["seconds"] if r["loads_in_run"] else 0.0
+                rows.append(row)
+                lat = " ".join(
+                    f"{t}: p50 {a:.1f} p99 {b:.1f} ms (n={c})"
+                    for t, (a, b, c) in r["latency_ms"].items()
+                )
+                print(
+                    f"{setting:5} N={n:5} {mode:5} {r['out_tok_s']:9.0f} tok/s "
+                    f"x{row['vs_base']:.2f} of base, {r['loads_in_run']} loads in run "
+                    f"({row['loads_s']:.1f}/s), {lat}",
+                    flush=True,
+                )
+    by = {(r["setting"], r["adapters"], r["mode"]): r for r in rows}
+    for r in rows:
+        host = by.get((r["setting"], r["adapters"], "host"))
+        if r["mode"] == "disk" and host:
+            r["disk_vs_host"] = r["out_tok_s"] / host["out_tok_s"]
+    cols = ["setting", "adapters", "mode", "requests", "seconds", "out_tok_s", "vs_base"]
+    cols += ["loads_in_run", "loads_s", "gpu_writes", "host_evictions"]
+    print("\nengine\n" + table(rows, cols), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.smoke)
+    sections = set(args.sections.split(","))
+    result: dict = {"bench": "adapter_scale", "args": vars(args), "info": device_info(device)}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lpx-adapters-") as tmp:
+        root = Path(tmp)
+        if "cpu" in sections:
+            result["cpu"] = section_cpu(args, device, root)
+        if sections & {"single", "aggregate", "engine"}:
+            t0 = time.perf_counter()
+            runner = make_runner(args, device)
+            print(
+                f"{args.model} on {device}: runner in {time.perf_counter() - t0:.1f}s", flush=True
+            )
+            if "single" in sections:
+                result["single"] = section_single(args, runner, root)
+            if "aggregate" in sections:
+                result["aggregate"] = section_aggregate(args, runner, root)
+            if "engine" in sections:
+                result["engine"] = section_engine(args, runner, root)
+    result["seconds"] = time.perf_counter() - t_start
+    print(f"\ntotal {result['seconds']:.0f}s", flush=True)
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
