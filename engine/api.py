@@ -24,6 +24,18 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is a signed 64-bit int
 MAX_STOPS = 16  # per request (the OpenAI API allows 4; the engine's own bound)
 MAX_STOP_CHARS = 4096  # per stop string
 MAX_STOP_TOKEN_IDS = 1024
+MAX_GRAMMAR_CHARS = 100_000  # a JSON schema's text (OpenAI's own limit is in this range)
+
+GrammarKind = Literal["json_object", "json_schema"]
+
+
+class Grammar(msgspec.Struct, frozen=True, array_like=True):
+    """A constraint on a request's output, as plain data (``engine.structured`` compiles it,
+    cached by value): ``json_object`` (any JSON object) or ``json_schema`` (``spec``: the
+    schema as JSON text, its property order kept: it is the order of generation)."""
+
+    kind: GrammarKind
+    spec: str = ""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -44,6 +56,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = sampled token + k alternatives
     n: int = 1
+    grammar: Grammar | None = None  # constrained decoding (structured outputs)
 
     def validate(self) -> None:
         from engine.errors import InvalidRequest
@@ -79,6 +92,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
                 len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
                 "stop_token_ids",
                 f"at most {MAX_STOP_TOKEN_IDS} ids",
+            ),
+            (
+                self.grammar is None or len(self.grammar.spec) <= MAX_GRAMMAR_CHARS,
+                "response_format",
+                f"the schema is over {MAX_GRAMMAR_CHARS} characters of JSON",
             ),
         ]
         for ok, param, msg in checks:

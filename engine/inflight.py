@@ -33,6 +33,7 @@ class InFlight:
     rows: list[SampledRow]
     sample: DeviceSample | None  # None: nothing sampled (prefill chunks only)
     row_of: dict[int, int] = field(default_factory=dict)  # seq_id -> row of ``sample``
+    constrained: bool = False  # some row was sampled under a grammar's mask
 
     @property
     def tokens(self) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ forwards (a broken device) end the step loop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,8 @@ from engine.sampler import DeviceSample, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SeqStatus, Sequence
 from engine.stats import EngineStats, StepCounters
+from engine.structured import GrammarCache, fill_masks
+from engine.token_mask import MaskBatch, apply_token_masks
 
 log = logging.getLogger(__name__)
 MAX_FAILED_FORWARDS = 3  # consecutive failed forwards before the step loop gives up
@@ -78,6 +81,8 @@ class LLMEngine:
         )
         self.sampler = Sampler(config.seed)
         self._eos = frozenset(int(t) for t in runner.eos_token_ids)
+        self.grammars = GrammarCache(self.tokenizer, runner.vocab_size, self._eos)
+        self._grammar_wait: list[RequestState] = []  # their grammar is being compiled
         self._requests: dict[str, RequestState] = {}
         self._owner: dict[int, tuple[RequestState, Choice]] = {}
         self._adapter_refs: dict[str, AdapterRef] = {}  # keys some request in flight uses
@@ -123,6 +128,12 @@ class LLMEngine:
             raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, vocab)
         check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
+        if p.grammar is not None and (p.ignore_eos or p.min_tokens):
+            raise InvalidRequest(
+                "response_format cannot be combined with ignore_eos or min_tokens "
+                "(the grammar decides where the output ends)",
+                param="response_format",
+            )
         state = RequestState(request, prompt_ids, [], self._eos)
         max_total = min(len(prompt_ids) + p.max_tokens, self.max_model_len)
         arrival = self._next_arrival
@@ -156,7 +167,32 @@ class LLMEngine:
             else:
                 self._counters.adapter_misses += 1
                 self.loader.start(request.adapter)
-        self.scheduler.add(state.choices[0].seq)  # siblings fork off it after its prefill
+        if p.grammar is not None:  # scheduled once its grammar is compiled
+            state.grammar = self.grammars.get(p.grammar)
+            self._grammar_wait.append(state)
+        else:
+            self.scheduler.add(state.choices[0].seq)  # siblings fork off it after its prefill
+
+    def _admit_grammars(self) -> None:
+        """Requests whose grammar is compiled go to the scheduler (each choice with its own
+        matcher); a grammar that failed to compile fails its request."""
+        waiting, self._grammar_wait = self._grammar_wait, []
+        for state in waiting:
+            if self._requests.get(state.request.request_id) is not state:
+                continue  # aborted meanwhile
+            fut = state.grammar
+            if fut is None or not fut.done():
+                self._grammar_wait.append(state)
+                continue
+            state.grammar = None
+            try:
+                template = fut.result()
+            except Exception as exc:
+                self._fail(state, exc)
+                continue
+            for c in state.choices:
+                c.matcher = template.deep_copy()
+            self.scheduler.add(state.choices[0].seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its final output (finish_reason "abort") comes with the next step."""
@@ -230,6 +266,8 @@ class LLMEngine:
         """Schedule and launch a step; read back the step launched before (async: while
         this one runs on the device). Returns the outputs that are ready."""
         self.collect_loads()
+        if self._grammar_wait:
+            self._admit_grammars()
         for seq in self.scheduler.waiting:
             key = seq.adapter_key
             if key is not None and self.slots.lookup(key) is None and not self.loader.is_ready(key):
@@ -280,6 +318,10 @@ class LLMEngine:
             return None
         self._failed_forwards = 0
         self.scheduler.advance(out)
+        if prev is not None and prev.constrained:
+            # a constrained row's mask needs its previous token: read the step in flight
+            # now (its sampling ran before this forward, which the GPU runs meanwhile)
+            self._pending += self._finish_inflight()
         rows: list[SampledRow] = []
         sample_rows: list[SampleRow] = []
         keep: list[int] = []
@@ -304,21 +346,42 @@ class LLMEngine:
             return InFlight([], None)
         if len(keep) != k:
             logits = logits[keep]
-        sample = self._sample_rows(logits, sample_rows, rows)
+        masks = self._masks(rows, logits.device)
+        sample = self._sample_rows(logits, sample_rows, rows, masks)
         for row in rows:  # the next step reads these on the device
             row.seq.token_ids.append(PLACEHOLDER)
             row.seq.num_pending += 1
-        return InFlight(rows, sample, {r.seq.seq_id: i for i, r in enumerate(rows)})
+        row_of = {r.seq.seq_id: i for i, r in enumerate(rows)}
+        return InFlight(rows, sample, row_of, constrained=masks is not None)
+
+    def _masks(self, rows: list[SampledRow], device: torch.device) -> MaskBatch | None:
+        """The token masks of the constrained rows (structured outputs); None when none."""
+        matchers = [(i, r.choice.matcher) for i, r in enumerate(rows) if r.choice.matcher]
+        if not matchers:
+            return None
+        t0 = time.perf_counter()
+        masks = fill_masks(self.grammars, matchers, device)
+        c = self._counters
+        c.grammar_mask_ms += (time.perf_counter() - t0) * 1000
+        c.grammar_mask_steps += 1
+        c.grammar_mask_rows += len(matchers)
+        return masks
 
     def _sample_rows(
-        self, logits: torch.Tensor, sample_rows: list[SampleRow], rows: list[SampledRow]
+        self,
+        logits: torch.Tensor,
+        sample_rows: list[SampleRow],
+        rows: list[SampledRow],
+        masks: MaskBatch | None,
     ) -> DeviceSample:
         """The batch in one sampler call; if that raises, row by row (waiting for each),
         failing only the requests whose own rows raise (their token reads -1)."""
         try:
-            return self.sampler.sample(logits, sample_rows)
+            return self.sampler.sample(logits, sample_rows, masks)
         except Exception:
             log.exception("batch sampling failed; sampling row by row")
+        if masks is not None:
+            logits = apply_token_masks(logits, masks)
         tokens: list[int] = []
         for i, (row, r) in enumerate(zip(sample_rows, rows, strict=True)):
             try:
@@ -458,8 +521,12 @@ class LLMEngine:
             adapters_resident=len(self.slots.resident),
             adapters_host=self.loader.num_host,
             lora_slots=self.slots.num_slots,
+            grammar_compiles=self.grammars.compiles,
+            grammar_cache_hits=self.grammars.hits,
+            grammars_compiling=len(self._grammar_wait),
             **asdict(self._counters),
         )
 
     def shutdown(self) -> None:
         self.loader.shutdown()
+        self.grammars.shutdown()

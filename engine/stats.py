@@ -29,6 +29,12 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     adapters_resident: int = 0  # in GPU slots
     adapters_host: int = 0  # loaded in host memory
     lora_slots: int = 0
+    grammar_compiles: int = 0  # structured outputs: distinct grammars compiled
+    grammar_cache_hits: int = 0
+    grammars_compiling: int = 0  # requests waiting for their grammar
+    grammar_mask_steps: int = 0  # steps with constrained rows
+    grammar_mask_rows: int = 0  # masks filled (one per constrained row per step)
+    grammar_mask_ms: float = 0.0  # host time filling them and queuing their copy
 
     @property
     def kv_usage(self) -> float:
@@ -47,3 +53,6 @@ class StepCounters:
     generation_tokens: int = 0
     adapter_hits: int = 0
     adapter_misses: int = 0
+    grammar_mask_steps: int = 0
+    grammar_mask_rows: int = 0
+    grammar_mask_ms: float = 0.0

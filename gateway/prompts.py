@@ -17,6 +17,7 @@ from engine.client import EngineClient
 from engine.errors import EngineDead
 from gateway.prompt_budget import check_prompt_size
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.structured import grammar_of
 from tenancy.errors import InvalidInput, Unavailable
 
 
@@ -138,8 +139,10 @@ def sampling_params(
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidInput("top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        grammar = grammar_of(body.response_format)
     else:
         logprobs = body.logprobs
+        grammar = None
     return SamplingParams(
         max_tokens=limit if limit is not None else room,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -152,4 +155,5 @@ def sampling_params(
         n=body.n,
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
+        grammar=grammar,
     )
