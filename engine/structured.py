@@ -135,9 +135,7 @@ def fill_masks(
     """Each (logits row, matcher)'s allowed next tokens, filled in parallel on the host and
     sent to ``device`` in one copy."""
     words = (cache.vocab_size + 31) // 32
-    host = torch.empty(
-        (len(matchers), words), dtype=torch.int32, pin_memory=device.type == "cuda"
-    )
+    host = torch.empty((len(matchers), words), dtype=torch.int32, pin_memory=device.type == "cuda")
     cache.executor.unsafe_compute_mask_ptr(
         [(m, i) for i, (_, m) in enumerate(matchers)], host.data_ptr(), words * 4, len(matchers)
     )

@@ -84,8 +84,9 @@ def tool_call_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str,
         return None
     calls = dict(_function(t) for t in tools)
     if not calls:
-        raise InvalidInput("tool_choice: a tool call is required but no tools were given",
-                           param="tool_choice")  # fmt: skip
+        raise InvalidInput(
+            "tool_choice: a tool call is required but no tools were given", param="tool_choice"
+        )
     if tool_choice == "required":
         options = [_call_schema(n, p) for n, p in calls.items()]
         return options[0] if len(options) == 1 else {"anyOf": options}

@@ -27,7 +27,7 @@ from engine.offline import OfflineEngine
 from engine.token_mask import MaskBatch, apply_token_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from json_schemas import max_output_bytes, random_schema  # noqa: E402
+from json_schemas import max_output_bytes, random_schema
 
 CONFIG = EngineConfig(num_gpu_blocks=256, max_num_seqs=32, enable_prefix_caching=False)
 
@@ -40,7 +40,9 @@ def run(engine: OfflineEngine, requests: list[Request]) -> dict[str, dict]:
     """Every request to its end: per request id, per choice, text and finish reason."""
     for r in requests:
         engine.add_request(r)
-    got: dict[str, dict] = {r.request_id: {"text": {}, "finish": {}, "error": None} for r in requests}
+    got: dict[str, dict] = {
+        r.request_id: {"text": {}, "finish": {}, "error": None} for r in requests
+    }
     while engine.has_unfinished():
         for out in engine.step():
             g = got[out.request_id]
@@ -108,8 +110,12 @@ def test_mixed_batch_outputs_validate_and_leave_neighbours_alone(tiny_model, tin
         )
     )
     free = [
-        Request(f"free{i}", f"Plain text {i}", SamplingParams(max_tokens=12, temperature=0.0,
-                ignore_eos=True), refs[i] if i else None)  # fmt: skip
+        Request(
+            f"free{i}",
+            f"Plain text {i}",
+            SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+            refs[i] if i else None,
+        )
         for i in range(3)
     ]
     mixed = run(_engine(tiny_model), [*constrained, *free])

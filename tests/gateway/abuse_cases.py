@@ -124,8 +124,8 @@ CASES: list[Case] = [
     _c("message extra field", chat(messages=[{"role": "user", "content": "hi", "x": 1}])),
     _c("unsupported tools", chat(tools=[{"type": "function"}]), param="tools"),
     _c(
-        "unsupported response_format",
-        chat(response_format={"type": "json_object"}),
+        "unknown response_format",
+        chat(response_format={"type": "yaml"}),
         param="response_format",
     ),
     _t("unsupported echo", text(echo=True), param="echo"),
