@@ -321,7 +321,8 @@ class LLMEngine:
         if prev is not None and prev.constrained:
             # a constrained row's mask needs its previous token: read the step in flight
             # now (its sampling ran before this forward, which the GPU runs meanwhile)
-            self._pending += self._finish_inflight()
+            early = self._finish_inflight()  # (it takes the pending outputs too)
+            self._pending += early
         rows: list[SampledRow] = []
         sample_rows: list[SampleRow] = []
         keep: list[int] = []

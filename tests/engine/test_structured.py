@@ -133,6 +133,37 @@ def test_mixed_batch_outputs_validate_and_leave_neighbours_alone(tiny_model, tin
         assert mixed[r.request_id]["text"] == alone[r.request_id]["text"]
 
 
+def test_each_request_ends_once(tiny_model, tiny_adapters):
+    """At the engine's own boundary (no output processor to hide a repeat): a request's
+    tokens come once and nothing follows its finished output, with constrained requests
+    (whose steps read the step in flight early) beside unconstrained ones."""
+    engine = LLMEngine.from_model(str(tiny_model), CONFIG)
+    ref = AdapterRef("a", str(next(iter(tiny_adapters.values()))))
+    reqs = [schema_request(f"s{i}", s, ref if i % 2 else None, seed=i)
+            for i, s in enumerate(small_schemas(4, seed=9))]  # fmt: skip
+    reqs += [
+        Request(f"f{i}", [5, 6, 7 + i], SamplingParams(max_tokens=6 + i, ignore_eos=True))
+        for i in range(3)
+    ]
+    for r in reqs:
+        engine.add_request(r)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    done: set[str] = set()
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id not in done, f"output after the end: {out}"
+            tokens[out.request_id] += [t for c in out.choices for t in c.token_ids]
+            if out.finished:
+                done.add(out.request_id)
+    assert done == set(tokens)
+    tok = engine.tokenizer
+    for r in reqs[:4]:
+        text = tok.decode(tokens[r.request_id], skip_special_tokens=True)
+        jsonschema.validate(json.loads(text), json.loads(r.sampling.grammar.spec))
+    for i, r in enumerate(reqs[4:]):
+        assert len(tokens[r.request_id]) == 6 + i
+
+
 def test_every_choice_follows_the_grammar(tiny_model):
     schema = small_schemas(1, seed=8)[0]
     r = schema_request("n", schema, n=3, seed=5)
