@@ -67,6 +67,8 @@ def _run(engine: OfflineEngine, requests: list[Request]) -> dict[str, tuple[str,
     return {k: (text[k], finish.get(k)) for k in text}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # minutes on a loaded 2-core box (64 rows of a 135M model per step)
 def test_56_schemas_in_one_mixed_batch_on_smollm2(smollm2_adapters):
     engine = OfflineEngine(LLMEngine.from_model(default_model_path(), CONFIG))
     tok = engine.core.tokenizer
