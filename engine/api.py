@@ -34,6 +34,18 @@ MAX_STOPS = 16  # per request (the OpenAI API allows 4; the engine's own bound)
 MAX_STOP_CHARS = 4096  # per stop string
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # entries per request
+MAX_GRAMMAR_CHARS = 100_000  # a JSON schema's text (OpenAI's own limit is in this range)
+
+GrammarKind = Literal["json_object", "json_schema"]
+
+
+class Grammar(msgspec.Struct, frozen=True, array_like=True):
+    """A constraint on a request's output, as plain data (``engine.structured`` compiles it,
+    cached by value): ``json_object`` (any JSON object) or ``json_schema`` (``spec``: the
+    schema as JSON text, its property order kept: it is the order of generation)."""
+
+    kind: GrammarKind
+    spec: str = ""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -57,6 +69,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     # (token id, bias) pairs added to the logits before any other step (OpenAI's logit_bias)
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True  # in the output text (the token ids are unchanged)
+    grammar: Grammar | None = None  # constrained decoding (structured outputs)
 
     def validate(self) -> None:
         from engine.errors import InvalidRequest
@@ -102,6 +115,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
                 all(-100.0 <= b <= 100.0 for _, b in self.logit_bias),
                 "logit_bias",
                 "each bias must be between -100 and 100",
+            ),
+            (
+                self.grammar is None or len(self.grammar.spec) <= MAX_GRAMMAR_CHARS,
+                "response_format",
+                f"the schema is over {MAX_GRAMMAR_CHARS} characters of JSON",
             ),
         ]
         for ok, param, msg in checks:

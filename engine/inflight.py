@@ -58,6 +58,7 @@ class InFlight:
     sample: DeviceSample | None  # None: nothing sampled (prefill chunks only)
     row_of: dict[int, int] = field(default_factory=dict)  # seq_id -> row of ``sample``
     pooled: DevicePooled | None = None  # embedding requests this step finished
+    constrained: bool = False  # some row was sampled under a grammar's mask
 
     @property
     def tokens(self) -> torch.Tensor | None:

@@ -45,6 +45,8 @@ from engine.sampler import DeviceSample, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SeqStatus, Sequence
 from engine.stats import AdapterTierLoads, EngineStats, StepCounters
+from engine.structured import GrammarCache, fill_masks
+from engine.token_mask import MaskBatch, apply_token_masks
 
 log = logging.getLogger(__name__)
 MAX_FAILED_FORWARDS = 3  # consecutive failed forwards before the step loop gives up
@@ -88,6 +90,8 @@ class LLMEngine:
         )
         self.sampler = Sampler(config.seed)
         self._eos = frozenset(int(t) for t in runner.eos_token_ids)
+        self.grammars = GrammarCache(self.tokenizer, runner.vocab_size, self._eos)
+        self._grammar_wait: list[RequestState] = []  # their grammar is being compiled
         self._requests: dict[str, RequestState] = {}
         self._owner: dict[int, tuple[RequestState, Choice]] = {}
         self._adapter_refs: dict[str, AdapterRef] = {}  # keys some request in flight uses
@@ -144,6 +148,12 @@ class LLMEngine:
         else:
             check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
             max_total = min(len(prompt_ids) + p.max_tokens, self.max_model_len)
+        if p.grammar is not None and (p.ignore_eos or p.min_tokens):
+            raise InvalidRequest(
+                "response_format cannot be combined with ignore_eos or min_tokens "
+                "(the grammar decides where the output ends)",
+                param="response_format",
+            )
         state = RequestState(request, prompt_ids, [], self._eos)
         arrival = self._next_arrival
         self._next_arrival += 1
@@ -177,7 +187,32 @@ class LLMEngine:
             else:
                 self._counters.adapter_misses += 1
                 self.loader.start(request.adapter)
-        self.scheduler.add(state.choices[0].seq)  # siblings fork off it after its prefill
+        if p.grammar is not None:  # scheduled once its grammar is compiled
+            state.grammar = self.grammars.get(p.grammar)
+            self._grammar_wait.append(state)
+        else:
+            self.scheduler.add(state.choices[0].seq)  # siblings fork off it after its prefill
+
+    def _admit_grammars(self) -> None:
+        """Requests whose grammar is compiled go to the scheduler (each choice with its own
+        matcher); a grammar that failed to compile fails its request."""
+        waiting, self._grammar_wait = self._grammar_wait, []
+        for state in waiting:
+            if self._requests.get(state.request.request_id) is not state:
+                continue  # aborted meanwhile
+            fut = state.grammar
+            if fut is None or not fut.done():
+                self._grammar_wait.append(state)
+                continue
+            state.grammar = None
+            try:
+                template = fut.result()
+            except Exception as exc:
+                self._fail(state, exc)
+                continue
+            for c in state.choices:
+                c.matcher = template.deep_copy()
+            self.scheduler.add(state.choices[0].seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its final output (finish_reason "abort") comes with the next step."""
@@ -251,6 +286,8 @@ class LLMEngine:
         """Schedule and launch a step; read back the step launched before (async: while
         this one runs on the device). Returns the outputs that are ready."""
         self.collect_loads()
+        if self._grammar_wait:
+            self._admit_grammars()
         for seq in self.scheduler.waiting:
             key = seq.adapter_key
             if key is not None and self.slots.lookup(key) is None and not self.loader.is_ready(key):
@@ -303,6 +340,11 @@ class LLMEngine:
         self.scheduler.advance(out)
         logits = result.logits
         pooled = None if result.pooled is None else self._pooled(out, result.pooled)
+        if prev is not None and prev.constrained:
+            # a constrained row's mask needs its previous token: read the step in flight
+            # now (its sampling ran before this forward, which the GPU runs meanwhile)
+            early = self._finish_inflight()  # (it takes the pending outputs too)
+            self._pending += early
         rows: list[SampledRow] = []
         sample_rows: list[SampleRow] = []
         keep: list[int] = []
@@ -327,11 +369,13 @@ class LLMEngine:
             return InFlight([], None, pooled=pooled)
         if len(keep) != k:
             logits = logits[keep]
-        sample = self._sample_rows(logits, sample_rows, rows)
+        masks = self._masks(rows, logits.device)
+        sample = self._sample_rows(logits, sample_rows, rows, masks)
         for row in rows:  # the next step reads these on the device
             row.seq.token_ids.append(PLACEHOLDER)
             row.seq.num_pending += 1
-        return InFlight(rows, sample, {r.seq.seq_id: i for i, r in enumerate(rows)}, pooled)
+        row_of = {r.seq.seq_id: i for i, r in enumerate(rows)}
+        return InFlight(rows, sample, row_of, pooled, constrained=masks is not None)
 
     def _pooled(self, out: SchedulerOutput, pooled: torch.Tensor) -> DevicePooled | None:
         """The embedding requests whose last chunk ran: their blocks and slot pins are
@@ -358,15 +402,34 @@ class LLMEngine:
             return None
         return DevicePooled(pooled if len(keep) == k else pooled[keep], states)
 
+    def _masks(self, rows: list[SampledRow], device: torch.device) -> MaskBatch | None:
+        """The token masks of the constrained rows (structured outputs); None when none."""
+        matchers = [(i, r.choice.matcher) for i, r in enumerate(rows) if r.choice.matcher]
+        if not matchers:
+            return None
+        t0 = time.perf_counter()
+        masks = fill_masks(self.grammars, matchers, device)
+        c = self._counters
+        c.grammar_mask_ms += (time.perf_counter() - t0) * 1000
+        c.grammar_mask_steps += 1
+        c.grammar_mask_rows += len(matchers)
+        return masks
+
     def _sample_rows(
-        self, logits: torch.Tensor, sample_rows: list[SampleRow], rows: list[SampledRow]
+        self,
+        logits: torch.Tensor,
+        sample_rows: list[SampleRow],
+        rows: list[SampledRow],
+        masks: MaskBatch | None,
     ) -> DeviceSample:
         """The batch in one sampler call; if that raises, row by row (waiting for each),
         failing only the requests whose own rows raise (their token reads -1)."""
         try:
-            return self.sampler.sample(logits, sample_rows)
+            return self.sampler.sample(logits, sample_rows, masks)
         except Exception:
             log.exception("batch sampling failed; sampling row by row")
+        if masks is not None:
+            logits = apply_token_masks(logits, masks)
         tokens: list[int] = []
         for i, (row, r) in enumerate(zip(sample_rows, rows, strict=True)):
             try:
@@ -531,11 +594,15 @@ class LLMEngine:
                 tier: tier_loads(t) for tier, t in self.loader.stats.by_tier.items()
             },
             lora_slots=self.slots.num_slots,
+            grammar_compiles=self.grammars.compiles,
+            grammar_cache_hits=self.grammars.hits,
+            grammars_compiling=len(self._grammar_wait),
             **asdict(self._counters),
         )
 
     def shutdown(self) -> None:
         self.loader.shutdown()
+        self.grammars.shutdown()
 
 
 def tier_loads(t: TierLoads) -> AdapterTierLoads:

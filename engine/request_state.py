@@ -8,6 +8,7 @@ logprobs); text, stop strings and token texts are the client side's work
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from engine.api import (
     SamplingParams,
     TokenLogprobs,
 )
-from engine.errors import EngineError, InvalidRequest, PromptTooLong
+from engine.errors import EngineError, InvalidRequest, PromptTooLong, RequestFailed
 from engine.sampler import SampleRow
 from engine.sequence import Sequence
 
@@ -37,6 +38,8 @@ class Choice:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     reported_finish: bool = False
+    # structured outputs: this choice's grammar state (an llguidance matcher), fed each token
+    matcher: Any = None
 
     @property
     def finished(self) -> bool:
@@ -54,6 +57,7 @@ class RequestState:
     error: EngineError | None = None
     arrival_s: float = field(default_factory=time.perf_counter)
     embedding: bytes | None = None  # an embedding request's vector, once on the host
+    grammar: Future[Any] | None = None  # its compiled grammar, while it is compiled
     _stop_ids: frozenset[int] = field(init=False, repr=False)  # token ids that end a choice
 
     def __post_init__(self) -> None:
@@ -98,7 +102,12 @@ class RequestState:
         n = index + 1
         generated = n - choice.seq.prompt_len
         p = self.request.sampling
-        if token_id in self._stop_ids and generated > p.min_tokens:
+        m = choice.matcher
+        if m is not None and not m.consume_token(token_id):  # the mask allowed it: a bug
+            self.finish("error", RequestFailed(f"the grammar refused token {token_id}"))
+        elif token_id in self._stop_ids and generated > p.min_tokens:
+            choice.finish_reason = "stop"
+        elif m is not None and m.is_stopped():  # the grammar allows nothing more
             choice.finish_reason = "stop"
         elif generated >= p.max_tokens or n >= max_model_len:
             choice.finish_reason = "length"

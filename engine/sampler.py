@@ -1,7 +1,8 @@
 """Logits -> tokens for a whole batch at once, on the logits' device.
 
-Order (as in HF, after OpenAI's ``logit_bias``): logit bias, repetition penalty (prompt + generated), presence/frequency penalties
-(generated), temperature, top-k, top-p, min-p. Greedy rows (temperature 0) take the
+Order (as in HF, after OpenAI's ``logit_bias``): logit bias, repetition penalty (prompt +
+generated), presence/frequency penalties (generated), the grammar's token mask (structured
+outputs), temperature, top-k, top-p, min-p. Greedy rows (temperature 0) take the
 argmax of the penalized logits. Random rows use the exponential race (argmax of
 ``p / E`` with ``E ~ Exp(1)``), which samples from ``p``; a row with its own
 ``torch.Generator`` draws its noise from it alone, so a seeded request gives the same
@@ -16,6 +17,7 @@ import torch
 
 from engine.api import SamplingParams
 from engine.devices import tensor_on, to_device
+from engine.token_mask import MaskBatch, apply_token_masks
 
 _GREEDY_EPS = 1e-5
 
@@ -148,14 +150,19 @@ class Sampler:
             self._generators[device] = gen
         return gen
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SampleRow], masks: MaskBatch | None = None
+    ) -> SampleResult:
         """Sample and wait for the result (one device sync)."""
-        return self.sample(logits, rows).resolve()
+        return self.sample(logits, rows, masks).resolve()
 
-    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> DeviceSample:
+    def sample(
+        self, logits: torch.Tensor, rows: list[SampleRow], masks: MaskBatch | None = None
+    ) -> DeviceSample:
         """Queue the sampling of every row on the logits' device; nothing waits for it.
         The chosen ids stay on the device (the next step's inputs can read them there) and
-        start their copy to the host; :meth:`DeviceSample.resolve` waits for that."""
+        start their copy to the host; :meth:`DeviceSample.resolve` waits for that.
+        ``masks``: the allowed tokens of constrained rows (structured outputs)."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sample rows")
         logits = logits.float()
@@ -166,6 +173,8 @@ class Sampler:
         logits = apply_logit_bias(logits, rows)
         logits = apply_penalties(logits, rows)
         logits = apply_min_tokens(logits, rows)
+        if masks is not None:
+            logits = apply_token_masks(logits, masks)
         greedy_ids = logits.argmax(dim=1)
         ps = [r.params for r in rows]
         is_greedy = [p.temperature < _GREEDY_EPS for p in ps]

@@ -96,6 +96,7 @@ class EngineServer:
     # -- the step thread's side ---------------------------------------------------------------
 
     def _on_ready(self, engine: LLMEngine) -> None:
+        engine.grammars.prepare()  # the first structured request need not wait for it
         self._info = describe(engine, name=self._name, model=self._model)
         self._engine_id = self._info.engine_id
         self._post(("ready",))

@@ -49,6 +49,12 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     adapter_gpu_write_bytes: int = 0
     adapter_gpu_write_seconds: float = 0.0  # the step thread's time issuing them
     lora_slots: int = 0
+    grammar_compiles: int = 0  # structured outputs: distinct grammars compiled
+    grammar_cache_hits: int = 0
+    grammars_compiling: int = 0  # requests waiting for their grammar
+    grammar_mask_steps: int = 0  # steps with constrained rows
+    grammar_mask_rows: int = 0  # masks filled (one per constrained row per step)
+    grammar_mask_ms: float = 0.0  # host time filling them and queuing their copy
 
     @property
     def kv_usage(self) -> float:
@@ -70,3 +76,6 @@ class StepCounters:
     adapter_gpu_writes: int = 0
     adapter_gpu_write_bytes: int = 0
     adapter_gpu_write_seconds: float = 0.0
+    grammar_mask_steps: int = 0
+    grammar_mask_rows: int = 0
+    grammar_mask_ms: float = 0.0

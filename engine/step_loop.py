@@ -112,6 +112,7 @@ class StepLoop:
         try:
             self.engine = engine = self._factory()
             engine.loader.on_done = self._wake.set
+            engine.grammars.on_done = self._wake.set
             self._stats = engine.stats()
             if self._on_ready is not None:
                 self._on_ready(engine)

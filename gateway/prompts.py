@@ -18,6 +18,7 @@ from engine.errors import EngineDead
 from gateway.chat_messages import ToolPlan, check_messages, template_inputs, template_text
 from gateway.prompt_budget import check_prompt_size
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.structured import grammar_of
 from tenancy.errors import InvalidInput, Unavailable
 
 
@@ -148,8 +149,10 @@ def sampling_params(
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidInput("top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        grammar = grammar_of(body.response_format)
     else:
         logprobs = body.logprobs
+        grammar = None
     bias = tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items())
     return SamplingParams(
         max_tokens=limit if limit is not None else room,
@@ -169,6 +172,7 @@ def sampling_params(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logit_bias=bias,
         skip_special_tokens=body.skip_special_tokens,
+        grammar=grammar,
     )
 
 

@@ -7,7 +7,7 @@ bounds on each field (seed, stop, text, counts) live in ``gateway.request_fields
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -74,6 +74,36 @@ class ChatMessage(BaseModel):
         return sum(len(part.text) for part in self.content) + calls
 
 
+class ResponseFormatText(BaseModel):
+    model_config = _REQUEST
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(BaseModel):
+    model_config = _REQUEST
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    model_config = _REQUEST
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+    Field(discriminator="type"),
+]
+
+
 class _SamplingFields(BaseModel):
     """Parameters shared by chat and text completions."""
 
@@ -117,6 +147,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None  # gateway.structured
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

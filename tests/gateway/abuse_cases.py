@@ -129,8 +129,8 @@ CASES: list[Case] = [
     _c("message extra field", chat(messages=[{"role": "user", "content": "hi", "x": 1}])),
     _c("tool without function", chat(tools=[{"type": "function"}]), param="tools.0.function"),
     _c(
-        "unsupported response_format",
-        chat(response_format={"type": "json_object"}),
+        "unknown response_format",
+        chat(response_format={"type": "yaml"}),
         param="response_format",
     ),
     _t("unsupported echo with logprobs", text(echo=True, logprobs=1), param="echo"),

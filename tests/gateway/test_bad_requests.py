@@ -57,7 +57,7 @@ def _chat(**fields: Any) -> dict[str, Any]:
         (_chat(messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
         (_chat(messages=[{"role": "user"}]), "messages.0.content"),
         (_chat(tools=[{"type": "function"}]), "tools.0.function"),
-        (_chat(response_format={"type": "json_object"}), "response_format"),
+        (_chat(response_format={"type": "yaml"}), "response_format"),
         ({"messages": MSG}, "model"),
         (_chat(model=""), "model"),
     ],
