@@ -61,13 +61,14 @@ class LLMEngine:
         self.blocks = BlockManager(
             runner.num_blocks, runner.block_size, config.enable_prefix_caching
         )
-        self.slots = SlotTable(config.max_loras)
+        self.slots = SlotTable(runner.lora_plan)
         self.scheduler = Scheduler(
             self.blocks,
             self.slots,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             aging_steps=config.aging_steps,
+            adapter_pages=lambda key: runner.adapter_pages(self.loader.get(key)),
         )
         self.loader = AdapterLoader(
             runner.read_adapter,
@@ -393,7 +394,7 @@ class LLMEngine:
     def _write_slots(self, out: SchedulerOutput) -> None:
         for slot, key in out.slot_writes:
             try:
-                self.runner.write_slot(slot, self.loader.get(key))
+                self.runner.write_slot(slot, self.loader.get(key), self.slots.pages_of(slot))
             except Exception as err:
                 keep = [i for i, s in enumerate(out.seqs) if s.adapter_key != key]
                 out.seqs = [out.seqs[i] for i in keep]

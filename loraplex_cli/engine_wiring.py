@@ -29,6 +29,8 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_loras=settings.max_loras,
+        lora_memory_bytes=settings.lora_memory_bytes,
+        lora_memory_fraction=settings.lora_memory_fraction,
         max_lora_rank=settings.max_lora_rank,
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,

@@ -1,10 +1,22 @@
-"""The LoRA slot pool: every GPU slot's A and B, per layer and projection group.
+"""The LoRA page pool: every resident adapter's A and B in pages of rank rows, in one arena.
 
-Layout (docs/engine-internals.md): per layer and group, ``a[slots, P, max_rank, in]``,
-``b[slots, sum(out_p), max_rank]`` (scale folded in), ``ranks[slots, P]`` int32 where 0 means
-the adapter in that slot does not touch that projection. Each group's tensors hold all
-layers (``[L, slots, ...]``; a layer's view is the contracted shape), so writing an adapter
-is a few copies per group, not a few per module and layer.
+Layout (docs/engine-internals.md): one flat GPU tensor (the arena) of ``budget`` bytes, cut
+into chunks, each chunk lent to one projection group and cut into that group's pages
+(``engine/lora/slots.py`` decides which). A page of group ``g`` holds ``PAGE_ROWS`` rank rows
+of every layer: ``A[L, P, PAGE_ROWS, in]`` then ``B[L, N, PAGE_ROWS]`` (B of the P
+projections concatenated along the output, scale folded in). An adapter of rank ``r`` in the
+group holds ``ceil(r / PAGE_ROWS)`` pages, listed in rank order in its row of the group's page
+table ``pages[slots, max_rank / PAGE_ROWS]`` int32 (page offsets in granules of ``GRANULE``
+elements); ``ranks[L, slots, P]`` int32 (0: that projection or layer is not in the adapter).
+
+The kernels see, per layer and group, strided views ``a[U, P, PAGE_ROWS, in]`` and
+``b[U, N, PAGE_ROWS]`` whose first index is a granule offset: row ``r`` of slot ``s``,
+projection ``p`` is ``a[pages[s, r // PAGE_ROWS], p, r % PAGE_ROWS]``.
+
+Writes go on a side stream (CUDA): the host-to-device copy of the adapter starts at once; the
+copy into its pages and tables waits for the steps already queued (they may still read pages
+this write reuses), and the main stream waits for the write before the next step. The host
+never waits.
 """
 
 from __future__ import annotations
@@ -13,15 +25,62 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.lora.slots import PageAllocator, PageNeed, PagePlan
 from engine.lora.weights import GROUPS, LoraWeights, module_dims
 from engine.model.config import ModelConfig
+
+PAGE_ROWS = 8  # rank rows per page: ranks 8, 16, 32, 64 take exactly their bytes
+GRANULE = 64  # elements; page offsets are multiples of it (128 B rows in 16-bit dtypes)
+CHUNK_PAGES = 16  # a chunk holds this many pages of the largest group (when the budget allows)
+MIN_CHUNKS = 32  # ... but the arena is cut into at least this many chunks
+DEFAULT_MAX_SLOTS = 4096  # page-table rows when no cap is given
 
 
 @dataclass
 class LoraGroup:
-    a: torch.Tensor  # [slots, P, R, in]
-    b: torch.Tensor  # [slots, N, R]
-    ranks: torch.Tensor  # [slots, P] int32 (a view into the pool's [L, slots, P])
+    """One layer's view of one projection group (what the kernels read)."""
+
+    a: torch.Tensor  # [U, P, PAGE_ROWS, in] strided view of the arena, U = granule offsets
+    b: torch.Tensor  # [U, N, PAGE_ROWS]
+    ranks: torch.Tensor  # [slots, P] int32
+    pages: torch.Tensor  # [slots, max_rank // PAGE_ROWS] int32 granule offsets
+
+
+def _group_elems(config: ModelConfig, g: str) -> tuple[int, int, int, int]:
+    """(P, in, N, elements of one page) of group ``g``."""
+    dims = module_dims(config)
+    mods = GROUPS[g]
+    P, in_f, n = len(mods), dims[mods[0]][0], sum(dims[m][1] for m in mods)
+    return P, in_f, n, config.num_layers * PAGE_ROWS * (P * in_f + n)
+
+
+def page_bytes(config: ModelConfig, elem_size: int) -> dict[str, int]:
+    """Bytes of one page per group (before rounding to granules)."""
+    return {g: _group_elems(config, g)[3] * elem_size for g in GROUPS}
+
+
+def plan_pages(
+    config: ModelConfig, budget_bytes: int, elem_size: int, max_slots: int | None = None
+) -> PagePlan:
+    """Cut ``budget_bytes`` into chunks and pages (see the module docstring)."""
+    pg = {g: -(-_group_elems(config, g)[3] // GRANULE) for g in GROUPS}
+    biggest = max(pg.values())
+    total = budget_bytes // (GRANULE * elem_size)
+    if total < biggest:
+        raise ValueError(
+            f"LoRA memory budget of {budget_bytes} bytes is smaller than one page "
+            f"({biggest * GRANULE * elem_size} bytes)"
+        )
+    chunk = max(biggest, min(CHUNK_PAGES * biggest, total // MIN_CHUNKS))
+    num_chunks = total // chunk
+    fit = num_chunks * max(chunk // p for p in pg.values())  # most single-page adapters
+    slots = min(fit, max_slots if max_slots is not None else DEFAULT_MAX_SLOTS)
+    return PagePlan(num_slots=slots, num_chunks=num_chunks, chunk_granules=chunk, page_granules=pg)
+
+
+def page_need(weights: LoraWeights) -> PageNeed:
+    """Pages of each group that ``weights`` takes: ``ceil(rank / PAGE_ROWS)``."""
+    return {g: -(-p.a.shape[2] // PAGE_ROWS) for g, p in weights.groups.items()}
 
 
 class LoraPool:
@@ -29,30 +88,51 @@ class LoraPool:
         self,
         config: ModelConfig,
         *,
-        num_slots: int,
+        budget_bytes: int,
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        max_slots: int | None = None,
     ) -> None:
-        self.num_slots = num_slots
-        self.max_rank = max_rank
         self.device = device
-        dims = module_dims(config)
-        L = config.num_layers
-        self._a: dict[str, torch.Tensor] = {}  # [L, slots, P, R, in]
-        self._b: dict[str, torch.Tensor] = {}  # [L, slots, N, R]
+        self.dtype = dtype
+        self.max_rank = max_rank
+        self.max_pages = -(-max_rank // PAGE_ROWS)
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.plan = plan_pages(config, budget_bytes, elem, max_slots)
+        self.num_slots = self.plan.num_slots
+        L = self.num_layers = config.num_layers
+        used = self.plan.num_chunks * self.plan.chunk_granules * GRANULE
+        tail = max(_group_elems(config, g)[3] for g in GROUPS)  # views reach past the last page
+        self.arena = torch.zeros(used + tail, dtype=dtype, device=device)
+        units = self.plan.num_chunks * self.plan.chunk_granules
+        self._shape: dict[str, tuple[int, int, int]] = {}
         self._ranks: dict[str, torch.Tensor] = {}  # [L, slots, P]
-        for g, mods in GROUPS.items():
-            n_out = sum(dims[m][1] for m in mods)
-            P, in_f = len(mods), dims[mods[0]][0]
-            self._a[g] = torch.zeros(L, num_slots, P, max_rank, in_f, dtype=dtype, device=device)
-            self._b[g] = torch.zeros(L, num_slots, n_out, max_rank, dtype=dtype, device=device)
-            self._ranks[g] = torch.zeros(L, num_slots, P, dtype=torch.int32, device=device)
-        self.layers: list[dict[str, LoraGroup]] = [
-            {g: LoraGroup(self._a[g][i], self._b[g][i], self._ranks[g][i]) for g in GROUPS}
-            for i in range(L)
-        ]
-        self._slot_groups: list[frozenset[str]] = [frozenset()] * num_slots
+        self._pages: dict[str, torch.Tensor] = {}  # [slots, max_pages]
+        self.layers: list[dict[str, LoraGroup]] = [{} for _ in range(L)]
+        for g in GROUPS:
+            P, in_f, n, _ = _group_elems(config, g)
+            self._shape[g] = (P, in_f, n)
+            self._ranks[g] = torch.zeros(L, self.num_slots, P, dtype=torch.int32, device=device)
+            self._pages[g] = torch.zeros(
+                self.num_slots, self.max_pages, dtype=torch.int32, device=device
+            )
+            a_layer, b_all = P * PAGE_ROWS * in_f, L * P * PAGE_ROWS * in_f
+            for i in range(L):
+                a = self.arena.as_strided(
+                    (units, P, PAGE_ROWS, in_f),
+                    (GRANULE, PAGE_ROWS * in_f, in_f, 1),
+                    i * a_layer,
+                )
+                b = self.arena.as_strided(
+                    (units, n, PAGE_ROWS), (GRANULE, PAGE_ROWS, 1), b_all + i * n * PAGE_ROWS
+                )
+                self.layers[i][g] = LoraGroup(a, b, self._ranks[g][i], self._pages[g])
+        self._slot_groups: list[frozenset[str]] = [frozenset()] * self.num_slots
+        # pages for writes that name none (a runner used without an engine: tests, benches)
+        self._own: PageAllocator | None = None
+        self._own_pages: dict[int, dict[str, list[int]]] = {}
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def groups_used(self, slots: set[int]) -> frozenset[str]:
         """The projection groups that the adapters in ``slots`` touch (host bookkeeping)."""
@@ -63,39 +143,113 @@ class LoraPool:
         return out
 
     def nbytes(self) -> int:
-        n = 0
-        for groups in self.layers:
-            for grp in groups.values():
-                n += grp.a.numel() * grp.a.element_size() + grp.b.numel() * grp.b.element_size()
-        return n
+        """GPU bytes of adapter weights (the arena; the page and rank tables not counted)."""
+        return self.arena.numel() * self.arena.element_size()
+
+    def staging_bytes(self) -> int:
+        """Device bytes one write stages: the largest adapter this pool takes."""
+        elem = self.arena.element_size()
+        per_row = sum(P * in_f + n for P, in_f, n in self._shape.values())
+        return self.num_layers * per_row * self.max_rank * elem
+
+    def page_need(self, weights: LoraWeights) -> PageNeed:
+        return page_need(weights)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"LoRA slot {slot} out of range [0, {self.num_slots})")
 
-    def clear(self, slot: int) -> None:
-        """The slot no longer holds an adapter: every projection reads as rank 0."""
-        self._check_slot(slot)
-        for ranks in self._ranks.values():
-            ranks[:, slot].zero_()
-        self._slot_groups[slot] = frozenset()
+    def _page_views(self, g: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A ``[L, P, PAGE_ROWS, in]`` and B ``[L, N, PAGE_ROWS]`` of the page at ``off``."""
+        P, in_f, n = self._shape[g]
+        L, base = self.num_layers, off * GRANULE
+        a_n = L * P * PAGE_ROWS * in_f
+        a = self.arena[base : base + a_n].view(L, P, PAGE_ROWS, in_f)
+        b = self.arena[base + a_n : base + a_n + L * n * PAGE_ROWS].view(L, n, PAGE_ROWS)
+        return a, b
 
-    def write(self, slot: int, weights: LoraWeights) -> None:
-        """Copy ``weights`` into ``slot``: a few copies per group (non-blocking from pinned
-        host memory on GPU); rows past the adapter's rank are zeroed."""
+    def read_page(self, g: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one page's A and B (tests: what GPU memory holds)."""
+        a, b = self._page_views(g, off)
+        return a.clone(), b.clone()
+
+    def clear(self, slot: int) -> None:
+        """The slot no longer holds an adapter: every projection reads as rank 0 (queued
+        after the steps in flight on the current stream)."""
+        self._check_slot(slot)
+        for g in GROUPS:
+            self._ranks[g][:, slot].zero_()
+            self._pages[g][slot].zero_()
+        self._slot_groups[slot] = frozenset()
+        if self._own is not None and slot in self._own_pages:
+            self._own.free(self._own_pages.pop(slot))
+
+    def write(
+        self, slot: int, weights: LoraWeights, pages: dict[str, list[int]] | None = None
+    ) -> None:
+        """Copy ``weights`` into ``pages`` (from ``SlotTable.assign``) and point ``slot``'s
+        rows of the page and rank tables at them. On CUDA on the side stream (module
+        docstring); the host does not wait. ``pages=None`` (a pool used without an engine's
+        ``SlotTable``, never mixed with one): the pool's own allocator places them."""
         self._check_slot(slot)
         if weights.max_rank > self.max_rank:
             raise ValueError(f"adapter rank {weights.max_rank} > pool max rank {self.max_rank}")
-        nb = self.device.type == "cuda"
-        for g in GROUPS:
-            packed = weights.groups.get(g)
-            if packed is None:
-                self._ranks[g][:, slot].zero_()
-                continue
-            r = packed.a.shape[2]
-            self._a[g][:, slot, :, :r].copy_(packed.a, non_blocking=nb)
-            self._a[g][:, slot, :, r:].zero_()
-            self._b[g][:, slot, :, :r].copy_(packed.b, non_blocking=nb)
-            self._b[g][:, slot, :, r:].zero_()
-            self._ranks[g][:, slot].copy_(packed.ranks, non_blocking=nb)
+        need = page_need(weights)
+        if pages is None:
+            if self._own is None:
+                self._own = PageAllocator(self.plan)
+            if slot in self._own_pages:
+                self._own.free(self._own_pages.pop(slot))
+            pages = self._own_pages[slot] = self._own.alloc(need)
+        for g, n in need.items():
+            if len(pages.get(g, ())) != n:
+                raise ValueError(f"group {g}: {n} pages needed, {len(pages.get(g, ()))} given")
+        cs = self.copy_stream
+        if cs is None:
+            self._write(slot, pages, {g: (p.a, p.b, p.ranks) for g, p in weights.groups.items()})
+        else:
+            main = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(cs):
+                # to the device now (overlaps the steps in flight), allocated on this stream
+                staged = {
+                    g: (
+                        p.a.to(self.device, non_blocking=True),
+                        p.b.to(self.device, non_blocking=True),
+                        p.ranks.to(self.device, non_blocking=True),
+                    )
+                    for g, p in weights.groups.items()
+                }
+                cs.wait_stream(main)  # steps queued so far may read pages this reuses
+                self._write(slot, pages, staged)
+            main.wait_stream(cs)  # the next step reads what was written
         self._slot_groups[slot] = frozenset(weights.groups)
+
+    def _write(
+        self,
+        slot: int,
+        pages: dict[str, list[int]],
+        src: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # g -> a, b, ranks
+    ) -> None:
+        for g in GROUPS:
+            if g not in src:
+                self._ranks[g][:, slot].zero_()
+                self._pages[g][slot].zero_()
+                continue
+            a, b, ranks = src[g]
+            r = a.shape[2]
+            for j, off in enumerate(pages[g]):
+                pa, pb = self._page_views(g, off)
+                lo, hi = j * PAGE_ROWS, min(r, (j + 1) * PAGE_ROWS)
+                pa[:, :, : hi - lo].copy_(a[:, :, lo:hi])
+                pb[:, :, : hi - lo].copy_(b[:, :, lo:hi])
+                if hi - lo < PAGE_ROWS:
+                    pa[:, :, hi - lo :].zero_()
+                    pb[:, :, hi - lo :].zero_()
+            row = torch.zeros(self.max_pages, dtype=torch.int32)
+            row[: len(pages[g])] = torch.tensor(pages[g], dtype=torch.int32)
+            self._ranks[g][:, slot].copy_(ranks, non_blocking=True)
+            self._pages[g][slot].copy_(_pinned(row, self.device), non_blocking=True)
+
+
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.pin_memory() if device.type == "cuda" else t
