@@ -6,12 +6,12 @@ One command (H200, < 5 min): ``PYTHONPATH=. python benchmarks/bench_lora_paging.
 
 1. kernels: shrink + expand of one Llama-3-8B layer's four projection groups, inside a CUDA
    graph over ``--layers`` layers (each its own weights, cold in L2), on the pool's paged
-   layout (pages of 8 rank rows scattered over an arena) and on the padded layout of before
-   (every slot ``max_rank`` rows: the same kernels with one 64-row page per slot, so the
-   pre-paging memory access), at ranks 8 / 16 / 32 / 64 and mixed, for decode batches of
+   layout (a page per projection of 8 rank rows, scattered over an arena) and on the padded
+   layout of before (``a[slots, P, 64, in]``: the same kernels with one 64-row page per slot,
+   so the pre-paging memory access), at ranks 8 / 16 / 32 / 64 and mixed, for decode batches of
    distinct adapters and a prefill batch over few adapters; with the bytes floor (x, the
    adapters' own A and B, y read and written, over the measured copy bandwidth).
-2. memory: GPU bytes per resident adapter over its own bytes at each rank (q,k,v,o and all
+2. memory: GPU bytes per resident adapter over its own bytes at each rank (q,v; q,k,v,o; all
    projections), and how many rank-8 adapters fit in the bytes of 128 padded rank-64 slots.
 3. engine (``--engine-model``, Llama-2-7B shapes by default as in S-LoRA): q,k,v,o adapters
    of ranks 8/16/32/64 mixed, 2,000 keys drawn with Zipf(1) popularity, all host-cached before
@@ -89,41 +89,49 @@ def layer_groups(cfg) -> dict[str, tuple[int, list[int]]]:
 
 
 class Layout:
-    """One layer's weights of ``ranks`` adapters in one group: paged (``page_rows`` rows per
-    page, pages scattered over an arena) or padded (``page_rows`` = the max rank)."""
+    """One layer's weights of ``ranks`` adapters in one group: paged as the pool stores them
+    (a page per projection of ``PAGE_ROWS`` rows of A then B, pages scattered over an arena
+    with free pages between) or padded as before paging (``a[slots, P, 64, in]``,
+    ``b[slots, N, 64]``: one 64-row page per slot and projection)."""
 
-    def __init__(self, k, outs, ranks, page_rows, max_rank, dtype, device, gen):
+    def __init__(self, k, outs, ranks, padded, dtype, device, gen):
         S, P, N = len(ranks), len(outs), sum(outs)
-        maxp = max_rank // page_rows
-        per = -(-(P * page_rows * k + N * page_rows) // GRANULE)
-        need = [(-(-r // page_rows)) for r in ranks]
-        order = torch.randperm(sum(need) * 5 // 4 + 1, generator=gen)  # some pages left free
-        n = (len(order) + 1) * per * GRANULE
-        self.arena = torch.empty(n, dtype=dtype, device=device).normal_(0.0, 0.02)
-        pages = torch.zeros(S, maxp, dtype=torch.int32)
-        it = iter(order.tolist())
-        for s, n in enumerate(need):
-            for j in range(n):
-                pages[s, j] = next(it) * per
-        units = len(order) * per
-        self.a = self.arena.as_strided((units, P, page_rows, k), (GRANULE, page_rows * k, k, 1))
-        self.b = self.arena.as_strided(
-            (units, N, page_rows), (GRANULE, page_rows, 1), P * page_rows * k
-        )
-        self.pages = pages.to(device)
-        self.ranks = torch.tensor(ranks, dtype=torch.int32)[:, None].expand(S, P).contiguous()
-        self.ranks = self.ranks.to(device)
         self.offsets = [0]
         for o in outs:
             self.offsets.append(self.offsets[-1] + o)
-        self.nbytes = self.arena.numel() * self.arena.element_size()
+        self.ranks = torch.tensor(ranks, dtype=torch.int32)[:, None].expand(S, P).contiguous()
+        self.ranks = self.ranks.to(device)
+        if padded:
+            self.a = torch.empty(S, P, 64, k, dtype=dtype, device=device).normal_(0.0, 0.02)
+            self.b = torch.empty(S, N, 64, dtype=dtype, device=device).normal_(0.0, 0.02)
+            self.pages = torch.arange(S, dtype=torch.int32, device=device)[:, None, None]
+            self.pages = self.pages.expand(S, P, 1).contiguous()
+            self.b_offsets = [0] * P
+            return
+        pr = PAGE_ROWS
+        per = -(-(pr * k + max(outs) * pr) // GRANULE)
+        need = [-(-r // pr) for r in ranks]
+        order = torch.randperm(sum(need) * P * 5 // 4 + 1, generator=gen)  # some left free
+        n = (len(order) + 1) * per * GRANULE + N * pr
+        self.arena = torch.empty(n, dtype=dtype, device=device).normal_(0.0, 0.02)
+        pages = torch.zeros(S, P, 64 // pr, dtype=torch.int32)
+        it = iter(order.tolist())
+        for s, n_pages in enumerate(need):
+            for p in range(P):
+                for j in range(n_pages):
+                    pages[s, p, j] = next(it) * per
+        units = len(order) * per
+        self.a = self.arena.as_strided((units, P, pr, k), (GRANULE, 0, k, 1))
+        self.b = self.arena.as_strided((units, N, pr), (GRANULE, pr, 1), pr * k)
+        self.pages = pages.to(device)
+        self.b_offsets = [-self.offsets[p] * pr for p in range(P)]
 
 
-def kernel_case(cfg, T, ranks, token_slot, page_rows, layers, dtype, device, gen):
+def kernel_case(cfg, T, ranks, token_slot, padded, layers, dtype, device, gen):
     """-> µs per layer of the four groups' shrink + expand in a CUDA graph of ``layers``."""
     groups = layer_groups(cfg)
     pools = [
-        {g: Layout(k, outs, ranks, page_rows, 64, dtype, device, gen) for g, (k, outs) in groups.items()}
+        {g: Layout(k, outs, ranks, padded, dtype, device, gen) for g, (k, outs) in groups.items()}
         for _ in range(layers)
     ]  # fmt: skip
     xs = {g: torch.randn(T, k, generator=gen).to(dtype).to(device) for g, (k, _) in groups.items()}
@@ -134,7 +142,10 @@ def kernel_case(cfg, T, ranks, token_slot, page_rows, layers, dtype, device, gen
         for pool in pools:
             for g, lay in pool.items():
                 buf = lora_shrink(xs[g], lay.a, lay.ranks, lay.pages, meta)
-                lora_expand(buf, lay.b, lay.ranks, lay.pages, lay.offsets, meta, ys[g])
+                lora_expand(
+                    buf, lay.b, lay.ranks, lay.pages, lay.offsets, meta, ys[g],
+                    b_offsets=lay.b_offsets,
+                )  # fmt: skip
 
     if device.type != "cuda":
         t0 = time.perf_counter()
@@ -181,9 +192,9 @@ def kernel_part(args, device) -> list[dict]:
                 ranks = [rank] * n_ad
             token_slot = (torch.arange(T) % n_ad).to(torch.int32)
             row = {"case": label, "rank": rank}
-            for name, pr in (("paged_us", PAGE_ROWS), ("padded_us", 64)):
+            for name, padded in (("paged_us", False), ("padded_us", True)):
                 row[name] = kernel_case(
-                    cfg, T, ranks, token_slot, pr, args.layers, dtype, device, gen
+                    cfg, T, ranks, token_slot, padded, args.layers, dtype, device, gen
                 )
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # the case's layers and graph are gone
@@ -207,18 +218,17 @@ def memory_part(args) -> list[dict]:
 
     dims = module_dims(cfg)
     rows = []
-    for targets_name, targets in (("q,k,v,o", QKVO), ("all", None)):
+    for targets_name, targets in (("q,v", ("q_proj", "v_proj")), ("q,k,v,o", QKVO), ("all", None)):
         mods = targets or tuple(m for ms in MODULE_GROUPS.values() for m in ms)
-        groups = {g for g, ms in MODULE_GROUPS.items() if set(ms) & set(mods)}
         for r in RANKS:
             own = cfg.num_layers * r * sum(sum(dims[m]) for m in mods) * elem
-            held = sum(-(-r // PAGE_ROWS) * pg[g] for g in groups)
+            held = sum(-(-r // PAGE_ROWS) * pg[m] for m in mods)
             rows.append({"targets": targets_name, "rank": r, "own_MiB": own / 2**20,
                          "gpu_MiB": held / 2**20, "gpu/own": held / own})  # fmt: skip
     padded_slot = sum(pb.values()) * (64 // PAGE_ROWS)
     budget = 128 * padded_slot
     t = SlotTable(plan_pages(cfg, budget, elem))
-    need = dict.fromkeys(MODULE_GROUPS, 1)
+    need = {m: 1 for ms in MODULE_GROUPS.values() for m in ms}
     n = 0
     while t.fits(need):
         t.assign(f"a{n}", need)

@@ -57,11 +57,14 @@ def lora_expand(
     y,
     accumulate: bool = True,
     early_launch: bool = True,
+    b_offsets: Sequence[int] | None = None,
 ):
     args = (buf, lora_b, ranks, pages, out_offsets, meta, y)
     if use_triton(y):
-        return _expand.lora_expand(*args, accumulate=accumulate, early_launch=early_launch)
-    return _expand.lora_expand_ref(*args, accumulate=accumulate)
+        return _expand.lora_expand(
+            *args, accumulate=accumulate, early_launch=early_launch, b_offsets=b_offsets
+        )
+    return _expand.lora_expand_ref(*args, accumulate=accumulate, b_offsets=b_offsets)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):

@@ -1,5 +1,8 @@
 """SGMV expand: ``y[t, off_p:off_p+1] += buf[p, t, :r] @ lora_b[slot(t), off_p:off_p+1, :r].T``.
 
+B is paged like the shrink's A (``engine/lora/pool.py``): column ``r`` of projection ``p``
+is ``lora_b[pages[slot, p, r // PR], :, r % PR]``, shifted by ``b_offsets[p]`` elements.
+
 ``accumulate=False`` stores the LoRA delta instead (``y = delta``, zero in the rows of tokens
 with no adapter and the columns of projections an adapter does not touch): the decode forward
 computes the delta on a side stream while the base GEMM writes its own output, and adds the
@@ -34,16 +37,18 @@ def lora_expand_ref(
     buf: torch.Tensor,  # [KS, P, T, R] float32 partials (lora_shrink's), summed here
     lora_b: torch.Tensor,  # [U, N, PAGE_ROWS] (the pool's strided view; scale folded in)
     ranks: torch.Tensor,  # [slots, P] int32
-    pages: torch.Tensor,  # [slots, MAXP] int32: each slot's pages in rank order
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
     accumulate: bool = True,  # False: y = the delta (zeros where no adapter applies)
+    b_offsets: Sequence[int] | None = None,  # [P] element offsets of each projection's B
 ) -> torch.Tensor:
     if not accumulate:
         y.zero_()
     buf = buf.sum(0)
     P, PR = buf.shape[0], lora_b.shape[2]
+    boffs = list(b_offsets) if b_offsets is not None else [0] * P
     within = torch.arange(buf.shape[2], device=buf.device) % PR
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
@@ -57,7 +62,10 @@ def lora_expand_ref(
             r = ranks_h[slot][p]
             if r:
                 n0, n1 = out_offsets[p], out_offsets[p + 1]
-                cols = lora_b[paged_rows(pages, slot, r, PR), n0:n1, within[:r]]  # [r, n]
+                bp = lora_b.as_strided(
+                    lora_b.shape, lora_b.stride(), lora_b.storage_offset() + boffs[p]
+                )
+                cols = bp[paged_rows(pages, slot, p, r, PR), n0:n1, within[:r]]  # [r, n]
                 d = buf[p, toks, :r] @ cols.float()
                 y[toks, n0:n1] = (y[toks, n0:n1].float() + d).to(y.dtype)
     return y
@@ -71,6 +79,10 @@ if HAVE_TRITON:
         n_lo = tl.where(p == 0, 0, tl.where(p == 1, OFF1, tl.where(p == 2, OFF2, OFF3)))
         n_hi = tl.where(p == 0, OFF1, tl.where(p == 1, OFF2, tl.where(p == 2, OFF3, OFF4)))
         return n_lo, n_hi
+
+    @triton.jit
+    def _pick4(p, v0, v1, v2, v3):
+        return tl.where(p == 0, v0, tl.where(p == 1, v1, tl.where(p == 2, v2, v3)))
 
     @triton.jit
     def _col_offs(page_row, offs_r, mask_r, stride_bs, PR: tl.constexpr):
@@ -91,12 +103,12 @@ if HAVE_TRITON:
             )
 
     # not specialized on the token count, the K splits or the tile count (lora_shrink's note)
-    @triton.jit(do_not_specialize=["T", "KS"])
+    @triton.jit(do_not_specialize=["T", "KS", "BOFF0", "BOFF1", "BOFF2", "BOFF3"])
     def _bgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
         b_ptr,  # [U, N, PR] (pages)
         ranks_ptr,  # [slots, P]
-        pages_ptr,  # [slots, MAXP] int32
+        pages_ptr,  # [slots, P, MAXP] int32
         y_ptr,  # [T, N]
         token_slot_ptr,  # [T] int32, -1 = no adapter
         T,
@@ -106,6 +118,10 @@ if HAVE_TRITON:
         OFF2,
         OFF3,
         OFF4,
+        BOFF0,  # element offset of each projection's B (the pool's per-projection pages)
+        BOFF1,
+        BOFF2,
+        BOFF3,
         KS,
         N_PER_PROG,  # columns of one projection per program (a multiple of BLOCK_N)
         P: tl.constexpr,
@@ -151,8 +167,9 @@ if HAVE_TRITON:
             offs_r = tl.arange(0, BLOCK_R)
             # the slot's pages load beside its rank (masked by the table's width, not the
             # rank: entries past the adapter's pages hold 0, a valid page)
-            page_row = pages_ptr + tl.maximum(slot, 0) * MAXP
-            b_rows = b_ptr + _col_offs(page_row, offs_r, offs_r < R, stride_bs, PR)[None, :]
+            page_row = pages_ptr + (tl.maximum(slot, 0) * P + p) * MAXP
+            b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
+            b_rows = b_p + _col_offs(page_row, offs_r, offs_r < R, stride_bs, PR)[None, :]
             if PRELOAD:  # B is never written by the previous kernel: no need to wait for it
                 eff = tl.where(has, rank, 0)
                 bt = tl.load(
@@ -215,7 +232,8 @@ if HAVE_TRITON:
                     zero = tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty)
                     tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
             return
-        page_row = pages_ptr + slot * MAXP
+        page_row = pages_ptr + (slot * P + p) * MAXP
+        b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
         if USE_PDL:
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
         xr_base = buf_ptr + (p * T + t64) * R
@@ -233,7 +251,7 @@ if HAVE_TRITON:
                     other=0.0,
                 )
                 xr += tl.sum(part, axis=0)
-            b_cols = b_ptr + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
+            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
             for n0 in range(n_start, n_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_end
@@ -249,12 +267,12 @@ if HAVE_TRITON:
                     acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
-    @triton.jit(do_not_specialize=["T", "KS", "NT"])
+    @triton.jit(do_not_specialize=["T", "KS", "NT", "BOFF0", "BOFF1", "BOFF2", "BOFF3"])
     def _sgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
         b_ptr,  # [U, N, PR] (pages)
         ranks_ptr,  # [slots, P]
-        pages_ptr,  # [slots, MAXP] int32
+        pages_ptr,  # [slots, P, MAXP] int32
         y_ptr,  # [T, N]
         sorted_ptr,
         tile_slot_ptr,
@@ -269,6 +287,10 @@ if HAVE_TRITON:
         OFF2,
         OFF3,
         OFF4,
+        BOFF0,
+        BOFF1,
+        BOFF2,
+        BOFF3,
         KS,
         N_PER_PROG,  # columns of one projection per program (a multiple of BLOCK_N)
         P: tl.constexpr,
@@ -325,13 +347,14 @@ if HAVE_TRITON:
                     gdc_wait()
                 _zero_rows(y_ptr, tok, mask_m, stride_yt, n_start, n_end, BLOCK_N)
             return
-        page_row = pages_ptr + slot * MAXP
+        page_row = pages_ptr + (slot * P + p) * MAXP
+        b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
         if USE_PDL:
             if PREFETCH:
                 # B rows [n_start, n_end) of the first page stream into L2 while the shrink
                 # ends; only when one page holds the whole rank (a page's rows are PR wide)
                 if rank == PR:
-                    b_base = b_ptr + tl.load(page_row).to(tl.int64) * stride_bs
+                    b_base = b_p + tl.load(page_row).to(tl.int64) * stride_bs
                     lo_e = n_start * stride_bn
                     n_lines = tl.cdiv((n_end - n_start) * stride_bn, LINE)
                     for i0 in range(0, n_lines, 256):
@@ -351,7 +374,7 @@ if HAVE_TRITON:
                 xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
             if not IEEE:
                 xt = xt.to(b_ptr.dtype.element_ty)
-            b_cols = b_ptr + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
+            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
             for n0 in range(n_start, n_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_end
@@ -456,25 +479,26 @@ def lora_expand(
     buf: torch.Tensor,  # [KS, P, T, R] float32 partials from lora_shrink
     lora_b: torch.Tensor,  # [U, N, PAGE_ROWS] (the pool's strided view; scale folded in)
     ranks: torch.Tensor,  # [slots, P] int32
-    pages: torch.Tensor,  # [slots, MAXP] int32: each slot's pages in rank order
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
     config: dict | None = None,  # tuning override: rows, block_n, n_per, num_warps, num_stages
     accumulate: bool = True,  # False: y = the delta (zeros where no adapter applies)
     early_launch: bool = True,  # as lora_shrink's: off beside another stream's GEMM
+    b_offsets: Sequence[int] | None = None,  # [P] element offsets of each projection's B
 ) -> torch.Tensor:
     KS, P, T, R = buf.shape
     _, N, PR = lora_b.shape
-    S_, maxp = pages.shape
+    S_, P2, maxp = pages.shape
     R2 = maxp * PR
     offs = [int(o) for o in out_offsets]
     if len(offs) != P + 1 or offs[0] != 0 or offs[-1] != N or P > 4:
         raise ValueError(f"out_offsets {offs} must be [0, ..., N={N}] for P={P} <= 4 projections")
     if R2 != R or buf.dtype != torch.float32 or not buf.is_contiguous():
         raise ValueError("buf must be contiguous float32 [KS, P, T, R], R = MAXP * PAGE_ROWS")
-    if pages.dtype != torch.int32 or not pages.is_contiguous() or PR & (PR - 1):
-        raise ValueError("pages must be contiguous int32 [slots, MAXP]; PAGE_ROWS a power of 2")
+    if pages.dtype != torch.int32 or not pages.is_contiguous() or PR & (PR - 1) or P2 != P:
+        raise ValueError("pages: contiguous int32 [slots, P, MAXP]; PAGE_ROWS a power of 2")
     if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
         raise ValueError("y must be [T, N] with lora_b's N, last dimensions contiguous")
     if y.dtype != lora_b.dtype:
@@ -510,7 +534,11 @@ def lora_expand(
     n_tiles = _tile_run(one_tile, block_n, n_per, R, block_r)
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
-    tail = (T, R, maxp, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
+    boffs = [int(o) for o in b_offsets] if b_offsets is not None else [0] * P
+    if len(boffs) != P:
+        raise ValueError(f"b_offsets {boffs} must have one offset per projection ({P})")
+    boffs = boffs + [0] * (4 - P)
+    tail = (T, R, maxp, offs[1], offs[2], offs[3], offs[4], *boffs, KS, n_per, P)
     strides = (lora_b.stride(0), lora_b.stride(1), y.stride(0))
     n_split = triton.cdiv(max_out, n_per)
     if rows:  # grid (T, N ranges, P): static for a given T

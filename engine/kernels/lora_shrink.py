@@ -1,5 +1,8 @@
 """SGMV shrink: ``buf[p, t, :r] = x[t] @ lora_a[slot(t), p, :r].T`` for every projection p.
 
+A slot's rows are paged (``engine/lora/pool.py``): row ``r`` of projection ``p`` is
+``lora_a[pages[slot, p, r // PR], p, r % PR]``, one page-table read per rank tile.
+
 The result comes as K-split partial sums ``buf[KS, P, T, R]`` float32 (the shrink is
 ``buf.sum(0)``): each split writes its own slice, so there is no zero-fill and no atomics;
 ``lora_expand`` adds the partials when it loads them. Only entries that the expand reads
@@ -28,21 +31,22 @@ from engine.kernels._triton import (
 from engine.kernels.lora_meta import LoraMeta
 
 
-def paged_rows(pages: torch.Tensor, slot: int, r: int, page_rows: int) -> torch.Tensor:
-    """[r] int64: the page (first index of the pool's views) of each of a slot's r rows."""
-    return pages[slot].long().repeat_interleave(page_rows)[:r]
+def paged_rows(pages: torch.Tensor, slot: int, p: int, r: int, page_rows: int) -> torch.Tensor:
+    """[r] int64: the page (first index of the pool's views) of each of the first r rows of
+    a slot's projection p."""
+    return pages[slot, p].long().repeat_interleave(page_rows)[:r]
 
 
 def lora_shrink_ref(
     x: torch.Tensor,  # [T, in]
     lora_a: torch.Tensor,  # [U, P, PAGE_ROWS, in] (the pool's strided view)
     ranks: torch.Tensor,  # [slots, P] int32
-    pages: torch.Tensor,  # [slots, MAXP] int32: each slot's pages in rank order
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     meta: LoraMeta,
 ) -> torch.Tensor:  # [1, P, T, R] float32, R = MAXP * PAGE_ROWS
     T = x.shape[0]
     _, P, PR, _ = lora_a.shape
-    R = pages.shape[1] * PR
+    R = pages.shape[2] * PR
     buf = torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
@@ -57,7 +61,7 @@ def lora_shrink_ref(
         for p in range(P):
             r = ranks_h[slot][p]
             if r:
-                rows = lora_a[paged_rows(pages, slot, r, PR), p, within[:r]]  # [r, in]
+                rows = lora_a[paged_rows(pages, slot, p, r, PR), p, within[:r]]  # [r, in]
                 buf[0, p, toks, :r] = xs @ rows.float().T
     return buf
 
@@ -92,7 +96,7 @@ if HAVE_TRITON:
         x_ptr,  # [T, K]
         a_ptr,  # [U, P, PR, K] (pages)
         ranks_ptr,  # [slots, P]
-        pages_ptr,  # [slots, MAXP] int32
+        pages_ptr,  # [slots, P, MAXP] int32
         buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
         token_slot_ptr,  # [T] int32, -1 = no adapter
         T,
@@ -132,7 +136,7 @@ if HAVE_TRITON:
         k_lo = ks * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         a_base = a_ptr + p * stride_ap
-        page_row = pages_ptr + slot * MAXP
+        page_row = pages_ptr + (slot * P + p) * MAXP
         if ONE_TILE:
             # the program's whole A slice as one [BLOCK_R, BLOCK_K] tile; with PRELOAD it is
             # in flight before gdc_wait (A is never written by the previous kernel), so after
@@ -187,7 +191,7 @@ if HAVE_TRITON:
         x_ptr,  # [T, K]
         a_ptr,  # [U, P, PR, K] (pages)
         ranks_ptr,  # [slots, P]
-        pages_ptr,  # [slots, MAXP] int32
+        pages_ptr,  # [slots, P, MAXP] int32
         buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
         sorted_ptr,
         tile_slot_ptr,
@@ -234,7 +238,7 @@ if HAVE_TRITON:
         k_lo = ks * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         a_base = a_ptr + p * stride_ap
-        page_row = pages_ptr + slot * MAXP
+        page_row = pages_ptr + (slot * P + p) * MAXP
         if USE_PDL:
             if PREFETCH != 0:  # this program's A rows stream into L2 while the previous ends
                 _prefetch_a(a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE, PR)
@@ -336,7 +340,7 @@ def lora_shrink(
     x: torch.Tensor,  # [T, in]
     lora_a: torch.Tensor,  # [U, P, PAGE_ROWS, in] (the pool's strided view)
     ranks: torch.Tensor,  # [slots, P] int32
-    pages: torch.Tensor,  # [slots, MAXP] int32: each slot's pages in rank order
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     meta: LoraMeta,
     config: dict | None = None,  # tuning override: block_k, k_per, num_warps, num_stages
     early_launch: bool = True,
@@ -348,14 +352,14 @@ def lora_shrink(
     layer in line, +4 % for the decode step beside; docs/benchmarks.md)."""
     T, K = x.shape
     _, P, PR, K2 = lora_a.shape
-    S_, maxp = pages.shape
+    S_, P2, maxp = pages.shape
     R = maxp * PR
     if K2 != K:
         raise ValueError(f"lora_a in_features {K2} != x {K}")
-    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
-        raise ValueError("ranks must be int32 [slots, P] with pages' slots")
+    if ranks.shape != (S_, P) or ranks.dtype != torch.int32 or P2 != P:
+        raise ValueError("ranks must be int32 [slots, P] with pages' slots and projections")
     if pages.dtype != torch.int32 or not pages.is_contiguous() or PR & (PR - 1):
-        raise ValueError("pages must be contiguous int32 [slots, MAXP]; PAGE_ROWS a power of 2")
+        raise ValueError("pages: contiguous int32 [slots, P, MAXP]; PAGE_ROWS a power of 2")
     if x.dtype != lora_a.dtype:
         raise ValueError(f"dtype mismatch: x {x.dtype}, lora_a {lora_a.dtype}")
     if meta.token_slot.shape[0] != T:

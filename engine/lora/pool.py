@@ -1,17 +1,20 @@
 """The LoRA page pool: every resident adapter's A and B in pages of rank rows, in one arena.
 
 Layout (docs/engine-internals.md): one flat GPU tensor (the arena) of ``budget`` bytes, cut
-into chunks, each chunk lent to one projection group and cut into that group's pages
-(``engine/lora/slots.py`` decides which). A page of group ``g`` holds ``PAGE_ROWS`` rank rows
-of every layer: ``A[L, P, PAGE_ROWS, in]`` then ``B[L, N, PAGE_ROWS]`` (B of the P
-projections concatenated along the output, scale folded in). An adapter of rank ``r`` in the
-group holds ``ceil(r / PAGE_ROWS)`` pages, listed in rank order in its row of the group's page
-table ``pages[slots, max_rank / PAGE_ROWS]`` int32 (page offsets in granules of ``GRANULE``
-elements); ``ranks[L, slots, P]`` int32 (0: that projection or layer is not in the adapter).
+into chunks, each chunk lent to one projection (q, k, v, o, gate, up, down) and cut into
+that projection's pages (``engine/lora/slots.py`` decides which). A page of projection ``m``
+holds ``PAGE_ROWS`` rank rows of every layer: ``A[L, PAGE_ROWS, in]`` then
+``B[L, out, PAGE_ROWS]`` (scale folded in). An adapter of rank ``r`` on ``m`` holds
+``ceil(r / PAGE_ROWS)`` pages of it, listed in rank order in its row of the group's page
+table ``pages[slots, P, max_rank / PAGE_ROWS]`` int32 (page offsets in granules of
+``GRANULE`` elements); ``ranks[L, slots, P]`` int32 (0: that projection or layer is not in
+the adapter). A projection the adapter leaves alone costs nothing.
 
-The kernels see, per layer and group, strided views ``a[U, P, PAGE_ROWS, in]`` and
-``b[U, N, PAGE_ROWS]`` whose first index is a granule offset: row ``r`` of slot ``s``,
-projection ``p`` is ``a[pages[s, r // PAGE_ROWS], p, r % PAGE_ROWS]``.
+The kernels see, per layer and projection group, strided views ``a[U, P, PAGE_ROWS, in]``
+(stride 0 over P: every projection's rows start at its own page) and ``b[U, N, PAGE_ROWS]``
+whose first index is a granule offset, plus ``b_offsets[P]`` (ints: where projection p's
+B of this layer sits in its page, less its first output column): row ``r`` of slot ``s``,
+projection ``p`` is ``a[pages[s, p, r // PAGE_ROWS], p, r % PAGE_ROWS]``.
 
 Writes go on a side stream (CUDA): the host-to-device copy of the adapter starts at once; the
 copy into its pages and tables waits for the steps already queued (they may still read pages
@@ -26,12 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from engine.lora.slots import PageAllocator, PageNeed, PagePlan
-from engine.lora.weights import GROUPS, LoraWeights, module_dims
+from engine.lora.weights import GROUPS, MODULE_GROUP, LoraWeights, module_dims
 from engine.model.config import ModelConfig
 
 PAGE_ROWS = 8  # rank rows per page: ranks 8, 16, 32, 64 take exactly their bytes
 GRANULE = 64  # elements; page offsets are multiples of it (128 B rows in 16-bit dtypes)
-CHUNK_PAGES = 16  # a chunk holds this many pages of the largest group (when the budget allows)
+CHUNK_PAGES = 16  # a chunk holds this many pages of the largest projection (budget allowing)
 MIN_CHUNKS = 32  # ... but the arena is cut into at least this many chunks
 DEFAULT_MAX_SLOTS = 4096  # page-table rows when no cap is given
 
@@ -43,27 +46,25 @@ class LoraGroup:
     a: torch.Tensor  # [U, P, PAGE_ROWS, in] strided view of the arena, U = granule offsets
     b: torch.Tensor  # [U, N, PAGE_ROWS]
     ranks: torch.Tensor  # [slots, P] int32
-    pages: torch.Tensor  # [slots, max_rank // PAGE_ROWS] int32 granule offsets
+    pages: torch.Tensor  # [slots, P, max_rank // PAGE_ROWS] int32 granule offsets
+    b_offsets: list[int]  # [P] where projection p's B of this layer sits (elements)
 
 
-def _group_elems(config: ModelConfig, g: str) -> tuple[int, int, int, int]:
-    """(P, in, N, elements of one page) of group ``g``."""
-    dims = module_dims(config)
-    mods = GROUPS[g]
-    P, in_f, n = len(mods), dims[mods[0]][0], sum(dims[m][1] for m in mods)
-    return P, in_f, n, config.num_layers * PAGE_ROWS * (P * in_f + n)
+def _page_elems(config: ModelConfig, m: str) -> int:
+    in_f, out_f = module_dims(config)[m]
+    return config.num_layers * PAGE_ROWS * (in_f + out_f)
 
 
 def page_bytes(config: ModelConfig, elem_size: int) -> dict[str, int]:
-    """Bytes of one page per group (before rounding to granules)."""
-    return {g: _group_elems(config, g)[3] * elem_size for g in GROUPS}
+    """Bytes of one page per projection (before rounding to granules)."""
+    return {m: _page_elems(config, m) * elem_size for m in MODULE_GROUP}
 
 
 def plan_pages(
     config: ModelConfig, budget_bytes: int, elem_size: int, max_slots: int | None = None
 ) -> PagePlan:
     """Cut ``budget_bytes`` into chunks and pages (see the module docstring)."""
-    pg = {g: -(-_group_elems(config, g)[3] // GRANULE) for g in GROUPS}
+    pg = {m: -(-_page_elems(config, m) // GRANULE) for m in MODULE_GROUP}
     biggest = max(pg.values())
     total = budget_bytes // (GRANULE * elem_size)
     if total < biggest:
@@ -79,8 +80,14 @@ def plan_pages(
 
 
 def page_need(weights: LoraWeights) -> PageNeed:
-    """Pages of each group that ``weights`` takes: ``ceil(rank / PAGE_ROWS)``."""
-    return {g: -(-p.a.shape[2] // PAGE_ROWS) for g, p in weights.groups.items()}
+    """Pages of each projection that ``weights`` takes: ``ceil(rank / PAGE_ROWS)`` (its
+    largest rank over the layers); projections it leaves alone take none."""
+    need = {}
+    for g, packed in weights.groups.items():
+        for p, r in enumerate(packed.ranks.max(dim=0).values.tolist()):
+            if r > 0:
+                need[GROUPS[g][p]] = -(-int(r) // PAGE_ROWS)
+    return need
 
 
 class LoraPool:
@@ -103,31 +110,37 @@ class LoraPool:
         self.num_slots = self.plan.num_slots
         L = self.num_layers = config.num_layers
         used = self.plan.num_chunks * self.plan.chunk_granules * GRANULE
-        tail = max(_group_elems(config, g)[3] for g in GROUPS)  # views reach past the last page
+        dims = module_dims(config)
+        self._dims = dims
+        self._shape: dict[str, tuple[int, int, list[int]]] = {}  # g -> P, in, out offsets
+        tail = 0  # the views reach past the last page's start
+        for g, mods in GROUPS.items():
+            offs = [0]
+            for m in mods:
+                offs.append(offs[-1] + dims[m][1])
+            self._shape[g] = (len(mods), dims[mods[0]][0], offs)
+            tail = max(tail, L * PAGE_ROWS * (dims[mods[0]][0] + offs[-1]))
         self.arena = torch.zeros(used + tail, dtype=dtype, device=device)
         units = self.plan.num_chunks * self.plan.chunk_granules
-        self._shape: dict[str, tuple[int, int, int]] = {}
         self._ranks: dict[str, torch.Tensor] = {}  # [L, slots, P]
-        self._pages: dict[str, torch.Tensor] = {}  # [slots, max_pages]
+        self._pages: dict[str, torch.Tensor] = {}  # [slots, P, max_pages]
         self.layers: list[dict[str, LoraGroup]] = [{} for _ in range(L)]
-        for g in GROUPS:
-            P, in_f, n, _ = _group_elems(config, g)
-            self._shape[g] = (P, in_f, n)
+        for g, (P, in_f, offs) in self._shape.items():
+            n = offs[-1]
             self._ranks[g] = torch.zeros(L, self.num_slots, P, dtype=torch.int32, device=device)
             self._pages[g] = torch.zeros(
-                self.num_slots, self.max_pages, dtype=torch.int32, device=device
+                self.num_slots, P, self.max_pages, dtype=torch.int32, device=device
             )
-            a_layer, b_all = P * PAGE_ROWS * in_f, L * P * PAGE_ROWS * in_f
+            b_start = L * PAGE_ROWS * in_f  # every page: A of all layers, then B
             for i in range(L):
                 a = self.arena.as_strided(
-                    (units, P, PAGE_ROWS, in_f),
-                    (GRANULE, PAGE_ROWS * in_f, in_f, 1),
-                    i * a_layer,
+                    (units, P, PAGE_ROWS, in_f), (GRANULE, 0, in_f, 1), i * PAGE_ROWS * in_f
                 )
-                b = self.arena.as_strided(
-                    (units, n, PAGE_ROWS), (GRANULE, PAGE_ROWS, 1), b_all + i * n * PAGE_ROWS
-                )
-                self.layers[i][g] = LoraGroup(a, b, self._ranks[g][i], self._pages[g])
+                b = self.arena.as_strided((units, n, PAGE_ROWS), (GRANULE, PAGE_ROWS, 1), b_start)
+                # projection p's B of layer i: at i * out_p rows into its page's B, and the
+                # kernels address it by the group's output column (from offs[p])
+                b_offs = [(i * (offs[p + 1] - offs[p]) - offs[p]) * PAGE_ROWS for p in range(P)]
+                self.layers[i][g] = LoraGroup(a, b, self._ranks[g][i], self._pages[g], b_offs)
         self._slot_groups: list[frozenset[str]] = [frozenset()] * self.num_slots
         # pages for writes that name none (a runner used without an engine: tests, benches)
         self._own: PageAllocator | None = None
@@ -149,7 +162,7 @@ class LoraPool:
     def staging_bytes(self) -> int:
         """Device bytes one write stages: the largest adapter this pool takes."""
         elem = self.arena.element_size()
-        per_row = sum(P * in_f + n for P, in_f, n in self._shape.values())
+        per_row = sum(P * in_f + offs[-1] for P, in_f, offs in self._shape.values())
         return self.num_layers * per_row * self.max_rank * elem
 
     def page_need(self, weights: LoraWeights) -> PageNeed:
@@ -159,18 +172,19 @@ class LoraPool:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"LoRA slot {slot} out of range [0, {self.num_slots})")
 
-    def _page_views(self, g: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The A ``[L, P, PAGE_ROWS, in]`` and B ``[L, N, PAGE_ROWS]`` of the page at ``off``."""
-        P, in_f, n = self._shape[g]
+    def _page_views(self, m: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A ``[L, PAGE_ROWS, in]`` and B ``[L, out, PAGE_ROWS]`` of projection ``m``'s
+        page at ``off``."""
+        in_f, out_f = self._dims[m]
         L, base = self.num_layers, off * GRANULE
-        a_n = L * P * PAGE_ROWS * in_f
-        a = self.arena[base : base + a_n].view(L, P, PAGE_ROWS, in_f)
-        b = self.arena[base + a_n : base + a_n + L * n * PAGE_ROWS].view(L, n, PAGE_ROWS)
+        a_n = L * PAGE_ROWS * in_f
+        a = self.arena[base : base + a_n].view(L, PAGE_ROWS, in_f)
+        b = self.arena[base + a_n : base + a_n + L * out_f * PAGE_ROWS].view(L, out_f, PAGE_ROWS)
         return a, b
 
-    def read_page(self, g: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_page(self, m: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A copy of one page's A and B (tests: what GPU memory holds)."""
-        a, b = self._page_views(g, off)
+        a, b = self._page_views(m, off)
         return a.clone(), b.clone()
 
     def clear(self, slot: int) -> None:
@@ -201,9 +215,9 @@ class LoraPool:
             if slot in self._own_pages:
                 self._own.free(self._own_pages.pop(slot))
             pages = self._own_pages[slot] = self._own.alloc(need)
-        for g, n in need.items():
-            if len(pages.get(g, ())) != n:
-                raise ValueError(f"group {g}: {n} pages needed, {len(pages.get(g, ()))} given")
+        for m, n in need.items():
+            if len(pages.get(m, ())) != n:
+                raise ValueError(f"{m}: {n} pages needed, {len(pages.get(m, ()))} given")
         cs = self.copy_stream
         if cs is None:
             self._write(slot, pages, {g: (p.a, p.b, p.ranks) for g, p in weights.groups.items()})
@@ -230,23 +244,25 @@ class LoraPool:
         pages: dict[str, list[int]],
         src: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # g -> a, b, ranks
     ) -> None:
-        for g in GROUPS:
+        for g, mods in GROUPS.items():
+            P, _, offs = self._shape[g]
+            row = torch.zeros(P, self.max_pages, dtype=torch.int32)
             if g not in src:
                 self._ranks[g][:, slot].zero_()
                 self._pages[g][slot].zero_()
                 continue
             a, b, ranks = src[g]
             r = a.shape[2]
-            for j, off in enumerate(pages[g]):
-                pa, pb = self._page_views(g, off)
-                lo, hi = j * PAGE_ROWS, min(r, (j + 1) * PAGE_ROWS)
-                pa[:, :, : hi - lo].copy_(a[:, :, lo:hi])
-                pb[:, :, : hi - lo].copy_(b[:, :, lo:hi])
-                if hi - lo < PAGE_ROWS:
-                    pa[:, :, hi - lo :].zero_()
-                    pb[:, :, hi - lo :].zero_()
-            row = torch.zeros(self.max_pages, dtype=torch.int32)
-            row[: len(pages[g])] = torch.tensor(pages[g], dtype=torch.int32)
+            for p, m in enumerate(mods):
+                for j, off in enumerate(pages.get(m, ())):
+                    pa, pb = self._page_views(m, off)
+                    lo, hi = j * PAGE_ROWS, min(r, (j + 1) * PAGE_ROWS)
+                    pa[:, : hi - lo].copy_(a[:, p, lo:hi])
+                    pb[:, :, : hi - lo].copy_(b[:, offs[p] : offs[p + 1], lo:hi])
+                    if hi - lo < PAGE_ROWS:
+                        pa[:, hi - lo :].zero_()
+                        pb[:, :, hi - lo :].zero_()
+                    row[p, j] = off
             self._ranks[g][:, slot].copy_(ranks, non_blocking=True)
             self._pages[g][slot].copy_(_pinned(row, self.device), non_blocking=True)
 

@@ -1,10 +1,11 @@
 """GPU adapter residency: which adapter key holds which slot and which pages. Ints only.
 
 Adapter weights live in one arena of GPU memory (``engine/lora/pool.py``) cut into equal
-chunks; a chunk is lent to one projection group at a time and cut into that group's pages
-(``PAGE_ROWS`` rank rows of A and B, all layers). An adapter of rank ``r`` in a group holds
-``ceil(r / PAGE_ROWS)`` of its pages, so its memory follows its rank, not the largest rank.
-A chunk whose pages are all free goes back to the shared list, so any group can take it.
+chunks; a chunk is lent to one page class at a time (a projection: q, k, ..., down) and cut
+into its pages (``PAGE_ROWS`` rank rows of A and B, all layers). An adapter of rank ``r`` on
+a projection holds ``ceil(r / PAGE_ROWS)`` of its pages, so its memory follows its rank, not
+the largest rank. A chunk whose pages are all free goes back to the shared list, so any
+class can take it.
 
 A *slot* is an adapter's row in the kernels' page table and rank table. An adapter that a
 running sequence uses is pinned (ref counted) and never evicted; room for a new one is made
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-PageNeed = dict[str, int]  # projection group -> pages
+PageNeed = dict[str, int]  # page class (projection) -> pages
 
 
 @dataclass(frozen=True)
@@ -29,24 +30,24 @@ class PagePlan:
     num_slots: int  # rows of the page table: most adapters resident at once
     num_chunks: int
     chunk_granules: int
-    page_granules: dict[str, int]  # group -> one page's size
+    page_granules: dict[str, int]  # page class (projection) -> one page's size
 
-    def pages_per_chunk(self, group: str) -> int:
-        return self.chunk_granules // self.page_granules[group]
+    def pages_per_chunk(self, cls: str) -> int:
+        return self.chunk_granules // self.page_granules[cls]
 
 
 class PageAllocator:
-    """Pages of every group out of shared chunks. ``alloc`` returns page offsets (granules)."""
+    """Pages of every class out of shared chunks. ``alloc`` returns page offsets (granules)."""
 
     def __init__(self, plan: PagePlan) -> None:
         self.plan = plan
         for g, pg in plan.page_granules.items():
             if not 0 < pg <= plan.chunk_granules:
-                raise ValueError(f"group {g}: page of {pg} granules > chunk {plan.chunk_granules}")
+                raise ValueError(f"{g}: page of {pg} granules > chunk {plan.chunk_granules}")
         self._free_chunks = list(range(plan.num_chunks - 1, -1, -1))  # pop() gives chunk 0
         self._owner: list[str | None] = [None] * plan.num_chunks
         self._used = [0] * plan.num_chunks
-        # group -> chunk -> its free page offsets (only chunks the group owns)
+        # class -> chunk -> its free page offsets (only chunks the class owns)
         self._free: dict[str, dict[int, list[int]]] = {g: {} for g in plan.page_granules}
         self._num_free = dict.fromkeys(plan.page_granules, 0)
 
@@ -96,11 +97,11 @@ class PageAllocator:
             for off in offs:
                 c = off // cg
                 if self._owner[c] != g or self._used[c] <= 0:
-                    raise RuntimeError(f"page {off} of group {g} is not allocated")
+                    raise RuntimeError(f"page {off} of {g} is not allocated")
                 free.setdefault(c, []).append(off)
                 self._used[c] -= 1
                 self._num_free[g] += 1
-                if self._used[c] == 0:  # the whole chunk is free: any group may take it
+                if self._used[c] == 0:  # the whole chunk is free: any class may take it
                     self._num_free[g] -= len(free.pop(c))
                     self._owner[c] = None
                     self._free_chunks.append(c)

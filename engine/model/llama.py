@@ -145,7 +145,10 @@ class LlamaModel:
         if not beside:
             y = F.linear(x, weight, bias)
             buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora)
-            K.lora_expand(buf, group.b, group.ranks, group.pages, offsets, inp.lora, y)
+            K.lora_expand(
+                buf, group.b, group.ranks, group.pages, offsets, inp.lora, y,
+                b_offsets=group.b_offsets,
+            )  # fmt: skip
             return y, None
         delta = None
         if residual is None:  # allocated on the main stream, written beside
@@ -163,6 +166,7 @@ class LlamaModel:
                 out,
                 accumulate=acc,
                 early_launch=False,
+                b_offsets=group.b_offsets,
             )
         y = F.linear(x, weight, bias)
         self._join()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from engine.lora.pool import GRANULE, PAGE_ROWS, LoraPool, page_bytes, page_need, plan_pages
 from engine.lora.slots import PageAllocator, PagePlan, SlotTable
-from engine.lora.weights import GROUPS, module_dims, read_adapter
+from engine.lora.weights import GROUPS, MODULE_GROUP, module_dims, read_adapter
 from engine.model.presets import PRESETS
 
 CFG = PRESETS["tiny"]  # hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads of 16
@@ -151,25 +151,22 @@ def pool(budget_mib: float = 4, max_rank: int = 64, **kw) -> LoraPool:
 
 
 def gpu_modules(p: LoraPool, slot: int, pages: dict[str, list[int]]) -> dict:
-    """(layer, module) -> (A [r, in], B [out, r]) read back from the slot's pages."""
-    dims = module_dims(CFG)
+    """(layer, module) -> (A [r, in], B [out, r]) read back from the slot's pages, found
+    through the pool's page table (checked against ``pages``)."""
     out = {}
     for g, mods in GROUPS.items():
-        ranks = p.layers[0][g].ranks  # [slots, P] of layer 0; others below
-        if g not in pages:
-            continue
-        views = [p.read_page(g, off) for off in pages[g]]
-        a = torch.cat([v[0] for v in views], dim=2)  # [L, P, rows, in]
-        b = torch.cat([v[1] for v in views], dim=2)  # [L, N, rows]
-        n0 = 0
         for i, m in enumerate(mods):
-            n1 = n0 + dims[m][1]
+            n = len(pages.get(m, ()))
+            assert p.layers[0][g].pages[slot, i, :n].tolist() == pages.get(m, [])
+            if not n:
+                continue
+            views = [p.read_page(m, off) for off in pages[m]]
+            a = torch.cat([v[0] for v in views], dim=1)  # [L, rows, in]
+            b = torch.cat([v[1] for v in views], dim=2)  # [L, out, rows]
             for layer in range(CFG.num_layers):
                 r = int(p.layers[layer][g].ranks[slot, i])
                 if r:
-                    out[(layer, m)] = (a[layer, i, :r], b[layer, n0:n1, :r])
-            n0 = n1
-        del ranks
+                    out[(layer, m)] = (a[layer, :r], b[layer, :, :r])
     return out
 
 
@@ -187,7 +184,7 @@ def test_pages_hold_peft_weights_scale_folded(tmp_path, r):
     so, _ = t.assign("o", page_need(other))
     p.write(so, other, t.pages_of(so))
     slot, _ = t.assign("a", page_need(w))
-    assert page_need(w) == dict.fromkeys(GROUPS, -(-r // PAGE_ROWS))
+    assert page_need(w) == dict.fromkeys(MODULE_GROUP, -(-r // PAGE_ROWS))
     p.write(slot, w, t.pages_of(slot))
     got = gpu_modules(p, slot, t.pages_of(slot))
     assert len(got) == CFG.num_layers * len(ALL)
@@ -203,8 +200,9 @@ def test_pages_hold_peft_weights_scale_folded(tmp_path, r):
 
 @pytest.mark.parametrize("r", [8, 16, 32, 64])
 def test_bytes_per_adapter_follow_its_rank(tmp_path, r):
-    # GPU bytes an adapter holds within 10 % of its own bytes (q,k,v,o as in S-LoRA; all)
-    for targets in (ALL[:4], ALL):
+    # GPU bytes an adapter holds within 10 % of its own bytes (q,v as PEFT's default; q,k,v,o
+    # as in S-LoRA; all seven)
+    for targets in (("q_proj", "v_proj"), ALL[:4], ALL):
         w = read(write_adapter(tmp_path / f"{r}{len(targets)}", r, targets))
         elem = 4
         pb = page_bytes(CFG, elem)
@@ -221,7 +219,7 @@ def test_rank8_adapters_in_the_budget_of_padded_slots():
     padded_slot = sum(page_bytes(CFG, elem).values()) * (64 // PAGE_ROWS)
     p = plan_pages(CFG, 8 * padded_slot, elem)
     t = SlotTable(p)
-    need = dict.fromkeys(GROUPS, 1)
+    need = dict.fromkeys(MODULE_GROUP, 1)
     n = 0
     while t.fits(need):
         t.assign(f"a{n}", need)

@@ -25,7 +25,7 @@ def test_sgmv_graph_replay_matches_eager():
     T, k, outs, slots = 24, 4096, [4096, 1024, 1024], 16
     a, b, ranks, offsets = make_weights(slots, outs, 64, k, torch.bfloat16, gen, (8, 16, 64))
     # the pool's layout: pages of 8 rank rows in random places
-    a, b, pages = to_paged(a, b, gen)
+    a, b, pages, boffs = to_paged(a, b, offsets, gen)
     ranks = ranks.cuda()
     x = torch.zeros(T, k, dtype=torch.bfloat16, device="cuda")
     y = torch.zeros(T, sum(outs), dtype=torch.bfloat16, device="cuda")
@@ -33,7 +33,7 @@ def test_sgmv_graph_replay_matches_eager():
 
     def step():
         buf = K.lora_shrink(x, a, ranks, pages, static)
-        K.lora_expand(buf, b, ranks, pages, offsets, static, y)
+        K.lora_expand(buf, b, ranks, pages, offsets, static, y, b_offsets=boffs)
 
     step()
     torch.cuda.synchronize()
@@ -51,7 +51,7 @@ def test_sgmv_graph_replay_matches_eager():
         got = y.clone()
         y.copy_(y0)
         buf = K.lora_shrink(x, a, ranks, pages, meta)
-        K.lora_expand(buf, b, ranks, pages, offsets, meta, y)
+        K.lora_expand(buf, b, ranks, pages, offsets, meta, y, b_offsets=boffs)
         assert_close(got, y, torch.bfloat16, tol=1e-2)
 
 
