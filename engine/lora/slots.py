@@ -128,6 +128,10 @@ class SlotTable:
         # resident, unpinned slots: least recently used first
         self._lru: OrderedDict[int, None] = OrderedDict()
         self.evictions = 0
+        # pinned pages per class, pinned pages per chunk, chunks holding pinned pages per class
+        self._pinned_pages = dict.fromkeys(plan.page_granules, 0)
+        self._chunk_pins = [0] * plan.num_chunks
+        self._pinned_chunks = dict.fromkeys(plan.page_granules, 0)
 
     @classmethod
     def slots_only(cls, num_slots: int) -> SlotTable:
@@ -157,28 +161,30 @@ class SlotTable:
 
     def can_assign(self, need: PageNeed) -> bool:
         """Room for ``need`` once every unpinned adapter is evicted (pinned ones stay where
-        they are)."""
+        they are: a chunk holding a pinned page stays lent to its class). O(classes)."""
         if self.fits(need):
             return True
         if not self._free_slots and not self._lru:
             return False
-        cg = self.plan.chunk_granules
-        owner: dict[int, str] = {}  # chunks that pinned pages hold
-        pinned = dict.fromkeys(self.plan.page_granules, 0)
-        for s, pins in enumerate(self._pins):
-            if pins:
-                for g, offs in self._pages_of[s].items():
-                    pinned[g] += len(offs)
-                    for off in offs:
-                        owner[off // cg] = g
         want = 0
-        for g, n in need.items():
-            ppc = self.plan.pages_per_chunk(g)
-            owned = sum(1 for og in owner.values() if og == g)
-            more = n - (owned * ppc - pinned[g])
+        for m, n in need.items():
+            ppc = self.plan.pages_per_chunk(m)
+            more = n - (self._pinned_chunks[m] * ppc - self._pinned_pages[m])
             if more > 0:
                 want += -(-more // ppc)
-        return want <= self.plan.num_chunks - len(owner)
+        return want <= self.plan.num_chunks - sum(self._pinned_chunks.values())
+
+    def _count_pins(self, slot: int, d: int) -> None:
+        """Pinned pages and the chunks that hold them, per class (``d``: +1 pin, -1 unpin)."""
+        cg = self.plan.chunk_granules
+        for m, offs in self._pages_of[slot].items():
+            self._pinned_pages[m] += d * len(offs)
+            for off in offs:
+                c = off // cg
+                before = self._chunk_pins[c]
+                self._chunk_pins[c] = before + d
+                if (before == 0) != (self._chunk_pins[c] == 0):
+                    self._pinned_chunks[m] += d
 
     def assign(self, key: str, need: PageNeed) -> tuple[int, list[str]]:
         """Give ``key`` a slot and ``need`` pages, evicting unpinned adapters (least recently
@@ -218,6 +224,7 @@ class SlotTable:
             raise RuntimeError(f"slot {slot} holds no adapter")
         if self._pins[slot] == 0:
             del self._lru[slot]
+            self._count_pins(slot, +1)
         self._pins[slot] += 1
 
     def unpin(self, slot: int) -> None:
@@ -226,6 +233,7 @@ class SlotTable:
         self._pins[slot] -= 1
         if self._pins[slot] == 0:
             self._lru[slot] = None  # most recently used
+            self._count_pins(slot, -1)
 
     def release(self, key: str) -> int | None:
         """Forget ``key`` (unloaded, or its weights failed to write): its slot and pages are
