@@ -49,6 +49,9 @@ def lora_expand_ref(
     buf = buf.sum(0)
     P, PR = buf.shape[0], lora_b.shape[2]
     boffs = list(b_offsets) if b_offsets is not None else [0] * P
+    # B through its storage (b_offsets may point before the view's first element)
+    flat = lora_b.as_strided((lora_b.untyped_storage().nbytes() // lora_b.element_size(),), (1,), 0)
+    s0, s1, s2 = lora_b.stride()
     within = torch.arange(buf.shape[2], device=buf.device) % PR
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
@@ -62,10 +65,12 @@ def lora_expand_ref(
             r = ranks_h[slot][p]
             if r:
                 n0, n1 = out_offsets[p], out_offsets[p + 1]
-                bp = lora_b.as_strided(
-                    lora_b.shape, lora_b.stride(), lora_b.storage_offset() + boffs[p]
-                )
-                cols = bp[paged_rows(pages, slot, p, r, PR), n0:n1, within[:r]]  # [r, n]
+                pg = paged_rows(pages, slot, p, r, PR)
+                cols = flat[  # [r, n]: element (page, n, r % PR), shifted by b_offsets[p]
+                    lora_b.storage_offset() + boffs[p] + pg[:, None] * s0
+                    + torch.arange(n0, n1, device=buf.device)[None, :] * s1
+                    + within[:r, None] * s2
+                ]  # fmt: skip
                 d = buf[p, toks, :r] @ cols.float()
                 y[toks, n0:n1] = (y[toks, n0:n1].float() + d).to(y.dtype)
     return y
