@@ -124,8 +124,7 @@ def gpu_step_seconds(runner: ModelRunner, batch: ScheduledBatch, with_lora: bool
     if graphs is None:
         return None
     runner.execute(batch)  # fills the static buffers for this batch
-    bs = next(x for x in graphs.buckets if x >= b)
-    g, out = graphs._graphs[(bs, with_lora)]
+    g, out = graphs.last_replayed  # the graph execute() picked for this batch
 
     def run() -> None:
         for _ in range(n):

@@ -29,6 +29,7 @@ from engine.api import AdapterRef, Request, SamplingParams
 from engine.batch import ScheduledBatch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.lora.slots import PagePlan
 from engine.model.dummy_tokenizer import dummy_tokenizer
 from engine.model.inputs import build_host_inputs
 from engine.model.presets import PRESETS
@@ -48,6 +49,7 @@ class StubRunner:
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_model_len, self.num_slots = max_model_len, slots
+        self.lora_plan = PagePlan(slots, 0, 1, {})  # adapters take no pages here
         gen = torch.Generator().manual_seed(0)
         self._logits = [torch.randn(1024, self.vocab_size, generator=gen) * 4 for _ in range(8)]
         self._calls = 0
@@ -71,7 +73,10 @@ class StubRunner:
     def read_adapter(self, path: Path) -> str:
         return str(path)
 
-    def write_slot(self, slot: int, weights: object) -> None:
+    def adapter_pages(self, weights: object) -> dict[str, int]:
+        return {}
+
+    def write_slot(self, slot: int, weights: object, pages: dict[str, list[int]]) -> None:
         pass
 
     def clear_slot(self, slot: int) -> None:

@@ -73,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-files", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-loras", type=int, default=128, help="GPU LoRA slots")
+    p.add_argument(
+        "--max-loras", type=int, default=128, help="cap on adapters resident on GPU (deprecated)"
+    )
     p.add_argument("--load-workers", type=int, default=8)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--no-preload", dest="preload", action="store_false")

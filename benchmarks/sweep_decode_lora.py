@@ -141,8 +141,7 @@ def kernel_profile(runner, batch, lora: bool, label: str, steps: int = 5) -> Non
     from torch.profiler import ProfilerActivity, profile
 
     gpu_step_seconds(runner, batch, lora, 2)  # fills the static buffers, warm
-    bs = next(x for x in runner.graphs.buckets if x >= len(batch.chunks))
-    g, _ = runner.graphs._graphs[(bs, lora)]
+    g, _ = runner.graphs.last_replayed  # the graph the step above picked
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):

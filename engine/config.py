@@ -40,7 +40,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's own context length
-    max_loras: int = 8  # GPU LoRA slots = most distinct adapters in one batch
+    # GPU adapter memory, in bytes (pages of rank rows, engine/lora/pool.py); None: on GPU
+    # lora_memory_fraction of the memory gpu_memory_utilization leaves after the weights, on
+    # CPU room for max_loras (8 when None) adapters of max_lora_rank on every projection
+    lora_memory_bytes: int | None = None
+    lora_memory_fraction: float = 0.2
+    # Deprecated: a cap on adapters resident on GPU at once (the byte budget sets how many
+    # fit; None: no cap beyond it). Kept for tests that force evictions.
+    max_loras: int | None = None
     max_lora_rank: int = 64
     # The host tier: loaded adapters kept in (pinned, on GPU) host memory, bounded in bytes
     # (None: host_lora_memory_fraction of the machine's memory) and optionally in count.
@@ -87,10 +94,12 @@ class EngineConfig:
                 "max_model_len",
                 "must be positive",
             ),
-            (self.max_loras >= 1, "max_loras", "must be positive"),
+            (self.max_loras is None or self.max_loras >= 1, "max_loras", "must be positive"),
             (self.max_lora_rank >= 1, "max_lora_rank", "must be positive"),
             (
-                self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
+                self.max_loras is None
+                or self.max_cpu_loras is None
+                or self.max_cpu_loras >= self.max_loras,
                 "max_cpu_loras",
                 "must be >= max_loras",
             ),
@@ -104,6 +113,12 @@ class EngineConfig:
                 "host_lora_memory_fraction",
                 "must be in (0, 0.9]",
             ),
+            (
+                self.lora_memory_bytes is None or self.lora_memory_bytes > 0,
+                "lora_memory_bytes",
+                "must be positive",
+            ),
+            (0.0 < self.lora_memory_fraction < 1.0, "lora_memory_fraction", "must be in (0, 1)"),
             (
                 self.num_gpu_blocks is None or self.num_gpu_blocks >= 1,
                 "num_gpu_blocks",

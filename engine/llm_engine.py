@@ -71,13 +71,14 @@ class LLMEngine:
         self.blocks = BlockManager(
             runner.num_blocks, runner.block_size, config.enable_prefix_caching
         )
-        self.slots = SlotTable(config.max_loras)
+        self.slots = SlotTable(runner.lora_plan)
         self.scheduler = Scheduler(
             self.blocks,
             self.slots,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             aging_steps=config.aging_steps,
+            adapter_pages=lambda key: runner.adapter_pages(self.loader.get(key)),
         )
         self.loader = AdapterLoader(
             runner.read_adapter,
@@ -519,7 +520,7 @@ class LLMEngine:
             try:
                 t0 = time.perf_counter()
                 weights = self.loader.get(key)
-                self.runner.write_slot(slot, weights)
+                self.runner.write_slot(slot, weights, self.slots.pages_of(slot))
                 c.adapter_gpu_write_seconds += time.perf_counter() - t0
                 c.adapter_gpu_writes += 1
                 nbytes = getattr(weights, "nbytes", None)

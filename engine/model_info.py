@@ -22,7 +22,7 @@ def describe(engine: LLMEngine, *, name: str, model: str) -> ModelInfo:
         kv_tokens=int(engine.kv_tokens),
         eos_token_ids=tuple(sorted(int(t) for t in runner.eos_token_ids)),
         max_lora_rank=int(engine.config.max_lora_rank),
-        max_loras=int(engine.config.max_loras),
+        max_loras=int(engine.slots.num_slots),
         device=str(runner.device),
         dtype=str(runner.dtype).removeprefix("torch."),
         adapter_shape=AdapterShape(

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from engine import kernels as K
 from engine.batch import ScheduledBatch, SeqChunk
 from engine.kernels.lora_expand import token_path_sizes
-from engine.lora.pool import LoraPool
+from engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
+from engine.lora.slots import PageNeed, PagePlan
 from engine.lora.weights import LoraWeights, read_adapter
 from engine.model.cuda_graphs import DecodeGraphs
 from engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
@@ -29,6 +30,7 @@ from engine.runner import StepTensors
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
+DEFAULT_LORA_MEMORY_FRACTION = 0.2  # of the GPU memory left after the weights
 GRAPH_RESERVE_BYTES = 256 * 2**20  # left free for CUDA graph pools and allocator slack
 
 
@@ -42,8 +44,10 @@ class ModelRunner:
         block_size: int = 16,
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
-        max_loras: int = 8,
+        max_loras: int | None = None,
         max_lora_rank: int = 64,
+        lora_memory_bytes: int | None = None,
+        lora_memory_fraction: float = DEFAULT_LORA_MEMORY_FRACTION,
         kv_cache_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9,
         num_blocks: int | None = None,
@@ -65,13 +69,27 @@ class ModelRunner:
             max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )
         self.max_lora_rank = max_lora_rank
-        self.num_slots = max_loras
+        self._utilization = gpu_memory_utilization
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids: set[int] = set(model.eos_token_ids)
         self.tokenizer = model.tokenizer
         self.model = LlamaModel(cfg, model.weights, self.max_model_len)
+        if lora_memory_bytes is None:
+            lora_memory_bytes = self._lora_budget(max_loras, lora_memory_fraction)
         self.lora = LoraPool(
-            cfg, num_slots=max_loras, max_rank=max_lora_rank, dtype=self.dtype, device=self.device
+            cfg,
+            budget_bytes=lora_memory_bytes,
+            max_rank=max_lora_rank,
+            dtype=self.dtype,
+            device=self.device,
+            max_slots=max_loras,
+        )
+        self.num_slots = self.lora.num_slots
+        self.lora_plan: PagePlan = self.lora.plan
+        log.info(
+            "LoRA pages: %.2f GiB, %d slots",
+            self.lora.nbytes() / 2**30,
+            self.num_slots,
         )
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
@@ -99,6 +117,21 @@ class ModelRunner:
             )
             with torch.inference_mode():
                 self.graphs.capture()
+
+    # ---- memory sizing -------------------------------------------------------------------
+
+    def _lora_budget(self, max_loras: int | None, fraction: float) -> int:
+        """Bytes of adapter pages when none are given. GPU: ``fraction`` of the memory that
+        ``gpu_memory_utilization`` leaves after the weights (the KV pool takes the rest).
+        CPU: room for ``max_loras`` (8 when None) adapters of ``max_lora_rank`` on every
+        projection."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        full = sum(page_bytes(self.config, elem).values()) * -(-self.max_lora_rank // PAGE_ROWS)
+        if self.device.type != "cuda":
+            return (max_loras or 8) * full
+        free, total = torch.cuda.mem_get_info(self.device)
+        usable = max(0.0, min(free, self._utilization * total - (total - free)))
+        return max(int(usable * fraction), full)
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -148,7 +181,11 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * utilization - (peak - temp_bytes) - non_torch - GRAPH_RESERVE_BYTES
+        # an adapter write stages one adapter on the device (LoraPool.write): room for it
+        staging = self.lora.staging_bytes()
+        budget = (
+            total * utilization - (peak - temp_bytes) - non_torch - GRAPH_RESERVE_BYTES - staging
+        )
         n = int(budget // self.block_bytes())
         log.info("KV pool: %d blocks (%.2f GiB)", n, n * self.block_bytes() / 2**30)
         return n
@@ -267,8 +304,16 @@ class ModelRunner:
             pin_memory=self.device.type == "cuda",
         )
 
-    def write_slot(self, slot: int, weights: LoraWeights) -> None:
-        self.lora.write(slot, weights)
+    def adapter_pages(self, weights: LoraWeights) -> PageNeed:
+        """The pages of each projection group that ``weights`` takes in GPU memory."""
+        return self.lora.page_need(weights)
+
+    def write_slot(
+        self, slot: int, weights: LoraWeights, pages: dict[str, list[int]] | None = None
+    ) -> None:
+        """``pages``: from the engine's ``SlotTable``; None for a runner used on its own
+        (tests, benchmarks), where the pool places them (``LoraPool.write``)."""
+        self.lora.write(slot, weights, pages)
 
     def clear_slot(self, slot: int) -> None:
         self.lora.clear(slot)

@@ -14,6 +14,7 @@ import torch
 
 from engine.batch import ScheduledBatch
 from engine.config import EngineConfig
+from engine.lora.slots import PageNeed, PagePlan
 from engine.model.config import ModelConfig
 
 
@@ -37,6 +38,7 @@ class Runner(Protocol):
     vocab_size: int
     eos_token_ids: Any  # a collection of ints
     tokenizer: Any  # a transformers tokenizer (encode / decode)
+    lora_plan: PagePlan  # how GPU adapter memory is cut into slots and pages
 
     def execute(
         self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None
@@ -54,7 +56,11 @@ class Runner(Protocol):
         """Read and validate a PEFT directory into host memory; any thread."""
         ...
 
-    def write_slot(self, slot: int, weights: Any) -> None: ...
+    def adapter_pages(self, weights: Any) -> PageNeed:
+        """The GPU pages of each projection group that ``weights`` takes."""
+        ...
+
+    def write_slot(self, slot: int, weights: Any, pages: dict[str, list[int]]) -> None: ...
 
     def clear_slot(self, slot: int) -> None: ...
 
@@ -73,6 +79,8 @@ def build_runner(model: str | Path | None, config: EngineConfig) -> Runner:
         max_model_len=config.max_model_len,
         max_loras=config.max_loras,
         max_lora_rank=config.max_lora_rank,
+        lora_memory_bytes=config.lora_memory_bytes,
+        lora_memory_fraction=config.lora_memory_fraction,
         kv_cache_bytes=config.kv_cache_bytes,
         gpu_memory_utilization=config.gpu_memory_utilization,
         num_blocks=config.num_gpu_blocks,

@@ -6,9 +6,9 @@ rest of a prompt, or the one newest token); one step computes at most
 prompts are prefilled in chunks. Running sequences go first, oldest first; when blocks
 run out the newest running sequence is preempted (its blocks freed, recomputed later).
 Waiting sequences are admitted first come first served; one whose adapter is still
-loading is skipped without holding up the rest; one that cannot get a LoRA slot (all
-pinned) is skipped for at most ``aging_steps`` steps, after which nobody behind it is
-admitted until it is.
+loading is skipped without holding up the rest; one whose adapter cannot get GPU pages
+(the rest are pinned by running work) is skipped for at most ``aging_steps`` steps, after
+which nobody behind it is admitted until it is.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from operator import attrgetter
 
 from engine.batch import ScheduledBatch, SeqChunk
 from engine.block_manager import BlockManager
-from engine.lora.slots import SlotTable
+from engine.lora.slots import PageNeed, SlotTable
 from engine.sequence import SeqStatus, Sequence
 
 _priority = attrgetter("arrival", "index")  # = Sequence.priority, read in C
@@ -32,7 +32,7 @@ class SchedulerOutput:
     seqs: list[Sequence]  # aligned with batch.chunks
     slot_writes: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter key)
     preempted: list[Sequence] = field(default_factory=list)
-    evicted: list[str] = field(default_factory=list)  # adapter keys that lost their slot
+    evicted: list[str] = field(default_factory=list)  # adapter keys that lost their pages
 
     @property
     def is_empty(self) -> bool:
@@ -48,9 +48,13 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         aging_steps: int,
+        adapter_pages: Callable[[str], PageNeed] = lambda key: {},
     ) -> None:
+        """``adapter_pages(key)``: the GPU pages a loaded adapter takes (asked once it is
+        ready on the host)."""
         self.blocks = blocks
         self.slots = slots
+        self.adapter_pages = adapter_pages
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.aging_steps = aging_steps
@@ -107,11 +111,13 @@ class Scheduler:
                 continue
             key = seq.adapter_key
             slot = -1 if key is None else self.slots.lookup(key)
+            need: PageNeed = {}
             if slot is None:
                 if not adapter_ready(key):  # still loading: let others pass
                     seq.waited_steps += 1
                     continue
-                if not self.slots.can_assign():  # every slot pinned by running work
+                need = self.adapter_pages(key)
+                if not self.slots.can_assign(need):  # the pages it needs are pinned
                     seq.waited_steps += 1
                     if seq.waited_steps >= self.aging_steps:
                         break
@@ -123,10 +129,9 @@ class Scheduler:
                 seq.waited_steps += 1
                 break
             if slot is None:
-                slot, evicted = self.slots.assign(key)
+                slot, evicted = self.slots.assign(key, need)
                 out.slot_writes.append((slot, key))
-                if evicted is not None:
-                    out.evicted.append(evicted)
+                out.evicted += evicted
             if not seq.block_table:
                 self.blocks.admit(seq)
             n = min(seq.num_uncomputed, budget)

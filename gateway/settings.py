@@ -24,7 +24,11 @@ class GatewaySettings(StoreSettings):
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    max_loras: int = 8
+    # GPU adapter memory (pages of rank rows): bytes, or None for lora_memory_fraction of
+    # the GPU memory left after the weights. How many adapters are resident follows from it.
+    lora_memory_bytes: int | None = Field(default=None, gt=0)
+    lora_memory_fraction: float = Field(default=0.2, gt=0, lt=1)
+    max_loras: int | None = Field(default=None, ge=1)  # deprecated: a cap on resident adapters
     max_lora_rank: int = 64
     # Adapter host tier (loaded, validated weights in host memory): bytes, or None for
     # host_lora_memory_fraction of the machine's (or cgroup's) memory; loader threads.

@@ -29,6 +29,8 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_loras=settings.max_loras,
+        lora_memory_bytes=settings.lora_memory_bytes,
+        lora_memory_fraction=settings.lora_memory_fraction,
         max_lora_rank=settings.max_lora_rank,
         host_lora_bytes=settings.host_lora_bytes,
         host_lora_memory_fraction=settings.host_lora_memory_fraction,

@@ -40,27 +40,31 @@ def _pick(mod, name: str, t: torch.Tensor):
     return fn if fn is not None else getattr(mod, name + "_ref")
 
 
-def lora_shrink(x, lora_a, ranks, meta: LoraMeta, early_launch: bool = True) -> torch.Tensor:
+def lora_shrink(x, lora_a, ranks, pages, meta: LoraMeta, early_launch: bool = True) -> torch.Tensor:
     """``early_launch``: a launch option of the Triton kernel (see there), not of the math."""
     if use_triton(x):
-        return _shrink.lora_shrink(x, lora_a, ranks, meta, early_launch=early_launch)
-    return _shrink.lora_shrink_ref(x, lora_a, ranks, meta)
+        return _shrink.lora_shrink(x, lora_a, ranks, pages, meta, early_launch=early_launch)
+    return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta)
 
 
 def lora_expand(
     buf,
     lora_b,
     ranks,
+    pages,
     out_offsets: Sequence[int],
     meta: LoraMeta,
     y,
     accumulate: bool = True,
     early_launch: bool = True,
+    b_offsets: Sequence[int] | None = None,
 ):
-    args = (buf, lora_b, ranks, out_offsets, meta, y)
+    args = (buf, lora_b, ranks, pages, out_offsets, meta, y)
     if use_triton(y):
-        return _expand.lora_expand(*args, accumulate=accumulate, early_launch=early_launch)
-    return _expand.lora_expand_ref(*args, accumulate=accumulate)
+        return _expand.lora_expand(
+            *args, accumulate=accumulate, early_launch=early_launch, b_offsets=b_offsets
+        )
+    return _expand.lora_expand_ref(*args, accumulate=accumulate, b_offsets=b_offsets)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):

@@ -1,5 +1,8 @@
 """SGMV expand: ``y[t, off_p:off_p+1] += buf[p, t, :r] @ lora_b[slot(t), off_p:off_p+1, :r].T``.
 
+B is paged like the shrink's A (``engine/lora/pool.py``): column ``r`` of projection ``p``
+is ``lora_b[pages[slot, p, r // PR], :, r % PR]``, shifted by ``b_offsets[p]`` elements.
+
 ``accumulate=False`` stores the LoRA delta instead (``y = delta``, zero in the rows of tokens
 with no adapter and the columns of projections an adapter does not touch): the decode forward
 computes the delta on a side stream while the base GEMM writes its own output, and adds the
@@ -27,22 +30,29 @@ from engine.kernels._triton import (
     triton,
 )
 from engine.kernels.lora_meta import LoraMeta
-from engine.kernels.lora_shrink import use_token_path
+from engine.kernels.lora_shrink import paged_rows, use_token_path
 
 
 def lora_expand_ref(
     buf: torch.Tensor,  # [KS, P, T, R] float32 partials (lora_shrink's), summed here
-    lora_b: torch.Tensor,  # [slots, N, R]  (scale folded in)
+    lora_b: torch.Tensor,  # [U, N, PAGE_ROWS] (the pool's strided view; scale folded in)
     ranks: torch.Tensor,  # [slots, P] int32
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
     accumulate: bool = True,  # False: y = the delta (zeros where no adapter applies)
+    b_offsets: Sequence[int] | None = None,  # [P] element offsets of each projection's B
 ) -> torch.Tensor:
     if not accumulate:
         y.zero_()
     buf = buf.sum(0)
-    P = buf.shape[0]
+    P, PR = buf.shape[0], lora_b.shape[2]
+    boffs = list(b_offsets) if b_offsets is not None else [0] * P
+    # B through its storage (b_offsets may point before the view's first element)
+    flat = lora_b.as_strided((lora_b.untyped_storage().nbytes() // lora_b.element_size(),), (1,), 0)
+    s0, s1, s2 = lora_b.stride()
+    within = torch.arange(buf.shape[2], device=buf.device) % PR
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
     ranks_h = ranks.tolist()
@@ -55,7 +65,13 @@ def lora_expand_ref(
             r = ranks_h[slot][p]
             if r:
                 n0, n1 = out_offsets[p], out_offsets[p + 1]
-                d = buf[p, toks, :r] @ lora_b[slot, n0:n1, :r].float().T
+                pg = paged_rows(pages, slot, p, r, PR)
+                cols = flat[  # [r, n]: element (page, n, r % PR), shifted by b_offsets[p]
+                    lora_b.storage_offset() + boffs[p] + pg[:, None] * s0
+                    + torch.arange(n0, n1, device=buf.device)[None, :] * s1
+                    + within[:r, None] * s2
+                ]  # fmt: skip
+                d = buf[p, toks, :r] @ cols.float()
                 y[toks, n0:n1] = (y[toks, n0:n1].float() + d).to(y.dtype)
     return y
 
@@ -70,6 +86,17 @@ if HAVE_TRITON:
         return n_lo, n_hi
 
     @triton.jit
+    def _pick4(p, v0, v1, v2, v3):
+        return tl.where(p == 0, v0, tl.where(p == 1, v1, tl.where(p == 2, v2, v3)))
+
+    @triton.jit
+    def _col_offs(page_row, offs_r, mask_r, stride_bs, PR: tl.constexpr):
+        """[BLOCK_R] offsets of rank columns ``offs_r`` of one slot's B: each column's page
+        from the slot's row of the page table, then the column within the page."""
+        pg = tl.load(page_row + offs_r // PR, mask=mask_r, other=0)
+        return pg.to(tl.int64) * stride_bs + offs_r % PR
+
+    @triton.jit
     def _zero_rows(y_ptr, rows, mask_rows, stride_yt, n_start, n_end, BLOCK_N: tl.constexpr):
         """y[rows[mask_rows], n_start:n_end] = 0."""
         y_rows = y_ptr + rows[:, None] * stride_yt
@@ -81,25 +108,32 @@ if HAVE_TRITON:
             )
 
     # not specialized on the token count, the K splits or the tile count (lora_shrink's note)
-    @triton.jit(do_not_specialize=["T", "KS"])
+    @triton.jit(do_not_specialize=["T", "KS", "BOFF0", "BOFF1", "BOFF2", "BOFF3"])
     def _bgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
-        b_ptr,  # [slots, N, R]
+        b_ptr,  # [U, N, PR] (pages)
         ranks_ptr,  # [slots, P]
+        pages_ptr,  # [slots, P, MAXP] int32
         y_ptr,  # [T, N]
         token_slot_ptr,  # [T] int32, -1 = no adapter
         T,
         R,
+        MAXP,
         OFF1,
         OFF2,
         OFF3,
         OFF4,
+        BOFF0,  # element offset of each projection's B (the pool's per-projection pages)
+        BOFF1,
+        BOFF2,
+        BOFF3,
         KS,
         N_PER_PROG,  # columns of one projection per program (a multiple of BLOCK_N)
         P: tl.constexpr,
         stride_bs,
         stride_bn,
         stride_yt,
+        PR: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_KS: tl.constexpr,
@@ -136,7 +170,11 @@ if HAVE_TRITON:
             offs_n = n_start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_end
             offs_r = tl.arange(0, BLOCK_R)
-            b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + offs_r[None, :]
+            # the slot's pages load beside its rank (masked by the table's width, not the
+            # rank: entries past the adapter's pages hold 0, a valid page)
+            page_row = pages_ptr + (tl.maximum(slot, 0) * P + p) * MAXP
+            b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
+            b_rows = b_p + _col_offs(page_row, offs_r, offs_r < R, stride_bs, PR)[None, :]
             if PRELOAD:  # B is never written by the previous kernel: no need to wait for it
                 eff = tl.where(has, rank, 0)
                 bt = tl.load(
@@ -199,7 +237,8 @@ if HAVE_TRITON:
                     zero = tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty)
                     tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
             return
-        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        page_row = pages_ptr + (slot * P + p) * MAXP
+        b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
         if USE_PDL:
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
         xr_base = buf_ptr + (p * T + t64) * R
@@ -217,11 +256,12 @@ if HAVE_TRITON:
                     other=0.0,
                 )
                 xr += tl.sum(part, axis=0)
+            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
             for n0 in range(n_start, n_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_end
                 bt = tl.load(
-                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                    b_cols + offs_n[:, None] * stride_bn,
                     mask=mask_n[:, None] & mask_r[None, :],
                     other=0.0,
                 )
@@ -232,11 +272,12 @@ if HAVE_TRITON:
                     acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 tl.store(y_row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
-    @triton.jit(do_not_specialize=["T", "KS", "NT"])
+    @triton.jit(do_not_specialize=["T", "KS", "NT", "BOFF0", "BOFF1", "BOFF2", "BOFF3"])
     def _sgmv_expand_kernel(
         buf_ptr,  # [KS, P, T, R] float32 partial sums
-        b_ptr,  # [slots, N, R]
+        b_ptr,  # [U, N, PR] (pages)
         ranks_ptr,  # [slots, P]
+        pages_ptr,  # [slots, P, MAXP] int32
         y_ptr,  # [T, N]
         sorted_ptr,
         tile_slot_ptr,
@@ -246,16 +287,22 @@ if HAVE_TRITON:
         NT,
         T,
         R,
+        MAXP,
         OFF1,
         OFF2,
         OFF3,
         OFF4,
+        BOFF0,
+        BOFF1,
+        BOFF2,
+        BOFF3,
         KS,
         N_PER_PROG,  # columns of one projection per program (a multiple of BLOCK_N)
         P: tl.constexpr,
         stride_bs,
         stride_bn,
         stride_yt,
+        PR: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -305,12 +352,14 @@ if HAVE_TRITON:
                     gdc_wait()
                 _zero_rows(y_ptr, tok, mask_m, stride_yt, n_start, n_end, BLOCK_N)
             return
-        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        page_row = pages_ptr + (slot * P + p) * MAXP
+        b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
         if USE_PDL:
             if PREFETCH:
-                # B rows [n_start, n_end) stream into L2 while the shrink ends; only when the
-                # adapter fills the stored rank (else whole lines would fetch unused columns)
-                if rank == R:
+                # B rows [n_start, n_end) of the first page stream into L2 while the shrink
+                # ends; only when one page holds the whole rank (a page's rows are PR wide)
+                if rank == PR:
+                    b_base = b_p + tl.load(page_row).to(tl.int64) * stride_bs
                     lo_e = n_start * stride_bn
                     n_lines = tl.cdiv((n_end - n_start) * stride_bn, LINE)
                     for i0 in range(0, n_lines, 256):
@@ -330,11 +379,12 @@ if HAVE_TRITON:
                 xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
             if not IEEE:
                 xt = xt.to(b_ptr.dtype.element_ty)
+            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
             for n0 in range(n_start, n_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_end
                 bt = tl.load(
-                    b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                    b_cols + offs_n[:, None] * stride_bn,
                     mask=mask_n[:, None] & mask_r[None, :],
                     other=0.0,
                 )
@@ -432,28 +482,34 @@ def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: i
 
 def lora_expand(
     buf: torch.Tensor,  # [KS, P, T, R] float32 partials from lora_shrink
-    lora_b: torch.Tensor,  # [slots, N, R]  (scale folded in)
+    lora_b: torch.Tensor,  # [U, N, PAGE_ROWS] (the pool's strided view; scale folded in)
     ranks: torch.Tensor,  # [slots, P] int32
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     out_offsets: Sequence[int],  # [P+1] host ints into N
     meta: LoraMeta,
     y: torch.Tensor,  # [T, N], updated in place
     config: dict | None = None,  # tuning override: rows, block_n, n_per, num_warps, num_stages
     accumulate: bool = True,  # False: y = the delta (zeros where no adapter applies)
     early_launch: bool = True,  # as lora_shrink's: off beside another stream's GEMM
+    b_offsets: Sequence[int] | None = None,  # [P] element offsets of each projection's B
 ) -> torch.Tensor:
     KS, P, T, R = buf.shape
-    S_, N, R2 = lora_b.shape
+    _, N, PR = lora_b.shape
+    S_, P2, maxp = pages.shape
+    R2 = maxp * PR
     offs = [int(o) for o in out_offsets]
     if len(offs) != P + 1 or offs[0] != 0 or offs[-1] != N or P > 4:
         raise ValueError(f"out_offsets {offs} must be [0, ..., N={N}] for P={P} <= 4 projections")
     if R2 != R or buf.dtype != torch.float32 or not buf.is_contiguous():
-        raise ValueError("buf must be contiguous float32 [KS, P, T, R] with lora_b's R")
+        raise ValueError("buf must be contiguous float32 [KS, P, T, R], R = MAXP * PAGE_ROWS")
+    if pages.dtype != torch.int32 or not pages.is_contiguous() or PR & (PR - 1) or P2 != P:
+        raise ValueError("pages: contiguous int32 [slots, P, MAXP]; PAGE_ROWS a power of 2")
     if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
         raise ValueError("y must be [T, N] with lora_b's N, last dimensions contiguous")
     if y.dtype != lora_b.dtype:
         raise ValueError(f"dtype mismatch: y {y.dtype}, lora_b {lora_b.dtype}")
     if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
-        raise ValueError("ranks must be int32 [slots, P]")
+        raise ValueError("ranks must be int32 [slots, P] with pages' slots")
     if meta.token_slot.shape[0] != T:
         raise ValueError("meta built for a different number of tokens")
     nt = meta.tile_seg.shape[0]
@@ -483,7 +539,11 @@ def lora_expand(
     n_tiles = _tile_run(one_tile, block_n, n_per, R, block_r)
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
-    tail = (T, R, offs[1], offs[2], offs[3], offs[4], KS, n_per, P)
+    boffs = [int(o) for o in b_offsets] if b_offsets is not None else [0] * P
+    if len(boffs) != P:
+        raise ValueError(f"b_offsets {boffs} must have one offset per projection ({P})")
+    boffs = boffs + [0] * (4 - P)
+    tail = (T, R, maxp, offs[1], offs[2], offs[3], offs[4], *boffs, KS, n_per, P)
     strides = (lora_b.stride(0), lora_b.stride(1), y.stride(0))
     n_split = triton.cdiv(max_out, n_per)
     if rows:  # grid (T, N ranges, P): static for a given T
@@ -491,10 +551,12 @@ def lora_expand(
             buf,
             lora_b,
             ranks,
+            pages,
             y,
             meta.token_slot,
             *tail,
             *strides,
+            PR=PR,
             BLOCK_N=block_n,
             BLOCK_R=block_r,
             BLOCK_KS=16,
@@ -513,6 +575,7 @@ def lora_expand(
         buf,
         lora_b,
         ranks,
+        pages,
         y,
         meta.sorted_tokens,
         meta.tile_slot,
@@ -522,6 +585,7 @@ def lora_expand(
         nt,
         *tail,
         *strides,
+        PR=PR,
         BLOCK_M=meta.block_m,
         BLOCK_N=block_n,
         BLOCK_R=block_r,

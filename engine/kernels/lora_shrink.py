@@ -1,5 +1,8 @@
 """SGMV shrink: ``buf[p, t, :r] = x[t] @ lora_a[slot(t), p, :r].T`` for every projection p.
 
+A slot's rows are paged (``engine/lora/pool.py``): row ``r`` of projection ``p`` is
+``lora_a[pages[slot, p, r // PR], p, r % PR]``, one page-table read per rank tile.
+
 The result comes as K-split partial sums ``buf[KS, P, T, R]`` float32 (the shrink is
 ``buf.sum(0)``): each split writes its own slice, so there is no zero-fill and no atomics;
 ``lora_expand`` adds the partials when it loads them. Only entries that the expand reads
@@ -28,18 +31,27 @@ from engine.kernels._triton import (
 from engine.kernels.lora_meta import LoraMeta
 
 
+def paged_rows(pages: torch.Tensor, slot: int, p: int, r: int, page_rows: int) -> torch.Tensor:
+    """[r] int64: the page (first index of the pool's views) of each of the first r rows of
+    a slot's projection p."""
+    return pages[slot, p].long().repeat_interleave(page_rows)[:r]
+
+
 def lora_shrink_ref(
     x: torch.Tensor,  # [T, in]
-    lora_a: torch.Tensor,  # [slots, P, R, in]
+    lora_a: torch.Tensor,  # [U, P, PAGE_ROWS, in] (the pool's strided view)
     ranks: torch.Tensor,  # [slots, P] int32
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     meta: LoraMeta,
-) -> torch.Tensor:  # [1, P, T, R] float32
+) -> torch.Tensor:  # [1, P, T, R] float32, R = MAXP * PAGE_ROWS
     T = x.shape[0]
-    _, P, R, _ = lora_a.shape
+    _, P, PR, _ = lora_a.shape
+    R = pages.shape[2] * PR
     buf = torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
     ranks_h = ranks.tolist()
+    within = torch.arange(R, device=x.device) % PR
     for s in range(len(seg_slot)):
         slot, a, b = seg_slot[s], seg_start[s], seg_start[s + 1]
         if slot < 0 or b <= a:
@@ -49,40 +61,55 @@ def lora_shrink_ref(
         for p in range(P):
             r = ranks_h[slot][p]
             if r:
-                buf[0, p, toks, :r] = xs @ lora_a[slot, p, :r].float().T
+                rows = lora_a[paged_rows(pages, slot, p, r, PR), p, within[:r]]  # [r, in]
+                buf[0, p, toks, :r] = xs @ rows.float().T
     return buf
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE: tl.constexpr):
+    def _row_ptrs(a_base, page_row, offs_r, mask_r, stride_as, stride_ar, PR: tl.constexpr):
+        """[BLOCK_R] pointers to rank rows ``offs_r`` of one slot and projection: each row's
+        page from the slot's row of the page table (``a_base``: the projection's offset)."""
+        pg = tl.load(page_row + offs_r // PR, mask=mask_r, other=0)
+        return a_base + pg.to(tl.int64) * stride_as + (offs_r % PR) * stride_ar
+
+    @triton.jit
+    def _prefetch_a(
+        a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE: tl.constexpr,
+        PR: tl.constexpr,
+    ):  # fmt: skip
         """This program's A rows ``[:rank, k_lo:k_hi]`` into L2 (before gdc_wait)."""
         n_lines = tl.cdiv(k_hi - k_lo, LINE)
         for i0 in range(0, rank * n_lines, 256):
             idx = i0 + tl.arange(0, 256)
             r_i = idx // n_lines
-            pf = a_base + r_i * stride_ar + k_lo + (idx - r_i * n_lines) * LINE
-            prefetch_l2(pf, idx < rank * n_lines)
+            live = idx < rank * n_lines
+            rows = _row_ptrs(a_base, page_row, r_i, live, stride_as, stride_ar, PR)
+            prefetch_l2(rows + k_lo + (idx - r_i * n_lines) * LINE, live)
 
     # the token count is not specialized on (divisible by 16 or not, == 1): one compiled
     # variant serves every step size, so steps of new sizes never wait for the JIT
     @triton.jit(do_not_specialize=["T", "PREFETCH"])
     def _bgmv_shrink_kernel(
         x_ptr,  # [T, K]
-        a_ptr,  # [slots, P, R, K]
+        a_ptr,  # [U, P, PR, K] (pages)
         ranks_ptr,  # [slots, P]
+        pages_ptr,  # [slots, P, MAXP] int32
         buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
         token_slot_ptr,  # [T] int32, -1 = no adapter
         T,
         K,
         R,
+        MAXP,
         P: tl.constexpr,
         stride_xt,
         stride_as,
         stride_ap,
         stride_ar,
         K_PER_SPLIT,
+        PR: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         USE_PDL: tl.constexpr,
@@ -108,7 +135,8 @@ if HAVE_TRITON:
             return
         k_lo = ks * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        a_base = a_ptr + p * stride_ap
+        page_row = pages_ptr + (slot * P + p) * MAXP
         if ONE_TILE:
             # the program's whole A slice as one [BLOCK_R, BLOCK_K] tile; with PRELOAD it is
             # in flight before gdc_wait (A is never written by the previous kernel), so after
@@ -116,7 +144,10 @@ if HAVE_TRITON:
             offs_r = tl.arange(0, BLOCK_R)
             offs_k = k_lo + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_hi
-            a_tile = a_base + offs_r[:, None] * stride_ar + offs_k[None, :]
+            # pages masked by the table's width, not the rank (entries past the adapter's
+            # pages hold 0, a valid page): they load beside the rank
+            rows = _row_ptrs(a_base, page_row, offs_r, offs_r < R, stride_as, stride_ar, PR)
+            a_tile = rows[:, None] + offs_k[None, :]
             a_mask = (offs_r < rank)[:, None] & mask_k[None, :]
             if PRELOAD:
                 at = tl.load(a_tile, mask=a_mask, other=0.0)
@@ -133,7 +164,7 @@ if HAVE_TRITON:
             return
         if USE_PDL:
             if PREFETCH != 0:
-                _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
+                _prefetch_a(a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE, PR)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
         offs_k = tl.arange(0, BLOCK_K)
         x_row = x_ptr + t.to(tl.int64) * stride_xt
@@ -141,7 +172,7 @@ if HAVE_TRITON:
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            a_rows = a_base + offs_r[:, None] * stride_ar
+            a_rows = _row_ptrs(a_base, page_row, offs_r, mask_r, stride_as, stride_ar, PR)[:, None]
             acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
@@ -158,8 +189,9 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["T", "PREFETCH"])
     def _sgmv_shrink_kernel(
         x_ptr,  # [T, K]
-        a_ptr,  # [slots, P, R, K]
+        a_ptr,  # [U, P, PR, K] (pages)
         ranks_ptr,  # [slots, P]
+        pages_ptr,  # [slots, P, MAXP] int32
         buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
         sorted_ptr,
         tile_slot_ptr,
@@ -168,12 +200,14 @@ if HAVE_TRITON:
         T,
         K,
         R,
+        MAXP,
         P: tl.constexpr,
         stride_xt,
         stride_as,
         stride_ap,
         stride_ar,
         K_PER_SPLIT,
+        PR: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -203,10 +237,11 @@ if HAVE_TRITON:
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
         k_lo = ks * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-        a_base = a_ptr + slot.to(tl.int64) * stride_as + p * stride_ap
+        a_base = a_ptr + p * stride_ap
+        page_row = pages_ptr + (slot * P + p) * MAXP
         if USE_PDL:
             if PREFETCH != 0:  # this program's A rows stream into L2 while the previous ends
-                _prefetch_a(a_base, rank, stride_ar, k_lo, k_hi, LINE)
+                _prefetch_a(a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE, PR)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + tok[:, None] * stride_xt
@@ -214,7 +249,7 @@ if HAVE_TRITON:
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            a_rows = a_base + offs_r[:, None] * stride_ar
+            a_rows = _row_ptrs(a_base, page_row, offs_r, mask_r, stride_as, stride_ar, PR)[:, None]
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
@@ -303,8 +338,9 @@ def _shrink_config(
 
 def lora_shrink(
     x: torch.Tensor,  # [T, in]
-    lora_a: torch.Tensor,  # [slots, P, R, in]
+    lora_a: torch.Tensor,  # [U, P, PAGE_ROWS, in] (the pool's strided view)
     ranks: torch.Tensor,  # [slots, P] int32
+    pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     meta: LoraMeta,
     config: dict | None = None,  # tuning override: block_k, k_per, num_warps, num_stages
     early_launch: bool = True,
@@ -315,11 +351,15 @@ def lora_shrink(
     another stream's GEMM, where the waiting programs take SMs from it (H100: -6 % for the
     layer in line, +4 % for the decode step beside; docs/benchmarks.md)."""
     T, K = x.shape
-    S_, P, R, K2 = lora_a.shape
+    _, P, PR, K2 = lora_a.shape
+    S_, P2, maxp = pages.shape
+    R = maxp * PR
     if K2 != K:
         raise ValueError(f"lora_a in_features {K2} != x {K}")
-    if ranks.shape != (S_, P) or ranks.dtype != torch.int32:
-        raise ValueError("ranks must be int32 [slots, P]")
+    if ranks.shape != (S_, P) or ranks.dtype != torch.int32 or P2 != P:
+        raise ValueError("ranks must be int32 [slots, P] with pages' slots and projections")
+    if pages.dtype != torch.int32 or not pages.is_contiguous() or PR & (PR - 1):
+        raise ValueError("pages: contiguous int32 [slots, P, MAXP]; PAGE_ROWS a power of 2")
     if x.dtype != lora_a.dtype:
         raise ValueError(f"dtype mismatch: x {x.dtype}, lora_a {lora_a.dtype}")
     if meta.token_slot.shape[0] != T:
@@ -362,14 +402,17 @@ def lora_shrink(
             x,
             lora_a,
             ranks,
+            pages,
             buf,
             meta.token_slot,
             T,
             K,
             R,
+            maxp,
             P,
             *strides,
             k_per,
+            PR=PR,
             BLOCK_R=block_r,
             BLOCK_K=block_k,
             USE_PDL=pdl,
@@ -385,6 +428,7 @@ def lora_shrink(
         x,
         lora_a,
         ranks,
+        pages,
         buf,
         meta.sorted_tokens,
         meta.tile_slot,
@@ -393,9 +437,11 @@ def lora_shrink(
         T,
         K,
         R,
+        maxp,
         P,
         *strides,
         k_per,
+        PR=PR,
         BLOCK_M=meta.block_m,
         BLOCK_R=block_r,
         BLOCK_K=block_k,

@@ -1,10 +1,25 @@
-"""The LoRA slot pool: every GPU slot's A and B, per layer and projection group.
+"""The LoRA page pool: every resident adapter's A and B in pages of rank rows, in one arena.
 
-Layout (docs/engine-internals.md): per layer and group, ``a[slots, P, max_rank, in]``,
-``b[slots, sum(out_p), max_rank]`` (scale folded in), ``ranks[slots, P]`` int32 where 0 means
-the adapter in that slot does not touch that projection. Each group's tensors hold all
-layers (``[L, slots, ...]``; a layer's view is the contracted shape), so writing an adapter
-is a few copies per group, not a few per module and layer.
+Layout (docs/engine-internals.md): one flat GPU tensor (the arena) of ``budget`` bytes, cut
+into chunks, each chunk lent to one projection (q, k, v, o, gate, up, down) and cut into
+that projection's pages (``engine/lora/slots.py`` decides which). A page of projection ``m``
+holds ``PAGE_ROWS`` rank rows of every layer: ``A[L, PAGE_ROWS, in]`` then
+``B[L, out, PAGE_ROWS]`` (scale folded in). An adapter of rank ``r`` on ``m`` holds
+``ceil(r / PAGE_ROWS)`` pages of it, listed in rank order in its row of the group's page
+table ``pages[slots, P, max_rank / PAGE_ROWS]`` int32 (page offsets in granules of
+``GRANULE`` elements); ``ranks[L, slots, P]`` int32 (0: that projection or layer is not in
+the adapter). A projection the adapter leaves alone costs nothing.
+
+The kernels see, per layer and projection group, strided views ``a[U, P, PAGE_ROWS, in]``
+(stride 0 over P: every projection's rows start at its own page) and ``b[U, N, PAGE_ROWS]``
+whose first index is a granule offset, plus ``b_offsets[P]`` (ints: where projection p's
+B of this layer sits in its page, less its first output column): row ``r`` of slot ``s``,
+projection ``p`` is ``a[pages[s, p, r // PAGE_ROWS], p, r % PAGE_ROWS]``.
+
+Writes go on a side stream (CUDA): the host-to-device copy of the adapter starts at once; the
+copy into its pages and tables waits for the steps already queued (they may still read pages
+this write reuses), and the main stream waits for the write before the next step. The host
+never waits.
 """
 
 from __future__ import annotations
@@ -13,15 +28,66 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.lora.weights import GROUPS, LoraWeights, module_dims
+from engine.lora.slots import PageAllocator, PageNeed, PagePlan
+from engine.lora.weights import GROUPS, MODULE_GROUP, LoraWeights, module_dims
 from engine.model.config import ModelConfig
+
+PAGE_ROWS = 8  # rank rows per page: ranks 8, 16, 32, 64 take exactly their bytes
+GRANULE = 64  # elements; page offsets are multiples of it (128 B rows in 16-bit dtypes)
+CHUNK_PAGES = 16  # a chunk holds this many pages of the largest projection (budget allowing)
+MIN_CHUNKS = 32  # ... but the arena is cut into at least this many chunks
+DEFAULT_MAX_SLOTS = 4096  # page-table rows when no cap is given
 
 
 @dataclass
 class LoraGroup:
-    a: torch.Tensor  # [slots, P, R, in]
-    b: torch.Tensor  # [slots, N, R]
-    ranks: torch.Tensor  # [slots, P] int32 (a view into the pool's [L, slots, P])
+    """One layer's view of one projection group (what the kernels read)."""
+
+    a: torch.Tensor  # [U, P, PAGE_ROWS, in] strided view of the arena, U = granule offsets
+    b: torch.Tensor  # [U, N, PAGE_ROWS]
+    ranks: torch.Tensor  # [slots, P] int32
+    pages: torch.Tensor  # [slots, P, max_rank // PAGE_ROWS] int32 granule offsets
+    b_offsets: list[int]  # [P] where projection p's B of this layer sits (elements)
+
+
+def _page_elems(config: ModelConfig, m: str) -> int:
+    in_f, out_f = module_dims(config)[m]
+    return config.num_layers * PAGE_ROWS * (in_f + out_f)
+
+
+def page_bytes(config: ModelConfig, elem_size: int) -> dict[str, int]:
+    """Bytes of one page per projection (before rounding to granules)."""
+    return {m: _page_elems(config, m) * elem_size for m in MODULE_GROUP}
+
+
+def plan_pages(
+    config: ModelConfig, budget_bytes: int, elem_size: int, max_slots: int | None = None
+) -> PagePlan:
+    """Cut ``budget_bytes`` into chunks and pages (see the module docstring)."""
+    pg = {m: -(-_page_elems(config, m) // GRANULE) for m in MODULE_GROUP}
+    biggest = max(pg.values())
+    total = budget_bytes // (GRANULE * elem_size)
+    if total < biggest:
+        raise ValueError(
+            f"LoRA memory budget of {budget_bytes} bytes is smaller than one page "
+            f"({biggest * GRANULE * elem_size} bytes)"
+        )
+    chunk = max(biggest, min(CHUNK_PAGES * biggest, total // MIN_CHUNKS))
+    num_chunks = total // chunk
+    fit = num_chunks * max(chunk // p for p in pg.values())  # most single-page adapters
+    slots = min(fit, max_slots if max_slots is not None else DEFAULT_MAX_SLOTS)
+    return PagePlan(num_slots=slots, num_chunks=num_chunks, chunk_granules=chunk, page_granules=pg)
+
+
+def page_need(weights: LoraWeights) -> PageNeed:
+    """Pages of each projection that ``weights`` takes: ``ceil(rank / PAGE_ROWS)`` (its
+    largest rank over the layers); projections it leaves alone take none."""
+    need = {}
+    for g, packed in weights.groups.items():
+        for p, r in enumerate(packed.ranks.max(dim=0).values.tolist()):
+            if r > 0:
+                need[GROUPS[g][p]] = -(-int(r) // PAGE_ROWS)
+    return need
 
 
 class LoraPool:
@@ -29,30 +95,57 @@ class LoraPool:
         self,
         config: ModelConfig,
         *,
-        num_slots: int,
+        budget_bytes: int,
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        max_slots: int | None = None,
     ) -> None:
-        self.num_slots = num_slots
-        self.max_rank = max_rank
         self.device = device
+        self.dtype = dtype
+        self.max_rank = max_rank
+        self.max_pages = -(-max_rank // PAGE_ROWS)
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.plan = plan_pages(config, budget_bytes, elem, max_slots)
+        self.num_slots = self.plan.num_slots
+        L = self.num_layers = config.num_layers
+        used = self.plan.num_chunks * self.plan.chunk_granules * GRANULE
         dims = module_dims(config)
-        L = config.num_layers
-        self._a: dict[str, torch.Tensor] = {}  # [L, slots, P, R, in]
-        self._b: dict[str, torch.Tensor] = {}  # [L, slots, N, R]
-        self._ranks: dict[str, torch.Tensor] = {}  # [L, slots, P]
+        self._dims = dims
+        self._shape: dict[str, tuple[int, int, list[int]]] = {}  # g -> P, in, out offsets
+        tail = 0  # the views reach past the last page's start
         for g, mods in GROUPS.items():
-            n_out = sum(dims[m][1] for m in mods)
-            P, in_f = len(mods), dims[mods[0]][0]
-            self._a[g] = torch.zeros(L, num_slots, P, max_rank, in_f, dtype=dtype, device=device)
-            self._b[g] = torch.zeros(L, num_slots, n_out, max_rank, dtype=dtype, device=device)
-            self._ranks[g] = torch.zeros(L, num_slots, P, dtype=torch.int32, device=device)
-        self.layers: list[dict[str, LoraGroup]] = [
-            {g: LoraGroup(self._a[g][i], self._b[g][i], self._ranks[g][i]) for g in GROUPS}
-            for i in range(L)
-        ]
-        self._slot_groups: list[frozenset[str]] = [frozenset()] * num_slots
+            offs = [0]
+            for m in mods:
+                offs.append(offs[-1] + dims[m][1])
+            self._shape[g] = (len(mods), dims[mods[0]][0], offs)
+            tail = max(tail, L * PAGE_ROWS * (dims[mods[0]][0] + offs[-1]))
+        self.arena = torch.zeros(used + tail, dtype=dtype, device=device)
+        units = self.plan.num_chunks * self.plan.chunk_granules
+        self._ranks: dict[str, torch.Tensor] = {}  # [L, slots, P]
+        self._pages: dict[str, torch.Tensor] = {}  # [slots, P, max_pages]
+        self.layers: list[dict[str, LoraGroup]] = [{} for _ in range(L)]
+        for g, (P, in_f, offs) in self._shape.items():
+            n = offs[-1]
+            self._ranks[g] = torch.zeros(L, self.num_slots, P, dtype=torch.int32, device=device)
+            self._pages[g] = torch.zeros(
+                self.num_slots, P, self.max_pages, dtype=torch.int32, device=device
+            )
+            b_start = L * PAGE_ROWS * in_f  # every page: A of all layers, then B
+            for i in range(L):
+                a = self.arena.as_strided(
+                    (units, P, PAGE_ROWS, in_f), (GRANULE, 0, in_f, 1), i * PAGE_ROWS * in_f
+                )
+                b = self.arena.as_strided((units, n, PAGE_ROWS), (GRANULE, PAGE_ROWS, 1), b_start)
+                # projection p's B of layer i: at i * out_p rows into its page's B, and the
+                # kernels address it by the group's output column (from offs[p])
+                b_offs = [(i * (offs[p + 1] - offs[p]) - offs[p]) * PAGE_ROWS for p in range(P)]
+                self.layers[i][g] = LoraGroup(a, b, self._ranks[g][i], self._pages[g], b_offs)
+        self._slot_groups: list[frozenset[str]] = [frozenset()] * self.num_slots
+        # pages for writes that name none (a runner used without an engine: tests, benches)
+        self._own: PageAllocator | None = None
+        self._own_pages: dict[int, dict[str, list[int]]] = {}
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def groups_used(self, slots: set[int]) -> frozenset[str]:
         """The projection groups that the adapters in ``slots`` touch (host bookkeeping)."""
@@ -63,39 +156,116 @@ class LoraPool:
         return out
 
     def nbytes(self) -> int:
-        n = 0
-        for groups in self.layers:
-            for grp in groups.values():
-                n += grp.a.numel() * grp.a.element_size() + grp.b.numel() * grp.b.element_size()
-        return n
+        """GPU bytes of adapter weights (the arena; the page and rank tables not counted)."""
+        return self.arena.numel() * self.arena.element_size()
+
+    def staging_bytes(self) -> int:
+        """Device bytes one write stages: the largest adapter this pool takes."""
+        elem = self.arena.element_size()
+        per_row = sum(P * in_f + offs[-1] for P, in_f, offs in self._shape.values())
+        return self.num_layers * per_row * self.max_rank * elem
+
+    def page_need(self, weights: LoraWeights) -> PageNeed:
+        return page_need(weights)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"LoRA slot {slot} out of range [0, {self.num_slots})")
 
-    def clear(self, slot: int) -> None:
-        """The slot no longer holds an adapter: every projection reads as rank 0."""
-        self._check_slot(slot)
-        for ranks in self._ranks.values():
-            ranks[:, slot].zero_()
-        self._slot_groups[slot] = frozenset()
+    def _page_views(self, m: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A ``[L, PAGE_ROWS, in]`` and B ``[L, out, PAGE_ROWS]`` of projection ``m``'s
+        page at ``off``."""
+        in_f, out_f = self._dims[m]
+        L, base = self.num_layers, off * GRANULE
+        a_n = L * PAGE_ROWS * in_f
+        a = self.arena[base : base + a_n].view(L, PAGE_ROWS, in_f)
+        b = self.arena[base + a_n : base + a_n + L * out_f * PAGE_ROWS].view(L, out_f, PAGE_ROWS)
+        return a, b
 
-    def write(self, slot: int, weights: LoraWeights) -> None:
-        """Copy ``weights`` into ``slot``: a few copies per group (non-blocking from pinned
-        host memory on GPU); rows past the adapter's rank are zeroed."""
+    def read_page(self, m: str, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one page's A and B (tests: what GPU memory holds)."""
+        a, b = self._page_views(m, off)
+        return a.clone(), b.clone()
+
+    def clear(self, slot: int) -> None:
+        """The slot no longer holds an adapter: every projection reads as rank 0 (queued
+        after the steps in flight on the current stream)."""
+        self._check_slot(slot)
+        for g in GROUPS:
+            self._ranks[g][:, slot].zero_()
+            self._pages[g][slot].zero_()
+        self._slot_groups[slot] = frozenset()
+        if self._own is not None and slot in self._own_pages:
+            self._own.free(self._own_pages.pop(slot))
+
+    def write(
+        self, slot: int, weights: LoraWeights, pages: dict[str, list[int]] | None = None
+    ) -> None:
+        """Copy ``weights`` into ``pages`` (from ``SlotTable.assign``) and point ``slot``'s
+        rows of the page and rank tables at them. On CUDA on the side stream (module
+        docstring); the host does not wait. ``pages=None`` (a pool used without an engine's
+        ``SlotTable``, never mixed with one): the pool's own allocator places them."""
         self._check_slot(slot)
         if weights.max_rank > self.max_rank:
             raise ValueError(f"adapter rank {weights.max_rank} > pool max rank {self.max_rank}")
-        nb = self.device.type == "cuda"
-        for g in GROUPS:
-            packed = weights.groups.get(g)
-            if packed is None:
-                self._ranks[g][:, slot].zero_()
-                continue
-            r = packed.a.shape[2]
-            self._a[g][:, slot, :, :r].copy_(packed.a, non_blocking=nb)
-            self._a[g][:, slot, :, r:].zero_()
-            self._b[g][:, slot, :, :r].copy_(packed.b, non_blocking=nb)
-            self._b[g][:, slot, :, r:].zero_()
-            self._ranks[g][:, slot].copy_(packed.ranks, non_blocking=nb)
+        need = page_need(weights)
+        if pages is None:
+            if self._own is None:
+                self._own = PageAllocator(self.plan)
+            if slot in self._own_pages:
+                self._own.free(self._own_pages.pop(slot))
+            pages = self._own_pages[slot] = self._own.alloc(need)
+        for m, n in need.items():
+            if len(pages.get(m, ())) != n:
+                raise ValueError(f"{m}: {n} pages needed, {len(pages.get(m, ()))} given")
+        cs = self.copy_stream
+        if cs is None:
+            self._write(slot, pages, {g: (p.a, p.b, p.ranks) for g, p in weights.groups.items()})
+        else:
+            main = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(cs):
+                # to the device now (overlaps the steps in flight), allocated on this stream
+                staged = {
+                    g: (
+                        p.a.to(self.device, non_blocking=True),
+                        p.b.to(self.device, non_blocking=True),
+                        p.ranks.to(self.device, non_blocking=True),
+                    )
+                    for g, p in weights.groups.items()
+                }
+                cs.wait_stream(main)  # steps queued so far may read pages this reuses
+                self._write(slot, pages, staged)
+            main.wait_stream(cs)  # the next step reads what was written
         self._slot_groups[slot] = frozenset(weights.groups)
+
+    def _write(
+        self,
+        slot: int,
+        pages: dict[str, list[int]],
+        src: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # g -> a, b, ranks
+    ) -> None:
+        for g, mods in GROUPS.items():
+            P, _, offs = self._shape[g]
+            row = torch.zeros(P, self.max_pages, dtype=torch.int32)
+            if g not in src:
+                self._ranks[g][:, slot].zero_()
+                self._pages[g][slot].zero_()
+                continue
+            a, b, ranks = src[g]
+            r = a.shape[2]
+            for p, m in enumerate(mods):
+                for j, off in enumerate(pages.get(m, ())):
+                    pa, pb = self._page_views(m, off)
+                    lo, hi = j * PAGE_ROWS, min(r, (j + 1) * PAGE_ROWS)
+                    pa[:, : hi - lo].copy_(a[:, p, lo:hi])
+                    pb[:, :, : hi - lo].copy_(b[:, offs[p] : offs[p + 1], lo:hi])
+                    if hi - lo < PAGE_ROWS:
+                        pa[:, hi - lo :].zero_()
+                        pb[:, :, hi - lo :].zero_()
+                    row[p, j] = off
+            self._ranks[g][:, slot].copy_(ranks, non_blocking=True)
+            self._pages[g][slot].copy_(_pinned(row, self.device), non_blocking=True)
+
+
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.pin_memory() if device.type == "cuda" else t

@@ -1,10 +1,16 @@
 """CUDA graphs for decode steps, one per batch-size bucket (and with / without LoRA).
 
 Every per-step input lives in a static buffer that the graph reads: token ids, positions,
-slot mapping, block tables, context lengths, and the LoRA metadata (built padded to the
-number of slots, so its shapes depend on the bucket only). A step of ``b`` sequences runs
-the smallest bucket ``>= b``; padding rows write no KV (slot -1), attend to nothing
+slot mapping, block tables, context lengths, and the LoRA metadata (padded to a number of
+segments fixed per graph, so its shapes depend on the bucket only). A step of ``b`` sequences
+runs the smallest bucket ``>= b``; padding rows write no KV (slot -1), attend to nothing
 (context 0) and use no adapter.
+
+A bucket of ``bs`` rows has up to two LoRA graphs, as the SGMV kernels pick their path from
+the padded segment count (``use_token_path``): "segment" (metadata padded to ``bs // 2``
+segments: tensor-core tiles of one adapter's tokens) for steps with at most that many
+distinct adapters, and "token" (padded to ``min(bs, slots)``: one program per token) for
+steps with more. The number of adapter slots does not set the path (there may be thousands).
 """
 
 from __future__ import annotations
@@ -48,14 +54,24 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=i32, device=dev)
         self.context_lens = torch.zeros(max_batch, dtype=i32, device=dev)
         self.cu_q_lens = torch.arange(max_batch + 1, dtype=i32, device=dev)
-        self._metas: dict[int, LoraMeta] = {}
-        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._metas: dict[tuple[int, str], LoraMeta] = {}
+        # (bucket, "" without LoRA | "segment" | "token") -> graph, output
+        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = None
+        self.last_replayed: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
 
-    def _num_slots(self) -> int:
-        return self.lora.num_slots if self.lora is not None else 0
+    def _lora_modes(self, bs: int) -> dict[str, int]:
+        """The bucket's LoRA graphs -> the segments their meta is padded to (docstring)."""
+        if self.lora is None:
+            return {}
+        most = min(bs, self.lora.num_slots)  # a step of bs rows has at most bs adapters
+        seg = min(bs // 2, most)
+        modes = {"segment": seg} if seg >= 1 else {}
+        if most > seg:
+            modes["token"] = most
+        return modes
 
-    def _inputs(self, bs: int, with_lora: bool) -> ForwardInputs:
+    def _inputs(self, bs: int, mode: str) -> ForwardInputs:
         return ForwardInputs(
             input_ids=self.input_ids[:bs],
             positions=self.positions[:bs],
@@ -65,23 +81,23 @@ class DecodeGraphs:
             cu_q_lens=self.cu_q_lens[: bs + 1],
             is_decode=True,
             max_q_len=1,
-            lora=self._metas[bs] if with_lora else None,
+            lora=self._metas[(bs, mode)] if mode else None,
         )
 
     def capture(self) -> None:
         """Capture every bucket, largest first (smaller graphs reuse its memory pool)."""
         self.context_lens.fill_(1)  # capture-time inputs: read block 0, write nothing
         self._mempool = torch.cuda.graph_pool_handle()
-        variants = [False, True] if self.lora is not None else [False]
         for bs in reversed(self.buckets):
-            if self.lora is not None:
-                pad = torch.full((bs,), -1, dtype=torch.int32)
-                self._metas[bs] = build_lora_meta(pad, max_segments=self._num_slots()).to(
-                    self.model.device
-                )
-            for with_lora in variants:
-                inp = self._inputs(bs, with_lora)
-                lora = self.lora if with_lora else None
+            pad = torch.full((bs,), -1, dtype=torch.int32)
+            for mode, segs in self._lora_modes(bs).items():
+                meta = build_lora_meta(pad, max_segments=segs)
+                if (mode == "token") != use_token_path(bs, meta):
+                    raise AssertionError(f"bucket {bs}: {mode} graph on the other path")
+                self._metas[(bs, mode)] = meta.to(self.model.device)
+            for mode in ["", *self._lora_modes(bs)]:
+                inp = self._inputs(bs, mode)
+                lora = self.lora if mode else None
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
@@ -90,7 +106,7 @@ class DecodeGraphs:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self._mempool):
                     out = self.model.forward(inp, self.kv_caches, lora)
-                self._graphs[(bs, with_lora)] = (g, out)
+                self._graphs[(bs, mode)] = (g, out)
         self.context_lens.zero_()
         torch.cuda.synchronize()
 
@@ -130,17 +146,20 @@ class DecodeGraphs:
             dst[:bs].copy_(src.pin_memory(), non_blocking=True)
         gather_sampled(self.input_ids, gather or [], prev_tokens)
         self.block_tables[:b, :mb].copy_(host.block_tables.pin_memory(), non_blocking=True)
-        with_lora = host.has_lora and self.lora is not None
-        if with_lora:
+        mode = ""
+        if host.has_lora and self.lora is not None:
             tok = torch.full((bs,), -1, dtype=torch.int32)
             tok[:b] = host.token_slot
-            meta = self._metas[bs]
-            if use_token_path(bs, meta):
-                # this bucket's SGMV kernels read each token's slot and nothing else: skip
+            modes = self._lora_modes(bs)
+            distinct = len(set(host.token_slot.tolist()) - {-1})
+            mode = "segment" if distinct <= modes.get("segment", 0) else "token"
+            meta = self._metas[(bs, mode)]
+            if mode == "token":
+                # this graph's SGMV kernels read each token's slot and nothing else: skip
                 # grouping into segments (~1 ms of small host torch ops per step at 128 slots)
                 meta.token_slot.copy_(tok.pin_memory(), non_blocking=True)
             else:
-                meta.copy_(build_lora_meta(tok, max_segments=self._num_slots()))
-        g, out = self._graphs[(bs, with_lora)]
+                meta.copy_(build_lora_meta(tok, max_segments=modes["segment"]))
+        g, out = self.last_replayed = self._graphs[(bs, mode)]
         g.replay()
         return out[:b]

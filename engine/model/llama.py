@@ -144,24 +144,29 @@ class LlamaModel:
         group, offsets = groups[name], self.offsets[name]
         if not beside:
             y = F.linear(x, weight, bias)
-            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora)
-            K.lora_expand(buf, group.b, group.ranks, offsets, inp.lora, y)
+            buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora)
+            K.lora_expand(
+                buf, group.b, group.ranks, group.pages, offsets, inp.lora, y,
+                b_offsets=group.b_offsets,
+            )  # fmt: skip
             return y, None
         delta = None
         if residual is None:  # allocated on the main stream, written beside
             delta = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         with self._beside():  # no early launch beside the GEMM (lora_shrink's docstring)
-            buf = K.lora_shrink(x, group.a, group.ranks, inp.lora, early_launch=False)
+            buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora, early_launch=False)
             out, acc = (residual, True) if delta is None else (delta, False)
             K.lora_expand(
                 buf,
                 group.b,
                 group.ranks,
+                group.pages,
                 offsets,
                 inp.lora,
                 out,
                 accumulate=acc,
                 early_launch=False,
+                b_offsets=group.b_offsets,
             )
         y = F.linear(x, weight, bias)
         self._join()

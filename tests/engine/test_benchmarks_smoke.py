@@ -1,5 +1,6 @@
 """The engine benchmarks' CPU smoke modes run end to end (``dummy:tiny``), so an engine API
-change that breaks ``benchmarks/bench_decode.py`` or ``bench_throughput.py`` shows up here
+change that breaks ``benchmarks/bench_decode.py``, ``bench_throughput.py`` or
+``bench_lora_paging.py`` shows up here
 rather than on the GPU machine."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def bench(monkeypatch):
         return importlib.import_module(name)
 
     yield load
-    for name in ("bench_decode", "bench_throughput", "common"):
+    for name in ("bench_decode", "bench_throughput", "bench_lora_paging", "common"):
         sys.modules.pop(name, None)
 
 
@@ -64,3 +65,15 @@ def test_adapter_scale_smoke(bench, tmp_path):
             assert rows[(setting, n, "host")]["loads_in_run"] == 0  # all in the host tier
     sys.modules.pop("bench_adapter_scale", None)
     sys.modules.pop("adapter_load_old", None)
+
+
+def test_lora_paging_smoke(bench, tmp_path):
+    out = bench("bench_lora_paging").main(["--smoke", "--json", str(tmp_path / "p.json")])
+    # memory per adapter: its own bytes at every rank (q,v; q,k,v,o; all projections)
+    per_rank = [r for r in out["memory"] if r["gpu/own"] == r["gpu/own"]]
+    assert len(per_rank) == 12 and all(1.0 <= r["gpu/own"] <= 1.1 for r in per_rank)
+    assert out["memory"][-1]["rank8_resident_in_128_padded_slots"] >= 4 * 128
+    assert all(r["paged_us"] > 0 and r["padded_us"] > 0 for r in out["kernels"])
+    one, many = out["engine"]
+    assert (one["adapters"], many["adapters"]) == (1, 40)
+    assert many["requests"] == 12 and many["out_tok_s"] > 0 and one["vs_1_adapter"] == 1.0

@@ -228,3 +228,54 @@ def test_bad_adapter_fails_alone(make_engine, hf, tiny_adapters, tmp_path):
     outs = check(engine, hf, mixed_requests(tiny_adapters, n=4))
     bad = outs["bad"][-1]
     assert bad.finished and bad.error is not None and "broken@v1" in bad.error.message
+
+
+def test_load_storm_through_few_pages(make_engine, tiny_adapters):
+    # 60 distinct adapter keys (the five adapters under twelve names each) through GPU memory
+    # that holds about three of the largest: every request's tokens equal those of a run with
+    # room for all, no write lands on a page a running request reads, and every page comes
+    # back once the adapters are unloaded
+    from engine.lora.pool import page_bytes
+
+    names = list(tiny_adapters)
+    rng = random.Random(3)
+    reqs = []
+    for i in range(72):
+        name = names[i % len(names)]
+        key = f"{name}#{i % 60}"
+        prompt = [rng.randrange(3, 400) for _ in range(rng.randrange(3, 20))]
+        reqs.append((key, Request(f"s{i}", prompt, SamplingParams(**GREEDY),
+                                  AdapterRef(key, str(tiny_adapters[name])))))  # fmt: skip
+
+    def run(engine: LLMEngine) -> dict[str, list[int]]:
+        for _, req in reqs:
+            engine.add_request(req)
+        return {rid: tokens_of(o) for rid, o in run_all(engine).items()}
+
+    roomy = make_engine(max_loras=None, max_cpu_loras=64, lora_memory_bytes=64 * 2**20)
+    want = run(roomy)
+    assert roomy.stats().adapter_evictions == 0
+
+    full = sum(page_bytes(roomy.runner.config, 4).values()) * 2  # an adapter of rank 16
+    tight = make_engine(max_loras=None, max_cpu_loras=64, lora_memory_bytes=3 * full)
+    slots, write = tight.slots, tight.runner.write_slot
+    writes = []
+
+    def checked_write(slot, weights, pages):
+        held = {
+            off: s
+            for s in range(slots.num_slots)
+            if s != slot and slots.is_pinned(s)
+            for offs in slots.pages_of(s).values()
+            for off in offs
+        }
+        assert not {off for offs in pages.values() for off in offs} & set(held)
+        writes.append(slot)
+        return write(slot, weights, pages)
+
+    tight.runner.write_slot = checked_write  # type: ignore[method-assign]
+    assert run(tight) == want
+    assert tight.stats().adapter_evictions > 0 and len(writes) >= 60
+    for key in {k for k, _ in reqs}:
+        tight.unload_adapter(key)
+    assert slots.pages.pages_used() == 0 and not slots.resident

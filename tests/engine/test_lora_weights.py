@@ -21,7 +21,6 @@ from model_builders import (
 from safetensors.torch import load_file, save_file
 
 from engine.errors import AdapterIncompatible, AdapterLoadError
-from engine.lora.pool import LoraPool
 from engine.lora.weights import read_adapter
 from engine.model.presets import PRESETS
 from engine.model_runner import ModelRunner
@@ -180,25 +179,6 @@ def test_pickle_weights_are_refused(tmp_path):
     torch.save(_qv(), path / "adapter_model.bin")
     with pytest.raises(AdapterIncompatible, match="pickle"):
         _read(path)
-
-
-def test_pool_write_clear_and_overwrite(tmp_path):
-    pool = LoraPool(CFG, num_slots=2, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
-    big = _read(_write(tmp_path / "big", _qv(r=8), r=8))
-    small = _read(_write(tmp_path / "small", _qv(r=2, seed=5), r=2))
-    pool.write(1, big)
-    grp = pool.layers[0]["qkv"]
-    assert grp.ranks[1].tolist() == [8, 0, 8] and grp.ranks[0].tolist() == [0, 0, 0]
-    assert pool.layers[1]["qkv"].ranks[1].tolist() == [0, 0, 0]
-    assert pool.groups_used({-1, 1}) == {"qkv"} and pool.groups_used({0}) == frozenset()
-    pool.write(1, small)
-    assert grp.ranks[1].tolist() == [2, 0, 2]
-    assert grp.a[1, 0, 2:].abs().sum() == 0 and grp.b[1, :64, 2:].abs().sum() == 0
-    torch.testing.assert_close(grp.b[1, 64 + 32 :, :2], small.modules[(0, "v_proj")].b)
-    pool.clear(1)
-    assert grp.ranks.abs().sum() == 0 and pool.groups_used({1}) == frozenset()
-    with pytest.raises(IndexError):
-        pool.write(2, small)
 
 
 def test_runner_reads_peft_adapter_with_patterns_and_layers(tmp_path):

@@ -24,7 +24,7 @@ def make_sched(num_blocks=16, block_size=4, max_seqs=8, budget=64, slots=2, agin
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
     return Scheduler(
         bm,
-        SlotTable(slots),
+        SlotTable.slots_only(slots),
         max_num_seqs=max_seqs,
         max_num_batched_tokens=budget,
         aging_steps=aging,

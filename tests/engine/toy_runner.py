@@ -19,6 +19,7 @@ import torch
 
 from engine.batch import ScheduledBatch
 from engine.errors import AdapterIncompatible, AdapterLoadError
+from engine.lora.slots import PagePlan
 from engine.model.config import ModelConfig
 from engine.runner import StepTensors
 
@@ -56,8 +57,18 @@ def write_toy_adapter(path: Path, weights: int) -> Path:
 
 class ToyRunner:
     def __init__(
-        self, tokenizer, *, num_blocks=64, block_size=4, max_model_len=256, num_slots=4, eos=(1,)
+        self,
+        tokenizer,
+        *,
+        num_blocks=64,
+        block_size=4,
+        max_model_len=256,
+        num_slots=4,
+        eos=(1,),
+        num_pages=None,
     ):
+        """``num_pages``: GPU pages in all (one group, one page per chunk); an adapter of toy
+        weights ``w`` takes ``1 + w % 3`` of them. None: room for every slot at 3 pages."""
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.num_blocks = num_blocks
@@ -80,6 +91,8 @@ class ToyRunner:
             [None] * block_size for _ in range(num_blocks)
         ]
         self.slot_weights: list[int | None] = [None] * num_slots
+        pages = num_pages if num_pages is not None else 3 * num_slots
+        self.lora_plan = PagePlan(num_slots, pages, 1, {"qkv": 1})
         self.batches: list[ScheduledBatch] = []
         self.reads = 0
         self.read_gate = threading.Event()
@@ -98,7 +111,12 @@ class ToyRunner:
             raise AdapterIncompatible("negative toy weights")
         return weights
 
-    def write_slot(self, slot: int, weights: int) -> None:
+    def adapter_pages(self, weights: int) -> dict[str, int]:
+        return {"qkv": 1 + weights % 3}
+
+    def write_slot(self, slot: int, weights: int, pages: dict[str, list[int]]) -> None:
+        if len(pages["qkv"]) != 1 + weights % 3:
+            raise RuntimeError(f"slot {slot}: {pages} for toy weights {weights}")
         self.slot_weights[slot] = weights
 
     def clear_slot(self, slot: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from kernel_testing import assert_close, gpu
 from test_attention import make_cache
-from test_lora_sgmv import make_token_slot, make_weights
+from test_lora_sgmv import make_token_slot, make_weights, to_paged
 
 import engine.kernels as K
 from engine.kernels import build_lora_meta
@@ -24,13 +24,16 @@ def test_sgmv_graph_replay_matches_eager():
     gen = torch.Generator().manual_seed(0)
     T, k, outs, slots = 24, 4096, [4096, 1024, 1024], 16
     a, b, ranks, offsets = make_weights(slots, outs, 64, k, torch.bfloat16, gen, (8, 16, 64))
-    a, b, ranks = a.cuda(), b.cuda(), ranks.cuda()
+    # the pool's layout: pages of 8 rank rows in random places
+    a, b, pages, boffs = to_paged(a, b, offsets, gen)
+    ranks = ranks.cuda()
     x = torch.zeros(T, k, dtype=torch.bfloat16, device="cuda")
     y = torch.zeros(T, sum(outs), dtype=torch.bfloat16, device="cuda")
     static = build_lora_meta(make_token_slot(T, "zipf", slots, gen), max_segments=slots).to("cuda")
 
     def step():
-        K.lora_expand(K.lora_shrink(x, a, ranks, static), b, ranks, offsets, static, y)
+        buf = K.lora_shrink(x, a, ranks, pages, static)
+        K.lora_expand(buf, b, ranks, pages, offsets, static, y, b_offsets=boffs)
 
     step()
     torch.cuda.synchronize()
@@ -47,7 +50,8 @@ def test_sgmv_graph_replay_matches_eager():
         g.replay()
         got = y.clone()
         y.copy_(y0)
-        K.lora_expand(K.lora_shrink(x, a, ranks, meta), b, ranks, offsets, meta, y)
+        buf = K.lora_shrink(x, a, ranks, pages, meta)
+        K.lora_expand(buf, b, ranks, pages, offsets, meta, y, b_offsets=boffs)
         assert_close(got, y, torch.bfloat16, tol=1e-2)
 
 

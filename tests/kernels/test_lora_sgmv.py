@@ -11,6 +11,55 @@ from engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref, use_token_path
 
 PATTERNS = ["distinct", "identical", "zipf", "some_none"]
+PAGE_ROWS = 8  # the pool's (engine/lora/pool.py)
+
+
+def one_page_each(num_slots: int, P: int) -> torch.Tensor:
+    """The padded layout as a page table: slot s is one page of max_rank rows, at s."""
+    return torch.arange(num_slots, dtype=torch.int32)[:, None, None].expand(-1, P, 1).contiguous()
+
+
+def shrink_ref(x, a, ranks, meta):
+    """The reference over the padded layout ``a[slots, P, R, in]`` (one page per slot)."""
+    return lora_shrink_ref(x, a, ranks, one_page_each(a.shape[0], a.shape[1]), meta)
+
+
+def expand_ref(buf, b, ranks, offsets, meta, y, accumulate=True):
+    pages = one_page_each(b.shape[0], ranks.shape[1])
+    return lora_expand_ref(buf, b, ranks, pages, offsets, meta, y, accumulate=accumulate)
+
+
+def to_paged(a, b, offsets, gen, page_rows=PAGE_ROWS, granule=16, device=DEVICE):
+    """``a[slots, P, R, in]``, ``b[slots, N, R]`` -> the pool's layout: a page per projection
+    holds ``page_rows`` rows of its A then the matching columns of its B; views ``A[U, P,
+    page_rows, in]`` (stride 0 over P), ``B[U, N, page_rows]`` of one arena (NaN between
+    pages) whose first index is a granule offset, ``pages[slots, P, R / page_rows]`` and
+    ``b_offsets[P]``; the pages in a random order with free pages between them."""
+    S, P, R, K = a.shape
+    outs = [offsets[p + 1] - offsets[p] for p in range(P)]
+    maxp = R // page_rows
+    pg = -(-(page_rows * K + max(outs) * page_rows) // granule)
+    n = 2 * S * P * maxp  # half of the pages stay free
+    order = torch.randperm(n, generator=gen)[: S * P * maxp]
+    # past the last page: the B view spans all N columns from every page's start
+    size = (n + 1) * pg * granule + sum(outs) * page_rows
+    arena = torch.full((size,), float("nan"), dtype=a.dtype)
+    pages = (order * pg).to(torch.int32).view(S, P, maxp)
+    for s in range(S):
+        for p in range(P):
+            for j in range(maxp):
+                base = int(pages[s, p, j]) * granule
+                rows = slice(j * page_rows, (j + 1) * page_rows)
+                arena[base : base + page_rows * K] = a[s, p, rows].reshape(-1)
+                end = base + page_rows * K
+                cols = b[s, offsets[p] : offsets[p + 1], rows]
+                arena[end : end + outs[p] * page_rows] = cols.reshape(-1)
+    arena = arena.to(device)
+    units = n * pg
+    A = arena.as_strided((units, P, page_rows, K), (granule, 0, K, 1), 0)
+    B = arena.as_strided((units, sum(outs), page_rows), (granule, page_rows, 1), page_rows * K)
+    b_offsets = [-offsets[p] * page_rows for p in range(P)]
+    return A, B, pages.to(device), b_offsets
 
 
 def make_token_slot(T: int, pattern: str, num_slots: int, gen: torch.Generator) -> torch.Tensor:
@@ -44,8 +93,9 @@ def make_weights(num_slots, outs, max_rank, k, dtype, gen, rank_choices=(1, 8, 6
 
 
 def run_case(
-    T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, config=None, **kw
-):
+    T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, config=None,
+    page_rows=PAGE_ROWS, **kw,
+):  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     token_slot = make_token_slot(T, pattern, num_slots, gen)
     if max_segments is not None and T > 1:
@@ -55,12 +105,13 @@ def run_case(
     y0 = torch.randn(T, offsets[-1], generator=gen).to(dtype)
     meta = build_lora_meta(token_slot, max_segments=max_segments)
 
-    buf_ref = lora_shrink_ref(x.float(), a.float(), ranks, meta)
-    y_ref = lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, y0.float().clone())
+    buf_ref = shrink_ref(x.float(), a.float(), ranks, meta)
+    y_ref = expand_ref(buf_ref, b.float(), ranks, offsets, meta, y0.float().clone())
 
     dev = DEVICE
     meta_d = meta.to(dev)
-    buf = lora_shrink(x.to(dev), a.to(dev), ranks.to(dev), meta_d, config=config)
+    A, B, pages, boffs = to_paged(a, b, offsets, gen, page_rows)
+    buf = lora_shrink(x.to(dev), A, ranks.to(dev), pages, meta_d, config=config)
     # only what the expand reads is defined: tokens with an adapter, r < rank
     slot = token_slot.long().clamp_min(0)
     r_tok = ranks.long()[slot].T  # [P, T]
@@ -69,7 +120,7 @@ def run_case(
     )
     assert_close(buf.sum(0).cpu()[defined], buf_ref.sum(0)[defined], dtype)
     y = y0.to(dev).clone()
-    lora_expand(buf, b.to(dev), ranks.to(dev), offsets, meta_d, y, config=config)
+    lora_expand(buf, B, ranks.to(dev), pages, offsets, meta_d, y, config=config, b_offsets=boffs)
     assert_close(y, y_ref, dtype)
     none = token_slot < 0
     assert torch.equal(y.cpu()[none], y0[none]), "a token with no adapter was touched"
@@ -167,22 +218,24 @@ def test_expand_store_mode(pattern, rows, dtype):
         ranks[:, 1] = torch.where(torch.arange(12) % 3 == 0, 0, ranks[:, 1])
         x = torch.randn(T, k, generator=gen).to(dtype)
         meta = build_lora_meta(token_slot, max_segments=max_segments)
-        buf_ref = lora_shrink_ref(x.float(), a.float(), ranks, meta)
+        buf_ref = shrink_ref(x.float(), a.float(), ranks, meta)
         zero = torch.zeros(T, offsets[-1])
-        d_ref = lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, zero)
+        d_ref = expand_ref(buf_ref, b.float(), ranks, offsets, meta, zero)
         m = meta.to(DEVICE)
         cfg = {"one_tile": ONE_TILE, "tiles": TILES}.get(rows) or {"rows": rows}
         if rows == "tiles" and max_rank > 16:
             continue  # the tiled kernels need the pool rank within one BLOCK_R step
-        buf = lora_shrink(x.to(DEVICE), a.to(DEVICE), ranks.to(DEVICE), m, config=cfg)
+        A, B, pages, boffs = to_paged(a, b, offsets, gen)
+        rk = ranks.to(DEVICE)
+        buf = lora_shrink(x.to(DEVICE), A, rk, pages, m, config=cfg)
         d = torch.full((T, offsets[-1]), float("nan"), dtype=dtype, device=DEVICE)
-        lora_expand(buf, b.to(DEVICE), ranks.to(DEVICE), offsets, m, d, cfg, accumulate=False)
+        lora_expand(buf, B, rk, pages, offsets, m, d, cfg, accumulate=False, b_offsets=boffs)
         assert not d.isnan().any(), "store mode left stale values"
         assert_close(d, d_ref, dtype)
         assert not d.cpu()[token_slot < 0].any()
         # the reference in store mode agrees with the accumulate reference from zero
         d2 = torch.full_like(zero, 7.0)
-        lora_expand_ref(buf_ref, b.float(), ranks, offsets, meta, d2, accumulate=False)
+        expand_ref(buf_ref, b.float(), ranks, offsets, meta, d2, accumulate=False)
         torch.testing.assert_close(d2, d_ref)
 
 
@@ -192,7 +245,8 @@ def test_expand_store_mode_no_adapter_at_all():
     b = torch.randn(2, 16, 8, device=DEVICE)
     y = torch.ones(3, 16, device=DEVICE)
     ranks = torch.ones(2, 1, dtype=torch.int32, device=DEVICE)
-    lora_expand(buf, b, ranks, [0, 16], meta, y, accumulate=False)
+    pages = one_page_each(2, 1).to(DEVICE)
+    lora_expand(buf, b, ranks, pages, [0, 16], meta, y, accumulate=False)
     assert not y.any()
 
 
@@ -210,14 +264,15 @@ def test_token_path_reads_token_slot_only(dtype):
     assert use_token_path(T, stale)
     stale.token_slot.copy_(true_slot)
     meta = build_lora_meta(true_slot, max_segments=slots)
-    want = lora_expand_ref(
-        lora_shrink_ref(x.float(), a.float(), ranks, meta), b.float(), ranks, offsets, meta,
+    want = expand_ref(
+        shrink_ref(x.float(), a.float(), ranks, meta), b.float(), ranks, offsets, meta,
         y0.float().clone(),
     )  # fmt: skip
     m = stale.to(DEVICE)
     rk = ranks.to(DEVICE)
-    buf = lora_shrink(x.to(DEVICE), a.to(DEVICE), rk, m)
-    y = lora_expand(buf, b.to(DEVICE), rk, offsets, m, y0.to(DEVICE).clone())
+    A, B, pages, boffs = to_paged(a, b, offsets, gen)
+    buf = lora_shrink(x.to(DEVICE), A, rk, pages, m)
+    y = lora_expand(buf, B, rk, pages, offsets, m, y0.to(DEVICE).clone(), b_offsets=boffs)
     assert_close(y, want, dtype)
 
 
@@ -288,9 +343,8 @@ def test_sgmv_no_adapter_at_all():
     x = torch.randn(4, 64)
     meta = build_lora_meta(torch.full((4,), -1, dtype=torch.int32)).to(DEVICE)
     a = torch.randn(2, 1, 8, 64)
-    buf = lora_shrink(
-        x.to(DEVICE), a.to(DEVICE), torch.ones(2, 1, dtype=torch.int32).to(DEVICE), meta
-    )
+    ones = torch.ones(2, 1, dtype=torch.int32).to(DEVICE)
+    buf = lora_shrink(x.to(DEVICE), a.to(DEVICE), ones, one_page_each(2, 1).to(DEVICE), meta)
     assert not buf.any()
 
 
@@ -374,16 +428,46 @@ def test_expand_one_tile_preload_bf16(group, T, accumulate, tiles):
     y0 = torch.randn(T, offsets[-1], generator=gen).to(torch.bfloat16)
     meta = build_lora_meta(token_slot, max_segments=32)
     base = y0.float() if accumulate else torch.zeros(T, offsets[-1])
-    want = lora_expand_ref(
-        lora_shrink_ref(x.float(), a.float(), ranks, meta), b.float(), ranks, offsets, meta,
+    want = expand_ref(
+        shrink_ref(x.float(), a.float(), ranks, meta), b.float(), ranks, offsets, meta,
         base.clone(),
     )  # fmt: skip
     m, rk = meta.to("cuda"), ranks.cuda()
-    buf = lora_shrink(x.cuda(), a.cuda(), rk, m, config={"rows": True})
+    A, B, pages, boffs = to_paged(a, b, offsets, gen)
+    buf = lora_shrink(x.cuda(), A, rk, pages, m, config={"rows": True})
     y = y0.cuda() if accumulate else torch.full_like(y0, float("nan")).cuda()
     # 1 or 2 [512, 16] tiles per program whatever the program count (the in-line default
     # takes the loop, where preload does not apply, for gate_up at 64 and 133 tokens)
     cfg = {"rows": True, "one_tile": True, "block_n": 512, "n_per": 512 * tiles,
            "num_warps": 4, "preload": True}  # fmt: skip
-    lora_expand(buf, b.cuda(), rk, offsets, m, y, config=cfg, accumulate=accumulate)
+    lora_expand(
+        buf, B, rk, pages, offsets, m, y, config=cfg, accumulate=accumulate, b_offsets=boffs
+    )
     assert_close(y, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("page_rows", [8, 16, 64])
+def test_paged_layouts_agree(page_rows, rows, dtype):
+    # pages of 8 and 16 rows and one page of the max rank per projection give the same
+    # result; ranks 8/16/32/64 mixed in one batch, a projection of rank 0
+    run_case(
+        21, 130, [70, 33, 9], "zipf", dtype, num_slots=12, max_rank=64, seed=page_rows,
+        config={"rows": rows}, page_rows=page_rows, rank_choices=(8, 16, 32, 64),
+    )  # fmt: skip
+
+
+def test_paged_reference_equals_padded():
+    # the paged references read what the padded ones do, wherever the pages sit
+    gen = torch.Generator().manual_seed(2)
+    a, b, ranks, offsets = make_weights(5, [24, 8], 32, 40, torch.float32, gen, (1, 8, 17, 32))
+    tok = make_token_slot(9, "some_none", 5, gen)
+    meta = build_lora_meta(tok)
+    x = torch.randn(9, 40, generator=gen)
+    A, B, pages, boffs = to_paged(a, b, offsets, gen, device="cpu")
+    buf = lora_shrink_ref(x, A, ranks, pages, meta)
+    want = shrink_ref(x, a, ranks, meta)
+    torch.testing.assert_close(buf, want)
+    y = lora_expand_ref(buf, B, ranks, pages, offsets, meta, torch.zeros(9, 32), b_offsets=boffs)
+    torch.testing.assert_close(y, expand_ref(want, b, ranks, offsets, meta, torch.zeros(9, 32)))
