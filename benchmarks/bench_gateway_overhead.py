@@ -15,7 +15,8 @@ client-and-HTTP floor.
 Variants (``--variants``): ``serve`` (the engine in its own process, the gateway worker
 reaching it over ZeroMQ) and ``inproc`` (``serving_inproc.py``: the same app with the
 engine's step loop in a thread of the gateway's process). ``--baseline PATH`` runs every
-variant a second time from another checkout's code (labelled ``@base``). All servers run
+variant again from another checkout's code (labelled ``@base``, or ``@LABEL`` given as
+``LABEL=PATH``; repeatable). All servers run
 at once and the requests go round-robin over them (the order rotating each round), so a
 machine shared with other work loads every variant alike.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -40,7 +42,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_server import REPO, ServeProcess, free_port
+from serving_server import REPO, ServeProcess, descendants, free_port
 
 
 class RawHttp:
@@ -72,6 +74,18 @@ class RawHttp:
         return int(status_line.split()[1]), headers, body
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and every process below it (Linux /proc)."""
+    ticks = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))]
@@ -87,6 +101,7 @@ class Target:
     http: RawHttp | None = None
     post: bytes = b""
     probe: bytes = b""
+    cpu_s: float = 0.0  # the server's processes, over the timed requests
 
     def setup(self, model: str, workers: int) -> None:
         """Wait for it, make a tenant with a limit and its key, prepare the requests."""
@@ -129,12 +144,18 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--model", default="dummy:tiny")
     p.add_argument("--variants", default="serve,inproc", help="of serve, inproc")
-    p.add_argument("--baseline", type=Path, help="another checkout: its code runs too")
+    p.add_argument("--baseline", action="append", default=[], metavar="[LABEL=]PATH",
+                   help="another checkout whose code runs too (repeatable; label: base)")  # fmt: skip
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="the engine's intra-op threads (OMP_NUM_THREADS; 0: torch's default)")  # fmt: skip
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or set(variants) - {"serve", "inproc"}:
         p.error("--variants takes serve and/or inproc")
-    trees = [("", REPO)] + ([("@base", args.baseline.resolve())] if args.baseline else [])
+    trees = [("", REPO)]
+    for spec in args.baseline:
+        label, _, path = spec.rpartition("=")
+        trees.append(("@" + (label or "base"), Path(path).resolve()))
     with tempfile.TemporaryDirectory(prefix="lpx-overhead-") as tmp, ExitStack() as stack:
         targets = []
         for suffix, repo in trees:
@@ -146,6 +167,8 @@ def main() -> None:
                     "LORAPLEX_WORKERS": str(args.workers),
                     "LORAPLEX_KV_CACHE_BYTES": str(64 << 20),
                 }
+                if args.torch_threads > 0:
+                    settings["OMP_NUM_THREADS"] = str(args.torch_threads)
                 argv = None
                 if variant == "inproc":
                     argv = [sys.executable, str(REPO / "benchmarks" / "serving_inproc.py")]
@@ -158,9 +181,14 @@ def main() -> None:
             t.setup(args.model, args.workers)
         n = len(targets)
         for i in range(args.warmup + args.requests):
+            if i == args.warmup:
+                for t in targets:
+                    t.cpu_s = -cpu_seconds(t.serve.proc.pid)
             k = i % n
             for t in targets[k:] + targets[:k]:
                 t.once(keep=i >= args.warmup)
+        for t in targets:
+            t.cpu_s += cpu_seconds(t.serve.proc.pid)
         print(f"{args.requests} requests per variant, max_tokens 1, concurrency 1, "
               f"{args.workers} gateway worker(s), {args.model} on cpu; variants interleaved")  # fmt: skip
         print(f"{'ms':34} {'p50':>7} {'p90':>7} {'p99':>7} {'mean':>7}")
@@ -170,6 +198,9 @@ def main() -> None:
                              ("latency - engine", over), ("GET /health (floor)", t.health)):  # fmt: skip
                 print(f"{t.label + ': ' + name:34} {pct(xs, 0.5):7.3f} {pct(xs, 0.9):7.3f} "
                       f"{pct(xs, 0.99):7.3f} {statistics.mean(xs):7.3f}")  # fmt: skip
+        print("server CPU ms per request (all its processes; completion + /health):")
+        for t in targets:
+            print(f"  {t.label:32} {t.cpu_s * 1000 / args.requests:7.3f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """``Annotated`` dependency aliases the routes declare. Authorization chains on
-authentication: ``InferenceDep`` needs ``PrincipalDep``, which needs the bearer token."""
+authentication: ``InferenceDep`` needs ``PrincipalDep``, which needs the bearer token.
+
+Every dependency is ``async def``, even when it never awaits: FastAPI runs a plain
+``def`` dependency in its thread pool, a thread round trip per dependency per request."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from tenancy.principal import Principal
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key: lpx_<prefix>_<secret>")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -34,7 +37,7 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-def get_authenticator(services: ServicesDep) -> KeyAuthenticator:
+async def get_authenticator(services: ServicesDep) -> KeyAuthenticator:
     if services.keys is None:
         raise Unavailable("authentication is not configured yet")
     return services.keys
