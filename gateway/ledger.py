@@ -2,7 +2,14 @@
 
 Call it exactly once per request, however the request ends (finished, cut off by the
 client, failed), before the response finishes. Concurrent calls are group-committed:
-one fsync for everything queued while the previous write ran.
+one transaction for everything queued while the previous write ran.
+
+Durable means, with an outbox that fsyncs its commits (``LORAPLEX_LEDGER_FSYNC=response``),
+fsynced: the record survives an OS crash or a power loss. With one that does not
+(``background``, the default), written to the OS: it survives a crash of any process
+(SIGKILL included), and :class:`gateway.outbox_sync.OutboxSyncer` fsyncs it in the
+background within about ``sync_gap_s``. Such a commit takes microseconds and is made on
+the event loop; only when another process holds the outbox's lock does it go to a thread.
 
 The event is queued synchronously, before the first ``await``: if the caller is then
 cancelled (a client that disconnects cancels the streaming task), the event is still
@@ -20,14 +27,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox
+from gateway.outbox_sync import OutboxSyncer
 from tenancy.usage import UsageEvent
 
 log = logging.getLogger("loraplex.ledger")
 
 
 class Ledger:
-    def __init__(self, outbox: Outbox, metrics: Metrics, *, retry_s: float = 0.5) -> None:
+    def __init__(
+        self, outbox: Outbox, metrics: Metrics, *, retry_s: float = 0.5, sync_gap_s: float = 0.05
+    ) -> None:
         self._outbox = outbox
+        self._syncer = None if outbox.fsync_commits else OutboxSyncer(outbox.path, sync_gap_s)
         self._metrics = metrics
         self._retry_s = retry_s
         self._pending: list[tuple[UsageEvent, asyncio.Future[None] | None]] = []
@@ -49,6 +60,8 @@ class Ledger:
             # here, blocking the loop for one fsync, rather than lose it.
             self._metrics.observe_usage(event, tenant)
             self._outbox.append([event])
+            if not self._outbox.fsync_commits:
+                self._outbox.sync()
             fut.set_result(None)
             return fut
         self.start()
@@ -73,7 +86,10 @@ class Ledger:
             batch, self._pending = self._pending, []
             try:
                 events = [e for e, _ in batch]
-                await loop.run_in_executor(self._executor, self._outbox.append, events)
+                if self._syncer is None or not self._outbox.try_append(events):
+                    await loop.run_in_executor(self._executor, self._outbox.append, events)
+                if self._syncer is not None:
+                    self._syncer.committed()
             except Exception as exc:  # disk full, I/O error: keep the events, tell callers
                 log.exception("usage outbox append failed; retrying")
                 for _, fut in batch:
@@ -97,6 +113,8 @@ class Ledger:
             except TimeoutError:
                 log.error("usage outbox unwritable at shutdown: %d events lost", len(self._pending))
         self._executor.shutdown(wait=True)
+        if self._syncer is not None:
+            await asyncio.to_thread(self._syncer.close)
 
 
 class OutboxUnavailable(Exception):
