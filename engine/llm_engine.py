@@ -12,6 +12,7 @@ forwards (a broken device) end the step loop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -110,6 +111,7 @@ class LLMEngine:
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise a typed error that concerns it alone."""
+        taken = time.perf_counter()  # the engine's own time for it starts here
         p = request.sampling
         p.validate()
         if request.request_id in self._requests:
@@ -123,7 +125,7 @@ class LLMEngine:
             raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         prompt_ids = tokenize_prompt(self.tokenizer, request.prompt, vocab)
         check_fits(len(prompt_ids), p.max_tokens, self.max_model_len, self.kv_tokens)
-        state = RequestState(request, prompt_ids, [], self._eos)
+        state = RequestState(request, prompt_ids, [], self._eos, arrival_s=taken)
         max_total = min(len(prompt_ids) + p.max_tokens, self.max_model_len)
         arrival = self._next_arrival
         self._next_arrival += 1

@@ -37,19 +37,24 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-async def get_authenticator(services: ServicesDep) -> KeyAuthenticator:
+def _authenticator(services: Services) -> KeyAuthenticator:
     if services.keys is None:
         raise Unavailable("authentication is not configured yet")
     return services.keys
+
+
+async def get_authenticator(services: ServicesDep) -> KeyAuthenticator:
+    return _authenticator(services)
 
 
 AuthDep = Annotated[KeyAuthenticator, Depends(get_authenticator)]
 
 
 async def get_principal(
-    auth: AuthDep,
+    services: ServicesDep,  # (not AuthDep: one dependency less to solve per request)
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    auth = _authenticator(services)
     return await auth.authenticate(credentials.credentials if credentials else None)
 
 

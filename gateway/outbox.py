@@ -31,16 +31,14 @@ block the writer).
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
 import time
-import uuid
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+import msgspec
 
 from tenancy.usage import UsageEvent
 
@@ -63,21 +61,17 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 
 def event_to_json(event: UsageEvent) -> str:
-    data: dict[str, Any] = asdict(event)
-    for name in ("tenant_id", "api_key_id", "adapter_version_id"):
-        data[name] = None if data[name] is None else str(data[name])
-    for name in ("started_at", "finished_at"):
-        data[name] = data[name].isoformat()
-    return json.dumps(data, separators=(",", ":"))
+    """JSON of the event: UUIDs as strings, datetimes in ISO 8601 (msgspec: microseconds
+    for a ~70 us ``dataclasses.asdict`` + ``json.dumps``)."""
+    return _encode(event).decode()
 
 
 def event_from_json(text: str) -> UsageEvent:
-    data = json.loads(text)
-    for name in ("tenant_id", "api_key_id", "adapter_version_id"):
-        data[name] = None if data[name] is None else uuid.UUID(data[name])
-    for name in ("started_at", "finished_at"):
-        data[name] = datetime.fromisoformat(data[name])
-    return UsageEvent(**data)
+    return _decode(text)
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(UsageEvent).decode
 
 
 @dataclass(frozen=True)

@@ -316,3 +316,22 @@ async def test_usage_recorded_during_shutdown_is_kept(tmp_path):
         event(tid, 0).request_id,
         event(tid, 1).request_id,
     ]
+
+
+def test_outbox_rows_of_the_earlier_encoding_still_decode():
+    """Rows an earlier version left in an outbox (``json.dumps`` of ``asdict``, offsets
+    written ``+00:00``) read back as the same events."""
+    import json
+    import uuid
+    from dataclasses import asdict
+    from datetime import datetime
+
+    from gateway.outbox import event_from_json, event_to_json
+
+    e = event(uuid.uuid4(), 5)
+    old = {
+        k: str(v) if isinstance(v, uuid.UUID) else v.isoformat() if isinstance(v, datetime) else v
+        for k, v in asdict(e).items()
+    }
+    assert event_from_json(json.dumps(old, separators=(",", ":"))) == e
+    assert event_from_json(event_to_json(e)) == e
