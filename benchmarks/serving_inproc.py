@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from gateway.access_log import access_log_in_thread
 from gateway.app import create_app
 from gateway.http_protocol import http_protocol
 from loraplex_cli.engine_wiring import inproc_engine
@@ -27,8 +28,11 @@ def main() -> None:
     if banner:
         print(banner, flush=True)
     app = create_app(settings, engine_factory=lambda: inproc_engine(settings, model))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                http=http_protocol())  # fmt: skip
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="info", http=http_protocol()
+    )  # fmt: skip (configures logging)
+    access_log_in_thread()  # as gateway.worker does
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -460,7 +459,7 @@ class LLMEngine:
             adapters_resident=len(self.slots.resident),
             adapters_host=self.loader.num_host,
             lora_slots=self.slots.num_slots,
-            **asdict(self._counters),
+            **vars(self._counters),  # (not asdict: a deep copy, 25 us of each idle turn)
         )
 
     def shutdown(self) -> None:

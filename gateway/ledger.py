@@ -46,6 +46,7 @@ class Ledger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._writing = False  # the flusher is writing a batch
         self.appended = asyncio.Event()  # set after each durable append (wakes the writer)
 
     def start(self) -> None:
@@ -64,15 +65,36 @@ class Ledger:
                 self._outbox.sync()
             fut.set_result(None)
             return fut
+        self._metrics.observe_usage(event, tenant)
+        if self._syncer is not None and not self._pending and not self._writing:
+            if self._append_now([event]):  # no task switch, nothing queued to go first
+                fut.set_result(None)
+                return fut
         self.start()
         self._pending.append((event, fut))
         self._wake.set()
-        self._metrics.observe_usage(event, tenant)
         return fut
 
     async def record(self, event: UsageEvent, tenant: str = "") -> None:
-        """Durable (fsynced to the outbox) when this returns."""
-        await asyncio.shield(self.record_nowait(event, tenant))
+        """Durable (see the module) when this returns."""
+        fut = self.record_nowait(event, tenant)
+        if not fut.done():
+            await asyncio.shield(fut)
+        fut.result()
+
+    def _append_now(self, events: list[UsageEvent]) -> bool:
+        """With an outbox that does not fsync commits: append on the event loop unless that
+        would wait for another process's lock. An error leaves the events to the flusher."""
+        assert self._syncer is not None
+        try:
+            if not self._outbox.try_append(events):
+                return False
+        except Exception:
+            log.warning("usage outbox append failed; queued for a retry", exc_info=True)
+            return False
+        self._syncer.committed()
+        self.appended.set()
+        return True
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -84,20 +106,23 @@ class Ledger:
                 await self._wake.wait()
                 continue
             batch, self._pending = self._pending, []
+            self._writing = True
             try:
                 events = [e for e, _ in batch]
-                if self._syncer is None or not self._outbox.try_append(events):
+                if self._syncer is None or not self._append_now(events):
                     await loop.run_in_executor(self._executor, self._outbox.append, events)
-                if self._syncer is not None:
-                    self._syncer.committed()
+                    if self._syncer is not None:
+                        self._syncer.committed()
             except Exception as exc:  # disk full, I/O error: keep the events, tell callers
                 log.exception("usage outbox append failed; retrying")
                 for _, fut in batch:
                     if fut is not None and not fut.done():
                         fut.set_exception(OutboxUnavailable(str(exc)))
                 self._pending = [(e, None) for e, _ in batch] + self._pending
+                self._writing = False
                 await asyncio.sleep(self._retry_s)
                 continue
+            self._writing = False
             for _, fut in batch:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
