@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uvicorn
 
-from gateway.access_log import access_log_in_thread
 from gateway.app import create_app
 from gateway.http_protocol import http_protocol
 from loraplex_cli.engine_wiring import inproc_engine

@@ -15,7 +15,6 @@ import sys
 from fastapi import FastAPI
 
 from engine.remote_client import RemoteEngineClient
-from gateway.access_log import access_log_in_thread
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
@@ -37,7 +36,6 @@ def die_with_parent() -> None:
 def create_worker_app() -> FastAPI:
     settings = GatewaySettings()
     die_with_parent()
-    access_log_in_thread()
     url = settings.engine_url
     token = settings.engine_token or ""
     if url is None:
