@@ -27,11 +27,8 @@ def main() -> None:
     if banner:
         print(banner, flush=True)
     app = create_app(settings, engine_factory=lambda: inproc_engine(settings, model))
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="info", http=http_protocol()
-    )  # fmt: skip (configures logging)
-    access_log_in_thread()  # as gateway.worker does
-    uvicorn.Server(config).run()
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                http=http_protocol())  # fmt: skip
 
 
 if __name__ == "__main__":
