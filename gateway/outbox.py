@@ -100,15 +100,20 @@ class Outbox:
         self._wal_inode = 0  # the WAL file whose directory entry sync() has fsynced
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db = self._connect(_BUSY_MS, checkpoints)
+        self._db.executescript(_SCHEMA)
+        # try_append's: never waits for a lock (busy timeout 0)
+        self._nowait = None if fsync_commits else self._connect(0, checkpoints)
+
+    def _connect(self, busy_ms: int, checkpoints: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
-        conn.executescript(_SCHEMA)
         # FULL: fsync on every commit; NORMAL: written to the OS on every commit
-        conn.execute(f"PRAGMA synchronous={'FULL' if fsync_commits else 'NORMAL'}")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync_commits else 'NORMAL'}")
         if not checkpoints:
             conn.execute("PRAGMA wal_autocheckpoint=0")
-        self._db = conn
+        conn.execute(f"PRAGMA busy_timeout={busy_ms}")  # (after the setup, which may wait)
+        return conn
 
     def _conn(self) -> sqlite3.Connection:
         return self._db
@@ -124,22 +129,19 @@ class Outbox:
     def try_append(self, events: list[UsageEvent]) -> bool:
         """``append``, unless that would wait: for another connection's write lock (False,
         nothing written) or, with ``fsync_commits``, for an fsync (not allowed)."""
-        if self.fsync_commits:
+        conn = self._nowait
+        if conn is None:
             raise RuntimeError("try_append on an outbox that fsyncs its commits would block")
         rows = self._rows(events)
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            conn = self._conn()
-            conn.execute("PRAGMA busy_timeout=0")
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     raise
                 return False
-            finally:
-                conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
             try:
                 conn.executemany(_INSERT, rows)
                 conn.execute("COMMIT")
@@ -223,6 +225,8 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._nowait is not None:
+                self._nowait.close()
 
 
 class _transaction:
