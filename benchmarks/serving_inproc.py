@@ -28,7 +28,7 @@ def main() -> None:
         print(banner, flush=True)
     app = create_app(settings, engine_factory=lambda: inproc_engine(settings, model))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                http=http_protocol())  # fmt: skip
+                access_log=settings.access_log, http=http_protocol())  # fmt: skip
 
 
 if __name__ == "__main__":
