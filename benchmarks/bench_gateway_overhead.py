@@ -1,27 +1,32 @@
 """What the gateway adds to a request: HTTP latency minus the engine's own time for it.
 
 ``loraplex serve --model dummy:tiny`` on its embedded defaults (SQLite: API keys are looked
-up in the database, then cached; the durable usage outbox; limits on: the tenant has a
+up in the database, then cached; the usage outbox; limits on: the tenant has a
 requests-per-minute limit, so every request is admitted and settled), one request at a time
 (concurrency 1), each a non-streamed ``max_tokens: 1`` completion. The engine reports its
-own time for the request in ``Server-Timing: engine;dur=<ms>`` (from taking the request to
-its last output, inside the engine process); the rest of the client's latency is the
-gateway's (HTTP, auth, model resolution, limits, the engine round trip over ZeroMQ, the
-output processor, metering) and the client's own: the client is one keep-alive socket
-writing ready-made request bytes and reading the response by its Content-Length, so it
-adds little. A ``GET /health`` round trip on the same connection is printed as the
-client-and-HTTP floor.
+own time for the request in ``Server-Timing: engine;dur=<ms>``: from its step loop taking
+the request (``LLMEngine.add_request``) to the creation of its last output. Everything
+else is counted as the gateway's: HTTP, auth, model resolution, limits, the hand-over to
+the step loop and back (in ``serve`` the ZeroMQ hops and the engine process's I/O thread),
+the output processor, metering, and the client's own share: the client is one keep-alive
+socket writing ready-made request bytes and reading the response by its Content-Length,
+so it adds little. A ``GET /health`` round trip on the same connection is printed as the
+client-and-HTTP floor. With ``inproc`` the step loop shares the gateway's GIL: gateway work
+that runs during a step (a background ledger drain) lengthens the engine's own time.
 
 Variants (``--variants``): ``serve`` (the engine in its own process, the gateway worker
 reaching it over ZeroMQ) and ``inproc`` (``serving_inproc.py``: the same app with the
 engine's step loop in a thread of the gateway's process). ``--baseline PATH`` runs every
 variant again from another checkout's code (labelled ``@base``, or ``@LABEL`` given as
-``LABEL=PATH``; repeatable). All servers run
-at once and the requests go round-robin over them (the order rotating each round), so a
-machine shared with other work loads every variant alike.
+``LABEL=PATH``; repeatable). All servers run at once and the requests go round-robin over
+them (the order rotating each round), so a machine shared with other work loads every
+variant alike. The engine runs one torch thread (``--torch-threads``): two OpenMP threads on
+the 2-core box spin between ops and take the CPU the gateway needs. ``--boost realtime``
+(Linux, root) runs the client and servers SCHED_FIFO, which on a machine loaded by other
+work approximates an idle one; ``nice`` raises their (autogroup) nice value only.
 
     .venv/bin/python benchmarks/bench_gateway_overhead.py [--requests 2000] [--workers 1]
-        [--variants serve,inproc] [--baseline /path/to/other/checkout]
+        [--variants serve,inproc] [--baseline [LABEL=]PATH] [--boost realtime]
 """
 
 from __future__ import annotations
