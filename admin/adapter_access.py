@@ -63,7 +63,7 @@ AdapterReadDep = Annotated[
 ]
 
 
-def get_adapter_services(services: ServicesDep) -> AdapterServices:
+async def get_adapter_services(services: ServicesDep) -> AdapterServices:
     if services.adapters is None:
         raise Unavailable("adapter storage is not configured")
     return services.adapters

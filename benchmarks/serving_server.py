@@ -29,11 +29,12 @@ def loraplex_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "loraplex_cli.main"]
 
 
-def child_env(settings: dict[str, str]) -> dict[str, str]:
+def child_env(settings: dict[str, str], repo: Path = REPO) -> dict[str, str]:
     """This environment without LORAPLEX_* variables, plus ``settings`` and the repo on
-    PYTHONPATH (for a checkout that is not installed, as on the GPU machine)."""
+    PYTHONPATH (for a checkout that is not installed, as on the GPU machine; ``repo``
+    another checkout: its code runs, e.g. a baseline tree)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return {**env, **settings}
 
@@ -75,13 +76,22 @@ class ServeProcess:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def start(cls, settings: dict[str, str], data_dir: Path) -> ServeProcess:
+    def start(
+        cls,
+        settings: dict[str, str],
+        data_dir: Path,
+        *,
+        argv: list[str] | None = None,
+        repo: Path = REPO,
+    ) -> ServeProcess:
+        """``argv``: another server command than ``loraplex serve`` (the same settings);
+        ``repo``: the checkout whose code it runs."""
         data_dir.mkdir(parents=True, exist_ok=True)
         log = data_dir / "serve.log"
-        env = child_env({**settings, "LORAPLEX_DATA_DIR": str(data_dir)})
+        env = child_env({**settings, "LORAPLEX_DATA_DIR": str(data_dir)}, repo)
         with log.open("wb") as sink:  # the child holds its own descriptor
             proc = subprocess.Popen(
-                [*loraplex_argv(), "serve"],
+                argv or [*loraplex_argv(), "serve"],
                 cwd=data_dir,  # no .env of the caller's
                 env=env,
                 stdout=sink,

@@ -15,7 +15,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -125,6 +124,7 @@ class LLMEngine:
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise a typed error that concerns it alone."""
+        taken = time.perf_counter()  # the engine's own time for it starts here
         p = request.sampling
         p.validate()
         if request.request_id in self._requests:
@@ -155,7 +155,7 @@ class LLMEngine:
                 "(the grammar decides where the output ends)",
                 param="response_format",
             )
-        state = RequestState(request, prompt_ids, [], self._eos)
+        state = RequestState(request, prompt_ids, [], self._eos, arrival_s=taken)
         arrival = self._next_arrival
         self._next_arrival += 1
         key = state.adapter_key
@@ -598,7 +598,7 @@ class LLMEngine:
             grammar_compiles=self.grammars.compiles,
             grammar_cache_hits=self.grammars.hits,
             grammars_compiling=len(self._grammar_wait),
-            **asdict(self._counters),
+            **vars(self._counters),  # (not asdict: a deep copy, 25 us of each idle turn)
         )
 
     def shutdown(self) -> None:

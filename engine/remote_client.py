@@ -1,8 +1,10 @@
 """The remote :class:`engine.client.EngineClient`: an engine server in another process.
 
-One ZeroMQ DEALER socket per gateway process, driven by this process's event loop: a
-receive task hands each ``Outputs`` message (one step) to the streams in one call, applies
-``Status``/``Info``, resolves ``Reply``s; a heartbeat task pings. The engine is *ready* once
+One ZeroMQ DEALER socket per gateway process, driven by this process's event loop: its
+file descriptor's reader callback drains every message that has come and hands each
+``Outputs`` message (one step) to the streams in one call, applies ``Status``/``Info``,
+resolves ``Reply``s (no future or task per message: pyzmq's asyncio socket cost a task
+switch and a future per message); a heartbeat task pings. The engine is *ready* once
 its ``Info`` has come and a status says so; *unreachable* when its connection drops or it
 stops answering pings for ``timeout_s``; in-flight streams then end with ``EngineDead``
 (their requests' usage is metered by the gateway as usual). When an engine comes back (a
@@ -79,14 +81,18 @@ class RemoteEngineClient:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context | None = None  # type: ignore[type-arg]
+        self._sock: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backlog: list[bytes] | None = None  # messages held while an Info is applied
         self._monitor_sock: zmq.asyncio.Socket | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._ctx = zmq.asyncio.Context()
+        self._loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for an engine that is not there
@@ -95,17 +101,22 @@ class RemoteEngineClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        monitor = zmq.asyncio.Socket.from_socket(sock.get_monitor_socket(events))
         self._monitor_sock = monitor
         sock.connect(self.address)
         self._sock = sock
+        self._fd = sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._readable)
         self._tasks = [
-            asyncio.create_task(self._receive(), name="engine-receive"),
             asyncio.create_task(self._heartbeat(), name="engine-heartbeat"),
             asyncio.create_task(self._monitor(monitor), name="engine-monitor"),
         ]
 
     async def close(self) -> None:
+        if self._loop is not None and self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -121,16 +132,22 @@ class RemoteEngineClient:
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, msg: Any) -> None:
-        """Send now or fail now. Through the asyncio socket (never a plain view of it):
-        ZeroMQ signals readiness on edges, and a send made behind the asyncio wrapper's
-        back can swallow the edge that would wake the receive task (pyzmq #1203)."""
-        if self._sock is None:
+        """Send now or fail now. ZeroMQ signals readiness on edges, and a send can take
+        the edge that would have called the reader (pyzmq #1203): after each send, if a
+        message is waiting, the reader is called soon."""
+        sock = self._sock
+        if sock is None or self._loop is None:
             raise EngineDead("the engine client is not started")
-        error = self._sock.send(self._enc.encode(msg), zmq.NOBLOCK).exception()
-        if isinstance(error, zmq.Again):
+        try:
+            sock.send(self._enc.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self._recheck(sock)
             raise EngineDead("the engine is not reachable") from None
-        if error is not None:
-            raise error
+        self._recheck(sock)
+
+    def _recheck(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and self._loop is not None:
+            self._loop.call_soon(self._readable)
 
     def _send_add(self, request: Request) -> None:
         self._send(Add(request))
@@ -141,12 +158,22 @@ class RemoteEngineClient:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    async def _receive(self) -> None:
-        assert self._sock is not None
-        while True:
-            await self._handle(await self._sock.recv())
+    def _readable(self) -> None:
+        """The socket's descriptor fired (or a send took its edge): every message now."""
+        sock = self._sock
+        if sock is None or self._fd is None:
+            return
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(data)
 
-    async def _handle(self, data: bytes) -> None:
+    def _handle(self, data: bytes) -> None:
+        if self._backlog is not None:  # an Info is being applied: messages keep their order
+            self._backlog.append(data)
+            return
         self._last_heard = time.monotonic()
         try:
             msg = self._dec.decode(data)
@@ -154,11 +181,26 @@ class RemoteEngineClient:
             log.warning("undecodable message from the engine")
             return
         try:
-            await self._apply(msg)
+            if isinstance(msg, Info):
+                self._backlog = []
+                task = asyncio.create_task(self._apply_info(msg.info), name="engine-info")
+                self._tasks.append(task)
+            else:
+                self._apply(msg)
         except Exception:
             log.exception("applying an engine message failed")
 
-    async def _apply(self, msg: Any) -> None:
+    async def _apply_info(self, info: ModelInfo) -> None:
+        try:
+            await self._on_info(info)
+        except Exception:
+            log.exception("applying an engine message failed")
+        finally:
+            backlog, self._backlog = self._backlog or [], None
+            for data in backlog:
+                self._handle(data)
+
+    def _apply(self, msg: Any) -> None:
         if isinstance(msg, Outputs):
             aborts = self._streams.deliver(msg.outputs)
             if aborts:
@@ -166,8 +208,6 @@ class RemoteEngineClient:
                     self._send(Abort(aborts))
         elif isinstance(msg, Status):
             self._on_status(msg)
-        elif isinstance(msg, Info):
-            await self._on_info(msg.info)
         elif isinstance(msg, Reply):
             fut = self._calls.pop(msg.call_id, None)
             if fut is not None and not fut.done():

@@ -126,29 +126,38 @@ class StepLoop:
             self._finish()
 
     def _loop(self, engine: LLMEngine) -> None:
+        idle_stats = False  # the stats snapshot is of the engine with nothing to do
         while not self._stop:
             self._wake.clear()
             self._drain(engine)
             if not engine.has_unfinished():
                 if engine.loader.has_finished():  # loads asked for without a request
                     engine.collect_loads()
-                self._stats = engine.stats()
+                    idle_stats = False
+                if not idle_stats:
+                    self._stats, idle_stats = engine.stats(), True
                 self._wake.wait(_IDLE_WAIT_S)
                 continue
+            idle_stats = False
             outputs = engine.step()
+            now = time.monotonic()
+            if not engine.has_unfinished():
+                # Going idle: the bookkeeping first, so that after these outputs go out
+                # this thread waits at once (whoever sends them needs the GIL now).
+                self._stats, self._stats_at, idle_stats = engine.stats(), now, True
+            elif now - self._stats_at >= _STATS_EVERY_S:
+                self._stats, self._stats_at = engine.stats(), now
             if outputs:
                 self._emit(outputs)
-            now = time.monotonic()
-            if now - self._stats_at >= _STATS_EVERY_S:
-                self._stats, self._stats_at = engine.stats(), now
             if not engine.last_step_ran:
                 self._wake.wait(_LOADING_WAIT_S)
 
     def _drain(self, engine: LLMEngine) -> None:
         failures: list[EngineOutput] = []
-        while True:
+        commands = self._commands
+        while not commands.empty():  # (get_nowait's Empty costs ~8 us on every turn)
             try:
-                kind, arg, extra = self._commands.get_nowait()
+                kind, arg, extra = commands.get_nowait()
             except queue.Empty:
                 break
             if kind == "add":

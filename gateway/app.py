@@ -91,6 +91,12 @@ def create_app(
     install_openapi(app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(metrics_routes.HttpMetricsMiddleware)
+    # The data plane's routes first: a request is matched against the routers in this
+    # order, and no path of one router is a path of another.
+    app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.include_router(embeddings_routes.router)
+    app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
     app.include_router(admin_tenants.router)
@@ -99,8 +105,4 @@ def create_app(
     app.include_router(admin_adapters.gc_router)
     app.include_router(admin_plans.router)
     app.include_router(admin_usage.router)
-    app.include_router(models.router)
-    app.include_router(chat.router)
-    app.include_router(completions.router)
-    app.include_router(embeddings_routes.router)
     return app

@@ -51,7 +51,8 @@ class BackgroundJobs:
 
     def _open_writer(self) -> LedgerWriter:
         if self._writer is None:
-            self._outbox = Outbox(self._outbox_path)
+            # a lost acknowledgement only redelivers rows, which the database skips: no fsync
+            self._outbox = Outbox(self._outbox_path, fsync_commits=False)
             self._writer = LedgerWriter(
                 self._outbox,
                 self._sessions,

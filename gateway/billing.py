@@ -88,7 +88,10 @@ async def open_billing(
         registry, tenant_labels=settings.metrics_tenant_labels, engine_stats=engine_stats_of(engine)
     )
     outbox_path = outbox_path_for(settings)
-    ledger = Ledger(Outbox(outbox_path), metrics)
+    fsync = settings.ledger_fsync == "response"
+    # commits on the event loop never checkpoint (an fsync); the ledger's syncer does that
+    outbox = Outbox(outbox_path, fsync_commits=fsync, checkpoints=fsync)
+    ledger = Ledger(outbox, metrics)
     ledger.start()
     limiter = build_limiter(settings, metrics)
     jobs = BackgroundJobs(settings, sessions, metrics, limiter, outbox_path, wake=ledger.appended)

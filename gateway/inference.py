@@ -40,7 +40,9 @@ log = logging.getLogger("loraplex.gateway.inference")
 
 
 class UsageSink(Protocol):
-    async def record(self, event: UsageEvent, tenant: str = "") -> None: ...
+    def record_nowait(self, event: UsageEvent, tenant: str = "") -> asyncio.Future[None]:
+        """Queue (or write) the event; the future resolves once it is durable."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -154,21 +156,23 @@ class EngineCall:
         cost = cost_micros(
             prompt, completion, principal.prompt_price_micros, principal.completion_price_micros
         )
-        settle = None
-        if self._limiter is not None and self._admission is not None:
-            settle = asyncio.ensure_future(
-                self._limiter.settle(self._admission, prompt + completion, cost_micros=cost)
-            )  # alongside the ledger's durable write, not before it
+        durable = None
+        if self._ledger is not None:  # written now, or queued: the write goes on meanwhile
+            event = self._event(status, prompt, completion, cost)
+            durable = self._ledger.record_nowait(event, spec.principal.tenant_name)
         try:
-            if self._ledger is not None:
-                event = self._event(status, prompt, completion, cost)
-                await self._ledger.record(event, spec.principal.tenant_name)
-        finally:
-            if settle is not None:
-                try:
-                    await settle
+            if self._limiter is not None and self._admission is not None:
+                try:  # (beside the ledger's write, when that is not done yet)
+                    await self._limiter.settle(
+                        self._admission, prompt + completion, cost_micros=cost
+                    )
                 except Exception:  # the limiter's store is down: the usage record is safe
                     log.exception("could not settle admission of %s", spec.request_id)
+        finally:
+            if durable is not None:
+                if not durable.done():
+                    await asyncio.shield(durable)
+                durable.result()  # (OutboxUnavailable: the record stays queued, retried)
 
     def _event(self, status: UsageStatus, prompt: int, completion: int, cost: int) -> UsageEvent:
         spec, last, principal = self.spec, self.last, self.spec.principal

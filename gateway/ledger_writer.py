@@ -7,6 +7,10 @@ conflict clause skips them. A database outage only delays: the writer backs off 
 retries while the outbox grows, and ``loraplex_ledger_lag_seconds`` shows how far behind
 it is. Rows the database refuses for their data (not an outage) go to a dead-letter table
 in the outbox, one by one, so one bad row never blocks the rest.
+
+Woken by an append, the writer waits ``linger_s`` before it reads, so that it moves the
+usage of many requests per batch rather than one (a drain is a database transaction and
+an outbox transaction, in this process, beside the requests it serves).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class LedgerWriter:
         *,
         batch_size: int = 500,
         idle_s: float = 0.5,
+        linger_s: float = 0.1,
         retry_max_s: float = 5.0,
         wake: asyncio.Event | None = None,
         hooks: WriterHooks | None = None,
@@ -58,6 +63,7 @@ class LedgerWriter:
         self._metrics = metrics
         self._batch = batch_size
         self._idle_s = idle_s
+        self._linger_s = linger_s
         self._retry_max_s = retry_max_s
         self._wake = wake
         self._hooks = hooks or WriterHooks()
@@ -139,6 +145,8 @@ class LedgerWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if wake is not None:
+            if wake.is_set() and not stop.is_set():
+                await asyncio.sleep(self._linger_s)  # let more requests' usage come
             wake.clear()
 
     def close(self) -> None:

@@ -177,6 +177,7 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
         port=settings.port,
         workers=workers,
         log_level="info",
+        access_log=settings.access_log,
         timeout_graceful_shutdown=30,
         http=http_protocol(),  # malformed HTTP is answered in the API's error envelope
     )

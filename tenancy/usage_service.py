@@ -82,10 +82,16 @@ async def insert_usage(session: AsyncSession, events: Sequence[UsageEvent]) -> i
         return 0
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(UsageRecord).values([_row(e) for e in events])
-    stmt = stmt.on_conflict_do_nothing(index_elements=["request_id"])
-    result = await session.execute(stmt)
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    stmt = (
+        insert(UsageRecord)
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(UsageRecord.request_id)
+    )
+    # The rows as parameters, not in the statement (.values(rows)): one compiled statement
+    # for every batch size (SQLAlchemy's cache), ~half a drain's CPU; RETURNING counts
+    # what was new.
+    result = await session.execute(stmt, [_row(e) for e in events])
+    return len(result.all())
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,10 @@ async def test_writer_killed_mid_batch_loses_and_doubles_nothing(sessions, pg_ur
     assert Outbox(path).stats().pending == 0
 
 
-async def test_gateway_killed_after_responses_keeps_their_usage(sessions, tmp_path):
-    """A process that recorded usage and died at once (SIGKILL) left it in the outbox."""
+@pytest.mark.parametrize("fsync_commits", [True, False], ids=["fsync-per-commit", "background"])
+async def test_gateway_killed_after_responses_keeps_their_usage(sessions, tmp_path, fsync_commits):
+    """A process that recorded usage and died at once (SIGKILL) left it in the outbox, also
+    when its commits were not fsynced (the kernel holds what was written)."""
     tid = await make_tenant(sessions, "acme")
     path = tmp_path / "outbox.sqlite"
     code = (
@@ -115,9 +117,12 @@ async def test_gateway_killed_after_responses_keeps_their_usage(sessions, tmp_pa
         "from gateway.metrics import Metrics\n"
         "from gateway.outbox import Outbox\n"
         "async def main():\n"
-        f"    ledger = Ledger(Outbox(Path({str(path)!r})), Metrics(CollectorRegistry()))\n"
+        f"    outbox = Outbox(Path({str(path)!r}), fsync_commits={fsync_commits}, "
+        f"checkpoints={fsync_commits})\n"
+        "    ledger = Ledger(outbox, Metrics(CollectorRegistry()), sync_gap_s=3600)\n"
         f"    tid = uuid.UUID({str(tid)!r})\n"
         "    await asyncio.gather(*(ledger.record(event(tid, i)) for i in range(50)))\n"
+        "    await ledger.record(event(tid, 50))\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "asyncio.run(main())\n"
     )
@@ -127,7 +132,75 @@ async def test_gateway_killed_after_responses_keeps_their_usage(sessions, tmp_pa
     while await writer.drain_once():
         pass
     writer.close()
-    assert len(await ledger_rows(sessions)) == 50
+    assert len(await ledger_rows(sessions)) == 51
+
+
+async def test_background_fsync_ledger_commits_on_the_loop_and_fsyncs_after(tmp_path):
+    """Records are in the outbox when ``record`` returns, written on the event loop (no
+    thread while nobody else holds the lock); the syncer fsyncs soon after, at most once
+    per gap however many records come, and once more at close."""
+    import threading
+    import uuid
+
+    path = tmp_path / "outbox.sqlite"
+    ledger = Ledger(Outbox(path, fsync_commits=False, checkpoints=False), metrics(), sync_gap_s=0.5)
+    syncer = ledger._syncer
+    assert syncer is not None
+    tid = uuid.uuid4()
+    appenders: set[str] = set()
+    real_append = Outbox.append
+
+    def spy(self, events):  # the thread path
+        appenders.add(threading.current_thread().name)
+        real_append(self, events)
+
+    Outbox.append = spy  # type: ignore[method-assign]
+    try:
+        for i in range(20):
+            await ledger.record(event(tid, i))
+            assert Outbox(path).stats().pending == i + 1
+    finally:
+        Outbox.append = real_append  # type: ignore[method-assign]
+    assert appenders == set()  # every commit was made on the loop
+    for _ in range(100):
+        if syncer.syncs:
+            break
+        await asyncio.sleep(0.01)
+    assert 1 <= syncer.syncs <= 2  # 20 records, one fsync (two if it ran between them)
+    synced = syncer.syncs
+    await ledger.aclose()
+    assert syncer.syncs == synced  # close fsyncs itself, outside the counted loop
+    assert not syncer._thread.is_alive()
+
+
+async def test_background_fsync_ledger_waits_in_a_thread_when_the_outbox_is_locked(tmp_path):
+    """Another connection holds the outbox's write lock: the append does not block the
+    event loop, it waits in the ledger's thread and is durable once the lock is free."""
+    import sqlite3
+    import uuid
+
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path, fsync_commits=False, checkpoints=False)
+    ledger = Ledger(outbox, metrics())
+    tid = uuid.uuid4()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    assert outbox.try_append([event(tid, 0)]) is False
+    recorded = asyncio.create_task(ledger.record(event(tid, 1)))
+    await asyncio.sleep(0.3)  # the loop runs on while the append waits for the lock
+    assert not recorded.done()
+    other.execute("COMMIT")
+    other.close()
+    await asyncio.wait_for(recorded, 10)
+    assert [r.event.request_id for r in Outbox(path).read(10)] == [event(tid, 1).request_id]
+    await ledger.aclose()
+
+
+def test_try_append_is_refused_on_an_outbox_that_fsyncs_commits(tmp_path):
+    import uuid
+
+    with pytest.raises(RuntimeError, match="would block"):
+        Outbox(tmp_path / "outbox.sqlite").try_append([event(uuid.uuid4(), 0)])
 
 
 async def test_database_outage_delays_but_loses_nothing(sessions, pg_url, tmp_path, free_port):
@@ -243,3 +316,22 @@ async def test_usage_recorded_during_shutdown_is_kept(tmp_path):
         event(tid, 0).request_id,
         event(tid, 1).request_id,
     ]
+
+
+def test_outbox_rows_of_the_earlier_encoding_still_decode():
+    """Rows an earlier version left in an outbox (``json.dumps`` of ``asdict``, offsets
+    written ``+00:00``) read back as the same events."""
+    import json
+    import uuid
+    from dataclasses import asdict
+    from datetime import datetime
+
+    from gateway.outbox import event_from_json, event_to_json
+
+    e = event(uuid.uuid4(), 5)
+    old = {
+        k: str(v) if isinstance(v, uuid.UUID) else v.isoformat() if isinstance(v, datetime) else v
+        for k, v in asdict(e).items()
+    }
+    assert event_from_json(json.dumps(old, separators=(",", ":"))) == e
+    assert event_from_json(event_to_json(e)) == e
