@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
@@ -38,12 +40,25 @@ log = logging.getLogger("loraplex.gateway")
 EngineFactory = Callable[[], "EngineClient"]
 
 
+async def wait_for_engine(engine: EngineClient, timeout_s: float) -> None:
+    """Until the engine is ready (for a remote one: connected, its tokenizer loaded), at
+    most ``timeout_s``; then the app starts either way (``/ready`` says what is missing)."""
+    deadline = time.monotonic() + timeout_s
+    # polled: the engine client's protocol has health(), no readiness event
+    while not engine.health().ready and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
 def create_app(
-    settings: GatewaySettings, *, engine_factory: EngineFactory | None = None
+    settings: GatewaySettings,
+    *,
+    engine_factory: EngineFactory | None = None,
+    engine_wait_s: float = 0.0,
 ) -> FastAPI:
     """Build the app. ``engine_factory`` makes the engine client (in-process or remote;
     called in the lifespan); None serves the control plane only (``/ready`` reports the
-    engine as absent)."""
+    engine as absent). ``engine_wait_s``: how long startup waits for the engine to be
+    ready (``wait_for_engine``) before the server takes requests."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +93,7 @@ def create_app(
             if engine_factory is not None:
                 services.engine = engine_factory()
                 await services.engine.start()  # loads or connects; /ready reports when done
+                await wait_for_engine(services.engine, engine_wait_s)
             yield
         finally:
             if services.engine is not None:

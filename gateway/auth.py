@@ -4,9 +4,12 @@ The key row is found by its public prefix and the secret checked against the sto
 hash in constant time on every request. Rows are cached in-process for ``ttl_s`` seconds
 (negative answers too), so a revocation or suspension reaches every replica within that
 time with no cross-replica messaging; expiry is checked against the clock on every request.
-While the database is unavailable, a key seen before keeps authenticating from its last
-known state for ``stale_s`` seconds past its TTL (a revocation made elsewhere applies once
-the database answers again); any other key gets the database's 503.
+A key not in the cache is looked up once however many requests carry it at that moment:
+they all wait for the one lookup (a burst on a freshly started worker would otherwise take
+every pooled connection and time out with 503s). While the database is unavailable, a key
+seen before keeps authenticating from its last known state for ``stale_s`` seconds past
+its TTL (a revocation made elsewhere applies once the database answers again); any other
+key gets the database's 503.
 ``last_used_at`` is collected in memory and written in one batched UPDATE per interval.
 """
 
@@ -89,6 +92,7 @@ class KeyAuthenticator:
         self._max_entries = max_entries
         self._clock = clock
         self._cache: dict[str, tuple[float, _KeyState | None]] = {}
+        self._loading: dict[str, asyncio.Future[_KeyState | None]] = {}  # lookups under way
         self._used: dict[uuid.UUID, datetime] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -118,14 +122,30 @@ class KeyAuthenticator:
         return state.principal
 
     async def _lookup(self, prefix: str) -> _KeyState | None:
-        now = self._clock()
         hit = self._cache.get(prefix)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > self._clock():
             return hit[1]
+        loading = self._loading.get(prefix)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(prefix))
+            self._loading[prefix] = loading
+            loading.add_done_callback(lambda done: self._loaded(prefix, done))
+        # shielded: a caller that goes away (a client disconnect) leaves it to the others
+        return await asyncio.shield(loading)
+
+    def _loaded(self, prefix: str, done: asyncio.Future[_KeyState | None]) -> None:
+        if self._loading.get(prefix) is done:
+            del self._loading[prefix]
+        if not done.cancelled():
+            done.exception()  # retrieved, even when every caller went away
+
+    async def _load(self, prefix: str) -> _KeyState | None:
+        now = self._clock()
         try:
             async with self._sessions() as session:
                 found = await find_by_prefix(session, prefix)
         except DatabaseUnavailable:
+            hit = self._cache.get(prefix)
             if hit is not None and hit[1] is not None and now < hit[0] + self._stale_s:
                 return hit[1]  # last known good; never a stale "no such key"
             raise
@@ -139,6 +159,7 @@ class KeyAuthenticator:
     def forget(self, prefix: str) -> None:
         """Drop one cached key (this replica sees a revocation it made at once)."""
         self._cache.pop(prefix, None)
+        self._loading.pop(prefix, None)  # a lookup under way may predate the change
 
     def forget_tenant(self, tenant_id: uuid.UUID) -> None:
         """Drop every cached key of a tenant (its status or limits changed here)."""
@@ -149,6 +170,7 @@ class KeyAuthenticator:
         ]
         for prefix in stale:
             self._cache.pop(prefix, None)
+        self._loading.clear()  # lookups under way may predate the change
 
     async def flush(self) -> None:
         """Write the collected ``last_used_at`` values in one statement."""

@@ -20,6 +20,13 @@ from gateway.settings import GatewaySettings
 
 log = logging.getLogger("loraplex.gateway")
 _PR_SET_PDEATHSIG = 1
+# How long a worker's startup waits for its engine (connected, the tokenizer loaded: a few
+# seconds, more on a loaded machine) before it takes requests. uvicorn gives a worker
+# connections as soon as its startup is done, and a new one beside running workers (one
+# that replaces a worker that died) is idle, so it would take most of them only to answer
+# 503 engine_unavailable. Past this wait (the engine down, or still loading its model on
+# a first start) the worker starts anyway and /ready says what it waits for.
+ENGINE_WAIT_S = 20.0
 
 
 def die_with_parent() -> None:
@@ -41,4 +48,8 @@ def create_worker_app() -> FastAPI:
     if url is None:
         log.warning("LORAPLEX_ENGINE_URL is not set: this worker serves the control plane only")
         return create_app(settings)
-    return create_app(settings, engine_factory=lambda: RemoteEngineClient(url, token=token))
+    return create_app(
+        settings,
+        engine_factory=lambda: RemoteEngineClient(url, token=token),
+        engine_wait_s=ENGINE_WAIT_S,
+    )

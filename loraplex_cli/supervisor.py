@@ -155,6 +155,16 @@ class EngineProcess:
             proc.wait(5)
 
 
+# How long uvicorn's supervisor waits for a worker to answer its health ping before it
+# kills and replaces the worker. A spawned worker answers only once it has re-imported the
+# command line's modules, and a busy one once its ping thread gets the CPU, each of which
+# takes seconds on a loaded or cold machine: uvicorn's default (5 s) then kills workers in
+# the middle of their requests, or every new worker before it answers, again and again, so
+# that nothing serves. The price of a longer wait: a worker that dies while it is being
+# pinged is noticed (and replaced) only this long after; its siblings serve meanwhile.
+WORKER_HEALTHCHECK_S = 15
+
+
 def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -> None:
     """uvicorn's workers over ``gateway.worker:create_worker_app`` until a signal stops
     them. Their settings come from ``env``."""
@@ -179,5 +189,6 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
         log_level="info",
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         http=http_protocol(),  # malformed HTTP is answered in the API's error envelope
     )

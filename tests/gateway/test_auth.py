@@ -1,8 +1,10 @@
 """KeyAuthenticator against a real database: cache TTL (with a clock we move by hand),
-revocation and expiry, scopes into the Principal, batched ``last_used_at`` writes."""
+revocation and expiry, scopes into the Principal, batched ``last_used_at`` writes, one
+lookup for a burst of requests with a key not cached yet."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -173,3 +175,40 @@ async def test_forget_tenant_drops_all_its_keys(sessions) -> None:
         with pytest.raises(Forbidden):
             await auth.authenticate(issued.key)
     await auth.authenticate(other.key)
+
+
+class CountingSessions:
+    """The real session factory, counting the sessions opened (one per key lookup)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+        self.opened = 0
+
+    def __call__(self) -> AsyncSession:
+        self.opened += 1
+        return self.sessions()
+
+
+async def test_a_burst_with_a_key_not_cached_looks_it_up_once(sessions) -> None:
+    # (200 lookups at once would take every pooled connection of a just-started worker)
+    issued = await _key(sessions, "acme")
+    counting = CountingSessions(sessions)
+    auth = KeyAuthenticator(counting, secret_key=SECRET, ttl_s=5)  # type: ignore[arg-type]
+    principals = await asyncio.gather(*(auth.authenticate(issued.key) for _ in range(200)))
+    assert {p.key_id for p in principals} == {issued.row.id}
+    assert counting.opened == 1
+    with pytest.raises(Unauthenticated):  # the same prefix, a wrong secret: still refused
+        await auth.authenticate(issued.key[:-4] + "AAAA")
+    assert counting.opened == 1
+
+
+async def test_a_caller_that_leaves_does_not_cancel_the_lookup_of_the_others(sessions) -> None:
+    issued = await _key(sessions, "acme")
+    auth = KeyAuthenticator(sessions, secret_key=SECRET, ttl_s=5)
+    leaving = asyncio.create_task(auth.authenticate(issued.key))
+    staying = asyncio.create_task(auth.authenticate(issued.key))
+    await asyncio.sleep(0)  # both wait for the one lookup now
+    leaving.cancel()
+    assert (await staying).key_id == issued.row.id
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
