@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loraplex-installed
-TYPED := gateway adapters tenancy admin migrations loraplex_cli
+TYPED := loraplex
 PYTEST_ARGS ?=
 
 .PHONY: install serve test lint typecheck pytest gpu-test clean

@@ -15,8 +15,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from adapters.errors import InvalidAdapter, UnsafeArchive, UploadTooLarge
-from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.errors import InvalidAdapter, UnsafeArchive, UploadTooLarge
+from loraplex.adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
 WANTED = (CONFIG_FILE, WEIGHTS_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

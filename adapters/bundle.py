@@ -11,8 +11,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.archive import extract_adapter
-from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.archive import extract_adapter
+from loraplex.adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
 
 @dataclass(frozen=True)

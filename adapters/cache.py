@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from adapters.metrics import AdapterMetrics
+from loraplex.adapters.metrics import AdapterMetrics
 
 TIER = "disk"
 _SHA = re.compile(r"^[0-9a-f]{64}$")

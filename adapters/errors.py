@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tenancy.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from loraplex.tenancy.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 
 
 class InvalidAdapter(InvalidInput):

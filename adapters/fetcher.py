@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from adapters.bundle import sha256_file, unpack
-from adapters.cache import TIER as DISK_TIER
-from adapters.cache import DiskCache
-from adapters.errors import AdapterFetchError, InvalidAdapter
-from adapters.metrics import AdapterMetrics
-from adapters.storage import ObjectMissing, ObjectStore, StoreError
+from loraplex.adapters.bundle import sha256_file, unpack
+from loraplex.adapters.cache import TIER as DISK_TIER
+from loraplex.adapters.cache import DiskCache
+from loraplex.adapters.errors import AdapterFetchError, InvalidAdapter
+from loraplex.adapters.metrics import AdapterMetrics
+from loraplex.adapters.storage import ObjectMissing, ObjectStore, StoreError
 
 TIER = "object_store"
 log = logging.getLogger("loraplex.adapters")

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.errors import StoreUnavailable
-from adapters.storage import ObjectStore, StoreError
-from adapters.values import GcReport
-from tenancy.models import AdapterVersion
+from loraplex.adapters.errors import StoreUnavailable
+from loraplex.adapters.storage import ObjectStore, StoreError
+from loraplex.adapters.values import GcReport
+from loraplex.tenancy.models import AdapterVersion
 
 
 async def collect_garbage(

@@ -14,8 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from adapters.storage import ObjectInfo, ObjectMissing, ObjectStore, StoreError
-from tenancy.breaker import CircuitBreaker, CircuitOpen
+from loraplex.adapters.storage import ObjectInfo, ObjectMissing, ObjectStore, StoreError
+from loraplex.tenancy.breaker import CircuitBreaker, CircuitOpen
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from adapters.errors import InvalidAdapter
+from loraplex.adapters.errors import InvalidAdapter
 
 # No '@' (name@version), '/' or ':' (reserved for base models and routing).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" passes a trailing newline

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import InvalidAdapter
+from loraplex.adapters.errors import InvalidAdapter
 
 MAX_CONFIG_BYTES = 256 * 1024
 

@@ -7,9 +7,9 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from adapters.names import split_model
-from adapters.values import AdapterInfo, VersionInfo
-from tenancy.models import Adapter, AdapterAlias, AdapterVersion
+from loraplex.adapters.names import split_model
+from loraplex.adapters.values import AdapterInfo, VersionInfo
+from loraplex.tenancy.models import Adapter, AdapterAlias, AdapterVersion
 
 
 async def live_adapter(s: AsyncSession, tenant_id: uuid.UUID, name: str) -> Adapter | None:

@@ -17,16 +17,16 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters import queries
-from adapters.bundle import Bundle, pack
-from adapters.errors import AdapterConflict, AdapterNotFound, StoreUnavailable
-from adapters.names import check_name
-from adapters.spec import BaseModelSpec
-from adapters.storage import ObjectStore, StoreError, blob_key
-from adapters.validate import ValidatedAdapter, validate_dir
-from adapters.values import AdapterInfo, AliasInfo, VersionInfo
-from tenancy.errors import Unavailable
-from tenancy.models import Adapter, AdapterAlias, AdapterVersion, AuditLog, utcnow
+from loraplex.adapters import queries
+from loraplex.adapters.bundle import Bundle, pack
+from loraplex.adapters.errors import AdapterConflict, AdapterNotFound, StoreUnavailable
+from loraplex.adapters.names import check_name
+from loraplex.adapters.spec import BaseModelSpec
+from loraplex.adapters.storage import ObjectStore, StoreError, blob_key
+from loraplex.adapters.validate import ValidatedAdapter, validate_dir
+from loraplex.adapters.values import AdapterInfo, AliasInfo, VersionInfo
+from loraplex.tenancy.errors import Unavailable
+from loraplex.tenancy.models import Adapter, AdapterAlias, AdapterVersion, AuditLog, utcnow
 
 Sessions = async_sessionmaker[AsyncSession]
 log = logging.getLogger("loraplex.adapters")

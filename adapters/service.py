@@ -15,16 +15,16 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.cache import DiskCache
-from adapters.fetcher import Fetcher
-from adapters.guarded_store import GuardedStore
-from adapters.metrics import AdapterMetrics
-from adapters.registry import AdapterRegistry
-from adapters.spec import BaseModelSpec
-from adapters.storage import ObjectStore, S3Options, open_store
-from adapters.upload import UploadLimits
-from tenancy.breaker import CircuitBreaker
-from tenancy.settings import StoreSettings
+from loraplex.adapters.cache import DiskCache
+from loraplex.adapters.fetcher import Fetcher
+from loraplex.adapters.guarded_store import GuardedStore
+from loraplex.adapters.metrics import AdapterMetrics
+from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.spec import BaseModelSpec
+from loraplex.adapters.storage import ObjectStore, S3Options, open_store
+from loraplex.adapters.upload import UploadLimits
+from loraplex.tenancy.breaker import CircuitBreaker
+from loraplex.tenancy.settings import StoreSettings
 
 
 @dataclass(frozen=True)

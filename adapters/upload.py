@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.archive import PICKLE_SUFFIXES, extract_adapter, is_archive
-from adapters.errors import InvalidAdapter
-from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.archive import PICKLE_SUFFIXES, extract_adapter, is_archive
+from loraplex.adapters.errors import InvalidAdapter
+from loraplex.adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import InvalidAdapter
-from adapters.peft_config import LoraConfig, read_config
-from adapters.safetensors_header import TensorInfo, read_header
-from adapters.spec import BaseModelSpec
+from loraplex.adapters.errors import InvalidAdapter
+from loraplex.adapters.peft_config import LoraConfig, read_config
+from loraplex.adapters.safetensors_header import TensorInfo, read_header
+from loraplex.adapters.spec import BaseModelSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from tenancy.models import AdapterVersion
+from loraplex.tenancy.models import AdapterVersion
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from typing import Annotated, Any
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from adapters.service import AdapterServices
-from admin.auth import get_admin
-from gateway.deps import AuthDep, ServicesDep
-from tenancy.errors import Forbidden, Unavailable
-from tenancy.keys import parse_key
-from tenancy.tenants import get_tenant
+from loraplex.adapters.service import AdapterServices
+from loraplex.admin.auth import get_admin
+from loraplex.gateway.deps import AuthDep, ServicesDep
+from loraplex.tenancy.errors import Forbidden, Unavailable
+from loraplex.tenancy.keys import parse_key
+from loraplex.tenancy.tenants import get_tenant
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token or a tenant API key")
 

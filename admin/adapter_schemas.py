@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.names import NAME_RE
-from adapters.values import AdapterInfo, AliasInfo, VersionInfo
-from admin.schemas import UtcTime
+from loraplex.adapters.names import NAME_RE
+from loraplex.adapters.values import AdapterInfo, AliasInfo, VersionInfo
+from loraplex.admin.schemas import UtcTime
 
 # The upload is read by hand (streamed to disk under its own cap), so its body is stated
 # here: ``name`` and up to 4 file parts (any field name), either adapter_config.json +

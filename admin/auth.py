@@ -13,9 +13,9 @@ from typing import Annotated
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.deps import AuthDep, ServicesDep
-from tenancy.bootstrap import verify_admin_token
-from tenancy.errors import Unauthenticated
+from loraplex.gateway.deps import AuthDep, ServicesDep
+from loraplex.tenancy.bootstrap import verify_admin_token
+from loraplex.tenancy.errors import Unauthenticated
 
 _bearer = HTTPBearer(auto_error=False, description="The operator's admin token")
 

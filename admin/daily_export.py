@@ -24,9 +24,9 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.storage import ObjectStore
-from tenancy.usage_export import write_parquet
-from tenancy.usage_service import UsageQuery, stream_usage
+from loraplex.adapters.storage import ObjectStore
+from loraplex.tenancy.usage_export import write_parquet
+from loraplex.tenancy.usage_service import UsageQuery, stream_usage
 
 log = logging.getLogger("loraplex.export")
 

@@ -16,8 +16,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 
-from adapters.errors import InvalidAdapter, UploadTooLarge
-from adapters.upload import UploadedFile
+from loraplex.adapters.errors import InvalidAdapter, UploadTooLarge
+from loraplex.adapters.upload import UploadedFile
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from gateway.request_fields import VALID_UNICODE, Text
-from tenancy.limits import MAX_LIMIT
-from tenancy.models import ApiKey, Plan, Tenant
-from tenancy.principal import SCOPES
+from loraplex.gateway.request_fields import VALID_UNICODE, Text
+from loraplex.tenancy.limits import MAX_LIMIT
+from loraplex.tenancy.models import ApiKey, Plan, Tenant
+from loraplex.tenancy.principal import SCOPES
 
 _REQUEST = ConfigDict(extra="forbid")
 

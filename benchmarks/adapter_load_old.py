@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import AdapterIncompatible, AdapterLoadError
-from engine.lora.weights import (
+from loraplex.engine.errors import AdapterIncompatible, AdapterLoadError
+from loraplex.engine.lora.weights import (
     _FLOAT_DTYPES,
     _PARENT,
     GROUPS,
@@ -28,7 +28,7 @@ from engine.lora.weights import (
     _read_config,
     module_dims,
 )
-from engine.model.config import ModelConfig
+from loraplex.engine.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

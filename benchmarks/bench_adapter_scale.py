@@ -49,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_load_old import read_adapter_old
 from common import device_info, pick_device, table, write_json, write_peft_adapter
 
-from engine.api import AdapterRef, Request, SamplingParams
-from engine.config import EngineConfig, host_memory_bytes
-from engine.llm_engine import LLMEngine, loader_threads
-from engine.lora.loader import AdapterLoader
-from engine.lora.weights import read_adapter
-from engine.model.presets import PRESETS
-from engine.model_runner import ModelRunner
+from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.config import EngineConfig, host_memory_bytes
+from loraplex.engine.llm_engine import LLMEngine, loader_threads
+from loraplex.engine.lora.loader import AdapterLoader
+from loraplex.engine.lora.weights import read_adapter
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model_runner import ModelRunner
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -307,7 +307,7 @@ class StoreRefs:
     def __init__(self, root: Path) -> None:
         from prometheus_client import CollectorRegistry
 
-        from adapters.service import build_fetcher
+        from loraplex.adapters.service import build_fetcher
 
         self.root = root
         self.store_dir = root / "store"
@@ -322,8 +322,8 @@ class StoreRefs:
         self.keys: dict[Path, tuple[str, str]] = {}
 
     def put(self, adapter_dir: Path) -> AdapterRef:
-        from adapters.bundle import pack
-        from adapters.storage import blob_key
+        from loraplex.adapters.bundle import pack
+        from loraplex.adapters.storage import blob_key
 
         if adapter_dir not in self.keys:
             b = pack(adapter_dir, self.root / "bundle.tar")

@@ -50,8 +50,8 @@ from common import (
     write_peft_adapter,
 )
 
-from engine.batch import ScheduledBatch, SeqChunk
-from engine.model_runner import ModelRunner
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.model_runner import ModelRunner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

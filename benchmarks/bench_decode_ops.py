@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth
 
-from engine.kernels._triton import tl, triton
-from engine.kernels.paged_decode_attention import paged_decode_attention
+from loraplex.engine.kernels._triton import tl, triton
+from loraplex.engine.kernels.paged_decode_attention import paged_decode_attention
 
 
 @triton.jit

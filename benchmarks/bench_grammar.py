@@ -36,7 +36,7 @@ MAX_WALK = 400
 def _tokenizer(model: str | None) -> Any:
     from transformers import AutoTokenizer
 
-    from engine.model.loader import default_model_path
+    from loraplex.engine.model.loader import default_model_path
 
     path = Path(model) if model else default_model_path()
     if path.suffix == ".gguf":

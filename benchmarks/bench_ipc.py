@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msgspec
 import zmq
 
-from engine.api import ChoiceTokens, EngineOutput, Request, SamplingParams
-from engine.wire import Add, Outputs, Ping, Status, client_decoder, encoder
+from loraplex.engine.api import ChoiceTokens, EngineOutput, Request, SamplingParams
+from loraplex.engine.wire import Add, Outputs, Ping, Status, client_decoder, encoder
 
 
 def step_outputs(batch: int) -> Outputs:

@@ -38,15 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_throughput import preload, run_engine_case, warm_up
 from common import copy_bandwidth, device_info, pick_device, table, write_json
 
-from engine.api import AdapterRef
-from engine.config import EngineConfig
-from engine.kernels import build_lora_meta, lora_expand, lora_shrink  # Triton on CUDA
-from engine.llm_engine import LLMEngine
-from engine.lora.pool import GRANULE, PAGE_ROWS, page_bytes, plan_pages
-from engine.lora.slots import SlotTable
-from engine.lora.weights import GROUPS as MODULE_GROUPS
-from engine.model.presets import PRESETS
-from engine.model_runner import ModelRunner
+from loraplex.engine.api import AdapterRef
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.kernels import build_lora_meta, lora_expand, lora_shrink  # Triton on CUDA
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.lora.pool import GRANULE, PAGE_ROWS, page_bytes, plan_pages
+from loraplex.engine.lora.slots import SlotTable
+from loraplex.engine.lora.weights import GROUPS as MODULE_GROUPS
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model_runner import ModelRunner
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 RANKS = (8, 16, 32, 64)
@@ -214,7 +214,7 @@ def memory_part(args) -> list[dict]:
     elem = 2
     pb = page_bytes(cfg, elem)
     pg = {g: -(-b // (GRANULE * elem)) * GRANULE * elem for g, b in pb.items()}
-    from engine.lora.weights import module_dims
+    from loraplex.engine.lora.weights import module_dims
 
     dims = module_dims(cfg)
     rows = []

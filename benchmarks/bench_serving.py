@@ -44,8 +44,8 @@ from serving_runs import Runner
 from serving_server import ServeProcess, child_env, free_port
 from serving_setup import make_tenancy
 
-from engine.model.presets import PRESETS
-from loraplex_cli.supervisor import default_workers
+from loraplex.engine.model.presets import PRESETS
+from loraplex.supervisor import default_workers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,9 +25,9 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.kernels import build_lora_meta
-from engine.kernels.lora_expand import lora_expand
-from engine.kernels.lora_shrink import lora_shrink
+from loraplex.engine.kernels import build_lora_meta
+from loraplex.engine.kernels.lora_expand import lora_expand
+from loraplex.engine.kernels.lora_shrink import lora_shrink
 
 HIDDEN, INTER, KV = 4096, 14336, 1024
 GROUPS = {  # name: (in_features, [out per projection])

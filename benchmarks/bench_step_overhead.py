@@ -25,16 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.api import AdapterRef, Request, SamplingParams
-from engine.batch import ScheduledBatch
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.lora.slots import PagePlan
-from engine.model.dummy_tokenizer import dummy_tokenizer
-from engine.model.inputs import build_host_inputs
-from engine.model.presets import PRESETS
-from engine.output_processor import OutputProcessor
-from engine.runner import StepTensors
+from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.batch import ScheduledBatch
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.lora.slots import PagePlan
+from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
+from loraplex.engine.model.inputs import build_host_inputs
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.output_processor import OutputProcessor
+from loraplex.engine.runner import StepTensors
 
 PHASES = ("schedule", "inputs", "sample", "post")
 

@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_info, pick_device, write_json, write_peft_adapter
 from json_schemas import max_output_bytes, schemas
 
-from engine.api import AdapterRef, Grammar, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model.loader import default_model_path
-from engine.model.presets import PRESETS
-from engine.model_runner import ModelRunner
+from loraplex.engine.api import AdapterRef, Grammar, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model.loader import default_model_path
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model_runner import ModelRunner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -48,11 +48,11 @@ from common import (
     zipf_indices,
 )
 
-from engine.api import AdapterRef, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model.presets import PRESETS
-from engine.model_runner import ModelRunner
+from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model_runner import ModelRunner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.lora.weights import GROUPS, LoraModule, module_dims
-from engine.model.config import ModelConfig
+from loraplex.engine.lora.weights import GROUPS, LoraModule, module_dims
+from loraplex.engine.model.config import ModelConfig
 
 ALL_TARGETS = tuple(m for mods in GROUPS.values() for m in mods)
 GiB = 2**30

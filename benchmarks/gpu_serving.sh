@@ -22,7 +22,7 @@ if [ ! -f /tmp/site/.done ] && [ -d .whl ]; then
     --target /tmp/site .whl/*.whl && touch /tmp/site/.done
 fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -c "import gateway.worker, engine.remote_client, loraplex_cli.main" || exit 1
+python3 -c "import loraplex.gateway.worker, loraplex.engine.remote_client, loraplex.main" || exit 1
 status=0
 step() {  # step NAME CMD...: run, log, remember failure
   local name=$1

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import uvicorn
 
-from gateway.app import create_app
-from gateway.http_protocol import http_protocol
-from loraplex_cli.engine_wiring import inproc_engine
-from loraplex_cli.serve import load_settings, migrate, resolve_model, run_bootstrap
+from loraplex.engine_wiring import inproc_engine
+from loraplex.gateway.app import create_app
+from loraplex.gateway.http_protocol import http_protocol
+from loraplex.serve import load_settings, migrate, resolve_model, run_bootstrap
 
 
 def main() -> None:

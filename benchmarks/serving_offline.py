@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import adapter_refs, preload, prompts, run_engine_case, warm_up
 from common import device_info, write_json, zipf_indices
 
-from engine.api import AdapterRef, Request, SamplingParams
-from engine.llm_engine import LLMEngine
-from engine.model.presets import PRESETS
-from gateway.settings import GatewaySettings
-from loraplex_cli.engine_wiring import engine_config
+from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine_wiring import engine_config
+from loraplex.gateway.settings import GatewaySettings
 
 
 def prompt_set(args: argparse.Namespace, vocab: int, n: int, salt: int) -> list[list[int]]:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def loraplex_argv() -> list[str]:
     """The installed console script, else the module (a checkout without ``pip install``)."""
     script = Path(sys.executable).with_name("loraplex")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "loraplex_cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "loraplex.main"]
 
 
 def child_env(settings: dict[str, str], repo: Path = REPO) -> dict[str, str]:

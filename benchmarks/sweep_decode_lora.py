@@ -31,8 +31,8 @@ from common import (
 )
 
 # the modules (engine.kernels re-exports functions of the same names)
-S = importlib.import_module("engine.kernels.lora_shrink")
-E = importlib.import_module("engine.kernels.lora_expand")
+S = importlib.import_module("loraplex.engine.kernels.lora_shrink")
+E = importlib.import_module("loraplex.engine.kernels.lora_expand")
 ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
 VARIANTS: list[tuple[str, dict]] = [

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 if TYPE_CHECKING:
-    from engine.errors import EngineError
+    from loraplex.engine.errors import EngineError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 # "generate": sample tokens; "embed": prefill only, the answer is the pooled final hidden
@@ -72,7 +72,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     grammar: Grammar | None = None  # constrained decoding (structured outputs)
 
     def validate(self) -> None:
-        from engine.errors import InvalidRequest
+        from loraplex.engine.errors import InvalidRequest
 
         checks: list[tuple[bool, str, str]] = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),

@@ -13,7 +13,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
-from engine.sequence import Sequence
+from loraplex.engine.sequence import Sequence
 
 
 def _root_hash(adapter_key: str | None) -> bytes:

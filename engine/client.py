@@ -14,8 +14,8 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
-from engine.stats import EngineStats
+from loraplex.engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
+from loraplex.engine.stats import EngineStats
 
 HealthState = Literal["starting", "ready", "dead", "unreachable"]
 

@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from engine.api import EngineOutput, Request, RequestOutput
-from engine.errors import EngineDead, EngineError, InvalidRequest
-from engine.output_processor import OutputProcessor, RequestTracker
+from loraplex.engine.api import EngineOutput, Request, RequestOutput
+from loraplex.engine.errors import EngineDead, EngineError, InvalidRequest
+from loraplex.engine.output_processor import OutputProcessor, RequestTracker
 
 
 class _Stream:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import InvalidRequest
+from loraplex.engine.errors import InvalidRequest
 
 
 def host_memory_bytes() -> int:

@@ -7,7 +7,7 @@ name, message and param) and become the same typed error on the client side
 
 from __future__ import annotations
 
-from engine.api import ErrorInfo
+from loraplex.engine.api import ErrorInfo
 
 
 class EngineError(Exception):

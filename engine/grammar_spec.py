@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import llguidance
 
-from engine.api import Grammar
+from loraplex.engine.api import Grammar
 
 # compact JSON: the separators of ``json.dumps``'s default, and no other whitespace
 JSON_OPTIONS: llguidance.JsonCompileOptions = {

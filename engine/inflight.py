@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.request_state import Choice, RequestState
-from engine.sampler import DeviceSample
-from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
+from loraplex.engine.request_state import Choice, RequestState
+from loraplex.engine.sampler import DeviceSample
+from loraplex.engine.scheduler import SchedulerOutput
+from loraplex.engine.sequence import Sequence
 
 PLACEHOLDER = -1
 

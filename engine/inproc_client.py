@@ -13,16 +13,16 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
-from engine.api import AdapterRef, AdapterResidency, EngineOutput, Request, RequestOutput
-from engine.client import EngineHealth, ModelInfo
-from engine.client_streams import ClientStreams
-from engine.config import EngineConfig
-from engine.errors import EngineDead
-from engine.llm_engine import LLMEngine
-from engine.lora.loader import Fetch, local_fetch
-from engine.model_info import describe
-from engine.stats import EngineStats
-from engine.step_loop import StepLoop
+from loraplex.engine.api import AdapterRef, AdapterResidency, EngineOutput, Request, RequestOutput
+from loraplex.engine.client import EngineHealth, ModelInfo
+from loraplex.engine.client_streams import ClientStreams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.errors import EngineDead
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.lora.loader import Fetch, local_fetch
+from loraplex.engine.model_info import describe
+from loraplex.engine.stats import EngineStats
+from loraplex.engine.step_loop import StepLoop
 
 
 class InprocEngineClient:

@@ -19,33 +19,33 @@ from pathlib import Path
 
 import torch
 
-from engine.api import AdapterRef, AdapterResidency, EngineOutput, Request, TokenLogprobs
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.errors import (
+from loraplex.engine.api import AdapterRef, AdapterResidency, EngineOutput, Request, TokenLogprobs
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.errors import (
     AdapterLoadError,
     EngineError,
     EngineOverloaded,
     InvalidRequest,
     as_engine_error,
 )
-from engine.inflight import PLACEHOLDER, DevicePooled, InFlight, SampledRow, gather_for
-from engine.lora.loader import LOAD_BUCKETS_S, AdapterLoader, Fetch, TierLoads, local_fetch
-from engine.lora.slots import SlotTable
-from engine.request_state import (
+from loraplex.engine.inflight import PLACEHOLDER, DevicePooled, InFlight, SampledRow, gather_for
+from loraplex.engine.lora.loader import LOAD_BUCKETS_S, AdapterLoader, Fetch, TierLoads, local_fetch
+from loraplex.engine.lora.slots import SlotTable
+from loraplex.engine.request_state import (
     Choice,
     RequestState,
     check_embed_fits,
     check_fits,
     tokenize_prompt,
 )
-from engine.runner import Runner, build_runner
-from engine.sampler import DeviceSample, Sampler, SampleRow
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import SeqStatus, Sequence
-from engine.stats import AdapterTierLoads, EngineStats, StepCounters
-from engine.structured import GrammarCache, fill_masks
-from engine.token_mask import MaskBatch, apply_token_masks
+from loraplex.engine.runner import Runner, build_runner
+from loraplex.engine.sampler import DeviceSample, Sampler, SampleRow
+from loraplex.engine.scheduler import Scheduler, SchedulerOutput
+from loraplex.engine.sequence import SeqStatus, Sequence
+from loraplex.engine.stats import AdapterTierLoads, EngineStats, StepCounters
+from loraplex.engine.structured import GrammarCache, fill_masks
+from loraplex.engine.token_mask import MaskBatch, apply_token_masks
 
 log = logging.getLogger(__name__)
 MAX_FAILED_FORWARDS = 3  # consecutive failed forwards before the step loop gives up

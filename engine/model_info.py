@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from engine.client import AdapterShape, ModelInfo
-from engine.llm_engine import LLMEngine
-from engine.lora.weights import MODULE_GROUP
-from engine.tokenizer_files import export_tokenizer
+from loraplex.engine.client import AdapterShape, ModelInfo
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.lora.weights import MODULE_GROUP
+from loraplex.engine.tokenizer_files import export_tokenizer
 
 
 def describe(engine: LLMEngine, *, name: str, model: str) -> ModelInfo:

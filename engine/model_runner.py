@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine import kernels as K
-from engine.batch import ScheduledBatch, SeqChunk
-from engine.kernels.lora_expand import token_path_sizes
-from engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
-from engine.lora.slots import PageNeed, PagePlan
-from engine.lora.weights import LoraWeights, read_adapter
-from engine.model.cuda_graphs import DecodeGraphs
-from engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
-from engine.model.llama import LlamaModel
-from engine.model.loader import LoadedModel, load_model
-from engine.runner import StepTensors
+from loraplex.engine import kernels as K
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.kernels.lora_expand import token_path_sizes
+from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
+from loraplex.engine.lora.slots import PageNeed, PagePlan
+from loraplex.engine.lora.weights import LoraWeights, read_adapter
+from loraplex.engine.model.cuda_graphs import DecodeGraphs
+from loraplex.engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
+from loraplex.engine.model.llama import LlamaModel
+from loraplex.engine.model.loader import LoadedModel, load_model
+from loraplex.engine.runner import StepTensors
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 512 * 2**20

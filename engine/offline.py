@@ -4,10 +4,10 @@ stop strings applied, as a served client would see them."""
 
 from __future__ import annotations
 
-from engine.api import Request, RequestOutput
-from engine.llm_engine import LLMEngine
-from engine.output_processor import OutputProcessor, RequestTracker
-from engine.stats import EngineStats
+from loraplex.engine.api import Request, RequestOutput
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.output_processor import OutputProcessor, RequestTracker
+from loraplex.engine.stats import EngineStats
 
 
 class OfflineEngine:

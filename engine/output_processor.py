@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.api import (
+from loraplex.engine.api import (
     ChoiceTokens,
     CompletionDelta,
     EngineOutput,
@@ -22,8 +22,13 @@ from engine.api import (
     RequestOutput,
     TokenLogprob,
 )
-from engine.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces, fast_decoder
-from engine.errors import error_from_info
+from loraplex.engine.detokenizer import (
+    IncrementalDetokenizer,
+    StopChecker,
+    TokenPieces,
+    fast_decoder,
+)
+from loraplex.engine.errors import error_from_info
 
 
 class OutputProcessor:

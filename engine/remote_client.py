@@ -27,13 +27,13 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
-from engine.client import EngineHealth, ModelInfo
-from engine.client_streams import ClientStreams
-from engine.errors import EngineDead, error_from_info
-from engine.stats import EngineStats
-from engine.tokenizer_files import load_tokenizer
-from engine.wire import (
+from loraplex.engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
+from loraplex.engine.client import EngineHealth, ModelInfo
+from loraplex.engine.client_streams import ClientStreams
+from loraplex.engine.errors import EngineDead, error_from_info
+from loraplex.engine.stats import EngineStats
+from loraplex.engine.tokenizer_files import load_tokenizer
+from loraplex.engine.wire import (
     Abort,
     Add,
     Call,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.api import (
+from loraplex.engine.api import (
     ChoiceTokens,
     EngineOutput,
     FinishReason,
@@ -22,9 +22,9 @@ from engine.api import (
     SamplingParams,
     TokenLogprobs,
 )
-from engine.errors import EngineError, InvalidRequest, PromptTooLong, RequestFailed
-from engine.sampler import SampleRow
-from engine.sequence import Sequence
+from loraplex.engine.errors import EngineError, InvalidRequest, PromptTooLong, RequestFailed
+from loraplex.engine.sampler import SampleRow
+from loraplex.engine.sequence import Sequence
 
 _U64 = (1 << 64) - 1
 

@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.batch import ScheduledBatch
-from engine.config import EngineConfig
-from engine.lora.slots import PageNeed, PagePlan
-from engine.model.config import ModelConfig
+from loraplex.engine.batch import ScheduledBatch
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.lora.slots import PageNeed, PagePlan
+from loraplex.engine.model.config import ModelConfig
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Runner(Protocol):
 
 def build_runner(model: str | Path | None, config: EngineConfig) -> Runner:
     """``model``: an HF directory, a ``.gguf`` file or ``dummy:<preset>`` (None: default)."""
-    from engine.model_runner import ModelRunner
+    from loraplex.engine.model_runner import ModelRunner
 
     config.validate()
     return ModelRunner(

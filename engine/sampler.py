@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.api import SamplingParams
-from engine.devices import tensor_on, to_device
-from engine.token_mask import MaskBatch, apply_token_masks
+from loraplex.engine.api import SamplingParams
+from loraplex.engine.devices import tensor_on, to_device
+from loraplex.engine.token_mask import MaskBatch, apply_token_masks
 
 _GREEDY_EPS = 1e-5
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from engine.batch import ScheduledBatch, SeqChunk
-from engine.block_manager import BlockManager
-from engine.lora.slots import PageNeed, SlotTable
-from engine.sequence import SeqStatus, Sequence
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.lora.slots import PageNeed, SlotTable
+from loraplex.engine.sequence import SeqStatus, Sequence
 
 _priority = attrgetter("arrival", "index")  # = Sequence.priority, read in C
 

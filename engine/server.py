@@ -25,13 +25,13 @@ from typing import Any
 import msgspec
 import zmq
 
-from engine.api import EngineOutput
-from engine.client import ModelInfo
-from engine.errors import InvalidRequest, as_engine_error
-from engine.llm_engine import LLMEngine
-from engine.model_info import describe
-from engine.step_loop import StepLoop, failed
-from engine.wire import (
+from loraplex.engine.api import EngineOutput
+from loraplex.engine.client import ModelInfo
+from loraplex.engine.errors import InvalidRequest, as_engine_error
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model_info import describe
+from loraplex.engine.step_loop import StepLoop, failed
+from loraplex.engine.wire import (
     Abort,
     Add,
     Call,

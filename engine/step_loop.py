@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.api import EngineOutput, Request
-from engine.errors import EngineDead, as_engine_error
-from engine.llm_engine import LLMEngine
-from engine.stats import EngineStats
+from loraplex.engine.api import EngineOutput, Request
+from loraplex.engine.errors import EngineDead, as_engine_error
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ import llguidance
 import llguidance.hf
 import torch
 
-from engine.api import Grammar
-from engine.devices import to_device
-from engine.errors import InvalidRequest
-from engine.grammar_spec import grammar_text
-from engine.token_mask import MaskBatch
+from loraplex.engine.api import Grammar
+from loraplex.engine.devices import to_device
+from loraplex.engine.errors import InvalidRequest
+from loraplex.engine.grammar_spec import grammar_text
+from loraplex.engine.token_mask import MaskBatch
 
 log = logging.getLogger(__name__)
 PARAM = "response_format"

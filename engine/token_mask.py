@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.devices import to_device
+from loraplex.engine.devices import to_device
 
 
 class MaskBatch:

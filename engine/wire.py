@@ -18,9 +18,9 @@ from typing import Literal
 
 import msgspec
 
-from engine.api import AdapterRef, AdapterResidency, EngineOutput, ErrorInfo, Request
-from engine.client import HealthState, ModelInfo
-from engine.stats import EngineStats
+from loraplex.engine.api import AdapterRef, AdapterResidency, EngineOutput, ErrorInfo, Request
+from loraplex.engine.client import HealthState, ModelInfo
+from loraplex.engine.stats import EngineStats
 
 # ---- gateway -> engine ------------------------------------------------------------------
 

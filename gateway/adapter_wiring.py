@@ -8,12 +8,12 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.service import AdapterServices, build_adapter_services, s3_options
-from adapters.spec import BaseModelSpec
-from adapters.upload import UploadLimits
-from engine.client import EngineClient
-from gateway.settings import GatewaySettings
-from tenancy.breaker import CircuitBreaker
+from loraplex.adapters.service import AdapterServices, build_adapter_services, s3_options
+from loraplex.adapters.spec import BaseModelSpec
+from loraplex.adapters.upload import UploadLimits
+from loraplex.engine.client import EngineClient
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.tenancy.breaker import CircuitBreaker
 
 
 def engine_adapter_spec(engine: EngineClient | None, name: str) -> BaseModelSpec | None:

@@ -12,28 +12,28 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from admin.routes import adapters as admin_adapters
-from admin.routes import keys as admin_keys
-from admin.routes import plans as admin_plans
-from admin.routes import tenants as admin_tenants
-from admin.routes import usage as admin_usage
-from gateway.adapter_wiring import build_for_app
-from gateway.auth import KeyAuthenticator
-from gateway.billing import open_billing
-from gateway.breakers import BreakerCollector, Breakers
-from gateway.errors import install_error_handlers
-from gateway.middleware import install_middleware
-from gateway.openapi import install_openapi
-from gateway.resolve import ModelResolver
-from gateway.routes import chat, completions, health, models
-from gateway.routes import embeddings as embeddings_routes
-from gateway.routes import metrics as metrics_routes
-from gateway.settings import GatewaySettings
-from gateway.state import Services
-from tenancy.db import make_engine, make_sessionmaker
+from loraplex.admin.routes import adapters as admin_adapters
+from loraplex.admin.routes import keys as admin_keys
+from loraplex.admin.routes import plans as admin_plans
+from loraplex.admin.routes import tenants as admin_tenants
+from loraplex.admin.routes import usage as admin_usage
+from loraplex.gateway.adapter_wiring import build_for_app
+from loraplex.gateway.auth import KeyAuthenticator
+from loraplex.gateway.billing import open_billing
+from loraplex.gateway.breakers import BreakerCollector, Breakers
+from loraplex.gateway.errors import install_error_handlers
+from loraplex.gateway.middleware import install_middleware
+from loraplex.gateway.openapi import install_openapi
+from loraplex.gateway.resolve import ModelResolver
+from loraplex.gateway.routes import chat, completions, health, models
+from loraplex.gateway.routes import embeddings as embeddings_routes
+from loraplex.gateway.routes import metrics as metrics_routes
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.gateway.state import Services
+from loraplex.tenancy.db import make_engine, make_sessionmaker
 
 if TYPE_CHECKING:
-    from engine.client import EngineClient
+    from loraplex.engine.client import EngineClient
 
 log = logging.getLogger("loraplex.gateway")
 

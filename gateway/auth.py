@@ -26,12 +26,12 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tenancy.api_keys import as_utc, find_by_prefix, record_last_used
-from tenancy.errors import DatabaseUnavailable, Forbidden, Unauthenticated
-from tenancy.keys import parse_key, verify
-from tenancy.limits import effective_tenant_limits
-from tenancy.models import ApiKey, Tenant, utcnow
-from tenancy.principal import Principal
+from loraplex.tenancy.api_keys import as_utc, find_by_prefix, record_last_used
+from loraplex.tenancy.errors import DatabaseUnavailable, Forbidden, Unauthenticated
+from loraplex.tenancy.keys import parse_key, verify
+from loraplex.tenancy.limits import effective_tenant_limits
+from loraplex.tenancy.models import ApiKey, Tenant, utcnow
+from loraplex.tenancy.principal import Principal
 
 log = logging.getLogger("loraplex.gateway.auth")
 

@@ -16,15 +16,15 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.service import s3_options
-from adapters.storage import open_store
-from admin.daily_export import DailyExporter
-from gateway.budget_sync import run_budget_sync
-from gateway.ledger_writer import LedgerWriter
-from gateway.limits import Limiter
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox
-from gateway.settings import GatewaySettings
+from loraplex.adapters.service import s3_options
+from loraplex.adapters.storage import open_store
+from loraplex.admin.daily_export import DailyExporter
+from loraplex.gateway.budget_sync import run_budget_sync
+from loraplex.gateway.ledger_writer import LedgerWriter
+from loraplex.gateway.limits import Limiter
+from loraplex.gateway.metrics import Metrics
+from loraplex.gateway.outbox import Outbox
+from loraplex.gateway.settings import GatewaySettings
 
 log = logging.getLogger("loraplex.billing")
 

@@ -19,16 +19,16 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.background import BackgroundJobs
-from gateway.leader import LeaderLock, lead_when_possible
-from gateway.ledger import Ledger
-from gateway.limiter_broker import BrokerLimiter
-from gateway.limiter_memory import InProcessLimiter
-from gateway.limiter_redis import RedisLimiter
-from gateway.limits import Limiter
-from gateway.metrics import Metrics, engine_stats_of
-from gateway.outbox import Outbox
-from gateway.settings import GatewaySettings
+from loraplex.gateway.background import BackgroundJobs
+from loraplex.gateway.leader import LeaderLock, lead_when_possible
+from loraplex.gateway.ledger import Ledger
+from loraplex.gateway.limiter_broker import BrokerLimiter
+from loraplex.gateway.limiter_memory import InProcessLimiter
+from loraplex.gateway.limiter_redis import RedisLimiter
+from loraplex.gateway.limits import Limiter
+from loraplex.gateway.metrics import Metrics, engine_stats_of
+from loraplex.gateway.outbox import Outbox
+from loraplex.gateway.settings import GatewaySettings
 
 log = logging.getLogger("loraplex.billing")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.settings import GatewaySettings
-from tenancy.breaker import STATE_VALUES, BreakerState, CircuitBreaker
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.tenancy.breaker import STATE_VALUES, BreakerState, CircuitBreaker
 
 
 @dataclass(frozen=True)

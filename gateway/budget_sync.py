@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.limits import Limiter, MonthUsage, month_key
-from tenancy.usage_service import month_start, totals_by_key
+from loraplex.gateway.limits import Limiter, MonthUsage, month_key
+from loraplex.tenancy.usage_service import month_start, totals_by_key
 
 log = logging.getLogger("loraplex.limits")
 

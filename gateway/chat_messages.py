@@ -18,10 +18,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.schemas import ChatCompletionRequest, ChatMessage
-from gateway.tool_parsers import ParserName, parser_for_template
-from gateway.tool_schemas import ToolDefinition
-from tenancy.errors import InvalidInput
+from loraplex.gateway.schemas import ChatCompletionRequest, ChatMessage
+from loraplex.gateway.tool_parsers import ParserName, parser_for_template
+from loraplex.gateway.tool_schemas import ToolDefinition
+from loraplex.tenancy.errors import InvalidInput
 
 HERMES_TOOLS_PROMPT = """# Tools
 

@@ -14,10 +14,10 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.auth import KeyAuthenticator
-from gateway.state import Services
-from tenancy.errors import Forbidden, Unavailable
-from tenancy.principal import Principal
+from loraplex.gateway.auth import KeyAuthenticator
+from loraplex.gateway.state import Services
+from loraplex.tenancy.errors import Forbidden, Unavailable
+from loraplex.tenancy.principal import Principal
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key: lpx_<prefix>_<secret>")
 

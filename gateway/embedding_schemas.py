@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.request_fields import VALID_UNICODE, Name, TokenIds
+from loraplex.gateway.request_fields import VALID_UNICODE, Name, TokenIds
 
 MAX_EMBEDDING_INPUTS = 2048  # inputs in one request (OpenAI's limit)
 

@@ -24,19 +24,19 @@ from typing import Any
 
 import anyio
 
-from engine.api import AdapterRef, Request, RequestOutput
-from engine.client import EngineClient
-from engine.errors import EngineError
-from gateway.embedding_schemas import EmbeddingRequest
-from gateway.inference import UsageSink
-from gateway.limits import Admission, Limiter
-from gateway.prompt_budget import CHARS_PER_TOKEN, CONTEXT_LENGTH_EXCEEDED
-from gateway.prompts import INLINE_CHARS, ServedModel
-from gateway.resolve import Target
-from tenancy.errors import InvalidInput
-from tenancy.models import utcnow
-from tenancy.principal import Principal
-from tenancy.usage import UsageEvent, UsageStatus, cost_micros
+from loraplex.engine.api import AdapterRef, Request, RequestOutput
+from loraplex.engine.client import EngineClient
+from loraplex.engine.errors import EngineError
+from loraplex.gateway.embedding_schemas import EmbeddingRequest
+from loraplex.gateway.inference import UsageSink
+from loraplex.gateway.limits import Admission, Limiter
+from loraplex.gateway.prompt_budget import CHARS_PER_TOKEN, CONTEXT_LENGTH_EXCEEDED
+from loraplex.gateway.prompts import INLINE_CHARS, ServedModel
+from loraplex.gateway.resolve import Target
+from loraplex.tenancy.errors import InvalidInput
+from loraplex.tenancy.models import utcnow
+from loraplex.tenancy.principal import Principal
+from loraplex.tenancy.usage import UsageEvent, UsageStatus, cost_micros
 
 log = logging.getLogger("loraplex.gateway.embeddings")
 IN_FLIGHT = 64  # one API request's inputs in the engine at once

@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import errors as engine_errors
-from tenancy.errors import DomainError, RateLimited, Unavailable
+from loraplex.engine import errors as engine_errors
+from loraplex.tenancy.errors import DomainError, RateLimited, Unavailable
 
 log = logging.getLogger("loraplex.gateway")
 

@@ -21,20 +21,20 @@ from typing import Protocol
 
 import anyio
 
-from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
-from engine.client import EngineClient
-from engine.errors import AdapterLoadError, EngineError
-from gateway.chat_messages import ToolPlan, plan_tools, template_text
-from gateway.limits import Admission, Limiter
-from gateway.prompts import prompt_ids, sampling_params, served_model
-from gateway.render import Choices
-from gateway.resolve import Target
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.state import Services
-from tenancy.errors import InvalidInput, Unavailable
-from tenancy.models import utcnow
-from tenancy.principal import Principal
-from tenancy.usage import UsageEvent, UsageStatus, cost_micros
+from loraplex.engine.api import AdapterRef, Request, RequestOutput, SamplingParams
+from loraplex.engine.client import EngineClient
+from loraplex.engine.errors import AdapterLoadError, EngineError
+from loraplex.gateway.chat_messages import ToolPlan, plan_tools, template_text
+from loraplex.gateway.limits import Admission, Limiter
+from loraplex.gateway.prompts import prompt_ids, sampling_params, served_model
+from loraplex.gateway.render import Choices
+from loraplex.gateway.resolve import Target
+from loraplex.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from loraplex.gateway.state import Services
+from loraplex.tenancy.errors import InvalidInput, Unavailable
+from loraplex.tenancy.models import utcnow
+from loraplex.tenancy.principal import Principal
+from loraplex.tenancy.usage import UsageEvent, UsageStatus, cost_micros
 
 log = logging.getLogger("loraplex.gateway.inference")
 

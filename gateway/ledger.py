@@ -25,10 +25,10 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox
-from gateway.outbox_sync import OutboxSyncer
-from tenancy.usage import UsageEvent
+from loraplex.gateway.metrics import Metrics
+from loraplex.gateway.outbox import Outbox
+from loraplex.gateway.outbox_sync import OutboxSyncer
+from loraplex.tenancy.usage import UsageEvent
 
 log = logging.getLogger("loraplex.ledger")
 

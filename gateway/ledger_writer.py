@@ -27,9 +27,9 @@ from typing import Any
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox, OutboxRow
-from tenancy.usage_service import insert_usage
+from loraplex.gateway.metrics import Metrics
+from loraplex.gateway.outbox import Outbox, OutboxRow
+from loraplex.tenancy.usage_service import insert_usage
 
 log = logging.getLogger("loraplex.ledger")
 

@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from gateway.limits import Admission, Scope
-from gateway.metrics import Metrics
-from tenancy.errors import Unavailable
+from loraplex.gateway.limits import Admission, Scope
+from loraplex.gateway.metrics import Metrics
+from loraplex.tenancy.errors import Unavailable
 
 log = logging.getLogger("loraplex.limits")
 

@@ -25,8 +25,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from gateway.limit_store import Breaker, OutagePolicy, StoreDown
-from gateway.limits import (
+from loraplex.gateway.limit_store import Breaker, OutagePolicy, StoreDown
+from loraplex.gateway.limits import (
     Admission,
     MonthUsage,
     new_admission_id,
@@ -34,9 +34,17 @@ from gateway.limits import (
     reserve_spend,
     scopes_for,
 )
-from gateway.limits_wire import Admit, Call, Reply, Settle, SyncMonth, encoder, reply_decoder
-from gateway.metrics import Metrics
-from tenancy.principal import Principal
+from loraplex.gateway.limits_wire import (
+    Admit,
+    Call,
+    Reply,
+    Settle,
+    SyncMonth,
+    encoder,
+    reply_decoder,
+)
+from loraplex.gateway.metrics import Metrics
+from loraplex.tenancy.principal import Principal
 
 log = logging.getLogger("loraplex.limits")
 _CONNECT_GRACE_S = 0.2  # the most a call waits for the broker's connection to come up

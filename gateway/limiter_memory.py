@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from gateway.limits import (
+from loraplex.gateway.limits import (
     WINDOW_MS,
     Admission,
     LimitKind,
@@ -36,8 +36,8 @@ from gateway.limits import (
     scopes_for,
     settled_spend,
 )
-from gateway.metrics import Metrics
-from tenancy.principal import Principal
+from loraplex.gateway.metrics import Metrics
+from loraplex.tenancy.principal import Principal
 
 
 @dataclass

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from gateway.limit_scripts import ADMIT_LUA, SETTLE_LUA, SYNC_MONTH_LUA
-from gateway.limit_store import Breaker, OutagePolicy
-from gateway.limits import (
+from loraplex.gateway.limit_scripts import ADMIT_LUA, SETTLE_LUA, SYNC_MONTH_LUA
+from loraplex.gateway.limit_store import Breaker, OutagePolicy
+from loraplex.gateway.limits import (
     KIND_CODES,
     Admission,
     MonthUsage,
@@ -34,8 +34,8 @@ from gateway.limits import (
     scopes_for,
     settled_spend,
 )
-from gateway.metrics import Metrics
-from tenancy.principal import Principal
+from loraplex.gateway.metrics import Metrics
+from loraplex.tenancy.principal import Principal
 
 log = logging.getLogger("loraplex.limits")
 

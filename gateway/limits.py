@@ -25,10 +25,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal, Protocol
 
-from tenancy.errors import QuotaExceeded, RateLimited
-from tenancy.limits import Limits
-from tenancy.principal import Principal
-from tenancy.usage import cost_micros
+from loraplex.tenancy.errors import QuotaExceeded, RateLimited
+from loraplex.tenancy.limits import Limits
+from loraplex.tenancy.principal import Principal
+from loraplex.tenancy.usage import cost_micros
 
 WINDOW_MS = 60_000
 

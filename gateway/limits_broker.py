@@ -25,9 +25,17 @@ import msgspec
 import zmq
 from prometheus_client import CollectorRegistry
 
-from gateway.limiter_memory import InProcessLimiter
-from gateway.limits_wire import Admit, Call, Reply, Settle, SyncMonth, call_decoder, encoder
-from gateway.metrics import Metrics
+from loraplex.gateway.limiter_memory import InProcessLimiter
+from loraplex.gateway.limits_wire import (
+    Admit,
+    Call,
+    Reply,
+    Settle,
+    SyncMonth,
+    call_decoder,
+    encoder,
+)
+from loraplex.gateway.metrics import Metrics
 
 log = logging.getLogger("loraplex.limits")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import msgspec
 
-from gateway.limits import Admission, MonthUsage, Verdict
-from tenancy.principal import Principal
+from loraplex.gateway.limits import Admission, MonthUsage, Verdict
+from loraplex.tenancy.principal import Principal
 
 
 class Admit(msgspec.Struct, tag="admit", array_like=True):

@@ -18,9 +18,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from engine.client import EngineClient
-from engine.stats import EngineStats
-from tenancy.usage import UsageEvent
+from loraplex.engine.client import EngineClient
+from loraplex.engine.stats import EngineStats
+from loraplex.tenancy.usage import UsageEvent
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)

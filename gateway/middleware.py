@@ -14,7 +14,7 @@ import uuid
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import envelope
+from loraplex.gateway.errors import envelope
 
 log = logging.getLogger("loraplex.gateway")
 

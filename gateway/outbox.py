@@ -40,7 +40,7 @@ from pathlib import Path
 
 import msgspec
 
-from tenancy.usage import UsageEvent
+from loraplex.tenancy.usage import UsageEvent
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (

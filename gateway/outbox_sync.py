@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from gateway.outbox import Outbox
+from loraplex.gateway.outbox import Outbox
 
 log = logging.getLogger("loraplex.ledger")
 

@@ -17,8 +17,8 @@ The request body limit (``LORAPLEX_MAX_BODY_BYTES``) bounds all of this again.
 
 from __future__ import annotations
 
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from tenancy.errors import InvalidInput
+from loraplex.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from loraplex.tenancy.errors import InvalidInput
 
 CHARS_PER_TOKEN = 32
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"

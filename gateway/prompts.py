@@ -12,14 +12,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.api import SamplingParams
-from engine.client import EngineClient
-from engine.errors import EngineDead
-from gateway.chat_messages import ToolPlan, check_messages, template_inputs, template_text
-from gateway.prompt_budget import check_prompt_size
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.structured import grammar_of
-from tenancy.errors import InvalidInput, Unavailable
+from loraplex.engine.api import SamplingParams
+from loraplex.engine.client import EngineClient
+from loraplex.engine.errors import EngineDead
+from loraplex.gateway.chat_messages import ToolPlan, check_messages, template_inputs, template_text
+from loraplex.gateway.prompt_budget import check_prompt_size
+from loraplex.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from loraplex.gateway.structured import grammar_of
+from loraplex.tenancy.errors import InvalidInput, Unavailable
 
 
 class Tokenizer(Protocol):

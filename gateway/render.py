@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from engine.api import CompletionDelta, RequestOutput, TokenLogprob
-from gateway.chat_messages import ToolPlan
-from gateway.schemas import (
+from loraplex.engine.api import CompletionDelta, RequestOutput, TokenLogprob
+from loraplex.gateway.chat_messages import ToolPlan
+from loraplex.gateway.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -23,8 +23,8 @@ from gateway.schemas import (
     TopLogprob,
     Usage,
 )
-from gateway.tool_parsers import Call, Content, Event, StreamParser, make_parser, parse
-from gateway.tool_schemas import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
+from loraplex.gateway.tool_parsers import Call, Content, Event, StreamParser, make_parser, parse
+from loraplex.gateway.tool_schemas import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 
 # Which build served a response (OpenAI's ``system_fingerprint``): the gateway's version.
 SYSTEM_FINGERPRINT = "fp_loraplex"

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.queries import resolve
-from adapters.values import VersionInfo
-from tenancy.errors import DatabaseUnavailable, ModelNotFound
-from tenancy.principal import Principal
+from loraplex.adapters.queries import resolve
+from loraplex.adapters.values import VersionInfo
+from loraplex.tenancy.errors import DatabaseUnavailable, ModelNotFound
+from loraplex.tenancy.principal import Principal
 
 
 @dataclass(frozen=True)

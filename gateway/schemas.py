@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.request_fields import (
+from loraplex.gateway.request_fields import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     VALID_UNICODE,
@@ -27,7 +27,7 @@ from gateway.request_fields import (
     TokenIds,
     TopP,
 )
-from gateway.tool_schemas import ToolCall, ToolCallDelta, ToolCallsIn, ToolChoice, Tools
+from loraplex.gateway.tool_schemas import ToolCall, ToolCallDelta, ToolCallsIn, ToolChoice, Tools
 
 _REQUEST = ConfigDict(extra="forbid", strict=True)
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat
 
-from tenancy.settings import StoreSettings
+from loraplex.tenancy.settings import StoreSettings
 
 
 class GatewaySettings(StoreSettings):

@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from gateway.settings import GatewaySettings
+from loraplex.gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
-    from adapters.service import AdapterServices
-    from engine.client import EngineClient
-    from gateway.auth import KeyAuthenticator
-    from gateway.breakers import Breakers
-    from gateway.ledger import Ledger
-    from gateway.limits import Limiter
-    from gateway.metrics import Metrics
-    from gateway.resolve import ModelResolver
+    from loraplex.adapters.service import AdapterServices
+    from loraplex.engine.client import EngineClient
+    from loraplex.gateway.auth import KeyAuthenticator
+    from loraplex.gateway.breakers import Breakers
+    from loraplex.gateway.ledger import Ledger
+    from loraplex.gateway.limits import Limiter
+    from loraplex.gateway.metrics import Metrics
+    from loraplex.gateway.resolve import ModelResolver
 
 
 @dataclass

@@ -17,12 +17,12 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.api import RequestOutput
-from engine.errors import EngineError
-from gateway.errors import engine_error_kind
-from gateway.inference import EngineCall
-from gateway.render import SYSTEM_FINGERPRINT, ChoiceState, usage
-from gateway.schemas import ChatCompletionChunk, Completion
+from loraplex.engine.api import RequestOutput
+from loraplex.engine.errors import EngineError
+from loraplex.gateway.errors import engine_error_kind
+from loraplex.gateway.inference import EngineCall
+from loraplex.gateway.render import SYSTEM_FINGERPRINT, ChoiceState, usage
+from loraplex.gateway.schemas import ChatCompletionChunk, Completion
 
 DONE = b"data: [DONE]\n\n"
 

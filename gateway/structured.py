@@ -15,10 +15,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.api import MAX_GRAMMAR_CHARS, Grammar
-from engine.grammar_spec import grammar_problem
-from gateway.schemas import ResponseFormat, ResponseFormatJsonObject, ResponseFormatJsonSchema
-from tenancy.errors import InvalidInput
+from loraplex.engine.api import MAX_GRAMMAR_CHARS, Grammar
+from loraplex.engine.grammar_spec import grammar_problem
+from loraplex.gateway.schemas import (
+    ResponseFormat,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+)
+from loraplex.tenancy.errors import InvalidInput
 
 PARAM = "response_format"
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from gateway.request_fields import VALID_UNICODE, Text
+from loraplex.gateway.request_fields import VALID_UNICODE, Text
 
 _REQUEST = ConfigDict(extra="forbid", strict=True)
 

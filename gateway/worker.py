@@ -14,9 +14,9 @@ import sys
 
 from fastapi import FastAPI
 
-from engine.remote_client import RemoteEngineClient
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from loraplex.engine.remote_client import RemoteEngineClient
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 
 log = logging.getLogger("loraplex.gateway")
 _PR_SET_PDEATHSIG = 1

@@ -15,8 +15,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from tenancy.models import Base
-from tenancy.settings import StoreSettings
+from loraplex.tenancy.models import Base
+from loraplex.tenancy.settings import StoreSettings
 
 config = context.config
 target_metadata = Base.metadata

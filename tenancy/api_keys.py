@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tenancy.errors import InvalidInput, NotFound
-from tenancy.keys import generate_key, hash_secret
-from tenancy.limits import Limits
-from tenancy.models import ApiKey, Tenant, utcnow
-from tenancy.principal import SCOPES
-from tenancy.tenants import audit, get_tenant
+from loraplex.tenancy.errors import InvalidInput, NotFound
+from loraplex.tenancy.keys import generate_key, hash_secret
+from loraplex.tenancy.limits import Limits
+from loraplex.tenancy.models import ApiKey, Tenant, utcnow
+from loraplex.tenancy.principal import SCOPES
+from loraplex.tenancy.tenants import audit, get_tenant
 
 DEFAULT_SCOPES = ("inference",)
 

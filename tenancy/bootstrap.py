@@ -15,9 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tenancy.keys import generate_key, hash_secret
-from tenancy.models import AdminToken, ApiKey, AuditLog, Tenant
-from tenancy.principal import SCOPES
+from loraplex.tenancy.keys import generate_key, hash_secret
+from loraplex.tenancy.models import AdminToken, ApiKey, AuditLog, Tenant
+from loraplex.tenancy.principal import SCOPES
 
 DEFAULT_TENANT = "default"
 BOOTSTRAP_NAME = "bootstrap"

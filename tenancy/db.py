@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from tenancy.breaker import CircuitBreaker
-from tenancy.db_guard import GuardedSession
+from loraplex.tenancy.breaker import CircuitBreaker
+from loraplex.tenancy.db_guard import GuardedSession
 
 # The client waits a little longer than the server's statement_timeout (as much again, at
 # most this), so a slow statement is cancelled by the server (the connection stays usable)

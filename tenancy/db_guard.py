@@ -19,8 +19,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from tenancy.breaker import CircuitBreaker, CircuitOpen
-from tenancy.errors import DatabaseUnavailable
+from loraplex.tenancy.breaker import CircuitBreaker, CircuitOpen
+from loraplex.tenancy.errors import DatabaseUnavailable
 
 # SQLSTATE classes of an unavailable server: 08 connection exception, 53 insufficient
 # resources (too many connections), 57 operator intervention (statement timeout, shutdown,

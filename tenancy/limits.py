@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from tenancy.errors import InvalidInput
+from loraplex.tenancy.errors import InvalidInput
 
 # An upper bound that keeps every counter inside a signed 64-bit integer (Redis, Postgres).
 MAX_LIMIT = 2**53

@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tenancy.errors import Conflict, InvalidInput, NotFound
-from tenancy.limits import MAX_LIMIT, Limits
-from tenancy.models import Plan
-from tenancy.tenants import audit
+from loraplex.tenancy.errors import Conflict, InvalidInput, NotFound
+from loraplex.tenancy.limits import MAX_LIMIT, Limits
+from loraplex.tenancy.models import Plan
+from loraplex.tenancy.tenants import audit
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")  # \Z: "$" passes a trailing newline
 

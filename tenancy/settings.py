@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from tenancy.db import DbTimeouts
+from loraplex.tenancy.db import DbTimeouts
 
 PLACEHOLDERS = {"", "changeme", "change-me", "change_me", "secret", "placeholder", "xxx", "todo"}
 MIN_SECRET_LEN = 16

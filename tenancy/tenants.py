@@ -9,9 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tenancy.errors import Conflict, InvalidInput, NotFound
-from tenancy.limits import Limits
-from tenancy.models import AuditLog, Plan, Tenant
+from loraplex.tenancy.errors import Conflict, InvalidInput, NotFound
+from loraplex.tenancy.limits import Limits
+from loraplex.tenancy.models import AuditLog, Plan, Tenant
 
 TenantStatus = Literal["active", "suspended"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: "$" passes a trailing newline

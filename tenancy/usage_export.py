@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tenancy.usage_service import Granularity, UsageQuery, columns, stream_usage
+from loraplex.tenancy.usage_service import Granularity, UsageQuery, columns, stream_usage
 
 Format = Literal["csv", "jsonl", "parquet"]
 FORMATS: tuple[Format, ...] = ("csv", "jsonl", "parquet")

@@ -19,9 +19,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tenancy.errors import InvalidInput
-from tenancy.models import Tenant, UsageRecord
-from tenancy.usage import UsageEvent
+from loraplex.tenancy.errors import InvalidInput
+from loraplex.tenancy.models import Tenant, UsageRecord
+from loraplex.tenancy.usage import UsageEvent
 
 Granularity = Literal["request", "hour", "day"]
 GRANULARITIES: tuple[Granularity, ...] = ("request", "hour", "day")

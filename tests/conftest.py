@@ -80,7 +80,7 @@ def pg_database() -> Iterator[str]:
 
 @pytest.fixture
 def pg_url(pg_database: str) -> str:
-    from tenancy.models import Base
+    from loraplex.tenancy.models import Base
 
     services.truncate_all(pg_database, [t.name for t in Base.metadata.sorted_tables])
     return pg_database

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from tenancy.bootstrap import bootstrap, verify_admin_token
-from tenancy.db import make_engine, make_sessionmaker
-from tenancy.keys import hash_secret, parse_key
-from tenancy.models import AdminToken, ApiKey, Tenant
-from tenancy.principal import SCOPES
+from loraplex.tenancy.bootstrap import bootstrap, verify_admin_token
+from loraplex.tenancy.db import make_engine, make_sessionmaker
+from loraplex.tenancy.keys import hash_secret, parse_key
+from loraplex.tenancy.models import AdminToken, ApiKey, Tenant
+from loraplex.tenancy.principal import SCOPES
 
 SECRET = "s" * 32
 

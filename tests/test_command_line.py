@@ -9,7 +9,7 @@ import pytest
 from harness.cli import SECRET as GOOD_SECRET
 from harness.cli import clean_env, loraplex_argv
 
-from loraplex_cli.main import app, command_lines
+from loraplex.main import app, command_lines
 
 
 def loraplex(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):  # type: ignore[no-untyped-def]

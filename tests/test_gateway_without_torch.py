@@ -53,7 +53,7 @@ BOOT = textwrap.dedent(
 
     signal.signal(signal.SIGTERM, report)
     import uvicorn
-    from gateway.worker import create_worker_app
+    from loraplex.gateway.worker import create_worker_app
     uvicorn.run(create_worker_app(), host="127.0.0.1", port={port}, log_level="warning")
     """
 )
@@ -76,7 +76,7 @@ def test_gateway_serves_in_an_environment_without_torch(tmp_path: Path, free_por
         "LORAPLEX_ADMIN_TOKEN": admin,
     }
     subprocess.run(
-        [sys.executable, "-m", "loraplex_cli.main", "migrate"], env=env, cwd=ROOT, check=True
+        [sys.executable, "-m", "loraplex.main", "migrate"], env=env, cwd=ROOT, check=True
     )
     boot = BOOT.format(site=str(site), root=str(ROOT), port=free_port, report=str(report),
                        without=WITHOUT)  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from tenancy.db import make_engine
+from loraplex.tenancy.db import make_engine
 
 
 async def _tables(url: str) -> set[str]:

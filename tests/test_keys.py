@@ -1,4 +1,4 @@
-from tenancy.keys import generate_key, hash_secret, parse_key, verify
+from loraplex.tenancy.keys import generate_key, hash_secret, parse_key, verify
 
 
 def test_generate_parse_roundtrip() -> None:

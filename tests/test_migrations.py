@@ -14,8 +14,8 @@ from harness import services
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from migrations import runner
-from tenancy.models import Base
+from loraplex.migrations import runner
+from loraplex.tenancy.models import Base
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 from harness.cli import SECRET
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 
 
 async def ready(settings: GatewaySettings) -> tuple[int, dict[str, str]]:

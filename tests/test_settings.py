@@ -9,8 +9,8 @@ import pytest
 from harness.cli import SECRET as GOOD_SECRET
 from pydantic import ValidationError
 
-from gateway.settings import GatewaySettings
-from tenancy.settings import StoreSettings
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.tenancy.settings import StoreSettings
 
 PG = "postgresql+asyncpg://u@db:5432/loraplex"
 
@@ -136,6 +136,6 @@ def test_every_setting_is_documented() -> None:
     ],
 )
 def test_base_model_name_is_short_and_stable(model, served, expected):
-    from gateway.settings import GatewaySettings
+    from loraplex.gateway.settings import GatewaySettings
 
     assert GatewaySettings(model=model, served_model_name=served).base_model_name() == expected

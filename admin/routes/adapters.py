@@ -10,11 +10,11 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from adapters.gc import collect_garbage
-from adapters.names import check_name
-from adapters.upload import stage
-from admin.adapter_access import AdapterReadDep, AdaptersDep, AdapterWriteDep
-from admin.adapter_schemas import (
+from loraplex.adapters.gc import collect_garbage
+from loraplex.adapters.names import check_name
+from loraplex.adapters.upload import stage
+from loraplex.admin.adapter_access import AdapterReadDep, AdaptersDep, AdapterWriteDep
+from loraplex.admin.adapter_schemas import (
     UPLOAD_BODY,
     AdapterList,
     AdapterOut,
@@ -25,10 +25,10 @@ from admin.adapter_schemas import (
     GcOut,
     VersionOut,
 )
-from admin.auth import AdminDep
-from admin.multipart import read_upload
-from gateway.json_body import StrictJsonRoute
-from gateway.openapi import errors
+from loraplex.admin.auth import AdminDep
+from loraplex.admin.multipart import read_upload
+from loraplex.gateway.json_body import StrictJsonRoute
+from loraplex.gateway.openapi import errors
 
 router = APIRouter(
     prefix="/admin/v1/tenants/{tenant}/adapters",

@@ -6,13 +6,13 @@ import uuid
 
 from fastapi import APIRouter
 
-from admin.auth import AdminDep
-from admin.schemas import IssuedKeyOut, KeyCreate, KeyList, KeyOut
-from gateway.deps import AuthDep, SessionDep
-from gateway.json_body import StrictJsonRoute
-from gateway.openapi import errors
-from tenancy import api_keys
-from tenancy.api_keys import IssuedKey
+from loraplex.admin.auth import AdminDep
+from loraplex.admin.schemas import IssuedKeyOut, KeyCreate, KeyList, KeyOut
+from loraplex.gateway.deps import AuthDep, SessionDep
+from loraplex.gateway.json_body import StrictJsonRoute
+from loraplex.gateway.openapi import errors
+from loraplex.tenancy import api_keys
+from loraplex.tenancy.api_keys import IssuedKey
 
 router = APIRouter(
     prefix="/admin/v1/tenants/{name}/keys", tags=["admin: keys"], route_class=StrictJsonRoute

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from admin.auth import AdminDep
-from admin.schemas import PlanCreate, PlanList, PlanOut, PlanUpdate
-from gateway.deps import SessionDep
-from gateway.json_body import StrictJsonRoute
-from gateway.openapi import errors
-from tenancy import plans
+from loraplex.admin.auth import AdminDep
+from loraplex.admin.schemas import PlanCreate, PlanList, PlanOut, PlanUpdate
+from loraplex.gateway.deps import SessionDep
+from loraplex.gateway.json_body import StrictJsonRoute
+from loraplex.gateway.openapi import errors
+from loraplex.tenancy import plans
 
 router = APIRouter(prefix="/admin/v1/plans", tags=["admin: plans"], route_class=StrictJsonRoute)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from admin.auth import AdminDep
-from admin.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
-from gateway.deps import AuthDep, SessionDep
-from gateway.json_body import StrictJsonRoute
-from gateway.openapi import errors
-from tenancy import tenants
+from loraplex.admin.auth import AdminDep
+from loraplex.admin.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
+from loraplex.gateway.deps import AuthDep, SessionDep
+from loraplex.gateway.json_body import StrictJsonRoute
+from loraplex.gateway.openapi import errors
+from loraplex.tenancy import tenants
 
 router = APIRouter(prefix="/admin/v1/tenants", tags=["admin: tenants"], route_class=StrictJsonRoute)
 

@@ -15,14 +15,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from admin.auth import AdminDep
-from gateway.deps import ServicesDep, SessionDep, require_scope
-from gateway.openapi import download, errors
-from gateway.state import Services
-from tenancy.principal import Principal
-from tenancy.tenants import get_tenant
-from tenancy.usage_export import MEDIA_TYPES, Format, open_export
-from tenancy.usage_service import Granularity, UsageQuery, month_start, parse_time
+from loraplex.admin.auth import AdminDep
+from loraplex.gateway.deps import ServicesDep, SessionDep, require_scope
+from loraplex.gateway.openapi import download, errors
+from loraplex.gateway.state import Services
+from loraplex.tenancy.principal import Principal
+from loraplex.tenancy.tenants import get_tenant
+from loraplex.tenancy.usage_export import MEDIA_TYPES, Format, open_export
+from loraplex.tenancy.usage_service import Granularity, UsageQuery, month_start, parse_time
 
 router = APIRouter(tags=["usage"])
 

@@ -13,16 +13,16 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels import lora_expand as _expand
-from engine.kernels import lora_shrink as _shrink
-from engine.kernels import paged_decode_attention as _decode
-from engine.kernels import prefill_attention as _prefill
-from engine.kernels import rms_norm as _rms
-from engine.kernels import rope_cache as _rope_cache
-from engine.kernels import silu_and_mul as _silu
-from engine.kernels._triton import HAVE_TRITON
-from engine.kernels.lora_meta import LoraMeta, build_lora_meta
-from engine.kernels.rotary import rotary_cos_sin_cache
+from loraplex.engine.kernels import lora_expand as _expand
+from loraplex.engine.kernels import lora_shrink as _shrink
+from loraplex.engine.kernels import paged_decode_attention as _decode
+from loraplex.engine.kernels import prefill_attention as _prefill
+from loraplex.engine.kernels import rms_norm as _rms
+from loraplex.engine.kernels import rope_cache as _rope_cache
+from loraplex.engine.kernels import silu_and_mul as _silu
+from loraplex.engine.kernels._triton import HAVE_TRITON
+from loraplex.engine.kernels.lora_meta import LoraMeta, build_lora_meta
+from loraplex.engine.kernels.rotary import rotary_cos_sin_cache
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels._triton import (
+from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
     gdc_launch_dependents,
     gdc_wait,
@@ -29,8 +29,8 @@ from engine.kernels._triton import (
     tl,
     triton,
 )
-from engine.kernels.lora_meta import LoraMeta
-from engine.kernels.lora_shrink import paged_rows, use_token_path
+from loraplex.engine.kernels.lora_meta import LoraMeta
+from loraplex.engine.kernels.lora_shrink import paged_rows, use_token_path
 
 
 def lora_expand_ref(

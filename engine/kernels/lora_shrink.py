@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels._triton import (
+from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
     gdc_launch_dependents,
     gdc_wait,
@@ -28,7 +28,7 @@ from engine.kernels._triton import (
     tl,
     triton,
 )
-from engine.kernels.lora_meta import LoraMeta
+from loraplex.engine.kernels.lora_meta import LoraMeta
 
 
 def paged_rows(pages: torch.Tensor, slot: int, p: int, r: int, page_rows: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:

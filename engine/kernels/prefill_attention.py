@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, tl, triton
-from engine.kernels.paged_decode_attention import _attend, _gather_kv
+from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels.paged_decode_attention import _attend, _gather_kv
 
 
 def prefill_attention_ref(

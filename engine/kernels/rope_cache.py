@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels._triton import HAVE_TRITON, tl, triton
-from engine.kernels.kv_cache_write import kv_cache_write_ref
-from engine.kernels.rotary import rotary_ref
+from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels.kv_cache_write import kv_cache_write_ref
+from loraplex.engine.kernels.rotary import rotary_ref
 
 
 def _split(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):

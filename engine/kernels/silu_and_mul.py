@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
 
 
 def silu_and_mul_ref(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.api import AdapterRef, AdapterResidency
-from engine.errors import AdapterLoadError
+from loraplex.engine.api import AdapterRef, AdapterResidency
+from loraplex.engine.errors import AdapterLoadError
 
 # Where a load found the adapter's files: already on local disk (a local directory or the
 # disk cache), or downloaded from the object store.

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.lora.slots import PageAllocator, PageNeed, PagePlan
-from engine.lora.weights import GROUPS, MODULE_GROUP, LoraWeights, module_dims
-from engine.model.config import ModelConfig
+from loraplex.engine.lora.slots import PageAllocator, PageNeed, PagePlan
+from loraplex.engine.lora.weights import GROUPS, MODULE_GROUP, LoraWeights, module_dims
+from loraplex.engine.model.config import ModelConfig
 
 PAGE_ROWS = 8  # rank rows per page: ranks 8, 16, 32, 64 take exactly their bytes
 GRANULE = 64  # elements; page offsets are multiples of it (128 B rows in 16-bit dtypes)

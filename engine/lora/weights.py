@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from engine.errors import AdapterIncompatible, AdapterLoadError
-from engine.lora.safetensors_file import (
+from loraplex.engine.errors import AdapterIncompatible, AdapterLoadError
+from loraplex.engine.lora.safetensors_file import (
     SafetensorsError,
     SafetensorsFile,
     TensorEntry,
     open_safetensors,
 )
-from engine.model.config import ModelConfig
+from loraplex.engine.model.config import ModelConfig
 
 # projection groups of the slot pool, in concatenation order (docs/engine-internals.md)
 GROUPS: dict[str, tuple[str, ...]] = {

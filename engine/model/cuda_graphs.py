@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import LoraMeta, build_lora_meta
-from engine.kernels.lora_shrink import use_token_path
-from engine.lora.pool import LoraPool
-from engine.model.inputs import HostInputs, gather_sampled
-from engine.model.llama import ForwardInputs, LlamaModel
+from loraplex.engine.kernels import LoraMeta, build_lora_meta
+from loraplex.engine.kernels.lora_shrink import use_token_path
+from loraplex.engine.lora.pool import LoraPool
+from loraplex.engine.model.inputs import HostInputs, gather_sampled
+from loraplex.engine.model.llama import ForwardInputs, LlamaModel
 
 
 def batch_buckets(max_batch: int) -> list[int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.model.config import ModelConfig, UnsupportedModel
+from loraplex.engine.model.config import ModelConfig, UnsupportedModel
 
 _NAMES = {
     "attn_norm": "input_layernorm",

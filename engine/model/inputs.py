@@ -15,9 +15,9 @@ from operator import add
 
 import torch
 
-from engine.batch import ScheduledBatch
-from engine.kernels import LoraMeta, build_lora_meta
-from engine.model.llama import ForwardInputs
+from loraplex.engine.batch import ScheduledBatch
+from loraplex.engine.kernels import LoraMeta, build_lora_meta
+from loraplex.engine.model.llama import ForwardInputs
 
 _DTYPES = {"i": torch.int32, "q": torch.int64}
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import kernels as K
-from engine.kernels import LoraMeta
-from engine.lora.pool import LoraGroup, LoraPool
-from engine.model.config import ModelConfig
+from loraplex.engine import kernels as K
+from loraplex.engine.kernels import LoraMeta
+from loraplex.engine.lora.pool import LoraGroup, LoraPool
+from loraplex.engine.model.config import ModelConfig
 
 
 @dataclass

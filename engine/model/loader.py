@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from engine.model.config import ModelConfig, UnsupportedModel, config_from_hf
-from engine.model.llama import LayerWeights, LlamaWeights
-from engine.model.presets import PRESETS
+from loraplex.engine.model.config import ModelConfig, UnsupportedModel, config_from_hf
+from loraplex.engine.model.llama import LayerWeights, LlamaWeights
+from loraplex.engine.model.presets import PRESETS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Getter = Callable[[str], torch.Tensor]
@@ -166,7 +166,7 @@ def load_model(
         name = s.removeprefix("dummy:")
         if name not in PRESETS:
             raise UnsupportedModel(f"unknown dummy preset {name!r} (one of {', '.join(PRESETS)})")
-        from engine.model.dummy_tokenizer import dummy_tokenizer
+        from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
 
         cfg = PRESETS[name]
         weights = random_weights(cfg, dtype, device, seed)
@@ -175,7 +175,7 @@ def load_model(
 
     path = Path(spec)
     if path.suffix == ".gguf":
-        from engine.model.gguf_loader import read_gguf
+        from loraplex.engine.model.gguf_loader import read_gguf
 
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")

@@ -3,7 +3,7 @@ tests, memory sizing) so no checkpoint download is needed."""
 
 from __future__ import annotations
 
-from engine.model.config import ModelConfig, RopeScaling
+from loraplex.engine.model.config import ModelConfig, RopeScaling
 
 _LLAMA31_ROPE = RopeScaling(
     kind="llama3",

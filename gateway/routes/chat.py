@@ -8,13 +8,13 @@ from functools import partial
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from gateway.deps import InferenceDep, ServicesDep
-from gateway.inference import collect, new_request_id, open_call
-from gateway.json_body import StrictJsonRoute
-from gateway.openapi import errors, text_stream
-from gateway.render import chat_chunks
-from gateway.schemas import ChatCompletion, ChatCompletionRequest
-from gateway.streaming import EngineStream, chat_usage_chunk, events
+from loraplex.gateway.deps import InferenceDep, ServicesDep
+from loraplex.gateway.inference import collect, new_request_id, open_call
+from loraplex.gateway.json_body import StrictJsonRoute
+from loraplex.gateway.openapi import errors, text_stream
+from loraplex.gateway.render import chat_chunks
+from loraplex.gateway.schemas import ChatCompletion, ChatCompletionRequest
+from loraplex.gateway.streaming import EngineStream, chat_usage_chunk, events
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 

@@ -9,15 +9,15 @@ from functools import partial
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from gateway.deps import InferenceDep, ServicesDep
-from gateway.inference import collect, new_request_id, open_calls
-from gateway.json_body import StrictJsonRoute
-from gateway.openapi import errors, text_stream
-from gateway.prompts import check_completion_options, served_model
-from gateway.render import SYSTEM_FINGERPRINT, completion_chunks, usage
-from gateway.schemas import Completion, CompletionRequest
-from gateway.state import Services
-from gateway.streaming import EngineStream, completion_usage_chunk, events_of
+from loraplex.gateway.deps import InferenceDep, ServicesDep
+from loraplex.gateway.inference import collect, new_request_id, open_calls
+from loraplex.gateway.json_body import StrictJsonRoute
+from loraplex.gateway.openapi import errors, text_stream
+from loraplex.gateway.prompts import check_completion_options, served_model
+from loraplex.gateway.render import SYSTEM_FINGERPRINT, completion_chunks, usage
+from loraplex.gateway.schemas import Completion, CompletionRequest
+from loraplex.gateway.state import Services
+from loraplex.gateway.streaming import EngineStream, completion_usage_chunk, events_of
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 

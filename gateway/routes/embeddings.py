@@ -5,21 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from engine.api import AdapterRef
-from engine.errors import EngineDead
-from gateway.deps import InferenceDep, ServicesDep
-from gateway.embedding_schemas import EmbeddingList, EmbeddingRequest
-from gateway.embeddings import (
+from loraplex.engine.api import AdapterRef
+from loraplex.engine.errors import EngineDead
+from loraplex.gateway.deps import InferenceDep, ServicesDep
+from loraplex.gateway.embedding_schemas import EmbeddingList, EmbeddingRequest
+from loraplex.gateway.embeddings import (
     EmbeddingCall,
     EmbeddingSpec,
     check_dimensions,
     input_ids,
     response_body,
 )
-from gateway.inference import new_request_id
-from gateway.json_body import StrictJsonRoute
-from gateway.openapi import errors
-from gateway.prompts import served_model
+from loraplex.gateway.inference import new_request_id
+from loraplex.gateway.json_body import StrictJsonRoute
+from loraplex.gateway.openapi import errors
+from loraplex.gateway.prompts import served_model
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 

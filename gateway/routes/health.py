@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from adapters.storage import ObjectStore
-from gateway.errors import envelope
-from gateway.openapi import errors
-from gateway.state import Services
-from tenancy.errors import DatabaseUnavailable
+from loraplex.adapters.storage import ObjectStore
+from loraplex.gateway.errors import envelope
+from loraplex.gateway.openapi import errors
+from loraplex.gateway.state import Services
+from loraplex.tenancy.errors import DatabaseUnavailable
 
 router = APIRouter(tags=["probes"])
 

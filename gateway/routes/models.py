@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from adapters.queries import list_adapters
-from adapters.values import AdapterInfo
-from gateway.deps import ModelsReadDep, ServicesDep, SessionDep
-from gateway.openapi import errors
-from gateway.schemas import ModelCard, ModelList
+from loraplex.adapters.queries import list_adapters
+from loraplex.adapters.values import AdapterInfo
+from loraplex.gateway.deps import ModelsReadDep, ServicesDep, SessionDep
+from loraplex.gateway.openapi import errors
+from loraplex.gateway.schemas import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 BASE_OWNER = "loraplex"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapters.spec import BaseModelSpec
+from loraplex.adapters.spec import BaseModelSpec
 
 TINY = BaseModelSpec(
     name="tiny-llama",

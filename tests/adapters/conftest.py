@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from moto_proc import MotoServer
 
-from tenancy.models import Tenant
+from loraplex.tenancy.models import Tenant
 
 for _k, _v in {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 from moto_proc import MotoServer
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import fresh_database, live_server, wait_until
 
 PREFIX = "lpx"

@@ -8,8 +8,8 @@ import pytest
 from adapter_files import write_lora
 from archive_files import peft_members, tar_gz, tar_with_link, zip_bomb, zip_file
 
-from adapters.archive import extract_adapter
-from adapters.errors import InvalidAdapter, UnsafeArchive, UploadTooLarge
+from loraplex.adapters.archive import extract_adapter
+from loraplex.adapters.errors import InvalidAdapter, UnsafeArchive, UploadTooLarge
 
 
 def unpack(archive: Path, dest: Path, max_bytes: int = 10 << 20) -> Path:

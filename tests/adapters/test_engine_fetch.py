@@ -19,19 +19,19 @@ from hf_reference import HfReference
 from moto_proc import MotoServer
 from prometheus_client import CollectorRegistry
 
-from adapters.cache import DiskCache
-from adapters.fetcher import Fetcher
-from adapters.guarded_store import GuardedStore
-from adapters.metrics import AdapterMetrics
-from adapters.registry import AdapterRegistry
-from adapters.storage import S3Store
-from engine.api import AdapterRef, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.errors import EngineError
-from engine.inproc_client import InprocEngineClient
-from engine.llm_engine import LLMEngine
-from engine.lora.loader import local_fetch
-from tenancy.breaker import CircuitBreaker
+from loraplex.adapters.cache import DiskCache
+from loraplex.adapters.fetcher import Fetcher
+from loraplex.adapters.guarded_store import GuardedStore
+from loraplex.adapters.metrics import AdapterMetrics
+from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.storage import S3Store
+from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.errors import EngineError
+from loraplex.engine.inproc_client import InprocEngineClient
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.lora.loader import local_fetch
+from loraplex.tenancy.breaker import CircuitBreaker
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45]
 MAX_TOKENS = 4
@@ -77,7 +77,7 @@ class World:
         return AdapterRef.in_store(version.sha256, version.storage_key)
 
     def fetch(self, ref: AdapterRef) -> Path | tuple[Path, str]:
-        """The engine side's fetch, as ``loraplex_cli.engine_wiring.store_fetch`` builds it."""
+        """The engine side's fetch, as ``loraplex.engine_wiring.store_fetch`` builds it."""
         key = ref.storage_key
         return local_fetch(ref) if key is None else self.fetcher.fetch_with_tier(ref.key, key)
 
@@ -119,7 +119,7 @@ async def test_store_down_cached_serve_cold_fail_then_recover(
         moto.client().create_bucket(Bucket=bucket)
         w = World(sessions, moto, bucket, tmp_path / "cache")
         engine = await start_engine(tiny_llama_dir, w)
-        from tenancy.models import Tenant
+        from loraplex.tenancy.models import Tenant
 
         async with sessions() as s, s.begin():
             tenant = Tenant(name=f"t-{uuid.uuid4().hex[:8]}")

@@ -12,10 +12,15 @@ import pytest
 from adapter_files import TINY, write_lora
 from moto_proc import MotoServer
 
-from adapters.errors import AdapterConflict, AdapterNotFound, InvalidAdapter, StoreUnavailable
-from adapters.gc import collect_garbage
-from adapters.registry import AdapterRegistry
-from adapters.storage import S3Store
+from loraplex.adapters.errors import (
+    AdapterConflict,
+    AdapterNotFound,
+    InvalidAdapter,
+    StoreUnavailable,
+)
+from loraplex.adapters.gc import collect_garbage
+from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.storage import S3Store
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from hf_reference import HfReference
 from moto_proc import MotoServer
 from rest import AdapterServer, adapter_server, make_tenant, peft_files, upload
 
-from engine.config import EngineConfig
-from loraplex_cli.engine_wiring import inproc_engine
+from loraplex.engine.config import EngineConfig
+from loraplex.engine_wiring import inproc_engine
 
 BASE = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Tell me a story about a robot."}]

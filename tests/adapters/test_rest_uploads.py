@@ -342,7 +342,7 @@ def test_cli_upload_with_progress(
 ) -> None:
     from typer.testing import CliRunner
 
-    from loraplex_cli.main import app
+    from loraplex.main import app
 
     tenant, _ = make_tenant(admin)
     src = write_lora(tmp_path / "peft", TINY, rank=2)
@@ -368,7 +368,7 @@ def test_gc_collects_deleted_bytes(
 ) -> None:
     from typer.testing import CliRunner
 
-    from loraplex_cli.main import app
+    from loraplex.main import app
 
     tenant, key = make_tenant(admin, "adapters:write")
     v = upload(admin, tenant, "temp", _files(write_lora(tmp_path / "x", TINY, seed=99))).json()
@@ -393,7 +393,7 @@ def test_cli_upload_streams_a_peft_dir_and_reports_errors(
     version; an upload the server refuses exits 1 with the server's message."""
     from typer.testing import CliRunner
 
-    from loraplex_cli.admin import app
+    from loraplex.admin_cli import app
 
     tenant, _ = make_tenant(admin)
     base = ["--url", server.url, "--token", server.admin_token]

@@ -11,14 +11,14 @@ from adapter_files import write_lora
 from moto_proc import MotoServer
 from prometheus_client import CollectorRegistry
 
-from adapters.bundle import pack
-from adapters.cache import DiskCache
-from adapters.errors import AdapterFetchError
-from adapters.fetcher import Fetcher
-from adapters.guarded_store import GuardedStore
-from adapters.metrics import AdapterMetrics
-from adapters.storage import LocalStore, ObjectMissing, ObjectStore, S3Store, blob_key
-from tenancy.breaker import CircuitBreaker
+from loraplex.adapters.bundle import pack
+from loraplex.adapters.cache import DiskCache
+from loraplex.adapters.errors import AdapterFetchError
+from loraplex.adapters.fetcher import Fetcher
+from loraplex.adapters.guarded_store import GuardedStore
+from loraplex.adapters.metrics import AdapterMetrics
+from loraplex.adapters.storage import LocalStore, ObjectMissing, ObjectStore, S3Store, blob_key
+from loraplex.tenancy.breaker import CircuitBreaker
 
 
 def bundle_of(tmp_path: Path, seed: int = 0, rank: int = 2):  # type: ignore[no-untyped-def]
@@ -149,7 +149,7 @@ def test_store_down_breaker_fails_fast_and_recovers(tmp_path: Path) -> None:
         def get_file(self, key: str, dest: Path) -> None:
             self.calls += 1
             if self.down:
-                from adapters.storage import StoreError
+                from loraplex.adapters.storage import StoreError
 
                 raise StoreError("connection refused")
             store.get_file(key, dest)

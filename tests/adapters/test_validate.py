@@ -10,9 +10,9 @@ import pytest
 import torch
 from adapter_files import TINY, lora_config, lora_tensors, write_lora
 
-from adapters.errors import InvalidAdapter
-from adapters.safetensors_header import read_header
-from adapters.validate import validate_dir
+from loraplex.adapters.errors import InvalidAdapter
+from loraplex.adapters.safetensors_header import read_header
+from loraplex.adapters.validate import validate_dir
 
 
 def check(directory: Path, max_rank: int = 8):

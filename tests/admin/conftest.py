@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import fresh_database, live_server
 
 

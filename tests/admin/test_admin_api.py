@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import psycopg
 
-from tenancy.bootstrap import new_admin_token
-from tenancy.keys import hash_secret
+from loraplex.tenancy.bootstrap import new_admin_token
+from loraplex.tenancy.keys import hash_secret
 
 
 def _name() -> str:

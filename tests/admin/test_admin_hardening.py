@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.envelope import error
 from tests.gateway.live import live_server
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from loraplex_cli.admin import app
+from loraplex.admin_cli import app
 
 runner = CliRunner()
 

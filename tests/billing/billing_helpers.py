@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tenancy.models import Plan, Tenant, UsageRecord
-from tenancy.usage import UsageEvent, UsageStatus, cost_micros
+from loraplex.tenancy.models import Plan, Tenant, UsageRecord
+from loraplex.tenancy.usage import UsageEvent, UsageStatus, cost_micros
 
 T0 = datetime(2026, 11, 23, 0, 0, tzinfo=UTC)
 

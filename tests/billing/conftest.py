@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tenancy.db import make_engine, make_sessionmaker
+from loraplex.tenancy.db import make_engine, make_sessionmaker
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import httpx
 import psutil
 from harness.cli import loraplex_argv
 
-from gateway.worker import die_with_parent
+from loraplex.gateway.worker import die_with_parent
 
 
 def start_engine(address: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

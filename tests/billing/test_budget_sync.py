@@ -10,13 +10,13 @@ import pytest
 from billing_helpers import event, make_tenant
 from prometheus_client import CollectorRegistry
 
-from gateway.budget_sync import sync_budgets
-from gateway.limiter_memory import InProcessLimiter
-from gateway.limiter_redis import RedisLimiter
-from gateway.metrics import Metrics
-from tenancy.errors import QuotaExceeded
-from tenancy.principal import Principal
-from tenancy.usage_service import insert_usage
+from loraplex.gateway.budget_sync import sync_budgets
+from loraplex.gateway.limiter_memory import InProcessLimiter
+from loraplex.gateway.limiter_redis import RedisLimiter
+from loraplex.gateway.metrics import Metrics
+from loraplex.tenancy.errors import QuotaExceeded
+from loraplex.tenancy.principal import Principal
+from loraplex.tenancy.usage_service import insert_usage
 
 
 def principal(tenant_limits, key_limits=None, *, tenant_id, key_id) -> Principal:

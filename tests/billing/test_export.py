@@ -13,10 +13,10 @@ import pytest
 from billing_helpers import T0, event, make_tenant
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.storage import LocalStore, S3Store
-from admin.daily_export import DailyExporter, export_day, export_key
-from tenancy.usage_export import FORMATS, open_export
-from tenancy.usage_service import (
+from loraplex.adapters.storage import LocalStore, S3Store
+from loraplex.admin.daily_export import DailyExporter, export_day, export_key
+from loraplex.tenancy.usage_export import FORMATS, open_export
+from loraplex.tenancy.usage_service import (
     GRANULARITIES,
     UsageQuery,
     UsageTotals,
@@ -226,7 +226,7 @@ async def test_cli_export_usage_reruns_to_the_same_object(sessions, pg_url, s3):
 
 
 async def test_export_on_sqlite(sqlite_url):
-    from tenancy.db import make_engine, make_sessionmaker
+    from loraplex.tenancy.db import make_engine, make_sessionmaker
 
     engine = make_engine(sqlite_url)
     try:

@@ -17,10 +17,10 @@ import pytest
 from harness.tcp_proxy import ThreadedProxy
 from sqlalchemy.engine import make_url
 
-from engine.config import EngineConfig
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
-from loraplex_cli.engine_wiring import inproc_engine
+from loraplex.engine.config import EngineConfig
+from loraplex.engine_wiring import inproc_engine
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import (
     BASE,
     Gateway,

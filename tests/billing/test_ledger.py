@@ -15,11 +15,11 @@ from harness.tcp_proxy import TcpProxy
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
-from gateway.ledger import Ledger
-from gateway.ledger_writer import LedgerWriter
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox
-from tenancy.db import make_engine, make_sessionmaker
+from loraplex.gateway.ledger import Ledger
+from loraplex.gateway.ledger_writer import LedgerWriter
+from loraplex.gateway.metrics import Metrics
+from loraplex.gateway.outbox import Outbox
+from loraplex.tenancy.db import make_engine, make_sessionmaker
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -113,9 +113,9 @@ async def test_gateway_killed_after_responses_keeps_their_usage(sessions, tmp_pa
         "from pathlib import Path\n"
         "from prometheus_client import CollectorRegistry\n"
         "from billing_helpers import event\n"
-        "from gateway.ledger import Ledger\n"
-        "from gateway.metrics import Metrics\n"
-        "from gateway.outbox import Outbox\n"
+        "from loraplex.gateway.ledger import Ledger\n"
+        "from loraplex.gateway.metrics import Metrics\n"
+        "from loraplex.gateway.outbox import Outbox\n"
         "async def main():\n"
         f"    outbox = Outbox(Path({str(path)!r}), fsync_commits={fsync_commits}, "
         f"checkpoints={fsync_commits})\n"
@@ -326,7 +326,7 @@ def test_outbox_rows_of_the_earlier_encoding_still_decode():
     from dataclasses import asdict
     from datetime import datetime
 
-    from gateway.outbox import event_from_json, event_to_json
+    from loraplex.gateway.outbox import event_from_json, event_to_json
 
     e = event(uuid.uuid4(), 5)
     old = {

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from harness.workers import Fleet, Worker, start_fleet, stop_fleet
 
-from gateway.limits_broker import LimitsBroker
+from loraplex.gateway.limits_broker import LimitsBroker
 from tests.gateway.live import fresh_database, ok, wait_until
 
 LEADER = "loraplex_background_jobs_leader"

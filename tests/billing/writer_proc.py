@@ -14,10 +14,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from gateway.ledger_writer import LedgerWriter, WriterHooks
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox, OutboxRow
-from tenancy.db import make_engine, make_sessionmaker
+from loraplex.gateway.ledger_writer import LedgerWriter, WriterHooks
+from loraplex.gateway.metrics import Metrics
+from loraplex.gateway.outbox import Outbox, OutboxRow
+from loraplex.tenancy.db import make_engine, make_sessionmaker
 
 
 async def main(outbox_path: str, db_url: str, hook: str, marker: str) -> None:

@@ -19,11 +19,11 @@ from typing import Any
 
 from toy_runner import ToyRunner
 
-from engine.client import EngineClient
-from engine.config import EngineConfig
-from engine.inproc_client import InprocEngineClient
-from engine.llm_engine import LLMEngine
-from engine.remote_client import RemoteEngineClient
+from loraplex.engine.client import EngineClient
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.inproc_client import InprocEngineClient
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.remote_client import RemoteEngineClient
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).resolve().parent / "toy_server.py"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 320
@@ -53,7 +53,7 @@ def build_hf_model(path: Path, kind: str, seed: int = 0) -> Path:
     """A random 2-layer checkpoint of ``kind`` (weights, norms and biases all random)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.model.dummy_tokenizer import dummy_tokenizer
+    from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_hf_config(kind), dtype=torch.float32).eval()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from engine.api import AdapterRef
-from engine.lora.loader import AdapterLoader
+from loraplex.engine.api import AdapterRef
+from loraplex.engine.lora.loader import AdapterLoader
 
 
 def test_host_cache_keeps_adapters_that_requests_still_need(tmp_path):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.errors import AdapterIncompatible, AdapterLoadError
-from engine.lora.weights import read_adapter
-from engine.model.presets import PRESETS
+from loraplex.engine.errors import AdapterIncompatible, AdapterLoadError
+from loraplex.engine.lora.weights import read_adapter
+from loraplex.engine.model.presets import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from adapter_load_old import read_adapter_old
@@ -192,8 +192,8 @@ def test_host_memory_flat_over_load_and_unload(tmp_path):
     the weights)."""
     from functools import partial
 
-    from engine.api import AdapterRef
-    from engine.lora.loader import AdapterLoader
+    from loraplex.engine.api import AdapterRef
+    from loraplex.engine.lora.loader import AdapterLoader
 
     ranks = {(i, m): 16 for i in (0, 1) for m in ALL}
     path = _write(tmp_path / "a", _tensors(ranks, torch.float32, 4), r=16, lora_alpha=16)

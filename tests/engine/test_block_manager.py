@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.sequence import Sequence
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.sequence import Sequence
 
 _ids = itertools.count()
 

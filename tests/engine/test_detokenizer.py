@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker, fast_decoder
+from loraplex.engine.detokenizer import IncrementalDetokenizer, StopChecker, fast_decoder
 
 TEXTS = [
     "Héllo wörld, naïve café",
@@ -93,8 +93,8 @@ def test_cached_pieces_stream_exactly_the_window_decode(tok, which):
     step, as decoding the window, over random ids: broken bytes, specials, slides."""
     import random
 
-    from engine.detokenizer import TokenPieces
-    from engine.model.dummy_tokenizer import dummy_tokenizer
+    from loraplex.engine.detokenizer import TokenPieces
+    from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
 
     base = tok if which == "tiny_bpe" else dummy_tokenizer(512)
     decoder = fast_decoder(base)

@@ -14,12 +14,12 @@ import pytest
 import torch
 from model_builders import AdapterSpec, build_adapter, build_hf_model, load_hf
 
-from engine.api import AdapterRef, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model.loader import default_model_path, load_model
-from engine.model_runner import ModelRunner
-from engine.offline import OfflineEngine
+from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model.loader import default_model_path, load_model
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.offline import OfflineEngine
 
 TOL = 1e-4  # max abs difference of unit vectors
 SPECS = [

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.api import AdapterRef, EngineOutput, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from loraplex.engine.api import AdapterRef, EngineOutput, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
 
 MAX_TOKENS = 8
 GREEDY = dict(temperature=0.0, ignore_eos=True, max_tokens=MAX_TOKENS)
@@ -235,7 +235,7 @@ def test_load_storm_through_few_pages(make_engine, tiny_adapters):
     # that holds about three of the largest: every request's tokens equal those of a run with
     # room for all, no write lands on a page a running request reads, and every page comes
     # back once the adapters are unloaded
-    from engine.lora.pool import page_bytes
+    from loraplex.engine.lora.pool import page_bytes
 
     names = list(tiny_adapters)
     rng = random.Random(3)

@@ -10,16 +10,16 @@ import pytest
 from engine_clients import ToyServer, ipc_address, toy_engine, wait_until
 from toy_runner import reference_greedy, write_toy_adapter
 
-from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
-from engine.client import EngineClient
-from engine.errors import (
+from loraplex.engine.api import AdapterRef, Request, RequestOutput, SamplingParams
+from loraplex.engine.client import EngineClient
+from loraplex.engine.errors import (
     AdapterLoadError,
     EngineDead,
     InvalidRequest,
     PromptTooLong,
     RequestFailed,
 )
-from engine.remote_client import RemoteEngineClient
+from loraplex.engine.remote_client import RemoteEngineClient
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 KINDS = ["inproc", "remote"]
@@ -268,7 +268,7 @@ async def test_silent_gateway_has_its_requests_aborted(tok_dir):
     import zmq
     import zmq.asyncio
 
-    from engine.wire import Add, Hello, Ping, Status, client_decoder, encoder
+    from loraplex.engine.wire import Add, Hello, Ping, Status, client_decoder, encoder
 
     async with toy_engine("remote", tok_dir, step_delay_s=0.01, client_timeout_s=1.0) as h:
         ctx = zmq.asyncio.Context()

@@ -17,8 +17,8 @@ import torch
 from test_engine_logic import adapter, make_engine, run_all, tok, tokens_of  # noqa: F401
 from toy_runner import reference_greedy, toy_embedding
 
-from engine.api import Request, RequestOutput, SamplingParams
-from engine.errors import InvalidRequest, PromptTooLong
+from loraplex.engine.api import Request, RequestOutput, SamplingParams
+from loraplex.engine.errors import InvalidRequest, PromptTooLong
 
 HIDDEN = 8  # the toy runner's hidden size
 

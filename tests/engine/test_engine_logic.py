@@ -11,11 +11,16 @@ import threading
 import pytest
 from toy_runner import ToyRunner, reference_greedy, write_toy_adapter
 
-from engine.api import AdapterRef, Request, RequestOutput, SamplingParams
-from engine.config import EngineConfig
-from engine.errors import AdapterIncompatible, AdapterLoadError, InvalidRequest, PromptTooLong
-from engine.llm_engine import LLMEngine
-from engine.offline import OfflineEngine
+from loraplex.engine.api import AdapterRef, Request, RequestOutput, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.errors import (
+    AdapterIncompatible,
+    AdapterLoadError,
+    InvalidRequest,
+    PromptTooLong,
+)
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.offline import OfflineEngine
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.api import AdapterRef, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.lora.weights import module_dims
-from engine.model.presets import PRESETS
-from engine.offline import OfflineEngine
+from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.lora.weights import module_dims
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.offline import OfflineEngine
 
 pytestmark = pytest.mark.gpu
 

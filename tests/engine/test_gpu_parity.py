@@ -16,7 +16,7 @@ import pytest
 import torch
 from model_builders import AdapterSpec, Seq, build_adapter, hf_greedy, rel_err, runner_logits
 
-from engine.model_runner import ModelRunner
+from loraplex.engine.model_runner import ModelRunner
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +41,7 @@ PROMPT_LENS = [7, 40, 150, 90]  # base, then one per adapter; 150 spans 10 KV bl
 def build_mid_llama(path: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.model.dummy_tokenizer import dummy_tokenizer
+    from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(

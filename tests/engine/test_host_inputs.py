@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from engine.batch import ScheduledBatch, SeqChunk
-from engine.model.inputs import build_host_inputs
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.model.inputs import build_host_inputs
 
 
 def test_host_inputs_match_a_per_token_reference():

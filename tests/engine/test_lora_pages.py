@@ -12,10 +12,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.lora.pool import GRANULE, PAGE_ROWS, LoraPool, page_bytes, page_need, plan_pages
-from engine.lora.slots import PageAllocator, PagePlan, SlotTable
-from engine.lora.weights import GROUPS, MODULE_GROUP, module_dims, read_adapter
-from engine.model.presets import PRESETS
+from loraplex.engine.lora.pool import (
+    GRANULE,
+    PAGE_ROWS,
+    LoraPool,
+    page_bytes,
+    page_need,
+    plan_pages,
+)
+from loraplex.engine.lora.slots import PageAllocator, PagePlan, SlotTable
+from loraplex.engine.lora.weights import GROUPS, MODULE_GROUP, module_dims, read_adapter
+from loraplex.engine.model.presets import PRESETS
 
 CFG = PRESETS["tiny"]  # hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads of 16
 PREFIX = "base_model.model.model.layers"

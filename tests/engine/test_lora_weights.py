@@ -20,10 +20,10 @@ from model_builders import (
 )
 from safetensors.torch import load_file, save_file
 
-from engine.errors import AdapterIncompatible, AdapterLoadError
-from engine.lora.weights import read_adapter
-from engine.model.presets import PRESETS
-from engine.model_runner import ModelRunner
+from loraplex.engine.errors import AdapterIncompatible, AdapterLoadError
+from loraplex.engine.lora.weights import read_adapter
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model_runner import ModelRunner
 
 CFG = PRESETS["tiny"]  # hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads of 16
 PREFIX = "base_model.model.model.layers"

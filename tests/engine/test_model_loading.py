@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.batch import ScheduledBatch, SeqChunk
-from engine.model.config import UnsupportedModel, config_from_hf
-from engine.model.loader import default_model_path, load_model
-from engine.model.presets import PRESETS
-from engine.model_runner import ModelRunner
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.model.config import UnsupportedModel, config_from_hf
+from loraplex.engine.model.loader import default_model_path, load_model
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model_runner import ModelRunner
 
 BASE = {
     "architectures": ["LlamaForCausalLM"],

@@ -23,9 +23,9 @@ from model_builders import (
     runner_logits,
 )
 
-from engine.batch import ScheduledBatch, SeqChunk
-from engine.model.loader import default_model_path, load_model
-from engine.model_runner import ModelRunner
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.model.loader import default_model_path, load_model
+from loraplex.engine.model_runner import ModelRunner
 
 STEPS = 16
 TOL = 1e-4

@@ -20,9 +20,9 @@ from model_builders import (
     runner_logits,
 )
 
-from engine.batch import ScheduledBatch, SeqChunk
-from engine.model.loader import load_model
-from engine.model_runner import ModelRunner
+from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.model.loader import load_model
+from loraplex.engine.model_runner import ModelRunner
 
 pytestmark = pytest.mark.gpu
 
@@ -174,8 +174,8 @@ def _cold_lora_kernels() -> None:
     engine.kernels re-exports functions of the same names)."""
     import importlib
 
-    S = importlib.import_module("engine.kernels.lora_shrink")
-    E = importlib.import_module("engine.kernels.lora_expand")
+    S = importlib.import_module("loraplex.engine.kernels.lora_shrink")
+    E = importlib.import_module("loraplex.engine.kernels.lora_expand")
     for fn in (S._bgmv_shrink_kernel, S._sgmv_shrink_kernel):
         fn.device_caches.clear()
     for fn in (E._bgmv_expand_kernel, E._sgmv_expand_kernel):
@@ -246,7 +246,7 @@ def test_in_line_token_path_compiled_for_every_tile_config(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from engine.kernels.lora_expand import token_path_sizes
+    from loraplex.engine.kernels.lora_expand import token_path_sizes
 
     _cold_lora_kernels()
     runner = ModelRunner(
@@ -276,10 +276,10 @@ def test_async_scheduling_matches_synchronous_steps_on_graphs(tiny):
     """With async scheduling each decode graph reads the previous step's sampled ids on the
     device (placeholders on the host); the greedy tokens, with adapters, several prompt
     lengths and a batch that shrinks as requests finish, equal those of synchronous steps."""
-    from engine.api import AdapterRef, Request, SamplingParams
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.offline import OfflineEngine
+    from loraplex.engine.api import AdapterRef, Request, SamplingParams
+    from loraplex.engine.config import EngineConfig
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.offline import OfflineEngine
 
     base, _, adapters = tiny
     g = torch.Generator().manual_seed(1)

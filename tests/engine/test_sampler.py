@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.api import SamplingParams
-from engine.sampler import (
+from loraplex.engine.api import SamplingParams
+from loraplex.engine.sampler import (
     Sampler,
     SampleRow,
     apply_logit_bias,

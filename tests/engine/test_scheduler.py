@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.lora.slots import SlotTable
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import SeqStatus, Sequence
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.lora.slots import SlotTable
+from loraplex.engine.scheduler import Scheduler, SchedulerOutput
+from loraplex.engine.sequence import SeqStatus, Sequence
 
 _ids = itertools.count()
 

@@ -19,12 +19,12 @@ import llguidance
 import pytest
 import torch
 
-from engine.api import AdapterRef, Grammar, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.errors import InvalidRequest
-from engine.llm_engine import LLMEngine
-from engine.offline import OfflineEngine
-from engine.token_mask import MaskBatch, apply_token_masks
+from loraplex.engine.api import AdapterRef, Grammar, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.errors import InvalidRequest
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.offline import OfflineEngine
+from loraplex.engine.token_mask import MaskBatch, apply_token_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from json_schemas import max_output_bytes, random_schema
@@ -240,8 +240,8 @@ def test_grammar_with_ignore_eos_is_refused(tiny_model):
 def test_grammar_text_is_plain_data_across_the_wire():
     """The grammar travels as its kind and schema text (msgspec), and llguidance accepts
     what the gateway-side validator accepts."""
-    from engine.grammar_spec import grammar_problem, grammar_text
-    from engine.wire import Add, server_decoder
+    from loraplex.engine.grammar_spec import grammar_problem, grammar_text
+    from loraplex.engine.wire import Add, server_decoder
 
     g = Grammar("json_schema", json.dumps({"type": "object", "properties": {"b": {}, "a": {}}}))
     msg = Add(Request("w", [1], SamplingParams(grammar=g)))
@@ -254,6 +254,6 @@ def test_grammar_text_is_plain_data_across_the_wire():
 
 
 def llguidance_free_encode(msg) -> bytes:
-    from engine.wire import encoder
+    from loraplex.engine.wire import encoder
 
     return encoder().encode(msg)

@@ -18,12 +18,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from engine.api import AdapterRef, Grammar, Request, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model.loader import default_model_path
-from engine.model.presets import PRESETS
-from engine.offline import OfflineEngine
+from loraplex.engine.api import AdapterRef, Grammar, Request, SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model.loader import default_model_path
+from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.offline import OfflineEngine
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from engine.batch import ScheduledBatch
-from engine.errors import AdapterIncompatible, AdapterLoadError
-from engine.lora.slots import PagePlan
-from engine.model.config import ModelConfig
-from engine.runner import StepTensors
+from loraplex.engine.batch import ScheduledBatch
+from loraplex.engine.errors import AdapterIncompatible, AdapterLoadError
+from loraplex.engine.lora.slots import PagePlan
+from loraplex.engine.model.config import ModelConfig
+from loraplex.engine.runner import StepTensors
 
 
 def toy_logits(context: list[tuple[int, int]], vocab: int) -> torch.Tensor:

@@ -24,9 +24,9 @@ def main() -> int:
     from toy_runner import ToyRunner
     from transformers import AutoTokenizer
 
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.server import EngineServer
+    from loraplex.engine.config import EngineConfig
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.server import EngineServer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     slots = opts.get("slots", 2)

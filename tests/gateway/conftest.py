@@ -17,11 +17,11 @@ import httpx
 import pytest
 from harness.engines import engine_process
 
-from engine.config import EngineConfig
-from engine.remote_client import RemoteEngineClient
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
-from loraplex_cli.engine_wiring import inproc_engine
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.remote_client import RemoteEngineClient
+from loraplex.engine_wiring import inproc_engine
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
 
 

@@ -19,9 +19,9 @@ from fastapi import FastAPI
 from harness import services
 from harness.engines import EngineProc
 
-from engine.client import EngineClient
-from gateway.http_protocol import http_protocol
-from gateway.state import Services
+from loraplex.engine.client import EngineClient
+from loraplex.gateway.http_protocol import http_protocol
+from loraplex.gateway.state import Services
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.settings import GatewaySettings
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.abuse_cases import CASES, CHAT, TEXT, Case, chat, text
 from tests.gateway.envelope import error
 from tests.gateway.live import Gateway

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.auth import KeyAuthenticator
-from tenancy import api_keys, plans, tenants
-from tenancy.db import make_engine, make_sessionmaker
-from tenancy.errors import Forbidden, Unauthenticated
-from tenancy.models import ApiKey, utcnow
+from loraplex.gateway.auth import KeyAuthenticator
+from loraplex.tenancy import api_keys, plans, tenants
+from loraplex.tenancy.db import make_engine, make_sessionmaker
+from loraplex.tenancy.errors import Forbidden, Unauthenticated
+from loraplex.tenancy.models import ApiKey, utcnow
 
 SECRET = secrets.token_hex(32)
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from engine.model.loader import default_model_path
-from gateway.prompts import ServedModel, prompt_ids
-from gateway.schemas import ChatCompletionRequest
+from loraplex.engine.model.loader import default_model_path
+from loraplex.gateway.prompts import ServedModel, prompt_ids
+from loraplex.gateway.schemas import ChatCompletionRequest
 from tests.gateway.live import BASE, Gateway
 
 FORGED = (

@@ -11,10 +11,10 @@ import pytest
 from harness.models import build_tokenizer
 from harness.tool_model import TOOL_TEMPLATE
 
-from gateway.chat_messages import plan_tools, template_text
-from gateway.prompts import ServedModel, _render_chat
-from gateway.schemas import ChatCompletionRequest
-from tenancy.errors import InvalidInput
+from loraplex.gateway.chat_messages import plan_tools, template_text
+from loraplex.gateway.prompts import ServedModel, _render_chat
+from loraplex.gateway.schemas import ChatCompletionRequest
+from loraplex.tenancy.errors import InvalidInput
 
 TOOL = {
     "type": "function",

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.prompt_budget import CHARS_PER_TOKEN
+from loraplex.gateway.prompt_budget import CHARS_PER_TOKEN
 from tests.gateway.envelope import error
 from tests.gateway.live import BASE, Gateway
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 
 ENVELOPE = {"$ref": "#/components/schemas/ErrorResponse"}
 

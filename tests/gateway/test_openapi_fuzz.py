@@ -22,8 +22,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import BASE, Gateway, ok
 
 INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")

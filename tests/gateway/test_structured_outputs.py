@@ -13,8 +13,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from gateway.structured import tool_call_schema
-from tenancy.errors import InvalidInput
+from loraplex.gateway.structured import tool_call_schema
+from loraplex.tenancy.errors import InvalidInput
 from tests.gateway.live import BASE, Gateway
 
 ASK = [{"role": "user", "content": "Describe a pet."}]

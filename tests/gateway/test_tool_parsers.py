@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gateway.tool_parsers import (
+from loraplex.gateway.tool_parsers import (
     Call,
     Content,
     Event,

@@ -19,11 +19,11 @@ import httpx
 from harness.engines import engine_process
 from harness.services import free_port, wait_port
 
-from engine.remote_client import RemoteEngineClient
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
-from tenancy import api_keys, tenants
-from tenancy.db import make_engine, make_sessionmaker
+from loraplex.engine.remote_client import RemoteEngineClient
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.tenancy import api_keys, tenants
+from loraplex.tenancy.db import make_engine, make_sessionmaker
 from tests.gateway.live import fresh_database, live_server
 
 SECRET = secrets.token_hex(32)
@@ -75,7 +75,7 @@ def test_a_new_worker_serves_its_first_request(tmp_path: Path) -> None:
         with engine_process(settings, device="cpu") as engine:
             asyncio.run(engine_up(engine.address))  # the engine's own start is not at issue
             port = free_port()
-            argv = [sys.executable, "-m", "uvicorn", "gateway.worker:create_worker_app",
+            argv = [sys.executable, "-m", "uvicorn", "loraplex.gateway.worker:create_worker_app",
                     "--factory", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
             env = {**engine.env, "LORAPLEX_ENGINE_URL": engine.address}
             worker = subprocess.Popen(argv, env=env)

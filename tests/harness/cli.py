@@ -13,7 +13,7 @@ SECRET = "0123456789abcdef0123456789abcdef"
 def loraplex_argv() -> list[str]:
     """The installed console script, else the module (a checkout without ``pip install``)."""
     script = Path(sys.executable).with_name("loraplex")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "loraplex_cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "loraplex.main"]
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.settings import GatewaySettings
+from loraplex.gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ class EngineProc:
 
 
 def spawn(address: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "loraplex_cli.main", "engine", "--listen", address,
+    argv = [sys.executable, "-m", "loraplex.main", "engine", "--listen", address,
             "--parent-pid", str(os.getpid())]  # fmt: skip
     return subprocess.Popen(argv, env=env, cwd=ROOT)
 
@@ -54,7 +54,7 @@ def spawn(address: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 def engine_process(settings: GatewaySettings, **engine_env: Any) -> Iterator[EngineProc]:
     """``loraplex engine`` for ``settings`` (model, store, data dir...) plus ``engine_env``
     (e.g. ``max_num_seqs=8``), as LORAPLEX_* variables."""
-    from loraplex_cli.supervisor import child_env
+    from loraplex.supervisor import child_env
 
     address = f"ipc://{tempfile.mkdtemp(prefix='lpx-', dir='/tmp')}/engine.sock"
     env = child_env(settings, **engine_env)

@@ -146,7 +146,7 @@ def truncate_all(url: str, tables: list[str]) -> None:
 
 def migrate(url: str) -> None:
     """Alembic upgrade head, in a worker thread (safe even inside a running event loop)."""
-    from migrations.runner import upgrade
+    from loraplex.migrations.runner import upgrade
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(upgrade, url).result()

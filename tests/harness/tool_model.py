@@ -67,9 +67,9 @@ def second_turn(call_id: str, arguments: str) -> list[dict[str, Any]]:
 
 
 def _prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    from gateway.chat_messages import plan_tools, template_text
-    from gateway.prompts import ServedModel, _render_chat
-    from gateway.schemas import ChatCompletionRequest
+    from loraplex.gateway.chat_messages import plan_tools, template_text
+    from loraplex.gateway.prompts import ServedModel, _render_chat
+    from loraplex.gateway.schemas import ChatCompletionRequest
 
     body = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": messages, "tools": TOOLS}

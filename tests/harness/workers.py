@@ -69,7 +69,7 @@ def start_fleet(root: Path, settings: dict[str, str], n: int, model: str = "dumm
     workers = []
     for i in range(n):
         port = free_port()
-        argv = [sys.executable, "-m", "uvicorn", "gateway.worker:create_worker_app", "--factory",
+        argv = [sys.executable, "-m", "uvicorn", "loraplex.gateway.worker:create_worker_app", "--factory",
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
         proc = _spawn(argv, {**env, "LORAPLEX_ENGINE_URL": address}, logs / f"worker{i}.log")
         workers.append(Worker(f"http://127.0.0.1:{port}", proc))

@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in list(sys.modules):
-        if _name.startswith("engine.kernels.") and _name.split(".")[-1] not in (
+        if _name.startswith("loraplex.engine.kernels.") and _name.split(".")[-1] not in (
             "lora_meta",
             "_triton",
         ):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from kernel_testing import DEVICE, assert_close, gpu
 
-from engine.kernels.paged_decode_attention import (
+from loraplex.engine.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from loraplex.engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
 
 def make_cache(ctx_lens, block_size, hkv, d, dtype, gen, extra_blocks=3):

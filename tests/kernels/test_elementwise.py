@@ -7,11 +7,11 @@ import pytest
 import torch
 from kernel_testing import DEVICE, assert_close, gpu
 
-from engine.kernels.kv_cache_write import kv_cache_write_ref
-from engine.kernels.rms_norm import rms_norm, rms_norm_ref
-from engine.kernels.rope_cache import rope_cache, rope_cache_ref
-from engine.kernels.rotary import rotary_cos_sin_cache, rotary_ref
-from engine.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from loraplex.engine.kernels.kv_cache_write import kv_cache_write_ref
+from loraplex.engine.kernels.rms_norm import rms_norm, rms_norm_ref
+from loraplex.engine.kernels.rope_cache import rope_cache, rope_cache_ref
+from loraplex.engine.kernels.rotary import rotary_cos_sin_cache, rotary_ref
+from loraplex.engine.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -7,8 +7,8 @@ from kernel_testing import assert_close, gpu
 from test_attention import make_cache
 from test_lora_sgmv import make_token_slot, make_weights, to_paged
 
-import engine.kernels as K
-from engine.kernels import build_lora_meta
+import loraplex.engine.kernels as K
+from loraplex.engine.kernels import build_lora_meta
 
 
 def test_dispatch_ref_on_cpu(monkeypatch):

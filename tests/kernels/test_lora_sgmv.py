@@ -6,9 +6,9 @@ import pytest
 import torch
 from kernel_testing import DEVICE, assert_close, gpu
 
-from engine.kernels import build_lora_meta
-from engine.kernels.lora_expand import lora_expand, lora_expand_ref
-from engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref, use_token_path
+from loraplex.engine.kernels import build_lora_meta
+from loraplex.engine.kernels.lora_expand import lora_expand, lora_expand_ref
+from loraplex.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref, use_token_path
 
 PATTERNS = ["distinct", "identical", "zipf", "some_none"]
 PAGE_ROWS = 8  # the pool's (engine/lora/pool.py)

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from limits_helpers import broker_address, new_metrics
 
-from gateway.limiter_broker import BrokerLimiter
-from gateway.limiter_memory import InProcessLimiter
-from gateway.limiter_redis import RedisLimiter
-from gateway.limits import Limiter
-from gateway.limits_broker import LimitsBroker
-from gateway.metrics import Metrics
+from loraplex.gateway.limiter_broker import BrokerLimiter
+from loraplex.gateway.limiter_memory import InProcessLimiter
+from loraplex.gateway.limiter_redis import RedisLimiter
+from loraplex.gateway.limits import Limiter
+from loraplex.gateway.limits_broker import LimitsBroker
+from loraplex.gateway.metrics import Metrics
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from gateway.metrics import Metrics
-from tenancy.principal import Principal
+from loraplex.gateway.metrics import Metrics
+from loraplex.tenancy.principal import Principal
 
 
 def new_metrics() -> Metrics:

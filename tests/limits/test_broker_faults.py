@@ -12,10 +12,10 @@ import pytest
 import zmq
 from limits_helpers import broker_address, new_metrics, principal
 
-from gateway.limiter_broker import BrokerLimiter
-from gateway.limits import MonthUsage
-from gateway.limits_broker import LimitsBroker
-from tenancy.errors import RateLimited, Unavailable
+from loraplex.gateway.limiter_broker import BrokerLimiter
+from loraplex.gateway.limits import MonthUsage
+from loraplex.gateway.limits_broker import LimitsBroker
+from loraplex.tenancy.errors import RateLimited, Unavailable
 
 
 def unavailable(limiter_metrics, check: str, outcome: str) -> float:  # type: ignore[no-untyped-def]

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.config import EngineConfig
-from gateway.app import create_app
-from gateway.limiter_memory import InProcessLimiter
-from gateway.settings import GatewaySettings
-from loraplex_cli.engine_wiring import inproc_engine
+from loraplex.engine.config import EngineConfig
+from loraplex.engine_wiring import inproc_engine
+from loraplex.gateway.app import create_app
+from loraplex.gateway.limiter_memory import InProcessLimiter
+from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
 
 

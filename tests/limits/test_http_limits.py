@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.config import EngineConfig
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
-from loraplex_cli.engine_wiring import inproc_engine
-from tenancy.usage import cost_micros
+from loraplex.engine.config import EngineConfig
+from loraplex.engine_wiring import inproc_engine
+from loraplex.gateway.app import create_app
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.tenancy.usage import cost_micros
 from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there, robot."}]

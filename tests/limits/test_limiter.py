@@ -11,9 +11,9 @@ from collections.abc import Callable
 import pytest
 from limits_helpers import new_metrics, principal
 
-from gateway.limits import Admission, Limiter
-from tenancy.errors import QuotaExceeded, RateLimited
-from tenancy.principal import Principal
+from loraplex.gateway.limits import Admission, Limiter
+from loraplex.tenancy.errors import QuotaExceeded, RateLimited
+from loraplex.tenancy.principal import Principal
 
 KINDS = ["redis", "memory", "broker"]
 

@@ -10,11 +10,11 @@ import uuid
 import pytest
 from limits_helpers import new_metrics, principal
 
-from gateway.limiter_broker import BrokerLimiter
-from gateway.limiter_memory import InProcessLimiter
-from gateway.limiter_redis import RedisLimiter
-from gateway.limits import Admission
-from tenancy.errors import RateLimited
+from loraplex.gateway.limiter_broker import BrokerLimiter
+from loraplex.gateway.limiter_memory import InProcessLimiter
+from loraplex.gateway.limiter_redis import RedisLimiter
+from loraplex.gateway.limits import Admission
+from loraplex.tenancy.errors import RateLimited
 
 STABLE_HEADERS = (
     "x-ratelimit-limit-requests",

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import pytest
 from limits_helpers import new_metrics, principal
 
-from gateway.limiter_memory import InProcessLimiter
-from gateway.limiter_redis import RedisLimiter
-from gateway.limits import format_reset, ms_to_next_month
-from tenancy.errors import QuotaExceeded, RateLimited, Unavailable
+from loraplex.gateway.limiter_memory import InProcessLimiter
+from loraplex.gateway.limiter_redis import RedisLimiter
+from loraplex.gateway.limits import format_reset, ms_to_next_month
+from loraplex.tenancy.errors import QuotaExceeded, RateLimited, Unavailable
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tenancy.errors import InvalidInput
-from tenancy.limits import Limits, effective_tenant_limits, validate_limits
+from loraplex.tenancy.errors import InvalidInput
+from loraplex.tenancy.limits import Limits, effective_tenant_limits, validate_limits
 
 
 def test_parse_and_round_trip():

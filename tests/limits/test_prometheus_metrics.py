@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from engine.stats import EngineStats
-from gateway.metrics import Metrics
-from tenancy.usage import UsageEvent
+from loraplex.engine.stats import EngineStats
+from loraplex.gateway.metrics import Metrics
+from loraplex.tenancy.usage import UsageEvent
 
 
 def usage(tenant: uuid.UUID) -> UsageEvent:
@@ -67,7 +67,7 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
 def test_engine_adapter_loads_by_source_tier() -> None:
     """Loads into host memory by the tier they came from: a histogram of latency, bytes and
     the queue/fetch/read split, each labelled by source; the host tier's bytes and bound."""
-    from engine.stats import AdapterTierLoads
+    from loraplex.engine.stats import AdapterTierLoads
 
     disk = AdapterTierLoads(
         count=3, seconds=0.06, queue_seconds=0.01, fetch_seconds=0.0, read_seconds=0.05,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tenancy.breaker import CircuitBreaker, CircuitOpen
+from loraplex.tenancy.breaker import CircuitBreaker, CircuitOpen
 
 
 class Clock:

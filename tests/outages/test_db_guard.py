@@ -18,14 +18,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from gateway.auth import KeyAuthenticator
-from gateway.resolve import ModelResolver
-from tenancy import api_keys, tenants
-from tenancy.breaker import CircuitBreaker
-from tenancy.db import DbTimeouts, make_engine, make_sessionmaker
-from tenancy.errors import DatabaseUnavailable, ModelNotFound, Unauthenticated
-from tenancy.models import Adapter, AdapterVersion, Tenant
-from tenancy.principal import Principal
+from loraplex.gateway.auth import KeyAuthenticator
+from loraplex.gateway.resolve import ModelResolver
+from loraplex.tenancy import api_keys, tenants
+from loraplex.tenancy.breaker import CircuitBreaker
+from loraplex.tenancy.db import DbTimeouts, make_engine, make_sessionmaker
+from loraplex.tenancy.errors import DatabaseUnavailable, ModelNotFound, Unauthenticated
+from loraplex.tenancy.models import Adapter, AdapterVersion, Tenant
+from loraplex.tenancy.principal import Principal
 
 SECRET = secrets.token_hex(32)
 FAST = DbTimeouts(connect_s=0.3, statement_s=0.3, pool_checkout_s=0.3)

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from harness.tcp_proxy import ThreadedProxy
 
-from adapters.storage import ObjectStore, S3Options, S3Store, StoreError, open_store
+from loraplex.adapters.storage import ObjectStore, S3Options, S3Store, StoreError, open_store
 
 OPTIONS = S3Options(connect_timeout_s=0.3, read_timeout_s=0.3, max_attempts=2)
 

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from loraplex_cli import admin, admin_adapters, export_usage
-from loraplex_cli import serve as serving
+from loraplex import admin_adapters, export_usage
+from loraplex import admin_cli as admin
+from loraplex import serve as serving
 
 app = typer.Typer(
     name="loraplex",

@@ -22,7 +22,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from loraplex_cli.admin import Remote, _show, err, exit_on_error
+from loraplex.admin_cli import Remote, _show, err, exit_on_error
 
 adapter_app = typer.Typer(
     help="A tenant's LoRA adapters: upload, list, show, alias, delete.", no_args_is_help=True

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.settings import GatewaySettings
-from loraplex_cli.errors import fail
+from loraplex.errors import fail
+from loraplex.gateway.settings import GatewaySettings
 
 log = logging.getLogger("loraplex.serve")
 _MAX_IPC_PATH = 100  # a Unix socket path must fit sun_path (108 bytes)
@@ -66,7 +66,7 @@ def limits_broker(settings: GatewaySettings, workers: int) -> Iterator[str | Non
     if settings.redis_url or workers <= 1 or settings.limits_broker_url:
         yield settings.limits_broker_url
         return
-    from gateway.limits_broker import BrokerStartError, LimitsBroker
+    from loraplex.gateway.limits_broker import BrokerStartError, LimitsBroker
 
     broker = LimitsBroker(limits_broker_address(settings), lease_s=settings.limits_lease_s)
     try:
@@ -113,7 +113,7 @@ class EngineProcess:
         self.restarts = 0
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "loraplex_cli.main", "engine", "--listen", self.address,
+        argv = [sys.executable, "-m", "loraplex.main", "engine", "--listen", self.address,
                 "--parent-pid", str(os.getpid())]  # fmt: skip
         # its own session: a terminal's Ctrl-C reaches the supervisor, which stops it last
         return subprocess.Popen(argv, env=self._env, start_new_session=True)
@@ -170,7 +170,7 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
     them. Their settings come from ``env``."""
     import uvicorn
 
-    from gateway.http_protocol import http_protocol
+    from loraplex.gateway.http_protocol import http_protocol
 
     os.environ.update(env)  # uvicorn's spawned workers (and the one in-process) read it
     stopped: list[int] = []
@@ -181,7 +181,7 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, remember)
     uvicorn.run(
-        "gateway.worker:create_worker_app",
+        "loraplex.gateway.worker:create_worker_app",
         factory=True,
         host=settings.host,
         port=settings.port,

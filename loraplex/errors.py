@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from tenancy.settings import ConfigError
+from loraplex.tenancy.settings import ConfigError
 
 EXIT_CONFIG = 2
 

@@ -1,8 +1,8 @@
 """What ``loraplex serve``, ``gateway`` and ``engine`` do: settings, model check, migrate,
-bootstrap, then the processes (``loraplex_cli.supervisor``).
+bootstrap, then the processes (``loraplex.supervisor``).
 
 Every failure that comes from configuration is reported as one line naming the setting
-(``loraplex_cli.errors``); the model itself is loaded by the engine process.
+(``loraplex.errors``); the model itself is loaded by the engine process.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from gateway.settings import GatewaySettings
-from loraplex_cli.errors import config_errors, fail
-from tenancy.bootstrap import BootstrapResult, bootstrap
-from tenancy.db import make_engine, make_sessionmaker
+from loraplex.errors import config_errors, fail
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.tenancy.bootstrap import BootstrapResult, bootstrap
+from loraplex.tenancy.db import make_engine, make_sessionmaker
 
 
 def load_settings(**overrides: Any) -> GatewaySettings:
@@ -29,7 +29,7 @@ def resolve_model(spec: str) -> str:
     if spec.startswith("dummy:"):
         return spec
     if not spec:
-        from engine.model.loader import default_model_path
+        from loraplex.engine.model.loader import default_model_path
 
         try:
             return str(default_model_path())
@@ -57,7 +57,7 @@ def check_device(settings: GatewaySettings) -> None:
 def migrate(settings: GatewaySettings, revision: str = "head", *, down: bool = False) -> None:
     from alembic.util.exc import CommandError
 
-    from migrations import runner
+    from loraplex.migrations import runner
 
     url = settings.resolved_database_url()
     with config_errors():
@@ -89,7 +89,7 @@ def run_bootstrap(settings: GatewaySettings) -> BootstrapResult:
 def serve(settings: GatewaySettings) -> None:
     """The engine in a process of its own (unless LORAPLEX_ENGINE_URL names one already
     running) and the gateway workers in front of it."""
-    from loraplex_cli.supervisor import (
+    from loraplex.supervisor import (
         EngineProcess,
         child_env,
         default_workers,
@@ -128,7 +128,7 @@ def serve(settings: GatewaySettings) -> None:
 
 def serve_gateway(settings: GatewaySettings) -> None:
     """Gateway workers only, in front of the engine at LORAPLEX_ENGINE_URL."""
-    from loraplex_cli.supervisor import child_env, default_workers, limits_broker, run_gateways
+    from loraplex.supervisor import child_env, default_workers, limits_broker, run_gateways
 
     if not settings.engine_url:
         fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
@@ -147,7 +147,7 @@ def serve_engine(settings: GatewaySettings, listen: str, parent_pid: int | None 
     """``loraplex engine``: the engine server in this process until SIGTERM/SIGINT."""
     import logging
 
-    from loraplex_cli.engine_wiring import engine_server
+    from loraplex.engine_wiring import engine_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s: %(message)s")
     check_device(settings)

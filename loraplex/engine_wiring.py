@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gateway.settings import GatewaySettings
+from loraplex.gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
-    from engine.api import AdapterRef
-    from engine.config import EngineConfig
-    from engine.inproc_client import InprocEngineClient
-    from engine.server import EngineServer
+    from loraplex.engine.api import AdapterRef
+    from loraplex.engine.config import EngineConfig
+    from loraplex.engine.inproc_client import InprocEngineClient
+    from loraplex.engine.server import EngineServer
 
 
 def engine_config(settings: GatewaySettings) -> EngineConfig:
-    from engine.config import EngineConfig
+    from loraplex.engine.config import EngineConfig
 
     return EngineConfig(
         device=settings.device,
@@ -47,9 +47,9 @@ def store_fetch(
     """``AdapterRef`` -> local PEFT directory: ``store:`` keys through the object store and
     the engine's disk cache; anything else is a local directory. Its metrics go into
     ``registry`` (the engine side's own)."""
-    from adapters.service import build_fetcher, s3_options
-    from engine.lora.loader import local_fetch
-    from tenancy.breaker import CircuitBreaker
+    from loraplex.adapters.service import build_fetcher, s3_options
+    from loraplex.engine.lora.loader import local_fetch
+    from loraplex.tenancy.breaker import CircuitBreaker
 
     fetcher = build_fetcher(
         store_url=settings.resolved_object_store_url(),
@@ -80,7 +80,7 @@ def inproc_engine(
 ) -> InprocEngineClient:
     """The engine in a thread of this process (tests, tools). ``config`` overrides the one
     the settings make."""
-    from engine.inproc_client import InprocEngineClient
+    from loraplex.engine.inproc_client import InprocEngineClient
 
     registry = CollectorRegistry()
     return InprocEngineClient.from_model(
@@ -100,8 +100,8 @@ def engine_server(
     config: EngineConfig | None = None,
     parent_pid: int | None = None,
 ) -> EngineServer:
-    from engine.llm_engine import LLMEngine
-    from engine.server import EngineServer
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.server import EngineServer
 
     registry = CollectorRegistry()
     config, fetch = config or engine_config(settings), store_fetch(settings, registry)

@@ -13,13 +13,13 @@ from typing import Annotated
 
 import typer
 
-from adapters.service import s3_options
-from adapters.storage import StoreError, open_store
-from admin.daily_export import ExportResult, export_day
-from gateway.settings import GatewaySettings
-from loraplex_cli.errors import config_errors, fail
-from loraplex_cli.serve import load_settings
-from tenancy.db import make_engine, make_sessionmaker
+from loraplex.adapters.service import s3_options
+from loraplex.adapters.storage import StoreError, open_store
+from loraplex.admin.daily_export import ExportResult, export_day
+from loraplex.errors import config_errors, fail
+from loraplex.gateway.settings import GatewaySettings
+from loraplex.serve import load_settings
+from loraplex.tenancy.db import make_engine, make_sessionmaker
 
 
 def export_usage(
