@@ -219,7 +219,8 @@ class EmbeddingCall:
             )  # alongside the ledger's durable write, not before it
         try:
             if self._ledger is not None:
-                await self._ledger.record(self._event(status, prompt, cost), principal.tenant_name)
+                event = self._event(status, prompt, cost)
+                await self._ledger.record_nowait(event, principal.tenant_name)
         finally:
             if settle is not None:
                 try:
