@@ -306,8 +306,8 @@ class StepEvents:
             self._pairs[-1][3] = time.perf_counter()
             return out
 
-        def timed_sample(logits, rows):  # type: ignore[no-untyped-def]
-            out = sample(logits, rows)
+        def timed_sample(logits, rows, masks=None):  # type: ignore[no-untyped-def]
+            out = sample(logits, rows, masks)
             if self._on and self._pairs and self._pairs[-1][1] is None:
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()
