@@ -128,7 +128,9 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         full = sum(page_bytes(self.config, elem).values()) * -(-self.max_lora_rank // PAGE_ROWS)
         if self.device.type != "cuda":
-            return (max_loras or 8) * full
+            # twice the padded bytes: on tiny models a chunk holds few pages, and chunk
+            # rounding per projection can waste up to half of a small arena
+            return 2 * (max_loras or 8) * full
         free, total = torch.cuda.mem_get_info(self.device)
         usable = max(0.0, min(free, self._utilization * total - (total - free)))
         return max(int(usable * fraction), full)
