@@ -157,22 +157,22 @@ class EngineCall:
             prompt, completion, principal.prompt_price_micros, principal.completion_price_micros
         )
         durable = None
-        if self._ledger is not None:  # written now, or queued: the write goes on meanwhile
-            event = self._event(status, prompt, completion, cost)
-            durable = self._ledger.record_nowait(event, spec.principal.tenant_name)
         try:
+            if self._ledger is not None:  # written now, or queued: the write goes on meanwhile
+                event = self._event(status, prompt, completion, cost)
+                durable = self._ledger.record_nowait(event, spec.principal.tenant_name)
+        finally:  # the settle runs beside the ledger's write (and even if recording failed)
             if self._limiter is not None and self._admission is not None:
-                try:  # (beside the ledger's write, when that is not done yet)
+                try:
                     await self._limiter.settle(
                         self._admission, prompt + completion, cost_micros=cost
                     )
                 except Exception:  # the limiter's store is down: the usage record is safe
                     log.exception("could not settle admission of %s", spec.request_id)
-        finally:
-            if durable is not None:
-                if not durable.done():
-                    await asyncio.shield(durable)
-                durable.result()  # (OutboxUnavailable: the record stays queued, retried)
+        if durable is not None:
+            if not durable.done():
+                await asyncio.shield(durable)
+            durable.result()  # (OutboxUnavailable: the record stays queued, retried)
 
     def _event(self, status: UsageStatus, prompt: int, completion: int, cost: int) -> UsageEvent:
         spec, last, principal = self.spec, self.last, self.spec.principal

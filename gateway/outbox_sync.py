@@ -13,6 +13,7 @@ the WAL small while the ledger writer cannot drain (a database outage).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -48,13 +49,16 @@ class OutboxSyncer:
             try:
                 self._outbox.sync()
                 self.syncs += 1
-                now = time.monotonic()
-                if now - self._checkpointed >= CHECKPOINT_EVERY_S:
-                    self._checkpointed = now
-                    self._outbox.checkpoint()
             except Exception:  # a disk error: report it, try again with the next commits
                 log.exception("fsync of the usage outbox failed")
                 self._dirty.set()
+            now = time.monotonic()
+            if now - self._checkpointed >= CHECKPOINT_EVERY_S:
+                self._checkpointed = now
+                try:
+                    self._outbox.checkpoint()
+                except sqlite3.Error as exc:  # another process checkpoints: next time
+                    log.debug("outbox checkpoint skipped: %s", exc)
             if self._stop.wait(self._gap_s):
                 return
 
