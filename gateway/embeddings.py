@@ -28,7 +28,7 @@ from loraplex.engine.api import AdapterRef, Request, RequestOutput
 from loraplex.engine.client import EngineClient
 from loraplex.engine.errors import EngineError
 from loraplex.gateway.embedding_schemas import EmbeddingRequest
-from loraplex.gateway.inference import UsageSink
+from loraplex.gateway.inference import UsageSink, record_and_settle
 from loraplex.gateway.limits import Admission, Limiter
 from loraplex.gateway.prompt_budget import CHARS_PER_TOKEN, CONTEXT_LENGTH_EXCEEDED
 from loraplex.gateway.prompts import INLINE_CHARS, ServedModel
@@ -209,24 +209,17 @@ class EmbeddingCall:
         return last.embedding
 
     async def _meter(self, status: UsageStatus) -> None:
-        spec, principal = self.spec, self.spec.principal
+        principal = self.spec.principal
         prompt = self.prompt_tokens
         cost = cost_micros(prompt, 0, principal.prompt_price_micros, 0)
-        settle = None
-        if self._limiter is not None and self._admission is not None:
-            settle = asyncio.ensure_future(
-                self._limiter.settle(self._admission, prompt, cost_micros=cost)
-            )  # alongside the ledger's durable write, not before it
-        try:
-            if self._ledger is not None:
-                event = self._event(status, prompt, cost)
-                await self._ledger.record_nowait(event, principal.tenant_name)
-        finally:
-            if settle is not None:
-                try:
-                    await settle
-                except Exception:  # the limiter's store is down: the usage record is safe
-                    log.exception("could not settle admission of %s", spec.request_id)
+        await record_and_settle(
+            self._ledger,
+            self._event(status, prompt, cost),
+            principal.tenant_name,
+            self._limiter,
+            self._admission,
+            prompt,
+        )
 
     def _event(self, status: UsageStatus, prompt: int, cost: int) -> UsageEvent:
         spec, principal = self.spec, self.spec.principal

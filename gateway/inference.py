@@ -156,23 +156,14 @@ class EngineCall:
         cost = cost_micros(
             prompt, completion, principal.prompt_price_micros, principal.completion_price_micros
         )
-        durable = None
-        try:
-            if self._ledger is not None:  # written now, or queued: the write goes on meanwhile
-                event = self._event(status, prompt, completion, cost)
-                durable = self._ledger.record_nowait(event, spec.principal.tenant_name)
-        finally:  # the settle runs beside the ledger's write (and even if recording failed)
-            if self._limiter is not None and self._admission is not None:
-                try:
-                    await self._limiter.settle(
-                        self._admission, prompt + completion, cost_micros=cost
-                    )
-                except Exception:  # the limiter's store is down: the usage record is safe
-                    log.exception("could not settle admission of %s", spec.request_id)
-        if durable is not None:
-            if not durable.done():
-                await asyncio.shield(durable)
-            durable.result()  # (OutboxUnavailable: the record stays queued, retried)
+        await record_and_settle(
+            self._ledger,
+            self._event(status, prompt, completion, cost),
+            principal.tenant_name,
+            self._limiter,
+            self._admission,
+            prompt + completion,
+        )
 
     def _event(self, status: UsageStatus, prompt: int, completion: int, cost: int) -> UsageEvent:
         spec, last, principal = self.spec, self.last, self.spec.principal
@@ -192,6 +183,33 @@ class EngineCall:
             duration_ms=int((time.monotonic() - self._t0) * 1000),
             cost_micros=cost,
         )
+
+
+async def record_and_settle(
+    ledger: UsageSink | None,
+    event: UsageEvent,
+    tenant: str,
+    limiter: Limiter | None,
+    admission: Admission | None,
+    used_tokens: int,
+) -> None:
+    """Meter one request: its usage record queued (or written) first, the limiter settled
+    while that write is under way (and even if recording failed), then the record durable
+    (see ``gateway.ledger``) before returning."""
+    durable = None
+    try:
+        if ledger is not None:
+            durable = ledger.record_nowait(event, tenant)
+    finally:
+        if limiter is not None and admission is not None:
+            try:
+                await limiter.settle(admission, used_tokens, cost_micros=event.cost_micros)
+            except Exception:  # the limiter's store is down: the usage record is safe
+                log.exception("could not settle admission of %s", event.request_id)
+    if durable is not None:
+        if not durable.done():
+            await asyncio.shield(durable)
+        durable.result()  # (OutboxUnavailable: the record stays queued, retried)
 
 
 def new_request_id(prefix: str) -> str:
