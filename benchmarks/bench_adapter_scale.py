@@ -21,14 +21,17 @@ Sections (``--sections``, all by default):
 - ``aggregate``: ``--files`` distinct adapters (the ``all7`` files) through the engine's ``AdapterLoader`` with
   1/4/8/16 workers: adapters/s and GB/s.
 - ``engine``: per setting (``all7``: rank 16 on seven projections; ``slora``: q,k,v,o with
-  ranks 8/16/32/64 mixed, S-LoRA's) and per N in ``--adapters``: one request per adapter
-  (at least ``--min-requests``, adapters cycled), ``--prompt-len``/``--output-len``, all
-  queued at once; modes ``host`` (loaded into the host tier first, when N fits it),
-  ``disk`` (files evicted from the page cache first: ``posix_fadvise(DONTNEED)``) and
-  ``store`` (bundles in a local object store through the real fetcher and disk cache, N <=
-  ``--store-max``). Above ``--distinct-files`` adapters, keys share weight files (each key
-  is still a distinct adapter to the engine; its bytes repeat on disk and in the page cache).
-  Output tok/s against the no-adapter engine; load latency p50/p99 per source tier; loads/s.
+  ranks 8/16/32/64 mixed, S-LoRA's) and per N in ``--adapters``: issue #26's workload,
+  ``--num-requests`` (1,000) of ``--prompt-len``/``--output-len`` (256/128) tokens, adapters
+  drawn with Zipf(``--zipf``) popularity, all queued at once, GPU adapter memory at the
+  engine's default (a share of free memory, no slot count unless ``--max-loras``); modes
+  ``host`` (loaded into the host tier first, when N fits it), ``disk`` (files evicted from
+  the page cache first: ``posix_fadvise(DONTNEED)``) and ``store`` (bundles in a local object
+  store through the real fetcher and disk cache, N <= ``--store-max``). Above
+  ``--distinct-files`` adapters, keys share weight files (each key is still a distinct
+  adapter to the engine; its bytes repeat on disk and in the page cache). Output tok/s
+  against the no-adapter engine; loads in the run, their latency p50/p99 per source tier
+  (queue + fetch + read: the loads before a host-cached run are not counted); loads/s.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapter_load_old import read_adapter_old
+from bench_throughput import preload, run_engine_case, warm_up
 from common import device_info, pick_device, table, write_json, write_peft_adapter
 
-from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.api import AdapterRef
 from loraplex.engine.config import EngineConfig, host_memory_bytes
 from loraplex.engine.llm_engine import LLMEngine, loader_threads
 from loraplex.engine.lora.loader import AdapterLoader
@@ -74,12 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="host,disk,store")
     p.add_argument("--distinct-files", type=int, default=64)
     p.add_argument("--store-max", type=int, default=32)
-    p.add_argument("--min-requests", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-loras", type=int, default=32, help="GPU adapter slots")
+    p.add_argument(
+        "--max-loras", type=int, default=None, help="cap on resident adapters (default: none)"
+    )
     p.add_argument("--load-workers", type=int, default=8)
     p.add_argument(
         "--host-bytes",
@@ -91,10 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    args.busy_steps, args.busy_window_at = 0, 0.3  # bench_throughput's run_engine_case reads these
     if args.smoke:
         args.model, args.cpu_preset, args.reps, args.files, args.workers = (
             "dummy:tiny", "tiny", 3, 6, "1,2")  # fmt: skip
-        args.adapters, args.distinct_files, args.store_max, args.min_requests = "1,3", 2, 3, 3
+        args.adapters, args.distinct_files, args.store_max, args.num_requests = "1,3", 2, 3, 6
         args.prompt_len, args.output_len, args.max_num_seqs = 4, 2, 8
         args.max_num_batched_tokens, args.max_loras, args.load_workers = 128, 2, 2
     return args
@@ -342,12 +351,11 @@ class StoreRefs:
 def run_case(
     args,
     runner: ModelRunner,
-    refs: list[AdapterRef | None],
+    refs: list[AdapterRef],
     fetch,
     host: bool,
     host_bytes: int | None = None,
 ) -> dict:
-    n_req = max(args.min_requests, len([r for r in refs if r is not None]))
     cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -360,38 +368,20 @@ def run_case(
     engine = LLMEngine(runner, cfg, fetch=fetch) if fetch else LLMEngine(runner, cfg)
     try:
         if host:
-            for ref in refs:
-                if ref is not None:
-                    engine.load_adapter(ref)
-            while engine.loader.num_loading:
-                time.sleep(0.002)
-                engine.collect_loads()
+            preload(engine, refs)
         vocab = runner.config.vocab_size
         gen = torch.Generator().manual_seed(7)
-        ids = torch.randint(3, vocab, (n_req, args.prompt_len), generator=gen).tolist()
-        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-        before = engine.stats()
-        t0 = time.perf_counter()
-        for i in range(n_req):
-            engine.add_request(Request(f"r{i}", ids[i], params, refs[i % len(refs)]))
-        out_tokens = 0
-        while engine.has_unfinished():
-            for o in engine.step():
-                out_tokens += sum(len(c.token_ids) for c in o.choices)
-                if o.error:
-                    raise RuntimeError(f"{o.request_id}: {o.error.message}")
-            if not engine.last_step_ran:
-                time.sleep(0.0005)
-        elapsed = time.perf_counter() - t0
+        ids = torch.randint(3, vocab, (args.num_requests, args.prompt_len), generator=gen).tolist()
+        counts = {t: v.count for t, v in engine.loader.stats.by_tier.items()}
+        r = run_engine_case(args, engine, ids, refs)
+        lat = {}
+        for t, v in engine.loader.stats.by_tier.items():
+            new = v.count - counts.get(t, 0)  # the loads of the run, not the preload
+            if new:
+                lat[t] = [x * 1e3 for x in list(v.recent)[-new:]]
         st = engine.stats()
-        lat = {t: [x * 1e3 for x in v.recent] for t, v in engine.loader.stats.by_tier.items()}
-        loads = st.adapter_loads - before.adapter_loads
         return {
-            "requests": n_req,
-            "seconds": elapsed,
-            "out_tok_s": out_tokens / elapsed,
-            "loads_in_run": loads,
-            "gpu_writes": st.adapter_gpu_writes - before.adapter_gpu_writes,
+            **r,
             "host_evictions": st.adapter_host_evictions,
             "latency_ms": {t: (pct(v, 0.5), pct(v, 0.99), len(v)) for t, v in lat.items()},
         }
@@ -403,7 +393,15 @@ def run_case(
 
 def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
     cfg = runner.config
-    base = run_case(args, runner, [None], None, False)
+    with tempfile.TemporaryDirectory(prefix="lpx-warm-") as tmp:  # compile, graphs, allocator
+        warm = LLMEngine(runner, EngineConfig(max_model_len=runner.max_model_len, max_lora_rank=64))
+        (f,) = write_adapters(args, cfg, "all7", 1, Path(tmp))
+        ref = AdapterRef("warm", str(f))
+        ids = [[5 + i] * args.prompt_len for i in range(4)]
+        warm_up(warm, ids, [None, ref, None, ref])
+        warm.shutdown()
+        del warm
+    base = run_case(args, runner, [], None, False)
     print(f"\nno-adapter engine: {base['out_tok_s']:.0f} out tok/s", flush=True)
     rows = [{"setting": "base", "adapters": 0, "mode": "-", **base, "vs_base": 1.0}]
     host_cap = EngineConfig(host_lora_bytes=args.host_bytes).resolved_host_lora_bytes()
@@ -451,7 +449,7 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
         if r["mode"] == "disk" and host:
             r["disk_vs_host"] = r["out_tok_s"] / host["out_tok_s"]
     cols = ["setting", "adapters", "mode", "requests", "seconds", "out_tok_s", "vs_base"]
-    cols += ["loads_in_run", "loads_s", "gpu_writes", "host_evictions"]
+    cols += ["distinct_used", "loads_in_run", "loads_s", "slot_evictions", "host_evictions"]
     print("\nengine\n" + table(rows, cols), flush=True)
     return rows
 
