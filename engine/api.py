@@ -155,6 +155,11 @@ class Request(msgspec.Struct):
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     adapter: AdapterRef | None = None
     task: Task = "generate"  # "embed": ``sampling`` is not used (n must be 1)
+    # fair scheduling (engine/fairness.py): an opaque key (the gateway sends the tenant),
+    # its weight, and a priority tier, lower first (0 high, 1 standard, 2 batch)
+    fairness_key: str | None = None
+    fairness_weight: float = 1.0
+    priority: int = 1
 
 
 # ---- what the engine core sends back each step (token ids) --------------------------------

@@ -29,6 +29,7 @@ from loraplex.engine.errors import (
     InvalidRequest,
     as_engine_error,
 )
+from loraplex.engine.fairness import NO_KEY
 from loraplex.engine.inflight import PLACEHOLDER, DevicePooled, InFlight, SampledRow, gather_for
 from loraplex.engine.lora.loader import LOAD_BUCKETS_S, AdapterLoader, Fetch, TierLoads, local_fetch
 from loraplex.engine.lora.slots import SlotTable
@@ -36,6 +37,7 @@ from loraplex.engine.request_state import (
     Choice,
     RequestState,
     check_embed_fits,
+    check_fairness,
     check_fits,
     tokenize_prompt,
 )
@@ -155,6 +157,7 @@ class LLMEngine:
                 "(the grammar decides where the output ends)",
                 param="response_format",
             )
+        check_fairness(request)
         state = RequestState(request, prompt_ids, [], self._eos, arrival_s=taken)
         arrival = self._next_arrival
         self._next_arrival += 1
@@ -170,6 +173,9 @@ class LLMEngine:
                 key,
                 max_total=max_total,
                 embed=embed,
+                fair_key=request.fairness_key or NO_KEY,
+                fair_weight=request.fairness_weight,
+                priority_tier=request.priority,
             )
             self._next_seq_id += 1
             choice = Choice(seq)

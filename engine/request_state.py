@@ -7,6 +7,7 @@ logprobs); text, stop strings and token texts are the client side's work
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -192,6 +193,26 @@ def check_fits(prompt_len: int, max_tokens: int, max_model_len: int, kv_tokens: 
         raise PromptTooLong(
             f"{total} tokens do not fit the KV cache ({kv_tokens})", param="max_tokens"
         )
+
+
+MAX_FAIRNESS_KEY_LEN = 256
+MAX_FAIRNESS_WEIGHT = 1000.0
+PRIORITY_TIERS = range(10)
+
+
+def check_fairness(request: Request) -> None:
+    """The fairness fields are in range (engine/fairness.py)."""
+    key, w = request.fairness_key, request.fairness_weight
+    if key is not None and len(key) > MAX_FAIRNESS_KEY_LEN:
+        raise InvalidRequest(
+            f"fairness_key is longer than {MAX_FAIRNESS_KEY_LEN} characters", param="fairness_key"
+        )
+    if not (isinstance(w, int | float) and math.isfinite(w) and 0 < w <= MAX_FAIRNESS_WEIGHT):
+        raise InvalidRequest(
+            f"fairness_weight must be in (0, {MAX_FAIRNESS_WEIGHT:g}]", param="fairness_weight"
+        )
+    if request.priority not in PRIORITY_TIERS:
+        raise InvalidRequest("priority must be an integer in [0, 9]", param="priority")
 
 
 def check_embed_fits(prompt_len: int, n: int, max_model_len: int, kv_tokens: int) -> None:

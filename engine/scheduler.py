@@ -9,21 +9,32 @@ Waiting sequences are admitted first come first served; one whose adapter is sti
 loading is skipped without holding up the rest; one whose adapter cannot get GPU pages
 (the rest are pinned by running work) is skipped for at most ``aging_steps`` steps, after
 which nobody behind it is admitted until it is.
+
+With more than one fairness key active (``engine/fairness.py``) the order is fair instead:
+waiting sequences by priority tier and least service received; running ones likewise (so
+preemption takes the most-served key's newest sequence); a key below its weighted share of
+the batch, or clearly less served, may preempt one of the most-served key above its share
+to get in (a few per step); a cold
+adapter does not evict one that another key's waiting sequences need; and an aged
+sequence holds back only its own key.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
 
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.fairness import FairShare
 from loraplex.engine.lora.slots import PageNeed, SlotTable
 from loraplex.engine.sequence import SeqStatus, Sequence
+from loraplex.engine.wait_queue import WaitQueue
 
 _priority = attrgetter("arrival", "index")  # = Sequence.priority, read in C
+MAX_FAIR_PREEMPTIONS = 4  # per step: sequences preempted to let a key under its share in
 
 
 @dataclass
@@ -58,17 +69,34 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.aging_steps = aging_steps
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.fair = FairShare()
+        self.steps = 0
+        self._fair_preempted = 0
+        self._deferred: list[Sequence] = []  # fair preemptions, queued again after admission
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
+        self._enter(seq)
         self.waiting.append(seq)
 
     def add_front(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
+        self._enter(seq)
         self.waiting.appendleft(seq)
+
+    def _enter(self, seq: Sequence) -> None:
+        if not seq.fair_counted:
+            seq.fair_counted = True
+            self.fair.enter(seq.fair_key, seq.fair_weight)
+        if seq.queued_step < 0:
+            seq.queued_step = self.steps
+            seq.queued_at = time.perf_counter()
+
+    def _fair_order(self, seq: Sequence) -> tuple[int, float, int, int]:
+        return (seq.priority_tier, self.fair.counter(seq.fair_key), seq.arrival, seq.index)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -76,9 +104,10 @@ class Scheduler:
     def schedule(self, adapter_ready: Callable[[str], bool]) -> SchedulerOutput:
         """Pick this step's chunks. ``adapter_ready(key)``: weights are loaded on host."""
         out = SchedulerOutput(batch=ScheduledBatch(chunks=[]), seqs=[])
+        self.steps += 1
         budget = self.max_num_batched_tokens
         running = self.running
-        running.sort(key=_priority)
+        running.sort(key=self._fair_order if self.fair.num_active > 1 else _priority)
         grow = self.blocks.grow_if_fits
         i = 0
         while i < len(running) and budget > 0:
@@ -97,17 +126,23 @@ class Scheduler:
                 budget -= n
                 i += 1
         if not out.preempted:  # memory is tight: admit nobody new this step
+            self._fair_preempted = 0
             self._admit(out, budget, adapter_ready)
         return out
 
     def _admit(
         self, out: SchedulerOutput, budget: int, adapter_ready: Callable[[str], bool]
     ) -> None:
+        fair = self.fair.num_active > 1
         admitted: list[Sequence] = []
-        for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+        held_back: set[str] = set()  # fair: keys whose aged head holds the rest of the key
+        demand: dict[str, set[str]] | None = None  # fair: adapter key -> waiting fair keys
+        for seq in self.waiting.in_fair_order(self.fair):
+            if budget <= 0 or (len(self.running) >= self.max_num_seqs and not fair):
                 break
             if seq.num_pending:  # preempted with a token in flight: back once it is known
+                continue
+            if seq.fair_key in held_back:
                 continue
             key = seq.adapter_key
             slot = -1 if key is None else self.slots.lookup(key)
@@ -117,21 +152,46 @@ class Scheduler:
                     seq.waited_steps += 1
                     continue
                 need = self.adapter_pages(key)
-                if not self.slots.can_assign(need):  # the pages it needs are pinned
+                if fair and demand is None:
+                    demand = self._adapter_demand()
+                guard = self._guard(demand, key, seq.fair_key) if fair and demand else []
+                can = self.slots.can_assign(need)
+                while not can and fair and self._fair_preempted < MAX_FAIR_PREEMPTIONS:
+                    before = self._fair_preempted  # adapter memory pinned: room if below share
+                    budget = self._make_room(seq, out, budget)
+                    if self._fair_preempted == before:
+                        break
+                    can = self.slots.can_assign(need)
+                if not can:  # the pages it needs are pinned (or another key's queue needs them)
+                    self._unguard(guard)
                     seq.waited_steps += 1
                     if seq.waited_steps >= self.aging_steps:
-                        break
+                        if not fair:
+                            break
+                        held_back.add(seq.fair_key)
                     continue
+            else:
+                guard = []
+            if len(self.running) >= self.max_num_seqs:  # fair: room if below its share
+                budget = self._make_room(seq, out, budget)
+                if len(self.running) >= self.max_num_seqs or budget <= 0:
+                    self._unguard(guard)
+                    break
             ok = self._fits(seq, budget)
             if not ok and not self.running and self._unfork_waiting():
                 ok = self._fits(seq, budget)
+            if not ok and fair:
+                budget = self._make_room(seq, out, budget)
+                ok = self._fits(seq, budget)
             if not ok:
+                self._unguard(guard)
                 seq.waited_steps += 1
                 break
             if slot is None:
                 slot, evicted = self.slots.assign(key, need)
                 out.slot_writes.append((slot, key))
                 out.evicted += evicted
+            self._unguard(guard)
             if not seq.block_table:
                 self.blocks.admit(seq)
             n = min(seq.num_uncomputed, budget)
@@ -141,12 +201,81 @@ class Scheduler:
             seq.slot = slot
             seq.status = SeqStatus.RUNNING
             seq.waited_steps = 0
+            if not seq.started:
+                seq.started = True
+                self.fair.queued(
+                    seq.fair_key, time.perf_counter() - seq.queued_at, self.steps - seq.queued_step
+                )
             self.running.append(seq)
             admitted.append(seq)
             self._add_chunk(out, seq, n)
             budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
+        for seq in self._deferred:  # preempted for fairness: queued again after the loop
+            self.add_front(seq)
+        self._deferred.clear()
+
+    # -- fairness (more than one key active) ------------------------------------------------
+
+    def _make_room(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int:
+        """Preempt for ``seq`` the newest sequence of the most-served key above its share of
+        the batch, when ``seq``'s key is below its own share or has received clearly less
+        (by more than a step's tokens). -> the token budget after."""
+        if self._fair_preempted >= MAX_FAIR_PREEMPTIONS:
+            return budget
+        per_key: dict[str, list[Sequence]] = {}
+        for r in self.running:
+            per_key.setdefault(r.fair_key, []).append(r)
+        seats, fair = self.max_num_seqs, self.fair
+        over = [
+            (fair.counter(k), k)
+            for k, rs in per_key.items()
+            if k != seq.fair_key and len(rs) > fair.share(k) * seats
+        ]
+        if not over:
+            return budget
+        top, victim_key = max(over)
+        below_share = len(per_key.get(seq.fair_key, ())) + 1 <= fair.share(seq.fair_key) * seats
+        owed = fair.counter(seq.fair_key) + self.max_num_batched_tokens < top
+        if not (below_share or owed):
+            return budget
+        victim = max(per_key[victim_key], key=self._fair_order)
+        if victim in out.seqs:  # it has a chunk in this step: take it back out
+            i = out.seqs.index(victim)
+            budget += len(out.batch.chunks[i].token_ids)
+            del out.seqs[i], out.batch.chunks[i]
+        self._preempt(victim, out, requeue=False)
+        self._deferred.append(victim)
+        self._fair_preempted += 1
+        return budget
+
+    def _adapter_demand(self) -> dict[str, set[str]]:
+        """Adapters resident on GPU, not pinned, that waiting sequences need: by fair key."""
+        demand: dict[str, set[str]] = {}
+        for w in self.waiting:
+            a = w.adapter_key
+            if a is not None:
+                slot = self.slots.lookup(a)
+                if slot is not None and not self.slots.is_pinned(slot):
+                    demand.setdefault(a, set()).add(w.fair_key)
+        return demand
+
+    def _guard(self, demand: dict[str, set[str]], key: str, fair_key: str) -> list[int]:
+        """Pin, for one assignment, the adapters other keys' waiting sequences need."""
+        guard = []
+        for a, keys in demand.items():
+            if a != key and keys - {fair_key}:
+                slot = self.slots.lookup(a)
+                if slot is not None:
+                    self.slots.pin(slot)
+                    guard.append(slot)
+        return guard
+
+    def _unguard(self, guard: list[int]) -> None:
+        for slot in guard:
+            self.slots.unpin(slot)
+        guard.clear()
 
     def _fits(self, seq: Sequence, budget: int) -> bool:
         if seq.block_table:  # forked from a parent: its shared blocks are in hand
@@ -179,12 +308,14 @@ class Scheduler:
         )
         out.seqs.append(seq)
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, requeue: bool = True) -> None:
         self.running.remove(seq)
         self._release(seq)
         self.num_preemptions += 1
+        self.fair.preempted(seq.fair_key)
         out.preempted.append(seq)
-        self.add_front(seq)
+        if requeue:
+            self.add_front(seq)
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -194,10 +325,14 @@ class Scheduler:
 
     def advance(self, out: SchedulerOutput) -> None:
         """After the runner ran ``out``: the chunks' KV is computed."""
+        charge = self.fair.charge
         for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
             if seq.status is SeqStatus.RUNNING:
-                seq.num_computed_tokens = chunk.start_pos + len(chunk.token_ids)
+                start = chunk.start_pos
+                end = seq.num_computed_tokens = start + len(chunk.token_ids)
                 self.blocks.commit(seq)
+                prefill = max(0, min(end, seq.prompt_len) - start)
+                charge(seq.fair_key, prefill, end - start - prefill)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence wherever it is and give back its blocks and slot pin."""
@@ -207,3 +342,6 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
         seq.status = SeqStatus.FINISHED
+        if seq.fair_counted:
+            seq.fair_counted = False
+            self.fair.leave(seq.fair_key)

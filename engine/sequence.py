@@ -40,6 +40,14 @@ class Sequence:
     num_pending: int = 0
     max_total: int = 1 << 62  # prompt + the most tokens it may generate (scheduler's stop)
     embed: bool = False  # an embedding request: its last prompt chunk pools, never samples
+    # fairness (engine/fairness.py): an opaque key, its weight, a priority tier (lower first)
+    fair_key: str = ""
+    fair_weight: float = 1.0
+    priority_tier: int = 1
+    fair_counted: bool = False  # counted among its key's active sequences
+    queued_at: float = 0.0  # perf_counter when first queued (0: not yet)
+    queued_step: int = -1  # the scheduler's step count when first queued
+    started: bool = False  # scheduled at least once
 
     @property
     def priority(self) -> tuple[int, int]:
