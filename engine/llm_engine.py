@@ -193,7 +193,7 @@ class LLMEngine:
                 self._counters.adapter_hits += 1
             else:
                 self._counters.adapter_misses += 1
-                self.loader.start(request.adapter)
+                self.loader.start(request.adapter, request.fairness_key or NO_KEY)
         if p.grammar is not None:  # scheduled once its grammar is compiled
             state.grammar = self.grammars.get(p.grammar)
             self._grammar_wait.append(state)
@@ -298,7 +298,7 @@ class LLMEngine:
         for seq in self.scheduler.waiting:
             key = seq.adapter_key
             if key is not None and self.slots.lookup(key) is None and not self.loader.is_ready(key):
-                self.loader.start(self._adapter_refs[key])
+                self.loader.start(self._adapter_refs[key], seq.fair_key)
         outputs = self._take_pending()
         if not self._async_now():
             outputs += self._finish_inflight()  # its tokens are needed on the host first

@@ -76,6 +76,7 @@ class Scheduler:
         self.steps = 0
         self._fair_preempted = 0
         self._deferred: list[Sequence] = []  # fair preemptions, queued again after admission
+        self._tiers: dict[int, int] = {}  # priority tier -> its sequences waiting or running
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -87,10 +88,17 @@ class Scheduler:
         self._enter(seq)
         self.waiting.appendleft(seq)
 
+    @property
+    def _fair(self) -> bool:
+        """More than one key or priority tier active: the fair order applies."""
+        return self.fair.num_active > 1 or len(self._tiers) > 1
+
     def _enter(self, seq: Sequence) -> None:
         if not seq.fair_counted:
             seq.fair_counted = True
             self.fair.enter(seq.fair_key, seq.fair_weight)
+            t = seq.priority_tier
+            self._tiers[t] = self._tiers.get(t, 0) + 1
         if seq.queued_step < 0:
             seq.queued_step = self.steps
             seq.queued_at = time.perf_counter()
@@ -107,7 +115,7 @@ class Scheduler:
         self.steps += 1
         budget = self.max_num_batched_tokens
         running = self.running
-        running.sort(key=self._fair_order if self.fair.num_active > 1 else _priority)
+        running.sort(key=self._fair_order if self._fair else _priority)
         grow = self.blocks.grow_if_fits
         i = 0
         while i < len(running) and budget > 0:
@@ -133,9 +141,10 @@ class Scheduler:
     def _admit(
         self, out: SchedulerOutput, budget: int, adapter_ready: Callable[[str], bool]
     ) -> None:
-        fair = self.fair.num_active > 1
+        fair = self._fair
         admitted: list[Sequence] = []
         held_back: set[str] = set()  # fair: keys whose aged head holds the rest of the key
+        no_room = 0  # fair: sequences that found the batch full and could not make room
         demand: dict[str, set[str]] | None = None  # fair: adapter key -> waiting fair keys
         for seq in self.waiting.in_fair_order(self.fair):
             if budget <= 0 or (len(self.running) >= self.max_num_seqs and not fair):
@@ -176,7 +185,10 @@ class Scheduler:
                 budget = self._make_room(seq, out, budget)
                 if len(self.running) >= self.max_num_seqs or budget <= 0:
                     self._unguard(guard)
-                    break
+                    no_room += 1
+                    if no_room >= MAX_FAIR_PREEMPTIONS or budget <= 0:
+                        break
+                    continue  # another key may be below its share
             ok = self._fits(seq, budget)
             if not ok and not self.running and self._unfork_waiting():
                 ok = self._fits(seq, budget)
@@ -219,11 +231,15 @@ class Scheduler:
     # -- fairness (more than one key active) ------------------------------------------------
 
     def _make_room(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int:
-        """Preempt for ``seq`` the newest sequence of the most-served key above its share of
-        the batch, when ``seq``'s key is below its own share or has received clearly less
-        (by more than a step's tokens). -> the token budget after."""
+        """Preempt for ``seq`` a running sequence of a lower tier if there is one, else the
+        newest sequence of the most-served key above its share of the batch, when ``seq``'s
+        key is below its own share or has received clearly less (by more than a step's
+        tokens). -> the token budget after."""
         if self._fair_preempted >= MAX_FAIR_PREEMPTIONS:
             return budget
+        lower = [r for r in self.running if r.priority_tier > seq.priority_tier]
+        if lower:  # a lower tier gives way first, whatever its key
+            return self._take_back(max(lower, key=self._fair_order), out, budget)
         per_key: dict[str, list[Sequence]] = {}
         for r in self.running:
             per_key.setdefault(r.fair_key, []).append(r)
@@ -240,7 +256,10 @@ class Scheduler:
         owed = fair.counter(seq.fair_key) + self.max_num_batched_tokens < top
         if not (below_share or owed):
             return budget
-        victim = max(per_key[victim_key], key=self._fair_order)
+        return self._take_back(max(per_key[victim_key], key=self._fair_order), out, budget)
+
+    def _take_back(self, victim: Sequence, out: SchedulerOutput, budget: int) -> int:
+        """Preempt ``victim`` for fairness (queued again after admission)."""
         if victim in out.seqs:  # it has a chunk in this step: take it back out
             i = out.seqs.index(victim)
             budget += len(out.batch.chunks[i].token_ids)
@@ -345,3 +364,8 @@ class Scheduler:
         if seq.fair_counted:
             seq.fair_counted = False
             self.fair.leave(seq.fair_key)
+            t = seq.priority_tier
+            if self._tiers[t] > 1:
+                self._tiers[t] -= 1
+            else:
+                del self._tiers[t]

@@ -1,5 +1,5 @@
-"""The scheduler's waiting sequences: one first-come-first-served queue per fairness key,
-read in fair order (``engine/fairness.py``) by the admission loop. No torch.
+"""The scheduler's waiting sequences: one first-come-first-served queue per priority tier and
+fairness key, read in fair order (``engine/fairness.py``) by the admission loop. No torch.
 
 ``in_fair_order`` merges the keys' queues lazily with a heap of each key's next sequence:
 ordered by priority tier, then by the key's virtual counter plus the estimated service of
@@ -20,7 +20,7 @@ from loraplex.engine.sequence import Sequence
 
 class WaitQueue:
     def __init__(self) -> None:
-        self._q: dict[str, deque[Sequence]] = {}
+        self._q: dict[tuple[int, str], deque[Sequence]] = {}  # (tier, fair key) -> queue
         self._n = 0
 
     def __len__(self) -> int:
@@ -38,46 +38,43 @@ class WaitQueue:
         return list(self)[i]
 
     def __contains__(self, seq: Sequence) -> bool:
-        q = self._q.get(seq.fair_key)
+        q = self._q.get((seq.priority_tier, seq.fair_key))
         return q is not None and seq in q
 
     def append(self, seq: Sequence) -> None:
-        self._q.setdefault(seq.fair_key, deque()).append(seq)
+        self._q.setdefault((seq.priority_tier, seq.fair_key), deque()).append(seq)
         self._n += 1
 
     def appendleft(self, seq: Sequence) -> None:
-        self._q.setdefault(seq.fair_key, deque()).appendleft(seq)
+        self._q.setdefault((seq.priority_tier, seq.fair_key), deque()).appendleft(seq)
         self._n += 1
 
     def remove(self, seq: Sequence) -> None:
-        q = self._q[seq.fair_key]
+        where = (seq.priority_tier, seq.fair_key)
+        q = self._q[where]
         q.remove(seq)
         self._n -= 1
         if not q:
-            del self._q[seq.fair_key]
-
-    def keys(self) -> list[str]:
-        return list(self._q)
+            del self._q[where]
 
     def in_fair_order(self, fair: FairShare) -> Iterator[Sequence]:
-        """Every waiting sequence, fairest first (see the module docstring). With one key,
-        its queue as it stands. Do not add or remove while iterating."""
+        """Every waiting sequence, fairest first (see the module docstring). With one key and
+        tier, its queue as it stands. Do not add or remove while iterating."""
         if len(self._q) == 1:
             (q,) = self._q.values()
             yield from list(q)
             return
         # ties (a key just lifted to the least-served one's counter) go to the shorter queue
         heap: list[tuple[int, float, int, int, int, str]] = []
-        for key, q in self._q.items():
-            head = q[0]
-            entry = (head.priority_tier, fair.counter(key), len(q), head.arrival, 0, key)
+        for (tier, key), q in self._q.items():
+            entry = (tier, fair.counter(key), len(q), q[0].arrival, 0, key)
             heapq.heappush(heap, entry)
         while heap:
-            _, vt, n, _, i, key = heapq.heappop(heap)
-            q = self._q[key]
+            tier, vt, n, _, i, key = heapq.heappop(heap)
+            q = self._q[(tier, key)]
             seq = q[i]
             yield seq
             if i + 1 < len(q):
                 nxt = q[i + 1]
                 vt += fair.cost(key, seq.num_uncomputed, 0)
-                heapq.heappush(heap, (nxt.priority_tier, vt, n, nxt.arrival, i + 1, key))
+                heapq.heappush(heap, (tier, vt, n, nxt.arrival, i + 1, key))

@@ -1,7 +1,9 @@
 """Cold adapter loads in worker threads; loaded weights kept in host memory (LRU by bytes).
 
-``start(ref)`` submits at most one load per key however many requests want it (the engine
-calls it when a request is queued, so the load overlaps the queueing); the worker calls
+``start(ref, owner)`` submits at most one load per key however many requests want it (the
+engine calls it when a request is queued, so the load overlaps the queueing); queued loads
+go to the workers round-robin over their owners (the requests' fairness keys), so one key
+with a hundred cold adapters does not queue every other key's loads behind its own; the worker calls
 ``fetch(ref)`` (a local PEFT directory: the engine's object-store fetcher, or the
 reference's own directory) then ``read_adapter(path)`` (validated, packed host weights,
 pinned on a GPU engine). The step thread calls :meth:`collect` each step to take finished
@@ -132,6 +134,8 @@ class AdapterLoader:
         )
         self._lock = threading.Lock()
         self._done: list[_Done] = []  # guarded by _lock
+        # owner -> its loads not yet taken by a worker, owners in round-robin order (_lock)
+        self._queued: OrderedDict[str, deque[tuple[AdapterRef, float]]] = OrderedDict()
         self._loading: set[str] = set()  # step thread only, like everything below
         self._host: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # key -> (weights, bytes)
         self.host_bytes = 0
@@ -157,13 +161,25 @@ class AdapterLoader:
     def is_loading(self, key: str) -> bool:
         return key in self._loading
 
-    def start(self, ref: AdapterRef) -> bool:
+    def start(self, ref: AdapterRef, owner: str = "") -> bool:
         """Begin loading unless loaded or loading already. True when a load started."""
         if ref.key in self._host or ref.key in self._loading:
             return False
         self._loading.add(ref.key)
-        self._pool.submit(self._load, ref, time.perf_counter())
+        with self._lock:
+            self._queued.setdefault(owner, deque()).append((ref, time.perf_counter()))
+        self._pool.submit(self._load_next)
         return True
+
+    def _load_next(self) -> None:
+        """A worker takes the next queued load, round-robin over owners."""
+        with self._lock:
+            owner, loads = next(iter(self._queued.items()))
+            ref, asked = loads.popleft()
+            del self._queued[owner]
+            if loads:
+                self._queued[owner] = loads  # to the back of the round
+        self._load(ref, asked)
 
     def _load(self, ref: AdapterRef, asked: float) -> None:
         t0 = time.perf_counter()

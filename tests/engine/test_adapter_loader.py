@@ -94,3 +94,32 @@ def test_host_tier_is_bounded_in_bytes_and_loads_are_counted_by_tier(tmp_path):
         assert loader.drop("c") and loader.host_bytes == 60 and not loader.drop("c")
     finally:
         loader.shutdown()
+
+
+def test_queued_loads_are_taken_round_robin_over_owners(tmp_path):
+    """One owner's hundred cold adapters do not queue another owner's load behind them."""
+    import threading
+
+    gate = threading.Event()
+    order: list[str] = []
+
+    def read(p: Path) -> str:
+        gate.wait(10)
+        order.append(p.name)
+        return str(p)
+
+    loader = AdapterLoader(read, workers=1)
+    try:
+        for i in range(20):
+            loader.start(AdapterRef(f"storm{i}", str(tmp_path / f"storm{i}")), owner="storm")
+        loader.start(AdapterRef("calm", str(tmp_path / "calm")), owner="calm")
+        gate.set()
+        deadline = time.monotonic() + 10
+        while loader.num_loading and time.monotonic() < deadline:
+            loader.collect()
+            time.sleep(0.01)
+        assert len(order) == 21
+        # the worker was on storm0 when calm came; calm is next or the one after
+        assert order.index("calm") <= 2, order
+    finally:
+        loader.shutdown()

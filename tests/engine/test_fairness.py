@@ -191,6 +191,14 @@ def test_a_higher_tier_goes_first(make_engine):
     later = [d.first[f"batch{i}"] for i in range(4, 20)]
     assert d.first["urgent"] <= d.first["standard"] < min(later)
 
+    one_key = Driver(make_engine(max_num_seqs=4))  # tiers order one key's requests too
+    for i in range(12):
+        one_key.add(req(f"batch{i}", "t", out=24, priority=2))
+    one_key.step()
+    one_key.add(req("urgent", "t", out=4, priority=0))
+    one_key.run({})
+    assert one_key.first["urgent"] < min(one_key.first[f"batch{i}"] for i in range(4, 12))
+
 
 def test_a_cold_adapter_storm_hardly_delays_other_keys(make_engine, tmp_path):
     def refs(prefix: str, n: int) -> list[AdapterRef]:
