@@ -45,7 +45,7 @@ from loraplex.engine.runner import Runner, build_runner
 from loraplex.engine.sampler import DeviceSample, Sampler, SampleRow
 from loraplex.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.engine.sequence import SeqStatus, Sequence
-from loraplex.engine.stats import AdapterTierLoads, EngineStats, StepCounters
+from loraplex.engine.stats import AdapterTierLoads, EngineStats, FairKeyStats, StepCounters
 from loraplex.engine.structured import GrammarCache, fill_masks
 from loraplex.engine.token_mask import MaskBatch, apply_token_masks
 
@@ -597,6 +597,16 @@ class LLMEngine:
             adapters_host_bytes=self.loader.host_bytes,
             adapters_host_capacity_bytes=self.loader.max_host_bytes or 0,
             adapter_host_evictions=self.loader.stats.host_evictions,
+            fairness={
+                k: FairKeyStats(
+                    prefill_tokens=f.prefill_tokens,
+                    decode_tokens=f.decode_tokens,
+                    queue_seconds=f.queue_seconds,
+                    scheduled=f.queued,
+                    preemptions=f.preemptions,
+                )
+                for k, f in self.scheduler.fair.stats.items()
+            },
             adapter_loads_by_tier={
                 tier: tier_loads(t) for tier, t in self.loader.stats.by_tier.items()
             },

@@ -20,6 +20,16 @@ class AdapterTierLoads(msgspec.Struct, frozen=True, kw_only=True):
     buckets: list[tuple[float, int]] = []  # (upper bound s, cumulative count)
 
 
+class FairKeyStats(msgspec.Struct, frozen=True, kw_only=True):
+    """What one fairness key received (engine/fairness.py; at most 64 keys, then ``other``)."""
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    queue_seconds: float = 0.0  # summed over sequences: queued to first scheduled
+    scheduled: int = 0  # sequences scheduled for the first time
+    preemptions: int = 0
+
+
 class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     num_requests: int = 0  # in flight (added, not yet finished)
     num_waiting: int = 0  # sequences queued (not yet running, or preempted)
@@ -55,6 +65,7 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     grammar_mask_steps: int = 0  # steps with constrained rows
     grammar_mask_rows: int = 0  # masks filled (one per constrained row per step)
     grammar_mask_ms: float = 0.0  # host time filling them and queuing their copy
+    fairness: dict[str, FairKeyStats] = {}  # by fairness key (bounded)
 
     @property
     def kv_usage(self) -> float:

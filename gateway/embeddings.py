@@ -191,7 +191,16 @@ class EmbeddingCall:
 
     async def _one(self, gate: asyncio.Semaphore, index: int, ids: list[int]) -> bytes:
         spec = self.spec
-        request = Request(f"{spec.request_id}-{index}", ids, adapter=spec.adapter, task="embed")
+        key, weight, tier = spec.principal.fairness
+        request = Request(
+            f"{spec.request_id}-{index}",
+            ids,
+            adapter=spec.adapter,
+            task="embed",
+            fairness_key=key,
+            fairness_weight=weight,
+            priority=tier,
+        )
         async with gate:
             last: RequestOutput | None = None
             async with aclosing(self._engine.generate(request)) as outputs:

@@ -102,7 +102,16 @@ class EngineCall:
             self._admission = await self._limiter.admit(
                 spec.principal, reserve, prompt_tokens=len(spec.prompt_ids)
             )
-        request = Request(spec.request_id, spec.prompt_ids, spec.sampling, spec.adapter)
+        key, weight, tier = spec.principal.fairness
+        request = Request(
+            spec.request_id,
+            spec.prompt_ids,
+            spec.sampling,
+            spec.adapter,
+            fairness_key=key,
+            fairness_weight=weight,
+            priority=tier,
+        )
         try:
             self._outputs = self._engine.generate(request)
             first = await self.next()

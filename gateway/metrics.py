@@ -119,6 +119,38 @@ def _load_families(stats: EngineStats) -> Iterable[Metric]:
     return (hist, nbytes, phases)
 
 
+def _fairness_families(stats: EngineStats) -> tuple[Metric, ...]:
+    """Service per fairness key (the tenant; at most 64 keys, then ``other``)."""
+    service = CounterMetricFamily(
+        "loraplex_engine_fair_service_tokens",
+        "Tokens computed per fairness key and kind (prefill, decode)",
+        labels=["fairness_key", "kind"],
+    )
+    queue = CounterMetricFamily(
+        "loraplex_engine_fair_queue_seconds",
+        "Seconds sequences waited before first scheduled, per fairness key",
+        labels=["fairness_key"],
+    )
+    scheduled = CounterMetricFamily(
+        "loraplex_engine_fair_scheduled",
+        "Sequences scheduled for the first time, per fairness key",
+        labels=["fairness_key"],
+    )
+    preempted = CounterMetricFamily(
+        "loraplex_engine_fair_preemptions",
+        "Sequences preempted, per fairness key",
+        labels=["fairness_key"],
+    )
+    for key, f in sorted(stats.fairness.items()):
+        label = key or "none"
+        service.add_metric([label, "prefill"], float(f.prefill_tokens))
+        service.add_metric([label, "decode"], float(f.decode_tokens))
+        queue.add_metric([label], f.queue_seconds)
+        scheduled.add_metric([label], float(f.scheduled))
+        preempted.add_metric([label], float(f.preemptions))
+    return (service, queue, scheduled, preempted)
+
+
 class EngineCollector(Collector):
     """Reads ``engine.stats()`` at scrape time (a cheap snapshot, any thread)."""
 
@@ -140,6 +172,7 @@ class EngineCollector(Collector):
         for name, doc, read in _ENGINE_COUNTERS:
             yield CounterMetricFamily(f"loraplex_engine_{name}", doc, value=float(read(stats)))
         yield from _load_families(stats)
+        yield from _fairness_families(stats)
 
 
 def engine_stats_of(engine: Callable[[], EngineClient | None]) -> StatsSource:

@@ -15,6 +15,7 @@ from loraplex.tenancy.errors import InvalidInput
 
 # An upper bound that keeps every counter inside a signed 64-bit integer (Redis, Postgres).
 MAX_LIMIT = 2**53
+SCHEDULING_RANGES = {"scheduling_weight": (1, 1000), "priority_tier": (0, 2)}
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class Limits:
     max_concurrent: int | None = None  # requests in flight at once
     monthly_token_budget: int | None = None  # prompt + completion tokens per calendar month (UTC)
     monthly_spend_budget_micros: int | None = None  # cost per calendar month, micro-units
+    # Scheduling (not limits; read from the plan and the tenant, not from keys): the tenant's
+    # weight in fair scheduling (1-1000, default 1) and its priority tier (0 high,
+    # 1 standard = default, 2 batch), docs/fairness.md.
+    scheduling_weight: int | None = None
+    priority_tier: int | None = None
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None, *, param: str = "limits") -> Limits:
@@ -42,6 +48,12 @@ class Limits:
         values: dict[str, int | None] = {}
         for name, value in raw.items():
             values[name] = _limit_value(value, f"{param}.{name}")
+            low, high = SCHEDULING_RANGES.get(name, (0, MAX_LIMIT))
+            v = values[name]
+            if v is not None and not low <= v <= high:
+                raise InvalidInput(
+                    f"{param}.{name} must be in [{low}, {high}] or null", param=f"{param}.{name}"
+                )
         return cls(**values)
 
     def to_json(self) -> dict[str, int]:

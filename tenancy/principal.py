@@ -23,3 +23,15 @@ class Principal:
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes
+
+    @property
+    def fairness(self) -> tuple[str, float, int]:
+        """What the engine's fair scheduler keys this tenant's requests by: the tenant id,
+        its weight and priority tier (from its plan and its own limits; docs/fairness.md)."""
+        lim = self.tenant_limits
+        tier = lim.get("priority_tier")
+        return (
+            str(self.tenant_id),
+            float(lim.get("scheduling_weight") or 1),
+            1 if tier is None else tier,
+        )

@@ -270,3 +270,18 @@ def test_bad_fairness_fields_fail_the_request_alone(make_engine, fields, param):
     engine.add_request(Request("ok", [5, 6], SamplingParams(max_tokens=2)))
     while engine.has_unfinished():
         engine.step()
+
+
+def test_the_gateway_keys_requests_by_tenant_with_its_plan_weight():
+    import uuid
+
+    from loraplex.tenancy.limits import effective_tenant_limits
+    from loraplex.tenancy.principal import Principal
+
+    tid = uuid.uuid4()
+    limits = effective_tenant_limits(
+        {"scheduling_weight": 3, "priority_tier": 2}, {"priority_tier": 0}
+    )
+    p = Principal(tid, "acme", None, frozenset(), tenant_limits=limits)
+    assert p.fairness == (str(tid), 3.0, 0)  # the tenant's tier over its plan's
+    assert Principal(tid, "acme", None, frozenset()).fairness == (str(tid), 1.0, 1)

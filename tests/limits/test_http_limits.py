@@ -330,3 +330,24 @@ def test_plan_limits_apply_under_the_tenants_own(pair: Pair) -> None:
     later = pair.tenant(plan=name)
     codes = [r.status_code for r in asyncio.run(burst(pair, later, 3))]
     assert codes.count(200) == 1 and codes.count(429) == 2
+
+
+def test_tenants_are_scheduled_by_their_own_fairness_key(pair: Pair) -> None:
+    """The gateway sends the tenant as the engine's fairness key with the weight and tier of
+    its plan and limits; the engine reports service per key (docs/fairness.md)."""
+    heavy = pair.tenant({"scheduling_weight": 4, "priority_tier": 0})
+    light = pair.tenant()
+    asyncio.run(burst(pair, heavy, 3, max_tokens=3))
+    asyncio.run(burst(pair, light, 2, max_tokens=3))
+    with pair.admin() as admin:
+        ids = {t: ok(admin.get(f"/admin/v1/tenants/{t}"))["id"] for t in (heavy, light)}
+        for bad in ({"scheduling_weight": 0}, {"priority_tier": 3}, {"scheduling_weight": 1.5}):
+            r = admin.patch(f"/admin/v1/tenants/{light}", json={"limits": bad})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"].startswith("limits.")
+    for g in pair.gateways:  # both engines served both tenants (bursts alternate gateways)
+        registry = g.services.metrics.registry  # type: ignore[union-attr]
+        for tenant in (heavy, light):
+            labels = {"fairness_key": ids[tenant], "kind": "decode"}
+            got = registry.get_sample_value("loraplex_engine_fair_service_tokens_total", labels)
+            assert got and got > 0, (tenant, labels)
