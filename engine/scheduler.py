@@ -343,15 +343,23 @@ class Scheduler:
         seq.slot = -1
 
     def advance(self, out: SchedulerOutput) -> None:
-        """After the runner ran ``out``: the chunks' KV is computed."""
-        charge = self.fair.charge
+        """After the runner ran ``out``: the chunks' KV is computed (and charged to the
+        chunks' fairness keys: one charge per key and step)."""
+        acc: dict[str, list[int]] = {}
         for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
             if seq.status is SeqStatus.RUNNING:
                 start = chunk.start_pos
                 end = seq.num_computed_tokens = start + len(chunk.token_ids)
                 self.blocks.commit(seq)
                 prefill = max(0, min(end, seq.prompt_len) - start)
-                charge(seq.fair_key, prefill, end - start - prefill)
+                a = acc.get(seq.fair_key)
+                if a is None:
+                    acc[seq.fair_key] = [prefill, end - start - prefill]
+                else:
+                    a[0] += prefill
+                    a[1] += end - start - prefill
+        for key, (prefill, decode) in acc.items():
+            self.fair.charge(key, prefill, decode)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence wherever it is and give back its blocks and slot pin."""
