@@ -17,7 +17,7 @@ import msgspec
 from loraplex.engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
 from loraplex.engine.stats import EngineStats
 
-HealthState = Literal["starting", "ready", "dead", "unreachable"]
+HealthState = Literal["starting", "ready", "draining", "dead", "unreachable"]
 
 
 class AdapterShape(msgspec.Struct, frozen=True):

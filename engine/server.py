@@ -27,7 +27,7 @@ import zmq
 
 from loraplex.engine.api import EngineOutput
 from loraplex.engine.client import ModelInfo
-from loraplex.engine.errors import InvalidRequest, as_engine_error
+from loraplex.engine.errors import EngineOverloaded, InvalidRequest, as_engine_error
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model_info import describe
 from loraplex.engine.step_loop import StepLoop, failed
@@ -69,8 +69,12 @@ class EngineServer:
         client_timeout_s: float = 10.0,
         parent_pid: int | None = None,
         metrics: Callable[[], bytes] | None = None,
+        drain_s: float = 30.0,
     ) -> None:
-        """``metrics``: the engine side's Prometheus text, sent with each ping's answer."""
+        """``metrics``: the engine side's Prometheus text, sent with each ping's answer.
+        ``drain_s``: on SIGTERM, how long requests in flight may finish (new ones are
+        refused as overloaded, so a router sends them elsewhere); a second signal, or 0,
+        stops at once."""
         self.address = address
         self._name, self._model, self._token = name, model, token
         self._client_timeout_s = client_timeout_s
@@ -88,6 +92,9 @@ class EngineServer:
         self._clients: dict[bytes, _Client] = {}
         self._owner: dict[str, bytes] = {}
         self._stop = False
+        self._drain_s = drain_s
+        self._drain_until: float | None = None  # draining: stop by then (monotonic)
+        self._drained_told = False
         self._exit_code: int | None = None
         self._step = StepLoop(factory, self._emit, on_ready=self._on_ready, on_dead=self._on_dead)
         self._enc = encoder()
@@ -135,6 +142,8 @@ class EngineServer:
         last_check = time.monotonic()
         try:
             while not self._stop and self._exit_code is None:
+                if self._drain_until is not None:
+                    self._check_drain(router)
                 events = dict(poller.poll(_POLL_MS))
                 if self._wake_rx in events:
                     self._drain_wakes()
@@ -177,7 +186,23 @@ class EngineServer:
                 waiting.discard(ident)
 
     def _request_stop(self) -> None:
-        self._stop = True
+        """SIGTERM/SIGINT: drain first (``drain_s``); a second one stops at once."""
+        if self._drain_until is None and self._drain_s > 0 and self._step.is_ready:
+            self._drain_until = time.monotonic() + self._drain_s
+        else:
+            self._stop = True
+
+    def _check_drain(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
+        if not self._drained_told:
+            self._drained_told = True
+            log.info("draining: %d requests in flight, up to %.0f s", len(self._owner),
+                     self._drain_s)  # fmt: skip
+            for ident in list(self._clients):
+                self._send(router, ident, self._status())
+        if not self._owner or time.monotonic() >= self._drain_until:  # type: ignore[operator]
+            if self._owner:
+                log.warning("drain time is up: aborting %d requests", len(self._owner))
+            self._stop = True
 
     def _drain_wakes(self) -> None:
         while True:
@@ -236,6 +261,10 @@ class EngineServer:
         client.last_seen = time.monotonic()
         if isinstance(msg, Add):
             rid = msg.request.request_id
+            if self._drain_until is not None:  # a router retries it on another replica
+                out = failed(rid, EngineOverloaded("the engine is draining (shutting down)"))
+                self._out.put(("direct", ident, Outputs([out])))
+                return
             if rid in self._owner:
                 self._queue_failed(ident, rid, f"request id {rid!r} is already in use")
                 return
@@ -280,6 +309,8 @@ class EngineServer:
             return Status(self._engine_id, "dead", f"the engine step loop died: {failure}")
         if not self._step.is_ready:
             return Status(self._engine_id, "starting", "the model is loading")
+        if self._drain_until is not None:
+            return Status(self._engine_id, "draining", "the engine is shutting down")
         return Status(self._engine_id, "ready", "", self._step.stats())
 
     def _send(self, router: zmq.Socket, ident: bytes, msg: Any) -> None:  # type: ignore[type-arg]

@@ -43,6 +43,8 @@ class GatewaySettings(StoreSettings):
     engine_url: str | None = None
     engine_listen: str = "tcp://127.0.0.1:7700"  # `loraplex engine`'s address
     engine_token: str | None = Field(default=None, repr=False)
+    # `loraplex engine` on SIGTERM: seconds requests in flight may finish (new ones go elsewhere)
+    engine_drain_s: float = Field(default=30.0, ge=0)
     workers: int | None = Field(default=None, ge=1, le=64)  # None: from the core count
     access_log: bool = True  # uvicorn's line per request (~0.15 ms of each on a 2-core box)
     # HTTP limits

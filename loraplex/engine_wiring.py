@@ -113,4 +113,6 @@ def engine_server(
         token=settings.engine_token or "",
         parent_pid=parent_pid,
         metrics=lambda: generate_latest(registry),
+        # under `serve`'s supervisor the gateway workers have drained already
+        drain_s=settings.engine_drain_s if parent_pid is None else 0.0,
     )
