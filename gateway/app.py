@@ -22,6 +22,7 @@ from loraplex.gateway.auth import KeyAuthenticator
 from loraplex.gateway.billing import open_billing
 from loraplex.gateway.breakers import BreakerCollector, Breakers
 from loraplex.gateway.errors import install_error_handlers
+from loraplex.gateway.fast_routes import FastInference
 from loraplex.gateway.middleware import install_middleware
 from loraplex.gateway.openapi import install_openapi
 from loraplex.gateway.resolve import ModelResolver
@@ -105,6 +106,8 @@ def create_app(
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     install_openapi(app)
+    # innermost: the inference routes' usual request skips FastAPI's routing and solving
+    app.add_middleware(FastInference, owner=app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(metrics_routes.HttpMetricsMiddleware)
     # The data plane's routes first: a request is matched against the routers in this
