@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from loraplex.gateway.responses_schemas import (
     FormatJsonObject,
     FormatJsonSchema,
@@ -120,7 +122,13 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     elif choice is not None:
         fields["tool_choice"] = choice
     fields = {k: v for k, v in fields.items() if v is not None}
-    return ChatCompletionRequest.model_validate(fields)
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:  # e.g. instructions + MAX_MESSAGES items: one too many
+        err = exc.errors()[0]
+        where = [str(p) for p in err["loc"][:1]]
+        problem = InvalidInput(f"{'.'.join(where)}: {err['msg']}", param=".".join(where) or None)
+        raise renamed(problem) from None
 
 
 def renamed(exc: DomainError) -> DomainError:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import openai
 import pytest
 from harness.tool_model import ANSWER, ARGUMENTS, QUESTION, TOOL_RESULT, TOOLS, build_tool_llama
+from pydantic import BaseModel, Field
 
 from tests.gateway.live import BASE, Gateway, wait_until
 
@@ -117,6 +118,12 @@ def test_streamed_events(gateway: Gateway) -> None:
         "response.content_part.done",
         "response.output_item.done",
     ]
+    # the SDK's stream helper rebuilds the response from the events: they must add up
+    with client.responses.stream(
+        model=BASE, input=history, tools=FLAT_TOOLS, temperature=0
+    ) as helper:
+        rebuilt = helper.get_final_response()
+    assert rebuilt.output_text == ANSWER and rebuilt.status == "completed"
 
 
 def test_instructions_limits_and_incomplete(gateway: Gateway) -> None:
@@ -160,6 +167,16 @@ def test_forced_call_and_json_schema_format(gateway: Gateway) -> None:
         assert r.status == "completed"
         jsonschema.validate(json.loads(r.output_text), schema)
         assert r.text is not None and r.text.format.type == "json_schema"
+    parsed = client.responses.parse(
+        model="support", input="Answer.", text_format=Verdict, max_output_tokens=60
+    )
+    assert isinstance(parsed.output_parsed, Verdict)
+
+
+class Verdict(BaseModel):
+    ok: bool
+    level: Literal["low", "high"]
+    why: str = Field(max_length=8)
 
 
 def _bad(gateway: Gateway, **fields: Any) -> dict[str, Any]:
