@@ -36,13 +36,15 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # entries per request
 MAX_GRAMMAR_CHARS = 100_000  # a JSON schema's text (OpenAI's own limit is in this range)
 
-GrammarKind = Literal["json_object", "json_schema"]
+GrammarKind = Literal["json_object", "json_schema", "lark"]
 
 
 class Grammar(msgspec.Struct, frozen=True, array_like=True):
     """A constraint on a request's output, as plain data (``engine.structured`` compiles it,
-    cached by value): ``json_object`` (any JSON object) or ``json_schema`` (``spec``: the
-    schema as JSON text, its property order kept: it is the order of generation)."""
+    cached by value): ``json_object`` (any JSON object), ``json_schema`` (``spec``: the
+    schema as JSON text, its property order kept: it is the order of generation) or
+    ``lark`` (``spec``: an llguidance Lark grammar, e.g. forced tool calls in a parser's
+    wire format, built by the gateway's ``tool_grammar``)."""
 
     kind: GrammarKind
     spec: str = ""

@@ -31,6 +31,8 @@ def grammar_text(grammar: Grammar) -> str:
         schema = ANY_OBJECT
     elif grammar.kind == "json_schema":
         schema = grammar.spec
+    elif grammar.kind == "lark":
+        return grammar.spec
     else:
         raise ValueError(f"unknown grammar kind {grammar.kind!r}")
     return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)

@@ -26,7 +26,7 @@ from loraplex.gateway.fast_routes import FastInference
 from loraplex.gateway.middleware import install_middleware
 from loraplex.gateway.openapi import install_openapi
 from loraplex.gateway.resolve import ModelResolver
-from loraplex.gateway.routes import chat, completions, health, models
+from loraplex.gateway.routes import chat, completions, health, models, responses
 from loraplex.gateway.routes import embeddings as embeddings_routes
 from loraplex.gateway.routes import metrics as metrics_routes
 from loraplex.gateway.settings import GatewaySettings
@@ -114,6 +114,7 @@ def create_app(
     # order, and no path of one router is a path of another.
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(embeddings_routes.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -64,29 +64,14 @@ class ToolPlan:
     """How one chat request uses tools.
 
     ``forced``: the output must be a call (``tool_choice`` ``required`` or a named
-    function). The gateway asks for it in the prompt and parses; :meth:`call_schema` is
-    the JSON Schema a grammar engine constrains the call's JSON object to (the hook for
-    constrained decoding: it goes inside the parser's ``<tool_call>`` block).
+    function): asked for in the prompt and enforced by the grammar engine, as are the
+    arguments of ``strict`` tools (``gateway.tool_grammar``).
     """
 
     tools: list[ToolDefinition]  # offered to the model (one, for a named choice)
     parser: ParserName | None  # None: the output is not parsed for calls
     forced: bool
     parallel: bool
-
-    def call_schema(self) -> dict[str, Any]:
-        variants = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": t.function.name},
-                    "arguments": t.function.parameters or {"type": "object"},
-                },
-                "required": ["name", "arguments"],
-            }
-            for t in self.tools
-        ]
-        return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
 def template_text(tokenizer: Any) -> str:

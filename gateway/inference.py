@@ -266,7 +266,7 @@ async def open_calls(
     tokenized = []
     for prompt in prompts:
         ids = await prompt_ids(model, body, plan, prompt)
-        tokenized.append((ids, sampling_params(model, body, len(ids))))
+        tokenized.append((ids, sampling_params(model, body, len(ids), plan)))
     adapter = None
     if target.version is not None:
         # the engine side fetches it from the same object store, keyed by content hash

@@ -18,7 +18,7 @@ from loraplex.engine.errors import EngineDead
 from loraplex.gateway.chat_messages import ToolPlan, check_messages, template_inputs, template_text
 from loraplex.gateway.prompt_budget import check_prompt_size
 from loraplex.gateway.schemas import ChatCompletionRequest, CompletionRequest
-from loraplex.gateway.structured import grammar_of
+from loraplex.gateway.tool_grammar import tool_grammar
 from loraplex.tenancy.errors import InvalidInput, Unavailable
 
 
@@ -129,7 +129,10 @@ async def prompt_ids(
 
 
 def sampling_params(
-    model: ServedModel, body: ChatCompletionRequest | CompletionRequest, prompt_len: int
+    model: ServedModel,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_len: int,
+    plan: ToolPlan | None = None,
 ) -> SamplingParams:
     room = model.max_model_len - prompt_len
     limit = body.token_limit()
@@ -149,7 +152,7 @@ def sampling_params(
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidInput("top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        grammar = grammar_of(body.response_format)
+        grammar = tool_grammar(plan, body.response_format)
     else:
         logprobs = body.logprobs
         grammar = None

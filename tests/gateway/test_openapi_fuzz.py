@@ -26,7 +26,7 @@ from loraplex.gateway.app import create_app
 from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import BASE, Gateway, ok
 
-INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 SHORT = 4  # tokens per completion the fuzzer asks for
 CHECKS = [
     not_a_server_error,
@@ -70,8 +70,9 @@ def _aim(case: Any) -> None:
     body["model"] = BASE
     if case.path == "/v1/embeddings":
         return  # (no completion to keep short)
-    for field in ("max_tokens", "max_completion_tokens"):
-        if field in body or field == "max_tokens":
+    first = "max_output_tokens" if case.path == "/v1/responses" else "max_tokens"
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if field in body or field == first:
             value = body.get(field, SHORT)
             body[field] = min(value, SHORT) if isinstance(value, int) else value
 

@@ -1,7 +1,7 @@
 """Structured outputs through the HTTP API (``response_format``), with the official ``openai``
 SDK against a real server (the tiny Llama; in-process and remote engines): ``parse`` with a
 pydantic model, ``json_object``, ``text``, streaming, and schemas the engine cannot enforce
-(a 400 naming the problem). Plus the ``tool_choice`` -> schema hook, as plain functions."""
+(a 400 naming the problem)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from loraplex.gateway.structured import tool_call_schema
-from loraplex.tenancy.errors import InvalidInput
 from tests.gateway.live import BASE, Gateway
 
 ASK = [{"role": "user", "content": "Describe a pet."}]
@@ -109,25 +107,3 @@ def test_a_schema_the_engine_cannot_enforce_is_a_400(
     err = info.value.body
     assert isinstance(err, dict) and err["param"] == "response_format", err
     assert problem in err["message"]
-
-
-def test_tool_choice_schemas() -> None:
-    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    tools = [
-        {"type": "function", "function": {"name": "weather", "parameters": weather}},
-        {"type": "function", "function": {"name": "now"}},
-    ]
-    assert tool_call_schema(tools, "auto") is None and tool_call_schema(tools, None) is None
-    named = tool_call_schema(tools, {"type": "function", "function": {"name": "weather"}})
-    assert named is not None
-    jsonschema.validate({"name": "weather", "arguments": {"city": "Oslo"}}, named)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"name": "now", "arguments": {}}, named)
-    required = tool_call_schema(tools, "required")
-    assert required is not None
-    jsonschema.validate({"name": "now", "arguments": {}}, required)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"name": "weather", "arguments": {}}, required)
-    for bad in ({"type": "function", "function": {"name": "nope"}}, "sometimes"):
-        with pytest.raises(InvalidInput):
-            tool_call_schema(tools, bad)
