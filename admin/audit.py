@@ -5,8 +5,9 @@ An ASGI middleware around the admin routes: after the response it writes who
 (``request.state.admin``, set by ``admin.auth``; else ``anonymous``), the route's action name,
 the target (the path below ``/admin/v1/``, never the query string or the body), the tenant,
 the HTTP status, why a call was refused (a short code, never what was sent), the client's
-address and the request id. The row is written in a transaction of its own after the
-response: a database outage loses rows (logged), never the response.
+address and the request id. The row is written in a transaction of its own once the status
+is known and before the response starts (so a client reading the log next finds it); a
+database outage loses rows (logged), never the response.
 """
 
 from __future__ import annotations
@@ -75,20 +76,27 @@ class AdminAuditMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
             await self.app(scope, receive, send)
             return
-        status = 500  # what an exception becomes (RequestIdMiddleware, outside this one)
+        written = False
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
+        async def write(status: int) -> None:
+            nonlocal written
+            written = True
             entry = entry_for(scope, status)
             if entry is not None:
                 await self._write(scope, entry)
+
+        async def send_audited(message: Message) -> None:
+            # Written before the client sees the answer: whoever reads the log next finds it.
+            if message["type"] == "http.response.start" and not written:
+                await write(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_audited)
+        except Exception:
+            if not written:  # RequestIdMiddleware, outside this one, answers the 500
+                await write(500)
+            raise
 
     async def _write(self, scope: Scope, entry: AdminAuditEntry) -> None:
         services = getattr(scope["app"].state, "services", None)

@@ -111,11 +111,11 @@ def serve(settings: GatewaySettings) -> None:
 
     check_device(settings)
     model = resolve_model(settings.model)
+    check_oidc(settings)
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.migrate_on_start:
         migrate(settings)
-    check_oidc(settings)
     banner = run_bootstrap(settings).banner()
     if banner:
         print(banner, flush=True)
@@ -144,9 +144,9 @@ def serve_gateway(settings: GatewaySettings) -> None:
 
     if not settings.engine_url:
         fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
+    check_oidc(settings)
     if settings.migrate_on_start:
         migrate(settings)
-    check_oidc(settings)
     banner = run_bootstrap(settings).banner()
     if banner:
         print(banner, flush=True)

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/admin/v1/tenants", tags=["admin: tenants"], route_cl
 async def create_tenant(
     body: TenantCreate, admin: ManageTenantsDep, session: SessionDep, request: Request
 ) -> TenantOut:
-    request.state.audit_target = body.name
+    request.state.audit_target = request.state.audit_tenant = body.name
     tenant = await tenants.create_tenant(
         session, name=body.name, plan=body.plan, limits=body.limits, actor=admin.audit_actor
     )
