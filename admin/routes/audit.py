@@ -77,7 +77,7 @@ async def list_audit(
     cursor: Annotated[str | None, Query(description="next_cursor of the page before")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
-    if cursor is not None and not cursor.isdigit():
+    if cursor is not None and not (cursor.isdigit() and len(cursor) <= 18):
         raise InvalidInput("cursor is the next_cursor of a page", param="cursor")
     query = _query(actor, action, target, tenant, outcome, start, to)
     rows, after = await audit_page(

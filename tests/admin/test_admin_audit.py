@@ -161,6 +161,9 @@ def test_filters(flow: Flow, oidc_server: OidcServer) -> None:
     with oidc_server.client(oidc_server.admin_token) as admin:
         bad = admin.get("/admin/v1/audit", params={"outcome": "maybe"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "outcome"
+        for cursor in ("9" * 30, "-1", "abc"):
+            bad = admin.get("/admin/v1/audit", params={"cursor": cursor})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "cursor"
 
 
 def test_cursor_paging_walks_every_row_once(flow: Flow, oidc_server: OidcServer) -> None:
