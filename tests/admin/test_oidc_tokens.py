@@ -145,3 +145,14 @@ def test_malformed_issuer_stops_serve_with_one_line(tmp_path: Path) -> None:
     env = {"LORAPLEX_OIDC_ISSUER": "ftp://idp", "LORAPLEX_OIDC_AUDIENCE": "x"}
     result = loraplex("serve", "--model", "dummy:tiny", env=env, cwd=tmp_path)
     assert_config_error(result, "LORAPLEX_OIDC_ISSUER")
+
+
+def test_no_admin_token_is_minted_when_turned_off(sqlite_url: str) -> None:
+    from loraplex.serve import run_bootstrap
+
+    settings = oidc_settings(
+        sqlite_url, "https://idp.example.com", admin_token=None, admin_token_enabled=False
+    )
+    result = run_bootstrap(settings)
+    assert result.admin_token is None and result.api_key is not None
+    assert "Admin token" not in result.banner()
