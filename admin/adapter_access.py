@@ -1,5 +1,7 @@
-"""Who may manage a tenant's adapters: the admin token (any tenant), or a tenant API key
-holding the scope, for its own tenant only. Authorization chains on authentication."""
+"""Who may manage a tenant's adapters: an admin whose roles allow it on that tenant (the
+admin token, an OIDC token's admin, operator, viewer (read only) or tenant-admin role), or a
+tenant API key holding the scope, for its own tenant only. Authorization chains on
+authentication."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from loraplex.adapters.service import AdapterServices
-from loraplex.admin.auth import get_admin
+from loraplex.admin.auth import Admin, authenticate_admin, authorize
+from loraplex.admin.roles import Perm
 from loraplex.gateway.deps import AuthDep, ServicesDep
 from loraplex.tenancy.errors import Forbidden, Unavailable
 from loraplex.tenancy.keys import parse_key
@@ -27,8 +30,9 @@ class AdapterCaller:
     actor: str  # for the audit log
 
 
-def adapter_access(*any_of: str) -> Callable[..., Coroutine[Any, Any, AdapterCaller]]:
+def adapter_access(perm: Perm, *any_of: str) -> Callable[..., Coroutine[Any, Any, AdapterCaller]]:
     async def check(
+        request: Request,
         tenant: str,
         services: ServicesDep,
         auth: AuthDep,
@@ -37,6 +41,7 @@ def adapter_access(*any_of: str) -> Callable[..., Coroutine[Any, Any, AdapterCal
         token = credentials.credentials if credentials else ""
         if parse_key(token) is not None:
             principal = await auth.authenticate(token)
+            request.state.admin = Admin(f"key:{principal.key_id}", roles=())  # for the audit
             if principal.tenant_name != tenant:
                 raise Forbidden(
                     f"This API key belongs to another tenant; it may not manage {tenant!r}'s "
@@ -49,17 +54,20 @@ def adapter_access(*any_of: str) -> Callable[..., Coroutine[Any, Any, AdapterCal
                     param="scope",
                 )
             return AdapterCaller(principal.tenant_id, f"key:{principal.key_id}")
-        admin = await get_admin(services, auth, credentials)
+        admin = await authenticate_admin(request, services, auth.secret_key, token)
+        authorize(request, admin, perm, tenant)
         async with services.sessions() as session:
             row = await get_tenant(session, tenant)
-        return AdapterCaller(row.id, admin.actor)
+        return AdapterCaller(row.id, admin.audit_actor)
 
     return check
 
 
-AdapterWriteDep = Annotated[AdapterCaller, Depends(adapter_access("adapters:write"))]
+AdapterWriteDep = Annotated[
+    AdapterCaller, Depends(adapter_access(Perm.MANAGE_ADAPTERS, "adapters:write"))
+]
 AdapterReadDep = Annotated[
-    AdapterCaller, Depends(adapter_access("adapters:read", "adapters:write"))
+    AdapterCaller, Depends(adapter_access(Perm.READ, "adapters:read", "adapters:write"))
 ]
 
 

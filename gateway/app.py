@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from loraplex.admin.audit import AdminAuditMiddleware
+from loraplex.admin.oidc import open_oidc
 from loraplex.admin.routes import adapters as admin_adapters
+from loraplex.admin.routes import audit as admin_audit
 from loraplex.admin.routes import keys as admin_keys
 from loraplex.admin.routes import plans as admin_plans
 from loraplex.admin.routes import tenants as admin_tenants
@@ -82,6 +85,7 @@ def create_app(
             settings, services.sessions, lambda: services.engine, breakers.object_store
         )
         billing_stack = AsyncExitStack()
+        services.oidc = await billing_stack.enter_async_context(open_oidc(settings))
         billing = await billing_stack.enter_async_context(
             open_billing(settings, services.sessions, registry, lambda: services.engine)
         )
@@ -106,6 +110,7 @@ def create_app(
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     install_openapi(app)
+    app.add_middleware(AdminAuditMiddleware)  # inside the request id middleware
     # innermost: the inference routes' usual request skips FastAPI's routing and solving
     app.add_middleware(FastInference, owner=app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes)
@@ -125,4 +130,5 @@ def create_app(
     app.include_router(admin_adapters.gc_router)
     app.include_router(admin_plans.router)
     app.include_router(admin_usage.router)
+    app.include_router(admin_audit.router)
     return app

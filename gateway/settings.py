@@ -8,10 +8,11 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat
 
+from loraplex.admin.settings import AdminAuthSettings
 from loraplex.tenancy.settings import StoreSettings
 
 
-class GatewaySettings(StoreSettings):
+class GatewaySettings(StoreSettings, AdminAuthSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     # Model spec: "" = the embedded SmolLM2 GGUF; a HF directory; a .gguf file; dummy:<preset>.

@@ -11,6 +11,7 @@ from loraplex.gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
     from loraplex.adapters.service import AdapterServices
+    from loraplex.admin.oidc import OidcVerifier
     from loraplex.engine.client import EngineClient
     from loraplex.gateway.auth import KeyAuthenticator
     from loraplex.gateway.breakers import Breakers
@@ -33,6 +34,7 @@ class Services:
     limiter: Limiter | None = None  # admission (gateway.limits); None: no limits enforced
     ledger: Ledger | None = None  # usage metering (gateway.ledger); None: not recorded
     metrics: Metrics | None = None  # Prometheus registry and instruments (gateway.metrics)
+    oidc: OidcVerifier | None = None  # admin OIDC access tokens (admin.oidc); None: off
 
     def base_model_name(self) -> str:
         """The base model's name in the API: the configured one; else, when this gateway

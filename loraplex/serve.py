@@ -77,13 +77,24 @@ def run_bootstrap(settings: GatewaySettings) -> BootstrapResult:
             return await bootstrap(
                 make_sessionmaker(db),
                 secret_key=settings.resolved_secret_key(),
-                admin_token_configured=settings.admin_token is not None,
+                # none minted when one is configured, or the admin token is turned off
+                admin_token_configured=settings.admin_token is not None
+                or not settings.admin_token_enabled,
             )
         finally:
             await db.dispose()
 
     with config_errors():
         return asyncio.run(go())
+
+
+def check_oidc(settings: GatewaySettings) -> None:
+    """An issuer that is set must answer its discovery document and keys now: a typo
+    stops start-up with one line rather than every admin call failing later."""
+    from loraplex.admin.oidc import check_issuer
+
+    with config_errors():
+        check_issuer(settings)
 
 
 def serve(settings: GatewaySettings) -> None:
@@ -100,6 +111,7 @@ def serve(settings: GatewaySettings) -> None:
 
     check_device(settings)
     model = resolve_model(settings.model)
+    check_oidc(settings)
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.migrate_on_start:
@@ -132,6 +144,7 @@ def serve_gateway(settings: GatewaySettings) -> None:
 
     if not settings.engine_url:
         fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
+    check_oidc(settings)
     if settings.migrate_on_start:
         migrate(settings)
     banner = run_bootstrap(settings).banner()

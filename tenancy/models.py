@@ -1,4 +1,4 @@
-"""The shared schema: tenants, keys, adapters, usage, audit. SQLAlchemy 2, async-friendly.
+"""The shared schema: tenants, keys, adapters, usage, audit (changes and admin requests). SQLAlchemy 2, async-friendly.
 
 Alembic's migrations in ``migrations/versions`` must produce exactly this schema; a test
 runs autogenerate against a migrated database and expects no difference.
@@ -178,6 +178,32 @@ class AuditLog(Base):
     target: Mapped[str] = mapped_column(String(256), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     note: Mapped[str] = mapped_column(Text, default="")
+
+
+class AdminAuditEntry(Base):
+    """One admin API request: who (OIDC subject and issuer, ``bootstrap-token``, a tenant
+    key's ``key:<id>``, or ``anonymous``), what, on which target, from where, and how it
+    ended. Written by ``admin.audit``; the API only appends to and reads this table.
+    ``audit_log`` beside it holds what each change changed, written with the change."""
+
+    __tablename__ = "admin_audit"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(256))
+    issuer: Mapped[str] = mapped_column(String(512), default="")
+    action: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(512), default="")
+    tenant: Mapped[str | None] = mapped_column(String(64), default=None)
+    outcome: Mapped[int] = mapped_column(Integer)  # the HTTP status answered
+    reason: Mapped[str] = mapped_column(String(128), default="")  # why it was refused
+    source: Mapped[str] = mapped_column(String(64), default="")  # the client's address
+    request_id: Mapped[str] = mapped_column(String(64), default="")
+
+    __table_args__ = (
+        Index("ix_admin_audit_at", "at"),
+        Index("ix_admin_audit_actor", "actor"),
+    )
 
 
 class AdminToken(Base):

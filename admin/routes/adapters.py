@@ -56,6 +56,7 @@ async def upload_adapter(
         work = Path(tmp)
         upload = await read_upload(request, work, max_bytes=svc.limits.max_body_bytes, max_files=4)
         name = check_name(upload.fields.get("name", ""))
+        request.state.audit_target = name
         adapter_dir = await asyncio.to_thread(stage, upload.files, work / "adapter", svc.limits)
         info = await svc.registry.publish(caller.tenant_id, name, adapter_dir, actor=caller.actor)
     return VersionOut.of(info)
@@ -99,7 +100,7 @@ async def delete_alias(
     return Deleted(name=alias)
 
 
-@gc_router.post("/gc", responses=errors(401, 415, 503))
+@gc_router.post("/gc", responses=errors(401, 403, 415, 503))
 async def collect_adapter_garbage(_: AdminDep, svc: AdaptersDep, body: GcIn) -> GcOut:
     """Delete stored bundles no ready version uses, older than ``grace_s`` (admin only)."""
     report = await collect_garbage(

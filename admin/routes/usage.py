@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from loraplex.admin.auth import AdminDep
+from loraplex.admin.auth import UsageDep
 from loraplex.gateway.deps import ServicesDep, SessionDep, require_scope
 from loraplex.gateway.openapi import download, errors
 from loraplex.gateway.state import Services
@@ -63,10 +63,10 @@ async def _respond(
 @router.get(
     "/admin/v1/usage/export",
     response_class=StreamingResponse,
-    responses={200: _EXPORT, **errors(401, 404, 503)},
+    responses={200: _EXPORT, **errors(401, 403, 404, 503)},
 )
 async def export_usage(
-    _: AdminDep,
+    _: UsageDep,
     services: ServicesDep,
     session: SessionDep,
     start: FromQ = None,
