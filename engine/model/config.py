@@ -1,8 +1,11 @@
 """The base model's shape: one typed value, read from an HF ``config.json`` dict or GGUF fields.
 
-Only the Llama family is served (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2): pre-norm decoder,
-RMSNorm, rotary (neox style), GQA, SiLU-gated MLP. Everything else is refused by name with
-:class:`UnsupportedModel`.
+Served: the Llama family (Llama 2/3/3.1, Mistral and Mistral-Nemo, Qwen2, SmolLM2) and its
+close relatives, each a flag on the one config: Qwen3 (``qk_norm``: RMSNorm over each q and k
+head before rotary), Phi-3/Phi-4 (``fused_proj``: checkpoints and adapters name the fused
+``qkv_proj`` / ``gate_up_proj``). All are pre-norm decoders with RMSNorm, rotary (neox
+style), GQA and a SiLU-gated MLP; ``head_dim`` is read from the config (not always hidden /
+heads). Everything else is refused by name with :class:`UnsupportedModel`.
 """
 
 from __future__ import annotations
@@ -13,12 +16,23 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHS = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+)
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
+# the projections a LoRA adapter may target, by checkpoint layout (PEFT's module names)
+SPLIT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class UnsupportedModel(ValueError):
@@ -51,6 +65,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: bias on q, k and v (not on o)
+    qk_norm: bool = False  # Qwen3: RMSNorm (weight [head_dim]) on each q and k head
+    fused_proj: bool = False  # Phi-3: qkv_proj and gate_up_proj, in checkpoints and adapters
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -62,6 +78,11 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def adapter_modules(self) -> tuple[str, ...]:
+        """The module names a PEFT adapter of this model targets."""
+        return FUSED_MODULES if self.fused_proj else SPLIT_MODULES
 
     def validate(self) -> None:
         checks = [
@@ -127,6 +148,14 @@ def _rope_scaling(d: dict[str, Any]) -> tuple[float, RopeScaling]:
     raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
+def _check_rotary(d: dict[str, Any]) -> None:
+    """Rotary over the whole head only (Phi-4-mini rotates 3/4 of it: refused by name)."""
+    rp = d.get("rope_parameters") or {}
+    factor = float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    if factor != 1.0:
+        raise UnsupportedModel(f"partial_rotary_factor={factor:g} is not supported (1.0)")
+
+
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """Build from a parsed HF ``config.json``."""
     archs = d.get("architectures") or [_MODEL_TYPES.get(d.get("model_type", ""), "?")]
@@ -139,14 +168,15 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModel("mlp_bias=True is not supported")
     if d.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"hidden_act {d['hidden_act']!r} is not supported (silu)")
-    is_qwen2 = arch == "Qwen2ForCausalLM"
-    if d.get("attention_bias") and not is_qwen2:
+    is_qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    if d.get("attention_bias") and arch != "Qwen2ForCausalLM":
         raise UnsupportedModel("attention_bias=True (bias on o_proj too) is not supported")
+    _check_rotary(d)
     n_heads = int(d["num_attention_heads"])
     theta, scaling = _rope_scaling(d)
     max_pos = int(d.get("max_position_embeddings", 4096))
     window = d.get("sliding_window")
-    if window and (not is_qwen2 or d.get("use_sliding_window")):
+    if window and (not is_qwen or d.get("use_sliding_window")):
         max_pos = min(max_pos, int(window))  # served without a window: cap the context to it
     cfg = ModelConfig(
         vocab_size=int(d["vocab_size"]),
@@ -161,7 +191,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=is_qwen2,
+        qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_norm=arch == "Qwen3ForCausalLM",
+        fused_proj=arch == "Phi3ForCausalLM",
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_ids(d.get("eos_token_id")),
         architecture=arch,
