@@ -86,3 +86,34 @@ def test_family_parity_can_fail(family):
     )
     assert rel_err(wrong, ref[:3]) > 100 * TOL, kind
     assert rel_err(none, ref[:3]) > 100 * TOL, kind
+
+
+def test_family_adapter_for_another_layout_refused(family, tmp_path):
+    """The engine's own read refuses the other layout's names and a wrong-width B."""
+    from safetensors.torch import load_file, save_file
+
+    from loraplex.engine.errors import AdapterIncompatible
+
+    kind, base, adapters = family
+    runner = runner_for(str(base))
+    src = adapters[1]  # every module
+    swap = {"qkv_proj": "q_proj", "gate_up_proj": "up_proj"} if kind == "phi3" else {}
+    swap = swap or {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj"}
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    for i, (old, new) in enumerate(swap.items()):
+        out = tmp_path / f"swap{i}"
+        out.mkdir()
+        (out / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        save_file(
+            {k.replace(f".{old}.", f".{new}."): v for k, v in tensors.items()},
+            str(out / "adapter_model.safetensors"),
+        )
+        with pytest.raises(AdapterIncompatible, match=f"{new} does not exist"):
+            runner.read_adapter(out)
+    out = tmp_path / "narrow"
+    out.mkdir()
+    (out / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    narrow = {k: v[:-2] if "o_proj.lora_B" in k else v for k, v in tensors.items()}
+    save_file(narrow, str(out / "adapter_model.safetensors"))
+    with pytest.raises(AdapterIncompatible, match="o_proj: shape mismatch"):
+        runner.read_adapter(out)
