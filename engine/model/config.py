@@ -41,13 +41,17 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """``kind``: "default", "linear" or "llama3"; the other fields are used by llama3 only."""
+    """``kind``: "default", "linear", "llama3" or "longrope" (Phi-3.5/Phi-4-mini: served at
+    its original context, so with its short factors only, cos/sin scaled by
+    ``attention_factor``); the other fields are used by those kinds."""
 
     kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: bias on q, k and v (not on o)
     qk_norm: bool = False  # Qwen3: RMSNorm (weight [head_dim]) on each q and k head
     fused_proj: bool = False  # Phi-3: qkv_proj and gate_up_proj, in checkpoints and adapters
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: rotary on the first 3/4 of each head
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -80,6 +85,11 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that rotary turns (all but in Phi-4-mini)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def adapter_modules(self) -> tuple[str, ...]:
         """The module names a PEFT adapter of this model targets."""
         return FUSED_MODULES if self.fused_proj else SPLIT_MODULES
@@ -91,6 +101,15 @@ class ModelConfig:
                 "num_heads must be a multiple of num_kv_heads",
             ),
             (self.head_dim % 2 == 0, "head_dim must be even (rotary)"),
+            (
+                self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
+                "the rotary dims must be even and within head_dim",
+            ),
+            (
+                self.rope_scaling.kind != "longrope"
+                or len(self.rope_scaling.short_factor) == self.rotary_dim // 2,
+                "longrope needs one short factor per rotary frequency",
+            ),
             (self.num_layers >= 1 and self.hidden_size >= 1, "empty model"),
         ]
         for ok, msg in checks:
@@ -98,10 +117,12 @@ class ModelConfig:
                 raise UnsupportedModel(msg)
 
     def rope_inv_freq(self) -> torch.Tensor:
-        """The (scaled) rotary inverse frequencies, ``[head_dim / 2]`` float32."""
-        d = self.head_dim
+        """The (scaled) rotary inverse frequencies, ``[rotary_dim / 2]`` float32."""
+        d = self.rotary_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         rs = self.rope_scaling
+        if rs.kind == "longrope":
+            return inv / torch.tensor(rs.short_factor, dtype=torch.float32)
         if rs.kind == "linear":
             return inv / rs.factor
         if rs.kind != "llama3":
@@ -145,15 +166,39 @@ def _rope_scaling(d: dict[str, Any]) -> tuple[float, RopeScaling]:
             high_freq_factor=float(src["high_freq_factor"]),
             original_max_position_embeddings=int(src["original_max_position_embeddings"]),
         )
-    raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    if kind == "longrope":
+        return theta, _longrope(d, src)
+    raise UnsupportedModel(
+        f"rope scaling type {kind!r} is not supported (default, linear, llama3, longrope)"
+    )
 
 
-def _check_rotary(d: dict[str, Any]) -> None:
-    """Rotary over the whole head only (Phi-4-mini rotates 3/4 of it: refused by name)."""
+def _longrope(d: dict[str, Any], src: dict[str, Any]) -> RopeScaling:
+    """As transformers computes it for a context up to the original one (short factors)."""
+    original = int(
+        src.get("original_max_position_embeddings") or d["original_max_position_embeddings"]
+    )
+    factor = src.get("factor") or int(d.get("max_position_embeddings", original)) / original
+    attention = src.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        kind="longrope",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        short_factor=tuple(float(x) for x in src["short_factor"]),
+        attention_factor=float(attention),
+    )
+
+
+def _partial_rotary(d: dict[str, Any], arch: str) -> float:
+    """Rotary on part of each head: Phi-3's config reads it (Phi-4-mini: 0.75); refused by
+    name elsewhere."""
     rp = d.get("rope_parameters") or {}
     factor = float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
-    if factor != 1.0:
-        raise UnsupportedModel(f"partial_rotary_factor={factor:g} is not supported (1.0)")
+    if factor != 1.0 and arch != "Phi3ForCausalLM":
+        raise UnsupportedModel(f"partial_rotary_factor={factor:g} is not supported on {arch}")
+    return factor
 
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
@@ -171,10 +216,12 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     is_qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
     if d.get("attention_bias") and arch != "Qwen2ForCausalLM":
         raise UnsupportedModel("attention_bias=True (bias on o_proj too) is not supported")
-    _check_rotary(d)
+    partial = _partial_rotary(d, arch)
     n_heads = int(d["num_attention_heads"])
     theta, scaling = _rope_scaling(d)
     max_pos = int(d.get("max_position_embeddings", 4096))
+    if scaling.kind == "longrope":  # the long factors are not served: the original context
+        max_pos = min(max_pos, scaling.original_max_position_embeddings)
     window = d.get("sliding_window")
     if window and (not is_qwen or d.get("use_sliding_window")):
         max_pos = min(max_pos, int(window))  # served without a window: cap the context to it
@@ -194,6 +241,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         qkv_bias=arch == "Qwen2ForCausalLM",
         qk_norm=arch == "Qwen3ForCausalLM",
         fused_proj=arch == "Phi3ForCausalLM",
+        partial_rotary_factor=partial,
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_ids(d.get("eos_token_id")),
         architecture=arch,

@@ -83,7 +83,8 @@ class LlamaModel:
         self.config = config
         self.weights = weights
         dev = weights.embed.device
-        self.cos_sin = K.rotary_cos_sin_cache(config.rope_inv_freq().to(dev), max_positions)
+        inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
+        self.cos_sin = K.rotary_cos_sin_cache(inv_freq, max_positions, scale)
         self.scale = config.head_dim**-0.5
         c = config
         # each group's projection boundaries in its output (lora_expand's out_offsets)

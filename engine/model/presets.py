@@ -3,6 +3,8 @@ tests, memory sizing) so no checkpoint download is needed."""
 
 from __future__ import annotations
 
+import math
+
 from loraplex.engine.model.config import ModelConfig, RopeScaling
 
 _LLAMA31_ROPE = RopeScaling(
@@ -160,9 +162,19 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=24,
         num_kv_heads=8,
         head_dim=128,
+        # rotary on 96 of 128 dims, longrope at the original 4k context (all the engine
+        # serves of it); the real short factors are not copied: the weights are random
+        rope_scaling=RopeScaling(
+            kind="longrope",
+            factor=32.0,
+            original_max_position_embeddings=4096,
+            short_factor=(1.0,) * 48,
+            attention_factor=math.sqrt(1 + math.log(32.0) / math.log(4096)),
+        ),
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         fused_proj=True,
+        partial_rotary_factor=0.75,
         bos_token_id=199999,
         eos_token_ids=(199999,),
         architecture="Phi3ForCausalLM",

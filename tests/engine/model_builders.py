@@ -56,6 +56,15 @@ def _hf_config(kind: str):
         return MistralConfig(**common, head_dim=32, sliding_window=None)
     if kind == "phi3":  # fused qkv_proj / gate_up_proj
         return Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False)
+    if kind == "phi4-mini":  # and Phi-4-mini's partial rotary (half of 16) with longrope
+        common.update(max_position_embeddings=4096)
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.0, 4.0, 9.0, 16.0],
+                "original_max_position_embeddings": 64}  # fmt: skip
+        return Phi3Config(
+            **common, pad_token_id=0, tie_word_embeddings=True, rope_parameters=rope,
+            original_max_position_embeddings=64, partial_rotary_factor=0.5,
+        )  # fmt: skip
     raise ValueError(kind)
 
 

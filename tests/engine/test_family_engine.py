@@ -70,7 +70,7 @@ def test_family_engine_matches_hf(family, overrides):
     engine = LLMEngine.from_model(
         str(base), EngineConfig(**{"num_gpu_blocks": 256, **cfg, **overrides})
     )
-    want = FUSED_MODULES if kind == "phi3" else SPLIT_MODULES
+    want = FUSED_MODULES if "phi" in kind else SPLIT_MODULES
     assert describe(engine, name=kind, model=str(base)).adapter_shape.modules == want
     rng = random.Random(0)
     which: list[int | None] = [None, 0, 1, 2]

@@ -38,7 +38,12 @@ FUSED_SPECS = [
     AdapterSpec(rank=16, targets=FUSED_TARGETS, alpha=32, rslora=True, seed=2),
     AdapterSpec(rank=32, targets=("gate_up_proj", "down_proj"), seed=3),
 ]
-FAMILIES = {"qwen3": SPLIT_SPECS, "mistral-nemo": SPLIT_SPECS, "phi3": FUSED_SPECS}
+FAMILIES = {
+    "qwen3": SPLIT_SPECS,
+    "mistral-nemo": SPLIT_SPECS,
+    "phi3": FUSED_SPECS,
+    "phi4-mini": FUSED_SPECS,  # and partial rotary with longrope
+}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -55,7 +60,7 @@ def test_family_base_and_three_adapters_in_one_batch(family):
     prompts = prompts_for(4, 320, seed=1)
     refs = parity_references(base, adapters, prompts)
     runner = runner_for(str(base))
-    assert runner.config.architecture.lower().startswith(kind.split("-")[0])
+    assert runner.config.architecture.lower().startswith(kind[:3])
     check_batch(runner, adapters, prompts, refs, greedy=True)
 
 
@@ -97,7 +102,7 @@ def test_family_adapter_for_another_layout_refused(family, tmp_path):
     kind, base, adapters = family
     runner = runner_for(str(base))
     src = adapters[1]  # every module
-    swap = {"qkv_proj": "q_proj", "gate_up_proj": "up_proj"} if kind == "phi3" else {}
+    swap = {"qkv_proj": "q_proj", "gate_up_proj": "up_proj"} if "phi" in kind else {}
     swap = swap or {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj"}
     tensors = load_file(str(src / "adapter_model.safetensors"))
     for i, (old, new) in enumerate(swap.items()):

@@ -15,7 +15,8 @@ from loraplex.engine.model.loader import LoadedModel, load_model, random_weights
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.model_runner import ModelRunner
 
-# the config.json of each model on the Hugging Face hub (the keys config_from_hf reads)
+# the config.json of each model on the Hugging Face hub (the keys config_from_hf reads;
+# Phi-4-mini's 48 short and long rope factors written as 1.0, as the preset holds them)
 QWEN3_8B = {
     "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "bos_token_id": 151643,
     "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
@@ -54,23 +55,28 @@ def test_qwen3_and_mistral_nemo_presets_are_their_real_configs():
     assert (nemo.q_size, nemo.hidden_size) == (4096, 5120)  # head_dim from the config
 
 
-def test_phi3_family_config():
-    phi3 = read({**PHI4_MINI, "partial_rotary_factor": 1.0, "rope_scaling": None})
-    assert phi3.fused_proj and phi3.adapter_modules == FUSED_MODULES
-    assert not phi3.qk_norm and phi3.tie_word_embeddings
-    # the preset has Phi-4-mini's shapes (full rotary, its original 4k context)
-    shapes = dataclasses.replace(phi3, max_position_embeddings=4096)
-    assert shapes == PRESETS["phi4-mini"]
+def test_phi4_mini_preset_is_its_real_config():
+    """Partial rotary (96 of 128 dims) and longrope, served at the original 4k context."""
+    phi4 = read(PHI4_MINI)
+    assert phi4 == PRESETS["phi4-mini"]
+    assert phi4.fused_proj and phi4.adapter_modules == FUSED_MODULES
+    assert phi4.rotary_dim == 96 and phi4.max_position_embeddings == 4096
+    assert phi4.rope_inv_freq().shape == (48,)
+    assert phi4.rope_scaling.attention_factor == pytest.approx(1.1902380714238083)
 
 
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({}, "partial_rotary_factor=0.75"),
-        ({"partial_rotary_factor": 1.0}, "rope scaling type 'longrope'"),
+        ({"architectures": ["LlamaForCausalLM"]}, "partial_rotary_factor=0.75 is not supported"),
+        (
+            {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64, "long_factor": []}},
+            "one short factor per rotary frequency",
+        ),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
     ],
 )
-def test_phi4_mini_rotary_is_refused_by_name(change, match):
+def test_rotary_refusals(change, match):
     with pytest.raises(UnsupportedModel, match=match):
         read({**PHI4_MINI, **change})
 
