@@ -121,8 +121,8 @@ MAX_TEMPLATE_KWARGS = 16
 RESERVED_TEMPLATE_KWARGS = frozenset(
     "messages tools documents add_generation_prompt continue_final_message tokenize padding "
     "truncation max_length return_tensors return_dict return_assistant_tokens_mask "
-    "tokenizer_kwargs chat_template sanitize_control_tokens conversation raise_exception "
-    "strftime_now".split()
+    "tokenizer_kwargs chat_template sanitize_control_tokens conversation conversations "
+    "raise_exception strftime_now".split()
 )
 _TEMPLATE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
