@@ -10,9 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Llama-family decoder layer: projection name -> the submodule that holds it.
+# Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3): the projections an adapter targets.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# Phi-3 / Phi-4 hold q/k/v and gate/up fused, and PEFT adapters target the fused modules.
+FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+_FUSED_ARCHS = ("Phi3ForCausalLM",)
+_FUSED_TYPES = ("phi3",)
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class BaseModelSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    modules: tuple[str, ...] = ATTENTION + MLP  # the projections the engine can adapt
+    modules: tuple[str, ...] = ATTENTION + MLP  # adaptable: ATTENTION + MLP, or FUSED
 
     def module_shape(self, module: str) -> ModuleShape | None:
         """``(parent, in, out)`` of one projection, or None if the engine cannot adapt it."""
@@ -47,14 +51,19 @@ class BaseModelSpec:
             "gate_proj": ModuleShape("mlp", h, i),
             "up_proj": ModuleShape("mlp", h, i),
             "down_proj": ModuleShape("mlp", i, h),
+            "qkv_proj": ModuleShape("self_attn", h, q + 2 * kv),
+            "gate_up_proj": ModuleShape("mlp", h, 2 * i),
         }
         return shapes.get(module)
 
     @classmethod
     def from_hf_config(cls, name: str, config: Mapping[str, Any]) -> BaseModelSpec:
-        """From a Llama-style ``config.json`` (``hidden_size``, ``num_attention_heads``...)."""
+        """From a Llama-style ``config.json`` (``hidden_size``, ``num_attention_heads``...);
+        the module names from its architecture (Phi-3's fused ones)."""
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
+        archs = config.get("architectures") or ()
+        fused = any(a in _FUSED_ARCHS for a in archs) or config.get("model_type") in _FUSED_TYPES
         return cls(
             name=name,
             num_layers=int(config["num_hidden_layers"]),
@@ -63,4 +72,5 @@ class BaseModelSpec:
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
+            modules=FUSED if fused else ATTENTION + MLP,
         )

@@ -151,16 +151,18 @@ def write_peft_adapter(
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
-    targets=ALL_TARGETS,
+    targets: tuple[str, ...] | None = None,
 ) -> Path:
     """A PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) with
-    random A and B, written straight from tensors (no model needed). lora_alpha = rank."""
+    random A and B, written straight from tensors (no model needed). lora_alpha = rank.
+    ``targets``: default every module the model's family adapts (Phi-3's fused ones)."""
     from safetensors.torch import save_file
 
+    targets = targets or cfg.adapter_modules
     mods = random_lora_modules(cfg, rank, dtype=dtype, seed=seed, targets=targets)
     tensors = {}
     for (layer, m), mod in mods.items():
-        parent = "self_attn" if m in GROUPS["qkv"] + GROUPS["o"] else "mlp"
+        parent = "self_attn" if m in (*GROUPS["qkv"], *GROUPS["o"], "qkv_proj") else "mlp"
         prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
         tensors[f"{prefix}.lora_A.weight"] = mod.a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = mod.b.contiguous()

@@ -6,7 +6,6 @@ import uuid
 
 from loraplex.engine.client import AdapterShape, ModelInfo
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.lora.weights import MODULE_GROUP
 from loraplex.engine.tokenizer_files import export_tokenizer
 
 
@@ -32,7 +31,7 @@ def describe(engine: LLMEngine, *, name: str, model: str) -> ModelInfo:
             num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
-            modules=tuple(MODULE_GROUP),
+            modules=c.adapter_modules,
         ),
         tokenizer_files=export_tokenizer(engine.tokenizer),
     )

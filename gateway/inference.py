@@ -27,6 +27,7 @@ from loraplex.engine.errors import AdapterLoadError, EngineError
 from loraplex.gateway.chat_messages import ToolPlan, plan_tools, template_text
 from loraplex.gateway.limits import Admission, Limiter
 from loraplex.gateway.prompts import prompt_ids, sampling_params, served_model
+from loraplex.gateway.reasoning import reasoning_for_template
 from loraplex.gateway.render import Choices
 from loraplex.gateway.resolve import Target
 from loraplex.gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -56,6 +57,7 @@ class CallSpec:
     sampling: SamplingParams
     adapter: AdapterRef | None
     tool_plan: ToolPlan | None = None  # chat: how the output is read for tool calls
+    reasoning: bool = False  # chat: think blocks go to reasoning_content (gateway.reasoning)
 
 
 class EngineCall:
@@ -256,10 +258,11 @@ async def open_calls(
         )
     model = served_model(services.base_model_name(), services.engine)
     target = await services.resolver.resolve(principal, body.model, base_model=model.name)
-    plan = None
+    plan, reasoning = None, False
     if isinstance(body, ChatCompletionRequest):
         template = template_text(model.tokenizer)
         plan = plan_tools(body, template, services.settings.tool_call_parser)
+        reasoning = reasoning_for_template(template)
         prompts: list[str | list[int] | None] = [None]
     else:
         prompts = list(body.prompts())
@@ -278,7 +281,7 @@ async def open_calls(
     try:
         for i, (ids, sampling) in enumerate(tokenized):
             rid = request_id if i == 0 else f"{request_id}-{i}"
-            spec = CallSpec(rid, principal, target, ids, sampling, adapter, plan)
+            spec = CallSpec(rid, principal, target, ids, sampling, adapter, plan, reasoning)
             call = EngineCall(engine, spec, services.limiter, services.ledger)
             started.append((call, await call.start()))
     except BaseException:

@@ -74,6 +74,7 @@ def _render_chat(
             tokenize=True,
             return_dict=False,
             sanitize_control_tokens=True,
+            **(body.chat_template_kwargs or {}),  # keys checked (request_fields)
         )
     except Exception as exc:  # the template itself refuses this conversation
         raise InvalidInput(f"messages: {exc}", param="messages") from None

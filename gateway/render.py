@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from loraplex.engine.api import CompletionDelta, RequestOutput, TokenLogprob
 from loraplex.gateway.chat_messages import ToolPlan
+from loraplex.gateway.reasoning import ReasoningStream, split_reasoning
 from loraplex.gateway.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -119,6 +120,7 @@ class ChoiceState:
     finish_reason: str | None = None
     started: bool = False  # streaming: the role chunk went out
     parser: StreamParser | None = None  # streaming chat with tools: reads calls out of the text
+    thinker: ReasoningStream | None = None  # streaming chat, thinking model: its think block
     calls: int = 0  # streaming: tool calls sent
 
 
@@ -151,10 +153,17 @@ class Choices:
         out: RequestOutput,
         lp: bool,
         plan: ToolPlan | None = None,
+        reasoning: bool = False,
     ) -> ChatCompletion:
         choices = []
         for i, s in enumerate(self.states):
-            message, reason = assistant_message("".join(s.text), s.finish_reason or "stop", plan)
+            thought, text = (
+                split_reasoning("".join(s.text)) if reasoning else (None, "".join(s.text))
+            )
+            message, reason = assistant_message(text, s.finish_reason or "stop", plan)
+            if thought is not None:
+                message.reasoning_content = thought
+                message.content = message.content or None
             logprobs = chat_logprobs(s.chat_logprobs) if lp else None
             choices.append(
                 ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason)
@@ -188,9 +197,11 @@ def chat_chunks(
     states: list[ChoiceState],
     lp: bool,
     plan: ToolPlan | None = None,
+    reasoning: bool = False,
 ) -> list[ChatCompletionChunk]:
     """Chunks for one engine output: a role chunk first per choice, then its deltas; with
-    tools, text that forms a call goes out as a call (its name, then its arguments)."""
+    tools, text that forms a call goes out as a call (its name, then its arguments); with
+    ``reasoning``, a think block as ``reasoning_content`` deltas (before any content)."""
     chunks = []
 
     def chunk(
@@ -213,15 +224,26 @@ def chat_chunks(
             s.started = True
             if plan is not None and plan.parser is not None:
                 s.parser = make_parser(plan.parser)
+            s.thinker = ReasoningStream() if reasoning else None
             chunk(d.index, Delta(role="assistant", content=""))
         reason = finish_reason(d) if d.finish_reason is not None else None
         logprobs = chat_logprobs(d.logprobs) if lp and d.logprobs else None
+        text, sent = d.text, False  # sent: this delta's logprobs went out with its reasoning
+        if s.thinker is not None:
+            pieces = s.thinker.feed(text) if text else []
+            pieces += s.thinker.finish() if reason is not None else []
+            text = "".join(t for kind, t in pieces if kind == "content")
+            for thought in (t for kind, t in pieces if kind == "reasoning"):
+                chunk(d.index, Delta(reasoning_content=thought), None if sent else logprobs)
+                sent = True
         if s.parser is None:
-            if d.text or d.logprobs or reason is not None:
-                delta = Delta(content=d.text) if d.text else Delta()
-                chunk(d.index, delta, chat_logprobs(d.logprobs or []) if lp else None, reason)
+            if text or (d.logprobs and not sent) or reason is not None:
+                delta = Delta(content=text) if text else Delta()
+                lps = chat_logprobs(d.logprobs or []) if lp and not sent else None
+                chunk(d.index, delta, lps, reason)
             continue
-        events: list[Event] = s.parser.feed(d.text) if d.text else []
+        logprobs = None if sent else logprobs
+        events: list[Event] = s.parser.feed(text) if text else []
         if reason is not None:
             events += s.parser.finish()
         for event in events:

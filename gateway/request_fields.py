@@ -114,3 +114,36 @@ LogitBias = Annotated[
     Field(max_length=MAX_LOGIT_BIAS),
     AfterValidator(_token_id_keys),
 ]
+
+MAX_TEMPLATE_KWARGS = 16
+# ``apply_chat_template``'s own arguments and what the gateway passes the template itself:
+# a request's ``chat_template_kwargs`` may not replace them
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    "messages tools documents add_generation_prompt continue_final_message tokenize padding "
+    "truncation max_length return_tensors return_dict return_assistant_tokens_mask "
+    "tokenizer_kwargs chat_template sanitize_control_tokens conversation conversations "
+    "raise_exception strftime_now".split()
+)
+_TEMPLATE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _template_kwarg_keys(value: dict[str, object]) -> dict[str, object]:
+    for key in value:
+        bad = not _TEMPLATE_KEY.match(key) or key in RESERVED_TEMPLATE_KWARGS
+        if bad or key.endswith(("_token", "_tokens")):
+            raise PydanticCustomError(
+                "template_kwarg",
+                "'{key}' cannot be set: a key must be a template variable name, not one of "
+                "apply_chat_template's own arguments or the tokenizer's special tokens",
+                {"key": key[:64]},
+            )
+    return value
+
+
+# vLLM's ``chat_template_kwargs`` (e.g. Qwen3's ``{"enable_thinking": false}``): flags and
+# numbers only, so that no request text reaches the prompt unsanitized through a template
+TemplateKwargs = Annotated[
+    dict[str, bool | int | Annotated[float, Field(allow_inf_nan=False)] | None],
+    Field(max_length=MAX_TEMPLATE_KWARGS),
+    AfterValidator(_template_kwarg_keys),
+]

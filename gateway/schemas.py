@@ -23,6 +23,7 @@ from loraplex.gateway.request_fields import (
     Stop,
     StopTokenIds,
     Temperature,
+    TemplateKwargs,
     Text,
     TokenIds,
     TopP,
@@ -148,6 +149,8 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None  # gateway.structured
+    # vLLM's: extra variables for the model's chat template (Qwen3's enable_thinking)
+    chat_template_kwargs: TemplateKwargs | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -210,9 +213,15 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobOut] | None = None
 
 
+def _absent_if_none(value: object) -> bool:
+    return value is None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # vLLM's field: a thinking model's reasoning (gateway.reasoning); left out when None
+    reasoning_content: str | None = Field(default=None, exclude_if=_absent_if_none)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -236,6 +245,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = Field(default=None, exclude_if=_absent_if_none)
     tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -3,7 +3,8 @@
 ``rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
 num_kv_heads, delta=None) -> q``: per token, ``x = qkv (+ delta)`` (added in float32: the
 decode forward's q/k/v LoRA delta, computed beside the qkv GEMM), q and k rotated (neox
-style, as :mod:`engine.kernels.rotary`), q written back into ``qkv`` and returned as a
+style, as :mod:`engine.kernels.rotary`: the first ``R`` dims of each head, ``R`` the cache's
+width, all of them but in partial rotary), q written back into ``qkv`` and returned as a
 ``[T, Hq, D]`` view, the rotated k and v stored at the token's cache slot (``-1``: padding,
 not stored). The k and v columns of ``qkv`` are undefined afterwards (the reference rotates
 k in place there; the kernel leaves them); attention reads K and V from the cache.
@@ -33,7 +34,7 @@ def _split(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
 def rope_cache_ref(
     qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D]
     positions: torch.Tensor,  # [T] int
-    cos_sin_cache: torch.Tensor,  # [max_pos, D] float32
+    cos_sin_cache: torch.Tensor,  # [max_pos, R] float32, R <= D
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64, -1 = not stored
@@ -62,18 +63,21 @@ if HAVE_TRITON:
         slot_ptr,
         HQ,
         HKV,
-        HALF,
+        HALF,  # half the rotary dims
+        D,  # head dim
         stride_t,
         stride_dt,
         stride_c,
         BLOCK_HQ: tl.constexpr,
         BLOCK_HKV: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
         HAS_DELTA: tl.constexpr,
+        HAS_PASS: tl.constexpr,  # partial rotary: dims 2 * HALF .. D pass unturned
     ):
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        D = 2 * HALF
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HALF
         cos = tl.load(cs_ptr + pos * stride_c + offs_d, mask=dmask, other=0.0)[None, :]
@@ -92,33 +96,53 @@ if HAVE_TRITON:
         out_ty = qkv_ptr.dtype.element_ty
         tl.store(row + pq, (x1 * cos - x2 * sin).to(out_ty), mask=mq)
         tl.store(row + pq + HALF, (x2 * cos + x1 * sin).to(out_ty), mask=mq)
+        offs_p = 2 * HALF + tl.arange(0, BLOCK_P)
+        pmask = offs_p < D
+        if HAS_PASS:
+            if HAS_DELTA:  # q's unturned dims: only the delta to add
+                mqp = (offs_h[:, None] < HQ) & pmask[None, :]
+                pqp = offs_h[:, None] * D + offs_p[None, :]
+                xp = tl.load(row + pqp, mask=mqp, other=0.0).to(tl.float32)
+                xp += tl.load(drow + pqp, mask=mqp, other=0.0).to(tl.float32)
+                tl.store(row + pqp, xp.to(out_ty), mask=mqp)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
+            c_ty = kc_ptr.dtype.element_ty
             offs_g = tl.arange(0, BLOCK_HKV)
-            mk = (offs_g[:, None] < HKV) & dmask[None, :]
+            gmask = offs_g[:, None] < HKV
+            mk = gmask & dmask[None, :]
             pk = HQ * D + offs_g[:, None] * D + offs_d[None, :]
-            pv = pk + HKV * D
             dst = slot * HKV * D + offs_g[:, None] * D + offs_d[None, :]
             k1 = tl.load(row + pk, mask=mk, other=0.0).to(tl.float32)
             k2 = tl.load(row + pk + HALF, mask=mk, other=0.0).to(tl.float32)
-            v1 = tl.load(row + pv, mask=mk, other=0.0).to(tl.float32)
-            v2 = tl.load(row + pv + HALF, mask=mk, other=0.0).to(tl.float32)
             if HAS_DELTA:
                 k1 += tl.load(drow + pk, mask=mk, other=0.0).to(tl.float32)
                 k2 += tl.load(drow + pk + HALF, mask=mk, other=0.0).to(tl.float32)
-                v1 += tl.load(drow + pv, mask=mk, other=0.0).to(tl.float32)
-                v2 += tl.load(drow + pv + HALF, mask=mk, other=0.0).to(tl.float32)
-            c_ty = kc_ptr.dtype.element_ty
             tl.store(kc_ptr + dst, (k1 * cos - k2 * sin).to(c_ty), mask=mk)
             tl.store(kc_ptr + dst + HALF, (k2 * cos + k1 * sin).to(c_ty), mask=mk)
-            tl.store(vc_ptr + dst, v1.to(c_ty), mask=mk)
-            tl.store(vc_ptr + dst + HALF, v2.to(c_ty), mask=mk)
+            if HAS_PASS:
+                mkp = gmask & pmask[None, :]
+                pkp = HQ * D + offs_g[:, None] * D + offs_p[None, :]
+                kp = tl.load(row + pkp, mask=mkp, other=0.0).to(tl.float32)
+                if HAS_DELTA:
+                    kp += tl.load(drow + pkp, mask=mkp, other=0.0).to(tl.float32)
+                dstp = slot * HKV * D + offs_g[:, None] * D + offs_p[None, :]
+                tl.store(kc_ptr + dstp, kp.to(c_ty), mask=mkp)
+            # v: the whole head, unturned
+            offs_v = tl.arange(0, BLOCK_DV)
+            mv = gmask & (offs_v[None, :] < D)
+            pv = (HQ + HKV) * D + offs_g[:, None] * D + offs_v[None, :]
+            v = tl.load(row + pv, mask=mv, other=0.0).to(tl.float32)
+            if HAS_DELTA:
+                v += tl.load(drow + pv, mask=mv, other=0.0).to(tl.float32)
+            dstv = slot * HKV * D + offs_g[:, None] * D + offs_v[None, :]
+            tl.store(vc_ptr + dstv, v.to(c_ty), mask=mv)
 
 
 def rope_cache(
     qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D], last dimension contiguous
     positions: torch.Tensor,  # [T] int
-    cos_sin_cache: torch.Tensor,  # [max_pos, D] float32
+    cos_sin_cache: torch.Tensor,  # [max_pos, R] float32, R <= D (partial rotary: R < D)
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] contiguous
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64, -1 = not stored
@@ -139,19 +163,23 @@ def rope_cache(
         raise ValueError("caches must be contiguous")
     if positions.shape != (T,) or slot_mapping.shape != (T,):
         raise ValueError("positions and slot_mapping must be [T]")
-    if cos_sin_cache.shape[1] != d or cos_sin_cache.dtype != torch.float32:
-        raise ValueError("cos_sin_cache must be float32 [max_pos, D]")
+    rot = cos_sin_cache.shape[1]
+    if rot > d or rot % 2 or cos_sin_cache.dtype != torch.float32:
+        raise ValueError("cos_sin_cache must be float32 [max_pos, R], R even and <= D")
     if cos_sin_cache.stride(1) != 1:
         raise ValueError("cos_sin_cache needs a contiguous last dimension")
     if T:
         dl = delta if delta is not None else qkv
         _rope_cache_kernel[(T,)](
             qkv, dl, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-            num_heads, num_kv_heads, d // 2, qkv.stride(0), dl.stride(0),
+            num_heads, num_kv_heads, rot // 2, d, qkv.stride(0), dl.stride(0),
             cos_sin_cache.stride(0),
             BLOCK_HQ=triton.next_power_of_2(num_heads),
             BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-            BLOCK_D=triton.next_power_of_2(d // 2),
+            BLOCK_D=triton.next_power_of_2(rot // 2),
+            BLOCK_P=triton.next_power_of_2(max(d - rot, 1)),
+            BLOCK_DV=triton.next_power_of_2(d),
             HAS_DELTA=delta is not None,
+            HAS_PASS=rot < d,
         )  # fmt: skip
     return qkv[:, : num_heads * d].reshape(T, num_heads, d)

@@ -35,11 +35,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 MODULE_GROUP = {m: g for g, mods in GROUPS.items() for m in mods}
+# Phi-3's fused modules: one A shared by the parts, B's rows split across them (exact)
+FUSED = {"qkv_proj": GROUPS["qkv"], "gate_up_proj": GROUPS["gate_up"]}
 _PARENT = {
     "q_proj": "self_attn",
     "k_proj": "self_attn",
     "v_proj": "self_attn",
     "o_proj": "self_attn",
+    "qkv_proj": "self_attn",
 }
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
@@ -48,7 +51,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def module_dims(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """module name -> (in_features, out_features) in the base model."""
+    """module name -> (in_features, out_features) in the base model (fused ones too)."""
     h, i = config.hidden_size, config.intermediate_size
     return {
         "q_proj": (h, config.q_size),
@@ -58,6 +61,8 @@ def module_dims(config: ModelConfig) -> dict[str, tuple[int, int]]:
         "gate_proj": (h, i),
         "up_proj": (h, i),
         "down_proj": (i, h),
+        "qkv_proj": (h, config.q_size + 2 * config.kv_size),
+        "gate_up_proj": (h, 2 * i),
     }
 
 
@@ -176,10 +181,10 @@ def _parse_key(key: str, config: ModelConfig) -> tuple[int, str, str]:
     if m is None:
         raise AdapterIncompatible(f"tensor {key!r} is not a LoRA A/B weight of a decoder layer")
     layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
-    if module not in MODULE_GROUP or parent != _PARENT.get(module, "mlp"):
+    if module not in config.adapter_modules or parent != _PARENT.get(module, "mlp"):
         raise AdapterIncompatible(
             f"tensor {key!r}: module {parent}.{module} does not exist in the base model "
-            f"(supported: {', '.join(MODULE_GROUP)})"
+            f"(supported: {', '.join(config.adapter_modules)})"
         )
     if layer >= config.num_layers:
         raise AdapterIncompatible(
@@ -270,13 +275,14 @@ def _plan(
     for (layer, module), ab in sorted(pairs.items()):
         name = f"model.layers.{layer}.{'self_attn' if module in _PARENT else 'mlp'}.{module}"
         try:
-            mods.append(
+            mods += _split(
                 _check_module(
                     layer, module, name, ab, dims[module], max_rank,
                     _pattern_value(rank_pattern, name, r_default),
                     _pattern_value(alpha_pattern, name, alpha_default),
                     rslora,
-                )
+                ),
+                dims,
             )  # fmt: skip
         except AdapterIncompatible:
             _raise_first_nonfinite(st, mods)
@@ -315,6 +321,24 @@ def _check_module(
         raise AdapterIncompatible(f"{name}: weights have rank {r}, adapter_config says {r_cfg:g}")
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     return _Module(layer, module, name, a, b, r, scale)
+
+
+def _split(m: _Module, dims: dict[str, tuple[int, int]]) -> list[_Module]:
+    """A fused module (Phi-3's ``qkv_proj``, ``gate_up_proj``) as its parts: each the same
+    A and a slice of B's rows (rows are contiguous, so each slice is an entry of the file)."""
+    parts = FUSED.get(m.module)
+    if parts is None:
+        return [m]
+    out, lo, row = [], 0, m.rank * m.b.dtype.itemsize
+    for part in parts:
+        n = dims[part][1]
+        b = TensorEntry(
+            f"{m.b.name}[{lo}:{lo + n}]", m.b.dtype, (n, m.rank),
+            m.b.begin + lo * row, m.b.begin + (lo + n) * row,
+        )  # fmt: skip
+        out.append(_Module(m.layer, part, m.name, m.a, b, m.rank, m.scale))
+        lo += n
+    return out
 
 
 def _raise_first_nonfinite(st: SafetensorsFile, mods: list[_Module]) -> None:
@@ -415,7 +439,12 @@ def _fill(
         if flat is None:
             flat = {e.name: st.view(e).view(-1) for m in order for e in (m.a, m.b)}
         torch.cat([flat[m.a.name] for m in order], out=a.view(-1))
-        torch.cat([flat[m.b.name] for m in order], out=b.view(-1))
+        # a fused module's B slices are no entries of the file: cut from the mapping
+        bs = [flat.get(m.b.name) for m in order]
+        torch.cat(
+            [st.view(m.b).view(-1) if t is None else t for m, t in zip(order, bs, strict=True)],
+            out=b.view(-1),
+        )
         return
     a.zero_()
     b.zero_()

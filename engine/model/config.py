@@ -1,8 +1,11 @@
 """The base model's shape: one typed value, read from an HF ``config.json`` dict or GGUF fields.
 
-Only the Llama family is served (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2): pre-norm decoder,
-RMSNorm, rotary (neox style), GQA, SiLU-gated MLP. Everything else is refused by name with
-:class:`UnsupportedModel`.
+Served: the Llama family (Llama 2/3/3.1, Mistral and Mistral-Nemo, Qwen2, SmolLM2) and its
+close relatives, each a flag on the one config: Qwen3 (``qk_norm``: RMSNorm over each q and k
+head before rotary), Phi-3/Phi-4 (``fused_proj``: checkpoints and adapters name the fused
+``qkv_proj`` / ``gate_up_proj``). All are pre-norm decoders with RMSNorm, rotary (neox
+style), GQA and a SiLU-gated MLP; ``head_dim`` is read from the config (not always hidden /
+heads). Everything else is refused by name with :class:`UnsupportedModel`.
 """
 
 from __future__ import annotations
@@ -13,12 +16,23 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHS = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+)
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
+# the projections a LoRA adapter may target, by checkpoint layout (PEFT's module names)
+SPLIT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class UnsupportedModel(ValueError):
@@ -27,13 +41,17 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """``kind``: "default", "linear" or "llama3"; the other fields are used by llama3 only."""
+    """``kind``: "default", "linear", "llama3" or "longrope" (Phi-3.5/Phi-4-mini: served at
+    its original context, so with its short factors only, cos/sin scaled by
+    ``attention_factor``); the other fields are used by those kinds."""
 
     kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: bias on q, k and v (not on o)
+    qk_norm: bool = False  # Qwen3: RMSNorm (weight [head_dim]) on each q and k head
+    fused_proj: bool = False  # Phi-3: qkv_proj and gate_up_proj, in checkpoints and adapters
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: rotary on the first 3/4 of each head
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -63,6 +84,16 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that rotary turns (all but in Phi-4-mini)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def adapter_modules(self) -> tuple[str, ...]:
+        """The module names a PEFT adapter of this model targets."""
+        return FUSED_MODULES if self.fused_proj else SPLIT_MODULES
+
     def validate(self) -> None:
         checks = [
             (
@@ -70,6 +101,15 @@ class ModelConfig:
                 "num_heads must be a multiple of num_kv_heads",
             ),
             (self.head_dim % 2 == 0, "head_dim must be even (rotary)"),
+            (
+                self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
+                "the rotary dims must be even and within head_dim",
+            ),
+            (
+                self.rope_scaling.kind != "longrope"
+                or len(self.rope_scaling.short_factor) == self.rotary_dim // 2,
+                "longrope needs one short factor per rotary frequency",
+            ),
             (self.num_layers >= 1 and self.hidden_size >= 1, "empty model"),
         ]
         for ok, msg in checks:
@@ -77,10 +117,12 @@ class ModelConfig:
                 raise UnsupportedModel(msg)
 
     def rope_inv_freq(self) -> torch.Tensor:
-        """The (scaled) rotary inverse frequencies, ``[head_dim / 2]`` float32."""
-        d = self.head_dim
+        """The (scaled) rotary inverse frequencies, ``[rotary_dim / 2]`` float32."""
+        d = self.rotary_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         rs = self.rope_scaling
+        if rs.kind == "longrope":
+            return inv / torch.tensor(rs.short_factor, dtype=torch.float32)
         if rs.kind == "linear":
             return inv / rs.factor
         if rs.kind != "llama3":
@@ -124,7 +166,39 @@ def _rope_scaling(d: dict[str, Any]) -> tuple[float, RopeScaling]:
             high_freq_factor=float(src["high_freq_factor"]),
             original_max_position_embeddings=int(src["original_max_position_embeddings"]),
         )
-    raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    if kind == "longrope":
+        return theta, _longrope(d, src)
+    raise UnsupportedModel(
+        f"rope scaling type {kind!r} is not supported (default, linear, llama3, longrope)"
+    )
+
+
+def _longrope(d: dict[str, Any], src: dict[str, Any]) -> RopeScaling:
+    """As transformers computes it for a context up to the original one (short factors)."""
+    original = int(
+        src.get("original_max_position_embeddings") or d["original_max_position_embeddings"]
+    )
+    factor = src.get("factor") or int(d.get("max_position_embeddings", original)) / original
+    attention = src.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        kind="longrope",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        short_factor=tuple(float(x) for x in src["short_factor"]),
+        attention_factor=float(attention),
+    )
+
+
+def _partial_rotary(d: dict[str, Any], arch: str) -> float:
+    """Rotary on part of each head: Phi-3's config reads it (Phi-4-mini: 0.75); refused by
+    name elsewhere."""
+    rp = d.get("rope_parameters") or {}
+    factor = float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    if factor != 1.0 and arch != "Phi3ForCausalLM":
+        raise UnsupportedModel(f"partial_rotary_factor={factor:g} is not supported on {arch}")
+    return factor
 
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
@@ -139,14 +213,17 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModel("mlp_bias=True is not supported")
     if d.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"hidden_act {d['hidden_act']!r} is not supported (silu)")
-    is_qwen2 = arch == "Qwen2ForCausalLM"
-    if d.get("attention_bias") and not is_qwen2:
+    is_qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    if d.get("attention_bias") and arch != "Qwen2ForCausalLM":
         raise UnsupportedModel("attention_bias=True (bias on o_proj too) is not supported")
+    partial = _partial_rotary(d, arch)
     n_heads = int(d["num_attention_heads"])
     theta, scaling = _rope_scaling(d)
     max_pos = int(d.get("max_position_embeddings", 4096))
+    if scaling.kind == "longrope":  # the long factors are not served: the original context
+        max_pos = min(max_pos, scaling.original_max_position_embeddings)
     window = d.get("sliding_window")
-    if window and (not is_qwen2 or d.get("use_sliding_window")):
+    if window and (not is_qwen or d.get("use_sliding_window")):
         max_pos = min(max_pos, int(window))  # served without a window: cap the context to it
     cfg = ModelConfig(
         vocab_size=int(d["vocab_size"]),
@@ -161,7 +238,10 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=is_qwen2,
+        qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_norm=arch == "Qwen3ForCausalLM",
+        fused_proj=arch == "Phi3ForCausalLM",
+        partial_rotary_factor=partial,
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_ids(d.get("eos_token_id")),
         architecture=arch,

@@ -1,6 +1,9 @@
 """The Llama-family forward over a paged KV cache, with batched multi-adapter LoRA.
 
-Weights are held fused: ``qkv`` (q, k, v stacked on the output dim) and ``gate_up``. Every
+One forward serves every family in :mod:`engine.model.config`; a family differs only in
+flags there (Qwen2's qkv bias, Qwen3's q/k norm, Phi-3's fused checkpoint names, which the
+loader reads into the same fused weights). Weights are held fused: ``qkv`` (q, k, v stacked
+on the output dim) and ``gate_up``. Every
 op goes through :mod:`engine.kernels` (Triton on CUDA, torch references on CPU). The forward
 reads no host state: all per-step inputs arrive in one :class:`ForwardInputs` value, which the
 runner fills (into static buffers when replaying a CUDA graph).
@@ -26,6 +29,8 @@ class LayerWeights:
     input_norm: torch.Tensor  # [H]
     qkv: torch.Tensor  # [q + 2kv, H]
     qkv_bias: torch.Tensor | None  # [q + 2kv] (Qwen2)
+    q_norm: torch.Tensor | None  # [head_dim] (Qwen3), with k_norm
+    k_norm: torch.Tensor | None
     o: torch.Tensor  # [H, q]
     post_norm: torch.Tensor  # [H]
     gate_up: torch.Tensor  # [2I, H]
@@ -49,8 +54,7 @@ class LlamaWeights:
         out = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:
             out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
-            if lw.qkv_bias is not None:
-                out.append(lw.qkv_bias)
+            out += [t for t in (lw.qkv_bias, lw.q_norm, lw.k_norm) if t is not None]
         return out
 
 
@@ -79,7 +83,8 @@ class LlamaModel:
         self.config = config
         self.weights = weights
         dev = weights.embed.device
-        self.cos_sin = K.rotary_cos_sin_cache(config.rope_inv_freq().to(dev), max_positions)
+        inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
+        self.cos_sin = K.rotary_cos_sin_cache(inv_freq, max_positions, scale)
         self.scale = config.head_dim**-0.5
         c = config
         # each group's projection boundaries in its output (lora_expand's out_offsets)
@@ -172,6 +177,18 @@ class LlamaModel:
         self._join()
         return y, delta
 
+    def _qk_norm(
+        self, qkv: torch.Tensor, delta: torch.Tensor | None, q_w: torch.Tensor, k_w: torch.Tensor
+    ) -> torch.Tensor:
+        """Qwen3: each q and k head RMS-normed (after the LoRA delta, before rotary)."""
+        c = self.config
+        if delta is not None:
+            qkv = qkv + delta
+        T, q, kv, d = qkv.shape[0], c.q_size, c.kv_size, c.head_dim
+        qn = K.rms_norm(qkv[:, :q].reshape(T * c.num_heads, d), q_w, c.rms_norm_eps)
+        kn = K.rms_norm(qkv[:, q : q + kv].reshape(T * c.num_kv_heads, d), k_w, c.rms_norm_eps)
+        return torch.cat([qn.view(T, q), kn.view(T, kv), qkv[:, q + kv :]], 1)
+
     def forward(
         self,
         inp: ForwardInputs,
@@ -201,6 +218,8 @@ class LlamaModel:
             beside = groups is not None and inp.is_decode
 
             qkv, d = self._proj(h, w.qkv, groups, "qkv", inp, beside=beside, bias=w.qkv_bias)
+            if w.q_norm is not None and w.k_norm is not None:
+                qkv, d = self._qk_norm(qkv, d, w.q_norm, w.k_norm), None
             k_cache, v_cache = kv_caches[i]
             # + the q/k/v delta, rotary, and K/V into the cache: one pass
             q = K.rope_cache(

@@ -61,17 +61,26 @@ def build_weights(
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        bias = None
+        bias = q_norm = k_norm = None
         if config.qkv_bias:
             bias = cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+        if config.qk_norm:
+            q_norm, k_norm = t(a + "q_norm.weight"), t(a + "k_norm.weight")
+        if config.fused_proj:  # Phi-3: stored fused already, in our order
+            qkv, gate_up = t(a + "qkv_proj.weight"), t(m + "gate_up_proj.weight")
+        else:
+            qkv = cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+            gate_up = cat(m + "gate_proj.weight", m + "up_proj.weight")
         layers.append(
             LayerWeights(
                 input_norm=t(p + "input_layernorm.weight"),
-                qkv=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                qkv=qkv,
                 qkv_bias=bias,
+                q_norm=q_norm,
+                k_norm=k_norm,
                 o=t(a + "o_proj.weight"),
                 post_norm=t(p + "post_attention_layernorm.weight"),
-                gate_up=cat(m + "gate_proj.weight", m + "up_proj.weight"),
+                gate_up=gate_up,
                 down=t(m + "down_proj.weight"),
             )
         )
@@ -89,14 +98,16 @@ def random_weights(
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std).contiguous()
 
-    def norm() -> torch.Tensor:
-        return 1.0 + rnd(c.hidden_size, std=0.1)
+    def norm(n: int = c.hidden_size) -> torch.Tensor:
+        return 1.0 + rnd(n, std=0.1)
 
     layers = [
         LayerWeights(
             input_norm=norm(),
             qkv=rnd(c.q_size + 2 * c.kv_size, c.hidden_size),
             qkv_bias=rnd(c.q_size + 2 * c.kv_size) if c.qkv_bias else None,
+            q_norm=norm(c.head_dim) if c.qk_norm else None,
+            k_norm=norm(c.head_dim) if c.qk_norm else None,
             o=rnd(c.hidden_size, c.q_size),
             post_norm=norm(),
             gate_up=rnd(2 * c.intermediate_size, c.hidden_size),

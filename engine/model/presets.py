@@ -3,6 +3,8 @@ tests, memory sizing) so no checkpoint download is needed."""
 
 from __future__ import annotations
 
+import math
+
 from loraplex.engine.model.config import ModelConfig, RopeScaling
 
 _LLAMA31_ROPE = RopeScaling(
@@ -118,5 +120,63 @@ PRESETS: dict[str, ModelConfig] = {
         qkv_bias=True,
         eos_token_ids=(151645, 151643),
         architecture="Qwen2ForCausalLM",
+    ),
+    # the families beyond Llama (configs of Qwen/Qwen3-8B, Mistral-Nemo-Instruct-2407,
+    # microsoft/Phi-4-mini-instruct); tests/engine/test_family_presets.py checks each
+    # against config_from_hf of the real config.json values
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        bos_token_id=151643,
+        eos_token_ids=(151645,),
+        architecture="Qwen3ForCausalLM",
+    ),
+    "mistral-nemo-12b": ModelConfig(
+        vocab_size=131072,
+        hidden_size=5120,
+        intermediate_size=14336,
+        num_layers=40,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,  # q is 4096 wide on a 5120 hidden
+        rope_theta=1000000.0,
+        max_position_embeddings=1024000,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        architecture="MistralForCausalLM",
+    ),
+    "phi4-mini": ModelConfig(
+        vocab_size=200064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_layers=32,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=128,
+        # rotary on 96 of 128 dims, longrope at the original 4k context (all the engine
+        # serves of it); the real short factors are not copied: the weights are random
+        rope_scaling=RopeScaling(
+            kind="longrope",
+            factor=32.0,
+            original_max_position_embeddings=4096,
+            short_factor=(1.0,) * 48,
+            attention_factor=math.sqrt(1 + math.log(32.0) / math.log(4096)),
+        ),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        fused_proj=True,
+        partial_rotary_factor=0.75,
+        bos_token_id=199999,
+        eos_token_ids=(199999,),
+        architecture="Phi3ForCausalLM",
     ),
 }

@@ -33,11 +33,14 @@ async def chat_completions(
     call, first = await open_call(services, principal, body, new_request_id("chatcmpl"))
     id_, created, model = call.spec.request_id, int(time.time()), body.model
     if body.stream:
-        plan = call.spec.tool_plan
-        chunks = partial(chat_chunks, id_, created, model, lp=body.logprobs, plan=plan)
+        plan, think = call.spec.tool_plan, call.spec.reasoning
+        chunks = partial(
+            chat_chunks, id_, created, model, lp=body.logprobs, plan=plan, reasoning=think
+        )
         usage = chat_usage_chunk(id_, created, model) if body.include_usage() else None
         return EngineStream(call, events(call, first, chunks, usage))
     choices = await collect(call, first)
     last = call.last or first
-    result = choices.chat(id_, created, model, last, body.logprobs, call.spec.tool_plan)
+    spec = call.spec
+    result = choices.chat(id_, created, model, last, body.logprobs, spec.tool_plan, spec.reasoning)
     return JSONResponse(result.model_dump(), headers=call.headers)

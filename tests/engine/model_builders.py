@@ -10,12 +10,15 @@ import torch
 
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
 
+STEPS = 16  # greedy decode steps of each parity check
+TOL = 1e-4  # relative to the largest logit
+SLOTS = [2, 0, 3]  # where check_batch puts adapters 0, 1, 2 (slot 1 stays empty)
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 320
 
 
 def _hf_config(kind: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=VOCAB,
@@ -46,6 +49,22 @@ def _hf_config(kind: str):
         return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
     if kind == "mistral":
         return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    # head_dim 32 with 4 heads: q is 128 wide on a 64 hidden (not hidden / heads)
+    if kind == "qwen3":
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    if kind == "mistral-nemo":
+        return MistralConfig(**common, head_dim=32, sliding_window=None)
+    if kind == "phi3":  # fused qkv_proj / gate_up_proj
+        return Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False)
+    if kind == "phi4-mini":  # and Phi-4-mini's partial rotary (half of 16) with longrope
+        common.update(max_position_embeddings=4096)
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.0, 4.0, 9.0, 16.0],
+                "original_max_position_embeddings": 64}  # fmt: skip
+        return Phi3Config(
+            **common, pad_token_id=0, tie_word_embeddings=True, rope_parameters=rope,
+            original_max_position_embeddings=64, partial_rotary_factor=0.5,
+        )  # fmt: skip
     raise ValueError(kind)
 
 
@@ -159,3 +178,60 @@ def runner_logits(runner, seqs: list[Seq], steps: int, split: int = 3) -> list[t
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def parity_references(base, adapters: list[Path], prompts: list[list[int]]):
+    """(tokens, logits) per prompt: prompt 0 on the base, prompt i+1 with adapter i."""
+    from peft import PeftModel
+
+    if isinstance(base, Path):
+        base = load_hf(base)
+    peft = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
+    for i, a in enumerate(adapters[1:], 1):
+        peft.load_adapter(str(a), adapter_name=f"a{i}")
+    with peft.disable_adapter():
+        refs = [hf_greedy(peft, prompts[0], STEPS)]
+    for i in range(len(adapters)):
+        peft.set_adapter(f"a{i}")
+        refs.append(hf_greedy(peft, prompts[i + 1], STEPS))
+    peft.unload()
+    return refs
+
+
+def runner_for(model, max_loras: int = 4):
+    from loraplex.engine.model_runner import ModelRunner
+
+    return ModelRunner(
+        model,
+        device="cpu",
+        dtype=torch.float32,
+        block_size=4,
+        max_num_seqs=8,
+        max_model_len=64,
+        max_loras=max_loras,
+        max_lora_rank=64,
+        num_blocks=16 * 8,
+    )
+
+
+def check_batch(runner, adapters, prompts, refs, *, greedy: bool = False) -> list[Seq]:
+    """Base (prompt 0) and each adapter in ``SLOTS`` in one batch, every sequence within
+    ``TOL`` of its reference; ``greedy``: and the same greedy tokens."""
+    for slot, path in zip(SLOTS, adapters, strict=True):
+        runner.write_slot(slot, runner.read_adapter(path))
+    seqs = [Seq(prompts[0], -1, refs[0][0])]
+    seqs += [Seq(p, s, r[0]) for p, s, r in zip(prompts[1:], SLOTS, refs[1:], strict=True)]
+    got = runner_logits(runner, seqs, STEPS)
+    for i, (logits, (_, ref)) in enumerate(zip(got, refs, strict=True)):
+        assert logits.shape == ref.shape
+        err = rel_err(logits, ref)
+        assert err < TOL, f"sequence {i} (slot {seqs[i].slot}): relative error {err:.2e}"
+        if greedy:
+            assert logits[:-1].argmax(-1).tolist() == seqs[i].feed, f"sequence {i} tokens"
+    return seqs
+
+
+def prompts_for(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = [7, 12, 9, 15, 10][:n]
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]

@@ -13,79 +13,29 @@ import pytest
 import torch
 from model_builders import (
     ALL_TARGETS,
+    STEPS,
+    TOL,
     AdapterSpec,
     Seq,
     build_adapter,
     build_hf_model,
-    hf_greedy,
+    check_batch,
     load_hf,
+    parity_references,
+    prompts_for,
     rel_err,
+    runner_for,
     runner_logits,
 )
 
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
 from loraplex.engine.model.loader import default_model_path, load_model
-from loraplex.engine.model_runner import ModelRunner
 
-STEPS = 16
-TOL = 1e-4
 SPECS = [
     AdapterSpec(rank=4, targets=("q_proj", "v_proj"), alpha=8, seed=1),
     AdapterSpec(rank=16, targets=tuple(ALL_TARGETS), alpha=32, rslora=True, seed=2),
     AdapterSpec(rank=64, targets=("o_proj", "down_proj"), alpha=16, seed=3),
 ]
-SLOTS = [2, 0, 3]  # slot 1 stays empty
-
-
-def _references(base, adapters: list[Path], prompts: list[list[int]]):
-    """(tokens, logits) per prompt: prompt 0 on the base, prompt i+1 with adapter i."""
-    from peft import PeftModel
-
-    if isinstance(base, Path):
-        base = load_hf(base)
-    peft = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
-    for i, a in enumerate(adapters[1:], 1):
-        peft.load_adapter(str(a), adapter_name=f"a{i}")
-    with peft.disable_adapter():
-        refs = [hf_greedy(peft, prompts[0], STEPS)]
-    for i in range(len(adapters)):
-        peft.set_adapter(f"a{i}")
-        refs.append(hf_greedy(peft, prompts[i + 1], STEPS))
-    peft.unload()
-    return refs
-
-
-def _runner(model, max_loras: int = 4) -> ModelRunner:
-    return ModelRunner(
-        model,
-        device="cpu",
-        dtype=torch.float32,
-        block_size=4,
-        max_num_seqs=8,
-        max_model_len=64,
-        max_loras=max_loras,
-        max_lora_rank=64,
-        num_blocks=16 * 8,
-    )
-
-
-def _check_batch(runner: ModelRunner, adapters, prompts, refs) -> list[Seq]:
-    for slot, path in zip(SLOTS, adapters, strict=True):
-        runner.write_slot(slot, runner.read_adapter(path))
-    seqs = [Seq(prompts[0], -1, refs[0][0])]
-    seqs += [Seq(p, s, r[0]) for p, s, r in zip(prompts[1:], SLOTS, refs[1:], strict=True)]
-    got = runner_logits(runner, seqs, STEPS)
-    for i, (logits, (_, ref)) in enumerate(zip(got, refs, strict=True)):
-        assert logits.shape == ref.shape
-        err = rel_err(logits, ref)
-        assert err < TOL, f"sequence {i} (slot {seqs[i].slot}): relative error {err:.2e}"
-    return seqs
-
-
-def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lens = [7, 12, 9, 15, 10][:n]
-    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +50,9 @@ def tiny_llama(tmp_path_factory) -> tuple[Path, list[Path]]:
 def test_tiny_architectures_match_hf(tmp_path, kind):
     base = build_hf_model(tmp_path / "base", kind, seed=7)
     adapters = [build_adapter(base, tmp_path / "lora", SPECS[1])]
-    prompts = _prompts(2, 320, seed=3)
-    refs = _references(base, adapters, prompts)
-    runner = _runner(str(base))
+    prompts = prompts_for(2, 320, seed=3)
+    refs = parity_references(base, adapters, prompts)
+    runner = runner_for(str(base))
     runner.write_slot(1, runner.read_adapter(adapters[0]))
     seqs = [Seq(prompts[0], -1, refs[0][0]), Seq(prompts[1], 1, refs[1][0])]
     for i, (logits, (_, ref)) in enumerate(
@@ -113,11 +63,11 @@ def test_tiny_architectures_match_hf(tmp_path, kind):
 
 def test_tiny_llama_base_and_three_adapters_in_one_batch(tiny_llama):
     base, adapters = tiny_llama
-    prompts = _prompts(4, 320)
-    refs = _references(base, adapters, prompts)
-    runner = _runner(str(base))
+    prompts = prompts_for(4, 320)
+    refs = parity_references(base, adapters, prompts)
+    runner = runner_for(str(base))
     assert runner.config.tie_word_embeddings is False
-    _check_batch(runner, adapters, prompts, refs)
+    check_batch(runner, adapters, prompts, refs)
 
     # the same runner after swapping slots around: clear + rewrite must not leave residue
     runner.clear_slot(0)
@@ -130,9 +80,9 @@ def test_tiny_llama_base_and_three_adapters_in_one_batch(tiny_llama):
 def test_parity_check_can_fail(tiny_llama):
     """The comparison is sharp: the wrong adapter, or none, is far outside the tolerance."""
     base, adapters = tiny_llama
-    prompts = _prompts(2, 320)
-    refs = _references(base, adapters[:1], prompts)
-    runner = _runner(str(base))
+    prompts = prompts_for(2, 320)
+    refs = parity_references(base, adapters[:1], prompts)
+    runner = runner_for(str(base))
     runner.write_slot(0, runner.read_adapter(adapters[1]))  # not the adapter of refs[1]
     seqs = [Seq(prompts[1], 0, refs[1][0]), Seq(prompts[1], -1, refs[1][0])]
     wrong, none = runner_logits(runner, seqs, 2)
@@ -162,17 +112,17 @@ def test_smollm2_gguf_base_and_adapters_match_hf(smollm2):
     assert "<|im_start|>user" in text
     prompts = [tok(t)["input_ids"] for t in ("Hello, my name is", "The capital of France")]
     prompts += [tok(t)["input_ids"] for t in ("1, 2, 3, 4,", "def fib(n):")]
-    refs = _references(hf, adapters, prompts)
-    _check_batch(_runner(loaded), adapters, prompts, refs)
+    refs = parity_references(hf, adapters, prompts)
+    check_batch(runner_for(loaded), adapters, prompts, refs)
 
 
 def test_mixed_prefill_and_decode_batch_equals_separate_steps(tiny_llama):
     """One step holding a decode, a prefill chunk and a first prefill gives each sequence
     the logits it gets when run alone (per-sequence positions, tables, adapters)."""
     base, adapters = tiny_llama
-    prompts = _prompts(3, 320, seed=11)
-    alone = _runner(str(base))
-    mixed = _runner(str(base))
+    prompts = prompts_for(3, 320, seed=11)
+    alone = runner_for(str(base))
+    mixed = runner_for(str(base))
     for r in (alone, mixed):
         r.write_slot(0, r.read_adapter(adapters[0]))
         r.write_slot(1, r.read_adapter(adapters[2]))

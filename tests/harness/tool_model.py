@@ -79,8 +79,7 @@ def _prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
 
 
 def build_tool_llama(path: Path, *, max_steps: int = 600) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     build_llama(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -92,6 +91,18 @@ def build_tool_llama(path: Path, *, max_steps: int = 600) -> Path:
         (_prompt_ids(tokenizer, first_turn()), [*tokenizer.encode(CALL_TEXT), eos]),
         (_prompt_ids(tokenizer, second_turn("call_x", args)), [*tokenizer.encode(ANSWER), eos]),
     ]
+    teach(path, pairs, max_steps=max_steps, what="its tool call")
+    return path
+
+
+def teach(
+    path: Path, pairs: list[tuple[list[int], list[int]]], *, max_steps: int, what: str
+) -> None:
+    """Fine-tune the Llama in ``path`` (all of it) until greedy decoding of each prompt
+    gives its target, with a margin; saved back in place."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     model = LlamaForCausalLM.from_pretrained(path).train()
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -108,9 +119,8 @@ def build_tool_llama(path: Path, *, max_steps: int = 600) -> Path:
         if step % 10 == 9 and _memorized(model, batch):
             break
     else:
-        raise RuntimeError("the tiny model did not learn its tool call")
+        raise RuntimeError(f"the tiny model did not learn {what}")
     model.eval().save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def _memorized(model: Any, batch: list[Any]) -> bool:

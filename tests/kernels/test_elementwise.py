@@ -96,10 +96,12 @@ def test_kv_cache_write_ref(T, hkv, d, bs):
     assert torch.equal(kr, kc) and torch.equal(vr, vc)
 
 
-def check_rope_cache(T, hq, hkv, d, bs, dtype, with_delta):
+def check_rope_cache(T, hq, hkv, d, bs, dtype, with_delta, rot=None):
+    """``rot``: partial rotary (the first ``rot`` dims of each head turn)."""
     gen = torch.Generator().manual_seed(T + hq)
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    cos_sin = rotary_cos_sin_cache(inv, 4096)
+    r = rot or d
+    inv = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
+    cos_sin = rotary_cos_sin_cache(inv, 4096, 1.0 if rot is None else 1.19)
     width = (hq + 2 * hkv) * d
     qkv = torch.randn(T, width, generator=gen).to(dtype)
     delta = (torch.randn(T, width, generator=gen) * 0.3).to(dtype) if with_delta else None
@@ -134,6 +136,24 @@ def check_rope_cache(T, hq, hkv, d, bs, dtype, with_delta):
 @pytest.mark.parametrize("T,hq,hkv,d,bs", [(1, 4, 1, 64, 16), (7, 6, 2, 32, 4), (133, 3, 3, 16, 8)])
 def test_rope_cache(T, hq, hkv, d, bs, dtype, with_delta):
     check_rope_cache(T, hq, hkv, d, bs, dtype, with_delta)
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("T,hq,hkv,d,rot", [(5, 6, 2, 32, 24), (3, 3, 1, 16, 4)])
+def test_rope_cache_partial_rotary(T, hq, hkv, d, rot, with_delta):
+    """Phi-4-mini: only the leading dims turn (cos/sin scaled: longrope); the rest of q and
+    k, and all of v, pass (plus the delta)."""
+    check_rope_cache(T, hq, hkv, d, 4, torch.float32, with_delta, rot)
+    # the reference: the passing dims of q are the input's (no delta) exactly
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
+    qkv = torch.randn(T, (hq + 2 * hkv) * d)
+    kc = torch.zeros(4, 4, hkv, d)
+    slots = torch.arange(T)
+    q = rope_cache_ref(
+        qkv.clone(), slots, rotary_cos_sin_cache(inv, 64), kc, kc.clone(), slots, hq, hkv
+    )
+    torch.testing.assert_close(q[..., rot:], qkv[:, : hq * d].reshape(T, hq, d)[..., rot:])
+    assert not torch.allclose(q[1:, :, :rot], qkv[1:, : hq * d].reshape(T - 1, hq, d)[..., :rot])
 
 
 def test_rope_cache_rejects_bad_shapes():
