@@ -48,6 +48,11 @@ class Grammar(msgspec.Struct, frozen=True, array_like=True):
 
     kind: GrammarKind
     spec: str = ""
+    # a thinking model (Qwen3): when the output begins with token ``think_start`` the
+    # grammar waits until ``think_end`` has been generated (the think block is free text);
+    # -1: the grammar holds from the first token
+    think_start: int = -1
+    think_end: int = -1
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -101,6 +101,7 @@ class LLMEngine:
         self._pending: list[EngineOutput] = []  # aborts and failures, out with the next step
         self._next_seq_id = 0
         self._next_arrival = 0
+        self._thinking_rows = False  # the last sampled step had rows in a think block
         self._failed_forwards = 0
         self._inflight: InFlight | None = None  # launched, its tokens not read yet
         self._history_users = 0  # requests in flight whose sampling reads their tokens
@@ -217,8 +218,12 @@ class LLMEngine:
             except Exception as exc:
                 self._fail(state, exc)
                 continue
+            grammar = state.request.sampling.grammar
             for c in state.choices:
                 c.matcher = template.deep_copy()
+                c.matcher_grammar = grammar
+                if grammar is not None and grammar.think_start >= 0 and grammar.think_end >= 0:
+                    c.may_think = grammar.think_start
             self.scheduler.add(state.choices[0].seq)
 
     def abort(self, request_id: str) -> bool:
@@ -382,7 +387,10 @@ class LLMEngine:
             row.seq.token_ids.append(PLACEHOLDER)
             row.seq.num_pending += 1
         row_of = {r.seq.seq_id: i for i, r in enumerate(rows)}
-        return InFlight(rows, sample, row_of, pooled, constrained=masks is not None)
+        # a row with a grammar (also one in a think block: the grammar may start with the
+        # next token) needs this step's token before the next mask
+        constrained = masks is not None or self._thinking_rows
+        return InFlight(rows, sample, row_of, pooled, constrained=constrained)
 
     def _pooled(self, out: SchedulerOutput, pooled: torch.Tensor) -> DevicePooled | None:
         """The embedding requests whose last chunk ran: their blocks and slot pins are
@@ -411,11 +419,22 @@ class LLMEngine:
 
     def _masks(self, rows: list[SampledRow], device: torch.device) -> MaskBatch | None:
         """The token masks of the constrained rows (structured outputs); None when none."""
-        matchers = [(i, r.choice.matcher) for i, r in enumerate(rows) if r.choice.matcher]
+        matchers, extra = [], []
+        self._thinking_rows = False
+        for i, r in enumerate(rows):
+            c = r.choice
+            if c.matcher is None:
+                continue
+            if c.thinking_until >= 0:  # a think block is free text
+                self._thinking_rows = True
+                continue
+            if c.may_think >= 0:  # its first token may open a think block
+                extra.append((len(matchers), c.may_think))
+            matchers.append((i, c.matcher))
         if not matchers:
             return None
         t0 = time.perf_counter()
-        masks = fill_masks(self.grammars, matchers, device)
+        masks = fill_masks(self.grammars, matchers, device, extra)
         c = self._counters
         c.grammar_mask_ms += (time.perf_counter() - t0) * 1000
         c.grammar_mask_steps += 1

@@ -41,6 +41,9 @@ class Choice:
     reported_finish: bool = False
     # structured outputs: this choice's grammar state (an llguidance matcher), fed each token
     matcher: Any = None
+    matcher_grammar: Any = None  # the Grammar the matcher was made from
+    may_think: int = -1  # the think-start token its first token may be (the grammar waits)
+    thinking_until: int = -1  # inside a think block: the grammar waits for this token
 
     @property
     def finished(self) -> bool:
@@ -104,6 +107,8 @@ class RequestState:
         generated = n - choice.seq.prompt_len
         p = self.request.sampling
         m = choice.matcher
+        if m is not None and (choice.thinking_until >= 0 or choice.may_think >= 0):
+            m = self._think(choice, token_id, generated)
         if m is not None and not m.consume_token(token_id):  # the mask allowed it: a bug
             self.finish("error", RequestFailed(f"the grammar refused token {token_id}"))
         elif token_id in self._stop_ids and generated > p.min_tokens:
@@ -112,6 +117,21 @@ class RequestState:
             choice.finish_reason = "stop"
         elif generated >= p.max_tokens or n >= max_model_len:
             choice.finish_reason = "length"
+
+    @staticmethod
+    def _think(choice: Choice, token_id: int, generated: int) -> Any:
+        """A thinking model's think block: the grammar waits through it. -> the matcher to
+        feed ``token_id`` to, or None (a token of the think block)."""
+        if choice.thinking_until >= 0:
+            if token_id == choice.thinking_until:
+                choice.thinking_until = -1  # the grammar holds from the next token
+            return None
+        start, choice.may_think = choice.may_think, -1
+        if generated == 1 and token_id == start:
+            grammar = choice.matcher_grammar
+            choice.thinking_until = grammar.think_end if grammar is not None else -1
+            return None
+        return choice.matcher
 
     def generator_for(self, index: int, device: torch.device) -> torch.Generator | None:
         """Choice ``index`` draws from ``seed + index`` (wrapped to 64 bits), if seeded."""

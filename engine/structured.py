@@ -130,13 +130,21 @@ class GrammarCache:
 
 
 def fill_masks(
-    cache: GrammarCache, matchers: list[tuple[int, llguidance.LLMatcher]], device: torch.device
+    cache: GrammarCache,
+    matchers: list[tuple[int, llguidance.LLMatcher]],
+    device: torch.device,
+    extra: list[tuple[int, int]] = (),  # type: ignore[assignment]
 ) -> MaskBatch:
     """Each (logits row, matcher)'s allowed next tokens, filled in parallel on the host and
-    sent to ``device`` in one copy."""
+    sent to ``device`` in one copy; ``extra``: (line, token) also allowed (a thinking
+    model's think-start token on its first step)."""
     words = (cache.vocab_size + 31) // 32
     host = torch.empty((len(matchers), words), dtype=torch.int32, pin_memory=device.type == "cuda")
     cache.executor.unsafe_compute_mask_ptr(
         [(m, i) for i, (_, m) in enumerate(matchers)], host.data_ptr(), words * 4, len(matchers)
     )
+    for line, token in extra:
+        if 0 <= token < words * 32:
+            word = int(host[line, token // 32]) | (1 << (token % 32))
+            host[line, token // 32] = word - (1 << 32) if word >= 1 << 31 else word
     return MaskBatch([row for row, _ in matchers], to_device(host, device))

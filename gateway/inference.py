@@ -27,7 +27,7 @@ from loraplex.engine.errors import AdapterLoadError, EngineError
 from loraplex.gateway.chat_messages import ToolPlan, plan_tools, template_text
 from loraplex.gateway.limits import Admission, Limiter
 from loraplex.gateway.prompts import prompt_ids, sampling_params, served_model
-from loraplex.gateway.reasoning import reasoning_for_template
+from loraplex.gateway.reasoning import reasoning_for_template, with_think_block
 from loraplex.gateway.render import Choices
 from loraplex.gateway.resolve import Target
 from loraplex.gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -269,7 +269,10 @@ async def open_calls(
     tokenized = []
     for prompt in prompts:
         ids = await prompt_ids(model, body, plan, prompt)
-        tokenized.append((ids, sampling_params(model, body, len(ids), plan)))
+        sampling = sampling_params(model, body, len(ids), plan)
+        if reasoning and sampling.grammar is not None:  # the grammar waits out a think block
+            sampling = with_think_block(sampling, model.tokenizer)
+        tokenized.append((ids, sampling))
     adapter = None
     if target.version is not None:
         # the engine side fetches it from the same object store, keyed by content hash

@@ -13,10 +13,36 @@ values). A whole response and a stream give the same text: one parser reads both
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import msgspec
+
+from loraplex.engine.api import SamplingParams
 
 THINK_START, THINK_END = "<think>", "</think>"
 Kind = Literal["reasoning", "content"]
+
+
+def think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The think tags' token ids when each is one token (Qwen3's are), else None."""
+    ids = []
+    for tag in (THINK_START, THINK_END):
+        got = list(tokenizer.encode(tag, add_special_tokens=False))
+        if len(got) != 1:
+            return None
+        ids.append(got[0])
+    return ids[0], ids[1]
+
+
+def with_think_block(sampling: SamplingParams, tokenizer: Any) -> SamplingParams:
+    """A constrained request to a thinking model: its grammar lets the output open with a
+    think block and holds from the token after ``</think>`` (vLLM applies structured
+    outputs after the reasoning too). Unchanged when the tags are not single tokens."""
+    ids = think_token_ids(tokenizer)
+    if ids is None or sampling.grammar is None:
+        return sampling
+    grammar = msgspec.structs.replace(sampling.grammar, think_start=ids[0], think_end=ids[1])
+    return msgspec.structs.replace(sampling, grammar=grammar)
 
 
 def reasoning_for_template(template: str) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jsonschema
 import llguidance
+import msgspec
 import pytest
 import torch
 
@@ -257,3 +258,44 @@ def llguidance_free_encode(msg) -> bytes:
     from loraplex.engine.wire import encoder
 
     return encoder().encode(msg)
+
+
+def test_a_think_block_is_free_and_the_grammar_holds_after_it(tiny_model):
+    """A thinking model: the output may open with the think-start token, then runs free
+    until the think-end token, then follows the grammar (vLLM applies structured outputs
+    after the reasoning). Think tags here are tokens the model itself produces first."""
+    engine = LLMEngine.from_model(str(tiny_model), CONFIG)
+    try:
+
+        def tokens(rid: str, params: SamplingParams) -> list[int]:
+            engine.add_request(Request(rid, "Think, then answer:", params))
+            got: list[int] = []
+            while engine.has_unfinished():
+                for out in engine.step():
+                    assert out.error is None, out.error
+                    got += out.choices[0].token_ids
+            return got
+
+        free = tokens("free", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        k = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+        start, end = free[0], free[k]
+        schema = {
+            "type": "object",
+            "properties": {"a": {"type": "boolean"}},
+            "required": ["a"],
+            "additionalProperties": False,
+        }
+        spec = json.dumps(schema)
+        p = SamplingParams(max_tokens=k + 1 + max_output_bytes(schema) + 1, temperature=0.0)
+        think = Grammar("json_schema", spec, think_start=start, think_end=end)
+        got = tokens("think", msgspec.structs.replace(p, grammar=think))
+        assert got[: k + 1] == free[: k + 1]  # the think block ran unconstrained
+        answer = engine.tokenizer.decode(got[k + 1 :], skip_special_tokens=True)
+        jsonschema.validate(json.loads(answer), schema)  # the grammar held after it
+        plain = tokens("plain", msgspec.structs.replace(p, grammar=Grammar("json_schema", spec)))
+        assert plain[:1] != free[:1] or start == plain[0]  # the control: constrained at once
+        jsonschema.validate(
+            json.loads(engine.tokenizer.decode(plain, skip_special_tokens=True)), schema
+        )
+    finally:
+        engine.shutdown()
