@@ -54,7 +54,9 @@ def check_device(settings: GatewaySettings) -> None:
             fail("LORAPLEX_DEVICE", "cuda requested but no CUDA device is available")
 
 
-def migrate(settings: GatewaySettings, revision: str = "head", *, down: bool = False) -> None:
+def migrate(settings: GatewaySettings, revision: str = "head", *, down: bool = False) -> str:
+    """Upgrade (or downgrade) the schema; returns where it is now, e.g. ``0001 (initial
+    schema)``."""
     from alembic.util.exc import CommandError
 
     from loraplex.migrations import runner
@@ -68,6 +70,7 @@ def migrate(settings: GatewaySettings, revision: str = "head", *, down: bool = F
                 runner.upgrade(url, revision)
         except CommandError as exc:
             fail("--revision", str(exc))
+        return runner.describe(runner.current(url))
 
 
 def run_bootstrap(settings: GatewaySettings) -> BootstrapResult:
