@@ -105,7 +105,7 @@ def create_app(
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     install_openapi(app)
-    install_middleware(app, max_body_bytes=settings.max_body_bytes)
+    install_middleware(app, max_body_bytes=settings.max_body_bytes, request_log=settings.access_log)
     app.add_middleware(metrics_routes.HttpMetricsMiddleware)
     # The data plane's routes first: a request is matched against the routers in this
     # order, and no path of one router is a path of another.

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loraplex.gateway.auth import KeyAuthenticator
+from loraplex.gateway.request_log import note_tenant
 from loraplex.gateway.state import Services
 from loraplex.tenancy.errors import Forbidden, Unavailable
 from loraplex.tenancy.principal import Principal
@@ -57,9 +58,11 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 async def authenticate(
     services: Services, credentials: HTTPAuthorizationCredentials | None
 ) -> Principal:
-    return await _authenticator(services).authenticate(
+    principal = await _authenticator(services).authenticate(
         credentials.credentials if credentials else None
     )
+    note_tenant(principal.tenant_name)
+    return principal
 
 
 async def get_principal(services: ServicesDep, credentials: BearerDep) -> Principal:

@@ -44,7 +44,8 @@ class GatewaySettings(StoreSettings):
     engine_listen: str = "tcp://127.0.0.1:7700"  # `loraplex engine`'s address
     engine_token: str | None = Field(default=None, repr=False)
     workers: int | None = Field(default=None, ge=1, le=64)  # None: from the core count
-    access_log: bool = True  # uvicorn's line per request (~0.15 ms of each on a 2-core box)
+    access_log: bool = True  # a log line per request: id, tenant, model, status, tokens, latency
+    log_format: Literal["text", "json"] = "text"  # every process's log lines (gateway.log_format)
     # HTTP limits
     max_body_bytes: int = 4 * 1024 * 1024
     # /v1/embeddings: tokens over all the inputs of one request (OpenAI's limit)

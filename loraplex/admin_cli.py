@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
-import click
 import httpx
 import typer
 from rich.console import Console
@@ -20,7 +19,7 @@ class JsonAnywhere(TyperGroup):
     """``--json`` is the admin group's option, but a user types it anywhere on the line
     (``loraplex admin key list acme --json``): it is moved in front of the subcommand."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
         if "--json" in args[:end]:
             head = [a for a in args[:end] if a != "--json"]
