@@ -1,5 +1,6 @@
 """One application log line per HTTP request (``LORAPLEX_ACCESS_LOG``), on logger
 ``loraplex.request``: request id, method, path, status, tenant, model, tokens, latency.
+Probes (``/health``, ``/ready``) and ``/metrics`` get none.
 
 The middleware opens a :class:`RequestNote` for the request (a context variable); the
 authentication dependency notes the tenant and metering notes the model and the tokens
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("loraplex.request")
+# Probes and scrapes (a load balancer's, Prometheus', serve's own wait for /ready) would
+# drown the requests: they get no line.
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 @dataclass
@@ -57,7 +61,7 @@ class RequestLogMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
             await self.app(scope, receive, send)
             return
         note = RequestNote()

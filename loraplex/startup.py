@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +45,15 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def command() -> str:
+    """How the user types ``loraplex`` here: ``loraplex`` when it is on the PATH, else the
+    path to it (``.venv/bin/loraplex`` under ``make serve``)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0].endswith("loraplex") else ""
+    if not argv0 or shutil.which("loraplex") == os.path.abspath(argv0):
+        return "loraplex"
+    return os.path.relpath(argv0)
+
+
 def next_steps(url: str, model: str) -> str:
     return "\n".join(
         [
@@ -52,7 +64,7 @@ def next_steps(url: str, model: str) -> str:
             "-H 'Content-Type: application/json' \\",
             f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", '
             '"content": "What is the capital of France?"}], "temperature": 0}\'',
-            "  loraplex admin --help   (tenants, keys, plans, adapters; README.md has more)",
+            f"  {command()} admin --help   (tenants, keys, plans, adapters; README.md has more)",
         ]
     )
 
