@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,21 @@ def _blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(\w*)\n(.*?)```", section, re.S)
 
 
-def test_readme_examples_run(gateway: Gateway) -> None:
+def test_readme_examples_run(
+    gateway: Gateway, tiny_llama_dir: Path, make_peft_adapter: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    import httpx
+
+    # the adapter upload example sends ./my-lora (as save_pretrained writes it) to `default`
+    shutil.copytree(make_peft_adapter(tiny_llama_dir, rank=4), tmp_path / "my-lora")
+    (tmp_path / "my-lora" / "README.md").write_text("model card\n")
+    httpx.post(
+        f"{gateway.url}/admin/v1/tenants",
+        json={"name": "default"},
+        headers={"Authorization": f"Bearer {gateway.admin_token}"},
+    )  # 409 on the second run over the same gateway
     env = {
         **os.environ,
         "LORAPLEX_API_KEY": gateway.keys["a"],
@@ -48,7 +63,9 @@ def test_readme_examples_run(gateway: Gateway) -> None:
         else:  # lines with a placeholder need an id from an earlier command
             runnable = [line for line in code.splitlines() if "<key id>" not in line]
             argv = ["bash", "-euo", "pipefail", "-c", "\n".join(runnable)]
-        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, f"{code}\n---\n{result.stdout}\n{result.stderr}"
         assert '"error"' not in result.stdout, result.stdout
 
