@@ -194,7 +194,9 @@ def _print_issued(remote: Remote, data: dict[str, Any]) -> None:
     if remote.as_json:
         out.print_json(json.dumps(data))
         return
-    out.print(f"key id: {data['id']}  prefix: {data['prefix']}  scopes: {data['scopes']}")
+    scopes = ",".join(data["scopes"])
+    out.print(f"key id: {data['id']}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"prefix: {data['prefix']}  scopes: {scopes}", markup=False, highlight=False)
     out.print("[bold]Store this key now; it is not shown again:[/bold]")
     out.print(data["key"], markup=False, highlight=False, soft_wrap=True)
 

@@ -60,6 +60,9 @@ def test_table_output_and_errors(admin_server) -> None:
     assert result.exit_code == 0 and name in result.output
     result = runner.invoke(app, [*base, "key", "create", name])
     assert result.exit_code == 0 and "lpx_" in result.output and "shown" in result.output
+    assert "scopes: inference\n" in result.output and "['" not in result.output
+    key_id = result.output.split("key id: ", 1)[1].split()[0]
+    assert len(key_id) == 36, result.output
     result = runner.invoke(app, [*base, "tenant", "create", name])
     assert result.exit_code == 1 and "409" in result.output and "already exists" in result.output
     result = runner.invoke(app, ["--url", admin_server.url, "--token", "wrong", "tenant", "list"])
