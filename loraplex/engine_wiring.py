@@ -114,8 +114,8 @@ def engine_server(
     config, fetch = config or engine_config(settings), store_fetch(settings, registry)
 
     def build() -> LLMEngine:
-        log.info("loading the model %s (device %s, dtype %s)...", model, config.device,
-                 config.dtype)  # fmt: skip
+        device, dtype = config.resolved_device(), str(config.resolved_dtype()).split(".")[-1]
+        log.info("loading the model %s on %s (%s)...", model, device, dtype)
         started = time.monotonic()
         try:
             engine = LLMEngine.from_model(model, config, fetch=fetch)

@@ -84,7 +84,9 @@ def test_json_logs(tmp_path: Path) -> None:
     for ln in out.splitlines():
         if ln.startswith("{"):
             records.append(json.loads(ln))
-    assert any(r["logger"] == "loraplex.engine.start" for r in records), out
+    started = [r["message"] for r in records if r["logger"] == "loraplex.engine.start"]
+    assert any(m.startswith("loading the model dummy:tiny on cpu (float32)") for m in started)
+    assert any(m.startswith("model loaded in ") for m in started), started
     (request,) = [r for r in records if r.get("request_id") == "req-log-test"]
     assert request["logger"] == "loraplex.request" and request["level"] == "info"
     expected = {"method": "POST", "path": "/v1/completions", "status": 200,
