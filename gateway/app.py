@@ -113,7 +113,7 @@ def create_app(
     app.add_middleware(AdminAuditMiddleware)  # inside the request id middleware
     # innermost: the inference routes' usual request skips FastAPI's routing and solving
     app.add_middleware(FastInference, owner=app)
-    install_middleware(app, max_body_bytes=settings.max_body_bytes)
+    install_middleware(app, max_body_bytes=settings.max_body_bytes, request_log=settings.access_log)
     app.add_middleware(metrics_routes.HttpMetricsMiddleware)
     # The data plane's routes first: a request is matched against the routers in this
     # order, and no path of one router is a path of another.

@@ -16,6 +16,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loraplex.gateway.auth import KeyAuthenticator
+from loraplex.gateway.request_log import note_tenant
 from loraplex.gateway.state import Services
 from loraplex.tenancy.errors import Forbidden, Unavailable
 from loraplex.tenancy.principal import Principal
@@ -58,9 +59,11 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 async def authenticate(
     services: Services, credentials: HTTPAuthorizationCredentials | None
 ) -> Principal:
-    return await _authenticator(services).authenticate(
+    principal = await _authenticator(services).authenticate(
         credentials.credentials if credentials else None
     )
+    note_tenant(principal.tenant_name)
+    return principal
 
 
 def bearer_token(authorization: str | None) -> str | None:

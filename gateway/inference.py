@@ -29,6 +29,7 @@ from loraplex.gateway.limits import Admission, Limiter
 from loraplex.gateway.prompts import prompt_ids, sampling_params, served_model
 from loraplex.gateway.reasoning import reasoning_for_template, with_think_block
 from loraplex.gateway.render import Choices
+from loraplex.gateway.request_log import note_usage
 from loraplex.gateway.resolve import Target
 from loraplex.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.gateway.state import Services
@@ -167,6 +168,7 @@ class EngineCall:
         cost = cost_micros(
             prompt, completion, principal.prompt_price_micros, principal.completion_price_micros
         )
+        note_usage(spec.target.model, prompt, completion)
         await record_and_settle(
             self._ledger,
             self._event(status, prompt, completion, cost),

@@ -142,6 +142,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def install_middleware(app: FastAPI, *, max_body_bytes: int) -> None:
+def install_middleware(app: FastAPI, *, max_body_bytes: int, request_log: bool = True) -> None:
+    from loraplex.gateway.request_log import RequestLogMiddleware
+
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if request_log:  # inside RequestIdMiddleware: it reads the request id chosen there
+        app.add_middleware(RequestLogMiddleware)
     app.add_middleware(RequestIdMiddleware)

@@ -47,7 +47,8 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     # `loraplex engine` on SIGTERM: seconds requests in flight may finish (new ones go elsewhere)
     engine_drain_s: float = Field(default=30.0, ge=0)
     workers: int | None = Field(default=None, ge=1, le=64)  # None: from the core count
-    access_log: bool = True  # uvicorn's line per request (~0.15 ms of each on a 2-core box)
+    access_log: bool = True  # a log line per request: id, tenant, model, status, tokens, latency
+    log_format: Literal["text", "json"] = "text"  # every process's log lines (gateway.log_format)
     # HTTP limits
     max_body_bytes: int = 4 * 1024 * 1024
     # /v1/embeddings: tokens over all the inputs of one request (OpenAI's limit)

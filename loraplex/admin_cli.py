@@ -10,10 +10,27 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from typer.core import TyperGroup
+
+
+class JsonAnywhere(TyperGroup):
+    """``--json`` is the admin group's option, but a user types it anywhere on the line
+    (``loraplex admin key list acme --json``): it is moved in front of the subcommand."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--json" in args[:end]:
+            head = [a for a in args[:end] if a != "--json"]
+            args = ["--json", *head, *args[end:]]
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
-    help="Operate tenants, API keys and adapters over the admin REST API.", no_args_is_help=True
+    cls=JsonAnywhere,
+    help="Operate tenants, API keys, plans and adapters over the admin REST API.",
+    no_args_is_help=True,
 )
 tenant_app = typer.Typer(help="Tenants: create, list, update.", no_args_is_help=True)
 key_app = typer.Typer(
@@ -65,7 +82,9 @@ def main(
     token: Annotated[
         str | None, typer.Option(envvar="LORAPLEX_ADMIN_TOKEN", help="The admin token.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print raw JSON (anywhere on the command line).")
+    ] = False,
 ) -> None:
     ctx.obj = Remote(url=url.rstrip("/"), token=token, as_json=as_json)
 
@@ -86,17 +105,43 @@ def _limits(pairs: list[str] | None) -> dict[str, int | None] | None:
     return limits
 
 
+def _cell(value: Any) -> str:
+    """A table cell: times to the second (``2026-12-03 10:32:36``), lists comma-joined,
+    limits as ``name=value``."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, str) and len(value) >= 19 and value[10:11] == "T" and value[4] == "-":
+        return value[:10] + " " + value[11:19]
+    return str(value)
+
+
 def _show(remote: Remote, data: Any, columns: list[str], title: str) -> None:
+    """A table; when it is wider than the terminal, one ``column: value`` block per row
+    instead, so that no value (an id a user copies) is ever cut."""
     if remote.as_json:
         out.print_json(json.dumps(data))
         return
     rows = data["data"] if isinstance(data, dict) and "data" in data else [data]
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    out.print(table)
+        table.add_column(column, no_wrap=True)
+    for row_cells in cells:
+        table.add_row(*row_cells)
+    natural = Measurement.get(out, out.options.update_width(100_000), table).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    out.print(f"[bold]{title}[/bold]" if title else "")
+    pad = max(len(c) for c in columns) + 2
+    for row_cells in cells:
+        out.print()
+        for column, value in zip(columns, row_cells, strict=True):
+            out.print(f"  {column:<{pad}}{value}", markup=False, highlight=False, soft_wrap=True)
 
 
 TENANT_COLUMNS = ["name", "status", "plan", "limits", "created_at"]
@@ -131,7 +176,8 @@ def tenant_update(
     no_plan: Annotated[bool, typer.Option("--no-plan", help="Remove the plan.")] = False,
     limit: LimitOpt = None,
 ) -> None:
-    """Change what is given. --limit replaces the tenant's limits as a whole."""
+    """Change what is given. --limit merges into the tenant's limits: the limits named are
+    set (NAME=none removes one), the others are kept."""
     body: dict[str, Any] = {}
     if status is not None:
         body["status"] = status
@@ -139,7 +185,7 @@ def tenant_update(
         body["plan"] = plan
     limits = _limits(limit)
     if limits is not None:
-        body["limits"] = {k: v for k, v in limits.items() if v is not None}
+        body["limits"] = limits
     data = ctx.obj.call("PATCH", f"/admin/v1/tenants/{name}", body)
     _show(ctx.obj, data, TENANT_COLUMNS, "tenant")
 
@@ -148,7 +194,9 @@ def _print_issued(remote: Remote, data: dict[str, Any]) -> None:
     if remote.as_json:
         out.print_json(json.dumps(data))
         return
-    out.print(f"key id: {data['id']}  prefix: {data['prefix']}  scopes: {data['scopes']}")
+    scopes = ",".join(data["scopes"])
+    out.print(f"key id: {data['id']}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"prefix: {data['prefix']}  scopes: {scopes}", markup=False, highlight=False)
     out.print("[bold]Store this key now; it is not shown again:[/bold]")
     out.print(data["key"], markup=False, highlight=False, soft_wrap=True)
 
@@ -181,13 +229,32 @@ def key_list(ctx: typer.Context, tenant: str) -> None:
     _show(ctx.obj, data, KEY_COLUMNS, f"keys of {tenant}")
 
 
+def resolve_key_id(remote: Remote, tenant: str, given: str) -> str:
+    """A key's full id from a unique start of it (``b2ac``), as ``git`` takes commits."""
+    wanted = given.strip().lower()
+    if len(wanted) == 36:
+        return wanted
+    keys = remote.call("GET", f"/admin/v1/tenants/{tenant}/keys")["data"]
+    found = [k["id"] for k in keys if k["id"].lower().startswith(wanted)] if wanted else []
+    if len(found) == 1:
+        return str(found[0])
+    what = "no key of" if not found else f"{len(found)} keys of"
+    err.print(f"[red]error: {what} tenant {tenant!r} has an id starting {given!r}[/red]")
+    raise typer.Exit(1)
+
+
+KeyId = Annotated[str, typer.Argument(help="The key's id, or a unique start of it.")]
+
+
 @key_app.command("revoke")
-def key_revoke(ctx: typer.Context, tenant: str, key_id: str) -> None:
+def key_revoke(ctx: typer.Context, tenant: str, key_id: KeyId) -> None:
+    key_id = resolve_key_id(ctx.obj, tenant, key_id)
     data = ctx.obj.call("DELETE", f"/admin/v1/tenants/{tenant}/keys/{key_id}")
     _show(ctx.obj, data, KEY_COLUMNS, "revoked")
 
 
 @key_app.command("rotate")
-def key_rotate(ctx: typer.Context, tenant: str, key_id: str) -> None:
+def key_rotate(ctx: typer.Context, tenant: str, key_id: KeyId) -> None:
     """Issue a replacement (same scopes, limits, expiry) and revoke the old key."""
+    key_id = resolve_key_id(ctx.obj, tenant, key_id)
     _print_issued(ctx.obj, ctx.obj.call("POST", f"/admin/v1/tenants/{tenant}/keys/{key_id}/rotate"))

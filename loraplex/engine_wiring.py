@@ -4,6 +4,8 @@ engine server, and the in-process client (the one place that joins ``engine`` an
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +13,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 
 from loraplex.gateway.settings import GatewaySettings
+
+log = logging.getLogger("loraplex.engine.start")
 
 if TYPE_CHECKING:
     from loraplex.engine.api import AdapterRef
@@ -99,14 +103,31 @@ def engine_server(
     *,
     config: EngineConfig | None = None,
     parent_pid: int | None = None,
+    load_errors: list[BaseException] | None = None,
 ) -> EngineServer:
+    """The engine server; an error building the engine (loading the model) is appended
+    to ``load_errors`` as well."""
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.engine.server import EngineServer
 
     registry = CollectorRegistry()
     config, fetch = config or engine_config(settings), store_fetch(settings, registry)
+
+    def build() -> LLMEngine:
+        device, dtype = config.resolved_device(), str(config.resolved_dtype()).split(".")[-1]
+        log.info("loading the model %s on %s (%s)...", model, device, dtype)
+        started = time.monotonic()
+        try:
+            engine = LLMEngine.from_model(model, config, fetch=fetch)
+        except BaseException as exc:
+            if load_errors is not None:
+                load_errors.append(exc)
+            raise
+        log.info("model loaded in %.1f s; the engine is ready", time.monotonic() - started)
+        return engine
+
     return EngineServer(
-        lambda: LLMEngine.from_model(model, config, fetch=fetch),
+        build,
         address,
         name=settings.base_model_name(),
         model=model,

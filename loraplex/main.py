@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from loraplex import admin_adapters, export_usage
+from loraplex import admin_adapters, admin_plans, export_usage
 from loraplex import admin_cli as admin
 from loraplex import serve as serving
 
@@ -26,6 +26,7 @@ migrate_app = typer.Typer(
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(admin.app, name="admin")
 admin.app.add_typer(admin_adapters.adapter_app, name="adapter")
+admin.app.add_typer(admin_plans.plan_app, name="plan")
 app.command("export-usage")(export_usage.export_usage)
 
 
@@ -161,8 +162,8 @@ def migrate(
     if ctx.invoked_subcommand is not None:
         ctx.obj = data_dir
         return
-    serving.migrate(serving.load_settings(data_dir=data_dir), revision)
-    typer.echo(f"database at revision {revision}")
+    now = serving.migrate(serving.load_settings(data_dir=data_dir), revision)
+    typer.echo(f"database at revision {now}")
 
 
 @migrate_app.command()
@@ -171,10 +172,12 @@ def downgrade(
     revision: Annotated[
         str, typer.Option(help="Target revision: -1 (one step back), base, or an id.")
     ] = "-1",
+    data_dir: DataDir = None,
 ) -> None:
     """Downgrade the database schema (default: one revision back)."""
-    serving.migrate(serving.load_settings(data_dir=ctx.obj), revision, down=True)
-    typer.echo(f"database downgraded to {revision}")
+    settings = serving.load_settings(data_dir=data_dir or ctx.obj)
+    now = serving.migrate(settings, revision, down=True)
+    typer.echo(f"database downgraded to revision {now}")
 
 
 def command_lines() -> list[str]:

@@ -8,10 +8,13 @@ Every failure that comes from configuration is reported as one line naming the s
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import config_errors, fail
+import typer
+
+from loraplex.errors import EXIT_CONFIG, config_errors, fail
 from loraplex.gateway.settings import GatewaySettings
 from loraplex.tenancy.bootstrap import BootstrapResult, bootstrap
 from loraplex.tenancy.db import make_engine, make_sessionmaker
@@ -54,7 +57,9 @@ def check_device(settings: GatewaySettings) -> None:
             fail("LORAPLEX_DEVICE", "cuda requested but no CUDA device is available")
 
 
-def migrate(settings: GatewaySettings, revision: str = "head", *, down: bool = False) -> None:
+def migrate(settings: GatewaySettings, revision: str = "head", *, down: bool = False) -> str:
+    """Upgrade (or downgrade) the schema; returns where it is now, e.g. ``0001 (initial
+    schema)``."""
     from alembic.util.exc import CommandError
 
     from loraplex.migrations import runner
@@ -68,6 +73,7 @@ def migrate(settings: GatewaySettings, revision: str = "head", *, down: bool = F
                 runner.upgrade(url, revision)
         except CommandError as exc:
             fail("--revision", str(exc))
+        return runner.describe(runner.current(url))
 
 
 def run_bootstrap(settings: GatewaySettings) -> BootstrapResult:
@@ -97,9 +103,22 @@ def check_oidc(settings: GatewaySettings) -> None:
         check_issuer(settings)
 
 
+def _announcer(settings: GatewaySettings) -> Any:
+    from loraplex.startup import Announcer, local_url
+
+    def first_start() -> str:
+        return run_bootstrap(settings).banner()
+
+    url = local_url(settings.host, settings.port)
+    return Announcer(url, settings.base_model_name(), first_start)
+
+
 def serve(settings: GatewaySettings) -> None:
     """The engine in a process of its own (unless LORAPLEX_ENGINE_URL names one already
-    running) and the gateway workers in front of it."""
+    running) and the gateway workers in front of it. Exits 2 when the engine cannot load
+    the model (it prints the one line that says why)."""
+    from loraplex.gateway.log_format import configure
+    from loraplex.startup import check_port
     from loraplex.supervisor import (
         EngineProcess,
         child_env,
@@ -109,16 +128,15 @@ def serve(settings: GatewaySettings) -> None:
         run_gateways,
     )
 
+    configure(settings.log_format)
     check_device(settings)
     model = resolve_model(settings.model)
     check_oidc(settings)
+    check_port(settings.host, settings.port)
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.migrate_on_start:
         migrate(settings)
-    banner = run_bootstrap(settings).banner()
-    if banner:
-        print(banner, flush=True)
     workers = settings.workers or default_workers()
     engine = None
     address = settings.engine_url
@@ -127,6 +145,8 @@ def serve(settings: GatewaySettings) -> None:
         names = {"model": model, "served_model_name": settings.base_model_name()}
         engine = EngineProcess(child_env(settings, **names), address)
         engine.start()
+    announcer = _announcer(settings)
+    announcer.start()
     try:
         with limits_broker(settings, workers) as broker:
             env = child_env(
@@ -134,35 +154,55 @@ def serve(settings: GatewaySettings) -> None:
             )
             run_gateways(settings, env, workers)
     finally:
+        announcer.stop()
         if engine is not None:
             engine.stop()
+    if engine is not None and engine.fatal:
+        raise typer.Exit(EXIT_CONFIG)
 
 
 def serve_gateway(settings: GatewaySettings) -> None:
     """Gateway workers only, in front of the engine at LORAPLEX_ENGINE_URL."""
+    from loraplex.gateway.log_format import configure
+    from loraplex.startup import check_port
     from loraplex.supervisor import child_env, default_workers, limits_broker, run_gateways
 
+    configure(settings.log_format)
     if not settings.engine_url:
         fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
     check_oidc(settings)
+    check_port(settings.host, settings.port)
     if settings.migrate_on_start:
         migrate(settings)
-    banner = run_bootstrap(settings).banner()
-    if banner:
-        print(banner, flush=True)
     workers = settings.workers or default_workers()
-    with limits_broker(settings, workers) as broker:
-        env = child_env(settings, migrate_on_start=False, limits_broker_url=broker)
-        run_gateways(settings, env, workers)
+    announcer = _announcer(settings)
+    announcer.start()
+    try:
+        with limits_broker(settings, workers) as broker:
+            env = child_env(settings, migrate_on_start=False, limits_broker_url=broker)
+            run_gateways(settings, env, workers)
+    finally:
+        announcer.stop()
 
 
 def serve_engine(settings: GatewaySettings, listen: str, parent_pid: int | None = None) -> int:
     """``loraplex engine``: the engine server in this process until SIGTERM/SIGINT."""
-    import logging
-
     from loraplex.engine_wiring import engine_server
+    from loraplex.gateway.log_format import configure
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s: %(message)s")
+    configure(settings.log_format)
     check_device(settings)
     model = resolve_model(settings.model)
-    return engine_server(settings, model, listen, parent_pid=parent_pid).serve_forever()
+    load_errors: list[BaseException] = []
+    rc = engine_server(
+        settings, model, listen, parent_pid=parent_pid, load_errors=load_errors
+    ).serve_forever()
+    if load_errors:
+        exc = load_errors[0]
+        print(
+            f"error: LORAPLEX_MODEL: cannot load {model}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_CONFIG
+    return rc

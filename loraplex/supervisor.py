@@ -1,7 +1,7 @@
 """The processes of ``loraplex serve`` and ``loraplex gateway``.
 
 ``serve``: an engine server process (``loraplex engine``, restarted with a backoff if it
-dies) and N gateway worker processes (uvicorn's, restarted by uvicorn), all from this
+dies; when it exits with status 2, the model cannot be loaded, and ``serve`` stops too) and N gateway worker processes (uvicorn's, restarted by uvicorn), all from this
 supervisor. Settings reach the children through ``LORAPLEX_*`` environment variables.
 Without Redis and with several workers, this process also hosts the limits broker (a
 thread), so the workers share one set of limit counters that outlives their restarts.
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import fail
+from loraplex.errors import EXIT_CONFIG, fail
 from loraplex.gateway.settings import GatewaySettings
 
 log = logging.getLogger("loraplex.serve")
@@ -111,6 +111,7 @@ class EngineProcess:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="engine-watch", daemon=True)
         self.restarts = 0
+        self.fatal = False  # it exited with status 2: the model cannot be loaded
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "loraplex.main", "engine", "--listen", self.address,
@@ -132,6 +133,10 @@ class EngineProcess:
             rc = proc.wait()
             if self._stopping.is_set():
                 return
+            if rc == EXIT_CONFIG:  # it said why (cannot load the model): stop serving
+                self.fatal = True
+                self._stop_supervisor()
+                return
             if time.monotonic() - started > 60:
                 backoff = 1.0
             log.error("the engine process exited (status %s); restarting in %.0fs", rc, backoff)
@@ -140,6 +145,13 @@ class EngineProcess:
             backoff = min(backoff * 2, self._backoff_max_s)
             self.restarts += 1
             self._proc = self._spawn()
+
+    def _stop_supervisor(self) -> None:
+        """SIGTERM to this process (uvicorn stops the workers gracefully), again each
+        second until it stops: a first one may land before uvicorn's handlers are set."""
+        while not self._stopping.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            self._stopping.wait(1.0)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
@@ -171,6 +183,7 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
     import uvicorn
 
     from loraplex.gateway.http_protocol import http_protocol
+    from loraplex.gateway.log_format import logging_config
 
     os.environ.update(env)  # uvicorn's spawned workers (and the one in-process) read it
     stopped: list[int] = []
@@ -186,8 +199,9 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
         host=settings.host,
         port=settings.port,
         workers=workers,
+        log_config=logging_config(settings.log_format),
         log_level="info",
-        access_log=settings.access_log,
+        access_log=False,  # loraplex.request writes the line per request (gateway.request_log)
         timeout_graceful_shutdown=30,
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         http=http_protocol(),  # malformed HTTP is answered in the API's error envelope

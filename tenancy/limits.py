@@ -56,6 +56,16 @@ class Limits:
                 )
         return cls(**values)
 
+    @classmethod
+    def merge(
+        cls, current: Mapping[str, Any], patch: Mapping[str, Any], *, param: str = "limits"
+    ) -> Limits:
+        """JSON merge patch (RFC 7396) of stored limits: the fields ``patch`` names are set,
+        a ``null`` removes one, the others are kept."""
+        cls.parse(patch, param=param)  # names and values checked before anything merges
+        merged = {**current, **patch}
+        return cls.parse({k: v for k, v in merged.items() if v is not None}, param=param)
+
     def to_json(self) -> dict[str, int]:
         """The fields that are set, as stored in the JSON columns."""
         return {k: v for k, v in asdict(self).items() if v is not None}

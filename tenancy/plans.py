@@ -79,14 +79,15 @@ async def update_plan(
     completion_price_micros: int | None = None,
     limits: dict[str, Any] | None = None,
 ) -> Plan:
-    """Changes only what is given; ``limits`` replaces the plan's limits as a whole."""
+    """Changes only what is given; ``limits`` merges into the plan's limits (a field set to
+    ``None`` is removed; the fields not named are kept)."""
     plan = await get_plan(session, name)
     if prompt_price_micros is not None:
         plan.prompt_price_micros = _price(prompt_price_micros, "prompt_price_micros")
     if completion_price_micros is not None:
         plan.completion_price_micros = _price(completion_price_micros, "completion_price_micros")
     if limits is not None:
-        plan.limits = Limits.parse(limits, param="limits").to_json()
+        plan.limits = Limits.merge(plan.limits or {}, limits, param="limits").to_json()
     audit(session, actor, "plan.update", tenant=None, target=name, detail=_detail(plan))
     await session.commit()
     return plan

@@ -98,14 +98,15 @@ async def update_tenant(
     plan: str | None = None,
     clear_plan: bool = False,
 ) -> Tenant:
-    """Changes only what is given. ``limits`` replaces the tenant's limits as a whole."""
+    """Changes only what is given. ``limits`` merges into the tenant's limits (a field set
+    to ``None`` is removed; the fields not named are kept)."""
     tenant = await get_tenant(session, name)
     changes: dict[str, Any] = {}
     if status is not None and status != tenant.status:
         tenant.status = status
         changes["status"] = status
     if limits is not None:
-        tenant.limits = Limits.parse(limits).to_json()
+        tenant.limits = Limits.merge(tenant.limits or {}, limits).to_json()
         changes["limits"] = limits
     if plan is not None or clear_plan:
         tenant.plan_id = await _plan_id(session, plan)

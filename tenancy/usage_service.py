@@ -2,8 +2,14 @@
 
 ``insert_usage`` uses ``ON CONFLICT (request_id) DO NOTHING`` so a redelivered outbox row
 never counts twice. Reads stream in ``started_at`` order; hour and day rows are summed
-while streaming (one bucket's tenant x model groups in memory at a time), the same on
+while streaming (one bucket's tenant x adapter groups in memory at a time), the same on
 PostgreSQL and SQLite.
+
+Hour and day rows are per adapter, whatever name called it: ``support``, ``support@1`` and
+the alias ``prod`` are one row, ``adapter`` ``support``, with the names used in ``model``
+(``prod, support, support@1``). Base-model requests (and records whose adapter version is
+unknown) are grouped by the model name used, which is then also their ``adapter``.
+Request rows carry ``adapter`` and ``adapter_version`` beside the ``model`` name used.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loraplex.tenancy.errors import InvalidInput
-from loraplex.tenancy.models import Tenant, UsageRecord
+from loraplex.tenancy.models import Adapter, AdapterVersion, Tenant, UsageRecord
 from loraplex.tenancy.usage import UsageEvent
 
 Granularity = Literal["request", "hour", "day"]
@@ -32,6 +38,8 @@ REQUEST_COLUMNS = (
     "tenant_id",
     "api_key_id",
     "adapter_version_id",
+    "adapter",
+    "adapter_version",
     "model",
     "status",
     "started_at",
@@ -47,6 +55,7 @@ BUCKET_COLUMNS = (
     "period_start",
     "tenant",
     "tenant_id",
+    "adapter",
     "model",
     "requests",
     "prompt_tokens",
@@ -149,8 +158,10 @@ async def stream_usage(
 ) -> AsyncIterator[dict[str, Any]]:
     """Rows of the export, in order: per request, or summed per bucket, tenant and model."""
     stmt = (
-        select(UsageRecord, Tenant.name)
+        select(UsageRecord, Tenant.name, Adapter.name, AdapterVersion.version)
         .join(Tenant, Tenant.id == UsageRecord.tenant_id)
+        .outerjoin(AdapterVersion, AdapterVersion.id == UsageRecord.adapter_version_id)
+        .outerjoin(Adapter, Adapter.id == AdapterVersion.adapter_id)
         .where(UsageRecord.started_at >= query.start, UsageRecord.started_at < query.end)
         .order_by(UsageRecord.started_at, UsageRecord.request_id)
         .execution_options(yield_per=chunk)
@@ -159,38 +170,49 @@ async def stream_usage(
         stmt = stmt.where(UsageRecord.tenant_id == query.tenant_id)
     result = await session.stream(stmt)
     if query.granularity == "request":
-        async for rec, tenant in result:
-            yield _request_row(rec, tenant)
+        async for rec, tenant, adapter, version in result:
+            yield _request_row(rec, tenant, adapter, version)
         return
     bucket: datetime | None = None
     groups: dict[tuple[str, str], dict[str, Any]] = {}
-    async for rec, tenant in result:
+    names: dict[tuple[str, str], set[str]] = {}
+
+    def rows() -> list[dict[str, Any]]:
+        return [{**groups[k], "model": ", ".join(sorted(names[k]))} for k in sorted(groups)]
+
+    async for rec, tenant, adapter, _version in result:
         start = bucket_start(rec.started_at, query.granularity)
         if start != bucket:
-            for key in sorted(groups):
-                yield groups[key]
-            bucket, groups = start, {}
-        g = groups.get((tenant, rec.model))
+            for row in rows():
+                yield row
+            bucket, groups, names = start, {}, {}
+        key = (tenant, adapter or rec.model)
+        g = groups.get(key)
         if g is None:
-            g = groups[(tenant, rec.model)] = {
+            g = groups[key] = {
                 "period_start": start,
                 "tenant": tenant,
                 "tenant_id": str(rec.tenant_id),
-                "model": rec.model,
+                "adapter": key[1],
+                "model": "",
                 "requests": 0,
                 "prompt_tokens": 0,
                 "completion_tokens": 0,
                 "cached_tokens": 0,
                 "cost_micros": 0,
             }
+            names[key] = set()
+        names[key].add(rec.model)
         g["requests"] += 1
         for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "cost_micros"):
             g[name] += getattr(rec, name)
-    for key in sorted(groups):
-        yield groups[key]
+    for row in rows():
+        yield row
 
 
-def _request_row(rec: UsageRecord, tenant: str) -> dict[str, Any]:
+def _request_row(
+    rec: UsageRecord, tenant: str, adapter: str | None, version: int | None
+) -> dict[str, Any]:
     return {
         "request_id": rec.request_id,
         "tenant": tenant,
@@ -199,6 +221,8 @@ def _request_row(rec: UsageRecord, tenant: str) -> dict[str, Any]:
         "adapter_version_id": None
         if rec.adapter_version_id is None
         else str(rec.adapter_version_id),
+        "adapter": adapter,
+        "adapter_version": version,
         "model": rec.model,
         "status": rec.status,
         "started_at": _utc(rec.started_at),

@@ -33,7 +33,7 @@ def test_help_lists_every_command_and_option() -> None:
     serve = next(line for line in command_lines() if line.startswith("loraplex serve"))
     for option in ["--model", "--device", "--dtype", "--host", "--port", "--data-dir"]:
         assert option in serve
-    assert "loraplex migrate downgrade [--revision]" in command_lines()
+    assert "loraplex migrate downgrade [--revision] [--data-dir]" in command_lines()
 
 
 def test_serve_help_shows_choices_and_defaults() -> None:
@@ -125,8 +125,15 @@ def test_migrate_up_and_down(tmp_path: Path) -> None:
     up = loraplex("migrate", "--data-dir", data)
     assert up.returncode == 0, up.stderr
     assert (tmp_path / "data/loraplex.db").exists()
+    assert up.stdout.strip() == "database at revision 0001 (initial schema)", up.stdout
     down = loraplex("migrate", "--data-dir", data, "downgrade", "--revision", "base")
     assert down.returncode == 0, down.stderr
+    assert down.stdout.strip() == "database downgraded to revision base (no schema)", down.stdout
+    # --data-dir after the subcommand too; the default, one step back, names where it lands
+    up = loraplex("migrate", "--data-dir", data)
+    down = loraplex("migrate", "downgrade", "--data-dir", data)
+    assert down.returncode == 0, down.stderr
+    assert "-1" not in down.stdout and "base (no schema)" in down.stdout, down.stdout
     again = loraplex("migrate", "--data-dir", data, "--revision", "head")
     assert again.returncode == 0, again.stderr
     bad = loraplex("migrate", "--data-dir", data, "--revision", "nope")

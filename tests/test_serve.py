@@ -77,6 +77,10 @@ def wait_ready(served: Served, timeout: float = 90) -> dict[str, object]:
             break
         time.sleep(0.3)
     assert r.status_code == 200, (r.text, served.output())
+    # the first start's secrets, then the ready line, come once /ready answers
+    while "loraplex ready on " not in served.output() and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    assert f"loraplex ready on {served.url}" in served.output(), served.output()
     body: dict[str, object] = r.json()
     return body
 
@@ -143,3 +147,58 @@ def test_ready_reports_each_check(model: str, tmp_path: Path, free_port: int) ->
     with serving(["--model", model, "--data-dir", str(tmp_path / "d")], free_port, tmp_path) as s:
         body = wait_ready(s)
         assert body["status"] == "ok"
+
+
+def run_serve(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*loraplex_argv(), "serve", *args],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_port_in_use_creates_nothing(tmp_path: Path, free_port: int) -> None:
+    import socket
+
+    data = tmp_path / "data"
+    args = ["--model", "dummy:tiny", "--data-dir", str(data), "--port", str(free_port)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port))
+        taken.listen()
+        result = run_serve(args, tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip().startswith("error: LORAPLEX_PORT: "), result.stderr
+    assert "in use" in result.stderr and "Traceback" not in result.stderr
+    assert "lpx_" not in result.stdout and not data.exists()
+    # the next start, on a free port, is the first start: it prints the secrets
+    with serving(args[:4], free_port, tmp_path) as served:
+        wait_ready(served)
+        assert secret_after(served.output(), "API key:") is not None, served.output()
+
+
+@pytest.mark.parametrize("kind", ["architecture", "broken-gguf"])
+def test_model_that_cannot_load(kind: str, tmp_path: Path, free_port: int) -> None:
+    import json
+
+    if kind == "architecture":  # a real config, of a model the engine does not implement
+        model = tmp_path / "bert-model"
+        model.mkdir()
+        config = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64,
+                  "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128,
+                  "vocab_size": 1000}  # fmt: skip
+        (model / "config.json").write_text(json.dumps(config))
+    else:
+        model = tmp_path / "model.gguf"
+        model.write_bytes(b"GGUF\x03\x00\x00\x00 truncated")
+    data = tmp_path / "data"
+    args = ["--model", str(model), "--data-dir", str(data), "--port", str(free_port)]
+    result = run_serve(args, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out
+    assert errors[0].startswith(f"error: LORAPLEX_MODEL: cannot load {model}: "), out
+    assert "Traceback" not in out and "lpx_" not in out, out

@@ -77,6 +77,25 @@ def test_upload_versions_list_detail_alias_delete(
     assert admin.get(f"/admin/v1/tenants/{tenant}/adapters").json()["data"] == []
 
 
+def test_text_bin_is_not_called_a_pickle(admin: httpx.Client, tmp_path: Path) -> None:
+    tenant, _ = make_tenant(admin)
+    r = upload(admin, tenant, "bad", bad_text_bin(tmp_path))
+    assert r.status_code == 400 and "pickled checkpoint" not in r.json()["error"]["message"]
+
+
+def test_upload_with_the_readme_save_pretrained_writes(
+    admin: httpx.Client, make_peft_adapter, tiny_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """save_pretrained writes a README.md (model card) beside the two files: a multipart
+    upload of the whole directory is accepted (the card is dropped), as the CLI's is."""
+    tenant, _ = make_tenant(admin)
+    adapter = make_peft_adapter(tiny_llama_dir, rank=4)
+    files = [*peft_files(adapter), ("files", ("README.md", b"---\nlibrary_name: peft\n---\n"))]
+    r = upload(admin, tenant, "with-card", files)
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 1
+
+
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])
 def test_archive_upload(admin: httpx.Client, tmp_path: Path, kind: str) -> None:
     tenant, _ = make_tenant(admin)
@@ -132,6 +151,10 @@ def bad_pickle(tmp: Path) -> Files:
         ("files", ("adapter_config.json", cfg)),
         ("files", ("adapter_model.bin", buf.getvalue())),
     ]
+
+
+def bad_text_bin(tmp: Path) -> Files:
+    return [*_files(_write(tmp))[:1], ("files", ("adapter_model.bin", b"hi\n"))]
 
 
 def bad_pickle_disguised(tmp: Path) -> Files:
@@ -218,7 +241,8 @@ def bad_extra_file(tmp: Path) -> Files:
 
 
 BAD: dict[str, tuple[Callable[[Path], Files], int, str]] = {
-    "pickle .bin": (bad_pickle, 400, "pickle"),
+    "pickle .bin": (bad_pickle, 400, "is a pickled checkpoint (torch.save)"),
+    "3-byte text .bin": (bad_text_bin, 400, "'adapter_model.bin' is not an adapter file"),
     "pickle named .safetensors": (bad_pickle_disguised, 400, "pickle"),
     "truncated safetensors": (bad_truncated, 400, "truncated"),
     "wrong shape": (bad_shape, 400, "needs [2, 64]"),

@@ -74,9 +74,15 @@ def test_tenant_lifecycle_and_audit(admin, admin_server) -> None:
     assert name in [t["name"] for t in admin.get("/admin/v1/tenants").json()["data"]]
     assert admin.get(f"/admin/v1/tenants/{name}").json()["id"] == created["id"]
 
-    r = admin.patch(f"/admin/v1/tenants/{name}", json={"status": "suspended", "limits": {}})
+    # PATCH merges limits (RFC 7396): named fields set, null removes one, the rest kept.
+    r = admin.patch(
+        f"/admin/v1/tenants/{name}", json={"status": "suspended", "limits": {"max_concurrent": 2}}
+    )
     assert r.status_code == 200, r.text
-    assert r.json()["status"] == "suspended" and r.json()["limits"] == {}
+    assert r.json()["status"] == "suspended"
+    assert r.json()["limits"] == {"requests_per_minute": 60, "max_concurrent": 2}
+    r = admin.patch(f"/admin/v1/tenants/{name}", json={"limits": {"requests_per_minute": None}})
+    assert r.json()["limits"] == {"max_concurrent": 2}, r.text
 
     with psycopg.connect(_pg(admin_server.database_url)) as conn:
         actions = [
@@ -85,7 +91,7 @@ def test_tenant_lifecycle_and_audit(admin, admin_server) -> None:
                 "SELECT action FROM audit_log WHERE target = %s ORDER BY id", (name,)
             )
         ]
-    assert actions == ["tenant.create", "tenant.update"]
+    assert actions == ["tenant.create", "tenant.update", "tenant.update"]
 
 
 def test_tenant_errors(admin) -> None:

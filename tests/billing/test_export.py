@@ -215,7 +215,9 @@ async def test_cli_export_usage_reruns_to_the_same_object(sessions, pg_url, s3):
         return out.decode().strip()
 
     first, second = await run(), await run()
-    assert first == second and first.startswith("exports/dt=2026-11-24/usage.parquet: ")
+    assert first == second and first.startswith(
+        f"s3://{s3.bucket}/billing/exports/dt=2026-11-24/usage.parquet: "
+    )
     key = "billing/exports/dt=2026-11-24/usage.parquet"
     body = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
     start = datetime(2026, 11, 24, tzinfo=UTC)

@@ -116,3 +116,37 @@ def test_stream_errors_before_the_first_token_are_http_errors(gateway: Gateway) 
         r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert isinstance(r, httpx.Response)
+
+
+def test_usage_is_per_adapter_with_the_names_used(gateway: Gateway) -> None:
+    """`support`, `support@1` and the alias `prod` are one adapter: one hour/day row each
+    period, the names used beside it; request rows name the adapter and its version."""
+    client = gateway.sdk("a")
+    ids = {}
+    for name in ("support", "support@1", "prod"):
+        r = client.completions.create(model=name, prompt="Hi", max_tokens=1, temperature=0)
+        ids[name] = r.id
+        _usage_row(gateway, r.id)  # landed
+    tenant = gateway.tenants["a"]
+    with gateway.admin() as admin:
+
+        def export(granularity: str) -> list[dict[str, Any]]:
+            r = admin.get(
+                "/admin/v1/usage/export",
+                params={"tenant": tenant, "granularity": granularity, "format": "jsonl"},
+            )
+            assert r.status_code == 200, r.text
+            return [json.loads(line) for line in r.text.splitlines() if line]
+
+        days = export("day")
+        requests = {row["request_id"]: row for row in export("request")}
+    assert not [row for row in days if row["adapter"] in ("prod", "support@1")], days
+    support = [row for row in days if row["adapter"] == "support"]
+    assert support and all(row["tenant"] == tenant for row in support)
+    used = {n for row in support for n in row["model"].split(", ")}
+    assert {"support", "support@1", "prod"} <= used, support
+    assert {(requests[ids[n]]["adapter"], requests[ids[n]]["adapter_version"]) for n in ids} == {
+        ("support", 2),
+        ("support", 1),
+    }
+    assert requests[ids["prod"]]["model"] == "prod"

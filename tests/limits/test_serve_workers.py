@@ -69,6 +69,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     url = f"http://127.0.0.1:{port}"
     try:
         all_ready(url, proc, log)
+        deadline = time.monotonic() + 30  # the secrets are printed once /ready answers
+        while "loraplex ready on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         token = re.search(r"Admin token:\s+(\S+)", log.read_text())
         assert token is not None, log.read_text()
         yield Served(url, root / "data", token.group(1), proc)

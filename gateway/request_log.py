@@ -1,0 +1,107 @@
+"""One application log line per HTTP request (``LORAPLEX_ACCESS_LOG``), on logger
+``loraplex.request``: request id, method, path, status, tenant, model, tokens, latency.
+Probes (``/health``, ``/ready``) and ``/metrics`` get none.
+
+The middleware opens a :class:`RequestNote` for the request (a context variable); the
+authentication dependency notes the tenant and metering notes the model and the tokens
+(summed over the engine calls of one request), so the line is written when the response
+has been sent, streams included. In text form::
+
+    req_4f1c... POST /v1/chat/completions 200 tenant=default model=base tokens=21+8 41.2ms
+
+With ``LORAPLEX_LOG_FORMAT=json`` the same fields are the keys of one JSON object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("loraplex.request")
+# Probes and scrapes (a load balancer's, Prometheus', serve's own wait for /ready) would
+# drown the requests: they get no line.
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+@dataclass
+class RequestNote:
+    tenant: str | None = None
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    metered: bool = False
+
+
+_current: ContextVar[RequestNote | None] = ContextVar("loraplex_request_note", default=None)
+
+
+def note_tenant(tenant: str) -> None:
+    note = _current.get()
+    if note is not None:
+        note.tenant = tenant
+
+
+def note_usage(model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    note = _current.get()
+    if note is not None:
+        note.model = model
+        note.prompt_tokens += prompt_tokens
+        note.completion_tokens += completion_tokens
+        note.metered = True
+
+
+class RequestLogMiddleware:
+    """Inside ``RequestIdMiddleware`` (it reads the request id that one chose)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
+            await self.app(scope, receive, send)
+            return
+        note = RequestNote()
+        token = _current.set(note)
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_noting(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting)
+        finally:
+            _current.reset(token)
+            _write(scope, status, note, (time.perf_counter() - t0) * 1000)
+
+
+def _write(scope: Scope, status: int, note: RequestNote, latency_ms: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    request_id = scope.get("state", {}).get("request_id", "-")
+    fields = {
+        "request_id": request_id,
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "tenant": note.tenant,
+        "model": note.model,
+        "prompt_tokens": note.prompt_tokens if note.metered else None,
+        "completion_tokens": note.completion_tokens if note.metered else None,
+        "latency_ms": round(latency_ms, 1),
+    }
+    text = f"{request_id} {scope['method']} {scope['path']} {status}"
+    if note.tenant is not None:
+        text += f" tenant={note.tenant}"
+    if note.model is not None:
+        text += f" model={note.model}"
+    if note.metered:
+        text += f" tokens={note.prompt_tokens}+{note.completion_tokens}"
+    log.info("%s %.1fms", text, latency_ms, extra={"fields": fields})
