@@ -43,6 +43,17 @@ class GatewaySettings(StoreSettings):
     engine_url: str | None = None
     engine_listen: str = "tcp://127.0.0.1:7700"  # `loraplex engine`'s address
     engine_token: str | None = Field(default=None, repr=False)
+    # Several engine replicas (gateway.routed_client): a comma-separated list of addresses,
+    # or a DNS name host:port whose A/AAAA records are the replicas (a Kubernetes headless
+    # Service), resolved every engine_dns_refresh_s. Requests go to a replica holding their
+    # adapter, else to the adapter's hash home, with no replica taking more than
+    # engine_load_factor x the mean of requests in flight; a replica that failed a request
+    # is left out for engine_eject_s.
+    engine_urls: str | None = None
+    engine_dns: str | None = None
+    engine_dns_refresh_s: PositiveFloat = 5.0
+    engine_load_factor: float = Field(default=1.25, ge=1.0)
+    engine_eject_s: float = Field(default=5.0, ge=0)
     workers: int | None = Field(default=None, ge=1, le=64)  # None: from the core count
     access_log: bool = True  # uvicorn's line per request (~0.15 ms of each on a 2-core box)
     # HTTP limits

@@ -110,6 +110,8 @@ def serve(settings: GatewaySettings) -> None:
     workers = settings.workers or default_workers()
     engine = None
     address = settings.engine_url
+    if address is None and (settings.engine_urls or settings.engine_dns):
+        address = ""  # engine replicas named (LORAPLEX_ENGINE_URLS / _DNS): none started here
     if address is None:
         address = engine_address(settings)
         names = {"model": model, "served_model_name": settings.base_model_name()}
@@ -118,7 +120,10 @@ def serve(settings: GatewaySettings) -> None:
     try:
         with limits_broker(settings, workers) as broker:
             env = child_env(
-                settings, engine_url=address, migrate_on_start=False, limits_broker_url=broker
+                settings,
+                engine_url=address or None,
+                migrate_on_start=False,
+                limits_broker_url=broker,
             )
             run_gateways(settings, env, workers)
     finally:
@@ -130,8 +135,12 @@ def serve_gateway(settings: GatewaySettings) -> None:
     """Gateway workers only, in front of the engine at LORAPLEX_ENGINE_URL."""
     from loraplex.supervisor import child_env, default_workers, limits_broker, run_gateways
 
-    if not settings.engine_url:
-        fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
+    if not (settings.engine_url or settings.engine_urls or settings.engine_dns):
+        fail(
+            "LORAPLEX_ENGINE_URL",
+            "give the engine's address (--engine tcp://host:port), or the replicas' "
+            "(LORAPLEX_ENGINE_URLS, LORAPLEX_ENGINE_DNS)",
+        )
     if settings.migrate_on_start:
         migrate(settings)
     banner = run_bootstrap(settings).banner()
