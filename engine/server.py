@@ -28,6 +28,7 @@ import zmq
 from loraplex.engine.api import EngineOutput
 from loraplex.engine.client import ModelInfo
 from loraplex.engine.errors import InvalidRequest, as_engine_error
+from loraplex.engine.http_surface import EngineHttp
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model_info import describe
 from loraplex.engine.step_loop import StepLoop, failed
@@ -69,13 +70,16 @@ class EngineServer:
         client_timeout_s: float = 10.0,
         parent_pid: int | None = None,
         metrics: Callable[[], bytes] | None = None,
+        http: str | None = None,
     ) -> None:
-        """``metrics``: the engine side's Prometheus text, sent with each ping's answer."""
+        """``metrics``: the engine side's Prometheus text, sent with each ping's answer.
+        ``http``: ``host:port`` of the HTTP surface (``engine.http_surface``), or None."""
         self.address = address
         self._name, self._model, self._token = name, model, token
         self._client_timeout_s = client_timeout_s
         self._parent_pid = parent_pid
         self._metrics = metrics
+        self._http_address = http
         self._out: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._ctx = zmq.Context()
         self._wake_rx = self._ctx.socket(zmq.PAIR)
@@ -128,6 +132,16 @@ class EngineServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._request_stop())
         self._step.start()
+        http = None
+        if self._http_address:
+            http = EngineHttp(
+                self._step,
+                self._http_address,
+                model_name=lambda: self._name or self._model,
+                metrics=self._metrics,
+                draining=lambda: self._stop,
+            )
+            http.start()
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
@@ -154,6 +168,8 @@ class EngineServer:
             self._await_goodbyes(router)
             return self._exit_code
         finally:
+            if http is not None:
+                http.close()
             router.close(linger=1000)
             self._wake_rx.close(0)
             self._wake_tx.close(0)

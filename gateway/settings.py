@@ -43,6 +43,9 @@ class GatewaySettings(StoreSettings):
     engine_url: str | None = None
     engine_listen: str = "tcp://127.0.0.1:7700"  # `loraplex engine`'s address
     engine_token: str | None = Field(default=None, repr=False)
+    # `loraplex engine`'s HTTP surface (host:port): /metrics under vLLM's names, /health,
+    # /ready, POST /v1/load_lora_adapter and /v1/unload_lora_adapter. None: none.
+    engine_http: str | None = None
     # Several engine replicas (gateway.routed_client): a comma-separated list of addresses,
     # or a DNS name host:port whose A/AAAA records are the replicas (a Kubernetes headless
     # Service), resolved every engine_dns_refresh_s. Requests go to a replica holding their

@@ -113,4 +113,5 @@ def engine_server(
         token=settings.engine_token or "",
         parent_pid=parent_pid,
         metrics=lambda: generate_latest(registry),
+        http=settings.engine_http,
     )
