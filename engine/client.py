@@ -17,7 +17,8 @@ import msgspec
 from loraplex.engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
 from loraplex.engine.stats import EngineStats
 
-HealthState = Literal["starting", "ready", "dead", "unreachable"]
+# draining: the engine was asked to stop and finishes what it runs; it takes nothing new
+HealthState = Literal["starting", "ready", "draining", "dead", "unreachable"]
 
 
 class AdapterShape(msgspec.Struct, frozen=True):

@@ -6,6 +6,11 @@ each step's outputs, grouped by the gateway process that sent each request, as o
 per gateway. Encoding runs while the step thread waits on the GPU (torch releases the GIL
 there), so the step loop never serializes a token itself.
 
+On SIGTERM with a ``drain_grace_s`` the server drains: its status says ``draining`` (a
+router sends new requests elsewhere), requests still sent are refused as overloaded (a
+router retries them on another replica), and what runs gets ``drain_grace_s`` to finish
+before the rest is aborted; a second SIGTERM stops at once.
+
 A gateway that stops pinging for ``client_timeout_s`` has its requests aborted. If the step
 loop dies the server tells every gateway, then exits non-zero (its supervisor restarts it).
 """
@@ -27,7 +32,7 @@ import zmq
 
 from loraplex.engine.api import EngineOutput
 from loraplex.engine.client import ModelInfo
-from loraplex.engine.errors import InvalidRequest, as_engine_error
+from loraplex.engine.errors import EngineOverloaded, InvalidRequest, as_engine_error
 from loraplex.engine.http_surface import EngineHttp
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model_info import describe
@@ -71,6 +76,7 @@ class EngineServer:
         parent_pid: int | None = None,
         metrics: Callable[[], bytes] | None = None,
         http: str | None = None,
+        drain_grace_s: float = 0.0,
     ) -> None:
         """``metrics``: the engine side's Prometheus text, sent with each ping's answer.
         ``http``: ``host:port`` of the HTTP surface (``engine.http_surface``), or None."""
@@ -80,6 +86,8 @@ class EngineServer:
         self._parent_pid = parent_pid
         self._metrics = metrics
         self._http_address = http
+        self._drain_grace_s = drain_grace_s
+        self._drain_until: float | None = None  # draining (SIGTERM) until then
         self._out: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._ctx = zmq.Context()
         self._wake_rx = self._ctx.socket(zmq.PAIR)
@@ -139,7 +147,7 @@ class EngineServer:
                 self._http_address,
                 model_name=lambda: self._name or self._model,
                 metrics=self._metrics,
-                draining=lambda: self._stop,
+                draining=lambda: self._stop or self._drain_until is not None,
             )
             http.start()
         poller = zmq.Poller()
@@ -156,6 +164,8 @@ class EngineServer:
                     self._receive(router)
                 self._flush(router)
                 now = time.monotonic()
+                if self._drain_until is not None and (not self._owner or now > self._drain_until):
+                    self._stop = True
                 if now - last_check >= 1.0:
                     last_check = now
                     self._check_clients(now)
@@ -193,7 +203,12 @@ class EngineServer:
                 waiting.discard(ident)
 
     def _request_stop(self) -> None:
-        self._stop = True
+        if self._drain_grace_s > 0 and self._drain_until is None:
+            self._drain_until = time.monotonic() + self._drain_grace_s
+            log.info("draining: %d requests get %.0fs to finish", len(self._owner),
+                     self._drain_grace_s)  # fmt: skip
+        else:
+            self._stop = True
 
     def _drain_wakes(self) -> None:
         while True:
@@ -252,6 +267,10 @@ class EngineServer:
         client.last_seen = time.monotonic()
         if isinstance(msg, Add):
             rid = msg.request.request_id
+            if self._drain_until is not None:
+                out = failed(rid, EngineOverloaded("the engine is shutting down"))
+                self._out.put(("direct", ident, Outputs([out])))
+                return
             if rid in self._owner:
                 self._queue_failed(ident, rid, f"request id {rid!r} is already in use")
                 return
@@ -296,6 +315,9 @@ class EngineServer:
             return Status(self._engine_id, "dead", f"the engine step loop died: {failure}")
         if not self._step.is_ready:
             return Status(self._engine_id, "starting", "the model is loading")
+        if self._drain_until is not None:
+            return Status(self._engine_id, "draining", "the engine is shutting down",
+                          self._step.stats())  # fmt: skip
         return Status(self._engine_id, "ready", "", self._step.stats())
 
     def _send(self, router: zmq.Socket, ident: bytes, msg: Any) -> None:  # type: ignore[type-arg]

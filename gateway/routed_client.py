@@ -28,7 +28,7 @@ from loraplex.engine.client import EngineClient, EngineHealth, ModelInfo
 from loraplex.engine.errors import EngineDead, EngineError, EngineOverloaded
 from loraplex.engine.stats import EngineStats
 from loraplex.gateway.engine_discovery import Source
-from loraplex.gateway.routing import Choice, ReplicaView, choose
+from loraplex.gateway.routing import Choice, ReplicaView, choose, load_bound
 from loraplex.gateway.routing_metrics import RouteMetrics, merge_stats
 
 log = logging.getLogger("loraplex.gateway.router")
@@ -61,12 +61,14 @@ class RoutedEngineClient:
         make_client: MakeClient,
         *,
         load_factor: float = 1.25,
+        load_floor: int = 1,
         eject_s: float = 5.0,
         refresh_s: float = 5.0,
     ) -> None:
         self._source = source
         self._make_client = make_client
         self._load_factor = load_factor
+        self._load_floor = load_floor
         self._eject_s = eject_s
         self._refresh_s = refresh_s
         self._replicas: dict[str, Replica] = {}
@@ -131,10 +133,14 @@ class RoutedEngineClient:
     ) -> tuple[Replica, Choice]:
         """The replica for a request with ``adapter`` (raises EngineDead when none is up)."""
         candidates = [r for r in self._routable() if r.url not in exclude]
-        choice = choose(adapter, [r.view() for r in candidates], self._load_factor)
+        views = [r.view() for r in candidates]
+        choice = choose(adapter, views, self._load_factor, self._load_floor)
         if choice is None:
             raise EngineDead("no engine replica is ready")
-        return self._replicas[choice.name], choice
+        replica = self._replicas[choice.name]
+        bound = load_bound(views, self._load_factor, self._load_floor)
+        self.metrics.load_ratio((replica.inflight + 1) / bound)
+        return replica, choice
 
     # -- the protocol ------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ request with adapter ``k``:
 
 The bound is consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam):
 no replica takes a request that would put it over ``ceil(factor * (in flight + 1) / n)``,
-so a hot adapter spills to its next replica instead of queueing on one.
+so a hot adapter spills to its next replica instead of queueing on one; but never below
+``floor``: an engine batches that many requests at once anyway, and at low load the
+formula's rounding would spill (an adapter load on the other replica) for nothing.
 """
 
 from __future__ import annotations
@@ -53,19 +55,21 @@ def hash_order(key: str, names: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: _weight(key, n), reverse=True)
 
 
-def load_bound(replicas: Sequence[ReplicaView], factor: float) -> int:
+def load_bound(replicas: Sequence[ReplicaView], factor: float, floor: int = 1) -> int:
     """The most requests in flight a replica may have after taking one more."""
     total = sum(r.inflight for r in replicas) + 1
-    return max(1, math.ceil(factor * total / len(replicas)))
+    return max(1, floor, math.ceil(factor * total / len(replicas)))
 
 
-def choose(adapter: str | None, replicas: Sequence[ReplicaView], factor: float) -> Choice | None:
+def choose(
+    adapter: str | None, replicas: Sequence[ReplicaView], factor: float, floor: int = 1
+) -> Choice | None:
     """The replica for a request (None when ``replicas`` is empty)."""
     if not replicas:
         return None
     if adapter is None:
         return Choice(min(replicas, key=lambda r: (r.inflight, r.name)).name, "base")
-    bound = load_bound(replicas, factor)
+    bound = load_bound(replicas, factor, floor)
     order = hash_order(adapter, [r.name for r in replicas])
     rank = {name: i for i, name in enumerate(order)}
     by_name = {r.name: r for r in replicas}

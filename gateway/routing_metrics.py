@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -65,7 +65,19 @@ class RouteMetrics:
             ("replica",),
             registry=self.registry,
         )
+        self.max_load_ratio = Gauge(
+            "loraplex_route_max_load_ratio",
+            "The highest in-flight count a replica was given, over the load bound at that "
+            "moment (<= 1: no replica was ever over the bound)",
+            registry=self.registry,
+        )
         self.registry.register(_ReplicaCollector(replicas))
+        self._max_ratio = 0.0
+
+    def load_ratio(self, ratio: float) -> None:
+        if ratio > self._max_ratio:
+            self._max_ratio = ratio
+            self.max_load_ratio.set(ratio)
 
     def routed(self, choice: Choice) -> None:
         self.decisions.labels(choice.outcome).inc()

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from loraplex.engine.client import EngineClient
     from loraplex.gateway.auth import KeyAuthenticator
     from loraplex.gateway.breakers import Breakers
+    from loraplex.gateway.drain import Drain
     from loraplex.gateway.ledger import Ledger
     from loraplex.gateway.limits import Limiter
     from loraplex.gateway.metrics import Metrics
@@ -33,6 +34,7 @@ class Services:
     limiter: Limiter | None = None  # admission (gateway.limits); None: no limits enforced
     ledger: Ledger | None = None  # usage metering (gateway.ledger); None: not recorded
     metrics: Metrics | None = None  # Prometheus registry and instruments (gateway.metrics)
+    drain: Drain | None = None  # SIGTERM: draining (gateway.drain)
 
     def base_model_name(self) -> str:
         """The base model's name in the API: the configured one; else, when this gateway

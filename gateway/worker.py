@@ -55,6 +55,7 @@ def create_worker_app() -> FastAPI:
                 source,
                 lambda address: RemoteEngineClient(address, token=token),
                 load_factor=settings.engine_load_factor,
+                load_floor=settings.engine_load_floor,
                 eject_s=settings.engine_eject_s,
                 refresh_s=settings.engine_dns_refresh_s,
             ),

@@ -114,4 +114,5 @@ def engine_server(
         parent_pid=parent_pid,
         metrics=lambda: generate_latest(registry),
         http=settings.engine_http,
+        drain_grace_s=settings.engine_drain_grace_s,
     )

@@ -6,6 +6,7 @@ really frees the adapter's GPU slot."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from harness.replicas import engine_replicas, tiny_adapters
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.engine.api import AdapterRef, Request, SamplingParams
+from loraplex.engine.errors import EngineDead
 from loraplex.engine.remote_client import RemoteEngineClient
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -122,3 +124,30 @@ async def drive(http: httpx.AsyncClient, engine_url: str, path: Path) -> None:
     assert m["vllm:num_cpu_loaded_lora_adapters"] == [({}, 0.0)]
     gone = await http.post("/v1/unload_lora_adapter", json={"lora_name": "k1"})
     assert gone.status_code == 404
+
+
+@pytest.mark.timeout(240)
+async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
+    """LORAPLEX_ENGINE_DRAIN_GRACE_S: SIGTERM makes the engine say ``draining`` (not ready:
+    a router sends new requests elsewhere) while the request it runs finishes whole."""
+    env = {"LORAPLEX_ENGINE_DRAIN_GRACE_S": "60"}
+    with engine_replicas(1, tmp_path / "logs", env, http=True) as (engine,):
+        client = RemoteEngineClient(engine.url)
+        await client.start()
+        try:
+            await wait_until(lambda: client.health().ready)
+            sampling = SamplingParams(max_tokens=600, min_tokens=600, ignore_eos=True)
+            stream = client.generate(Request("long", [5, 6, 7], sampling))
+            outs = [await anext(stream)]
+            engine.signal(signal.SIGTERM)
+            await wait_until(lambda: client.health().state == "draining", 10)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}") as h:
+                assert (await h.get("/ready")).status_code == 503
+            with pytest.raises(EngineDead):  # new work is not taken
+                client.generate(Request("late", [5], SamplingParams(max_tokens=1)))
+            outs += [out async for out in stream]
+            assert outs[-1].finished and outs[-1].error is None
+            assert outs[-1].completion_tokens == 600
+            assert await asyncio.to_thread(engine.proc.wait, 30) == 0
+        finally:
+            await client.close()

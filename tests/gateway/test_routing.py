@@ -33,3 +33,11 @@ def test_holder_first_then_home_then_spill_under_the_bound() -> None:
     base = choose(None, [ReplicaView("a", inflight=2), ReplicaView("b", inflight=1)], 1.25)
     assert base is not None and (base.name, base.outcome) == ("b", "base")
     assert choose("k", [], 1.25) is None
+
+
+def test_floor_keeps_a_lightly_loaded_holder() -> None:
+    home, other = hash_order("k", ["a", "b"])
+    views = [ReplicaView(home), ReplicaView(other, inflight=3, gpu=frozenset({"k"}))]
+    assert load_bound(views, 1.25) == 3  # the formula alone: spill at 3 in flight
+    got = choose("k", views, 1.25, floor=8)
+    assert got is not None and (got.name, got.outcome) == (other, "resident")

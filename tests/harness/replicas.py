@@ -73,8 +73,9 @@ def engine_replicas(
             http_port = free_port() if http else 0
             if http:
                 argv += ["--http", f"127.0.0.1:{http_port}"]
+            own = {**full, "LORAPLEX_ADAPTER_CACHE_DIR": str(logs / f"engine{i}-cache")}
             with (logs / f"engine{i}.log").open("w") as sink:
-                proc = subprocess.Popen(argv, env=full, cwd=ROOT, stdout=sink,
+                proc = subprocess.Popen(argv, env=own, cwd=ROOT, stdout=sink,
                                         stderr=subprocess.STDOUT)  # fmt: skip
             replicas.append(EngineReplica(ip, port, proc, http_port))
         yield replicas
