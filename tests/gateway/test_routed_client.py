@@ -122,3 +122,33 @@ async def test_affinity_bound_retry_and_started_stream(
     assert router.pick(refs[1].key)[0].url == other.url  # ejected: not routed to
     assert sample(router, "loraplex_route_retries_total") >= 1
     home.signal(signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+async def test_draining_replica_finishes_its_stream_and_gets_no_new_work(
+    tmp_path: Path,
+) -> None:
+    """An engine replaced under load (SIGTERM, LORAPLEX_ENGINE_DRAIN_GRACE_S): its stream
+    runs to the end, and the requests of the adapters it was home to go to the other."""
+    env = {"LORAPLEX_ENGINE_DRAIN_GRACE_S": "60"}
+    with engine_replicas(2, tmp_path / "logs", env) as replicas:
+        router = await router_over(replicas, eject_s=30.0)
+        try:
+            await wait_for(lambda: all(r.client.health().ready for r in router._replicas.values()))
+            refs = [AdapterRef(f"k{i}", str(p)) for i, p in enumerate(tiny_adapters(tmp_path, 6))]
+            going = replicas[0]
+            homed = [ref for ref in refs if router.pick(ref.key)[0].url == going.url]
+            assert homed
+            stream = router.generate(request(homed[0], 400))
+            outs = [await anext(stream)]
+            going.signal(signal.SIGTERM)
+            await wait_for(lambda: router._replicas[going.url].client.health().state == "draining")
+            for ref in homed:  # served by the other replica, none refused
+                assert router.pick(ref.key)[0].url != going.url
+                done = await run(router, request(ref))
+                assert done[-1].finished and done[-1].error is None
+            outs += [out async for out in stream]
+            assert outs[-1].error is None and outs[-1].completion_tokens == 400
+            assert await asyncio.to_thread(going.proc.wait, 30) == 0
+        finally:
+            await router.close()
