@@ -17,6 +17,7 @@ import msgspec
 from loraplex.engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
 from loraplex.engine.stats import EngineStats
 
+# draining: the engine was asked to stop and finishes what it runs; it takes nothing new
 HealthState = Literal["starting", "ready", "draining", "dead", "unreachable"]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -630,6 +630,9 @@ class LLMEngine:
                 tier: tier_loads(t) for tier, t in self.loader.stats.by_tier.items()
             },
             lora_slots=self.slots.num_slots,
+            gpu_adapters=self.slots.resident,
+            running_adapters=_adapter_keys(self.scheduler.running),
+            waiting_adapters=_adapter_keys(self.scheduler.waiting),
             grammar_compiles=self.grammars.compiles,
             grammar_cache_hits=self.grammars.hits,
             grammars_compiling=len(self._grammar_wait),
@@ -639,6 +642,10 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.loader.shutdown()
         self.grammars.shutdown()
+
+
+def _adapter_keys(seqs: Iterable[Sequence]) -> list[str]:
+    return sorted({s.adapter_key for s in seqs if s.adapter_key is not None})
 
 
 def tier_loads(t: TierLoads) -> AdapterTierLoads:

@@ -6,6 +6,11 @@ each step's outputs, grouped by the gateway process that sent each request, as o
 per gateway. Encoding runs while the step thread waits on the GPU (torch releases the GIL
 there), so the step loop never serializes a token itself.
 
+On SIGTERM with a ``drain_grace_s`` the server drains: its status says ``draining`` (a
+router sends new requests elsewhere), requests still sent are refused as overloaded (a
+router retries them on another replica), and what runs gets ``drain_grace_s`` to finish
+before the rest is aborted; a second SIGTERM stops at once.
+
 A gateway that stops pinging for ``client_timeout_s`` has its requests aborted. If the step
 loop dies the server tells every gateway, then exits non-zero (its supervisor restarts it).
 """
@@ -28,6 +33,7 @@ import zmq
 from loraplex.engine.api import EngineOutput
 from loraplex.engine.client import ModelInfo
 from loraplex.engine.errors import EngineOverloaded, InvalidRequest, as_engine_error
+from loraplex.engine.http_surface import EngineHttp
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model_info import describe
 from loraplex.engine.step_loop import StepLoop, failed
@@ -69,17 +75,19 @@ class EngineServer:
         client_timeout_s: float = 10.0,
         parent_pid: int | None = None,
         metrics: Callable[[], bytes] | None = None,
-        drain_s: float = 30.0,
+        http: str | None = None,
+        drain_grace_s: float = 0.0,
     ) -> None:
         """``metrics``: the engine side's Prometheus text, sent with each ping's answer.
-        ``drain_s``: on SIGTERM, how long requests in flight may finish (new ones are
-        refused as overloaded, so a router sends them elsewhere); a second signal, or 0,
-        stops at once."""
+        ``http``: ``host:port`` of the HTTP surface (``engine.http_surface``), or None."""
         self.address = address
         self._name, self._model, self._token = name, model, token
         self._client_timeout_s = client_timeout_s
         self._parent_pid = parent_pid
         self._metrics = metrics
+        self._http_address = http
+        self._drain_grace_s = drain_grace_s
+        self._drain_until: float | None = None  # draining (SIGTERM) until then
         self._out: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._ctx = zmq.Context()
         self._wake_rx = self._ctx.socket(zmq.PAIR)
@@ -92,9 +100,6 @@ class EngineServer:
         self._clients: dict[bytes, _Client] = {}
         self._owner: dict[str, bytes] = {}
         self._stop = False
-        self._drain_s = drain_s
-        self._drain_until: float | None = None  # draining: stop by then (monotonic)
-        self._drained_told = False
         self._exit_code: int | None = None
         self._step = StepLoop(factory, self._emit, on_ready=self._on_ready, on_dead=self._on_dead)
         self._enc = encoder()
@@ -135,6 +140,16 @@ class EngineServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._request_stop())
         self._step.start()
+        http = None
+        if self._http_address:
+            http = EngineHttp(
+                self._step,
+                self._http_address,
+                model_name=lambda: self._name or self._model,
+                metrics=self._metrics,
+                draining=lambda: self._stop or self._drain_until is not None,
+            )
+            http.start()
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
@@ -142,8 +157,6 @@ class EngineServer:
         last_check = time.monotonic()
         try:
             while not self._stop and self._exit_code is None:
-                if self._drain_until is not None:
-                    self._check_drain(router)
                 events = dict(poller.poll(_POLL_MS))
                 if self._wake_rx in events:
                     self._drain_wakes()
@@ -151,6 +164,8 @@ class EngineServer:
                     self._receive(router)
                 self._flush(router)
                 now = time.monotonic()
+                if self._drain_until is not None and (not self._owner or now > self._drain_until):
+                    self._stop = True
                 if now - last_check >= 1.0:
                     last_check = now
                     self._check_clients(now)
@@ -163,6 +178,8 @@ class EngineServer:
             self._await_goodbyes(router)
             return self._exit_code
         finally:
+            if http is not None:
+                http.close()
             router.close(linger=1000)
             self._wake_rx.close(0)
             self._wake_tx.close(0)
@@ -186,22 +203,11 @@ class EngineServer:
                 waiting.discard(ident)
 
     def _request_stop(self) -> None:
-        """SIGTERM/SIGINT: drain first (``drain_s``); a second one stops at once."""
-        if self._drain_until is None and self._drain_s > 0 and self._step.is_ready:
-            self._drain_until = time.monotonic() + self._drain_s
+        if self._drain_grace_s > 0 and self._drain_until is None:
+            self._drain_until = time.monotonic() + self._drain_grace_s
+            log.info("draining: %d requests get %.0fs to finish", len(self._owner),
+                     self._drain_grace_s)  # fmt: skip
         else:
-            self._stop = True
-
-    def _check_drain(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
-        if not self._drained_told:
-            self._drained_told = True
-            log.info("draining: %d requests in flight, up to %.0f s", len(self._owner),
-                     self._drain_s)  # fmt: skip
-            for ident in list(self._clients):
-                self._send(router, ident, self._status())
-        if not self._owner or time.monotonic() >= self._drain_until:  # type: ignore[operator]
-            if self._owner:
-                log.warning("drain time is up: aborting %d requests", len(self._owner))
             self._stop = True
 
     def _drain_wakes(self) -> None:
@@ -261,8 +267,8 @@ class EngineServer:
         client.last_seen = time.monotonic()
         if isinstance(msg, Add):
             rid = msg.request.request_id
-            if self._drain_until is not None:  # a router retries it on another replica
-                out = failed(rid, EngineOverloaded("the engine is draining (shutting down)"))
+            if self._drain_until is not None:
+                out = failed(rid, EngineOverloaded("the engine is shutting down"))
                 self._out.put(("direct", ident, Outputs([out])))
                 return
             if rid in self._owner:
@@ -310,7 +316,8 @@ class EngineServer:
         if not self._step.is_ready:
             return Status(self._engine_id, "starting", "the model is loading")
         if self._drain_until is not None:
-            return Status(self._engine_id, "draining", "the engine is shutting down")
+            return Status(self._engine_id, "draining", "the engine is shutting down",
+                          self._step.stats())  # fmt: skip
         return Status(self._engine_id, "ready", "", self._step.stats())
 
     def _send(self, router: zmq.Socket, ident: bytes, msg: Any) -> None:  # type: ignore[type-arg]

@@ -66,6 +66,11 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     grammar_mask_rows: int = 0  # masks filled (one per constrained row per step)
     grammar_mask_ms: float = 0.0  # host time filling them and queuing their copy
     fairness: dict[str, FairKeyStats] = {}  # by fairness key (bounded)
+    # Adapter keys (bounded by the GPU slots and the batch): what a router reads for
+    # affinity, and vLLM's ``lora_requests_info`` labels.
+    gpu_adapters: list[str] = []  # in GPU slots
+    running_adapters: list[str] = []  # of the running sequences
+    waiting_adapters: list[str] = []  # of the queued ones
 
     @property
     def kv_usage(self) -> float:

@@ -10,10 +10,14 @@ library's own round trip, so special tokens, the chat template and added tokens 
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# transformers' lazy imports are not thread safe: two clients of one process (a router's,
+# one per engine replica) loading at once could see "cannot import name 'AutoTokenizer'".
+_LOAD_LOCK = threading.Lock()
 
 
 def export_tokenizer(tokenizer: Any) -> dict[str, bytes]:
@@ -23,6 +27,11 @@ def export_tokenizer(tokenizer: Any) -> dict[str, bytes]:
 
 
 def load_tokenizer(files: dict[str, bytes]) -> Any:
+    with _LOAD_LOCK:
+        return _load(files)
+
+
+def _load(files: dict[str, bytes]) -> Any:
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="loraplex-tok-") as tmp:

@@ -24,6 +24,7 @@ from loraplex.gateway.adapter_wiring import build_for_app
 from loraplex.gateway.auth import KeyAuthenticator
 from loraplex.gateway.billing import open_billing
 from loraplex.gateway.breakers import BreakerCollector, Breakers
+from loraplex.gateway.drain import Drain, DrainMiddleware
 from loraplex.gateway.errors import install_error_handlers
 from loraplex.gateway.fast_routes import FastInference
 from loraplex.gateway.middleware import install_middleware
@@ -79,6 +80,8 @@ def create_app(
             stale_s=settings.key_cache_stale_s,
         )
         services.keys.start()
+        services.drain = Drain()
+        undo_drain = services.drain.install(settings.drain_delay_s)
         registry = CollectorRegistry()  # the one /metrics serves
         registry.register(BreakerCollector(breakers))
         services.adapters = build_for_app(
@@ -106,6 +109,8 @@ def create_app(
             await billing_stack.aclose()  # after the engine: its last requests are metered
             await services.keys.aclose()
             await db.dispose()
+            if undo_drain is not None:
+                undo_drain()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -114,6 +119,7 @@ def create_app(
     # innermost: the inference routes' usual request skips FastAPI's routing and solving
     app.add_middleware(FastInference, owner=app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes, request_log=settings.access_log)
+    app.add_middleware(DrainMiddleware)  # inside the metrics one: its 503s are counted
     app.add_middleware(metrics_routes.HttpMetricsMiddleware)
     # The data plane's routes first: a request is matched against the routers in this
     # order, and no path of one router is a path of another.

@@ -44,9 +44,31 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     engine_url: str | None = None
     engine_listen: str = "tcp://127.0.0.1:7700"  # `loraplex engine`'s address
     engine_token: str | None = Field(default=None, repr=False)
-    # `loraplex engine` on SIGTERM: seconds requests in flight may finish (new ones go elsewhere)
-    engine_drain_s: float = Field(default=30.0, ge=0)
+    # `loraplex engine`'s HTTP surface (host:port): /metrics under vLLM's names, /health,
+    # /ready, POST /v1/load_lora_adapter and /v1/unload_lora_adapter. None: none.
+    engine_http: str | None = None
+    # `loraplex engine` on SIGTERM: takes nothing new (a router sends it elsewhere) and gives
+    # what runs this long to finish; 0: aborts what runs at once.
+    engine_drain_grace_s: float = Field(default=0.0, ge=0)
+    # Several engine replicas (gateway.routed_client): a comma-separated list of addresses,
+    # or a DNS name host:port whose A/AAAA records are the replicas (a Kubernetes headless
+    # Service), resolved every engine_dns_refresh_s. Requests go to a replica holding their
+    # adapter, else to the adapter's hash home, with no replica taking more than
+    # engine_load_factor x the mean of requests in flight (nor fewer than engine_load_floor:
+    # below that the engine batches them anyway); a replica that failed a request is left
+    # out for engine_eject_s.
+    engine_urls: str | None = None
+    engine_dns: str | None = None
+    engine_dns_refresh_s: PositiveFloat = 5.0
+    engine_load_factor: float = Field(default=1.25, ge=1.0)
+    engine_load_floor: int = Field(default=8, ge=1)
+    engine_eject_s: float = Field(default=5.0, ge=0)
     workers: int | None = Field(default=None, ge=1, le=64)  # None: from the core count
+    # SIGTERM (gateway.drain): for drain_delay_s the worker answers /ready and new requests
+    # with 503 (the listener stays open while the load balancer takes the pod out); then
+    # it stops accepting and the requests in flight, streams too, get drain_grace_s to end.
+    drain_delay_s: float = Field(default=0.0, ge=0)
+    drain_grace_s: int = Field(default=30, ge=0)
     access_log: bool = True  # a log line per request: id, tenant, model, status, tokens, latency
     log_format: Literal["text", "json"] = "text"  # every process's log lines (gateway.log_format)
     # HTTP limits

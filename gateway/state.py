@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from loraplex.engine.client import EngineClient
     from loraplex.gateway.auth import KeyAuthenticator
     from loraplex.gateway.breakers import Breakers
+    from loraplex.gateway.drain import Drain
     from loraplex.gateway.ledger import Ledger
     from loraplex.gateway.limits import Limiter
     from loraplex.gateway.metrics import Metrics
@@ -35,6 +36,7 @@ class Services:
     ledger: Ledger | None = None  # usage metering (gateway.ledger); None: not recorded
     metrics: Metrics | None = None  # Prometheus registry and instruments (gateway.metrics)
     oidc: OidcVerifier | None = None  # admin OIDC access tokens (admin.oidc); None: off
+    drain: Drain | None = None  # SIGTERM: draining (gateway.drain)
 
     def base_model_name(self) -> str:
         """The base model's name in the API: the configured one; else, when this gateway

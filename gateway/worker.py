@@ -16,6 +16,8 @@ from fastapi import FastAPI
 
 from loraplex.engine.remote_client import RemoteEngineClient
 from loraplex.gateway.app import create_app
+from loraplex.gateway.engine_discovery import engine_source
+from loraplex.gateway.routed_client import RoutedEngineClient
 from loraplex.gateway.settings import GatewaySettings
 
 log = logging.getLogger("loraplex.gateway")
@@ -45,11 +47,26 @@ def create_worker_app() -> FastAPI:
     die_with_parent()
     url = settings.engine_url
     token = settings.engine_token or ""
+    source = engine_source(settings)
+    if source is not None:  # several replicas: one routed client over a remote one each
+        return create_app(
+            settings,
+            engine_factory=lambda: RoutedEngineClient(
+                source,
+                lambda address: RemoteEngineClient(address, token=token),
+                load_factor=settings.engine_load_factor,
+                load_floor=settings.engine_load_floor,
+                eject_s=settings.engine_eject_s,
+                refresh_s=settings.engine_dns_refresh_s,
+            ),
+            engine_wait_s=ENGINE_WAIT_S,
+        )
+    url = url or settings.engine_urls
     if url is None:
         log.warning("LORAPLEX_ENGINE_URL is not set: this worker serves the control plane only")
         return create_app(settings)
     return create_app(
         settings,
-        engine_factory=lambda: RemoteEngineClient(url, token=token),
+        engine_factory=lambda: RemoteEngineClient(url.strip(" ,"), token=token),
         engine_wait_s=ENGINE_WAIT_S,
     )

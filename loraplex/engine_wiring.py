@@ -134,6 +134,6 @@ def engine_server(
         token=settings.engine_token or "",
         parent_pid=parent_pid,
         metrics=lambda: generate_latest(registry),
-        # under `serve`'s supervisor the gateway workers have drained already
-        drain_s=settings.engine_drain_s if parent_pid is None else 0.0,
+        http=settings.engine_http,
+        drain_grace_s=settings.engine_drain_grace_s,
     )

@@ -116,6 +116,13 @@ def engine_command(
             "tcp://0.0.0.0:7700, ipc:///path.sock."
         ),
     ] = "",
+    http: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve /metrics (vLLM's names), /health, /ready and the LoRA "
+            "load/unload routes over HTTP at host:port (LORAPLEX_ENGINE_HTTP)."
+        ),
+    ] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -125,6 +132,7 @@ def engine_command(
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
         data_dir=data_dir,
+        engine_http=http,
     )
     address = listen or settings.engine_listen
     raise typer.Exit(serving.serve_engine(settings, address, parent_pid))

@@ -140,6 +140,8 @@ def serve(settings: GatewaySettings) -> None:
     workers = settings.workers or default_workers()
     engine = None
     address = settings.engine_url
+    if address is None and (settings.engine_urls or settings.engine_dns):
+        address = ""  # engine replicas named (LORAPLEX_ENGINE_URLS / _DNS): none started here
     if address is None:
         address = engine_address(settings)
         names = {"model": model, "served_model_name": settings.base_model_name()}
@@ -150,7 +152,10 @@ def serve(settings: GatewaySettings) -> None:
     try:
         with limits_broker(settings, workers) as broker:
             env = child_env(
-                settings, engine_url=address, migrate_on_start=False, limits_broker_url=broker
+                settings,
+                engine_url=address or None,
+                migrate_on_start=False,
+                limits_broker_url=broker,
             )
             run_gateways(settings, env, workers)
     finally:
@@ -168,8 +173,12 @@ def serve_gateway(settings: GatewaySettings) -> None:
     from loraplex.supervisor import child_env, default_workers, limits_broker, run_gateways
 
     configure(settings.log_format)
-    if not settings.engine_url:
-        fail("LORAPLEX_ENGINE_URL", "give the engine's address (--engine tcp://host:port)")
+    if not (settings.engine_url or settings.engine_urls or settings.engine_dns):
+        fail(
+            "LORAPLEX_ENGINE_URL",
+            "give the engine's address (--engine tcp://host:port), or the replicas' "
+            "(LORAPLEX_ENGINE_URLS, LORAPLEX_ENGINE_DNS)",
+        )
     check_oidc(settings)
     check_port(settings.host, settings.port)
     if settings.migrate_on_start:

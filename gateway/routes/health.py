@@ -97,6 +97,8 @@ async def ready(request: Request) -> JSONResponse:
         state = engine.health()
         engine_check = "ok" if state.ready else f"{state.state}: {state.detail}".rstrip(": ")
     checks = {"database": database, "object_store": object_store, "engine": engine_check}
+    if services.drain is not None and services.drain.draining:
+        checks["gateway"] = "draining"  # SIGTERM: out of the load balancer (gateway.drain)
     ok = all(v == "ok" for v in checks.values())
     body = {
         "status": "ok" if ok else "unavailable",

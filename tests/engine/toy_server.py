@@ -2,7 +2,7 @@
 
 ``python toy_server.py ADDRESS TOKENIZER_DIR OPTIONS_JSON``; options: ``num_blocks``,
 ``slots``, ``step_delay_s`` (each forward sleeps that long), ``fail_execute`` (every forward
-raises), ``token``, ``client_timeout_s``, ``drain_s`` (SIGTERM drain; default 0: stop at once).
+raises), ``token``, ``client_timeout_s``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def main() -> int:
         token=opts.get("token", ""),
         client_timeout_s=opts.get("client_timeout_s", 10.0),
         parent_pid=os.getppid(),  # a test process that dies takes its engine along
-        drain_s=opts.get("drain_s", 0.0),
     )
     return server.serve_forever()
 

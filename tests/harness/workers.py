@@ -38,7 +38,7 @@ class Worker:
 
 @dataclass
 class Fleet:
-    engine: subprocess.Popen[bytes]
+    engine: subprocess.Popen[bytes] | None
     workers: list[Worker]
     logs: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -55,25 +55,38 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         return subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
 
 
-def start_fleet(root: Path, settings: dict[str, str], n: int, model: str = "dummy:tiny") -> Fleet:
-    """The engine and ``n`` workers (ready when this returns); ``settings``: LORAPLEX_*."""
+def start_fleet(
+    root: Path,
+    settings: dict[str, str],
+    n: int,
+    model: str = "dummy:tiny",
+    engines: list[str] | None = None,
+) -> Fleet:
+    """The engine and ``n`` workers (ready when this returns); ``settings``: LORAPLEX_*.
+    ``engines``: the addresses of engine replicas started already (the workers route over
+    them, LORAPLEX_ENGINE_URLS); none is started here then."""
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     address = f"ipc://{root}/engine.sock"
     env = clean_env({"LORAPLEX_MODEL": model, "LORAPLEX_DEVICE": "cpu", **settings})
-    engine = _spawn(
-        [*loraplex_argv(), "engine", "--listen", address, "--parent-pid", str(os.getpid())],
-        env,
-        logs / "engine.log",
-    )
+    engine = None
+    if engines is None:
+        engine = _spawn(
+            [*loraplex_argv(), "engine", "--listen", address, "--parent-pid", str(os.getpid())],
+            env,
+            logs / "engine.log",
+        )
+    target = {"LORAPLEX_ENGINE_URLS": ",".join(engines)} if engines else {
+        "LORAPLEX_ENGINE_URL": address}  # fmt: skip
     workers = []
     for i in range(n):
         port = free_port()
         argv = [sys.executable, "-m", "uvicorn", "loraplex.gateway.worker:create_worker_app", "--factory",
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-        proc = _spawn(argv, {**env, "LORAPLEX_ENGINE_URL": address}, logs / f"worker{i}.log")
+        proc = _spawn(argv, {**env, **target}, logs / f"worker{i}.log")
         workers.append(Worker(f"http://127.0.0.1:{port}", proc))
-    fleet = Fleet(engine, workers, logs, [engine, *(w.proc for w in workers)])
+    procs = [engine] if engine is not None else []
+    fleet = Fleet(engine, workers, logs, [*procs, *(w.proc for w in workers)])
     try:
         for w in workers:
             wait_ready(fleet, w, 120)
