@@ -4,7 +4,6 @@ code it deploys (settings, CLI options, probe routes, images)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -212,15 +211,29 @@ def test_engines_are_gpu_pods_only_gateways_reach(helm):
     headless = [s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") == "None"]
     assert [s["metadata"]["name"] for s in headless] == [engine["spec"]["serviceName"]]
     (gw,) = by_kind(docs, "Deployment")
-    (engine_arg,) = [a for a in containers(gw)[0]["args"] if a.startswith("--engine=")]
-    assert re.fullmatch(
-        rf"--engine=tcp://{headless[0]['metadata']['name']}\.ml\.svc:7700", engine_arg
-    )
+    env = {e["name"]: e.get("value") for e in containers(gw)[0]["env"]}
+    dns = f"{headless[0]['metadata']['name']}.ml.svc.cluster.local:7700"
+    assert env["LORAPLEX_ENGINE_DNS"] == dns  # the gateway routes over every engine pod
     (policy,) = by_kind(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"] == engine["spec"]["selector"]
-    (rule,) = policy["spec"]["ingress"]
-    (source,) = rule["from"]
+    zmq, http = policy["spec"]["ingress"]
+    assert [p["port"] for p in zmq["ports"]] == ["zmq"]
+    (source,) = zmq["from"]
     assert source["podSelector"] == gw["spec"]["selector"]
+    assert [p["port"] for p in http["ports"]] == ["http-engine"] and "from" not in http
+
+
+def test_engine_probes_are_its_http_surface(helm):
+    """The engine's probes name routes its HTTP surface (engine.http_surface) serves, on
+    the port its --http argument opens."""
+    source = (ROOT / "engine" / "http_surface.py").read_text()
+    (engine,) = by_kind(render(helm, VALUE_SETS["production"]), "StatefulSet")
+    (c,) = containers(engine)
+    port = next(p for p in c["ports"] if p["name"] == "http-engine")["containerPort"]
+    assert f"--http=0.0.0.0:{port}" in c["args"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["port"] == "http-engine" and f'"{get["path"]}"' in source
 
 
 def test_migrations_run_as_a_hook_before_gateways_start(helm):

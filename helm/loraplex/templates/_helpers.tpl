@@ -48,8 +48,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-engine" (include "loraplex.fullname" .) -}}
 {{- end -}}
 
-{{- define "loraplex.engineUrl" -}}
-{{- printf "tcp://%s.%s.svc:%d" (include "loraplex.engineService" .) .Release.Namespace (int .Values.engine.port) -}}
+{{/* the engines' DNS name (host:port): gateways route over its records (LORAPLEX_ENGINE_DNS) */}}
+{{- define "loraplex.engineDns" -}}
+{{- printf "%s.%s.svc.cluster.local:%d" (include "loraplex.engineService" .) .Release.Namespace (int .Values.engine.port) -}}
 {{- end -}}
 
 {{/* env entries read from existing Secrets: (dict "ctx" $ "names" (list "databaseUrl" ...));
@@ -80,8 +81,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
-{{/* the gateway container: in the gateway Deployment, and beside each engine when an
-     InferencePool routes to engine pods: (dict "ctx" $ "engineUrl" URL) */}}
+{{/* the gateway container: in the gateway Deployment (routing over every engine found at
+     the headless Service's DNS name), and beside each engine when an InferencePool routes
+     to engine pods (its own engine only): (dict "ctx" $ "engineUrl" URL-or-empty) */}}
 {{- define "loraplex.gatewayContainer" -}}
 {{- $ctx := .ctx -}}
 - name: gateway
@@ -89,7 +91,9 @@ app.kubernetes.io/component: {{ .component }}
   imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
   args:
     - gateway
+    {{- if .engineUrl }}
     - --engine={{ .engineUrl }}
+    {{- end }}
     - --host=0.0.0.0
     - --port={{ .ctx.Values.gateway.port }}
     - --workers={{ .ctx.Values.gateway.workers }}
@@ -105,6 +109,14 @@ app.kubernetes.io/component: {{ .component }}
       value: production
     - name: LORAPLEX_DATA_DIR
       value: /var/lib/loraplex
+    {{- if not .engineUrl }}
+    - name: LORAPLEX_ENGINE_DNS
+      value: {{ include "loraplex.engineDns" .ctx | quote }}
+    {{- end }}
+    - name: LORAPLEX_DRAIN_DELAY_S
+      value: {{ .ctx.Values.gateway.drain.delaySeconds | quote }}
+    - name: LORAPLEX_DRAIN_GRACE_S
+      value: {{ .ctx.Values.gateway.drain.graceSeconds | quote }}
     {{- if .ctx.Values.migrations.enabled }}
     - name: LORAPLEX_MIGRATE_ON_START
       value: "false"
