@@ -7,6 +7,7 @@ un-permuted here back to the Hugging Face (rotate-halves) layout, as transformer
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,29 +74,40 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """-> (config, float32 tensors under Hugging Face names)."""
-    from gguf import GGUFReader, quants
+    from gguf import GGUFReader
+
+    from loraplex.engine.model.progress import LoadProgress
 
     reader = GGUFReader(str(path))
     cfg = gguf_config(reader)
     out: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        base, _, suffix = t.name.rpartition(".")
-        parts = base.split(".")
-        if parts[0] == "blk":
-            kind = _NAMES.get(parts[2])
-            if kind is None:
-                raise UnsupportedModel(f"GGUF tensor {t.name!r} is not a llama tensor")
-            if kind == "self_attn.q_proj":
-                w = _unpermute(w, cfg.num_heads)
-            elif kind == "self_attn.k_proj":
-                w = _unpermute(w, cfg.num_kv_heads)
-            name = f"model.layers.{parts[1]}.{kind}.{suffix}"
-        elif base in _TOP:
-            name = f"{_TOP[base]}.{suffix}"
-        elif base == "rope_freqs":
-            raise UnsupportedModel("GGUF rope_freqs (llama3.1 rope scaling) is not supported")
-        else:
-            raise UnsupportedModel(f"GGUF tensor {t.name!r} is not a llama tensor")
-        out[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
+    with LoadProgress(f"reading {path.name}", len(reader.tensors)) as progress:
+        for t in reader.tensors:
+            out.update([_tensor(t, cfg)])
+            progress.advance()
     return cfg, out
+
+
+def _tensor(t: Any, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
+    """One GGUF tensor -> (its Hugging Face name, float32 tensor)."""
+    from gguf import quants
+
+    w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    base, _, suffix = t.name.rpartition(".")
+    parts = base.split(".")
+    if parts[0] == "blk":
+        kind = _NAMES.get(parts[2])
+        if kind is None:
+            raise UnsupportedModel(f"GGUF tensor {t.name!r} is not a llama tensor")
+        if kind == "self_attn.q_proj":
+            w = _unpermute(w, cfg.num_heads)
+        elif kind == "self_attn.k_proj":
+            w = _unpermute(w, cfg.num_kv_heads)
+        name = f"model.layers.{parts[1]}.{kind}.{suffix}"
+    elif base in _TOP:
+        name = f"{_TOP[base]}.{suffix}"
+    elif base == "rope_freqs":
+        raise UnsupportedModel("GGUF rope_freqs (llama3.1 rope scaling) is not supported")
+    else:
+        raise UnsupportedModel(f"GGUF tensor {t.name!r} is not a llama tensor")
+    return name, torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))

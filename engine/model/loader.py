@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from loraplex.engine.model.presets import PRESETS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Getter = Callable[[str], torch.Tensor]
+
+log = logging.getLogger("loraplex.engine.load")
 
 
 @dataclass
@@ -193,6 +196,7 @@ def load_model(
         cfg, tensors = read_gguf(path)
         weights = build_weights(cfg, tensors.__getitem__, dtype, device)
         del tensors
+        log.info("reading the tokenizer of %s", path.name)  # seconds: the GGUF vocabulary
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return LoadedModel(cfg, weights, tok, _eos_ids(cfg, None, tok), s)
 
