@@ -105,6 +105,13 @@ def _sum_tiers(a: AdapterTierLoads, b: AdapterTierLoads) -> AdapterTierLoads:
     )
 
 
+def _sum_parts(a: Any, b: Any) -> Any:
+    if isinstance(a, AdapterTierLoads):
+        return _sum_tiers(a, b)
+    fields = msgspec.structs.asdict(a)  # numbers only (FairKeyStats)
+    return type(a)(**{f: v + getattr(b, f) for f, v in fields.items()})
+
+
 def merge_stats(all_stats: Sequence[EngineStats]) -> EngineStats | None:
     """Numbers summed, adapter key lists joined, load tiers summed (None for none)."""
     if not all_stats:
@@ -115,11 +122,11 @@ def merge_stats(all_stats: Sequence[EngineStats]) -> EngineStats | None:
             mine = merged[name]
             if isinstance(value, list):
                 merged[name] = list(dict.fromkeys([*mine, *value]))
-            elif isinstance(value, dict):
-                tiers = dict(mine)
-                for tier, loads in value.items():
-                    tiers[tier] = _sum_tiers(tiers[tier], loads) if tier in tiers else loads
-                merged[name] = tiers
+            elif isinstance(value, dict):  # by load tier, or by fairness key
+                parts = dict(mine)
+                for k, v in value.items():
+                    parts[k] = _sum_parts(parts[k], v) if k in parts else v
+                merged[name] = parts
             else:
                 merged[name] = mine + value
     return EngineStats(**merged)

@@ -253,7 +253,8 @@ async def test_engine_token_is_required_when_set(tok_dir):
         await wrong.start()
         await right.start()
         await wait_until(lambda: right.health().ready)
-        assert not wrong.health().ready and "refused" in wrong.health().detail
+        await wait_until(lambda: "refused" in wrong.health().detail)  # its answer may lag
+        assert not wrong.health().ready
         outs = await collect(right, Request("t", [3], SamplingParams(max_tokens=2, **GREEDY)))
         assert outs[-1].finished
     finally:

@@ -41,3 +41,27 @@ def test_floor_keeps_a_lightly_loaded_holder() -> None:
     assert load_bound(views, 1.25) == 3  # the formula alone: spill at 3 in flight
     got = choose("k", views, 1.25, floor=8)
     assert got is not None and (got.name, got.outcome) == (other, "resident")
+
+
+def test_replica_stats_merge_every_field() -> None:
+    """The gateway's /metrics over several engines sums their stats, dict fields too (load
+    tiers, fairness keys): a field the merge cannot sum would take every engine metric
+    off the scrape."""
+    from loraplex.engine.stats import AdapterTierLoads, EngineStats, FairKeyStats
+    from loraplex.gateway.routing_metrics import merge_stats
+
+    a = EngineStats(
+        adapter_hits=2, gpu_adapters=["x"],
+        adapter_loads_by_tier={"disk": AdapterTierLoads(count=1, buckets=[(0.1, 1)])},
+        fairness={"t1": FairKeyStats(prefill_tokens=5, scheduled=1)},
+    )  # fmt: skip
+    b = EngineStats(
+        adapter_hits=3, gpu_adapters=["y", "x"],
+        adapter_loads_by_tier={"disk": AdapterTierLoads(count=2, buckets=[(0.1, 2)])},
+        fairness={"t1": FairKeyStats(prefill_tokens=7, decode_tokens=1), "t2": FairKeyStats()},
+    )  # fmt: skip
+    m = merge_stats([a, b])
+    assert m is not None and m.adapter_hits == 5 and m.gpu_adapters == ["x", "y"]
+    assert m.adapter_loads_by_tier["disk"].count == 3
+    assert m.fairness["t1"] == FairKeyStats(prefill_tokens=12, decode_tokens=1, scheduled=1)
+    assert set(m.fairness) == {"t1", "t2"}
