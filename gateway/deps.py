@@ -78,6 +78,7 @@ def bearer_token(authorization: str | None) -> str | None:
 async def authorize(services: Services, token: str | None, any_of: tuple[str, ...]) -> Principal:
     """Authenticate ``token``, then require one of the scopes ``any_of``."""
     principal = await _authenticator(services).authenticate(token)
+    note_tenant(principal.tenant_name)
     if not any(principal.has(scope) for scope in any_of):
         raise Forbidden(
             f"This API key lacks the required scope: {' or '.join(any_of)}.", param="scope"

@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, datetime
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from loraplex.gateway.limit_scripts import ADMIT_LUA, SETTLE_LUA, SYNC_MONTH_LUA
 from loraplex.gateway.limit_store import Breaker, OutagePolicy
@@ -40,6 +40,7 @@ from loraplex.tenancy.principal import Principal
 log = logging.getLogger("loraplex.limits")
 
 MONTH_TTL_MS = 40 * 24 * 3600 * 1000
+MAX_CONNECTIONS = 32  # per limiter (one per gateway worker process)
 STORE_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
 
 
@@ -110,8 +111,17 @@ class RedisLimiter:
     @classmethod
     def from_url(cls, url: str, metrics: Metrics, **kwargs: float | bool) -> RedisLimiter:
         timeout = float(kwargs.get("timeout_s", 1.0))
-        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        return cls(client, metrics, **kwargs)  # type: ignore[arg-type]
+        # A bounded pool: a burst of admissions queues for MAX_CONNECTIONS sockets rather
+        # than opening one per request in flight (each a new TCP connection, and a burst of
+        # them can exhaust ephemeral ports or the server's clients).
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return cls(Redis(connection_pool=pool), metrics, **kwargs)  # type: ignore[arg-type]
 
     async def _call(self, script: object, keys: list[str], args: list[int | str]) -> list[int]:
         self._breaker.check()
@@ -188,4 +198,4 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         if self._owns_client:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)

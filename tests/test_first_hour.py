@@ -4,6 +4,7 @@ in the repository."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tomllib
@@ -20,9 +21,13 @@ def _dry_run(target: str, tmp_path: Path) -> str:
         pytest.skip("no make")
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
+    # as a user runs it, also when the suite itself runs under `make test` (a sub-make would
+    # print "Entering directory" lines and inherit the outer make's flags)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     return subprocess.run(
-        ["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, check=True
-    ).stdout
+        ["make", "--no-print-directory", "-n", target],
+        cwd=tmp_path, capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
 
 
 def test_make_serve_installs_only_what_serving_needs(tmp_path: Path) -> None:
