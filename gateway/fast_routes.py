@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.gateway.deps import authorize, bearer_token
 from loraplex.gateway.json_body import is_json_media_type, parse_json
+from loraplex.gateway.middleware import replay_body
 
 # path -> the scopes its FastAPI route requires (``InferenceDep``)
 FAST_ROUTES = {"/v1/completions": ("inference",), "/v1/chat/completions": ("inference",)}
@@ -89,7 +90,7 @@ class FastInference:
         body = await _read_body(receive)
         if body is None:
             return  # the client left before its body was sent
-        replay = _replay(body, receive)
+        replay = replay_body(body, receive)
         if not body or content_type is None or not _json_media_type(content_type):
             await self.app(scope, replay, send)  # the 415 or the "field required"
             return
@@ -160,17 +161,3 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks) if len(chunks) > 1 else chunks[0]
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The body read here, as one message; then the client's channel (disconnects)."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from loraplex.admin.audit_schemas import AuditEntryOut, AuditPage, MeOut
@@ -39,14 +39,15 @@ TargetQ = Annotated[str | None, Query(description="a prefix of the target, e.g. 
 
 
 def _query(
-    actor: str | None,
-    action: str | None,
-    target: str | None,
-    tenant: str | None,
-    outcome: str | None,
-    start: str | None,
-    end: str | None,
+    actor: str | None = None,
+    action: str | None = None,
+    target: TargetQ = None,
+    tenant: str | None = None,
+    outcome: OutcomeQ = None,
+    start: FromQ = None,
+    to: ToQ = None,
 ) -> AuditQuery:
+    """The filters both routes take, as a dependency (query parameters)."""
     parsed: str | int | None = outcome
     if outcome is not None and outcome not in ("ok", "failed", "denied"):
         if not outcome.isdigit() or not 100 <= int(outcome) <= 599:
@@ -59,27 +60,23 @@ def _query(
         tenant=tenant,
         outcome=parsed,  # type: ignore[arg-type]
         start=parse_time(start, "from") if start else None,
-        end=parse_time(end, "to") if end else None,
+        end=parse_time(to, "to") if to else None,
     )
+
+
+QueryDep = Annotated[AuditQuery, Depends(_query)]
 
 
 @router.get("/admin/v1/audit", responses=errors(401, 403, 503))
 async def list_audit(
     _: AuditDep,
     session: SessionDep,
-    actor: str | None = None,
-    action: str | None = None,
-    target: TargetQ = None,
-    tenant: str | None = None,
-    outcome: OutcomeQ = None,
-    start: FromQ = None,
-    to: ToQ = None,
+    query: QueryDep,
     cursor: Annotated[str | None, Query(description="next_cursor of the page before")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     if cursor is not None and not (cursor.isdigit() and len(cursor) <= 18):
         raise InvalidInput("cursor is the next_cursor of a page", param="cursor")
-    query = _query(actor, action, target, tenant, outcome, start, to)
     rows, after = await audit_page(
         session, query, before_id=int(cursor) if cursor else None, limit=limit
     )
@@ -97,16 +94,9 @@ async def list_audit(
 async def export_audit_log(
     _: AuditDep,
     services: ServicesDep,
-    actor: str | None = None,
-    action: str | None = None,
-    target: TargetQ = None,
-    tenant: str | None = None,
-    outcome: OutcomeQ = None,
-    start: FromQ = None,
-    to: ToQ = None,
+    query: QueryDep,
     format: AuditFormat = "jsonl",
 ) -> StreamingResponse:
-    query = _query(actor, action, target, tenant, outcome, start, to)
     body = await export_audit(services.sessions, query, format)
     stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}"
     return StreamingResponse(
