@@ -30,8 +30,9 @@ class WaitQueue:
         return self._n > 0
 
     def __iter__(self) -> Iterator[Sequence]:
-        for q in list(self._q.values()):
-            yield from list(q)
+        """Every waiting sequence (no copy: do not add or remove while iterating)."""
+        for q in self._q.values():
+            yield from q
 
     def __getitem__(self, i: int) -> Sequence:
         """The ``i``-th in iteration order (keys in first-seen order; tests and tools)."""
@@ -62,7 +63,7 @@ class WaitQueue:
         tier, its queue as it stands. Do not add or remove while iterating."""
         if len(self._q) == 1:
             (q,) = self._q.values()
-            yield from list(q)
+            yield from q
             return
         # ties (a key just lifted to the least-served one's counter) go to the shorter queue
         heap: list[tuple[int, float, int, int, int, str]] = []
