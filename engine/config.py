@@ -68,6 +68,11 @@ class EngineConfig:
     # Launch step n+1 before reading step n's tokens (the host's work overlaps the GPU's);
     # steps with penalty requests (their sampling reads the tokens) run one at a time.
     async_scheduling: bool = True
+    # Split the model over this many GPUs of one host (one worker process per rank, the
+    # scheduler stays in this process): heads, KV heads, intermediate size and vocabulary
+    # must divide by it. Adds per-rank timeouts on its collectives.
+    tensor_parallel_size: int = 1
+    tensor_parallel_timeout_s: float = 600.0
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -135,6 +140,12 @@ class EngineConfig:
                 "must be in (0, 1]",
             ),
             (self.max_waiting >= 1, "max_waiting", "must be positive"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be positive"),
+            (
+                self.tensor_parallel_timeout_s > 0,
+                "tensor_parallel_timeout_s",
+                "must be positive",
+            ),
             (self.aging_steps >= 1, "aging_steps", "must be positive"),
             (self.adapter_load_workers >= 1, "adapter_load_workers", "must be positive"),
             (

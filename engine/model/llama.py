@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from loraplex.engine import kernels as K
 from loraplex.engine.kernels import LoraMeta
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from loraplex.engine.parallel import TPGroup
 
 
 @dataclass
@@ -79,9 +83,19 @@ class ForwardInputs:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: LlamaWeights, max_positions: int) -> None:
+    """``tp``: this rank's tensor-parallel group, with ``config`` its shard's shape and
+    ``weights`` its slices (``engine/model/sharding.py``); None: the whole model here."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: LlamaWeights,
+        max_positions: int,
+        tp: TPGroup | None = None,
+    ) -> None:
         self.config = config
         self.weights = weights
+        self.tp = tp
         dev = weights.embed.device
         inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
         self.cos_sin = K.rotary_cos_sin_cache(inv_freq, max_positions, scale)
@@ -206,7 +220,11 @@ class LlamaModel:
         """
         c = self.config
         T = inp.input_ids.shape[0]
-        x = F.embedding(inp.input_ids, self.weights.embed)
+        tp = self.tp
+        if tp is None:
+            x = F.embedding(inp.input_ids, self.weights.embed)
+        else:
+            x = tp.embed(inp.input_ids, self.weights.embed)
         residual = None
         for i, w in enumerate(self.weights.layers):
             if residual is None:
@@ -249,14 +267,38 @@ class LlamaModel:
                     max_q_len=inp.max_q_len,
                 )
             attn = attn.reshape(T, c.q_size)
-            o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
+            if tp is None:
+                o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
+            else:  # a partial sum (base + LoRA): summed over the ranks, then the residual
+                o = tp.all_reduce(self._partial(attn, w.o, groups, "o", inp, beside))
             h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
             act = K.silu_and_mul(gu, d)
-            x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)
+            if tp is None:
+                x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)
+            else:
+                x = tp.all_reduce(self._partial(act, w.down, groups, "down", inp, beside))
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
         return out
 
+    def _partial(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        groups: dict[str, LoraGroup] | None,
+        name: str,
+        inp: ForwardInputs,
+        beside: bool,
+    ) -> torch.Tensor:
+        """A row-parallel projection's partial sum on this rank: its input columns of the
+        base GEMM plus its rows of the adapters' A (shrink) expanded by the whole B. Summed
+        over the ranks this is the whole projection and its LoRA: the shrink needs no
+        collective of its own."""
+        y, delta = self._proj(x, weight, groups, name, inp, beside=beside)
+        return y if delta is None else y.add_(delta)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` -> float32 ``[N, V]``."""
-        return F.linear(hidden, self.weights.lm_head).float()
+        """``[N, H]`` -> float32 ``[N, V]`` (tensor-parallel: on rank 0; the other ranks
+        get their vocabulary slice)."""
+        local = F.linear(hidden, self.weights.lm_head).float()
+        return local if self.tp is None else self.tp.gather_vocab(local)

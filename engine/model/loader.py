@@ -19,6 +19,7 @@ import torch
 from loraplex.engine.model.config import ModelConfig, UnsupportedModel, config_from_hf
 from loraplex.engine.model.llama import LayerWeights, LlamaWeights
 from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model.sharding import Shard, check_tensor_parallel, shard_fused
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Getter = Callable[[str], torch.Tensor]
@@ -50,15 +51,23 @@ def default_model_path() -> Path:
 
 
 def build_weights(
-    config: ModelConfig, get: Getter, dtype: torch.dtype, device: torch.device
+    config: ModelConfig,
+    get: Getter,
+    dtype: torch.dtype,
+    device: torch.device,
+    shard: Shard | None = None,
 ) -> LlamaWeights:
-    """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time."""
+    """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time;
+    with ``shard``, only that tensor-parallel rank's slices are kept."""
 
     def t(name: str) -> torch.Tensor:
         return get(name).to(device=device, dtype=dtype)
 
     def cat(*names: str) -> torch.Tensor:
         return torch.cat([t(n) for n in names], 0).contiguous()
+
+    def cut(name: str, x: torch.Tensor) -> torch.Tensor:
+        return x if shard is None else shard_fused(name, x, config, shard)
 
     layers = []
     for i in range(config.num_layers):
@@ -77,24 +86,30 @@ def build_weights(
         layers.append(
             LayerWeights(
                 input_norm=t(p + "input_layernorm.weight"),
-                qkv=qkv,
-                qkv_bias=bias,
+                qkv=cut("qkv", qkv),
+                qkv_bias=None if bias is None else cut("qkv_bias", bias),
                 q_norm=q_norm,
                 k_norm=k_norm,
-                o=t(a + "o_proj.weight"),
+                o=cut("o", t(a + "o_proj.weight")),
                 post_norm=t(p + "post_attention_layernorm.weight"),
-                gate_up=gate_up,
-                down=t(m + "down_proj.weight"),
+                gate_up=cut("gate_up", gate_up),
+                down=cut("down", t(m + "down_proj.weight")),
             )
         )
-    embed = t("model.embed_tokens.weight")
-    lm_head = embed if config.tie_word_embeddings else t("lm_head.weight")
+    embed = cut("embed", t("model.embed_tokens.weight"))
+    lm_head = embed if config.tie_word_embeddings else cut("lm_head", t("lm_head.weight"))
     return LlamaWeights(embed=embed, layers=layers, norm=t("model.norm.weight"), lm_head=lm_head)
 
 
 def random_weights(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    shard: Shard | None = None,
 ) -> LlamaWeights:
+    """Random weights; with ``shard``, that rank's slices of the very same weights (each
+    whole tensor is drawn, cut and dropped in turn)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     c = config
 
@@ -104,22 +119,25 @@ def random_weights(
     def norm(n: int = c.hidden_size) -> torch.Tensor:
         return 1.0 + rnd(n, std=0.1)
 
+    def cut(name: str, x: torch.Tensor) -> torch.Tensor:
+        return x if shard is None else shard_fused(name, x, c, shard)
+
     layers = [
         LayerWeights(
             input_norm=norm(),
-            qkv=rnd(c.q_size + 2 * c.kv_size, c.hidden_size),
-            qkv_bias=rnd(c.q_size + 2 * c.kv_size) if c.qkv_bias else None,
+            qkv=cut("qkv", rnd(c.q_size + 2 * c.kv_size, c.hidden_size)),
+            qkv_bias=cut("qkv_bias", rnd(c.q_size + 2 * c.kv_size)) if c.qkv_bias else None,
             q_norm=norm(c.head_dim) if c.qk_norm else None,
             k_norm=norm(c.head_dim) if c.qk_norm else None,
-            o=rnd(c.hidden_size, c.q_size),
+            o=cut("o", rnd(c.hidden_size, c.q_size)),
             post_norm=norm(),
-            gate_up=rnd(2 * c.intermediate_size, c.hidden_size),
-            down=rnd(c.hidden_size, c.intermediate_size),
+            gate_up=cut("gate_up", rnd(2 * c.intermediate_size, c.hidden_size)),
+            down=cut("down", rnd(c.hidden_size, c.intermediate_size)),
         )
         for _ in range(c.num_layers)
     ]
-    embed = rnd(c.vocab_size, c.hidden_size)
-    lm_head = embed if c.tie_word_embeddings else rnd(c.vocab_size, c.hidden_size)
+    embed = cut("embed", rnd(c.vocab_size, c.hidden_size))
+    lm_head = embed if c.tie_word_embeddings else cut("lm_head", rnd(c.vocab_size, c.hidden_size))
     return LlamaWeights(embed=embed, layers=layers, norm=norm(), lm_head=lm_head)
 
 
@@ -162,29 +180,55 @@ def _eos_ids(config: ModelConfig, path: Path | None, tokenizer: Any) -> frozense
     return frozenset(ids)
 
 
+def model_config(spec: str | Path | None) -> ModelConfig | None:
+    """The shape of ``spec`` without its weights (a preset or an HF ``config.json``); None
+    where only loading tells (a GGUF file)."""
+    if spec is None or str(spec) == "default":
+        return None
+    s = str(spec)
+    if s.startswith("dummy:"):
+        name = s.removeprefix("dummy:")
+        if name not in PRESETS:
+            raise UnsupportedModel(f"unknown dummy preset {name!r} (one of {', '.join(PRESETS)})")
+        return PRESETS[name]
+    cfg_file = Path(spec) / "config.json"
+    if cfg_file.is_file():
+        return config_from_hf(json.loads(cfg_file.read_text()))
+    return None
+
+
 def load_model(
     spec: str | Path | None,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    shard: Shard | None = None,
+    tokenizer: bool = True,
 ) -> LoadedModel:
-    """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default)."""
-    from transformers import AutoTokenizer
-
+    """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default).
+    ``shard``: keep only that tensor-parallel rank's slices (``config`` stays the whole
+    model's). ``tokenizer=False``: none is read (tensor-parallel workers; ``tokenizer`` is
+    None then)."""
     device = torch.device(device)
     if spec is None or str(spec) == "default":
         spec = default_model_path()
     s = str(spec)
+
+    def checked(cfg: ModelConfig) -> ModelConfig:
+        if shard is not None:
+            check_tensor_parallel(cfg, shard.size)
+        return cfg
+
     if s.startswith("dummy:"):
+        from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
+
         name = s.removeprefix("dummy:")
         if name not in PRESETS:
             raise UnsupportedModel(f"unknown dummy preset {name!r} (one of {', '.join(PRESETS)})")
-        from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
-
         cfg = PRESETS[name]
-        weights = random_weights(cfg, dtype, device, seed)
-        tok = dummy_tokenizer(cfg.vocab_size)
+        weights = random_weights(checked(cfg), dtype, device, seed, shard)
+        tok = dummy_tokenizer(cfg.vocab_size) if tokenizer else None
         return LoadedModel(cfg, weights, tok, frozenset(cfg.eos_token_ids), s)
 
     path = Path(spec)
@@ -194,8 +238,12 @@ def load_model(
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
         cfg, tensors = read_gguf(path)
-        weights = build_weights(cfg, tensors.__getitem__, dtype, device)
+        weights = build_weights(checked(cfg), tensors.__getitem__, dtype, device, shard)
         del tensors
+        if not tokenizer:
+            return LoadedModel(cfg, weights, None, frozenset(cfg.eos_token_ids), s)
+        from transformers import AutoTokenizer
+
         log.info("reading the tokenizer of %s", path.name)  # seconds: the GGUF vocabulary
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return LoadedModel(cfg, weights, tok, _eos_ids(cfg, None, tok), s)
@@ -204,6 +252,10 @@ def load_model(
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: not a .gguf file, an HF directory or dummy:<preset>")
     cfg = config_from_hf(json.loads(cfg_file.read_text()))
-    weights = build_weights(cfg, _Safetensors(path), dtype, device)
+    weights = build_weights(checked(cfg), _Safetensors(path), dtype, device, shard)
+    if not tokenizer:
+        return LoadedModel(cfg, weights, None, frozenset(cfg.eos_token_ids), s)
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(cfg, weights, tok, _eos_ids(cfg, path, tok), s)
