@@ -269,7 +269,7 @@ class TPRunner:
             if not gone:
                 continue
             rank, p = sentinels[int(gone[0])]  # type: ignore[call-overload]
-            p.join(0.1)
+            p.join(1.0)
             self._failure = _exited(rank, p)
             log.error("%s: the engine stops", self._failure)
             if not self._closed.wait(HANG_GRACE_S) and self._step_since is not None:
