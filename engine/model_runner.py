@@ -151,7 +151,8 @@ class ModelRunner:
         CPU: room for ``max_loras`` (8 when None) adapters of ``max_lora_rank`` on every
         projection."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        full = sum(page_bytes(self.local_config, elem).values()) * -(-self.max_lora_rank // PAGE_ROWS)
+        pages = -(-self.max_lora_rank // PAGE_ROWS)
+        full = sum(page_bytes(self.local_config, elem).values()) * pages
         if self.device.type != "cuda":
             # twice the padded bytes: on tiny models a chunk holds few pages, and chunk
             # rounding per projection can waste up to half of a small arena

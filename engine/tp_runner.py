@@ -198,7 +198,9 @@ class TPRunner:
             for rank, conn in enumerate(self._conns, start=1):
                 part = shard_lora(weights, self.config, Shard(rank, self.size))
                 conn.send_bytes(pickle.dumps(("write", slot, part, pages), protocol=5))
-            self.local.write_slot(slot, shard_lora(weights, self.config, Shard(0, self.size)), pages)
+            self.local.write_slot(
+                slot, shard_lora(weights, self.config, Shard(0, self.size)), pages
+            )
         except OSError as exc:
             raise self._fatal(exc) from exc
 

@@ -42,6 +42,7 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         async_scheduling=settings.async_scheduling,
+        tensor_parallel_size=settings.tensor_parallel_size,
     )
 
 

@@ -66,6 +66,16 @@ DeviceOpt = Annotated[
 DTypeOpt = Annotated[
     DType | None, typer.Option(help="auto: float32 on CPU, bfloat16 on GPU (LORAPLEX_DTYPE).")
 ]
+TensorParallel = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel-size",
+        min=1,
+        help="Split the model over this many GPUs of one host, one process per GPU "
+        "(LORAPLEX_TENSOR_PARALLEL_SIZE; default 1). Heads, KV heads, intermediate size and "
+        "vocabulary must divide by it.",
+    ),
+]
 
 
 @app.command()
@@ -73,6 +83,7 @@ def serve(
     model: Model = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    tensor_parallel_size: TensorParallel = None,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (LORAPLEX_HOST; default 127.0.0.1).")
     ] = None,
@@ -95,6 +106,7 @@ def serve(
         model=model,
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
+        tensor_parallel_size=tensor_parallel_size,
         host=host,
         port=port,
         workers=workers,
@@ -109,6 +121,7 @@ def engine_command(
     model: Model = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    tensor_parallel_size: TensorParallel = None,
     listen: Annotated[
         str,
         typer.Option(
@@ -131,6 +144,7 @@ def engine_command(
         model=model,
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
+        tensor_parallel_size=tensor_parallel_size,
         data_dir=data_dir,
         engine_http=http,
     )

@@ -275,7 +275,9 @@ class LlamaModel:
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
             act = K.silu_and_mul(gu, d)
             if tp is None:
-                x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)
+                x, _ = self._proj(
+                    act, w.down, groups, "down", inp, beside=beside, residual=residual
+                )
             else:
                 x = tp.all_reduce(self._partial(act, w.down, groups, "down", inp, beside))
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)

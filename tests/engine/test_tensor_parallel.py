@@ -136,7 +136,7 @@ def test_ranks_match_one_rank(model, single, tp):
 
 
 def test_killed_rank_ends_the_engine(model):
-    base, adapters = model
+    base, _ = model
     config = EngineConfig(**{**SMALL, "num_gpu_blocks": 64}, tensor_parallel_size=2)
     outputs: list[EngineOutput] = []
     dead = threading.Event()
@@ -172,7 +172,9 @@ def test_killed_rank_ends_the_engine(model):
 def test_size_that_does_not_divide_is_refused(model):
     base, _ = model
     # 4 heads and 4 KV heads, intermediate 96, vocab 320: 3 divides none of the heads
-    with pytest.raises(UnsupportedModel, match="tensor_parallel_size 3 does not divide the model's attention heads"):
+    with pytest.raises(
+        UnsupportedModel, match="tensor_parallel_size 3 does not divide the model's attention heads"
+    ):
         build_runner(str(base), EngineConfig(device="cpu", tensor_parallel_size=3))
     with pytest.raises(UnsupportedModel, match="KV heads"):
         build_runner("dummy:tiny", EngineConfig(device="cpu", tensor_parallel_size=4))
