@@ -92,7 +92,10 @@ class TPRunner:
         self._lock = threading.Lock()
         port = free_port()
         timeout_s = config.tensor_parallel_timeout_s
-        ctx = mp.get_context("spawn")
+        # a fork server with torch and the runner imported: each worker starts in a
+        # fraction of a second (no CUDA is initialized in it, so forking from it is safe)
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
         for rank in range(1, size):
