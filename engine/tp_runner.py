@@ -110,16 +110,24 @@ class TPRunner:
             theirs.close()
             self._procs.append(p)
             self._conns.append(ours)
+        # the start-up counts as a step: a rank that dies while this thread is blocked in
+        # one of its collectives (NCCL) ends the process after the grace period
+        self._step_since: float | None = time.monotonic()
+        self._watcher = threading.Thread(target=self._watch, name="tp-watch", daemon=True)
+        self._watcher.start()
         try:
             self.tp = TPGroup(Shard(0, size), device, port=port, timeout_s=timeout_s)
             self.local = ModelRunner(model, device=device, tp=self.tp, **opts)
             self._await_ready(timeout_s)
         except BaseException as exc:
+            self._closing.set()
             why = self._worker_errors()
             self._stop_workers()
+            self._closed.set()
             if why and not isinstance(exc, RunnerFailed):
                 raise RunnerFailed(f"tensor-parallel startup failed: {why}") from exc
             raise
+        self._step_since = None
         r = self.local
         self.config = r.config
         self.device, self.dtype = r.device, r.dtype
@@ -128,9 +136,6 @@ class TPRunner:
         self.eos_token_ids, self.tokenizer = r.eos_token_ids, r.tokenizer
         self.lora_plan = r.lora_plan
         self.size = size
-        self._step_since: float | None = None
-        self._watcher = threading.Thread(target=self._watch, name="tp-watch", daemon=True)
-        self._watcher.start()
         log.info("tensor parallel: %d ranks, %d KV blocks each", size, self.num_blocks)
 
     # ---- startup -----------------------------------------------------------------------
@@ -318,6 +323,7 @@ def _worker_main(
         tp = TPGroup(Shard(rank, size), device, port=port, timeout_s=timeout_s)
         runner = ModelRunner(model, device=device, tp=tp, **opts)
     except BaseException as exc:
+        log.exception("tensor-parallel rank %d could not start", rank)
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     conn.send(("ready",))
