@@ -21,7 +21,16 @@ from typing import Any
 
 import pytest
 import torch
-from model_builders import VOCAB, AdapterSpec, build_adapter, build_hf_model
+from model_builders import (
+    VOCAB,
+    AdapterSpec,
+    build_adapter,
+    build_hf_model,
+    check_batch,
+    parity_references,
+    prompts_for,
+)
+from test_family_parity import FUSED_SPECS, SPLIT_SPECS
 
 from loraplex.engine.api import AdapterRef, EngineOutput, Request, SamplingParams
 from loraplex.engine.config import EngineConfig
@@ -133,6 +142,27 @@ def test_ranks_match_one_rank(model, single, tp):
             continue  # a step of prefill chunks that sample nothing
         err = (a - b).abs().max().item() / b.abs().max().item()
         assert err < TOL, f"step {step}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "specs"), [("qwen2", SPLIT_SPECS), ("phi3", FUSED_SPECS)], ids=["qwen2", "phi3"]
+)
+def test_two_ranks_match_hf_across_families(tmp_path, kind, specs):
+    """Qwen2 (qkv bias, tied embedding and head) and Phi-3 (fused qkv_proj / gate_up_proj
+    in the checkpoint and in the adapters) split 2 ways: the base and three adapters in one
+    batch against transformers + PEFT."""
+    base = build_hf_model(tmp_path / "base", kind, seed=5)
+    adapters = [build_adapter(base, tmp_path / f"lora{i}", s) for i, s in enumerate(specs)]
+    prompts = prompts_for(4, VOCAB, seed=1)
+    refs = parity_references(base, adapters, prompts)
+    config = EngineConfig(device="cpu", dtype="float32", block_size=4, max_num_seqs=8,
+                          max_model_len=64, max_loras=4, max_lora_rank=64, num_gpu_blocks=128,
+                          tensor_parallel_size=2)  # fmt: skip
+    runner = build_runner(str(base), config)
+    try:
+        check_batch(runner, adapters, prompts, refs, greedy=True)
+    finally:
+        runner.close()
 
 
 def test_killed_rank_ends_the_engine(model):
