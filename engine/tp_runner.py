@@ -124,7 +124,8 @@ class TPRunner:
             why = self._worker_errors()
             self._stop_workers()
             self._closed.set()
-            if why and not isinstance(exc, RunnerFailed):
+            if why and isinstance(exc, RuntimeError) and not isinstance(exc, RunnerFailed):
+                # rank 0 saw a failed collective: the worker that failed says why
                 raise RunnerFailed(f"tensor-parallel startup failed: {why}") from exc
             raise
         self._step_since = None
