@@ -8,7 +8,8 @@ pipe), then runs its own shard; the ranks meet in the forward's collectives
 embedding, and the logits gathered on rank 0, which samples once. Tokens the batch reads from
 the previous step's samples (async scheduling) are broadcast from rank 0 on the device first.
 Adapter writes are sliced here and fanned out, each rank its slice, down the same pipes (so
-they stay ordered with the steps); slot tables are the driver's and the same on every rank.
+they stay ordered with the steps; the tensors travel by shared memory); slot tables are the
+driver's and the same on every rank.
 
 A rank that dies ends the engine: gloo's collectives fail at once when a peer goes, a watcher
 thread sees a worker process exit and makes the next step (or idle check) raise
@@ -203,13 +204,13 @@ class TPRunner:
         self, slot: int, weights: LoraWeights, pages: dict[str, list[int]] | None = None
     ) -> None:
         self.check_alive()
+        parts = shard_lora(weights, self.size)
         try:
-            for rank, conn in enumerate(self._conns, start=1):
-                part = shard_lora(weights, self.config, Shard(rank, self.size))
-                conn.send_bytes(pickle.dumps(("write", slot, part, pages), protocol=5))
-            self.local.write_slot(
-                slot, shard_lora(weights, self.config, Shard(0, self.size)), pages
-            )
+            for conn, part in zip(self._conns, parts[1:], strict=True):
+                # torch's pickler: the tensors go by shared memory (a file descriptor each,
+                # the replicated ones moved there once), not through the pipe
+                conn.send(("write", slot, part, pages))
+            self.local.write_slot(slot, parts[0], pages)
         except OSError as exc:
             raise self._fatal(exc) from exc
 

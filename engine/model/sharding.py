@@ -100,30 +100,38 @@ def shard_fused(name: str, t: torch.Tensor, config: ModelConfig, shard: Shard) -
     return t  # norms: replicated
 
 
-def shard_lora(weights: LoraWeights, config: ModelConfig, shard: Shard) -> LoraWeights:
-    """This rank's slice of an adapter read against the whole model (module docstring).
-    Fresh contiguous tensors (the caller sends them to the rank); ``buffer`` is empty."""
-    if shard.size == 1:
-        return weights
-    groups: dict[str, PackedGroup] = {}
+def shard_lora(weights: LoraWeights, size: int) -> list[LoraWeights]:
+    """Every rank's slice of an adapter read against the whole model (module docstring), in
+    rank order. Fresh contiguous tensors, the replicated ones (column-parallel A, row-parallel
+    B, the rank tables) one copy shared by all slices; ``buffer`` is empty."""
+    if size == 1:
+        return [weights]
+    shards = [Shard(r, size) for r in range(size)]
+    groups: list[dict[str, PackedGroup]] = [{} for _ in shards]
     offsets: dict[str, tuple[int, ...]] = {}
     for g, p in weights.groups.items():
         offs = weights.row_offsets[g]
+        ranks = p.ranks.clone()
         if g in COLUMN_GROUPS:
             widths = [offs[i + 1] - offs[i] for i in range(len(GROUPS[g]))]
-            b = _rows(p.b, widths, shard, dim=1)
-            groups[g] = PackedGroup(p.a.clone(), b, p.ranks.clone())
+            a = p.a.clone()
+            for s, out in zip(shards, groups, strict=True):
+                out[g] = PackedGroup(a, _rows(p.b, widths, s, dim=1), ranks)
             new = [0]
             for w in widths:
-                new.append(new[-1] + w // shard.size)
+                new.append(new[-1] + w // size)
             offsets[g] = tuple(new)
         else:
-            a = _rows(p.a, [p.a.shape[3]], shard, dim=3)
-            groups[g] = PackedGroup(a, p.b.clone(), p.ranks.clone())
+            b = p.b.clone()
+            for s, out in zip(shards, groups, strict=True):
+                out[g] = PackedGroup(_rows(p.a, [p.a.shape[3]], s, dim=3), b, ranks)
             offsets[g] = offs
-    return LoraWeights(
-        groups=groups,
-        ranks=dict(weights.ranks),
-        buffer=torch.empty(0, dtype=torch.uint8),
-        row_offsets=offsets,
-    )
+    return [
+        LoraWeights(
+            groups=gs,
+            ranks=dict(weights.ranks),
+            buffer=torch.empty(0, dtype=torch.uint8),
+            row_offsets=dict(offsets),
+        )
+        for gs in groups
+    ]
