@@ -43,6 +43,7 @@ from loraplex.engine.model.sharding import Shard, check_tensor_parallel, shard_l
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.parallel import TPGroup, free_port, no_multicast_env
 from loraplex.engine.runner import StepTensors, runner_options
+from loraplex.engine.tp_worker import worker_main
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ class TPRunner:
         # a fork server with torch and the runner imported: each worker starts in a
         # fraction of a second (no CUDA is initialized in it, so forking from it is safe)
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([worker_main.__module__])
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
         for rank in range(1, size):
             ours, theirs = ctx.Pipe()
             p = ctx.Process(
-                target=_worker_main,
+                target=worker_main,
                 args=(rank, size, port, model, opts, _rank_device(device, rank), timeout_s, theirs),
                 name=f"loraplex-tp{rank}",
                 daemon=True,
@@ -291,60 +292,3 @@ class TPRunner:
 
 def _exited(rank: int, p: Any) -> str:
     return f"tensor-parallel rank {rank} (pid {p.pid}) exited with status {p.exitcode}"
-
-
-def _watch_parent(parent: int) -> None:
-    """Exit when the engine process is gone, even if blocked in a collective."""
-
-    def run() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=run, name="tp-parent", daemon=True).start()
-
-
-def _worker_main(
-    rank: int,
-    size: int,
-    port: int,
-    model: str | Path | None,
-    opts: dict[str, Any],
-    device: torch.device,
-    timeout_s: float,
-    conn: Connection,
-) -> None:
-    """One worker rank: build its shard, then run what the driver sends, in order."""
-    _watch_parent(os.getppid())
-    no_multicast_env()
-    if device.type == "cpu":  # the ranks share the host's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    else:
-        torch.cuda.set_device(device)
-    try:
-        tp = TPGroup(Shard(rank, size), device, port=port, timeout_s=timeout_s)
-        runner = ModelRunner(model, device=device, tp=tp, **opts)
-    except BaseException as exc:
-        log.exception("tensor-parallel rank %d could not start", rank)
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise SystemExit(1) from None
-    conn.send(("ready",))
-    while True:
-        try:
-            msg = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return  # the engine process is gone
-        kind = msg[0]
-        if kind == "run":
-            _, batch, head = msg
-            if head is not None:
-                n, dtype = head
-                prev = tp.broadcast(torch.empty(n, dtype=dtype, device=device))
-            runner.run(batch, prev if head is not None else None)
-            prev = None
-        elif kind == "write":
-            runner.write_slot(msg[1], msg[2], msg[3])
-        elif kind == "clear":
-            runner.clear_slot(msg[1])
-        elif kind == "stop":
-            return
