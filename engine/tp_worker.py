@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def _watch_parent(parent: int) -> None:
-    """Exit when the engine process is gone, even if blocked in a collective."""
+    """Exit when the engine process is gone, even if blocked in a collective (the parent is
+    the engine's fork server, which exits with the engine)."""
 
     def run() -> None:
         while os.getppid() == parent:
@@ -71,11 +72,11 @@ def worker_main(
         kind = msg[0]
         if kind == "run":
             _, batch, head = msg
-            if head is not None:
+            prev = None
+            if head is not None:  # the previous step's sampled ids, from rank 0
                 n, dtype = head
                 prev = tp.broadcast(torch.empty(n, dtype=dtype, device=device))
-            runner.run(batch, prev if head is not None else None)
-            prev = None
+            runner.run(batch, prev)
         elif kind == "write":
             runner.write_slot(msg[1], msg[2], msg[3])
         elif kind == "clear":
