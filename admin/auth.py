@@ -57,11 +57,11 @@ async def authenticate_admin(
 ) -> Admin:
     settings = services.settings
     if not token and settings.console_enabled:
-        session = read_session(request, secret_key)
-        if session is not None and (session.via == "oidc" or settings.admin_token_enabled):
-            admin = Admin(session.subject, session.issuer, session.roles)
+        console = read_session(request, secret_key)
+        if console is not None and (console.via == "oidc" or settings.admin_token_enabled):
+            admin = Admin(console.subject, console.issuer, console.roles)
             request.state.admin = admin  # who, also when refused below
-            if not csrf_ok(request, session):
+            if not csrf_ok(request, console):
                 raise _refuse(
                     request,
                     "csrf",

@@ -188,7 +188,6 @@ class OidcVerifier:
             roles=roles_from_claim(values, self._settings.oidc_role_map),
         )
 
-
     async def verify_id_token(self, token: str, client_id: str, nonce: str) -> dict[str, Any]:
         """An ID token from the console's login: signed by the issuer's keys, for
         ``client_id``, unexpired, carrying the login's ``nonce``. Its claims."""

@@ -6,7 +6,6 @@ action is one admin request and one audit row. See docs/console.md."""
 from __future__ import annotations
 
 from pathlib import Path
-
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request

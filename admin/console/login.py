@@ -17,8 +17,8 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import httpx
-from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.integrations.base_client.errors import OAuthError
+from authlib.integrations.httpx_client import AsyncOAuth2Client
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
@@ -207,7 +207,9 @@ async def _exchange(
     id_token, access_token = token.get("id_token"), token.get("access_token")
     if not isinstance(id_token, str) or not isinstance(access_token, str):
         raise TokenRejected("no_token", "The identity provider sent no ID or access token.")
-    claims = await oidc.verify_id_token(id_token, services.settings.oidc_client_id, pending["nonce"])
+    claims = await oidc.verify_id_token(
+        id_token, services.settings.oidc_client_id, pending["nonce"]
+    )
     identity = await oidc.verify(access_token)  # the API's own check and role mapping
     if identity.subject != str(claims["sub"]):
         raise TokenRejected("subject", "The ID and access tokens name different subjects.")
@@ -303,6 +305,8 @@ async def logout(
     )
     response = RedirectResponse(target, status_code=303)
     clear_cookie(
-        response, SESSION_COOKIE, secure_cookie=secure(request, services.settings.console_public_url)
+        response,
+        SESSION_COOKIE,
+        secure_cookie=secure(request, services.settings.console_public_url),
     )
     return response

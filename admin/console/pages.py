@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any
-
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -202,9 +201,7 @@ async def audit_log_page(
     if after is not None:
         q = "&".join(f"{k}={quote(v)}" for k, v in filters.items() if v)
         next_url = f"/console/audit?{q}{'&' if q else ''}cursor={after}"
-    return render(
-        request, session, "audit.html", rows=rows, filters=filters, next_url=next_url
-    )
+    return render(request, session, "audit.html", rows=rows, filters=filters, next_url=next_url)
 
 
 @router.get("/engines")
