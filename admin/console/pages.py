@@ -188,11 +188,13 @@ async def audit_log_page(
 ) -> Response:
     if not can(session, Perm.AUDIT):
         return refused(request, session, "Your roles do not allow reading the audit log.")
+    parsed: Any = None
+    if outcome in ("ok", "failed", "denied"):
+        parsed = outcome
+    elif outcome.isdigit() and 100 <= int(outcome) <= 599:
+        parsed = int(outcome)
     query = AuditQuery(
-        actor=actor or None,
-        action=action or None,
-        tenant=tenant or None,
-        outcome=(int(outcome) if outcome.isdigit() else outcome or None),  # type: ignore[arg-type]
+        actor=actor or None, action=action or None, tenant=tenant or None, outcome=parsed
     )
     before = int(cursor) if cursor.isdigit() else None
     rows, after = await audit_page(db, query, before_id=before, limit=50)

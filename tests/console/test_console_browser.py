@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 from browser import find_chromium, start_browser
-from conftest import BASE, ConsoleServer
+from console_live import BASE, ConsoleServer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
@@ -123,6 +123,28 @@ def test_console_in_chromium(
     assert secret not in browser.page_source
     assert "browser key" in page.css("#keys").text
 
+    # rotate it: a new secret, shown once too; the old one stops working
+    page.css("#keys button[data-action=rotate-key]").click()
+    page.status("Key rotated")
+    rotated = page.css("#secret").get_attribute("value")
+    assert rotated and rotated.startswith("lpx_") and rotated != secret
+    page.css("#secret-done").click()
+    page.status("no longer shown")
+    assert rotated not in browser.page_source and secret not in browser.page_source
+    old_key = openai.OpenAI(api_key=secret, base_url=f"{console_server.url}/v1", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        old_key.models.list()
+    secrets_shown = [secret, rotated]
+    secret = rotated
+
+    # status and limits
+    limit = page.css("#edit-tokens_per_minute")
+    limit.clear()
+    limit.send_keys("90000")
+    page.css("#edit-tenant button[type=submit]").click()
+    page.status(f"Tenant {TENANT} saved.")
+    assert "tokens_per_minute=90000" in page.css("#tenant-limits").text
+
     # an adapter upload, with progress (recorded across the reload that follows success)
     adapter = make_peft_adapter(tiny_llama_dir, rank=8, targets=["q_proj", "v_proj"], seed=31)
     browser.execute_script(
@@ -143,6 +165,10 @@ def test_console_in_chromium(
     page.status("Uploaded support version 1.")
     assert browser.execute_script("return sessionStorage.getItem('seen-progress')") == "100"
     assert page.css('#adapters tr[data-adapter="support"]').text.startswith("support (current)")
+    page.css("#alias-name").send_keys("prod")
+    page.css("#alias-version").send_keys("1")
+    page.css("#set-alias button[type=submit]").click()
+    page.status("Alias prod now points at support@1.")
     page.shot("adapter-uploaded")
 
     # the usage page before traffic, then traffic through the gateway with the new key
@@ -152,7 +178,7 @@ def test_console_in_chromium(
     sdk = openai.OpenAI(api_key=secret, base_url=f"{console_server.url}/v1", max_retries=0)
     for _ in range(3):
         out = sdk.chat.completions.create(
-            model="support", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            model="prod", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
         assert out.usage is not None and out.usage.completion_tokens > 0
     base = sdk.chat.completions.create(
@@ -183,6 +209,10 @@ def test_console_in_chromium(
     browser.get(f"{console_server.url}/console/tenants/{TENANT}")
     where = page.css('#adapters tr[data-adapter="support"] td.where').text
     assert where in ("GPU", "host"), where
+    page.css("#keys button[data-action=revoke-key]").click()
+    browser.switch_to.alert.accept()
+    page.status("revoked.")
+    assert "revoked" in page.css("#keys").text
     browser.get(f"{console_server.url}/console/engines")
     assert page.css("#engine-state").text.startswith("ready")
     browser.get(f"{console_server.url}/console/audit?actor=alice")
@@ -194,8 +224,12 @@ def test_console_in_chromium(
         rows = admin.get("/admin/v1/audit", params={"actor": "alice"}).json()["data"]
         export = admin.get("/admin/v1/audit/export", params={"format": "jsonl"}).text
     actions = sorted(r["action"] for r in rows)
-    assert actions == ["console_login", "create_key", "create_tenant", "upload_adapter"], rows
+    assert actions == sorted(
+        ["console_login", "create_tenant", "create_key", "rotate_key", "update_tenant",
+         "upload_adapter", "set_alias", "revoke_key"]
+    ), rows  # fmt: skip
     assert all(r["outcome"] in (200, 201) for r in rows)
-    assert secret not in export and secret.split("_")[-1] not in export
+    for shown in secrets_shown:
+        assert shown not in export and shown.split("_")[-1] not in export
     assert console_server.admin_token not in export
     assert page.shots >= 7

@@ -5,7 +5,7 @@ change anything, a tenant admin sees its tenant only), the admin token's login, 
 from __future__ import annotations
 
 import httpx
-from conftest import ConsoleServer, csrf_of, sso_login
+from console_live import ConsoleServer, csrf_of, sso_login
 
 
 def _tenant(server: ConsoleServer, name: str) -> None:
