@@ -185,12 +185,13 @@ def test_console_in_chromium(
         model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert base.usage is not None
-    page.wait(  # the page polls every 5 s
-        ec.presence_of_element_located(
-            (By.CSS_SELECTOR, '#usage-table tr[data-adapter="support"]')
-        ),
-        timeout=30,
-    )
+    support_row = '#usage-table tr[data-adapter="support"] td'
+
+    def three_requests(d: WebDriver) -> bool:  # the page polls every 5 s
+        cells = d.find_elements(By.CSS_SELECTOR, support_row)
+        return len(cells) > 2 and cells[2].text == "3"
+
+    page.wait(three_requests, timeout=30)
     totals = browser.execute_script(
         "return Chart.getChart('tokens-chart').data.datasets.map("
         "d => [d.label, d.data.reduce((a, b) => a + b, 0)])"
@@ -201,8 +202,6 @@ def test_console_in_chromium(
         "d => [d.label, d.data.reduce((a, b) => a + b, 0)])"
     )
     assert dict(spend)["support"] > 0
-    cells = page.css('#usage-table tr[data-adapter="support"]').find_elements(By.TAG_NAME, "td")
-    assert cells[2].text == "3"  # requests
     page.shot("usage-after-traffic")
 
     # residency: the engine holds the adapter now

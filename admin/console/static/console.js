@@ -134,8 +134,6 @@
         let body = null;
         try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
         if (xhr.status === 201) {
-          bar.value = 100;
-          percent.textContent = '100%';
           doneThenReload('Uploaded ' + body.name + ' version ' + body.version + '.');
         } else {
           fail(errorText(xhr.status, body));
