@@ -179,4 +179,27 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_ids=(199999,),
         architecture="Phi3ForCausalLM",
     ),
+    # Mixture of experts (config of Qwen/Qwen3-30B-A3B): 128 experts, 8 routed per token;
+    # 30.5 B parameters, ~61 GB in bf16 (fits one 80 GB+ GPU, with room for KV and LoRA on
+    # an H200); expert LoRA pages are large (rank 8 on every expert projection: ~0.83 GB)
+    "qwen3-30b-a3b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        bos_token_id=151643,
+        eos_token_ids=(151645,),
+        architecture="Qwen3MoeForCausalLM",
+    ),
 }
