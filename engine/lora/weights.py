@@ -33,7 +33,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "o": ("o_proj",),
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
+    # Qwen3-MoE: each expert's projections; a group's "layers" are (layer, expert) rows
+    "experts_gate_up": ("experts.gate_proj", "experts.up_proj"),
+    "experts_down": ("experts.down_proj",),
 }
+DENSE_GROUPS = ("qkv", "o", "gate_up", "down")
+MOE_GROUPS = ("qkv", "o", "experts_gate_up", "experts_down")
 MODULE_GROUP = {m: g for g, mods in GROUPS.items() for m in mods}
 # Phi-3's fused modules: one A shared by the parts, B's rows split across them (exact)
 FUSED = {"qkv_proj": GROUPS["qkv"], "gate_up_proj": GROUPS["gate_up"]}
@@ -45,15 +50,31 @@ _PARENT = {
     "qkv_proj": "self_attn",
 }
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+    r"^base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(?:experts\.(\d+)\.)?(\w+)"
+    r"\.lora_([AB])(?:\.default)?\.weight$"
 )
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def groups_of(config: ModelConfig) -> tuple[str, ...]:
+    """The projection groups of this model's layers (MoE: attention and the experts)."""
+    return MOE_GROUPS if config.is_moe else DENSE_GROUPS
+
+
+def group_rows(config: ModelConfig, group: str) -> int:
+    """Rows of a group's packed tensors: one per layer, or per (layer, expert) for the
+    experts (row ``layer * E + expert``)."""
+    return config.num_layers * (config.num_experts if group.startswith("experts_") else 1)
+
+
 def module_dims(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """module name -> (in_features, out_features) in the base model (fused ones too)."""
-    h, i = config.hidden_size, config.intermediate_size
+    """module name -> (in_features, out_features) in the base model (fused ones too; an
+    expert module's are one expert's)."""
+    h, i, mi = config.hidden_size, config.intermediate_size, config.moe_intermediate_size
     return {
+        "experts.gate_proj": (h, mi),
+        "experts.up_proj": (h, mi),
+        "experts.down_proj": (mi, h),
         "q_proj": (h, config.q_size),
         "k_proj": (h, config.kv_size),
         "v_proj": (h, config.kv_size),
@@ -175,12 +196,22 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: float) -> float
 
 
 def _parse_key(key: str, config: ModelConfig) -> tuple[int, str, str]:
+    """-> (row, module, "A" | "B"); the row is the layer, or ``layer * E + expert`` for an
+    expert's projection (module ``experts.<proj>``)."""
     if "magnitude" in key:
         raise AdapterIncompatible(f"tensor {key!r}: DoRA magnitude vectors are not supported")
     m = _KEY.match(key)
     if m is None:
         raise AdapterIncompatible(f"tensor {key!r} is not a LoRA A/B weight of a decoder layer")
-    layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
+    layer, parent, module, ab = int(m[1]), m[2], m[4], m[5]
+    row = layer
+    if m[3] is not None:
+        module, expert = f"experts.{module}", int(m[3])
+        if module in config.adapter_modules and expert >= config.num_experts:
+            raise AdapterIncompatible(
+                f"tensor {key!r}: expert {expert} does not exist (base has {config.num_experts})"
+            )
+        row = layer * config.num_experts + expert
     if module not in config.adapter_modules or parent != _PARENT.get(module, "mlp"):
         raise AdapterIncompatible(
             f"tensor {key!r}: module {parent}.{module} does not exist in the base model "
@@ -190,7 +221,14 @@ def _parse_key(key: str, config: ModelConfig) -> tuple[int, str, str]:
         raise AdapterIncompatible(
             f"tensor {key!r}: layer {layer} does not exist (base has {config.num_layers})"
         )
-    return layer, module, ab
+    return row, module, ab
+
+
+def _module_name(config: ModelConfig, row: int, module: str) -> str:
+    if module.startswith("experts."):
+        layer, expert = divmod(row, config.num_experts)
+        return f"model.layers.{layer}.mlp.experts.{expert}.{module.removeprefix('experts.')}"
+    return f"model.layers.{row}.{'self_attn' if module in _PARENT else 'mlp'}.{module}"
 
 
 @dataclass(frozen=True)
@@ -273,7 +311,7 @@ def _plan(
     rslora = bool(cfg.get("use_rslora"))
     mods: list[_Module] = []
     for (layer, module), ab in sorted(pairs.items()):
-        name = f"model.layers.{layer}.{'self_attn' if module in _PARENT else 'mlp'}.{module}"
+        name = _module_name(config, layer, module)
         try:
             mods += _split(
                 _check_module(
@@ -377,7 +415,6 @@ def _pack(
     pin_memory: bool,
 ) -> LoraWeights:
     dims = module_dims(config)
-    L = config.num_layers
     by_group: dict[str, list[_Module]] = {}
     for m in mods:
         by_group.setdefault(MODULE_GROUP[m.module], []).append(m)
@@ -390,7 +427,7 @@ def _pack(
         offs = [0]
         for mod in GROUPS[g]:
             offs.append(offs[-1] + dims[mod][1])
-        P, in_f = len(GROUPS[g]), dims[GROUPS[g][0]][0]
+        P, in_f, L = len(GROUPS[g]), dims[GROUPS[g][0]][0], group_rows(config, g)
         plan.append((g, r, tuple(offs), total))
         total += _align(L * P * r * in_f * elem) + _align(L * offs[-1] * r * elem)
         total += _align(L * P * 4)
@@ -400,7 +437,7 @@ def _pack(
     ranks: dict[tuple[int, str], int] = {}
     for g, r, offs, start in plan:
         mods_g = by_group[g]
-        P, in_f = len(GROUPS[g]), dims[GROUPS[g][0]][0]
+        P, in_f, L = len(GROUPS[g]), dims[GROUPS[g][0]][0], group_rows(config, g)
         na, nb = L * P * r * in_f * elem, L * offs[-1] * r * elem
         sa, sb = start + _align(na), start + _align(na) + _align(nb)
         a = buf[start : start + na].view(dtype).view(L, P, r, in_f)

@@ -290,7 +290,7 @@ def _moe(d: dict[str, Any]) -> dict[str, Any]:
             "is not supported"
         )
     return {
-        "num_experts": int(d["num_experts"]),
+        "num_experts": int(d.get("num_experts") or d["num_local_experts"]),  # 5.x: local
         "num_experts_per_tok": int(d["num_experts_per_tok"]),
         "moe_intermediate_size": int(d["moe_intermediate_size"]),
         "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
