@@ -30,7 +30,7 @@ import torch
 
 from loraplex.engine.lora.slots import PageAllocator, PageNeed, PagePlan
 from loraplex.engine.lora.weights import (
-    GROUPS,
+    ALL_GROUPS,
     LoraWeights,
     group_rows,
     groups_of,
@@ -61,7 +61,7 @@ class LoraGroup:
 
 def _modules(config: ModelConfig) -> list[str]:
     """The page classes: every projection of the model's groups."""
-    return [m for g in groups_of(config) for m in GROUPS[g]]
+    return [m for g in groups_of(config) for m in ALL_GROUPS[g]]
 
 
 def _rows(config: ModelConfig, m: str) -> int:
@@ -104,7 +104,7 @@ def page_need(weights: LoraWeights) -> PageNeed:
     for g, packed in weights.groups.items():
         for p, r in enumerate(packed.ranks.max(dim=0).values.tolist()):
             if r > 0:
-                need[GROUPS[g][p]] = -(-int(r) // PAGE_ROWS)
+                need[ALL_GROUPS[g][p]] = -(-int(r) // PAGE_ROWS)
     return need
 
 
@@ -136,7 +136,7 @@ class LoraPool:
         self._shape: dict[str, tuple[int, int, list[int], int]] = {}
         tail = 0  # the views reach past the last page's start
         for g in self._groups:
-            mods = GROUPS[g]
+            mods = ALL_GROUPS[g]
             offs = [0]
             for m in mods:
                 offs.append(offs[-1] + dims[m][1])
@@ -286,7 +286,7 @@ class LoraPool:
         src: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # g -> a, b, ranks
     ) -> None:
         for g in self._groups:
-            mods = GROUPS[g]
+            mods = ALL_GROUPS[g]
             P, in_f, offs, per = self._shape[g]
             row = torch.zeros(P, self.max_pages, dtype=torch.int32)
             if g not in src:

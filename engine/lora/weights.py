@@ -28,7 +28,7 @@ from loraplex.engine.lora.safetensors_file import (
 from loraplex.engine.model.config import ModelConfig
 
 # projection groups of the slot pool, in concatenation order (docs/engine-internals.md)
-GROUPS: dict[str, tuple[str, ...]] = {
+ALL_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "o": ("o_proj",),
     "gate_up": ("gate_proj", "up_proj"),
@@ -39,7 +39,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 DENSE_GROUPS = ("qkv", "o", "gate_up", "down")
 MOE_GROUPS = ("qkv", "o", "experts_gate_up", "experts_down")
+# the dense models' groups (what the Llama-family tools and benchmarks iterate)
+GROUPS = {g: ALL_GROUPS[g] for g in DENSE_GROUPS}
 MODULE_GROUP = {m: g for g, mods in GROUPS.items() for m in mods}
+ALL_MODULE_GROUP = {m: g for g, mods in ALL_GROUPS.items() for m in mods}
 # Phi-3's fused modules: one A shared by the parts, B's rows split across them (exact)
 FUSED = {"qkv_proj": GROUPS["qkv"], "gate_up_proj": GROUPS["gate_up"]}
 _PARENT = {
@@ -122,8 +125,8 @@ class LoraWeights:
         """``(layer, module) -> LoraModule``, views into ``groups`` (tests and tools)."""
         out = {}
         for (layer, module), rk in sorted(self.ranks.items()):
-            g = MODULE_GROUP[module]
-            p = GROUPS[g].index(module)
+            g = ALL_MODULE_GROUP[module]
+            p = ALL_GROUPS[g].index(module)
             lo, hi = self.row_offsets[g][p], self.row_offsets[g][p + 1]
             packed = self.groups[g]
             out[(layer, module)] = LoraModule(packed.a[layer, p, :rk], packed.b[layer, lo:hi, :rk])
@@ -417,7 +420,7 @@ def _pack(
     dims = module_dims(config)
     by_group: dict[str, list[_Module]] = {}
     for m in mods:
-        by_group.setdefault(MODULE_GROUP[m.module], []).append(m)
+        by_group.setdefault(ALL_MODULE_GROUP[m.module], []).append(m)
     # layout of the one flat buffer: per group A, B, ranks (64-byte aligned)
     elem = dtype.itemsize
     plan: list[tuple[str, int, tuple[int, ...], int]] = []  # group, rank, row offsets, start
@@ -425,9 +428,9 @@ def _pack(
     for g, mods_g in by_group.items():
         r = max(m.rank for m in mods_g)
         offs = [0]
-        for mod in GROUPS[g]:
+        for mod in ALL_GROUPS[g]:
             offs.append(offs[-1] + dims[mod][1])
-        P, in_f, L = len(GROUPS[g]), dims[GROUPS[g][0]][0], group_rows(config, g)
+        P, in_f, L = len(ALL_GROUPS[g]), dims[ALL_GROUPS[g][0]][0], group_rows(config, g)
         plan.append((g, r, tuple(offs), total))
         total += _align(L * P * r * in_f * elem) + _align(L * offs[-1] * r * elem)
         total += _align(L * P * 4)
@@ -437,7 +440,7 @@ def _pack(
     ranks: dict[tuple[int, str], int] = {}
     for g, r, offs, start in plan:
         mods_g = by_group[g]
-        P, in_f, L = len(GROUPS[g]), dims[GROUPS[g][0]][0], group_rows(config, g)
+        P, in_f, L = len(ALL_GROUPS[g]), dims[ALL_GROUPS[g][0]][0], group_rows(config, g)
         na, nb = L * P * r * in_f * elem, L * offs[-1] * r * elem
         sa, sb = start + _align(na), start + _align(na) + _align(nb)
         a = buf[start : start + na].view(dtype).view(L, P, r, in_f)
@@ -445,7 +448,7 @@ def _pack(
         rk = buf[sb : sb + L * P * 4].view(torch.int32).view(L, P)
         table = [0] * (L * P)
         for m in mods_g:
-            p = GROUPS[g].index(m.module)
+            p = ALL_GROUPS[g].index(m.module)
             table[m.layer * P + p] = m.rank
             ranks[(m.layer, m.module)] = m.rank
         rk.copy_(torch.tensor(table, dtype=torch.int32).view(L, P))
@@ -471,7 +474,7 @@ def _fill(
     """Copy the group's A and B from the mapping into the packed tensors (with the dtype
     conversion). ``full``: every layer holds every module of the group at rank ``r``, so
     the packed A and B are the sources concatenated in (layer, module) order: one ``cat``."""
-    order = sorted(mods, key=lambda m: (m.layer, GROUPS[g].index(m.module)))
+    order = sorted(mods, key=lambda m: (m.layer, ALL_GROUPS[g].index(m.module)))
     if full:
         if flat is None:
             flat = {e.name: st.view(e).view(-1) for m in order for e in (m.a, m.b)}
@@ -488,7 +491,7 @@ def _fill(
     dst: list[torch.Tensor] = []
     src: list[torch.Tensor] = []
     for m in order:
-        p = GROUPS[g].index(m.module)
+        p = ALL_GROUPS[g].index(m.module)
         dst += [a[m.layer, p, : m.rank], b[m.layer, offs[p] : offs[p + 1], : m.rank]]
         src += [st.view(m.a), st.view(m.b)]
     torch._foreach_copy_(dst, src)
@@ -503,7 +506,7 @@ def _fold_scale(mods: list[_Module], g: str, offs: tuple[int, ...], b: torch.Ten
         return
     views, factors = [], []
     for m in mods:
-        p = GROUPS[g].index(m.module)
+        p = ALL_GROUPS[g].index(m.module)
         views.append(b[m.layer, offs[p] : offs[p + 1]])
         factors.append(m.scale)
     torch._foreach_mul_(views, factors)

@@ -35,17 +35,20 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT = ("gate_proj", "up_proj", "down_proj")
 
 
-def build_moe_model(path: Path, seed: int = 5) -> Path:
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=H, intermediate_size=96, moe_intermediate_size=MI,
+    num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    num_experts=E, num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=512,
+    rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def build_moe_model(path: Path, seed: int = 5, shape: dict | None = None) -> Path:
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
 
-    cfg = Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=H, intermediate_size=96, moe_intermediate_size=MI,
-        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_experts=E, num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=512,
-        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
+    cfg = Qwen3MoeConfig(**(shape or TINY))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -55,23 +58,28 @@ def build_moe_model(path: Path, seed: int = 5) -> Path:
             elif "mlp.gate" in name:  # a router with clear preferences
                 p.copy_(torch.randn_like(p))
             else:
-                p.copy_(0.15 * torch.randn_like(p))
+                gain = 1.0 if shape is None else (64 / p.shape[-1]) ** 0.5  # real widths
+                p.copy_(0.15 * gain * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
-    dummy_tokenizer(VOCAB).save_pretrained(path)
+    dummy_tokenizer(cfg.vocab_size).save_pretrained(path)
     return path
 
 
-def write_adapter(out: Path, rank: int, targets: tuple[str, ...], seed: int, alpha: int = 16):
+def write_adapter(
+    out: Path, rank: int, targets: tuple[str, ...], seed: int, alpha: int = 16, shape=None
+):
     """Random A and B for ``targets`` (attention names, and/or gate/up/down_proj: on every
     expert of every layer), in PEFT's key names."""
     from safetensors.torch import save_file
 
+    c = shape or TINY
     gen = torch.Generator().manual_seed(seed)
-    q, kv = 4 * 32, 2 * 32
+    H, MI, E = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     dims = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
             "gate_proj": (H, MI), "up_proj": (H, MI), "down_proj": (MI, H)}  # fmt: skip
     tensors = {}
-    for layer in range(LAYERS):
+    for layer in range(c["num_hidden_layers"]):
         pre = f"base_model.model.model.layers.{layer}"
         names = [(f"{pre}.self_attn.{m}", m) for m in targets if m in ATTN]
         names += [
