@@ -33,8 +33,10 @@ class MoeBlocks:
 
 
 def moe_block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per block: small when experts get few pairs (decode), large for prefill."""
-    return 16 if num_pairs < 4 * num_experts else 64
+    """Rows per block, from the pairs an expert gets on average: small blocks when experts
+    get few (decode: less padding), large for prefill (more reuse of each weight tile)."""
+    avg = num_pairs / num_experts
+    return 16 if avg <= 16 else 32 if avg <= 64 else 64
 
 
 def moe_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeBlocks:
