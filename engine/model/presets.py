@@ -179,6 +179,25 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_ids=(199999,),
         architecture="Phi3ForCausalLM",
     ),
+    # a few MB of Qwen3-MoE (8 experts, top-2): CPU smoke runs of the MoE path
+    "tiny-moe": ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        qk_norm=True,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        architecture="Qwen3MoeForCausalLM",
+    ),
     # Mixture of experts (config of Qwen/Qwen3-30B-A3B): 128 experts, 8 routed per token;
     # 30.5 B parameters, ~61 GB in bf16 (fits one 80 GB+ GPU, with room for KV and LoRA on
     # an H200); expert LoRA pages are large (rank 8 on every expert projection: ~0.83 GB)
