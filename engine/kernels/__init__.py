@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from loraplex.engine.kernels import fused_moe as _moe
 from loraplex.engine.kernels import lora_expand as _expand
 from loraplex.engine.kernels import lora_shrink as _shrink
 from loraplex.engine.kernels import paged_decode_attention as _decode
@@ -67,6 +68,20 @@ def lora_expand(
     return _expand.lora_expand_ref(*args, accumulate=accumulate, b_offsets=b_offsets)
 
 
+def moe_blocks(topk_ids, num_experts: int) -> _moe.MoeBlocks | None:
+    """The pairs sorted by expert for :func:`moe_gemm` (None on the reference path)."""
+    if not use_triton(topk_ids):
+        return None
+    n = topk_ids.numel()
+    return _moe.moe_blocks(topk_ids, num_experts, _moe.moe_block_m(n, num_experts))
+
+
+def moe_gemm(x, w, topk_ids, pairs_input: bool, blocks: _moe.MoeBlocks | None = None):
+    if blocks is None and use_triton(x):
+        blocks = moe_blocks(topk_ids, w.shape[0])
+    return _pick(_moe, "moe_gemm", x)(x, w, topk_ids, pairs_input, blocks)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
     fn = _pick(_decode, "paged_decode_attention", q)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
@@ -113,6 +128,8 @@ __all__ = [
     "build_lora_meta",
     "lora_expand",
     "lora_shrink",
+    "moe_blocks",
+    "moe_gemm",
     "paged_decode_attention",
     "prefill_attention",
     "rms_norm",

@@ -3,7 +3,8 @@
 Served: the Llama family (Llama 2/3/3.1, Mistral and Mistral-Nemo, Qwen2, SmolLM2) and its
 close relatives, each a flag on the one config: Qwen3 (``qk_norm``: RMSNorm over each q and k
 head before rotary), Phi-3/Phi-4 (``fused_proj``: checkpoints and adapters name the fused
-``qkv_proj`` / ``gate_up_proj``). All are pre-norm decoders with RMSNorm, rotary (neox
+``qkv_proj`` / ``gate_up_proj``), Qwen3-MoE (``num_experts``: every layer's MLP is a top-k
+softmax-routed mixture of SiLU-gated experts; attention as Qwen3). All are pre-norm decoders with RMSNorm, rotary (neox
 style), GQA and a SiLU-gated MLP; ``head_dim`` is read from the config (not always hidden /
 heads). Everything else is refused by name with :class:`UnsupportedModel`.
 """
@@ -22,6 +23,7 @@ SUPPORTED_ARCHS = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -29,10 +31,15 @@ _MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 # the projections a LoRA adapter may target, by checkpoint layout (PEFT's module names)
 SPLIT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Qwen3-MoE: attention, and each expert's projections (PEFT: ``mlp.experts.<e>.gate_proj``);
+# the router (``mlp.gate``) is not adapted
+EXPERT_MODULES = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
+MOE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", *EXPERT_MODULES)
 
 
 class UnsupportedModel(ValueError):
@@ -72,6 +79,11 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm (weight [head_dim]) on each q and k head
     fused_proj: bool = False  # Phi-3: qkv_proj and gate_up_proj, in checkpoints and adapters
     partial_rotary_factor: float = 1.0  # Phi-4-mini: rotary on the first 3/4 of each head
+    # Qwen3-MoE (num_experts > 0): every layer's MLP is a mixture of experts
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the top-k routing weights renormalized to sum to 1
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -90,8 +102,14 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
     def adapter_modules(self) -> tuple[str, ...]:
         """The module names a PEFT adapter of this model targets."""
+        if self.is_moe:
+            return MOE_MODULES
         return FUSED_MODULES if self.fused_proj else SPLIT_MODULES
 
     def validate(self) -> None:
@@ -111,6 +129,16 @@ class ModelConfig:
                 "longrope needs one short factor per rotary frequency",
             ),
             (self.num_layers >= 1 and self.hidden_size >= 1, "empty model"),
+            (
+                not self.is_moe or 1 <= self.num_experts_per_tok <= self.num_experts,
+                "num_experts_per_tok must be within 1..num_experts",
+            ),
+            (
+                # expert LoRA pages address each expert's rows in 64-element granules
+                not self.is_moe
+                or (self.hidden_size % 8 == 0 and self.moe_intermediate_size % 8 == 0),
+                "hidden_size and moe_intermediate_size must be multiples of 8",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -213,7 +241,8 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModel("mlp_bias=True is not supported")
     if d.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"hidden_act {d['hidden_act']!r} is not supported (silu)")
-    is_qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    is_qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+    moe = _moe(d) if arch == "Qwen3MoeForCausalLM" else {}
     if d.get("attention_bias") and arch != "Qwen2ForCausalLM":
         raise UnsupportedModel("attention_bias=True (bias on o_proj too) is not supported")
     partial = _partial_rotary(d, arch)
@@ -228,7 +257,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     cfg = ModelConfig(
         vocab_size=int(d["vocab_size"]),
         hidden_size=int(d["hidden_size"]),
-        intermediate_size=int(d["intermediate_size"]),
+        intermediate_size=int(d.get("intermediate_size") or 0),
         num_layers=int(d["num_hidden_layers"]),
         num_heads=n_heads,
         num_kv_heads=int(d.get("num_key_value_heads") or n_heads),
@@ -239,12 +268,30 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM",
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         fused_proj=arch == "Phi3ForCausalLM",
         partial_rotary_factor=partial,
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_ids(d.get("eos_token_id")),
         architecture=arch,
+        **moe,
     )
     cfg.validate()
     return cfg
+
+
+def _moe(d: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE's expert fields. Every layer sparse (as in Qwen3-30B-A3B and -235B-A22B):
+    dense layers between the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) are
+    refused by name."""
+    if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step", 1)) != 1:
+        raise UnsupportedModel(
+            "Qwen3-MoE with dense MLP layers (mlp_only_layers, decoder_sparse_step != 1) "
+            "is not supported"
+        )
+    return {
+        "num_experts": int(d.get("num_experts") or d["num_local_experts"]),  # 5.x: local
+        "num_experts_per_tok": int(d["num_experts_per_tok"]),
+        "moe_intermediate_size": int(d["moe_intermediate_size"]),
+        "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
+    }

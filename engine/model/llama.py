@@ -22,6 +22,7 @@ from loraplex.engine import kernels as K
 from loraplex.engine.kernels import LoraMeta
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
+from loraplex.engine.model.moe import moe_mlp
 
 
 @dataclass
@@ -33,8 +34,9 @@ class LayerWeights:
     k_norm: torch.Tensor | None
     o: torch.Tensor  # [H, q]
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: torch.Tensor  # [2I, H]; MoE: every expert's, [E, 2I, H] (I: moe_intermediate)
+    down: torch.Tensor  # [H, I]; MoE: [E, H, I]
+    router: torch.Tensor | None = None  # [E, H] (MoE: the layer's ``mlp.gate``)
 
 
 @dataclass
@@ -54,7 +56,7 @@ class LlamaWeights:
         out = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:
             out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
-            out += [t for t in (lw.qkv_bias, lw.q_norm, lw.k_norm) if t is not None]
+            out += [t for t in (lw.qkv_bias, lw.q_norm, lw.k_norm, lw.router) if t is not None]
         return out
 
 
@@ -93,6 +95,8 @@ class LlamaModel:
             "o": [0, c.hidden_size],
             "gate_up": [0, c.intermediate_size, 2 * c.intermediate_size],
             "down": [0, c.hidden_size],
+            "experts_gate_up": [0, c.moe_intermediate_size, 2 * c.moe_intermediate_size],
+            "experts_down": [0, c.hidden_size],
         }
         # decode steps run each group's LoRA on this stream, beside the base GEMM (CUDA only;
         # high priority so that its small kernels are scheduled ahead of the GEMM's tail)
@@ -251,6 +255,11 @@ class LlamaModel:
             attn = attn.reshape(T, c.q_size)
             o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
             h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+            if w.router is not None:  # experts' LoRA in line: few tokens per (slot, expert)
+                ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
+                ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
+                x = moe_mlp(h, w.router, w.gate_up, w.down, c, ex, self.offsets, inp.lora)
+                continue
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
             act = K.silu_and_mul(gu, d)
             x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)

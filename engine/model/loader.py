@@ -69,11 +69,22 @@ def build_weights(
             bias = cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
         if config.qk_norm:
             q_norm, k_norm = t(a + "q_norm.weight"), t(a + "k_norm.weight")
+        router = None
         if config.fused_proj:  # Phi-3: stored fused already, in our order
             qkv, gate_up = t(a + "qkv_proj.weight"), t(m + "gate_up_proj.weight")
         else:
             qkv = cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+        if config.is_moe:  # each expert's weights in a checkpoint, stacked [E, ...] here
+            router, ex = (
+                t(m + "gate.weight"),
+                [f"{m}experts.{e}." for e in range(config.num_experts)],
+            )
+            gate_up = torch.stack([cat(x + "gate_proj.weight", x + "up_proj.weight") for x in ex])
+            down = torch.stack([t(x + "down_proj.weight") for x in ex])
+        elif not config.fused_proj:
             gate_up = cat(m + "gate_proj.weight", m + "up_proj.weight")
+        if not config.is_moe:
+            down = t(m + "down_proj.weight")
         layers.append(
             LayerWeights(
                 input_norm=t(p + "input_layernorm.weight"),
@@ -84,7 +95,8 @@ def build_weights(
                 o=t(a + "o_proj.weight"),
                 post_norm=t(p + "post_attention_layernorm.weight"),
                 gate_up=gate_up,
-                down=t(m + "down_proj.weight"),
+                down=down,
+                router=router,
             )
         )
     embed = t("model.embed_tokens.weight")
@@ -104,6 +116,8 @@ def random_weights(
     def norm(n: int = c.hidden_size) -> torch.Tensor:
         return 1.0 + rnd(n, std=0.1)
 
+    E, mi = c.num_experts, c.moe_intermediate_size
+
     layers = [
         LayerWeights(
             input_norm=norm(),
@@ -113,8 +127,11 @@ def random_weights(
             k_norm=norm(c.head_dim) if c.qk_norm else None,
             o=rnd(c.hidden_size, c.q_size),
             post_norm=norm(),
-            gate_up=rnd(2 * c.intermediate_size, c.hidden_size),
-            down=rnd(c.hidden_size, c.intermediate_size),
+            gate_up=rnd(E, 2 * mi, c.hidden_size)
+            if E
+            else rnd(2 * c.intermediate_size, c.hidden_size),
+            down=rnd(E, c.hidden_size, mi) if E else rnd(c.hidden_size, c.intermediate_size),
+            router=rnd(E, c.hidden_size, std=0.5) if E else None,
         )
         for _ in range(c.num_layers)
     ]
