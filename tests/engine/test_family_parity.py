@@ -43,6 +43,10 @@ FAMILIES = {
     "mistral-nemo": SPLIT_SPECS,
     "phi3": FUSED_SPECS,
     "phi4-mini": FUSED_SPECS,  # and partial rotary with longrope
+    # local and global layers, a window shorter than the sequences; Gemma 2's soft-caps,
+    # Gemma 3's q/k norms and two rope bases
+    "gemma2": SPLIT_SPECS,
+    "gemma3": SPLIT_SPECS,
 }
 
 
