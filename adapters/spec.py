@@ -10,13 +10,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3): the projections an adapter targets.
+# Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3): the projections an
+# adapter targets.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 # Phi-3 / Phi-4 hold q/k/v and gate/up fused, and PEFT adapters target the fused modules.
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 _FUSED_ARCHS = ("Phi3ForCausalLM",)
 _FUSED_TYPES = ("phi3",)
+# Gemma 2/3 configs may leave head_dim to transformers' default (256, not hidden / heads)
+_HEAD_DIM_256_TYPES = ("gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class BaseModelSpec:
         hidden = int(config["hidden_size"])
         archs = config.get("architectures") or ()
         fused = any(a in _FUSED_ARCHS for a in archs) or config.get("model_type") in _FUSED_TYPES
+        default_head_dim = 256 if config.get("model_type") in _HEAD_DIM_256_TYPES else None
         return cls(
             name=name,
             num_layers=int(config["num_hidden_layers"]),
@@ -71,6 +75,6 @@ class BaseModelSpec:
             intermediate_size=int(config["intermediate_size"]),
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
+            head_dim=int(config.get("head_dim") or default_head_dim or hidden // heads),
             modules=FUSED if fused else ATTENTION + MLP,
         )
