@@ -156,6 +156,10 @@ class ModelConfig:
                 not any(self.sliding_layers) or (self.sliding_window or 0) >= 1,
                 "sliding layers need a sliding_window",
             ),
+            (
+                self.local_rope_theta is None or len(self.sliding_layers) == self.num_layers,
+                "a local rope base needs the local layers (sliding_layers)",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

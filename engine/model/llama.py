@@ -244,7 +244,7 @@ class LlamaModel:
             k_cache, v_cache = kv_caches[i]
             window = self.windows[i]
             cos_sin = self.cos_sin
-            if window and self.local_cos_sin is not None:
+            if self.local_cos_sin is not None and c.sliding_layers[i]:
                 cos_sin = self.local_cos_sin
             # + the q/k/v delta, rotary, and K/V into the cache: one pass
             q = K.rope_cache(

@@ -158,10 +158,12 @@ def build_adapter(base, out: Path, spec: AdapterSpec) -> Path:
 def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy decode (HF KV cache) -> (the ``steps`` tokens, logits ``[steps+1, V]``)."""
     ids, rows, past, feed = list(prompt), [], None, list(prompt)
+    dev = next(model.parameters()).device  # the GPU tests run the reference there
     with torch.no_grad():
         for i in range(steps + 1):
-            out = model(input_ids=torch.tensor([feed]), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1].float()
+            x = torch.tensor([feed], device=dev)
+            out = model(input_ids=x, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1].float().cpu()
             rows.append(logits)
             if i < steps:
                 ids.append(int(logits.argmax()))
