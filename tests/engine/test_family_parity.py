@@ -20,6 +20,8 @@ from model_builders import (
     build_adapter,
     build_hf_model,
     check_batch,
+    hf_greedy,
+    load_hf,
     parity_references,
     prompts_for,
     rel_err,
@@ -126,3 +128,30 @@ def test_family_adapter_for_another_layout_refused(family, tmp_path):
     save_file(narrow, str(out / "adapter_model.safetensors"))
     with pytest.raises(AdapterIncompatible, match="o_proj: shape mismatch"):
         runner.read_adapter(out)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gemma_window_and_caps_matter(kind, tmp_path):
+    """The same weights served without the window (or without Gemma 2's soft-caps) are far
+    from the reference: the parity above checks the window and the caps, not just shapes."""
+    import dataclasses
+
+    from loraplex.engine.model.loader import load_model
+
+    base = build_hf_model(tmp_path / "base", kind, seed=5)
+    prompt = prompts_for(2, 320, seed=1)[1]  # 12 tokens and 16 steps past a window of 5
+    tokens, ref = hf_greedy(load_hf(base), prompt, STEPS)
+    loaded = load_model(str(base))
+    cfg = loaded.config
+    variants = {"no window": dataclasses.replace(cfg, sliding_window=1 << 20)}
+    if kind == "gemma2":
+        variants["no caps"] = dataclasses.replace(
+            cfg, attn_logit_softcap=None, final_logit_softcap=None
+        )
+    for what, changed in variants.items():
+        loaded.config = changed
+        (logits,) = runner_logits(runner_for(loaded), [Seq(prompt, -1, tokens)], STEPS)
+        assert rel_err(logits, ref) > 100 * TOL, f"{kind}: {what}"
+    loaded.config = cfg
+    (logits,) = runner_logits(runner_for(loaded), [Seq(prompt, -1, tokens)], STEPS)
+    assert rel_err(logits, ref) < TOL
