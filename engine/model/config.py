@@ -90,7 +90,8 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # scores = cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcap: float | None = None  # the same on the logits (Gemma 2)
     # local attention: layer i sees the last ``sliding_window`` positions (itself included)
-    # where ``sliding_layers[i]``; () or False: all positions
+    # where ``sliding_layers[i]``; () or False, or no window: all positions (a local layer
+    # keeps its own rope then)
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()
     local_rope_theta: float | None = None  # Gemma 3: local layers' rope base, no scaling
@@ -153,8 +154,8 @@ class ModelConfig:
                 "sliding_layers needs one entry per layer",
             ),
             (
-                not any(self.sliding_layers) or (self.sliding_window or 0) >= 1,
-                "sliding layers need a sliding_window",
+                self.sliding_window is None or self.sliding_window >= 1,
+                "sliding_window must be positive (None: no window)",
             ),
             (
                 self.local_rope_theta is None or len(self.sliding_layers) == self.num_layers,
@@ -274,6 +275,11 @@ def _layer_kinds(d: dict[str, Any], arch: str, n_layers: int) -> tuple[bool, ...
     return tuple(t == "sliding_attention" for t in types)
 
 
+def _window(v: Any) -> int | None:
+    """A config's sliding window (null: none, the local layers then see every position)."""
+    return None if v is None else int(v)
+
+
 def _gemma(d: dict[str, Any], arch: str, n_layers: int) -> dict[str, Any]:
     """The ModelConfig fields of a Gemma 2/3 text config (keys absent: transformers'
     defaults). Gemma 3's rope is per layer type: scaled for global layers, its own base for
@@ -288,7 +294,7 @@ def _gemma(d: dict[str, Any], arch: str, n_layers: int) -> dict[str, Any]:
         query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
         attn_logit_softcap=d.get("attn_logit_softcapping", 50.0 if gemma2 else None),
         final_logit_softcap=d.get("final_logit_softcapping", 30.0 if gemma2 else None),
-        sliding_window=int(d.get("sliding_window") or 4096),
+        sliding_window=_window(d.get("sliding_window", 4096)),
         sliding_layers=_layer_kinds(d, arch, n_layers),
     )
     rp = d.get("rope_parameters") or {}

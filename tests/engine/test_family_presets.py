@@ -167,6 +167,13 @@ def test_gemma_refusals(change, match):
         read({**GEMMA3_12B, **change})
 
 
+def test_gemma3_without_a_window():
+    """sliding_window null: the local layers see every position, on their own rope base."""
+    cfg = read({**GEMMA3_12B, "sliding_window": None})
+    assert cfg.sliding_window is None and cfg.layer_window(0) == 0
+    assert cfg.local_rope_inv_freq() is not None and cfg.sliding_layers[0]
+
+
 def test_gemma_preset_runs_a_step():
     """A dummy Gemma 3 (tiny shapes, the preset's flags) runs prefill and decode past its
     window on random weights (bfloat16, the norms' 1 + w held in float32 beside them)."""
