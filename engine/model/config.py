@@ -321,6 +321,11 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """Build from a parsed HF ``config.json``."""
     archs = d.get("architectures") or [_MODEL_TYPES.get(d.get("model_type", ""), "?")]
     arch = archs[0]
+    if arch == "Gemma3ForConditionalGeneration":  # its text layers live under language_model
+        raise UnsupportedModel(
+            "Gemma3ForConditionalGeneration (the multimodal checkpoint) is not supported; "
+            "a Gemma3ForCausalLM checkpoint of its text model is"
+        )
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModel(
             f"architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})"

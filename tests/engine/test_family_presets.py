@@ -160,6 +160,7 @@ def test_gemma3_config_of_transformers_5_reads_the_same():
         ({"hidden_activation": "gelu"}, "hidden_act 'gelu'"),
         ({"layer_types": ["chunked_attention"] * 48}, "layer_types"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope scaling type 'yarn'"),
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "a Gemma3ForCausalLM checkpoint"),
     ],
 )
 def test_gemma_refusals(change, match):
