@@ -1,9 +1,11 @@
-"""Families beyond Llama (Qwen3, Mistral-Nemo, Phi-3) against transformers + PEFT, fp32 CPU.
+"""Families beyond Llama (Qwen3, Mistral-Nemo, Phi-3/4, Gemma 2/3) against transformers +
+PEFT, fp32 CPU.
 
 Each family is a tiny random checkpoint built with transformers' own config class and PEFT
 adapters on it (for Phi-3 on its fused ``qkv_proj`` / ``gate_up_proj``). Checked: logits
 within 1e-4 and the same greedy tokens, for an adapter alone and for the base and three
-adapters in one batch (two-chunk prefill, then batched decode).
+adapters in one batch (two-chunk prefill, then batched decode). Gemma's tiny models have a
+window of 5, so every sequence runs past it in its local layers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Qwen3, Mistral-Nemo and Phi-3/4: their ``config.json`` read (and refused) by name, and the
+"""Qwen3, Mistral-Nemo, Phi-3/4 and Gemma 2/3: their ``config.json`` read (and refused) by name, and the
 ``dummy:`` presets of their real shapes equal to what the real config gives."""
 
 from __future__ import annotations
