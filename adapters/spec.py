@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3): the projections an adapter targets.
+# Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3): the projections an
+# adapter targets.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 # Phi-3 / Phi-4 hold q/k/v and gate/up fused, and PEFT adapters target the fused modules.
@@ -22,6 +23,8 @@ _FUSED_TYPES = ("phi3",)
 EXPERTS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
 _MOE_ARCHS = ("Qwen3MoeForCausalLM",)
 _MOE_TYPES = ("qwen3_moe",)
+# Gemma 2/3 configs may leave head_dim to transformers' default (256, not hidden / heads)
+_HEAD_DIM_256_TYPES = ("gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class BaseModelSpec:
         moe = any(a in _MOE_ARCHS for a in archs) or config.get("model_type") in _MOE_TYPES
         modules = ATTENTION + EXPERTS if moe else FUSED if fused else ATTENTION + MLP
         experts = config.get("num_experts") or config.get("num_local_experts") or 0
+        default_head_dim = 256 if config.get("model_type") in _HEAD_DIM_256_TYPES else None
         return cls(
             name=name,
             num_layers=int(config["num_hidden_layers"]),
@@ -84,7 +88,7 @@ class BaseModelSpec:
             intermediate_size=int(config.get("intermediate_size") or 0),
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
+            head_dim=int(config.get("head_dim") or default_head_dim or hidden // heads),
             modules=modules,
             num_experts=int(experts) if moe else 0,
             moe_intermediate_size=int(config.get("moe_intermediate_size") or 0) if moe else 0,

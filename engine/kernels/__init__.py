@@ -82,21 +82,34 @@ def moe_gemm(x, w, topk_ids, pairs_input: bool, blocks: _moe.MoeBlocks | None = 
     return _pick(_moe, "moe_gemm", x)(x, w, topk_ids, pairs_input, blocks)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, context_lens, scale: float, window=0, softcap=0.0
+):
+    """``window`` / ``softcap``: a layer's sliding window and score cap (0: none)."""
     fn = _pick(_decode, "paged_decode_attention", q)
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
 
 
 def prefill_attention(
-    q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale: float, max_q_len=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_q_lens,
+    context_lens,
+    scale: float,
+    max_q_len=None,
+    window=0,
+    softcap=0.0,
 ):
     """``max_q_len``: the longest query of the batch, known on the host (the Triton path
-    sizes its grid from it; without it, it reads it back from the device: one sync)."""
+    sizes its grid from it; without it, it reads it back from the device: one sync).
+    ``window`` / ``softcap``: a layer's sliding window and score cap (0: none)."""
     args = (q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale)
     fn = _pick(_prefill, "prefill_attention", q)
     if fn is _prefill.prefill_attention_ref:
-        return fn(*args)
-    return fn(*args, max_q_len=max_q_len)
+        return fn(*args, window=window, softcap=softcap)
+    return fn(*args, max_q_len=max_q_len, window=window, softcap=softcap)
 
 
 def rms_norm(x, weight, eps: float, residual=None):
@@ -119,8 +132,9 @@ def rope_cache(
     return fn(*args, num_heads, num_kv_heads, delta=delta)
 
 
-def silu_and_mul(x, delta=None):
-    return _pick(_silu, "silu_and_mul", x)(x, delta)
+def silu_and_mul(x, delta=None, gelu: bool = False):
+    """``gelu``: GeGLU (gelu, tanh approximation, in place of SiLU: Gemma)."""
+    return _pick(_silu, "silu_and_mul", x)(x, delta, gelu=gelu)
 
 
 __all__ = [
