@@ -295,6 +295,18 @@ def server_session(args, refs, work: Path, vocab: int, result: dict) -> None:
         pid = None if serve is None else serve.proc.pid
         asyncio.run(http_runs(args, url, tenancy, vocab, result, pid, token))
         ledger_split(url, token, result)
+        fair = result.get("fairness", {})
+        light = [fair[k]["light"] for k in ("light_alone", "light_flood") if k in fair]
+        if light:
+            ledger_split(url, token, {"runs": light})
+            for k in ("light_alone", "light_flood"):
+                if k in fair:
+                    run = fair[k]["light"]
+                    print(
+                        f"fairness {k}: TTFT in the gateway's engine call "
+                        f"{run.get('gateway_ttft_ms')}, outside it {run.get('outside_ttft_ms')}",
+                        flush=True,
+                    )
     finally:
         if serve is not None:
             result["server"]["stop"] = serve.stop()

@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "synchronous steps (no async scheduling)",
     )
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument(
+        "--max-lora-rank", type=int, default=None, help="the engine's max_lora_rank (--rank)"
+    )
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--weight-files", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -122,7 +125,7 @@ def make_runner(args, device: torch.device) -> ModelRunner:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.prompt_len + args.output_len + 16,
         max_loras=args.max_loras,
-        max_lora_rank=args.rank,
+        max_lora_rank=args.max_lora_rank or args.rank,
         gpu_memory_utilization=args.gpu_memory_utilization,
         lora_memory_fraction=args.lora_memory_fraction,
         kv_cache_bytes=64 * 2**20 if device.type == "cpu" else None,
@@ -140,7 +143,7 @@ def make_engine(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=runner.max_model_len,
         max_loras=args.max_loras,
-        max_lora_rank=args.rank,
+        max_lora_rank=args.max_lora_rank or args.rank,
         max_cpu_loras=max(args.max_loras, n_adapters),
         adapter_load_workers=args.load_workers,
         host_lora_memory_fraction=args.host_lora_memory_fraction,

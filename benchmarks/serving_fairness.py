@@ -16,6 +16,8 @@ Runs, one after the other:
   closed loop of ``--fair-pair-streams`` streams, both backlogged: service shares over a
   window while both are, and total throughput against ``one_key`` (the cost of fairness).
 
+The light runs' TTFT is split with the usage ledger's own ``ttft_ms`` afterwards
+(``bench_serving.ledger_split``: the gateway's engine call to its first token, and the rest).
 Per key, from the engine's ``/metrics`` (``loraplex_engine_fair_*{fairness_key}``, deltas):
 queue seconds per scheduled sequence, service tokens (prefill, decode), preemptions.
 """
@@ -131,10 +133,13 @@ class FairnessScenario:
         for r in records:
             check_output(r, a.output_len)
         row = summarize(records, seconds, a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3)
-        return {k: row[k] for k in ("completed", "errors", "out_tok_s", "req_s", "ttft_ms")} | {
+        out = {k: row[k] for k in ("completed", "errors", "out_tok_s", "req_s", "ttft_ms")} | {
             "tpot_ms": row["tpot_ms"],
             "error_samples": row["error_samples"],
         }
+        if len(records) <= a.fair_light_requests:  # the light runs: kept for the ledger split
+            out["records"] = [r.compact() for r in records]
+        return out
 
     async def run_light_alone(self) -> dict:
         before = await self.settled()
