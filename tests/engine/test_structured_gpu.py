@@ -44,8 +44,8 @@ SCHEMAS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def runner():
+@pytest.fixture(scope="module", params=[False, True], ids=["graphs", "eager"])
+def runner(request):
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need CUDA")
     model = os.environ.get("LORAPLEX_TEST_STRUCTURED_MODEL")
@@ -64,6 +64,7 @@ def runner():
         max_lora_rank=16,
         gpu_memory_utilization=0.3,
         max_num_batched_tokens=4096,
+        enforce_eager=request.param,
     )
 
 
