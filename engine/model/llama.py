@@ -2,8 +2,9 @@
 
 One forward serves every family in :mod:`engine.model.config`; a family differs only in
 flags there (Qwen2's qkv bias, Qwen3's q/k norm, Phi-3's fused checkpoint names, which the
-loader reads into the same fused weights). Weights are held fused: ``qkv`` (q, k, v stacked
-on the output dim) and ``gate_up``. Every
+loader reads into the same fused weights; Gemma's norms around each block, GeGLU, local
+layers with their own window and rope, soft-capped scores and logits). Weights are held
+fused: ``qkv`` (q, k, v stacked on the output dim) and ``gate_up``. Every
 op goes through :mod:`engine.kernels` (Triton on CUDA, torch references on CPU). The forward
 reads no host state: all per-step inputs arrive in one :class:`ForwardInputs` value, which the
 runner fills (into static buffers when replaying a CUDA graph).
@@ -23,6 +24,7 @@ from loraplex.engine import kernels as K
 from loraplex.engine.kernels import LoraMeta
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
+from loraplex.engine.model.moe import moe_mlp
 
 if TYPE_CHECKING:
     from loraplex.engine.parallel import TPGroup
@@ -37,8 +39,13 @@ class LayerWeights:
     k_norm: torch.Tensor | None
     o: torch.Tensor  # [H, q]
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: torch.Tensor  # [2I, H]; MoE: every expert's, [E, 2I, H] (I: moe_intermediate)
+    down: torch.Tensor  # [H, I]; MoE: [E, H, I]
+    router: torch.Tensor | None = None  # [E, H] (MoE: the layer's ``mlp.gate``)
+    # Gemma: the norms before and after the MLP (``post_norm`` then normalizes the
+    # attention's output); all Gemma norms hold 1 + w in float32
+    pre_ff_norm: torch.Tensor | None = None  # [H]
+    post_ff_norm: torch.Tensor | None = None  # [H]
 
 
 @dataclass
@@ -58,7 +65,8 @@ class LlamaWeights:
         out = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:
             out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
-            out += [t for t in (lw.qkv_bias, lw.q_norm, lw.k_norm) if t is not None]
+            extra = (lw.qkv_bias, lw.q_norm, lw.k_norm, lw.router, lw.pre_ff_norm, lw.post_ff_norm)
+            out += [t for t in extra if t is not None]
         return out
 
 
@@ -99,7 +107,20 @@ class LlamaModel:
         dev = weights.embed.device
         inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
         self.cos_sin = K.rotary_cos_sin_cache(inv_freq, max_positions, scale)
-        self.scale = config.head_dim**-0.5
+        local = config.local_rope_inv_freq()  # Gemma 3's local layers: their own rope
+        self.local_cos_sin = (
+            None if local is None else K.rotary_cos_sin_cache(local.to(dev), max_positions)
+        )
+        self.scale = config.attn_scale
+        self.softcap = config.attn_logit_softcap or 0.0
+        self.windows = [config.layer_window(i) for i in range(config.num_layers)]
+        # Gemma: embeddings times sqrt(hidden), rounded to the model dtype as transformers does
+        self.embed_scale = (
+            torch.tensor(config.hidden_size**0.5, dtype=weights.embed.dtype, device=dev)
+            if config.gemma_norm
+            else None
+        )
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
         c = config
         # each group's projection boundaries in its output (lora_expand's out_offsets)
         self.offsets = {
@@ -107,6 +128,8 @@ class LlamaModel:
             "o": [0, c.hidden_size],
             "gate_up": [0, c.intermediate_size, 2 * c.intermediate_size],
             "down": [0, c.hidden_size],
+            "experts_gate_up": [0, c.moe_intermediate_size, 2 * c.moe_intermediate_size],
+            "experts_down": [0, c.hidden_size],
         }
         # decode steps run each group's LoRA on this stream, beside the base GEMM (CUDA only;
         # high priority so that its small kernels are scheduled ahead of the GEMM's tail)
@@ -225,6 +248,8 @@ class LlamaModel:
             x = F.embedding(inp.input_ids, self.weights.embed)
         else:
             x = tp.embed(inp.input_ids, self.weights.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         residual = None
         for i, w in enumerate(self.weights.layers):
             if residual is None:
@@ -239,11 +264,15 @@ class LlamaModel:
             if w.q_norm is not None and w.k_norm is not None:
                 qkv, d = self._qk_norm(qkv, d, w.q_norm, w.k_norm), None
             k_cache, v_cache = kv_caches[i]
+            window = self.windows[i]
+            cos_sin = self.cos_sin
+            if self.local_cos_sin is not None and c.sliding_layers[i]:
+                cos_sin = self.local_cos_sin
             # + the q/k/v delta, rotary, and K/V into the cache: one pass
             q = K.rope_cache(
                 qkv,
                 inp.positions,
-                self.cos_sin,
+                cos_sin,
                 k_cache,
                 v_cache,
                 inp.slot_mapping,
@@ -253,8 +282,9 @@ class LlamaModel:
             )
             if inp.is_decode:
                 attn = K.paged_decode_attention(
-                    q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale
-                )
+                    q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale,
+                    window=window, softcap=self.softcap,
+                )  # fmt: skip
             else:
                 attn = K.prefill_attention(
                     q,
@@ -265,21 +295,34 @@ class LlamaModel:
                     inp.context_lens,
                     self.scale,
                     max_q_len=inp.max_q_len,
+                    window=window,
+                    softcap=self.softcap,
                 )
             attn = attn.reshape(T, c.q_size)
-            if tp is None:
-                o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
-            else:  # a partial sum (base + LoRA): summed over the ranks, then the residual
+            if w.pre_ff_norm is not None:
+                o = self._out(attn, w.o, groups, "o", inp, beside, w.post_norm)
+                h, residual = K.rms_norm(o, w.pre_ff_norm, c.rms_norm_eps, residual)
+            elif tp is not None:  # a partial sum (base + LoRA): summed, then the residual
                 o = tp.all_reduce(self._partial(attn, w.o, groups, "o", inp, beside))
-            h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+                h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+            else:
+                o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
+                h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+            if w.router is not None:  # experts' LoRA in line: few tokens per (slot, expert)
+                ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
+                ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
+                x = moe_mlp(h, w.router, w.gate_up, w.down, c, ex, self.offsets, inp.lora)
+                continue
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
-            act = K.silu_and_mul(gu, d)
-            if tp is None:
+            act = K.silu_and_mul(gu, d, gelu=self.gelu)
+            if w.post_ff_norm is not None:
+                x = self._out(act, w.down, groups, "down", inp, beside, w.post_ff_norm)
+            elif tp is not None:
+                x = tp.all_reduce(self._partial(act, w.down, groups, "down", inp, beside))
+            else:
                 x, _ = self._proj(
                     act, w.down, groups, "down", inp, beside=beside, residual=residual
                 )
-            else:
-                x = tp.all_reduce(self._partial(act, w.down, groups, "down", inp, beside))
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
         return out
 
@@ -299,8 +342,33 @@ class LlamaModel:
         y, delta = self._proj(x, weight, groups, name, inp, beside=beside)
         return y if delta is None else y.add_(delta)
 
+    def _out(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        groups: dict[str, LoraGroup] | None,
+        name: str,
+        inp: ForwardInputs,
+        beside: bool,
+        norm: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gemma: a block's output projection (+ its LoRA delta), RMS-normed by ``norm``;
+        the caller adds it to the residual stream (inside the next norm). Tensor-parallel:
+        the partial sums are summed over the ranks before the norm."""
+        y, delta = self._proj(x, weight, groups, name, inp, beside=beside)
+        if delta is not None:
+            y = y + delta
+        if self.tp is not None:
+            y = self.tp.all_reduce(y)
+        return K.rms_norm(y, norm, self.config.rms_norm_eps)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` -> float32 ``[N, V]`` (tensor-parallel: on rank 0; the other ranks
-        get their vocabulary slice)."""
-        local = F.linear(hidden, self.weights.lm_head).float()
-        return local if self.tp is None else self.tp.gather_vocab(local)
+        """``[N, H]`` -> float32 ``[N, V]`` (soft-capped where the model says: Gemma 2).
+        Tensor-parallel: on rank 0; the other ranks get their vocabulary slice."""
+        logits = F.linear(hidden, self.weights.lm_head).float()
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)
+        cap = self.config.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

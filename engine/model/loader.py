@@ -63,6 +63,12 @@ def build_weights(
     def t(name: str) -> torch.Tensor:
         return get(name).to(device=device, dtype=dtype)
 
+    def norm(name: str) -> torch.Tensor:
+        """Gemma's norms multiply by 1 + w in float32 (as transformers does): held so."""
+        if not config.gemma_norm:
+            return t(name)
+        return (1.0 + get(name).float()).to(device=device)
+
     def cat(*names: str) -> torch.Tensor:
         return torch.cat([t(n) for n in names], 0).contiguous()
 
@@ -73,32 +79,50 @@ def build_weights(
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        bias = q_norm = k_norm = None
+        bias = q_norm = k_norm = pre_ff = post_ff = None
         if config.qkv_bias:
             bias = cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
         if config.qk_norm:
-            q_norm, k_norm = t(a + "q_norm.weight"), t(a + "k_norm.weight")
+            q_norm, k_norm = norm(a + "q_norm.weight"), norm(a + "k_norm.weight")
+        if config.gemma_norm:
+            pre_ff = norm(p + "pre_feedforward_layernorm.weight")
+            post_ff = norm(p + "post_feedforward_layernorm.weight")
+        router = None
         if config.fused_proj:  # Phi-3: stored fused already, in our order
             qkv, gate_up = t(a + "qkv_proj.weight"), t(m + "gate_up_proj.weight")
         else:
             qkv = cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+        if config.is_moe:  # each expert's weights in a checkpoint, stacked [E, ...] here
+            router, ex = (
+                t(m + "gate.weight"),
+                [f"{m}experts.{e}." for e in range(config.num_experts)],
+            )
+            gate_up = torch.stack([cat(x + "gate_proj.weight", x + "up_proj.weight") for x in ex])
+            down = torch.stack([t(x + "down_proj.weight") for x in ex])
+        elif not config.fused_proj:
             gate_up = cat(m + "gate_proj.weight", m + "up_proj.weight")
+        if not config.is_moe:
+            down = t(m + "down_proj.weight")
         layers.append(
             LayerWeights(
-                input_norm=t(p + "input_layernorm.weight"),
+                input_norm=norm(p + "input_layernorm.weight"),
                 qkv=cut("qkv", qkv),
                 qkv_bias=None if bias is None else cut("qkv_bias", bias),
                 q_norm=q_norm,
                 k_norm=k_norm,
                 o=cut("o", t(a + "o_proj.weight")),
-                post_norm=t(p + "post_attention_layernorm.weight"),
+                post_norm=norm(p + "post_attention_layernorm.weight"),
                 gate_up=cut("gate_up", gate_up),
-                down=cut("down", t(m + "down_proj.weight")),
+                down=cut("down", down),
+                router=router,
+                pre_ff_norm=pre_ff,
+                post_ff_norm=post_ff,
             )
         )
     embed = cut("embed", t("model.embed_tokens.weight"))
     lm_head = embed if config.tie_word_embeddings else cut("lm_head", t("lm_head.weight"))
-    return LlamaWeights(embed=embed, layers=layers, norm=t("model.norm.weight"), lm_head=lm_head)
+    final = norm("model.norm.weight")
+    return LlamaWeights(embed=embed, layers=layers, norm=final, lm_head=lm_head)
 
 
 def random_weights(
@@ -117,7 +141,13 @@ def random_weights(
         return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std).contiguous()
 
     def norm(n: int = c.hidden_size) -> torch.Tensor:
-        return 1.0 + rnd(n, std=0.1)
+        w = 1.0 + rnd(n, std=0.1)
+        return w.float() if c.gemma_norm else w  # Gemma's hold 1 + w in float32
+
+    def gemma_norm() -> torch.Tensor | None:
+        return norm() if c.gemma_norm else None
+
+    E, mi = c.num_experts, c.moe_intermediate_size
 
     def cut(name: str, x: torch.Tensor) -> torch.Tensor:
         return x if shard is None else shard_fused(name, x, c, shard)
@@ -131,8 +161,16 @@ def random_weights(
             k_norm=norm(c.head_dim) if c.qk_norm else None,
             o=cut("o", rnd(c.hidden_size, c.q_size)),
             post_norm=norm(),
-            gate_up=cut("gate_up", rnd(2 * c.intermediate_size, c.hidden_size)),
-            down=cut("down", rnd(c.hidden_size, c.intermediate_size)),
+            gate_up=cut(
+                "gate_up",
+                rnd(E, 2 * mi, c.hidden_size) if E else rnd(2 * c.intermediate_size, c.hidden_size),
+            ),
+            down=cut(
+                "down", rnd(E, c.hidden_size, mi) if E else rnd(c.hidden_size, c.intermediate_size)
+            ),
+            router=rnd(E, c.hidden_size, std=0.5) if E else None,
+            pre_ff_norm=gemma_norm(),
+            post_ff_norm=gemma_norm(),
         )
         for _ in range(c.num_layers)
     ]

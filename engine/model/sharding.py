@@ -43,6 +43,10 @@ def check_tensor_parallel(config: ModelConfig, size: int) -> None:
     """Raise one clear line when the model cannot be split ``size`` ways."""
     if size < 1:
         raise UnsupportedModel(f"tensor_parallel_size must be positive, got {size}")
+    if config.is_moe and size > 1:
+        raise UnsupportedModel(
+            "tensor parallelism does not split MoE experts yet: serve it with tensor_parallel_size 1"
+        )
     for what, n in (
         ("attention heads", config.num_heads),
         ("KV heads", config.num_kv_heads),

@@ -145,11 +145,14 @@ def test_ranks_match_one_rank(model, single, tp):
 
 
 @pytest.mark.parametrize(
-    ("kind", "specs"), [("qwen2", SPLIT_SPECS), ("phi3", FUSED_SPECS)], ids=["qwen2", "phi3"]
+    ("kind", "specs"),
+    [("qwen2", SPLIT_SPECS), ("phi3", FUSED_SPECS), ("gemma2", SPLIT_SPECS)],
+    ids=["qwen2", "phi3", "gemma2"],
 )
 def test_two_ranks_match_hf_across_families(tmp_path, kind, specs):
-    """Qwen2 (qkv bias, tied embedding and head) and Phi-3 (fused qkv_proj / gate_up_proj
-    in the checkpoint and in the adapters) split 2 ways: the base and three adapters in one
+    """Qwen2 (qkv bias, tied embedding and head), Phi-3 (fused qkv_proj / gate_up_proj in
+    the checkpoint and in the adapters) and Gemma 2 (normed block outputs, scaled embedding,
+    soft-capped logits, sliding windows) split 2 ways: the base and three adapters in one
     batch against transformers + PEFT."""
     base = build_hf_model(tmp_path / "base", kind, seed=5)
     adapters = [build_adapter(base, tmp_path / f"lora{i}", s) for i, s in enumerate(specs)]
@@ -208,3 +211,5 @@ def test_size_that_does_not_divide_is_refused(model):
         build_runner(str(base), EngineConfig(device="cpu", tensor_parallel_size=3))
     with pytest.raises(UnsupportedModel, match="KV heads"):
         build_runner("dummy:tiny", EngineConfig(device="cpu", tensor_parallel_size=4))
+    with pytest.raises(UnsupportedModel, match="MoE experts"):
+        build_runner("dummy:tiny-moe", EngineConfig(device="cpu", tensor_parallel_size=2))
