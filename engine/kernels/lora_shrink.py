@@ -21,6 +21,7 @@ import torch
 
 from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
+    num_sms,
     gdc_launch_dependents,
     gdc_wait,
     pdl_ok,
@@ -298,6 +299,7 @@ def _shrink_config(
     block_m: int,
     max_split: int = MAX_SPLIT,
     in_line: bool = True,
+    sms: int = 132,
 ):
     """(BLOCK_R, BLOCK_K, K_PER_PROG, ONE_TILE): split K so that the grid has a few waves of
     programs.
@@ -326,7 +328,7 @@ def _shrink_config(
         # spills, r64 x k32 80)
         return block_r, 32, min(256, triton.cdiv(K, 32) * 32), False
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
-    want = 8 * 132 if on_gpu else 16
+    want = 8 * sms if on_gpu else 16  # a few waves of programs on this device's SMs
     tiles = triton.cdiv(T, block_m)
     # at most MAX_SPLIT splits (the expand's tensor-core path adds the partials one by one)
     split = max(
@@ -377,8 +379,9 @@ def lora_shrink(
     if config:
         early_launch = config.get("early", early_launch)
     block_r, block_k, k_per, one_tile = _shrink_config(
-        T, K, P, R, x.is_cuda, rows, meta.block_m, max_split, early_launch
-    )
+        T, K, P, R, x.is_cuda, rows, meta.block_m, max_split, early_launch,
+        num_sms(x.device) if x.is_cuda else 132,
+    )  # fmt: skip
     pdl = pdl_ok(x)
     # L2 prefetch of A before gdc_wait pays for small batches only (the one-tile kernel loads
     # its A tile into registers there instead)

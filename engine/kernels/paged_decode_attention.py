@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, num_sms, tl, triton
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
@@ -195,7 +195,7 @@ def paged_decode_attention(
     max_ctx = block_tables.shape[1] * bs  # static bound: no host sync, graph-safe
     if num_splits is None:
         # split long contexts when the batch alone does not fill the GPU
-        want = cfg.get("want", 2 * 132) if q.is_cuda else 1
+        want = cfg.get("want", 2 * num_sms(q.device)) if q.is_cuda else 1
         num_splits = max(1, min(triton.cdiv(want, B * hkv), triton.cdiv(max_ctx, 512), 16))
     split_len = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_ctx, split_len)
