@@ -18,13 +18,16 @@ import torch.nn.functional as F
 
 from loraplex.engine import kernels as K
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.kernels.fp8_linear import fp8_candidates, fp8_linear_w8a16
 from loraplex.engine.kernels.lora_expand import token_path_sizes
+from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
 from loraplex.engine.lora.slots import PageNeed, PagePlan
 from loraplex.engine.lora.weights import LoraWeights, read_adapter
 from loraplex.engine.model.cuda_graphs import DecodeGraphs
 from loraplex.engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
-from loraplex.engine.model.llama import LlamaModel
+from loraplex.engine.model.fp8 import Fp8Weight
+from loraplex.engine.model.llama import Fp8Options, LlamaModel, fp8_shape_key
 from loraplex.engine.model.loader import LoadedModel, load_model
 from loraplex.engine.runner import StepTensors
 
@@ -54,12 +57,18 @@ class ModelRunner:
         max_num_batched_tokens: int = 2048,
         enforce_eager: bool = False,
         seed: int = 0,
+        quantization: str | None = None,
+        fp8_w8a8_min_tokens: int = 128,
+        kernel_config_dir: Path | None = None,
+        kernel_tuning: bool = True,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if not isinstance(model, LoadedModel):
-            model = load_model(model, dtype=dtype, device=self.device, seed=seed)
+            model = load_model(
+                model, dtype=dtype, device=self.device, seed=seed, quantization=quantization
+            )
         self.loaded = model
         self.config = cfg = model.config
         self.dtype = model.weights.embed.dtype
@@ -73,7 +82,9 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids: set[int] = set(model.eos_token_ids)
         self.tokenizer = model.tokenizer
-        self.model = LlamaModel(cfg, model.weights, self.max_model_len)
+        self.launch_configs = LaunchConfigs.for_device(self.device, kernel_config_dir)
+        fp8 = Fp8Options(fp8_w8a8_min_tokens, self.launch_configs)
+        self.model = LlamaModel(cfg, model.weights, self.max_model_len, fp8)
         if lora_memory_bytes is None:
             lora_memory_bytes = self._lora_budget(max_loras, lora_memory_fraction)
         self.lora = LoraPool(
@@ -105,6 +116,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = self._alloc_kv(num_blocks)
         triton_on_gpu = self.device.type == "cuda" and K.use_triton(model.weights.embed)
+        if triton_on_gpu and kernel_tuning and kernel_config_dir is not None:
+            self.tune_kernels()
         if triton_on_gpu:
             self._warm_lora()
         if triton_on_gpu and not enforce_eager:
@@ -293,6 +306,42 @@ class ModelRunner:
             sizes.update(token_path_sizes(self.max_lora_rank, outs, self.device, t_max))
         for n in sorted(sizes - {max(1, min(most, self.num_slots))}):
             one_token_each(n, 0, lambda i: i % self.num_slots)
+
+    def tune_kernels(self, save: bool = True) -> dict[str, dict[str, float]]:
+        """Fill the launch-config table for this GPU model: each FP8 projection shape's
+        weight-only GEMM at each token bucket it runs (below the W8A8 threshold, up to the
+        batch bound), over :func:`fp8_candidates`. Entries already there are kept. -> the
+        timings of the shapes measured now (ms by candidate), for benchmarks."""
+        measured: dict[str, dict[str, float]] = {}
+        if not K.fp8_ok(self.loaded.weights.embed):
+            return measured
+        shapes: dict[str, tuple[Fp8Weight, int]] = {}
+        top = max(self.max_num_seqs, 16)
+        for w in (getattr(self.loaded.weights.layers[0], n) for n in self.model.offsets):
+            if not isinstance(w, Fp8Weight):
+                continue
+            m = 16
+            while True:
+                if w.block is not None or m < self.model.fp8.w8a8_min_tokens:
+                    shapes.setdefault(fp8_shape_key(w, m), (w, m))
+                if m >= top:
+                    break
+                m *= 2
+        for key, (w, m) in shapes.items():
+            if self.launch_configs.get("fp8_w8a16", key) is not None:
+                continue
+            x = torch.randn(m, w.shape[1], device=self.device, dtype=self.dtype)
+            best, times = self.launch_configs.sweep(
+                "fp8_w8a16",
+                key,
+                fp8_candidates(m, w.block),
+                lambda cfg, x=x, w=w: fp8_linear_w8a16(x, w.qweight, w.scale, w.block, None, cfg),
+            )
+            log.info("kernel tuning: fp8_w8a16 %s -> %s", key, best)
+            measured[key] = times
+        if measured and save:
+            self.launch_configs.save()
+        return measured
 
     # ---- adapters ------------------------------------------------------------------------
 

@@ -43,6 +43,19 @@ class DType(StrEnum):
     bfloat16 = "bfloat16"
 
 
+class Quantization(StrEnum):
+    fp8 = "fp8"
+
+
+QuantOpt = Annotated[
+    Quantization | None,
+    typer.Option(
+        help="fp8: quantize the base model's projections to FP8 at load (per-channel "
+        "scales; FP8 checkpoints load as FP8 anyway) (LORAPLEX_QUANTIZATION)."
+    ),
+]
+
+
 DataDir = Annotated[
     Path | None,
     typer.Option(help="Embedded-mode data directory (LORAPLEX_DATA_DIR; default ./.loraplex)."),
@@ -73,6 +86,7 @@ def serve(
     model: Model = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    quantization: QuantOpt = None,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (LORAPLEX_HOST; default 127.0.0.1).")
     ] = None,
@@ -95,6 +109,7 @@ def serve(
         model=model,
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
+        quantization=quantization.value if quantization else None,
         host=host,
         port=port,
         workers=workers,
@@ -109,6 +124,7 @@ def engine_command(
     model: Model = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    quantization: QuantOpt = None,
     listen: Annotated[
         str,
         typer.Option(
@@ -131,6 +147,7 @@ def engine_command(
         model=model,
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
+        quantization=quantization.value if quantization else None,
         data_dir=data_dir,
         engine_http=http,
     )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from loraplex.engine.kernels import fp8_linear as _fp8
 from loraplex.engine.kernels import lora_expand as _expand
 from loraplex.engine.kernels import lora_shrink as _shrink
 from loraplex.engine.kernels import paged_decode_attention as _decode
@@ -67,6 +68,35 @@ def lora_expand(
     return _expand.lora_expand_ref(*args, accumulate=accumulate, b_offsets=b_offsets)
 
 
+def fp8_ok(t: torch.Tensor) -> bool:
+    """FP8 kernels for tensor ``t``: Triton on a GPU with FP8 (compute capability >= 8.9),
+    or forced with LORAPLEX_KERNELS=triton (the interpreter on CPU)."""
+    if not use_triton(t):
+        return False
+    return not t.is_cuda or torch.cuda.get_device_capability(t.device) >= (8, 9)
+
+
+def fp8_linear(
+    x,
+    qweight,
+    scale,
+    block: tuple[int, int] | None = None,
+    bias=None,
+    *,
+    w8a8_min_tokens: int = 128,
+    config: dict | None = None,
+):
+    """``x W^T + bias`` of an FP8 weight. Below ``w8a8_min_tokens`` tokens (and for block
+    scales at any count) the weight-only Triton GEMM (``config``: its launch config, None:
+    defaults); from there on, per-token FP8 activations and ``torch._scaled_mm`` (CUDA).
+    Elsewhere the dequantizing reference."""
+    if not fp8_ok(x):
+        return _fp8.fp8_linear_ref(x, qweight, scale, block, bias)
+    if x.is_cuda and block is None and x.shape[0] >= w8a8_min_tokens:
+        return _fp8.fp8_linear_w8a8(x, qweight, scale, bias)
+    return _fp8.fp8_linear_w8a16(x, qweight, scale, block, bias, config)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
     fn = _pick(_decode, "paged_decode_attention", q)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
@@ -111,6 +141,8 @@ def silu_and_mul(x, delta=None):
 __all__ = [
     "LoraMeta",
     "build_lora_meta",
+    "fp8_linear",
+    "fp8_ok",
     "lora_expand",
     "lora_shrink",
     "paged_decode_attention",

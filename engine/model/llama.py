@@ -20,21 +20,23 @@ import torch.nn.functional as F
 
 from loraplex.engine import kernels as K
 from loraplex.engine.kernels import LoraMeta
+from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
+from loraplex.engine.model.fp8 import Fp8Weight, Weight
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [q + 2kv, H]
+    qkv: Weight  # [q + 2kv, H] (the four projections: dense or Fp8Weight)
     qkv_bias: torch.Tensor | None  # [q + 2kv] (Qwen2)
     q_norm: torch.Tensor | None  # [head_dim] (Qwen3), with k_norm
     k_norm: torch.Tensor | None
-    o: torch.Tensor  # [H, q]
+    o: Weight  # [H, q]
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: Weight  # [2I, H]
+    down: Weight  # [H, I]
 
 
 @dataclass
@@ -53,7 +55,9 @@ class LlamaWeights:
     def tensors(self) -> list[torch.Tensor]:
         out = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:
-            out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
+            out += [lw.input_norm, lw.post_norm]
+            for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
+                out += w.tensors() if isinstance(w, Fp8Weight) else [w]
             out += [t for t in (lw.qkv_bias, lw.q_norm, lw.k_norm) if t is not None]
         return out
 
@@ -78,10 +82,35 @@ class ForwardInputs:
     lora_groups: frozenset[str] | None = None  # groups the step's adapters touch (None: all)
 
 
+@dataclass
+class Fp8Options:
+    """How FP8 projections run: W8A8 (``torch._scaled_mm``) from ``w8a8_min_tokens`` tokens
+    up, the weight-only kernel below, with its launch configs from ``configs`` (per GPU
+    model, filled by the warm-up; None or no entry: the kernel's defaults)."""
+
+    w8a8_min_tokens: int = 128
+    configs: LaunchConfigs | None = None
+
+
+def fp8_shape_key(w: Fp8Weight, m: int) -> str:
+    """The launch-config key of a weight-only GEMM: N, K, the scale layout and the token
+    bucket (the next power of two from 16)."""
+    bucket = max(16, 1 << max(0, m - 1).bit_length())
+    blk = "c" if w.block is None else f"b{w.block[0]}x{w.block[1]}"
+    return f"{w.shape[0]}x{w.shape[1]}:{blk}:m{bucket}"
+
+
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: LlamaWeights, max_positions: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: LlamaWeights,
+        max_positions: int,
+        fp8: Fp8Options | None = None,
+    ) -> None:
         self.config = config
         self.weights = weights
+        self.fp8 = fp8 or Fp8Options()
         dev = weights.embed.device
         inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
         self.cos_sin = K.rotary_cos_sin_cache(inv_freq, max_positions, scale)
@@ -105,6 +134,19 @@ class LlamaModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
+
+    def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """One base projection: ``F.linear`` of a dense weight, ``K.fp8_linear`` of an FP8
+        one (its launch config looked up by shape; host ints only, so graph-safe)."""
+        if isinstance(w, torch.Tensor):
+            return F.linear(x, w, bias)
+        cfg = None
+        if self.fp8.configs is not None:
+            cfg = self.fp8.configs.get("fp8_w8a16", fp8_shape_key(w, x.shape[0]))
+        return K.fp8_linear(
+            x, w.qweight, w.scale, w.block, bias,
+            w8a8_min_tokens=self.fp8.w8a8_min_tokens, config=cfg,
+        )  # fmt: skip
 
     @staticmethod
     def _uses(inp: ForwardInputs, name: str) -> bool:
@@ -130,7 +172,7 @@ class LlamaModel:
     def _proj(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Weight,
         groups: dict[str, LoraGroup] | None,
         name: str,
         inp: ForwardInputs,
@@ -145,10 +187,10 @@ class LlamaModel:
         ``residual``, the LoRA adds into the residual stream and delta is None; without, the
         LoRA's delta (zero rows where no adapter applies) for the consumer to add."""
         if groups is None or not self._uses(inp, name):
-            return F.linear(x, weight, bias), None
+            return self.linear(x, weight, bias), None
         group, offsets = groups[name], self.offsets[name]
         if not beside:
-            y = F.linear(x, weight, bias)
+            y = self.linear(x, weight, bias)
             buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora)
             K.lora_expand(
                 buf, group.b, group.ranks, group.pages, offsets, inp.lora, y,
@@ -173,7 +215,7 @@ class LlamaModel:
                 early_launch=False,
                 b_offsets=group.b_offsets,
             )
-        y = F.linear(x, weight, bias)
+        y = self.linear(x, weight, bias)
         self._join()
         return y, delta
 

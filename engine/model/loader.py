@@ -17,6 +17,14 @@ from typing import Any
 import torch
 
 from loraplex.engine.model.config import ModelConfig, UnsupportedModel, config_from_hf
+from loraplex.engine.model.fp8 import (
+    QUANTIZATIONS,
+    CheckpointQuant,
+    LinearLoader,
+    Weight,
+    checkpoint_quant,
+    quantize_per_channel,
+)
 from loraplex.engine.model.llama import LayerWeights, LlamaWeights
 from loraplex.engine.model.presets import PRESETS
 
@@ -50,15 +58,25 @@ def default_model_path() -> Path:
 
 
 def build_weights(
-    config: ModelConfig, get: Getter, dtype: torch.dtype, device: torch.device
+    config: ModelConfig,
+    get: Getter,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    quantization: str | None = None,
+    checkpoint: CheckpointQuant | None = None,
 ) -> LlamaWeights:
-    """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time."""
+    """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time.
+    The projections go through :class:`LinearLoader` (FP8 when the checkpoint is FP8 or
+    ``quantization="fp8"``); norms, biases, the embedding and the LM head stay in ``dtype``."""
 
     def t(name: str) -> torch.Tensor:
         return get(name).to(device=device, dtype=dtype)
 
     def cat(*names: str) -> torch.Tensor:
         return torch.cat([t(n) for n in names], 0).contiguous()
+
+    lin = LinearLoader(get, dtype, device, quantization=quantization, checkpoint=checkpoint)
 
     layers = []
     for i in range(config.num_layers):
@@ -70,10 +88,10 @@ def build_weights(
         if config.qk_norm:
             q_norm, k_norm = t(a + "q_norm.weight"), t(a + "k_norm.weight")
         if config.fused_proj:  # Phi-3: stored fused already, in our order
-            qkv, gate_up = t(a + "qkv_proj.weight"), t(m + "gate_up_proj.weight")
+            qkv, gate_up = lin(a + "qkv_proj"), lin(m + "gate_up_proj")
         else:
-            qkv = cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
-            gate_up = cat(m + "gate_proj.weight", m + "up_proj.weight")
+            qkv = lin(a + "q_proj", a + "k_proj", a + "v_proj")
+            gate_up = lin(m + "gate_proj", m + "up_proj")
         layers.append(
             LayerWeights(
                 input_norm=t(p + "input_layernorm.weight"),
@@ -81,10 +99,10 @@ def build_weights(
                 qkv_bias=bias,
                 q_norm=q_norm,
                 k_norm=k_norm,
-                o=t(a + "o_proj.weight"),
+                o=lin(a + "o_proj"),
                 post_norm=t(p + "post_attention_layernorm.weight"),
                 gate_up=gate_up,
-                down=t(m + "down_proj.weight"),
+                down=lin(m + "down_proj"),
             )
         )
     embed = t("model.embed_tokens.weight")
@@ -93,10 +111,22 @@ def build_weights(
 
 
 def random_weights(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    quantization: str | None = None,
 ) -> LlamaWeights:
+    """Random weights of ``config``'s shape; with ``quantization="fp8"`` each projection is
+    quantized as it is made (an 8B preset never holds its bf16 projections all at once)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     c = config
+    if quantization not in (None, *QUANTIZATIONS):
+        raise UnsupportedModel(f"quantization {quantization!r} (one of {QUANTIZATIONS})")
+
+    def proj(n: int, k: int) -> Weight:
+        w = rnd(n, k)
+        return quantize_per_channel(w) if quantization == "fp8" else w
 
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std).contiguous()
@@ -107,14 +137,14 @@ def random_weights(
     layers = [
         LayerWeights(
             input_norm=norm(),
-            qkv=rnd(c.q_size + 2 * c.kv_size, c.hidden_size),
+            qkv=proj(c.q_size + 2 * c.kv_size, c.hidden_size),
             qkv_bias=rnd(c.q_size + 2 * c.kv_size) if c.qkv_bias else None,
             q_norm=norm(c.head_dim) if c.qk_norm else None,
             k_norm=norm(c.head_dim) if c.qk_norm else None,
-            o=rnd(c.hidden_size, c.q_size),
+            o=proj(c.hidden_size, c.q_size),
             post_norm=norm(),
-            gate_up=rnd(2 * c.intermediate_size, c.hidden_size),
-            down=rnd(c.hidden_size, c.intermediate_size),
+            gate_up=proj(2 * c.intermediate_size, c.hidden_size),
+            down=proj(c.hidden_size, c.intermediate_size),
         )
         for _ in range(c.num_layers)
     ]
@@ -168,8 +198,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default)."""
+    """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default).
+    ``quantization="fp8"``: projections quantized at load (an FP8 checkpoint loads as FP8
+    whatever this says)."""
     from transformers import AutoTokenizer
 
     device = torch.device(device)
@@ -183,7 +216,7 @@ def load_model(
         from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
 
         cfg = PRESETS[name]
-        weights = random_weights(cfg, dtype, device, seed)
+        weights = random_weights(cfg, dtype, device, seed, quantization)
         tok = dummy_tokenizer(cfg.vocab_size)
         return LoadedModel(cfg, weights, tok, frozenset(cfg.eos_token_ids), s)
 
@@ -194,7 +227,9 @@ def load_model(
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
         cfg, tensors = read_gguf(path)
-        weights = build_weights(cfg, tensors.__getitem__, dtype, device)
+        weights = build_weights(
+            cfg, tensors.__getitem__, dtype, device, quantization=quantization
+        )
         del tensors
         log.info("reading the tokenizer of %s", path.name)  # seconds: the GGUF vocabulary
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -203,7 +238,11 @@ def load_model(
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: not a .gguf file, an HF directory or dummy:<preset>")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
-    weights = build_weights(cfg, _Safetensors(path), dtype, device)
+    hf = json.loads(cfg_file.read_text())
+    cfg = config_from_hf(hf)
+    ck = checkpoint_quant(hf)
+    weights = build_weights(
+        cfg, _Safetensors(path), dtype, device, quantization=quantization, checkpoint=ck
+    )
     tok = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(cfg, weights, tok, _eos_ids(cfg, path, tok), s)
