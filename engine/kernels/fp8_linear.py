@@ -69,7 +69,6 @@ def quantize_rows_ref(x: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, t
 
 
 if HAVE_TRITON:
-
     # M is not specialized on: one compiled variant serves every token count of a block size
     @triton.jit(do_not_specialize=["M"])
     def _fp8_w8a16_kernel(
@@ -124,7 +123,9 @@ if HAVE_TRITON:
                 d = tl.dot(xt, tl.trans(wt))
             if BLOCKWISE:  # BLOCK_K divides SCALE_BK: one scale column per step
                 sc = tl.load(
-                    s_ptr + (offs_n // SCALE_BN) * stride_sn + k0 // SCALE_BK, mask=mask_n, other=0.0
+                    s_ptr + (offs_n // SCALE_BN) * stride_sn + k0 // SCALE_BK,
+                    mask=mask_n,
+                    other=0.0,
                 )
                 acc += d * sc[None, :]
             else:
@@ -298,9 +299,9 @@ def fp8_linear_w8a8(
         raise ValueError("W8A8 takes per-channel weight scales")
     M = x.shape[0]
     xq, xs = quantize_rows(x) if x.is_cuda else quantize_rows_ref(x, 16)
-    y = torch._scaled_mm(
-        xq, qweight.t(), scale_a=xs, scale_b=scale.view(1, -1), out_dtype=x.dtype
-    )[:M]
+    y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scale.view(1, -1), out_dtype=x.dtype)[
+        :M
+    ]
     return y if bias is None else y + bias
 
 

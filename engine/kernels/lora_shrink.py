@@ -21,9 +21,9 @@ import torch
 
 from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
-    num_sms,
     gdc_launch_dependents,
     gdc_wait,
+    num_sms,
     pdl_ok,
     prefetch_l2,
     tl,

@@ -227,9 +227,7 @@ def load_model(
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
         cfg, tensors = read_gguf(path)
-        weights = build_weights(
-            cfg, tensors.__getitem__, dtype, device, quantization=quantization
-        )
+        weights = build_weights(cfg, tensors.__getitem__, dtype, device, quantization=quantization)
         del tensors
         log.info("reading the tokenizer of %s", path.name)  # seconds: the GGUF vocabulary
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
