@@ -8,6 +8,7 @@ when triton is missing, Triton on CUDA. ``LORAPLEX_KERNELS=ref|triton`` forces a
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -73,7 +74,12 @@ def fp8_ok(t: torch.Tensor) -> bool:
     or forced with LORAPLEX_KERNELS=triton (the interpreter on CPU)."""
     if not use_triton(t):
         return False
-    return not t.is_cuda or torch.cuda.get_device_capability(t.device) >= (8, 9)
+    return not t.is_cuda or _capability(t.device) >= (8, 9)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def fp8_linear(

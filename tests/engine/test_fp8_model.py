@@ -275,3 +275,69 @@ def test_quantization_setting_is_validated():
         EngineConfig(quantization="int4").validate()
     with pytest.raises(UnsupportedModel):
         load_model("dummy:tiny", quantization="int4")
+
+
+# ---- GPU: the FP8 kernels in the runner (bf16, CUDA graphs) ------------------------------------
+
+
+def _dequantized(loaded, dtype):
+    """``loaded`` with every FP8 projection replaced by its dequantized dense weight."""
+    import dataclasses
+
+    layers = [
+        dataclasses.replace(
+            lw,
+            **{
+                n: getattr(lw, n).dequantize(dtype)
+                for n in ("qkv", "o", "gate_up", "down")
+                if isinstance(getattr(lw, n), Fp8Weight)
+            },
+        )
+        for lw in loaded.weights.layers
+    ]
+    weights = dataclasses.replace(loaded.weights, layers=layers)
+    return dataclasses.replace(loaded, weights=weights)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a GPU with FP8 (compute capability >= 8.9)",
+)
+@pytest.mark.parametrize("fmt", [None, "fp8-block"])
+def test_gpu_runner_fp8_matches_dequantized_bf16(base, fmt, tmp_path):
+    """Decode through CUDA graphs with three adapters, FP8 (quantized at load, or a block-wise
+    checkpoint) against the same weights dequantized to bf16; the warm-up's launch-config
+    sweep writes its cache file, and a second runner reads it instead of sweeping."""
+    from loraplex.engine.model_runner import ModelRunner
+
+    model = str(base) if fmt is None else str(write_fp8_checkpoint(base, tmp_path / fmt, fmt))
+    loaded = load_model(model, dtype=torch.bfloat16, device="cuda", quantization="fp8")
+    adapters = [
+        build_adapter(base, tmp_path / f"lora{i}", AdapterSpec(r, tuple(ALL_TARGETS), seed=i))
+        for i, r in enumerate((8, 16, 64))
+    ]
+    kw = dict(device="cuda", block_size=16, max_num_seqs=8, max_model_len=128, max_loras=4,
+              num_blocks=128)  # fmt: skip
+    cache = tmp_path / "kernel-configs"
+    fp8 = ModelRunner(loaded, kernel_config_dir=cache, **kw)
+    assert fp8.graphs is not None and fp8.tuning_report
+    assert fp8.launch_configs.path is not None and fp8.launch_configs.path.is_file()
+    again = ModelRunner(_dequantized(loaded, torch.bfloat16), kernel_config_dir=cache, **kw)
+    assert not again.tuning_report  # no FP8 weights: nothing to tune
+    ref = again
+    for r in (fp8, ref):
+        for slot, path in zip((3, 0, 1), adapters, strict=True):
+            r.write_slot(slot, r.read_adapter(path))
+    prompts = prompts_for(4, VOCAB, seed=11)
+    seqs = [
+        Seq(p, s, prompts[(i + 1) % 4][:6])
+        for i, (p, s) in enumerate(zip(prompts, (-1, 3, 0, 1), strict=True))
+    ]
+    got = runner_logits(fp8, seqs, 6)
+    want = runner_logits(ref, seqs, 6)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g.float(), w.float()) < 3e-2
+    second = ModelRunner(load_model(model, dtype=torch.bfloat16, device="cuda",
+                                    quantization="fp8"), kernel_config_dir=cache, **kw)  # fmt: skip
+    assert not second.tuning_report  # read from the cache file

@@ -115,7 +115,7 @@ def _fp8_gpu() -> bool:
 
 @gpu
 @pytest.mark.parametrize("N,K", LLAMA8B)
-@pytest.mark.parametrize("M", [1, 7, 32, 64, 200])
+@pytest.mark.parametrize("M", [1, 32, 200])
 @pytest.mark.parametrize("block", [None, (128, 128)])
 def test_gpu_w8a16_bf16(M, N, K, block):
     if not _fp8_gpu():
@@ -125,7 +125,7 @@ def test_gpu_w8a16_bf16(M, N, K, block):
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16).cuda()
     ref = fp8_linear_ref(x.float(), q, scale, block)
     assert_close(fp8_linear_w8a16(x, q, scale, block), ref, torch.bfloat16)
-    for cfg in fp8_candidates(M, block)[:4]:
+    for cfg in fp8_candidates(M, block)[:2]:
         assert_close(fp8_linear_w8a16(x, q, scale, block, None, cfg), ref, torch.bfloat16)
 
 
