@@ -4,16 +4,20 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_fp8.sh
 #
-# 1. the gpu-marked FP8 kernel tests (W8A16 at Llama-3-8B shapes, W8A8, row quantization,
-#    graph replay) and the launch-config table tests;
+# 1. the FP8 kernel tests on the GPU (W8A16 at Llama-3-8B shapes, W8A8, row quantization,
+#    graph replay, and the small-shape ones), the launch-config table tests, and the SGMV
+#    tests of mixed ranks on the per-token path (the rank-bucketed shrink);
 # 2. benchmarks/bench_fp8.py: the kernel-config sweep (in the FP8 runner's warm-up), GEMMs of
 #    Llama-3-8B at M 1-256 (bf16 / weight-only FP8 / W8A8 / _scaled_mm alone vs the 1- and
 #    2-byte floors), decode at batch 32 with 32 distinct rank-16 adapters bf16 vs FP8, prefill
 #    tokens/s, greedy agreement and KL (MODEL=<checkpoint dir> for a real model; default
 #    dummy:llama3-8b, random weights) -> $OUT/fp8.json;
-# 3. the gpu-marked FP8 runner tests (CUDA graphs + adapters vs dequantized bf16, the
+# 3. benchmarks/bench_sgmv.py --rank-split: mixed ranks 8-64, the rank-bucketed per-token
+#    shrink against one tile shape for all ranks;
+# 4. the gpu-marked FP8 runner tests (CUDA graphs + adapters vs dequantized bf16, the
 #    config cache file written and read back).
-# Each step runs under a time limit; the exit status is non-zero if any failed.
+# SECTIONS="tests bench sgmv runner" (the default) picks steps. Each step runs under a time
+# limit; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/loraplex-gpu-fp8}
@@ -37,11 +41,16 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, tee, remember fail
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } 2>&1 | tee -a "$LOG"
-step "fp8 kernel tests" 100 $PY -m pytest -m gpu -q -p no:cacheprovider -rs \
-  --confcutdir=tests/kernels tests/kernels/test_fp8_linear.py tests/kernels/test_tuning.py
-step "bench_fp8" 300 $PY benchmarks/bench_fp8.py --model "$MODEL" --json "$OUT/fp8.json" \
-  --kernel-config-dir "$OUT/kernel-configs"
-left=$((465 - SECONDS))
-step "fp8 runner tests" $((left > 30 ? left : 30)) $PY -m pytest -m gpu -q -p no:cacheprovider \
-  -rs --confcutdir=tests/engine tests/engine/test_fp8_model.py
+SECTIONS=${SECTIONS:-tests bench sgmv runner}
+has() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
+has tests && step "fp8 kernel tests" 100 $PY -m pytest -q -p no:cacheprovider -rs \
+  --confcutdir=tests/kernels tests/kernels/test_fp8_linear.py tests/kernels/test_tuning.py \
+  tests/kernels/test_lora_sgmv.py -k "fp8 or tuning or rank_buckets or hidden_2049"
+has bench && step "bench_fp8" 280 $PY benchmarks/bench_fp8.py --model "$MODEL" \
+  --json "$OUT/fp8.json" --kernel-config-dir "$OUT/kernel-configs"
+has sgmv && step "bench_sgmv rank split" 40 $PY benchmarks/bench_sgmv.py --rank-split \
+  --tokens 16,64
+left=$((470 - SECONDS))
+has runner && step "fp8 runner tests" $((left > 30 ? left : 30)) $PY -m pytest -m gpu -q \
+  -p no:cacheprovider -rs --confcutdir=tests/engine tests/engine/test_fp8_model.py
 exit $status
