@@ -336,7 +336,8 @@ class ModelRunner:
             while True:
                 key = fp8_shape_key(w0, m)
                 fresh = self.launch_configs.get("fp8_w8a16", key) is None
-                if fresh and (w0.block is not None or m < self.model.fp8.w8a8_min_tokens):
+                lo = 1 if m == 16 else m // 2 + 1  # the bucket's fewest tokens
+                if fresh and (w0.block is not None or lo < self.model.fp8.w8a8_min_tokens):
                     x = torch.randn(m, w0.shape[1], device=self.device, dtype=self.dtype)
 
                     def run(cfg: dict, x: torch.Tensor = x, ws: list[Fp8Weight] = ws) -> None:

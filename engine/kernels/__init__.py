@@ -93,12 +93,14 @@ def fp8_linear(
     config: dict | None = None,
 ):
     """``x W^T + bias`` of an FP8 weight. Below ``w8a8_min_tokens`` tokens (and for block
-    scales at any count) the weight-only Triton GEMM (``config``: its launch config, None:
+    scales or non-bf16 activations at any count) the weight-only Triton GEMM (``config``: its launch config, None:
     defaults); from there on, per-token FP8 activations and ``torch._scaled_mm`` (CUDA).
     Elsewhere the dequantizing reference."""
     if not fp8_ok(x):
         return _fp8.fp8_linear_ref(x, qweight, scale, block, bias)
-    if x.is_cuda and block is None and x.shape[0] >= w8a8_min_tokens:
+    # row-wise _scaled_mm writes bf16 only: other activation dtypes stay weight-only
+    w8a8 = x.is_cuda and block is None and x.dtype == torch.bfloat16
+    if w8a8 and x.shape[0] >= w8a8_min_tokens:
         return _fp8.fp8_linear_w8a8(x, qweight, scale, bias)
     return _fp8.fp8_linear_w8a16(x, qweight, scale, block, bias, config)
 

@@ -178,8 +178,9 @@ def default_w8a16_config(
 ) -> dict[str, int]:
     """Launch config without a tuned entry: the smallest M tile that holds the tokens, 64-wide
     N tiles, 128-deep K steps (a divisor of the scale block), and K split until the grid has
-    about two waves of programs on this device (never below 4 K steps a split)."""
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    about two waves of programs on this device (never below 4 K steps a split); past 128
+    tokens [128, 128] tiles, 8 warps."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
     if not on_gpu:  # interpreter: small tiles so that tests walk several N and K steps
         return {"block_m": 16, "block_n": 16, "block_k": 16, "split": 1, "num_warps": 4}
     bk = 128
@@ -187,6 +188,9 @@ def default_w8a16_config(
         while block[1] % bk:
             bk //= 2
         bk = max(bk, 16)
+    if bm == 128:  # prefill-sized (block-scaled weights, or W8A8 off): tensor-core tiles
+        return {"block_m": 128, "block_n": 128, "block_k": bk, "split": 1, "num_warps": 8,
+                "num_stages": 3}  # fmt: skip
     bn = 64
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     split = 1
@@ -207,10 +211,12 @@ def fp8_candidates(M: int, block: tuple[int, int] | None) -> list[dict[str, int]
         (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4),
         (64, 256, 2, 8, 3), (128, 128, 1, 4, 4), (32, 128, 8, 4, 5), (128, 256, 1, 8, 3),
     ):  # fmt: skip
-        if block is not None and block[1] % bk:
-            continue
-        out.append({"block_m": bm, "block_n": bn, "block_k": bk, "split": split,
-                    "num_warps": warps, "num_stages": stages})  # fmt: skip
+        while block is not None and block[1] % bk and bk > 16:
+            bk //= 2  # K steps inside one scale block
+        cfg = {"block_m": bm, "block_n": bn, "block_k": bk, "split": split,
+               "num_warps": warps, "num_stages": stages}  # fmt: skip
+        if (block is None or block[1] % bk == 0) and cfg not in out:
+            out.append(cfg)
     return out
 
 
