@@ -50,6 +50,7 @@ from common import (
     copy_bandwidth,
     device_info,
     kv_read_bytes,
+    pick_device,
     sync,
     table,
     time_once,
@@ -87,7 +88,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8-w8a8-min-tokens", type=int, default=128)
     p.add_argument("--kernel-config-dir", default=None, help="default: a temporary directory")
     p.add_argument("--json", default=None)
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="dummy:tiny on the CPU, no gemm")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.sections, args.batch, args.context = (
+            "dummy:tiny",
+            "decode,prefill,quality",
+            4,
+            40,
+        )
+        args.prefill_seqs, args.prefill_len, args.prompts, args.prompt_len = 2, 64, 6, 8
+        args.steps, args.reps = 4, 4
+    return args
 
 
 # ---- GEMMs ---------------------------------------------------------------------------------
@@ -203,13 +215,14 @@ def make_runner(args, device, quantization: str | None, config_dir: Path | None)
     r = ModelRunner(
         args.model,
         device=device,
-        dtype=torch.bfloat16,
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         block_size=16,
         max_num_seqs=max(args.batch, 64),  # tuned token buckets 16, 32, 64
         max_model_len=per_seq * 16,
         max_loras=args.batch,
         max_lora_rank=args.rank,
-        lora_memory_bytes=4 << 30,  # 32 rank-16 adapters of an 8B model: 2.5 GiB
+        # 32 rank-16 adapters of an 8B model: 2.5 GiB (CPU: the runner sizes it)
+        lora_memory_bytes=4 << 30 if device.type == "cuda" else None,
         num_blocks=n_seq * per_seq + 1,
         max_num_batched_tokens=args.prefill_seqs * args.prefill_len,
         seed=0,
@@ -371,11 +384,15 @@ def guarded(result: dict, name: str, fn):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda")
-    if torch.cuda.get_device_capability(device) < (8, 9):
+    device = pick_device(args.smoke)
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("needs CUDA (--smoke runs the CPU reference path)")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise SystemExit("FP8 needs compute capability >= 8.9")
     sections = set(args.sections.split(","))
-    bw = copy_bandwidth(device)
+    if device.type != "cuda":
+        sections.discard("gemm")
+    bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 24))
     print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
     result: dict = {"bench": "fp8", "args": vars(args), "info": device_info(device),
                     "copy_bandwidth_GBps": bw / 1e9}  # fmt: skip
