@@ -3,7 +3,7 @@
 One forward serves every family in :mod:`engine.model.config`; a family differs only in
 flags there (Qwen2's qkv bias, Qwen3's q/k norm, Phi-3's fused checkpoint names, which the
 loader reads into the same fused weights). Weights are held fused: ``qkv`` (q, k, v stacked
-on the output dim) and ``gate_up``. Every
+on the output dim) and ``gate_up``; each projection dense or FP8 (``model/fp8.py``). Every
 op goes through :mod:`engine.kernels` (Triton on CUDA, torch references on CPU). The forward
 reads no host state: all per-step inputs arrive in one :class:`ForwardInputs` value, which the
 runner fills (into static buffers when replaying a CUDA graph).
