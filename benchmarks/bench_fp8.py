@@ -19,9 +19,10 @@ Sections (``--sections``, all by default):
   weight-only).
 - ``quality``: ``--prompts`` random prompts, ``--steps`` tokens each, greedy in bf16; the FP8
   model fed the same tokens: agreement of its greedy choice with bf16's per position, and the
-  mean KL(bf16 || fp8) of the next-token distributions; also with an adapter on every prompt.
-  On a ``dummy:`` model the weights are random (a pipeline check, not a quality figure): pass
-  ``--model`` a real checkpoint directory for that.
+  mean KL(bf16 || fp8) of the next-token distributions; also with an adapter (random, rank
+  ``--rank``) on every prompt. On a ``dummy:`` model the weights are random (a pipeline check,
+  not a quality figure): ``--quality-model`` names a real checkpoint (an HF directory, a
+  ``.gguf``, ``default``) to run this section on instead, quantized at load.
 
 The FP8 runner is built with a kernel-config cache directory (``--kernel-config-dir``), so its
 warm-up runs the launch-config sweep (its time and results are in the JSON under ``tune``).
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-seqs", type=int, default=4)
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--prompts", type=int, default=64)
+    p.add_argument(
+        "--quality-model", default=None, help="quality on this checkpoint (default: --model)"
+    )
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=16, help="quality: tokens per prompt")
     p.add_argument("--reps", type=int, default=20)
@@ -468,10 +472,30 @@ def main(argv: list[str] | None = None) -> dict:
         return pre
 
     def qual() -> list[dict]:
+        ref_q, fp8_q = refr, fp8r
+        if args.quality_model:  # a real checkpoint: its own pair of runners
+            free_main_runners()
+            qargs = argparse.Namespace(**{**vars(args), "model": args.quality_model})
+            ref_q = make_runner(qargs, device, None, None)
+            fp8_q = make_runner(qargs, device, "fp8", config_dir)
+            with torch.inference_mode():
+                for r in (ref_q, fp8_q):
+                    load_adapters(qargs, r, tmp / "quality")
         with torch.inference_mode():
-            q = [quality(args, refr, fp8r, a) for a in (False, True)]
+            q = [quality(args, ref_q, fp8_q, a) for a in (False, True)]
+        for row in q:
+            row["model"] = args.quality_model or args.model
         print(table(q, list(q[0])), flush=True)
         return q
+
+    def free_main_runners() -> None:
+        """The 8B runners' memory back before the quality model's runners are built."""
+        for r in (refr, fp8r):
+            r.kv_caches.clear()
+            r.graphs = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     for name, fn in (("decode", decode), ("prefill", prefill), ("quality", qual)):
         if name in sections:

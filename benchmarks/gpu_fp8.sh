@@ -10,8 +10,9 @@
 # 2. benchmarks/bench_fp8.py: the kernel-config sweep (in the FP8 runner's warm-up), GEMMs of
 #    Llama-3-8B at M 1-256 (bf16 / weight-only FP8 / W8A8 / _scaled_mm alone vs the 1- and
 #    2-byte floors), decode at batch 32 with 32 distinct rank-16 adapters bf16 vs FP8, prefill
-#    tokens/s, greedy agreement and KL (MODEL=<checkpoint dir> for a real model; default
-#    dummy:llama3-8b, random weights) -> $OUT/fp8.json;
+#    tokens/s, greedy agreement and KL (QUALITY_MODEL=<HF dir | .gguf | default> for real
+#    weights, e.g. QUALITY_MODEL=default PROMPTS=200; else on MODEL, default dummy:llama3-8b,
+#    random weights) -> $OUT/fp8.json;
 # 3. benchmarks/bench_sgmv.py --rank-split: mixed ranks 8-64, the rank-bucketed per-token
 #    shrink against one tile shape for all ranks;
 # 4. the gpu-marked FP8 runner tests (CUDA graphs + adapters vs dequantized bf16, the
@@ -46,8 +47,11 @@ has() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 has tests && step "fp8 kernel tests" 100 $PY -m pytest -q -p no:cacheprovider -rs \
   --confcutdir=tests/kernels tests/kernels/test_fp8_linear.py tests/kernels/test_tuning.py \
   tests/kernels/test_lora_sgmv.py -k "fp8 or tuning or rank_buckets or hidden_2049"
+QUALITY=()
+[ -n "${QUALITY_MODEL:-}" ] && QUALITY=(--quality-model "$QUALITY_MODEL")
 has bench && step "bench_fp8" 280 $PY benchmarks/bench_fp8.py --model "$MODEL" \
-  --json "$OUT/fp8.json" --kernel-config-dir "$OUT/kernel-configs"
+  --json "$OUT/fp8.json" --kernel-config-dir "$OUT/kernel-configs" ${QUALITY[@]+"${QUALITY[@]}"} \
+  --prompts "${PROMPTS:-64}"
 has sgmv && step "bench_sgmv rank split" 40 $PY benchmarks/bench_sgmv.py --rank-split \
   --tokens 16,64
 left=$((470 - SECONDS))
