@@ -481,8 +481,17 @@ def main(argv: list[str] | None = None) -> dict:
             with torch.inference_mode():
                 for r in (ref_q, fp8_q):
                     load_adapters(qargs, r, tmp / "quality")
+        q = []
         with torch.inference_mode():
-            q = [quality(args, ref_q, fp8_q, a) for a in (False, True)]
+            # prefill through W8A8 (the default threshold), then weight-only everywhere
+            for mode, threshold in (
+                ("w8a8 prefill", args.fp8_w8a8_min_tokens),
+                ("weight-only", 1 << 30),
+            ):
+                fp8_q.model.fp8.w8a8_min_tokens = threshold
+                for a in (False, True):
+                    q.append({"fp8": mode, **quality(args, ref_q, fp8_q, a)})
+            fp8_q.model.fp8.w8a8_min_tokens = args.fp8_w8a8_min_tokens
         for row in q:
             row["model"] = args.quality_model or args.model
         print(table(q, list(q[0])), flush=True)
