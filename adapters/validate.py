@@ -19,7 +19,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_DTYPES = ("F16", "BF16", "F32")
 _NAME = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(?:experts\.(\d+)\.)?(\w+)"
+    r"\.lora_(A|B)\.weight$"
 )
 
 
@@ -49,11 +50,11 @@ def validate_dir(directory: Path, spec: BaseModelSpec, *, max_rank: int) -> Vali
 def check_tensors(tensors: list[TensorInfo], rank: int, spec: BaseModelSpec) -> tuple[str, ...]:
     if not tensors:
         raise _bad("holds no tensors")
-    seen: dict[tuple[int, str], set[str]] = {}
+    seen: dict[tuple[int, str], set[str]] = {}  # (layer, or layer * E + expert; module)
     for t in tensors:
         if t.dtype not in ALLOWED_DTYPES:
             raise _bad(f"tensor {t.name!r} has dtype {t.dtype}; allowed: F16, BF16, F32")
-        layer, parent, module, side = _parse_name(t.name, spec)
+        layer, parent, module, side, expert = _parse_name(t.name, spec)
         shape = spec.module_shape(module)
         if shape is None or shape.parent != parent:
             raise _bad(
@@ -67,16 +68,21 @@ def check_tensors(tensors: list[TensorInfo], rank: int, spec: BaseModelSpec) -> 
                 f"tensor {t.name!r} has shape {list(t.shape)} but rank {rank} on "
                 f"{spec.name!r} needs {list(want)}"
             )
+        if module.startswith("experts."):
+            layer = layer * spec.num_experts + expert
         sides = seen.setdefault((layer, module), set())
         sides.add(side)
     for (layer, module), sides in sorted(seen.items()):
         if sides != {"A", "B"}:
             missing = ({"A", "B"} - sides).pop()
-            raise _bad(f"layer {layer} {module} has no lora_{missing} tensor")
+            where = f"layer {layer}"
+            if module.startswith("experts."):
+                where = "layer {} expert {}".format(*divmod(layer, spec.num_experts))
+            raise _bad(f"{where} {module} has no lora_{missing} tensor")
     return tuple(m for m in spec.modules if any(mod == m for _, mod in seen))
 
 
-def _parse_name(name: str, spec: BaseModelSpec) -> tuple[int, str, str, str]:
+def _parse_name(name: str, spec: BaseModelSpec) -> tuple[int, str, str, str, int]:
     if "lora_magnitude_vector" in name:
         raise _bad(f"tensor {name!r} is a DoRA magnitude vector: DoRA is not supported")
     m = _NAME.match(name)
@@ -85,10 +91,14 @@ def _parse_name(name: str, spec: BaseModelSpec) -> tuple[int, str, str, str]:
             f"tensor {name!r} does not name a LoRA weight of a decoder layer (expected "
             "base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>.weight)"
         )
-    layer = int(m.group(1))
+    layer, expert, module = int(m.group(1)), int(m.group(3) or 0), m.group(4)
     if layer >= spec.num_layers:
         raise _bad(f"tensor {name!r}: layer {layer} but {spec.name!r} has {spec.num_layers}")
-    return layer, m.group(2), m.group(3), m.group(4)
+    if m.group(3) is not None:  # an expert's projection (MoE)
+        module = f"experts.{module}"
+        if module in spec.modules and expert >= spec.num_experts:
+            raise _bad(f"tensor {name!r}: expert {expert} but {spec.name!r} has {spec.num_experts}")
+    return layer, m.group(2), module, m.group(5), expert
 
 
 def check_finite(path: Path) -> None:

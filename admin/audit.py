@@ -13,11 +13,14 @@ database outage loses rows (logged), never the response.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.tenancy.models import AdminAuditEntry
+
+if TYPE_CHECKING:
+    from loraplex.gateway.state import Services
 
 log = logging.getLogger("loraplex.admin.audit")
 
@@ -99,18 +102,22 @@ class AdminAuditMiddleware:
             raise
 
     async def _write(self, scope: Scope, entry: AdminAuditEntry) -> None:
-        services = getattr(scope["app"].state, "services", None)
-        if services is None:
-            return
-        try:
-            async with services.sessions() as session:
-                session.add(entry)
-                await session.commit()
-        except Exception:  # the response is sent; the loss must be seen in the log
-            log.exception(
-                "audit row lost: %s %s by %s (%s)",
-                entry.method,
-                entry.target,
-                entry.actor,
-                entry.request_id,
-            )
+        await write_entry(getattr(scope["app"].state, "services", None), entry)
+
+
+async def write_entry(services: Services | None, entry: AdminAuditEntry) -> None:
+    """Write one row in a transaction of its own; a failure is logged, never raised."""
+    if services is None:
+        return
+    try:
+        async with services.sessions() as session:
+            session.add(entry)
+            await session.commit()
+    except Exception:  # the response is sent; the loss must be seen in the log
+        log.exception(
+            "audit row lost: %s %s by %s (%s)",
+            entry.method,
+            entry.target,
+            entry.actor,
+            entry.request_id,
+        )

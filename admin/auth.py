@@ -1,6 +1,8 @@
 """Admin authentication and authorization: ``Authorization: Bearer <token>``.
 
-A token is an OIDC access token (a JWT, when ``LORAPLEX_OIDC_ISSUER`` is set: verified by
+A console session (``admin.console.session``: an encrypted cookie, with the CSRF token in
+``X-CSRF-Token`` on anything but a read) stands for a token when none is sent. A token is an
+OIDC access token (a JWT, when ``LORAPLEX_OIDC_ISSUER`` is set: verified by
 ``admin.oidc``, roles from its role claim) or the admin token, which is the ``admin`` role:
 ``LORAPLEX_ADMIN_TOKEN`` (constant-time compare) or, when none is configured, an unrevoked
 bootstrap admin token (``tenancy.bootstrap``). ``LORAPLEX_ADMIN_TOKEN_ENABLED=false`` refuses
@@ -18,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from loraplex.admin.console.session import csrf_ok, read_session
 from loraplex.admin.oidc import TokenRejected, looks_like_jwt
 from loraplex.admin.roles import ADMIN, Perm, Role, allowed
 from loraplex.gateway.deps import AuthDep, ServicesDep
@@ -53,6 +56,22 @@ async def authenticate_admin(
     request: Request, services: Services, secret_key: str, token: str | None
 ) -> Admin:
     settings = services.settings
+    if not token and settings.console_enabled:
+        console = read_session(request, secret_key)
+        if console is not None and (console.via == "oidc" or settings.admin_token_enabled):
+            admin = Admin(console.subject, console.issuer, console.roles)
+            request.state.admin = admin  # who, also when refused below
+            if not csrf_ok(request, console):
+                raise _refuse(
+                    request,
+                    "csrf",
+                    Forbidden(
+                        "This request changes something and lacks the console's CSRF token "
+                        "(X-CSRF-Token).",
+                        code="csrf_failed",
+                    ),
+                )
+            return admin
     if not token:
         raise _refuse(
             request,

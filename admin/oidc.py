@@ -82,6 +82,7 @@ class OidcVerifier:
         self._settings = settings
         self._client = client
         self._jwks_uri = ""
+        self.metadata: dict[str, Any] = {}  # the discovery document (the console's endpoints)
         self._keys: dict[str, Any] = {}
         self._fetched_at = float("-inf")  # monotonic time of the last JWKS fetch
         self._lock = asyncio.Lock()
@@ -114,6 +115,7 @@ class OidcVerifier:
         if not isinstance(jwks_uri, str) or not jwks_uri:
             raise ConfigError("LORAPLEX_OIDC_ISSUER", "the discovery document has no jwks_uri")
         self._jwks_uri = jwks_uri
+        self.metadata = doc
         try:
             await self._refresh()
         except (httpx.HTTPError, ValueError, JoseError) as exc:
@@ -185,6 +187,31 @@ class OidcVerifier:
             issuer=self.issuer,
             roles=roles_from_claim(values, self._settings.oidc_role_map),
         )
+
+    async def verify_id_token(self, token: str, client_id: str, nonce: str) -> dict[str, Any]:
+        """An ID token from the console's login: signed by the issuer's keys, for
+        ``client_id``, unexpired, carrying the login's ``nonce``. Its claims."""
+        try:
+            header = extract_compact(token.encode()).headers()
+        except (JoseError, ValueError):
+            raise TokenRejected("malformed", "The ID token is not a well-formed JWT.") from None
+        if header.get("alg") not in ALGORITHMS:
+            raise TokenRejected("algorithm", "The ID token's signing algorithm is refused.")
+        key = await self._key(str(header.get("kid", "")))
+        registry = jwt.JWTClaimsRegistry(
+            leeway=int(self._settings.oidc_leeway_s),
+            iss={"essential": True, "value": self.issuer},
+            aud={"essential": True, "value": client_id},
+            exp={"essential": True},
+            sub={"essential": True},
+            nonce={"essential": True, "value": nonce},
+        )
+        try:
+            claims = jwt.decode(token, key, algorithms=ALGORITHMS).claims
+            registry.validate(claims)
+        except (JoseError, ValueError):
+            raise TokenRejected("id_token", "The ID token is not valid for this login.") from None
+        return dict(claims)
 
 
 @asynccontextmanager

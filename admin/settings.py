@@ -57,6 +57,15 @@ class AdminAuthSettings(BaseSettings):
     oidc_jwks_min_refresh_s: float = Field(default=10.0, ge=0)  # unknown kid: at most so often
     oidc_http_timeout_s: PositiveFloat = 5.0
     admin_token_enabled: bool = True
+    # The web console (admin.console) at /console: single sign-on by the authorization code
+    # flow with PKCE when the issuer and a client id are set; the admin token's form when
+    # the admin token is enabled.
+    console_enabled: bool = True
+    oidc_client_id: str | None = None  # the console's client at the issuer
+    oidc_client_secret: str | None = None  # none: a public client (PKCE alone)
+    oidc_scopes: str = "openid"  # asked for at login, besides the audience as `resource`
+    console_session_ttl_s: float = Field(default=28800.0, gt=0, le=7 * 86400)
+    console_public_url: str | None = None  # https://admin.example.com behind a proxy
 
     @model_validator(mode="after")
     def _check_oidc(self) -> AdminAuthSettings:
@@ -75,6 +84,16 @@ class AdminAuthSettings(BaseSettings):
                     "LORAPLEX_OIDC_ROLE_MAP",
                     f"{value!r} maps to {role!r}: roles are admin, operator, viewer, "
                     "tenant-admin:<tenant>",
+                )
+        if self.oidc_client_id and self.oidc_issuer is None:
+            raise ConfigError(
+                "LORAPLEX_OIDC_CLIENT_ID", "the console's client needs LORAPLEX_OIDC_ISSUER"
+            )
+        if self.console_public_url is not None:
+            url = urlparse(self.console_public_url)
+            if url.scheme not in {"http", "https"} or not url.hostname or url.query:
+                raise ConfigError(
+                    "LORAPLEX_CONSOLE_PUBLIC_URL", "the console's base URL: https://host[:port]"
                 )
         if not self.admin_token_enabled and self.oidc_issuer is None:
             raise ConfigError(

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import adapter_refs
 from common import write_json, zipf_indices
 from serving_client import ClientPool, Planned, chat_body, completion_body, make_client
+from serving_fairness import FairnessScenario
 from serving_offline import WARM_SALT, pcts, prompt_set
 from serving_report import offline_row, report, run_row
 from serving_runs import Runner
@@ -87,6 +88,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--json", default=None)
+    f = p.add_argument_group("fairness scenario (issue #21; serving_fairness.py)")
+    f.add_argument("--fairness", action="store_true", help="run it instead of the load runs")
+    f.add_argument("--fair-light-rate", type=float, default=4.0, help="light tenant, req/s")
+    f.add_argument("--fair-light-requests", type=int, default=40)
+    f.add_argument("--fair-flood-streams", type=int, default=None, help="default 2x max seqs")
+    f.add_argument("--fair-flood-requests", type=int, default=1500)
+    f.add_argument("--fair-settle-s", type=float, default=4.0, help="flood alone before light")
+    f.add_argument("--fair-pair-streams", type=int, default=None, help="default max seqs")
+    f.add_argument("--fair-pair-requests", type=int, default=800)
+    f.add_argument("--fair-window-at-s", type=float, default=3.0)
+    f.add_argument("--fair-window-s", type=float, default=6.0)
     p.add_argument("--smoke", action="store_true", help="dummy:tiny on the CPU, tiny counts")
     p.add_argument(
         "--client-procs",
@@ -103,9 +115,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.kv_cache_bytes, args.startup_timeout, args.client_procs = 64 * 2**20, 120.0, 2
         if not os.environ.get("LORAPLEX_BENCH_SMOKE_CUDA"):
             args.device = "cpu"
+        if args.fairness:
+            args.tenants, args.adapters, args.weight_files, args.baseline = 4, 4, 2, False
+            args.fair_light_requests, args.fair_flood_requests, args.fair_settle_s = 4, 80, 1.0
+            args.fair_pair_requests, args.fair_window_at_s, args.fair_window_s = 40, 0.5, 1.0
     if not args.model.startswith("dummy:"):
         raise SystemExit("--model must be a dummy:<preset> (random adapters of its shapes)")
     args.rate_list = [float(x) for x in args.rates.split(",") if x.strip()]
+    args.fair_flood_streams = args.fair_flood_streams or 2 * args.max_num_seqs
+    args.fair_pair_streams = args.fair_pair_streams or args.max_num_seqs
+    args.fair_procs = max(1, args.client_procs // 2)  # the two closed loops side by side
+    if args.fairness and args.client_procs < 1:
+        raise SystemExit("--fairness needs --client-procs >= 1")
     args.model_name = args.model_name or args.model  # serve's name of a dummy model
     return args
 
@@ -172,13 +193,24 @@ def warm_plan(args, tenancy, vocab: int) -> list[Planned]:
 
 
 async def http_runs(
-    args, url: str, tenancy, vocab: int, result: dict, server_pid: int | None = None
+    args,
+    url: str,
+    tenancy,
+    vocab: int,
+    result: dict,
+    server_pid: int | None = None,
+    admin_token: str = "",
 ) -> None:
     pool = ClientPool(args.client_procs) if args.client_procs > 0 else None
     try:
         async with make_client(args.request_timeout) as client:
             runner = Runner(client, url, args, pool, server_pid)
-            await _runs(args, runner, tenancy, vocab, result)
+            if args.fairness:
+                await runner.warm_up(warm_plan(args, tenancy, vocab))
+                scenario = FairnessScenario(args, runner, tenancy, vocab, url, admin_token)
+                await scenario.run_all(result)
+            else:
+                await _runs(args, runner, tenancy, vocab, result)
     finally:
         if pool is not None:
             pool.close()
@@ -261,8 +293,20 @@ def server_session(args, refs, work: Path, vocab: int, result: dict) -> None:
             flush=True,
         )
         pid = None if serve is None else serve.proc.pid
-        asyncio.run(http_runs(args, url, tenancy, vocab, result, pid))
+        asyncio.run(http_runs(args, url, tenancy, vocab, result, pid, token))
         ledger_split(url, token, result)
+        fair = result.get("fairness", {})
+        light = [fair[k]["light"] for k in ("light_alone", "light_flood") if k in fair]
+        if light:
+            ledger_split(url, token, {"runs": light})
+            for k in ("light_alone", "light_flood"):
+                if k in fair:
+                    run = fair[k]["light"]
+                    print(
+                        f"fairness {k}: TTFT in the gateway's engine call "
+                        f"{run.get('gateway_ttft_ms')}, outside it {run.get('outside_ttft_ms')}",
+                        flush=True,
+                    )
     finally:
         if serve is not None:
             result["server"]["stop"] = serve.stop()
@@ -297,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["max_rate_ttft_p99_ok"] = max(ok) if ok else None
     write_json(args.json, result)
     rows = ([offline_row(off)] if off else []) + [run_row(r) for r in result["runs"]]
-    print(report(result, rows, args), flush=True)
+    if rows:
+        print(report(result, rows, args), flush=True)
     return result
 
 

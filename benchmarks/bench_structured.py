@@ -31,6 +31,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import jsonschema
@@ -192,13 +193,18 @@ def main(argv: list[str] | None = None) -> dict:
         closed_loop(engine, [_renamed(r, "warm") for r in warm], a.concurrency)
         con = closed_loop(engine, [r for r, _ in work], a.concurrency)
 
-        valid, invalid, cut = 0, [], 0
+        valid, invalid, cut, cut_examples = 0, [], 0, []
+        reasons: Counter[str] = Counter()
         for r, schema in work:
             if schema is None:
                 continue
             text = tok.decode(con["_tokens"][r.request_id], skip_special_tokens=True)
-            if con["_finish"].get(r.request_id) != "stop":
+            reason = con["_finish"].get(r.request_id) or "none"
+            reasons[reason] += 1
+            if reason != "stop":
                 cut += 1
+                if len(cut_examples) < 3:
+                    cut_examples.append((r.request_id, reason, r.sampling.max_tokens, text[:300]))
                 continue
             try:
                 jsonschema.validate(json.loads(text), schema)
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         "schema_outputs_invalid": len(invalid),
         "schema_outputs_not_stopped": cut,
         "invalid_examples": invalid[:5],
+        "constrained_finish_reasons": dict(reasons),
+        "not_stopped_examples": cut_examples,
         **device_info(device),
     }
     print(json.dumps(result, indent=2))

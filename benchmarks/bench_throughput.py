@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "synchronous steps (no async scheduling)",
     )
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument(
+        "--max-lora-rank", type=int, default=None, help="the engine's max_lora_rank (--rank)"
+    )
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--weight-files", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -78,6 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--load-workers", type=int, default=8)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument(
+        "--lora-memory-fraction",
+        type=float,
+        default=0.2,
+        help="GPU memory for adapter pages, of what the weights leave (MoE: large pages)",
+    )
+    p.add_argument(
+        "--host-lora-memory-fraction",
+        type=float,
+        default=0.2,
+        help="host memory for the adapter cache, of the machine's",
+    )
     p.add_argument("--no-preload", dest="preload", action="store_false")
     p.add_argument("--hf-adapters", default="32", help="HF+PEFT cases ('' = skip HF)")
     p.add_argument("--hf-requests", type=int, default=32)
@@ -117,8 +132,9 @@ def make_runner(args, device: torch.device) -> ModelRunner:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.prompt_len + args.output_len + 16,
         max_loras=args.max_loras,
-        max_lora_rank=args.rank,
+        max_lora_rank=args.max_lora_rank or args.rank,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        lora_memory_fraction=args.lora_memory_fraction,
         kv_cache_bytes=64 * 2**20 if device.type == "cpu" else None,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
@@ -137,9 +153,10 @@ def make_engine(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=runner.max_model_len,
         max_loras=args.max_loras,
-        max_lora_rank=args.rank,
+        max_lora_rank=args.max_lora_rank or args.rank,
         max_cpu_loras=max(args.max_loras, n_adapters),
         adapter_load_workers=args.load_workers,
+        host_lora_memory_fraction=args.host_lora_memory_fraction,
         seed=args.seed,
     )
     return LLMEngine(runner, cfg)

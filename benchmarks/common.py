@@ -129,7 +129,8 @@ def random_lora_modules(
     seed: int = 0,
     targets=ALL_TARGETS,
 ) -> dict[tuple[int, str], LoraModule]:
-    """A rank-``rank`` adapter on every target of every layer: ``(layer, module) -> (A, B)``.
+    """A rank-``rank`` adapter on every target of every layer: ``(layer, module) -> (A, B)``;
+    an expert module (``experts.<proj>``, MoE) on every expert, keyed ``layer * E + expert``.
 
     A has unit gain (std 1/sqrt(in)); B (scale folded) moves the output by about 0.1x."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -138,9 +139,11 @@ def random_lora_modules(
     for layer in range(cfg.num_layers):
         for m in targets:
             in_f, out_f = dims[m]
-            a = torch.randn(rank, in_f, generator=gen, device=device) / math.sqrt(in_f)
-            b = torch.randn(out_f, rank, generator=gen, device=device) * (0.1 / math.sqrt(rank))
-            mods[(layer, m)] = LoraModule(a.to(dtype), b.to(dtype))
+            experts = cfg.num_experts if m.startswith("experts.") else 0
+            for row in range(layer * experts, (layer + 1) * experts) if experts else [layer]:
+                a = torch.randn(rank, in_f, generator=gen, device=device) / math.sqrt(in_f)
+                b = torch.randn(out_f, rank, generator=gen, device=device) * (0.1 / math.sqrt(rank))
+                mods[(row, m)] = LoraModule(a.to(dtype), b.to(dtype))
     return mods
 
 
@@ -164,6 +167,9 @@ def write_peft_adapter(
     for (layer, m), mod in mods.items():
         parent = "self_attn" if m in (*GROUPS["qkv"], *GROUPS["o"], "qkv_proj") else "mlp"
         prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+        if m.startswith("experts."):  # PEFT's per-expert modules
+            layer, e = divmod(layer, cfg.num_experts)
+            prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{m[8:]}"
         tensors[f"{prefix}.lora_A.weight"] = mod.a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = mod.b.contiguous()
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +178,7 @@ def write_peft_adapter(
         "peft_type": "LORA",
         "r": rank,
         "lora_alpha": rank,
-        "target_modules": list(targets),
+        "target_modules": list(dict.fromkeys(t.removeprefix("experts.") for t in targets)),
         "lora_dropout": 0.0,
         "bias": "none",
         "task_type": "CAUSAL_LM",

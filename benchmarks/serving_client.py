@@ -224,11 +224,13 @@ class ClientPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, url: str, timeout_s: float, plan: list[Planned], *,
-                  concurrency: int = 0, rate: float = 0.0, seed: int = 0):  # fmt: skip
-        """A closed loop of ``concurrency`` streams, or Poisson arrivals at ``rate``. ->
+                  concurrency: int = 0, rate: float = 0.0, seed: int = 0,
+                  procs: int = 0):  # fmt: skip
+        """A closed loop of ``concurrency`` streams, or Poisson arrivals at ``rate``, over
+        all the processes (``procs`` > 0: that many, so that runs can go side by side). ->
         (records in plan order, seconds from the first send to the last end, client CPU
         seconds over all processes)."""
-        n = self.procs
+        n = min(self.procs, procs) if procs > 0 else self.procs
         if concurrency > 0:
             n = min(n, concurrency)
             offsets = [0.0] * len(plan)

@@ -31,6 +31,8 @@ class AdapterShape(msgspec.Struct, frozen=True):
     num_kv_heads: int
     head_dim: int
     modules: tuple[str, ...]
+    num_experts: int = 0  # MoE: experts per layer (their projections: ``experts.<proj>``)
+    moe_intermediate_size: int = 0
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

@@ -32,6 +32,8 @@ def describe(engine: LLMEngine, *, name: str, model: str) -> ModelInfo:
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
             modules=c.adapter_modules,
+            num_experts=c.num_experts,
+            moe_intermediate_size=c.moe_intermediate_size,
         ),
         tokenizer_files=export_tokenizer(engine.tokenizer),
     )

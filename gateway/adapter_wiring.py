@@ -31,6 +31,8 @@ def engine_adapter_spec(engine: EngineClient | None, name: str) -> BaseModelSpec
         num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim,
         modules=tuple(c.modules),
+        num_experts=c.num_experts,
+        moe_intermediate_size=c.moe_intermediate_size,
     )
 
 

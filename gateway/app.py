@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from loraplex.admin.audit import AdminAuditMiddleware
+from loraplex.admin.console import install_console
 from loraplex.admin.oidc import open_oidc
 from loraplex.admin.routes import adapters as admin_adapters
 from loraplex.admin.routes import audit as admin_audit
@@ -137,4 +138,6 @@ def create_app(
     app.include_router(admin_plans.router)
     app.include_router(admin_usage.router)
     app.include_router(admin_audit.router)
+    if settings.console_enabled:
+        install_console(app, settings)
     return app

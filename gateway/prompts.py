@@ -64,11 +64,14 @@ def _render_chat(
     A conversation without such text gets the ids of its whole rendering, as before.
     (Encoding the contents apart with ``split_special_tokens=True`` is no alternative: it
     flips a flag on the shared tokenizer, a race between requests tokenized at once.)
-    Tools, tool calls and tool results: ``gateway.chat_messages``."""
+    Tools, tool calls and tool results: ``gateway.chat_messages``. A template that refuses a
+    conversation with a system message gets it again with the system text folded into the
+    first user turn (:func:`fold_system`); if that fails too, the first refusal is the 400."""
     messages, tools = template_inputs(body, plan, template_text(model.tokenizer))
-    try:
-        ids = model.tokenizer.apply_chat_template(
-            messages,
+
+    def render(conversation: list[dict[str, Any]]) -> Any:
+        return model.tokenizer.apply_chat_template(
+            conversation,
             tools=tools,
             add_generation_prompt=True,
             tokenize=True,
@@ -76,9 +79,35 @@ def _render_chat(
             sanitize_control_tokens=True,
             **(body.chat_template_kwargs or {}),  # keys checked (request_fields)
         )
+
+    try:
+        ids = render(messages)
     except Exception as exc:  # the template itself refuses this conversation
-        raise InvalidInput(f"messages: {exc}", param="messages") from None
+        folded = fold_system(messages)
+        ids = None
+        if folded is not None:
+            try:
+                ids = render(folded)
+            except Exception:  # the first refusal says what is wrong
+                ids = None
+        if ids is None:
+            raise InvalidInput(f"messages: {exc}", param="messages") from None
     return [int(i) for i in ids]  # the template holds every special token the model expects
+
+
+def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """For a template that refuses the system role (Gemma 2's raises "System role not
+    supported"): the leading system text at the head of the first user turn, as Gemma 3's
+    template writes it itself (``system + "\n\n" + user``). None: nothing to fold (no
+    leading system message, or no user turn after it)."""
+    n = 0
+    while n < len(messages) and messages[n]["role"] == "system":
+        n += 1
+    if n == 0 or n == len(messages) or messages[n]["role"] != "user":
+        return None
+    system = "\n\n".join(str(m["content"]) for m in messages[:n])
+    first = messages[n]
+    return [{**first, "content": f"{system}\n\n{first['content']}"}, *messages[n + 1 :]]
 
 
 def _encode_prompt(model: ServedModel, prompt: str | list[int]) -> list[int]:

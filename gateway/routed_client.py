@@ -54,6 +54,15 @@ class Replica:
         return ReplicaView(self.url, self.inflight, gpu)
 
 
+@dataclass(frozen=True)
+class ReplicaStatus:
+    url: str
+    state: str  # the replica client's health state
+    detail: str
+    inflight: int  # this gateway process's requests on it
+    out_of_rotation: bool  # ejected after a failure, or gone from discovery
+
+
 class RoutedEngineClient:
     def __init__(
         self,
@@ -141,6 +150,19 @@ class RoutedEngineClient:
         bound = load_bound(views, self._load_factor, self._load_floor)
         self.metrics.load_ratio((replica.inflight + 1) / bound)
         return replica, choice
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """Each known replica's health, for the console's engines page."""
+        now = time.monotonic()
+        out = []
+        for r in self._replicas.values():
+            h = r.client.health()
+            out.append(
+                ReplicaStatus(
+                    r.url, h.state, h.detail, r.inflight, r.removed or now < r.ejected_until
+                )
+            )
+        return out
 
     # -- the protocol ------------------------------------------------------------------------
 

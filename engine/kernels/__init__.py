@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from loraplex.engine.kernels import fp8_linear as _fp8
+from loraplex.engine.kernels import fused_moe as _moe
 from loraplex.engine.kernels import lora_expand as _expand
 from loraplex.engine.kernels import lora_shrink as _shrink
 from loraplex.engine.kernels import paged_decode_attention as _decode
@@ -69,6 +70,20 @@ def lora_expand(
     return _expand.lora_expand_ref(*args, accumulate=accumulate, b_offsets=b_offsets)
 
 
+def moe_blocks(topk_ids, num_experts: int) -> _moe.MoeBlocks | None:
+    """The pairs sorted by expert for :func:`moe_gemm` (None on the reference path)."""
+    if not use_triton(topk_ids):
+        return None
+    n = topk_ids.numel()
+    return _moe.moe_blocks(topk_ids, num_experts, _moe.moe_block_m(n, num_experts))
+
+
+def moe_gemm(x, w, topk_ids, pairs_input: bool, blocks: _moe.MoeBlocks | None = None):
+    if blocks is None and use_triton(x):
+        blocks = moe_blocks(topk_ids, w.shape[0])
+    return _pick(_moe, "moe_gemm", x)(x, w, topk_ids, pairs_input, blocks)
+
+
 def fp8_ok(t: torch.Tensor) -> bool:
     """FP8 kernels for tensor ``t``: Triton on a GPU with FP8 (compute capability >= 8.9),
     or forced with LORAPLEX_KERNELS=triton (the interpreter on CPU)."""
@@ -93,9 +108,9 @@ def fp8_linear(
     config: dict | None = None,
 ):
     """``x W^T + bias`` of an FP8 weight. Below ``w8a8_min_tokens`` tokens (and for block
-    scales or non-bf16 activations at any count) the weight-only Triton GEMM (``config``: its launch config, None:
-    defaults); from there on, per-token FP8 activations and ``torch._scaled_mm`` (CUDA).
-    Elsewhere the dequantizing reference."""
+    scales or non-bf16 activations at any count) the weight-only Triton GEMM (``config``: its
+    launch config, None: defaults); from there on, per-token FP8 activations and
+    ``torch._scaled_mm`` (CUDA). Elsewhere the dequantizing reference."""
     if not fp8_ok(x):
         return _fp8.fp8_linear_ref(x, qweight, scale, block, bias)
     # row-wise _scaled_mm writes bf16 only: other activation dtypes stay weight-only
@@ -105,21 +120,34 @@ def fp8_linear(
     return _fp8.fp8_linear_w8a16(x, qweight, scale, block, bias, config)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, context_lens, scale: float, window=0, softcap=0.0
+):
+    """``window`` / ``softcap``: a layer's sliding window and score cap (0: none)."""
     fn = _pick(_decode, "paged_decode_attention", q)
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
 
 
 def prefill_attention(
-    q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale: float, max_q_len=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_q_lens,
+    context_lens,
+    scale: float,
+    max_q_len=None,
+    window=0,
+    softcap=0.0,
 ):
     """``max_q_len``: the longest query of the batch, known on the host (the Triton path
-    sizes its grid from it; without it, it reads it back from the device: one sync)."""
+    sizes its grid from it; without it, it reads it back from the device: one sync).
+    ``window`` / ``softcap``: a layer's sliding window and score cap (0: none)."""
     args = (q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale)
     fn = _pick(_prefill, "prefill_attention", q)
     if fn is _prefill.prefill_attention_ref:
-        return fn(*args)
-    return fn(*args, max_q_len=max_q_len)
+        return fn(*args, window=window, softcap=softcap)
+    return fn(*args, max_q_len=max_q_len, window=window, softcap=softcap)
 
 
 def rms_norm(x, weight, eps: float, residual=None):
@@ -142,8 +170,9 @@ def rope_cache(
     return fn(*args, num_heads, num_kv_heads, delta=delta)
 
 
-def silu_and_mul(x, delta=None):
-    return _pick(_silu, "silu_and_mul", x)(x, delta)
+def silu_and_mul(x, delta=None, gelu: bool = False):
+    """``gelu``: GeGLU (gelu, tanh approximation, in place of SiLU: Gemma)."""
+    return _pick(_silu, "silu_and_mul", x)(x, delta, gelu=gelu)
 
 
 __all__ = [
@@ -153,6 +182,8 @@ __all__ = [
     "fp8_ok",
     "lora_expand",
     "lora_shrink",
+    "moe_blocks",
+    "moe_gemm",
     "paged_decode_attention",
     "prefill_attention",
     "rms_norm",

@@ -71,6 +71,27 @@ class LoraMeta:
             self.block_m,
         )
 
+    @classmethod
+    def per_token(cls, token_slot: torch.Tensor) -> LoraMeta:
+        """A meta for the per-token kernels only, built on ``token_slot``'s device with no
+        sync (the expert LoRA's (token, expert) pairs, whose experts the device chose): the
+        segment arrays are placeholders and ``num_segments`` is ``T``, so
+        :func:`use_token_path` always picks the per-token kernels. Not for the references."""
+        T, dev = token_slot.shape[0], token_slot.device
+        one = torch.zeros(1, dtype=torch.int32, device=dev)
+        return cls(
+            token_slot=token_slot.to(torch.int32),
+            sorted_tokens=torch.arange(T, dtype=torch.int32, device=dev),
+            seg_start=one,
+            seg_slot=one,
+            tile_seg=one,
+            tile_start=one,
+            tile_slot=one,
+            tile_end=one,
+            num_segments=T,
+            num_lora_tokens=T,
+        )
+
     def copy_(self, other: LoraMeta) -> LoraMeta:
         """Copy ``other`` into this meta's buffers in place (static buffers for CUDA graphs)."""
         if other.block_m != self.block_m:

@@ -1,4 +1,11 @@
-"""Decode attention over a paged KV cache, one query token per sequence, GQA."""
+"""Decode attention over a paged KV cache, one query token per sequence, GQA.
+
+Options of a layer (Gemma): ``window`` > 0 attends to the last ``window`` positions only
+(the query's own included: keys ``> pos - window``), ``softcap`` > 0 caps the scaled scores
+as ``softcap * tanh(score / softcap)`` before the softmax. Both are launch arguments (the
+softcap a constexpr switch): fixed per layer, so CUDA graphs capture them, and the window
+bounds the positions read on the device (no host sync, no copy of the block table).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,12 @@ def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.
     return cache[block_table[:nb].long()].reshape(nb * bs, *cache.shape[2:])[:n]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float):
+NO_WINDOW = 1 << 30  # the kernels' window when a layer has none (keys > pos - NO_WINDOW)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, softcap: float = 0.0
+):
     """q [Lq, Hq, D], k/v [Lk, Hkv, D], mask [Lq, Lk] bool or None -> [Lq, Hq, D] (float32)."""
     hq, hkv = q.shape[1], k.shape[1]
     g = hq // hkv
@@ -22,6 +34,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: floa
     kf = k.float().transpose(0, 1).repeat_interleave(g, 0)  # [Hq, Lk, D]
     vf = v.float().transpose(0, 1).repeat_interleave(g, 0)
     s = torch.matmul(qf, kf.transpose(1, 2)) * scale
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(s, -1), vf).transpose(0, 1)
@@ -34,15 +48,18 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     context_lens: torch.Tensor,  # [B] int32 (includes the current token)
     scale: float,
+    window: int = 0,  # > 0: the last window positions only
+    softcap: float = 0.0,  # > 0: scores capped by softcap * tanh(score / softcap)
 ) -> torch.Tensor:  # [B, Hq, D]
     out = torch.zeros_like(q)
     lens = context_lens.tolist()
     for b, n in enumerate(lens):
         if n <= 0:
             continue
-        k = _gather_kv(k_cache, block_tables[b], n)
-        v = _gather_kv(v_cache, block_tables[b], n)
-        out[b] = _attend(q[b : b + 1], k, v, None, scale)[0].to(q.dtype)
+        lo = max(0, n - window) if window > 0 else 0
+        k = _gather_kv(k_cache, block_tables[b], n)[lo:]
+        v = _gather_kv(v_cache, block_tables[b], n)[lo:]
+        out[b] = _attend(q[b : b + 1], k, v, None, scale, softcap)[0].to(q.dtype)
     return out
 
 
@@ -58,6 +75,8 @@ if HAVE_TRITON:
         out_ptr,  # [B, Hq, D] (NUM_SPLITS == 1) or partial acc [B, Hq, S, D] float32
         ml_ptr,  # [B, Hq, S, 2] float32 (max, sum) partials (NUM_SPLITS > 1)
         scale,
+        softcap,
+        window,  # NO_WINDOW for none
         HKV,
         D,
         stride_qb,
@@ -73,13 +92,15 @@ if HAVE_TRITON:
         BLOCK_SIZE: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         IEEE: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
-        # program: one sequence b, one KV head (all GROUP query heads of it), one context split
+        # program: one sequence b, one KV head (all GROUP query heads of it), one context
+        # split of the positions it attends to (the last `window` of them, or all)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
         n_ctx = tl.load(lens_ptr + b)
-        lo = sp * split_len
+        lo = tl.maximum(n_ctx - window, 0) + sp * split_len
         hi = tl.minimum(lo + split_len, n_ctx)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
@@ -109,6 +130,8 @@ if HAVE_TRITON:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
+            if SOFTCAP:  # softcap * tanh(s / softcap), tanh(t) = 1 - 2 / (exp(2t) + 1)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -175,6 +198,8 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     context_lens: torch.Tensor,  # [B] int32 (includes the current token)
     scale: float,
+    window: int = 0,  # > 0: the last window positions only (module docstring)
+    softcap: float = 0.0,  # > 0: scores capped (module docstring)
     num_splits: int | None = None,  # split-KV partitions (None: by max_blocks and batch)
     config: dict | None = None,  # tuning override: want (programs), block_n, num_warps, num_stages
 ) -> torch.Tensor:  # [B, Hq, D]
@@ -193,6 +218,8 @@ def paged_decode_attention(
     cfg = config or {}
     block_n = cfg.get("block_n", 64 if q.is_cuda else 16)
     max_ctx = block_tables.shape[1] * bs  # static bound: no host sync, graph-safe
+    if window > 0:
+        max_ctx = min(max_ctx, window)  # splits cover the window, wherever it lies
     if num_splits is None:
         # split long contexts when the batch alone does not fill the GPU
         want = cfg.get("want", 2 * num_sms(q.device)) if q.is_cuda else 1
@@ -207,6 +234,7 @@ def paged_decode_attention(
         BLOCK_SIZE=bs,
         NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32,
+        SOFTCAP=softcap > 0,
         num_warps=cfg.get("num_warps", 4),
     )
     if "num_stages" in cfg:
@@ -219,7 +247,8 @@ def paged_decode_attention(
         ml = torch.empty(B * hq, num_splits, 2, dtype=torch.float32, device=q.device)
         so_b = so_h = 0
     _paged_decode_kernel[(B, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, acc, ml, scale, hkv, d,
+        q, k_cache, v_cache, block_tables, context_lens, acc, ml, scale, float(softcap),
+        window if window > 0 else NO_WINDOW, hkv, d,
         q.stride(0), q.stride(1), block_tables.stride(0), so_b, so_h, split_len, **common,
     )  # fmt: skip
     if num_splits > 1:

@@ -1,11 +1,15 @@
-"""Causal prefill attention for a variable-length batch, reading K/V from the paged cache."""
+"""Causal prefill attention for a variable-length batch, reading K/V from the paged cache.
+
+``window`` and ``softcap``: as in :mod:`engine.kernels.paged_decode_attention` (a query at
+position p attends to keys in ``(p - window, p]``).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
-from loraplex.engine.kernels.paged_decode_attention import _attend, _gather_kv
+from loraplex.engine.kernels.paged_decode_attention import NO_WINDOW, _attend, _gather_kv
 
 
 def prefill_attention_ref(
@@ -16,6 +20,8 @@ def prefill_attention_ref(
     cu_q_lens: torch.Tensor,  # [B+1] int32
     context_lens: torch.Tensor,  # [B] int32: cached + new tokens
     scale: float,
+    window: int = 0,  # > 0: keys within the last window positions of each query
+    softcap: float = 0.0,  # > 0: scores capped by softcap * tanh(score / softcap)
 ) -> torch.Tensor:  # [T, Hq, D]
     out = torch.zeros_like(q)
     cu = cu_q_lens.tolist()
@@ -28,8 +34,11 @@ def prefill_attention_ref(
         k = _gather_kv(k_cache, block_tables[b], n)
         v = _gather_kv(v_cache, block_tables[b], n)
         qpos = torch.arange(n - lq, n, device=q.device)
-        mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
-        out[q0:q1] = _attend(q[q0:q1], k, v, mask, scale).to(q.dtype)
+        kpos = torch.arange(n, device=q.device)[None, :]
+        mask = kpos <= qpos[:, None]
+        if window > 0:
+            mask &= kpos > qpos[:, None] - window
+        out[q0:q1] = _attend(q[q0:q1], k, v, mask, scale, softcap).to(q.dtype)
     return out
 
 
@@ -45,6 +54,8 @@ if HAVE_TRITON:
         lens_ptr,  # [B]
         out_ptr,  # [T, Hq, D]
         scale,
+        softcap,
+        window,  # NO_WINDOW for none
         HKV,
         D,
         stride_qt,
@@ -58,6 +69,7 @@ if HAVE_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         IEEE: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         # program: BLOCK_M queries of sequence b, one query head
         mb = tl.program_id(0)
@@ -87,7 +99,8 @@ if HAVE_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         row_stride = HKV * D
         hi = tl.minimum(n_ctx, n_ctx - q_len + (mb + 1) * BLOCK_M)  # causal bound of this block
-        for n0 in range(0, hi, BLOCK_N):
+        lo = tl.maximum(n_ctx - q_len + mb * BLOCK_M - window + 1, 0)  # the window's bound
+        for n0 in range(lo, hi, BLOCK_N):
             pos = n0 + offs_n
             mask_n = pos < hi
             blk = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=mask_n, other=0)
@@ -99,7 +112,10 @@ if HAVE_TRITON:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = tl.where(mask_n[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
+            if SOFTCAP:  # softcap * tanh(s / softcap), tanh(t) = 1 - 2 / (exp(2t) + 1)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            seen = (pos[None, :] <= qpos[:, None]) & (pos[None, :] > qpos[:, None] - window)
+            s = tl.where(mask_n[None, :] & seen, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
             alpha = tl.exp(m_i - m_safe)
@@ -127,6 +143,8 @@ def prefill_attention(
     context_lens: torch.Tensor,  # [B] int32: cached + new tokens
     scale: float,
     max_q_len: int | None = None,  # host bound on query lengths (else one host sync)
+    window: int = 0,  # > 0: keys within the last window positions of each query
+    softcap: float = 0.0,  # > 0: scores capped (module docstring)
 ) -> torch.Tensor:  # [T, Hq, D]
     T, hq, d = q.shape
     _, bs, hkv, d2 = k_cache.shape
@@ -146,10 +164,11 @@ def prefill_attention(
     block_n = 64 if q.is_cuda else 16
     grid = (triton.cdiv(max_q_len, block_m), B, hq)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out, scale, hkv, d,
+        q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out, scale, float(softcap),
+        window if window > 0 else NO_WINDOW, hkv, d,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

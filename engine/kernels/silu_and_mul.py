@@ -3,6 +3,9 @@
 With ``delta`` (same shape as ``x``), the activation of ``x + delta`` (added in float32): the
 decode forward computes the gate/up LoRA delta beside the base GEMM and adds it here rather
 than in a launch of its own.
+
+With ``gelu=True``: GeGLU, ``gelu(x[:, :I]) * x[:, I:]`` with gelu's tanh approximation
+(transformers' ``gelu_pytorch_tanh``: Gemma's MLP).
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import torch.nn.functional as F
 from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
 
 
-def silu_and_mul_ref(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+def silu_and_mul_ref(
+    x: torch.Tensor, delta: torch.Tensor | None = None, gelu: bool = False
+) -> torch.Tensor:
     i = x.shape[-1] // 2  # [T, 2I] -> [T, I]
     xf = x.float() if delta is None else x.float() + delta.float()
-    return (F.silu(xf[..., :i]) * xf[..., i:]).to(x.dtype)
+    act = F.gelu(xf[..., :i], approximate="tanh") if gelu else F.silu(xf[..., :i])
+    return (act * xf[..., i:]).to(x.dtype)
 
 
 if HAVE_TRITON:
@@ -32,6 +38,7 @@ if HAVE_TRITON:
         stride_o,
         BLOCK: tl.constexpr,
         HAS_DELTA: tl.constexpr,
+        GELU: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -41,11 +48,17 @@ if HAVE_TRITON:
         if HAS_DELTA:
             g += tl.load(d_ptr + t * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
             u += tl.load(d_ptr + t * stride_d + n_inner + offs, mask=mask, other=0.0).to(tl.float32)
-        out = g / (1.0 + tl.exp(-g)) * u
+        if GELU:  # 0.5 g (1 + tanh(z)) = g sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            out = g / (1.0 + tl.exp(-2.0 * z)) * u
+        else:
+            out = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + t * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+def silu_and_mul(
+    x: torch.Tensor, delta: torch.Tensor | None = None, gelu: bool = False
+) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
         raise ValueError("x must be [T, 2I] with a contiguous last dimension")
     if delta is not None and (delta.shape != x.shape or delta.stride(1) != 1):
@@ -67,5 +80,6 @@ def silu_and_mul(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Te
         out.stride(0),
         BLOCK=block,
         HAS_DELTA=delta is not None,
+        GELU=gelu,
     )
     return out

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.engine.lora.slots import PageAllocator, PageNeed, PagePlan
-from loraplex.engine.lora.weights import GROUPS, MODULE_GROUP, LoraWeights, module_dims
+from loraplex.engine.lora.weights import (
+    ALL_GROUPS,
+    LoraWeights,
+    group_rows,
+    groups_of,
+    module_dims,
+)
 from loraplex.engine.model.config import ModelConfig
 
 PAGE_ROWS = 8  # rank rows per page: ranks 8, 16, 32, 64 take exactly their bytes
@@ -48,23 +54,35 @@ class LoraGroup:
     ranks: torch.Tensor  # [slots, P] int32
     pages: torch.Tensor  # [slots, P, max_rank // PAGE_ROWS] int32 granule offsets
     b_offsets: list[int]  # [P] where projection p's B of this layer sits (elements)
+    # the experts' groups: B's own page table (rows ``slot * E + expert``, each page offset
+    # moved to that expert's B rows; ``pages`` to its A rows); None: ``pages`` serves both
+    b_pages: torch.Tensor | None = None
+
+
+def _modules(config: ModelConfig) -> list[str]:
+    """The page classes: every projection of the model's groups."""
+    return [m for g in groups_of(config) for m in ALL_GROUPS[g]]
+
+
+def _rows(config: ModelConfig, m: str) -> int:
+    return group_rows(config, "experts_" if m.startswith("experts.") else "")
 
 
 def _page_elems(config: ModelConfig, m: str) -> int:
     in_f, out_f = module_dims(config)[m]
-    return config.num_layers * PAGE_ROWS * (in_f + out_f)
+    return _rows(config, m) * PAGE_ROWS * (in_f + out_f)
 
 
 def page_bytes(config: ModelConfig, elem_size: int) -> dict[str, int]:
     """Bytes of one page per projection (before rounding to granules)."""
-    return {m: _page_elems(config, m) * elem_size for m in MODULE_GROUP}
+    return {m: _page_elems(config, m) * elem_size for m in _modules(config)}
 
 
 def plan_pages(
     config: ModelConfig, budget_bytes: int, elem_size: int, max_slots: int | None = None
 ) -> PagePlan:
     """Cut ``budget_bytes`` into chunks and pages (see the module docstring)."""
-    pg = {m: -(-_page_elems(config, m) // GRANULE) for m in MODULE_GROUP}
+    pg = {m: -(-_page_elems(config, m) // GRANULE) for m in _modules(config)}
     biggest = max(pg.values())
     total = budget_bytes // (GRANULE * elem_size)
     if total < biggest:
@@ -86,7 +104,7 @@ def page_need(weights: LoraWeights) -> PageNeed:
     for g, packed in weights.groups.items():
         for p, r in enumerate(packed.ranks.max(dim=0).values.tolist()):
             if r > 0:
-                need[GROUPS[g][p]] = -(-int(r) // PAGE_ROWS)
+                need[ALL_GROUPS[g][p]] = -(-int(r) // PAGE_ROWS)
     return need
 
 
@@ -112,35 +130,56 @@ class LoraPool:
         used = self.plan.num_chunks * self.plan.chunk_granules * GRANULE
         dims = module_dims(config)
         self._dims = dims
-        self._shape: dict[str, tuple[int, int, list[int]]] = {}  # g -> P, in, out offsets
+        self._rows = {m: _rows(config, m) for m in _modules(config)}
+        self._groups = groups_of(config)
+        # g -> P, in, out offsets, rows per layer (experts: E)
+        self._shape: dict[str, tuple[int, int, list[int], int]] = {}
         tail = 0  # the views reach past the last page's start
-        for g, mods in GROUPS.items():
+        for g in self._groups:
+            mods = ALL_GROUPS[g]
             offs = [0]
             for m in mods:
                 offs.append(offs[-1] + dims[m][1])
-            self._shape[g] = (len(mods), dims[mods[0]][0], offs)
-            tail = max(tail, L * PAGE_ROWS * (dims[mods[0]][0] + offs[-1]))
+            per = group_rows(config, g) // L
+            self._shape[g] = (len(mods), dims[mods[0]][0], offs, per)
+            tail = max(tail, L * per * PAGE_ROWS * (dims[mods[0]][0] + offs[-1]))
         self.arena = torch.zeros(used + tail, dtype=dtype, device=device)
         units = self.plan.num_chunks * self.plan.chunk_granules
-        self._ranks: dict[str, torch.Tensor] = {}  # [L, slots, P]
+        self._ranks: dict[str, torch.Tensor] = {}  # [L, slots, per, P]
         self._pages: dict[str, torch.Tensor] = {}  # [slots, P, max_pages]
+        # the experts' groups: page tables per (slot, expert), to its A and to its B rows
+        self._vpages: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: list[dict[str, LoraGroup]] = [{} for _ in range(L)]
-        for g, (P, in_f, offs) in self._shape.items():
+        S = self.num_slots
+        for g, (P, in_f, offs, per) in self._shape.items():
             n = offs[-1]
-            self._ranks[g] = torch.zeros(L, self.num_slots, P, dtype=torch.int32, device=device)
-            self._pages[g] = torch.zeros(
-                self.num_slots, P, self.max_pages, dtype=torch.int32, device=device
-            )
-            b_start = L * PAGE_ROWS * in_f  # every page: A of all layers, then B
+            self._ranks[g] = torch.zeros(L, S, per, P, dtype=torch.int32, device=device)
+            self._pages[g] = torch.zeros(S, P, self.max_pages, dtype=torch.int32, device=device)
+            vp = None
+            if per > 1:
+                vp = tuple(
+                    torch.zeros(S, per, P, self.max_pages, dtype=torch.int32, device=device)
+                    for _ in range(2)
+                )
+                self._vpages[g] = vp
+            b_start = L * per * PAGE_ROWS * in_f  # every page: A of all rows, then B
             for i in range(L):
                 a = self.arena.as_strided(
-                    (units, P, PAGE_ROWS, in_f), (GRANULE, 0, in_f, 1), i * PAGE_ROWS * in_f
+                    (units, P, PAGE_ROWS, in_f), (GRANULE, 0, in_f, 1), i * per * PAGE_ROWS * in_f
                 )
                 b = self.arena.as_strided((units, n, PAGE_ROWS), (GRANULE, PAGE_ROWS, 1), b_start)
                 # projection p's B of layer i: at i * out_p rows into its page's B, and the
-                # kernels address it by the group's output column (from offs[p])
-                b_offs = [(i * (offs[p + 1] - offs[p]) - offs[p]) * PAGE_ROWS for p in range(P)]
-                self.layers[i][g] = LoraGroup(a, b, self._ranks[g][i], self._pages[g], b_offs)
+                # kernels address it by the group's output column (from offs[p]); an
+                # expert's rows further on, through its own page table
+                b_offs = [
+                    (i * per * (offs[p + 1] - offs[p]) - offs[p]) * PAGE_ROWS for p in range(P)
+                ]
+                ranks = self._ranks[g][i].view(S * per, P)
+                if vp is None:
+                    self.layers[i][g] = LoraGroup(a, b, ranks, self._pages[g], b_offs)
+                else:
+                    va, vb = (t.view(S * per, P, self.max_pages) for t in vp)
+                    self.layers[i][g] = LoraGroup(a, b, ranks, va, b_offs, b_pages=vb)
         self._slot_groups: list[frozenset[str]] = [frozenset()] * self.num_slots
         # pages for writes that name none (a runner used without an engine: tests, benches)
         self._own: PageAllocator | None = None
@@ -162,7 +201,7 @@ class LoraPool:
     def staging_bytes(self) -> int:
         """Device bytes one write stages: the largest adapter this pool takes."""
         elem = self.arena.element_size()
-        per_row = sum(P * in_f + offs[-1] for P, in_f, offs in self._shape.values())
+        per_row = sum(per * (P * in_f + offs[-1]) for P, in_f, offs, per in self._shape.values())
         return self.num_layers * per_row * self.max_rank * elem
 
     def page_need(self, weights: LoraWeights) -> PageNeed:
@@ -176,7 +215,7 @@ class LoraPool:
         """The A ``[L, PAGE_ROWS, in]`` and B ``[L, out, PAGE_ROWS]`` of projection ``m``'s
         page at ``off``."""
         in_f, out_f = self._dims[m]
-        L, base = self.num_layers, off * GRANULE
+        L, base = self._rows[m], off * GRANULE
         a_n = L * PAGE_ROWS * in_f
         a = self.arena[base : base + a_n].view(L, PAGE_ROWS, in_f)
         b = self.arena[base + a_n : base + a_n + L * out_f * PAGE_ROWS].view(L, out_f, PAGE_ROWS)
@@ -191,9 +230,11 @@ class LoraPool:
         """The slot no longer holds an adapter: every projection reads as rank 0 (queued
         after the steps in flight on the current stream)."""
         self._check_slot(slot)
-        for g in GROUPS:
+        for g in self._groups:
             self._ranks[g][:, slot].zero_()
             self._pages[g][slot].zero_()
+            for t in self._vpages.get(g, ()):
+                t[slot].zero_()
         self._slot_groups[slot] = frozenset()
         if self._own is not None and slot in self._own_pages:
             self._own.free(self._own_pages.pop(slot))
@@ -244,12 +285,15 @@ class LoraPool:
         pages: dict[str, list[int]],
         src: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # g -> a, b, ranks
     ) -> None:
-        for g, mods in GROUPS.items():
-            P, _, offs = self._shape[g]
+        for g in self._groups:
+            mods = ALL_GROUPS[g]
+            P, in_f, offs, per = self._shape[g]
             row = torch.zeros(P, self.max_pages, dtype=torch.int32)
             if g not in src:
                 self._ranks[g][:, slot].zero_()
                 self._pages[g][slot].zero_()
+                for t in self._vpages.get(g, ()):
+                    t[slot].zero_()
                 continue
             a, b, ranks = src[g]
             r = a.shape[2]
@@ -263,8 +307,19 @@ class LoraPool:
                         pa[:, hi - lo :].zero_()
                         pb[:, :, hi - lo :].zero_()
                     row[p, j] = off
-            self._ranks[g][:, slot].copy_(ranks, non_blocking=True)
+            L = self.num_layers
+            self._ranks[g][:, slot].copy_(ranks.view(L, per, P), non_blocking=True)
             self._pages[g][slot].copy_(_pinned(row, self.device), non_blocking=True)
+            if per > 1:  # expert e's A rows sit e * PAGE_ROWS * in further, its B rows
+                # e * out_p * PAGE_ROWS further (multiples of GRANULE: config.validate)
+                e = torch.arange(per, dtype=torch.int32)[:, None, None]
+                outs = torch.tensor([offs[q + 1] - offs[q] for q in range(P)], dtype=torch.int32)[
+                    None, :, None
+                ]
+                va = row[None] + e * (PAGE_ROWS * in_f // GRANULE)
+                vb = row[None] + e * outs * PAGE_ROWS // GRANULE
+                for t, v in zip(self._vpages[g], (va, vb), strict=True):
+                    t[slot].copy_(_pinned(v.contiguous(), self.device), non_blocking=True)
 
 
 def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:

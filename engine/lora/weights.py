@@ -28,13 +28,21 @@ from loraplex.engine.lora.safetensors_file import (
 from loraplex.engine.model.config import ModelConfig
 
 # projection groups of the slot pool, in concatenation order (docs/engine-internals.md)
-GROUPS: dict[str, tuple[str, ...]] = {
+ALL_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "o": ("o_proj",),
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
+    # Qwen3-MoE: each expert's projections; a group's "layers" are (layer, expert) rows
+    "experts_gate_up": ("experts.gate_proj", "experts.up_proj"),
+    "experts_down": ("experts.down_proj",),
 }
+DENSE_GROUPS = ("qkv", "o", "gate_up", "down")
+MOE_GROUPS = ("qkv", "o", "experts_gate_up", "experts_down")
+# the dense models' groups (what the Llama-family tools and benchmarks iterate)
+GROUPS = {g: ALL_GROUPS[g] for g in DENSE_GROUPS}
 MODULE_GROUP = {m: g for g, mods in GROUPS.items() for m in mods}
+ALL_MODULE_GROUP = {m: g for g, mods in ALL_GROUPS.items() for m in mods}
 # Phi-3's fused modules: one A shared by the parts, B's rows split across them (exact)
 FUSED = {"qkv_proj": GROUPS["qkv"], "gate_up_proj": GROUPS["gate_up"]}
 _PARENT = {
@@ -45,15 +53,31 @@ _PARENT = {
     "qkv_proj": "self_attn",
 }
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+    r"^base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(?:experts\.(\d+)\.)?(\w+)"
+    r"\.lora_([AB])(?:\.default)?\.weight$"
 )
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def groups_of(config: ModelConfig) -> tuple[str, ...]:
+    """The projection groups of this model's layers (MoE: attention and the experts)."""
+    return MOE_GROUPS if config.is_moe else DENSE_GROUPS
+
+
+def group_rows(config: ModelConfig, group: str) -> int:
+    """Rows of a group's packed tensors: one per layer, or per (layer, expert) for the
+    experts (row ``layer * E + expert``)."""
+    return config.num_layers * (config.num_experts if group.startswith("experts_") else 1)
+
+
 def module_dims(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """module name -> (in_features, out_features) in the base model (fused ones too)."""
-    h, i = config.hidden_size, config.intermediate_size
+    """module name -> (in_features, out_features) in the base model (fused ones too; an
+    expert module's are one expert's)."""
+    h, i, mi = config.hidden_size, config.intermediate_size, config.moe_intermediate_size
     return {
+        "experts.gate_proj": (h, mi),
+        "experts.up_proj": (h, mi),
+        "experts.down_proj": (mi, h),
         "q_proj": (h, config.q_size),
         "k_proj": (h, config.kv_size),
         "v_proj": (h, config.kv_size),
@@ -101,8 +125,8 @@ class LoraWeights:
         """``(layer, module) -> LoraModule``, views into ``groups`` (tests and tools)."""
         out = {}
         for (layer, module), rk in sorted(self.ranks.items()):
-            g = MODULE_GROUP[module]
-            p = GROUPS[g].index(module)
+            g = ALL_MODULE_GROUP[module]
+            p = ALL_GROUPS[g].index(module)
             lo, hi = self.row_offsets[g][p], self.row_offsets[g][p + 1]
             packed = self.groups[g]
             out[(layer, module)] = LoraModule(packed.a[layer, p, :rk], packed.b[layer, lo:hi, :rk])
@@ -175,12 +199,22 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: float) -> float
 
 
 def _parse_key(key: str, config: ModelConfig) -> tuple[int, str, str]:
+    """-> (row, module, "A" | "B"); the row is the layer, or ``layer * E + expert`` for an
+    expert's projection (module ``experts.<proj>``)."""
     if "magnitude" in key:
         raise AdapterIncompatible(f"tensor {key!r}: DoRA magnitude vectors are not supported")
     m = _KEY.match(key)
     if m is None:
         raise AdapterIncompatible(f"tensor {key!r} is not a LoRA A/B weight of a decoder layer")
-    layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
+    layer, parent, module, ab = int(m[1]), m[2], m[4], m[5]
+    row = layer
+    if m[3] is not None:
+        module, expert = f"experts.{module}", int(m[3])
+        if module in config.adapter_modules and expert >= config.num_experts:
+            raise AdapterIncompatible(
+                f"tensor {key!r}: expert {expert} does not exist (base has {config.num_experts})"
+            )
+        row = layer * config.num_experts + expert
     if module not in config.adapter_modules or parent != _PARENT.get(module, "mlp"):
         raise AdapterIncompatible(
             f"tensor {key!r}: module {parent}.{module} does not exist in the base model "
@@ -190,7 +224,14 @@ def _parse_key(key: str, config: ModelConfig) -> tuple[int, str, str]:
         raise AdapterIncompatible(
             f"tensor {key!r}: layer {layer} does not exist (base has {config.num_layers})"
         )
-    return layer, module, ab
+    return row, module, ab
+
+
+def _module_name(config: ModelConfig, row: int, module: str) -> str:
+    if module.startswith("experts."):
+        layer, expert = divmod(row, config.num_experts)
+        return f"model.layers.{layer}.mlp.experts.{expert}.{module.removeprefix('experts.')}"
+    return f"model.layers.{row}.{'self_attn' if module in _PARENT else 'mlp'}.{module}"
 
 
 @dataclass(frozen=True)
@@ -273,7 +314,7 @@ def _plan(
     rslora = bool(cfg.get("use_rslora"))
     mods: list[_Module] = []
     for (layer, module), ab in sorted(pairs.items()):
-        name = f"model.layers.{layer}.{'self_attn' if module in _PARENT else 'mlp'}.{module}"
+        name = _module_name(config, layer, module)
         try:
             mods += _split(
                 _check_module(
@@ -377,10 +418,9 @@ def _pack(
     pin_memory: bool,
 ) -> LoraWeights:
     dims = module_dims(config)
-    L = config.num_layers
     by_group: dict[str, list[_Module]] = {}
     for m in mods:
-        by_group.setdefault(MODULE_GROUP[m.module], []).append(m)
+        by_group.setdefault(ALL_MODULE_GROUP[m.module], []).append(m)
     # layout of the one flat buffer: per group A, B, ranks (64-byte aligned)
     elem = dtype.itemsize
     plan: list[tuple[str, int, tuple[int, ...], int]] = []  # group, rank, row offsets, start
@@ -388,9 +428,9 @@ def _pack(
     for g, mods_g in by_group.items():
         r = max(m.rank for m in mods_g)
         offs = [0]
-        for mod in GROUPS[g]:
+        for mod in ALL_GROUPS[g]:
             offs.append(offs[-1] + dims[mod][1])
-        P, in_f = len(GROUPS[g]), dims[GROUPS[g][0]][0]
+        P, in_f, L = len(ALL_GROUPS[g]), dims[ALL_GROUPS[g][0]][0], group_rows(config, g)
         plan.append((g, r, tuple(offs), total))
         total += _align(L * P * r * in_f * elem) + _align(L * offs[-1] * r * elem)
         total += _align(L * P * 4)
@@ -400,7 +440,7 @@ def _pack(
     ranks: dict[tuple[int, str], int] = {}
     for g, r, offs, start in plan:
         mods_g = by_group[g]
-        P, in_f = len(GROUPS[g]), dims[GROUPS[g][0]][0]
+        P, in_f, L = len(ALL_GROUPS[g]), dims[ALL_GROUPS[g][0]][0], group_rows(config, g)
         na, nb = L * P * r * in_f * elem, L * offs[-1] * r * elem
         sa, sb = start + _align(na), start + _align(na) + _align(nb)
         a = buf[start : start + na].view(dtype).view(L, P, r, in_f)
@@ -408,7 +448,7 @@ def _pack(
         rk = buf[sb : sb + L * P * 4].view(torch.int32).view(L, P)
         table = [0] * (L * P)
         for m in mods_g:
-            p = GROUPS[g].index(m.module)
+            p = ALL_GROUPS[g].index(m.module)
             table[m.layer * P + p] = m.rank
             ranks[(m.layer, m.module)] = m.rank
         rk.copy_(torch.tensor(table, dtype=torch.int32).view(L, P))
@@ -434,7 +474,7 @@ def _fill(
     """Copy the group's A and B from the mapping into the packed tensors (with the dtype
     conversion). ``full``: every layer holds every module of the group at rank ``r``, so
     the packed A and B are the sources concatenated in (layer, module) order: one ``cat``."""
-    order = sorted(mods, key=lambda m: (m.layer, GROUPS[g].index(m.module)))
+    order = sorted(mods, key=lambda m: (m.layer, ALL_GROUPS[g].index(m.module)))
     if full:
         if flat is None:
             flat = {e.name: st.view(e).view(-1) for m in order for e in (m.a, m.b)}
@@ -451,7 +491,7 @@ def _fill(
     dst: list[torch.Tensor] = []
     src: list[torch.Tensor] = []
     for m in order:
-        p = GROUPS[g].index(m.module)
+        p = ALL_GROUPS[g].index(m.module)
         dst += [a[m.layer, p, : m.rank], b[m.layer, offs[p] : offs[p + 1], : m.rank]]
         src += [st.view(m.a), st.view(m.b)]
     torch._foreach_copy_(dst, src)
@@ -466,7 +506,7 @@ def _fold_scale(mods: list[_Module], g: str, offs: tuple[int, ...], b: torch.Ten
         return
     views, factors = [], []
     for m in mods:
-        p = GROUPS[g].index(m.module)
+        p = ALL_GROUPS[g].index(m.module)
         views.append(b[m.layer, offs[p] : offs[p + 1]])
         factors.append(m.scale)
     torch._foreach_mul_(views, factors)

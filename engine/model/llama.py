@@ -2,8 +2,10 @@
 
 One forward serves every family in :mod:`engine.model.config`; a family differs only in
 flags there (Qwen2's qkv bias, Qwen3's q/k norm, Phi-3's fused checkpoint names, which the
-loader reads into the same fused weights). Weights are held fused: ``qkv`` (q, k, v stacked
-on the output dim) and ``gate_up``; each projection dense or FP8 (``model/fp8.py``). Every
+loader reads into the same fused weights; Gemma's norms around each block, GeGLU, local
+layers with their own window and rope, soft-capped scores and logits). Weights are held
+fused: ``qkv`` (q, k, v stacked on the output dim) and ``gate_up``; each dense projection a
+tensor or FP8 (``model/fp8.py``; MoE experts stay dense). Every
 op goes through :mod:`engine.kernels` (Triton on CUDA, torch references on CPU). The forward
 reads no host state: all per-step inputs arrive in one :class:`ForwardInputs` value, which the
 runner fills (into static buffers when replaying a CUDA graph).
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +27,25 @@ from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
 from loraplex.engine.model.fp8 import Fp8Weight, Weight
+from loraplex.engine.model.moe import moe_mlp
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
-    qkv: Weight  # [q + 2kv, H] (the four projections: dense or Fp8Weight)
+    qkv: Weight  # [q + 2kv, H] (the dense projections: a tensor or an Fp8Weight)
     qkv_bias: torch.Tensor | None  # [q + 2kv] (Qwen2)
     q_norm: torch.Tensor | None  # [head_dim] (Qwen3), with k_norm
     k_norm: torch.Tensor | None
     o: Weight  # [H, q]
     post_norm: torch.Tensor  # [H]
-    gate_up: Weight  # [2I, H]
-    down: Weight  # [H, I]
+    gate_up: Weight  # [2I, H]; MoE: every expert's, [E, 2I, H] (I: moe_intermediate), dense
+    down: Weight  # [H, I]; MoE: [E, H, I], dense
+    router: torch.Tensor | None = None  # [E, H] (MoE: the layer's ``mlp.gate``)
+    # Gemma: the norms before and after the MLP (``post_norm`` then normalizes the
+    # attention's output); all Gemma norms hold 1 + w in float32
+    pre_ff_norm: torch.Tensor | None = None  # [H]
+    post_ff_norm: torch.Tensor | None = None  # [H]
 
 
 @dataclass
@@ -58,7 +67,8 @@ class LlamaWeights:
             out += [lw.input_norm, lw.post_norm]
             for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
                 out += w.tensors() if isinstance(w, Fp8Weight) else [w]
-            out += [t for t in (lw.qkv_bias, lw.q_norm, lw.k_norm) if t is not None]
+            extra = (lw.qkv_bias, lw.q_norm, lw.k_norm, lw.router, lw.pre_ff_norm, lw.post_ff_norm)
+            out += [t for t in extra if t is not None]
         return out
 
 
@@ -114,7 +124,20 @@ class LlamaModel:
         dev = weights.embed.device
         inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
         self.cos_sin = K.rotary_cos_sin_cache(inv_freq, max_positions, scale)
-        self.scale = config.head_dim**-0.5
+        local = config.local_rope_inv_freq()  # Gemma 3's local layers: their own rope
+        self.local_cos_sin = (
+            None if local is None else K.rotary_cos_sin_cache(local.to(dev), max_positions)
+        )
+        self.scale = config.attn_scale
+        self.softcap = config.attn_logit_softcap or 0.0
+        self.windows = [config.layer_window(i) for i in range(config.num_layers)]
+        # Gemma: embeddings times sqrt(hidden), rounded to the model dtype as transformers does
+        self.embed_scale = (
+            torch.tensor(config.hidden_size**0.5, dtype=weights.embed.dtype, device=dev)
+            if config.gemma_norm
+            else None
+        )
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
         c = config
         # each group's projection boundaries in its output (lora_expand's out_offsets)
         self.offsets = {
@@ -122,6 +145,8 @@ class LlamaModel:
             "o": [0, c.hidden_size],
             "gate_up": [0, c.intermediate_size, 2 * c.intermediate_size],
             "down": [0, c.hidden_size],
+            "experts_gate_up": [0, c.moe_intermediate_size, 2 * c.moe_intermediate_size],
+            "experts_down": [0, c.hidden_size],
         }
         # decode steps run each group's LoRA on this stream, beside the base GEMM (CUDA only;
         # high priority so that its small kernels are scheduled ahead of the GEMM's tail)
@@ -249,6 +274,8 @@ class LlamaModel:
         c = self.config
         T = inp.input_ids.shape[0]
         x = F.embedding(inp.input_ids, self.weights.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         residual = None
         for i, w in enumerate(self.weights.layers):
             if residual is None:
@@ -263,11 +290,15 @@ class LlamaModel:
             if w.q_norm is not None and w.k_norm is not None:
                 qkv, d = self._qk_norm(qkv, d, w.q_norm, w.k_norm), None
             k_cache, v_cache = kv_caches[i]
+            window = self.windows[i]
+            cos_sin = self.cos_sin
+            if self.local_cos_sin is not None and c.sliding_layers[i]:
+                cos_sin = self.local_cos_sin
             # + the q/k/v delta, rotary, and K/V into the cache: one pass
             q = K.rope_cache(
                 qkv,
                 inp.positions,
-                self.cos_sin,
+                cos_sin,
                 k_cache,
                 v_cache,
                 inp.slot_mapping,
@@ -277,8 +308,9 @@ class LlamaModel:
             )
             if inp.is_decode:
                 attn = K.paged_decode_attention(
-                    q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale
-                )
+                    q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale,
+                    window=window, softcap=self.softcap,
+                )  # fmt: skip
             else:
                 attn = K.prefill_attention(
                     q,
@@ -289,16 +321,54 @@ class LlamaModel:
                     inp.context_lens,
                     self.scale,
                     max_q_len=inp.max_q_len,
+                    window=window,
+                    softcap=self.softcap,
                 )
             attn = attn.reshape(T, c.q_size)
-            o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
-            h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+            if w.pre_ff_norm is not None:
+                o = self._out(attn, w.o, groups, "o", inp, beside, w.post_norm)
+                h, residual = K.rms_norm(o, w.pre_ff_norm, c.rms_norm_eps, residual)
+            else:
+                o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
+                h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+            if w.router is not None:  # experts' LoRA in line: few tokens per (slot, expert)
+                ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
+                ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
+                gate_up, down = cast(torch.Tensor, w.gate_up), cast(torch.Tensor, w.down)
+                x = moe_mlp(h, w.router, gate_up, down, c, ex, self.offsets, inp.lora)
+                continue
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
-            act = K.silu_and_mul(gu, d)
-            x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)
+            act = K.silu_and_mul(gu, d, gelu=self.gelu)
+            if w.post_ff_norm is not None:
+                x = self._out(act, w.down, groups, "down", inp, beside, w.post_ff_norm)
+            else:
+                x, _ = self._proj(
+                    act, w.down, groups, "down", inp, beside=beside, residual=residual
+                )
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
         return out
 
+    def _out(
+        self,
+        x: torch.Tensor,
+        weight: Weight,
+        groups: dict[str, LoraGroup] | None,
+        name: str,
+        inp: ForwardInputs,
+        beside: bool,
+        norm: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gemma: a block's output projection (+ its LoRA delta), RMS-normed by ``norm``;
+        the caller adds it to the residual stream (inside the next norm)."""
+        y, delta = self._proj(x, weight, groups, name, inp, beside=beside)
+        if delta is not None:
+            y = y + delta
+        return K.rms_norm(y, norm, self.config.rms_norm_eps)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` -> float32 ``[N, V]``."""
-        return F.linear(hidden, self.weights.lm_head).float()
+        """``[N, H]`` -> float32 ``[N, V]`` (soft-capped where the model says: Gemma 2)."""
+        logits = F.linear(hidden, self.weights.lm_head).float()
+        cap = self.config.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

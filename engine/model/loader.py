@@ -67,47 +67,75 @@ def build_weights(
     checkpoint: CheckpointQuant | None = None,
 ) -> LlamaWeights:
     """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time.
-    The projections go through :class:`LinearLoader` (FP8 when the checkpoint is FP8 or
-    ``quantization="fp8"``); norms, biases, the embedding and the LM head stay in ``dtype``."""
+    The dense projections go through :class:`LinearLoader` (FP8 when the checkpoint is FP8 or
+    ``quantization="fp8"``); norms, biases, MoE experts and routers, the embedding and the LM
+    head stay in ``dtype``."""
+    if checkpoint is not None and config.is_moe:
+        raise UnsupportedModel("FP8 checkpoints of MoE models are not served")
 
     def t(name: str) -> torch.Tensor:
         return get(name).to(device=device, dtype=dtype)
+
+    def norm(name: str) -> torch.Tensor:
+        """Gemma's norms multiply by 1 + w in float32 (as transformers does): held so."""
+        if not config.gemma_norm:
+            return t(name)
+        return (1.0 + get(name).float()).to(device=device)
 
     def cat(*names: str) -> torch.Tensor:
         return torch.cat([t(n) for n in names], 0).contiguous()
 
     lin = LinearLoader(get, dtype, device, quantization=quantization, checkpoint=checkpoint)
-
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        bias = q_norm = k_norm = None
+        bias = q_norm = k_norm = pre_ff = post_ff = None
         if config.qkv_bias:
             bias = cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
         if config.qk_norm:
-            q_norm, k_norm = t(a + "q_norm.weight"), t(a + "k_norm.weight")
+            q_norm, k_norm = norm(a + "q_norm.weight"), norm(a + "k_norm.weight")
+        if config.gemma_norm:
+            pre_ff = norm(p + "pre_feedforward_layernorm.weight")
+            post_ff = norm(p + "post_feedforward_layernorm.weight")
+        router = None
+        gate_up: Weight
+        down: Weight
         if config.fused_proj:  # Phi-3: stored fused already, in our order
             qkv, gate_up = lin(a + "qkv_proj"), lin(m + "gate_up_proj")
         else:
             qkv = lin(a + "q_proj", a + "k_proj", a + "v_proj")
+        if config.is_moe:  # each expert's weights in a checkpoint, stacked [E, ...] here
+            router, ex = (
+                t(m + "gate.weight"),
+                [f"{m}experts.{e}." for e in range(config.num_experts)],
+            )
+            gate_up = torch.stack([cat(x + "gate_proj.weight", x + "up_proj.weight") for x in ex])
+            down = torch.stack([t(x + "down_proj.weight") for x in ex])
+        elif not config.fused_proj:
             gate_up = lin(m + "gate_proj", m + "up_proj")
+        if not config.is_moe:
+            down = lin(m + "down_proj")
         layers.append(
             LayerWeights(
-                input_norm=t(p + "input_layernorm.weight"),
+                input_norm=norm(p + "input_layernorm.weight"),
                 qkv=qkv,
                 qkv_bias=bias,
                 q_norm=q_norm,
                 k_norm=k_norm,
                 o=lin(a + "o_proj"),
-                post_norm=t(p + "post_attention_layernorm.weight"),
+                post_norm=norm(p + "post_attention_layernorm.weight"),
                 gate_up=gate_up,
-                down=lin(m + "down_proj"),
+                down=down,
+                router=router,
+                pre_ff_norm=pre_ff,
+                post_ff_norm=post_ff,
             )
         )
     embed = t("model.embed_tokens.weight")
     lm_head = embed if config.tie_word_embeddings else t("lm_head.weight")
-    return LlamaWeights(embed=embed, layers=layers, norm=t("model.norm.weight"), lm_head=lm_head)
+    final = norm("model.norm.weight")
+    return LlamaWeights(embed=embed, layers=layers, norm=final, lm_head=lm_head)
 
 
 def random_weights(
@@ -117,8 +145,8 @@ def random_weights(
     seed: int = 0,
     quantization: str | None = None,
 ) -> LlamaWeights:
-    """Random weights of ``config``'s shape; with ``quantization="fp8"`` each projection is
-    quantized as it is made (an 8B preset never holds its bf16 projections all at once)."""
+    """Random weights of ``config``'s shape; with ``quantization="fp8"`` each dense projection
+    is quantized as it is made (an 8B preset never holds its bf16 projections all at once)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     c = config
     if quantization not in (None, *QUANTIZATIONS):
@@ -132,7 +160,13 @@ def random_weights(
         return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std).contiguous()
 
     def norm(n: int = c.hidden_size) -> torch.Tensor:
-        return 1.0 + rnd(n, std=0.1)
+        w = 1.0 + rnd(n, std=0.1)
+        return w.float() if c.gemma_norm else w  # Gemma's hold 1 + w in float32
+
+    def gemma_norm() -> torch.Tensor | None:
+        return norm() if c.gemma_norm else None
+
+    E, mi = c.num_experts, c.moe_intermediate_size
 
     layers = [
         LayerWeights(
@@ -143,8 +177,13 @@ def random_weights(
             k_norm=norm(c.head_dim) if c.qk_norm else None,
             o=proj(c.hidden_size, c.q_size),
             post_norm=norm(),
-            gate_up=proj(2 * c.intermediate_size, c.hidden_size),
-            down=proj(c.hidden_size, c.intermediate_size),
+            gate_up=rnd(E, 2 * mi, c.hidden_size)
+            if E
+            else proj(2 * c.intermediate_size, c.hidden_size),
+            down=rnd(E, c.hidden_size, mi) if E else proj(c.hidden_size, c.intermediate_size),
+            router=rnd(E, c.hidden_size, std=0.5) if E else None,
+            pre_ff_norm=gemma_norm(),
+            post_ff_norm=gemma_norm(),
         )
         for _ in range(c.num_layers)
     ]
@@ -201,8 +240,8 @@ def load_model(
     quantization: str | None = None,
 ) -> LoadedModel:
     """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default).
-    ``quantization="fp8"``: projections quantized at load (an FP8 checkpoint loads as FP8
-    whatever this says)."""
+    ``quantization="fp8"``: the dense projections quantized at load (an FP8 checkpoint loads
+    as FP8 whatever this says)."""
     from transformers import AutoTokenizer
 
     device = torch.device(device)

@@ -1,5 +1,5 @@
-"""Upload validation per family: PEFT adapters made on tiny Qwen3, Mistral-Nemo and Phi-3
-models (transformers' own config classes) pass against the spec read from their
+"""Upload validation per family: PEFT adapters made on tiny Qwen3, Mistral-Nemo, Phi-3 and
+Gemma 2/3 models (transformers' own config classes) pass against the spec read from their
 ``config.json``; an adapter of the wrong shape or module names for the family is refused."""
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ TARGETS = {
     "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "mistral-nemo": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 
 
 def _hf_config(kind: str):
-    from transformers import MistralConfig, Phi3Config, Qwen3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen3Config
 
+    if kind == "gemma2":
+        return Gemma2Config(**COMMON, head_dim=32, sliding_window=8)
+    if kind == "gemma3":
+        return Gemma3TextConfig(**COMMON, head_dim=32, sliding_window=8)
     if kind == "qwen3":
         return Qwen3Config(**COMMON, head_dim=32)  # q 128 wide on a 64 hidden
     if kind == "mistral-nemo":
@@ -98,3 +104,22 @@ def test_bad_adapter_of_each_family_refused(family, tmp_path):
     fused = {k.replace("q_proj", "qkv_proj"): v for k, v in fused.items()}
     cfg = lora_config(2, ("qkv_proj",))
     _refused(write_lora(tmp_path / "f", spec, tensors=fused, config=cfg), spec, "qkv_proj")
+    if kind.startswith("gemma"):
+        # Gemma's MLP is as wide as the config says: a B of up_proj cut to hidden refused
+        t = lora_tensors(spec, 2, ("up_proj",))
+        for name in [n for n in t if "lora_B" in n]:
+            t[name] = t[name][: spec.hidden_size]
+        _refused(write_lora(tmp_path / "u", spec, tensors=t), spec, "up_proj", "[96, 2]")
+        # an adapter of the multimodal Gemma 3 (its text layers under language_model)
+        mm = {
+            k.replace("model.model.layers", "model.model.language_model.layers"): v
+            for k, v in lora_tensors(spec, 2, ("q_proj",)).items()
+        }
+        _refused(write_lora(tmp_path / "mm", spec, tensors=mm), spec, "language_model")
+
+
+def test_gemma_spec_defaults_head_dim_as_transformers():
+    """A Gemma config without head_dim means 256 (transformers' default), not hidden/heads."""
+    cfg = {"model_type": "gemma3_text", **COMMON}
+    assert BaseModelSpec.from_hf_config("g", cfg).head_dim == 256
+    assert BaseModelSpec.from_hf_config("q", {**cfg, "model_type": "qwen3"}).head_dim == 16

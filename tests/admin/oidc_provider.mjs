@@ -2,7 +2,10 @@
 //
 //   node oidc_provider.mjs <node_modules dir> <port> <clients.json>
 //
-// clients.json: [{"client_id", "client_secret", "roles": [...], "ttl": seconds}, ...].
+// clients.json: [{"client_id", "client_secret", "roles": [...], "ttl": seconds}, ...], or
+// {"clients": [...], "users": {"<login>": [roles...]}}. A client with "redirect_uris" is a
+// console: the authorization code flow (PKCE), with the provider's own login and consent
+// forms (devInteractions; any password), and the logged-in user's roles in its tokens.
 // Each client gets access tokens by the client_credentials grant, as JWTs for the resource
 // (audience) it asks for, with a `realm_access.roles` claim holding its roles (the path
 // Keycloak uses; the tests read it with a dotted role claim) and `sub` = its client id.
@@ -20,7 +23,10 @@ const port = Number(portArg);
 const issuer = `http://127.0.0.1:${port}`;
 const entry = join(modulesDir, 'oidc-provider', 'lib', 'index.js');
 const { default: Provider } = await import(pathToFileURL(entry).href);
-const clients = JSON.parse(readFileSync(clientsFile, 'utf8'));
+const spec = JSON.parse(readFileSync(clientsFile, 'utf8'));
+const clients = Array.isArray(spec) ? spec : spec.clients;
+const users = Array.isArray(spec) ? {} : spec.users ?? {};
+const interactive = Object.keys(users).length > 0;
 const byId = new Map(clients.map((c) => [c.client_id, c]));
 
 function newKey() {
@@ -32,18 +38,31 @@ let keys = [newKey()];
 
 function build() {
   const provider = new Provider(issuer, {
-    clients: clients.map((c) => ({
-      client_id: c.client_id,
-      client_secret: c.client_secret,
-      grant_types: ['client_credentials'],
-      redirect_uris: [],
-      response_types: [],
-      scope: 'admin',
-    })),
+    clients: clients.map((c) =>
+      c.redirect_uris
+        ? {
+            client_id: c.client_id,
+            client_secret: c.client_secret,
+            grant_types: ['authorization_code'],
+            redirect_uris: c.redirect_uris,
+            post_logout_redirect_uris: c.post_logout_redirect_uris ?? [],
+            response_types: ['code'],
+            scope: 'openid admin',
+          }
+        : {
+            client_id: c.client_id,
+            client_secret: c.client_secret,
+            grant_types: ['client_credentials'],
+            redirect_uris: [],
+            response_types: [],
+            scope: 'admin',
+          },
+    ),
     jwks: { keys },
     scopes: ['openid', 'admin'],
+    findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id }) }),
     features: {
-      devInteractions: { enabled: false },
+      devInteractions: { enabled: interactive },
       clientCredentials: { enabled: true },
       resourceIndicators: {
         enabled: true,
@@ -59,7 +78,9 @@ function build() {
       },
     },
     extraTokenClaims: (ctx, token) => ({
-      realm_access: { roles: byId.get(token.clientId)?.roles ?? [] },
+      realm_access: {
+        roles: token.accountId ? users[token.accountId] ?? [] : byId.get(token.clientId)?.roles ?? [],
+      },
     }),
   });
   provider.on('server_error', (ctx, err) => console.error('provider error:', err));

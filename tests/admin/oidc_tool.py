@@ -48,6 +48,9 @@ class Client:
     client_secret: str
     roles: tuple[str, ...]
     ttl: int = 300  # access token lifetime, seconds
+    # a console client (authorization code flow) when set: where the provider sends back
+    redirect_uris: tuple[str, ...] = ()
+    post_logout_redirect_uris: tuple[str, ...] = ()
 
 
 @dataclass
@@ -83,24 +86,32 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_provider(clients: list[Client], *, timeout_s: float = 30.0) -> Iterator[Provider]:
+def running_provider(
+    clients: list[Client], *, users: dict[str, list[str]] | None = None, timeout_s: float = 30.0
+) -> Iterator[Provider]:
+    """``users``: login -> roles, for the provider's login form (console clients)."""
     modules = node_modules()
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="lpx-oidc-") as tmp:
         spec = Path(tmp) / "clients.json"
-        spec.write_text(
-            json.dumps(
-                [
+        listed = [
+            {
+                "client_id": c.client_id,
+                "client_secret": c.client_secret,
+                "roles": list(c.roles),
+                "ttl": c.ttl,
+                **(
                     {
-                        "client_id": c.client_id,
-                        "client_secret": c.client_secret,
-                        "roles": list(c.roles),
-                        "ttl": c.ttl,
+                        "redirect_uris": list(c.redirect_uris),
+                        "post_logout_redirect_uris": list(c.post_logout_redirect_uris),
                     }
-                    for c in clients
-                ]
-            )
-        )
+                    if c.redirect_uris
+                    else {}
+                ),
+            }
+            for c in clients
+        ]
+        spec.write_text(json.dumps({"clients": listed, "users": users or {}}))
         log = Path(tmp) / "provider.log"
         with log.open("w") as out:
             proc = subprocess.Popen(

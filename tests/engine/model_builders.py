@@ -15,10 +15,19 @@ TOL = 1e-4  # relative to the largest logit
 SLOTS = [2, 0, 3]  # where check_batch puts adapters 0, 1, 2 (slot 1 stays empty)
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 320
+WINDOW = 5  # Gemma's sliding window in the tiny models
 
 
 def _hf_config(kind: str):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=VOCAB,
@@ -65,6 +74,20 @@ def _hf_config(kind: str):
             **common, pad_token_id=0, tie_word_embeddings=True, rope_parameters=rope,
             original_max_position_embeddings=64, partial_rotary_factor=0.5,
         )  # fmt: skip
+    # Gemma: a window of 5 (the prompts and decodes run past it), head_dim 32, a query scale
+    # other than head_dim; layer 0 local, layer 1 global
+    gemma = dict(
+        common, head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+    )  # fmt: skip
+    if kind == "gemma2":  # soft-caps low enough to bite on these random weights
+        return Gemma2Config(**gemma, attn_logit_softcapping=2.0, final_logit_softcapping=4.0)
+    if kind == "gemma3":  # global layers' rope scaled (linear), local ones on their own base
+        rope = {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        }
+        return Gemma3TextConfig(**gemma, rope_parameters=rope)
     raise ValueError(kind)
 
 
@@ -135,10 +158,12 @@ def build_adapter(base, out: Path, spec: AdapterSpec) -> Path:
 def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy decode (HF KV cache) -> (the ``steps`` tokens, logits ``[steps+1, V]``)."""
     ids, rows, past, feed = list(prompt), [], None, list(prompt)
+    dev = next(model.parameters()).device  # the GPU tests run the reference there
     with torch.no_grad():
         for i in range(steps + 1):
-            out = model(input_ids=torch.tensor([feed]), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1].float()
+            x = torch.tensor([feed], device=dev)
+            out = model(input_ids=x, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1].float().cpu()
             rows.append(logits)
             if i < steps:
                 ids.append(int(logits.argmax()))

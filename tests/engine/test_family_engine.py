@@ -1,4 +1,4 @@
-"""Qwen3, Mistral-Nemo and Phi-3 through the whole engine (scheduler, KV pool, adapter
+"""Qwen3, Mistral-Nemo, Phi-3/4 and Gemma 2/3 through the whole engine (scheduler, KV pool, adapter
 loads): each request's greedy tokens from one mixed batch of the base and three adapters
 equal HF + PEFT's for it alone, also with preemption, chunked prefill and a prefix hit."""
 

@@ -1,9 +1,11 @@
-"""Families beyond Llama (Qwen3, Mistral-Nemo, Phi-3) against transformers + PEFT, fp32 CPU.
+"""Families beyond Llama (Qwen3, Mistral-Nemo, Phi-3/4, Gemma 2/3) against transformers +
+PEFT, fp32 CPU.
 
 Each family is a tiny random checkpoint built with transformers' own config class and PEFT
 adapters on it (for Phi-3 on its fused ``qkv_proj`` / ``gate_up_proj``). Checked: logits
 within 1e-4 and the same greedy tokens, for an adapter alone and for the base and three
-adapters in one batch (two-chunk prefill, then batched decode).
+adapters in one batch (two-chunk prefill, then batched decode). Gemma's tiny models have a
+window of 5, so every sequence runs past it in its local layers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from model_builders import (
     build_adapter,
     build_hf_model,
     check_batch,
+    hf_greedy,
+    load_hf,
     parity_references,
     prompts_for,
     rel_err,
@@ -43,6 +47,10 @@ FAMILIES = {
     "mistral-nemo": SPLIT_SPECS,
     "phi3": FUSED_SPECS,
     "phi4-mini": FUSED_SPECS,  # and partial rotary with longrope
+    # local and global layers, a window shorter than the sequences; Gemma 2's soft-caps,
+    # Gemma 3's q/k norms and two rope bases
+    "gemma2": SPLIT_SPECS,
+    "gemma3": SPLIT_SPECS,
 }
 
 
@@ -122,3 +130,30 @@ def test_family_adapter_for_another_layout_refused(family, tmp_path):
     save_file(narrow, str(out / "adapter_model.safetensors"))
     with pytest.raises(AdapterIncompatible, match="o_proj: shape mismatch"):
         runner.read_adapter(out)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gemma_window_and_caps_matter(kind, tmp_path):
+    """The same weights served without the window (or without Gemma 2's soft-caps) are far
+    from the reference: the parity above checks the window and the caps, not just shapes."""
+    import dataclasses
+
+    from loraplex.engine.model.loader import load_model
+
+    base = build_hf_model(tmp_path / "base", kind, seed=5)
+    prompt = prompts_for(2, 320, seed=1)[1]  # 12 tokens and 16 steps past a window of 5
+    tokens, ref = hf_greedy(load_hf(base), prompt, STEPS)
+    loaded = load_model(str(base))
+    cfg = loaded.config
+    variants = {"no window": dataclasses.replace(cfg, sliding_window=1 << 20)}
+    if kind == "gemma2":
+        variants["no caps"] = dataclasses.replace(
+            cfg, attn_logit_softcap=None, final_logit_softcap=None
+        )
+    for what, changed in variants.items():
+        loaded.config = changed
+        (logits,) = runner_logits(runner_for(loaded), [Seq(prompt, -1, tokens)], STEPS)
+        assert rel_err(logits, ref) > 100 * TOL, f"{kind}: {what}"
+    loaded.config = cfg
+    (logits,) = runner_logits(runner_for(loaded), [Seq(prompt, -1, tokens)], STEPS)
+    assert rel_err(logits, ref) < TOL

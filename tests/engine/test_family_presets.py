@@ -1,9 +1,10 @@
-"""Qwen3, Mistral-Nemo and Phi-3/4: their ``config.json`` read (and refused) by name, and the
+"""Qwen3, Mistral-Nemo, Phi-3/4 and Gemma 2/3: their ``config.json`` read (and refused) by name, and the
 ``dummy:`` presets of their real shapes equal to what the real config gives."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -93,3 +94,100 @@ def test_random_weights_of_each_family_run(flag):
     runner = ModelRunner(model, max_num_seqs=2, max_model_len=32, num_blocks=16, block_size=4)
     logits = runner.execute(ScheduledBatch([SeqChunk(0, [5, 6, 7], 0, [0, 1], -1, True)]))
     assert logits.shape == (1, cfg.vocab_size) and bool(torch.isfinite(logits).all())
+
+
+# google/gemma-2-9b's config.json (transformers 4.42 keys), and the text model of
+# google/gemma-3-12b-it (its text_config with the Gemma3TextConfig defaults it relied on,
+# as a Gemma3ForCausalLM checkpoint of it writes them, in the older rope keys)
+GEMMA2_9B = {
+    "architectures": ["Gemma2ForCausalLM"], "attention_bias": False,
+    "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
+    "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3584, "intermediate_size": 14336, "max_position_embeddings": 8192,
+    "model_type": "gemma2", "num_attention_heads": 16, "num_hidden_layers": 42,
+    "num_key_value_heads": 8, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+    "sliding_window_size": 4096, "vocab_size": 256000,
+}  # fmt: skip
+GEMMA3_12B = {
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": False,
+    "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": [1, 106],
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3840, "intermediate_size": 15360, "max_position_embeddings": 131072,
+    "model_type": "gemma3_text", "num_attention_heads": 16, "num_hidden_layers": 48,
+    "num_key_value_heads": 8, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000.0,
+    "sliding_window": 1024, "sliding_window_pattern": 6, "vocab_size": 262208,
+}  # fmt: skip
+
+
+def test_gemma_presets_are_their_real_configs():
+    gemma2 = read(GEMMA2_9B)
+    assert gemma2 == PRESETS["gemma2-9b"]
+    assert gemma2.adapter_modules == SPLIT_MODULES and gemma2.attn_scale == 256**-0.5
+    assert [gemma2.layer_window(i) for i in range(3)] == [4096, 0, 4096]
+    assert gemma2.local_rope_inv_freq() is None  # one rope for every layer
+    gemma3 = read(GEMMA3_12B)
+    assert gemma3 == PRESETS["gemma3-12b"]
+    assert gemma3.qk_norm and gemma3.attn_logit_softcap is None
+    assert [i for i in range(48) if not gemma3.layer_window(i)] == list(range(5, 48, 6))
+    local = gemma3.local_rope_inv_freq()
+    assert local is not None and float(local[1]) == pytest.approx(10000 ** (-2 / 256))
+    assert float(gemma3.rope_inv_freq()[1]) == pytest.approx(1e6 ** (-2 / 256) / 8)
+
+
+def test_gemma3_config_of_transformers_5_reads_the_same():
+    """transformers 5 writes ``layer_types`` and ``rope_parameters`` per layer type."""
+    from transformers import Gemma3TextConfig
+
+    keys = {k: v for k, v in GEMMA3_12B.items() if not k.startswith(("rope", "sliding_window_"))}
+    keys = {k: v for k, v in keys.items() if k not in ("architectures", "model_type")}
+    hf = Gemma3TextConfig(**keys, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    })  # fmt: skip
+    d = {**json.loads(hf.to_json_string()), "architectures": ["Gemma3ForCausalLM"]}
+    assert "layer_types" in d and "full_attention" in d["rope_parameters"]
+    assert read(d) == PRESETS["gemma3-12b"]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"hidden_activation": "gelu"}, "hidden_act 'gelu'"),
+        ({"layer_types": ["chunked_attention"] * 48}, "layer_types"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope scaling type 'yarn'"),
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "a Gemma3ForCausalLM checkpoint"),
+    ],
+)
+def test_gemma_refusals(change, match):
+    with pytest.raises(UnsupportedModel, match=match):
+        read({**GEMMA3_12B, **change})
+
+
+def test_gemma3_without_a_window():
+    """sliding_window null: the local layers see every position, on their own rope base."""
+    cfg = read({**GEMMA3_12B, "sliding_window": None})
+    assert cfg.sliding_window is None and cfg.layer_window(0) == 0
+    assert cfg.local_rope_inv_freq() is not None and cfg.sliding_layers[0]
+
+
+def test_gemma_preset_runs_a_step():
+    """A dummy Gemma 3 (tiny shapes, the preset's flags) runs prefill and decode past its
+    window on random weights (bfloat16, the norms' 1 + w held in float32 beside them)."""
+    cfg = dataclasses.replace(
+        PRESETS["gemma3-12b"], vocab_size=512, hidden_size=64, intermediate_size=96,
+        num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=3,
+        sliding_layers=PRESETS["gemma3-12b"].sliding_layers[:6], max_position_embeddings=64,
+    )  # fmt: skip
+    tiny = load_model("dummy:tiny")
+    weights = random_weights(cfg, torch.bfloat16, torch.device("cpu"))
+    assert weights.norm.dtype == torch.float32 and weights.layers[0].pre_ff_norm is not None
+    model = LoadedModel(cfg, weights, tiny.tokenizer, tiny.eos_token_ids, "dummy")
+    runner = ModelRunner(model, max_num_seqs=2, max_model_len=32, num_blocks=16, block_size=4)
+    prefill = runner.execute(ScheduledBatch([SeqChunk(0, [5, 6, 7, 8, 9], 0, [0, 1], -1, True)]))
+    decode = runner.execute(ScheduledBatch([SeqChunk(0, [3], 5, [0, 1], -1, True)]))
+    assert bool(torch.isfinite(prefill).all() and torch.isfinite(decode).all())

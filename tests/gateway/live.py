@@ -44,9 +44,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(app: FastAPI, *, startup_timeout_s: float = 120.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread (lifespan on). Yields the base URL."""
-    port = free_port()
+def live_server(
+    app: FastAPI, *, startup_timeout_s: float = 120.0, port: int | None = None
+) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread (lifespan on), on ``port`` (default: a free
+    one). Yields the base URL."""
+    port = port or free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

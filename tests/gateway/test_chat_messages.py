@@ -113,3 +113,44 @@ def test_plan_errors(tokenizer: Any) -> None:
     )
     plan = plan_tools(body, "", "llama3_json")
     assert plan is not None and plan.parser == "llama3_json" and not plan.parallel
+
+
+# Gemma 2's chat template (as published with gemma-2-9b-it): no system role, turns of
+# "user" and "model"; Gemma 3's writes a system message at the head of the first user turn
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+def test_gemma2_template_gets_the_system_text_in_the_first_user_turn(tokenizer: Any) -> None:
+    tokenizer.chat_template = GEMMA2_TEMPLATE
+    try:
+        system = {"role": "system", "content": "Answer in French."}
+        user = {"role": "user", "content": "Hello"}
+        text, _ = _render(tokenizer, messages=[system, user])
+        assert text.endswith(
+            "<start_of_turn>user\nAnswer in French.\n\nHello<end_of_turn>\n<start_of_turn>model\n"
+        )
+        assert _render(tokenizer, messages=[user])[0].endswith(
+            "<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
+        )
+        # tools on a template without a tools section: the tools prompt is a system text too
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        text, _ = _render(tokenizer, messages=[user], tools=tools)
+        assert "<start_of_turn>user\n# Tools" in text and text.count("<start_of_turn>") == 2
+        # what the template refuses for another reason is still refused, with its words
+        model_first = {"role": "assistant", "content": "Hi"}
+        with pytest.raises(InvalidInput, match="System role not supported"):
+            _render(tokenizer, messages=[system, model_first, user])
+        with pytest.raises(InvalidInput, match="roles must alternate"):
+            _render(tokenizer, messages=[user, user])
+    finally:
+        tokenizer.chat_template = None

@@ -143,6 +143,8 @@ async def test_draining_replica_finishes_its_stream_and_gets_no_new_work(
             outs = [await anext(stream)]
             going.signal(signal.SIGTERM)
             await wait_for(lambda: router._replicas[going.url].client.health().state == "draining")
+            states = {r.url: r.state for r in router.replicas()}  # the console's engines page
+            assert states == {going.url: "draining", replicas[1].url: "ready"}
             for ref in homed:  # served by the other replica, none refused
                 assert router.pick(ref.key)[0].url != going.url
                 done = await run(router, request(ref))

@@ -125,3 +125,107 @@ def test_prefill_llama_bf16():
         q.cuda(), kc.cuda(), vc.cuda(), bt.cuda(), cu.cuda(), cl.cuda(), 128**-0.5
     )
     assert_close(out, ref, torch.bfloat16)
+
+
+# Gemma's layer options: a sliding window (keys in (pos - window, pos]) and soft-capped
+# scores; windows shorter and longer than the contexts, splits that start inside the window
+WINDOW_DECODE = [  # (context lens, block_size, Hq, Hkv, D, window, softcap)
+    ([5, 17, 33], 4, 4, 2, 32, 6, 0.0),
+    ([40, 1, 9], 8, 4, 1, 16, 16, 2.5),
+    ([70, 20], 4, 2, 2, 32, 0, 1.5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", range(len(WINDOW_DECODE)))
+@pytest.mark.parametrize("splits", [None, 3])
+def test_paged_decode_window_softcap(case, dtype, splits):
+    lens, bs, hq, hkv, d, window, cap = WINDOW_DECODE[case]
+    gen = torch.Generator().manual_seed(20 + case)
+    kc, vc, bt = make_cache(lens, bs, hkv, d, dtype, gen)
+    q = (3 * torch.randn(len(lens), hq, d, generator=gen)).to(dtype)  # scores past the cap
+    cl = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_decode_attention_ref(q.float(), kc.float(), vc.float(), bt, cl, 0.2, window, cap)
+    full = paged_decode_attention_ref(q.float(), kc.float(), vc.float(), bt, cl, 0.2)
+    assert (ref - full).abs().max() > 0.05  # the options change the result
+    dv = DEVICE
+    out = paged_decode_attention(
+        q.to(dv), kc.to(dv), vc.to(dv), bt.to(dv), cl.to(dv), 0.2,
+        window=window, softcap=cap, num_splits=splits,
+    )  # fmt: skip
+    assert_close(out, ref, dtype, tol=2e-5 if dtype == torch.float32 else None)
+
+
+WINDOW_PREFILL = [  # (new lens, cached lens, block_size, Hq, Hkv, D, window, softcap)
+    ([3, 21], [0, 9], 4, 4, 2, 32, 5, 0.0),
+    ([40, 1], [0, 30], 8, 2, 1, 16, 17, 3.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", range(len(WINDOW_PREFILL)))
+def test_prefill_window_softcap(case, dtype):
+    qlens, cached, bs, hq, hkv, d, window, cap = WINDOW_PREFILL[case]
+    gen = torch.Generator().manual_seed(30 + case)
+    lens = [a + b for a, b in zip(qlens, cached, strict=True)]
+    kc, vc, bt = make_cache(lens, bs, hkv, d, dtype, gen)
+    q = (3 * torch.randn(sum(qlens), hq, d, generator=gen)).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    args = (q.float(), kc.float(), vc.float(), bt, cu, cl, 0.2)
+    ref = prefill_attention_ref(*args, window=window, softcap=cap)
+    assert (ref - prefill_attention_ref(*args)).abs().max() > 0.05
+    dv = DEVICE
+    args = (q.to(dv), kc.to(dv), vc.to(dv), bt.to(dv), cu.to(dv), cl.to(dv), 0.2)
+    out = prefill_attention(*args, max_q_len=max(qlens), window=window, softcap=cap)
+    assert_close(out, ref, dtype, tol=2e-5 if dtype == torch.float32 else None)
+
+
+def test_window_softcap_refs_match_a_dense_mask():
+    """The references against a dense computation written out (transformers' eager Gemma
+    attention: scores * scale, capped, then the causal sliding-window mask)."""
+    gen = torch.Generator().manual_seed(3)
+    n, window, cap, scale = 11, 4, 2.0, 0.3
+    kc, vc, bt = make_cache([n], 4, 1, 8, torch.float32, gen)
+    q = 3 * torch.randn(n, 2, 8, generator=gen)
+    k = kc[bt[0, :3].long()].reshape(12, 1, 8)[:n].expand(n, 2, 8)
+    v = vc[bt[0, :3].long()].reshape(12, 1, 8)[:n].expand(n, 2, 8)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = torch.tanh(s / cap) * cap
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    s = s.masked_fill(~((j <= i) & (j > i - window)), float("-inf"))
+    want = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
+    cu, cl = torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32)
+    got = prefill_attention_ref(q, kc, vc, bt, cu, cl, scale, window=window, softcap=cap)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    last = paged_decode_attention_ref(q[-1:], kc, vc, bt, cl, scale, window, cap)
+    torch.testing.assert_close(last[0], want[-1], rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_window_softcap_gemma_bf16():
+    """Gemma 2 9B's heads (16 q, 8 kv, 256 dims), window 4096 at contexts past it."""
+    lens = [5000, 300, 4097]
+    gen = torch.Generator().manual_seed(4)
+    kc, vc, bt = make_cache(lens, 16, 8, 256, torch.bfloat16, gen)
+    q = torch.randn(len(lens), 16, 256, generator=gen).to(torch.bfloat16)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_decode_attention_ref(q.float(), kc.float(), vc.float(), bt, cl, 0.0625, 4096, 50.0)
+    out = paged_decode_attention(
+        q.cuda(), kc.cuda(), vc.cuda(), bt.cuda(), cl.cuda(), 0.0625, window=4096, softcap=50.0
+    )
+    assert_close(out, ref, torch.bfloat16)
+    qlens, cached = [700, 9], [4000, 4500]
+    lens = [a + b for a, b in zip(qlens, cached, strict=True)]
+    kc, vc, bt = make_cache(lens, 16, 8, 256, torch.bfloat16, gen)
+    q = torch.randn(sum(qlens), 16, 256, generator=gen).to(torch.bfloat16)
+    cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    ref = prefill_attention_ref(
+        q.float(), kc.float(), vc.float(), bt, cu, cl, 0.0625, window=4096, softcap=50.0
+    )
+    out = prefill_attention(
+        q.cuda(), kc.cuda(), vc.cuda(), bt.cuda(), cu.cuda(), cl.cuda(), 0.0625,
+        max_q_len=700, window=4096, softcap=50.0,
+    )  # fmt: skip
+    assert_close(out, ref, torch.bfloat16)

@@ -78,6 +78,21 @@ def test_silu_and_mul_with_delta(T, i, dtype):
         silu_and_mul(x.to(DEVICE), d[:, :-2].to(DEVICE))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,i", [(1, 2049), (133, 33)])
+def test_gelu_tanh_and_mul(T, i, dtype):
+    """Gemma's GeGLU: gelu (tanh approximation, as transformers' gelu_pytorch_tanh) of the
+    gate (+ the LoRA delta) times up; large gates too (the kernel's exp form saturates)."""
+    gen = torch.Generator().manual_seed(T + 2)
+    x = (torch.randn(T, 2 * i, generator=gen) * 4).to(dtype)
+    d = (torch.randn(T, 2 * i, generator=gen) * 0.5).to(dtype)
+    xf = x.float() + d.float()
+    want = torch.nn.functional.gelu(xf[:, :i], approximate="tanh") * xf[:, i:]
+    torch.testing.assert_close(silu_and_mul_ref(x.float(), d.float(), gelu=True), want)
+    assert_close(silu_and_mul(x.to(DEVICE), d.to(DEVICE), gelu=True), want, dtype)
+    assert (want - silu_and_mul_ref(xf)).abs().max() > 0.1  # not SiLU
+
+
 @pytest.mark.parametrize("T,hkv,d,bs", [(1, 1, 64, 16), (7, 2, 32, 4), (133, 3, 24, 8)])
 def test_kv_cache_write_ref(T, hkv, d, bs):
     # the reference (rope_cache_ref's cache write) against one token at a time

@@ -1,0 +1,271 @@
+"""Issue #21 with real timings: the fairness scenario of the online serving benchmark
+(``bench_serving.py --fairness``), against a running server, over its tenants.
+
+Tenant 0 floods, tenant 1 is light, tenants 2 and 3 share the server with weights 3:1.
+Runs, one after the other:
+
+- ``light_alone``: tenant 1's requests at Poisson ``--fair-light-rate``, nothing else.
+- ``light_flood``: tenant 0 in a closed loop of ``--fair-flood-streams`` streams (more than
+  the engine's ``max_num_seqs``, so a queue forms); once it has run ``--fair-settle-s``,
+  tenant 1's requests as in ``light_alone``. Both tenants have their own fairness key.
+- ``light_flood_fifo``: the same, but the light requests are the flood tenant's own (its
+  key and adapters, at the light schedule): one fairness key, so they queue first come,
+  first served behind the flood (what a light tenant gets without fair scheduling).
+- ``one_key``: tenant 2 alone in a closed loop of ``2 * --fair-pair-streams`` streams.
+- ``two_keys``: tenant 2 (``scheduling_weight`` 3) and tenant 3 (weight 1), each its own
+  closed loop of ``--fair-pair-streams`` streams, both backlogged: service shares over a
+  window while both are, and total throughput against ``one_key`` (the cost of fairness).
+
+The light runs' TTFT is split with the usage ledger's own ``ttft_ms`` afterwards
+(``bench_serving.ledger_split``: the gateway's engine call to its first token, and the rest).
+Per key, from the engine's ``/metrics`` (``loraplex_engine_fair_*{fairness_key}``, deltas):
+queue seconds per scheduled sequence, service tokens (prefill, decode), preemptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from serving_client import Planned, completion_body, poisson
+from serving_metrics import check_output, summarize
+from serving_offline import prompt_set
+
+FAIR = "loraplex_engine_fair_"
+
+
+def parse_fair(text: str) -> dict[tuple[str, str, str], float]:
+    """``(family, fairness_key, kind)`` -> value of each ``loraplex_engine_fair_*`` sample."""
+    out: dict[tuple[str, str, str], float] = {}
+    for line in text.splitlines():
+        if not line.startswith(FAIR) or "{" not in line:
+            continue
+        name, _, rest = line.partition("{")
+        labels, _, value = rest.rpartition("}")
+        fields = dict(
+            part.split("=", 1) for part in labels.split(",") if "=" in part
+        )  # values are ids and kinds: no commas inside
+        key = fields.get("fairness_key", "").strip('"')
+        kind = fields.get("kind", "").strip('"')
+        try:
+            out[(name.removeprefix(FAIR).removesuffix("_total"), key, kind)] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def per_key(before: dict, after: dict, key: str) -> dict[str, float]:
+    def d(family: str, kind: str = "") -> float:
+        return after.get((family, key, kind), 0.0) - before.get((family, key, kind), 0.0)
+
+    scheduled = d("scheduled")
+    return {
+        "scheduled": scheduled,
+        "queue_ms_mean": d("queue_seconds") * 1e3 / scheduled if scheduled else float("nan"),
+        "prefill_tokens": d("service_tokens", "prefill"),
+        "decode_tokens": d("service_tokens", "decode"),
+        "preemptions": d("preemptions"),
+    }
+
+
+class FairnessScenario:
+    def __init__(self, args, runner, tenancy, vocab: int, url: str, admin_token: str) -> None:  # type: ignore[no-untyped-def]
+        self.args, self.runner, self.tenancy, self.vocab = args, runner, tenancy, vocab
+        self.url, self.admin = url, {"Authorization": f"Bearer {admin_token}"}
+        self.ids: list[str] = []
+        self.salt = 50_000
+
+    # ---- setup ---------------------------------------------------------------------------
+    async def setup(self) -> None:
+        if len(self.tenancy.tenants) < 4 or len(self.tenancy.adapters) < 4:
+            raise SystemExit("--fairness needs --tenants >= 4 and --adapters >= 4")
+        async with httpx.AsyncClient(base_url=self.url, headers=self.admin, trust_env=False) as h:
+            for name in self.tenancy.tenants:
+                r = await h.get(f"/admin/v1/tenants/{name}")
+                r.raise_for_status()
+                self.ids.append(str(r.json()["id"]))
+            for name, w in ((self.tenancy.tenants[2], 3), (self.tenancy.tenants[3], 1)):
+                r = await h.patch(
+                    f"/admin/v1/tenants/{name}", json={"limits": {"scheduling_weight": w}}
+                )
+                r.raise_for_status()
+
+    def plan(self, tenant: int, n: int) -> list[Planned]:
+        """``n`` requests of tenant ``tenant``'s adapters in turn, fresh prompts, with its
+        key."""
+        t = self.tenancy
+        mine = [j for j in range(len(t.adapters)) if j % len(t.tenants) == tenant]
+        self.salt += 1
+        ids = prompt_set(self.args, self.vocab, n, self.salt)
+        key = t.keys[tenant]
+        out = []
+        for i, prompt in enumerate(ids):
+            adapter = mine[i % len(mine)]
+            body = completion_body(t.adapters[adapter], prompt, self.args.output_len)
+            out.append(Planned(i, tenant, adapter, key, "/v1/completions", body))
+        return out
+
+    async def fair_metrics(self) -> dict:
+        r = await self.runner.client.get(self.url + "/metrics")
+        r.raise_for_status()
+        return parse_fair(r.text)
+
+    async def settled(self) -> dict:
+        await self.runner.settled()
+        return await self.fair_metrics()
+
+    # ---- runs ----------------------------------------------------------------------------
+    async def light(self, fifo: bool = False):  # type: ignore[no-untyped-def]
+        """The light requests: tenant 1's, or (``fifo``) as many more of the flood tenant's,
+        sent at the same times: one key with the flood, served first come, first served."""
+        a = self.args
+        plan = self.plan(0 if fifo else 1, a.fair_light_requests)
+        return await poisson(plan, a.fair_light_rate, a.seed, self.runner._send)
+
+    async def closed(self, plan: list[Planned], streams: int, procs: int):  # type: ignore[no-untyped-def]
+        return await self.runner.pool.run(
+            self.url, self.args.request_timeout, plan, concurrency=streams, procs=procs
+        )
+
+    def summary(self, records, seconds: float) -> dict:  # type: ignore[no-untyped-def]
+        a = self.args
+        for r in records:
+            check_output(r, a.output_len)
+        row = summarize(records, seconds, a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3)
+        out = {k: row[k] for k in ("completed", "errors", "out_tok_s", "req_s", "ttft_ms")} | {
+            "tpot_ms": row["tpot_ms"],
+            "error_samples": row["error_samples"],
+        }
+        if len(records) <= a.fair_light_requests:  # the light runs: kept for the ledger split
+            out["records"] = [r.compact() for r in records]
+        return out
+
+    async def run_light_alone(self) -> dict:
+        before = await self.settled()
+        records, seconds = await self.light()
+        after = await self.settled()
+        return {"light": self.summary(records, seconds), "keys": self.keys(before, after, [1])}
+
+    async def run_light_flood(self, fifo: bool) -> dict:
+        a = self.args
+        before = await self.settled()
+        flood = asyncio.create_task(
+            self.closed(self.plan(0, a.fair_flood_requests), a.fair_flood_streams, a.fair_procs)
+        )
+        await asyncio.sleep(a.fair_settle_s)
+        if flood.done():
+            raise SystemExit(
+                "the flood ended before the light requests: raise --fair-flood-requests"
+            )
+        records, seconds = await self.light(fifo)
+        flood_still_on = not flood.done()
+        f_records, f_seconds, _ = await flood
+        after = await self.settled()
+        return {
+            "light": self.summary(records, seconds),
+            "flood": self.summary(f_records, f_seconds),
+            "flood_outlasted_light": flood_still_on,
+            "keys": self.keys(before, after, [0] if fifo else [0, 1]),
+        }
+
+    async def run_one_key(self) -> dict:
+        a = self.args
+        before = await self.settled()
+        plan = self.plan(2, 2 * a.fair_pair_requests)
+        records, seconds, _ = await self.closed(plan, 2 * a.fair_pair_streams, 2 * a.fair_procs)
+        after = await self.settled()
+        return {"all": self.summary(records, seconds), "keys": self.keys(before, after, [2])}
+
+    async def run_two_keys(self) -> dict:
+        a = self.args
+        before = await self.settled()
+        t0 = time.perf_counter()
+        runs = [
+            asyncio.create_task(
+                self.closed(self.plan(t, a.fair_pair_requests), a.fair_pair_streams, a.fair_procs)
+            )
+            for t in (2, 3)
+        ]
+        await asyncio.sleep(a.fair_window_at_s)
+        w0 = await self.fair_metrics()
+        await asyncio.sleep(a.fair_window_s)
+        w1 = await self.fair_metrics()
+        both_on = not any(r.done() for r in runs)
+        (r2, s2, _), (r3, s3, _) = await asyncio.gather(*runs)
+        seconds = time.perf_counter() - t0
+        after = await self.settled()
+        window = self.keys(w0, w1, [2, 3])
+        k2, k3 = window[self.ids[2]], window[self.ids[3]]
+        out_tokens = sum(r.output_tokens for r in r2 + r3 if r.error is None)
+        return {
+            "weights": {"tenant2": 3, "tenant3": 1},
+            "tenant2": self.summary(r2, s2),
+            "tenant3": self.summary(r3, s3),
+            "out_tok_s": out_tokens / seconds,
+            "window": window,
+            "window_both_backlogged": both_on,
+            "decode_share_ratio": k2["decode_tokens"] / k3["decode_tokens"]
+            if k3["decode_tokens"]
+            else float("nan"),
+            "service_ratio": (k2["prefill_tokens"] + 2 * k2["decode_tokens"])
+            / (k3["prefill_tokens"] + 2 * k3["decode_tokens"])
+            if k3["decode_tokens"]
+            else float("nan"),
+            "keys": self.keys(before, after, [2, 3]),
+        }
+
+    def keys(self, before: dict, after: dict, tenants: list[int]) -> dict:
+        return {self.ids[t]: per_key(before, after, self.ids[t]) for t in tenants}
+
+    async def run_all(self, result: dict) -> None:
+        await self.setup()
+        out = result.setdefault("fairness", {})
+        steps = [
+            ("light_alone", self.run_light_alone),
+            ("light_flood", lambda: self.run_light_flood(fifo=False)),
+            ("light_flood_fifo", lambda: self.run_light_flood(fifo=True)),
+            ("one_key", self.run_one_key),
+            ("two_keys", self.run_two_keys),
+        ]
+        for name, run in steps:
+            print(f"fairness: {name}", flush=True)
+            out[name] = await run()
+            print(f"  {brief(name, out[name], self.ids)}", flush=True)
+        out["derived"] = derived(out, self.ids)
+        print(f"fairness: {out['derived']}", flush=True)
+
+
+def brief(name: str, run: dict, ids: list[str]) -> str:
+    if "light" in run:
+        t = run["light"]["ttft_ms"]
+        q = run["keys"].get(ids[1], run["keys"].get(ids[0], {}))
+        return (
+            f"light TTFT p50 {t['p50']:.1f} p99 {t['p99']:.1f} ms, "
+            f"queue mean {q.get('queue_ms_mean', float('nan')):.1f} ms, "
+            f"errors {run['light']['errors'] or 'none'}"
+        )
+    if name == "one_key":
+        return f"{run['all']['out_tok_s']:.0f} out tok/s, errors {run['all']['errors'] or 'none'}"
+    return (
+        f"{run['out_tok_s']:.0f} out tok/s, decode share 3:1 -> {run['decode_share_ratio']:.2f}, "
+        f"weighted service -> {run['service_ratio']:.2f}, "
+        f"both backlogged over the window: {run['window_both_backlogged']}"
+    )
+
+
+def derived(out: dict, ids: list[str]) -> dict:
+    alone, flood, fifo = out["light_alone"], out["light_flood"], out["light_flood_fifo"]
+    q_alone = alone["keys"][ids[1]]["queue_ms_mean"]
+    q_flood = flood["keys"][ids[1]]["queue_ms_mean"]
+    return {
+        "light_ttft_p50_ratio": flood["light"]["ttft_ms"]["p50"] / alone["light"]["ttft_ms"]["p50"],
+        "light_ttft_p99_ratio": flood["light"]["ttft_ms"]["p99"] / alone["light"]["ttft_ms"]["p99"],
+        "light_ttft_p50_fifo_ms": fifo["light"]["ttft_ms"]["p50"],
+        "light_queue_ms": {"alone": q_alone, "flood": q_flood},
+        "share_ratio_3_to_1": out["two_keys"]["decode_share_ratio"],
+        "share_error": abs(out["two_keys"]["decode_share_ratio"] / 3.0 - 1.0),
+        "fairness_throughput_cost": 1.0
+        - out["two_keys"]["out_tok_s"] / out["one_key"]["all"]["out_tok_s"],
+        "flood_ttft_ms": flood["flood"]["ttft_ms"],
+    }
