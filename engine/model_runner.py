@@ -322,7 +322,7 @@ class ModelRunner:
         if not K.fp8_ok(self.loaded.weights.embed) or not layers:
             return measured
         top = max(self.max_num_seqs, 16)
-        for name in self.model.offsets:
+        for name in ("qkv", "o", "gate_up", "down"):  # the dense projections (MoE: attention)
             ws = [w for w in (getattr(lw, name) for lw in layers) if isinstance(w, Fp8Weight)]
             if not ws:
                 continue

@@ -270,6 +270,28 @@ def test_engine_quantized_at_load_matches_hf_on_dequantized(base, tmp_path):
     engine.shutdown()
 
 
+@pytest.mark.parametrize("kind", ["phi3", "gemma3"])
+def test_quantize_at_load_across_families(kind, tmp_path):
+    """Phi-3 (fused checkpoint names) and Gemma 3 (its norms, GeGLU, local
+    layers): quantized at load, the runner's logits equal those of the per-channel
+    dequantized checkpoint."""
+    base = build_hf_model(tmp_path / kind, kind, seed=5)
+    loaded = load_model(str(base), quantization="fp8")
+    assert isinstance(loaded.weights.layers[0].qkv, Fp8Weight)
+    prompts = prompts_for(2, VOCAB, seed=6)
+    seqs = [Seq(p, -1, prompts[1 - i][:3]) for i, p in enumerate(prompts)]
+    got = runner_logits(runner_for(loaded), seqs, 3)
+    want = runner_logits(runner_for(str(_dequantized_copy(base, tmp_path / "deq"))), seqs, 3)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_moe_experts_stay_dense():
+    lw = load_model("dummy:tiny-moe", quantization="fp8").weights.layers[0]
+    assert isinstance(lw.qkv, Fp8Weight) and isinstance(lw.o, Fp8Weight)
+    assert isinstance(lw.gate_up, torch.Tensor) and lw.gate_up.dim() == 3
+
+
 def test_quantization_setting_is_validated():
     with pytest.raises(Exception, match="quantization"):
         EngineConfig(quantization="int4").validate()
