@@ -82,6 +82,12 @@ class StubRunner:
     def clear_slot(self, slot: int) -> None:
         pass
 
+    def check_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def timed(fn, timers: dict[str, float], name: str):
     def wrapper(*args, **kwargs):

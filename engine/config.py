@@ -79,6 +79,11 @@ class EngineConfig:
     # ``kernel_tuning`` the warm-up measures the shapes missing from it
     kernel_config_dir: Path | None = None
     kernel_tuning: bool = True
+    # Split the model over this many GPUs of one host (one worker process per rank, the
+    # scheduler stays in this process): heads, KV heads, intermediate size and vocabulary
+    # must divide by it. Adds per-rank timeouts on its collectives.
+    tensor_parallel_size: int = 1
+    tensor_parallel_timeout_s: float = 600.0
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -146,12 +151,23 @@ class EngineConfig:
                 "must be in (0, 1]",
             ),
             (self.max_waiting >= 1, "max_waiting", "must be positive"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be positive"),
+            (
+                self.tensor_parallel_timeout_s > 0,
+                "tensor_parallel_timeout_s",
+                "must be positive",
+            ),
             (self.aging_steps >= 1, "aging_steps", "must be positive"),
             (self.adapter_load_workers >= 1, "adapter_load_workers", "must be positive"),
             (
                 self.quantization in (None, "fp8"),
                 "quantization",
                 "must be unset or fp8",
+            ),
+            (
+                self.quantization is None or self.tensor_parallel_size == 1,
+                "quantization",
+                "fp8 is not served with tensor_parallel_size > 1 yet",
             ),
             (self.fp8_w8a8_min_tokens >= 1, "fp8_w8a8_min_tokens", "must be positive"),
             (

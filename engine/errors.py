@@ -47,6 +47,11 @@ class EngineDead(EngineError):
     back."""
 
 
+class RunnerFailed(EngineDead):
+    """A part of the model runner is gone (a tensor-parallel rank died or a collective
+    failed): the engine cannot step again; its process exits and is restarted."""
+
+
 class RequestFailed(EngineError):
     """The engine failed this request alone while serving it (maps to 500)."""
 
@@ -61,6 +66,7 @@ _KINDS: dict[str, type[EngineError]] = {
         AdapterLoadError,
         EngineOverloaded,
         EngineDead,
+        RunnerFailed,
         RequestFailed,
     )
 }

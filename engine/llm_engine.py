@@ -27,6 +27,7 @@ from loraplex.engine.errors import (
     EngineError,
     EngineOverloaded,
     InvalidRequest,
+    RunnerFailed,
     as_engine_error,
 )
 from loraplex.engine.fairness import NO_KEY
@@ -526,6 +527,8 @@ class LLMEngine:
         log.error("forward failed (%d in a row)", self._failed_forwards, exc_info=exc)
         for state in self._touched(out):
             self._fail(state, exc)
+        if isinstance(exc, RunnerFailed):
+            raise exc  # the runner cannot step again: the step loop ends the engine
         if self._failed_forwards >= MAX_FAILED_FORWARDS:
             raise RuntimeError(f"{self._failed_forwards} forwards failed in a row") from exc
 
@@ -639,9 +642,15 @@ class LLMEngine:
             **vars(self._counters),  # (not asdict: a deep copy, 25 us of each idle turn)
         )
 
+    def check_runner(self) -> None:
+        """Raise :class:`RunnerFailed` when a part of the runner is gone (idle turns of the
+        step loop ask, so that a dead tensor-parallel rank ends an idle engine too)."""
+        self.runner.check_alive()
+
     def shutdown(self) -> None:
         self.loader.shutdown()
         self.grammars.shutdown()
+        self.runner.close()
 
 
 def _adapter_keys(seqs: Iterable[Sequence]) -> list[str]:

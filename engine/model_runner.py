@@ -12,6 +12,7 @@ import gc
 import itertools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,11 @@ from loraplex.engine.model.fp8 import Fp8Weight
 from loraplex.engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
 from loraplex.engine.model.llama import Fp8Options, LlamaModel, fp8_shape_key
 from loraplex.engine.model.loader import LoadedModel, load_model
+from loraplex.engine.model.sharding import shard_config
 from loraplex.engine.runner import StepTensors
+
+if TYPE_CHECKING:
+    from loraplex.engine.parallel import TPGroup
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
@@ -39,6 +44,12 @@ GRAPH_RESERVE_BYTES = 256 * 2**20  # left free for CUDA graph pools and allocato
 
 
 class ModelRunner:
+    """``tp``: this runner is one rank of a tensor-parallel group (``engine/tp_runner.py``
+    drives them all): it holds that rank's slices of the weights, its KV heads' pages and
+    its slices of the adapter pages; ``config`` stays the whole model's, ``local_config``
+    is the shape this rank computes with. Every rank must make the same calls in the same
+    order (each forward's collectives pair up)."""
+
     def __init__(
         self,
         model: LoadedModel | str | Path | None,
@@ -62,16 +73,25 @@ class ModelRunner:
         fp8_w8a8_min_tokens: int = 128,
         kernel_config_dir: Path | None = None,
         kernel_tuning: bool = True,
+        tp: TPGroup | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if not isinstance(model, LoadedModel):
             model = load_model(
-                model, dtype=dtype, device=self.device, seed=seed, quantization=quantization
+                model,
+                dtype=dtype,
+                device=self.device,
+                seed=seed,
+                shard=None if tp is None else tp.shard,
+                tokenizer=tp is None or tp.rank == 0,
+                quantization=quantization,
             )
         self.loaded = model
         self.config = cfg = model.config
+        self.tp = tp
+        self.local_config = cfg if tp is None else shard_config(cfg, tp.size)
         self.dtype = model.weights.embed.dtype
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -86,11 +106,13 @@ class ModelRunner:
         self.launch_configs = LaunchConfigs.for_device(self.device, kernel_config_dir)
         self.tuning_report: dict[str, dict[str, float]] = {}
         fp8 = Fp8Options(fp8_w8a8_min_tokens, self.launch_configs)
-        self.model = LlamaModel(cfg, model.weights, self.max_model_len, fp8)
+        self.model = LlamaModel(self.local_config, model.weights, self.max_model_len, fp8, tp)
         if lora_memory_bytes is None:
             lora_memory_bytes = self._lora_budget(max_loras, lora_memory_fraction)
+        if tp is not None:  # every rank must cut the same page plan
+            lora_memory_bytes = tp.min_int(lora_memory_bytes)
         self.lora = LoraPool(
-            cfg,
+            self.local_config,
             budget_bytes=lora_memory_bytes,
             max_rank=max_lora_rank,
             dtype=self.dtype,
@@ -113,6 +135,8 @@ class ModelRunner:
                 )
             else:
                 num_blocks = self._cpu_num_blocks(kv_cache_bytes)
+        if tp is not None:  # block tables are the same on every rank
+            num_blocks = tp.min_int(num_blocks)
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache")
         self.num_blocks = num_blocks
@@ -141,7 +165,8 @@ class ModelRunner:
         CPU: room for ``max_loras`` (8 when None) adapters of ``max_lora_rank`` on every
         projection."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        full = sum(page_bytes(self.config, elem).values()) * -(-self.max_lora_rank // PAGE_ROWS)
+        pages = -(-self.max_lora_rank // PAGE_ROWS)
+        full = sum(page_bytes(self.local_config, elem).values()) * pages
         if self.device.type != "cuda":
             # twice the padded bytes: on tiny models a chunk holds few pages, and chunk
             # rounding per projection can waste up to half of a small arena
@@ -153,12 +178,12 @@ class ModelRunner:
     # ---- KV pool -------------------------------------------------------------------------
 
     def block_bytes(self) -> int:
-        c = self.config
+        c = self.local_config
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
 
     def _alloc_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        c = self.config
+        c = self.local_config
         shape = (c.num_layers, 2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return [(pool[i, 0], pool[i, 1]) for i in range(c.num_layers)]
@@ -381,3 +406,9 @@ class ModelRunner:
 
     def clear_slot(self, slot: int) -> None:
         self.lora.clear(slot)
+
+    def check_alive(self) -> None:
+        """Nothing to check: this runner is one process."""
+
+    def close(self) -> None:
+        """Nothing to stop (the tensors go with the object)."""

@@ -64,31 +64,52 @@ class Runner(Protocol):
 
     def clear_slot(self, slot: int) -> None: ...
 
+    def check_alive(self) -> None:
+        """Raise ``engine.errors.RunnerFailed`` when a part of the runner is gone (a
+        tensor-parallel rank's process); cheap, called on idle turns."""
+        ...
+
+    def close(self) -> None:
+        """Stop what the runner started (tensor-parallel worker processes)."""
+        ...
+
+
+def runner_options(config: EngineConfig) -> dict[str, Any]:
+    """``ModelRunner``'s keyword arguments from the engine config (device and dtype
+    resolved)."""
+    return {
+        "device": config.resolved_device(),
+        "dtype": config.resolved_dtype(),
+        "block_size": config.block_size,
+        "max_num_seqs": config.max_num_seqs,
+        "max_model_len": config.max_model_len,
+        "max_loras": config.max_loras,
+        "max_lora_rank": config.max_lora_rank,
+        "lora_memory_bytes": config.lora_memory_bytes,
+        "lora_memory_fraction": config.lora_memory_fraction,
+        "kv_cache_bytes": config.kv_cache_bytes,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "num_blocks": config.num_gpu_blocks,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "enforce_eager": config.enforce_eager,
+        "seed": config.seed,
+        "quantization": config.quantization,
+        "fp8_w8a8_min_tokens": config.fp8_w8a8_min_tokens,
+        "kernel_config_dir": config.kernel_config_dir,
+        "kernel_tuning": config.kernel_tuning,
+    }
+
 
 def build_runner(model: str | Path | None, config: EngineConfig) -> Runner:
-    """``model``: an HF directory, a ``.gguf`` file or ``dummy:<preset>`` (None: default)."""
+    """``model``: an HF directory, a ``.gguf`` file or ``dummy:<preset>`` (None: default).
+    ``tensor_parallel_size`` > 1: a :class:`~loraplex.engine.tp_runner.TPRunner` (this
+    process is rank 0 and drives one worker process per other rank); 1: the runner itself,
+    in this process."""
     from loraplex.engine.model_runner import ModelRunner
 
     config.validate()
-    return ModelRunner(
-        model,
-        device=config.resolved_device(),
-        dtype=config.resolved_dtype(),
-        block_size=config.block_size,
-        max_num_seqs=config.max_num_seqs,
-        max_model_len=config.max_model_len,
-        max_loras=config.max_loras,
-        max_lora_rank=config.max_lora_rank,
-        lora_memory_bytes=config.lora_memory_bytes,
-        lora_memory_fraction=config.lora_memory_fraction,
-        kv_cache_bytes=config.kv_cache_bytes,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        num_blocks=config.num_gpu_blocks,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        enforce_eager=config.enforce_eager,
-        seed=config.seed,
-        quantization=config.quantization,
-        fp8_w8a8_min_tokens=config.fp8_w8a8_min_tokens,
-        kernel_config_dir=config.kernel_config_dir,
-        kernel_tuning=config.kernel_tuning,
-    )
+    if config.tensor_parallel_size > 1:
+        from loraplex.engine.tp_runner import TPRunner
+
+        return TPRunner(model, config)
+    return ModelRunner(model, **runner_options(config))

@@ -134,6 +134,7 @@ class StepLoop:
             self._wake.clear()
             self._drain(engine)
             if not engine.has_unfinished():
+                engine.check_runner()  # a dead part of the runner ends an idle engine too
                 if engine.loader.has_finished():  # loads asked for without a request
                     engine.collect_loads()
                     idle_stats = False

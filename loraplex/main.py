@@ -79,6 +79,16 @@ DeviceOpt = Annotated[
 DTypeOpt = Annotated[
     DType | None, typer.Option(help="auto: float32 on CPU, bfloat16 on GPU (LORAPLEX_DTYPE).")
 ]
+TensorParallel = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel-size",
+        min=1,
+        help="Split the model over this many GPUs of one host, one process per GPU "
+        "(LORAPLEX_TENSOR_PARALLEL_SIZE; default 1). Heads, KV heads, intermediate size and "
+        "vocabulary must divide by it.",
+    ),
+]
 
 
 @app.command()
@@ -87,6 +97,7 @@ def serve(
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
     quantization: QuantOpt = None,
+    tensor_parallel_size: TensorParallel = None,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (LORAPLEX_HOST; default 127.0.0.1).")
     ] = None,
@@ -110,6 +121,7 @@ def serve(
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
         quantization=quantization.value if quantization else None,
+        tensor_parallel_size=tensor_parallel_size,
         host=host,
         port=port,
         workers=workers,
@@ -125,6 +137,7 @@ def engine_command(
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
     quantization: QuantOpt = None,
+    tensor_parallel_size: TensorParallel = None,
     listen: Annotated[
         str,
         typer.Option(
@@ -148,6 +161,7 @@ def engine_command(
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
         quantization=quantization.value if quantization else None,
+        tensor_parallel_size=tensor_parallel_size,
         data_dir=data_dir,
         engine_http=http,
     )

@@ -1,6 +1,8 @@
 """``loraplex serve`` when its engine process is killed (SIGKILL) under live streams: the
 streams end with an error event, new requests get a fast 503, ``/ready`` says so, the
-supervisor starts a new engine, serving resumes, and the ledger holds every request once."""
+supervisor starts a new engine, serving resumes, and the ledger holds every request once.
+The same when the engine runs tensor-parallel (2 ranks on CPU) and one of its worker ranks
+is killed: the engine process notices, fails its requests and exits."""
 
 from __future__ import annotations
 
@@ -44,10 +46,28 @@ def stream(
     out[name] = events
 
 
+def tp_worker(engine: int) -> psutil.Process:
+    """A tensor-parallel worker rank of the engine process (a child of its fork server)."""
+    for p in psutil.Process(engine).children(recursive=True):
+        parent = p.parent()
+        if (
+            parent is not None
+            and parent.pid != engine
+            and "forkserver" in " ".join(parent.cmdline())
+        ):
+            return p
+    raise AssertionError("no tensor-parallel worker process")
+
+
 @pytest.mark.timeout(240)
-def test_killed_engine_fails_streams_then_comes_back(tmp_path: Path, free_port: int) -> None:
+@pytest.mark.parametrize("victim", ["engine", "tp-rank"])
+def test_killed_engine_fails_streams_then_comes_back(
+    tmp_path: Path, free_port: int, victim: str
+) -> None:
     data = tmp_path / "data"
     args = ["--model", "dummy:tiny", "--device", "cpu", "--workers", "1", "--data-dir", str(data)]
+    if victim == "tp-rank":
+        args += ["--tensor-parallel-size", "2"]
     env = {"LORAPLEX_KV_CACHE_BYTES": str(64 << 20), "LORAPLEX_MAX_MODEL_LEN": "4096"}
     with serving(args, free_port, tmp_path, env) as s:
         wait_ready(s)
@@ -66,7 +86,8 @@ def test_killed_engine_fails_streams_then_comes_back(tmp_path: Path, free_port: 
         for t in threads:
             t.start()
         assert all(e.wait(60) for e in started)  # every stream is getting tokens
-        psutil.Process(first).send_signal(signal.SIGKILL)
+        killed = psutil.Process(first) if victim == "engine" else tp_worker(first)
+        killed.send_signal(signal.SIGKILL)
         for t in threads:
             t.join(60)
         assert set(streams) == {"s0", "s1", "s2"}

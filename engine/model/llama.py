@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
 from loraplex.engine.model.fp8 import Fp8Weight, Weight
 from loraplex.engine.model.moe import moe_mlp
+
+if TYPE_CHECKING:
+    from loraplex.engine.parallel import TPGroup
 
 
 @dataclass
@@ -111,16 +114,21 @@ def fp8_shape_key(w: Fp8Weight, m: int) -> str:
 
 
 class LlamaModel:
+    """``tp``: this rank's tensor-parallel group, with ``config`` its shard's shape and
+    ``weights`` its slices (``engine/model/sharding.py``); None: the whole model here."""
+
     def __init__(
         self,
         config: ModelConfig,
         weights: LlamaWeights,
         max_positions: int,
         fp8: Fp8Options | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         self.config = config
         self.weights = weights
         self.fp8 = fp8 or Fp8Options()
+        self.tp = tp
         dev = weights.embed.device
         inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
         self.cos_sin = K.rotary_cos_sin_cache(inv_freq, max_positions, scale)
@@ -273,7 +281,11 @@ class LlamaModel:
         """
         c = self.config
         T = inp.input_ids.shape[0]
-        x = F.embedding(inp.input_ids, self.weights.embed)
+        tp = self.tp
+        if tp is None:
+            x = F.embedding(inp.input_ids, self.weights.embed)
+        else:
+            x = tp.embed(inp.input_ids, self.weights.embed)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         residual = None
@@ -328,6 +340,9 @@ class LlamaModel:
             if w.pre_ff_norm is not None:
                 o = self._out(attn, w.o, groups, "o", inp, beside, w.post_norm)
                 h, residual = K.rms_norm(o, w.pre_ff_norm, c.rms_norm_eps, residual)
+            elif tp is not None:  # a partial sum (base + LoRA): summed, then the residual
+                o = tp.all_reduce(self._partial(attn, w.o, groups, "o", inp, beside))
+                h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
             else:
                 o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
                 h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
@@ -341,12 +356,30 @@ class LlamaModel:
             act = K.silu_and_mul(gu, d, gelu=self.gelu)
             if w.post_ff_norm is not None:
                 x = self._out(act, w.down, groups, "down", inp, beside, w.post_ff_norm)
+            elif tp is not None:
+                x = tp.all_reduce(self._partial(act, w.down, groups, "down", inp, beside))
             else:
                 x, _ = self._proj(
                     act, w.down, groups, "down", inp, beside=beside, residual=residual
                 )
         out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
         return out
+
+    def _partial(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        groups: dict[str, LoraGroup] | None,
+        name: str,
+        inp: ForwardInputs,
+        beside: bool,
+    ) -> torch.Tensor:
+        """A row-parallel projection's partial sum on this rank: its input columns of the
+        base GEMM plus its rows of the adapters' A (shrink) expanded by the whole B. Summed
+        over the ranks this is the whole projection and its LoRA: the shrink needs no
+        collective of its own."""
+        y, delta = self._proj(x, weight, groups, name, inp, beside=beside)
+        return y if delta is None else y.add_(delta)
 
     def _out(
         self,
@@ -359,15 +392,21 @@ class LlamaModel:
         norm: torch.Tensor,
     ) -> torch.Tensor:
         """Gemma: a block's output projection (+ its LoRA delta), RMS-normed by ``norm``;
-        the caller adds it to the residual stream (inside the next norm)."""
+        the caller adds it to the residual stream (inside the next norm). Tensor-parallel:
+        the partial sums are summed over the ranks before the norm."""
         y, delta = self._proj(x, weight, groups, name, inp, beside=beside)
         if delta is not None:
             y = y + delta
+        if self.tp is not None:
+            y = self.tp.all_reduce(y)
         return K.rms_norm(y, norm, self.config.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` -> float32 ``[N, V]`` (soft-capped where the model says: Gemma 2)."""
+        """``[N, H]`` -> float32 ``[N, V]`` (soft-capped where the model says: Gemma 2).
+        Tensor-parallel: on rank 0; the other ranks get their vocabulary slice."""
         logits = F.linear(hidden, self.weights.lm_head).float()
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

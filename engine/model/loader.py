@@ -27,6 +27,7 @@ from loraplex.engine.model.fp8 import (
 )
 from loraplex.engine.model.llama import LayerWeights, LlamaWeights
 from loraplex.engine.model.presets import PRESETS
+from loraplex.engine.model.sharding import Shard, check_tensor_parallel, shard_fused
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Getter = Callable[[str], torch.Tensor]
@@ -62,16 +63,20 @@ def build_weights(
     get: Getter,
     dtype: torch.dtype,
     device: torch.device,
+    shard: Shard | None = None,
     *,
     quantization: str | None = None,
     checkpoint: CheckpointQuant | None = None,
 ) -> LlamaWeights:
-    """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time.
-    The dense projections go through :class:`LinearLoader` (FP8 when the checkpoint is FP8 or
+    """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time;
+    with ``shard``, only that tensor-parallel rank's slices are kept. The dense projections
+    go through :class:`LinearLoader` (FP8 when the checkpoint is FP8 or
     ``quantization="fp8"``); norms, biases, MoE experts and routers, the embedding and the LM
     head stay in ``dtype``."""
     if checkpoint is not None and config.is_moe:
         raise UnsupportedModel("FP8 checkpoints of MoE models are not served")
+    if shard is not None and (checkpoint is not None or quantization is not None):
+        raise UnsupportedModel("FP8 weights are not served with tensor parallelism yet")
 
     def t(name: str) -> torch.Tensor:
         return get(name).to(device=device, dtype=dtype)
@@ -84,6 +89,12 @@ def build_weights(
 
     def cat(*names: str) -> torch.Tensor:
         return torch.cat([t(n) for n in names], 0).contiguous()
+
+    def cut(name: str, x: torch.Tensor) -> torch.Tensor:
+        return x if shard is None else shard_fused(name, x, config, shard)
+
+    def cutw(name: str, x: Weight) -> Weight:  # FP8 never meets a shard (refused above)
+        return cut(name, x) if isinstance(x, torch.Tensor) else x
 
     lin = LinearLoader(get, dtype, device, quantization=quantization, checkpoint=checkpoint)
     layers = []
@@ -119,21 +130,21 @@ def build_weights(
         layers.append(
             LayerWeights(
                 input_norm=norm(p + "input_layernorm.weight"),
-                qkv=qkv,
-                qkv_bias=bias,
+                qkv=cutw("qkv", qkv),
+                qkv_bias=None if bias is None else cut("qkv_bias", bias),
                 q_norm=q_norm,
                 k_norm=k_norm,
-                o=lin(a + "o_proj"),
+                o=cutw("o", lin(a + "o_proj")),
                 post_norm=norm(p + "post_attention_layernorm.weight"),
-                gate_up=gate_up,
-                down=down,
+                gate_up=cutw("gate_up", gate_up),
+                down=cutw("down", down),
                 router=router,
                 pre_ff_norm=pre_ff,
                 post_ff_norm=post_ff,
             )
         )
-    embed = t("model.embed_tokens.weight")
-    lm_head = embed if config.tie_word_embeddings else t("lm_head.weight")
+    embed = cut("embed", t("model.embed_tokens.weight"))
+    lm_head = embed if config.tie_word_embeddings else cut("lm_head", t("lm_head.weight"))
     final = norm("model.norm.weight")
     return LlamaWeights(embed=embed, layers=layers, norm=final, lm_head=lm_head)
 
@@ -143,18 +154,19 @@ def random_weights(
     dtype: torch.dtype,
     device: torch.device,
     seed: int = 0,
+    shard: Shard | None = None,
     quantization: str | None = None,
 ) -> LlamaWeights:
-    """Random weights of ``config``'s shape; with ``quantization="fp8"`` each dense projection
-    is quantized as it is made (an 8B preset never holds its bf16 projections all at once)."""
+    """Random weights; with ``shard``, that rank's slices of the very same weights (each
+    whole tensor is drawn, cut and dropped in turn); with ``quantization="fp8"`` each dense
+    projection quantized as it is made (an 8B preset never holds its bf16 projections all at
+    once)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     c = config
     if quantization not in (None, *QUANTIZATIONS):
         raise UnsupportedModel(f"quantization {quantization!r} (one of {QUANTIZATIONS})")
-
-    def proj(n: int, k: int) -> Weight:
-        w = rnd(n, k)
-        return quantize_per_channel(w) if quantization == "fp8" else w
+    if quantization is not None and shard is not None:
+        raise UnsupportedModel("FP8 weights are not served with tensor parallelism yet")
 
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std).contiguous()
@@ -168,27 +180,36 @@ def random_weights(
 
     E, mi = c.num_experts, c.moe_intermediate_size
 
+    def cut(name: str, x: torch.Tensor) -> torch.Tensor:
+        return x if shard is None else shard_fused(name, x, c, shard)
+
+    def proj(name: str, n: int, k: int) -> Weight:
+        w = cut(name, rnd(n, k))
+        return quantize_per_channel(w) if quantization == "fp8" else w
+
     layers = [
         LayerWeights(
             input_norm=norm(),
-            qkv=proj(c.q_size + 2 * c.kv_size, c.hidden_size),
-            qkv_bias=rnd(c.q_size + 2 * c.kv_size) if c.qkv_bias else None,
+            qkv=proj("qkv", c.q_size + 2 * c.kv_size, c.hidden_size),
+            qkv_bias=cut("qkv_bias", rnd(c.q_size + 2 * c.kv_size)) if c.qkv_bias else None,
             q_norm=norm(c.head_dim) if c.qk_norm else None,
             k_norm=norm(c.head_dim) if c.qk_norm else None,
-            o=proj(c.hidden_size, c.q_size),
+            o=proj("o", c.hidden_size, c.q_size),
             post_norm=norm(),
-            gate_up=rnd(E, 2 * mi, c.hidden_size)
+            gate_up=cut("gate_up", rnd(E, 2 * mi, c.hidden_size))
             if E
-            else proj(2 * c.intermediate_size, c.hidden_size),
-            down=rnd(E, c.hidden_size, mi) if E else proj(c.hidden_size, c.intermediate_size),
+            else proj("gate_up", 2 * c.intermediate_size, c.hidden_size),
+            down=cut("down", rnd(E, c.hidden_size, mi))
+            if E
+            else proj("down", c.hidden_size, c.intermediate_size),
             router=rnd(E, c.hidden_size, std=0.5) if E else None,
             pre_ff_norm=gemma_norm(),
             post_ff_norm=gemma_norm(),
         )
         for _ in range(c.num_layers)
     ]
-    embed = rnd(c.vocab_size, c.hidden_size)
-    lm_head = embed if c.tie_word_embeddings else rnd(c.vocab_size, c.hidden_size)
+    embed = cut("embed", rnd(c.vocab_size, c.hidden_size))
+    lm_head = embed if c.tie_word_embeddings else cut("lm_head", rnd(c.vocab_size, c.hidden_size))
     return LlamaWeights(embed=embed, layers=layers, norm=norm(), lm_head=lm_head)
 
 
@@ -231,32 +252,57 @@ def _eos_ids(config: ModelConfig, path: Path | None, tokenizer: Any) -> frozense
     return frozenset(ids)
 
 
+def model_config(spec: str | Path | None) -> ModelConfig | None:
+    """The shape of ``spec`` without its weights (a preset or an HF ``config.json``); None
+    where only loading tells (a GGUF file)."""
+    if spec is None or str(spec) == "default":
+        return None
+    s = str(spec)
+    if s.startswith("dummy:"):
+        name = s.removeprefix("dummy:")
+        if name not in PRESETS:
+            raise UnsupportedModel(f"unknown dummy preset {name!r} (one of {', '.join(PRESETS)})")
+        return PRESETS[name]
+    cfg_file = Path(spec) / "config.json"
+    if cfg_file.is_file():
+        return config_from_hf(json.loads(cfg_file.read_text()))
+    return None
+
+
 def load_model(
     spec: str | Path | None,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    shard: Shard | None = None,
+    tokenizer: bool = True,
     quantization: str | None = None,
 ) -> LoadedModel:
     """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default).
-    ``quantization="fp8"``: the dense projections quantized at load (an FP8 checkpoint loads
-    as FP8 whatever this says)."""
-    from transformers import AutoTokenizer
-
+    ``shard``: keep only that tensor-parallel rank's slices (``config`` stays the whole
+    model's). ``tokenizer=False``: none is read (tensor-parallel workers; ``tokenizer`` is
+    None then). ``quantization="fp8"``: the dense projections quantized at load (an FP8
+    checkpoint loads as FP8 whatever this says)."""
     device = torch.device(device)
     if spec is None or str(spec) == "default":
         spec = default_model_path()
     s = str(spec)
+
+    def checked(cfg: ModelConfig) -> ModelConfig:
+        if shard is not None:
+            check_tensor_parallel(cfg, shard.size)
+        return cfg
+
     if s.startswith("dummy:"):
+        from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
+
         name = s.removeprefix("dummy:")
         if name not in PRESETS:
             raise UnsupportedModel(f"unknown dummy preset {name!r} (one of {', '.join(PRESETS)})")
-        from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
-
         cfg = PRESETS[name]
-        weights = random_weights(cfg, dtype, device, seed, quantization)
-        tok = dummy_tokenizer(cfg.vocab_size)
+        weights = random_weights(checked(cfg), dtype, device, seed, shard, quantization)
+        tok = dummy_tokenizer(cfg.vocab_size) if tokenizer else None
         return LoadedModel(cfg, weights, tok, frozenset(cfg.eos_token_ids), s)
 
     path = Path(spec)
@@ -266,8 +312,14 @@ def load_model(
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
         cfg, tensors = read_gguf(path)
-        weights = build_weights(cfg, tensors.__getitem__, dtype, device, quantization=quantization)
+        weights = build_weights(
+            checked(cfg), tensors.__getitem__, dtype, device, shard, quantization=quantization
+        )
         del tensors
+        if not tokenizer:
+            return LoadedModel(cfg, weights, None, frozenset(cfg.eos_token_ids), s)
+        from transformers import AutoTokenizer
+
         log.info("reading the tokenizer of %s", path.name)  # seconds: the GGUF vocabulary
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return LoadedModel(cfg, weights, tok, _eos_ids(cfg, None, tok), s)
@@ -279,7 +331,12 @@ def load_model(
     cfg = config_from_hf(hf)
     ck = checkpoint_quant(hf)
     weights = build_weights(
-        cfg, _Safetensors(path), dtype, device, quantization=quantization, checkpoint=ck
-    )
+        checked(cfg), _Safetensors(path), dtype, device, shard, quantization=quantization,
+        checkpoint=ck,
+    )  # fmt: skip
+    if not tokenizer:
+        return LoadedModel(cfg, weights, None, frozenset(cfg.eos_token_ids), s)
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(cfg, weights, tok, _eos_ids(cfg, path, tok), s)

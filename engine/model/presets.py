@@ -78,6 +78,22 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_ids=(128001, 128008, 128009),
     ),
+    # Llama-3.1-70B: 141 GB in bf16, more than one GPU holds (tensor_parallel_size 2+;
+    # its 64 heads, 8 KV heads, 28672 and 128256 divide by 2, 4 and 8)
+    "llama3-70b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA31_ROPE,
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+    ),
     "llama2-7b": ModelConfig(
         vocab_size=32000,
         hidden_size=4096,

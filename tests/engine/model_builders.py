@@ -43,6 +43,9 @@ def _hf_config(kind: str):
     )
     if kind == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
+    if kind == "llama-tp":  # 4 KV heads, intermediate 96, vocab 320: splits 1, 2 and 4 ways
+        common.update(num_key_value_heads=4)
+        return LlamaConfig(**common, tie_word_embeddings=False)
     if kind == "llama3":  # llama 3.1 rope scaling; head_dim 32 so all three bands occur
         common.update(num_attention_heads=2, num_key_value_heads=1)
         rope = {

@@ -295,6 +295,8 @@ def test_moe_experts_stay_dense():
 def test_quantization_setting_is_validated():
     with pytest.raises(Exception, match="quantization"):
         EngineConfig(quantization="int4").validate()
+    with pytest.raises(Exception, match="tensor_parallel_size"):
+        EngineConfig(quantization="fp8", tensor_parallel_size=2).validate()
     with pytest.raises(UnsupportedModel):
         load_model("dummy:tiny", quantization="int4")
 

@@ -122,6 +122,12 @@ class ToyRunner:
     def clear_slot(self, slot: int) -> None:
         self.slot_weights[slot] = None
 
+    def check_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepTensors:
         self.batches.append(batch)
         bs = self.block_size
