@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the adapter mixes with LoRA in line (no side stream; graphs recaptured)",
     )
     p.add_argument("--host-profile", default=None, help="dir: cProfile of execute, batch 32")
+    p.add_argument(
+        "--quantization", default=None, choices=["fp8"], help="FP8 base weights (at load)"
+    )
+    p.add_argument(
+        "--fp8-w8a8-min-tokens", type=int, default=128, help="FP8: W8A8 from this step size"
+    )
+    p.add_argument("--kernel-config-dir", default=None, help="per-GPU launch-config cache")
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -94,6 +101,9 @@ def build_runner(args, device: torch.device, max_batch: int, num_slots: int) -> 
         max_lora_rank=args.rank,
         num_blocks=max_batch * per_seq + 1,
         seed=0,
+        quantization=args.quantization,
+        fp8_w8a8_min_tokens=args.fp8_w8a8_min_tokens,
+        kernel_config_dir=Path(args.kernel_config_dir) if args.kernel_config_dir else None,
     )
 
 

@@ -269,6 +269,19 @@ def run_variants(tokens: list[int], bw: float, slots: int, distinct_only: bool =
         print(f"| {name} | {cells} |")
 
 
+def run_rank_split(tokens: list[int], bw: float, slots: int) -> None:
+    """Mixed ranks 8-64, all distinct: the per-token shrink with rank-bucketed tiles (the
+    default) against one tile shape for every rank (``rank_split`` off)."""
+    gen = torch.Generator().manual_seed(0)
+    variants = [("rank buckets", None, None), ("one tile shape", {"rank_split": False}, None)]
+    for T in tokens:
+        res, nbytes = run_case(T, None, True, T, gen, slots, variants)
+        torch.cuda.empty_cache()
+        f = nbytes / bw * 1e6
+        cells = "  ".join(f"{k} {v:.1f} us (x{v / f:.2f})" for k, v in res.items())
+        print(f"distinct r8-64 T={T}: floor {f:.1f} us  {cells}", flush=True)
+
+
 def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
     """Per-kernel device times of one layer, rank-16 adapters (all distinct, or ``n_ad``),
     eager launches; ``slots``: metadata padded to that many segments."""
@@ -396,6 +409,9 @@ def main() -> None:
         "--adapters", type=int, default=0, help="--profile/--sweep: N adapters (0 = distinct)"
     )
     ap.add_argument(
+        "--rank-split", action="store_true", help="mixed ranks: rank-bucketed shrink tiles or not"
+    )
+    ap.add_argument(
         "--min-layers", type=int, default=MIN_LAYERS, help="layers per timed graph, at least"
     )
     args = ap.parse_args()
@@ -417,6 +433,9 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.variants:
         run_variants(tokens, bw, args.slots, args.distinct_only)
+        return
+    if args.rank_split:
+        run_rank_split(tokens, bw, args.slots)
         return
     cases = [("1 x r16", 1, False), ("8 x r16", 8, False), ("32 x r16", 32, False)]
     cases += [("distinct r16", None, False), ("distinct r8-64", None, True)]

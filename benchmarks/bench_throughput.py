@@ -106,6 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, help="dir: cProfile of a short 32-adapter case")
+    p.add_argument(
+        "--quantization", default=None, choices=["fp8"], help="FP8 base weights (at load)"
+    )
+    p.add_argument(
+        "--fp8-w8a8-min-tokens", type=int, default=128, help="FP8: W8A8 from this step size"
+    )
+    p.add_argument("--kernel-config-dir", default=None, help="per-GPU launch-config cache")
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -131,6 +138,9 @@ def make_runner(args, device: torch.device) -> ModelRunner:
         kv_cache_bytes=64 * 2**20 if device.type == "cpu" else None,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
+        quantization=args.quantization,
+        fp8_w8a8_min_tokens=args.fp8_w8a8_min_tokens,
+        kernel_config_dir=Path(args.kernel_config_dir) if args.kernel_config_dir else None,
     )
 
 

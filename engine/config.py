@@ -68,6 +68,17 @@ class EngineConfig:
     # Launch step n+1 before reading step n's tokens (the host's work overlaps the GPU's);
     # steps with penalty requests (their sampling reads the tokens) run one at a time.
     async_scheduling: bool = True
+    # "fp8": the base model's projections quantized at load to e4m3 with per-channel scales
+    # (an FP8 checkpoint loads as FP8 whatever this says); adapters stay in ``dtype``
+    quantization: str | None = None
+    # FP8 projections: from this many tokens in a step on, W8A8 (per-token activation scales,
+    # torch._scaled_mm); below it the weight-only FP8 kernel (bf16 activations)
+    fp8_w8a8_min_tokens: int = 128
+    # where measured kernel launch configs are kept, one JSON file per GPU model (None: none
+    # kept; the kernels size themselves from the device's properties); with
+    # ``kernel_tuning`` the warm-up measures the shapes missing from it
+    kernel_config_dir: Path | None = None
+    kernel_tuning: bool = True
     # Split the model over this many GPUs of one host (one worker process per rank, the
     # scheduler stays in this process): heads, KV heads, intermediate size and vocabulary
     # must divide by it. Adds per-rank timeouts on its collectives.
@@ -148,6 +159,17 @@ class EngineConfig:
             ),
             (self.aging_steps >= 1, "aging_steps", "must be positive"),
             (self.adapter_load_workers >= 1, "adapter_load_workers", "must be positive"),
+            (
+                self.quantization in (None, "fp8"),
+                "quantization",
+                "must be unset or fp8",
+            ),
+            (
+                self.quantization is None or self.tensor_parallel_size == 1,
+                "quantization",
+                "fp8 is not served with tensor_parallel_size > 1 yet",
+            ),
+            (self.fp8_w8a8_min_tokens >= 1, "fp8_w8a8_min_tokens", "must be positive"),
             (
                 self.dtype == "auto" or self.dtype in _DTYPES,
                 "dtype",

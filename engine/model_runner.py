@@ -19,13 +19,17 @@ import torch.nn.functional as F
 
 from loraplex.engine import kernels as K
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.kernels._triton import l2_bytes
+from loraplex.engine.kernels.fp8_linear import fp8_candidates, fp8_linear_w8a16
 from loraplex.engine.kernels.lora_expand import token_path_sizes
+from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
 from loraplex.engine.lora.slots import PageNeed, PagePlan
 from loraplex.engine.lora.weights import LoraWeights, read_adapter
 from loraplex.engine.model.cuda_graphs import DecodeGraphs
+from loraplex.engine.model.fp8 import Fp8Weight
 from loraplex.engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
-from loraplex.engine.model.llama import LlamaModel
+from loraplex.engine.model.llama import Fp8Options, LlamaModel, fp8_shape_key
 from loraplex.engine.model.loader import LoadedModel, load_model
 from loraplex.engine.model.sharding import shard_config
 from loraplex.engine.runner import StepTensors
@@ -65,6 +69,10 @@ class ModelRunner:
         max_num_batched_tokens: int = 2048,
         enforce_eager: bool = False,
         seed: int = 0,
+        quantization: str | None = None,
+        fp8_w8a8_min_tokens: int = 128,
+        kernel_config_dir: Path | None = None,
+        kernel_tuning: bool = True,
         tp: TPGroup | None = None,
     ) -> None:
         self.device = torch.device(device)
@@ -78,6 +86,7 @@ class ModelRunner:
                 seed=seed,
                 shard=None if tp is None else tp.shard,
                 tokenizer=tp is None or tp.rank == 0,
+                quantization=quantization,
             )
         self.loaded = model
         self.config = cfg = model.config
@@ -94,7 +103,10 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids: set[int] = set(model.eos_token_ids)
         self.tokenizer = model.tokenizer
-        self.model = LlamaModel(self.local_config, model.weights, self.max_model_len, tp)
+        self.launch_configs = LaunchConfigs.for_device(self.device, kernel_config_dir)
+        self.tuning_report: dict[str, dict[str, float]] = {}
+        fp8 = Fp8Options(fp8_w8a8_min_tokens, self.launch_configs)
+        self.model = LlamaModel(self.local_config, model.weights, self.max_model_len, fp8, tp)
         if lora_memory_bytes is None:
             lora_memory_bytes = self._lora_budget(max_loras, lora_memory_fraction)
         if tp is not None:  # every rank must cut the same page plan
@@ -130,6 +142,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = self._alloc_kv(num_blocks)
         triton_on_gpu = self.device.type == "cuda" and K.use_triton(model.weights.embed)
+        if triton_on_gpu and kernel_tuning and kernel_config_dir is not None:
+            self.tune_kernels()
         if triton_on_gpu:
             self._warm_lora()
         if triton_on_gpu and not enforce_eager:
@@ -319,6 +333,53 @@ class ModelRunner:
             sizes.update(token_path_sizes(self.max_lora_rank, outs, self.device, t_max))
         for n in sorted(sizes - {max(1, min(most, self.num_slots))}):
             one_token_each(n, 0, lambda i: i % self.num_slots)
+
+    def tune_kernels(self, save: bool = True) -> dict[str, dict[str, float]]:
+        """Fill the launch-config table for this GPU model: each FP8 projection shape's
+        weight-only GEMM at each token bucket it runs (below the W8A8 threshold, up to the
+        batch bound), over :func:`fp8_candidates`. Each candidate is timed over the layers'
+        own weights, as many as it takes to be four times the L2 (a step streams them from
+        memory). Entries already there are kept. -> the timings of the shapes measured now
+        (ms by candidate), also kept as ``tuning_report``."""
+        measured: dict[str, dict[str, float]] = {}
+        self.tuning_report = measured
+        layers = self.loaded.weights.layers
+        if not K.fp8_ok(self.loaded.weights.embed) or not layers:
+            return measured
+        top = max(self.max_num_seqs, 16)
+        for name in ("qkv", "o", "gate_up", "down"):  # the dense projections (MoE: attention)
+            ws = [w for w in (getattr(lw, name) for lw in layers) if isinstance(w, Fp8Weight)]
+            if not ws:
+                continue
+            need, used = 4 * l2_bytes(self.device), 0
+            for i, w in enumerate(ws):
+                used += w.qweight.numel()
+                if used >= need:
+                    ws = ws[: i + 1]
+                    break
+            w0, m = ws[0], 16
+            while True:
+                key = fp8_shape_key(w0, m)
+                fresh = self.launch_configs.get("fp8_w8a16", key) is None
+                lo = 1 if m == 16 else m // 2 + 1  # the bucket's fewest tokens
+                if fresh and (w0.block is not None or lo < self.model.fp8.w8a8_min_tokens):
+                    x = torch.randn(m, w0.shape[1], device=self.device, dtype=self.dtype)
+
+                    def run(cfg: dict, x: torch.Tensor = x, ws: list[Fp8Weight] = ws) -> None:
+                        for w in ws:
+                            fp8_linear_w8a16(x, w.qweight, w.scale, w.block, None, cfg)
+
+                    best, times = self.launch_configs.sweep(
+                        "fp8_w8a16", key, fp8_candidates(m, w0.block), run
+                    )
+                    log.info("kernel tuning: fp8_w8a16 %s -> %s", key, best)
+                    measured[key] = {k: v / len(ws) for k, v in times.items()}
+                if m >= top:
+                    break
+                m *= 2
+        if measured and save:
+            self.launch_configs.save()
+        return measured
 
     # ---- adapters ------------------------------------------------------------------------
 

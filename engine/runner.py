@@ -93,6 +93,10 @@ def runner_options(config: EngineConfig) -> dict[str, Any]:
         "max_num_batched_tokens": config.max_num_batched_tokens,
         "enforce_eager": config.enforce_eager,
         "seed": config.seed,
+        "quantization": config.quantization,
+        "fp8_w8a8_min_tokens": config.fp8_w8a8_min_tokens,
+        "kernel_config_dir": config.kernel_config_dir,
+        "kernel_tuning": config.kernel_tuning,
     }
 
 

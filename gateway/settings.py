@@ -22,6 +22,16 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     tool_call_parser: Literal["hermes", "llama3_json"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # "fp8": the base model's projections quantized to e4m3 at load (per-channel scales);
+    # FP8 checkpoints (quant_method fp8, compressed-tensors) load as FP8 regardless
+    quantization: Literal["fp8"] | None = None
+    # FP8 projections: W8A8 (torch._scaled_mm) from this many tokens in a step, the
+    # weight-only FP8 kernel below
+    fp8_w8a8_min_tokens: int = Field(default=128, ge=1)
+    # measured kernel launch configs, one JSON file per GPU model (default
+    # <data_dir>/kernel-configs); kernel_tuning: the warm-up measures missing shapes
+    kernel_config_dir: Path | None = None
+    kernel_tuning: bool = True
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

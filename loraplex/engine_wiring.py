@@ -42,6 +42,10 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         async_scheduling=settings.async_scheduling,
+        quantization=settings.quantization,
+        fp8_w8a8_min_tokens=settings.fp8_w8a8_min_tokens,
+        kernel_config_dir=settings.kernel_config_dir or settings.data_dir / "kernel-configs",
+        kernel_tuning=settings.kernel_tuning,
         tensor_parallel_size=settings.tensor_parallel_size,
     )
 

@@ -43,6 +43,19 @@ class DType(StrEnum):
     bfloat16 = "bfloat16"
 
 
+class Quantization(StrEnum):
+    fp8 = "fp8"
+
+
+QuantOpt = Annotated[
+    Quantization | None,
+    typer.Option(
+        help="fp8: quantize the base model's projections to FP8 at load (per-channel "
+        "scales; FP8 checkpoints load as FP8 anyway) (LORAPLEX_QUANTIZATION)."
+    ),
+]
+
+
 DataDir = Annotated[
     Path | None,
     typer.Option(help="Embedded-mode data directory (LORAPLEX_DATA_DIR; default ./.loraplex)."),
@@ -83,6 +96,7 @@ def serve(
     model: Model = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    quantization: QuantOpt = None,
     tensor_parallel_size: TensorParallel = None,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (LORAPLEX_HOST; default 127.0.0.1).")
@@ -106,6 +120,7 @@ def serve(
         model=model,
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
+        quantization=quantization.value if quantization else None,
         tensor_parallel_size=tensor_parallel_size,
         host=host,
         port=port,
@@ -121,6 +136,7 @@ def engine_command(
     model: Model = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    quantization: QuantOpt = None,
     tensor_parallel_size: TensorParallel = None,
     listen: Annotated[
         str,
@@ -144,6 +160,7 @@ def engine_command(
         model=model,
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
+        quantization=quantization.value if quantization else None,
         tensor_parallel_size=tensor_parallel_size,
         data_dir=data_dir,
         engine_http=http,

@@ -139,3 +139,22 @@ def test_base_model_name_is_short_and_stable(model, served, expected):
     from loraplex.gateway.settings import GatewaySettings
 
     assert GatewaySettings(model=model, served_model_name=served).base_model_name() == expected
+
+
+def test_engine_config_takes_quantization_and_kernel_configs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loraplex.engine_wiring import engine_config
+
+    monkeypatch.setenv("LORAPLEX_QUANTIZATION", "fp8")
+    monkeypatch.setenv("LORAPLEX_FP8_W8A8_MIN_TOKENS", "64")
+    cfg = engine_config(GatewaySettings())
+    assert cfg.quantization == "fp8" and cfg.fp8_w8a8_min_tokens == 64
+    assert cfg.kernel_config_dir == Path(".loraplex") / "kernel-configs" and cfg.kernel_tuning
+    monkeypatch.setenv("LORAPLEX_KERNEL_CONFIG_DIR", "/var/cache/kc")
+    monkeypatch.setenv("LORAPLEX_KERNEL_TUNING", "false")
+    cfg = engine_config(GatewaySettings())
+    assert cfg.kernel_config_dir == Path("/var/cache/kc") and not cfg.kernel_tuning
+    monkeypatch.setenv("LORAPLEX_QUANTIZATION", "int4")
+    with pytest.raises(ValidationError):
+        GatewaySettings()

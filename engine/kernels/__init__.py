@@ -8,11 +8,13 @@ when triton is missing, Triton on CUDA. ``LORAPLEX_KERNELS=ref|triton`` forces a
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
 import torch
 
+from loraplex.engine.kernels import fp8_linear as _fp8
 from loraplex.engine.kernels import fused_moe as _moe
 from loraplex.engine.kernels import lora_expand as _expand
 from loraplex.engine.kernels import lora_shrink as _shrink
@@ -82,6 +84,42 @@ def moe_gemm(x, w, topk_ids, pairs_input: bool, blocks: _moe.MoeBlocks | None = 
     return _pick(_moe, "moe_gemm", x)(x, w, topk_ids, pairs_input, blocks)
 
 
+def fp8_ok(t: torch.Tensor) -> bool:
+    """FP8 kernels for tensor ``t``: Triton on a GPU with FP8 (compute capability >= 8.9),
+    or forced with LORAPLEX_KERNELS=triton (the interpreter on CPU)."""
+    if not use_triton(t):
+        return False
+    return not t.is_cuda or _capability(t.device) >= (8, 9)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def fp8_linear(
+    x,
+    qweight,
+    scale,
+    block: tuple[int, int] | None = None,
+    bias=None,
+    *,
+    w8a8_min_tokens: int = 128,
+    config: dict | None = None,
+):
+    """``x W^T + bias`` of an FP8 weight. Below ``w8a8_min_tokens`` tokens (and for block
+    scales or non-bf16 activations at any count) the weight-only Triton GEMM (``config``: its
+    launch config, None: defaults); from there on, per-token FP8 activations and
+    ``torch._scaled_mm`` (CUDA). Elsewhere the dequantizing reference."""
+    if not fp8_ok(x):
+        return _fp8.fp8_linear_ref(x, qweight, scale, block, bias)
+    # row-wise _scaled_mm writes bf16 only: other activation dtypes stay weight-only
+    w8a8 = x.is_cuda and block is None and x.dtype == torch.bfloat16
+    if w8a8 and x.shape[0] >= w8a8_min_tokens:
+        return _fp8.fp8_linear_w8a8(x, qweight, scale, bias)
+    return _fp8.fp8_linear_w8a16(x, qweight, scale, block, bias, config)
+
+
 def paged_decode_attention(
     q, k_cache, v_cache, block_tables, context_lens, scale: float, window=0, softcap=0.0
 ):
@@ -140,6 +178,8 @@ def silu_and_mul(x, delta=None, gelu: bool = False):
 __all__ = [
     "LoraMeta",
     "build_lora_meta",
+    "fp8_linear",
+    "fp8_ok",
     "lora_expand",
     "lora_shrink",
     "moe_blocks",

@@ -12,6 +12,8 @@ except ImportError:  # pragma: no cover
     gdc_wait = gdc_launch_dependents = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
+import functools
+
 import torch
 
 if HAVE_TRITON:
@@ -33,6 +35,18 @@ else:  # pragma: no cover
     prefetch_l2 = None
 
 
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """The device's multiprocessor count (grids are sized in waves of it, never a constant)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache size in bytes."""
+    return int(torch.cuda.get_device_properties(device).L2_cache_size)
+
+
 def pdl_ok(t: torch.Tensor) -> bool:
     """Programmatic dependent launch (Hopper+): the next kernel's prologue overlaps this one's
     tail; kernels call gdc_wait() before reading what the previous kernel wrote."""
@@ -43,6 +57,8 @@ __all__ = [
     "HAVE_TRITON",
     "gdc_launch_dependents",
     "gdc_wait",
+    "l2_bytes",
+    "num_sms",
     "pdl_ok",
     "prefetch_l2",
     "tl",

@@ -15,7 +15,6 @@ grid ``(T, N ranges, P)``, slot from ``meta.token_slot``) or per tile of one seg
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +23,7 @@ from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
     gdc_launch_dependents,
     gdc_wait,
+    num_sms,
     pdl_ok,
     prefetch_l2,
     tl,
@@ -398,11 +398,6 @@ if HAVE_TRITON:
                 tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _expand_config(
     T: int,
     R: int,
@@ -448,7 +443,7 @@ def _expand_config(
             if T * sum(triton.cdiv(o, bn * tiles) for o in outs) <= 4 * sms:
                 return block_r, bn, bn * tiles, 4, True, True
         return block_r, 256, 512, 4, False, False
-    want = 8 * 132 if on_gpu else 4
+    want = 8 * sms if on_gpu else 4  # a few waves of programs on this device's SMs
     n_blocks = triton.cdiv(max_out, block_n)
     n_split = max(1, min(n_blocks, triton.cdiv(want, max(1, units * P))))
     n_per = triton.cdiv(n_blocks, n_split) * block_n
@@ -467,7 +462,7 @@ def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: i
     over 1..``t_max`` tokens (its tiles per program depend on the token count): one warm-up
     forward at each size compiles them all before a step needs one (``_warm_lora``)."""
     on_gpu = device.type == "cuda"
-    sms = _num_sms(device) if on_gpu else 132
+    sms = num_sms(device) if on_gpu else 132
     sizes, seen = [], set()
     for T in range(1, t_max + 1):
         block_r, block_n, n_per, warps, one_tile, preload = _expand_config(
@@ -521,7 +516,7 @@ def lora_expand(
     if config:
         rows = config.get("rows", rows)
         early_launch = config.get("early", early_launch)
-    sms = _num_sms(y.device) if y.is_cuda else 132
+    sms = num_sms(y.device) if y.is_cuda else 132
     block_r, block_n, n_per, warps, one_tile, preload = _expand_config(
         T, R, outs, y.is_cuda, rows, meta.block_m, early_launch, sms
     )

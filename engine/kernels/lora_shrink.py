@@ -23,6 +23,7 @@ from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
     gdc_launch_dependents,
     gdc_wait,
+    num_sms,
     pdl_ok,
     prefetch_l2,
     tl,
@@ -89,6 +90,29 @@ if HAVE_TRITON:
             rows = _row_ptrs(a_base, page_row, r_i, live, stride_as, stride_ar, PR)
             prefetch_l2(rows + k_lo + (idx - r_i * n_lines) * LINE, live)
 
+    @triton.jit
+    def _shrink_rows(
+        x_row, a_base, page_row, rank, k_lo, k_hi, out, stride_as, stride_ar,
+        PR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """One token's ``out[:rank] = A[:rank, k_lo:k_hi] @ x[k_lo:k_hi]`` in [BLOCK_R,
+        BLOCK_K] tiles: the rank in BLOCK_R steps, K in BLOCK_K steps."""
+        offs_k = tl.arange(0, BLOCK_K)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            a_rows = _row_ptrs(a_base, page_row, offs_r, mask_r, stride_as, stride_ar, PR)[:, None]
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < k_hi
+                xv = tl.load(x_row + kk, mask=mask_k, other=0.0)
+                at = tl.load(
+                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                )
+                acc += at.to(tl.float32) * xv.to(tl.float32)[None, :]
+            tl.store(out + offs_r, tl.sum(acc, axis=1), mask=mask_r)
+
     # the token count is not specialized on (divisible by 16 or not, == 1): one compiled
     # variant serves every step size, so steps of new sizes never wait for the JIT
     @triton.jit(do_not_specialize=["T", "PREFETCH"])
@@ -118,6 +142,9 @@ if HAVE_TRITON:
         EARLY: tl.constexpr,
         ONE_TILE: tl.constexpr,  # K_PER_SPLIT <= BLOCK_K and R <= BLOCK_R: one A tile
         PRELOAD: tl.constexpr,  # ONE_TILE: the A tile loads before gdc_wait
+        RANK_SPLIT: tl.constexpr,  # BLOCK_R > 16: ranks <= 16 (and <= 32) take their own tiles
+        RANK16_K: tl.constexpr,  # the K step of the rank <= 16 tiles
+        RANK32_K: tl.constexpr,
     ):
         # per-token path (decode): one program = one token, one projection p, one K slice;
         # multiply-reduce on the CUDA cores. Its cost does not depend on how the tokens group
@@ -166,23 +193,28 @@ if HAVE_TRITON:
             if PREFETCH != 0:
                 _prefetch_a(a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE, PR)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
-        offs_k = tl.arange(0, BLOCK_K)
         x_row = x_ptr + t.to(tl.int64) * stride_xt
         out = buf_ptr + ((ks * P + p) * T + t).to(tl.int64) * R
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            a_rows = _row_ptrs(a_base, page_row, offs_r, mask_r, stride_as, stride_ar, PR)[:, None]
-            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                kk = k0 + offs_k
-                mask_k = kk < k_hi
-                xv = tl.load(x_row + kk, mask=mask_k, other=0.0)
-                at = tl.load(
-                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
-                )
-                acc += at.to(tl.float32) * xv.to(tl.float32)[None, :]
-            tl.store(out + offs_r, tl.sum(acc, axis=1), mask=mask_r)
+        if RANK_SPLIT:
+            # a pool of wide ranks serving mixed ones: each token takes the tiles of its own
+            # rank's bucket (a rank-8 token in a [64, 32] tile reads an eighth of what the
+            # tile's loop walks); one compiled kernel, the branch per program
+            if rank <= 16:
+                _shrink_rows(x_row, a_base, page_row, rank, k_lo, k_hi, out, stride_as,
+                             stride_ar, PR, 16, RANK16_K)  # fmt: skip
+            elif BLOCK_R > 32:
+                if rank <= 32:
+                    _shrink_rows(x_row, a_base, page_row, rank, k_lo, k_hi, out, stride_as,
+                                 stride_ar, PR, 32, RANK32_K)  # fmt: skip
+                else:
+                    _shrink_rows(x_row, a_base, page_row, rank, k_lo, k_hi, out, stride_as,
+                                 stride_ar, PR, BLOCK_R, BLOCK_K)  # fmt: skip
+            else:
+                _shrink_rows(x_row, a_base, page_row, rank, k_lo, k_hi, out, stride_as,
+                             stride_ar, PR, BLOCK_R, BLOCK_K)  # fmt: skip
+        else:
+            _shrink_rows(x_row, a_base, page_row, rank, k_lo, k_hi, out, stride_as, stride_ar,
+                         PR, BLOCK_R, BLOCK_K)  # fmt: skip
         if USE_PDL and not EARLY:
             gdc_launch_dependents()
 
@@ -298,6 +330,7 @@ def _shrink_config(
     block_m: int,
     max_split: int = MAX_SPLIT,
     in_line: bool = True,
+    sms: int = 132,
 ):
     """(BLOCK_R, BLOCK_K, K_PER_PROG, ONE_TILE): split K so that the grid has a few waves of
     programs.
@@ -326,7 +359,7 @@ def _shrink_config(
         # spills, r64 x k32 80)
         return block_r, 32, min(256, triton.cdiv(K, 32) * 32), False
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
-    want = 8 * 132 if on_gpu else 16
+    want = 8 * sms if on_gpu else 16  # a few waves of programs on this device's SMs
     tiles = triton.cdiv(T, block_m)
     # at most MAX_SPLIT splits (the expand's tensor-core path adds the partials one by one)
     split = max(
@@ -377,8 +410,9 @@ def lora_shrink(
     if config:
         early_launch = config.get("early", early_launch)
     block_r, block_k, k_per, one_tile = _shrink_config(
-        T, K, P, R, x.is_cuda, rows, meta.block_m, max_split, early_launch
-    )
+        T, K, P, R, x.is_cuda, rows, meta.block_m, max_split, early_launch,
+        num_sms(x.device) if x.is_cuda else 132,
+    )  # fmt: skip
     pdl = pdl_ok(x)
     # L2 prefetch of A before gdc_wait pays for small batches only (the one-tile kernel loads
     # its A tile into registers there instead)
@@ -393,6 +427,13 @@ def lora_shrink(
         one_tile, preload = config.get("one_tile", one_tile), config.get("preload", preload)
     k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
     one_tile = one_tile and rows and k_per <= block_k and R <= block_r
+    # per-token path over a pool of ranks wider than 16: rank-bucketed tiles (see the kernel)
+    rank_split = rows and not one_tile and block_r > 16
+    if config:
+        rank_split = rank_split and config.get("rank_split", True)
+    kp2 = triton.next_power_of_2(k_per)
+    rank16_k = min(256, kp2) if x.is_cuda else min(32, kp2)
+    rank32_k = min(128, kp2) if x.is_cuda else min(32, kp2)
     split = triton.cdiv(K, k_per)
     buf = torch.empty(split, P, T, R, dtype=torch.float32, device=x.device)
     strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
@@ -421,6 +462,9 @@ def lora_shrink(
             EARLY=early_launch,
             ONE_TILE=one_tile,
             PRELOAD=one_tile and preload and pdl,
+            RANK_SPLIT=rank_split,
+            RANK16_K=rank16_k,
+            RANK32_K=rank32_k,
             **cfg,
         )
         return buf

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, num_sms, tl, triton
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
@@ -222,7 +222,7 @@ def paged_decode_attention(
         max_ctx = min(max_ctx, window)  # splits cover the window, wherever it lies
     if num_splits is None:
         # split long contexts when the batch alone does not fill the GPU
-        want = cfg.get("want", 2 * 132) if q.is_cuda else 1
+        want = cfg.get("want", 2 * num_sms(q.device)) if q.is_cuda else 1
         num_splits = max(1, min(triton.cdiv(want, B * hkv), triton.cdiv(max_ctx, 512), 16))
     split_len = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_ctx, split_len)

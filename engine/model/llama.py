@@ -4,7 +4,8 @@ One forward serves every family in :mod:`engine.model.config`; a family differs 
 flags there (Qwen2's qkv bias, Qwen3's q/k norm, Phi-3's fused checkpoint names, which the
 loader reads into the same fused weights; Gemma's norms around each block, GeGLU, local
 layers with their own window and rope, soft-capped scores and logits). Weights are held
-fused: ``qkv`` (q, k, v stacked on the output dim) and ``gate_up``. Every
+fused: ``qkv`` (q, k, v stacked on the output dim) and ``gate_up``; each dense projection a
+tensor or FP8 (``model/fp8.py``; MoE experts stay dense). Every
 op goes through :mod:`engine.kernels` (Triton on CUDA, torch references on CPU). The forward
 reads no host state: all per-step inputs arrive in one :class:`ForwardInputs` value, which the
 runner fills (into static buffers when replaying a CUDA graph).
@@ -15,15 +16,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 
 from loraplex.engine import kernels as K
 from loraplex.engine.kernels import LoraMeta
+from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
+from loraplex.engine.model.fp8 import Fp8Weight, Weight
 from loraplex.engine.model.moe import moe_mlp
 
 if TYPE_CHECKING:
@@ -33,14 +36,14 @@ if TYPE_CHECKING:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [q + 2kv, H]
+    qkv: Weight  # [q + 2kv, H] (the dense projections: a tensor or an Fp8Weight)
     qkv_bias: torch.Tensor | None  # [q + 2kv] (Qwen2)
     q_norm: torch.Tensor | None  # [head_dim] (Qwen3), with k_norm
     k_norm: torch.Tensor | None
-    o: torch.Tensor  # [H, q]
+    o: Weight  # [H, q]
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2I, H]; MoE: every expert's, [E, 2I, H] (I: moe_intermediate)
-    down: torch.Tensor  # [H, I]; MoE: [E, H, I]
+    gate_up: Weight  # [2I, H]; MoE: every expert's, [E, 2I, H] (I: moe_intermediate), dense
+    down: Weight  # [H, I]; MoE: [E, H, I], dense
     router: torch.Tensor | None = None  # [E, H] (MoE: the layer's ``mlp.gate``)
     # Gemma: the norms before and after the MLP (``post_norm`` then normalizes the
     # attention's output); all Gemma norms hold 1 + w in float32
@@ -64,7 +67,9 @@ class LlamaWeights:
     def tensors(self) -> list[torch.Tensor]:
         out = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:
-            out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
+            out += [lw.input_norm, lw.post_norm]
+            for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
+                out += w.tensors() if isinstance(w, Fp8Weight) else [w]
             extra = (lw.qkv_bias, lw.q_norm, lw.k_norm, lw.router, lw.pre_ff_norm, lw.post_ff_norm)
             out += [t for t in extra if t is not None]
         return out
@@ -90,6 +95,24 @@ class ForwardInputs:
     lora_groups: frozenset[str] | None = None  # groups the step's adapters touch (None: all)
 
 
+@dataclass
+class Fp8Options:
+    """How FP8 projections run: W8A8 (``torch._scaled_mm``) from ``w8a8_min_tokens`` tokens
+    up, the weight-only kernel below, with its launch configs from ``configs`` (per GPU
+    model, filled by the warm-up; None or no entry: the kernel's defaults)."""
+
+    w8a8_min_tokens: int = 128
+    configs: LaunchConfigs | None = None
+
+
+def fp8_shape_key(w: Fp8Weight, m: int) -> str:
+    """The launch-config key of a weight-only GEMM: N, K, the scale layout and the token
+    bucket (the next power of two from 16)."""
+    bucket = max(16, 1 << max(0, m - 1).bit_length())
+    blk = "c" if w.block is None else f"b{w.block[0]}x{w.block[1]}"
+    return f"{w.shape[0]}x{w.shape[1]}:{blk}:m{bucket}"
+
+
 class LlamaModel:
     """``tp``: this rank's tensor-parallel group, with ``config`` its shard's shape and
     ``weights`` its slices (``engine/model/sharding.py``); None: the whole model here."""
@@ -99,10 +122,12 @@ class LlamaModel:
         config: ModelConfig,
         weights: LlamaWeights,
         max_positions: int,
+        fp8: Fp8Options | None = None,
         tp: TPGroup | None = None,
     ) -> None:
         self.config = config
         self.weights = weights
+        self.fp8 = fp8 or Fp8Options()
         self.tp = tp
         dev = weights.embed.device
         inv_freq, scale = config.rope_inv_freq().to(dev), config.rope_scaling.attention_factor
@@ -143,6 +168,19 @@ class LlamaModel:
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
 
+    def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """One base projection: ``F.linear`` of a dense weight, ``K.fp8_linear`` of an FP8
+        one (its launch config looked up by shape; host ints only, so graph-safe)."""
+        if isinstance(w, torch.Tensor):
+            return F.linear(x, w, bias)
+        cfg = None
+        if self.fp8.configs is not None:
+            cfg = self.fp8.configs.get("fp8_w8a16", fp8_shape_key(w, x.shape[0]))
+        return K.fp8_linear(
+            x, w.qweight, w.scale, w.block, bias,
+            w8a8_min_tokens=self.fp8.w8a8_min_tokens, config=cfg,
+        )  # fmt: skip
+
     @staticmethod
     def _uses(inp: ForwardInputs, name: str) -> bool:
         return inp.lora is not None and (inp.lora_groups is None or name in inp.lora_groups)
@@ -167,7 +205,7 @@ class LlamaModel:
     def _proj(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Weight,
         groups: dict[str, LoraGroup] | None,
         name: str,
         inp: ForwardInputs,
@@ -182,10 +220,10 @@ class LlamaModel:
         ``residual``, the LoRA adds into the residual stream and delta is None; without, the
         LoRA's delta (zero rows where no adapter applies) for the consumer to add."""
         if groups is None or not self._uses(inp, name):
-            return F.linear(x, weight, bias), None
+            return self.linear(x, weight, bias), None
         group, offsets = groups[name], self.offsets[name]
         if not beside:
-            y = F.linear(x, weight, bias)
+            y = self.linear(x, weight, bias)
             buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora)
             K.lora_expand(
                 buf, group.b, group.ranks, group.pages, offsets, inp.lora, y,
@@ -210,7 +248,7 @@ class LlamaModel:
                 early_launch=False,
                 b_offsets=group.b_offsets,
             )
-        y = F.linear(x, weight, bias)
+        y = self.linear(x, weight, bias)
         self._join()
         return y, delta
 
@@ -311,7 +349,8 @@ class LlamaModel:
             if w.router is not None:  # experts' LoRA in line: few tokens per (slot, expert)
                 ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
                 ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
-                x = moe_mlp(h, w.router, w.gate_up, w.down, c, ex, self.offsets, inp.lora)
+                gate_up, down = cast(torch.Tensor, w.gate_up), cast(torch.Tensor, w.down)
+                x = moe_mlp(h, w.router, gate_up, down, c, ex, self.offsets, inp.lora)
                 continue
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
             act = K.silu_and_mul(gu, d, gelu=self.gelu)
@@ -345,7 +384,7 @@ class LlamaModel:
     def _out(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Weight,
         groups: dict[str, LoraGroup] | None,
         name: str,
         inp: ForwardInputs,

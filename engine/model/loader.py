@@ -17,6 +17,14 @@ from typing import Any
 import torch
 
 from loraplex.engine.model.config import ModelConfig, UnsupportedModel, config_from_hf
+from loraplex.engine.model.fp8 import (
+    QUANTIZATIONS,
+    CheckpointQuant,
+    LinearLoader,
+    Weight,
+    checkpoint_quant,
+    quantize_per_channel,
+)
 from loraplex.engine.model.llama import LayerWeights, LlamaWeights
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.model.sharding import Shard, check_tensor_parallel, shard_fused
@@ -56,9 +64,19 @@ def build_weights(
     dtype: torch.dtype,
     device: torch.device,
     shard: Shard | None = None,
+    *,
+    quantization: str | None = None,
+    checkpoint: CheckpointQuant | None = None,
 ) -> LlamaWeights:
     """Fuse HF-named tensors (``get(name)``) into :class:`LlamaWeights`, one layer at a time;
-    with ``shard``, only that tensor-parallel rank's slices are kept."""
+    with ``shard``, only that tensor-parallel rank's slices are kept. The dense projections
+    go through :class:`LinearLoader` (FP8 when the checkpoint is FP8 or
+    ``quantization="fp8"``); norms, biases, MoE experts and routers, the embedding and the LM
+    head stay in ``dtype``."""
+    if checkpoint is not None and config.is_moe:
+        raise UnsupportedModel("FP8 checkpoints of MoE models are not served")
+    if shard is not None and (checkpoint is not None or quantization is not None):
+        raise UnsupportedModel("FP8 weights are not served with tensor parallelism yet")
 
     def t(name: str) -> torch.Tensor:
         return get(name).to(device=device, dtype=dtype)
@@ -75,6 +93,10 @@ def build_weights(
     def cut(name: str, x: torch.Tensor) -> torch.Tensor:
         return x if shard is None else shard_fused(name, x, config, shard)
 
+    def cutw(name: str, x: Weight) -> Weight:  # FP8 never meets a shard (refused above)
+        return cut(name, x) if isinstance(x, torch.Tensor) else x
+
+    lin = LinearLoader(get, dtype, device, quantization=quantization, checkpoint=checkpoint)
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
@@ -88,10 +110,12 @@ def build_weights(
             pre_ff = norm(p + "pre_feedforward_layernorm.weight")
             post_ff = norm(p + "post_feedforward_layernorm.weight")
         router = None
+        gate_up: Weight
+        down: Weight
         if config.fused_proj:  # Phi-3: stored fused already, in our order
-            qkv, gate_up = t(a + "qkv_proj.weight"), t(m + "gate_up_proj.weight")
+            qkv, gate_up = lin(a + "qkv_proj"), lin(m + "gate_up_proj")
         else:
-            qkv = cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+            qkv = lin(a + "q_proj", a + "k_proj", a + "v_proj")
         if config.is_moe:  # each expert's weights in a checkpoint, stacked [E, ...] here
             router, ex = (
                 t(m + "gate.weight"),
@@ -100,20 +124,20 @@ def build_weights(
             gate_up = torch.stack([cat(x + "gate_proj.weight", x + "up_proj.weight") for x in ex])
             down = torch.stack([t(x + "down_proj.weight") for x in ex])
         elif not config.fused_proj:
-            gate_up = cat(m + "gate_proj.weight", m + "up_proj.weight")
+            gate_up = lin(m + "gate_proj", m + "up_proj")
         if not config.is_moe:
-            down = t(m + "down_proj.weight")
+            down = lin(m + "down_proj")
         layers.append(
             LayerWeights(
                 input_norm=norm(p + "input_layernorm.weight"),
-                qkv=cut("qkv", qkv),
+                qkv=cutw("qkv", qkv),
                 qkv_bias=None if bias is None else cut("qkv_bias", bias),
                 q_norm=q_norm,
                 k_norm=k_norm,
-                o=cut("o", t(a + "o_proj.weight")),
+                o=cutw("o", lin(a + "o_proj")),
                 post_norm=norm(p + "post_attention_layernorm.weight"),
-                gate_up=cut("gate_up", gate_up),
-                down=cut("down", down),
+                gate_up=cutw("gate_up", gate_up),
+                down=cutw("down", down),
                 router=router,
                 pre_ff_norm=pre_ff,
                 post_ff_norm=post_ff,
@@ -131,11 +155,18 @@ def random_weights(
     device: torch.device,
     seed: int = 0,
     shard: Shard | None = None,
+    quantization: str | None = None,
 ) -> LlamaWeights:
     """Random weights; with ``shard``, that rank's slices of the very same weights (each
-    whole tensor is drawn, cut and dropped in turn)."""
+    whole tensor is drawn, cut and dropped in turn); with ``quantization="fp8"`` each dense
+    projection quantized as it is made (an 8B preset never holds its bf16 projections all at
+    once)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     c = config
+    if quantization not in (None, *QUANTIZATIONS):
+        raise UnsupportedModel(f"quantization {quantization!r} (one of {QUANTIZATIONS})")
+    if quantization is not None and shard is not None:
+        raise UnsupportedModel("FP8 weights are not served with tensor parallelism yet")
 
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std).contiguous()
@@ -152,22 +183,25 @@ def random_weights(
     def cut(name: str, x: torch.Tensor) -> torch.Tensor:
         return x if shard is None else shard_fused(name, x, c, shard)
 
+    def proj(name: str, n: int, k: int) -> Weight:
+        w = cut(name, rnd(n, k))
+        return quantize_per_channel(w) if quantization == "fp8" else w
+
     layers = [
         LayerWeights(
             input_norm=norm(),
-            qkv=cut("qkv", rnd(c.q_size + 2 * c.kv_size, c.hidden_size)),
+            qkv=proj("qkv", c.q_size + 2 * c.kv_size, c.hidden_size),
             qkv_bias=cut("qkv_bias", rnd(c.q_size + 2 * c.kv_size)) if c.qkv_bias else None,
             q_norm=norm(c.head_dim) if c.qk_norm else None,
             k_norm=norm(c.head_dim) if c.qk_norm else None,
-            o=cut("o", rnd(c.hidden_size, c.q_size)),
+            o=proj("o", c.hidden_size, c.q_size),
             post_norm=norm(),
-            gate_up=cut(
-                "gate_up",
-                rnd(E, 2 * mi, c.hidden_size) if E else rnd(2 * c.intermediate_size, c.hidden_size),
-            ),
-            down=cut(
-                "down", rnd(E, c.hidden_size, mi) if E else rnd(c.hidden_size, c.intermediate_size)
-            ),
+            gate_up=cut("gate_up", rnd(E, 2 * mi, c.hidden_size))
+            if E
+            else proj("gate_up", 2 * c.intermediate_size, c.hidden_size),
+            down=cut("down", rnd(E, c.hidden_size, mi))
+            if E
+            else proj("down", c.hidden_size, c.intermediate_size),
             router=rnd(E, c.hidden_size, std=0.5) if E else None,
             pre_ff_norm=gemma_norm(),
             post_ff_norm=gemma_norm(),
@@ -243,11 +277,13 @@ def load_model(
     seed: int = 0,
     shard: Shard | None = None,
     tokenizer: bool = True,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """``spec``: an HF directory, a ``.gguf`` file, ``dummy:<preset>``, or None (the default).
     ``shard``: keep only that tensor-parallel rank's slices (``config`` stays the whole
     model's). ``tokenizer=False``: none is read (tensor-parallel workers; ``tokenizer`` is
-    None then)."""
+    None then). ``quantization="fp8"``: the dense projections quantized at load (an FP8
+    checkpoint loads as FP8 whatever this says)."""
     device = torch.device(device)
     if spec is None or str(spec) == "default":
         spec = default_model_path()
@@ -265,7 +301,7 @@ def load_model(
         if name not in PRESETS:
             raise UnsupportedModel(f"unknown dummy preset {name!r} (one of {', '.join(PRESETS)})")
         cfg = PRESETS[name]
-        weights = random_weights(checked(cfg), dtype, device, seed, shard)
+        weights = random_weights(checked(cfg), dtype, device, seed, shard, quantization)
         tok = dummy_tokenizer(cfg.vocab_size) if tokenizer else None
         return LoadedModel(cfg, weights, tok, frozenset(cfg.eos_token_ids), s)
 
@@ -276,7 +312,9 @@ def load_model(
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
         cfg, tensors = read_gguf(path)
-        weights = build_weights(checked(cfg), tensors.__getitem__, dtype, device, shard)
+        weights = build_weights(
+            checked(cfg), tensors.__getitem__, dtype, device, shard, quantization=quantization
+        )
         del tensors
         if not tokenizer:
             return LoadedModel(cfg, weights, None, frozenset(cfg.eos_token_ids), s)
@@ -289,8 +327,13 @@ def load_model(
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: not a .gguf file, an HF directory or dummy:<preset>")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
-    weights = build_weights(checked(cfg), _Safetensors(path), dtype, device, shard)
+    hf = json.loads(cfg_file.read_text())
+    cfg = config_from_hf(hf)
+    ck = checkpoint_quant(hf)
+    weights = build_weights(
+        checked(cfg), _Safetensors(path), dtype, device, shard, quantization=quantization,
+        checkpoint=ck,
+    )  # fmt: skip
     if not tokenizer:
         return LoadedModel(cfg, weights, None, frozenset(cfg.eos_token_ids), s)
     from transformers import AutoTokenizer

@@ -23,7 +23,7 @@ def bench(monkeypatch):
         return importlib.import_module(name)
 
     yield load
-    for name in ("bench_decode", "bench_throughput", "bench_lora_paging", "common"):
+    for name in ("bench_decode", "bench_throughput", "bench_lora_paging", "bench_fp8", "common"):
         sys.modules.pop(name, None)
 
 
@@ -35,6 +35,17 @@ def test_decode_smoke(bench, tmp_path):
     }
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert (tmp_path / "d.json").is_file()
+
+
+def test_fp8_smoke(bench, tmp_path):
+    out = bench("bench_fp8").main(["--smoke", "--json", str(tmp_path / "f.json")])
+    assert {(r["weights"], r["mode"]) for r in out["decode"]} == {
+        (w, m) for w in ("bf16", "fp8") for m in ("base", "distinct")
+    }
+    assert out["prefill"]["fp8_tok_s"] > 0 and out["prefill"]["bf16_tok_s"] > 0
+    for q in out["quality"]:
+        assert 0.5 < q["greedy_agreement"] <= 1 and q["mean_kl"] >= 0
+    assert "errors" not in out and (tmp_path / "f.json").is_file()
 
 
 def test_throughput_smoke(bench, tmp_path):

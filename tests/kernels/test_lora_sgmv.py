@@ -471,3 +471,13 @@ def test_paged_reference_equals_padded():
     torch.testing.assert_close(buf, want)
     y = lora_expand_ref(buf, B, ranks, pages, offsets, meta, torch.zeros(9, 32), b_offsets=boffs)
     torch.testing.assert_close(y, expand_ref(want, b, ranks, offsets, meta, torch.zeros(9, 32)))
+
+
+@pytest.mark.parametrize("rank_split", [True, False])
+@pytest.mark.parametrize("pattern", ["distinct", "some_none"])
+def test_token_path_rank_buckets(pattern, rank_split):
+    # ranks 8 to 64 mixed in a rank-64 pool on the per-token path: tokens of rank <= 16 take
+    # the 16-row tiles (rank_split), the others the pool's; both equal the reference
+    cfg = {"rows": True, "rank_split": rank_split}
+    run_case(7, 200, [96, 40], pattern, torch.float32, num_slots=8, max_rank=64, seed=5,
+             config=cfg, rank_choices=(8, 16, 24, 32, 64))  # fmt: skip

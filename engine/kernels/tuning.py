@@ -1,0 +1,113 @@
+"""Launch configurations measured on the GPU the engine runs on, kept per GPU model.
+
+A :class:`LaunchConfigs` maps ``(op, shape key)`` to the kernel config that measured fastest
+(a dict of block sizes, splits, warps, stages). The runner's warm-up fills the missing entries
+with :meth:`LaunchConfigs.sweep` (each candidate run a few times, timed with CUDA events) and
+saves the table as JSON in the cache directory, one file per GPU model and Triton version
+(``torch.cuda.get_device_name`` + ``triton.__version__``): an H100 and an H200 each get their
+own, and a second start on the same model reads it instead of sweeping again. Ops ask
+:meth:`get` and fall back to their defaults (sized from the device's properties) when there is
+no entry: on CPU, in the interpreter, or with no cache directory set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("loraplex.engine.tuning")
+Config = dict[str, Any]
+
+
+def device_key(device: torch.device) -> str:
+    from loraplex.engine.kernels._triton import HAVE_TRITON, triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    version = triton.__version__ if HAVE_TRITON else "none"
+    return f"{name} triton {version}"
+
+
+class LaunchConfigs:
+    def __init__(self, key: str, path: Path | None = None) -> None:
+        self.key = key
+        self.path = path
+        self.table: dict[str, dict[str, Config]] = {}
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("device") == key:
+                    self.table = data.get("configs", {})
+            except (OSError, ValueError) as exc:
+                log.warning("kernel config cache %s unreadable (%s): starting empty", path, exc)
+
+    @classmethod
+    def for_device(cls, device: torch.device, cache_dir: Path | None) -> LaunchConfigs:
+        key = device_key(device)
+        if cache_dir is None:
+            return cls(key)
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", key).strip("-")
+        return cls(key, Path(cache_dir) / f"{slug}.json")
+
+    def get(self, op: str, shape: str) -> Config | None:
+        return self.table.get(op, {}).get(shape)
+
+    def put(self, op: str, shape: str, config: Config) -> None:
+        self.table.setdefault(op, {})[shape] = dict(config)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"device": self.key, "configs": self.table}, indent=1))
+        tmp.replace(self.path)
+
+    def sweep(
+        self,
+        op: str,
+        shape: str,
+        candidates: Sequence[Config],
+        run: Callable[[Config], object],
+        reps: int = 10,
+    ) -> tuple[Config, dict[str, float]]:
+        """Time ``run(config)`` for each candidate (CUDA events, median of ``reps`` after a
+        compile-and-warm run); the fastest becomes the entry. Candidates that fail to compile
+        or launch (too much shared memory for this part) are skipped. -> (best, times in
+        ms by candidate)."""
+        times: dict[str, float] = {}
+        best, best_ms = None, float("inf")
+        for cfg in candidates:
+            try:
+                ms = time_ms(lambda cfg=cfg: run(cfg), reps)
+            except Exception as exc:
+                log.debug("%s %s: %s failed: %s", op, shape, cfg, exc)
+                continue
+            times[json.dumps(cfg, sort_keys=True)] = ms
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"{op} {shape}: no candidate config ran")
+        self.put(op, shape, best)
+        return best, times
+
+
+def time_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream (one warm run first)."""
+    fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends, strict=True):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    return ms[len(ms) // 2]
