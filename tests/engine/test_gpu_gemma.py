@@ -141,4 +141,6 @@ def test_gemma_bf16_real_shapes_match_hf_peft_float32(kind, tmp_path):
     full = batch(make_runner(ours, max_len, eager=True), adapters, prompts, refs)
     off = rel_err(full[1], refs[1][1])
     print(f"{kind} without the window: {off:.2e}")
-    assert off > max(TOL, 3 * errs[1])
+    # off by far more than the parity error (gemma-3-12b's 1,024 window over these prompts
+    # moved the logits 2.6e-2 on the H200, 9x its 2.7e-3 parity error)
+    assert off > max(1e-2, 3 * errs[1])

@@ -33,6 +33,7 @@ def test_moe_bf16_gpu_matches_hf(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (7, 40, 150, 90)]
     refs = parity_references(base, adapters, prompts)
+    errors: dict[tuple[bool, int], float] = {}
     for eager in (False, True):
         runner = ModelRunner(
             str(base), device="cuda", dtype=torch.bfloat16, block_size=16, max_num_seqs=8,
@@ -47,4 +48,8 @@ def test_moe_bf16_gpu_matches_hf(tmp_path):
         for i, (logits, (_, ref)) in enumerate(zip(got, refs, strict=True)):
             err = rel_err(logits, ref)
             print(f"eager={eager} seq {i}: rel err {err:.2e}")
-            assert err < 3e-2, f"eager={eager} sequence {i}: {err:.2e}"
+            errors[(eager, i)] = err
+    # every case measured before judging (on the H200, 2026-12-03, the graph runner's base
+    # sequence was 0.15 off; this shows whether eager and the adapters' sequences are too)
+    bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < 3e-2}
+    assert not bad, f"(eager, sequence): relative error {bad}"

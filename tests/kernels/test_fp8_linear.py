@@ -151,8 +151,14 @@ def test_gpu_w8a8_and_row_quant(M):
     bias = torch.randn(4096, generator=gen).to(torch.bfloat16).cuda()
     ref = fp8_linear_ref(x.float(), fw.qweight, fw.scale, None, bias.float())
     out = fp8_linear_w8a8(x, fw.qweight, fw.scale, bias)
-    # the activations are quantized too: e4m3's 1/16 relative step, averaged over K
-    assert_close(out, ref, torch.bfloat16, tol=0.1)
+    # element by element against the same GEMM on the reference's quantized activations
+    # (on the H200, against unquantized ones, 7-81 elements of up to 1M were 0.11-0.17 off:
+    # that is the activations' rounding, e4m3's 1/16 step, not the kernel)
+    xq = (qrf * sr)[:M]
+    assert_close(
+        out, fp8_linear_ref(xq, fw.qweight, fw.scale, None, bias.float()), torch.bfloat16, tol=0.1
+    )
+    # and the whole, activation rounding included, close to the unquantized product
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < 0.05, rel
     # the dispatch: weight-only below the threshold, W8A8 from it
