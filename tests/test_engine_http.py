@@ -140,7 +140,7 @@ async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
             stream = client.generate(Request("long", [5, 6, 7], sampling))
             outs = [await anext(stream)]
             engine.signal(signal.SIGTERM)
-            await wait_until(lambda: client.health().state == "draining", 10)
+            await wait_until(lambda: client.health().state == "draining", 30)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}") as h:
                 assert (await h.get("/ready")).status_code == 503
             with pytest.raises(EngineDead):  # new work is not taken

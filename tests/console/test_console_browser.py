@@ -7,6 +7,7 @@ then holds one row per action, and none holds a secret."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 from browser import find_chromium, start_browser
 from console_live import BASE, ConsoleServer
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
@@ -48,10 +50,25 @@ class Page:
         self.shots = 0
 
     def wait(self, condition, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-        return WebDriverWait(self.d, timeout).until(condition)
+        # a page's script re-renders the nodes a condition reads (after a change, on each
+        # usage poll): between finding one and reading it, Chromium may answer "node does
+        # not belong to the document" (a plain WebDriverException), so the poll retries
+        # those too; a condition never met still ends in a TimeoutException
+        return WebDriverWait(self.d, timeout, ignored_exceptions=(WebDriverException,)).until(
+            condition
+        )
 
     def css(self, selector: str):  # type: ignore[no-untyped-def]
         return self.d.find_element(By.CSS_SELECTOR, selector)
+
+    def text(self, selector: str) -> str:
+        """The element's text, found again if a re-render detaches it while it is read."""
+        for _ in range(20):
+            try:
+                return str(self.css(selector).text)
+            except WebDriverException:
+                time.sleep(0.1)
+        return str(self.css(selector).text)
 
     def status(self, text: str) -> None:
         self.wait(ec.text_to_be_present_in_element((By.ID, "status"), text))
@@ -95,7 +112,7 @@ def test_console_in_chromium(
         assert admin.post("/admin/v1/plans", json=plan).status_code == 201
     page = Page(browser, console_server.url, artifacts)
     _log_in(page, "alice")
-    assert "alice (admin)" in page.css("#whoami").text
+    assert "alice (admin)" in page.text("#whoami")
 
     # a tenant
     page.css("#tenant-name").send_keys(TENANT)
@@ -121,7 +138,7 @@ def test_console_in_chromium(
     browser.refresh()
     page.wait(ec.presence_of_element_located((By.ID, "keys")))
     assert secret not in browser.page_source
-    assert "browser key" in page.css("#keys").text
+    assert "browser key" in page.text("#keys")
 
     # rotate it: a new secret, shown once too; the old one stops working
     page.css("#keys button[data-action=rotate-key]").click()
@@ -143,7 +160,7 @@ def test_console_in_chromium(
     limit.send_keys("90000")
     page.css("#edit-tenant button[type=submit]").click()
     page.status(f"Tenant {TENANT} saved.")
-    assert "tokens_per_minute=90000" in page.css("#tenant-limits").text
+    assert "tokens_per_minute=90000" in page.text("#tenant-limits")
 
     # an adapter upload, with progress (recorded across the reload that follows success)
     adapter = make_peft_adapter(tiny_llama_dir, rank=8, targets=["q_proj", "v_proj"], seed=31)
@@ -164,7 +181,7 @@ def test_console_in_chromium(
     page.css("#upload-adapter button[type=submit]").click()
     page.status("Uploaded support version 1.")
     assert browser.execute_script("return sessionStorage.getItem('seen-progress')") == "100"
-    assert page.css('#adapters tr[data-adapter="support"]').text.startswith("support (current)")
+    assert page.text('#adapters tr[data-adapter="support"]').startswith("support (current)")
     page.css("#alias-name").send_keys("prod")
     page.css("#alias-version").send_keys("1")
     page.css("#set-alias button[type=submit]").click()
@@ -206,14 +223,14 @@ def test_console_in_chromium(
 
     # residency: the engine holds the adapter now
     browser.get(f"{console_server.url}/console/tenants/{TENANT}")
-    where = page.css('#adapters tr[data-adapter="support"] td.where').text
+    where = page.text('#adapters tr[data-adapter="support"] td.where')
     assert where in ("GPU", "host"), where
     page.css("#keys button[data-action=revoke-key]").click()
     browser.switch_to.alert.accept()
     page.status("revoked.")
-    assert "revoked" in page.css("#keys").text
+    page.wait(ec.text_to_be_present_in_element((By.ID, "keys"), "revoked"))
     browser.get(f"{console_server.url}/console/engines")
-    assert page.css("#engine-state").text.startswith("ready")
+    assert page.text("#engine-state").startswith("ready")
     browser.get(f"{console_server.url}/console/audit?actor=alice")
     page.wait(ec.presence_of_element_located((By.ID, "audit")))
     page.shot("audit-log")
