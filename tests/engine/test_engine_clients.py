@@ -279,10 +279,14 @@ async def test_silent_gateway_has_its_requests_aborted(tok_dir):
         await ghost.send(enc.encode(Hello()))
         req = Request("ghost", [3, 4], SamplingParams(max_tokens=200, **GREEDY))
         await ghost.send(enc.encode(Add(req)))
-        running = False
+        running, deadline = False, asyncio.get_running_loop().time() + 60
         while not running:  # the engine runs the ghost's request (its own status says so)
+            assert asyncio.get_running_loop().time() < deadline, "the ghost's request never ran"
             await ghost.send(enc.encode(Ping()))
-            msg = dec.decode(await ghost.recv())
+            try:  # (never wait on one receive: the deadline above must be able to end this)
+                msg = dec.decode(await asyncio.wait_for(ghost.recv(), 2.0))
+            except TimeoutError:
+                continue
             running = (
                 isinstance(msg, Status) and msg.stats is not None and msg.stats.num_requests == 1
             )
