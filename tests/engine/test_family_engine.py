@@ -4,14 +4,11 @@ equal HF + PEFT's for it alone, also with preemption, chunked prefill and a pref
 
 from __future__ import annotations
 
-import random
-import time
-
 import pytest
-from model_builders import VOCAB, build_adapter, build_hf_model, hf_greedy, load_hf
+from engine_drive import drive_mixed, mixed_requests
+from model_builders import build_adapter, build_hf_model, hf_greedy, load_hf
 from test_family_parity import FAMILIES
 
-from loraplex.engine.api import AdapterRef, Request, SamplingParams
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model.config import FUSED_MODULES, SPLIT_MODULES
@@ -44,21 +41,6 @@ def family(request, tmp_path_factory):
     return kind, base, adapters, reference
 
 
-def _run(engine: LLMEngine, reqs: list[Request], cached: dict[str, int]) -> dict[str, list[int]]:
-    for r in reqs:
-        engine.add_request(r)
-    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-    for _ in range(5000):
-        for o in engine.step():
-            got[o.request_id] += [t for c in o.choices for t in c.token_ids]
-            cached[o.request_id] = o.cached_tokens
-        if not engine.has_unfinished():
-            return got
-        if not engine.last_step_ran:
-            time.sleep(0.002)  # adapter loads run in worker threads
-    raise AssertionError("engine did not finish")
-
-
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_gpu_blocks": 12, "max_loras": 2, "max_num_batched_tokens": 8}],
@@ -72,27 +54,8 @@ def test_family_engine_matches_hf(family, overrides):
     )
     want = FUSED_MODULES if "phi" in kind else SPLIT_MODULES
     assert describe(engine, name=kind, model=str(base)).adapter_shape.modules == want
-    rng = random.Random(0)
-    which: list[int | None] = [None, 0, 1, 2]
-    reqs, names = [], {}
-    for i in range(8):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 20))]
-        a = which[i % 4]
-        ref = None if a is None else AdapterRef(f"{kind}-{a}@v1", str(adapters[a]))
-        reqs.append(Request(f"r{i}", prompt, SamplingParams(**GREEDY), ref))
-        names[f"r{i}"] = a
-    # a prefix shared with r1 (same adapter): a cache hit when not preempted away
-    reqs.append(Request("p", [*reqs[1].prompt, 7, 8], SamplingParams(**GREEDY), reqs[1].adapter))
-    names["p"] = names["r1"]
-    cached: dict[str, int] = {}
-    # every adapter into host memory first: loads run in loader threads, and where one lands
-    # among the steps would depend on the machine's load (a busy CI box once saw no
-    # preemption in the small-pool case)
-    for a in (reqs[1], reqs[2], reqs[3]):
-        warm = Request(f"warm-{a.request_id}", [5, 6, 7], SamplingParams(max_tokens=1), a.adapter)
-        _run(engine, [warm], {})
-    got = _run(engine, reqs[:8], cached)
-    got |= _run(engine, reqs[8:], cached)
+    reqs, names = mixed_requests(kind, adapters, [None, 0, 1, 2], GREEDY, prefix_of=1)
+    got, cached = drive_mixed(engine, reqs)
     for r in reqs:
         assert isinstance(r.prompt, list)
         assert got[r.request_id] == reference(names[r.request_id], r.prompt), r.request_id

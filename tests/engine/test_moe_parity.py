@@ -182,13 +182,12 @@ def test_moe_engine_matches_hf(moe, overrides):
     """The whole engine (scheduler, KV pool, adapter loads): a mixed batch of the base and
     three adapters, greedy tokens equal HF + PEFT's, with preemption and chunked prefill, and
     a prefix hit."""
-    import random
 
+    from engine_drive import drive_mixed, mixed_requests
     from model_builders import hf_greedy, load_hf
     from peft import PeftModel
-    from test_family_engine import GREEDY, MAX_TOKENS, _run
+    from test_family_engine import GREEDY, MAX_TOKENS
 
-    from loraplex.engine.api import AdapterRef, Request, SamplingParams
     from loraplex.engine.config import EngineConfig
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.engine.model.config import MOE_MODULES
@@ -212,20 +211,8 @@ def test_moe_engine_matches_hf(moe, overrides):
     )
     shape = describe(engine, name="moe", model=str(base)).adapter_shape
     assert shape.modules == MOE_MODULES and shape.num_experts == E
-    rng = random.Random(0)
-    which: list[int | None] = [None, 0, 1, 2]
-    reqs, names = [], {}
-    for i in range(8):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 20))]
-        a = which[i % 4]
-        ref = None if a is None else AdapterRef(f"moe-{a}@v1", str(adapters[a]))
-        reqs.append(Request(f"r{i}", prompt, SamplingParams(**GREEDY), ref))
-        names[f"r{i}"] = a
-    reqs.append(Request("p", [*reqs[1].prompt, 7, 8], SamplingParams(**GREEDY), reqs[1].adapter))
-    names["p"] = names["r1"]
-    cached: dict[str, int] = {}
-    got = _run(engine, reqs[:8], cached)
-    got |= _run(engine, reqs[8:], cached)
+    reqs, names = mixed_requests("moe", adapters, [None, 0, 1, 2], GREEDY, prefix_of=1)
+    got, cached = drive_mixed(engine, reqs)
     for r in reqs:
         assert isinstance(r.prompt, list)
         assert got[r.request_id] == reference(names[r.request_id], r.prompt), r.request_id

@@ -12,7 +12,6 @@ not divide the model is refused in one line before any process starts.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from engine_drive import drive_mixed, mixed_requests
 from model_builders import (
     VOCAB,
     AdapterSpec,
@@ -32,7 +32,7 @@ from model_builders import (
 )
 from test_family_parity import FUSED_SPECS, SPLIT_SPECS
 
-from loraplex.engine.api import AdapterRef, EngineOutput, Request, SamplingParams
+from loraplex.engine.api import EngineOutput, Request, SamplingParams
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.errors import RunnerFailed
 from loraplex.engine.llm_engine import LLMEngine
@@ -76,36 +76,6 @@ class Recording:
         return out
 
 
-def _requests(adapters: list[Path]) -> list[Request]:
-    rng = random.Random(0)
-    which: list[int | None] = [None, 0, 1]
-    reqs = []
-    for i in range(8):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 20))]
-        a = which[i % 3]
-        ref = None if a is None else AdapterRef(f"tp-{a}@v1", str(adapters[a]))
-        reqs.append(Request(f"r{i}", prompt, SamplingParams(**GREEDY), ref))
-    # r4's prompt and adapter again, longer: its full blocks are a prefix hit
-    reqs.append(Request("p", [*reqs[4].prompt, 7, 8], SamplingParams(**GREEDY), reqs[4].adapter))
-    return reqs
-
-
-def _drive(engine: LLMEngine, reqs: list[Request], cached: dict[str, int]) -> dict[str, list[int]]:
-    for r in reqs:
-        engine.add_request(r)
-    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-    for _ in range(5000):
-        for o in engine.step():
-            assert o.error is None, o.error
-            got[o.request_id] += [t for c in o.choices for t in c.token_ids]
-            cached[o.request_id] = o.cached_tokens
-        if not engine.has_unfinished():
-            return got
-        if not engine.last_step_ran:
-            time.sleep(0.002)  # adapter loads run in loader threads
-    raise AssertionError("engine did not finish")
-
-
 def _serve(model: tuple[Path, list[Path]], tp: int) -> tuple[dict, dict, list[torch.Tensor], int]:
     base, adapters = model
     # one loader thread: adapter loads finish in request order, so the schedule is the same
@@ -113,19 +83,8 @@ def _serve(model: tuple[Path, list[Path]], tp: int) -> tuple[dict, dict, list[to
     runner = Recording(build_runner(str(base), config))
     engine = LLMEngine(runner, config)  # type: ignore[arg-type]
     try:
-        reqs = _requests(adapters)
-        cached: dict[str, int] = {}
-        # both adapters into host memory first, one at a time: the loads run in a loader
-        # thread, and when a load lands among the steps would otherwise depend on the
-        # machine's load (under a busy CI box the schedule, its evictions and so its prefix
-        # hit differed from an idle one's)
-        for r in (reqs[1], reqs[2]):
-            warm = Request(
-                f"warm-{r.request_id}", [5, 6, 7], SamplingParams(max_tokens=1), r.adapter
-            )
-            _drive(engine, [warm], {})
-        got = _drive(engine, reqs[:8], cached)
-        got |= _drive(engine, reqs[8:], cached)
+        reqs, _ = mixed_requests("tp", adapters, [None, 0, 1], GREEDY, prefix_of=4)
+        got, cached = drive_mixed(engine, reqs)
         assert engine.blocks.is_whole() and engine.slots.is_idle()
         return got, cached, runner.logits, engine.stats().preemptions
     finally:
