@@ -26,16 +26,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOG=$OUT/final.log
 status=0
-step() {  # step NAME SECONDS CMD...: run under a time limit, tee, remember failure
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $* ($(date -u +%T))" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
-  [ "$rc" -eq 0 ] || status=1
-}
+source benchmarks/gpu_step.sh  # step NAME SECONDS CMD...
 
 {
   date -u
