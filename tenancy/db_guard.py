@@ -5,7 +5,9 @@ Every database call of the services runs in ``async with sessions() as s:``. A
 session that never touches the database costs nothing and a refused one costs no I/O),
 and when it ends it tells the breaker what happened: an outage error (refused, reset,
 timed out, pool exhausted, a server shutting down or cancelling the statement) is a
-failure, anything else after a connection was made is a success. An outage error leaves
+failure, anything else after a connection was made is a success. The half-open probe's
+success is told as soon as it holds a live connection (see ``_probe_connected``). An
+outage error leaves
 the session as :class:`tenancy.errors.DatabaseUnavailable` (503 with ``Retry-After``), so
 services and routes see one typed error whatever the driver raised.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -64,6 +67,17 @@ class GuardedSyncSession(Session):
             self.probe = self.breaker.before_call()  # raises CircuitOpen
             self.admitted = True
         return super().get_bind(*args, **kw)
+
+
+@event.listens_for(GuardedSyncSession, "after_begin")
+def _probe_connected(session: Session, _transaction: Any, _connection: Any) -> None:
+    """The probe's verdict as soon as it holds a live connection (the pool's pre-ping has
+    answered), not when its session closes: a route's session closes after its response is
+    sent, so a client that got the probe's answer could otherwise be refused by a breaker
+    still waiting on that very probe."""
+    if isinstance(session, GuardedSyncSession) and session.probe:
+        session.probe = False
+        session.breaker.record_success()
 
 
 class GuardedSession(AsyncSession):

@@ -131,6 +131,23 @@ async def test_outage_is_one_error_then_fails_fast_then_recovers(db: Db, mode: s
     assert db.breaker.state == "closed"
 
 
+async def test_the_probe_closes_the_breaker_once_connected(db: Db) -> None:
+    """A route's session ends after its response is sent: a client holding the probe's answer
+    must not be refused by a breaker that still waits for that probe's session to close."""
+    await db.down("refuse")
+    for _ in range(2):
+        with pytest.raises(DatabaseUnavailable):
+            await select_one(db)
+    assert db.breaker.state == "open"
+    await db.proxy.restore()
+    db.clock.now += 30.0
+    async with db.sessions() as probe:
+        await probe.execute(text("SELECT 1"))
+        assert db.breaker.state == "closed"  # while the probe's session is still open
+        assert await select_one(db) < 2.0  # another request is admitted meanwhile
+    assert db.breaker.state == "closed"
+
+
 async def _key(db: Db, tenant: str) -> api_keys.IssuedKey:
     async with db.direct() as s:
         await tenants.create_tenant(s, name=tenant, actor="test")
