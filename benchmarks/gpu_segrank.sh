@@ -31,7 +31,7 @@ SECTIONS=${SECTIONS:-tests sgmv}
 has() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 has tests && step "segment rank tests" 90 $PY -m pytest -q -p no:cacheprovider -rs \
   --confcutdir=tests/kernels tests/kernels/test_lora_sgmv.py \
-  -k "segment or seg_rank or rank_buckets or paged_layouts"
+  -k "segment or seg_rank or step_rank or rank_buckets or paged_layouts"
 has sgmv && step "bench_sgmv --seg-rank" 420 $PY benchmarks/bench_sgmv.py --seg-rank \
   --tokens 64,256,1024,2048 --pool-rank 64
 for r in 64 16; do

@@ -400,6 +400,22 @@ def test_sgmv_llama_bf16(group, T, pattern):
 
 
 @gpu
+@pytest.mark.parametrize("pattern", ["zipf", "some_none"])
+@pytest.mark.parametrize("T", [64, 133, 1024])
+@pytest.mark.parametrize("group", list(LLAMA_GROUPS))
+@pytest.mark.parametrize("choices", [(8, 16), (8, 16, 32), (8, 16, 32, 64)])
+def test_sgmv_llama_bf16_step_rank(choices, group, T, pattern):
+    # the segment path at Llama shapes in a rank-64 pool, sized by the step's largest rank
+    # (16, 32, 64: BLOCK_R 16 / 32 / 64 with rank buckets)
+    k, outs = LLAMA_GROUPS[group]
+    buf = run_case(
+        T, k, outs, pattern, torch.bfloat16, num_slots=16, max_rank=64, seed=T,
+        config={"rows": False}, step_rank=max(choices), rank_choices=choices,
+    )  # fmt: skip
+    assert buf.shape[3] == max(choices)
+
+
+@gpu
 @pytest.mark.parametrize("pattern", ["identical", "some_none", "distinct"])
 @pytest.mark.parametrize("T", [1, 32, 128])
 @pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
