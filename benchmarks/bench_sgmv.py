@@ -37,6 +37,7 @@ GROUPS = {  # name: (in_features, [out per projection])
     "down": (INTER, [HIDDEN]),
 }
 DT = torch.bfloat16
+PAGE_ROWS = 8  # the engine pool's (engine/lora/pool.py)
 # layers per timed graph: at least this many (Llama-3-8B's depth: a graph of 2 layers charges
 # each layer half of the replay's fixed cost, 13 us on the H100) and at least 256 MB of
 # weights, as long as the pools stay within 16 GB (large mixed-rank cases take fewer layers)
@@ -53,11 +54,17 @@ def copy_bandwidth() -> float:
 
 
 class Pool:
-    """Per-group LoRA slot pool (one layer), zero beyond each adapter's rank."""
+    """Per-group LoRA slot pool (one layer), zero beyond each adapter's rank: the kernels read
+    it paged as the engine's pool is (``PAGE_ROWS`` rank rows per page, a page table per slot
+    and projection); the torch baselines read padded copies ``a_pad[slots, P, R, k]``,
+    ``b_pad[slots, N, R]``."""
 
     def __init__(self, num_slots: int, max_rank: int, ranks: torch.Tensor):
-        self.a, self.b, self.offsets = {}, {}, {}
+        self.a, self.b, self.offsets, self.pages = {}, {}, {}, {}
+        self.a_pad, self.b_pad = {}, {}
         self.ranks = {}
+        S, PR = num_slots, min(PAGE_ROWS, max_rank)
+        npg = max_rank // PR
         for g, (k, outs) in GROUPS.items():
             P, N = len(outs), sum(outs)
             a = torch.randn(num_slots, P, max_rank, k, device="cuda", dtype=DT) / k**0.5
@@ -72,11 +79,21 @@ class Pool:
             for p in range(P):
                 keep[:, offs[p] : offs[p + 1]] = (ar[None, None, :] < r[:, p, None, None]).to(DT)
             b *= keep
-            self.a[g], self.b[g], self.offsets[g], self.ranks[g] = a, b, offs, r
+            # pages: slot s's rows [j * PR, (j + 1) * PR) are page s * npg + j (every
+            # projection's rows of a page side by side: A's stride over P is one page's rows)
+            self.a[g] = a.view(S, P, npg, PR, k).transpose(1, 2).contiguous().view(-1, P, PR, k)
+            self.b[g] = b.view(S, N, npg, PR).transpose(1, 2).contiguous().view(-1, N, PR)
+            pg = torch.arange(S * npg, dtype=torch.int32, device="cuda").view(S, 1, npg)
+            self.pages[g] = pg.expand(S, P, npg).contiguous()
+            self.a_pad[g], self.b_pad[g], self.offsets[g], self.ranks[g] = a, b, offs, r
 
 
-def make_case(T: int, n_adapters: int | None, mixed: bool, gen: torch.Generator):
-    """-> token_slot [T], rank per slot. n_adapters None = all distinct."""
+def make_case(
+    T: int, n_adapters: int | None, mixed: bool, gen: torch.Generator,
+    rank_choices: tuple[int, ...] = (8, 16, 32, 64),
+):  # fmt: skip
+    """-> token_slot [T], rank per slot (16, or mixed: one of ``rank_choices``). n_adapters
+    None = all distinct."""
     if n_adapters is None or n_adapters >= T:
         n = T
         slot = torch.randperm(T, generator=gen)
@@ -84,7 +101,8 @@ def make_case(T: int, n_adapters: int | None, mixed: bool, gen: torch.Generator)
         n = n_adapters
         slot = torch.randint(n, (T,), generator=gen)
     if mixed:
-        ranks = torch.tensor([8, 16, 32, 64])[torch.randint(4, (max(n, 1),), generator=gen)]
+        rc = torch.tensor(rank_choices)
+        ranks = rc[torch.randint(len(rc), (max(n, 1),), generator=gen)]
     else:
         ranks = torch.full((max(n, 1),), 16)
     return slot.to(torch.int32), ranks
@@ -116,13 +134,17 @@ def time_graph(fn, layers: int) -> float:
 def run_case(
     T: int, n_ad: int | None, mixed: bool, pool_slots: int, gen: torch.Generator, pad: int = 0,
     variants: list[tuple[str, dict | None, dict | None]] | None = None,
+    pool_rank: int | None = None, buf_bytes: dict[str, int] | None = None,
+    rank_choices: tuple[int, ...] = (8, 16, 32, 64),
 ):  # fmt: skip
     """-> ({label: µs per layer}, floor bytes). Labels: sgmv, loop, bmm; or with
-    ``variants`` ((name, shrink config, expand config), ...) one SGMV time per variant."""
-    token_slot, ranks = make_case(T, n_ad, mixed, gen)
+    ``variants`` ((name, shrink config, expand config), ...) one SGMV time per variant.
+    ``pool_rank``: the pools' max rank (default 64 for mixed ranks, else 16); ``buf_bytes``:
+    filled with each variant's partials bytes over the layer's four groups."""
+    token_slot, ranks = make_case(T, n_ad, mixed, gen, rank_choices)
     ranks_full = torch.zeros(pool_slots, dtype=torch.int64)
     ranks_full[: ranks.shape[0]] = ranks
-    max_rank = 64 if mixed else 16
+    max_rank = pool_rank or (64 if mixed else 16)
     pool = Pool(pool_slots, max_rank, ranks_full)
     per_layer = sum(t.numel() * 2 for t in [*pool.a.values(), *pool.b.values()])
     n_layers = max(MIN_LAYERS, min(256, -(-(256 << 20) // per_layer)))
@@ -153,16 +175,26 @@ def run_case(
         for pool in pools:
             gather_bmm_layer(pool)
 
-    def sgmv_layer(pool, sc=None, ec=None):
+    # the step's largest rank, as the runner claims it (LoraPool.ranks_used)
+    step_rank = int(ranks_full[token_slot.long().unique()].max())
+
+    def sgmv_layer(pool, sc=None, ec=None, bufs=None):
         for g in GROUPS:
             s = _pick(sc, g)
             if s and s.get("skip"):  # marginal cost of a group: leave it out
                 continue
-            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta, config=s)
+            buf = lora_shrink(
+                xs[g], pool.a[g], pool.ranks[g], pool.pages[g], meta, config=s, max_rank=step_rank
+            )
             e = _pick(ec, g)
             if e and e.get("skip"):
                 continue
-            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g], config=e)
+            lora_expand(
+                buf, pool.b[g], pool.ranks[g], pool.pages[g], pool.offsets[g], meta, ys[g],
+                config=e,
+            )  # fmt: skip
+            if bufs is not None:
+                bufs.append(buf.numel() * 4)
 
     def loop_layer(pool):
         for g in GROUPS:
@@ -170,16 +202,16 @@ def run_case(
             for s, idx in segs:
                 xi = xs[g].index_select(0, idx)
                 for p in range(len(offs) - 1):
-                    h = xi @ pool.a[g][s, p].T
-                    d = h @ pool.b[g][s, offs[p] : offs[p + 1]].T
+                    h = xi @ pool.a_pad[g][s, p].T
+                    d = h @ pool.b_pad[g][s, offs[p] : offs[p + 1]].T
                     ys[g][:, offs[p] : offs[p + 1]].index_add_(0, idx, d)
 
     def gather_bmm_layer(pool):
         for g in GROUPS:
-            a = pool.a[g][ts_long]  # [T, P, R, k]
+            a = pool.a_pad[g][ts_long]  # [T, P, R, k]
             P, R = a.shape[1], a.shape[2]
             h = torch.bmm(a.view(T, P * R, -1), xs[g][:, :, None]).view(T, P, R)
-            b = pool.b[g][ts_long]  # [T, N, R]
+            b = pool.b_pad[g][ts_long]  # [T, N, R]
             offs = pool.offsets[g]
             for p in range(P):
                 n0, n1 = offs[p], offs[p + 1]
@@ -193,7 +225,10 @@ def run_case(
     for name, sc, ec in variants or [("default", None, None)]:
         for g, y in ys.items():
             y.copy_(y0[g])
-        sgmv_layer(pool, sc, ec)
+        nb: list[int] = []
+        sgmv_layer(pool, sc, ec, nb)
+        if buf_bytes is not None:
+            buf_bytes[name] = sum(nb)
         for g in GROUPS:
             if any((_pick(c, g) or {}).get("skip") for c in (sc, ec)):
                 continue
@@ -282,6 +317,61 @@ def run_rank_split(tokens: list[int], bw: float, slots: int) -> None:
         print(f"distinct r8-64 T={T}: floor {f:.1f} us  {cells}", flush=True)
 
 
+# --seg-rank: the segment path (prefill / mixed steps) sized by the step's largest rank
+# against the pool's (the old behaviour: "r_eff" off, one tile shape for every rank)
+SEG_OLD = ({"r_eff": False, "rank_split": False}, {"rank_split": False})
+SEG_VARIANTS: list[tuple[str, dict | None, dict | None]] = [
+    ("old", *SEG_OLD),
+    ("new", None, None),
+    ("new, width only", {"rank_split": False}, {"rank_split": False}),
+    ("new, <= 4 K splits", {"max_split": 4}, None),
+    ("old again", *SEG_OLD),
+]
+SEG_CASES = [  # name, adapters, mixed, rank choices
+    ("1 x r16", 1, False, ()),
+    ("8 x r16", 8, False, ()),
+    ("32 x r16", 32, False, ()),
+    ("32 x r8-32", 32, True, (8, 16, 32)),
+    ("32 x r8-64", 32, True, (8, 16, 32, 64)),
+]
+
+
+def run_seg_rank(tokens: list[int], bw: float, pool_rank: int) -> None:
+    """Per case: µs per layer of each of SEG_VARIANTS (rows: new / old in the same run), the
+    bytes floor, and the partials' bytes (KS * P * T * R * 4, written by the shrink then
+    read by the expand) of the old and new widths. Adapters in a pool of ``pool_rank``."""
+    gen = torch.Generator().manual_seed(0)
+    print(f"segment path, pool max rank {pool_rank}; per layer (4 groups, shrink + expand)")
+    table = []
+    for case, n_ad, mixed, rc in SEG_CASES:
+        for T in tokens:
+            nb: dict[str, int] = {}
+            res, nbytes = run_case(
+                T, n_ad, mixed, n_ad, gen, 0, SEG_VARIANTS, pool_rank, nb, rc or (8, 16, 32, 64)
+            )
+            torch.cuda.empty_cache()
+            f = nbytes / bw * 1e6
+            old = (res["old"] + res["old again"]) / 2
+            cells = "  ".join(f"{k} {v:.1f} us ({v / old:.2f})" for k, v in res.items())
+            mb = "  ".join(f"{k} {v / 2**20:.2f}" for k, v in nb.items() if "again" not in k)
+            print(
+                f"{case} T={T}: floor {f:.1f} us ({nbytes / 2**20:.1f} MiB)  {cells}\n"
+                f"    partials MiB: {mb}",
+                flush=True,
+            )
+            table.append((case, T, f, old, res, nb))
+    names = [n for n, _, _ in SEG_VARIANTS if "again" not in n and n != "old"]
+    print("\n| case | T | floor us | old us | " + " | ".join(f"{n} us (/old)" for n in names)
+          + " | partials MiB old -> new |")  # fmt: skip
+    print("|---|---:|---:|---:|" + "---:|" * len(names) + "---:|")
+    for case, T, f, old, res, nb in table:
+        cells = " | ".join(f"{res[n]:.1f} ({res[n] / old:.2f})" for n in names)
+        print(
+            f"| {case} | {T} | {f:.1f} | {old:.1f} | {cells} | "
+            f"{nb['old'] / 2**20:.2f} -> {nb['new'] / 2**20:.2f} |"
+        )
+
+
 def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
     """Per-kernel device times of one layer, rank-16 adapters (all distinct, or ``n_ad``),
     eager launches; ``slots``: metadata padded to that many segments."""
@@ -300,8 +390,8 @@ def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
 
     def layer():
         for g in GROUPS:
-            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], meta)
-            lora_expand(buf, pool.b[g], pool.ranks[g], pool.offsets[g], meta, ys[g])
+            buf = lora_shrink(xs[g], pool.a[g], pool.ranks[g], pool.pages[g], meta)
+            lora_expand(buf, pool.b[g], pool.ranks[g], pool.pages[g], pool.offsets[g], meta, ys[g])
 
     layer()
     torch.cuda.synchronize()
@@ -317,12 +407,12 @@ def profile(T: int, n_ad: int | None = None, slots: int = 0) -> None:
 
 def _shrink_all(pools, x, g, meta, c):
     for p in pools:
-        lora_shrink(x, p.a[g], p.ranks[g], meta, config=c)
+        lora_shrink(x, p.a[g], p.ranks[g], p.pages[g], meta, config=c)
 
 
 def _expand_all(pools, bufs, y, g, meta, c):
     for p, b in zip(pools, bufs, strict=True):
-        lora_expand(b, p.b[g], p.ranks[g], p.offsets[g], meta, y, config=c)
+        lora_expand(b, p.b[g], p.ranks[g], p.pages[g], p.offsets[g], meta, y, config=c)
 
 
 def sweep(tokens=(1, 64), n_ad: int | None = None, slots: int = 0) -> None:
@@ -368,7 +458,7 @@ def sweep(tokens=(1, 64), n_ad: int | None = None, slots: int = 0) -> None:
                 "shrink": (used * len(outs) * 16 * k * 2 + T * k * 2) / bw * 1e6,
                 "expand": (used * sum(outs) * 16 * 2 + 2 * T * sum(outs) * 2) / bw * 1e6,
             }
-            bufs = [lora_shrink(x, p.a[g], p.ranks[g], meta) for p in pools]
+            bufs = [lora_shrink(x, p.a[g], p.ranks[g], p.pages[g], meta) for p in pools]
             res = []
             for c in [None, *shrink_cfgs]:
                 f = partial(_shrink_all, pools, x, g, meta, c)
@@ -412,6 +502,12 @@ def main() -> None:
         "--rank-split", action="store_true", help="mixed ranks: rank-bucketed shrink tiles or not"
     )
     ap.add_argument(
+        "--seg-rank",
+        action="store_true",
+        help="segment path: partials and tiles sized by the step's rank vs the pool's (old)",
+    )
+    ap.add_argument("--pool-rank", type=int, default=64, help="--seg-rank: the pool's max rank")
+    ap.add_argument(
         "--min-layers", type=int, default=MIN_LAYERS, help="layers per timed graph, at least"
     )
     args = ap.parse_args()
@@ -436,6 +532,9 @@ def main() -> None:
         return
     if args.rank_split:
         run_rank_split(tokens, bw, args.slots)
+        return
+    if args.seg_rank:
+        run_seg_rank(tokens, bw, args.pool_rank)
         return
     cases = [("1 x r16", 1, False), ("8 x r16", 8, False), ("32 x r16", 32, False)]
     cases += [("distinct r16", None, False), ("distinct r8-64", None, True)]

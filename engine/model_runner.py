@@ -255,7 +255,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host, batch.gather, prev_tokens)
         else:
-            groups = self.lora.groups_used({c.adapter_slot for c in batch.chunks})
+            groups = self.lora.ranks_used({c.adapter_slot for c in batch.chunks})
             hidden = self._eager(host, groups, batch.gather, prev_tokens)
         idx = host.sample_idx
         pooled = None
@@ -271,7 +271,7 @@ class ModelRunner:
     def _eager(
         self,
         host: HostInputs,
-        lora_groups: frozenset[str],
+        lora_groups: dict[str, int],
         gather: list[tuple[int, int]] | None = None,
         prev_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -282,18 +282,20 @@ class ModelRunner:
         return self.model.forward(inp, self.kv_caches, self.lora)
 
     @torch.inference_mode()
-    def _warm_forward(self, batch: ScheduledBatch) -> None:
+    def _warm_forward(self, batch: ScheduledBatch, rank: int | None = None) -> None:
         """An eager forward that runs the LoRA of every projection group, whatever the slots
         hold (empty slots have rank 0, their programs return at once): the in-line LoRA
         kernels are compiled here, not in the first step with an adapter, and their
-        temporaries count in the memory profile."""
+        temporaries count in the memory profile. ``rank``: the adapters' largest rank as the
+        step claims it (the segment path's tile width; default the pool's)."""
         host = build_host_inputs(
             batch,
             block_size=self.block_size,
             max_model_len=self.max_model_len,
             num_slots=self.num_slots,
         )
-        hidden = self._eager(host, frozenset(self.model.offsets))
+        rank = self.max_lora_rank if rank is None else rank
+        hidden = self._eager(host, dict.fromkeys(self.model.offsets, rank))
         self.model.logits(hidden[host.sample_idx.to(self.device)])
 
     def _warm_lora(self) -> None:
@@ -303,8 +305,10 @@ class ModelRunner:
         on its own slot (per-token path) and all on slot 0 (segment path). The in-line
         per-token expand takes more tiles per program as the token count grows: one more
         prefill per tile config it can reach (``token_path_sizes``; the per-token path runs up
-        to ``2 * num_slots - 1`` tokens). Decode graphs compile their own when captured.
-        Writes K/V into the first blocks of the pool, which no sequence holds yet."""
+        to ``2 * num_slots - 1`` tokens). The segment path's tile width follows the step's
+        largest rank: both segment steps again at each narrower width. Decode graphs compile
+        their own when captured. Writes K/V into the first blocks of the pool, which no
+        sequence holds yet."""
         if self.num_slots < 1:
             return
         m = min(64, self.max_model_len, self.num_blocks * self.block_size)
@@ -312,13 +316,13 @@ class ModelRunner:
         self._warm_forward(ScheduledBatch([SeqChunk(0, [0] * m, 0, blocks, 0, True)]))
         most = min(self.num_blocks, self.max_num_seqs)
 
-        def one_token_each(n: int, pos: int, slot_of) -> None:
+        def one_token_each(n: int, pos: int, slot_of, rank: int | None = None) -> None:
             one = [
                 SeqChunk(seq_id=i, token_ids=[0], start_pos=pos, block_table=[i],
                          adapter_slot=slot_of(i), sample=True)
                 for i in range(n)
             ]  # fmt: skip
-            self._warm_forward(ScheduledBatch(one))
+            self._warm_forward(ScheduledBatch(one), rank)
 
         for pos in (0, 1):
             # the segment path needs 2+ tokens per segment, the per-token path fewer
@@ -326,6 +330,12 @@ class ModelRunner:
             one_token_each(min(most, 2), pos, lambda i: 0)
         if self.device.type != "cuda":
             return  # the CPU runs the references
+        for r in (16, 32):  # the segment kernels' narrower tiles (lora_shrink.seg_rank)
+            if r < self.max_lora_rank:
+                chunk = SeqChunk(0, [0] * m, 0, blocks, 0, True)
+                self._warm_forward(ScheduledBatch([chunk]), r)
+                for pos in (0, 1):
+                    one_token_each(min(most, 2), pos, lambda i: 0, r)
         t_max = min(most, 2 * self.num_slots - 1)
         sizes: set[int] = set()
         for offs in self.model.offsets.values():

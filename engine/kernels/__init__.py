@@ -43,11 +43,17 @@ def _pick(mod, name: str, t: torch.Tensor):
     return fn if fn is not None else getattr(mod, name + "_ref")
 
 
-def lora_shrink(x, lora_a, ranks, pages, meta: LoraMeta, early_launch: bool = True) -> torch.Tensor:
-    """``early_launch``: a launch option of the Triton kernel (see there), not of the math."""
+def lora_shrink(
+    x, lora_a, ranks, pages, meta: LoraMeta, early_launch: bool = True, max_rank: int | None = None
+) -> torch.Tensor:
+    """``early_launch``: a launch option of the Triton kernel (see there), not of the math.
+    ``max_rank``: the step's largest adapter rank (host int; None: the pool's), which sizes
+    the partials on the segment path."""
     if use_triton(x):
-        return _shrink.lora_shrink(x, lora_a, ranks, pages, meta, early_launch=early_launch)
-    return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta)
+        return _shrink.lora_shrink(
+            x, lora_a, ranks, pages, meta, early_launch=early_launch, max_rank=max_rank
+        )
+    return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta, max_rank)
 
 
 def lora_expand(

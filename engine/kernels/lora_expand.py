@@ -8,6 +8,10 @@ with no adapter and the columns of projections an adapter does not touch): the d
 computes the delta on a side stream while the base GEMM writes its own output, and adds the
 two afterwards (``LlamaModel.forward``).
 
+``buf``'s width ``R`` is the shrink's: the pool's max rank, or on the segment path the step's
+largest rank rounded to a tile (``lora_shrink.seg_rank``); the expand reads and reduces over
+that width, with the shrink's rank buckets when the batch mixes ranks.
+
 Two kernels, picked on the host like the shrink's (``use_token_path``): per token (decode;
 grid ``(T, N ranges, P)``, slot from ``meta.token_slot``) or per tile of one segment
 (prefill; grid ``(NT, N ranges, P)``, tensor-core dots). Both grids are static for a given T.
@@ -106,6 +110,45 @@ if HAVE_TRITON:
             tl.store(
                 y_rows + offs_n[None, :], zero, mask=mask_rows[:, None] & (offs_n < n_end)[None, :]
             )
+
+    @triton.jit
+    def _seg_expand_rows(
+        x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank, n_start, n_end, stride_bs,
+        stride_bn, PR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of tokens: ``y[m, n_start:n_end] += sum_ks buf[ks, m, :rank] @ B[:rank]``
+        (``x_rows``: [BLOCK_M, 1] pointers to split 0's partials, ``KSTRIDE`` elements to the
+        next split's; ``y_rows``: [BLOCK_M, 1]). The rank is walked in BLOCK_R steps (one
+        step for every rank <= BLOCK_R); y is read-modified-written once per step, the N loop
+        inside so that it is pipelined. Store mode: the first rank step writes y unread."""
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            xmask = mask_m[:, None] & mask_r[None, :]
+            xrows = x_rows + offs_r[None, :]
+            xt = tl.load(xrows, mask=xmask, other=0.0)
+            for ks in range(1, KS):
+                xt += tl.load(xrows + ks * KSTRIDE, mask=xmask, other=0.0)
+            if not IEEE:
+                xt = xt.to(b_p.dtype.element_ty)
+            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_end
+                bt = tl.load(
+                    b_cols + offs_n[:, None] * stride_bn,
+                    mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                ymask = mask_m[:, None] & mask_n[None, :]
+                if IEEE:
+                    acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, tl.trans(bt))
+                if ACCUMULATE or r0 > 0:  # store mode: the first rank step writes
+                    acc += tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0).to(tl.float32)
+                tl.store(y_rows + offs_n[None, :], acc.to(y_rows.dtype.element_ty), mask=ymask)
 
     # not specialized on the token count, the K splits or the tile count (lora_shrink's note)
     @triton.jit(do_not_specialize=["T", "KS", "BOFF0", "BOFF1", "BOFF2", "BOFF3"])
@@ -312,6 +355,7 @@ if HAVE_TRITON:
         LINE: tl.constexpr,
         EARLY: tl.constexpr,
         ACCUMULATE: tl.constexpr,
+        RANK_SPLIT: tl.constexpr,  # BLOCK_R > 16: tiles of ranks <= 16 (and <= 32) take their own
     ):
         # segment path (prefill-like): one tile of <= BLOCK_M tokens of one segment (one
         # adapter), one projection p, a range of N_PER_PROG output columns in BLOCK_N steps;
@@ -342,7 +386,7 @@ if HAVE_TRITON:
         end = tl.load(tile_end_ptr + tile)
         if slot < 0:
             return
-        rank = tl.load(ranks_ptr + slot * P + p)
+        rank = tl.minimum(tl.load(ranks_ptr + slot * P + p), R)  # at most the partials' width
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -367,35 +411,31 @@ if HAVE_TRITON:
                         prefetch_l2(b_base + lo_e + idx * LINE, idx < n_lines)
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
         y_rows = y_ptr + tok[:, None] * stride_yt
-        # the rank is walked in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
-        # read-modified-written once per step, the N loop inside so that it is pipelined.
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            xmask = mask_m[:, None] & mask_r[None, :]
-            xrows = buf_ptr + p * T * R + tok[:, None] * R + offs_r[None, :]
-            xt = tl.load(xrows, mask=xmask, other=0.0)
-            for ks in range(1, KS):
-                xt += tl.load(xrows + ks * P * T * R, mask=xmask, other=0.0)
-            if not IEEE:
-                xt = xt.to(b_ptr.dtype.element_ty)
-            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
-            for n0 in range(n_start, n_end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < n_end
-                bt = tl.load(
-                    b_cols + offs_n[:, None] * stride_bn,
-                    mask=mask_n[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
-                ymask = mask_m[:, None] & mask_n[None, :]
-                if IEEE:
-                    acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
+        x_rows = buf_ptr + p * T * R + tok[:, None] * R  # [BLOCK_M, 1]: split 0's partials
+        KSTRIDE = P * T * R  # one K split's partials further
+        if RANK_SPLIT:
+            # the batch mixes ranks: a tile takes its own rank's bucket (lora_shrink's note)
+            if rank <= 16:
+                _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                                 n_start, n_end, stride_bs, stride_bn, PR, 16, BLOCK_N, IEEE,
+                                 ACCUMULATE)  # fmt: skip
+            elif BLOCK_R > 32:
+                if rank <= 32:
+                    _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                                     n_start, n_end, stride_bs, stride_bn, PR, 32, BLOCK_N,
+                                     IEEE, ACCUMULATE)  # fmt: skip
                 else:
-                    acc = tl.dot(xt, tl.trans(bt))
-                if ACCUMULATE or r0 > 0:  # store mode: the first rank step writes
-                    acc += tl.load(y_rows + offs_n[None, :], mask=ymask, other=0.0).to(tl.float32)
-                tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+                    _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                                     n_start, n_end, stride_bs, stride_bn, PR, BLOCK_R, BLOCK_N,
+                                     IEEE, ACCUMULATE)  # fmt: skip
+            else:
+                _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                                 n_start, n_end, stride_bs, stride_bn, PR, BLOCK_R, BLOCK_N,
+                                 IEEE, ACCUMULATE)  # fmt: skip
+        else:
+            _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank, n_start,
+                             n_end, stride_bs, stride_bn, PR, BLOCK_R, BLOCK_N, IEEE,
+                             ACCUMULATE)  # fmt: skip
 
 
 def _expand_config(
@@ -476,7 +516,7 @@ def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: i
 
 
 def lora_expand(
-    buf: torch.Tensor,  # [KS, P, T, R] float32 partials from lora_shrink
+    buf: torch.Tensor,  # [KS, P, T, R] float32 partials from lora_shrink (R: its width)
     lora_b: torch.Tensor,  # [U, N, PAGE_ROWS] (the pool's strided view; scale folded in)
     ranks: torch.Tensor,  # [slots, P] int32
     pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
@@ -495,8 +535,8 @@ def lora_expand(
     offs = [int(o) for o in out_offsets]
     if len(offs) != P + 1 or offs[0] != 0 or offs[-1] != N or P > 4:
         raise ValueError(f"out_offsets {offs} must be [0, ..., N={N}] for P={P} <= 4 projections")
-    if R2 != R or buf.dtype != torch.float32 or not buf.is_contiguous():
-        raise ValueError("buf must be contiguous float32 [KS, P, T, R], R = MAXP * PAGE_ROWS")
+    if R > R2 or buf.dtype != torch.float32 or not buf.is_contiguous():
+        raise ValueError("buf must be contiguous float32 [KS, P, T, R], R <= MAXP * PAGE_ROWS")
     if pages.dtype != torch.int32 or not pages.is_contiguous() or PR & (PR - 1) or P2 != P:
         raise ValueError("pages: contiguous int32 [slots, P, MAXP]; PAGE_ROWS a power of 2")
     if y.shape != (T, N) or y.stride(1) != 1 or lora_b.stride(2) != 1:
@@ -532,6 +572,8 @@ def lora_expand(
     if config:  # an override of the shape without "one_tile" takes one tile if it is one
         one_tile = config.get("one_tile", n_per == block_n if "n_per" in config else one_tile)
     n_tiles = _tile_run(one_tile, block_n, n_per, R, block_r)
+    # the segment path over ranks wider than 16 (buf's width): rank-bucketed tiles
+    rank_split = not rows and block_r > 16 and (not config or config.get("rank_split", True))
     offs = offs + [N] * (5 - len(offs))
     ranks = ranks.contiguous()
     boffs = [int(o) for o in b_offsets] if b_offsets is not None else [0] * P
@@ -590,6 +632,7 @@ def lora_expand(
         LINE=128 // y.element_size(),
         EARLY=early_launch,
         ACCUMULATE=accumulate,
+        RANK_SPLIT=rank_split,
         **cfg,
     )
     return y

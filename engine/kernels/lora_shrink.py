@@ -8,6 +8,12 @@ The result comes as K-split partial sums ``buf[KS, P, T, R]`` float32 (the shrin
 ``lora_expand`` adds the partials when it loads them. Only entries that the expand reads
 (tokens with an adapter, ``r < ranks[slot, p]``) are written; the rest is undefined.
 
+``R`` is the pool's max rank, except on the segment path given ``max_rank`` (the largest rank
+of the step's adapters, a host int): there it is :func:`seg_rank` of it, so a pool of rank 64
+serving rank-16 adapters sizes its partials, tiles and the expand's reduction for 16. The
+segment kernels also take each tile's rank bucket (<= 16, <= 32, else the full tile) when the
+batch mixes ranks, as the per-token path does.
+
 Two kernels, picked on the host from ``T`` and ``meta.num_segments`` (:func:`use_token_path`):
 the per-token path (decode: one program per token, projection and K slice, the token's slot
 read from ``meta.token_slot``; grid ``(T, P, KS)``) and the segment path (prefill: one program
@@ -38,16 +44,32 @@ def paged_rows(pages: torch.Tensor, slot: int, p: int, r: int, page_rows: int) -
     return pages[slot, p].long().repeat_interleave(page_rows)[:r]
 
 
+SEG_RANK_TILE = 16  # the segment path's partials width is a multiple of this (tl.dot's least)
+
+
+def seg_rank(max_rank: int | None, pool_rank: int) -> int:
+    """The width of the segment path's partials: ``max_rank`` (the largest rank among the
+    step's adapters, host-known) rounded up to :data:`SEG_RANK_TILE`, at most the pool's rank;
+    the pool's rank when ``max_rank`` is None."""
+    if max_rank is None:
+        return pool_rank
+    if max_rank < 0:
+        raise ValueError(f"max_rank {max_rank} < 0")
+    tiles = max(1, -(-max_rank // SEG_RANK_TILE))
+    return min(pool_rank, tiles * SEG_RANK_TILE)
+
+
 def lora_shrink_ref(
     x: torch.Tensor,  # [T, in]
     lora_a: torch.Tensor,  # [U, P, PAGE_ROWS, in] (the pool's strided view)
     ranks: torch.Tensor,  # [slots, P] int32
     pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     meta: LoraMeta,
-) -> torch.Tensor:  # [1, P, T, R] float32, R = MAXP * PAGE_ROWS
+    max_rank: int | None = None,  # the step's largest adapter rank (see lora_shrink)
+) -> torch.Tensor:  # [1, P, T, R] float32, R = seg_rank(max_rank, MAXP * PAGE_ROWS)
     T = x.shape[0]
     _, P, PR, _ = lora_a.shape
-    R = pages.shape[2] * PR
+    R = seg_rank(max_rank, pages.shape[2] * PR)
     buf = torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
@@ -112,6 +134,36 @@ if HAVE_TRITON:
                 )
                 acc += at.to(tl.float32) * xv.to(tl.float32)[None, :]
             tl.store(out + offs_r, tl.sum(acc, axis=1), mask=mask_r)
+
+    @triton.jit
+    def _seg_rows(
+        x_rows, mask_m, a_base, page_row, rank, k_lo, k_hi, out_rows, stride_as, stride_ar,
+        PR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of tokens: ``out[m, :rank] = A[:rank, k_lo:k_hi] @ x[m, k_lo:k_hi]`` in
+        [BLOCK_M, BLOCK_R] tensor-core tiles (``x_rows``, ``out_rows``: [BLOCK_M, 1] row
+        pointers), the rank in BLOCK_R steps, K in BLOCK_K steps."""
+        offs_k = tl.arange(0, BLOCK_K)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            a_rows = _row_ptrs(a_base, page_row, offs_r, mask_r, stride_as, stride_ar, PR)[:, None]
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < k_hi
+                xt = tl.load(
+                    x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                )
+                at = tl.load(
+                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
+                )
+                if IEEE:
+                    acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt, tl.trans(at))
+            tl.store(out_rows + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
 
     # the token count is not specialized on (divisible by 16 or not, == 1): one compiled
     # variant serves every step size, so steps of new sizes never wait for the JIT
@@ -224,7 +276,7 @@ if HAVE_TRITON:
         a_ptr,  # [U, P, PR, K] (pages)
         ranks_ptr,  # [slots, P]
         pages_ptr,  # [slots, P, MAXP] int32
-        buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
+        buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]; R: seg_rank's width
         sorted_ptr,
         tile_slot_ptr,
         tile_start_ptr,
@@ -248,6 +300,7 @@ if HAVE_TRITON:
         PREFETCH,  # int 0/1, a runtime flag: one compiled variant for every T
         LINE: tl.constexpr,
         EARLY: tl.constexpr,
+        RANK_SPLIT: tl.constexpr,  # BLOCK_R > 16: tiles of ranks <= 16 (and <= 32) take their own
     ):
         # segment path (prefill-like): one program = one tile of <= BLOCK_M tokens of one
         # segment (one adapter), one projection p, one K slice; tensor-core dots.
@@ -261,7 +314,9 @@ if HAVE_TRITON:
         end = tl.load(tile_end_ptr + tile)
         if slot < 0:
             return
-        rank = tl.load(ranks_ptr + slot * P + p)
+        # at most the partials' width: a host bound below a slot's rank truncates that
+        # adapter, never writes past its row of buf
+        rank = tl.minimum(tl.load(ranks_ptr + slot * P + p), R)
         if rank == 0:
             return
         offs_m = start + tl.arange(0, BLOCK_M)
@@ -275,29 +330,27 @@ if HAVE_TRITON:
             if PREFETCH != 0:  # this program's A rows stream into L2 while the previous ends
                 _prefetch_a(a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE, PR)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
-        offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + tok[:, None] * stride_xt
-        out_base = buf_ptr + (ks * P + p) * T * R
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            a_rows = _row_ptrs(a_base, page_row, offs_r, mask_r, stride_as, stride_ar, PR)[:, None]
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                kk = k0 + offs_k
-                mask_k = kk < k_hi
-                xt = tl.load(
-                    x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-                )
-                at = tl.load(
-                    a_rows + kk[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0
-                )
-                if IEEE:
-                    acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+        out_rows = buf_ptr + (ks * P + p) * T * R + tok[:, None] * R
+        if RANK_SPLIT:
+            # the batch mixes ranks: a tile takes its own rank's bucket (a rank-8 tile in a
+            # [16, 64] dot would do 8x its work); one compiled kernel, the branch per program
+            if rank <= 16:
+                _seg_rows(x_rows, mask_m, a_base, page_row, rank, k_lo, k_hi, out_rows,
+                          stride_as, stride_ar, PR, BLOCK_M, 16, BLOCK_K, IEEE)  # fmt: skip
+            elif BLOCK_R > 32:
+                if rank <= 32:
+                    _seg_rows(x_rows, mask_m, a_base, page_row, rank, k_lo, k_hi, out_rows,
+                              stride_as, stride_ar, PR, BLOCK_M, 32, BLOCK_K, IEEE)  # fmt: skip
                 else:
-                    acc += tl.dot(xt, tl.trans(at))
-            out = out_base + tok[:, None] * R + offs_r[None, :]
-            tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
+                    _seg_rows(x_rows, mask_m, a_base, page_row, rank, k_lo, k_hi, out_rows,
+                              stride_as, stride_ar, PR, BLOCK_M, BLOCK_R, BLOCK_K, IEEE)  # fmt: skip
+            else:
+                _seg_rows(x_rows, mask_m, a_base, page_row, rank, k_lo, k_hi, out_rows,
+                          stride_as, stride_ar, PR, BLOCK_M, BLOCK_R, BLOCK_K, IEEE)  # fmt: skip
+        else:
+            _seg_rows(x_rows, mask_m, a_base, page_row, rank, k_lo, k_hi, out_rows, stride_as,
+                      stride_ar, PR, BLOCK_M, BLOCK_R, BLOCK_K, IEEE)  # fmt: skip
         if USE_PDL and not EARLY:
             gdc_launch_dependents()
 
@@ -377,16 +430,23 @@ def lora_shrink(
     meta: LoraMeta,
     config: dict | None = None,  # tuning override: block_k, k_per, num_warps, num_stages
     early_launch: bool = True,
+    max_rank: int | None = None,  # the step's largest adapter rank (host int); None: the pool's
 ) -> torch.Tensor:  # [KS, P, T, R] float32 partials over K splits
     """``early_launch`` (Hopper PDL): every program lets the next kernel of the stream launch
     as it starts, so that kernel's programs take free SMs during this one's tail (they wait
     in ``gdc_wait`` before reading what this one writes). Off for kernels that run beside
     another stream's GEMM, where the waiting programs take SMs from it (H100: -6 % for the
-    layer in line, +4 % for the decode step beside; docs/benchmarks.md)."""
+    layer in line, +4 % for the decode step beside; docs/benchmarks.md).
+
+    ``max_rank``: at least every rank of the slots the meta's tokens use (the host knows
+    which adapters a step runs); the segment path then sizes ``R`` by it (:func:`seg_rank`),
+    the per-token path keeps the pool's (its shapes stay what a decode graph captured).
+    Config ``"r_eff": False`` ignores it and ``"rank_split": False`` takes one tile shape for
+    every rank (the behaviour before both; bench_sgmv.py --seg-rank)."""
     T, K = x.shape
     _, P, PR, K2 = lora_a.shape
     S_, P2, maxp = pages.shape
-    R = maxp * PR
+    R = pool_r = maxp * PR
     if K2 != K:
         raise ValueError(f"lora_a in_features {K2} != x {K}")
     if ranks.shape != (S_, P) or ranks.dtype != torch.int32 or P2 != P:
@@ -400,12 +460,14 @@ def lora_shrink(
     if x.stride(1) != 1 or lora_a.stride(3) != 1:
         raise ValueError("x and lora_a need a contiguous last dimension")
     ranks = ranks.contiguous()
-    nt = meta.tile_seg.shape[0]
-    if T == 0 or nt == 0 or meta.num_segments == 0:
-        return torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     rows = use_token_path(T, meta)
     if config:
         rows = config.get("rows", rows)
+    if not rows and (not config or config.get("r_eff", True)):
+        R = seg_rank(max_rank, pool_r)
+    nt = meta.tile_seg.shape[0]
+    if T == 0 or nt == 0 or meta.num_segments == 0:
+        return torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     max_split = config.get("max_split", MAX_SPLIT) if config else MAX_SPLIT
     if config:
         early_launch = config.get("early", early_launch)
@@ -427,8 +489,9 @@ def lora_shrink(
         one_tile, preload = config.get("one_tile", one_tile), config.get("preload", preload)
     k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
     one_tile = one_tile and rows and k_per <= block_k and R <= block_r
-    # per-token path over a pool of ranks wider than 16: rank-bucketed tiles (see the kernel)
-    rank_split = rows and not one_tile and block_r > 16
+    # ranks wider than 16 (the pool's on the per-token path, the step's on the segment
+    # path): rank-bucketed tiles (see the kernels)
+    rank_split = not one_tile and block_r > 16
     if config:
         rank_split = rank_split and config.get("rank_split", True)
     kp2 = triton.next_power_of_2(k_per)
@@ -494,6 +557,7 @@ def lora_shrink(
         PREFETCH=int(prefetch),
         LINE=line,
         EARLY=early_launch,
+        RANK_SPLIT=rank_split,
         **cfg,
     )
     return buf

@@ -180,18 +180,22 @@ class LoraPool:
                 else:
                     va, vb = (t.view(S * per, P, self.max_pages) for t in vp)
                     self.layers[i][g] = LoraGroup(a, b, ranks, va, b_offs, b_pages=vb)
-        self._slot_groups: list[frozenset[str]] = [frozenset()] * self.num_slots
+        # per slot, the groups its adapter touches -> its largest rank there (host ints)
+        self._slot_ranks: list[dict[str, int]] = [{} for _ in range(self.num_slots)]
         # pages for writes that name none (a runner used without an engine: tests, benches)
         self._own: PageAllocator | None = None
         self._own_pages: dict[int, dict[str, list[int]]] = {}
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def groups_used(self, slots: set[int]) -> frozenset[str]:
-        """The projection groups that the adapters in ``slots`` touch (host bookkeeping)."""
-        out: frozenset[str] = frozenset()
+    def ranks_used(self, slots: set[int]) -> dict[str, int]:
+        """The projection groups that the adapters in ``slots`` touch -> the largest rank
+        among them there, over layers and projections (host bookkeeping: the segment-path
+        kernels size their work by it, ``lora_shrink``'s ``max_rank``)."""
+        out: dict[str, int] = {}
         for s in slots:
             if s >= 0:
-                out |= self._slot_groups[s]
+                for g, r in self._slot_ranks[s].items():
+                    out[g] = max(out.get(g, 0), r)
         return out
 
     def nbytes(self) -> int:
@@ -235,7 +239,7 @@ class LoraPool:
             self._pages[g][slot].zero_()
             for t in self._vpages.get(g, ()):
                 t[slot].zero_()
-        self._slot_groups[slot] = frozenset()
+        self._slot_ranks[slot] = {}
         if self._own is not None and slot in self._own_pages:
             self._own.free(self._own_pages.pop(slot))
 
@@ -277,7 +281,8 @@ class LoraPool:
                 cs.wait_stream(main)  # steps queued so far may read pages this reuses
                 self._write(slot, pages, staged)
             main.wait_stream(cs)  # the next step reads what was written
-        self._slot_groups[slot] = frozenset(weights.groups)
+        # PackedGroup.a is [L, P, r, in], r this adapter's largest rank in the group
+        self._slot_ranks[slot] = {g: int(p.a.shape[2]) for g, p in weights.groups.items()}
 
     def _write(
         self,

@@ -13,7 +13,7 @@ runner fills (into static buffers when replaying a CUDA graph).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -92,7 +92,9 @@ class ForwardInputs:
     is_decode: bool
     max_q_len: int
     lora: LoraMeta | None  # None: no token of this step uses an adapter
-    lora_groups: frozenset[str] | None = None  # groups the step's adapters touch (None: all)
+    # the groups the step's adapters touch -> their largest rank there (host ints; sizes the
+    # segment-path LoRA kernels). None: every group, at the pool's max rank (CUDA graphs)
+    lora_groups: Mapping[str, int] | None = None
 
 
 @dataclass
@@ -222,9 +224,10 @@ class LlamaModel:
         if groups is None or not self._uses(inp, name):
             return self.linear(x, weight, bias), None
         group, offsets = groups[name], self.offsets[name]
+        rank = None if inp.lora_groups is None else inp.lora_groups[name]
         if not beside:
             y = self.linear(x, weight, bias)
-            buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora)
+            buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora, max_rank=rank)
             K.lora_expand(
                 buf, group.b, group.ranks, group.pages, offsets, inp.lora, y,
                 b_offsets=group.b_offsets,
@@ -234,7 +237,9 @@ class LlamaModel:
         if residual is None:  # allocated on the main stream, written beside
             delta = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         with self._beside():  # no early launch beside the GEMM (lora_shrink's docstring)
-            buf = K.lora_shrink(x, group.a, group.ranks, group.pages, inp.lora, early_launch=False)
+            buf = K.lora_shrink(
+                x, group.a, group.ranks, group.pages, inp.lora, early_launch=False, max_rank=rank
+            )
             out, acc = (residual, True) if delta is None else (delta, False)
             K.lora_expand(
                 buf,

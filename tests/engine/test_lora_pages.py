@@ -256,11 +256,14 @@ def test_write_clear_and_load_unload_return_every_page(tmp_path):
         key = f"k{i}"
         slot, _ = t.assign(key, page_need(w))
         p.write(slot, w, t.pages_of(slot))
+        # the host's view of the slot: each group it touches at its rank (the segment
+        # kernels' width), the empty slot -1 adding nothing
+        assert p.ranks_used({slot, -1}) == dict.fromkeys(w.groups, w.max_rank)
         if i % 3 == 0:  # some stay until evicted, the rest are unloaded
             continue
         t.release(key)
         p.clear(slot)
-        assert p.groups_used({slot}) == frozenset()
+        assert p.ranks_used({slot}) == {}
     assert t.evictions > 0  # the budget is small: the kept ones were evicted for others
     released = [t.release(k) for k in t.resident]
     for s in released:

@@ -8,7 +8,12 @@ from kernel_testing import DEVICE, assert_close, gpu
 
 from loraplex.engine.kernels import build_lora_meta
 from loraplex.engine.kernels.lora_expand import lora_expand, lora_expand_ref
-from loraplex.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref, use_token_path
+from loraplex.engine.kernels.lora_shrink import (
+    lora_shrink,
+    lora_shrink_ref,
+    seg_rank,
+    use_token_path,
+)
 
 PATTERNS = ["distinct", "identical", "zipf", "some_none"]
 PAGE_ROWS = 8  # the pool's (engine/lora/pool.py)
@@ -94,8 +99,10 @@ def make_weights(num_slots, outs, max_rank, k, dtype, gen, rank_choices=(1, 8, 6
 
 def run_case(
     T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, config=None,
-    page_rows=PAGE_ROWS, **kw,
+    page_rows=PAGE_ROWS, step_rank=None, **kw,
 ):  # fmt: skip
+    """-> the shrink's partials. ``step_rank``: lora_shrink's ``max_rank`` (the largest rank
+    of the slots the tokens use, as the runner claims it)."""
     gen = torch.Generator().manual_seed(seed)
     token_slot = make_token_slot(T, pattern, num_slots, gen)
     if max_segments is not None and T > 1:
@@ -111,19 +118,22 @@ def run_case(
     dev = DEVICE
     meta_d = meta.to(dev)
     A, B, pages, boffs = to_paged(a, b, offsets, gen, page_rows)
-    buf = lora_shrink(x.to(dev), A, ranks.to(dev), pages, meta_d, config=config)
+    rk = ranks.to(dev)
+    buf = lora_shrink(x.to(dev), A, rk, pages, meta_d, config=config, max_rank=step_rank)
     # only what the expand reads is defined: tokens with an adapter, r < rank
+    W = buf.shape[3]
     slot = token_slot.long().clamp_min(0)
     r_tok = ranks.long()[slot].T  # [P, T]
     defined = (token_slot >= 0)[None, :, None] & (
-        torch.arange(max_rank)[None, None, :] < r_tok[:, :, None]
+        torch.arange(W)[None, None, :] < r_tok[:, :, None]
     )
-    assert_close(buf.sum(0).cpu()[defined], buf_ref.sum(0)[defined], dtype)
+    assert_close(buf.sum(0).cpu()[defined], buf_ref.sum(0)[..., :W][defined], dtype)
     y = y0.to(dev).clone()
-    lora_expand(buf, B, ranks.to(dev), pages, offsets, meta_d, y, config=config, b_offsets=boffs)
+    lora_expand(buf, B, rk, pages, offsets, meta_d, y, config=config, b_offsets=boffs)
     assert_close(y, y_ref, dtype)
     none = token_slot < 0
     assert torch.equal(y.cpu()[none], y0[none]), "a token with no adapter was touched"
+    return buf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -390,6 +400,22 @@ def test_sgmv_llama_bf16(group, T, pattern):
 
 
 @gpu
+@pytest.mark.parametrize("pattern", ["zipf", "some_none"])
+@pytest.mark.parametrize("T", [64, 133, 1024])
+@pytest.mark.parametrize("group", list(LLAMA_GROUPS))
+@pytest.mark.parametrize("choices", [(8, 16), (8, 16, 32), (8, 16, 32, 64)])
+def test_sgmv_llama_bf16_step_rank(choices, group, T, pattern):
+    # the segment path at Llama shapes in a rank-64 pool, sized by the step's largest rank
+    # (16, 32, 64: BLOCK_R 16 / 32 / 64 with rank buckets)
+    k, outs = LLAMA_GROUPS[group]
+    buf = run_case(
+        T, k, outs, pattern, torch.bfloat16, num_slots=16, max_rank=64, seed=T,
+        config={"rows": False}, step_rank=max(choices), rank_choices=choices,
+    )  # fmt: skip
+    assert buf.shape[3] == max(choices)
+
+
+@gpu
 @pytest.mark.parametrize("pattern", ["identical", "some_none", "distinct"])
 @pytest.mark.parametrize("T", [1, 32, 128])
 @pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
@@ -481,3 +507,75 @@ def test_token_path_rank_buckets(pattern, rank_split):
     cfg = {"rows": True, "rank_split": rank_split}
     run_case(7, 200, [96, 40], pattern, torch.float32, num_slots=8, max_rank=64, seed=5,
              config=cfg, rank_choices=(8, 16, 24, 32, 64))  # fmt: skip
+
+
+def test_seg_rank():
+    # the step's largest rank rounded up to 16 (tl.dot's least), within the pool's
+    assert seg_rank(None, 64) == 64
+    assert [seg_rank(r, 64) for r in (0, 1, 8, 16, 17, 32, 33, 48, 64, 100)] == [
+        16, 16, 16, 16, 32, 32, 48, 48, 64, 64,
+    ]  # fmt: skip
+    assert seg_rank(8, 8) == 8  # a pool of rank 8: its own width
+
+
+# a pool of max rank 64 holding adapters of ranks 8, 16, 32 (and a projection of rank 0): the
+# segment path sizes its partials by the step's largest rank, not the pool's
+@pytest.mark.parametrize("rank_split", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("choices, width", [((8, 16, 32), 32), ((8, 16), 16), ((8,), 16)])
+def test_segment_path_sized_by_step_rank(choices, width, dtype, rank_split):
+    cfg = {"rows": False, "rank_split": rank_split}
+    # tokens with no adapter among several adapters; exact and graph-padded metas
+    for pattern, max_segments in (("some_none", None), ("zipf", 12)):
+        buf = run_case(
+            40, 130, [70, 33, 9], pattern, dtype, num_slots=12, max_rank=64, seed=len(choices),
+            max_segments=max_segments, config=cfg, step_rank=max(choices), rank_choices=choices,
+        )  # fmt: skip
+        assert buf.shape[3] == width, buf.shape
+
+
+def test_segment_path_mixed_ranks_8_to_64():
+    # ranks 8-64 mixed in one step: the full width, each tile in its rank's bucket
+    for rank_split in (True, False):
+        buf = run_case(
+            40, 130, [70, 33], "zipf", torch.float32, num_slots=12, max_rank=64, seed=9,
+            config={"rows": False, "rank_split": rank_split}, step_rank=64,
+            rank_choices=(8, 16, 24, 32, 64),
+        )  # fmt: skip
+        assert buf.shape[3] == 64
+
+
+def test_segment_width_old_behaviour_and_token_path():
+    # "r_eff": False keeps the pool's width (the old segment path); the per-token path keeps
+    # it whatever the step's rank (a decode graph's shapes must not depend on the batch)
+    kw = dict(num_slots=12, max_rank=64, seed=3, step_rank=16, rank_choices=(8, 16))
+    buf = run_case(40, 130, [70, 33], "zipf", torch.float32, config={"r_eff": False}, **kw)
+    assert buf.shape[3] == 64
+    buf = run_case(40, 130, [70, 33], "zipf", torch.float32, config={"rows": True}, **kw)
+    assert buf.shape[3] == 64
+
+
+def test_segment_expand_reads_the_partials_width():
+    # the expand reads buf with its own row width: the shrink's 16-wide partials and the same
+    # values zero-padded to the pool's 64 give the same y (a kernel that took the pool's width
+    # as the row stride would read the wrong rows of the 16-wide buffer)
+    gen = torch.Generator().manual_seed(21)
+    T, k, outs = 40, 130, [70, 33]
+    token_slot = make_token_slot(T, "zipf", 12, gen)
+    a, b, ranks, offsets = make_weights(12, outs, 64, k, torch.float32, gen, (8, 16))
+    x = torch.randn(T, k, generator=gen)
+    meta = build_lora_meta(token_slot).to(DEVICE)
+    A, B, pages, boffs = to_paged(a, b, offsets, gen)
+    rk = ranks.to(DEVICE)
+    buf = lora_shrink(x.to(DEVICE), A, rk, pages, meta, max_rank=16)
+    assert buf.shape[3] == 16 and not use_token_path(T, meta)
+    wide = torch.nn.functional.pad(buf, (0, 48)).contiguous()
+    y0 = torch.randn(T, offsets[-1], generator=gen).to(DEVICE)
+    y, y_wide = y0.clone(), y0.clone()
+    lora_expand(buf, B, rk, pages, offsets, meta, y, b_offsets=boffs)
+    lora_expand(wide, B, rk, pages, offsets, meta, y_wide, b_offsets=boffs)
+    assert_close(y, y_wide, torch.float32)
+    y_ref = expand_ref(
+        shrink_ref(x, a, ranks, meta.to("cpu")), b, ranks, offsets, meta.to("cpu"), y0.cpu()
+    )
+    assert_close(y, y_ref, torch.float32)
