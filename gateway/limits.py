@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Literal, Protocol
 
 from loraplex.tenancy.errors import QuotaExceeded, RateLimited
@@ -59,7 +60,7 @@ class Scope:
     key_id: str | None
     limits: Limits
 
-    @property
+    @cached_property
     def redis_base(self) -> str:
         tail = "t" if self.name == "tenant" else f"k:{self.key_id}"
         return f"lp:lim:{{{self.tenant_id}}}:{tail}"
