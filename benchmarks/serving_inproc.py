@@ -15,6 +15,7 @@ import uvicorn
 from loraplex.engine_wiring import inproc_engine
 from loraplex.gateway.app import create_app
 from loraplex.gateway.http_protocol import http_protocol
+from loraplex.gateway.log_format import logging_config
 from loraplex.serve import load_settings, migrate, resolve_model, run_bootstrap
 
 
@@ -27,8 +28,11 @@ def main() -> None:
     if banner:
         print(banner, flush=True)
     app = create_app(settings, engine_factory=lambda: inproc_engine(settings, model))
+    # as `loraplex serve` runs its workers (loraplex.supervisor): loraplex's log config, and
+    # no uvicorn access line (gateway.request_log writes the request's line)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log, http=http_protocol())  # fmt: skip
+                log_config=logging_config(settings.log_format), access_log=False,
+                http=http_protocol())  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -95,6 +95,12 @@ class EngineServer:
         self._wake_tx = self._ctx.socket(zmq.PAIR)  # the step thread's end
         self._wake_tx.connect(f"inproc://wake-{id(self)}")
         self._wake_lock = threading.Lock()  # several threads may wake (step, loader replies)
+        # The ROUTER socket is the main thread's, but for the step thread's last outputs
+        # before it idles (``_emit``): every use of it holds this lock, and the main thread
+        # waits on its descriptor, not on the socket (a ZeroMQ socket is one thread's at a
+        # time).
+        self._router: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._router_lock = threading.Lock()
         self._info: ModelInfo | None = None
         self._engine_id = ""
         self._clients: dict[bytes, _Client] = {}
@@ -117,10 +123,35 @@ class EngineServer:
         self._post(("dead", f"the engine step loop died: {exc}"))
 
     def _emit(self, outputs: list[EngineOutput]) -> None:
-        self._post(("outputs", outputs))
+        self._out.put(("outputs", outputs))
+        # The step loop goes idle after these (the last token of the last request): this
+        # thread sends them itself, saving the main thread's wake-up on the way back.
+        # While other requests run, the main thread encodes and sends as usual.
+        if self._step.going_idle and self._flush_here():
+            return
+        self._wake_main()
+
+    def _flush_here(self) -> bool:
+        """Send what is queued from this thread, if the main thread is not using the
+        socket now (then it will send it). ZeroMQ signals readiness on edges, and a send
+        can take the edge of a message that came in: the main thread is woken for it."""
+        router = self._router
+        if router is None or not self._router_lock.acquire(blocking=False):
+            return False
+        try:
+            self._flush(router)
+            incoming = bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        finally:
+            self._router_lock.release()
+        if incoming or self._exit_code is not None:
+            self._wake_main()
+        return True
 
     def _post(self, item: tuple[Any, ...]) -> None:
         self._out.put(item)
+        self._wake_main()
+
+    def _wake_main(self) -> None:
         with self._wake_lock:
             try:
                 self._wake_tx.send(b"", zmq.NOBLOCK)
@@ -136,9 +167,9 @@ class EngineServer:
         router.setsockopt(zmq.RCVHWM, 0)
         router.setsockopt(zmq.LINGER, 2000)
         router.bind(self.address)
-        self._router = router
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._request_stop())
+        self._router = router
         self._step.start()
         http = None
         if self._http_address:
@@ -151,30 +182,38 @@ class EngineServer:
             )
             http.start()
         poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
+        poller.register(router.getsockopt(zmq.FD), zmq.POLLIN)  # edge: EVENTS says what
         poller.register(self._wake_rx, zmq.POLLIN)
         log.info("engine server listening on %s", self.address)
         last_check = time.monotonic()
+        lock = self._router_lock
         try:
             while not self._stop and self._exit_code is None:
-                events = dict(poller.poll(_POLL_MS))
+                with lock:  # read to the end before waiting on the next edge
+                    waiting = bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                events = dict(poller.poll(0 if waiting else _POLL_MS))
                 if self._wake_rx in events:
                     self._drain_wakes()
-                if router in events:
+                with lock:
                     self._receive(router)
-                self._flush(router)
+                    self._flush(router)
                 now = time.monotonic()
                 if self._drain_until is not None and (not self._owner or now > self._drain_until):
                     self._stop = True
                 if now - last_check >= 1.0:
                     last_check = now
-                    self._check_clients(now)
+                    with lock:  # the step thread's last outputs read the owners too
+                        self._check_clients(now)
                     self._check_parent()
             if self._exit_code is None:
                 self._step.shutdown()
-                self._flush(router)  # the aborted requests' last outputs
+                with lock:
+                    self._flush(router)  # the aborted requests' last outputs
+                    self._router = None  # the main thread's alone from here
                 self._broadcast(router, "dead", "the engine shut down")
                 self._exit_code = 0
+            with lock:
+                self._router = None
             self._await_goodbyes(router)
             return self._exit_code
         finally:
@@ -236,7 +275,9 @@ class EngineServer:
     # -- incoming --------------------------------------------------------------------------
 
     def _receive(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
-        while True:
+        # (asked first: a zmq.Again raised on every turn costs the step thread, waiting
+        # for the GIL with a request just handed over, ~10 us)
+        while router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 ident, data = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -331,7 +372,7 @@ class EngineServer:
             self._send(router, ident, Status(self._engine_id, state, detail))  # type: ignore[arg-type]
 
     def _flush(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
-        while True:
+        while not self._out.empty():  # (as in _receive: no queue.Empty raised every turn)
             try:
                 item = self._out.get_nowait()
             except queue.Empty:

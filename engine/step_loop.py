@@ -56,6 +56,9 @@ class StepLoop:
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
         self._stats_at = 0.0
+        # True while ``emit`` runs with a step's outputs after which the loop has nothing
+        # left to run (it waits for work next): an emitter may then spend this thread's time
+        self.going_idle = False
         self.engine: LLMEngine | None = None  # for tests and tools; the step thread's own
 
     # -- lifecycle (any thread) -------------------------------------------------------------
@@ -152,7 +155,11 @@ class StepLoop:
             elif now - self._stats_at >= _STATS_EVERY_S:
                 self._stats, self._stats_at = engine.stats(), now
             if outputs:
-                self._emit(outputs)
+                self.going_idle = idle_stats
+                try:
+                    self._emit(outputs)
+                finally:
+                    self.going_idle = False
             if not engine.last_step_ran:
                 self._wake.wait(_LOADING_WAIT_S)
 

@@ -13,7 +13,8 @@ segments, and a client woken for the head that must wait again for the body.
 :class:`CoalescingTransport` holds what is written until the end of the event loop's
 current turn and sends it in one write: a whole response (the app sends its head and body
 in one turn), or a stream's head and first chunk when they come together; a head whose
-body comes later leaves in the same turn anyway.
+body comes later leaves in the same turn anyway. A response's last bytes leave as soon as
+the app has sent them (``on_response_complete``), before its middleware's teardown.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ class EnvelopeH11Protocol(H11Protocol):
 class EnvelopeHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
+
+    def on_response_complete(self) -> None:
+        # The response's last bytes leave now, not at the end of the turn: the app's
+        # middleware still runs after its last send (the request's log line, metrics),
+        # and the client need not wait for that.
+        transport = self.transport
+        if isinstance(transport, CoalescingTransport):
+            transport.flush()
+        super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
         body, request_id = _body()

@@ -96,7 +96,10 @@ class InProcessLimiter:
         self._lock = threading.Lock()
 
     def _state(self, scope: Scope) -> _ScopeState:
-        return self._states.setdefault(scope.redis_base, _ScopeState())
+        state = self._states.get(scope.redis_base)  # (not setdefault: a new state each call)
+        if state is None:
+            state = self._states[scope.redis_base] = _ScopeState()
+        return state
 
     async def admit(
         self, principal: Principal, reserve_tokens: int, *, prompt_tokens: int | None = None
@@ -130,7 +133,7 @@ class InProcessLimiter:
         self, scopes: tuple[Scope, ...], reserve: int, spend: int, wall: datetime, rid: str
     ) -> Verdict:
         now = self._clock_ms()
-        month, month_ms = month_key(wall), ms_to_next_month(wall)
+        month = month_key(wall)
         violations: list[Violation] = []
         for scope in scopes:
             st, lim = self._state(scope), scope.limits
@@ -156,10 +159,14 @@ class InProcessLimiter:
                 )
             budget = lim.monthly_token_budget
             if budget is not None and used_month[0] + st.reserved_tokens + reserve > budget:
-                violations.append(Violation(scope.name, LimitKind.TOKEN_BUDGET, budget, month_ms))
+                violations.append(
+                    Violation(scope.name, LimitKind.TOKEN_BUDGET, budget, ms_to_next_month(wall))
+                )
             budget = lim.monthly_spend_budget_micros
             if budget is not None and used_month[1] + st.reserved_spend + spend > budget:
-                violations.append(Violation(scope.name, LimitKind.SPEND_BUDGET, budget, month_ms))
+                violations.append(
+                    Violation(scope.name, LimitKind.SPEND_BUDGET, budget, ms_to_next_month(wall))
+                )
         if not violations:
             for scope in scopes:
                 st, lim = self._state(scope), scope.limits

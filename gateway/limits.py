@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Literal, Protocol
 
 from loraplex.tenancy.errors import QuotaExceeded, RateLimited
@@ -59,7 +60,7 @@ class Scope:
     key_id: str | None
     limits: Limits
 
-    @property
+    @cached_property
     def redis_base(self) -> str:
         tail = "t" if self.name == "tenant" else f"k:{self.key_id}"
         return f"lp:lim:{{{self.tenant_id}}}:{tail}"
@@ -68,11 +69,12 @@ class Scope:
 def scopes_for(principal: Principal) -> tuple[Scope, ...]:
     """The tenant scope always (its month usage is tracked even without a budget, so a
     budget set mid-month sees the month so far); the key scope when the key has limits."""
-    tenant = Scope("tenant", str(principal.tenant_id), None, Limits.parse(principal.tenant_limits))
-    key_limits = Limits.parse(principal.key_limits)
+    tenant_id = principal.tenant_key
+    tenant = Scope("tenant", tenant_id, None, principal.tenant_limits_parsed)
+    key_limits = principal.key_limits_parsed
     if principal.key_id is None or key_limits.empty:
         return (tenant,)
-    return tenant, Scope("key", str(principal.tenant_id), str(principal.key_id), key_limits)
+    return tenant, Scope("key", tenant_id, str(principal.key_id), key_limits)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,10 @@ async def completions(
         ]
         usage_chunk = completion_usage_chunk(id_, created, model) if body.include_usage() else None
         return EngineStream([c for c, _ in calls], events_of(makers, usage_chunk))
-    collected = await asyncio.gather(*(collect(call, first) for call, first in calls))
+    if len(calls) == 1:  # the usual request: no task (and event loop turn) for one prompt
+        collected = [await collect(*calls[0])]
+    else:
+        collected = await asyncio.gather(*(collect(call, first) for call, first in calls))
     result = Completion(
         id=id_,
         created=created,
