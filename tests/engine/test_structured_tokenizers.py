@@ -35,8 +35,8 @@ from loraplex.engine.structured import GrammarCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from json_schemas import max_output_bytes, schemas  # noqa: E402
-from toy_runner import ToyRunner  # noqa: E402
+from json_schemas import max_output_bytes, schemas
+from toy_runner import ToyRunner
 
 EOS = 2  # <|im_end|>, the GGUF's eos
 SCHEMA = {
