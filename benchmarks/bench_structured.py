@@ -19,7 +19,9 @@ one replaced by an ``ignore_eos`` request of exactly the length its constrained 
 produced, so both cases compute the same tokens. Reported: tokens/s of each, their ratio
 (the target is >= 0.9), the host time per step spent filling and sending masks
 (``grammar_mask_ms / grammar_mask_steps``) and per mask row, and how many constrained
-outputs validate against their schema (``jsonschema``; all must). Grammars are compiled
+outputs validate against their schema (``jsonschema``; all must: the exit status is 1, after
+the JSON, when one does not stop or validate, with the finish reasons and errors of a few
+in ``not_stopped_examples``). Grammars are compiled
 before the clock starts (each schema once; compilation runs in worker threads in serving,
 off the step loop).
 """
@@ -129,6 +131,7 @@ def closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int) ->
     queue = list(reversed(requests))
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     finish: dict[str, str] = {}
+    errors: dict[str, str] = {}
     in_flight = 0
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     t0 = time.perf_counter()
@@ -142,6 +145,8 @@ def closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int) ->
                 tokens[out.request_id] += c.token_ids
                 if c.finish_reason is not None:
                     finish[out.request_id] = c.finish_reason
+            if out.error is not None:
+                errors[out.request_id] = str(out.error)
             if out.finished:
                 in_flight -= 1
     wall = time.perf_counter() - t0
@@ -163,6 +168,7 @@ def closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int) ->
         "mask_us_per_row": round(mask_ms * 1000 / mask_rows, 2) if mask_rows else 0.0,
         "_tokens": tokens,
         "_finish": finish,
+        "_errors": errors,
     }
 
 
@@ -204,7 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
             if reason != "stop":
                 cut += 1
                 if len(cut_examples) < 3:
-                    cut_examples.append((r.request_id, reason, r.sampling.max_tokens, text[:300]))
+                    error = con["_errors"].get(r.request_id)
+                    cut_examples.append(
+                        (r.request_id, reason, error, r.sampling.max_tokens, text[:300])
+                    )
                 continue
             try:
                 jsonschema.validate(json.loads(text), schema)
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine2.shutdown()
 
     for case in (con, free):
-        case.pop("_tokens"), case.pop("_finish")
+        case.pop("_tokens"), case.pop("_finish"), case.pop("_errors")
     result = {
         "bench": "structured",
         "model": a.model or "SmolLM2-135M-Instruct (GGUF)",
@@ -253,5 +262,19 @@ def _renamed(r: Request, prefix: str) -> Request:
     return Request(f"{prefix}-{r.request_id}", r.prompt, r.sampling, r.adapter)
 
 
+def failed(result: dict) -> str:
+    """Why the run does not count ("" when it does): every constrained request must end
+    with ``stop`` and validate, or the throughput ratio compares unconstrained batches."""
+    cut, invalid = result["schema_outputs_not_stopped"], result["schema_outputs_invalid"]
+    if not cut and not invalid:
+        return ""
+    return (
+        f"{cut} constrained requests did not stop (finish reasons "
+        f"{result['constrained_finish_reasons']}) and {invalid} did not validate"
+    )
+
+
 if __name__ == "__main__":
-    main()
+    problem = failed(main())
+    if problem:
+        raise SystemExit(f"bench_structured: FAILED: {problem}")

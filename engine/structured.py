@@ -12,10 +12,17 @@ llguidance's thread pool (while the GPU runs the forward), copied to the device 
 transfer, and applied to those rows' logits in one batched op before sampling
 (``engine.token_mask``). Unconstrained rows beside them are untouched. The end of
 sequence token is allowed only where the grammar accepts what was written.
+
+llguidance reads each token's bytes from the tokenizer's JSON, choosing byte-level BPE or
+SentencePiece byte fallback from the decoder (:func:`llg_tokenizer`); the engine checks that
+it reads what the tokenizer decodes before any grammar is compiled, since a misread
+vocabulary makes masks that no valid output fits.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import threading
 import time
@@ -25,7 +32,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import torch
 
 from loraplex.engine.api import Grammar
@@ -98,9 +104,7 @@ class GrammarCache:
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos
-                )
+                self._tokenizer = llg_tokenizer(self._hf_tokenizer, self.vocab_size, self._eos)
             return self._tokenizer
 
     def _compile(self, grammar: Grammar) -> llguidance.LLMatcher:
@@ -127,6 +131,47 @@ class GrammarCache:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# text whose tokens hold what a misread vocabulary gets wrong: spaces and newlines (byte-level
+# BPE writes them as other characters), quotes, digits, non-ASCII letters and an emoji
+PROBE = ' {"a b": [1, 2.5], "c": "x\ty"}\n  Ünïcode 中文 🙂 end\n'
+
+
+def llg_tokenizer(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> llguidance.LLTokenizer:
+    """llguidance's form of a fast HF tokenizer, checked against the tokenizer's own decode.
+
+    llguidance takes a byte-level BPE (token strings in GPT-2's byte alphabet, ``Ġ`` a space)
+    only when the decoder is ``ByteLevel`` itself; a ``Sequence`` holding ``ByteFallback``
+    makes it read tokens as SentencePiece pieces, so ``Ġ`` stays the two bytes of that
+    character and no token holds a space. transformers 5.17 builds exactly that decoder
+    (``ByteFallback, Fuse, Replace, ByteLevel``) for a GPT-2-style GGUF vocabulary such as
+    SmolLM2's: every JSON mask after ``{"key":`` was empty and the sampled token refused.
+    A sequence that ends in ``ByteLevel`` decodes byte-level tokens, so llguidance is given
+    that ``ByteLevel`` alone. Raises RuntimeError when llguidance still reads the probe text's
+    tokens differently from the tokenizer (no grammar could be enforced)."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise RuntimeError("structured outputs need a fast (Rust-backed) tokenizer")
+    backend = copy.copy(backend)
+    backend.no_padding()
+    backend.no_truncation()
+    spec = json.loads(backend.to_str())
+    decoder = spec.get("decoder") or {}
+    parts = (decoder.get("decoders") or []) if decoder.get("type") == "Sequence" else []
+    if parts and parts[-1].get("type") == "ByteLevel":
+        spec["decoder"] = parts[-1]
+    tok = llguidance.LLTokenizer(json.dumps(spec), n_vocab=vocab_size, eos_token=eos)
+    ids = list(hf_tokenizer.encode(PROBE, add_special_tokens=False))
+    want = hf_tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    got = tok.decode_str(ids)
+    if got.lstrip() != want.lstrip():  # (a SentencePiece decode drops one leading space)
+        raise RuntimeError(
+            f"llguidance reads this tokenizer's tokens as other text ({got!r}, the tokenizer "
+            f"decodes {want!r}; decoder {json.dumps(decoder)[:200]}): its grammar masks would "
+            "not fit valid outputs"
+        )
+    return tok
 
 
 def fill_masks(
