@@ -89,12 +89,14 @@ class LLGuidance:
 
     def __init__(self, tok: Any, vocab: int, threads: int) -> None:
         import llguidance
-        import llguidance.hf
         import llguidance.torch
+
+        from loraplex.engine.structured import llg_tokenizer
 
         self.llg = llguidance
         self.lt = llguidance.torch
-        self.tok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
+        # the engine's own construction (checked against the tokenizer's decode)
+        self.tok = llg_tokenizer(tok, vocab, [tok.eos_token_id])
         self.executor = llguidance.LLExecutor(threads)
 
     def compile(self, schema: str) -> Any:
