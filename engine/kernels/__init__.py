@@ -43,11 +43,16 @@ def _pick(mod, name: str, t: torch.Tensor):
     return fn if fn is not None else getattr(mod, name + "_ref")
 
 
-def lora_shrink(x, lora_a, ranks, pages, meta: LoraMeta, early_launch: bool = True) -> torch.Tensor:
-    """``early_launch``: a launch option of the Triton kernel (see there), not of the math."""
+def lora_shrink(
+    x, lora_a, ranks, pages, meta: LoraMeta, early_launch: bool = True, row_div: int = 1
+) -> torch.Tensor:
+    """``early_launch``: a launch option of the Triton kernel (see there), not of the math.
+    ``row_div``: token ``t`` reads ``x[t // row_div]`` (the MoE layer's pairs)."""
     if use_triton(x):
-        return _shrink.lora_shrink(x, lora_a, ranks, pages, meta, early_launch=early_launch)
-    return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta)
+        return _shrink.lora_shrink(
+            x, lora_a, ranks, pages, meta, early_launch=early_launch, row_div=row_div
+        )
+    return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta, row_div)
 
 
 def lora_expand(
