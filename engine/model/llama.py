@@ -346,11 +346,14 @@ class LlamaModel:
             else:
                 o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
                 h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
-            if w.router is not None:  # experts' LoRA in line: few tokens per (slot, expert)
+            if w.router is not None:  # experts' LoRA in line (engine/model/moe.py)
                 ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
                 ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
                 gate_up, down = cast(torch.Tensor, w.gate_up), cast(torch.Tensor, w.down)
-                x = moe_mlp(h, w.router, gate_up, down, c, ex, self.offsets, inp.lora)
+                x = moe_mlp(
+                    h, w.router, gate_up, down, c, ex, self.offsets, inp.lora,
+                    decode=inp.is_decode,
+                )  # fmt: skip
                 continue
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
             act = K.silu_and_mul(gu, d, gelu=self.gelu)

@@ -70,11 +70,13 @@ def _adapter(path, rank: int, targets: tuple[str, ...], seed: int):
     return path
 
 
+@pytest.mark.parametrize("decode", [True, False], ids=["per-token", "grouped"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_expert_lora_triton_matches_reference(dtype, tmp_path, monkeypatch):
+def test_expert_lora_triton_matches_reference(dtype, decode, tmp_path, monkeypatch):
     """Three adapters (ranks 8, 16 and 5; gate/up/down, down only) in 4 slots, tokens of
-    every slot and of none, through the MoE layer: the Triton path (grouped GEMMs, per-token
-    SGMV over virtual slots slot * E + expert) equals the references'."""
+    every slot and of none, through the MoE layer: the Triton path (grouped GEMMs, SGMV over
+    virtual slots slot * E + expert: per token in decode steps, else over the pairs grouped
+    on the device) equals the references'."""
     specs = [(8, ("gate_proj", "up_proj", "down_proj")), (16, ("down_proj",)),
              (5, ("gate_proj", "up_proj", "down_proj"))]  # fmt: skip
     pool = LoraPool(
@@ -98,9 +100,18 @@ def test_expert_lora_triton_matches_reference(dtype, tmp_path, monkeypatch):
         monkeypatch.setenv("LORAPLEX_KERNELS", mode)
         layer = pool.layers[1]  # the second layer: its rows sit past the first's
         groups = {g: layer[g] for g in offsets}
-        outs[mode] = moe_mlp(h, router, gate_up, down, CFG, groups, offsets, meta)
+        outs[mode] = moe_mlp(h, router, gate_up, down, CFG, groups, offsets, meta, decode=decode)
         base = moe_mlp(h, router, gate_up, down, CFG, {}, offsets, None)
     assert_close(outs["triton"], outs["ref"], dtype)
+    # rows of padding as a decode graph's bucket adds them (no adapter; they route to experts
+    # too and share the sorted blocks and the LoRA kernels' grids) change no real row
+    pad = torch.randn(6, H, generator=gen).to(DEVICE, dtype)
+    meta_pad = build_lora_meta(torch.cat([slots, torch.full((6,), -1, dtype=torch.int32)]))
+    hp = torch.cat([h, pad])
+    padded = moe_mlp(
+        hp, router, gate_up, down, CFG, groups, offsets, meta_pad.to(DEVICE), decode=decode
+    )
+    assert_close(padded[:T], outs["triton"], dtype)
     # the adapters change every token that has one, and only those
     changed = (outs["ref"] - base).abs().amax(1) > 1e-3
     assert changed.tolist() == [s != -1 and s != 2 for s in slots.tolist()]
