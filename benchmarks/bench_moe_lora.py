@@ -12,15 +12,15 @@ Zipf(1.0). Per token count, four variants of the layer:
 - ``base``: no LoRA;
 - ``old``: the expert LoRA as before (per-token SGMV over every step's (token, expert) pairs,
   the shrink reading a repeated copy of the token rows: ``h.repeat_interleave(top_k)``);
-- ``token``: the per-token kernels reading each pair's token row (what decode steps run now);
+- ``token``: the per-token kernels reading each pair's token row (decode steps now);
 - ``grouped``: the segment kernels over the pairs grouped by (adapter, expert) on the device
-  (what prefill and mixed steps run now).
+  (prefill and mixed steps now, where their pairs fill the segments: ``expert_grouped``).
 
 First the check: every LoRA variant's output against the torch references' (the same routing),
 max |diff| / max |ref| < 3e-2. Then the times, each variant captured in a CUDA graph (the whole
 layer: routing, sorting, GEMMs, LoRA) and replayed, and the ratios: ``lora / base`` for each
-LoRA variant, ``old / new`` (new: ``token`` at decode sizes, up to ``--decode-max`` tokens,
-``grouped`` above) and ``old / grouped``.
+LoRA variant, ``old / new`` (new: what the engine picks for a step of that many tokens, a
+decode step up to ``--decode-max``, else a prefill) and ``old / grouped``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.lora.pool import LoraPool
 from loraplex.engine.lora.weights import LoraWeights, PackedGroup
 from loraplex.engine.model.config import ModelConfig
-from loraplex.engine.model.moe import moe_mlp, route
+from loraplex.engine.model.moe import expert_grouped, moe_mlp, route
 from loraplex.engine.model.presets import PRESETS
 
 
@@ -174,11 +174,11 @@ def main() -> None:
         variants = {
             "base": partial(moe_mlp, *call, {}, offsets, None),
             "old": partial(moe_mlp_old, *call, groups, offsets, meta),
-            "token": partial(moe_mlp, *call, groups, offsets, meta, decode=True),
-            "grouped": partial(moe_mlp, *call, groups, offsets, meta, decode=False),
+            "token": partial(moe_mlp, *call, groups, offsets, meta, grouped=False),
+            "grouped": partial(moe_mlp, *call, groups, offsets, meta, grouped=True),
         }
         os.environ["LORAPLEX_KERNELS"] = "ref"
-        ref = moe_mlp(*call, groups, offsets, meta, decode=False)
+        ref = moe_mlp(*call, groups, offsets, meta)
         os.environ["LORAPLEX_KERNELS"] = kernels
         errs = {name: rel(fn(), ref) for name, fn in variants.items() if name != "base"}
         bad = {k: v for k, v in errs.items() if not v < 3e-2}
@@ -188,7 +188,7 @@ def main() -> None:
         for name, t in ms.items():
             err = f"{errs[name]:.1e}" if name in errs else ""
             print(f"{T:>7} {name:>8} {t:>8.3f} {t / ms['base']:>7.3f} {err:>8}")
-        new = "token" if T <= args.decode_max else "grouped"
+        new = "grouped" if expert_grouped(meta, cfg, T <= args.decode_max) else "token"
         print(
             f"{T:>7} old/new ({new}) {ms['old'] / ms[new]:.2f}x, old/grouped "
             f"{ms['old'] / ms['grouped']:.2f}x; lora/base old {ms['old'] / ms['base']:.3f} "

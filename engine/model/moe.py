@@ -13,10 +13,11 @@ its token's row (``row_div``: no repeated copy of the rows). The gate/up deltas 
 the pairs' gate/up outputs before the activation, the down deltas to the pairs' outputs
 before the weighted sum. The router is not adapted.
 
-Which SGMV kernels: decode steps (a few pairs per (adapter, expert)) the per-token ones;
-prefill and mixed steps the segment ones (tensor-core tiles of one (adapter, expert)'s
-pairs: its A and B read once per tile, not once per pair) over the pairs grouped on the
-device (:meth:`LoraMeta.grouped`: no host sync, shapes from the pair count only).
+Which SGMV kernels (:func:`expert_grouped`): where a step's pairs fill (adapter, expert)
+segments (prefill, mixed steps with long chunks), the segment ones (tensor-core tiles of one
+(adapter, expert)'s pairs: its A and B read once per tile, not once per pair) over the pairs
+grouped on the device (:meth:`LoraMeta.grouped`: no host sync, shapes from the pair count
+only); else (decode: a few pairs per (adapter, expert)) the per-token ones.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def route(h: torch.Tensor, router: torch.Tensor, config: ModelConfig):
     if config.norm_topk_prob:
         top = top / top.sum(dim=-1, keepdim=True)
     return top.to(h.dtype), ids.to(torch.int32)
+
+
+def expert_grouped(meta: LoraMeta, config: ModelConfig, decode: bool) -> bool:
+    """The segment kernels for a step's expert LoRA: when its adapters' tokens route at least
+    2 pairs per (adapter, expert) on average (:func:`use_token_path`'s rule over each
+    adapter's E experts; host ints of the step's meta). Decode steps take the per-token
+    kernels (a graph's meta is padded: its counts are bounds)."""
+    pairs = meta.num_lora_tokens * config.num_experts_per_tok
+    return not decode and pairs >= 2 * meta.num_segments * config.num_experts
 
 
 def expert_meta(
@@ -86,7 +96,7 @@ def moe_mlp(
     offsets: dict[str, list[int]],
     meta: LoraMeta | None,
     *,
-    decode: bool = True,  # a decode step: per-token expert LoRA, else grouped (docstring)
+    grouped: bool = False,  # the expert LoRA's kernels: segment or per-token (docstring)
 ) -> torch.Tensor:  # [T, H]
     T, top_k, E = h.shape[0], config.num_experts_per_tok, config.num_experts
     weights, ids = route(h, router, config)
@@ -95,7 +105,7 @@ def moe_mlp(
     pmeta = None
     if groups and meta is not None:
         rows = next(iter(groups.values())).ranks.shape[0]
-        pmeta = expert_meta(meta, ids, E, h, grouped=not decode, rows=rows)
+        pmeta = expert_meta(meta, ids, E, h, grouped=grouped, rows=rows)
     if pmeta is not None and "experts_gate_up" in groups:
         g = "experts_gate_up"
         _lora(h, groups[g], offsets[g], pmeta, inter, row_div=top_k)  # pair q reads h[q // k]
