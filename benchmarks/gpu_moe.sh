@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Qwen3-MoE on one H200 (issue 18), in one device call (~8 min), from anywhere:
+# Qwen3-MoE on one H200 (issue 18), from anywhere:
 #
-#   OUT=/some/dir bash benchmarks/gpu_moe.sh
+#   OUT=/some/dir SECTIONS="layer tests" bash benchmarks/gpu_moe.sh   # one call, ~6 min
+#   OUT=/some/dir SECTIONS=throughput bash benchmarks/gpu_moe.sh      # a second, ~7 min
 #
+# layer: benchmarks/bench_moe_lora.py, one Qwen3-30B-A3B MoE layer with 32 rank-8 expert
+# adapters (Zipf): the old expert-LoRA path (per-token SGMV over repeated rows, every step)
+# and the new ones (per-token reading the token rows: decode; grouped segments: prefill)
+# checked against the torch references, then timed in one process (CUDA graphs) at 64, 256,
+# 2048 and 8192 tokens, printing lora/base per variant and old/new;
 # tests: the fused-MoE and expert-LoRA kernel tests on the GPU (fp32, fp16, bf16, a CUDA
 # graph replay), and bf16 parity with HF + PEFT (fp32) at Qwen3-30B-A3B's layer shapes
 # (2 layers; graphs and eager);
@@ -14,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/loraplex-gpu-moe}
 PY=${PYTHON:-python3}
-SECTIONS=${SECTIONS:-tests throughput}
+SECTIONS=${SECTIONS:-layer tests throughput}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOG=$OUT/moe.log
@@ -30,6 +36,10 @@ source benchmarks/gpu_step.sh  # step NAME SECONDS CMD...
 
 for s in $SECTIONS; do
   case $s in
+    layer)
+      step "moe layer: expert LoRA old vs new" 240 $PY benchmarks/bench_moe_lora.py \
+        --tokens 64,256,2048,8192 --adapters 32 --rank 8
+      ;;
     tests)
       step "moe kernel tests" 120 $PY -m pytest -q -p no:cacheprovider -rs \
         --confcutdir=tests/kernels tests/kernels/test_fused_moe.py

@@ -44,16 +44,25 @@ def _pick(mod, name: str, t: torch.Tensor):
 
 
 def lora_shrink(
-    x, lora_a, ranks, pages, meta: LoraMeta, early_launch: bool = True, max_rank: int | None = None
+    x,
+    lora_a,
+    ranks,
+    pages,
+    meta: LoraMeta,
+    early_launch: bool = True,
+    max_rank: int | None = None,
+    row_div: int = 1,
 ) -> torch.Tensor:
     """``early_launch``: a launch option of the Triton kernel (see there), not of the math.
     ``max_rank``: the step's largest adapter rank (host int; None: the pool's), which sizes
-    the partials on the segment path."""
+    the partials on the segment path. ``row_div``: token ``t`` reads ``x[t // row_div]``
+    (the MoE layer's pairs)."""
     if use_triton(x):
         return _shrink.lora_shrink(
-            x, lora_a, ranks, pages, meta, early_launch=early_launch, max_rank=max_rank
-        )
-    return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta, max_rank)
+            x, lora_a, ranks, pages, meta, early_launch=early_launch, max_rank=max_rank,
+            row_div=row_div,
+        )  # fmt: skip
+    return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta, max_rank, row_div)
 
 
 def lora_expand(

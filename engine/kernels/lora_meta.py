@@ -92,6 +92,69 @@ class LoraMeta:
             num_lora_tokens=T,
         )
 
+    @classmethod
+    def grouped(
+        cls,
+        token_slot: torch.Tensor,
+        max_slots: int | None = None,
+        block_m: int = DEFAULT_BLOCK_M,
+    ) -> LoraMeta:
+        """:func:`build_lora_meta`'s grouping done with torch ops on ``token_slot``'s device,
+        with no sync (the expert LoRA's (token, expert) pairs, whose experts the device
+        chose), for the segment kernels: tensor-core tiles of one (virtual) slot's tokens,
+        each slot's A and B read once per tile rather than once per token.
+
+        Shapes depend on ``T`` and ``max_slots`` (a bound on the distinct slots; None: ``T``)
+        only: ``S = min(T, max_slots)`` segments, ``NT = min(T, T // block_m + S)`` tiles
+        (a run of ``n`` tokens takes ``ceil(n / block_m)`` tiles); the ones past those in
+        use are empty (slot -1). The segment arrays are exact up to that padding (the
+        references read them). ``num_segments`` is 1, so that :func:`use_token_path` picks
+        the segment kernels (from 2 tokens on)."""
+        T, dev = token_slot.shape[0], token_slot.device
+        S = T if max_slots is None else min(T, max_slots)
+        nt = min(T, T // block_m + S)
+        i32, none = torch.int32, torch.iinfo(torch.int64).max
+        slot = token_slot.long()
+        key, order = torch.sort(torch.where(slot < 0, none, slot), stable=True)
+        valid = key != none
+        idx = torch.arange(T, device=dev)
+        first = torch.ones(T, dtype=torch.bool, device=dev)  # a run of one slot starts here
+        first[1:] = key[1:] != key[:-1]
+        last = torch.ones(T, dtype=torch.bool, device=dev)
+        last[:-1] = first[1:]
+        run_start = torch.where(first, idx, 0).cummax(0).values
+        run_end = torch.where(last, idx + 1, T).flip(0).cummin(0).values.flip(0)
+        is_tile = ((idx - run_start) % block_m == 0) & valid
+        is_seg = first & valid
+        slot_of = torch.where(valid, key, -1)
+
+        def put(n: int, at: torch.Tensor, src: torch.Tensor, fill: torch.Tensor | int):
+            """[n]: ``src`` where ``at`` holds, in order; ``fill`` past them."""
+            dest = torch.where(at, torch.cumsum(at, 0) - 1, n)  # n: a bin, dropped
+            out = torch.empty(n + 1, dtype=i32, device=dev)
+            if isinstance(fill, torch.Tensor):
+                out.copy_(fill.expand(n + 1))
+            else:
+                out.fill_(fill)
+            return out.scatter_(0, dest, src.to(i32))[:n]
+
+        n_lora = valid.sum().to(i32)
+        seg_start = put(S + 1, is_seg, idx, n_lora)  # padding segments: empty, at the end
+        seg_of = torch.cumsum(first, 0) - 1
+        return cls(
+            token_slot=token_slot.to(i32),
+            sorted_tokens=order.to(i32),
+            seg_start=seg_start,
+            seg_slot=put(S, is_seg, slot_of, -1),
+            tile_seg=put(nt, is_tile, seg_of, -1),
+            tile_start=put(nt, is_tile, idx, 0),
+            tile_slot=put(nt, is_tile, slot_of, -1),
+            tile_end=put(nt, is_tile, run_end, 0),
+            num_segments=1 if T else 0,
+            num_lora_tokens=T,
+            block_m=block_m,
+        )
+
     def copy_(self, other: LoraMeta) -> LoraMeta:
         """Copy ``other`` into this meta's buffers in place (static buffers for CUDA graphs)."""
         if other.block_m != self.block_m:

@@ -66,7 +66,10 @@ def lora_shrink_ref(
     pages: torch.Tensor,  # [slots, P, MAXP] int32: each projection's pages in rank order
     meta: LoraMeta,
     max_rank: int | None = None,  # the step's largest adapter rank (see lora_shrink)
+    row_div: int = 1,  # token t reads x[t // row_div] (lora_shrink's)
 ) -> torch.Tensor:  # [1, P, T, R] float32, R = seg_rank(max_rank, MAXP * PAGE_ROWS)
+    if row_div > 1:
+        x = x.repeat_interleave(row_div, dim=0)
     T = x.shape[0]
     _, P, PR, _ = lora_a.shape
     R = seg_rank(max_rank, pages.shape[2] * PR)
@@ -197,6 +200,7 @@ if HAVE_TRITON:
         RANK_SPLIT: tl.constexpr,  # BLOCK_R > 16: ranks <= 16 (and <= 32) take their own tiles
         RANK16_K: tl.constexpr,  # the K step of the rank <= 16 tiles
         RANK32_K: tl.constexpr,
+        ROW_DIV: tl.constexpr,  # token t reads x row t // ROW_DIV
     ):
         # per-token path (decode): one program = one token, one projection p, one K slice;
         # multiply-reduce on the CUDA cores. Its cost does not depend on how the tokens group
@@ -232,7 +236,8 @@ if HAVE_TRITON:
                 at = tl.load(a_tile, mask=a_mask, other=0.0)
             if USE_PDL:
                 gdc_wait()  # what the previous kernel wrote (x) is visible after this
-            xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_k, mask=mask_k, other=0.0)
+            x_row = x_ptr + (t // ROW_DIV).to(tl.int64) * stride_xt
+            xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
             if not PRELOAD:
                 at = tl.load(a_tile, mask=a_mask, other=0.0)
             part = tl.sum(at.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
@@ -245,7 +250,7 @@ if HAVE_TRITON:
             if PREFETCH != 0:
                 _prefetch_a(a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE, PR)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
-        x_row = x_ptr + t.to(tl.int64) * stride_xt
+        x_row = x_ptr + (t // ROW_DIV).to(tl.int64) * stride_xt
         out = buf_ptr + ((ks * P + p) * T + t).to(tl.int64) * R
         if RANK_SPLIT:
             # a pool of wide ranks serving mixed ones: each token takes the tiles of its own
@@ -301,6 +306,7 @@ if HAVE_TRITON:
         LINE: tl.constexpr,
         EARLY: tl.constexpr,
         RANK_SPLIT: tl.constexpr,  # BLOCK_R > 16: tiles of ranks <= 16 (and <= 32) take their own
+        ROW_DIV: tl.constexpr,  # token t reads x row t // ROW_DIV
     ):
         # segment path (prefill-like): one program = one tile of <= BLOCK_M tokens of one
         # segment (one adapter), one projection p, one K slice; tensor-core dots.
@@ -330,7 +336,7 @@ if HAVE_TRITON:
             if PREFETCH != 0:  # this program's A rows stream into L2 while the previous ends
                 _prefetch_a(a_base, page_row, rank, stride_as, stride_ar, k_lo, k_hi, LINE, PR)
             gdc_wait()  # what the previous kernel wrote (x) is visible after this
-        x_rows = x_ptr + tok[:, None] * stride_xt
+        x_rows = x_ptr + (tok // ROW_DIV)[:, None] * stride_xt
         out_rows = buf_ptr + (ks * P + p) * T * R + tok[:, None] * R
         if RANK_SPLIT:
             # the batch mixes ranks: a tile takes its own rank's bucket (a rank-8 tile in a
@@ -431,8 +437,13 @@ def lora_shrink(
     config: dict | None = None,  # tuning override: block_k, k_per, num_warps, num_stages
     early_launch: bool = True,
     max_rank: int | None = None,  # the step's largest adapter rank (host int); None: the pool's
+    row_div: int = 1,
 ) -> torch.Tensor:  # [KS, P, T, R] float32 partials over K splits
-    """``early_launch`` (Hopper PDL): every program lets the next kernel of the stream launch
+    """``row_div``: ``x`` holds ``T / row_div`` rows and token ``t`` reads row
+    ``t // row_div`` (the MoE layer's (token, expert) pairs, ``top_k`` per token row: no
+    repeated copy of the rows).
+
+    ``early_launch`` (Hopper PDL): every program lets the next kernel of the stream launch
     as it starts, so that kernel's programs take free SMs during this one's tail (they wait
     in ``gdc_wait`` before reading what this one writes). Off for kernels that run beside
     another stream's GEMM, where the waiting programs take SMs from it (H100: -6 % for the
@@ -443,12 +454,14 @@ def lora_shrink(
     the per-token path keeps the pool's (its shapes stay what a decode graph captured).
     Config ``"r_eff": False`` ignores it and ``"rank_split": False`` takes one tile shape for
     every rank (the behaviour before both; bench_sgmv.py --seg-rank)."""
-    T, K = x.shape
+    T, K = x.shape[0] * row_div, x.shape[1]
     _, P, PR, K2 = lora_a.shape
     S_, P2, maxp = pages.shape
     R = pool_r = maxp * PR
     if K2 != K:
         raise ValueError(f"lora_a in_features {K2} != x {K}")
+    if row_div < 1:
+        raise ValueError(f"row_div {row_div} < 1")
     if ranks.shape != (S_, P) or ranks.dtype != torch.int32 or P2 != P:
         raise ValueError("ranks must be int32 [slots, P] with pages' slots and projections")
     if pages.dtype != torch.int32 or not pages.is_contiguous() or PR & (PR - 1):
@@ -528,6 +541,7 @@ def lora_shrink(
             RANK_SPLIT=rank_split,
             RANK16_K=rank16_k,
             RANK32_K=rank32_k,
+            ROW_DIV=row_div,
             **cfg,
         )
         return buf
@@ -558,6 +572,7 @@ def lora_shrink(
         LINE=line,
         EARLY=early_launch,
         RANK_SPLIT=rank_split,
+        ROW_DIV=row_div,
         **cfg,
     )
     return buf

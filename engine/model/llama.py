@@ -27,7 +27,7 @@ from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
 from loraplex.engine.model.fp8 import Fp8Weight, Weight
-from loraplex.engine.model.moe import moe_mlp
+from loraplex.engine.model.moe import expert_grouped, moe_mlp
 
 if TYPE_CHECKING:
     from loraplex.engine.parallel import TPGroup
@@ -351,11 +351,15 @@ class LlamaModel:
             else:
                 o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
                 h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
-            if w.router is not None:  # experts' LoRA in line: few tokens per (slot, expert)
+            if w.router is not None:  # experts' LoRA in line (engine/model/moe.py)
                 ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
                 ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
                 gate_up, down = cast(torch.Tensor, w.gate_up), cast(torch.Tensor, w.down)
-                x = moe_mlp(h, w.router, gate_up, down, c, ex, self.offsets, inp.lora)
+                lm = inp.lora
+                grouped = lm is not None and bool(ex) and expert_grouped(lm, c, inp.is_decode)
+                x = moe_mlp(
+                    h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped
+                )
                 continue
             gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
             act = K.silu_and_mul(gu, d, gelu=self.gelu)

@@ -8,9 +8,16 @@ outputs of a token's k experts are summed with the routing weights.
 Expert LoRA: each routed (token, k) pair is one row of the SGMV kernels, its *virtual slot*
 ``slot * E + expert`` (the pool's expert groups hold a page table and rank table of
 ``slots * E`` rows, one per adapter and expert): shrink then expand over (adapter, expert)
-segments, the same kernels as the dense projections. The gate/up deltas are added to the
-pairs' gate/up outputs before the activation, the down deltas to the pairs' outputs before
-the weighted sum. The router is not adapted.
+segments, the same kernels as the dense projections. The shrinks read each pair's input as
+its token's row (``row_div``: no repeated copy of the rows). The gate/up deltas are added to
+the pairs' gate/up outputs before the activation, the down deltas to the pairs' outputs
+before the weighted sum. The router is not adapted.
+
+Which SGMV kernels (:func:`expert_grouped`): where a step's pairs fill (adapter, expert)
+segments (prefill, mixed steps with long chunks), the segment ones (tensor-core tiles of one
+(adapter, expert)'s pairs: its A and B read once per tile, not once per pair) over the pairs
+grouped on the device (:meth:`LoraMeta.grouped`: no host sync, shapes from the pair count
+only); else (decode: a few pairs per (adapter, expert)) the per-token ones.
 """
 
 from __future__ import annotations
@@ -33,22 +40,48 @@ def route(h: torch.Tensor, router: torch.Tensor, config: ModelConfig):
     return top.to(h.dtype), ids.to(torch.int32)
 
 
-def expert_meta(meta: LoraMeta, ids: torch.Tensor, num_experts: int, x: torch.Tensor) -> LoraMeta:
+def expert_grouped(meta: LoraMeta, config: ModelConfig, decode: bool) -> bool:
+    """The segment kernels for a step's expert LoRA: when its adapters' tokens route at least
+    2 pairs per (adapter, expert) on average (:func:`use_token_path`'s rule over each
+    adapter's E experts; host ints of the step's meta). Decode steps take the per-token
+    kernels (a graph's meta is padded: its counts are bounds)."""
+    pairs = meta.num_lora_tokens * config.num_experts_per_tok
+    return not decode and pairs >= 2 * meta.num_segments * config.num_experts
+
+
+def expert_meta(
+    meta: LoraMeta,
+    ids: torch.Tensor,
+    num_experts: int,
+    x: torch.Tensor,
+    *,
+    grouped: bool,
+    rows: int,
+) -> LoraMeta:
     """The (token, k) pairs' meta over virtual slots ``slot * E + expert`` (-1: no adapter).
 
-    The Triton path takes the per-token kernels, built on the device (no sync: the expert
-    ids live there); the reference path groups segments on the host."""
+    The Triton path builds it on the device (no sync: the expert ids live there), grouped
+    for the segment kernels or for the per-token ones (module docstring); ``rows``: the
+    virtual slots (``slots * E``), a bound on the segments. The reference path groups
+    segments on the host."""
     slot = meta.token_slot.to(ids.device).long()[:, None]
     vslot = torch.where(slot >= 0, slot * num_experts + ids.long(), -1).reshape(-1)
-    if K.use_triton(x):
-        return LoraMeta.per_token(vslot.to(torch.int32))
-    return build_lora_meta(vslot.cpu()).to(x.device)
+    if not K.use_triton(x):
+        return build_lora_meta(vslot.cpu()).to(x.device)
+    if grouped:
+        return LoraMeta.grouped(vslot, rows)
+    return LoraMeta.per_token(vslot.to(torch.int32))
 
 
 def _lora(
-    x: torch.Tensor, group: LoraGroup, offsets: list[int], meta: LoraMeta, y: torch.Tensor
+    x: torch.Tensor,
+    group: LoraGroup,
+    offsets: list[int],
+    meta: LoraMeta,
+    y: torch.Tensor,
+    row_div: int = 1,
 ) -> None:
-    buf = K.lora_shrink(x, group.a, group.ranks, group.pages, meta)
+    buf = K.lora_shrink(x, group.a, group.ranks, group.pages, meta, row_div=row_div)
     b_pages = group.b_pages if group.b_pages is not None else group.pages
     K.lora_expand(buf, group.b, group.ranks, b_pages, offsets, meta, y, b_offsets=group.b_offsets)
 
@@ -62,15 +95,20 @@ def moe_mlp(
     groups: dict[str, LoraGroup],  # the expert groups this step's adapters use (may be empty)
     offsets: dict[str, list[int]],
     meta: LoraMeta | None,
+    *,
+    grouped: bool = False,  # the expert LoRA's kernels: segment or per-token (docstring)
 ) -> torch.Tensor:  # [T, H]
     T, top_k, E = h.shape[0], config.num_experts_per_tok, config.num_experts
     weights, ids = route(h, router, config)
     blocks = K.moe_blocks(ids, E)
     inter = K.moe_gemm(h, gate_up, ids, False, blocks)  # [T * k, 2I]
-    pmeta = expert_meta(meta, ids, E, h) if groups and meta is not None else None
+    pmeta = None
+    if groups and meta is not None:
+        rows = next(iter(groups.values())).ranks.shape[0]
+        pmeta = expert_meta(meta, ids, E, h, grouped=grouped, rows=rows)
     if pmeta is not None and "experts_gate_up" in groups:
-        xs = h.repeat_interleave(top_k, dim=0)  # each pair's input row
-        _lora(xs, groups["experts_gate_up"], offsets["experts_gate_up"], pmeta, inter)
+        g = "experts_gate_up"
+        _lora(h, groups[g], offsets[g], pmeta, inter, row_div=top_k)  # pair q reads h[q // k]
     act = K.silu_and_mul(inter)  # [T * k, I]
     out = K.moe_gemm(act, down, ids, True, blocks)  # [T * k, H]
     if pmeta is not None and "experts_down" in groups:

@@ -2,14 +2,32 @@
 PEFT in float32, at Qwen3-30B-A3B's layer shapes (hidden 2048, 128 experts, top-8, expert
 width 768, GQA 32:4, head_dim 128) with 2 layers: the base and three adapters (attention and
 experts, experts only, all) in one batch, two-chunk prefill then 16 graph-replayed decode
-steps; max |ours - ref| / max |ref| < 3e-2 per sequence."""
+steps, and the same eager.
+
+Judged per position, not by the worst one: top-k routing is discontinuous, and bf16's
+rounding of the hidden state moves a token's router logits enough to reorder near-tied
+experts now and then: a spike at that position. Transformers' own bf16 forward does the same
+(CPU, 2026-12-03, 2 layers 2048 wide, 128 experts 64 wide, with the router at sd 1 as this
+test had it: HF bf16 vs HF fp32 0.13-0.45 per sequence, ours 0.16-0.56; the first H200 run's
+0.15 on the base sequence was this. With the router at sd 2 / sqrt(2048) as now: HF
+0.03-0.07, ours 0.06-0.09, our medians 1.6-1.9e-2). So per sequence: the median position
+within 3e-2 of the largest logit (the dense families' bound; a wrong kernel or adapter moves
+every position) and no position past 0.25. Graph replay equals eager (same kernels) within
+3e-2."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from model_builders import Seq, parity_references, rel_err, runner_logits
-from test_moe_parity import EXPERT, build_moe_model, write_adapter
+from test_moe_parity import (
+    EXPERT,
+    MEDIAN_TOL,
+    SPIKE_TOL,
+    build_moe_model,
+    position_errors,
+    write_adapter,
+)
 
 from loraplex.engine.model_runner import ModelRunner
 
@@ -33,7 +51,8 @@ def test_moe_bf16_gpu_matches_hf(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (7, 40, 150, 90)]
     refs = parity_references(base, adapters, prompts)
-    errors: dict[tuple[bool, int], float] = {}
+    errors: dict[tuple[bool, int], tuple[float, float]] = {}
+    got_by_mode = {}
     for eager in (False, True):
         runner = ModelRunner(
             str(base), device="cuda", dtype=torch.bfloat16, block_size=16, max_num_seqs=8,
@@ -44,12 +63,16 @@ def test_moe_bf16_gpu_matches_hf(tmp_path):
             runner.write_slot(slot, runner.read_adapter(path))
         seqs = [Seq(prompts[0], -1, refs[0][0])]
         seqs += [Seq(p, s, r[0]) for p, s, r in zip(prompts[1:], [2, 0, 3], refs[1:], strict=True)]
-        got = runner_logits(runner, seqs, 16)
+        got = got_by_mode[eager] = runner_logits(runner, seqs, 16)
         for i, (logits, (_, ref)) in enumerate(zip(got, refs, strict=True)):
-            err = rel_err(logits, ref)
-            print(f"eager={eager} seq {i}: rel err {err:.2e}")
-            errors[(eager, i)] = err
-    # every case measured before judging (on the H200, 2026-12-03, the graph runner's base
-    # sequence was 0.15 off; this shows whether eager and the adapters' sequences are too)
-    bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < 3e-2}
-    assert not bad, f"(eager, sequence): relative error {bad}"
+            med, top = position_errors(logits, ref)
+            print(f"eager={eager} seq {i}: rel err median {med:.2e} max {top:.2e}")
+            errors[(eager, i)] = med, top
+    bad = {
+        k: f"{m:.2e}/{t:.2e}"
+        for k, (m, t) in errors.items()
+        if not (m < MEDIAN_TOL and t < SPIKE_TOL)
+    }
+    assert not bad, f"(eager, sequence): relative error median/max {bad}"
+    for i, (g, e) in enumerate(zip(got_by_mode[False], got_by_mode[True], strict=True)):
+        assert rel_err(g, e) < 3e-2, f"sequence {i}: graph replay differs from eager"

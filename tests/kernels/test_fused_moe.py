@@ -3,6 +3,7 @@ expert) pairs) against the torch references, fp32 and fp16, small odd shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -70,11 +71,13 @@ def _adapter(path, rank: int, targets: tuple[str, ...], seed: int):
     return path
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-token", "grouped"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_expert_lora_triton_matches_reference(dtype, tmp_path, monkeypatch):
+def test_expert_lora_triton_matches_reference(dtype, grouped, tmp_path, monkeypatch):
     """Three adapters (ranks 8, 16 and 5; gate/up/down, down only) in 4 slots, tokens of
-    every slot and of none, through the MoE layer: the Triton path (grouped GEMMs, per-token
-    SGMV over virtual slots slot * E + expert) equals the references'."""
+    every slot and of none, through the MoE layer: the Triton path (grouped GEMMs, SGMV over
+    virtual slots slot * E + expert: per token in decode steps, else over the pairs grouped
+    on the device) equals the references'."""
     specs = [(8, ("gate_proj", "up_proj", "down_proj")), (16, ("down_proj",)),
              (5, ("gate_proj", "up_proj", "down_proj"))]  # fmt: skip
     pool = LoraPool(
@@ -98,12 +101,38 @@ def test_expert_lora_triton_matches_reference(dtype, tmp_path, monkeypatch):
         monkeypatch.setenv("LORAPLEX_KERNELS", mode)
         layer = pool.layers[1]  # the second layer: its rows sit past the first's
         groups = {g: layer[g] for g in offsets}
-        outs[mode] = moe_mlp(h, router, gate_up, down, CFG, groups, offsets, meta)
+        outs[mode] = moe_mlp(h, router, gate_up, down, CFG, groups, offsets, meta, grouped=grouped)
         base = moe_mlp(h, router, gate_up, down, CFG, {}, offsets, None)
     assert_close(outs["triton"], outs["ref"], dtype)
+    # rows of padding as a decode graph's bucket adds them (no adapter; they route to experts
+    # too and share the sorted blocks and the LoRA kernels' grids) change no real row
+    pad = torch.randn(6, H, generator=gen).to(DEVICE, dtype)
+    meta_pad = build_lora_meta(torch.cat([slots, torch.full((6,), -1, dtype=torch.int32)]))
+    hp = torch.cat([h, pad])
+    padded = moe_mlp(
+        hp, router, gate_up, down, CFG, groups, offsets, meta_pad.to(DEVICE), grouped=grouped
+    )
+    assert_close(padded[:T], outs["triton"], dtype)
     # the adapters change every token that has one, and only those
     changed = (outs["ref"] - base).abs().amax(1) > 1e-3
     assert changed.tolist() == [s != -1 and s != 2 for s in slots.tolist()]
+
+
+def test_expert_grouped_when_pairs_fill_segments():
+    # host ints only: at least 2 pairs per (adapter, expert) on average, never in decode
+    from loraplex.engine.model.moe import expert_grouped
+
+    cfg = dataclasses.replace(CFG, num_experts=128, num_experts_per_tok=8)
+    spread = torch.arange(2048, dtype=torch.int32) % 32  # 32 adapters
+    assert expert_grouped(build_lora_meta(spread), cfg, decode=False)  # 16384 pairs >= 8192
+    assert not expert_grouped(build_lora_meta(spread[:256]), cfg, decode=False)
+    assert not expert_grouped(build_lora_meta(spread), cfg, decode=True)
+    one = torch.zeros(16, dtype=torch.int32)  # one adapter: 128 pairs < 256
+    assert not expert_grouped(build_lora_meta(one), cfg, decode=False)
+    assert expert_grouped(build_lora_meta(one.repeat(2)), cfg, decode=False)
+    some_none = torch.tensor([0] * 32 + [-1] * 500, dtype=torch.int32)  # base tokens count not
+    assert expert_grouped(build_lora_meta(some_none), cfg, decode=False)
+    assert not expert_grouped(build_lora_meta(some_none[24:]), cfg, decode=False)
 
 
 @gpu

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, assert_close, gpu
 
-from loraplex.engine.kernels import build_lora_meta
+from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplex.engine.kernels.lora_shrink import (
     lora_shrink,
@@ -337,6 +337,36 @@ def test_meta_matches_loop_oracle(block_m):
                     assert got.dtype == torch.int32, f
                     got = got.tolist()
                 assert got == v, (f, tok.tolist(), max_segments)
+
+
+@pytest.mark.parametrize("block_m", [16, 4])
+def test_grouped_meta_matches_loop_oracle(block_m):
+    # the device grouping (torch ops, static shapes: the MoE pairs) against the same loops:
+    # the exact arrays, then padding (empty segments at the end, slot -1 tiles)
+    gen = torch.Generator().manual_seed(11)
+    cases = [torch.zeros(0, dtype=torch.int32), torch.full((5,), -1, dtype=torch.int32)]
+    for T in (1, 3, 7, 64, 133):
+        for pattern in PATTERNS:
+            cases.append(make_token_slot(T, pattern, 32, gen))
+    for tok in cases:
+        for bound in (None, 32, 500):
+            m = LoraMeta.grouped(tok, bound, block_m)
+            want = meta_oracle(tok.tolist(), None, block_m)
+            S, T = want["num_segments"], len(tok)
+            n_tiles = sum(t >= 0 for t in want["tile_seg"])
+            segs = T if bound is None else min(T, bound)
+            assert m.seg_slot.shape[0] == segs and m.tile_slot.shape[0] == min(
+                T, T // block_m + segs
+            )
+            assert m.sorted_tokens.tolist() == want["sorted_tokens"]
+            assert m.token_slot.tolist() == want["token_slot"]
+            assert m.seg_slot.tolist() == want["seg_slot"] + [-1] * (segs - S)
+            assert m.seg_start.tolist() == want["seg_start"] + want["seg_start"][-1:] * (segs - S)
+            for f in ("tile_seg", "tile_start", "tile_slot", "tile_end"):
+                got = getattr(m, f).tolist()
+                assert got[:n_tiles] == want[f][:n_tiles], (f, tok.tolist())
+            assert set(m.tile_slot.tolist()[n_tiles:]) <= {-1}
+            assert not use_token_path(T, m) or T < 2
 
 
 def test_token_path_choice():
