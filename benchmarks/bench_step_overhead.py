@@ -16,6 +16,7 @@ texts), which runs in the gateway processes, not in the step loop.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import time
@@ -35,6 +36,7 @@ from loraplex.engine.model.inputs import build_host_inputs
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.runner import StepTensors
+from loraplex.heap import freeze_heap
 
 PHASES = ("schedule", "inputs", "sample", "post")
 
@@ -126,7 +128,28 @@ def requests(n: int, adapters: int, max_tokens: int, greedy: bool) -> list[Reque
     return out
 
 
-def run(seqs: int, steps: int, adapters: int, warmup: int, greedy: bool) -> dict[str, float]:
+class GcClock:
+    """Time spent in the cyclic garbage collector (``gc.callbacks``), by generation."""
+
+    def __init__(self) -> None:
+        self.ms = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self.max_ms = 0.0
+        self._t = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+            return
+        ms = 1e3 * (time.perf_counter() - self._t)
+        self.ms[info["generation"]] += ms
+        self.count[info["generation"]] += 1
+        self.max_ms = max(self.max_ms, ms)
+
+
+def run(
+    seqs: int, steps: int, adapters: int, warmup: int, greedy: bool, freeze: bool = False
+) -> dict[str, float]:
     block_size, max_model_len = 16, 2048
     runner = StubRunner(
         num_blocks=seqs * max_model_len // block_size,
@@ -161,6 +184,10 @@ def run(seqs: int, steps: int, adapters: int, warmup: int, greedy: bool) -> dict
             raise RuntimeError("requests never all ran (adapter loads?)")
     for _ in range(warmup):
         engine.step()
+    if freeze:  # what the engine's step loop does once it is ready (engine/step_loop.py)
+        freeze_heap()
+    clock = GcClock()
+    gc.callbacks.append(clock)
     for k in timers:
         timers[k] = 0.0
     n_out = 0
@@ -176,12 +203,18 @@ def run(seqs: int, steps: int, adapters: int, warmup: int, greedy: bool) -> dict
             trackers[o.request_id].process(o)
         client += time.perf_counter() - tc
     total = time.perf_counter() - t0 - client
+    gc.callbacks.remove(clock)
     engine.shutdown()
+    if freeze:
+        gc.unfreeze()
     ms = {k: 1e3 * v / steps for k, v in timers.items()}
     ms["post"] = 1e3 * total / steps - sum(ms.values())
     ms["total"] = 1e3 * total / steps
     ms["outputs_per_step"] = n_out / steps
     ms["client_side"] = 1e3 * client / steps  # text, stops, logprob texts: the gateway's work
+    ms["gc"] = sum(clock.ms) / steps  # (inside the phases above, client side included)
+    ms["gc_full"] = clock.count[2]
+    ms["gc_max"] = clock.max_ms
     return ms
 
 
@@ -198,22 +231,39 @@ def main() -> None:
         "default mix's sort and noise draws are compute a GPU does off the host's clock)",
     )
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    ap.add_argument(
+        "--gc",
+        default="default,freeze",
+        help="heap variants, alternated in one run: default (the collector as Python sets "
+        "it), freeze (gc.freeze() once the engine is warm, as the step loop does)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    runs = [
-        run(args.seqs, args.steps, args.adapters, args.warmup, args.greedy)
-        for _ in range(args.repeats)
-    ]
-    best = min(runs, key=lambda m: m["total"])
+    variants = args.gc.split(",")
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            runs[v].append(
+                run(args.seqs, args.steps, args.adapters, args.warmup, args.greedy, v == "freeze")
+            )
     mix = "all greedy" if args.greedy else "half sampled, top-p on a third"
     print(
         f"decode step host time, {args.seqs} seqs, {args.adapters} adapters, {mix}, best of "
-        f"{args.repeats} x {args.steps} steps (ms/step)"
+        f"{args.repeats} x {args.steps} steps (ms/step), variants alternated"
     )
-    for k in (*PHASES, "total"):
-        print(f"  {k:9s} {best[k]:7.3f}")
-    print(f"  outputs/step {best['outputs_per_step']:.1f}")
-    print(f"  client side (gateway processes, not in the step) {best['client_side']:7.3f}")
+    best = {v: min(r, key=lambda m: m["total"]) for v, r in runs.items()}
+    print("  " + " " * 9 + "".join(f"{v:>10s}" for v in variants))
+    for k in (*PHASES, "total", "gc", "gc_max"):
+        print(f"  {k:9s}" + "".join(f"{best[v][k]:10.3f}" for v in variants))
+    print(f"  {'full gcs':9s}" + "".join(f"{best[v]['gc_full']:10.0f}" for v in variants))
+    if len(variants) > 1:
+        base = best[variants[0]]["total"]
+        for v in variants[1:]:
+            print(f"  total {v} / {variants[0]}: {best[v]['total'] / base:.3f}")
+    for v in variants:
+        b = best[v]
+        print(f"  {v}: outputs/step {b['outputs_per_step']:.1f}, client side (gateway "
+              f"processes, not in the step) {b['client_side']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

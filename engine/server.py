@@ -107,7 +107,9 @@ class EngineServer:
         self._owner: dict[str, bytes] = {}
         self._stop = False
         self._exit_code: int | None = None
-        self._step = StepLoop(factory, self._emit, on_ready=self._on_ready, on_dead=self._on_dead)
+        self._step = StepLoop(
+            factory, self._emit, on_ready=self._on_ready, on_dead=self._on_dead, freeze=True
+        )
         self._enc = encoder()
         self._dec = server_decoder()
 

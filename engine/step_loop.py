@@ -20,6 +20,7 @@ from loraplex.engine.api import EngineOutput, Request
 from loraplex.engine.errors import EngineDead, as_engine_error
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.stats import EngineStats
+from loraplex.heap import freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ class StepLoop:
         *,
         on_ready: Callable[[LLMEngine], None] | None = None,
         on_dead: Callable[[BaseException], None] | None = None,
+        freeze: bool = False,
     ) -> None:
+        """``freeze``: :func:`loraplex.heap.freeze_heap` once the engine is ready (a process
+        of its own: the engine server)."""
         self._factory = factory
+        self._freeze = freeze
         self._emit = emit
         self._on_ready = on_ready
         self._on_dead = on_dead
@@ -119,6 +124,8 @@ class StepLoop:
             self._stats = engine.stats()
             if self._on_ready is not None:
                 self._on_ready(engine)
+            if self._freeze:
+                freeze_heap()
             self._ready.set()
             self._loop(engine)
         except BaseException as exc:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from loraplex import heap
 from loraplex.admin.audit import AdminAuditMiddleware
 from loraplex.admin.console import install_console
 from loraplex.admin.oidc import open_oidc
@@ -60,11 +61,14 @@ def create_app(
     *,
     engine_factory: EngineFactory | None = None,
     engine_wait_s: float = 0.0,
+    freeze_heap: bool = False,
 ) -> FastAPI:
     """Build the app. ``engine_factory`` makes the engine client (in-process or remote;
     called in the lifespan); None serves the control plane only (``/ready`` reports the
     engine as absent). ``engine_wait_s``: how long startup waits for the engine to be
-    ready (``wait_for_engine``) before the server takes requests."""
+    ready (``wait_for_engine``) before the server takes requests. ``freeze_heap``: the
+    process is this app's alone (a gateway worker): its startup heap is frozen once the
+    lifespan has built everything (:func:`loraplex.heap.freeze_heap`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +107,8 @@ def create_app(
                 services.engine = engine_factory()
                 await services.engine.start()  # loads or connects; /ready reports when done
                 await wait_for_engine(services.engine, engine_wait_s)
+            if freeze_heap:
+                heap.freeze_heap()
             yield
         finally:
             if services.engine is not None:

@@ -60,13 +60,15 @@ def create_worker_app() -> FastAPI:
                 refresh_s=settings.engine_dns_refresh_s,
             ),
             engine_wait_s=ENGINE_WAIT_S,
+            freeze_heap=True,
         )
     url = url or settings.engine_urls
     if url is None:
         log.warning("LORAPLEX_ENGINE_URL is not set: this worker serves the control plane only")
-        return create_app(settings)
+        return create_app(settings, freeze_heap=True)
     return create_app(
         settings,
         engine_factory=lambda: RemoteEngineClient(url.strip(" ,"), token=token),
         engine_wait_s=ENGINE_WAIT_S,
+        freeze_heap=True,  # a worker process is this app's alone
     )
