@@ -122,10 +122,10 @@ class StepLoop:
             engine.loader.on_done = self._wake.set
             engine.grammars.on_done = self._wake.set
             self._stats = engine.stats()
-            if self._on_ready is not None:
+            if self._freeze:  # before the engine says it is ready: the collection holds the
+                freeze_heap()  # GIL (seconds on a loaded machine), so no ping goes unanswered
+            if self._on_ready is not None:  # by a client that already counts on it
                 self._on_ready(engine)
-            if self._freeze:
-                freeze_heap()
             self._ready.set()
             self._loop(engine)
         except BaseException as exc:
