@@ -70,3 +70,33 @@ def drive_mixed(engine: LLMEngine, reqs: list[Request]) -> tuple[dict[str, list[
     got = drive(engine, reqs[:-1], cached)
     got |= drive(engine, reqs[-1:], cached)
     return got, cached
+
+
+def run_to_end(
+    engine: LLMEngine, reqs: list[Request], in_flight: int | None = None
+) -> tuple[dict[str, list[int]], dict[str, str], dict[str, str]]:
+    """Run ``reqs`` to their end (all submitted at once, or a closed loop of at most
+    ``in_flight``, a finished request replaced by the next), then shut the engine down.
+    -> (tokens, finish reason, error) by request id; a request that failed has an error."""
+    queue = list(reversed(reqs))
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    finish: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    running = 0
+    try:
+        while queue or engine.has_unfinished():
+            while queue and (in_flight is None or running < in_flight):
+                engine.add_request(queue.pop())
+                running += 1
+            for out in engine.step():
+                for c in out.choices:
+                    tokens[out.request_id] += c.token_ids
+                    if c.finish_reason is not None:
+                        finish[out.request_id] = c.finish_reason
+                if out.error is not None:
+                    errors[out.request_id] = str(out.error)
+                if out.finished:
+                    running -= 1
+    finally:
+        engine.shutdown()
+    return tokens, finish, errors

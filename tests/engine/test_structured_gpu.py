@@ -30,8 +30,10 @@ from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model.loader import default_model_path
 from loraplex.engine.model_runner import ModelRunner
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import write_peft_adapter
+from engine_drive import run_to_end
 from json_schemas import max_output_bytes, schemas
 
 pytestmark = pytest.mark.gpu
@@ -117,22 +119,7 @@ def test_constrained_outputs_stop_and_validate_on_cuda(runner, async_scheduling)
         else:
             p = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
         requests.append(Request(f"r{i}", ids, p))
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    finish: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    try:
-        for r in requests:
-            engine.add_request(r)
-        while engine.has_unfinished():
-            for out in engine.step():
-                for c in out.choices:
-                    tokens[out.request_id] += c.token_ids
-                    if c.finish_reason is not None:
-                        finish[out.request_id] = c.finish_reason
-                if out.error is not None:
-                    errors[out.request_id] = str(out.error)
-    finally:
-        engine.shutdown()
+    tokens, finish, errors = run_to_end(engine, requests)
     reasons = Counter(finish[rid] for rid in schema_of)
     bad = {
         rid: (finish.get(rid), errors.get(rid), tok.decode(tokens[rid])[:120])
@@ -216,28 +203,8 @@ def test_closed_loop_real_vocabulary_on_cuda(busy_runner, tmp_path):
         else:
             p = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
         queue.append(Request(f"r{i}", _chat_ids(tok, i), p, adapter))
-    queue.reverse()
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in queue}
-    finish: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    in_flight = 0
-    try:
-        while queue or engine.has_unfinished():
-            while queue and in_flight < 128:  # closed loop: a finished request is replaced
-                engine.add_request(queue.pop())
-                in_flight += 1
-            for out in engine.step():
-                for c in out.choices:
-                    tokens[out.request_id] += c.token_ids
-                    if c.finish_reason is not None:
-                        finish[out.request_id] = c.finish_reason
-                if out.error is not None:
-                    errors[out.request_id] = str(out.error)
-                if out.finished:
-                    in_flight -= 1
-        stats = engine.stats()
-    finally:
-        engine.shutdown()
+    tokens, finish, errors = run_to_end(engine, queue, in_flight=128)  # closed loop
+    stats = engine.stats()
     reasons = Counter(finish.get(rid) for rid in schema_of)
     bad = {
         rid: (finish.get(rid), errors.get(rid), tok.decode(tokens[rid])[:120])

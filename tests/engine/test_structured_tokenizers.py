@@ -35,6 +35,7 @@ from loraplex.engine.structured import GrammarCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from engine_drive import run_to_end
 from json_schemas import max_output_bytes, schemas
 from toy_runner import ToyRunner
 
@@ -143,22 +144,7 @@ def test_engine_constrained_requests_stop_and_validate(tokenizer):
         else:
             p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
         requests.append(Request(f"r{i}", ids, p))
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    finish: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    try:
-        for r in requests:
-            engine.add_request(r)
-        while engine.has_unfinished():
-            for out in engine.step():
-                for c in out.choices:
-                    tokens[out.request_id] += c.token_ids
-                    if c.finish_reason is not None:
-                        finish[out.request_id] = c.finish_reason
-                if out.error is not None:
-                    errors[out.request_id] = str(out.error)
-    finally:
-        engine.shutdown()
+    tokens, finish, errors = run_to_end(engine, requests)
     bad = {
         rid: (finish.get(rid), errors.get(rid), tokenizer.decode(tokens[rid])[:80])
         for rid in schema_of
