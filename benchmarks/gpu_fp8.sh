@@ -28,13 +28,9 @@ mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOG=$OUT/fp8.log
 status=0
-source benchmarks/gpu_step.sh  # step NAME SECONDS CMD...
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-} 2>&1 | tee -a "$LOG"
+source benchmarks/gpu_step.sh  # step NAME SECONDS CMD..., has SECTION, banner
+banner
 SECTIONS=${SECTIONS:-tests bench sgmv runner}
-has() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 has tests && step "fp8 kernel tests" 100 $PY -m pytest -q -p no:cacheprovider -rs \
   --confcutdir=tests/kernels tests/kernels/test_fp8_linear.py tests/kernels/test_tuning.py \
   tests/kernels/test_lora_sgmv.py -k "fp8 or tuning or rank_buckets or hidden_2049"

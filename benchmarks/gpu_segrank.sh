@@ -22,13 +22,9 @@ mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOG=$OUT/segrank.log
 status=0
-source benchmarks/gpu_step.sh  # step NAME SECONDS CMD...
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-} 2>&1 | tee -a "$LOG"
+source benchmarks/gpu_step.sh  # step NAME SECONDS CMD..., has SECTION, banner
+banner
 SECTIONS=${SECTIONS:-tests sgmv}
-has() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 has tests && step "segment rank tests" 90 $PY -m pytest -q -p no:cacheprovider -rs \
   --confcutdir=tests/kernels tests/kernels/test_lora_sgmv.py \
   -k "segment or seg_rank or step_rank or rank_buckets or paged_layouts"
