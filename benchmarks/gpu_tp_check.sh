@@ -18,10 +18,10 @@ BASE=${1:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 status=0
-ARGS=(--batches 1,32,128 --modes base,distinct --steps 50)
+ARGS=(--batches "${BATCHES:-1,32,128}" --modes base,distinct --steps 50)
 bench() {  # bench NAME TREE
   echo "=== bench_decode $1 ($(date -u +%T))"
-  (cd "$2" && PYTHONPATH=. timeout 170 "$PY" benchmarks/bench_decode.py "${ARGS[@]}" \
+  (cd "$2" && PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. timeout 170 "$PY" benchmarks/bench_decode.py "${ARGS[@]}" \
     --json "$OUT/$1.json") >"$OUT/$1.log" 2>&1 || { echo "$1 failed"; tail -20 "$OUT/$1.log"; status=1; }
 }
 for i in 1 2; do

@@ -48,6 +48,31 @@ def test_fp8_smoke(bench, tmp_path):
     assert "errors" not in out and (tmp_path / "f.json").is_file()
 
 
+def test_fp8_quality_prompts_are_prose_on_a_real_model(bench):
+    """A real model's quality prompts are windows of the docs' prose in its tokenizer (random
+    token ids put a model at near-ties); a dummy model keeps random ids."""
+    from types import SimpleNamespace
+
+    from loraplex.engine.model.dummy_tokenizer import dummy_tokenizer
+
+    b = bench("bench_fp8")
+    tok = dummy_tokenizer(512)
+    runner = SimpleNamespace(tokenizer=tok, vocab_size=512)
+    paragraphs = b.prose_paragraphs()
+    assert len(paragraphs) > 50 and not any("```" in x or x.startswith("|") for x in paragraphs)
+    args = b.parse_args(["--model", "/some/model.gguf", "--prompts", "300", "--prompt-len", "24"])
+    prompts = b.quality_prompts(args, runner)
+    assert len(prompts) == 300 and {len(x) for x in prompts} == {24}
+    texts = [tok.decode(x) for x in prompts]
+    assert len(set(texts)) > 250 and any(t in " ".join(paragraphs) for t in texts[:5])
+    args = b.parse_args(["--model", "dummy:tiny", "--prompts", "4", "--prompt-len", "8"])
+    assert b.parse_args([]).prompt_text == "auto"
+    random_ids = b.quality_prompts(args, runner)
+    assert len(random_ids) == 4 and random_ids != b.quality_prompts(
+        b.parse_args(["--model", "x.gguf", "--prompts", "4", "--prompt-len", "8"]), runner
+    )
+
+
 def test_throughput_smoke(bench, tmp_path):
     out = bench("bench_throughput").main(["--smoke", "--json", str(tmp_path / "t.json")])
     engine = {r["adapters"]: r for r in out["engine"]}
