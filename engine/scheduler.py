@@ -146,12 +146,15 @@ class Scheduler:
         held_back: set[str] = set()  # fair: keys whose aged head holds the rest of the key
         no_room = 0  # fair: sequences that found the batch full and could not make room
         demand: dict[str, set[str]] | None = None  # fair: adapter key -> waiting fair keys
+        seated, reserved, tiers = self._reservations() if fair else ({}, {}, {})
         for seq in self.waiting.in_fair_order(self.fair):
             if budget <= 0 or (len(self.running) >= self.max_num_seqs and not fair):
                 break
             if seq.num_pending:  # preempted with a token in flight: back once it is known
                 continue
             if seq.fair_key in held_back:
+                continue
+            if reserved and self._seat_reserved(seq, seated, reserved, tiers):
                 continue
             key = seq.adapter_key
             slot = -1 if key is None else self.slots.lookup(key)
@@ -222,6 +225,11 @@ class Scheduler:
             admitted.append(seq)
             self._add_chunk(out, seq, n)
             budget -= n
+            if fair:
+                k = seq.fair_key
+                seated[k] = seated.get(k, 0) + 1
+                if reserved.get(k, 0) > 0:
+                    reserved[k] -= 1
         for seq in admitted:
             self.waiting.remove(seq)
         for seq in self._deferred:  # preempted for fairness: queued again after the loop
@@ -229,6 +237,42 @@ class Scheduler:
         self._deferred.clear()
 
     # -- fairness (more than one key active) ------------------------------------------------
+
+    def _reservations(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """-> (running sequences per key, seats reserved per key, the reserving keys' best
+        tier): a waiting key below its weighted share of the batch reserves the seats it
+        lacks, up to its queue's length (not while its head is held up, e.g. by an adapter
+        load: the seat would sit empty)."""
+        seated: dict[str, int] = {}
+        for r in self.running:
+            seated[r.fair_key] = seated.get(r.fair_key, 0) + 1
+        reserved: dict[str, int] = {}
+        tiers: dict[str, int] = {}
+        seats, fair = self.max_num_seqs, self.fair
+        for head, n in self.waiting.heads():
+            k = head.fair_key
+            if head.waited_steps or head.num_pending:
+                continue
+            lack = int(fair.share(k) * seats) - seated.get(k, 0)
+            if lack > 0:
+                reserved[k] = reserved.get(k, 0) + min(lack, n)
+                tiers[k] = min(tiers.get(k, head.priority_tier), head.priority_tier)
+        return seated, reserved, tiers
+
+    def _seat_reserved(
+        self, seq: Sequence, seated: dict[str, int], reserved: dict[str, int], tiers: dict[str, int]
+    ) -> bool:
+        """Whether ``seq`` must leave the batch's free seats to keys below their share (of
+        its tier or a higher one): its own key would go past its share while the free seats
+        are no more than the others' reservations. Without this, a backlogged key at its
+        share takes a freed seat and the key below its share preempts that sequence at once
+        (its prefill recomputed later)."""
+        k = seq.fair_key
+        if seated.get(k, 0) + 1 <= self.fair.share(k) * self.max_num_seqs:
+            return False
+        t = seq.priority_tier
+        others = sum(v for key, v in reserved.items() if key != k and tiers[key] <= t)
+        return others > 0 and self.max_num_seqs - len(self.running) <= others
 
     def _make_room(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int:
         """Preempt for ``seq`` a running sequence of a lower tier if there is one, else the

@@ -58,6 +58,11 @@ class WaitQueue:
         if not q:
             del self._q[where]
 
+    def heads(self) -> Iterator[tuple[Sequence, int]]:
+        """(first sequence, queue length) of each (tier, key) queue."""
+        for q in self._q.values():
+            yield q[0], len(q)
+
     def in_fair_order(self, fair: FairShare) -> Iterator[Sequence]:
         """Every waiting sequence, fairest first (see the module docstring). With one key and
         tier, its queue as it stands. Do not add or remove while iterating."""

@@ -226,6 +226,35 @@ def parity_references(base, adapters: list[Path], prompts: list[list[int]]):
     return refs
 
 
+def hf_low_precision_logits(
+    base: Path, adapters: list[Path], prompts: list[list[int]], refs, dtype, device
+) -> list[torch.Tensor]:
+    """HF + PEFT in ``dtype`` on ``device``, fed each reference's prompt and greedy tokens
+    (one forward each) -> logits ``[steps+1, V]`` per prompt as :func:`parity_references`
+    lays them out (prompt 0 on the base, prompt i+1 with adapter i). How far transformers'
+    own run in that dtype lands from its float32 one: the bound a kernel in that dtype can be
+    held to where routing is discontinuous (MoE)."""
+    from peft import PeftModel
+
+    model = load_hf(base).to(device=device, dtype=dtype)
+    peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+    for i, a in enumerate(adapters[1:], 1):
+        peft.load_adapter(str(a), adapter_name=f"a{i}")
+    peft = peft.to(device=device, dtype=dtype)
+
+    def forward(prompt: list[int], tokens: list[int]) -> torch.Tensor:
+        x = torch.tensor([prompt + tokens], device=device)
+        with torch.no_grad():
+            return peft(input_ids=x).logits[0, len(prompt) - 1 :].float().cpu()
+
+    with peft.disable_adapter():
+        out = [forward(prompts[0], refs[0][0])]
+    for i in range(len(adapters)):
+        peft.set_adapter(f"a{i}")
+        out.append(forward(prompts[i + 1], refs[i + 1][0]))
+    return out
+
+
 def runner_for(model, max_loras: int = 4):
     from loraplex.engine.model_runner import ModelRunner
 

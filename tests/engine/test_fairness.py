@@ -152,6 +152,31 @@ def test_weights_three_to_one_split_the_service(make_engine):
     assert len(d.done) == 160
 
 
+def test_backlogged_keys_share_the_batch_without_preempting_each_other(make_engine):
+    """Two backlogged keys 3:1 hold their seats in the batch by admission alone: a seat that
+    frees goes to the key below its share, so neither preempts the other (each fairness
+    preemption recomputes the victim's prompt: the throughput cost of fairness)."""
+    d = Driver(make_engine(max_num_seqs=16, max_num_batched_tokens=128))
+    for i in range(120):
+        d.add(req(f"a{i}", "a", prompt=12, out=24, weight=3.0))
+        d.add(req(f"b{i}", "b", prompt=12, out=24, weight=1.0))
+    sched = d.engine.scheduler
+    stats = sched.fair.stats
+    for _ in range(120):
+        d.step()
+        assert len(sched.waiting) > 0  # both backlogged throughout
+    service = {
+        k: s.prefill_tokens * PREFILL_COST + s.decode_tokens * DECODE_COST for k, s in stats.items()
+    }
+    assert 3.0 * 0.9 <= service["a"] / service["b"] <= 3.0 * 1.1, service
+    assert sched.num_preemptions == 0, {k: s.preemptions for k, s in stats.items()}
+    for _ in range(5000):
+        if not d.engine.has_unfinished():
+            break
+        d.step()
+    assert len(d.done) == 240 and sched.num_preemptions == 0
+
+
 def ten_key_workload(one_key: bool) -> dict[int, list[Request]]:
     """300 requests of 10 keys (weights 1/2/4, k0 sending a third more) over 400 steps:
     about twice what the engine serves, so queues build up."""

@@ -12,14 +12,24 @@ test had it: HF bf16 vs HF fp32 0.13-0.45 per sequence, ours 0.16-0.56; the firs
 0.15 on the base sequence was this. With the router at sd 2 / sqrt(2048) as now: HF
 0.03-0.07, ours 0.06-0.09, our medians 1.6-1.9e-2). So per sequence: the median position
 within 3e-2 of the largest logit (the dense families' bound; a wrong kernel or adapter moves
-every position) and no position past 0.25. Graph replay equals eager (same kernels) within
-3e-2."""
+every position) or, where transformers' own bf16 run (HF + PEFT in bf16 on the same GPU, fed
+the same tokens) lands further from float32, within 1.25x of its median; and no position past
+0.25. The adapters' sequences need that: the first H200 run of these shapes gave medians
+3.05-3.48e-2 with adapters, and transformers' bf16 on the CPU 3.2-6.1e-2 on the same
+sequences (1.6e-2 on the base one; ours 1.3e-2). Graph replay equals eager (same kernels)
+within 3e-2."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from model_builders import Seq, parity_references, rel_err, runner_logits
+from model_builders import (
+    Seq,
+    hf_low_precision_logits,
+    parity_references,
+    rel_err,
+    runner_logits,
+)
 from test_moe_parity import (
     EXPERT,
     MEDIAN_TOL,
@@ -51,6 +61,13 @@ def test_moe_bf16_gpu_matches_hf(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (7, 40, 150, 90)]
     refs = parity_references(base, adapters, prompts)
+    hf_bf16 = hf_low_precision_logits(base, adapters, prompts, refs, torch.bfloat16, "cuda")
+    median_tol = []
+    for i, (logits, (_, ref)) in enumerate(zip(hf_bf16, refs, strict=True)):
+        med, top = position_errors(logits, ref)
+        print(f"HF bf16 seq {i}: rel err median {med:.2e} max {top:.2e}")
+        median_tol.append(max(MEDIAN_TOL, 1.25 * med))
+    torch.cuda.empty_cache()
     errors: dict[tuple[bool, int], tuple[float, float]] = {}
     got_by_mode = {}
     for eager in (False, True):
@@ -71,8 +88,10 @@ def test_moe_bf16_gpu_matches_hf(tmp_path):
     bad = {
         k: f"{m:.2e}/{t:.2e}"
         for k, (m, t) in errors.items()
-        if not (m < MEDIAN_TOL and t < SPIKE_TOL)
+        if not (m < median_tol[k[1]] and t < SPIKE_TOL)
     }
-    assert not bad, f"(eager, sequence): relative error median/max {bad}"
+    assert not bad, (
+        f"(eager, sequence): relative error median/max {bad}; median bounds {median_tol}"
+    )
     for i, (g, e) in enumerate(zip(got_by_mode[False], got_by_mode[True], strict=True)):
         assert rel_err(g, e) < 3e-2, f"sequence {i}: graph replay differs from eager"
