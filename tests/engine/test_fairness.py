@@ -177,6 +177,29 @@ def test_backlogged_keys_share_the_batch_without_preempting_each_other(make_engi
     assert len(d.done) == 240 and sched.num_preemptions == 0
 
 
+def test_a_lower_tier_reserves_no_seats_against_a_higher_one(make_engine):
+    """Seats kept for a key below its share are kept only from keys of its tier or a lower
+    one: a backlogged higher tier fills the batch past its weighted share."""
+    d = Driver(make_engine(max_num_seqs=8, max_num_batched_tokens=128))
+    for i in range(40):
+        d.add(req(f"lo{i}", "lo", prompt=12, out=24, priority=2))
+        d.add(req(f"hi{i}", "hi", prompt=12, out=24, priority=0))
+    sched = d.engine.scheduler
+    full = 0
+    for _ in range(40):
+        d.step()
+        running = [s.fair_key for s in sched.running]
+        if running and any(s.fair_key == "hi" for s in sched.waiting):
+            assert set(running) == {"hi"}, running
+            full += len(running) == 8
+    assert full > 10
+    for _ in range(5000):
+        if not d.engine.has_unfinished():
+            break
+        d.step()
+    assert len(d.done) == 80
+
+
 def ten_key_workload(one_key: bool) -> dict[int, list[Request]]:
     """300 requests of 10 keys (weights 1/2/4, k0 sending a third more) over 400 steps:
     about twice what the engine serves, so queues build up."""
