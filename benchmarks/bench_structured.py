@@ -50,6 +50,7 @@ from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model.loader import default_model_path
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.offline import run_requests
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,27 +129,10 @@ def workload(
 
 def closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int) -> dict:
     """All requests, ``concurrency`` in flight; per request its token ids and finish."""
-    queue = list(reversed(requests))
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    finish: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    in_flight = 0
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     t0 = time.perf_counter()
     before = engine.stats()
-    while queue or engine.has_unfinished():
-        while queue and in_flight < concurrency:
-            engine.add_request(queue.pop())
-            in_flight += 1
-        for out in engine.step():
-            for c in out.choices:
-                tokens[out.request_id] += c.token_ids
-                if c.finish_reason is not None:
-                    finish[out.request_id] = c.finish_reason
-            if out.error is not None:
-                errors[out.request_id] = str(out.error)
-            if out.finished:
-                in_flight -= 1
+    tokens, finish, errors = run_requests(engine, requests, concurrency)
     wall = time.perf_counter() - t0
     after = engine.stats()
     gen = sum(len(t) for t in tokens.values())

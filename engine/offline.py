@@ -1,6 +1,7 @@
 """The engine core and its client side in one synchronous object, for offline use (tests,
 benchmarks, tools): ``add_request``, then ``step() -> list[RequestOutput]`` with text and
-stop strings applied, as a served client would see them."""
+stop strings applied, as a served client would see them; and :func:`run_requests`, which
+drives the core itself over a list of requests."""
 
 from __future__ import annotations
 
@@ -53,3 +54,30 @@ class OfflineEngine:
 
     def shutdown(self) -> None:
         self.core.shutdown()
+
+
+def run_requests(
+    engine: LLMEngine, requests: list[Request], in_flight: int | None = None
+) -> tuple[dict[str, list[int]], dict[str, str], dict[str, str]]:
+    """Step ``engine`` until ``requests`` are done: all submitted at once, or a closed loop
+    of at most ``in_flight`` (a finished request replaced by the next). -> (token ids,
+    finish reason, error) by request id; a request that failed has an error."""
+    queue = list(reversed(requests))
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    finish: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    running = 0
+    while queue or engine.has_unfinished():
+        while queue and (in_flight is None or running < in_flight):
+            engine.add_request(queue.pop())
+            running += 1
+        for out in engine.step():
+            for c in out.choices:
+                tokens[out.request_id] += c.token_ids
+                if c.finish_reason is not None:
+                    finish[out.request_id] = c.finish_reason
+            if out.error is not None:
+                errors[out.request_id] = str(out.error)
+            if out.finished:
+                running -= 1
+    return tokens, finish, errors

@@ -146,7 +146,9 @@ class Scheduler:
         held_back: set[str] = set()  # fair: keys whose aged head holds the rest of the key
         no_room = 0  # fair: sequences that found the batch full and could not make room
         demand: dict[str, set[str]] | None = None  # fair: adapter key -> waiting fair keys
-        seated, reserved, tiers = self._reservations() if fair else ({}, {}, {})
+        # seats are kept for keys below their share only when not every waiting one fits
+        contended = fair and self.max_num_seqs - len(self.running) < len(self.waiting)
+        seated, reserved, tiers = self._reservations() if contended else ({}, {}, {})
         for seq in self.waiting.in_fair_order(self.fair):
             if budget <= 0 or (len(self.running) >= self.max_num_seqs and not fair):
                 break
@@ -225,7 +227,7 @@ class Scheduler:
             admitted.append(seq)
             self._add_chunk(out, seq, n)
             budget -= n
-            if fair:
+            if reserved:
                 k = seq.fair_key
                 seated[k] = seated.get(k, 0) + 1
                 if reserved.get(k, 0) > 0:

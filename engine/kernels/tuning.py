@@ -1,13 +1,14 @@
 """Launch configurations measured on the GPU the engine runs on, kept per GPU model.
 
 A :class:`LaunchConfigs` maps ``(op, shape key)`` to the kernel config that measured fastest
-(a dict of block sizes, splits, warps, stages). The runner's warm-up fills the missing entries
-with :meth:`LaunchConfigs.sweep` (each candidate replayed a few times from a CUDA graph, timed with CUDA events) and
-saves the table as JSON in the cache directory, one file per GPU model and Triton version
-(``torch.cuda.get_device_name`` + ``triton.__version__``): an H100 and an H200 each get their
-own, and a second start on the same model reads it instead of sweeping again. Ops ask
-:meth:`get` and fall back to their defaults (sized from the device's properties) when there is
-no entry: on CPU, in the interpreter, or with no cache directory set.
+(a dict of block sizes, splits, warps, stages). The runner's warm-up fills the missing
+entries with :meth:`LaunchConfigs.sweep` (each candidate replayed a few times from a CUDA
+graph, timed with CUDA events) and saves the table as JSON in the cache directory, one file
+per GPU model and Triton version (``torch.cuda.get_device_name`` + ``triton.__version__``):
+an H100 and an H200 each get their own, and a second start on the same model reads it
+instead of sweeping again. Ops ask :meth:`get` and fall back to their defaults (sized from
+the device's properties) when there is no entry: on CPU, in the interpreter, or with no
+cache directory set.
 """
 
 from __future__ import annotations

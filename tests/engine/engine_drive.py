@@ -15,6 +15,7 @@ from model_builders import VOCAB
 
 from loraplex.engine.api import AdapterRef, Request, SamplingParams
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.offline import run_requests
 
 
 def mixed_requests(
@@ -75,28 +76,8 @@ def drive_mixed(engine: LLMEngine, reqs: list[Request]) -> tuple[dict[str, list[
 def run_to_end(
     engine: LLMEngine, reqs: list[Request], in_flight: int | None = None
 ) -> tuple[dict[str, list[int]], dict[str, str], dict[str, str]]:
-    """Run ``reqs`` to their end (all submitted at once, or a closed loop of at most
-    ``in_flight``, a finished request replaced by the next), then shut the engine down.
-    -> (tokens, finish reason, error) by request id; a request that failed has an error."""
-    queue = list(reversed(reqs))
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-    finish: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    running = 0
+    """:func:`run_requests`, then shut the engine down."""
     try:
-        while queue or engine.has_unfinished():
-            while queue and (in_flight is None or running < in_flight):
-                engine.add_request(queue.pop())
-                running += 1
-            for out in engine.step():
-                for c in out.choices:
-                    tokens[out.request_id] += c.token_ids
-                    if c.finish_reason is not None:
-                        finish[out.request_id] = c.finish_reason
-                if out.error is not None:
-                    errors[out.request_id] = str(out.error)
-                if out.finished:
-                    running -= 1
+        return run_requests(engine, reqs, in_flight)
     finally:
         engine.shutdown()
-    return tokens, finish, errors
