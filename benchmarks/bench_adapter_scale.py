@@ -31,7 +31,9 @@ Sections (``--sections``, all by default):
   ``--distinct-files`` adapters, keys share weight files (each key is still a distinct
   adapter to the engine; its bytes repeat on disk and in the page cache). Output tok/s
   against the no-adapter engine; loads in the run, their latency p50/p99 per source tier
-  (queue + fetch + read: the loads before a host-cached run are not counted); loads/s.
+  (queue + fetch + read: the loads before a host-cached run are not counted); loads/s;
+  distinct adapters and adapter GB per step (what the LoRA kernels read) and the bound
+  those bytes put on the ratio, ``T0 / (T0 + bytes / BW)`` (``bench_throughput``'s).
 """
 
 from __future__ import annotations
@@ -51,7 +53,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapter_load_old import read_adapter_old
 from bench_throughput import preload, run_engine_case, warm_up
-from common import device_info, pick_device, table, write_json, write_peft_adapter
+from common import (
+    bound_bandwidth,
+    bytes_bound,
+    device_info,
+    pick_device,
+    table,
+    write_json,
+    write_peft_adapter,
+)
 
 from loraplex.engine.api import AdapterRef
 from loraplex.engine.config import EngineConfig, host_memory_bytes
@@ -96,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="host tier; default: the engine's, raised for a host-cached case up to 0.6 of RAM",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help="GB/s of the engine's bytes bound (default: measured on CUDA, else 4200 nominal)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -391,7 +407,7 @@ def run_case(
         gc.collect()  # the engine holds its host tier (pinned on GPU) until collected
 
 
-def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
+def section_engine(args, runner: ModelRunner, root: Path, bw_gbs: float) -> list[dict]:
     cfg = runner.config
     with tempfile.TemporaryDirectory(prefix="lpx-warm-") as tmp:  # compile, graphs, allocator
         warm = LLMEngine(runner, EngineConfig(max_model_len=runner.max_model_len, max_lora_rank=64))
@@ -404,6 +420,7 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
     base = run_case(args, runner, [], None, False)
     print(f"\nno-adapter engine: {base['out_tok_s']:.0f} out tok/s", flush=True)
     rows = [{"setting": "base", "adapters": 0, "mode": "-", **base, "vs_base": 1.0}]
+    rows[0]["bytes_bound"] = bytes_bound(base["seconds"], base["lora_step_bytes"], bw_gbs)
     host_cap = EngineConfig(host_lora_bytes=args.host_bytes).resolved_host_lora_bytes()
     for setting in args.settings.split(","):
         for n in [int(x) for x in args.adapters.split(",")]:
@@ -431,6 +448,7 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
                 r = run_case(args, runner, list(refs), fetch, mode == "host", host_bytes)
                 row = {"setting": setting, "adapters": n, "mode": mode, **r}
                 row["vs_base"] = r["out_tok_s"] / base["out_tok_s"]
+                row["bytes_bound"] = bytes_bound(base["seconds"], r["lora_step_bytes"], bw_gbs)
                 row["loads_s"] = r["loads_in_run"] / r["seconds"] if r["loads_in_run"] else 0.0
                 rows.append(row)
                 lat = " ".join(
@@ -439,7 +457,9 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
                 )
                 print(
                     f"{setting:5} N={n:5} {mode:5} {r['out_tok_s']:9.0f} tok/s "
-                    f"x{row['vs_base']:.2f} of base, {r['loads_in_run']} loads in run "
+                    f"x{row['vs_base']:.2f} of base (bytes bound x{row['bytes_bound']:.2f}: "
+                    f"{r['adapters_per_step']:.1f} adapters, {r['adapter_gb_per_step']:.2f} GB "
+                    f"a step), {r['loads_in_run']} loads in run "
                     f"({row['loads_s']:.1f}/s), {lat}",
                     flush=True,
                 )
@@ -449,6 +469,7 @@ def section_engine(args, runner: ModelRunner, root: Path) -> list[dict]:
         if r["mode"] == "disk" and host:
             r["disk_vs_host"] = r["out_tok_s"] / host["out_tok_s"]
     cols = ["setting", "adapters", "mode", "requests", "seconds", "out_tok_s", "vs_base"]
+    cols += ["bytes_bound", "adapters_per_step", "adapter_gb_per_step"]
     cols += ["distinct_used", "loads_in_run", "loads_s", "slot_evictions", "host_evictions"]
     print("\nengine\n" + table(rows, cols), flush=True)
     return rows
@@ -464,6 +485,10 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         if "cpu" in sections:
             result["cpu"] = section_cpu(args, device, root)
+        if "engine" in sections:  # measured before the runner takes the memory
+            bw_gbs, bw_source = bound_bandwidth(device, args.bandwidth_gbs)
+            result["copy_bandwidth_GBps"], result["copy_bandwidth_source"] = bw_gbs, bw_source
+            print(f"engine bytes bound at {bw_gbs:.0f} GB/s, {bw_source}", flush=True)
         if sections & {"single", "aggregate", "engine"}:
             t0 = time.perf_counter()
             runner = make_runner(args, device)
@@ -475,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "aggregate" in sections:
                 result["aggregate"] = section_aggregate(args, runner, root)
             if "engine" in sections:
-                result["engine"] = section_engine(args, runner, root)
+                result["engine"] = section_engine(args, runner, root, bw_gbs)
     result["seconds"] = time.perf_counter() - t_start
     print(f"\ntotal {result['seconds']:.0f}s", flush=True)
     write_json(args.json, result)

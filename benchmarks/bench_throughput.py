@@ -16,6 +16,12 @@ prefixes by key, so it treats every key as a distinct adapter; only the bytes re
 Before a case is timed its adapters are loaded into the host cache (``--preload``; the
 load rate is reported); GPU slot writes and evictions happen inside the timed run.
 
+Each case also reports what its steps read of adapter weights (the engine's
+``lora_step_adapters`` / ``lora_step_bytes``: each launched step, its distinct adapters' A
+and B) and the bound those bytes put on its ratio to the no-adapter case:
+``bytes_bound = T0 / (T0 + bytes / BW)``, ``T0`` the no-adapter seconds, ``BW`` the device
+copy bandwidth measured at the start (``--bandwidth-gbs``; 4200 GB/s nominal off CUDA).
+
 The HF baseline (``--hf-adapters``, default 32) builds the same architecture in
 transformers with random bf16 weights, adds N PEFT LoRA adapters and runs ``generate`` with
 ``adapter_names=`` (PEFT's mixed-adapter batch) on ``--hf-requests`` requests of the same
@@ -39,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     ALL_TARGETS,
     StepEvents,
+    bound_bandwidth,
+    bytes_bound,
     device_info,
     hf_llama_config,
     pick_device,
@@ -103,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--busy-window-at", type=float, default=0.3, help="where the window starts (of the run)"
+    )
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help="GB/s of the bytes bound (default: measured on CUDA, else 4200 nominal)",
     )
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, help="dir: cProfile of a short 32-adapter case")
@@ -246,6 +260,8 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
     st = engine.stats()
     if finished != n or out_tokens != n * args.output_len:
         raise RuntimeError(f"{finished}/{n} finished, {out_tokens} output tokens")
+    launched = max(st.steps - before.steps, 1)
+    lora_bytes = st.lora_step_bytes - before.lora_step_bytes
     return {
         "adapters": len(refs),
         "distinct_used": len({a for a in picks if a is not None}),
@@ -258,6 +274,10 @@ def run_engine_case(args, engine: LLMEngine, ids: list[list[int]], refs: list[Ad
         "preemptions": st.preemptions - before.preemptions,
         "slot_evictions": st.adapter_evictions - before.adapter_evictions,
         "loads_in_run": st.adapter_loads - before.adapter_loads,
+        # what the LoRA kernels read: each launched step, its distinct adapters' A and B
+        "adapters_per_step": (st.lora_step_adapters - before.lora_step_adapters) / launched,
+        "adapter_gb_per_step": lora_bytes / launched / 1e9,
+        "lora_step_bytes": lora_bytes,
         "gpu_busy": busy.fraction,  # the steps' GPU spans over the window (StepEvents)
         "busy_breakdown": busy.breakdown,
         "busy_ms_per_step": busy.span_ms / window if window else float("nan"),
@@ -417,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--model must be a dummy:<preset> (random weights; the HF baseline too)")
     cfg = PRESETS[args.model.removeprefix("dummy:")]
     ids = prompts(args, cfg.vocab_size, args.num_requests)
+    bw_gbs, bw_source = bound_bandwidth(device, args.bandwidth_gbs)  # before the KV pool
+    print(f"bytes bound at {bw_gbs:.0f} GB/s, {bw_source}", flush=True)
 
     rows = run_engine_cases(args, device, cases, ids)
     gc.collect()
@@ -429,8 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
         r["out_tok_s"] for r in rows if r["adapters"] == 0 and r["steps_mode"] == "async"
     ] or [r["out_tok_s"] for r in rows if r["adapters"] == 0]
     base_tok = statistics.mean(base_runs) if base_runs else float("nan")
+    base_s = args.num_requests * args.output_len / base_tok  # T0: its mean seconds
     for r in rows:
         r["vs_no_adapter"] = r["out_tok_s"] / base_tok
+        r["bytes_bound"] = bytes_bound(base_s, r["lora_step_bytes"], bw_gbs)
 
     hf_rows = []
     for n in hf_cases:
@@ -442,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(table([hf], list(hf)), flush=True)
 
     cols = ["adapters", "lora", "steps_mode", "distinct_used", "seconds", "out_tok_s"]
-    cols += ["vs_no_adapter"]
+    cols += ["vs_no_adapter", "bytes_bound", "adapters_per_step", "adapter_gb_per_step"]
     cols += ["mean_batch", "gpu_busy", "busy_ms_per_step"]
     cols += ["steps", "preemptions", "slot_evictions", "loads_in_run", "preload_s"]
     print("\nengine\n" + table(rows, cols))
@@ -458,6 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "throughput",
         "args": vars(args),
         "info": device_info(device),
+        "copy_bandwidth_GBps": bw_gbs,
+        "copy_bandwidth_source": bw_source,
         "engine": rows,
         "hf_peft": hf_rows,
     }

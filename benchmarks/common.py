@@ -55,6 +55,27 @@ def copy_bandwidth(device: torch.device, nbytes: int = GiB, reps: int = 20) -> f
     return 2 * nbytes / statistics.median(times)
 
 
+NOMINAL_BANDWIDTH_GBS = 4200.0  # the bytes bound's bandwidth off CUDA (a nominal H200 rate)
+
+
+def bound_bandwidth(device: torch.device, override_gbs: float | None) -> tuple[float, str]:
+    """GB/s for :func:`bytes_bound` and where it comes from: ``override_gbs``
+    (``--bandwidth-gbs``), else :func:`copy_bandwidth` measured on CUDA, else nominal."""
+    if override_gbs is not None:
+        return override_gbs, "--bandwidth-gbs"
+    if device.type == "cuda":
+        return copy_bandwidth(device) / 1e9, "measured (device copy, read + write)"
+    return NOMINAL_BANDWIDTH_GBS, "nominal (not measured off CUDA)"
+
+
+def bytes_bound(base_seconds: float, lora_bytes: int, bandwidth_gbs: float) -> float:
+    """The most an adapter case can reach of the no-adapter case's throughput when each
+    step also reads its distinct adapters' weights (``lora_bytes``, summed over the run's
+    steps: ``EngineStats.lora_step_bytes``): ``T0 / (T0 + lora_bytes / BW)``, ``T0`` the
+    no-adapter case's seconds for the same workload."""
+    return base_seconds / (base_seconds + lora_bytes / (bandwidth_gbs * 1e9))
+
+
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds one call of ``fn`` takes on ``device`` (CUDA events; wall clock on CPU)."""
     if device.type == "cuda":

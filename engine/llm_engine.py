@@ -319,6 +319,10 @@ class LLMEngine:
                 if chunk.start_pos < seq.prompt_len:
                     end = min(seq.prompt_len, chunk.start_pos + len(chunk.token_ids))
                     c.prompt_tokens += end - chunk.start_pos
+            used = {chunk.adapter_slot for chunk in out.batch.chunks}  # the bytes floor
+            used.discard(-1)
+            c.lora_step_adapters += len(used)
+            c.lora_step_bytes += self.slots.nbytes(used)
             launched = self._launch(out)
         outputs += self._finish_inflight()  # the previous step, while this one runs
         self._inflight = launched

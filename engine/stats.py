@@ -59,6 +59,12 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     adapter_gpu_write_bytes: int = 0
     adapter_gpu_write_seconds: float = 0.0  # the step thread's time issuing them
     lora_slots: int = 0
+    # Summed over launched steps: the distinct adapters in each step's batch, and the GPU
+    # bytes of their A and B (every layer, as stored in the page pool; a tensor-parallel
+    # rank's shard). Each distinct adapter's weights are read at least once a step, beside
+    # the base weights: the bytes floor of many adapters (the benchmarks' "bytes bound").
+    lora_step_adapters: int = 0
+    lora_step_bytes: int = 0
     grammar_compiles: int = 0  # structured outputs: distinct grammars compiled
     grammar_cache_hits: int = 0
     grammars_compiling: int = 0  # requests waiting for their grammar
@@ -92,6 +98,8 @@ class StepCounters:
     adapter_gpu_writes: int = 0
     adapter_gpu_write_bytes: int = 0
     adapter_gpu_write_seconds: float = 0.0
+    lora_step_adapters: int = 0
+    lora_step_bytes: int = 0
     grammar_mask_steps: int = 0
     grammar_mask_rows: int = 0
     grammar_mask_ms: float = 0.0

@@ -94,7 +94,13 @@ def plan_pages(
     num_chunks = total // chunk
     fit = num_chunks * max(chunk // p for p in pg.values())  # most single-page adapters
     slots = min(fit, max_slots if max_slots is not None else DEFAULT_MAX_SLOTS)
-    return PagePlan(num_slots=slots, num_chunks=num_chunks, chunk_granules=chunk, page_granules=pg)
+    return PagePlan(
+        num_slots=slots,
+        num_chunks=num_chunks,
+        chunk_granules=chunk,
+        page_granules=pg,
+        granule_bytes=GRANULE * elem_size,
+    )
 
 
 def page_need(weights: LoraWeights) -> PageNeed:

@@ -16,6 +16,7 @@ runner's job: :meth:`SlotTable.assign` says which slot and pages to write.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 PageNeed = dict[str, int]  # page class (projection) -> pages
@@ -31,9 +32,14 @@ class PagePlan:
     num_chunks: int
     chunk_granules: int
     page_granules: dict[str, int]  # page class (projection) -> one page's size
+    granule_bytes: int = 0  # bytes of one granule (0: pages of no size, plans built from ints)
 
     def pages_per_chunk(self, cls: str) -> int:
         return self.chunk_granules // self.page_granules[cls]
+
+    def nbytes(self, need: PageNeed) -> int:
+        """Bytes of the arena that ``need`` (pages per class) takes."""
+        return sum(n * self.page_granules[m] for m, n in need.items()) * self.granule_bytes
 
 
 class PageAllocator:
@@ -123,6 +129,7 @@ class SlotTable:
         self._key_of: list[str | None] = [None] * plan.num_slots
         self._slot_of: dict[str, int] = {}
         self._pages_of: list[dict[str, list[int]]] = [{} for _ in range(plan.num_slots)]
+        self._bytes_of = [0] * plan.num_slots  # arena bytes of each slot's pages
         self._pins = [0] * plan.num_slots
         self._free_slots = list(range(plan.num_slots - 1, -1, -1))  # pop() gives slot 0
         # resident, unpinned slots: least recently used first
@@ -146,6 +153,12 @@ class SlotTable:
 
     def pages_of(self, slot: int) -> dict[str, list[int]]:
         return self._pages_of[slot]
+
+    def nbytes(self, slots: Iterable[int]) -> int:
+        """Arena bytes of the adapters in ``slots`` (their A and B, every layer: what the
+        LoRA kernels read of them in a step); an empty slot adds 0. O(len(slots))."""
+        b = self._bytes_of
+        return sum(b[s] for s in slots)
 
     @property
     def resident(self) -> list[str]:
@@ -200,6 +213,7 @@ class SlotTable:
             self.evictions += 1
         slot = self._free_slots.pop()
         self._pages_of[slot] = self.pages.alloc(need)
+        self._bytes_of[slot] = self.plan.nbytes(need)
         self._key_of[slot] = key
         self._slot_of[key] = slot
         self._lru[slot] = None  # unpinned until the caller pins it; most recently used
@@ -211,6 +225,7 @@ class SlotTable:
             raise RuntimeError(f"slot {slot} holds no adapter")
         self.pages.free(self._pages_of[slot])
         self._pages_of[slot] = {}
+        self._bytes_of[slot] = 0
         self._key_of[slot] = None
         del self._slot_of[key]
         self._free_slots.append(slot)

@@ -79,6 +79,16 @@ def test_throughput_smoke(bench, tmp_path):
     assert set(engine) == {0, 1, 4, 16}
     assert all(r["out_tok_s"] > 0 and r["requests"] == 24 for r in engine.values())
     assert engine[0]["vs_no_adapter"] == 1.0
+    # the adapter bytes each step read, and the bound they put on the ratio: one rank-16
+    # adapter on every projection (float32 on the CPU) in every step of the 1-adapter case
+    from loraplex.engine.model.presets import PRESETS
+
+    one = bench("common").adapter_bytes(PRESETS["tiny"], 16, 4)
+    assert out["copy_bandwidth_GBps"] == 4200 and "nominal" in out["copy_bandwidth_source"]
+    assert engine[0]["adapters_per_step"] == 0 and engine[0]["bytes_bound"] == 1.0
+    assert engine[1]["adapters_per_step"] == 1.0
+    assert engine[1]["adapter_gb_per_step"] * 1e9 == pytest.approx(one)
+    assert all(0 < r["bytes_bound"] < 1 for n, r in engine.items() if n)
     (hf,) = out["hf_peft"]
     assert hf["adapters"] == 4 and hf["out_tok_s"] > 0
 
@@ -92,6 +102,11 @@ def test_adapter_scale_smoke(bench, tmp_path):
     assert [r["workers"] for r in out["aggregate"]] == [1, 2]
     rows = {(r["setting"], r["adapters"], r["mode"]): r for r in out["engine"]}
     assert rows[("base", 0, "-")]["vs_base"] == 1.0
+    assert rows[("base", 0, "-")]["bytes_bound"] == 1.0 and out["copy_bandwidth_GBps"] == 4200
+    for key, r in rows.items():  # the bytes each step read of its adapters, and their bound
+        if key[0] != "base":
+            assert r["adapters_per_step"] >= 1 and r["adapter_gb_per_step"] > 0
+            assert r["lora_step_bytes"] > 0 and 0 < r["bytes_bound"] < 1
     for setting in ("all7", "slora"):
         for n in (1, 3):
             disk, store = rows[(setting, n, "disk")], rows[(setting, n, "store")]

@@ -279,3 +279,49 @@ def test_load_storm_through_few_pages(make_engine, tiny_adapters):
     for key in {k for k, _ in reqs}:
         tight.unload_adapter(key)
     assert slots.pages.pages_used() == 0 and not slots.resident
+
+
+def test_steps_count_distinct_adapters_and_their_bytes(make_engine, tiny_adapters):
+    # every step of one batch of a-qv (rank 8 on q, v), b-all twice (rank 16 on all seven)
+    # and the base model reads both adapters once: 2 a step, and their A and B bytes of
+    # every layer (float32; ranks are multiples of a page's 8 rows, so their pages hold
+    # exactly these bytes); a base-only batch reads none
+    from loraplex.engine.lora.weights import module_dims
+
+    engine = make_engine()
+    cfg = engine.runner.config
+    dims = module_dims(cfg)
+
+    def own_bytes(rank: int, targets: list[str]) -> int:
+        return sum(rank * sum(dims[m]) for m in targets) * cfg.num_layers * 4
+
+    all7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    want = own_bytes(8, ["q_proj", "v_proj"]) + own_bytes(16, all7)
+    assert want == (8 * 2 * (128 + 96) + 16 * 2 * (128 + 96 + 96 + 128 + 3 * 192)) * 4
+    names = ["a-qv", "b-all", "b-all", None]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=MAX_TOKENS)
+    reqs = [
+        (Request(f"m{i}", [5 + i, 9, 11], params, ref_for(tiny_adapters, n)), n)
+        for i, n in enumerate(names)
+    ]
+    warm(engine, reqs)
+    batches = record_batches(engine)
+    before = engine.stats()
+    for req, _ in reqs:
+        engine.add_request(req)
+    run_all(engine)
+    after = engine.stats()
+    steps = after.steps - before.steps
+    assert steps == MAX_TOKENS and set(batches) == {(4, 3)}
+    assert after.lora_step_adapters - before.lora_step_adapters == 2 * steps
+    assert after.lora_step_bytes - before.lora_step_bytes == want * steps
+
+    for i in range(3):
+        engine.add_request(Request(f"base{i}", [7 + i, 9, 11], params))
+    run_all(engine)
+    base = engine.stats()
+    assert base.steps - after.steps == MAX_TOKENS
+    assert (base.lora_step_adapters, base.lora_step_bytes) == (
+        after.lora_step_adapters,
+        after.lora_step_bytes,
+    )

@@ -227,6 +227,12 @@ def test_bytes_per_adapter_follow_its_rank(tmp_path, r):
         # projections; the pages never do)
         own = sum((m.a.numel() + m.b.numel()) * m.a.element_size() for m in w.modules.values())
         assert own <= held <= 1.1 * own, (r, targets, held, own)
+        # the slot table knows the same bytes of its slot (what a step reads of it)
+        t = SlotTable(plan_pages(CFG, 4 * held, elem))
+        slot, _ = t.assign("a", page_need(w))
+        assert t.nbytes([slot]) == held and t.nbytes([]) == 0
+        t.release("a")
+        assert t.nbytes([slot]) == 0
 
 
 def test_rank8_adapters_in_the_budget_of_padded_slots():
