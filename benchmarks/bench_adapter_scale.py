@@ -14,6 +14,12 @@ Sections (``--sections``, all by default):
 - ``cpu``: ``read_adapter`` now vs the reader it replaced (``adapter_load_old.py``) on a
   ``--cpu-preset`` (SmolLM2-135M) rank-16 adapter on all seven projections, in the engine's
   dtype, interleaved ``--reps`` times; wall min/median and process CPU time of each.
+- ``pin`` (CUDA only): for ``--pin-mib`` (80) bytes, ``--pin-count`` times: a new pinned host
+  buffer (each kept, so none comes from torch's caching host allocator) against a reused one
+  and a pageable one (page-touched), the host time of a ``non_blocking`` copy from pageable
+  memory, and the host time of a tiny kernel launch alone and while another thread pins
+  buffers. The loader pins every adapter it reads (``--host-pageable`` turns that off for
+  the other sections): in the 2,000-adapter run loads held at ~9/s whatever the worker count.
 - ``single``: one cold ``--model``-shaped adapter (rank 16, seven projections: 80 MiB for
   Llama-3-8B) from the page cache into a GPU slot: read (validate, pack, pin) + slot write +
   sync, p50/p99 over ``--reps`` keys; against the file's plain read speed and host-to-GPU
@@ -25,7 +31,9 @@ Sections (``--sections``, all by default):
   ``--num-requests`` (1,000) of ``--prompt-len``/``--output-len`` (256/128) tokens, adapters
   drawn with Zipf(``--zipf``) popularity, all queued at once, GPU adapter memory at the
   engine's default (a share of free memory, no slot count unless ``--max-loras``); modes
-  ``host`` (loaded into the host tier first, when N fits it), ``disk`` (files evicted from
+  ``host`` (loaded into the host tier first, when N fits it), ``used`` (host-cached too, but
+  only the adapters the run's Zipf picks touch, so 2,000 all-seven-projection adapters fit:
+  no load runs beside the steps, against ``disk`` where the run's loads do), ``disk`` (files evicted from
   the page cache first: ``posix_fadvise(DONTNEED)``) and ``store`` (bundles in a local object
   store through the real fetcher and disk cache, N <= ``--store-max``). Above
   ``--distinct-files`` adapters, keys share weight files (each key is still a distinct
@@ -42,8 +50,10 @@ import argparse
 import gc
 import math
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +71,7 @@ from common import (
     table,
     write_json,
     write_peft_adapter,
+    zipf_indices,
 )
 
 from loraplex.engine.api import AdapterRef
@@ -79,13 +90,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="dummy:llama3-8b")
     p.add_argument("--cpu-preset", default="smollm2-135m")
-    p.add_argument("--sections", default="cpu,single,aggregate,engine")
+    p.add_argument("--sections", default="cpu,pin,single,aggregate,engine")
+    p.add_argument("--pin-mib", type=float, default=80.0, help="pin section: buffer size")
+    p.add_argument("--pin-count", type=int, default=16, help="pin section: buffers per case")
+    p.add_argument(
+        "--host-pageable", action="store_true",
+        help="the runner reads adapters into pageable host memory instead of pinned",
+    )  # fmt: skip
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--files", type=int, default=64, help="adapters of the aggregate section")
     p.add_argument("--workers", default="1,4,8,16")
     p.add_argument("--adapters", default="1,32,512,2000")
     p.add_argument("--settings", default="all7,slora")
-    p.add_argument("--modes", default="host,disk,store")
+    p.add_argument("--modes", default="host,used,disk,store")
     p.add_argument("--distinct-files", type=int, default=64)
     p.add_argument("--store-max", type=int, default=32)
     p.add_argument("--num-requests", type=int, default=1000)
@@ -113,9 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GB/s of the engine's bytes bound (default: measured on CUDA, else 4200 nominal)",
     )
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--busy-steps", type=int, default=0,
+        help="GPU busy over this many steps of each case (CUDA events; 0: not measured)",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    args.busy_steps, args.busy_window_at = 0, 0.3  # bench_throughput's run_engine_case reads these
+    args.busy_window_at = 0.3  # bench_throughput's run_engine_case reads it (and busy_steps)
     if args.smoke:
         args.model, args.cpu_preset, args.reps, args.files, args.workers = (
             "dummy:tiny", "tiny", 3, 6, "1,2")  # fmt: skip
@@ -236,6 +257,87 @@ def make_runner(args, device: torch.device) -> ModelRunner:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def section_pin(args, device: torch.device) -> dict:
+    """What a new pinned host buffer costs against a reused one and a pageable one, for one
+    adapter's bytes (issue #26: the loader pins every adapter's buffer), and whether pinning
+    in one thread stalls another thread's kernel launches (the step loop's)."""
+    if device.type != "cuda":
+        print("\npin: CUDA only (skipped)", flush=True)
+        return {}
+    nbytes = int(args.pin_mib * 2**20)
+    held: list[torch.Tensor] = []  # fresh: every buffer kept, so none comes from the cache
+
+    def timed(make) -> list[float]:
+        out = []
+        for _ in range(args.pin_count):
+            t0 = time.perf_counter()
+            t = make()
+            t[::4096].fill_(1)  # touch every page
+            out.append((time.perf_counter() - t0) * 1e3)
+            held.append(t)
+        return out
+
+    fresh = timed(lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+    held.clear()
+    gc.collect()
+    reused = []
+    for _ in range(args.pin_count):  # freed each time: the caching host allocator hands it back
+        t0 = time.perf_counter()
+        t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        t[::4096].fill_(1)
+        reused.append((time.perf_counter() - t0) * 1e3)
+        del t
+    pageable = timed(lambda: torch.empty(nbytes, dtype=torch.uint8))
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    h2d_pageable = []
+    for t in held[:5]:  # host time of a "non_blocking" copy from pageable memory
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(t, non_blocking=True)
+        h2d_pageable.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize(device)
+    held.clear()
+    gc.collect()
+
+    x = torch.zeros(1, device=device)
+
+    def launches(n: int = 2000) -> float:  # us per tiny kernel launch, host side
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x.add_(1)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    launches()
+    alone = statistics.median(launches() for _ in range(5))
+    stop = threading.Event()
+    keep: list[torch.Tensor] = []
+
+    def pin_loop() -> None:
+        while not stop.is_set() and len(keep) < 4 * args.pin_count:
+            keep.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+
+    th = threading.Thread(target=pin_loop)
+    th.start()
+    beside = statistics.median(launches() for _ in range(5))
+    stop.set()
+    th.join()
+    keep.clear()
+    gc.collect()
+    torch.cuda.synchronize(device)
+    row = {
+        "mib": args.pin_mib,
+        "fresh_pinned_p50_ms": pct(fresh, 0.5),
+        "fresh_pinned_gbs": nbytes / 1e6 / pct(fresh, 0.5),
+        "reused_pinned_p50_ms": pct(reused, 0.5),
+        "pageable_p50_ms": pct(pageable, 0.5),
+        "h2d_from_pageable_host_ms": pct(h2d_pageable, 0.5),
+        "launch_us_alone": alone,
+        "launch_us_beside_pinning": beside,
+    }
+    print("\npinned host buffers, one adapter's bytes\n" + table([row], list(row)), flush=True)
+    return row
 
 
 def section_single(args, runner: ModelRunner, root: Path) -> dict:
@@ -371,6 +473,7 @@ def run_case(
     fetch,
     host: bool,
     host_bytes: int | None = None,
+    preload_refs: list[AdapterRef] | None = None,
 ) -> dict:
     cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs,
@@ -384,7 +487,7 @@ def run_case(
     engine = LLMEngine(runner, cfg, fetch=fetch) if fetch else LLMEngine(runner, cfg)
     try:
         if host:
-            preload(engine, refs)
+            preload(engine, refs if preload_refs is None else preload_refs)
         vocab = runner.config.vocab_size
         gen = torch.Generator().manual_seed(7)
         ids = torch.randint(3, vocab, (args.num_requests, args.prompt_len), generator=gen).tolist()
@@ -430,10 +533,12 @@ def section_engine(args, runner: ModelRunner, root: Path, bw_gbs: float) -> list
                     continue
                 one = max(runner.read_adapter(f).host_bytes() for f in files[:4])
                 host_bytes = args.host_bytes
-                if mode == "host" and n * one > host_cap:
-                    if args.host_bytes is not None or n * one > 0.6 * host_memory_bytes():
+                used = sorted(set(zipf_indices(n, args.num_requests, args.zipf, seed=args.seed)))
+                held = len(used) if mode == "used" else n  # adapters preloaded
+                if mode in ("host", "used") and held * one > host_cap:
+                    if args.host_bytes is not None or held * one > 0.6 * host_memory_bytes():
                         continue  # the host tier cannot hold them all
-                    host_bytes = int(n * one * 1.05)
+                    host_bytes = int(held * one * 1.05)
                 if mode == "store":
                     store = StoreRefs(root / f"store-{setting}-{n}")
                     refs = [store.put(files[i % len(files)]) for i in range(n)]
@@ -445,7 +550,15 @@ def section_engine(args, runner: ModelRunner, root: Path, bw_gbs: float) -> list
                     fetch = None
                     if mode == "disk":
                         evict_from_page_cache(root / setting)
-                r = run_case(args, runner, list(refs), fetch, mode == "host", host_bytes)
+                r = run_case(
+                    args,
+                    runner,
+                    list(refs),
+                    fetch,
+                    mode in ("host", "used"),
+                    host_bytes,
+                    [refs[i] for i in used] if mode == "used" else None,
+                )
                 row = {"setting": setting, "adapters": n, "mode": mode, **r}
                 row["vs_base"] = r["out_tok_s"] / base["out_tok_s"]
                 row["bytes_bound"] = bytes_bound(base["seconds"], r["lora_step_bytes"], bw_gbs)
@@ -485,6 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         if "cpu" in sections:
             result["cpu"] = section_cpu(args, device, root)
+        if "pin" in sections:
+            result["pin"] = section_pin(args, device)
         if "engine" in sections:  # measured before the runner takes the memory
             bw_gbs, bw_source = bound_bandwidth(device, args.bandwidth_gbs)
             result["copy_bandwidth_GBps"], result["copy_bandwidth_source"] = bw_gbs, bw_source
@@ -492,6 +607,8 @@ def main(argv: list[str] | None = None) -> dict:
         if sections & {"single", "aggregate", "engine"}:
             t0 = time.perf_counter()
             runner = make_runner(args, device)
+            if args.host_pageable:
+                runner.pin_adapters = False
             print(
                 f"{args.model} on {device}: runner in {time.perf_counter() - t0:.1f}s", flush=True
             )

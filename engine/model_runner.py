@@ -93,6 +93,10 @@ class ModelRunner:
         self.tp = tp
         self.local_config = cfg if tp is None else shard_config(cfg, tp.size)
         self.dtype = model.weights.embed.dtype
+        # adapters read into pinned host memory on CUDA (their GPU writes are async copies);
+        # False keeps them pageable (bench_adapter_scale --host-pageable: each new pinned
+        # buffer is a cudaHostAlloc, whose cost that benchmark's ``pin`` section measures)
+        self.pin_adapters = self.device.type == "cuda"
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(
@@ -400,7 +404,7 @@ class ModelRunner:
             self.config,
             max_rank=self.max_lora_rank,
             dtype=self.dtype,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.pin_adapters,
         )
 
     def adapter_pages(self, weights: LoraWeights) -> PageNeed:

@@ -114,6 +114,7 @@ def test_adapter_scale_smoke(bench, tmp_path):
             # store keys are content hashes: adapters sharing a weight file are one key
             assert store["latency_ms"]["object_store"][2] == min(n, 2)  # real downloads
             assert rows[(setting, n, "host")]["loads_in_run"] == 0  # all in the host tier
+            assert rows[(setting, n, "used")]["loads_in_run"] == 0  # those the picks touch
     sys.modules.pop("bench_adapter_scale", None)
     sys.modules.pop("adapter_load_old", None)
 
