@@ -1,6 +1,6 @@
 """The engine benchmarks' CPU smoke modes run end to end (``dummy:tiny``), so an engine API
 change that breaks ``benchmarks/bench_decode.py``, ``bench_throughput.py`` or
-``bench_lora_paging.py`` shows up here
+``bench_lora_paging.py`` (and the others below) shows up here
 rather than on the GPU machine."""
 
 from __future__ import annotations
@@ -129,3 +129,15 @@ def test_lora_paging_smoke(bench, tmp_path):
     one, many = out["engine"]
     assert (one["adapters"], many["adapters"]) == (1, 40)
     assert many["requests"] == 12 and many["out_tok_s"] > 0 and one["vs_1_adapter"] == 1.0
+
+
+def test_ttft_smoke(bench, tmp_path):
+    out = bench("bench_ttft").main(["--smoke", "--sync", "--json", str(tmp_path / "t.json")])
+    rows = {(r["steps_mode"], r["prompt"], r["adapter"]): r for r in out["cases"]}
+    assert set(rows) == {(m, n, a) for m in ("async", "sync") for n in (8, 32) for a in (0, 1)}
+    for (mode, _, _), r in rows.items():
+        # async scheduling reads a step's token after launching the next step; sync at once
+        assert r["steps"] == (2 if mode == "async" else 1)
+        assert 0 < r["first_step_run_ms"] <= r["first_step_host_ms"] <= r["ttft_ms"]
+    assert (tmp_path / "t.json").is_file()
+    sys.modules.pop("bench_ttft", None)
