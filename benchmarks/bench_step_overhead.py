@@ -11,6 +11,12 @@ Prints ms per decode step: schedule, build inputs, sample (its launch; the CPU c
 there), post-process (token bookkeeping, output objects; the step's rest), and the total;
 then, apart, the client side's time for the same outputs (text, stop strings, logprob
 texts), which runs in the gateway processes, not in the step loop.
+
+``--fairness``: the scheduler's price for fair scheduling instead. A closed loop keeps
+2 x ``--seqs`` requests in flight over ``--seqs`` seats (each finished request is replaced:
+admission and a full batch every step, as with backlogged tenants), all under one fairness
+key, then split over two keys weighted 3:1; ms per step in ``Scheduler.schedule`` and in the
+whole step, the runs alternated, best of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -218,6 +224,90 @@ def run(
     return ms
 
 
+def run_closed_loop(seqs: int, steps: int, adapters: int, keys: int) -> dict[str, float]:
+    """``--fairness``: 2 x ``seqs`` in flight, finished ones replaced; ``keys`` 1 or 2 (3:1)."""
+    block_size, max_model_len = 16, 2048
+    runner = StubRunner(
+        num_blocks=2 * seqs * max_model_len // block_size,
+        block_size=block_size,
+        max_model_len=max_model_len,
+        slots=adapters,
+    )
+    config = EngineConfig(
+        block_size=block_size,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=4096,
+        max_loras=adapters,
+        max_cpu_loras=adapters,
+        num_gpu_blocks=runner.num_blocks,
+        device="cpu",
+    )
+    engine = LLMEngine(runner, config)
+    timers = runner.timers
+    engine.scheduler.schedule = timed(engine.scheduler.schedule, timers, "schedule")
+    rng = random.Random(0)
+    refs = [AdapterRef(f"adapter-{i:03d}", ".") for i in range(adapters)]
+    count = 0
+
+    def add() -> None:
+        nonlocal count
+        i, count = count, count + 1
+        key = i % 2 if keys == 2 else 0
+        engine.add_request(
+            Request(
+                request_id=f"r{i}",
+                prompt=[rng.randint(3, 200) for _ in range(rng.randint(20, 60))],
+                sampling=SamplingParams(
+                    max_tokens=rng.randint(16, 64), temperature=0.0, ignore_eos=True
+                ),
+                adapter=refs[i % adapters],
+                fairness_key=f"key{key}",
+                fairness_weight=3.0 if keys == 2 and key == 0 else 1.0,
+            )
+        )
+
+    def step() -> None:
+        for o in engine.step():
+            if o.finished:
+                add()
+
+    for _ in range(2 * seqs):
+        add()
+    for _ in range(50):  # admission, then a steady loop
+        step()
+    for k in timers:
+        timers[k] = 0.0
+    batch = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+        batch += len(engine.scheduler.running)
+    total = time.perf_counter() - t0
+    engine.shutdown()
+    return {
+        "schedule": 1e3 * timers["schedule"] / steps,
+        "total": 1e3 * total / steps,
+        "batch": batch / steps,
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+
+
+def main_fairness(args: argparse.Namespace) -> None:
+    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    for _ in range(args.repeats):
+        for keys in runs:
+            runs[keys].append(run_closed_loop(args.seqs, args.steps, args.adapters, keys))
+    best = {k: min(r, key=lambda m: m["schedule"]) for k, r in runs.items()}
+    print(
+        f"closed loop, {2 * args.seqs} in flight over {args.seqs} seats, {args.adapters} "
+        f"adapters, best of {args.repeats} x {args.steps} steps (ms/step), runs alternated"
+    )
+    print(f"  {'':12s}{'one key':>10s}{'two keys':>10s}")
+    for k in ("schedule", "total", "batch", "preemptions"):
+        print(f"  {k:12s}{best[1][k]:10.3f}{best[2][k]:10.3f}")
+    print(f"  schedule, two keys - one: {best[2]['schedule'] - best[1]['schedule']:.3f} ms/step")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, default=256)
@@ -237,8 +327,16 @@ def main() -> None:
         help="heap variants, alternated in one run: default (the collector as Python sets "
         "it), freeze (gc.freeze() once the engine is warm, as the step loop does)",
     )
+    ap.add_argument(
+        "--fairness",
+        action="store_true",
+        help="the scheduler's cost of two fairness keys (3:1) against one, closed loop",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.fairness:
+        main_fairness(args)
+        return
     variants = args.gc.split(",")
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for _ in range(args.repeats):

@@ -47,6 +47,7 @@ class FairShare:
         self._counter: dict[str, float] = {}
         self._weight: dict[str, float] = {}
         self._active: dict[str, int] = {}  # key -> its sequences waiting or running
+        self._active_weight = 0.0  # the active keys' weights summed (share() per call is O(1))
         self._high = 0.0  # the highest counter seen
         self.stats: dict[str, KeyStats] = {}
 
@@ -65,6 +66,7 @@ class FairShare:
             floor = min((self._counter[k] for k in self._active), default=self._high)
             self._counter[key] = max(own, floor)
         self._active[key] = n + 1
+        self._sum_weights()
 
     def leave(self, key: str) -> None:
         """A sequence of ``key`` finished (or was dropped)."""
@@ -73,11 +75,20 @@ class FairShare:
             self._active[key] = n
         else:
             self._active.pop(key, None)
+            self._sum_weights()
+
+    def _sum_weights(self) -> None:
+        self._active_weight = sum(self._weight.get(k, 1.0) for k in self._active)
 
     # -- service -------------------------------------------------------------------------
 
     def counter(self, key: str) -> float:
         return self._counter.get(key, 0.0)
+
+    @property
+    def counters(self) -> dict[str, float]:
+        """Every key's counter (read only: for sort keys that look many up a step)."""
+        return self._counter
 
     def weight(self, key: str) -> float:
         return self._weight.get(key, 1.0)
@@ -96,8 +107,8 @@ class FairShare:
 
     def share(self, key: str) -> float:
         """``key``'s weighted share among the active keys (1.0 when alone)."""
-        total = sum(self._weight.get(k, 1.0) for k in self._active)
-        return self.weight(key) / total if total else 1.0
+        total = self._active_weight
+        return self._weight.get(key, 1.0) / total if total else 1.0
 
     # -- statistics ----------------------------------------------------------------------
 

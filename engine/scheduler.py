@@ -22,6 +22,7 @@ sequence holds back only its own key.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -34,6 +35,7 @@ from loraplex.engine.sequence import SeqStatus, Sequence
 from loraplex.engine.wait_queue import WaitQueue
 
 _priority = attrgetter("arrival", "index")  # = Sequence.priority, read in C
+_fair_key_of = attrgetter("fair_key")
 MAX_FAIR_PREEMPTIONS = 4  # per step: sequences preempted to let a key under its share in
 
 
@@ -115,7 +117,13 @@ class Scheduler:
         self.steps += 1
         budget = self.max_num_batched_tokens
         running = self.running
-        running.sort(key=self._fair_order if self._fair else _priority)
+        if self._fair:  # = self._fair_order, its lookups inlined (a call per sequence a step)
+            ctr = self.fair.counters
+            running.sort(
+                key=lambda s: (s.priority_tier, ctr.get(s.fair_key, 0.0), s.arrival, s.index)
+            )
+        else:
+            running.sort(key=_priority)
         grow = self.blocks.grow_if_fits
         i = 0
         while i < len(running) and budget > 0:
@@ -245,9 +253,7 @@ class Scheduler:
         tier): a waiting key below its weighted share of the batch reserves the seats it
         lacks, up to its queue's length (not while its head is held up, e.g. by an adapter
         load: the seat would sit empty)."""
-        seated: dict[str, int] = {}
-        for r in self.running:
-            seated[r.fair_key] = seated.get(r.fair_key, 0) + 1
+        seated: dict[str, int] = Counter(map(_fair_key_of, self.running))
         reserved: dict[str, int] = {}
         tiers: dict[str, int] = {}
         seats, fair = self.max_num_seqs, self.fair
@@ -283,26 +289,28 @@ class Scheduler:
         tokens). -> the token budget after."""
         if self._fair_preempted >= MAX_FAIR_PREEMPTIONS:
             return budget
-        lower = [r for r in self.running if r.priority_tier > seq.priority_tier]
-        if lower:  # a lower tier gives way first, whatever its key
-            return self._take_back(max(lower, key=self._fair_order), out, budget)
-        per_key: dict[str, list[Sequence]] = {}
-        for r in self.running:
-            per_key.setdefault(r.fair_key, []).append(r)
+        running = self.running
+        if len(self._tiers) > 1:  # (one tier active: nobody runs in a lower one)
+            lower = [r for r in running if r.priority_tier > seq.priority_tier]
+            if lower:  # a lower tier gives way first, whatever its key
+                return self._take_back(max(lower, key=self._fair_order), out, budget)
+        # counted in C: when the batch is full this runs for several waiting sequences a step
+        seated = Counter(map(_fair_key_of, running))
         seats, fair = self.max_num_seqs, self.fair
         over = [
             (fair.counter(k), k)
-            for k, rs in per_key.items()
-            if k != seq.fair_key and len(rs) > fair.share(k) * seats
+            for k, n in seated.items()
+            if k != seq.fair_key and n > fair.share(k) * seats
         ]
         if not over:
             return budget
         top, victim_key = max(over)
-        below_share = len(per_key.get(seq.fair_key, ())) + 1 <= fair.share(seq.fair_key) * seats
+        below_share = seated.get(seq.fair_key, 0) + 1 <= fair.share(seq.fair_key) * seats
         owed = fair.counter(seq.fair_key) + self.max_num_batched_tokens < top
         if not (below_share or owed):
             return budget
-        return self._take_back(max(per_key[victim_key], key=self._fair_order), out, budget)
+        victims = [r for r in running if r.fair_key == victim_key]
+        return self._take_back(max(victims, key=self._fair_order), out, budget)
 
     def _take_back(self, victim: Sequence, out: SchedulerOutput, budget: int) -> int:
         """Preempt ``victim`` for fairness (queued again after admission)."""
