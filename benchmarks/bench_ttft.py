@@ -16,6 +16,11 @@ step by step:
   request, so nothing waits for them while it runs);
 - ``--sync``: the same with async scheduling off (the first token is read in the step that
   samples it rather than after the next step's launch);
+- ``--load N``: the same probes (fairness key ``light``) while a flood keeps N requests of
+  ``--load-prompt``/``--load-output`` tokens in flight under its own key (each finished one
+  replaced; adapters in turn), as ``bench_serving.py --fairness`` does over HTTP: the steps
+  the first token waits for are then the flood's, and their mean host and GPU times are
+  reported beside it;
 - ``--profile DIR``: a torch profiler trace of one 256-token request with an adapter
   (``ttft.json``, chrome format) and its ops by host time, printed.
 
@@ -55,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--sync", action="store_true", help="also without async scheduling")
+    p.add_argument("--load", type=int, default=0, help="flood requests in flight (0: idle)")
+    p.add_argument("--load-prompt", type=int, default=256)
+    p.add_argument("--load-output", type=int, default=128)
     p.add_argument("--profile", default=None, help="dir for a torch profiler trace")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="dummy:tiny on the CPU, tiny counts")
@@ -62,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.model, args.prompt_lens, args.reps, args.adapters = "dummy:tiny", "8,32", 3, 2
         args.max_num_batched_tokens, args.max_lora_rank = 256, 16
+        args.max_num_seqs, args.load_prompt, args.load_output = 8, 8, 4
+        if args.load:
+            args.load = 16
     return args
 
 
@@ -120,12 +131,46 @@ def make_engine(args, runner: ModelRunner, async_scheduling: bool) -> LLMEngine:
     return LLMEngine(runner, cfg)
 
 
-def first_token(engine: LLMEngine, clock: StepClock, rid: str, ids: list[int], ref) -> dict:  # type: ignore[no-untyped-def]
-    """One request on an idle engine: until its first token is out, then aborted."""
+class Flood:
+    """``--load``: ``n`` requests in flight under the key ``flood``, each finished one
+    replaced (adapters in turn), fed by the outputs the probe's loop does not take."""
+
+    def __init__(self, args, engine: LLMEngine, refs: list[AdapterRef], gen) -> None:  # type: ignore[no-untyped-def]
+        self.args, self.engine, self.refs, self.gen = args, engine, refs, gen
+        self.count = 0
+        for _ in range(args.load):
+            self.add()
+
+    def add(self) -> None:
+        a, i = self.args, self.count
+        self.count += 1
+        vocab = self.engine.runner.config.vocab_size
+        ids = torch.randint(3, vocab, (a.load_prompt,), generator=self.gen).tolist()
+        params = SamplingParams(max_tokens=a.load_output, temperature=0.0, ignore_eos=True)
+        ref = self.refs[i % len(self.refs)] if self.refs else None
+        self.engine.add_request(Request(f"flood-{i}", ids, params, ref, fairness_key="flood"))
+
+    def __call__(self, out) -> None:  # type: ignore[no-untyped-def]
+        if out.error:
+            raise RuntimeError(f"{out.request_id}: {out.error.message}")
+        if out.finished:
+            self.add()
+
+    def settle(self, steps: int) -> None:
+        for _ in range(steps):
+            for o in self.engine.step():
+                self(o)
+
+
+def first_token(  # type: ignore[no-untyped-def]
+    engine: LLMEngine, clock: StepClock, rid: str, ids: list[int], ref, flood=None
+) -> dict:
+    """One request (key ``light``) until its first token is out, then aborted; on an idle
+    engine, or beside ``flood`` (which takes every other output)."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     clock.steps = []
     t0 = time.perf_counter()
-    engine.add_request(Request(rid, ids, params, ref))
+    engine.add_request(Request(rid, ids, params, ref, fairness_key="light"))
     ttft = None
     while ttft is None:
         for o in engine.step():
@@ -133,15 +178,18 @@ def first_token(engine: LLMEngine, clock: StepClock, rid: str, ids: list[int], r
                 if o.error:
                     raise RuntimeError(f"{rid}: {o.error.message}")
                 ttft = (time.perf_counter() - t0) * 1e3
+            elif o.request_id != rid and flood is not None:
+                flood(o)
     steps = list(clock.steps)
     engine.abort(rid)
-    while engine.has_unfinished():
+    while flood is None and engine.has_unfinished():
         engine.step()
     if clock.cuda:
         torch.cuda.synchronize(engine.runner.device)
     ran = [s for s in steps if s.get("ran")]
     first = ran[0] if ran else steps[0]
     gpu = clock.gpu_ms(first)
+    gpus = [clock.gpu_ms(s) for s in ran]
     return {
         "ttft_ms": ttft,
         "steps": len(steps),
@@ -151,6 +199,9 @@ def first_token(engine: LLMEngine, clock: StepClock, rid: str, ids: list[int], r
         "first_step_tokens": first.get("tokens", 0),
         "after_first_step_ms": ttft - first["host_ms"],
         "host_beyond_gpu_ms": ttft - gpu if gpu == gpu else float("nan"),
+        "steps_host_ms_mean": statistics.fmean(s["host_ms"] for s in ran) if ran else 0.0,
+        "steps_gpu_ms_mean": statistics.fmean(gpus) if gpus else float("nan"),
+        "steps_tokens_mean": statistics.fmean(s.get("tokens", 0) for s in ran) if ran else 0.0,
     }
 
 
@@ -158,7 +209,9 @@ def med(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def run_cases(args, engine: LLMEngine, refs: list[AdapterRef], mode: str, gen) -> list[dict]:  # type: ignore[no-untyped-def]
+def run_cases(
+    args, engine: LLMEngine, refs: list[AdapterRef], mode: str, gen, flood=None
+) -> list[dict]:  # type: ignore[no-untyped-def]
     clock = StepClock(engine)
     vocab = engine.runner.config.vocab_size
     out = []
@@ -167,8 +220,11 @@ def run_cases(args, engine: LLMEngine, refs: list[AdapterRef], mode: str, gen) -
             reps = []
             for i in range(args.reps):
                 ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
-                reps.append(first_token(engine, clock, f"{mode}-{n}-{i}", ids, ref))
+                reps.append(first_token(engine, clock, f"{mode}-{n}-{i}", ids, ref, flood))
+                if flood is not None:
+                    flood.settle(3)  # the next probe arrives into a steady loop again
             row = {"steps_mode": mode, "prompt": n, "adapter": ref is not None}
+            row["load"] = args.load
             for k in reps[0]:
                 row[k] = med(reps, k)
             row["ttft_p90_ms"] = sorted(r["ttft_ms"] for r in reps)[int(0.9 * (len(reps) - 1))]
@@ -241,15 +297,21 @@ def main(argv: list[str] | None = None) -> dict:
                     ids = torch.randint(3, 100, (n,), generator=gen).tolist()
                     for ref in [None, *refs[:1]]:
                         first_token(engine, StepClock(engine), f"w{n}", ids, ref)
-                rows += run_cases(args, engine, refs, mode, gen)
+                flood = None
+                if args.load:
+                    flood = Flood(args, engine, refs, gen)
+                    flood.settle(2 * args.load_output)  # admitted, finishing and replaced
+                rows += run_cases(args, engine, refs, mode, gen, flood)
                 if args.profile is not None and mode == "async":
                     result["profile_ops"] = profile_one(args, engine, refs, gen)
             finally:
                 engine.shutdown()
-    cols = ["steps_mode", "prompt", "adapter", "ttft_ms", "ttft_p90_ms", "steps"]
+    cols = ["steps_mode", "load", "prompt", "adapter", "ttft_ms", "ttft_p90_ms", "steps"]
     cols += ["first_step_host_ms", "first_step_run_ms", "first_step_gpu_ms"]
-    cols += ["after_first_step_ms", "host_beyond_gpu_ms"]
-    print("\nfirst token on an idle engine (medians, ms)\n" + table(rows, cols), flush=True)
+    cols += ["after_first_step_ms", "host_beyond_gpu_ms", "steps_host_ms_mean"]
+    cols += ["steps_gpu_ms_mean", "steps_tokens_mean"]
+    where = f"beside {args.load} flood requests" if args.load else "on an idle engine"
+    print(f"\nfirst token {where} (medians, ms)\n" + table(rows, cols), flush=True)
     result["cases"] = rows
     write_json(args.json, result)
     return result

@@ -140,4 +140,10 @@ def test_ttft_smoke(bench, tmp_path):
         assert r["steps"] == (2 if mode == "async" else 1)
         assert 0 < r["first_step_run_ms"] <= r["first_step_host_ms"] <= r["ttft_ms"]
     assert (tmp_path / "t.json").is_file()
+    # beside a flood of other requests the probe's steps carry the flood's tokens too
+    loaded = bench("bench_ttft").main(["--smoke", "--load", "1"])
+    for r in loaded["cases"]:
+        alone = rows[("async", r["prompt"], r["adapter"])]
+        assert r["load"] > 0 and r["steps"] >= 2
+        assert r["steps_tokens_mean"] > alone["steps_tokens_mean"]
     sys.modules.pop("bench_ttft", None)
