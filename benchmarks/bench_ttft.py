@@ -209,10 +209,9 @@ def med(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def run_cases(
-    args, engine: LLMEngine, refs: list[AdapterRef], mode: str, gen, flood=None
-) -> list[dict]:  # type: ignore[no-untyped-def]
-    clock = StepClock(engine)
+def run_cases(  # type: ignore[no-untyped-def]
+    args, engine: LLMEngine, clock: StepClock, refs: list[AdapterRef], mode: str, gen, flood=None
+) -> list[dict]:
     vocab = engine.runner.config.vocab_size
     out = []
     for n in [int(x) for x in args.prompt_lens.split(",")]:
@@ -239,11 +238,10 @@ def run_cases(
     return out
 
 
-def profile_one(args, engine: LLMEngine, refs: list[AdapterRef], gen) -> str:  # type: ignore[no-untyped-def]
+def profile_one(args, engine: LLMEngine, clock: StepClock, refs: list[AdapterRef], gen) -> str:  # type: ignore[no-untyped-def]
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    clock = StepClock(engine)
     ids = torch.randint(3, engine.runner.config.vocab_size, (256,), generator=gen).tolist()
     with profile(activities=acts) as prof:
         first_token(engine, clock, "profiled", ids, refs[0] if refs else None)
@@ -283,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         modes = [("async", True)] + ([("sync", False)] if args.sync else [])
         for mode, on in modes:
             engine = make_engine(args, runner, on)
+            clock = StepClock(engine)  # once: it wraps the engine's step, run and sample
             try:
                 for i, ref in enumerate(refs or [None]):
                     ids = torch.randint(3, 100, (16,), generator=gen).tolist()
@@ -296,14 +295,14 @@ def main(argv: list[str] | None = None) -> dict:
                 for n in [int(x) for x in args.prompt_lens.split(",")]:  # shapes warm once
                     ids = torch.randint(3, 100, (n,), generator=gen).tolist()
                     for ref in [None, *refs[:1]]:
-                        first_token(engine, StepClock(engine), f"w{n}", ids, ref)
+                        first_token(engine, clock, f"w{n}", ids, ref)
                 flood = None
                 if args.load:
                     flood = Flood(args, engine, refs, gen)
                     flood.settle(2 * args.load_output)  # admitted, finishing and replaced
-                rows += run_cases(args, engine, refs, mode, gen, flood)
+                rows += run_cases(args, engine, clock, refs, mode, gen, flood)
                 if args.profile is not None and mode == "async":
-                    result["profile_ops"] = profile_one(args, engine, refs, gen)
+                    result["profile_ops"] = profile_one(args, engine, clock, refs, gen)
             finally:
                 engine.shutdown()
     cols = ["steps_mode", "load", "prompt", "adapter", "ttft_ms", "ttft_p90_ms", "steps"]
