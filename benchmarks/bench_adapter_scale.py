@@ -81,6 +81,7 @@ from loraplex.engine.lora.loader import AdapterLoader
 from loraplex.engine.lora.weights import read_adapter
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.model_runner import ModelRunner
+from loraplex.heap import freeze_heap
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -93,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sections", default="cpu,pin,single,aggregate,engine")
     p.add_argument("--pin-mib", type=float, default=80.0, help="pin section: buffer size")
     p.add_argument("--pin-count", type=int, default=16, help="pin section: buffers per case")
+    p.add_argument(
+        "--heap", choices=("frozen", "default"), default="frozen",
+        help="engine section: gc.freeze() after the warm-up, as the engine server does "
+        "(frozen), or the collector as Python starts it (default)",
+    )  # fmt: skip
     p.add_argument(
         "--host-pageable", action="store_true",
         help="the runner reads adapters into pageable host memory instead of pinned",
@@ -520,6 +526,8 @@ def section_engine(args, runner: ModelRunner, root: Path, bw_gbs: float) -> list
         warm_up(warm, ids, [None, ref, None, ref])
         warm.shutdown()
         del warm
+    if args.heap == "frozen":  # as the engine server's step loop does (loraplex/heap.py)
+        freeze_heap()
     base = run_case(args, runner, [], None, False)
     print(f"\nno-adapter engine: {base['out_tok_s']:.0f} out tok/s", flush=True)
     rows = [{"setting": "base", "adapters": 0, "mode": "-", **base, "vs_base": 1.0}]
@@ -584,7 +592,8 @@ def section_engine(args, runner: ModelRunner, root: Path, bw_gbs: float) -> list
     cols = ["setting", "adapters", "mode", "requests", "seconds", "out_tok_s", "vs_base"]
     cols += ["bytes_bound", "adapters_per_step", "adapter_gb_per_step"]
     cols += ["distinct_used", "loads_in_run", "loads_s", "slot_evictions", "host_evictions"]
-    print("\nengine\n" + table(rows, cols), flush=True)
+    print(f"\nengine (heap {args.heap})\n" + table(rows, cols), flush=True)
+    gc.unfreeze()  # (a no-op when not frozen) the runner's cycles collectable again
     return rows
 
 

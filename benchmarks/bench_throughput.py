@@ -61,6 +61,7 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.model_runner import ModelRunner
+from loraplex.heap import freeze_heap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0,1,32,512",
         help="cases; 0 = no adapters; a case may repeat; suffix i (e.g. 32i): LoRA in line, "
         "without the decode side stream (the baseline of that design); suffix s (0s, 32s): "
-        "synchronous steps (no async scheduling)",
+        "synchronous steps (no async scheduling); suffix u (0u, 32u): the heap not frozen "
+        "(the other cases run, as the engine server does, with gc.freeze() after warm-up)",
     )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument(
@@ -131,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.num_requests, args.prompt_len, args.output_len = "dummy:tiny", 24, 20, 8
-        args.adapters, args.weight_files, args.max_num_seqs = "0,1,4,16", 2, 8
+        args.adapters, args.weight_files, args.max_num_seqs = "0,1,4,16,4u", 2, 8
         args.max_num_batched_tokens, args.max_loras, args.load_workers = 64, 4, 2
         args.hf_adapters, args.hf_requests, args.hf_batch = "4", 4, 4
     return args
@@ -363,7 +365,7 @@ def profile_case(args, runner: ModelRunner, ids: list[list[int]], root: Path) ->
     import io
     import pstats
 
-    n = min(32, max(int(x.strip().rstrip("is")) for x in args.adapters.split(",") if x.strip()))
+    n = min(32, max(int(x.strip().rstrip("isu")) for x in args.adapters.split(",") if x.strip()))
     engine = make_engine(args, runner, n)
     refs = adapter_refs(args, runner.config, n, root)
     preload(engine, refs)
@@ -401,10 +403,17 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
         (ref,) = adapter_refs(args, cfg, 1, Path(tmp))
         warm_up(warm, ids[:4], [None, ref, None, ref])
         warm.shutdown()
+        del warm
+        # as the engine server's step loop does once the engine is ready (loraplex/heap.py):
+        # a full collection then walks only what was made since, not the model's objects
+        freeze_heap()
 
         side = runner.model.side_stream
         for case in cases:
-            n, in_line, sync = int(case.rstrip("is")), "i" in case, "s" in case
+            n, in_line, sync = int(case.rstrip("isu")), "i" in case, "s" in case
+            unfrozen = "u" in case
+            if unfrozen:  # the startup heap back in the collector's reach, for this case
+                gc.unfreeze()
             if side is not None and (runner.model.side_stream is None) != in_line:
                 runner.model.side_stream = None if in_line else side
                 if runner.graphs is not None:
@@ -414,6 +423,9 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
             load_s = preload(engine, refs) if (refs and args.preload) else 0.0
             row = run_engine_case(args, engine, ids, refs)
             row["steps_mode"] = "sync" if sync else "async"
+            row["heap"] = "default" if unfrozen else "frozen"
+            if unfrozen:
+                freeze_heap()
             row["lora"] = "in line" if in_line else "beside"
             row["preload_s"] = load_s
             row["loads_per_s"] = len(refs) / load_s if load_s else float("nan")
@@ -425,6 +437,7 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
         if args.profile:
             profile_case(args, runner, ids, Path(tmp))
 
+    gc.unfreeze()  # the runner's cycles collectable again: its memory goes on return
     return rows
 
 
@@ -448,7 +461,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # against the no-adapter case (the mean when it ran more than once), same run
     base_runs = [
-        r["out_tok_s"] for r in rows if r["adapters"] == 0 and r["steps_mode"] == "async"
+        r["out_tok_s"]
+        for r in rows
+        if r["adapters"] == 0 and r["steps_mode"] == "async" and r["heap"] == "frozen"
     ] or [r["out_tok_s"] for r in rows if r["adapters"] == 0]
     base_tok = statistics.mean(base_runs) if base_runs else float("nan")
     base_s = args.num_requests * args.output_len / base_tok  # T0: its mean seconds
@@ -465,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
         hf_rows.append(hf)
         print(table([hf], list(hf)), flush=True)
 
-    cols = ["adapters", "lora", "steps_mode", "distinct_used", "seconds", "out_tok_s"]
+    cols = ["adapters", "lora", "steps_mode", "heap", "distinct_used", "seconds", "out_tok_s"]
     cols += ["vs_no_adapter", "bytes_bound", "adapters_per_step", "adapter_gb_per_step"]
     cols += ["mean_batch", "gpu_busy", "busy_ms_per_step"]
     cols += ["steps", "preemptions", "slot_evictions", "loads_in_run", "preload_s"]
