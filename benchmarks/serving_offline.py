@@ -28,6 +28,7 @@ from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine_wiring import engine_config
 from loraplex.gateway.settings import GatewaySettings
+from loraplex.heap import freeze_heap
 
 
 def prompt_set(args: argparse.Namespace, vocab: int, n: int, salt: int) -> list[list[int]]:
@@ -49,6 +50,7 @@ def run_offline(args: argparse.Namespace, weights_root: Path) -> dict:
     refs = adapter_refs(args, cfg, args.adapters, weights_root)
     load_s = preload(engine, refs) if refs else 0.0
     warm_up(engine, prompt_set(args, cfg.vocab_size, len(refs) + 1, WARM_SALT), [None, *refs])
+    freeze_heap()  # as the server's engine process does once ready (a process of its own here)
     ids = prompt_set(args, cfg.vocab_size, args.num_requests, 0)
     row = run_engine_case(args, engine, ids, refs)
     rates = [float(x) for x in str(getattr(args, "rates", "")).split(",") if x.strip()]
