@@ -113,6 +113,12 @@ class StepClock:
             return out
 
         engine.step, engine.runner.run, engine.sampler.sample = timed_step, timed_run, timed_sample
+        self._restore = (engine.runner, run)
+
+    def close(self) -> None:
+        """Give the runner (shared by the next engine) its own ``run`` back."""
+        runner, run = self._restore
+        runner.run = run
 
     def gpu_ms(self, rec: dict) -> float:
         if rec["start"] is None or rec["end"] is None:
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.profile is not None and mode == "async":
                     result["profile_ops"] = profile_one(args, engine, clock, refs, gen)
             finally:
+                clock.close()
                 engine.shutdown()
     cols = ["steps_mode", "load", "prompt", "adapter", "ttft_ms", "ttft_p90_ms", "steps"]
     cols += ["first_step_host_ms", "first_step_run_ms", "first_step_gpu_ms"]
