@@ -118,7 +118,13 @@ class Gateway:
         return openai.OpenAI(api_key=self.keys[key], base_url=f"{self.url}/v1", max_retries=0)
 
     def async_sdk(self, key: str = "a") -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(api_key=self.keys[key], base_url=f"{self.url}/v1", max_retries=0)
+        # a fresh connection per request: on a loaded CI box a pooled connection could be
+        # closed by the server's keep-alive timeout as the next request went out on it
+        # (an APIConnectionError once in ~2,000 tests, never a gateway fault)
+        http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_keepalive_connections=0))
+        return openai.AsyncOpenAI(
+            api_key=self.keys[key], base_url=f"{self.url}/v1", max_retries=0, http_client=http
+        )
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         url = self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
