@@ -153,12 +153,12 @@ class GcClock:
         self.max_ms = max(self.max_ms, ms)
 
 
-def run(
-    seqs: int, steps: int, adapters: int, warmup: int, greedy: bool, freeze: bool = False
-) -> dict[str, float]:
+def stub_engine(seqs: int, adapters: int, in_flight: int) -> tuple[LLMEngine, dict[str, float]]:
+    """An engine over the stub runner with KV blocks for ``in_flight`` sequences of the
+    longest context, ``Scheduler.schedule`` timed -> (engine, the phase timers)."""
     block_size, max_model_len = 16, 2048
     runner = StubRunner(
-        num_blocks=seqs * max_model_len // block_size,
+        num_blocks=in_flight * max_model_len // block_size,
         block_size=block_size,
         max_model_len=max_model_len,
         slots=adapters,
@@ -175,6 +175,14 @@ def run(
     engine = LLMEngine(runner, config)
     timers = runner.timers
     engine.scheduler.schedule = timed(engine.scheduler.schedule, timers, "schedule")
+    return engine, timers
+
+
+def run(
+    seqs: int, steps: int, adapters: int, warmup: int, greedy: bool, freeze: bool = False
+) -> dict[str, float]:
+    engine, timers = stub_engine(seqs, adapters, seqs)
+    runner = engine.runner
     engine.sampler.sample = timed(engine.sampler.sample, timers, "sample")  # type: ignore[method-assign]
     processor = OutputProcessor(runner.tokenizer)  # the client side, as a gateway runs it
     trackers = {}
@@ -226,25 +234,7 @@ def run(
 
 def run_closed_loop(seqs: int, steps: int, adapters: int, keys: int) -> dict[str, float]:
     """``--fairness``: 2 x ``seqs`` in flight, finished ones replaced; ``keys`` 1 or 2 (3:1)."""
-    block_size, max_model_len = 16, 2048
-    runner = StubRunner(
-        num_blocks=2 * seqs * max_model_len // block_size,
-        block_size=block_size,
-        max_model_len=max_model_len,
-        slots=adapters,
-    )
-    config = EngineConfig(
-        block_size=block_size,
-        max_num_seqs=seqs,
-        max_num_batched_tokens=4096,
-        max_loras=adapters,
-        max_cpu_loras=adapters,
-        num_gpu_blocks=runner.num_blocks,
-        device="cpu",
-    )
-    engine = LLMEngine(runner, config)
-    timers = runner.timers
-    engine.scheduler.schedule = timed(engine.scheduler.schedule, timers, "schedule")
+    engine, timers = stub_engine(seqs, adapters, 2 * seqs)
     rng = random.Random(0)
     refs = [AdapterRef(f"adapter-{i:03d}", ".") for i in range(adapters)]
     count = 0
