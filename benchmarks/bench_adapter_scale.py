@@ -343,7 +343,68 @@ def section_pin(args, device: torch.device) -> dict:
         "launch_us_beside_pinning": beside,
     }
     print("\npinned host buffers, one adapter's bytes\n" + table([row], list(row)), flush=True)
+    rows = [pin_variant(args, conf) for conf in PIN_CONFS]
+    print(
+        "\nfresh pinned buffers by allocator setting (own process each)\n"
+        + table(rows, list(rows[0])),
+        flush=True,
+    )
+    row["by_conf"] = rows
     return row
+
+
+# PYTORCH_CUDA_ALLOC_CONF settings of torch's pinned host allocator: the default
+# (cudaHostAlloc), and malloc + cudaHostRegister with the page faults spread over threads
+# "engine": the default env, then the engine's own configure_pinned_memory() at run time
+PIN_CONFS = ["", "engine", "pinned_use_cuda_host_register:True,pinned_num_register_threads:16"]
+_PIN_PROBE = """
+import json, sys, time, threading, torch
+n, count, workers = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if sys.argv[4] == "engine":
+    from loraplex.engine.devices import configure_pinned_memory
+    configure_pinned_memory()
+torch.zeros(1, device="cuda")
+keep = []
+def one():
+    t0 = time.perf_counter()
+    t = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    t[::4096].fill_(1)
+    keep.append(t)
+    return (time.perf_counter() - t0) * 1e3
+one()
+single = sorted(one() for _ in range(count))[count // 2]
+def loop():
+    for _ in range(count):
+        one()
+ths = [threading.Thread(target=loop) for _ in range(workers)]
+t0 = time.perf_counter()
+for t in ths: t.start()
+for t in ths: t.join()
+wall = time.perf_counter() - t0
+print(json.dumps({"single_p50_ms": single, "threads": workers,
+                  "threads_gbs": n * count * workers / 1e9 / wall}))
+"""
+
+
+def pin_variant(args, conf: str) -> dict:
+    """Fresh pinned buffers of one adapter's bytes under one allocator setting, in a process
+    of its own (the setting is read at CUDA init): one thread's p50, and GB/s of 4 threads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if conf and conf != "engine":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = conf
+    n = int(args.pin_mib * 2**20)
+    cmd = [sys.executable, "-c", _PIN_PROBE, str(n), str(args.pin_count), "4", conf or "-"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    row = {"conf": conf or "default"}
+    if p.returncode != 0:
+        return {**row, "error": p.stderr.strip().splitlines()[-1:]}
+    return {**row, **json.loads(p.stdout.strip().splitlines()[-1])}
 
 
 def section_single(args, runner: ModelRunner, root: Path) -> dict:

@@ -22,7 +22,8 @@ step by step:
   the first token waits for are then the flood's, and their mean host and GPU times are
   reported beside it;
 - ``--profile DIR``: a torch profiler trace of one 256-token request with an adapter
-  (``ttft.json``, chrome format) and its ops by host time, printed.
+  (``ttft.json``, chrome format) and its ops by host time, printed; then a cProfile of five
+  such requests (``ttft_py.txt``, by own time and by cumulative time).
 
 Output: per case, the medians of TTFT, steps, the first step's host / run / GPU ms and the
 host time the first token waited beyond the forward's GPU time.
@@ -257,6 +258,22 @@ def profile_one(args, engine: LLMEngine, clock: StepClock, refs: list[AdapterRef
     text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     (out / "ttft_ops.txt").write_text(text)
     print("\nops of one 256-token first token, by host time\n" + text, flush=True)
+    # the Python side of the same: where the host time of the eager first step goes
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for i in range(5):
+        first_token(engine, clock, f"pyprof-{i}", ids, refs[0] if refs else None)
+    pr.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(pr, stream=buf)
+    st.sort_stats("tottime").print_stats(45)
+    st.sort_stats("cumulative").print_stats(45)
+    (out / "ttft_py.txt").write_text(buf.getvalue())
+    print("\nPython of five 256-token first tokens (cProfile)\n" + buf.getvalue(), flush=True)
     return text
 
 
@@ -271,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         block_size=16,
         max_num_seqs=args.max_num_seqs,
-        max_model_len=max(longest, 256) + 64,
+        max_model_len=max(longest, 256, args.load_prompt + args.load_output) + 64,
         max_lora_rank=args.max_lora_rank,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_bytes=64 * 2**20 if device.type == "cpu" else None,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from loraplex.engine import kernels as K
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.devices import configure_pinned_memory
 from loraplex.engine.kernels._triton import l2_bytes
 from loraplex.engine.kernels.fp8_linear import fp8_candidates, fp8_linear_w8a16
 from loraplex.engine.kernels.lora_expand import token_path_sizes
@@ -78,6 +79,8 @@ class ModelRunner:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":  # before any pinned buffer: new ones at 11 GB/s, not 1.3
+            configure_pinned_memory()
         if not isinstance(model, LoadedModel):
             model = load_model(
                 model,

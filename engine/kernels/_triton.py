@@ -35,6 +35,18 @@ else:  # pragma: no cover
     prefetch_l2 = None
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints. (``triton.cdiv`` and ``triton.next_power_of_2`` are
+    constexpr functions: called from the host, each unwraps its arguments first, a few us
+    a call; the wrappers call them several times per launch.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of 2 >= ``n`` (1 for ``n <= 1``), for host ints."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     """The device's multiprocessor count (grids are sized in waves of it, never a constant)."""
@@ -47,17 +59,26 @@ def l2_bytes(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).L2_cache_size)
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def pdl_ok(t: torch.Tensor) -> bool:
     """Programmatic dependent launch (Hopper+): the next kernel's prologue overlaps this one's
-    tail; kernels call gdc_wait() before reading what the previous kernel wrote."""
-    return HAVE_TRITON and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    tail; kernels call gdc_wait() before reading what the previous kernel wrote. (The
+    capability is cached per device: asking the driver each launch cost ~5 us of the step
+    loop's host time, twice per LoRA projection group and layer.)"""
+    return HAVE_TRITON and t.is_cuda and _capability(t.device)[0] >= 9
 
 
 __all__ = [
     "HAVE_TRITON",
+    "cdiv",
     "gdc_launch_dependents",
     "gdc_wait",
     "l2_bytes",
+    "next_pow2",
     "num_sms",
     "pdl_ok",
     "prefetch_l2",

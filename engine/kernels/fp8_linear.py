@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, num_sms, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, cdiv, next_pow2, num_sms, tl, triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn
@@ -192,7 +192,7 @@ def default_w8a16_config(
         return {"block_m": 128, "block_n": 128, "block_k": bk, "split": 1, "num_warps": 8,
                 "num_stages": 3}  # fmt: skip
     bn = 64
-    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    tiles = cdiv(N, bn) * cdiv(M, bm)
     split = 1
     while tiles * split < 2 * sms and K // (split * 2) >= 4 * bk and split < 8:
         split *= 2
@@ -236,7 +236,7 @@ def fp8_linear_w8a16(
         raise ValueError("scale must be contiguous float32")
     if block is None and scale.shape != (N,):
         raise ValueError(f"per-channel scale must be [{N}]")
-    if block is not None and scale.shape != (triton.cdiv(N, block[0]), triton.cdiv(K, block[1])):
+    if block is not None and scale.shape != (cdiv(N, block[0]), cdiv(K, block[1])):
         raise ValueError(f"block scale must be [cdiv(N, {block[0]}), cdiv(K, {block[1]})]")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
@@ -246,10 +246,10 @@ def fp8_linear_w8a16(
     if block is not None and block[1] % bk:
         raise ValueError(f"block_k {bk} must divide the scale block's {block[1]}")
     # each split a whole number of K steps (and of scale blocks' steps)
-    k_per = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_per)
+    k_per = cdiv(cdiv(K, split), bk) * bk
+    split = cdiv(K, k_per)
     dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    grid = (cdiv(N, bn), cdiv(M, bm), split)
     _fp8_w8a16_kernel[grid](
         x,
         qweight,
@@ -290,7 +290,7 @@ def quantize_rows(x: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, torc
     q = torch.empty(Mp, K, dtype=FP8, device=x.device)
     s = torch.empty(Mp, 1, dtype=torch.float32, device=x.device)
     if Mp:
-        block = min(2048, triton.next_power_of_2(K))
+        block = min(2048, next_pow2(K))
         _quant_rows_kernel[(Mp,)](x, q, s, M, K, x.stride(0), q.stride(0), BLOCK=block)
     return q, s
 

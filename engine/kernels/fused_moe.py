@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, cdiv, tl, triton
 
 
 @dataclass
@@ -161,7 +161,7 @@ def moe_gemm(
     on_gpu = x.is_cuda
     block_n = 128 if on_gpu and N >= 128 else 32
     block_k = 64 if on_gpu else 32
-    grid = (blocks.block_expert.shape[0], triton.cdiv(N, block_n))
+    grid = (blocks.block_expert.shape[0], cdiv(N, block_n))
     _moe_gemm_kernel[grid](
         x,
         w,

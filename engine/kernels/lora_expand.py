@@ -19,12 +19,14 @@ grid ``(T, N ranges, P)``, slot from ``meta.token_slot``) or per tile of one seg
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
+    cdiv,
     gdc_launch_dependents,
     gdc_wait,
     num_sms,
@@ -438,10 +440,11 @@ if HAVE_TRITON:
                              ACCUMULATE)  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4096)  # pure in host ints: once per shape, not per launch
 def _expand_config(
     T: int,
     R: int,
-    outs: Sequence[int],
+    outs: tuple[int, ...],
     on_gpu: bool,
     rows: bool,
     block_m: int,
@@ -464,7 +467,7 @@ def _expand_config(
         units = T
     else:
         block_n = 128 if max_out >= 128 else 32
-        units = triton.cdiv(T, block_m)
+        units = cdiv(T, block_m)
     if not on_gpu:  # interpreter: small blocks so that tests walk several N and R steps
         block_r, block_n = min(block_r, 32), 32
     elif rows and block_r == 16:
@@ -480,13 +483,13 @@ def _expand_config(
         # o, down expand 7.5 / 8.4 -> 6.1 / 6.8 us in one tile; the layer 78.7 -> 76.3 us
         # with qkv in two 512-column tiles (docs/benchmarks.md)
         for bn, tiles in ((512, 1), (512, 2), (256, 8)):
-            if T * sum(triton.cdiv(o, bn * tiles) for o in outs) <= 4 * sms:
+            if T * sum(cdiv(o, bn * tiles) for o in outs) <= 4 * sms:
                 return block_r, bn, bn * tiles, 4, True, True
         return block_r, 256, 512, 4, False, False
     want = 8 * sms if on_gpu else 4  # a few waves of programs on this device's SMs
-    n_blocks = triton.cdiv(max_out, block_n)
-    n_split = max(1, min(n_blocks, triton.cdiv(want, max(1, units * P))))
-    n_per = triton.cdiv(n_blocks, n_split) * block_n
+    n_blocks = cdiv(max_out, block_n)
+    n_split = max(1, min(n_blocks, cdiv(want, max(1, units * P))))
+    n_per = cdiv(n_blocks, n_split) * block_n
     return block_r, block_n, n_per, 4, n_per == block_n, False
 
 
@@ -506,7 +509,7 @@ def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: i
     sizes, seen = [], set()
     for T in range(1, t_max + 1):
         block_r, block_n, n_per, warps, one_tile, preload = _expand_config(
-            T, R, outs, on_gpu, True, 1, True, sms
+            T, R, tuple(outs), on_gpu, True, 1, True, sms
         )
         key = (block_n, warps, _tile_run(one_tile, block_n, n_per, R, block_r), preload)
         if key not in seen:
@@ -550,7 +553,7 @@ def lora_expand(
     nt = meta.tile_seg.shape[0]
     if T == 0 or nt == 0 or meta.num_segments == 0:
         return y if accumulate else y.zero_()
-    outs = [offs[i + 1] - offs[i] for i in range(P)]
+    outs = tuple(offs[i + 1] - offs[i] for i in range(P))
     max_out = max(outs)
     rows = use_token_path(T, meta)
     if config:
@@ -582,7 +585,7 @@ def lora_expand(
     boffs = boffs + [0] * (4 - P)
     tail = (T, R, maxp, offs[1], offs[2], offs[3], offs[4], *boffs, KS, n_per, P)
     strides = (lora_b.stride(0), lora_b.stride(1), y.stride(0))
-    n_split = triton.cdiv(max_out, n_per)
+    n_split = cdiv(max_out, n_per)
     if rows:  # grid (T, N ranges, P): static for a given T
         _bgmv_expand_kernel[(T, n_split, P)](
             buf,
@@ -607,7 +610,7 @@ def lora_expand(
         )
         return y
     # store mode: cdiv(T, BLOCK_M) more programs zero the rows of tokens with no adapter
-    extra = 0 if accumulate else triton.cdiv(T, meta.block_m)
+    extra = 0 if accumulate else cdiv(T, meta.block_m)
     _sgmv_expand_kernel[(nt + extra, n_split, P)](
         buf,
         lora_b,

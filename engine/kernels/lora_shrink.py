@@ -23,12 +23,16 @@ per tile of one adapter's tokens, tensor-core dots; grid ``(NT, P, KS)``). Both 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
+    cdiv,
     gdc_launch_dependents,
     gdc_wait,
+    next_pow2,
     num_sms,
     pdl_ok,
     prefetch_l2,
@@ -379,6 +383,7 @@ def use_token_path(T: int, meta: LoraMeta) -> bool:
     return T < 2 * max(1, meta.num_segments)
 
 
+@functools.lru_cache(maxsize=4096)  # pure in host ints: once per shape, not per launch
 def _shrink_config(
     T: int,
     K: int,
@@ -410,21 +415,19 @@ def _shrink_config(
                 # Llama-3-8B layer of distinct adapters in a 32-layer graph, 4 warps: 32 / 64 /
                 # 128 / 256 tokens 49.5 / 84.4 / 153.1 / 280.3 -> 45.3 / 78.7 / 146.5 / 276.6
                 # us; bench_sgmv.py --variants, docs/benchmarks.md)
-                return block_r, 512, min(512, triton.cdiv(K, 512) * 512), True
+                return block_r, 512, min(512, cdiv(K, 512) * 512), True
             # beside the GEMMs: 256-wide steps, best in the H100 sweeps of a batch-32 decode
             # step (benchmarks/sweep_decode_lora.py, docs/benchmarks.md)
-            return block_r, 256, min(512, triton.cdiv(K, 256) * 256), False
+            return block_r, 256, min(512, cdiv(K, 256) * 256), False
         # BLOCK_K 32 for wide ranks (sm_90 build: r16 x k128 48 registers, r64 x k128 254 and
         # spills, r64 x k32 80)
-        return block_r, 32, min(256, triton.cdiv(K, 32) * 32), False
+        return block_r, 32, min(256, cdiv(K, 32) * 32), False
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
     want = 8 * sms if on_gpu else 16  # a few waves of programs on this device's SMs
-    tiles = triton.cdiv(T, block_m)
+    tiles = cdiv(T, block_m)
     # at most MAX_SPLIT splits (the expand's tensor-core path adds the partials one by one)
-    split = max(
-        1, min(triton.cdiv(want, max(1, tiles * P)), triton.cdiv(K, 2 * block_k), max_split)
-    )
-    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = max(1, min(cdiv(want, max(1, tiles * P)), cdiv(K, 2 * block_k), max_split))
+    k_per = cdiv(cdiv(K, split), block_k) * block_k
     return block_r, block_k, k_per, False
 
 
@@ -500,17 +503,17 @@ def lora_shrink(
         pdl = cfg["launch_pdl"]
         prefetch = config.get("prefetch", prefetch)
         one_tile, preload = config.get("one_tile", one_tile), config.get("preload", preload)
-    k_per = min(k_per, triton.cdiv(K, block_k) * block_k)
+    k_per = min(k_per, cdiv(K, block_k) * block_k)
     one_tile = one_tile and rows and k_per <= block_k and R <= block_r
     # ranks wider than 16 (the pool's on the per-token path, the step's on the segment
     # path): rank-bucketed tiles (see the kernels)
     rank_split = not one_tile and block_r > 16
     if config:
         rank_split = rank_split and config.get("rank_split", True)
-    kp2 = triton.next_power_of_2(k_per)
+    kp2 = next_pow2(k_per)
     rank16_k = min(256, kp2) if x.is_cuda else min(32, kp2)
     rank32_k = min(128, kp2) if x.is_cuda else min(32, kp2)
-    split = triton.cdiv(K, k_per)
+    split = cdiv(K, k_per)
     buf = torch.empty(split, P, T, R, dtype=torch.float32, device=x.device)
     strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
     line = 128 // x.element_size()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, num_sms, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, cdiv, next_pow2, num_sms, tl, triton
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
@@ -223,13 +223,13 @@ def paged_decode_attention(
     if num_splits is None:
         # split long contexts when the batch alone does not fill the GPU
         want = cfg.get("want", 2 * num_sms(q.device)) if q.is_cuda else 1
-        num_splits = max(1, min(triton.cdiv(want, B * hkv), triton.cdiv(max_ctx, 512), 16))
-    split_len = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_ctx, split_len)
+        num_splits = max(1, min(cdiv(want, B * hkv), cdiv(max_ctx, 512), 16))
+    split_len = cdiv(cdiv(max_ctx, num_splits), block_n) * block_n
+    num_splits = cdiv(max_ctx, split_len)
     common = dict(
         GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_G=max(16, next_pow2(group)),
+        BLOCK_D=max(16, next_pow2(d)),
         BLOCK_N=block_n,
         BLOCK_SIZE=bs,
         NUM_SPLITS=num_splits,
@@ -254,7 +254,7 @@ def paged_decode_attention(
     if num_splits > 1:
         _split_reduce_kernel[(B * hq,)](
             acc, ml, out, hq, d, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            BLOCK_D=triton.next_power_of_2(d),
+            NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
+            BLOCK_D=next_pow2(d),
         )  # fmt: skip
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, cdiv, next_pow2, tl, triton
 from loraplex.engine.kernels.paged_decode_attention import NO_WINDOW, _attend, _gather_kv
 
 
@@ -162,13 +162,13 @@ def prefill_attention(
         max_q_len = int((cu_q_lens[1:] - cu_q_lens[:-1]).max())
     block_m = 64 if q.is_cuda else 16
     block_n = 64 if q.is_cuda else 16
-    grid = (triton.cdiv(max_q_len, block_m), B, hq)
+    grid = (cdiv(max_q_len, block_m), B, hq)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out, scale, float(softcap),
         window if window > 0 else NO_WINDOW, hkv, d,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs,
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_SIZE=bs,
         IEEE=q.dtype == torch.float32, SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, next_pow2, tl, triton
 
 
 def rms_norm_ref(
@@ -65,7 +65,7 @@ def rms_norm(
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     if T:
-        block = triton.next_power_of_2(H)
+        block = next_pow2(H)
         _rms_norm_kernel[(T,)](
             x,
             residual if residual is not None else x,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, next_pow2, tl, triton
 from loraplex.engine.kernels.kv_cache_write import kv_cache_write_ref
 from loraplex.engine.kernels.rotary import rotary_ref
 
@@ -174,11 +174,11 @@ def rope_cache(
             qkv, dl, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
             num_heads, num_kv_heads, rot // 2, d, qkv.stride(0), dl.stride(0),
             cos_sin_cache.stride(0),
-            BLOCK_HQ=triton.next_power_of_2(num_heads),
-            BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-            BLOCK_D=triton.next_power_of_2(rot // 2),
-            BLOCK_P=triton.next_power_of_2(max(d - rot, 1)),
-            BLOCK_DV=triton.next_power_of_2(d),
+            BLOCK_HQ=next_pow2(num_heads),
+            BLOCK_HKV=next_pow2(num_kv_heads),
+            BLOCK_D=next_pow2(rot // 2),
+            BLOCK_P=next_pow2(max(d - rot, 1)),
+            BLOCK_DV=next_pow2(d),
             HAS_DELTA=delta is not None,
             HAS_PASS=rot < d,
         )  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraplex.engine.kernels._triton import HAVE_TRITON, tl, triton
+from loraplex.engine.kernels._triton import HAVE_TRITON, cdiv, next_pow2, tl, triton
 
 
 def silu_and_mul_ref(
@@ -68,9 +68,9 @@ def silu_and_mul(
     out = torch.empty(T, i, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    block = min(1024, triton.next_power_of_2(i))
+    block = min(1024, next_pow2(i))
     d = delta if delta is not None else x
-    _silu_and_mul_kernel[(T, triton.cdiv(i, block))](
+    _silu_and_mul_kernel[(T, cdiv(i, block))](
         x,
         d,
         out,
