@@ -19,7 +19,9 @@ Sections (``--sections``, all by default):
   and a pageable one (page-touched), the host time of a ``non_blocking`` copy from pageable
   memory, and the host time of a tiny kernel launch alone and while another thread pins
   buffers. The loader pins every adapter it reads (``--host-pageable`` turns that off for
-  the other sections): in the 2,000-adapter run loads held at ~9/s whatever the worker count.
+  the other sections). Then, each in a process of its own, new pinned buffers under each
+  allocator setting of ``PIN_CONFS`` (torch's default ``cudaHostAlloc``, the engine's
+  ``configure_pinned_memory``, 16 register threads): one thread's p50 and 4 threads' GB/s.
 - ``single``: one cold ``--model``-shaped adapter (rank 16, seven projections: 80 MiB for
   Llama-3-8B) from the page cache into a GPU slot: read (validate, pack, pin) + slot write +
   sync, p50/p99 over ``--reps`` keys; against the file's plain read speed and host-to-GPU
