@@ -7,7 +7,11 @@ batch 1/8/32/64/128 and three adapter mixes:
 
 - ``base``: no adapter;
 - ``one``: every sequence uses the same rank-16 adapter;
-- ``distinct``: every sequence its own rank-16 adapter (N = batch distinct adapters).
+- ``distinct``: every sequence its own rank-16 adapter (N = batch distinct adapters);
+- ``sharedN`` (e.g. ``shared132``): N distinct adapters, sequence i on adapter i % N.
+
+``--force-segment`` times the adapter mixes again with every LoRA decode graph on the segment
+kernels (``DecodeGraphs.token_below = 0``, graphs recaptured), rows labelled ``-seg``.
 
 Adapters are PEFT directories with random weights read by the runner's own reader; slot s
 holds weight file ``s % --weight-files`` (4): each slot is its own memory, so the bytes a step
@@ -60,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-lora-rank", type=int, default=None, help="the pool's (default: --rank)")
     p.add_argument("--modes", default="base,one,distinct")
     p.add_argument("--steps", type=int, default=30, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5)
@@ -67,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-files", type=int, default=4, help="distinct random adapter files")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", default=None, help="dir: torch.profiler of the batch-32 case")
+    p.add_argument("--profile-batch", type=int, default=32, help="--profile's batch")
+    p.add_argument(
+        "--force-segment", action="store_true",
+        help="also time the adapter mixes with every LoRA graph on the segment kernels",
+    )  # fmt: skip
     p.add_argument(
         "--compare-in-line",
         action="store_true",
@@ -98,13 +108,24 @@ def build_runner(args, device: torch.device, max_batch: int, num_slots: int) -> 
         max_num_seqs=max_batch,
         max_model_len=per_seq * args.block_size,
         max_loras=num_slots,
-        max_lora_rank=args.rank,
+        max_lora_rank=args.max_lora_rank or args.rank,
         num_blocks=max_batch * per_seq + 1,
         seed=0,
         quantization=args.quantization,
         fp8_w8a8_min_tokens=args.fp8_w8a8_min_tokens,
         kernel_config_dir=Path(args.kernel_config_dir) if args.kernel_config_dir else None,
     )
+
+
+def shared_n(mode: str) -> int:
+    """``sharedN`` -> N (0 for the other modes)."""
+    return int(mode[len("shared") :]) if mode.startswith("shared") else 0
+
+
+def mode_slots(mode: str, b: int) -> list[int]:
+    if mode.startswith("shared"):
+        return [i % shared_n(mode) for i in range(b)]
+    return {"base": [-1] * b, "one": [0] * b, "distinct": list(range(b))}[mode]
 
 
 def decode_batch(batch: int, context: int, per_seq: int, slots: list[int]) -> ScheduledBatch:
@@ -151,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [int(x) for x in args.batches.split(",")]
     modes = args.modes.split(",")
     max_batch = max(batches)
-    num_slots = max_batch if "distinct" in modes else 1
+    num_slots = max([max_batch if "distinct" in modes else 1, *map(shared_n, modes)])
     bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
     print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
 
@@ -181,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     w_bytes = runner.loaded.weights.nbytes()
 
     def measure(b: int, mode: str, label: str) -> dict:
-        slots = {"base": [-1] * b, "one": [0] * b, "distinct": list(range(b))}[mode]
+        slots = mode_slots(mode, b)
         n_adapters = len({s for s in slots if s >= 0})
         batch = decode_batch(b, args.context, per_seq, slots)
         for _ in range(args.warmup):
@@ -215,6 +236,18 @@ def main(argv: list[str] | None = None) -> dict:
         text = host_profile(runner, decode_batch(b, args.context, per_seq, slots))
         Path(args.host_profile).mkdir(parents=True, exist_ok=True)
         (Path(args.host_profile) / "decode_host_profile.txt").write_text(text)
+    if args.force_segment and runner.graphs is not None:
+        runner.graphs.token_below = 0.0
+        runner.graphs.capture()
+        for b in batches:
+            for mode in modes:
+                if mode != "base":
+                    row = measure(b, mode, mode + "-seg")
+                    beside = next(r for r in rows if r["batch"] == b and r["mode"] == mode)
+                    beside["gpu/seg"] = beside["gpu_ms"] / row["gpu_ms"]
+                    rows.append(row)
+        runner.graphs.token_below = 2.0
+        runner.graphs.capture()
     if args.compare_in_line and runner.graphs is not None:
         # the baseline of the side-stream LoRA: every LoRA kernel in line after its GEMM
         runner.model.side_stream = None
@@ -235,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["step/base"] = r["step_ms"] / base[r["batch"]]["step_ms"]
     cols = ["batch", "mode", "adapters", "floor_ms", "gpu_ms", "gpu/floor", "step_ms"]
     cols += ["step/floor", "step/base"] + (["gpu/in-line"] if args.compare_in_line else [])
+    cols += ["gpu/seg"] if args.force_segment else []
     print("\n" + table(rows, cols))
     result = {
         "bench": "decode",
@@ -248,9 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_json(args.json, result)
     if args.profile:
-        b = 32 if 32 in batches else max(batches)
+        b = args.profile_batch if args.profile_batch in batches else max(batches)
         texts = []
-        for mode, slots in (("distinct", [i % num_slots for i in range(b)]), ("one", [0] * b)):
+        for mode in [m for m in modes if m != "base"]:
+            slots = [s % num_slots if s >= 0 else s for s in mode_slots(mode, b)]
             batch = decode_batch(b, args.context, per_seq, slots)
             texts.append(f"==== batch {b}, {mode}\n" + profile_steps(runner, batch))
         Path(args.profile).mkdir(parents=True, exist_ok=True)

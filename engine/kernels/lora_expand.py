@@ -103,6 +103,32 @@ if HAVE_TRITON:
         return pg.to(tl.int64) * stride_bs + offs_r % PR
 
     @triton.jit
+    def _b_tile(b_ptr, col, offs_n, stride_bn, PR: tl.constexpr, VEC: tl.constexpr):
+        """[len(offs_n), len(col)] pointers into B: rank columns at element offsets ``col``
+        (:func:`_col_offs` plus the projection's offset), output columns ``offs_n``. ``VEC``:
+        the host checked that the projection's offset, the page stride and ``stride_bn`` are
+        multiples of ``PR``, so each page's ``PR`` columns of an output row are one aligned
+        vector; the hints say so (the page gather hides it from the compiler, which would
+        load B one element at a time)."""
+        offs = col[None, :] + offs_n[:, None].to(tl.int64) * stride_bn
+        if VEC:
+            offs = tl.max_contiguous(tl.multiple_of(offs, [PR, PR]), [1, PR])
+        return b_ptr + offs
+
+    @triton.jit
+    def _page_mask(offs_r, lim, PR: tl.constexpr):
+        """Rank columns ``offs_r`` in the pages that hold columns ``< lim``: whole pages, so
+        that the mask does not split a vector. Columns past ``lim`` in the last page are
+        read; callers drop them (:func:`_drop`)."""
+        return offs_r // PR < (lim + PR - 1) // PR  # (the compiler sees PR-wide runs)
+
+    @triton.jit
+    def _drop(bt, keep):
+        """B's columns past the rank to zero (a page's rows past an adapter's rank may hold
+        anything, NaN included, and 0 * NaN is NaN)."""
+        return tl.where(keep[None, :], bt, 0.0)
+
+    @triton.jit
     def _zero_rows(y_ptr, rows, mask_rows, stride_yt, n_start, n_end, BLOCK_N: tl.constexpr):
         """y[rows[mask_rows], n_start:n_end] = 0."""
         y_rows = y_ptr + rows[:, None] * stride_yt
@@ -115,9 +141,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _seg_expand_rows(
-        x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank, n_start, n_end, stride_bs,
-        stride_bn, PR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr, ACCUMULATE: tl.constexpr,
+        x_rows, KSTRIDE, KS, mask_m, y_rows, b_ptr, boff, page_row, rank, n_start, n_end,
+        stride_bs, stride_bn, PR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr, ACCUMULATE: tl.constexpr, VEC: tl.constexpr,
     ):  # fmt: skip
         """One tile of tokens: ``y[m, n_start:n_end] += sum_ks buf[ks, m, :rank] @ B[:rank]``
         (``x_rows``: [BLOCK_M, 1] pointers to split 0's partials, ``KSTRIDE`` elements to the
@@ -133,16 +159,18 @@ if HAVE_TRITON:
             for ks in range(1, KS):
                 xt += tl.load(xrows + ks * KSTRIDE, mask=xmask, other=0.0)
             if not IEEE:
-                xt = xt.to(b_p.dtype.element_ty)
-            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
+                xt = xt.to(b_ptr.dtype.element_ty)
+            mask_pg = _page_mask(offs_r, rank, PR)
+            col = boff + _col_offs(page_row, offs_r, mask_pg, stride_bs, PR)
             for n0 in range(n_start, n_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_end
                 bt = tl.load(
-                    b_cols + offs_n[:, None] * stride_bn,
-                    mask=mask_n[:, None] & mask_r[None, :],
+                    _b_tile(b_ptr, col, offs_n, stride_bn, PR, VEC),
+                    mask=mask_n[:, None] & mask_pg[None, :],
                     other=0.0,
                 )
+                bt = _drop(bt, mask_r)
                 ymask = mask_m[:, None] & mask_n[None, :]
                 if IEEE:
                     acc = tl.dot(xt, tl.trans(bt), input_precision="ieee")
@@ -185,9 +213,10 @@ if HAVE_TRITON:
         USE_PDL: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         EARLY: tl.constexpr,
-        ONE_TILE: tl.constexpr,  # R <= BLOCK_R and N_PER_PROG == N_TILES * BLOCK_N
+        ONE_TILE: tl.constexpr,  # N_PER_PROG == N_TILES * BLOCK_N (ranks past BLOCK_R: a tail)
         N_TILES: tl.constexpr,  # ONE_TILE: the program's B tiles (unrolled, one ahead)
         PRELOAD: tl.constexpr,  # ONE_TILE: load the first B tile before gdc_wait
+        VEC: tl.constexpr,  # B's pages aligned to PR columns (_b_tile)
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
         # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
@@ -218,13 +247,14 @@ if HAVE_TRITON:
             # the slot's pages load beside its rank (masked by the table's width, not the
             # rank: entries past the adapter's pages hold 0, a valid page)
             page_row = pages_ptr + (tl.maximum(slot, 0) * P + p) * MAXP
-            b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
-            b_rows = b_p + _col_offs(page_row, offs_r, offs_r < R, stride_bs, PR)[None, :]
+            col = _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3) + _col_offs(
+                page_row, offs_r, offs_r < R, stride_bs, PR
+            )
             if PRELOAD:  # B is never written by the previous kernel: no need to wait for it
                 eff = tl.where(has, rank, 0)
                 bt = tl.load(
-                    b_rows + offs_n[:, None] * stride_bn,
-                    mask=mask_n[:, None] & (offs_r < eff)[None, :],
+                    _b_tile(b_ptr, col, offs_n, stride_bn, PR, VEC),
+                    mask=mask_n[:, None] & _page_mask(offs_r, eff, PR)[None, :],
                     other=0.0,
                 )
             if USE_PDL:
@@ -244,22 +274,28 @@ if HAVE_TRITON:
                 )
                 xr += tl.sum(part, axis=0)
             eff = tl.where(has, rank, 0)  # only here: a use before the loads above would wait
-            mask_b = (offs_r < eff)[None, :]
+            mask_b = _page_mask(offs_r, eff, PR)[None, :]
             if not PRELOAD:
                 bt = tl.load(
-                    b_rows + offs_n[:, None] * stride_bn, mask=mask_n[:, None] & mask_b, other=0.0
+                    _b_tile(b_ptr, col, offs_n, stride_bn, PR, VEC),
+                    mask=mask_n[:, None] & mask_b,
+                    other=0.0,
                 )
-            xr = tl.where(offs_r < eff, xr, 0.0)
+            # xr is zero past the rank, but B there may be NaN: dropped in the reduction
+            keep_r = offs_r < eff
+            xr = tl.where(keep_r, xr, 0.0)
             for i in tl.static_range(N_TILES):
                 if i + 1 < N_TILES:  # the next tile in flight while this one is reduced
                     nn = offs_n + BLOCK_N
                     mnn = nn < n_end
                     bt_next = tl.load(
-                        b_rows + nn[:, None] * stride_bn, mask=mnn[:, None] & mask_b, other=0.0
+                        _b_tile(b_ptr, col, nn, stride_bn, PR, VEC),
+                        mask=mnn[:, None] & mask_b,
+                        other=0.0,
                     )
                     if ACCUMULATE:
                         yv_next = tl.load(y_row + nn, mask=mnn & has, other=0.0)
-                acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
+                acc = tl.sum(_drop(bt, keep_r).to(tl.float32) * xr[None, :], axis=1)
                 if ACCUMULATE:
                     # a token with no adapter (or rank 0 here) keeps its row untouched
                     acc += yv.to(tl.float32)
@@ -272,7 +308,11 @@ if HAVE_TRITON:
                     offs_n, mask_n, bt = nn, mnn, bt_next
                     if ACCUMULATE:
                         yv = yv_next
-            return
+            if eff <= BLOCK_R:
+                return
+            r_first = BLOCK_R  # a pool wider than BLOCK_R: the rank's other columns below
+        else:
+            r_first = 0
         if (slot < 0) | (rank == 0):
             if not ACCUMULATE:  # the delta of this token and projection is zero
                 if USE_PDL:
@@ -283,13 +323,13 @@ if HAVE_TRITON:
                     tl.store(y_row + offs_n, zero, mask=offs_n < n_end)
             return
         page_row = pages_ptr + (slot * P + p) * MAXP
-        b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
+        boff = _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
         if USE_PDL:
             gdc_wait()  # what the shrink wrote (buf) and y are visible after this
         xr_base = buf_ptr + (p * T + t64) * R
         # the rank in BLOCK_R steps (one step for every rank <= BLOCK_R); y is
         # read-modified-written once per step
-        for r0 in range(0, rank, BLOCK_R):
+        for r0 in range(r_first, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
             xr = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -301,15 +341,17 @@ if HAVE_TRITON:
                     other=0.0,
                 )
                 xr += tl.sum(part, axis=0)
-            b_cols = b_p + _col_offs(page_row, offs_r, mask_r, stride_bs, PR)[None, :]
+            mask_pg = _page_mask(offs_r, rank, PR)
+            col = boff + _col_offs(page_row, offs_r, mask_pg, stride_bs, PR)
             for n0 in range(n_start, n_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_end
                 bt = tl.load(
-                    b_cols + offs_n[:, None] * stride_bn,
-                    mask=mask_n[:, None] & mask_r[None, :],
+                    _b_tile(b_ptr, col, offs_n, stride_bn, PR, VEC),
+                    mask=mask_n[:, None] & mask_pg[None, :],
                     other=0.0,
                 )
+                bt = _drop(bt, mask_r)
                 acc = tl.sum(bt.to(tl.float32) * xr[None, :], axis=1)
                 if ACCUMULATE:
                     acc += tl.load(y_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -358,6 +400,7 @@ if HAVE_TRITON:
         EARLY: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         RANK_SPLIT: tl.constexpr,  # BLOCK_R > 16: tiles of ranks <= 16 (and <= 32) take their own
+        VEC: tl.constexpr,  # B's pages aligned to PR columns (_b_tile)
     ):
         # segment path (prefill-like): one tile of <= BLOCK_M tokens of one segment (one
         # adapter), one projection p, a range of N_PER_PROG output columns in BLOCK_N steps;
@@ -399,7 +442,8 @@ if HAVE_TRITON:
                 _zero_rows(y_ptr, tok, mask_m, stride_yt, n_start, n_end, BLOCK_N)
             return
         page_row = pages_ptr + (slot * P + p) * MAXP
-        b_p = b_ptr + _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
+        boff = _pick4(p, BOFF0, BOFF1, BOFF2, BOFF3)
+        b_p = b_ptr + boff
         if USE_PDL:
             if PREFETCH:
                 # B rows [n_start, n_end) of the first page stream into L2 while the shrink
@@ -418,26 +462,26 @@ if HAVE_TRITON:
         if RANK_SPLIT:
             # the batch mixes ranks: a tile takes its own rank's bucket (lora_shrink's note)
             if rank <= 16:
-                _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_ptr, boff, page_row, rank,
                                  n_start, n_end, stride_bs, stride_bn, PR, 16, BLOCK_N, IEEE,
-                                 ACCUMULATE)  # fmt: skip
+                                 ACCUMULATE, VEC)  # fmt: skip
             elif BLOCK_R > 32:
                 if rank <= 32:
-                    _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                    _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_ptr, boff, page_row, rank,
                                      n_start, n_end, stride_bs, stride_bn, PR, 32, BLOCK_N,
-                                     IEEE, ACCUMULATE)  # fmt: skip
+                                     IEEE, ACCUMULATE, VEC)  # fmt: skip
                 else:
-                    _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                    _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_ptr, boff, page_row, rank,
                                      n_start, n_end, stride_bs, stride_bn, PR, BLOCK_R, BLOCK_N,
-                                     IEEE, ACCUMULATE)  # fmt: skip
+                                     IEEE, ACCUMULATE, VEC)  # fmt: skip
             else:
-                _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank,
+                _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_ptr, boff, page_row, rank,
                                  n_start, n_end, stride_bs, stride_bn, PR, BLOCK_R, BLOCK_N,
-                                 IEEE, ACCUMULATE)  # fmt: skip
+                                 IEEE, ACCUMULATE, VEC)  # fmt: skip
         else:
-            _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_p, page_row, rank, n_start,
+            _seg_expand_rows(x_rows, KSTRIDE, KS, mask_m, y_rows, b_ptr, boff, page_row, rank, n_start,
                              n_end, stride_bs, stride_bn, PR, BLOCK_R, BLOCK_N, IEEE,
-                             ACCUMULATE)  # fmt: skip
+                             ACCUMULATE, VEC)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)  # pure in host ints: once per shape, not per launch
@@ -460,6 +504,13 @@ def _expand_config(
     each projection. ``in_line``: the kernel runs alone on its stream (early launch), not
     beside another stream's GEMM."""
     P, max_out = len(outs), max(outs)
+    if rows and on_gpu and R > 16:
+        # a pool wider than rank 16: each token's own rank in 16-wide steps (a rank-16 adapter
+        # takes one), [256, 16] tiles of B, one per program. Tiles of the pool's width
+        # ([32, 64] at 64) made each program a walk of 150 small dependent loads over a
+        # projection's columns: latency-bound, 6x its bytes (H200, decode at batch 256 with
+        # 132 adapters in a rank-64 pool: the gate/up expand 345 us a layer; docs/benchmarks.md)
+        return 16, 256, 256, 8 if not in_line else 4, True, False
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
     if rows:  # one token: a [BLOCK_N, BLOCK_R] tile of B per step (sm_90 build, 4 warps:
         # r16 x n256 and r32 x n128 64 registers, r64 x n64 168, r64 x n32 80)
@@ -495,8 +546,9 @@ def _expand_config(
 
 def _tile_run(one_tile: bool, block_n: int, n_per: int, R: int, block_r: int) -> int:
     """The per-token kernel's N_TILES: the tiles of a program's run, 0 where it takes the
-    general loop (the rank needs several BLOCK_R steps or N_PER_PROG is not whole tiles)."""
-    fits = one_tile and n_per % block_n == 0 and R <= block_r
+    general loop (N_PER_PROG is not whole tiles). A rank past ``block_r`` (a pool wider than
+    the tile) takes its first ``block_r`` columns in the run, the rest in the general loop."""
+    fits = one_tile and n_per % block_n == 0
     return n_per // block_n if fits else 0
 
 
@@ -583,6 +635,9 @@ def lora_expand(
     if len(boffs) != P:
         raise ValueError(f"b_offsets {boffs} must have one offset per projection ({P})")
     boffs = boffs + [0] * (4 - P)
+    # each page's PR columns of a row one aligned vector (_b_tile): the pool's layout
+    vec = all(v % PR == 0 for v in (*boffs, lora_b.stride(0), lora_b.stride(1)))
+    vec = vec and lora_b.storage_offset() % PR == 0
     tail = (T, R, maxp, offs[1], offs[2], offs[3], offs[4], *boffs, KS, n_per, P)
     strides = (lora_b.stride(0), lora_b.stride(1), y.stride(0))
     n_split = cdiv(max_out, n_per)
@@ -606,6 +661,7 @@ def lora_expand(
             ONE_TILE=n_tiles > 0,
             N_TILES=max(n_tiles, 1),
             PRELOAD=preload and pdl,
+            VEC=vec,
             **cfg,
         )
         return y
@@ -636,6 +692,7 @@ def lora_expand(
         EARLY=early_launch,
         ACCUMULATE=accumulate,
         RANK_SPLIT=rank_split,
+        VEC=vec,
         **cfg,
     )
     return y

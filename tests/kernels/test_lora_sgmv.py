@@ -99,7 +99,7 @@ def make_weights(num_slots, outs, max_rank, k, dtype, gen, rank_choices=(1, 8, 6
 
 def run_case(
     T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, config=None,
-    page_rows=PAGE_ROWS, step_rank=None, **kw,
+    page_rows=PAGE_ROWS, step_rank=None, nan_past_rank=False, **kw,
 ):  # fmt: skip
     """-> the shrink's partials. ``step_rank``: lora_shrink's ``max_rank`` (the largest rank
     of the slots the tokens use, as the runner claims it)."""
@@ -108,6 +108,12 @@ def run_case(
     if max_segments is not None and T > 1:
         token_slot[-1] = -1  # a graph's padding row (bucket > batch)
     a, b, ranks, offsets = make_weights(num_slots, outs, max_rank, k, dtype, gen, **kw)
+    if nan_past_rank:  # a page's rows past an adapter's rank hold NaN (the arena is not zeroed)
+        for sl in range(num_slots):
+            for p in range(len(outs)):
+                r = int(ranks[sl, p])
+                a[sl, p, r:] = float("nan")
+                b[sl, offsets[p] : offsets[p + 1], r:] = float("nan")
     x = torch.randn(T, k, generator=gen).to(dtype)
     y0 = torch.randn(T, offsets[-1], generator=gen).to(dtype)
     meta = build_lora_meta(token_slot, max_segments=max_segments)
@@ -193,6 +199,18 @@ def test_expand_one_tile_per_token(T, pattern, dtype):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_expand_one_tile_in_a_wider_pool(pattern):
+    # a rank-64 pool, tiles 32 ranks wide (the interpreter's; 16 on the GPU): ranks up to the
+    # tile in the one-tile run alone, wider ones (40, 64) their first 32 columns there and the
+    # rest in the general loop after it, adding to what the run stored
+    for max_segments in (None, 16):
+        run_case(
+            21, 130, [70, 33, 9], pattern, torch.float16, num_slots=16, max_rank=64, seed=3,
+            max_segments=max_segments, config=ONE_TILE, rank_choices=(8, 16, 40, 64),
+        )  # fmt: skip
+
+
 # the in-line defaults on the GPU at rank 16: the shrink's one-tile kernel (a program's whole
 # K slice one [BLOCK_R, BLOCK_K] tile of A) and the expand's run of tiles (N_TILES per
 # program, each next one loaded before the one ahead is reduced). Widths 70, 33, 9 in 3-tile
@@ -208,6 +226,19 @@ def test_one_tile_shrink_and_tiled_expand(T, pattern, dtype):
         run_case(
             T, 130, [70, 33, 9], pattern, dtype, num_slots=16, max_rank=16, seed=T + 100,
             max_segments=max_segments, config=TILES, rank_choices=(1, 8, 16),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [{"rows": True}, {"rows": False}, ONE_TILE, TILES])
+def test_rows_past_the_rank_are_never_used(config):
+    # ranks that end inside a page (3, 12) with NaN in the page's rows past them: the expand
+    # reads B a whole page at a time (vector loads) and must drop those columns, not multiply
+    # them by a zero partial sum (0 * NaN); the references never read them
+    for max_segments in (None, 16):
+        run_case(
+            21, 130, [70, 33, 9], "some_none", torch.float16, num_slots=16, max_rank=16,
+            seed=7, max_segments=max_segments, config=config, rank_choices=(3, 12, 16),
+            nan_past_rank=True,
         )  # fmt: skip
 
 
