@@ -27,7 +27,7 @@ Sections (``--sections``, all by default):
   sync, p50/p99 over ``--reps`` keys; against the file's plain read speed and host-to-GPU
   bandwidth.
 - ``aggregate``: ``--files`` distinct adapters (the ``all7`` files) through the engine's ``AdapterLoader`` with
-  1/4/8/16 workers: adapters/s and GB/s.
+  1/4/8/16 workers: adapters/s and GB/s (``--cold``: from disk, the page cache dropped first).
 - ``engine``: per setting (``all7``: rank 16 on seven projections; ``slora``: q,k,v,o with
   ranks 8/16/32/64 mixed, S-LoRA's) and per N in ``--adapters``: issue #26's workload,
   ``--num-requests`` (1,000) of ``--prompt-len``/``--output-len`` (256/128) tokens, adapters
@@ -107,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--files", type=int, default=64, help="adapters of the aggregate section")
+    p.add_argument(
+        "--cold", action="store_true",
+        help="aggregate section: the files evicted from the page cache before each worker count",
+    )  # fmt: skip
     p.add_argument("--workers", default="1,4,8,16")
     p.add_argument("--adapters", default="1,32,512,2000")
     p.add_argument("--settings", default="all7,slora")
@@ -461,6 +465,8 @@ def section_aggregate(args, runner: ModelRunner, root: Path) -> list[dict]:
             runner.read_adapter, workers=workers, init_worker=loader_threads(workers)
         )
         refs = [AdapterRef(f"agg-{workers}-{i}", str(f)) for i, f in enumerate(files)]
+        if args.cold:
+            evict_from_page_cache(root)
         t0 = time.perf_counter()
         for ref in refs:
             loader.start(ref)
@@ -473,12 +479,48 @@ def section_aggregate(args, runner: ModelRunner, root: Path) -> list[dict]:
         loader.shutdown()
         nbytes = loader.stats.tier("disk").bytes
         rows.append(
-            {"workers": workers, "adapters": len(refs), "seconds": took,
+            {"workers": workers, "cold": args.cold, "adapters": len(refs), "seconds": took,
              "adapters_s": len(refs) / took, "gb_s": nbytes / took / 1e9}
         )  # fmt: skip
         del loader
     print("\naggregate loads into host memory\n" + table(rows, list(rows[0])), flush=True)
+    if args.cold:
+        io_rows = [
+            cold_read_rates(files, root, w) for w in [int(x) for x in args.workers.split(",")]
+        ]
+        print("\ncold reads of the same files\n" + table(io_rows, list(io_rows[0])), flush=True)
     return rows
+
+
+def cold_read_rates(files: list[Path], root: Path, workers: int) -> dict:
+    """GB/s of reading ``files`` from disk with ``workers`` threads, the page cache dropped
+    before each way: mapped as the loader maps them (``open_safetensors``: MADV_WILLNEED,
+    then every page touched), and plain ``readinto`` of 8 MiB chunks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loraplex.engine.lora.safetensors_file import open_safetensors
+
+    def mapped(f: Path) -> int:
+        data = open_safetensors(f).data
+        return int(data[::4096].sum()) * 0 + data.numel()
+
+    def read(f: Path) -> int:
+        buf = bytearray(8 << 20)
+        n = 0
+        with open(f, "rb", buffering=0) as fh:
+            while k := fh.readinto(buf):
+                n += k
+        return n
+
+    files = [f for d in files for f in sorted(Path(d).rglob("*.safetensors"))]
+    row: dict = {"workers": workers}
+    for name, fn in (("mmap_gb_s", mapped), ("read_8mib_gb_s", read)):
+        evict_from_page_cache(root)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            total = sum(pool.map(fn, files))
+        row[name] = total / (time.perf_counter() - t0) / 1e9
+    return row
 
 
 # -- engine: 1 .. 2,000 adapters ----------------------------------------------------------------
