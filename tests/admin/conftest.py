@@ -73,7 +73,7 @@ CLIENTS = [
     Client("c-viewer", secrets.token_hex(16), ("support",)),
     Client("c-acme", secrets.token_hex(16), ("acme-admins", "unmapped-group")),
     Client("c-norole", secrets.token_hex(16), ("unmapped-group",)),
-    Client("c-short", secrets.token_hex(16), ("platform-admins",), ttl=1),
+    Client("c-short", secrets.token_hex(16), ("platform-admins",), ttl=4),
 ]
 
 
