@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,9 @@ def test_host_memory_flat_over_load_and_unload(tmp_path):
         for _ in range(n):
             assert loader.start(ref)
             while loader.num_loading:
+                # not a hot loop: it would hold the GIL from the worker for its switch
+                # interval at every release (this test took 400 s on the 2-core CI box)
+                time.sleep(0.0005)
                 assert not loader.collect()
             assert loader.host_bytes > 0 and loader.drop("k") and loader.host_bytes == 0
 
