@@ -502,7 +502,8 @@ def cold_read_rates(files: list[Path], root: Path, workers: int) -> dict:
 
     def mapped(f: Path) -> int:
         data = open_safetensors(f).data
-        return int(data[::4096].sum()) * 0 + data.numel()
+        data[::4096].sum()  # one byte of every page: each page faulted in
+        return data.numel()
 
     def read(f: Path) -> int:
         buf = bytearray(8 << 20)

@@ -11,7 +11,7 @@ batch 1/8/32/64/128 and three adapter mixes:
 - ``sharedN`` (e.g. ``shared132``): N distinct adapters, sequence i on adapter i % N.
 
 ``--force-segment`` times the adapter mixes again with every LoRA decode graph on the segment
-kernels (``DecodeGraphs.token_below = 0``, graphs recaptured), rows labelled ``-seg``.
+kernels (``DecodeGraphs.force_segment``, graphs recaptured), rows labelled ``-seg``.
 
 Adapters are PEFT directories with random weights read by the runner's own reader; slot s
 holds weight file ``s % --weight-files`` (4): each slot is its own memory, so the bytes a step
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.host_profile).mkdir(parents=True, exist_ok=True)
         (Path(args.host_profile) / "decode_host_profile.txt").write_text(text)
     if args.force_segment and runner.graphs is not None:
-        runner.graphs.token_below = 0.0
+        runner.graphs.force_segment = True
         runner.graphs.capture()
         for b in batches:
             for mode in modes:
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
                     beside = next(r for r in rows if r["batch"] == b and r["mode"] == mode)
                     beside["gpu/seg"] = beside["gpu_ms"] / row["gpu_ms"]
                     rows.append(row)
-        runner.graphs.token_below = 2.0
+        runner.graphs.force_segment = False
         runner.graphs.capture()
     if args.compare_in_line and runner.graphs is not None:
         # the baseline of the side-stream LoRA: every LoRA kernel in line after its GEMM
@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         b = args.profile_batch if args.profile_batch in batches else max(batches)
         texts = []
         for mode in [m for m in modes if m != "base"]:
-            slots = [s % num_slots if s >= 0 else s for s in mode_slots(mode, b)]
-            batch = decode_batch(b, args.context, per_seq, slots)
+            batch = decode_batch(b, args.context, per_seq, mode_slots(mode, b))
             texts.append(f"==== batch {b}, {mode}\n" + profile_steps(runner, batch))
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         (Path(args.profile) / "decode_profile.txt").write_text("\n\n".join(texts))

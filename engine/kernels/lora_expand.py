@@ -544,7 +544,7 @@ def _expand_config(
     return block_r, block_n, n_per, 4, n_per == block_n, False
 
 
-def _tile_run(one_tile: bool, block_n: int, n_per: int, R: int, block_r: int) -> int:
+def _tile_run(one_tile: bool, block_n: int, n_per: int) -> int:
     """The per-token kernel's N_TILES: the tiles of a program's run, 0 where it takes the
     general loop (N_PER_PROG is not whole tiles). A rank past ``block_r`` (a pool wider than
     the tile) takes its first ``block_r`` columns in the run, the rest in the general loop."""
@@ -560,10 +560,10 @@ def token_path_sizes(R: int, outs: Sequence[int], device: torch.device, t_max: i
     sms = num_sms(device) if on_gpu else 132
     sizes, seen = [], set()
     for T in range(1, t_max + 1):
-        block_r, block_n, n_per, warps, one_tile, preload = _expand_config(
+        _, block_n, n_per, warps, one_tile, preload = _expand_config(
             T, R, tuple(outs), on_gpu, True, 1, True, sms
         )
-        key = (block_n, warps, _tile_run(one_tile, block_n, n_per, R, block_r), preload)
+        key = (block_n, warps, _tile_run(one_tile, block_n, n_per), preload)
         if key not in seen:
             seen.add(key)
             sizes.append(T)
@@ -626,7 +626,7 @@ def lora_expand(
         preload = config.get("preload", preload)
     if config:  # an override of the shape without "one_tile" takes one tile if it is one
         one_tile = config.get("one_tile", n_per == block_n if "n_per" in config else one_tile)
-    n_tiles = _tile_run(one_tile, block_n, n_per, R, block_r)
+    n_tiles = _tile_run(one_tile, block_n, n_per)
     # the segment path over ranks wider than 16 (buf's width): rank-bucketed tiles
     rank_split = not rows and block_r > 16 and (not config or config.get("rank_split", True))
     offs = offs + [N] * (5 - len(offs))
@@ -635,11 +635,10 @@ def lora_expand(
     if len(boffs) != P:
         raise ValueError(f"b_offsets {boffs} must have one offset per projection ({P})")
     boffs = boffs + [0] * (4 - P)
-    # each page's PR columns of a row one aligned vector (_b_tile): the pool's layout
-    vec = all(v % PR == 0 for v in (*boffs, lora_b.stride(0), lora_b.stride(1)))
-    vec = vec and lora_b.storage_offset() % PR == 0
     tail = (T, R, maxp, offs[1], offs[2], offs[3], offs[4], *boffs, KS, n_per, P)
     strides = (lora_b.stride(0), lora_b.stride(1), y.stride(0))
+    # each page's PR columns of a row one aligned vector (_b_tile): the pool's layout
+    vec = all(v % PR == 0 for v in (*boffs, strides[0], strides[1], lora_b.storage_offset()))
     n_split = cdiv(max_out, n_per)
     if rows:  # grid (T, N ranges, P): static for a given T
         _bgmv_expand_kernel[(T, n_split, P)](

@@ -60,9 +60,9 @@ class DecodeGraphs:
         # (bucket, "" without LoRA | "segment" | "token") -> graph, output
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = None
-        # tokens per distinct adapter below which a step takes the "token" graph; 0: every
-        # LoRA step of 2+ rows takes the segment kernels (their meta padded to the bucket)
-        self.token_below = 2.0
+        # a benchmark's switch (bench_decode --force-segment), set before capture: every LoRA
+        # step of 2+ rows on the segment kernels, their meta padded to the bucket
+        self.force_segment = False
         self.last_replayed: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
 
     def _lora_modes(self, bs: int) -> dict[str, int]:
@@ -70,7 +70,7 @@ class DecodeGraphs:
         if self.lora is None:
             return {}
         most = min(bs, self.lora.num_slots)  # a step of bs rows has at most bs adapters
-        seg = most if bs >= 2 and self.token_below <= 0 else min(bs // 2, most)
+        seg = most if bs >= 2 and self.force_segment else min(bs // 2, most)
         modes = {"segment": seg} if seg >= 1 else {}
         if most > seg:
             modes["token"] = most
@@ -98,7 +98,7 @@ class DecodeGraphs:
             for mode, segs in self._lora_modes(bs).items():
                 meta = build_lora_meta(pad, max_segments=segs)
                 if mode == "segment" and use_token_path(bs, meta):
-                    meta = dataclasses.replace(meta, num_segments=1)  # forced (token_below 0)
+                    meta = dataclasses.replace(meta, num_segments=1)  # force_segment
                 if (mode == "token") != use_token_path(bs, meta):
                     raise AssertionError(f"bucket {bs}: {mode} graph on the other path")
                 self._metas[(bs, mode)] = meta.to(self.model.device)
