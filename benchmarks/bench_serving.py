@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--contended-prefill-tokens",
+        type=int,
+        default=None,
+        help="the engine's prefill bound for tenants over their share (default: the "
+        "server's own, LORAPLEX_CONTENDED_PREFILL_TOKENS)",
+    )
     p.add_argument("--max-loras", type=int, default=32, help="GPU LoRA slots")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="CPU only")
@@ -117,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.device = "cpu"
         if args.fairness:
             args.tenants, args.adapters, args.weight_files, args.baseline = 4, 4, 2, False
-            args.fair_light_requests, args.fair_flood_requests, args.fair_settle_s = 4, 80, 1.0
+            args.fair_light_requests, args.fair_flood_requests, args.fair_settle_s = 4, 600, 0.5
             args.fair_pair_requests, args.fair_window_at_s, args.fair_window_s = 40, 0.5, 1.0
     if not args.model.startswith("dummy:"):
         raise SystemExit("--model must be a dummy:<preset> (random adapters of its shapes)")
@@ -146,6 +153,8 @@ def engine_settings(args: argparse.Namespace) -> dict[str, str]:
     }
     if args.kv_cache_bytes:
         s["LORAPLEX_KV_CACHE_BYTES"] = args.kv_cache_bytes
+    if args.contended_prefill_tokens:
+        s["LORAPLEX_CONTENDED_PREFILL_TOKENS"] = args.contended_prefill_tokens
     return {k: str(v) for k, v in s.items()}
 
 

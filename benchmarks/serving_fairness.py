@@ -31,14 +31,19 @@ import httpx
 from serving_client import Planned, completion_body, poisson
 from serving_metrics import check_output, summarize
 from serving_offline import prompt_set
+from serving_runs import server_cpu
 
 FAIR = "loraplex_engine_fair_"
+STEPS = "loraplex_engine_steps_total "
 
 
 def parse_fair(text: str) -> dict[tuple[str, str, str], float]:
     """``(family, fairness_key, kind)`` -> value of each ``loraplex_engine_fair_*`` sample."""
     out: dict[tuple[str, str, str], float] = {}
     for line in text.splitlines():
+        if line.startswith(STEPS):
+            out[("steps", "", "")] = float(line.split()[1])
+            continue
         if not line.startswith(FAIR) or "{" not in line:
             continue
         name, _, rest = line.partition("{")
@@ -66,6 +71,9 @@ def per_key(before: dict, after: dict, key: str) -> dict[str, float]:
         "prefill_tokens": d("service_tokens", "prefill"),
         "decode_tokens": d("service_tokens", "decode"),
         "preemptions": d("preemptions"),
+        "engine_first_token_ms_mean": d("first_token_seconds") * 1e3 / firsts
+        if (firsts := d("first_tokens"))
+        else float("nan"),
     }
 
 
@@ -158,12 +166,18 @@ class FairnessScenario:
             raise SystemExit(
                 "the flood ended before the light requests: raise --fair-flood-requests"
             )
+        m0, cpu0 = await self.fair_metrics(), server_cpu(self.runner.server_pid)
         records, seconds = await self.light(fifo)
+        m1, cpu1 = await self.fair_metrics(), server_cpu(self.runner.server_pid)
         flood_still_on = not flood.done()
         f_records, f_seconds, _ = await flood
         after = await self.settled()
+        steps = m1.get(("steps", "", ""), 0.0) - m0.get(("steps", "", ""), 0.0)
         return {
             "light": self.summary(records, seconds),
+            # the engine's mean step over the light requests' span (the flood's steps)
+            "step_ms_mean": seconds * 1e3 / steps if steps else float("nan"),
+            "server_cores": {k: (cpu1[k] - cpu0.get(k, 0.0)) / seconds for k in cpu1},
             "flood": self.summary(f_records, f_seconds),
             "flood_outlasted_light": flood_still_on,
             "keys": self.keys(before, after, [0] if fifo else [0, 1]),
@@ -240,10 +254,18 @@ def brief(name: str, run: dict, ids: list[str]) -> str:
     if "light" in run:
         t = run["light"]["ttft_ms"]
         q = run["keys"].get(ids[1], run["keys"].get(ids[0], {}))
+        span = (  # the light runs beside the flood: its steps and the server's cores
+            f"engine step mean {run['step_ms_mean']:.1f} ms, server cores "
+            + ", ".join(f"{k} {v:.2f}" for k, v in run["server_cores"].items())
+            + ", "
+            if "step_ms_mean" in run
+            else ""
+        )
         return (
             f"light TTFT p50 {t['p50']:.1f} p99 {t['p99']:.1f} ms, "
             f"queue mean {q.get('queue_ms_mean', float('nan')):.1f} ms, "
-            f"errors {run['light']['errors'] or 'none'}"
+            f"engine first token mean {q.get('engine_first_token_ms_mean', float('nan')):.1f} ms, "
+            f"{span}errors {run['light']['errors'] or 'none'}"
         )
     if name == "one_key":
         return f"{run['all']['out_tok_s']:.0f} out tok/s, errors {run['all']['errors'] or 'none'}"

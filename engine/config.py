@@ -63,6 +63,11 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     max_waiting: int = 4096  # queued requests beyond this are refused (EngineOverloaded)
     aging_steps: int = 64  # a request held back this many steps blocks those behind it
+    # With several fairness keys active: the prefill tokens a step gives to the keys that
+    # hold more than their share of the batch (None: up to max_num_batched_tokens). Keeps
+    # the steps short for the keys whose seats they borrow (docs/fairness.md). At or above
+    # max_num_batched_tokens: no bound of its own.
+    contended_prefill_tokens: int = 2048
     adapter_load_workers: int = 4
     seed: int = 0  # for requests without their own seed
     # Launch step n+1 before reading step n's tokens (the host's work overlaps the GPU's);
@@ -158,6 +163,11 @@ class EngineConfig:
                 "must be positive",
             ),
             (self.aging_steps >= 1, "aging_steps", "must be positive"),
+            (
+                self.contended_prefill_tokens >= 1,
+                "contended_prefill_tokens",
+                "must be positive",
+            ),
             (self.adapter_load_workers >= 1, "adapter_load_workers", "must be positive"),
             (
                 self.quantization in (None, "fp8"),

@@ -40,6 +40,8 @@ class KeyStats:
     queue_steps: int = 0  # the same in scheduler steps
     queued: int = 0  # sequences that were scheduled for the first time
     preemptions: int = 0
+    first_token_seconds: float = 0.0  # summed over requests: in the engine to first token
+    first_tokens: int = 0
 
 
 class FairShare:
@@ -128,3 +130,10 @@ class FairShare:
 
     def preempted(self, key: str) -> None:
         self._stats(key).preemptions += 1
+
+    def first_token(self, key: str, seconds: float) -> None:
+        """A request of ``key`` has its first token on the host, ``seconds`` after it
+        reached the engine."""
+        s = self._stats(key)
+        s.first_token_seconds += seconds
+        s.first_tokens += 1

@@ -80,6 +80,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             aging_steps=config.aging_steps,
+            contended_prefill_tokens=config.contended_prefill_tokens,
             adapter_pages=lambda key: runner.adapter_pages(self.loader.get(key)),
         )
         self.loader = AdapterLoader(
@@ -480,6 +481,7 @@ class LLMEngine:
         if f.sample is None:
             return outputs
         res = f.sample.resolve()
+        now = time.perf_counter()  # the step's tokens are on the host
         max_len = self.max_model_len
         touched: dict[int, RequestState] = {}
         for i, r in enumerate(f.rows):
@@ -496,6 +498,7 @@ class LLMEngine:
                 state.cached_tokens = seq.num_cached_tokens
                 self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
                 self._fork_siblings(state)
+                self.scheduler.fair.first_token(seq.fair_key, now - state.arrival_s)
             lp = None
             if res.logprobs is not None and state.params.logprobs is not None:
                 got = res.logprob_of(i)
@@ -630,6 +633,8 @@ class LLMEngine:
                     queue_seconds=f.queue_seconds,
                     scheduled=f.queued,
                     preemptions=f.preemptions,
+                    first_token_seconds=f.first_token_seconds,
+                    first_tokens=f.first_tokens,
                 )
                 for k, f in self.scheduler.fair.stats.items()
             },

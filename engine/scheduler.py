@@ -15,8 +15,11 @@ waiting sequences by priority tier and least service received; running ones like
 preemption takes the most-served key's newest sequence); a key below its weighted share of
 the batch, or clearly less served, may preempt one of the most-served key above its share
 to get in (a few per step); a cold
-adapter does not evict one that another key's waiting sequences need; and an aged
-sequence holds back only its own key.
+adapter does not evict one that another key's waiting sequences need; an aged
+sequence holds back only its own key; and while a key leaves part of its share of the
+batch unused, a key holding more than its own share gets at most
+``contended_prefill_tokens`` of prefill a step past that share, so that the steps stay short
+for the key whose seats it borrows (its next first token waits on the steps in flight).
 """
 
 from __future__ import annotations
@@ -61,16 +64,19 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         aging_steps: int,
+        contended_prefill_tokens: int | None = None,
         adapter_pages: Callable[[str], PageNeed] = lambda key: {},
     ) -> None:
         """``adapter_pages(key)``: the GPU pages a loaded adapter takes (asked once it is
-        ready on the host)."""
+        ready on the host). ``contended_prefill_tokens``: the prefill a step gives the keys
+        past their share while another key leaves part of its own unused (None: no bound)."""
         self.blocks = blocks
         self.slots = slots
         self.adapter_pages = adapter_pages
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.aging_steps = aging_steps
+        self.contended_prefill_tokens = contended_prefill_tokens
         self.waiting = WaitQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -79,6 +85,7 @@ class Scheduler:
         self._fair_preempted = 0
         self._deferred: list[Sequence] = []  # fair preemptions, queued again after admission
         self._tiers: dict[int, int] = {}  # priority tier -> its sequences waiting or running
+        self._bounded_left = 0  # this step's prefill left to keys above their share
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -125,6 +132,7 @@ class Scheduler:
         else:
             running.sort(key=_priority)
         grow = self.blocks.grow_if_fits
+        seats = self._seats_if_bounded()
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -132,6 +140,13 @@ class Scheduler:
                 i += 1
                 continue
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            # a prompt's chunk (or a recompute) of a key over its share
+            capped = n > 1 and seats is not None and self._over(seq.fair_key, seats, 0)
+            if capped:
+                n = min(n, self._bounded_left)
+                if n <= 0:
+                    i += 1
+                    continue
             while not grow(seq, n):
                 victim = running[-1]
                 self._preempt(victim, out)
@@ -140,15 +155,48 @@ class Scheduler:
             else:
                 self._add_chunk(out, seq, n)
                 budget -= n
+                if capped:
+                    self._bounded_left -= n
                 i += 1
         if not out.preempted:  # memory is tight: admit nobody new this step
             self._fair_preempted = 0
-            self._admit(out, budget, adapter_ready)
+            self._admit(out, budget, adapter_ready, seats)
         return out
 
+    def _seats_if_bounded(self) -> Counter[str] | None:
+        """With the fair order on, ``contended_prefill_tokens`` below the step's budget and
+        a key lending seats (all it has running and waiting fits in its weighted share of
+        the batch: its next request should not wait on long steps): the running sequences
+        per key (a key's prefill past its share is bounded this step; what is left of the
+        bound is kept in ``_bounded_left``). Keys that are all backlogged lend nothing, and
+        their steps are not bounded."""
+        cap = self.contended_prefill_tokens
+        if cap is None or cap >= self.max_num_batched_tokens or not self._fair:
+            return None
+        seated = Counter(map(_fair_key_of, self.running))
+        demand = seated.copy()
+        for head, n in self.waiting.heads():
+            demand[head.fair_key] += n
+        seats, share = self.max_num_seqs, self.fair.share
+        if all(n >= share(k) * seats for k, n in demand.items()):
+            return None
+        self._bounded_left = cap
+        return seated
+
+    def _over(self, key: str, seats: Counter[str], more: int) -> bool:
+        """Whether ``key`` with ``more`` sequences seated besides its running ones holds
+        more than its weighted share of the batch."""
+        return seats[key] + more > self.fair.share(key) * self.max_num_seqs
+
     def _admit(
-        self, out: SchedulerOutput, budget: int, adapter_ready: Callable[[str], bool]
+        self,
+        out: SchedulerOutput,
+        budget: int,
+        adapter_ready: Callable[[str], bool],
+        seats: Counter[str] | None = None,
     ) -> None:
+        """``seats``: running sequences per key when keys over their share have their
+        prefill bounded this step (``_seats_if_bounded``), else None."""
         fair = self._fair
         admitted: list[Sequence] = []
         held_back: set[str] = set()  # fair: keys whose aged head holds the rest of the key
@@ -164,6 +212,9 @@ class Scheduler:
                 continue
             if seq.fair_key in held_back:
                 continue
+            capped = seats is not None and self._over(seq.fair_key, seats, 1)
+            if capped and self._bounded_left <= 0:
+                continue  # this step's prefill for keys above their share is spent
             if reserved and self._seat_reserved(seq, seated, reserved, tiers):
                 continue
             key = seq.adapter_key
@@ -220,6 +271,11 @@ class Scheduler:
             if not seq.block_table:
                 self.blocks.admit(seq)
             n = min(seq.num_uncomputed, budget)
+            if capped and n > 1:
+                n = min(n, self._bounded_left)
+                self._bounded_left -= n
+            if seats is not None:
+                seats[seq.fair_key] += 1
             self.blocks.grow(seq, n)
             if slot >= 0:
                 self.slots.pin(slot)

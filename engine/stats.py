@@ -28,6 +28,8 @@ class FairKeyStats(msgspec.Struct, frozen=True, kw_only=True):
     queue_seconds: float = 0.0  # summed over sequences: queued to first scheduled
     scheduled: int = 0  # sequences scheduled for the first time
     preemptions: int = 0
+    first_token_seconds: float = 0.0  # summed over requests: in the engine to first token
+    first_tokens: int = 0  # requests that have their first token
 
 
 class EngineStats(msgspec.Struct, frozen=True, kw_only=True):

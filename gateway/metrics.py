@@ -141,6 +141,17 @@ def _fairness_families(stats: EngineStats) -> tuple[Metric, ...]:
         "Sequences preempted, per fairness key",
         labels=["fairness_key"],
     )
+    first = CounterMetricFamily(
+        "loraplex_engine_fair_first_token_seconds",
+        "Seconds from a request's arrival in the engine to its first token, summed per "
+        "fairness key",
+        labels=["fairness_key"],
+    )
+    firsts = CounterMetricFamily(
+        "loraplex_engine_fair_first_tokens",
+        "Requests that had their first token, per fairness key",
+        labels=["fairness_key"],
+    )
     for key, f in sorted(stats.fairness.items()):
         label = key or "none"
         service.add_metric([label, "prefill"], float(f.prefill_tokens))
@@ -148,7 +159,9 @@ def _fairness_families(stats: EngineStats) -> tuple[Metric, ...]:
         queue.add_metric([label], f.queue_seconds)
         scheduled.add_metric([label], float(f.scheduled))
         preempted.add_metric([label], float(f.preemptions))
-    return (service, queue, scheduled, preempted)
+        first.add_metric([label], f.first_token_seconds)
+        firsts.add_metric([label], float(f.first_tokens))
+    return (service, queue, scheduled, preempted, first, firsts)
 
 
 class EngineCollector(Collector):

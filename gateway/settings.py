@@ -35,6 +35,9 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # several tenants active: the prefill a step gives the tenants holding more than their
+    # share of the batch (at or above max_num_batched_tokens: no bound; docs/fairness.md)
+    contended_prefill_tokens: int = Field(default=2048, ge=1)
     # GPU adapter memory (pages of rank rows): bytes, or None for lora_memory_fraction of
     # the GPU memory left after the weights. How many adapters are resident follows from it.
     lora_memory_bytes: int | None = Field(default=None, gt=0)

@@ -32,6 +32,7 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        contended_prefill_tokens=settings.contended_prefill_tokens,
         max_loras=settings.max_loras,
         lora_memory_bytes=settings.lora_memory_bytes,
         lora_memory_fraction=settings.lora_memory_fraction,

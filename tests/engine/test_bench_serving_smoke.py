@@ -16,8 +16,8 @@ import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 MODULES = ("bench_serving", "bench_throughput", "common", "serving_client", "serving_metrics",
-           "serving_offline", "serving_report", "serving_runs", "serving_server",
-           "serving_setup")  # fmt: skip
+           "serving_fairness", "serving_offline", "serving_report", "serving_runs",
+           "serving_server", "serving_setup")  # fmt: skip
 
 
 @pytest.fixture
@@ -73,6 +73,36 @@ def test_serving_smoke(bench, tmp_path):
     stop = out["server"]["stop"]
     assert stop["left_running"] == [] and stop["exit_code"] in (0, -15)
     assert out["server"]["warmup"]["requests"] == 3
+
+
+@pytest.mark.slow
+def test_fairness_smoke(bench, tmp_path):
+    """The fairness scenario end to end (issue #21's runs against ``loraplex serve``): every
+    request of every run succeeds, and the per-key numbers read from ``/metrics`` are there
+    (queue time, arrival in the engine to first token, service tokens, the flood's steps)."""
+    out = bench("bench_serving").main(["--smoke", "--fairness", "--json", str(tmp_path / "f.json")])
+    f = out["fairness"]
+    assert list(f) == ["light_alone", "light_flood", "light_flood_fifo", "one_key", "two_keys",
+                       "derived"]  # fmt: skip
+    n = out["args"]["fair_light_requests"]
+    for name in ("light_alone", "light_flood", "light_flood_fifo"):
+        run = f[name]
+        assert run["light"]["completed"] == n and run["light"]["errors"] == {}, name
+        # the light tenant's key (beside the flood, the key with fewer requests)
+        mine = min(run["keys"].values(), key=lambda k: k["scheduled"])
+        assert mine["scheduled"] >= n, run["keys"]
+        assert finite(mine["queue_ms_mean"]) and mine["queue_ms_mean"] >= 0
+        assert finite(mine["engine_first_token_ms_mean"]) and mine["engine_first_token_ms_mean"] > 0
+        assert mine["prefill_tokens"] >= n * out["args"]["prompt_len"]
+    for name in ("light_flood", "light_flood_fifo"):
+        run = f[name]
+        assert run["flood"]["errors"] == {} and run["flood_outlasted_light"]
+        assert finite(run["step_ms_mean"]) and run["step_ms_mean"] > 0
+        assert set(run["server_cores"]) == {"engine", "gateway"}
+    for name in ("one_key", "two_keys"):
+        run = f[name]["all"] if name == "one_key" else f[name]
+        assert run["out_tok_s"] > 0
+    assert f["derived"]["light_queue_ms"]["alone"] >= 0
 
 
 def test_metrics_flag_inexact_lengths(bench):

@@ -129,6 +129,83 @@ def test_light_key_is_not_held_back_by_a_flooding_one(make_engine):
     stats = flooded.engine.scheduler.fair.stats
     assert stats["light"].queued == 12 and stats["flood"].queued == 120
     assert stats["flood"].preemptions > 0 and stats["light"].preemptions == 0
+    assert stats["light"].first_tokens == 12 and stats["flood"].first_tokens == 120
+    assert 0 < stats["light"].first_token_seconds < stats["flood"].first_token_seconds
+
+
+Step = tuple[bool, int, dict[str, int], bool, int]
+
+
+def prefill_by_key(engine: LLMEngine) -> list[Step]:
+    """Record each step's prefill tokens per key (chunks of more than one token), with
+    whether the fair order was on for it, how many of the flood's sequences ran as it
+    began, whether it bounded the prefill of keys over their share, and how many keys had
+    sequences waiting."""
+    sched = engine.scheduler
+    steps: list[Step] = []
+    schedule = sched.schedule
+
+    def recording(adapter_ready):  # type: ignore[no-untyped-def]
+        fair = sched._fair  # as the step begins (before it admits anyone)
+        flood = sum(s.fair_key == "flood" for s in sched.running)
+        bounded = sched._seats_if_bounded() is not None
+        queues = len({h.fair_key for h, _ in sched.waiting.heads()})
+        out = schedule(adapter_ready)
+        tokens: dict[str, int] = {}
+        for seq, chunk in zip(out.seqs, out.batch.chunks, strict=True):
+            if len(chunk.token_ids) > 1:
+                tokens[seq.fair_key] = tokens.get(seq.fair_key, 0) + len(chunk.token_ids)
+        steps.append((fair, flood, tokens, bounded, queues))
+        return out
+
+    sched.schedule = recording  # type: ignore[method-assign]
+    return steps
+
+
+@pytest.mark.parametrize("cap", [32, 256])
+def test_a_key_over_its_share_gets_bounded_prefill_while_others_are_active(make_engine, cap):
+    """A flood's prefill past its share of the batch (8 of 16 seats beside one other key)
+    gets at most ``contended_prefill_tokens`` a step while a light key is active, so the
+    light key's steps stay short; the light key's own prompts are not bounded; the flood
+    alone is not bounded either (the check fails with the bound off: cap 256)."""
+    d = Driver(make_engine(max_num_seqs=16, max_num_batched_tokens=256,
+                           contended_prefill_tokens=cap))  # fmt: skip
+    steps = prefill_by_key(d.engine)
+    sched = {0: [req(f"flood{i}", "flood", prompt=24, out=12) for i in range(48)]}
+    for i in range(6):
+        sched.setdefault(20 + 9 * i, []).append(req(f"light{i}", "light", prompt=48, out=6))
+    d.run(sched)
+    assert len(d.done) == 54
+    contended = [(n, t) for fair, n, t, *_ in steps if fair]
+    alone = [t for fair, _, t, *_ in steps if not fair]
+    assert contended and alone
+    # the flood's prefill beyond the prompts that fill its share (24 tokens each)
+    past_share = max(t.get("flood", 0) - 24 * max(0, 8 - n) for n, t in contended)
+    if cap == 32:
+        assert past_share <= 32, contended
+        assert sum(s[3] for s in steps) > len(steps) / 4
+        assert max(t.get("light", 0) for _, t in contended) == 48  # its prompt in one chunk
+    else:
+        assert past_share > 32, contended  # the same run without the bound
+    assert max(t.get("flood", 0) for t in alone) > 32  # alone: the whole budget
+
+
+def test_backlogged_keys_are_not_bounded(make_engine):
+    """Two backlogged keys (each more queued than its share of the batch) lend no seats:
+    no step bounds their prefill; once one of them has drained below its share, it lends
+    its seats and the other's steps are bounded."""
+    d = Driver(make_engine(max_num_seqs=16, max_num_batched_tokens=256,
+                           contended_prefill_tokens=32))  # fmt: skip
+    steps = prefill_by_key(d.engine)
+    for i in range(60):
+        d.add(req(f"flood{i}", "flood", prompt=24, out=12, weight=3.0))
+        d.add(req(f"b{i}", "b", prompt=24, out=12, weight=1.0))
+    while d.engine.has_unfinished():
+        d.step()
+    assert len(d.done) == 120
+    both = [bounded for *_, bounded, queues in steps if queues == 2]
+    assert len(both) > 30 and not any(both)
+    assert any(bounded for *_, bounded, queues in steps if queues < 2)
 
 
 def test_weights_three_to_one_split_the_service(make_engine):

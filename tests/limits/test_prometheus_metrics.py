@@ -92,3 +92,23 @@ def test_engine_adapter_loads_by_source_tier() -> None:
     assert get("loraplex_engine_adapters_host_bytes") == 4 * 2**20
     assert get("loraplex_engine_adapters_host_capacity_bytes") == 2**30
     assert get("loraplex_engine_adapter_gpu_writes_total") == 2
+
+
+def test_engine_service_per_fairness_key() -> None:
+    from loraplex.engine.stats import FairKeyStats
+
+    stats = EngineStats(
+        fairness={
+            "t1": FairKeyStats(prefill_tokens=300, decode_tokens=40, queue_seconds=0.5,
+                               scheduled=4, preemptions=1, first_token_seconds=1.25,
+                               first_tokens=4),
+            "": FairKeyStats(decode_tokens=2),
+        }
+    )  # fmt: skip
+    get = Metrics(CollectorRegistry(), engine_stats=lambda: stats).registry.get_sample_value
+    one = {"fairness_key": "t1"}
+    assert get("loraplex_engine_fair_service_tokens_total", one | {"kind": "decode"}) == 40
+    assert get("loraplex_engine_fair_queue_seconds_total", one) == 0.5
+    assert get("loraplex_engine_fair_first_token_seconds_total", one) == 1.25
+    assert get("loraplex_engine_fair_first_tokens_total", one) == 4
+    assert get("loraplex_engine_fair_first_tokens_total", {"fairness_key": "none"}) == 0
