@@ -106,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--fair-pair-requests", type=int, default=800)
     f.add_argument("--fair-window-at-s", type=float, default=3.0)
     f.add_argument("--fair-window-s", type=float, default=6.0)
+    f.add_argument(
+        "--fair-cost-repeats",
+        type=int,
+        default=1,
+        help="pairs of one-key / two-key runs for the cost of fairness (its median)",
+    )
     p.add_argument("--smoke", action="store_true", help="dummy:tiny on the CPU, tiny counts")
     p.add_argument(
         "--client-procs",
@@ -126,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.tenants, args.adapters, args.weight_files, args.baseline = 4, 4, 2, False
             args.fair_light_requests, args.fair_flood_requests, args.fair_settle_s = 4, 600, 0.5
             args.fair_pair_requests, args.fair_window_at_s, args.fair_window_s = 40, 0.5, 1.0
+            args.fair_cost_repeats = min(args.fair_cost_repeats, 2)
     if not args.model.startswith("dummy:"):
         raise SystemExit("--model must be a dummy:<preset> (random adapters of its shapes)")
     args.rate_list = [float(x) for x in args.rates.split(",") if x.strip()]

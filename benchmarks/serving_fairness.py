@@ -15,6 +15,8 @@ Runs, one after the other:
 - ``two_keys``: tenant 2 (``scheduling_weight`` 3) and tenant 3 (weight 1), each its own
   closed loop of ``--fair-pair-streams`` streams, both backlogged: service shares over a
   window while both are, and total throughput against ``one_key`` (the cost of fairness).
+- ``--fair-cost-repeats`` R > 1: R - 1 more pairs of the last two, their order alternated;
+  the cost's median over the R pairs (single pairs spread by a few %).
 
 The light runs' TTFT is split with the usage ledger's own ``ttft_ms`` afterwards
 (``bench_serving.ledger_split``: the gateway's engine call to its first token, and the rest).
@@ -25,6 +27,7 @@ queue seconds per scheduled sequence, service tokens (prefill, decode), preempti
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 import httpx
@@ -246,6 +249,15 @@ class FairnessScenario:
             print(f"fairness: {name}", flush=True)
             out[name] = await run()
             print(f"  {brief(name, out[name], self.ids)}", flush=True)
+        pairs = [(out["one_key"]["all"]["out_tok_s"], out["two_keys"]["out_tok_s"])]
+        for i in range(1, self.args.fair_cost_repeats):  # more pairs, the order alternated
+            got = {}
+            for name in ("two_keys", "one_key") if i % 2 else ("one_key", "two_keys"):
+                r = await (self.run_two_keys() if name == "two_keys" else self.run_one_key())
+                got[name] = r["out_tok_s"] if name == "two_keys" else r["all"]["out_tok_s"]
+            pairs.append((got["one_key"], got["two_keys"]))
+            print(f"fairness: cost pair {i + 1}: {1 - got['two_keys'] / got['one_key']:.4f}")
+        out["cost_pairs"] = [{"one_key": a, "two_keys": b, "cost": 1 - b / a} for a, b in pairs]
         out["derived"] = derived(out, self.ids)
         print(f"fairness: {out['derived']}", flush=True)
 
@@ -289,5 +301,7 @@ def derived(out: dict, ids: list[str]) -> dict:
         "share_error": abs(out["two_keys"]["decode_share_ratio"] / 3.0 - 1.0),
         "fairness_throughput_cost": 1.0
         - out["two_keys"]["out_tok_s"] / out["one_key"]["all"]["out_tok_s"],
+        # over every pair (--fair-cost-repeats): single runs spread by a few %
+        "fairness_throughput_cost_median": statistics.median(c["cost"] for c in out["cost_pairs"]),
         "flood_ttft_ms": flood["flood"]["ttft_ms"],
     }

@@ -80,10 +80,15 @@ def test_fairness_smoke(bench, tmp_path):
     """The fairness scenario end to end (issue #21's runs against ``loraplex serve``): every
     request of every run succeeds, and the per-key numbers read from ``/metrics`` are there
     (queue time, arrival in the engine to first token, service tokens, the flood's steps)."""
-    out = bench("bench_serving").main(["--smoke", "--fairness", "--json", str(tmp_path / "f.json")])
+    out = bench("bench_serving").main(
+        ["--smoke", "--fairness", "--fair-cost-repeats", "2", "--json", str(tmp_path / "f.json")]
+    )
     f = out["fairness"]
     assert list(f) == ["light_alone", "light_flood", "light_flood_fifo", "one_key", "two_keys",
-                       "derived"]  # fmt: skip
+                       "cost_pairs", "derived"]  # fmt: skip
+    assert len(f["cost_pairs"]) == 2 and all(c["two_keys"] > 0 for c in f["cost_pairs"])
+    costs = sorted(c["cost"] for c in f["cost_pairs"])
+    assert f["derived"]["fairness_throughput_cost_median"] == (costs[0] + costs[1]) / 2
     n = out["args"]["fair_light_requests"]
     for name in ("light_alone", "light_flood", "light_flood_fifo"):
         run = f[name]
