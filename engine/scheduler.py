@@ -11,10 +11,11 @@ loading is skipped without holding up the rest; one whose adapter cannot get GPU
 which nobody behind it is admitted until it is.
 
 With more than one fairness key active (``engine/fairness.py``) the order is fair instead:
-waiting sequences by priority tier and least service received; running ones likewise (so
-preemption takes the most-served key's newest sequence); a key below its weighted share of
-the batch, or clearly less served, may preempt one of the most-served key above its share
-to get in (a few per step); a cold
+waiting sequences by priority tier and least service received; running ones likewise;
+when KV blocks run out, the newest sequence of the key most past its share of the pool is
+preempted (else the most-served key's newest); a key below its weighted share of the batch
+(or of the pool, when that is what is full), or clearly less served, may preempt one of a
+key above its share to get in (a few per step); a cold
 adapter does not evict one that another key's waiting sequences need; an aged
 sequence holds back only its own key; and while a key leaves part of its share of the
 batch unused, a key holding more than its own share gets at most
@@ -132,6 +133,7 @@ class Scheduler:
         else:
             running.sort(key=_priority)
         grow = self.blocks.grow_if_fits
+        fair = self._fair
         seats = self._seats_if_bounded()
         i = 0
         while i < len(running) and budget > 0:
@@ -148,7 +150,13 @@ class Scheduler:
                     i += 1
                     continue
             while not grow(seq, n):
-                victim = running[-1]
+                victim = self._kv_victim() if fair else running[-1]
+                j = running.index(victim)
+                if j < i:  # scheduled already this step: its chunk goes back out
+                    k = out.seqs.index(victim)
+                    budget += len(out.batch.chunks[k].token_ids)
+                    del out.seqs[k], out.batch.chunks[k]
+                    i -= 1
                 self._preempt(victim, out)
                 if victim is seq:
                     break
@@ -162,6 +170,25 @@ class Scheduler:
             self._fair_preempted = 0
             self._admit(out, budget, adapter_ready, seats)
         return out
+
+    def _kv_victim(self) -> Sequence:
+        """KV blocks ran out (fair order): the running sequence to preempt. The lowest tier
+        running gives way first; within it, the newest sequence of the key holding the most
+        blocks past its weighted share of the pool, so one key's long contexts cannot keep
+        the others out; when no key is past its share, the last in the fair order (the
+        most-served key's newest)."""
+        running = self.running
+        tier = max(s.priority_tier for s in running)
+        held: Counter[str] = Counter()
+        for s in running:
+            if s.priority_tier == tier:
+                held[s.fair_key] += len(s.block_table)
+        pool, share = self.blocks.num_blocks, self.fair.share
+        excess, key = max((n - share(k) * pool, k) for k, n in held.items())
+        if excess <= 0:
+            return running[-1]
+        return max((s for s in running if s.fair_key == key and s.priority_tier == tier),
+                   key=_priority)  # fmt: skip
 
     def _seats_if_bounded(self) -> Counter[str] | None:
         """With the fair order on, ``contended_prefill_tokens`` below the step's budget and
@@ -359,13 +386,31 @@ class Scheduler:
             if k != seq.fair_key and n > fair.share(k) * seats
         ]
         if not over:
-            return budget
+            return self._make_kv_room(seq, out, budget)
         top, victim_key = max(over)
         below_share = seated.get(seq.fair_key, 0) + 1 <= fair.share(seq.fair_key) * seats
         owed = fair.counter(seq.fair_key) + self.max_num_batched_tokens < top
         if not (below_share or owed):
             return budget
         victims = [r for r in running if r.fair_key == victim_key]
+        return self._take_back(max(victims, key=self._fair_order), out, budget)
+
+    def _make_kv_room(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int:
+        """No key is past its share of seats: preempt for ``seq`` the newest sequence of the
+        key holding the most KV blocks past its weighted share of the pool, if ``seq``'s key
+        (with what ``seq`` needs) stays within its own. -> the token budget after."""
+        held: Counter[str] = Counter()
+        for r in self.running:
+            held[r.fair_key] += len(r.block_table)
+        pool, share = self.blocks.num_blocks, self.fair.share
+        need = -(-seq.num_uncomputed // self.blocks.block_size)
+        if held[seq.fair_key] + need > share(seq.fair_key) * pool:
+            return budget
+        over = [(n - share(k) * pool, k) for k, n in held.items() if k != seq.fair_key]
+        excess, key = max(over, default=(0.0, ""))
+        if excess <= 0:
+            return budget
+        victims = [r for r in self.running if r.fair_key == key]
         return self._take_back(max(victims, key=self._fair_order), out, budget)
 
     def _take_back(self, victim: Sequence, out: SchedulerOutput, budget: int) -> int:

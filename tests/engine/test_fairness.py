@@ -33,8 +33,8 @@ def tok(tmp_path_factory):
 def make_engine(tok):
     engines: list[LLMEngine] = []
 
-    def make(slots: int = 4, **cfg) -> LLMEngine:
-        runner = ToyRunner(tok, num_blocks=512, block_size=4, num_slots=slots)
+    def make(slots: int = 4, blocks: int = 512, **cfg) -> LLMEngine:
+        runner = ToyRunner(tok, num_blocks=blocks, block_size=4, num_slots=slots)
         cfg.setdefault("max_num_seqs", 8)
         cfg.setdefault("max_num_batched_tokens", 64)
         cfg.setdefault("max_cpu_loras", 256)
@@ -66,6 +66,7 @@ class Driver:
         self.step_no = 0
         self.added: dict[str, int] = {}
         self.first: dict[str, int] = {}
+        self.ended: dict[str, int] = {}
         self.done: set[str] = set()
 
     def add(self, r: Request) -> None:
@@ -87,6 +88,7 @@ class Driver:
                 self.first[o.request_id] = self.step_no
             if o.finished:
                 self.done.add(o.request_id)
+                self.ended[o.request_id] = self.step_no
 
     def run(self, schedule: dict[int, list[Request]], max_steps: int = 5000) -> None:
         while schedule or self.engine.has_unfinished():
@@ -206,6 +208,46 @@ def test_backlogged_keys_are_not_bounded(make_engine):
     both = [bounded for *_, bounded, queues in steps if queues == 2]
     assert len(both) > 30 and not any(both)
     assert any(bounded for *_, bounded, queues in steps if queues < 2)
+
+
+def test_a_key_holding_most_of_the_kv_cache_gives_way(make_engine):
+    """KV blocks are bounded per key under pressure too. Two long requests of one key hold
+    60 of 64 blocks (two seats of eight: within its share of seats). A light key's request
+    that needs 10 blocks gets in by preempting one of them (the key past its share of the
+    pool), and when the long ones grow, they preempt each other, not it. Under one key the
+    same request waits, and is the one preempted, until a long one ends."""
+
+    def run(light_key: str) -> Driver:
+        d = Driver(make_engine(blocks=64, max_num_seqs=8, max_num_batched_tokens=256))
+        sched = {0: [req(f"long{i}", "long", prompt=120, out=24) for i in range(2)]}
+        sched[3] = [req("light0", light_key, prompt=40, out=8)]
+        d.run(sched)
+        assert len(d.done) == 3
+        return d
+
+    fair = run("light")
+    span = fair.ended["light0"] - fair.added["light0"]
+    assert fair.waits("light") == [2] and span <= 10, (fair.waits("light"), span)
+    stats = fair.engine.scheduler.fair.stats
+    assert stats["long"].preemptions >= 1 and stats["light"].preemptions == 0
+    fifo = run("long")  # the same request under the long key
+    assert fifo.ended["light0"] - fifo.added["light0"] >= 20
+    assert fifo.ended["light0"] > min(fifo.ended["long0"], fifo.ended["long1"])
+
+
+def test_growing_long_contexts_preempt_their_own_key_first(make_engine):
+    """The light request fits when it arrives; then the two long ones grow past the pool.
+    The sequence preempted is a long one (its key holds most of the pool), not the light
+    one, though the light key has the higher counter by then (lifted to the long key's on
+    arrival, then charged its prompt)."""
+    d = Driver(make_engine(blocks=64, max_num_seqs=8, max_num_batched_tokens=256))
+    sched = {0: [req(f"long{i}", "long", prompt=100, out=40) for i in range(2)]}
+    sched[3] = [req("light0", "light", prompt=40, out=16)]
+    d.run(sched)
+    assert len(d.done) == 3
+    stats = d.engine.scheduler.fair.stats
+    assert stats["light"].preemptions == 0 and stats["long"].preemptions >= 1
+    assert d.ended["light0"] < min(d.ended["long0"], d.ended["long1"])
 
 
 def test_weights_three_to_one_split_the_service(make_engine):
