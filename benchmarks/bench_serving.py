@@ -129,7 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not os.environ.get("LORAPLEX_BENCH_SMOKE_CUDA"):
             args.device = "cpu"
         if args.fairness:
-            args.tenants, args.adapters, args.weight_files, args.baseline = 4, 4, 2, False
+            args.tenants, args.adapters, args.weight_files, args.baseline = 4, 8, 2, False
+            args.max_loras = 4  # two tenants' adapters at once
             args.fair_light_requests, args.fair_flood_requests, args.fair_settle_s = 4, 600, 0.5
             args.fair_pair_requests, args.fair_window_at_s, args.fair_window_s = 40, 0.5, 1.0
             args.fair_cost_repeats = min(args.fair_cost_repeats, 2)

@@ -11,10 +11,13 @@ Runs, one after the other:
 - ``light_flood_fifo``: the same, but the light requests are the flood tenant's own (its
   key and adapters, at the light schedule): one fairness key, so they queue first come,
   first served behind the flood (what a light tenant gets without fair scheduling).
-- ``one_key``: tenant 2 alone in a closed loop of ``2 * --fair-pair-streams`` streams.
+- ``one_key``: tenant 2 alone in a closed loop of ``2 * --fair-pair-streams`` streams, over
+  its adapters.
 - ``two_keys``: tenant 2 (``scheduling_weight`` 3) and tenant 3 (weight 1), each its own
   closed loop of ``--fair-pair-streams`` streams, both backlogged: service shares over a
   window while both are, and total throughput against ``one_key`` (the cost of fairness).
+  Each over half its tenant's adapters: the batch holds as many distinct adapters as in
+  ``one_key`` (``adapters`` in each run's result), so the cost is the scheduling's alone.
 - ``--fair-cost-repeats`` R > 1: R - 1 more pairs of the last two, their order alternated;
   the cost's median over the R pairs (single pairs spread by a few %).
 
@@ -102,11 +105,12 @@ class FairnessScenario:
                 )
                 r.raise_for_status()
 
-    def plan(self, tenant: int, n: int) -> list[Planned]:
-        """``n`` requests of tenant ``tenant``'s adapters in turn, fresh prompts, with its
-        key."""
+    def plan(self, tenant: int, n: int, adapters: int | None = None) -> list[Planned]:
+        """``n`` requests of tenant ``tenant``'s adapters (its first ``adapters`` of them)
+        in turn, fresh prompts, with its key."""
         t = self.tenancy
         mine = [j for j in range(len(t.adapters)) if j % len(t.tenants) == tenant]
+        mine = mine[: max(1, adapters)] if adapters is not None else mine
         self.salt += 1
         ids = prompt_set(self.args, self.vocab, n, self.salt)
         key = t.keys[tenant]
@@ -116,6 +120,10 @@ class FairnessScenario:
             body = completion_body(t.adapters[adapter], prompt, self.args.output_len)
             out.append(Planned(i, tenant, adapter, key, "/v1/completions", body))
         return out
+
+    def adapters_of(self, tenant: int) -> int:
+        t = self.tenancy
+        return sum(1 for j in range(len(t.adapters)) if j % len(t.tenants) == tenant)
 
     async def fair_metrics(self) -> dict:
         r = await self.runner.client.get(self.url + "/metrics")
@@ -192,17 +200,23 @@ class FairnessScenario:
         plan = self.plan(2, 2 * a.fair_pair_requests)
         records, seconds, _ = await self.closed(plan, 2 * a.fair_pair_streams, 2 * a.fair_procs)
         after = await self.settled()
-        return {"all": self.summary(records, seconds), "keys": self.keys(before, after, [2])}
+        return {
+            "all": self.summary(records, seconds),
+            "adapters": len({p.adapter for p in plan}),
+            "keys": self.keys(before, after, [2]),
+        }
 
     async def run_two_keys(self) -> dict:
         a = self.args
         before = await self.settled()
+        # each key half its tenant's adapters: as many distinct adapters in the batch as
+        # run_one_key's (tenant 2's all), so the cost compares the scheduling alone
+        half = self.adapters_of(2) // 2
+        plans = [self.plan(t, a.fair_pair_requests, half) for t in (2, 3)]
         t0 = time.perf_counter()
         runs = [
-            asyncio.create_task(
-                self.closed(self.plan(t, a.fair_pair_requests), a.fair_pair_streams, a.fair_procs)
-            )
-            for t in (2, 3)
+            asyncio.create_task(self.closed(plan, a.fair_pair_streams, a.fair_procs))
+            for plan in plans
         ]
         await asyncio.sleep(a.fair_window_at_s)
         w0 = await self.fair_metrics()
@@ -217,6 +231,7 @@ class FairnessScenario:
         out_tokens = sum(r.output_tokens for r in r2 + r3 if r.error is None)
         return {
             "weights": {"tenant2": 3, "tenant3": 1},
+            "adapters": len({p.adapter for plan in plans for p in plan}),
             "tenant2": self.summary(r2, s2),
             "tenant3": self.summary(r3, s3),
             "out_tok_s": out_tokens / seconds,
@@ -280,9 +295,13 @@ def brief(name: str, run: dict, ids: list[str]) -> str:
             f"{span}errors {run['light']['errors'] or 'none'}"
         )
     if name == "one_key":
-        return f"{run['all']['out_tok_s']:.0f} out tok/s, errors {run['all']['errors'] or 'none'}"
+        return (
+            f"{run['all']['out_tok_s']:.0f} out tok/s over {run['adapters']} adapters, "
+            f"errors {run['all']['errors'] or 'none'}"
+        )
     return (
-        f"{run['out_tok_s']:.0f} out tok/s, decode share 3:1 -> {run['decode_share_ratio']:.2f}, "
+        f"{run['out_tok_s']:.0f} out tok/s over {run['adapters']} adapters, "
+        f"decode share 3:1 -> {run['decode_share_ratio']:.2f}, "
         f"weighted service -> {run['service_ratio']:.2f}, "
         f"both backlogged over the window: {run['window_both_backlogged']}"
     )

@@ -107,6 +107,8 @@ def test_fairness_smoke(bench, tmp_path):
     for name in ("one_key", "two_keys"):
         run = f[name]["all"] if name == "one_key" else f[name]
         assert run["out_tok_s"] > 0
+    # two adapters a tenant: one key over its two, two keys over one each
+    assert (f["one_key"]["adapters"], f["two_keys"]["adapters"]) == (2, 2)
     assert f["derived"]["light_queue_ms"]["alone"] >= 0
 
 
