@@ -109,7 +109,7 @@ class FairnessScenario:
         """``n`` requests of tenant ``tenant``'s adapters (its first ``adapters`` of them)
         in turn, fresh prompts, with its key."""
         t = self.tenancy
-        mine = [j for j in range(len(t.adapters)) if j % len(t.tenants) == tenant]
+        mine = self.adapters_of(tenant)
         mine = mine[: max(1, adapters)] if adapters is not None else mine
         self.salt += 1
         ids = prompt_set(self.args, self.vocab, n, self.salt)
@@ -121,9 +121,10 @@ class FairnessScenario:
             out.append(Planned(i, tenant, adapter, key, "/v1/completions", body))
         return out
 
-    def adapters_of(self, tenant: int) -> int:
+    def adapters_of(self, tenant: int) -> list[int]:
+        """Tenant ``tenant``'s adapters (indices into ``tenancy.adapters``)."""
         t = self.tenancy
-        return sum(1 for j in range(len(t.adapters)) if j % len(t.tenants) == tenant)
+        return [j for j in range(len(t.adapters)) if j % len(t.tenants) == tenant]
 
     async def fair_metrics(self) -> dict:
         r = await self.runner.client.get(self.url + "/metrics")
@@ -211,7 +212,7 @@ class FairnessScenario:
         before = await self.settled()
         # each key half its tenant's adapters: as many distinct adapters in the batch as
         # run_one_key's (tenant 2's all), so the cost compares the scheduling alone
-        half = self.adapters_of(2) // 2
+        half = len(self.adapters_of(2)) // 2
         plans = [self.plan(t, a.fair_pair_requests, half) for t in (2, 3)]
         t0 = time.perf_counter()
         runs = [

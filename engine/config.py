@@ -64,9 +64,9 @@ class EngineConfig:
     max_waiting: int = 4096  # queued requests beyond this are refused (EngineOverloaded)
     aging_steps: int = 64  # a request held back this many steps blocks those behind it
     # With several fairness keys active: the prefill tokens a step gives to the keys that
-    # hold more than their share of the batch (None: up to max_num_batched_tokens). Keeps
-    # the steps short for the keys whose seats they borrow (docs/fairness.md). At or above
-    # max_num_batched_tokens: no bound of its own.
+    # hold more than their share of the batch while another leaves part of its share
+    # unused. Keeps the steps short for the key whose seats they borrow (docs/fairness.md).
+    # At or above max_num_batched_tokens: no bound of its own.
     contended_prefill_tokens: int = 2048
     adapter_load_workers: int = 4
     seed: int = 0  # for requests without their own seed

@@ -151,11 +151,8 @@ class Scheduler:
                     continue
             while not grow(seq, n):
                 victim = self._kv_victim() if fair else running[-1]
-                j = running.index(victim)
-                if j < i:  # scheduled already this step: its chunk goes back out
-                    k = out.seqs.index(victim)
-                    budget += len(out.batch.chunks[k].token_ids)
-                    del out.seqs[k], out.batch.chunks[k]
+                if running.index(victim) < i:  # scheduled already this step
+                    budget += self._unschedule(victim, out)
                     i -= 1
                 self._preempt(victim, out)
                 if victim is seq:
@@ -179,16 +176,27 @@ class Scheduler:
         most-served key's newest)."""
         running = self.running
         tier = max(s.priority_tier for s in running)
-        held: Counter[str] = Counter()
-        for s in running:
-            if s.priority_tier == tier:
-                held[s.fair_key] += len(s.block_table)
-        pool, share = self.blocks.num_blocks, self.fair.share
-        excess, key = max((n - share(k) * pool, k) for k, n in held.items())
-        if excess <= 0:
+        lowest = [s for s in running if s.priority_tier == tier]
+        key = self._most_past_kv_share(lowest)
+        if key is None:
             return running[-1]
-        return max((s for s in running if s.fair_key == key and s.priority_tier == tier),
-                   key=_priority)  # fmt: skip
+        return max((s for s in lowest if s.fair_key == key), key=_priority)
+
+    def _most_past_kv_share(
+        self, seqs: list[Sequence], exclude: str | None = None, need: int = 0
+    ) -> str | None:
+        """The key (not ``exclude``) whose sequences among ``seqs`` hold the most KV blocks
+        past its weighted share of the pool, if one does; None also when ``exclude`` itself,
+        with ``need`` blocks more, would be past its own share."""
+        held: Counter[str] = Counter()
+        for s in seqs:
+            held[s.fair_key] += len(s.block_table)
+        pool, share = self.blocks.num_blocks, self.fair.share
+        if exclude is not None and held[exclude] + need > share(exclude) * pool:
+            return None
+        past = [(n - share(k) * pool, k) for k, n in held.items() if k != exclude]
+        excess, key = max(past, default=(0.0, ""))
+        return key if excess > 0 else None
 
     def _seats_if_bounded(self) -> Counter[str] | None:
         """With the fair order on, ``contended_prefill_tokens`` below the step's budget and
@@ -399,30 +407,29 @@ class Scheduler:
         """No key is past its share of seats: preempt for ``seq`` the newest sequence of the
         key holding the most KV blocks past its weighted share of the pool, if ``seq``'s key
         (with what ``seq`` needs) stays within its own. -> the token budget after."""
-        held: Counter[str] = Counter()
-        for r in self.running:
-            held[r.fair_key] += len(r.block_table)
-        pool, share = self.blocks.num_blocks, self.fair.share
         need = -(-seq.num_uncomputed // self.blocks.block_size)
-        if held[seq.fair_key] + need > share(seq.fair_key) * pool:
-            return budget
-        over = [(n - share(k) * pool, k) for k, n in held.items() if k != seq.fair_key]
-        excess, key = max(over, default=(0.0, ""))
-        if excess <= 0:
+        key = self._most_past_kv_share(self.running, seq.fair_key, need)
+        if key is None:
             return budget
         victims = [r for r in self.running if r.fair_key == key]
         return self._take_back(max(victims, key=self._fair_order), out, budget)
 
     def _take_back(self, victim: Sequence, out: SchedulerOutput, budget: int) -> int:
         """Preempt ``victim`` for fairness (queued again after admission)."""
-        if victim in out.seqs:  # it has a chunk in this step: take it back out
-            i = out.seqs.index(victim)
-            budget += len(out.batch.chunks[i].token_ids)
-            del out.seqs[i], out.batch.chunks[i]
+        if victim in out.seqs:  # it has a chunk in this step
+            budget += self._unschedule(victim, out)
         self._preempt(victim, out, requeue=False)
         self._deferred.append(victim)
         self._fair_preempted += 1
         return budget
+
+    @staticmethod
+    def _unschedule(seq: Sequence, out: SchedulerOutput) -> int:
+        """Take ``seq``'s chunk back out of this step. -> its tokens (budget given back)."""
+        i = out.seqs.index(seq)
+        n = len(out.batch.chunks[i].token_ids)
+        del out.seqs[i], out.batch.chunks[i]
+        return n
 
     def _adapter_demand(self) -> dict[str, set[str]]:
         """Adapters resident on GPU, not pinned, that waiting sequences need: by fair key."""
