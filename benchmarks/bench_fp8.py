@@ -8,13 +8,16 @@ Sections (``--sections``, all by default):
 - ``gemm``: the linear layers of ``--model``'s shape (Llama-3-8B: qkv, o, gate_up, down), all
   layers with distinct weights (nothing stays in L2), one CUDA graph per case, at M = 1, 8,
   32, 64, 128, 256 tokens: bf16 ``F.linear``; the weight-only FP8 kernel with its default
-  config and with the tuned one; W8A8 (Triton per-token quantization + ``torch._scaled_mm``);
-  ``_scaled_mm`` alone on pre-quantized activations. Each against its bytes floor (2- or
-  1-byte weights) at ``--floor-bw`` (4.2 TB/s) and at the copy bandwidth measured here; the
-  token count from which W8A8 wins is the suggested ``LORAPLEX_FP8_W8A8_MIN_TOKENS``.
+  config and with the tuned one; the same Triton GEMM with FP8 activations quantized inside
+  it (``a8``, per token and K step); W8A8 (Triton per-token quantization +
+  ``torch._scaled_mm``); ``_scaled_mm`` alone on pre-quantized activations. Each against its
+  bytes floor (2- or 1-byte weights) at ``--floor-bw`` (4.2 TB/s) and at the copy bandwidth
+  measured here; the token count from which FP8 activations win is the suggested
+  ``LORAPLEX_FP8_W8A8_MIN_TOKENS``.
 - ``decode``: one decode step (captured graph + LM head) at ``--batch`` (32) sequences of
   ``--context`` (512) tokens, each with its own rank-``--rank`` adapter, and without adapters:
-  bf16 vs FP8 (weight-only, and W8A8 for every step size), each against its own floor.
+  bf16 vs FP8 (the default: FP8 activations at every step; and weight-only), each against its
+  own floor.
 - ``prefill``: tokens/s of ``--prefill-seqs`` x ``--prefill-len`` tokens, bf16 vs FP8 (W8A8 and
   weight-only).
 - ``quality``: ``--prompts`` prompts, ``--steps`` tokens each, greedy in bf16; the FP8
@@ -64,7 +67,9 @@ from common import (
 )
 
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.kernels._triton import num_sms
 from loraplex.engine.kernels.fp8_linear import (
+    default_w8a16_config,
     fp8_linear_w8a8,
     fp8_linear_w8a16,
     quantize_rows,
@@ -99,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, default=16, help="quality: tokens per prompt")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--fp8-w8a8-min-tokens", type=int, default=128)
+    p.add_argument("--fp8-w8a8-min-tokens", type=int, default=1)
     p.add_argument("--kernel-config-dir", default=None, help="default: a temporary directory")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="dummy:tiny on the CPU, no gemm")
@@ -177,6 +182,13 @@ def gemm_section(args, device: torch.device, bw: float, tuned: dict, cfg: ModelC
                     c = tuned.get(fp8_shape_key(w, m)) if use_tuned else None
                     fp8_linear_w8a16(xs[name], w.qweight, w.scale, None, None, c)
 
+        def a8(use_tuned: bool, names=names, xs=xs, m=m) -> None:
+            for layer in fp8:
+                for name, w in zip(names, layer, strict=True):
+                    c = tuned.get(fp8_shape_key(w, m, True)) if use_tuned else None
+                    c = c or default_w8a16_config(m, *w.shape, None, True, num_sms(device), True)
+                    fp8_linear_w8a16(xs[name], w.qweight, w.scale, None, None, c)
+
         def w8a8(names=names, xs=xs) -> None:
             for layer in fp8:
                 for name, w in zip(names, layer, strict=True):
@@ -195,21 +207,23 @@ def gemm_section(args, device: torch.device, bw: float, tuned: dict, cfg: ModelC
         row["bf16_ms"] = graph_ms(bf16)
         row["w8a16_ms"] = graph_ms(lambda: w8a16(False))
         row["w8a16_tuned_ms"] = graph_ms(lambda: w8a16(True)) if tuned else float("nan")
+        row["a8_ms"] = graph_ms(lambda: a8(bool(tuned)))
         row["w8a8_ms"] = graph_ms(w8a8)
         row["scaled_mm_only_ms"] = graph_ms(mm_only)
-        best_fp8 = min(v for k, v in row.items() if k in ("w8a16_ms", "w8a16_tuned_ms", "w8a8_ms")
-                       and v == v)  # fmt: skip
+        best_fp8 = min(v for k, v in row.items()
+                       if k in ("w8a16_ms", "w8a16_tuned_ms", "a8_ms", "w8a8_ms") and v == v)  # fmt: skip
         row["bf16/floor"] = row["bf16_ms"] / row["floor_bf16_ms"]
         row["best_fp8/floor1"] = best_fp8 / row["floor_fp8_ms"]
         row["bf16/best_fp8"] = row["bf16_ms"] / best_fp8
         row["measured_bw_floor_fp8_ms"] = floor1 * args.floor_bw / bw * 1e3
         print(table([row], list(row)), flush=True)
         rows.append(row)
-    # the smallest M from which W8A8 beats the weight-only kernel at every larger M
+    # the smallest M from which FP8 activations (either path) beat the weight-only kernel at
+    # every larger M
     wo = [min(r["w8a16_ms"], r["w8a16_tuned_ms"] if tuned else r["w8a16_ms"]) for r in rows]
     suggest = None
     for i in range(len(rows)):
-        if all(rows[j]["w8a8_ms"] < wo[j] for j in range(i, len(rows))):
+        if all(min(rows[j]["a8_ms"], rows[j]["w8a8_ms"]) < wo[j] for j in range(i, len(rows))):
             suggest = rows[i]["M"]
             break
     dense.clear()
@@ -500,11 +514,11 @@ def main(argv: list[str] | None = None) -> dict:
     def decode() -> list[dict]:
         rows = decode_rows(args, refr, bw, "bf16")
         rows += decode_rows(args, fp8r, bw, "fp8")
-        if fp8r.graphs is not None:  # every step size through W8A8
-            fp8r.model.fp8.w8a8_min_tokens = 1
+        if fp8r.graphs is not None:  # activations unquantized at every step size
+            fp8r.model.fp8.w8a8_min_tokens = 1 << 30
             fp8r.graphs.capture()
             try:
-                rows += decode_rows(args, fp8r, bw, "fp8-w8a8")
+                rows += decode_rows(args, fp8r, bw, "fp8-weight-only")
             finally:
                 fp8r.model.fp8.w8a8_min_tokens = args.fp8_w8a8_min_tokens
                 fp8r.graphs.capture()
@@ -539,9 +553,9 @@ def main(argv: list[str] | None = None) -> dict:
                     load_adapters(qargs, r, tmp / "quality")
         q = []
         with torch.inference_mode():
-            # prefill through W8A8 (the default threshold), then weight-only everywhere
+            # FP8 activations from the threshold (default: every step), then weight-only
             for mode, threshold in (
-                ("w8a8 prefill", args.fp8_w8a8_min_tokens),
+                (f"w8a8 from {args.fp8_w8a8_min_tokens} tokens", args.fp8_w8a8_min_tokens),
                 ("weight-only", 1 << 30),
             ):
                 fp8_q.model.fp8.w8a8_min_tokens = threshold

@@ -126,7 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quantization", default=None, choices=["fp8"], help="FP8 base weights (at load)"
     )
     p.add_argument(
-        "--fp8-w8a8-min-tokens", type=int, default=128, help="FP8: W8A8 from this step size"
+        "--fp8-w8a8-min-tokens",
+        type=int,
+        default=1,
+        help="FP8: FP8 activations from this step size",
     )
     p.add_argument("--kernel-config-dir", default=None, help="per-GPU launch-config cache")
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")

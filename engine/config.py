@@ -76,9 +76,10 @@ class EngineConfig:
     # "fp8": the base model's projections quantized at load to e4m3 with per-channel scales
     # (an FP8 checkpoint loads as FP8 whatever this says); adapters stay in ``dtype``
     quantization: str | None = None
-    # FP8 projections: from this many tokens in a step on, W8A8 (per-token activation scales,
-    # torch._scaled_mm); below it the weight-only FP8 kernel (bf16 activations)
-    fp8_w8a8_min_tokens: int = 128
+    # FP8 projections: from this many tokens in a step on, FP8 activations (quantized per
+    # token inside the Triton GEMM up to 32 tokens, per token for torch._scaled_mm past that);
+    # below it the weight-only FP8 kernel (bf16 activations). 1: every step
+    fp8_w8a8_min_tokens: int = 1
     # where measured kernel launch configs are kept, one JSON file per GPU model (None: none
     # kept; the kernels size themselves from the device's properties); with
     # ``kernel_tuning`` the warm-up measures the shapes missing from it

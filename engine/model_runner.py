@@ -21,7 +21,7 @@ from loraplex.engine import kernels as K
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
 from loraplex.engine.devices import configure_pinned_memory
 from loraplex.engine.kernels._triton import l2_bytes
-from loraplex.engine.kernels.fp8_linear import fp8_candidates, fp8_linear_w8a16
+from loraplex.engine.kernels.fp8_linear import fp8_candidates, fp8_linear_w8a16, fp8_mode
 from loraplex.engine.kernels.lora_expand import token_path_sizes
 from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
@@ -71,7 +71,7 @@ class ModelRunner:
         enforce_eager: bool = False,
         seed: int = 0,
         quantization: str | None = None,
-        fp8_w8a8_min_tokens: int = 128,
+        fp8_w8a8_min_tokens: int = 1,
         kernel_config_dir: Path | None = None,
         kernel_tuning: bool = True,
         tp: TPGroup | None = None,
@@ -353,8 +353,8 @@ class ModelRunner:
 
     def tune_kernels(self, save: bool = True) -> dict[str, dict[str, float]]:
         """Fill the launch-config table for this GPU model: each FP8 projection shape's
-        weight-only GEMM at each token bucket it runs (below the W8A8 threshold, up to the
-        batch bound), over :func:`fp8_candidates`. Each candidate is timed over the layers'
+        Triton GEMM at each token bucket and mode it runs (weight-only, FP8 activations; up to
+        the batch bound), over :func:`fp8_candidates`. Each candidate is timed over the layers'
         own weights, as many as it takes to be four times the L2 (a step streams them from
         memory). Entries already there are kept. -> the timings of the shapes measured now
         (ms by candidate), also kept as ``tuning_report``."""
@@ -376,10 +376,13 @@ class ModelRunner:
                     break
             w0, m = ws[0], 16
             while True:
-                key = fp8_shape_key(w0, m)
-                fresh = self.launch_configs.get("fp8_w8a16", key) is None
                 lo = 1 if m == 16 else m // 2 + 1  # the bucket's fewest tokens
-                if fresh and (w0.block is not None or lo < self.model.fp8.w8a8_min_tokens):
+                mins = self.model.fp8.w8a8_min_tokens
+                modes = {fp8_mode(t, w0.block, self.dtype, mins) for t in range(lo, m + 1)}
+                for a8 in [mode == "a8" for mode in sorted(modes - {"w8a8"})]:
+                    key = fp8_shape_key(w0, m, a8)
+                    if self.launch_configs.get("fp8_w8a16", key) is not None:
+                        continue
                     x = torch.randn(m, w0.shape[1], device=self.device, dtype=self.dtype)
 
                     def run(cfg: dict, x: torch.Tensor = x, ws: list[Fp8Weight] = ws) -> None:
@@ -387,7 +390,7 @@ class ModelRunner:
                             fp8_linear_w8a16(x, w.qweight, w.scale, w.block, None, cfg)
 
                     best, times = self.launch_configs.sweep(
-                        "fp8_w8a16", key, fp8_candidates(m, w0.block), run
+                        "fp8_w8a16", key, fp8_candidates(m, w0.block, a8), run
                     )
                     log.info("kernel tuning: fp8_w8a16 %s -> %s", key, best)
                     measured[key] = {k: v / len(ws) for k, v in times.items()}

@@ -27,7 +27,7 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     quantization: Literal["fp8"] | None = None
     # FP8 projections: W8A8 (torch._scaled_mm) from this many tokens in a step, the
     # weight-only FP8 kernel below
-    fp8_w8a8_min_tokens: int = Field(default=128, ge=1)
+    fp8_w8a8_min_tokens: int = Field(default=1, ge=1)
     # measured kernel launch configs, one JSON file per GPU model (default
     # <data_dir>/kernel-configs); kernel_tuning: the warm-up measures missing shapes
     kernel_config_dir: Path | None = None

@@ -119,19 +119,27 @@ def fp8_linear(
     block: tuple[int, int] | None = None,
     bias=None,
     *,
-    w8a8_min_tokens: int = 128,
+    w8a8_min_tokens: int = 1,
     config: dict | None = None,
 ):
-    """``x W^T + bias`` of an FP8 weight. Below ``w8a8_min_tokens`` tokens (and for block
-    scales or non-bf16 activations at any count) the weight-only Triton GEMM (``config``: its
-    launch config, None: defaults); from there on, per-token FP8 activations and
-    ``torch._scaled_mm`` (CUDA). Elsewhere the dequantizing reference."""
+    """``x W^T + bias`` of an FP8 weight, as :func:`fp8_linear.fp8_mode` says for the step's
+    token count: the weight-only Triton GEMM, the Triton GEMM with FP8 activations (``a8``),
+    or per-token FP8 activations and ``torch._scaled_mm`` (CUDA). ``config``: the Triton
+    GEMM's launch config (None: defaults); its ``a8`` is set by the mode, never by the
+    config. Elsewhere the dequantizing reference."""
     if not fp8_ok(x):
         return _fp8.fp8_linear_ref(x, qweight, scale, block, bias)
-    # row-wise _scaled_mm writes bf16 only: other activation dtypes stay weight-only
-    w8a8 = x.is_cuda and block is None and x.dtype == torch.bfloat16
-    if w8a8 and x.shape[0] >= w8a8_min_tokens:
+    mode = _fp8.fp8_mode(x.shape[0], block, x.dtype, w8a8_min_tokens) if x.is_cuda else "w8a16"
+    if mode == "w8a8":
         return _fp8.fp8_linear_w8a8(x, qweight, scale, bias)
+    a8 = mode == "a8"
+    if config is None:
+        M, K = x.shape
+        config = _fp8.default_w8a16_config(
+            M, qweight.shape[0], K, block, x.is_cuda, _fp8._sms(x), a8=a8
+        )
+    elif bool(config.get("a8", 0)) != a8:
+        config = {**config, "a8": int(a8)}
     return _fp8.fp8_linear_w8a16(x, qweight, scale, block, bias, config)
 
 

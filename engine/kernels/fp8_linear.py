@@ -68,6 +68,22 @@ def quantize_rows_ref(x: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, t
     return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
+def fp8_linear_a8_ref(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # [N, K] float8_e4m3fn
+    scale: torch.Tensor,  # [N] float32
+    group: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # [M, N] of x's dtype
+    """What the weight-only kernel's ``a8`` configs compute: each token's activations in
+    ``group``-wide K slices (the kernel's K step) quantized to e4m3 with their own scale."""
+    M, K = x.shape
+    xf = F.pad(x.float(), (0, -K % group)).view(M, -1, group)
+    s = (xf.abs().amax(2, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    xd = ((xf / s).to(FP8).float() * s).view(M, -1)[:, :K]
+    return F.linear(xd, dequantize(qweight, scale, None, torch.float32), bias).to(x.dtype)
+
+
 if HAVE_TRITON:
     # M is not specialized on: one compiled variant serves every token count of a block size
     @triton.jit(do_not_specialize=["M"])
@@ -76,7 +92,9 @@ if HAVE_TRITON:
         w_ptr,  # [N, K] e4m3
         s_ptr,  # [N] or [NB, KB] float32
         bias_ptr,  # [N] (HAS_BIAS)
-        out_ptr,  # [M, N] (SPLIT == 1) or [SPLIT, M, N] float32 partials
+        out_ptr,  # [M, N]
+        ws_ptr,  # [SPLIT, M, N] float32 partials (SPLIT > 1)
+        cnt_ptr,  # int32 arrival counts, one per output tile, zero between launches (FIXUP)
         M,
         N,
         K,
@@ -94,10 +112,17 @@ if HAVE_TRITON:
         SCALE_BK: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         IEEE: tl.constexpr,
+        SWAP: tl.constexpr,  # the tile computed as W x^T (see below)
+        A8: tl.constexpr,  # activations quantized per token and K step (FP8 x FP8 dots)
+        FIXUP: tl.constexpr,  # SPLIT > 1: the last split reduces (else the caller does)
     ):
         # one program: a [BLOCK_M, BLOCK_N] output tile over one K slice. The grid is N-tiles
         # fastest so that the programs running together share the x rows (L2) and each reads
-        # its own weight tile once.
+        # its own weight tile once. SWAP computes the tile transposed, ``W x^T`` ([BLOCK_N,
+        # BLOCK_M]): the widened weight is then the dot's left operand, which Hopper's
+        # tensor-core dot (wgmma) takes from registers, where the widening leaves it (as the
+        # right operand it goes back through shared memory), and the few tokens are the
+        # narrow side the instruction allows (its left side is 64 rows).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -110,37 +135,86 @@ if HAVE_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < k_hi
             xt = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             wq = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            wt = wq.to(xt.dtype)  # e4m3 -> the activations' type, in registers
-            if IEEE:
-                d = tl.dot(xt, tl.trans(wt), input_precision="ieee")
+            if A8:  # this K step's activations to e4m3, one scale per token: FP8 dots
+                xf = xt.to(tl.float32)
+                xs = tl.maximum(tl.max(tl.abs(xf), axis=1) / 448.0, 1e-12)
+                xq = (xf * (1.0 / xs)[:, None]).to(wq.dtype)
+                if SWAP:
+                    acc += tl.dot(wq, tl.trans(xq)) * xs[None, :]
+                else:
+                    acc += tl.dot(xq, tl.trans(wq)) * xs[:, None]
             else:
-                d = tl.dot(xt, tl.trans(wt))
-            if BLOCKWISE:  # BLOCK_K divides SCALE_BK: one scale column per step
-                sc = tl.load(
-                    s_ptr + (offs_n // SCALE_BN) * stride_sn + k0 // SCALE_BK,
-                    mask=mask_n,
-                    other=0.0,
-                )
-                acc += d * sc[None, :]
-            else:
-                acc += d
+                wt = wq.to(xt.dtype)  # e4m3 -> the activations' type, in registers
+                if SWAP:
+                    if IEEE:
+                        d = tl.dot(wt, tl.trans(xt), input_precision="ieee")
+                    else:
+                        d = tl.dot(wt, tl.trans(xt))
+                elif IEEE:
+                    d = tl.dot(xt, tl.trans(wt), input_precision="ieee")
+                else:
+                    d = tl.dot(xt, tl.trans(wt))
+                if BLOCKWISE:  # BLOCK_K divides SCALE_BK: one scale column per step
+                    sc = tl.load(
+                        s_ptr + (offs_n // SCALE_BN) * stride_sn + k0 // SCALE_BK,
+                        mask=mask_n,
+                        other=0.0,
+                    )
+                    if SWAP:
+                        acc += d * sc[:, None]
+                    else:
+                        acc += d * sc[None, :]
+                else:
+                    acc += d
         if not BLOCKWISE:
-            acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+            if SWAP:
+                acc = acc * sc[:, None]
+            else:
+                acc = acc * sc[None, :]
+        # the tile's output offsets, in the accumulator's own orientation
+        if SWAP:
+            rows = offs_m.to(tl.int64)[None, :]
+            cols = offs_n[:, None]
         else:
-            part = out_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-            tl.store(part, acc, mask=mask)
+            rows = offs_m.to(tl.int64)[:, None]
+            cols = offs_n[None, :]
+        mask = (rows < M) & (cols < N)
+        if SPLIT == 1:
+            _fp8_finish(acc, out_ptr, bias_ptr, rows, cols, mask, stride_om, N, HAS_BIAS)
+        else:
+            tl.store(ws_ptr + (pid_k * M + rows) * N + cols, acc, mask=mask)
+            if FIXUP:
+                # the tile's last split to arrive sums the partials (from L2) and writes the
+                # output: no second kernel. Its count goes back to zero for the next launch.
+                tl.debug_barrier()  # every thread's partial stored before the arrival counts
+                count = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+                if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                    acc = tl.zeros_like(acc)
+                    for i in tl.static_range(SPLIT):
+                        acc += tl.load(
+                            ws_ptr + (i * M + rows) * N + cols,
+                            mask=mask,
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                    _fp8_finish(acc, out_ptr, bias_ptr, rows, cols, mask, stride_om, N, HAS_BIAS)
+                    tl.atomic_xchg(count, 0)
+
+    @triton.jit
+    def _fp8_finish(acc, out_ptr, bias_ptr, rows, cols, mask, stride_om, N, HAS_BIAS: tl.constexpr):
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["M"])
     def _quant_rows_kernel(
@@ -173,48 +247,85 @@ if HAVE_TRITON:
             tl.store(q_row + kk, v.to(q_ptr.dtype.element_ty), mask=kk < K)
 
 
+A8_MAX_TOKENS = 32  # steps of more tokens quantize activations for torch._scaled_mm instead
+
+
+def fp8_mode(
+    M: int, block: tuple[int, int] | None, dtype: torch.dtype, w8a8_min_tokens: int
+) -> str:
+    """How a GEMM of ``M`` tokens runs on an FP8 weight: ``"w8a16"`` (activations stay in
+    their dtype: below ``w8a8_min_tokens``, for block scales, for activations other than bf16),
+    ``"a8"`` (FP8 activations quantized inside the Triton GEMM, per token and K step: up to
+    :data:`A8_MAX_TOKENS`) or ``"w8a8"`` (per-token quantization pass + ``torch._scaled_mm``).
+    On the H200 the Triton GEMM with FP8 activations is the fastest up to 32 tokens (1.35x
+    bf16 for a Llama-3-8B layer at 32 tokens, against 1.13x for ``_scaled_mm``), cuBLASLt from
+    64 (docs/benchmarks.md, FP8)."""
+    if block is not None or dtype != torch.bfloat16 or M < w8a8_min_tokens:
+        return "w8a16"
+    return "a8" if M <= A8_MAX_TOKENS else "w8a8"
+
+
+def _block_k(bk: int, block: tuple[int, int] | None) -> int:
+    """``bk``, halved until it divides the scale block's K side (a K step in one block)."""
+    while block is not None and block[1] % bk and bk > 16:
+        bk //= 2
+    return bk
+
+
 def default_w8a16_config(
-    M: int, N: int, K: int, block: tuple[int, int] | None, on_gpu: bool, sms: int
+    M: int,
+    N: int,
+    K: int,
+    block: tuple[int, int] | None,
+    on_gpu: bool,
+    sms: int,
+    a8: bool = False,
 ) -> dict[str, int]:
-    """Launch config without a tuned entry: the smallest M tile that holds the tokens, 64-wide
-    N tiles, 128-deep K steps (a divisor of the scale block), and K split until the grid has
-    about two waves of programs on this device (never below 4 K steps a split); past 128
-    tokens [128, 128] tiles, 8 warps."""
+    """Launch config without a tuned entry, from the H200 sweep (``sweep_fp8_gemm.py``): the
+    tile computed as ``W x^T`` (``swap``), the smallest M tile that holds the tokens, and the
+    K split until the grid has 1.5 waves of programs (at most 8 splits, each of 4 K steps at
+    least), its last split reducing. FP8 activations (``a8``): 128-wide N tiles, 128-deep K
+    steps. Weight-only: up to 16 tokens 32-wide N tiles and 256-deep K steps without the
+    swap, past that 64-wide N tiles swapped. Past 128 tokens [128, 128] tiles, 8 warps."""
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
     if not on_gpu:  # interpreter: small tiles so that tests walk several N and K steps
         return {"block_m": 16, "block_n": 16, "block_k": 16, "split": 1, "num_warps": 4}
-    bk = 128
-    if block is not None:
-        while block[1] % bk:
-            bk //= 2
-        bk = max(bk, 16)
     if bm == 128:  # prefill-sized (block-scaled weights, or W8A8 off): tensor-core tiles
-        return {"block_m": 128, "block_n": 128, "block_k": bk, "split": 1, "num_warps": 8,
-                "num_stages": 3}  # fmt: skip
-    bn = 64
+        return {"block_m": 128, "block_n": 128, "block_k": _block_k(128, block), "split": 1,
+                "num_warps": 8, "num_stages": 3}  # fmt: skip
+    if a8:
+        bn, bk, swap = 128, 128, 1
+    elif bm == 16:
+        bn, bk, swap = 32, _block_k(256, block), 0
+    else:
+        bn, bk, swap = 64, _block_k(128, block), 1
     tiles = cdiv(N, bn) * cdiv(M, bm)
     split = 1
-    while tiles * split < 2 * sms and K // (split * 2) >= 4 * bk and split < 8:
+    while 2 * tiles * split < 3 * sms and K // (split * 2) >= 4 * bk and split < 8:
         split *= 2
     return {"block_m": bm, "block_n": bn, "block_k": bk, "split": split, "num_warps": 4,
-            "num_stages": 4}  # fmt: skip
+            "num_stages": 4, "swap": swap, "a8": int(a8), "fixup": int(split > 1)}  # fmt: skip
 
 
-def fp8_candidates(M: int, block: tuple[int, int] | None) -> list[dict[str, int]]:
-    """The launch configs the warm-up sweep tries for ``M`` tokens (GPU): N tile 32-128, K
-    step 128/256 (a divisor of the scale block), K split 1-8, 4 or 8 warps, 3-5 stages;
-    eight, so that a cold sweep of a model's four shapes at three token buckets compiles
-    about 24 variants."""
+def fp8_candidates(M: int, block: tuple[int, int] | None, a8: bool = False) -> list[dict[str, int]]:
+    """The launch configs the warm-up sweep tries for ``M`` tokens (GPU): eight per mode, so
+    that a cold sweep of a model's four shapes at three token buckets compiles about 24
+    variants; the H200 sweep's winners across Llama-3-8B's shapes (N tiles 32-128, K splits
+    1-8 reduced by their last split, both tile orientations)."""
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    if a8:  # swap, block_n, block_k, split, warps, stages
+        rows = [(1, 128, 128, 1, 4, 4), (1, 128, 128, 4, 4, 4), (1, 128, 128, 8, 4, 4),
+                (1, 64, 128, 4, 4, 4), (1, 64, 128, 2, 4, 4), (1, 128, 128, 4, 8, 3),
+                (1, 128, 128, 1, 8, 3), (0, 128, 128, 4, 4, 4)]  # fmt: skip
+    else:
+        rows = [(0, 32, 256, 1, 4, 4), (0, 32, 128, 4, 4, 4), (1, 64, 128, 1, 4, 4),
+                (1, 64, 128, 4, 4, 4), (0, 64, 128, 8, 4, 4), (1, 64, 128, 2, 4, 4),
+                (0, 64, 128, 1, 4, 4), (0, 128, 128, 1, 4, 4)]  # fmt: skip
     out = []
-    for bn, bk, split, warps, stages in (
-        (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4),
-        (64, 256, 2, 8, 3), (128, 128, 1, 4, 4), (32, 128, 8, 4, 5), (128, 256, 1, 8, 3),
-    ):  # fmt: skip
-        while block is not None and block[1] % bk and bk > 16:
-            bk //= 2  # K steps inside one scale block
-        cfg = {"block_m": bm, "block_n": bn, "block_k": bk, "split": split,
-               "num_warps": warps, "num_stages": stages}  # fmt: skip
+    for swap, bn, bk, split, warps, stages in rows:
+        bk = _block_k(bk, block)
+        cfg = {"block_m": bm, "block_n": bn, "block_k": bk, "split": split, "num_warps": warps,
+               "num_stages": stages, "swap": swap, "a8": int(a8), "fixup": int(split > 1)}  # fmt: skip
         if (block is None or block[1] % bk == 0) and cfg not in out:
             out.append(cfg)
     return out
@@ -243,19 +354,27 @@ def fp8_linear_w8a16(
         return out
     cfg = dict(config or default_w8a16_config(M, N, K, block, x.is_cuda, _sms(x)))
     bm, bn, bk, split = cfg.pop("block_m"), cfg.pop("block_n"), cfg.pop("block_k"), cfg.pop("split")
+    swap = bool(cfg.pop("swap", 0))
+    a8 = bool(cfg.pop("a8", 0))
+    fixup = bool(cfg.pop("fixup", 0))
+    if a8 and block is not None:
+        raise ValueError("a8 takes per-channel weight scales")
     if block is not None and block[1] % bk:
         raise ValueError(f"block_k {bk} must divide the scale block's {block[1]}")
     # each split a whole number of K steps (and of scale blocks' steps)
     k_per = cdiv(cdiv(K, split), bk) * bk
     split = cdiv(K, k_per)
-    dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     grid = (cdiv(N, bn), cdiv(M, bm), split)
+    ws = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    counts = _arrival_counts(x.device, grid[0] * grid[1]) if split > 1 and fixup else None
     _fp8_w8a16_kernel[grid](
         x,
         qweight,
         scale,
         bias if bias is not None else scale,
-        dst,
+        out,
+        ws,
+        counts if counts is not None else scale,
         M,
         N,
         K,
@@ -273,14 +392,41 @@ def fp8_linear_w8a16(
         SCALE_BK=block[1] if block is not None else 1,
         HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32,
+        SWAP=swap,
+        A8=a8,
+        FIXUP=counts is not None,
         **cfg,
     )
-    if split == 1:
+    if split == 1 or counts is not None:
         return out
-    y = dst.sum(0)
+    y = ws.sum(0)
     if bias is not None:
         y += bias.float()
     return out.copy_(y)
+
+
+_COUNTS = 1 << 15  # arrival counters per device: more tiles than any one launch has
+_counts: dict[torch.device, list] = {}  # device -> [int32 zeros, next free index]
+
+
+def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """``tiles`` zeroed int32 counters for a split launch whose last split reduces. They come
+    from one buffer per device, handed out in turn (launches in flight at once, on two
+    streams, get different ones); each launch leaves its counters at zero. None (the caller
+    reduces) when the launch has more tiles than the buffer, or when the buffer would be
+    first made inside a CUDA graph capture (its zeros must exist outside the graph)."""
+    entry = _counts.get(device)
+    if entry is None:
+        if tiles > _COUNTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        entry = _counts[device] = [torch.zeros(_COUNTS, dtype=torch.int32, device=device), 0]
+    if tiles > _COUNTS:
+        return None
+    buf, at = entry
+    if at + tiles > _COUNTS:
+        at = 0
+    entry[1] = at + tiles
+    return buf[at : at + tiles]
 
 
 def quantize_rows(x: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

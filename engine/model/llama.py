@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from loraplex.engine import kernels as K
 from loraplex.engine.kernels import LoraMeta
+from loraplex.engine.kernels.fp8_linear import fp8_mode
 from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
@@ -99,20 +100,21 @@ class ForwardInputs:
 
 @dataclass
 class Fp8Options:
-    """How FP8 projections run: W8A8 (``torch._scaled_mm``) from ``w8a8_min_tokens`` tokens
-    up, the weight-only kernel below, with its launch configs from ``configs`` (per GPU
-    model, filled by the warm-up; None or no entry: the kernel's defaults)."""
+    """How FP8 projections run: activations in FP8 from ``w8a8_min_tokens`` tokens up (the
+    Triton GEMM quantizing them inside up to 32 tokens, ``torch._scaled_mm`` past that), the
+    weight-only GEMM below; the Triton GEMM's launch configs from ``configs`` (per GPU model,
+    filled by the warm-up; None or no entry: the kernel's defaults)."""
 
-    w8a8_min_tokens: int = 128
+    w8a8_min_tokens: int = 1
     configs: LaunchConfigs | None = None
 
 
-def fp8_shape_key(w: Fp8Weight, m: int) -> str:
-    """The launch-config key of a weight-only GEMM: N, K, the scale layout and the token
-    bucket (the next power of two from 16)."""
+def fp8_shape_key(w: Fp8Weight, m: int, a8: bool = False) -> str:
+    """The launch-config key of a Triton FP8 GEMM: N, K, the scale layout, the token bucket
+    (the next power of two from 16), and ``:a8`` for FP8 activations."""
     bucket = max(16, 1 << max(0, m - 1).bit_length())
     blk = "c" if w.block is None else f"b{w.block[0]}x{w.block[1]}"
-    return f"{w.shape[0]}x{w.shape[1]}:{blk}:m{bucket}"
+    return f"{w.shape[0]}x{w.shape[1]}:{blk}:m{bucket}" + (":a8" if a8 else "")
 
 
 class LlamaModel:
@@ -177,7 +179,9 @@ class LlamaModel:
             return F.linear(x, w, bias)
         cfg = None
         if self.fp8.configs is not None:
-            cfg = self.fp8.configs.get("fp8_w8a16", fp8_shape_key(w, x.shape[0]))
+            mode = fp8_mode(x.shape[0], w.block, x.dtype, self.fp8.w8a8_min_tokens)
+            a8 = x.is_cuda and mode == "a8"
+            cfg = self.fp8.configs.get("fp8_w8a16", fp8_shape_key(w, x.shape[0], a8))
         return K.fp8_linear(
             x, w.qweight, w.scale, w.block, bias,
             w8a8_min_tokens=self.fp8.w8a8_min_tokens, config=cfg,

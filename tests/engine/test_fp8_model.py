@@ -332,10 +332,12 @@ def _dequantized(loaded, dtype):
 def test_gpu_runner_fp8_matches_dequantized_bf16(base, fmt, tmp_path):
     """Decode through CUDA graphs with three adapters, FP8 (quantized at load, or a block-wise
     checkpoint) against the same weights dequantized to bf16; the warm-up's launch-config
-    sweep writes its cache file, and a second runner reads it instead of sweeping. Then with
-    W8A8 from 8 tokens (the prefill steps): per-token FP8 activations add their own rounding,
-    9-21 % of the largest logit on this random model (a CPU emulation of it), so that bound
-    only catches a broken path; the kernel tests check W8A8's precision per GEMM."""
+    sweep writes its cache file, and a second runner reads it instead of sweeping; all that
+    weight-only. Then with FP8 activations from 8 tokens (the prefill steps), and at every
+    step (the default: decode through the Triton GEMM's ``a8`` configs, which a runner on the
+    default tunes under their own keys): FP8 activations add their own rounding, 9-21 % of the
+    largest logit on this random model (a CPU emulation of it), so that bound only catches a
+    broken path; the kernel tests check their precision per GEMM."""
     from loraplex.engine.model_runner import ModelRunner
 
     model = str(base) if fmt is None else str(write_fp8_checkpoint(base, tmp_path / fmt, fmt))
@@ -347,7 +349,8 @@ def test_gpu_runner_fp8_matches_dequantized_bf16(base, fmt, tmp_path):
     kw = dict(device="cuda", block_size=16, max_num_seqs=8, max_model_len=128, max_loras=4,
               num_blocks=128)  # fmt: skip
     cache = tmp_path / "kernel-configs"
-    fp8 = ModelRunner(loaded, kernel_config_dir=cache, **kw)
+    weight_only = 1 << 30  # fp8_w8a8_min_tokens past any step
+    fp8 = ModelRunner(loaded, kernel_config_dir=cache, fp8_w8a8_min_tokens=weight_only, **kw)
     assert fp8.graphs is not None and fp8.tuning_report
     assert fp8.launch_configs.path is not None and fp8.launch_configs.path.is_file()
     again = ModelRunner(_dequantized(loaded, torch.bfloat16), kernel_config_dir=cache, **kw)
@@ -366,11 +369,21 @@ def test_gpu_runner_fp8_matches_dequantized_bf16(base, fmt, tmp_path):
     for g, w in zip(got, want, strict=True):
         assert rel_err(g.float(), w.float()) < 3e-2
     if fmt is None:
-        fp8.model.fp8.w8a8_min_tokens = 8
-        assert fp8.graphs is not None
-        fp8.graphs.capture()
-        for g, w in zip(runner_logits(fp8, seqs, 6), want, strict=True):
-            assert torch.isfinite(g).all() and rel_err(g.float(), w.float()) < 0.35
+        for min_tokens in (8, 1):
+            fp8.model.fp8.w8a8_min_tokens = min_tokens
+            assert fp8.graphs is not None
+            fp8.graphs.capture()
+            for g, w in zip(runner_logits(fp8, seqs, 6), want, strict=True):
+                assert torch.isfinite(g).all() and rel_err(g.float(), w.float()) < 0.35
     second = ModelRunner(load_model(model, dtype=torch.bfloat16, device="cuda",
-                                    quantization="fp8"), kernel_config_dir=cache, **kw)  # fmt: skip
+                                    quantization="fp8"), kernel_config_dir=cache,
+                         fp8_w8a8_min_tokens=weight_only, **kw)  # fmt: skip
     assert not second.tuning_report  # read from the cache file
+    if fmt is None:  # the default (FP8 activations at every step) tunes its own keys
+        third = ModelRunner(load_model(model, dtype=torch.bfloat16, device="cuda",
+                                       quantization="fp8"), kernel_config_dir=cache, **kw)  # fmt: skip
+        assert third.tuning_report and all(k.endswith(":a8") for k in third.tuning_report)
+        for slot, path in zip((3, 0, 1), adapters, strict=True):
+            third.write_slot(slot, third.read_adapter(path))
+        for g, w in zip(runner_logits(third, seqs, 6), want, strict=True):
+            assert torch.isfinite(g).all() and rel_err(g.float(), w.float()) < 0.35
