@@ -57,11 +57,11 @@ from common import (
     base_step_bytes,
     copy_bandwidth,
     device_info,
+    graph_median_ms,
     kv_read_bytes,
     pick_device,
     sync,
     table,
-    time_once,
     write_json,
     write_peft_adapter,
 )
@@ -147,20 +147,7 @@ def gemm_section(args, device: torch.device, bw: float, tuned: dict, cfg: ModelC
     print(f"gemm: {L} layers x {list(shapes)}: {params / 1e9:.2f} G weights", flush=True)
 
     def graph_ms(fn) -> float:
-        fn()  # compile / warm
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        g.replay()
-        times = [time_once(g.replay, device) for _ in range(args.reps)]
-        del g
-        return statistics.median(times) * 1e3
+        return graph_median_ms(fn, device, args.reps)
 
     rows = []
     for m in [int(x) for x in args.ms.split(",")]:

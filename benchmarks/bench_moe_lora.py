@@ -87,7 +87,8 @@ def moe_mlp_old(h, router, gate_up, down, config, groups, offsets, meta) -> torc
 
 
 def graph_ms(fn, reps: int) -> float:
-    """ms per replay of ``fn`` captured in a CUDA graph (on the CPU: per eager call)."""
+    """ms per replay of ``fn`` captured in a CUDA graph, the median (on the CPU: per eager
+    call)."""
     if not torch.cuda.is_available():
         import time
 
@@ -95,24 +96,10 @@ def graph_ms(fn, reps: int) -> float:
         for _ in range(reps):
             fn()
         return (time.perf_counter() - t0) * 1e3 / reps
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import graph_median_ms
+
+    return graph_median_ms(fn, torch.device("cuda"), reps)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -90,6 +90,25 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def graph_median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median ms of one replay of ``fn`` captured in a CUDA graph (compiled and warmed first,
+    captured after a run on a side stream), over ``reps`` replays timed one by one."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    times = [time_once(g.replay, device) for _ in range(reps)]
+    del g
+    return statistics.median(times) * 1e3
+
+
 def wall_per_call(fn: Callable[[], object], device: torch.device, n: int) -> float:
     """Seconds per call of ``fn`` run ``n`` times back to back, synchronizing once at the end
     (so the host may run ahead of the device: max(host time, device time) per call)."""

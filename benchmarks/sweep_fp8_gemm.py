@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import time_once, write_json
+from common import graph_median_ms, write_json
 
 from loraplex.engine.kernels._triton import cdiv, num_sms
 from loraplex.engine.kernels.fp8_linear import (
@@ -93,20 +92,7 @@ def grid(m: int) -> list[dict]:
 
 
 def graph_ms(fn, reps: int, device) -> float:
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = [time_once(g.replay, device) for _ in range(reps)]
-    del g
-    return statistics.median(times) * 1e3
+    return graph_median_ms(fn, device, reps)
 
 
 def programs(cfg: dict, m: int, n: int, k: int) -> int:
