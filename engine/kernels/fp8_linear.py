@@ -311,9 +311,13 @@ def fp8_candidates(M: int, block: tuple[int, int] | None, a8: bool = False) -> l
     """The launch configs the warm-up sweep tries for ``M`` tokens (GPU): eight per mode, so
     that a cold sweep of a model's four shapes at three token buckets compiles about 24
     variants; the H200 sweep's winners across Llama-3-8B's shapes (N tiles 32-128, K splits
-    1-8 reduced by their last split, both tile orientations)."""
+    1-8 reduced by their last split, both tile orientations). Past 64 tokens, wide tiles;
+    none whose pipeline outgrows an SM's shared memory."""
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    if a8:  # swap, block_n, block_k, split, warps, stages
+    if bm == 128:  # prefill-sized steps (block scales, or FP8 activations off): wide tiles
+        rows = [(0, 128, 128, 1, 8, 3), (0, 64, 128, 1, 4, 4), (1, 128, 128, 1, 8, 3),
+                (0, 128, 64, 1, 4, 4), (0, 64, 64, 1, 4, 3)]  # fmt: skip
+    elif a8:  # swap, block_n, block_k, split, warps, stages
         rows = [(1, 128, 128, 1, 4, 4), (1, 128, 128, 4, 4, 4), (1, 128, 128, 8, 4, 4),
                 (1, 64, 128, 4, 4, 4), (1, 64, 128, 2, 4, 4), (1, 128, 128, 4, 8, 3),
                 (1, 128, 128, 1, 8, 3), (0, 128, 128, 4, 4, 4)]  # fmt: skip
@@ -326,7 +330,10 @@ def fp8_candidates(M: int, block: tuple[int, int] | None, a8: bool = False) -> l
         bk = _block_k(bk, block)
         cfg = {"block_m": bm, "block_n": bn, "block_k": bk, "split": split, "num_warps": warps,
                "num_stages": stages, "swap": swap, "a8": int(a8), "fixup": int(split > 1)}  # fmt: skip
-        if (block is None or block[1] % bk == 0) and cfg not in out:
+        # what the pipeline stages hold (activations of 2 bytes, 1-byte weights) within the
+        # 227 KiB of shared memory a Hopper SM gives a program, with room to spare
+        smem = stages * (bm * bk * 2 + bn * bk)
+        if (block is None or block[1] % bk == 0) and cfg not in out and smem <= 192 << 10:
             out.append(cfg)
     return out
 

@@ -131,6 +131,12 @@ def test_default_configs_fill_the_device():
         c["a8"] == 1 and c["fixup"] == (c["split"] > 1) for c in fp8_candidates(32, None, True)
     )
     assert not any(c["a8"] for c in fp8_candidates(32, None))
+    # every candidate's pipeline fits an SM's shared memory (the H200 refused 288 KiB ones)
+    for m, a8, blk in ((1, False, None), (32, True, None), (64, False, None), (200, False, None),
+                       (200, False, (128, 128))):  # fmt: skip
+        for c in fp8_candidates(m, blk, a8):
+            st = c["num_stages"]
+            assert st * (c["block_m"] * c["block_k"] * 2 + c["block_n"] * c["block_k"]) <= 192 << 10
 
 
 def test_modes_by_token_count():
