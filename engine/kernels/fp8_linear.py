@@ -119,10 +119,10 @@ if HAVE_TRITON:
         # one program: a [BLOCK_M, BLOCK_N] output tile over one K slice. The grid is N-tiles
         # fastest so that the programs running together share the x rows (L2) and each reads
         # its own weight tile once. SWAP computes the tile transposed, ``W x^T`` ([BLOCK_N,
-        # BLOCK_M]): the widened weight is then the dot's left operand, which Hopper's
-        # tensor-core dot (wgmma) takes from registers, where the widening leaves it (as the
-        # right operand it goes back through shared memory), and the few tokens are the
-        # narrow side the instruction allows (its left side is 64 rows).
+        # BLOCK_M]): the weight is then the dot's left operand, which Hopper's tensor-core dot
+        # (wgmma) takes from registers, where widening leaves it (as the right operand it goes
+        # back through shared memory), and the few tokens are the narrow side the instruction
+        # allows (its left side is 64 rows). With A8 the weight stays e4m3 (FP8 x FP8 dots).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
