@@ -24,7 +24,8 @@ Runs, one after the other:
 The light runs' TTFT is split with the usage ledger's own ``ttft_ms`` afterwards
 (``bench_serving.ledger_split``: the gateway's engine call to its first token, and the rest).
 Per key, from the engine's ``/metrics`` (``loraplex_engine_fair_*{fairness_key}``, deltas):
-queue seconds per scheduled sequence, service tokens (prefill, decode), preemptions.
+queue seconds and scheduler steps per scheduled sequence (1 step: scheduled at the first
+step after it arrived), service tokens (prefill, decode), preemptions.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def per_key(before: dict, after: dict, key: str) -> dict[str, float]:
     return {
         "scheduled": scheduled,
         "queue_ms_mean": d("queue_seconds") * 1e3 / scheduled if scheduled else float("nan"),
+        "queue_steps_mean": d("queue_steps") / scheduled if scheduled else float("nan"),
         "prefill_tokens": d("service_tokens", "prefill"),
         "decode_tokens": d("service_tokens", "decode"),
         "preemptions": d("preemptions"),
@@ -291,7 +293,8 @@ def brief(name: str, run: dict, ids: list[str]) -> str:
         )
         return (
             f"light TTFT p50 {t['p50']:.1f} p99 {t['p99']:.1f} ms, "
-            f"queue mean {q.get('queue_ms_mean', float('nan')):.1f} ms, "
+            f"queue mean {q.get('queue_ms_mean', float('nan')):.1f} ms "
+            f"({q.get('queue_steps_mean', float('nan')):.2f} steps), "
             f"engine first token mean {q.get('engine_first_token_ms_mean', float('nan')):.1f} ms, "
             f"{span}errors {run['light']['errors'] or 'none'}"
         )
@@ -317,6 +320,10 @@ def derived(out: dict, ids: list[str]) -> dict:
         "light_ttft_p99_ratio": flood["light"]["ttft_ms"]["p99"] / alone["light"]["ttft_ms"]["p99"],
         "light_ttft_p50_fifo_ms": fifo["light"]["ttft_ms"]["p50"],
         "light_queue_ms": {"alone": q_alone, "flood": q_flood},
+        "light_queue_steps": {
+            run: out[f"light_{run}"]["keys"][ids[1]]["queue_steps_mean"]
+            for run in ("alone", "flood")
+        },
         "share_ratio_3_to_1": out["two_keys"]["decode_share_ratio"],
         "share_error": abs(out["two_keys"]["decode_share_ratio"] / 3.0 - 1.0),
         "fairness_throughput_cost": 1.0

@@ -631,6 +631,7 @@ class LLMEngine:
                     prefill_tokens=f.prefill_tokens,
                     decode_tokens=f.decode_tokens,
                     queue_seconds=f.queue_seconds,
+                    queue_steps=f.queue_steps,
                     scheduled=f.queued,
                     preemptions=f.preemptions,
                     first_token_seconds=f.first_token_seconds,

@@ -26,6 +26,7 @@ class FairKeyStats(msgspec.Struct, frozen=True, kw_only=True):
     prefill_tokens: int = 0
     decode_tokens: int = 0
     queue_seconds: float = 0.0  # summed over sequences: queued to first scheduled
+    queue_steps: int = 0  # the same in scheduler steps (1 each: scheduled at the first step after)
     scheduled: int = 0  # sequences scheduled for the first time
     preemptions: int = 0
     first_token_seconds: float = 0.0  # summed over requests: in the engine to first token

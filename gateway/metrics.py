@@ -131,6 +131,12 @@ def _fairness_families(stats: EngineStats) -> tuple[Metric, ...]:
         "Seconds sequences waited before first scheduled, per fairness key",
         labels=["fairness_key"],
     )
+    queue_steps = CounterMetricFamily(
+        "loraplex_engine_fair_queue_steps",
+        "Scheduler steps until sequences were first scheduled (1: at the first step after "
+        "they arrived), summed per fairness key",
+        labels=["fairness_key"],
+    )
     scheduled = CounterMetricFamily(
         "loraplex_engine_fair_scheduled",
         "Sequences scheduled for the first time, per fairness key",
@@ -157,11 +163,12 @@ def _fairness_families(stats: EngineStats) -> tuple[Metric, ...]:
         service.add_metric([label, "prefill"], float(f.prefill_tokens))
         service.add_metric([label, "decode"], float(f.decode_tokens))
         queue.add_metric([label], f.queue_seconds)
+        queue_steps.add_metric([label], float(f.queue_steps))
         scheduled.add_metric([label], float(f.scheduled))
         preempted.add_metric([label], float(f.preemptions))
         first.add_metric([label], f.first_token_seconds)
         firsts.add_metric([label], float(f.first_tokens))
-    return (service, queue, scheduled, preempted, first, firsts)
+    return (service, queue, queue_steps, scheduled, preempted, first, firsts)
 
 
 class EngineCollector(Collector):

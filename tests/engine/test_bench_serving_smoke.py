@@ -97,6 +97,7 @@ def test_fairness_smoke(bench, tmp_path):
         mine = min(run["keys"].values(), key=lambda k: k["scheduled"])
         assert mine["scheduled"] >= n, run["keys"]
         assert finite(mine["queue_ms_mean"]) and mine["queue_ms_mean"] >= 0
+        assert finite(mine["queue_steps_mean"]) and mine["queue_steps_mean"] >= 1
         assert finite(mine["engine_first_token_ms_mean"]) and mine["engine_first_token_ms_mean"] > 0
         assert mine["prefill_tokens"] >= n * out["args"]["prompt_len"]
     for name in ("light_flood", "light_flood_fifo"):
@@ -110,6 +111,7 @@ def test_fairness_smoke(bench, tmp_path):
     # two adapters a tenant: one key over its two, two keys over one each
     assert (f["one_key"]["adapters"], f["two_keys"]["adapters"]) == (2, 2)
     assert f["derived"]["light_queue_ms"]["alone"] >= 0
+    assert f["derived"]["light_queue_steps"]["alone"] >= 1
 
 
 def test_metrics_flag_inexact_lengths(bench):

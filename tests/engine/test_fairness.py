@@ -133,6 +133,14 @@ def test_light_key_is_not_held_back_by_a_flooding_one(make_engine):
     assert stats["flood"].preemptions > 0 and stats["light"].preemptions == 0
     assert stats["light"].first_tokens == 12 and stats["flood"].first_tokens == 120
     assert 0 < stats["light"].first_token_seconds < stats["flood"].first_token_seconds
+    # what /metrics exports (loraplex_engine_fair_queue_steps_total): the light requests are
+    # each scheduled at the first step after they arrive, beside the flood as alone, and
+    # under one key they are not
+    steps = {name: d.engine.stats().fairness for name, d in
+             (("alone", alone), ("flooded", flooded), ("fifo", fifo))}  # fmt: skip
+    assert steps["alone"]["light"].queue_steps == steps["alone"]["light"].scheduled == 12
+    assert steps["flooded"]["light"].queue_steps == 12
+    assert steps["fifo"]["same"].queue_steps > 5 * (120 + 12)
 
 
 Step = tuple[bool, int, dict[str, int], bool, int]
