@@ -88,6 +88,7 @@ class EngineServer:
         self._http_address = http
         self._drain_grace_s = drain_grace_s
         self._drain_until: float | None = None  # draining (SIGTERM) until then
+        self._drain_told = False  # every gateway has been sent the draining status
         self._out: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._ctx = zmq.Context()
         self._wake_rx = self._ctx.socket(zmq.PAIR)
@@ -200,6 +201,14 @@ class EngineServer:
                     self._receive(router)
                     self._flush(router)
                 now = time.monotonic()
+                if self._drain_until is not None and not self._drain_told:
+                    # told now, not at each gateway's next heartbeat: a drain shorter than the
+                    # heartbeat would otherwise end before any gateway knew it had begun
+                    self._drain_told = True
+                    with lock:
+                        status = self._status()
+                        for ident in list(self._clients):
+                            self._send(router, ident, status)
                 if self._drain_until is not None and (not self._owner or now > self._drain_until):
                     self._stop = True
                 if now - last_check >= 1.0:

@@ -151,3 +151,38 @@ async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
             assert await asyncio.to_thread(engine.proc.wait, 30) == 0
         finally:
             await client.close()
+
+
+@pytest.mark.timeout(120)
+async def test_gateways_hear_of_a_drain_when_it_begins(tmp_path: Path) -> None:
+    """The engine tells every gateway it drains when SIGTERM comes, not at the gateway's next
+    heartbeat: here no heartbeat falls inside the drain (they are 30 s apart once the client
+    is ready), and the gateway still sees ``draining`` before ``dead``."""
+    env = {"LORAPLEX_ENGINE_DRAIN_GRACE_S": "60"}
+    with engine_replicas(1, tmp_path / "logs", env, http=True) as (engine,):
+        client = RemoteEngineClient(engine.url)
+        seen: list[str] = []
+        record = client._set_health
+
+        def recording(health):  # type: ignore[no-untyped-def]
+            seen.append(health.state)
+            record(health)
+
+        client._set_health = recording  # type: ignore[method-assign]
+        await client.start()
+        try:
+            await wait_until(lambda: client.health().ready, 60)
+            client._heartbeat_s = 30.0  # after the ping of the sleep in progress, none
+            await asyncio.sleep(1.0)
+            sampling = SamplingParams(max_tokens=100, min_tokens=100, ignore_eos=True)
+            stream = client.generate(Request("short", [5, 6, 7], sampling))
+            outs = [await anext(stream)]
+            engine.signal(signal.SIGTERM)
+            outs += [out async for out in stream]
+            assert outs[-1].finished and outs[-1].error is None
+            assert await asyncio.to_thread(engine.proc.wait, 30) == 0
+            await wait_until(lambda: client.health().state in ("dead", "unreachable"), 30)
+            assert "draining" in seen, seen
+            assert seen.index("draining") < len(seen) - 1
+        finally:
+            await client.close()
