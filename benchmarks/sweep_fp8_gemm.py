@@ -236,7 +236,6 @@ def decode_policies(args, device, sweep: dict | None) -> list[dict]:
             table.clear()
             table.update(pol)
             r.model.fp8.w8a8_min_tokens = min_tokens
-            r.graphs._graphs.clear()
             r.graphs.capture()
             measure(r, label)
         table.clear()

@@ -206,9 +206,7 @@ class EngineServer:
                     # heartbeat would otherwise end before any gateway knew it had begun
                     self._drain_told = True
                     with lock:
-                        status = self._status()
-                        for ident in list(self._clients):
-                            self._send(router, ident, status)
+                        self._broadcast(router, self._status())
                 if self._drain_until is not None and (not self._owner or now > self._drain_until):
                     self._stop = True
                 if now - last_check >= 1.0:
@@ -221,7 +219,7 @@ class EngineServer:
                 with lock:
                     self._flush(router)  # the aborted requests' last outputs
                     self._router = None  # the main thread's alone from here
-                self._broadcast(router, "dead", "the engine shut down")
+                self._broadcast(router, Status(self._engine_id, "dead", "the engine shut down"))
                 self._exit_code = 0
             with lock:
                 self._router = None
@@ -378,9 +376,9 @@ class EngineServer:
         except zmq.ZMQError as exc:  # that gateway is gone (unroutable)
             log.debug("send to %s failed: %s", ident.hex()[:8], exc)
 
-    def _broadcast(self, router: zmq.Socket, state: str, detail: str) -> None:  # type: ignore[type-arg]
+    def _broadcast(self, router: zmq.Socket, status: Status) -> None:  # type: ignore[type-arg]
         for ident in list(self._clients):
-            self._send(router, ident, Status(self._engine_id, state, detail))  # type: ignore[arg-type]
+            self._send(router, ident, status)
 
     def _flush(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
         while not self._out.empty():  # (as in _receive: no queue.Empty raised every turn)
@@ -394,7 +392,7 @@ class EngineServer:
             elif kind == "direct":
                 self._send(router, item[1], item[2])
             elif kind == "dead":
-                self._broadcast(router, "dead", item[1])
+                self._broadcast(router, Status(self._engine_id, "dead", item[1]))
                 self._exit_code = 1
                 return
             elif kind == "ready" and self._info is not None:

@@ -257,9 +257,9 @@ def fp8_mode(
     their dtype: below ``w8a8_min_tokens``, for block scales, for activations other than bf16),
     ``"a8"`` (FP8 activations quantized inside the Triton GEMM, per token and K step: up to
     :data:`A8_MAX_TOKENS`) or ``"w8a8"`` (per-token quantization pass + ``torch._scaled_mm``).
-    On the H200 the Triton GEMM with FP8 activations is the fastest up to 32 tokens (1.35x
-    bf16 for a Llama-3-8B layer at 32 tokens, against 1.13x for ``_scaled_mm``), cuBLASLt from
-    64 (docs/benchmarks.md, FP8)."""
+    On the H200 the Triton GEMM with FP8 activations is the fastest up to 32 tokens (a
+    Llama-3-8B layer's GEMMs at 32 tokens: 1.32x bf16's speed, the quantization pass and
+    ``_scaled_mm`` 0.98x), cuBLASLt from 64 (docs/benchmarks.md, FP8)."""
     if block is not None or dtype != torch.bfloat16 or M < w8a8_min_tokens:
         return "w8a16"
     return "a8" if M <= A8_MAX_TOKENS else "w8a8"
@@ -422,13 +422,13 @@ def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
     streams, get different ones); each launch leaves its counters at zero. None (the caller
     reduces) when the launch has more tiles than the buffer, or when the buffer would be
     first made inside a CUDA graph capture (its zeros must exist outside the graph)."""
-    entry = _counts.get(device)
-    if entry is None:
-        if tiles > _COUNTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return None
-        entry = _counts[device] = [torch.zeros(_COUNTS, dtype=torch.int32, device=device), 0]
     if tiles > _COUNTS:
         return None
+    entry = _counts.get(device)
+    if entry is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        entry = _counts[device] = [torch.zeros(_COUNTS, dtype=torch.int32, device=device), 0]
     buf, at = entry
     if at + tiles > _COUNTS:
         at = 0
