@@ -1,6 +1,8 @@
 """The engine boundary's costs on this machine: encoding one step's outputs (msgspec msgpack,
-as the engine server does, against stdlib json and pickle), and a ZeroMQ round trip between
-two processes over ipc:// (a ping and its answer, as a gateway process sees it).
+as the engine server does, against stdlib json and pickle), and a round trip between two
+processes (a ping and its answer, as a gateway process sees it) over the engine's transport
+(``engine.transport``: framed messages on a Unix socket) and over ZeroMQ's ROUTER/DEALER
+on ipc://, which the engine used before.
 
     .venv/bin/python benchmarks/bench_ipc.py [--batch 256] [--rounds 2000]
 
@@ -13,6 +15,8 @@ import argparse
 import json
 import multiprocessing as mp
 import pickle
+import selectors
+import socket
 import statistics
 import sys
 import tempfile
@@ -25,6 +29,7 @@ import msgspec
 import zmq
 
 from loraplex.engine.api import ChoiceTokens, EngineOutput, Request, SamplingParams
+from loraplex.engine.transport import FrameReader, frame, listen, parse_address, tune
 from loraplex.engine.wire import Add, Outputs, Ping, Status, client_decoder, encoder
 
 
@@ -64,13 +69,12 @@ def codecs(batch: int) -> list[tuple[str, float, float, int]]:
     return rows
 
 
-def _echo_server(address: str, ready) -> None:  # type: ignore[no-untyped-def]
+def _zmq_echo(address: str, ready) -> None:  # type: ignore[no-untyped-def]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind(address)
     ready.set()
-    enc = encoder()
-    answer = enc.encode(Status("engine", "ready"))
+    answer = encoder().encode(Status("engine", "ready"))
     while True:
         ident, data = sock.recv_multipart()
         if data == b"stop":
@@ -80,28 +84,76 @@ def _echo_server(address: str, ready) -> None:  # type: ignore[no-untyped-def]
     ctx.term()
 
 
-def round_trip_us(rounds: int) -> tuple[float, float]:
+def _framed_echo(address: str, ready) -> None:  # type: ignore[no-untyped-def]
+    """As the engine server reads and answers: a selector over the connection."""
+    listener = listen(address)
+    ready.set()
+    answer = bytes(frame(encoder(), Status("engine", "ready")))
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    conn, reader = None, FrameReader()
+    while True:
+        for key, _ in sel.select(1.0):
+            if key.fileobj is listener:
+                conn, _ = listener.accept()
+                tune(conn)
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            assert conn is not None
+            for payload in reader.feed(conn.recv(1 << 16)):
+                if bytes(payload) == b"stop":
+                    conn.close()
+                    listener.close()
+                    return
+                conn.send(answer)
+
+
+def round_trip_us(transport: str, rounds: int) -> tuple[float, float]:
+    """p50 and p99 of a ping and its status, between this process and another."""
     address = f"ipc://{tempfile.mkdtemp(prefix='lpx-ipc-')}/bench.sock"
     ready = mp.Event()
-    proc = mp.Process(target=_echo_server, args=(address, ready))
+    server = _zmq_echo if transport == "zmq" else _framed_echo
+    proc = mp.Process(target=server, args=(address, ready))
     proc.start()
     ready.wait(10)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(address)
-    ping = encoder().encode(Ping())
-    dec = client_decoder()
+    enc, dec = encoder(), client_decoder()
+    if transport == "zmq":
+        ctx = zmq.Context()
+        zsock = ctx.socket(zmq.DEALER)
+        zsock.connect(address)
+        ping = enc.encode(Ping())
+
+        def once() -> None:
+            zsock.send(ping)
+            dec.decode(zsock.recv())
+
+        def stop() -> None:
+            zsock.send(b"stop")
+            zsock.close(0)
+            ctx.term()
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(parse_address(address)[1])
+        ping, reader = bytes(frame(enc, Ping())), FrameReader()
+
+        def once() -> None:
+            sock.send(ping)
+            while not (got := reader.feed(sock.recv(1 << 16))):
+                pass
+            dec.decode(got[0])
+
+        def stop() -> None:
+            sock.send(len(b"stop").to_bytes(4, "little") + b"stop")
+            sock.close()
+
     samples = []
     for i in range(rounds + 100):
         t = time.perf_counter()
-        sock.send(ping)
-        dec.decode(sock.recv())
+        once()
         if i >= 100:
             samples.append((time.perf_counter() - t) * 1e6)
-    sock.send(b"stop")
+    stop()
     proc.join(10)
-    sock.close(0)
-    ctx.term()
     samples.sort()
     return statistics.median(samples), samples[int(0.99 * len(samples))]
 
@@ -119,9 +171,11 @@ def main() -> None:
     print(f"{'codec':28} {'encode us':>10} {'decode us':>10} {'bytes':>8}")
     for name, e, d, n in codecs(args.batch):
         print(f"{name:28} {e:10.1f} {d:10.1f} {n:8d}")
-    p50, p99 = round_trip_us(args.rounds)
-    print(f"\nZeroMQ ipc round trip (ping -> status), {args.rounds} rounds: "
-          f"p50 {p50:.1f} us, p99 {p99:.1f} us")  # fmt: skip
+    print(f"\nround trip between two processes (ping -> status), {args.rounds} rounds:")
+    for transport, label in (("framed", "framed Unix socket (engine.transport)"),
+                             ("zmq", "ZeroMQ ROUTER/DEALER over ipc://")):  # fmt: skip
+        p50, p99 = round_trip_us(transport, args.rounds)
+        print(f"  {label:40} p50 {p50:7.1f} us, p99 {p99:7.1f} us")
 
 
 if __name__ == "__main__":

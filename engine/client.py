@@ -2,8 +2,8 @@
 
 Two implementations share it: ``engine.inproc_client.InprocEngineClient`` (the step loop in a
 thread of this process: tests, tools) and ``engine.remote_client.RemoteEngineClient`` (an
-engine server in another process, over ZeroMQ: what serves). Only plain, serializable values
-cross it (``engine.api``, this module); errors are the typed ``engine.errors``. Importing
+engine server in another process, over a socket: what serves). Only plain, serializable
+values cross it (``engine.api``, this module); errors are the typed ``engine.errors``. Importing
 this module (and the remote client) needs no torch.
 """
 

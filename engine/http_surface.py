@@ -1,5 +1,5 @@
 """The engine server's small HTTP surface, for what Kubernetes and vLLM-aware routers ask of
-an engine pod (gateways talk to the engine over ZeroMQ, not here):
+an engine pod (gateways talk to the engine over its socket protocol, not here):
 
 - ``GET /metrics``: the engine's signals under vLLM's names (``engine.vllm_metrics``),
   then the engine side's own families (adapter fetches...);

@@ -1,14 +1,15 @@
 """The remote :class:`engine.client.EngineClient`: an engine server in another process.
 
-One ZeroMQ DEALER socket per gateway process, driven by this process's event loop: its
-file descriptor's reader callback drains every message that has come and hands each
-``Outputs`` message (one step) to the streams in one call, applies ``Status``/``Info``,
-resolves ``Reply``s (no future or task per message: pyzmq's asyncio socket cost a task
-switch and a future per message); a heartbeat task pings. The engine is *ready* once
-its ``Info`` has come and a status says so; *unreachable* when its connection drops or it
-stops answering pings for ``timeout_s``; in-flight streams then end with ``EngineDead``
-(their requests' usage is metered by the gateway as usual). When an engine comes back (a
-restart: a new ``engine_id``), the client says hello again and serves on. No torch here.
+One connection per gateway process (``engine.transport``: framed messages over a Unix or
+TCP socket), driven by this process's event loop: each read hands every ``Outputs``
+message (one step) to the streams in one call, applies ``Status``/``Info``, resolves
+``Reply``s (no future or task per message); a heartbeat task pings, and a connector task
+(re)connects, 0.1 s to 1 s apart, saying hello on each connection. The engine is *ready*
+once its ``Info`` has come and a status says so; *unreachable* when its connection drops
+or it stops answering pings for ``timeout_s``; in-flight streams then end with
+``EngineDead`` (their requests' usage is metered by the gateway as usual). When an engine
+comes back (a restart: a new ``engine_id``), the client says hello again and serves on.
+No torch here.
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
-import uuid
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
 import msgspec
-import zmq
-import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
 
 from loraplex.engine.api import AdapterRef, AdapterResidency, Request, RequestOutput
 from loraplex.engine.client import EngineHealth, ModelInfo
@@ -33,6 +31,7 @@ from loraplex.engine.client_streams import ClientStreams
 from loraplex.engine.errors import EngineDead, error_from_info
 from loraplex.engine.stats import EngineStats
 from loraplex.engine.tokenizer_files import load_tokenizer
+from loraplex.engine.transport import FrameError, FrameReader, frame, parse_address
 from loraplex.engine.wire import (
     Abort,
     Add,
@@ -50,7 +49,34 @@ from loraplex.engine.wire import (
 )
 
 log = logging.getLogger("loraplex.engine.client")
-_DISCONNECT_GRACE_S = 0.2
+_RECONNECT_S = (0.1, 1.0)  # the wait before connecting again: first, at most
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, client: RemoteEngineClient) -> None:
+        self._client = client
+        self._reader = FrameReader()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not subclasses of asyncio's, though they are the same)
+        self._transport = cast(asyncio.Transport, transport)
+        self._client._connected(self._transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            log.warning("the engine sent a bad frame (%s): reconnecting", exc)
+            if self._transport is not None:
+                self._transport.close()
+            return
+        handle = self._client._handle
+        for payload in frames:
+            handle(payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._disconnected(self._transport)
 
 
 class RemoteEngineClient:
@@ -81,73 +107,81 @@ class RemoteEngineClient:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
-        self._ctx: zmq.Context | None = None  # type: ignore[type-arg]
-        self._sock: zmq.Socket | None = None  # type: ignore[type-arg]
-        self._fd: int | None = None
+        self._transport: asyncio.Transport | None = None
+        self._dropped: asyncio.Event | None = None  # set when the connection closes
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._backlog: list[bytes] | None = None  # messages held while an Info is applied
-        self._monitor_sock: zmq.asyncio.Socket | None = None
+        self._backlog: list[bytes | memoryview] | None = None  # held while an Info is applied
+        self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        parse_address(self.address)  # a malformed address fails here, not in the connector
         self._loop = asyncio.get_running_loop()
-        self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for an engine that is not there
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-        monitor = zmq.asyncio.Socket.from_socket(sock.get_monitor_socket(events))
-        self._monitor_sock = monitor
-        sock.connect(self.address)
-        self._sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._readable)
         self._tasks = [
+            asyncio.create_task(self._connector(), name="engine-connector"),
             asyncio.create_task(self._heartbeat(), name="engine-heartbeat"),
-            asyncio.create_task(self._monitor(monitor), name="engine-monitor"),
         ]
 
     async def close(self) -> None:
-        if self._loop is not None and self._fd is not None:
-            self._loop.remove_reader(self._fd)
-            self._fd = None
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._streams.fail_all(EngineDead("the gateway is shutting down"))
-        if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)  # closes the socket and its monitor
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    async def _connector(self) -> None:
+        loop = asyncio.get_running_loop()
+        family, where = parse_address(self.address)
+        wait = _RECONNECT_S[0]
+        while True:
+            dropped = self._dropped = asyncio.Event()
+            try:
+                if family == socket.AF_UNIX:
+                    await loop.create_unix_connection(lambda: _Connection(self), where)
+                else:
+                    await loop.create_connection(lambda: _Connection(self), *where)
+            except OSError as exc:
+                log.debug("connecting to the engine at %s: %s", self.address, exc)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, _RECONNECT_S[1])
+                continue
+            wait = _RECONNECT_S[0]
+            await dropped.wait()
+            await asyncio.sleep(wait)
+
+    def _connected(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._hello()
+
+    def _disconnected(self, transport: asyncio.Transport | None) -> None:
+        if transport is not self._transport:
+            return
+        self._transport = None
+        if self._dropped is not None:
+            self._dropped.set()
+        if self._closing:
+            return
+        # Every message the engine sent before it hung up has been applied by now (its
+        # final outputs included): the streams still open will get nothing more.
+        self._set_health(EngineHealth("unreachable", "the engine is not connected"))
+        self._lost("the connection to the engine dropped")
 
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, msg: Any) -> None:
-        """Send now or fail now. ZeroMQ signals readiness on edges, and a send can take
-        the edge that would have called the reader (pyzmq #1203): after each send, if a
-        message is waiting, the reader is called soon."""
-        sock = self._sock
-        if sock is None or self._loop is None:
-            raise EngineDead("the engine client is not started")
-        try:
-            sock.send(self._enc.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            self._recheck(sock)
-            raise EngineDead("the engine is not reachable") from None
-        self._recheck(sock)
-
-    def _recheck(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and self._loop is not None:
-            self._loop.call_soon(self._readable)
+        """Send now or fail now."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            if self._loop is None:
+                raise EngineDead("the engine client is not started")
+            raise EngineDead("the engine is not reachable")
+        transport.write(frame(self._enc, msg))
 
     def _send_add(self, request: Request) -> None:
         self._send(Add(request))
@@ -158,19 +192,7 @@ class RemoteEngineClient:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        """The socket's descriptor fired (or a send took its edge): every message now."""
-        sock = self._sock
-        if sock is None or self._fd is None:
-            return
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                data = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._handle(data)
-
-    def _handle(self, data: bytes) -> None:
+    def _handle(self, data: bytes | memoryview) -> None:
         if self._backlog is not None:  # an Info is being applied: messages keep their order
             self._backlog.append(data)
             return
@@ -290,18 +312,6 @@ class RemoteEngineClient:
             silent = time.monotonic() - self._last_heard
             if self._health.state == "ready" and silent > self._timeout_s:
                 self._lost(f"the engine did not answer for {silent:.1f}s")
-
-    async def _monitor(self, monitor: zmq.asyncio.Socket) -> None:
-        while True:
-            event = await recv_monitor_message(monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                # No new requests from now; the streams in flight end after a short grace,
-                # so what a dying engine sent last (its final outputs) is applied first.
-                self._set_health(EngineHealth("unreachable", "the engine is not connected"))
-                await asyncio.sleep(_DISCONNECT_GRACE_S)
-                self._lost("the connection to the engine dropped")
-            elif event["event"] == zmq.EVENT_CONNECTED:
-                self._hello()
 
     # -- the protocol --------------------------------------------------------------------
 

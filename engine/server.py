@@ -1,26 +1,31 @@
 """The engine server: the step loop in a process of its own, serving gateway processes.
 
 Two threads. The step thread (``engine.step_loop``) owns the engine. The main thread owns
-the ZeroMQ ROUTER socket: it decodes gateway messages into step-loop commands, and encodes
-each step's outputs, grouped by the gateway process that sent each request, as one message
-per gateway. Encoding runs while the step thread waits on the GPU (torch releases the GIL
-there), so the step loop never serializes a token itself.
+the listening socket and one connection per gateway process (``engine.transport``): it
+decodes gateway messages into step-loop commands, and encodes each step's outputs, grouped
+by the gateway process that sent each request, as one message per gateway. Encoding runs
+while the step thread waits on the GPU (torch releases the GIL there), so the step loop
+never serializes a token itself.
 
 On SIGTERM with a ``drain_grace_s`` the server drains: its status says ``draining`` (a
 router sends new requests elsewhere), requests still sent are refused as overloaded (a
 router retries them on another replica), and what runs gets ``drain_grace_s`` to finish
 before the rest is aborted; a second SIGTERM stops at once.
 
-A gateway that stops pinging for ``client_timeout_s`` has its requests aborted. If the step
-loop dies the server tells every gateway, then exits non-zero (its supervisor restarts it).
+A gateway whose connection closes, or that stops pinging for ``client_timeout_s``, has its
+requests aborted. If the step loop dies the server tells every gateway, then exits non-zero
+(its supervisor restarts it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import selectors
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import zmq
 
 from loraplex.engine.api import EngineOutput
 from loraplex.engine.client import ModelInfo
@@ -37,6 +41,7 @@ from loraplex.engine.http_surface import EngineHttp
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model_info import describe
 from loraplex.engine.step_loop import StepLoop, failed
+from loraplex.engine.transport import FrameError, FrameReader, frame, listen, parse_address, tune
 from loraplex.engine.wire import (
     Abort,
     Add,
@@ -61,6 +66,16 @@ _POLL_MS = 100
 class _Client:
     last_seen: float
     requests: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Conn:
+    """One gateway process's connection."""
+
+    sock: socket.socket
+    ident: bytes
+    reader: FrameReader = field(default_factory=FrameReader)
+    pending: bytearray = field(default_factory=bytearray)  # not yet taken by the kernel
 
 
 class EngineServer:
@@ -90,18 +105,16 @@ class EngineServer:
         self._drain_until: float | None = None  # draining (SIGTERM) until then
         self._drain_told = False  # every gateway has been sent the draining status
         self._out: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._ctx = zmq.Context()
-        self._wake_rx = self._ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(f"inproc://wake-{id(self)}")
-        self._wake_tx = self._ctx.socket(zmq.PAIR)  # the step thread's end
-        self._wake_tx.connect(f"inproc://wake-{id(self)}")
-        self._wake_lock = threading.Lock()  # several threads may wake (step, loader replies)
-        # The ROUTER socket is the main thread's, but for the step thread's last outputs
-        # before it idles (``_emit``): every use of it holds this lock, and the main thread
-        # waits on its descriptor, not on the socket (a ZeroMQ socket is one thread's at a
-        # time).
-        self._router: zmq.Socket | None = None  # type: ignore[type-arg]
-        self._router_lock = threading.Lock()
+        # Any thread wakes the main thread by writing a byte (the step thread, loader replies)
+        self._wake_rx, self._wake_tx = socket.socketpair()
+        self._wake_rx.setblocking(False)
+        self._wake_tx.setblocking(False)
+        # The connections are the main thread's, but for the step thread's last outputs
+        # before it idles (``_emit``): every send and every change to them holds this lock.
+        self._conns: dict[bytes, _Conn] = {}
+        self._serving = False  # the step thread may send (under the lock) while True
+        self._want_write: set[bytes] = set()  # connections with bytes the kernel refused
+        self._io_lock = threading.Lock()
         self._info: ModelInfo | None = None
         self._engine_id = ""
         self._clients: dict[bytes, _Client] = {}
@@ -136,17 +149,17 @@ class EngineServer:
 
     def _flush_here(self) -> bool:
         """Send what is queued from this thread, if the main thread is not using the
-        socket now (then it will send it). ZeroMQ signals readiness on edges, and a send
-        can take the edge of a message that came in: the main thread is woken for it."""
-        router = self._router
-        if router is None or not self._router_lock.acquire(blocking=False):
+        connections now (then it will send it)."""
+        if not self._serving or not self._io_lock.acquire(blocking=False):
             return False
         try:
-            self._flush(router)
-            incoming = bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+            if not self._serving:
+                return False
+            self._flush()
+            wake = bool(self._want_write) or self._exit_code is not None
         finally:
-            self._router_lock.release()
-        if incoming or self._exit_code is not None:
+            self._io_lock.release()
+        if wake:
             self._wake_main()
         return True
 
@@ -155,24 +168,22 @@ class EngineServer:
         self._wake_main()
 
     def _wake_main(self) -> None:
-        with self._wake_lock:
-            try:
-                self._wake_tx.send(b"", zmq.NOBLOCK)
-            except zmq.Again:  # a wake-up is pending already
-                pass
+        try:
+            self._wake_tx.send(b"\0")
+        except (BlockingIOError, OSError):  # wake-ups are pending already (or closing)
+            pass
 
     # -- the main thread -----------------------------------------------------------------
 
     def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT (exit 0) or the step loop dies (exit 1)."""
-        router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.SNDHWM, 0)  # never drop a step's outputs for a slow gateway
-        router.setsockopt(zmq.RCVHWM, 0)
-        router.setsockopt(zmq.LINGER, 2000)
-        router.bind(self.address)
+        listener = listen(self.address)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._request_stop())
-        self._router = router
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        sel.register(self._wake_rx, selectors.EVENT_READ)
+        self._serving = True
         self._step.start()
         http = None
         if self._http_address:
@@ -184,29 +195,29 @@ class EngineServer:
                 draining=lambda: self._stop or self._drain_until is not None,
             )
             http.start()
-        poller = zmq.Poller()
-        poller.register(router.getsockopt(zmq.FD), zmq.POLLIN)  # edge: EVENTS says what
-        poller.register(self._wake_rx, zmq.POLLIN)
         log.info("engine server listening on %s", self.address)
         last_check = time.monotonic()
-        lock = self._router_lock
+        lock = self._io_lock
         try:
             while not self._stop and self._exit_code is None:
-                with lock:  # read to the end before waiting on the next edge
-                    waiting = bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-                events = dict(poller.poll(0 if waiting else _POLL_MS))
-                if self._wake_rx in events:
-                    self._drain_wakes()
+                events = sel.select(_POLL_MS / 1000)
                 with lock:
-                    self._receive(router)
-                    self._flush(router)
+                    for key, mask in events:
+                        if key.fileobj is listener:
+                            self._accept(sel, listener)
+                        elif key.fileobj is self._wake_rx:
+                            self._drain_wakes()
+                        else:
+                            self._io(sel, key.data, mask)
+                    self._flush()
+                    self._watch_writes(sel)
                 now = time.monotonic()
                 if self._drain_until is not None and not self._drain_told:
                     # told now, not at each gateway's next heartbeat: a drain shorter than the
                     # heartbeat would otherwise end before any gateway knew it had begun
                     self._drain_told = True
                     with lock:
-                        self._broadcast(router, self._status())
+                        self._broadcast(self._status())
                 if self._drain_until is not None and (not self._owner or now > self._drain_until):
                     self._stop = True
                 if now - last_check >= 1.0:
@@ -217,38 +228,54 @@ class EngineServer:
             if self._exit_code is None:
                 self._step.shutdown()
                 with lock:
-                    self._flush(router)  # the aborted requests' last outputs
-                    self._router = None  # the main thread's alone from here
-                self._broadcast(router, Status(self._engine_id, "dead", "the engine shut down"))
+                    self._serving = False  # the main thread's alone from here
+                    self._flush()  # the aborted requests' last outputs
+                self._broadcast(Status(self._engine_id, "dead", "the engine shut down"))
                 self._exit_code = 0
             with lock:
-                self._router = None
-            self._await_goodbyes(router)
+                self._serving = False
+            self._await_goodbyes(sel)
             return self._exit_code
         finally:
             if http is not None:
                 http.close()
-            router.close(linger=1000)
-            self._wake_rx.close(0)
-            self._wake_tx.close(0)
-            self._ctx.term()
+            for conn in self._conns.values():
+                conn.sock.close()
+            self._conns.clear()
+            sel.close()
+            listener.close()
+            family, where = parse_address(self.address)
+            if family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    os.unlink(where)
+            self._wake_rx.close()
+            self._wake_tx.close()
 
-    def _await_goodbyes(self, router: zmq.Socket, timeout_s: float = 1.0) -> None:  # type: ignore[type-arg]
-        """Each gateway answers our last status; closing before it has read our last
-        messages could drop them (ZeroMQ discards what a peer left unread at disconnect)."""
-        waiting = set(self._clients)
+    def _await_goodbyes(self, sel: selectors.BaseSelector, timeout_s: float = 1.0) -> None:
+        """Each gateway answers our last status (or hangs up): its last messages are then
+        read, and what we sent is written out, before the sockets close."""
+        for other in [k.fileobj for k in sel.get_map().values() if k.data is None]:
+            sel.unregister(other)  # the listener and the wake-ups: nothing more is taken
+        waiting = {i for i in self._clients if i in self._conns}
         deadline = time.monotonic() + timeout_s
-        while waiting and time.monotonic() < deadline:
-            if not router.poll(50):
-                continue
-            while True:
-                try:
-                    ident, _ = router.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except ValueError:
-                    continue
-                waiting.discard(ident)
+        while time.monotonic() < deadline and (
+            waiting or any(c.pending for c in self._conns.values())
+        ):
+            self._watch_writes(sel)
+            for key, mask in sel.select(0.05):
+                conn = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._write(sel, conn)
+                if mask & selectors.EVENT_READ:
+                    try:
+                        data = conn.sock.recv(1 << 16)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    waiting.discard(conn.ident)
+                    if not data:
+                        self._close(sel, conn)
 
     def _request_stop(self) -> None:
         if self._drain_grace_s > 0 and self._drain_until is None:
@@ -261,8 +288,9 @@ class EngineServer:
     def _drain_wakes(self) -> None:
         while True:
             try:
-                self._wake_rx.recv(zmq.NOBLOCK)
-            except zmq.Again:
+                if not self._wake_rx.recv(4096):
+                    return
+            except (BlockingIOError, OSError):
                 return
 
     def _check_parent(self) -> None:
@@ -273,46 +301,112 @@ class EngineServer:
     def _check_clients(self, now: float) -> None:
         gone = [i for i, c in self._clients.items() if now - c.last_seen > self._client_timeout_s]
         for ident in gone:
-            client = self._clients.pop(ident)
-            if client.requests:
-                log.warning("gateway %s went silent: aborting %d requests", ident.hex()[:8],
-                            len(client.requests))  # fmt: skip
-                self._step.abort(sorted(client.requests))
-            for rid in client.requests:
-                self._owner.pop(rid, None)
+            self._forget(ident, "went silent")
+
+    def _forget(self, ident: bytes, why: str) -> None:
+        """A gateway is gone: its requests are aborted (their outputs have no reader)."""
+        client = self._clients.pop(ident, None)
+        if client is None:
+            return
+        if client.requests:
+            log.warning("gateway %s %s: aborting %d requests", ident.hex()[:8], why,
+                        len(client.requests))  # fmt: skip
+            self._step.abort(sorted(client.requests))
+        for rid in client.requests:
+            self._owner.pop(rid, None)
+
+    # -- connections (main thread, under the lock) ----------------------------------------
+
+    def _accept(self, sel: selectors.BaseSelector, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, a connection reset while queued
+                log.warning("accepting a gateway's connection failed: %s", exc)
+                return
+            tune(sock)
+            conn = _Conn(sock, os.urandom(8))
+            self._conns[conn.ident] = conn
+            sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _io(self, sel: selectors.BaseSelector, conn: _Conn, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._write(sel, conn)
+        if not mask & selectors.EVENT_READ or conn.ident not in self._conns:
+            return
+        try:
+            data = conn.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(sel, conn)
+            self._forget(conn.ident, "disconnected")
+            return
+        try:
+            frames = conn.reader.feed(data)
+        except FrameError as exc:
+            log.warning("gateway %s sent a bad frame (%s): closing", conn.ident.hex()[:8], exc)
+            self._close(sel, conn)
+            self._forget(conn.ident, "sent a bad frame")
+            return
+        for payload in frames:
+            try:
+                msg = self._dec.decode(payload)
+            except msgspec.DecodeError:
+                log.warning("undecodable message from %s", conn.ident.hex()[:8])
+                continue
+            self._handle(conn.ident, msg)
+
+    def _close(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
+        if self._conns.pop(conn.ident, None) is None:
+            return
+        self._want_write.discard(conn.ident)
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(conn.sock)
+        conn.sock.close()
+
+    def _write(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
+        if conn.pending:
+            try:
+                n = conn.sock.send(conn.pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # its reader sees the EOF and drops it
+                conn.pending.clear()
+                n = 0
+            del conn.pending[:n]
+        if not conn.pending and conn.ident in self._conns:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def _watch_writes(self, sel: selectors.BaseSelector) -> None:
+        """Connections the kernel refused bytes for are watched until they take them."""
+        for ident in self._want_write:
+            conn = self._conns.get(ident)
+            if conn is not None and conn.pending:
+                with contextlib.suppress(KeyError, ValueError):
+                    sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        self._want_write.clear()
 
     # -- incoming --------------------------------------------------------------------------
 
-    def _receive(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
-        # (asked first: a zmq.Again raised on every turn costs the step thread, waiting
-        # for the GIL with a request just handed over, ~10 us)
-        while router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                ident, data = router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:  # not [identity, payload]
-                continue
-            try:
-                msg = self._dec.decode(data)
-            except msgspec.DecodeError:
-                log.warning("undecodable message from %s", ident.hex()[:8])
-                continue
-            self._handle(router, ident, msg)
-
-    def _handle(self, router: zmq.Socket, ident: bytes, msg: Any) -> None:  # type: ignore[type-arg]
+    def _handle(self, ident: bytes, msg: Any) -> None:
         client = self._clients.get(ident)
         if isinstance(msg, Hello):
             if self._token and msg.token != self._token:
-                self._send(router, ident, Refused("wrong or missing engine token"))
+                self._send(ident, Refused("wrong or missing engine token"))
                 return
             client = self._clients[ident] = self._clients.get(ident) or _Client(time.monotonic())
-            self._send(router, ident, self._status())
+            self._send(ident, self._status())
             if self._info is not None:
-                self._send(router, ident, Info(self._info))
+                self._send(ident, Info(self._info))
             return
         if client is None:  # no Hello yet (or timed out): ask it to say hello
-            self._send(router, ident, Refused("say hello first"))
+            self._send(ident, Refused("say hello first"))
             return
         client.last_seen = time.monotonic()
         if isinstance(msg, Add):
@@ -333,7 +427,7 @@ class EngineServer:
             status = self._status()
             if self._metrics is not None and status.state == "ready":
                 status.metrics = self._metrics()
-            self._send(router, ident, status)
+            self._send(ident, status)
         elif isinstance(msg, Call):
             self._call(ident, msg)
 
@@ -370,17 +464,32 @@ class EngineServer:
                           self._step.stats())  # fmt: skip
         return Status(self._engine_id, "ready", "", self._step.stats())
 
-    def _send(self, router: zmq.Socket, ident: bytes, msg: Any) -> None:  # type: ignore[type-arg]
+    def _send(self, ident: bytes, msg: Any) -> None:
+        """Under the lock. What the kernel does not take now is kept and sent by the main
+        thread (never dropped: a slow gateway only delays its own outputs)."""
+        conn = self._conns.get(ident)
+        if conn is None:
+            return  # that gateway is gone
+        data = frame(self._enc, msg)
+        if conn.pending:
+            conn.pending += data
+            return
         try:
-            router.send_multipart([ident, self._enc.encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # that gateway is gone (unroutable)
+            n = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:  # its reader sees the EOF and drops it
             log.debug("send to %s failed: %s", ident.hex()[:8], exc)
+            return
+        if n < len(data):
+            conn.pending += memoryview(data)[n:]
+            self._want_write.add(ident)
 
-    def _broadcast(self, router: zmq.Socket, status: Status) -> None:  # type: ignore[type-arg]
+    def _broadcast(self, status: Status) -> None:
         for ident in list(self._clients):
-            self._send(router, ident, status)
+            self._send(ident, status)
 
-    def _flush(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
+    def _flush(self) -> None:
         while not self._out.empty():  # (as in _receive: no queue.Empty raised every turn)
             try:
                 item = self._out.get_nowait()
@@ -388,20 +497,20 @@ class EngineServer:
                 return
             kind = item[0]
             if kind == "outputs":
-                self._route(router, item[1])
+                self._route(item[1])
             elif kind == "direct":
-                self._send(router, item[1], item[2])
+                self._send(item[1], item[2])
             elif kind == "dead":
-                self._broadcast(router, Status(self._engine_id, "dead", item[1]))
+                self._broadcast(Status(self._engine_id, "dead", item[1]))
                 self._exit_code = 1
                 return
             elif kind == "ready" and self._info is not None:
                 info = Info(self._info)
                 for ident in self._clients:
-                    self._send(router, ident, self._status())
-                    self._send(router, ident, info)
+                    self._send(ident, self._status())
+                    self._send(ident, info)
 
-    def _route(self, router: zmq.Socket, outputs: list[EngineOutput]) -> None:  # type: ignore[type-arg]
+    def _route(self, outputs: list[EngineOutput]) -> None:
         by_client: dict[bytes, list[EngineOutput]] = {}
         owner = self._owner
         for out in outputs:
@@ -415,4 +524,4 @@ class EngineServer:
                 if client is not None:
                     client.requests.discard(out.request_id)
         for ident, outs in by_client.items():
-            self._send(router, ident, Outputs(outs))
+            self._send(ident, Outputs(outs))

@@ -1,14 +1,15 @@
-"""The engine server's protocol: msgpack-encoded ``msgspec`` structs over ZeroMQ.
+"""The engine server's protocol: msgpack-encoded ``msgspec`` structs, one per frame of a
+stream socket per gateway process (``engine.transport``).
 
 Why this and not gRPC or JSON: msgspec encodes and decodes these typed structs in a few
-microseconds without a schema compiler, ZeroMQ's ROUTER/DEALER pair gives every gateway
-process its own ordered channel with reconnects handled, and both release the GIL for I/O.
-vLLM's V1 engine core talks to its API servers the same way. ``benchmarks/bench_ipc.py``
-measures a step's batch and a round trip against the alternatives.
+microseconds without a schema compiler (vLLM's V1 engine core uses it too), and a plain
+socket per gateway process is an ordered channel whose end is the peer's exit.
+``benchmarks/bench_ipc.py`` measures a step's batch and a round trip against the
+alternatives (ZeroMQ, which this protocol ran on before, included).
 
-A gateway process (DEALER) says ``Hello`` (with the shared token, if the engine has one),
-then ``Add``/``Abort`` requests and ``Call``s, and ``Ping``s twice a second. The engine
-(ROUTER) answers with ``Info`` once it is ready, ``Status`` (health and counters) for each
+A gateway process says ``Hello`` (with the shared token, if the engine has one) on each
+connection, then ``Add``/``Abort`` requests and ``Call``s, and ``Ping``s twice a second.
+The engine answers with ``Info`` once it is ready, ``Status`` (health and counters) for each
 ping, ``Reply`` to calls, and ONE ``Outputs`` message per step per gateway process.
 """
 

@@ -1,5 +1,5 @@
 """The app factory of a gateway worker process: settings from the environment that
-``loraplex serve`` / ``loraplex gateway`` set, the engine reached over ZeroMQ. No torch.
+``loraplex serve`` / ``loraplex gateway`` set, the engine reached over its socket. No torch.
 
 uvicorn imports this by name in each worker process it spawns
 (``gateway.worker:create_worker_app``, ``factory=True``).

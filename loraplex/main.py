@@ -141,7 +141,7 @@ def engine_command(
     listen: Annotated[
         str,
         typer.Option(
-            help="ZeroMQ address to serve gateways on (LORAPLEX_ENGINE_LISTEN): "
+            help="Address to serve gateways on (LORAPLEX_ENGINE_LISTEN): "
             "tcp://0.0.0.0:7700, ipc:///path.sock."
         ),
     ] = "",

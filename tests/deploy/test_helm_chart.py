@@ -216,9 +216,9 @@ def test_engines_are_gpu_pods_only_gateways_reach(helm):
     assert env["LORAPLEX_ENGINE_DNS"] == dns  # the gateway routes over every engine pod
     (policy,) = by_kind(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"] == engine["spec"]["selector"]
-    zmq, http = policy["spec"]["ingress"]
-    assert [p["port"] for p in zmq["ports"]] == ["zmq"]
-    (source,) = zmq["from"]
+    gateways, http = policy["spec"]["ingress"]
+    assert [p["port"] for p in gateways["ports"]] == ["engine"]
+    (source,) = gateways["from"]
     assert source["podSelector"] == gw["spec"]["selector"]
     assert [p["port"] for p in http["ports"]] == ["http-engine"] and "from" not in http
 

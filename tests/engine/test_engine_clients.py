@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import pytest
 from engine_clients import ToyServer, ipc_address, toy_engine, wait_until
@@ -263,36 +264,54 @@ async def test_engine_token_is_required_when_set(tok_dir):
         server.stop()
 
 
-async def test_silent_gateway_has_its_requests_aborted(tok_dir):
-    """A gateway process that stops pinging (it died) has its requests aborted by the
-    engine, which keeps serving the others."""
-    import zmq
-    import zmq.asyncio
-
+async def _ghost_running(h: Any) -> asyncio.StreamWriter:
+    """A gateway of the test's own on a connection of its own: it says hello and adds a
+    long request, which the engine is running when this returns."""
+    from loraplex.engine.transport import FrameReader, frame, parse_address
     from loraplex.engine.wire import Add, Hello, Ping, Status, client_decoder, encoder
 
-    async with toy_engine("remote", tok_dir, step_delay_s=0.01, client_timeout_s=1.0) as h:
-        ctx = zmq.asyncio.Context()
-        ghost = ctx.socket(zmq.DEALER)
-        ghost.connect(h.client.address)  # type: ignore[attr-defined]
-        enc, dec = encoder(), client_decoder()
-        await ghost.send(enc.encode(Hello()))
-        req = Request("ghost", [3, 4], SamplingParams(max_tokens=200, **GREEDY))
-        await ghost.send(enc.encode(Add(req)))
-        running, deadline = False, asyncio.get_running_loop().time() + 60
-        while not running:  # the engine runs the ghost's request (its own status says so)
-            assert asyncio.get_running_loop().time() < deadline, "the ghost's request never ran"
-            await ghost.send(enc.encode(Ping()))
-            try:  # (never wait on one receive: the deadline above must be able to end this)
-                msg = dec.decode(await asyncio.wait_for(ghost.recv(), 2.0))
-            except TimeoutError:
-                continue
-            running = (
+    _, path = parse_address(h.client.address)
+    reader, writer = await asyncio.open_unix_connection(path)
+    enc, dec, frames = encoder(), client_decoder(), FrameReader()
+    writer.write(frame(enc, Hello()))
+    req = Request("ghost", [3, 4], SamplingParams(max_tokens=200, **GREEDY))
+    writer.write(frame(enc, Add(req)))
+    running, deadline = False, asyncio.get_running_loop().time() + 60
+    while not running:  # the engine runs the ghost's request (its own status says so)
+        assert asyncio.get_running_loop().time() < deadline, "the ghost's request never ran"
+        writer.write(frame(enc, Ping()))
+        try:  # (never wait on one receive: the deadline above must be able to end this)
+            data = await asyncio.wait_for(reader.read(1 << 20), 2.0)
+        except TimeoutError:
+            continue
+        for payload in frames.feed(data):
+            msg = dec.decode(payload)
+            running = running or (
                 isinstance(msg, Status) and msg.stats is not None and msg.stats.num_requests == 1
             )
+    return writer
+
+
+async def test_silent_gateway_has_its_requests_aborted(tok_dir):
+    """A gateway process that stops pinging (it hangs, its connection still open) has its
+    requests aborted by the engine, which keeps serving the others."""
+    async with toy_engine("remote", tok_dir, step_delay_s=0.01, client_timeout_s=1.0) as h:
+        writer = await _ghost_running(h)
         await wait_until(lambda: idle(h.client))  # aborted after ~1 s of silence
-        ghost.close(0)
-        ctx.term()
+        writer.close()
+        outs = await collect(
+            h.client, Request("alive", [3], SamplingParams(max_tokens=2, **GREEDY))
+        )
+        assert outs[-1].finished
+
+
+async def test_disconnected_gateway_has_its_requests_aborted_at_once(tok_dir):
+    """A gateway process whose connection closes (it exited) has its requests aborted
+    when the engine reads the end of the stream, long before the silence timeout."""
+    async with toy_engine("remote", tok_dir, step_delay_s=0.01, client_timeout_s=600.0) as h:
+        writer = await _ghost_running(h)
+        writer.close()
+        await wait_until(lambda: idle(h.client), timeout_s=30)
         outs = await collect(
             h.client, Request("alive", [3], SamplingParams(max_tokens=2, **GREEDY))
         )
