@@ -19,7 +19,7 @@ usage of the calendar month (UTC) plus the reservations of requests in flight.
 
 from __future__ import annotations
 
-import uuid
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -157,7 +157,7 @@ class Limiter(Protocol):
 
 def new_admission_id() -> str:
     # Never the client's x-request-id: a reused id must not merge two requests' counters.
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as uuid4 (4x faster)
 
 
 def reserve_spend(principal: Principal, reserve_tokens: int, prompt_tokens: int | None) -> int:

@@ -8,8 +8,8 @@ unhandled error into the 500 envelope itself, so that the 500 carries the reques
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,7 +35,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_ID.match(given) else f"req_{uuid.uuid4().hex}"
+        request_id = given if _SAFE_ID.match(given) else f"req_{os.urandom(16).hex()}"
         scope.setdefault("state", {})["request_id"] = request_id
         started = False
 

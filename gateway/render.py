@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+from starlette.responses import Response
 
 from loraplex.engine.api import CompletionDelta, RequestOutput, TokenLogprob
 from loraplex.gateway.chat_messages import ToolPlan
@@ -312,3 +316,10 @@ def completion_chunks(
             )
         )
     return chunks
+
+
+def model_response(model: BaseModel, headers: Mapping[str, str] | None = None) -> Response:
+    """A whole response object as the HTTP response: serialized by pydantic's own JSON
+    encoder (one pass in Rust, ~3x faster than ``model_dump`` then ``json.dumps``; a
+    logprob of -inf, which ``json.dumps(allow_nan=False)`` refuses, becomes null)."""
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)

@@ -6,13 +6,13 @@ import time
 from functools import partial
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from loraplex.gateway.deps import InferenceDep, ServicesDep
 from loraplex.gateway.inference import collect, new_request_id, open_call
 from loraplex.gateway.json_body import StrictJsonRoute
 from loraplex.gateway.openapi import errors, text_stream
-from loraplex.gateway.render import chat_chunks
+from loraplex.gateway.render import chat_chunks, model_response
 from loraplex.gateway.schemas import ChatCompletion, ChatCompletionRequest
 from loraplex.gateway.streaming import EngineStream, chat_usage_chunk, events
 
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 )
 async def chat_completions(
     body: ChatCompletionRequest, principal: InferenceDep, services: ServicesDep
-) -> JSONResponse | EngineStream:
+) -> Response | EngineStream:
     call, first = await open_call(services, principal, body, new_request_id("chatcmpl"))
     id_, created, model = call.spec.request_id, int(time.time()), body.model
     if body.stream:
@@ -43,4 +43,4 @@ async def chat_completions(
     last = call.last or first
     spec = call.spec
     result = choices.chat(id_, created, model, last, body.logprobs, spec.tool_plan, spec.reasoning)
-    return JSONResponse(result.model_dump(), headers=call.headers)
+    return model_response(result, call.headers)

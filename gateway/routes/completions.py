@@ -7,14 +7,14 @@ import time
 from functools import partial
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from loraplex.gateway.deps import InferenceDep, ServicesDep
 from loraplex.gateway.inference import collect, new_request_id, open_calls
 from loraplex.gateway.json_body import StrictJsonRoute
 from loraplex.gateway.openapi import errors, text_stream
 from loraplex.gateway.prompts import check_completion_options, served_model
-from loraplex.gateway.render import SYSTEM_FINGERPRINT, completion_chunks, usage
+from loraplex.gateway.render import SYSTEM_FINGERPRINT, completion_chunks, model_response, usage
 from loraplex.gateway.schemas import Completion, CompletionRequest
 from loraplex.gateway.state import Services
 from loraplex.gateway.streaming import EngineStream, completion_usage_chunk, events_of
@@ -38,7 +38,7 @@ def echo_texts(services: Services, body: CompletionRequest) -> list[str]:
 )
 async def completions(
     body: CompletionRequest, principal: InferenceDep, services: ServicesDep
-) -> JSONResponse | EngineStream:
+) -> Response | EngineStream:
     check_completion_options(body)
     calls = await open_calls(services, principal, body, new_request_id("cmpl"))
     id_, created, model = calls[0][0].spec.request_id, int(time.time()), body.model
@@ -81,4 +81,4 @@ async def completions(
             if echo is not None:
                 choice.text = echo[p] + choice.text
             result.choices.append(choice)
-    return JSONResponse(result.model_dump(), headers=calls[0][0].headers)
+    return model_response(result, calls[0][0].headers)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response as HttpResponse
 
 from loraplex.gateway.deps import InferenceDep, ServicesDep
 from loraplex.gateway.inference import collect, new_request_id, open_call
 from loraplex.gateway.json_body import StrictJsonRoute
 from loraplex.gateway.openapi import errors, text_stream
+from loraplex.gateway.render import model_response
 from loraplex.gateway.responses import chat_request, echo_fields, renamed
 from loraplex.gateway.responses_output import OutputBuilder, build_response, response_events
 from loraplex.gateway.responses_schemas import Response, ResponsesRequest
@@ -30,7 +31,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 )
 async def responses(
     body: ResponsesRequest, principal: InferenceDep, services: ServicesDep
-) -> JSONResponse | EngineStream:
+) -> HttpResponse | EngineStream:
     try:
         chat = chat_request(body)
         call, first = await open_call(services, principal, chat, new_request_id("resp"))
@@ -46,4 +47,4 @@ async def responses(
     builder.feed("".join(state.text))
     builder.finish(state.finish_reason or "stop")
     result = build_response(call.spec.request_id, int(time.time()), echo, builder, call.last)
-    return JSONResponse(result.model_dump(), headers=call.headers)
+    return model_response(result, call.headers)
