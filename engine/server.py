@@ -1,11 +1,16 @@
 """The engine server: the step loop in a process of its own, serving gateway processes.
 
-Two threads. The step thread (``engine.step_loop``) owns the engine. The main thread owns
-the listening socket and one connection per gateway process (``engine.transport``): it
-decodes gateway messages into step-loop commands, and encodes each step's outputs, grouped
-by the gateway process that sent each request, as one message per gateway. Encoding runs
-while the step thread waits on the GPU (torch releases the GIL there), so the step loop
-never serializes a token itself.
+Two threads. The step thread (``engine.step_loop``) owns the engine. The sockets (the
+listening one and one connection per gateway process, ``engine.transport``) are the main
+thread's while the step loop is busy: it decodes gateway messages into step-loop commands,
+and encodes each step's outputs, grouped by the gateway process that sent each request, as
+one message per gateway. Encoding runs while the step thread waits on the GPU (torch
+releases the GIL there), so a busy step loop never serializes a token itself. While the
+step loop is idle, the main thread lends the sockets to the step thread, which then waits
+on them itself: a request that comes to an idle engine is read, decoded and started by
+the step thread, without another thread's wake-up and a GIL hand-over in between, and its
+outputs are sent from there too. The step thread gives the sockets back once it has been
+busy for ``_LEND_BUSY_S`` (``_StepSockets``).
 
 On SIGTERM with a ``drain_grace_s`` the server drains: its status says ``draining`` (a
 router sends new requests elsewhere), requests still sent are refused as overloaded (a
@@ -60,6 +65,7 @@ from loraplex.engine.wire import (
 log = logging.getLogger("loraplex.engine.server")
 
 _POLL_MS = 100
+_LEND_BUSY_S = 0.005  # the step thread, busy this long with the sockets lent, gives them back
 
 
 @dataclass
@@ -115,6 +121,14 @@ class EngineServer:
         self._serving = False  # the step thread may send (under the lock) while True
         self._want_write: set[bytes] = set()  # connections with bytes the kernel refused
         self._io_lock = threading.Lock()
+        # Which thread waits on the sockets ("main", or "step" while lent: _StepSockets);
+        # changed under the lock, by the main thread to "step", by the step thread back.
+        self._holder = "main"
+        self._lend_asked = False
+        self._main_turn = threading.Event()  # the sockets came back to the main thread
+        self._busy_since: float | None = None  # the step loop has been busy since (lent)
+        self._sel: selectors.BaseSelector | None = None
+        self._listener: socket.socket | None = None
         self._info: ModelInfo | None = None
         self._engine_id = ""
         self._clients: dict[bytes, _Client] = {}
@@ -122,7 +136,12 @@ class EngineServer:
         self._stop = False
         self._exit_code: int | None = None
         self._step = StepLoop(
-            factory, self._emit, on_ready=self._on_ready, on_dead=self._on_dead, freeze=True
+            factory,
+            self._emit,
+            on_ready=self._on_ready,
+            on_dead=self._on_dead,
+            freeze=True,
+            io=_StepSockets(self),
         )
         self._enc = encoder()
         self._dec = server_decoder()
@@ -143,9 +162,10 @@ class EngineServer:
         # The step loop goes idle after these (the last token of the last request): this
         # thread sends them itself, saving the main thread's wake-up on the way back.
         # While other requests run, the main thread encodes and sends as usual.
-        if self._step.going_idle and self._flush_here():
+        # The same while the sockets are lent to this thread.
+        if (self._step.going_idle or self._holder == "step") and self._flush_here():
             return
-        self._wake_main()
+        self._wake_sockets()
 
     def _flush_here(self) -> bool:
         """Send what is queued from this thread, if the main thread is not using the
@@ -160,14 +180,15 @@ class EngineServer:
         finally:
             self._io_lock.release()
         if wake:
-            self._wake_main()
+            self._wake_sockets()
         return True
 
     def _post(self, item: tuple[Any, ...]) -> None:
         self._out.put(item)
-        self._wake_main()
+        self._wake_sockets()
 
-    def _wake_main(self) -> None:
+    def _wake_sockets(self) -> None:
+        """The thread waiting on the sockets returns from its wait."""
         try:
             self._wake_tx.send(b"\0")
         except (BlockingIOError, OSError):  # wake-ups are pending already (or closing)
@@ -183,6 +204,7 @@ class EngineServer:
         sel = selectors.DefaultSelector()
         sel.register(listener, selectors.EVENT_READ)
         sel.register(self._wake_rx, selectors.EVENT_READ)
+        self._sel, self._listener = sel, listener
         self._serving = True
         self._step.start()
         http = None
@@ -200,17 +222,20 @@ class EngineServer:
         lock = self._io_lock
         try:
             while not self._stop and self._exit_code is None:
-                events = sel.select(_POLL_MS / 1000)
-                with lock:
-                    for key, mask in events:
-                        if key.fileobj is listener:
-                            self._accept(sel, listener)
-                        elif key.fileobj is self._wake_rx:
-                            self._drain_wakes()
-                        else:
-                            self._io(sel, key.data, mask)
-                    self._flush()
-                    self._watch_writes(sel)
+                if self._holder == "step":  # lent to the step thread: its until it is busy
+                    self._main_turn.wait(_POLL_MS / 1000)
+                    self._main_turn.clear()
+                    if self._want_write:  # bytes this thread queued: watched over there
+                        self._wake_sockets()
+                else:
+                    events = sel.select(_POLL_MS / 1000)
+                    lend = False
+                    with lock:
+                        self._serve(events)
+                        if self._lend_asked and self._serving:
+                            self._lend_asked, self._holder, lend = False, "step", True
+                    if lend:
+                        self._step.nudge()
                 now = time.monotonic()
                 if self._drain_until is not None and not self._drain_told:
                     # told now, not at each gateway's next heartbeat: a drain shorter than the
@@ -226,7 +251,7 @@ class EngineServer:
                         self._check_clients(now)
                     self._check_parent()
             if self._exit_code is None:
-                self._step.shutdown()
+                self._step.shutdown()  # (the sockets come back as its loop ends)
                 with lock:
                     self._serving = False  # the main thread's alone from here
                     self._flush()  # the aborted requests' last outputs
@@ -330,6 +355,20 @@ class EngineServer:
             conn = _Conn(sock, os.urandom(8))
             self._conns[conn.ident] = conn
             sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _serve(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """What the sockets' wait returned; then what is queued to send."""
+        sel, listener = self._sel, self._listener
+        assert sel is not None and listener is not None
+        for key, mask in events:
+            if key.fileobj is listener:
+                self._accept(sel, listener)
+            elif key.fileobj is self._wake_rx:
+                self._drain_wakes()
+            else:
+                self._io(sel, key.data, mask)
+        self._flush()
+        self._watch_writes(sel)
 
     def _io(self, sel: selectors.BaseSelector, conn: _Conn, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -525,3 +564,55 @@ class EngineServer:
                     client.requests.discard(out.request_id)
         for ident, outs in by_client.items():
             self._send(ident, Outputs(outs))
+
+
+class _StepSockets:
+    """The engine server's sockets as the step loop sees them (``step_loop.StepIO``): the
+    step thread asks for them when it goes idle (the main thread lends them at its next
+    turn), waits on them while idle, reads them between steps, and gives them back once
+    it has been busy for ``_LEND_BUSY_S``, or when its loop ends."""
+
+    def __init__(self, server: EngineServer) -> None:
+        self._s = server
+
+    def poll(self) -> None:
+        s = self._s
+        if s._holder == "step" and s._sel is not None:
+            events = s._sel.select(0)
+            with s._io_lock:
+                s._serve(events)
+
+    def wait(self, timeout: float, woken: threading.Event) -> None:
+        s = self._s
+        s._busy_since = None
+        if s._holder != "step" or s._sel is None:
+            ask = False
+            with s._io_lock:
+                if s._serving and s._holder != "step" and not s._lend_asked:
+                    s._lend_asked = ask = True
+            if ask:
+                s._wake_sockets()
+            woken.wait(timeout)  # a command, or the sockets lent (``nudge``)
+            return
+        events = s._sel.select(0 if woken.is_set() else timeout)
+        with s._io_lock:
+            s._serve(events)
+
+    def busy(self) -> None:
+        s = self._s
+        now = time.monotonic()
+        if s._busy_since is None:
+            s._busy_since = now
+        elif s._holder == "step" and now - s._busy_since >= _LEND_BUSY_S:
+            self.release()
+
+    def release(self) -> None:
+        s = self._s
+        if s._holder == "step":
+            with s._io_lock:
+                s._holder = "main"
+            s._main_turn.set()
+
+    def poke(self) -> None:
+        if self._s._holder == "step":
+            self._s._wake_sockets()

@@ -5,6 +5,11 @@ each step's outputs as ONE list through ``emit`` (the in-process client schedule
 on its event loop per step; the engine server queues one message per gateway). A request's
 own failure (a bad value, an overloaded engine) comes back as a finished output with its
 error. If the loop itself dies, ``failure`` says why and ``on_dead`` is called.
+
+An owner that reads the clients' messages itself (the engine server) may give ``io``: the
+loop then waits through it when idle, so that a message that comes then is read by this
+thread, which runs what it asks for at once, instead of by another thread that would wake
+this one (``StepIO``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from loraplex.engine.api import EngineOutput, Request
 from loraplex.engine.errors import EngineDead, as_engine_error
@@ -32,6 +37,27 @@ Emit = Callable[[list[EngineOutput]], None]
 CallDone = Callable[[Any, BaseException | None], None]
 
 
+class StepIO(Protocol):
+    """The owner's sockets, as the step thread sees them (called on the step thread, but
+    ``poke``)."""
+
+    def poll(self) -> None:
+        """Each turn: read what has come, if this thread holds the sockets now."""
+
+    def wait(self, timeout: float, woken: threading.Event) -> None:
+        """Nothing to run: return when a message or a command (``woken``) comes, or after
+        ``timeout``."""
+
+    def busy(self) -> None:
+        """A step is about to run."""
+
+    def release(self) -> None:
+        """The loop is over: the sockets go back to their owner."""
+
+    def poke(self) -> None:
+        """Another thread queued a command: a ``wait`` in progress returns."""
+
+
 def failed(request_id: str, exc: BaseException) -> EngineOutput:
     return EngineOutput(request_id, [], 0, 0, True, as_engine_error(exc).to_info())
 
@@ -45,9 +71,10 @@ class StepLoop:
         on_ready: Callable[[LLMEngine], None] | None = None,
         on_dead: Callable[[BaseException], None] | None = None,
         freeze: bool = False,
+        io: StepIO | None = None,
     ) -> None:
         """``freeze``: :func:`loraplex.heap.freeze_heap` once the engine is ready (a process
-        of its own: the engine server)."""
+        of its own: the engine server). ``io``: see the module's doc."""
         self._factory = factory
         self._freeze = freeze
         self._emit = emit
@@ -55,6 +82,7 @@ class StepLoop:
         self._on_dead = on_dead
         self._commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._io = io
         self._ready = threading.Event()
         self._stop = False
         self._dead: BaseException | None = None
@@ -75,7 +103,7 @@ class StepLoop:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
-        self._wake.set()
+        self._signal()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -112,6 +140,15 @@ class StepLoop:
 
     def _put(self, kind: str, arg: Any, extra: Any) -> None:
         self._commands.put((kind, arg, extra))
+        self._signal()
+
+    def _signal(self) -> None:
+        self._wake.set()
+        if self._io is not None and threading.current_thread() is not self._thread:
+            self._io.poke()
+
+    def nudge(self) -> None:
+        """Wake the loop (its ``io`` has changed hands)."""
         self._wake.set()
 
     # -- the step thread -----------------------------------------------------------------
@@ -119,8 +156,8 @@ class StepLoop:
     def _run(self) -> None:
         try:
             self.engine = engine = self._factory()
-            engine.loader.on_done = self._wake.set
-            engine.grammars.on_done = self._wake.set
+            engine.loader.on_done = self._signal
+            engine.grammars.on_done = self._signal
             self._stats = engine.stats()
             if self._freeze:  # before the engine says it is ready: the collection holds the
                 freeze_heap()  # GIL (seconds on a loaded machine), so no ping goes unanswered
@@ -136,12 +173,19 @@ class StepLoop:
             self._dead = exc
         finally:
             self._ready.set()
-            self._finish()
+            try:
+                self._finish()
+            finally:
+                if self._io is not None:
+                    self._io.release()
 
     def _loop(self, engine: LLMEngine) -> None:
         idle_stats = False  # the stats snapshot is of the engine with nothing to do
+        io = self._io
         while not self._stop:
             self._wake.clear()
+            if io is not None:
+                io.poll()
             self._drain(engine)
             if not engine.has_unfinished():
                 engine.check_runner()  # a dead part of the runner ends an idle engine too
@@ -150,9 +194,14 @@ class StepLoop:
                     idle_stats = False
                 if not idle_stats:
                     self._stats, idle_stats = engine.stats(), True
-                self._wake.wait(_IDLE_WAIT_S)
+                if io is not None:
+                    io.wait(_IDLE_WAIT_S, self._wake)
+                else:
+                    self._wake.wait(_IDLE_WAIT_S)
                 continue
             idle_stats = False
+            if io is not None:
+                io.busy()
             outputs = engine.step()
             now = time.monotonic()
             if not engine.has_unfinished():
@@ -167,8 +216,11 @@ class StepLoop:
                     self._emit(outputs)
                 finally:
                     self.going_idle = False
-            if not engine.last_step_ran:
-                self._wake.wait(_LOADING_WAIT_S)
+            if not engine.last_step_ran:  # only waiting on adapter loads
+                if io is not None:
+                    io.wait(_LOADING_WAIT_S, self._wake)
+                else:
+                    self._wake.wait(_LOADING_WAIT_S)
 
     def _drain(self, engine: LLMEngine) -> None:
         failures: list[EngineOutput] = []
