@@ -97,7 +97,7 @@ class AdminAuditMiddleware:
         try:
             await self.app(scope, receive, send_audited)
         except Exception:
-            if not written:  # RequestIdMiddleware, outside this one, answers the 500
+            if not written:  # GatewayEdge, outside this one, answers the 500
                 await write(500)
             raise
 

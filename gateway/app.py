@@ -26,7 +26,7 @@ from loraplex.gateway.adapter_wiring import build_for_app
 from loraplex.gateway.auth import KeyAuthenticator
 from loraplex.gateway.billing import open_billing
 from loraplex.gateway.breakers import BreakerCollector, Breakers
-from loraplex.gateway.drain import Drain, DrainMiddleware
+from loraplex.gateway.drain import Drain
 from loraplex.gateway.errors import install_error_handlers
 from loraplex.gateway.fast_routes import FastInference
 from loraplex.gateway.middleware import install_middleware
@@ -126,8 +126,6 @@ def create_app(
     # innermost: the inference routes' usual request skips FastAPI's routing and solving
     app.add_middleware(FastInference, owner=app)
     install_middleware(app, max_body_bytes=settings.max_body_bytes, request_log=settings.access_log)
-    app.add_middleware(DrainMiddleware)  # inside the metrics one: its 503s are counted
-    app.add_middleware(metrics_routes.HttpMetricsMiddleware)
     # The data plane's routes first: a request is matched against the routers in this
     # order, and no path of one router is a path of another.
     app.include_router(completions.router)

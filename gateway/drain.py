@@ -24,7 +24,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Send
 
 log = logging.getLogger("loraplex.gateway.drain")
 
@@ -62,23 +62,8 @@ class Drain:
         return undo
 
 
-class DrainMiddleware:
-    """503 ``draining`` for new requests while the worker drains (probes still served)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in ALWAYS_SERVED:
-            services = getattr(scope["app"].state, "services", None)
-            drain = getattr(services, "drain", None)
-            if drain is not None and drain.draining:
-                await _refuse(send)
-                return
-        await self.app(scope, receive, send)
-
-
-async def _refuse(send: Send) -> None:
+async def refuse_draining(send: Send) -> None:
+    """The 503 a draining worker answers (``gateway.middleware.GatewayEdge``)."""
     message = "this gateway is shutting down; retry the request"
     error = {"message": message, "type": "service_unavailable", "param": None, "code": "draining"}
     body = json.dumps({"error": error}).encode()

@@ -1,8 +1,9 @@
-"""Request ids on every response, and a body-size cap enforced before parsing.
+"""The app's edge (``GatewayEdge``): response counts, the drain's 503, request ids on every
+response, the request log line, and a body-size cap enforced before parsing.
 
-``RequestIdMiddleware`` is the outermost of the app's own middleware: it also turns an
-unhandled error into the 500 envelope itself, so that the 500 carries the request id too
-(Starlette's last-resort handler sits outside every user middleware).
+It is the outermost of the app's own middleware: it also turns an unhandled error into the
+500 envelope itself, so that the 500 carries the request id too (Starlette's last-resort
+handler sits outside every user middleware).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loraplex.gateway.drain import ALWAYS_SERVED, refuse_draining
 from loraplex.gateway.errors import envelope
+from loraplex.gateway.request_log import QUIET_PATHS, RequestNote, close_note, open_note
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -24,57 +28,90 @@ _OWN_LIMIT = re.compile(r"^/admin/v1/tenants/[^/]+/adapters/?\Z")
 _MAX_LENGTH_DIGITS = 19  # a Content-Length past this is no size a server reads
 
 
-class RequestIdMiddleware:
-    """Takes a well-formed client ``x-request-id`` or makes one; echoes it on the response."""
+class GatewayEdge:
+    """The app's own outermost middleware, one layer for what five did (each layer cost
+    every request a coroutine frame on the way in and a send wrapper for each message
+    out), in their order from the outside:
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_ID.match(given) else f"req_{os.urandom(16).hex()}"
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            if started:  # a streamed response cut off: nothing more can be sent
-                raise
-            log.exception(
-                "unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id
-            )
-            response = envelope(500, "internal server error", "server_error", "internal_error")
-            await response(scope, receive, send_with_id)
-
-
-class BodyLimitMiddleware:
-    """Reads the whole body before the app sees it (at most ``max_bytes``, which the app
-    reads whole anyway), so that a body over the cap is a 413 however it is sent
-    (Content-Length or chunked), and a Content-Length that is not a size is a 400, both in
-    the envelope.
+    - counts every response by route template, method and status once it has been sent
+      (or cut off);
+    - while the worker drains, answers 503 ``draining`` to all but the probes;
+    - takes a well-formed client ``x-request-id`` or makes one, and echoes it on the
+      response; an unhandled error becomes the 500 envelope with that id;
+    - writes the request's log line (``gateway.request_log``) once its response is sent;
+    - reads the whole body before the app sees it (at most ``max_bytes``, which the app
+      reads whole anyway), so that a body over the cap is a 413 however it is sent
+      (Content-Length or chunked), and a Content-Length that is not a size is a 400.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, request_log: bool = True) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.request_log = request_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        status = 500
+        started = False
+        services = getattr(scope["app"].state, "services", None)
+        try:
+            path = scope["path"]
+            drain = getattr(services, "drain", None)
+            if drain is not None and drain.draining and path not in ALWAYS_SERVED:
+
+                async def send_status(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                    await send(message)
+
+                await refuse_draining(send_status)
+                return
+            given = ""
+            for name, value in scope["headers"]:
+                if name == b"x-request-id":
+                    given = value.decode("latin-1")  # (the last one, as a dict of them reads)
+            request_id = given if _SAFE_ID.match(given) else f"req_{os.urandom(16).hex()}"
+            scope.setdefault("state", {})["request_id"] = request_id
+            id_header = (b"x-request-id", request_id.encode())
+
+            async def send_edge(message: Message) -> None:
+                nonlocal status, started
+                if message["type"] == "http.response.start":
+                    started = True
+                    status = message["status"]
+                    headers = list(message.get("headers", []))
+                    headers.append(id_header)
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            note = RequestNote() if self.request_log and path not in QUIET_PATHS else None
+            token = open_note(note) if note is not None else None
+            t0 = time.perf_counter()
+            try:
+                await self._read_body(scope, receive, send_edge)
+            except Exception:
+                if started:  # a streamed response cut off: nothing more can be sent
+                    raise
+                log.exception("unhandled error in %s %s (%s)", scope["method"], path, request_id)
+                logged_status = 500  # the line says what the app did: it failed
+                response = envelope(500, "internal server error", "server_error", "internal_error")
+                if note is not None:
+                    close_note(token, scope, logged_status, note, t0)
+                    note = None
+                await response(scope, receive, send_edge)
+            finally:
+                if note is not None:
+                    close_note(token, scope, status, note, t0)
+        finally:
+            metrics = getattr(services, "metrics", None)
+            if metrics is not None:
+                template = getattr(scope.get("route"), "path", None) or "other"
+                metrics.observe_http(template, scope["method"], status)
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         lengths = {v for k, v in scope["headers"] if k.lower() == b"content-length"}
         if lengths:
             length = lengths.pop()
@@ -143,9 +180,4 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
 
 
 def install_middleware(app: FastAPI, *, max_body_bytes: int, request_log: bool = True) -> None:
-    from loraplex.gateway.request_log import RequestLogMiddleware
-
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-    if request_log:  # inside RequestIdMiddleware: it reads the request id chosen there
-        app.add_middleware(RequestLogMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(GatewayEdge, max_bytes=max_body_bytes, request_log=request_log)

@@ -2,10 +2,10 @@
 ``loraplex.request``: request id, method, path, status, tenant, model, tokens, latency.
 Probes (``/health``, ``/ready``) and ``/metrics`` get none.
 
-The middleware opens a :class:`RequestNote` for the request (a context variable); the
-authentication dependency notes the tenant and metering notes the model and the tokens
-(summed over the engine calls of one request), so the line is written when the response
-has been sent, streams included. In text form::
+The app's edge (``gateway.middleware.GatewayEdge``) opens a :class:`RequestNote` for the
+request (a context variable); the authentication dependency notes the tenant and metering
+notes the model and the tokens (summed over the engine calls of one request), so the line
+is written when the response has been sent, streams included. In text form::
 
     req_4f1c... POST /v1/chat/completions 200 tenant=default model=base tokens=21+8 41.2ms
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 log = logging.getLogger("loraplex.request")
 # Probes and scrapes (a load balancer's, Prometheus', serve's own wait for /ready) would
@@ -54,32 +54,23 @@ def note_usage(model: str, prompt_tokens: int, completion_tokens: int) -> None:
         note.metered = True
 
 
-class RequestLogMiddleware:
-    """Inside ``RequestIdMiddleware`` (it reads the request id that one chose)."""
+def open_note(note: RequestNote) -> Token[RequestNote | None]:
+    """The request's note, open for the dependencies and metering to fill in
+    (``gateway.middleware.GatewayEdge`` opens and closes it)."""
+    return _current.set(note)
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
-            await self.app(scope, receive, send)
-            return
-        note = RequestNote()
-        token = _current.set(note)
-        status = 500
-        t0 = time.perf_counter()
-
-        async def send_noting(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting)
-        finally:
-            _current.reset(token)
-            _write(scope, status, note, (time.perf_counter() - t0) * 1000)
+def close_note(
+    token: Token[RequestNote | None] | None,
+    scope: Scope,
+    status: int,
+    note: RequestNote,
+    t0: float,
+) -> None:
+    """The note closed, and its line written (``t0``: ``time.perf_counter()`` at the start)."""
+    if token is not None:
+        _current.reset(token)
+    _write(scope, status, note, (time.perf_counter() - t0) * 1000)
 
 
 def _write(scope: Scope, status: int, note: RequestNote, latency_ms: float) -> None:
