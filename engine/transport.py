@@ -5,8 +5,8 @@ Each frame is a 4-byte little-endian length and that many bytes of one msgpack m
 (``engine.wire``). The kernel's socket is the whole channel: a message written by the
 gateway's event loop is read by the engine server's thread at its next wake-up, with no
 broker or I/O thread in between. ZeroMQ, used here before, puts its own I/O thread on
-each side of every message (a ROUTER/DEALER round trip between two processes took 115 us
-on the 2-core dev box against 27 us for a plain socket pair: ``benchmarks/bench_ipc.py``),
+each side of every message (a ROUTER/DEALER round trip between two processes takes two to
+four times as long as this on the 2-core dev box: ``benchmarks/bench_ipc.py``),
 and the connection events this channel needs (a gateway gone, an engine back) are the
 socket's own EOF and connect here.
 """
