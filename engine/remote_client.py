@@ -50,6 +50,7 @@ from loraplex.engine.wire import (
 
 log = logging.getLogger("loraplex.engine.client")
 _RECONNECT_S = (0.1, 1.0)  # the wait before connecting again: first, at most
+_CONNECT_TIMEOUT_S = 5.0
 
 
 class _Connection(asyncio.Protocol):
@@ -142,11 +143,12 @@ class RemoteEngineClient:
         while True:
             dropped = self._dropped = asyncio.Event()
             try:
-                if family == socket.AF_UNIX:
-                    await loop.create_unix_connection(lambda: _Connection(self), where)
-                else:
-                    await loop.create_connection(lambda: _Connection(self), *where)
-            except OSError as exc:
+                async with asyncio.timeout(_CONNECT_TIMEOUT_S):  # (a host that drops SYNs)
+                    if family == socket.AF_UNIX:
+                        await loop.create_unix_connection(lambda: _Connection(self), where)
+                    else:
+                        await loop.create_connection(lambda: _Connection(self), *where)
+            except (OSError, TimeoutError) as exc:
                 log.debug("connecting to the engine at %s: %s", self.address, exc)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, _RECONNECT_S[1])
