@@ -316,3 +316,68 @@ async def test_disconnected_gateway_has_its_requests_aborted_at_once(tok_dir):
             h.client, Request("alive", [3], SamplingParams(max_tokens=2, **GREEDY))
         )
         assert outs[-1].finished
+
+
+async def test_outputs_a_gateway_does_not_read_are_kept_for_it(tok_dir):
+    """A gateway process that stops reading (its socket's buffer full) gets every output
+    later, whole and in order: what the kernel does not take is kept, never dropped, and
+    other gateways are served meanwhile."""
+    from loraplex.engine.transport import FrameReader, frame, parse_address
+    from loraplex.engine.wire import Add, Hello, Outputs, client_decoder, encoder
+
+    n, tokens = 64, 200  # ~400 KB of outputs: more than a Unix socket's buffer holds
+    async with toy_engine("remote", tok_dir, num_blocks=2048) as h:
+        before = h.client.stats()
+        steps0 = before.steps if before is not None else 0
+        _, path = parse_address(h.client.address)  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_unix_connection(path)
+        enc, dec, frames = encoder(), client_decoder(), FrameReader()
+        writer.write(frame(enc, Hello()))
+        for i in range(n):
+            sampling = SamplingParams(max_tokens=tokens, **GREEDY)
+            writer.write(frame(enc, Add(Request(f"slow-{i}", [3, 4], sampling))))
+        await writer.drain()
+
+        def ran() -> bool:  # the engine has run them all (they need >= `tokens` steps)
+            s = h.client.stats()
+            return s is not None and s.steps >= steps0 + tokens and s.num_requests == 0
+
+        await wait_until(ran)
+        outs = await collect(
+            h.client, Request("alive", [3], SamplingParams(max_tokens=2, **GREEDY))
+        )
+        assert outs[-1].finished
+        got: dict[str, int] = {}
+        finished: set[str] = set()
+        while len(finished) < n:
+            data = await asyncio.wait_for(reader.read(1 << 20), 30)
+            assert data, "the engine closed the connection"
+            for payload in frames.feed(data):
+                msg = dec.decode(payload)
+                if not isinstance(msg, Outputs):
+                    continue
+                for out in msg.outputs:
+                    assert out.request_id not in finished, "an output after the last one"
+                    got[out.request_id] = got.get(out.request_id, 0) + sum(
+                        len(c.token_ids) for c in out.choices
+                    )
+                    if out.finished:
+                        finished.add(out.request_id)
+        assert got == {f"slow-{i}": tokens for i in range(n)}
+        writer.close()
+
+
+async def test_a_gateway_sending_garbage_is_dropped_alone(tok_dir):
+    """A peer whose bytes are not frames of the protocol (a length past the limit) is
+    disconnected; the engine serves the other gateways on."""
+    from loraplex.engine.transport import HEADER, MAX_FRAME, parse_address
+
+    async with toy_engine("remote", tok_dir) as h:
+        _, path = parse_address(h.client.address)  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(HEADER.pack(MAX_FRAME + 1) + b"GET / HTTP/1.1\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the engine
+        outs = await collect(
+            h.client, Request("alive", [3], SamplingParams(max_tokens=2, **GREEDY))
+        )
+        assert outs[-1].finished
