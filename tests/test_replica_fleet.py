@@ -86,7 +86,7 @@ def test_two_engines_two_gateways(tmp_path: Path, redis_url: str, s3: Any) -> No
             "LORAPLEX_OBJECT_STORE_URL": f"s3://{s3.bucket}/adapters",
             "LORAPLEX_S3_ENDPOINT_URL": s3.endpoint_url,
             "LORAPLEX_MIGRATE_ON_START": "false",
-            "LORAPLEX_DRAIN_DELAY_S": "1",
+            "LORAPLEX_DRAIN_DELAY_S": "3",  # (the checks below must come before it ends)
             "LORAPLEX_ENGINE_EJECT_S": "60",
         }
         with engine_replicas(2, root / "logs", settings) as engines:
@@ -194,7 +194,7 @@ def drain(gw: Worker, key: str) -> int:
     assert refused.headers["retry-after"] and refused.headers["connection"] == "close"
     for t in threads:
         t.join(240)
-    print(f"drain: streams ended {time.monotonic() - term:.1f}s after SIGTERM (delay 1s)")
+    print(f"drain: streams ended {time.monotonic() - term:.1f}s after SIGTERM (delay 3s)")
     for events in outs:  # each stream ran to its end: usage, then [DONE], no error
         assert events[-1] == {"done": True} and not any("error" in e for e in events)
         assert sum(len(e.get("choices", [{}])[0].get("text", "")) > 0 for e in events) > 100
