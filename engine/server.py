@@ -126,7 +126,6 @@ class EngineServer:
         self._holder = "main"
         self._lend_asked = False
         self._main_turn = threading.Event()  # the sockets came back to the main thread
-        self._busy_since: float | None = None  # the step loop has been busy since (lent)
         self._sel: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._info: ModelInfo | None = None
@@ -222,7 +221,7 @@ class EngineServer:
         lock = self._io_lock
         try:
             while not self._stop and self._exit_code is None:
-                if self._holder == "step":  # lent to the step thread: its until it is busy
+                if self._holder == "step":  # lent to the step thread until it is busy
                     self._main_turn.wait(_POLL_MS / 1000)
                     self._main_turn.clear()
                     if self._want_write:  # bytes this thread queued: watched over there
@@ -504,8 +503,9 @@ class EngineServer:
         return Status(self._engine_id, "ready", "", self._step.stats())
 
     def _send(self, ident: bytes, msg: Any) -> None:
-        """Under the lock. What the kernel does not take now is kept and sent by the main
-        thread (never dropped: a slow gateway only delays its own outputs)."""
+        """Under the lock. What the kernel does not take now is kept and sent by the thread
+        that waits on the sockets (never dropped: a slow gateway only delays its own
+        outputs)."""
         conn = self._conns.get(ident)
         if conn is None:
             return  # that gateway is gone
@@ -574,6 +574,7 @@ class _StepSockets:
 
     def __init__(self, server: EngineServer) -> None:
         self._s = server
+        self._busy_since: float | None = None  # the step loop has been busy since
 
     def poll(self) -> None:
         s = self._s
@@ -584,7 +585,7 @@ class _StepSockets:
 
     def wait(self, timeout: float, woken: threading.Event) -> None:
         s = self._s
-        s._busy_since = None
+        self._busy_since = None
         if s._holder != "step" or s._sel is None:
             ask = False
             with s._io_lock:
@@ -599,11 +600,10 @@ class _StepSockets:
             s._serve(events)
 
     def busy(self) -> None:
-        s = self._s
         now = time.monotonic()
-        if s._busy_since is None:
-            s._busy_since = now
-        elif s._holder == "step" and now - s._busy_since >= _LEND_BUSY_S:
+        if self._busy_since is None:
+            self._busy_since = now
+        elif self._s._holder == "step" and now - self._busy_since >= _LEND_BUSY_S:
             self.release()
 
     def release(self) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.gateway.drain import ALWAYS_SERVED, refuse_draining
 from loraplex.gateway.errors import envelope
-from loraplex.gateway.request_log import QUIET_PATHS, RequestNote, close_note, open_note
+from loraplex.gateway.request_log import QUIET_PATHS, close_note, open_note
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -35,9 +34,9 @@ class GatewayEdge:
 
     - counts every response by route template, method and status once it has been sent
       (or cut off);
-    - while the worker drains, answers 503 ``draining`` to all but the probes;
     - takes a well-formed client ``x-request-id`` or makes one, and echoes it on the
       response; an unhandled error becomes the 500 envelope with that id;
+    - while the worker drains, answers 503 ``draining`` to all but the probes;
     - writes the request's log line (``gateway.request_log``) once its response is sent;
     - reads the whole body before the app sees it (at most ``max_bytes``, which the app
       reads whole anyway), so that a body over the cap is a 413 however it is sent
@@ -57,18 +56,6 @@ class GatewayEdge:
         started = False
         services = getattr(scope["app"].state, "services", None)
         try:
-            path = scope["path"]
-            drain = getattr(services, "drain", None)
-            if drain is not None and drain.draining and path not in ALWAYS_SERVED:
-
-                async def send_status(message: Message) -> None:
-                    nonlocal status
-                    if message["type"] == "http.response.start":
-                        status = message["status"]
-                    await send(message)
-
-                await refuse_draining(send_status)
-                return
             given = ""
             for name, value in scope["headers"]:
                 if name == b"x-request-id":
@@ -87,24 +74,23 @@ class GatewayEdge:
                     message = {**message, "headers": headers}
                 await send(message)
 
-            note = RequestNote() if self.request_log and path not in QUIET_PATHS else None
-            token = open_note(note) if note is not None else None
-            t0 = time.perf_counter()
+            path = scope["path"]
+            drain = getattr(services, "drain", None)
+            if drain is not None and drain.draining and path not in ALWAYS_SERVED:
+                await refuse_draining(send_edge)  # (no log line: the worker is going)
+                return
+            opened = open_note() if self.request_log and path not in QUIET_PATHS else None
             try:
                 await self._read_body(scope, receive, send_edge)
             except Exception:
                 if started:  # a streamed response cut off: nothing more can be sent
                     raise
                 log.exception("unhandled error in %s %s (%s)", scope["method"], path, request_id)
-                logged_status = 500  # the line says what the app did: it failed
                 response = envelope(500, "internal server error", "server_error", "internal_error")
-                if note is not None:
-                    close_note(token, scope, logged_status, note, t0)
-                    note = None
                 await response(scope, receive, send_edge)
             finally:
-                if note is not None:
-                    close_note(token, scope, status, note, t0)
+                if opened is not None:
+                    close_note(opened, scope, status)
         finally:
             metrics = getattr(services, "metrics", None)
             if metrics is not None:

@@ -54,23 +54,24 @@ def note_usage(model: str, prompt_tokens: int, completion_tokens: int) -> None:
         note.metered = True
 
 
-def open_note(note: RequestNote) -> Token[RequestNote | None]:
-    """The request's note, open for the dependencies and metering to fill in
+@dataclass
+class OpenNote:
+    note: RequestNote
+    token: Token[RequestNote | None]
+    t0: float  # time.perf_counter() when it was opened
+
+
+def open_note() -> OpenNote:
+    """A request's note, open for the dependencies and metering to fill in
     (``gateway.middleware.GatewayEdge`` opens and closes it)."""
-    return _current.set(note)
+    note = RequestNote()
+    return OpenNote(note, _current.set(note), time.perf_counter())
 
 
-def close_note(
-    token: Token[RequestNote | None] | None,
-    scope: Scope,
-    status: int,
-    note: RequestNote,
-    t0: float,
-) -> None:
-    """The note closed, and its line written (``t0``: ``time.perf_counter()`` at the start)."""
-    if token is not None:
-        _current.reset(token)
-    _write(scope, status, note, (time.perf_counter() - t0) * 1000)
+def close_note(opened: OpenNote, scope: Scope, status: int) -> None:
+    """The note closed, and its line written."""
+    _current.reset(opened.token)
+    _write(scope, status, opened.note, (time.perf_counter() - opened.t0) * 1000)
 
 
 def _write(scope: Scope, status: int, note: RequestNote, latency_ms: float) -> None:

@@ -192,6 +192,7 @@ def drain(gw: Worker, key: str) -> int:
                          headers={"Authorization": f"Bearer {key}"})  # fmt: skip
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     assert refused.headers["retry-after"] and refused.headers["connection"] == "close"
+    assert refused.headers["x-request-id"]  # as on every response
     for t in threads:
         t.join(240)
     print(f"drain: streams ended {time.monotonic() - term:.1f}s after SIGTERM (delay 3s)")
