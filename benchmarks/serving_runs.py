@@ -74,7 +74,10 @@ class Runner:
         return await send(self.client, self.url, p, t_run)
 
     async def metrics(self) -> dict[str, float]:
-        r = await self.client.get(self.url + "/metrics")
+        try:
+            r = await self.client.get(self.url + "/metrics")
+        except httpx.RemoteProtocolError:  # a pooled connection the server closed as it
+            r = await self.client.get(self.url + "/metrics")  # went out: once more, anew
         r.raise_for_status()
         return parse_metrics(r.text)
 

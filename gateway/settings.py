@@ -84,6 +84,11 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     # it stops accepting and the requests in flight, streams too, get drain_grace_s to end.
     drain_delay_s: float = Field(default=0.0, ge=0)
     drain_grace_s: int = Field(default=30, ge=0)
+    # An idle client connection stays open this long. Above the idle timeout of the load
+    # balancers in front (60 s on AWS's and nginx's): the side that closes first must be the
+    # client's, or a request sent on a connection the server is closing at that moment is
+    # lost ("server disconnected"). uvicorn's own default is 5 s.
+    keep_alive_s: int = Field(default=65, ge=1)
     access_log: bool = True  # a log line per request: id, tenant, model, status, tokens, latency
     log_format: Literal["text", "json"] = "text"  # every process's log lines (gateway.log_format)
     # HTTP limits

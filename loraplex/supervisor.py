@@ -203,6 +203,7 @@ def run_gateways(settings: GatewaySettings, env: dict[str, str], workers: int) -
         log_level="info",
         access_log=False,  # loraplex.request writes the line per request (gateway.request_log)
         timeout_graceful_shutdown=settings.drain_grace_s,
+        timeout_keep_alive=settings.keep_alive_s,
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         http=http_protocol(),  # malformed HTTP is answered in the API's error envelope
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -142,11 +143,35 @@ def test_production_mode_on_postgres(pg_url: str, tmp_path: Path, free_port: int
     assert not (tmp_path / ".loraplex/loraplex.db").exists()  # the database is PostgreSQL
 
 
+def http_get(sock: socket.socket, path: str) -> bytes:
+    """One keep-alive GET on ``sock``: the whole response (its body is JSON, Content-Length)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    fields = dict(line.lower().split(b":", 1) for line in head.split(b"\r\n")[1:])
+    length = int(fields[b"content-length"])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
 @pytest.mark.parametrize("model", ["dummy:tiny"])
 def test_ready_reports_each_check(model: str, tmp_path: Path, free_port: int) -> None:
-    with serving(["--model", model, "--data-dir", str(tmp_path / "d")], free_port, tmp_path) as s:
+    """/ready says ok; an idle connection stays open for LORAPLEX_KEEP_ALIVE_S, then the
+    server closes it."""
+    args = ["--model", model, "--data-dir", str(tmp_path / "d")]
+    with serving(args, free_port, tmp_path, {"LORAPLEX_KEEP_ALIVE_S": "2"}) as s:
         body = wait_ready(s)
         assert body["status"] == "ok"
+        with socket.create_connection(("127.0.0.1", free_port), timeout=10) as sock:
+            assert http_get(sock, "/health").startswith(b"HTTP/1.1 200")
+            time.sleep(1.0)  # idle below the setting: the same connection serves again
+            assert http_get(sock, "/health").startswith(b"HTTP/1.1 200")
+            time.sleep(3.0)  # idle past it: closed by the server by now
+            sock.settimeout(0.5)
+            assert sock.recv(1) == b""
 
 
 def run_serve(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
