@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import adapter_refs, preload, prompts, run_engine_case, warm_up
 from common import device_info, write_json, zipf_indices
+from serving_runs import FAIR_SUMS, queue_split
 
 from loraplex.engine.api import AdapterRef, Request, SamplingParams
 from loraplex.engine.llm_engine import LLMEngine
@@ -83,6 +84,17 @@ def pcts(xs: list[float]) -> dict[str, float]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": statistics.fmean(xs)}
 
 
+def fair_sums(engine: LLMEngine) -> dict[str, float]:
+    """The engine's per-key queue counters summed over the keys, named as
+    ``serving_runs.parse_metrics`` names them from a server's ``/metrics``."""
+    out: dict[str, float] = {}
+    for f in engine.stats().fairness.values():
+        for family in FAIR_SUMS:
+            value = float(getattr(f, family))
+            out["fair:" + family] = out.get("fair:" + family, 0.0) + value
+    return out
+
+
 def run_poisson(
     args: argparse.Namespace,
     engine: LLMEngine,
@@ -104,6 +116,7 @@ def run_poisson(
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     added, first, end, toks = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
     nxt, done, steps = 0, 0, 0
+    fair0 = fair_sums(engine)
     t0 = time.perf_counter()
     while done < n:
         now = time.perf_counter() - t0
@@ -131,8 +144,10 @@ def run_poisson(
                 end[i], done = t, done + 1
     ttft = [(first[i] - added[i]) * 1e3 for i in range(n)]
     tpot = [(end[i] - first[i]) * 1e3 / max(toks[i] - 1, 1) for i in range(n)]
+    fair1 = fair_sums(engine)
     out = {"rate": rate, "requests": n, "seconds": max(end), "steps": steps,
-           "ttft_ms": pcts(ttft), "tpot_ms": pcts(tpot)}  # fmt: skip
+           "ttft_ms": pcts(ttft), "tpot_ms": pcts(tpot),
+           **queue_split({k: fair1[k] - fair0.get(k, 0.0) for k in fair1})}  # fmt: skip
     print(f"offline Poisson {rate:g}/s: TTFT p50 {out['ttft_ms']['p50']:.1f} p99 "
           f"{out['ttft_ms']['p99']:.1f} ms, TPOT p50 {out['tpot_ms']['p50']:.1f} ms", flush=True)  # fmt: skip
     return out

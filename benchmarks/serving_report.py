@@ -58,6 +58,16 @@ def run_row(r: dict) -> dict:
     }
 
 
+def queue_note(d: dict) -> str:
+    """The engine's share of the TTFT (``serving_runs.queue_split``), means over a run."""
+    if d.get("queue_ms_mean") is None or d["queue_ms_mean"] != d["queue_ms_mean"]:
+        return "queue counters absent"
+    return (
+        f"queued {d['queue_ms_mean']:.1f} ms ({d['queue_steps_mean']:.2f} steps) to be "
+        f"scheduled, {d['first_token_ms_mean']:.1f} ms to the first token (means)"
+    )
+
+
 def report(result: dict, rows: list[dict], args) -> str:
     lines = [
         "\nengine per run (steps and ms/step from /metrics; batch: sampled while busy)",
@@ -80,12 +90,14 @@ def report(result: dict, rows: list[dict], args) -> str:
                 f"p99 {g['p50']:.1f} / {g['p99']:.1f} ms; the rest of the client's TTFT p50 / "
                 f"p99 {o['p50']:.1f} / {o['p99']:.1f} ms"
             )
+        lines.append(f"{row['case']}: in the engine, {queue_note(r['engine'])}")
     off = result.get("offline") or {}
     for po in off.get("poisson", []):
         lines.append(
             f"engine alone under the same Poisson arrivals, {po['rate']:g} req/s: TTFT p50 / p99 "
             f"{po['ttft_ms']['p50']:.1f} / {po['ttft_ms']['p99']:.1f} ms, TPOT p50 "
-            f"{po['tpot_ms']['p50']:.1f} ms"
+            f"{po['tpot_ms']['p50']:.1f} ms, {po['steps']} steps in {po['seconds']:.1f} s; "
+            f"{queue_note(po)}"
         )
     ratio = result.get("http_over_offline")
     if ratio:

@@ -23,6 +23,8 @@ COUNTERS = {  # the engine's counters read before and after a run
     "adapter_misses": "loraplex_engine_adapter_cache_misses_total",
 }
 GAUGES = {"batch": "loraplex_engine_batch_size", "running": "loraplex_engine_requests_running"}
+# per fairness key on the page; summed over the keys into "fair:<family>" by parse_metrics
+FAIR_SUMS = ("scheduled", "queue_seconds", "queue_steps", "first_token_seconds", "first_tokens")
 
 
 def server_cpu(pid: int | None) -> dict[str, float]:
@@ -48,9 +50,17 @@ def server_cpu(pid: int | None) -> dict[str, float]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """The unlabelled samples of a Prometheus text page (the engine's are unlabelled)."""
-    out = {}
+    """The unlabelled samples of a Prometheus text page (the engine's are unlabelled), and
+    the engine's per-key queue counters summed over the keys (``fair:<family>``)."""
+    out: dict[str, float] = {}
     for line in text.splitlines():
+        if line.startswith("loraplex_engine_fair_") and "{" in line:
+            family = line.partition("{")[0].removeprefix("loraplex_engine_fair_")
+            family = family.removesuffix("_total")
+            if family in FAIR_SUMS:
+                k = "fair:" + family
+                out[k] = out.get(k, 0.0) + float(line.rpartition(" ")[2])
+            continue
         if line.startswith("#") or "{" in line:
             continue
         name, _, value = line.partition(" ")
@@ -157,6 +167,7 @@ class Runner:
             sum(s.get("running", 0) for s in busy) / len(busy) if busy else math.nan
         )
         eng["samples"] = len(samples)
+        eng.update(queue_split({k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}))
         row["engine"] = eng
         row["client_cpu"] = cpu / duration if duration > 0 else math.nan  # cores, all procs
         cpu_after = server_cpu(self.server_pid)
@@ -179,3 +190,18 @@ class Runner:
             except httpx.HTTPError:
                 continue
             into.append({k: m[name] for k, name in GAUGES.items() if name in m})
+
+
+def queue_split(d: dict[str, float]) -> dict[str, float]:
+    """From the engine's per-key counters over a run (``fair:<family>`` deltas): where its
+    share of the TTFT goes, in the mean over the run's requests. Queue: from arrival in the
+    engine to being scheduled (in ms and in steps); first token: from arrival in the engine
+    to its first token."""
+    n, firsts = d.get("fair:scheduled", 0.0), d.get("fair:first_tokens", 0.0)
+    return {
+        "queue_ms_mean": d.get("fair:queue_seconds", 0.0) * 1e3 / n if n else math.nan,
+        "queue_steps_mean": d.get("fair:queue_steps", 0.0) / n if n else math.nan,
+        "first_token_ms_mean": (
+            d.get("fair:first_token_seconds", 0.0) * 1e3 / firsts if firsts else math.nan
+        ),
+    }

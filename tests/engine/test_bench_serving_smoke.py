@@ -33,6 +33,14 @@ def finite(x: float) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
+def queue_split_ok(d: dict) -> None:
+    """The engine's share of a run's TTFT: each request is scheduled at the earliest at the
+    first step after it arrives (so at least 1 step), and its first token comes after."""
+    assert finite(d["queue_steps_mean"]) and d["queue_steps_mean"] >= 1, d
+    assert finite(d["queue_ms_mean"]) and d["queue_ms_mean"] >= 0, d
+    assert finite(d["first_token_ms_mean"]) and d["first_token_ms_mean"] > d["queue_ms_mean"], d
+
+
 @pytest.mark.slow
 def test_serving_smoke(bench, tmp_path):
     path = tmp_path / "serving.json"
@@ -66,6 +74,9 @@ def test_serving_smoke(bench, tmp_path):
         assert eng["steps"] > 0 and finite(eng["ms_per_step"])
         assert eng["preemptions"] == 0 and eng["adapter_load_failures"] == 0
         assert eng["adapter_misses"] == 0  # the warm-up made every adapter resident
+        queue_split_ok(eng)
+    assert [p["requests"] for p in off["poisson"]] == [n]  # the replay of the Poisson run
+    queue_split_ok(off["poisson"][0])
 
     ratio = out["http_over_offline"]
     assert all(finite(v) and v > 0 for v in ratio.values()), ratio
