@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--concurrency", type=int, default=256, help="closed-loop streams (0: none)")
     p.add_argument("--rates", default="", help="Poisson rates, req/s, e.g. 10,21.6,30")
+    p.add_argument(
+        "--replay",
+        choices=("server", "plain", "both"),
+        default="server",
+        help="the offline Poisson replay's requests: as the gateway sends them (fairness key "
+        "of the tenant, min_tokens), plain (neither), or both, one after the other",
+    )
     p.add_argument("--adapters", type=int, default=32, help="0: the base model")
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)

@@ -55,10 +55,13 @@ def run_offline(args: argparse.Namespace, weights_root: Path) -> dict:
     ids = prompt_set(args, cfg.vocab_size, args.num_requests, 0)
     row = run_engine_case(args, engine, ids, refs)
     rates = [float(x) for x in str(getattr(args, "rates", "")).split(",") if x.strip()]
+    shapes = {"both": ("plain", "server")}.get(getattr(args, "replay", "server"), None)
+    shapes = shapes or (getattr(args, "replay", "server"),)
     row["poisson"] = [
         run_poisson(args, engine, prompt_set(args, cfg.vocab_size, args.num_requests,
-                                             1000 * (k + 1)), refs, rate, args.seed + k)
+                                             1000 * (k + 1)), refs, rate, args.seed + k, shape)
         for k, rate in enumerate(rates)
+        for shape in shapes
     ]  # fmt: skip
     engine.shutdown()
     row.update(
@@ -102,18 +105,28 @@ def run_poisson(
     refs: list[AdapterRef],
     rate: float,
     seed: int,
+    shape: str = "server",
 ) -> dict:
     """The engine alone under the HTTP run's Poisson arrivals (same gaps, prompts and picks):
     each request is added when its arrival time has passed (checked between steps, as the
     engine server's loop takes new requests), so its TTFT here is the engine's own share of
-    the TTFT a client sees: queueing for a step, its prefill, the step that reads the token."""
+    the TTFT a client sees: queueing for a step, its prefill, the step that reads the token.
+    ``shape`` "server": each request as the gateway hands it to the engine (its tenant's
+    fairness key, ``min_tokens`` as sent); "plain": no fairness key, no ``min_tokens``."""
     n = len(ids)
     gen, at, offsets = random.Random(seed), 0.0, []
     for _ in range(n):
         offsets.append(at)
         at += gen.expovariate(rate)
     picks = zipf_indices(len(refs), n, args.zipf, seed=args.seed) if refs else [None] * n
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    server = shape == "server"
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True,
+                            min_tokens=args.output_len if server else 0)  # fmt: skip
+    tenants = max(1, int(getattr(args, "tenants", 1)))
+
+    def fair_key(i: int, a: int | None) -> str | None:  # as plan_requests picks the key
+        return f"t{(i if a is None else a) % tenants}" if server else None
+
     added, first, end, toks = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
     nxt, done, steps = 0, 0, 0
     fair0 = fair_sums(engine)
@@ -122,8 +135,9 @@ def run_poisson(
         now = time.perf_counter() - t0
         while nxt < n and offsets[nxt] <= now:
             a = picks[nxt]
-            engine.add_request(Request(f"p{seed}-{nxt}", ids[nxt], params,
-                                       None if a is None else refs[a]))  # fmt: skip
+            engine.add_request(Request(f"p{seed}{shape[0]}-{nxt}", ids[nxt], params,
+                                       None if a is None else refs[a],
+                                       fairness_key=fair_key(nxt, a)))  # fmt: skip
             added[nxt] = time.perf_counter() - t0
             nxt += 1
         if not engine.has_unfinished():
@@ -145,10 +159,10 @@ def run_poisson(
     ttft = [(first[i] - added[i]) * 1e3 for i in range(n)]
     tpot = [(end[i] - first[i]) * 1e3 / max(toks[i] - 1, 1) for i in range(n)]
     fair1 = fair_sums(engine)
-    out = {"rate": rate, "requests": n, "seconds": max(end), "steps": steps,
+    out = {"rate": rate, "shape": shape, "requests": n, "seconds": max(end), "steps": steps,
            "ttft_ms": pcts(ttft), "tpot_ms": pcts(tpot),
            **queue_split({k: fair1[k] - fair0.get(k, 0.0) for k in fair1})}  # fmt: skip
-    print(f"offline Poisson {rate:g}/s: TTFT p50 {out['ttft_ms']['p50']:.1f} p99 "
+    print(f"offline Poisson {rate:g}/s ({shape} requests): TTFT p50 {out['ttft_ms']['p50']:.1f} p99 "
           f"{out['ttft_ms']['p99']:.1f} ms, TPOT p50 {out['tpot_ms']['p50']:.1f} ms", flush=True)  # fmt: skip
     return out
 

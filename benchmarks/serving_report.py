@@ -94,7 +94,8 @@ def report(result: dict, rows: list[dict], args) -> str:
     off = result.get("offline") or {}
     for po in off.get("poisson", []):
         lines.append(
-            f"engine alone under the same Poisson arrivals, {po['rate']:g} req/s: TTFT p50 / p99 "
+            f"engine alone under the same Poisson arrivals, {po['rate']:g} req/s "
+            f"({po.get('shape', 'plain')} requests): TTFT p50 / p99 "
             f"{po['ttft_ms']['p50']:.1f} / {po['ttft_ms']['p99']:.1f} ms, TPOT p50 "
             f"{po['tpot_ms']['p50']:.1f} ms, {po['steps']} steps in {po['seconds']:.1f} s; "
             f"{queue_note(po)}"
