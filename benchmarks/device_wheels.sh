@@ -30,7 +30,7 @@ PKGS=(
   aiosqlite alembic annotated-doc annotated-types asyncpg attrs authlib cffi cryptography fastapi
   gguf greenlet httpcore2 httptools httpx2 joserfc jsonschema jsonschema-specifications
   "llguidance>=1.9,<2" mako msgspec opentelemetry-api prometheus-client pycparser pydantic pydantic-core
-  pydantic-settings python-dotenv python-multipart pyzmq redis referencing rpds-py sniffio
+  pydantic-settings py-spy python-dotenv python-multipart pyzmq redis referencing rpds-py sniffio
   sqlalchemy starlette truststore typing-inspection uvicorn watchfiles websockets
 )
 PLATFORMS=()

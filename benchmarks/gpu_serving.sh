@@ -11,6 +11,9 @@
 #   GPU-busy window;
 # serving: bench_serving.py, the offline baseline then loraplex serve over HTTP: closed loop
 #   of 256 streams, Poisson at 21.6 req/s and a rate sweep.
+# profile: Poisson at 21.6 req/s only (the offline replay of both request shapes first),
+#   the whole run under py-spy (a wheel of .whl/); benchmarks/pyspy_summary.py's view of the
+#   engine process in $OUT/profile.txt (PROFILE_ARGS= replaces the benchmark's arguments).
 # Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/loraplex-gpu-serving}
@@ -58,6 +61,14 @@ for s in $SECTIONS; do
       step serving python3 benchmarks/bench_serving.py --baseline --concurrency 256 \
         --rates "$RATES" --workers "${WORKERS:-6}" --client-procs "${CLIENT_PROCS:-4}" \
         --json "$OUT/serving.json" ;;
+    profile)
+      step profile /tmp/site/bin/py-spy record --nonblocking --subprocesses --threads --idle \
+        -r 50 -f raw -o /tmp/serving-prof.txt -- python3 benchmarks/bench_serving.py \
+        ${PROFILE_ARGS:---baseline --replay both --concurrency 0 --rates 21.6 --workers 6 \
+        --client-procs 4 --json $OUT/profile.json}
+      python3 benchmarks/pyspy_summary.py /tmp/serving-prof.txt \
+        --process "loraplex.main engine" > "$OUT/profile.txt" 2>&1
+      head -n 60 "$OUT/profile.txt" ;;
   esac
 done
 exit $status

@@ -17,7 +17,7 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 MODULES = ("bench_serving", "bench_throughput", "common", "serving_client", "serving_metrics",
            "serving_fairness", "serving_offline", "serving_report", "serving_runs",
-           "serving_server", "serving_setup")  # fmt: skip
+           "serving_server", "serving_setup", "pyspy_summary")  # fmt: skip
 
 
 @pytest.fixture
@@ -149,3 +149,32 @@ def test_metrics_flag_inexact_lengths(bench):
     assert s["itl_ms"]["p50"] == pytest.approx(350.0)  # gaps 0.1 and 0.6 s
     assert m.dist([1, 2, 3, 4, 5])["p90"] == pytest.approx(4.6)
     assert all(math.isnan(v) for v in m.dist([]).values())
+
+
+def test_pyspy_summary_per_process_and_thread(bench, tmp_path, capsys):
+    """Samples go to the innermost process frame (a child's under ``--subprocesses``) and
+    its thread: own samples at the leaf, samples under each frame once per stack."""
+    raw = tmp_path / "prof.txt"
+    parent = 'process 1:"python3 bench_serving.py"'
+    engine = 'process 7:"python3 -m loraplex.main engine --listen x"'
+    raw.write_text(
+        "\n".join(
+            [
+                f"{parent};thread (1): MainThread;main (b.py:1);sleep (b.py:2) 5",
+                f"{parent};{engine};thread (8): engine-step;loop (s.py:1);step (e.py:2);sync (c.py:3) 6",
+                f"{parent};{engine};thread (8): engine-step;loop (s.py:1);step (e.py:2);launch (e.py:9) 3",
+                f"{parent};{engine};thread (8): engine-step;loop (s.py:1);wait (s.py:4) 1",
+                f"{parent};{engine};thread (7): MainThread;serve (v.py:1) 2",
+                "not a sample line",
+            ]
+        )
+        + "\n"
+    )
+    bench("pyspy_summary").main([str(raw), "--process", "loraplex.main engine"])
+    out = capsys.readouterr().out
+    assert "       12  " + engine in out and "        5  " + parent in out
+    step = out.split("== thread (8): engine-step: 10 samples")[1].split("== thread (7)")[0]
+    own, under = step.split("-- samples under:")
+    assert "       6  60.0%  sync (c.py:3)" in own and "       3  30.0%  launch (e.py:9)" in own
+    assert "      10 100.0%  loop (s.py:1)" in under and "       9  90.0%  step (e.py:2)" in under
+    assert "== thread (7): MainThread: 2 samples" in out
