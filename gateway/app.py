@@ -33,6 +33,7 @@ from loraplex.gateway.fast_routes import FastInference
 from loraplex.gateway.middleware import install_middleware
 from loraplex.gateway.openapi import install_openapi
 from loraplex.gateway.resolve import ModelResolver
+from loraplex.gateway.routes import authz as authz_routes
 from loraplex.gateway.routes import chat, completions, health, models, responses
 from loraplex.gateway.routes import embeddings as embeddings_routes
 from loraplex.gateway.routes import metrics as metrics_routes
@@ -146,6 +147,7 @@ def create_app(
     app.include_router(embeddings_routes.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(authz_routes.router)
     app.include_router(metrics_routes.router)
     app.include_router(admin_tenants.router)
     app.include_router(admin_keys.router)

@@ -19,7 +19,11 @@ from loraplex.gateway.settings import GatewaySettings
 CHART = ROOT / "helm" / "loraplex"
 PROD = CHART / "ci" / "production-values.yaml"
 K8S_VERSIONS = ("1.29.0", "1.33.0")  # the oldest and a recent release the chart targets
-CRD_KINDS = {"ServiceMonitor", "InferencePool"}  # no schema in kubernetes-validate
+CRD_KINDS = {
+    "ServiceMonitor",
+    "InferencePool",
+    "SecurityPolicy",
+}  # no schema in kubernetes-validate
 SECRET_VARS = {
     "LORAPLEX_DATABASE_URL",
     "LORAPLEX_REDIS_URL",
@@ -30,7 +34,11 @@ SECRET_VARS = {
     "AWS_SECRET_ACCESS_KEY",
 }
 NON_SETTING_VARS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
-POOL = ["--set", "inferencePool.enabled=true", "--set", "inferencePool.endpointPickerRef.name=epp"]
+POOL = [
+    "--set", "inferencePool.enabled=true", "--set", "inferencePool.endpointPickerRef.name=epp",
+    "--set", "inferencePool.extAuth.enabled=true",
+    "--set", "inferencePool.extAuth.httpRouteName=llm-route",
+]  # fmt: skip
 BARE = [
     "--set", "gateway.autoscaling.enabled=false", "--set", "gateway.replicas=1",
     "--set", "gateway.podDisruptionBudget.enabled=false", "--set", "networkPolicy.enabled=false",
@@ -83,7 +91,7 @@ def test_every_manifest_matches_the_kubernetes_schemas(helm, name):
     assert {"Deployment", "StatefulSet", "Service", "ConfigMap"} <= kinds
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
-            assert doc["apiVersion"] and doc["spec"]["selector"]
+            assert doc["apiVersion"] and (doc["spec"].get("selector") or doc["spec"]["targetRefs"])
             continue
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)  # raises on any error
@@ -161,6 +169,7 @@ def test_secret_settings_cannot_be_passed_as_plain_values(helm):
         (["--set", "gateway.workers=0"], "gateway.workers"),
         (["--set", "settings.objectStoreUrl=http://x"], "settings.objectStoreUrl"),
         (["--set", "inferencePool.enabled=true"], "endpointPickerRef"),
+        ([*POOL, "--set", "inferencePool.extAuth.httpRouteName="], "extAuth.httpRouteName"),
     ],
 )
 def test_bad_values_are_refused_at_render_time(helm, values, message):
@@ -265,3 +274,27 @@ def test_dockerfiles_build_what_the_chart_runs():
         line for line in gateway.splitlines() if "pip install" in line or "pip wheel" in line
     ]
     assert installs and not any("[" in line for line in installs)  # no extras: no torch
+
+
+def test_router_authz_asks_this_releases_gateways(helm):
+    """With the pool's extAuth, Envoy Gateway checks each request on the route with the
+    gateway Service's /authz (a route of the app, for any path under it) and takes the
+    fairness header the route sets from its answer."""
+    from loraplex.gateway.routes.authz import FAIRNESS_HEADER, router
+
+    docs = render(helm, ["-f", str(PROD), *POOL])
+    (policy,) = by_kind(docs, "SecurityPolicy")
+    (service,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "rel-loraplex"]
+    spec = policy["spec"]
+    assert spec["targetRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "llm-route"}
+    ]
+    http = spec["extAuth"]["http"]
+    assert http["backendRefs"] == [
+        {"name": service["metadata"]["name"], "port": service["spec"]["ports"][0]["port"]}
+    ]
+    assert spec["extAuth"]["headersToExtAuth"] == ["authorization"]
+    assert http["headersToBackend"] == [FAIRNESS_HEADER]
+    paths = {route.path for route in router.routes}  # type: ignore[attr-defined]
+    assert {http["path"], http["path"] + "/{path:path}"} <= paths
+    assert not by_kind(render(helm, ["-f", str(PROD)]), "SecurityPolicy")

@@ -136,3 +136,55 @@ def test_revocation_reaches_a_cached_key_within_the_ttl(gateway: Gateway) -> Non
             return
         time.sleep(0.1)
     pytest.fail("revoked key still accepted 5 s after revocation (TTL is 1 s)")
+
+
+# ---- /authz: the external authorizer of a Kubernetes inference router ------------------------
+
+
+def _tenant_id(gateway: Gateway, role: str) -> str:
+    rows = gateway.sql("SELECT id FROM tenants WHERE name = %s", gateway.tenants[role])
+    return str(rows[0][0])
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/authz/v1/chat/completions"), ("GET", "/authz/v1/models"), ("POST", "/authz")],
+)
+def test_authz_names_the_callers_tenant_for_the_router(
+    gateway: Gateway, method: str, path: str
+) -> None:
+    """Any method and path under /authz (Envoy asks at the prefix + the request's path, with
+    the request's method and no body): the tenant's id as the fairness header, the same id
+    the engine's scheduler keys that tenant by; a header the client sent has no say."""
+    seen = {}
+    for role in ("a", "b"):
+        with gateway.http(role) as http:
+            spoof = {"x-llm-d-inference-fairness-id": "someone-else"}
+            r = http.request(method, path, headers=spoof)
+        assert r.status_code == 200, r.text
+        seen[role] = r.headers["x-llm-d-inference-fairness-id"]
+        assert seen[role] == _tenant_id(gateway, role)
+    assert seen["a"] != seen["b"]
+
+
+@pytest.mark.parametrize(
+    ("role", "status", "code"),
+    [
+        (None, 401, "invalid_api_key"),
+        ("a_revoked", 401, "invalid_api_key"),
+        ("a_expired", 401, "invalid_api_key"),
+        ("s", 403, "tenant_suspended"),
+        ("a_read_only", 403, None),
+    ],
+)
+def test_authz_refuses_as_the_api_would(
+    gateway: Gateway, role: str | None, status: int, code: str | None
+) -> None:
+    """Refusals in the API's error envelope (Envoy passes them on to the client as they
+    are), and never the fairness header."""
+    with gateway.http(role) as http:
+        r = http.post("/authz/v1/completions")
+    assert r.status_code == status, r.text
+    assert "x-llm-d-inference-fairness-id" not in r.headers
+    error = r.json()["error"]
+    assert error["message"] and (code is None or error["code"] == code), error
