@@ -45,6 +45,13 @@ class AdapterRegistry:
         self.store = store
         self.spec = spec
         self.max_rank = max_rank
+        # called with the tenant's id after each committed change to what its names resolve
+        # to (upload, delete, alias set or deleted): the gateway's model cache forgets them
+        self.on_change: list[Callable[[uuid.UUID], None]] = []
+
+    def _changed(self, tenant_id: uuid.UUID) -> None:
+        for callback in self.on_change:
+            callback(tenant_id)
 
     async def publish(
         self, tenant_id: uuid.UUID, name: str, adapter_dir: Path, *, actor: str = "system"
@@ -67,12 +74,15 @@ class AdapterRegistry:
         attempt = 0
         while True:
             try:
-                return await self._register(tenant_id, name, valid, bundle, spec.name, actor)
+                info = await self._register(tenant_id, name, valid, bundle, spec.name, actor)
             except IntegrityError:  # a concurrent upload took the version number or the name
                 attempt += 1
                 if attempt >= 5:
                     raise
                 await asyncio.sleep(0.01 * attempt)
+                continue
+            self._changed(tenant_id)
+            return info
 
     async def _register(
         self,
@@ -139,6 +149,7 @@ class AdapterRegistry:
             adapter.deleted_at = utcnow()
             adapter.current_version = None
             _audit(s, actor, "adapter.delete", tenant_id, name)
+        self._changed(tenant_id)
 
     async def set_alias(
         self, tenant_id: uuid.UUID, alias: str, name: str, version: int, *, actor: str = "system"
@@ -158,6 +169,7 @@ class AdapterRegistry:
                 row.adapter_version_id = target.id
                 row.updated_at = utcnow()
             _audit(s, actor, "adapter.alias", tenant_id, alias, {"target": f"{name}@{version}"})
+        self._changed(tenant_id)
         return AliasInfo(alias=alias, name=name, version=version)
 
     async def delete_alias(
@@ -169,6 +181,7 @@ class AdapterRegistry:
                 raise AdapterNotFound(f"alias {alias!r} not found", param="alias")
             await s.delete(row)
             _audit(s, actor, "adapter.alias_delete", tenant_id, alias)
+        self._changed(tenant_id)
 
     async def list(self, tenant_id: uuid.UUID) -> list[AdapterInfo]:
         async with self.sessions() as s:

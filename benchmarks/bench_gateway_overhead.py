@@ -26,7 +26,10 @@ the 2-core box spin between ops and take the CPU the gateway needs. ``--boost re
 work approximates an idle one; ``nice`` raises their (autogroup) nice value only.
 
     .venv/bin/python benchmarks/bench_gateway_overhead.py [--requests 2000] [--workers 1]
-        [--variants serve,inproc] [--baseline [LABEL=]PATH] [--boost realtime]
+        [--variants serve,inproc] [--baseline [LABEL=]PATH] [--boost realtime] [--adapter]
+
+``--adapter``: the requests name an adapter the tenant uploaded (rank 16, the model's
+shapes) instead of the base model, which adds the model's resolution to every request.
 """
 
 from __future__ import annotations
@@ -129,8 +132,10 @@ class Target:
     probe: bytes = b""
     cpu_s: float = 0.0  # the server's processes, over the timed requests
 
-    def setup(self, model: str, workers: int) -> None:
-        """Wait for it, make a tenant with a limit and its key, prepare the requests."""
+    def setup(self, model: str, workers: int, adapter: Path | None = None) -> None:
+        """Wait for it, make a tenant with a limit and its key (and ``adapter`` uploaded
+        as its adapter ``bench-adapter``, which the requests then name), prepare the
+        requests."""
         token = self.serve.admin_token(180)
         self.serve.wait_ready(180, workers)
         admin = {"Authorization": f"Bearer {token}"}
@@ -139,6 +144,12 @@ class Target:
                    "limits": {"requests_per_minute": 1_000_000}}).raise_for_status()  # fmt: skip
             key = c.post("/admin/v1/tenants/bench/keys", json={"scopes": ["inference"]})
             key.raise_for_status()
+            if adapter is not None:
+                files = [("files", (f, (adapter / f).read_bytes()))
+                         for f in ("adapter_config.json", "adapter_model.safetensors")]  # fmt: skip
+                c.post("/admin/v1/tenants/bench/adapters", data={"name": "bench-adapter"},
+                       files=files).raise_for_status()  # fmt: skip
+                model = "bench-adapter"
         auth = {"Authorization": f"Bearer {key.json()['key']}"}
         body = json.dumps({"model": model, "prompt": [10, 11, 12, 13, 14, 15, 16, 17],
                            "max_tokens": 1, "temperature": 0}).encode()  # fmt: skip
@@ -175,6 +186,8 @@ def main() -> None:
     p.add_argument("--boost", choices=["nice", "realtime"],
                    help="raise the benchmark's and the servers' CPU priority (Linux, root): "
                    "a shared machine's other work then disturbs the measurement less")  # fmt: skip
+    p.add_argument("--adapter", action="store_true",
+                   help="the requests name a rank-16 adapter of the model (uploaded first)")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=1,
                    help="the engine's intra-op threads (OMP_NUM_THREADS; 0: torch's default)")  # fmt: skip
     args = p.parse_args()
@@ -206,8 +219,16 @@ def main() -> None:
                 serve = ServeProcess.start(settings, data, argv=argv, repo=repo)
                 stack.callback(serve.stop)
                 targets.append(Target(label, serve))
+        adapter = None
+        if args.adapter:
+            from common import write_peft_adapter
+
+            from loraplex.engine.model.presets import PRESETS
+
+            adapter = Path(tmp) / "adapter"
+            write_peft_adapter(adapter, PRESETS[args.model.removeprefix("dummy:")], 16, seed=1)
         for t in targets:
-            t.setup(args.model, args.workers)
+            t.setup(args.model, args.workers, adapter)
         if args.boost:
             boost(os.getpid(), args.boost)  # this process and every server below it
         n = len(targets)
@@ -220,8 +241,9 @@ def main() -> None:
                 t.once(keep=i >= args.warmup)
         for t in targets:
             t.cpu_s += cpu_seconds(t.serve.proc.pid)
+        on = f"a rank-16 adapter of {args.model}" if args.adapter else args.model
         print(f"{args.requests} requests per variant, max_tokens 1, concurrency 1, "
-              f"{args.workers} gateway worker(s), {args.model} on cpu; variants interleaved"
+              f"{args.workers} gateway worker(s), {on} on cpu; variants interleaved"
               + (f"; priority raised ({args.boost})" if args.boost else ""))  # fmt: skip
         print(f"{'ms':34} {'p50':>7} {'p90':>7} {'p99':>7} {'mean':>7}")
         for t in targets:

@@ -88,7 +88,9 @@ def create_app(
         breakers = Breakers.from_settings(settings)
         db = make_engine(settings.resolved_database_url(), settings.db_timeouts())
         sessions = make_sessionmaker(db, breakers.database)
-        resolver = ModelResolver(sessions, stale_s=settings.model_cache_stale_s)
+        resolver = ModelResolver(
+            sessions, stale_s=settings.model_cache_stale_s, ttl_s=settings.model_cache_ttl_s
+        )
         services = Services(settings, db, sessions, breakers, resolver)
         app.state.services = services
         services.keys = KeyAuthenticator(
@@ -105,6 +107,7 @@ def create_app(
         services.adapters = build_for_app(
             settings, services.sessions, lambda: services.engine, breakers.object_store
         )
+        services.adapters.registry.on_change.append(resolver.forget_tenant)
         billing_stack = AsyncExitStack()
         services.oidc = await billing_stack.enter_async_context(open_oidc(settings))
         billing = await billing_stack.enter_async_context(

@@ -101,6 +101,11 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     adapter_cache_bytes: int = 20 * 1024 * 1024 * 1024
     # Auth cache TTL: revocations reach every replica within this many seconds.
     key_cache_ttl_s: float = 5.0
+    # Model resolution cache TTL: an adapter request's model is looked up in the database at
+    # most this often per worker; uploads, deletes and alias moves reach other workers and
+    # replicas within this many seconds (their own worker's next request at once). 0: every
+    # request asks the database.
+    model_cache_ttl_s: float = Field(default=5.0, ge=0)
     # Database unreachable: keys seen before keep authenticating from their last known
     # state, and models resolved before keep resolving, for this long after their TTL.
     key_cache_stale_s: float = Field(default=300.0, ge=0)

@@ -112,3 +112,61 @@ async def test_invalid_or_unstorable_leaves_nothing(
         await down.publish(tenant_id, "nostore", staged(tmp_path, 1))
     assert await registry.list(tenant_id) == [] and moto.keys(bucket) == []
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+async def test_gateway_model_cache_follows_the_registry(
+    registry: AdapterRegistry, sessions, tenant_id: uuid.UUID, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The gateway's resolver remembers an answer for its TTL (no database round trip per
+    adapter request); a change through the registry it watches applies to the next request
+    at once, a change it does not see (another worker's) once the TTL has passed; a name
+    that does not resolve is asked again each time."""
+    from sqlalchemy import text
+
+    from loraplex.gateway.resolve import ModelResolver
+    from loraplex.tenancy.errors import ModelNotFound
+    from loraplex.tenancy.principal import Principal
+
+    class Clock:
+        now = 100.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    resolver = ModelResolver(sessions, stale_s=60, ttl_s=5, clock=clock)
+    registry.on_change.append(resolver.forget_tenant)
+    who = Principal(tenant_id=tenant_id, tenant_name="t", key_id=None, scopes=frozenset())
+
+    async def version(model: str) -> int:
+        target = await resolver.resolve(who, model, base_model="base")
+        assert target.version is not None
+        return target.version.version
+
+    with pytest.raises(ModelNotFound):
+        await version("support")
+    await registry.publish(tenant_id, "support", staged(tmp_path, 1))
+    assert await version("support") == 1  # not-found was not remembered
+    await registry.publish(tenant_id, "support", staged(tmp_path, 2))
+    assert await version("support") == 2  # this process's upload: at once
+    await registry.set_alias(tenant_id, "prod", "support", 1)
+    assert await version("prod") == 1
+    await registry.set_alias(tenant_id, "prod", "support", 2)
+    assert await version("prod") == 2  # the move, at once
+
+    # another worker moves the alias back (straight in the database: this one hears nothing)
+    async with sessions() as s, s.begin():
+        await s.execute(
+            text(
+                "UPDATE adapter_aliases SET adapter_version_id = (SELECT v.id FROM "
+                "adapter_versions v JOIN adapters a ON a.id = v.adapter_id WHERE "
+                "a.name = 'support' AND v.version = 1) WHERE alias = 'prod'"
+            )
+        )
+    assert await version("prod") == 2  # remembered: no database round trip
+    clock.now += 5.1
+    assert await version("prod") == 1  # past the TTL: asked again
+
+    await registry.delete(tenant_id, "support")
+    with pytest.raises(ModelNotFound):
+        await version("support")
