@@ -109,4 +109,3 @@ class ModelResolver:
         self._epoch += 1
         for key in [k for k in self._known if k[0] == tenant_id]:
             del self._known[key]
-
