@@ -38,50 +38,22 @@ import httpx
 from serving_client import Planned, completion_body, poisson
 from serving_metrics import check_output, summarize
 from serving_offline import prompt_set
-from serving_runs import server_cpu
-
-FAIR = "loraplex_engine_fair_"
-STEPS = "loraplex_engine_steps_total "
-
-
-def parse_fair(text: str) -> dict[tuple[str, str, str], float]:
-    """``(family, fairness_key, kind)`` -> value of each ``loraplex_engine_fair_*`` sample."""
-    out: dict[tuple[str, str, str], float] = {}
-    for line in text.splitlines():
-        if line.startswith(STEPS):
-            out[("steps", "", "")] = float(line.split()[1])
-            continue
-        if not line.startswith(FAIR) or "{" not in line:
-            continue
-        name, _, rest = line.partition("{")
-        labels, _, value = rest.rpartition("}")
-        fields = dict(
-            part.split("=", 1) for part in labels.split(",") if "=" in part
-        )  # values are ids and kinds: no commas inside
-        key = fields.get("fairness_key", "").strip('"')
-        kind = fields.get("kind", "").strip('"')
-        try:
-            out[(name.removeprefix(FAIR).removesuffix("_total"), key, kind)] = float(value)
-        except ValueError:
-            continue
-    return out
+from serving_runs import FAIR_SUMS, parse_fair, queue_split, server_cpu
 
 
 def per_key(before: dict, after: dict, key: str) -> dict[str, float]:
     def d(family: str, kind: str = "") -> float:
         return after.get((family, key, kind), 0.0) - before.get((family, key, kind), 0.0)
 
-    scheduled = d("scheduled")
+    split = queue_split({"fair:" + family: d(family) for family in FAIR_SUMS})
     return {
-        "scheduled": scheduled,
-        "queue_ms_mean": d("queue_seconds") * 1e3 / scheduled if scheduled else float("nan"),
-        "queue_steps_mean": d("queue_steps") / scheduled if scheduled else float("nan"),
+        "scheduled": d("scheduled"),
+        "queue_ms_mean": split["queue_ms_mean"],
+        "queue_steps_mean": split["queue_steps_mean"],
         "prefill_tokens": d("service_tokens", "prefill"),
         "decode_tokens": d("service_tokens", "decode"),
         "preemptions": d("preemptions"),
-        "engine_first_token_ms_mean": d("first_token_seconds") * 1e3 / firsts
-        if (firsts := d("first_tokens"))
-        else float("nan"),
+        "engine_first_token_ms_mean": split["first_token_ms_mean"],
     }
 
 

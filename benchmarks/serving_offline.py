@@ -55,8 +55,8 @@ def run_offline(args: argparse.Namespace, weights_root: Path) -> dict:
     ids = prompt_set(args, cfg.vocab_size, args.num_requests, 0)
     row = run_engine_case(args, engine, ids, refs)
     rates = [float(x) for x in str(getattr(args, "rates", "")).split(",") if x.strip()]
-    shapes = {"both": ("plain", "server")}.get(getattr(args, "replay", "server"), None)
-    shapes = shapes or (getattr(args, "replay", "server"),)
+    replay = getattr(args, "replay", "server")
+    shapes = ("plain", "server") if replay == "both" else (replay,)
     row["poisson"] = [
         run_poisson(args, engine, prompt_set(args, cfg.vocab_size, args.num_requests,
                                              1000 * (k + 1)), refs, rate, args.seed + k, shape)

@@ -23,7 +23,8 @@ COUNTERS = {  # the engine's counters read before and after a run
     "adapter_misses": "loraplex_engine_adapter_cache_misses_total",
 }
 GAUGES = {"batch": "loraplex_engine_batch_size", "running": "loraplex_engine_requests_running"}
-# per fairness key on the page; summed over the keys into "fair:<family>" by parse_metrics
+FAIR = "loraplex_engine_fair_"  # the engine's per-fairness-key families
+# summed over the keys into "fair:<family>" by parse_metrics (queue_split's inputs)
 FAIR_SUMS = ("scheduled", "queue_seconds", "queue_steps", "first_token_seconds", "first_tokens")
 
 
@@ -53,19 +54,39 @@ def parse_metrics(text: str) -> dict[str, float]:
     """The unlabelled samples of a Prometheus text page (the engine's are unlabelled), and
     the engine's per-key queue counters summed over the keys (``fair:<family>``)."""
     out: dict[str, float] = {}
+    for (family, _key, _kind), value in parse_fair(text).items():
+        if family in FAIR_SUMS:
+            out["fair:" + family] = out.get("fair:" + family, 0.0) + value
     for line in text.splitlines():
-        if line.startswith("loraplex_engine_fair_") and "{" in line:
-            family = line.partition("{")[0].removeprefix("loraplex_engine_fair_")
-            family = family.removesuffix("_total")
-            if family in FAIR_SUMS:
-                k = "fair:" + family
-                out[k] = out.get(k, 0.0) + float(line.rpartition(" ")[2])
-            continue
         if line.startswith("#") or "{" in line:
             continue
         name, _, value = line.partition(" ")
         try:
             out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def parse_fair(text: str) -> dict[tuple[str, str, str], float]:
+    """``(family, fairness_key, kind)`` -> value of each ``loraplex_engine_fair_*`` sample
+    (``("steps", "", "")``: the engine's step count)."""
+    out: dict[tuple[str, str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith(STEPS + " "):
+            out[("steps", "", "")] = float(line.split()[1])
+            continue
+        if not line.startswith(FAIR) or "{" not in line:
+            continue
+        name, _, rest = line.partition("{")
+        labels, _, value = rest.rpartition("}")
+        fields = dict(
+            part.split("=", 1) for part in labels.split(",") if "=" in part
+        )  # values are ids and kinds: no commas inside
+        key = fields.get("fairness_key", "").strip('"')
+        kind = fields.get("kind", "").strip('"')
+        try:
+            out[(name.removeprefix(FAIR).removesuffix("_total"), key, kind)] = float(value)
         except ValueError:
             continue
     return out

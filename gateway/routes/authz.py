@@ -15,10 +15,10 @@ The chart wires it (``inferencePool.extAuth``, docs/deploy.md).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter
 from fastapi.responses import Response
 
-from loraplex.gateway.deps import ServicesDep, authorize, bearer_token
+from loraplex.gateway.deps import InferenceDep
 
 router = APIRouter(tags=["authz"], include_in_schema=False)
 
@@ -26,8 +26,7 @@ FAIRNESS_HEADER = "x-llm-d-inference-fairness-id"
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-async def check(services: ServicesDep, authorization: str | None = Header(None)) -> Response:
-    principal = await authorize(services, bearer_token(authorization), ("inference",))
+async def check(principal: InferenceDep) -> Response:
     fairness_id, _weight, _tier = principal.fairness
     return Response(status_code=200, headers={FAIRNESS_HEADER: fairness_id})
 
