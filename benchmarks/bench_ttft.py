@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--sync", action="store_true", help="also without async scheduling")
+    p.add_argument(
+        "--prefill-graphs",
+        choices=["on", "off", "both"],
+        default="on",
+        help="prefill / mixed steps from the runner's piecewise CUDA graphs (GPU), eager, or "
+        "each case both ways, eager first",
+    )
     p.add_argument("--load", type=int, default=0, help="flood requests in flight (0: idle)")
     p.add_argument("--load-prompt", type=int, default=256)
     p.add_argument("--load-output", type=int, default=128)
@@ -236,7 +243,7 @@ def run_cases(  # type: ignore[no-untyped-def]
             row["ttft_p90_ms"] = sorted(r["ttft_ms"] for r in reps)[int(0.9 * (len(reps) - 1))]
             out.append(row)
             print(
-                f"{mode:5} prompt {n:5} {'adapter' if ref else 'base   '}: TTFT p50 "
+                f"{mode:7} prompt {n:5} {'adapter' if ref else 'base   '}: TTFT p50 "
                 f"{row['ttft_ms']:.1f} ms in {row['steps']:.0f} steps; first step host "
                 f"{row['first_step_host_ms']:.1f} (run {row['first_step_run_ms']:.1f}), GPU "
                 f"{row['first_step_gpu_ms']:.1f} ms",
@@ -293,6 +300,14 @@ def main(argv: list[str] | None = None) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_bytes=64 * 2**20 if device.type == "cpu" else None,
     )
+    if runner.prefill_graphs is not None:
+        pg = runner.prefill_graphs
+        result["prefill_graphs"] = {"buckets": pg.buckets, "widths": pg.widths, "s": pg.build_s}
+        print(
+            f"prefill graphs: buckets {pg.buckets}, LoRA widths {pg.widths}, captured in "
+            f"{pg.build_s:.1f} s",
+            flush=True,
+        )
     gen = torch.Generator().manual_seed(0)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lpx-ttft-") as tmp:
@@ -302,7 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
             write_peft_adapter(d, runner.config, args.rank, seed=i)
             refs.append(AdapterRef(f"ttft-{i}", str(d)))
         modes = [("async", True)] + ([("sync", False)] if args.sync else [])
-        for mode, on in modes:
+        graphs = runner.prefill_graphs
+        ways = {"on": [True], "off": [False], "both": [False, True]}[args.prefill_graphs]
+        modes = [(m, on, w) for m, on in modes for w in ways]
+        for mode, on, graphed in modes:
+            runner.prefill_graphs = graphs if graphed else None
+            if graphs is not None and len(ways) > 1:
+                mode = f"{mode}{'+g' if graphed else '-g'}"
             engine = make_engine(args, runner, on)
             clock = StepClock(engine)  # once: it wraps the engine's step, run and sample
             try:
@@ -329,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 clock.close()
                 engine.shutdown()
+                runner.prefill_graphs = graphs
     cols = ["steps_mode", "load", "prompt", "adapter", "ttft_ms", "ttft_p90_ms", "steps"]
     cols += ["first_step_host_ms", "first_step_run_ms", "first_step_gpu_ms"]
     cols += ["after_first_step_ms", "host_beyond_gpu_ms", "steps_host_ms_mean"]

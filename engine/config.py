@@ -61,6 +61,9 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # "auto": cuda if available, else cpu
     enforce_eager: bool = False  # no CUDA graphs
+    # prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs
+    # (engine/model/cuda_graphs.py, PrefillGraphs); larger ones run eagerly. 0: none
+    prefill_graph_tokens: int = 1024
     max_waiting: int = 4096  # queued requests beyond this are refused (EngineOverloaded)
     aging_steps: int = 64  # a request held back this many steps blocks those behind it
     # With several fairness keys active: the prefill tokens a step gives to the keys that
@@ -111,6 +114,7 @@ class EngineConfig:
             (self.block_size >= 1, "block_size", "must be positive"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be positive"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be positive"),
+            (self.prefill_graph_tokens >= 0, "prefill_graph_tokens", "must be 0 or more"),
             (
                 self.max_model_len is None or self.max_model_len >= 1,
                 "max_model_len",

@@ -27,7 +27,7 @@ from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
 from loraplex.engine.lora.slots import PageNeed, PagePlan
 from loraplex.engine.lora.weights import LoraWeights, read_adapter
-from loraplex.engine.model.cuda_graphs import DecodeGraphs
+from loraplex.engine.model.cuda_graphs import DecodeGraphs, PrefillGraphs
 from loraplex.engine.model.fp8 import Fp8Weight
 from loraplex.engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
 from loraplex.engine.model.llama import Fp8Options, LlamaModel, fp8_shape_key
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_LORA_MEMORY_FRACTION = 0.2  # of the GPU memory left after the weights
 GRAPH_RESERVE_BYTES = 256 * 2**20  # left free for CUDA graph pools and allocator slack
+DEFAULT_PREFILL_GRAPH_TOKENS = 1024  # steps up to this many tokens replay PrefillGraphs
 
 
 class ModelRunner:
@@ -69,6 +70,7 @@ class ModelRunner:
         num_blocks: int | None = None,
         max_num_batched_tokens: int = 2048,
         enforce_eager: bool = False,
+        prefill_graph_tokens: int = DEFAULT_PREFILL_GRAPH_TOKENS,
         seed: int = 0,
         quantization: str | None = None,
         fp8_w8a8_min_tokens: int = 1,
@@ -135,6 +137,12 @@ class ModelRunner:
         )
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        # prefill graphs: not for tensor parallelism (collectives inside the pieces) nor MoE
+        # (the expert path reads routing counts on the host)
+        self.prefill_graph_tokens = min(prefill_graph_tokens, max_num_batched_tokens)
+        if tp is not None or cfg.is_moe or enforce_eager:
+            self.prefill_graph_tokens = 0
         if num_blocks is None:
             if self.device.type == "cuda":
                 num_blocks = self._profile_num_blocks(
@@ -163,6 +171,23 @@ class ModelRunner:
             )
             with torch.inference_mode():
                 self.graphs.capture()
+                if self.prefill_graph_tokens > 0:
+                    self.prefill_graphs = PrefillGraphs(
+                        self.model,
+                        self.kv_caches,
+                        self.lora,
+                        max_tokens=self.prefill_graph_tokens,
+                    )
+                    pg = self.prefill_graphs
+                    log.info(
+                        "prefill graphs: %d buckets up to %d tokens, LoRA widths %s: %d "
+                        "graphs captured in %.1f s",
+                        len(pg.buckets),
+                        pg.buckets[-1],
+                        pg.widths,
+                        len(pg._graphs),
+                        pg.build_s,
+                    )
 
     # ---- memory sizing -------------------------------------------------------------------
 
@@ -233,11 +258,26 @@ class ModelRunner:
         # an adapter write stages one adapter on the device (LoraPool.write): room for it
         staging = self.lora.staging_bytes()
         budget = (
-            total * utilization - (peak - temp_bytes) - non_torch - GRAPH_RESERVE_BYTES - staging
+            total * utilization
+            - (peak - temp_bytes)
+            - non_torch
+            - GRAPH_RESERVE_BYTES
+            - self._prefill_graph_bytes()
+            - staging
         )
         n = int(budget // self.block_bytes())
         log.info("KV pool: %d blocks (%.2f GiB)", n, n * self.block_bytes() / 2**30)
         return n
+
+    def _prefill_graph_bytes(self) -> int:
+        """A bound on what the prefill graphs hold (``PrefillGraphs``): their static buffers
+        and one piece's temporaries at the largest bucket, twice over for the allocator's
+        rounding."""
+        c = self.local_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_token = 4 * c.hidden_size + 2 * c.q_size + c.q_size + 2 * c.kv_size
+        per_token += 3 * c.intermediate_size
+        return 2 * self.prefill_graph_tokens * per_token * elem
 
     # ---- steps ---------------------------------------------------------------------------
 
@@ -263,7 +303,12 @@ class ModelRunner:
             hidden = self.graphs.run(host, batch.gather, prev_tokens)
         else:
             groups = self.lora.ranks_used({c.adapter_slot for c in batch.chunks})
-            hidden = self._eager(host, groups, batch.gather, prev_tokens)
+            pg = self.prefill_graphs
+            key = None if pg is None else pg.key(host, max(groups.values(), default=0))
+            if pg is not None and key is not None:
+                hidden = pg.run(host, key, batch.gather, prev_tokens)
+            else:
+                hidden = self._eager(host, groups, batch.gather, prev_tokens)
         idx = host.sample_idx
         pooled = None
         if host.pool_idx is not None:

@@ -92,6 +92,7 @@ def runner_options(config: EngineConfig) -> dict[str, Any]:
         "num_blocks": config.num_gpu_blocks,
         "max_num_batched_tokens": config.max_num_batched_tokens,
         "enforce_eager": config.enforce_eager,
+        "prefill_graph_tokens": config.prefill_graph_tokens,
         "seed": config.seed,
         "quantization": config.quantization,
         "fp8_w8a8_min_tokens": config.fp8_w8a8_min_tokens,

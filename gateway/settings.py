@@ -50,6 +50,9 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     host_lora_memory_fraction: float = Field(default=0.2, gt=0, le=0.9)
     adapter_load_workers: int = Field(default=4, ge=1, le=64)
     async_scheduling: bool = True  # launch step n+1 before reading step n's tokens
+    # prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (GPU);
+    # larger ones run eagerly. 0: none
+    prefill_graph_tokens: int = Field(default=1024, ge=0)
     # split the model over this many GPUs of one host (one worker process per extra rank)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     kv_cache_bytes: int = 512 * 1024 * 1024

@@ -43,6 +43,7 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         async_scheduling=settings.async_scheduling,
+        prefill_graph_tokens=settings.prefill_graph_tokens,
         quantization=settings.quantization,
         fp8_w8a8_min_tokens=settings.fp8_w8a8_min_tokens,
         kernel_config_dir=settings.kernel_config_dir or settings.data_dir / "kernel-configs",

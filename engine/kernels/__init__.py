@@ -162,15 +162,17 @@ def prefill_attention(
     max_q_len=None,
     window=0,
     softcap=0.0,
+    out=None,
 ):
     """``max_q_len``: the longest query of the batch, known on the host (the Triton path
     sizes its grid from it; without it, it reads it back from the device: one sync).
-    ``window`` / ``softcap``: a layer's sliding window and score cap (0: none)."""
+    ``window`` / ``softcap``: a layer's sliding window and score cap (0: none). ``out``:
+    written in place (``[T, Hq, D]``; rows past the batch's tokens are left as they are)."""
     args = (q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale)
     fn = _pick(_prefill, "prefill_attention", q)
     if fn is _prefill.prefill_attention_ref:
-        return fn(*args, window=window, softcap=softcap)
-    return fn(*args, max_q_len=max_q_len, window=window, softcap=softcap)
+        return fn(*args, window=window, softcap=softcap, out=out)
+    return fn(*args, max_q_len=max_q_len, window=window, softcap=softcap, out=out)
 
 
 def rms_norm(x, weight, eps: float, residual=None):

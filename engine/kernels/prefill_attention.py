@@ -22,8 +22,10 @@ def prefill_attention_ref(
     scale: float,
     window: int = 0,  # > 0: keys within the last window positions of each query
     softcap: float = 0.0,  # > 0: scores capped by softcap * tanh(score / softcap)
+    out: torch.Tensor | None = None,  # [T, Hq, D] written in place (see prefill_attention)
 ) -> torch.Tensor:  # [T, Hq, D]
-    out = torch.zeros_like(q)
+    if out is None:
+        out = torch.zeros_like(q)
     cu = cu_q_lens.tolist()
     lens = context_lens.tolist()
     for b, n in enumerate(lens):
@@ -145,7 +147,9 @@ def prefill_attention(
     max_q_len: int | None = None,  # host bound on query lengths (else one host sync)
     window: int = 0,  # > 0: keys within the last window positions of each query
     softcap: float = 0.0,  # > 0: scores capped (module docstring)
+    out: torch.Tensor | None = None,  # [T, Hq, D] to write (a CUDA graph's static buffer)
 ) -> torch.Tensor:  # [T, Hq, D]
+    """``out``: rows past ``cu_q_lens[-1]`` (a padded step's) are left as they are."""
     T, hq, d = q.shape
     _, bs, hkv, d2 = k_cache.shape
     B = context_lens.shape[0]
@@ -155,7 +159,10 @@ def prefill_attention(
         raise ValueError("caches must be contiguous")
     if cu_q_lens.shape != (B + 1,) or block_tables.shape[0] != B or block_tables.stride(1) != 1:
         raise ValueError("cu_q_lens [B+1], block_tables [B, max_blocks], context_lens [B]")
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError("out must be [T, Hq, D] of q's dtype with a contiguous last dim")
     if T == 0 or B == 0:
         return out
     if max_q_len is None:

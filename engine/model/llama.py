@@ -284,98 +284,158 @@ class LlamaModel:
         LoRA in decode steps runs beside the base GEMMs (``_beside``: the side stream on
         CUDA): the q/k/v and gate/up deltas go to buffers that the main stream adds after the
         GEMM (q/k/v inside the rotary + cache-write pass, gate/up inside SiLU-and-mul), the o
-        and down deltas straight into the residual stream, which the GEMM does not touch. The small LoRA kernels then overlap the
-        weight-bound GEMMs instead of queueing behind them. Prefill and mixed steps (large
-        segments, tensor-core tiles) add in line after each GEMM.
+        and down deltas straight into the residual stream, which the GEMM does not touch. The
+        small LoRA kernels then overlap the weight-bound GEMMs instead of queueing behind
+        them. Prefill and mixed steps (large segments, tensor-core tiles) add in line after
+        each GEMM.
+
+        The forward is the sequence of pieces that :class:`PrefillGraphs` captures one by one
+        (``cuda_graphs.py``): :meth:`embed`, then per layer :meth:`attn_in` (norm, q/k/v,
+        rotary and the cache write), :meth:`attention` (the only op that reads the step's
+        sequence lengths on the host) and :meth:`attn_out` (o, norm, MLP), then
+        :meth:`final_norm`.
         """
-        c = self.config
-        T = inp.input_ids.shape[0]
-        tp = self.tp
-        if tp is None:
+        x, residual = self.embed(inp), None
+        for i in range(len(self.weights.layers)):
+            q, residual = self.attn_in(i, x, residual, inp, kv_caches, lora)
+            attn = self.attention(i, q, inp, kv_caches)
+            x, residual = self.attn_out(i, attn, residual, inp, lora)
+        return self.final_norm(x, residual)
+
+    def embed(self, inp: ForwardInputs) -> torch.Tensor:
+        """The token embeddings ``[T, H]`` (scaled where the family says: Gemma)."""
+        if self.tp is None:
             x = F.embedding(inp.input_ids, self.weights.embed)
         else:
-            x = tp.embed(inp.input_ids, self.weights.embed)
+            x = self.tp.embed(inp.input_ids, self.weights.embed)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        residual = None
-        for i, w in enumerate(self.weights.layers):
-            if residual is None:
-                residual = x
-                h = K.rms_norm(x, w.input_norm, c.rms_norm_eps)
-            else:
-                h, residual = K.rms_norm(x, w.input_norm, c.rms_norm_eps, residual)
-            groups = lora.layers[i] if lora is not None and inp.lora is not None else None
-            beside = groups is not None and inp.is_decode
+        return x
 
-            qkv, d = self._proj(h, w.qkv, groups, "qkv", inp, beside=beside, bias=w.qkv_bias)
-            if w.q_norm is not None and w.k_norm is not None:
-                qkv, d = self._qk_norm(qkv, d, w.q_norm, w.k_norm), None
-            k_cache, v_cache = kv_caches[i]
-            window = self.windows[i]
-            cos_sin = self.cos_sin
-            if self.local_cos_sin is not None and c.sliding_layers[i]:
-                cos_sin = self.local_cos_sin
-            # + the q/k/v delta, rotary, and K/V into the cache: one pass
-            q = K.rope_cache(
-                qkv,
-                inp.positions,
-                cos_sin,
+    def _groups(
+        self, inp: ForwardInputs, lora: LoraPool | None, i: int
+    ) -> dict[str, LoraGroup] | None:
+        return lora.layers[i] if lora is not None and inp.lora is not None else None
+
+    def attn_in(
+        self,
+        i: int,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        inp: ForwardInputs,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        lora: LoraPool | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` up to its attention: the input norm (adding ``x`` into the residual
+        stream; None: ``x`` starts it), q/k/v with their LoRA, rotary, K/V into the cache.
+        -> ``(q [T, heads, head_dim], residual)``."""
+        c, w = self.config, self.weights.layers[i]
+        if residual is None:
+            residual = x
+            h = K.rms_norm(x, w.input_norm, c.rms_norm_eps)
+        else:
+            h, residual = K.rms_norm(x, w.input_norm, c.rms_norm_eps, residual)
+        groups = self._groups(inp, lora, i)
+        beside = groups is not None and inp.is_decode
+        qkv, d = self._proj(h, w.qkv, groups, "qkv", inp, beside=beside, bias=w.qkv_bias)
+        if w.q_norm is not None and w.k_norm is not None:
+            qkv, d = self._qk_norm(qkv, d, w.q_norm, w.k_norm), None
+        k_cache, v_cache = kv_caches[i]
+        cos_sin = self.cos_sin
+        if self.local_cos_sin is not None and c.sliding_layers[i]:
+            cos_sin = self.local_cos_sin
+        # + the q/k/v delta, rotary, and K/V into the cache: one pass
+        q = K.rope_cache(
+            qkv,
+            inp.positions,
+            cos_sin,
+            k_cache,
+            v_cache,
+            inp.slot_mapping,
+            c.num_heads,
+            c.num_kv_heads,
+            delta=d,
+        )
+        return q, residual
+
+    def attention(
+        self,
+        i: int,
+        q: torch.Tensor,
+        inp: ForwardInputs,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Layer ``i``'s attention over the paged cache -> ``[T, q_size]``. ``out``
+        (``[T, q_size]``, prefill and mixed steps): written in place and returned."""
+        c = self.config
+        k_cache, v_cache = kv_caches[i]
+        window = self.windows[i]
+        if inp.is_decode:
+            attn = K.paged_decode_attention(
+                q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale,
+                window=window, softcap=self.softcap,
+            )  # fmt: skip
+        else:
+            attn = K.prefill_attention(
+                q,
                 k_cache,
                 v_cache,
-                inp.slot_mapping,
-                c.num_heads,
-                c.num_kv_heads,
-                delta=d,
+                inp.block_tables,
+                inp.cu_q_lens,
+                inp.context_lens,
+                self.scale,
+                max_q_len=inp.max_q_len,
+                window=window,
+                softcap=self.softcap,
+                out=None if out is None else out.view(q.shape),
             )
-            if inp.is_decode:
-                attn = K.paged_decode_attention(
-                    q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale,
-                    window=window, softcap=self.softcap,
-                )  # fmt: skip
-            else:
-                attn = K.prefill_attention(
-                    q,
-                    k_cache,
-                    v_cache,
-                    inp.block_tables,
-                    inp.cu_q_lens,
-                    inp.context_lens,
-                    self.scale,
-                    max_q_len=inp.max_q_len,
-                    window=window,
-                    softcap=self.softcap,
-                )
-            attn = attn.reshape(T, c.q_size)
-            if w.pre_ff_norm is not None:
-                o = self._out(attn, w.o, groups, "o", inp, beside, w.post_norm)
-                h, residual = K.rms_norm(o, w.pre_ff_norm, c.rms_norm_eps, residual)
-            elif tp is not None:  # a partial sum (base + LoRA): summed, then the residual
-                o = tp.all_reduce(self._partial(attn, w.o, groups, "o", inp, beside))
-                h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
-            else:
-                o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
-                h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
-            if w.router is not None:  # experts' LoRA in line (engine/model/moe.py)
-                ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
-                ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
-                gate_up, down = cast(torch.Tensor, w.gate_up), cast(torch.Tensor, w.down)
-                lm = inp.lora
-                grouped = lm is not None and bool(ex) and expert_grouped(lm, c, inp.is_decode)
-                x = moe_mlp(
-                    h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped
-                )
-                continue
-            gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
-            act = K.silu_and_mul(gu, d, gelu=self.gelu)
-            if w.post_ff_norm is not None:
-                x = self._out(act, w.down, groups, "down", inp, beside, w.post_ff_norm)
-            elif tp is not None:
-                x = tp.all_reduce(self._partial(act, w.down, groups, "down", inp, beside))
-            else:
-                x, _ = self._proj(
-                    act, w.down, groups, "down", inp, beside=beside, residual=residual
-                )
-        out, _ = K.rms_norm(x, self.weights.norm, c.rms_norm_eps, residual)
+        return attn.reshape(q.shape[0], c.q_size)
+
+    def attn_out(
+        self,
+        i: int,
+        attn: torch.Tensor,
+        residual: torch.Tensor,
+        inp: ForwardInputs,
+        lora: LoraPool | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` after its attention: o with its LoRA, the post-attention norm, the MLP
+        (or the experts). -> ``(x, residual)``: the layer's output, still to be added into
+        the residual stream (by the next layer's input norm or :meth:`final_norm`)."""
+        c, w, tp = self.config, self.weights.layers[i], self.tp
+        groups = self._groups(inp, lora, i)
+        beside = groups is not None and inp.is_decode
+        if w.pre_ff_norm is not None:
+            o = self._out(attn, w.o, groups, "o", inp, beside, w.post_norm)
+            h, residual = K.rms_norm(o, w.pre_ff_norm, c.rms_norm_eps, residual)
+        elif tp is not None:  # a partial sum (base + LoRA): summed, then the residual
+            o = tp.all_reduce(self._partial(attn, w.o, groups, "o", inp, beside))
+            h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+        else:
+            o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
+            h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
+        if w.router is not None:  # experts' LoRA in line (engine/model/moe.py)
+            ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
+            ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
+            gate_up, down = cast(torch.Tensor, w.gate_up), cast(torch.Tensor, w.down)
+            lm = inp.lora
+            grouped = lm is not None and bool(ex) and expert_grouped(lm, c, inp.is_decode)
+            x = moe_mlp(h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped)
+            return x, residual
+        gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
+        act = K.silu_and_mul(gu, d, gelu=self.gelu)
+        if w.post_ff_norm is not None:
+            x = self._out(act, w.down, groups, "down", inp, beside, w.post_ff_norm)
+        elif tp is not None:
+            x = tp.all_reduce(self._partial(act, w.down, groups, "down", inp, beside))
+        else:
+            x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)
+        return x, residual
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer's output added into the residual stream, then the final norm."""
+        out, _ = K.rms_norm(x, self.weights.norm, self.config.rms_norm_eps, residual)
         return out
 
     def _partial(

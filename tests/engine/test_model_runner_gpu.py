@@ -112,6 +112,45 @@ def test_decode_graph_replay_equals_eager(tiny, dtype):
         assert err < tol, f"{n_seqs} sequences: graph vs eager relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_graph_replay_equals_eager(tiny, dtype):
+    """Prefill and mixed steps replayed from the piecewise graphs (padded to their bucket)
+    give the eager forward's logits; a step past the largest bucket runs eagerly."""
+    base, _, adapters = tiny
+    loaded = load_model(str(base), dtype=dtype, device="cuda")
+    graphed = _runner(loaded, eager=False, max_num_batched_tokens=96)
+    eager = _runner(loaded, eager=True)
+    pg = graphed.prefill_graphs
+    assert pg is not None and eager.prefill_graphs is None and pg.buckets == [16, 32, 64, 96]
+    keys: list[tuple[int, int]] = []
+    run = pg.run
+    pg.run = lambda host, key, *a, **k: keys.append(key) or run(host, key, *a, **k)
+    for r in (graphed, eager):
+        for slot, path in enumerate(adapters):
+            r.write_slot(slot, r.read_adapter(path))
+    g = torch.Generator().manual_seed(3)
+    slots = [-1, 0, 1, 2, 1]
+    tables = [list(range(i * 8, (i + 1) * 8)) for i in range(len(slots))]
+
+    def chunk(i: int, n: int, start: int) -> SeqChunk:
+        ids = torch.randint(3, 320, (n,), generator=g).tolist()
+        return SeqChunk(i, ids, start, tables[i], slots[i], True)
+
+    steps = [
+        [chunk(0, 9, 0), chunk(1, 5, 0)],  # 14 tokens: bucket 16, rank 4
+        [chunk(0, 1, 9), chunk(1, 1, 5), chunk(2, 30, 0)],  # mixed, 32: rank 16
+        [chunk(0, 1, 10), chunk(2, 1, 30), chunk(3, 40, 0), chunk(4, 7, 0)],  # 49: rank 64
+        [chunk(1, 1, 6), chunk(3, 1, 40), chunk(4, 100, 7)],  # 102 tokens: eager
+        [chunk(0, 20, 11)],  # the base alone, 20 tokens
+    ]
+    for n, step in enumerate(steps):
+        got = [r.execute(ScheduledBatch(step)).clone() for r in (graphed, eager)]
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        err = rel_err(got[0], got[1])
+        assert err < tol, f"step {n}: graph vs eager relative error {err:.2e}"
+    assert keys == [(16, 16), (32, 16), (64, 64), (32, 0)]
+
+
 def test_decode_lora_beside_equals_in_line(tiny):
     # decode LoRA on the side stream (deltas joined after each base GEMM) gives the logits
     # of the same forward with every kernel in line on one stream (float32: same math)
