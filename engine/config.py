@@ -62,7 +62,7 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     enforce_eager: bool = False  # no CUDA graphs
     # prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs
-    # (engine/model/cuda_graphs.py, PrefillGraphs); larger ones run eagerly. 0: none
+    # (engine/model/prefill_graphs.py); larger ones run eagerly. 0: none
     prefill_graph_tokens: int = 1024
     max_waiting: int = 4096  # queued requests beyond this are refused (EngineOverloaded)
     aging_steps: int = 64  # a request held back this many steps blocks those behind it

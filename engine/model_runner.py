@@ -27,11 +27,12 @@ from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
 from loraplex.engine.lora.slots import PageNeed, PagePlan
 from loraplex.engine.lora.weights import LoraWeights, read_adapter
-from loraplex.engine.model.cuda_graphs import DecodeGraphs, PrefillGraphs
+from loraplex.engine.model.cuda_graphs import DecodeGraphs
 from loraplex.engine.model.fp8 import Fp8Weight
 from loraplex.engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
 from loraplex.engine.model.llama import Fp8Options, LlamaModel, fp8_shape_key
 from loraplex.engine.model.loader import LoadedModel, load_model
+from loraplex.engine.model.prefill_graphs import PrefillGraphs
 from loraplex.engine.model.sharding import shard_config
 from loraplex.engine.runner import StepTensors
 

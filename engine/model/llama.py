@@ -290,7 +290,7 @@ class LlamaModel:
         each GEMM.
 
         The forward is the sequence of pieces that :class:`PrefillGraphs` captures one by one
-        (``cuda_graphs.py``): :meth:`embed`, then per layer :meth:`attn_in` (norm, q/k/v,
+        (``prefill_graphs.py``): :meth:`embed`, then per layer :meth:`attn_in` (norm, q/k/v,
         rotary and the cache write), :meth:`attention` (the only op that reads the step's
         sequence lengths on the host) and :meth:`attn_out` (o, norm, MLP), then
         :meth:`final_norm`.

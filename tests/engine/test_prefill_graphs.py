@@ -1,4 +1,4 @@
-"""Prefill graphs (``cuda_graphs.PrefillGraphs``) on the CPU: the same pieces that a GPU
+"""Prefill graphs (``prefill_graphs.PrefillGraphs``) on the CPU: the same pieces that a GPU
 captures, run eagerly over the same static buffers (``capture=False``), so the split of the
 forward around each attention, the padding of a step to its token bucket and the padded
 LoRA meta are checked here against transformers + PEFT (fp32) and against the eager path.
@@ -20,8 +20,8 @@ from model_builders import (
 )
 
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
-from loraplex.engine.model.cuda_graphs import PrefillGraphs, lora_widths, prefill_buckets
 from loraplex.engine.model.inputs import build_host_inputs
+from loraplex.engine.model.prefill_graphs import PrefillGraphs, lora_widths, prefill_buckets
 
 SPECS = [
     AdapterSpec(rank=4, targets=("q_proj", "k_proj"), alpha=8, seed=1),
