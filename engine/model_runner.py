@@ -186,7 +186,7 @@ class ModelRunner:
                         len(pg.buckets),
                         pg.buckets[-1],
                         pg.widths,
-                        len(pg._graphs),
+                        len(pg.graphs),
                         pg.build_s,
                     )
 
@@ -303,9 +303,11 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host, batch.gather, prev_tokens)
         else:
-            groups = self.lora.ranks_used({c.adapter_slot for c in batch.chunks})
+            slots = {c.adapter_slot for c in batch.chunks}
+            groups = self.lora.ranks_used(slots)
             pg = self.prefill_graphs
-            key = None if pg is None else pg.key(host, max(groups.values(), default=0))
+            rank = max(groups.values(), default=0)
+            key = None if pg is None else pg.key(host, len(slots - {-1}), rank)
             if pg is not None and key is not None:
                 hidden = pg.run(host, key, batch.gather, prev_tokens)
             else:

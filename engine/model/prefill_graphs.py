@@ -89,7 +89,7 @@ class PrefillGraphs:
         self._inputs: dict[tuple[int, int], ForwardInputs] = {}
         # (bucket, LoRA width or 0) -> its pieces, in order (graph replays, or eager calls)
         self._pieces: dict[tuple[int, int], list[Callable[[], None]]] = {}
-        self._graphs: list[torch.cuda.CUDAGraph] = []
+        self.graphs: list[torch.cuda.CUDAGraph] = []  # captured (kept alive with their pool)
         t0 = time.perf_counter()
         self._build(capture)
         self.build_s = time.perf_counter() - t0  # the capture's time (warm-ups included)
@@ -178,25 +178,25 @@ class PrefillGraphs:
                     with torch.cuda.graph(g, pool=pool):
                         piece()
                     graphs.append(g)
-                self._graphs += graphs
+                self.graphs += graphs
                 self._pieces[key] = [g.replay for g in graphs]
         if capture:
             torch.cuda.synchronize()
 
-    def key(self, host: HostInputs, rank: int) -> tuple[int, int] | None:
-        """The (bucket, LoRA width) that runs ``host`` (``rank``: its adapters' largest), or
-        None: eager (a decode step, more tokens than the largest bucket, a wider rank)."""
+    def key(self, host: HostInputs, adapters: int, rank: int) -> tuple[int, int] | None:
+        """The (bucket, LoRA width) that runs ``host``, whose chunks use ``adapters``
+        distinct adapter slots of at most ``rank``; None: eager (a decode step, more tokens
+        than the largest bucket, a wider rank)."""
         T = host.num_tokens
         if host.is_decode or T > self.buckets[-1]:
             return None
-        width, distinct = 0, 0
-        if host.has_lora:
+        width = 0
+        if adapters:
             width = next((w for w in self.widths if w >= rank), 0)
             if not width:
                 return None
-            distinct = len(set(host.token_slot.tolist()) - {-1})
         for bucket in self.buckets:
-            if bucket >= T and (not width or self.segments(bucket) >= distinct):
+            if bucket >= T and (not width or self.segments(bucket) >= adapters):
                 return bucket, width
         return None
 
@@ -227,7 +227,7 @@ class PrefillGraphs:
             tok = torch.full((bucket,), -1, dtype=torch.int32)
             tok[:T] = host.token_slot
             meta = build_lora_meta(tok, max_segments=self.segments(bucket))
-            self._metas[key].copy_(meta if cuda else meta.to(dev))
+            self._metas[key].copy_(meta)
         attn = dataclasses.replace(
             self._inputs[key],
             block_tables=mv(host.block_tables),

@@ -129,7 +129,8 @@ def test_key_picks_a_bucket_that_holds_the_step(family):
             ScheduledBatch(chunks), block_size=4, max_model_len=64, num_slots=runner.num_slots
         )
         slots = {c.adapter_slot for c in chunks}
-        return pg.key(host, max(runner.lora.ranks_used(slots).values(), default=0))
+        rank = max(runner.lora.ranks_used(slots).values(), default=0)
+        return pg.key(host, len(slots - {-1}), rank)
 
     def prefill(i: int, n: int, slot: int) -> SeqChunk:
         return SeqChunk(i, [5] * n, 0, [i * 13 + b for b in range(-(-n // 4))], slot, True)
