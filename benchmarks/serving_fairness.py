@@ -21,6 +21,13 @@ Runs, one after the other:
 - ``--fair-cost-repeats`` R > 1: R - 1 more pairs of the last two, their order alternated;
   the cost's median over the R pairs (single pairs spread by a few %).
 
+The cost of fairness is reported twice: over the whole runs, and over the steady window
+(``--fair-window-at-s`` / ``--fair-window-s``, decode tokens from the engine's per-key
+counters) in which every loop is still backlogged. Only the window compares the same load:
+tenant 2's weight ends its loop first, and the rest of the two-key run is tenant 3 alone with
+``--fair-pair-streams`` (= ``max_num_seqs``) streams, no queue, a seat empty for each request's
+round trip, which the one-key run (twice the streams) never has.
+
 The light runs' TTFT is split with the usage ledger's own ``ttft_ms`` afterwards
 (``bench_serving.ledger_split``: the gateway's engine call to its first token, and the rest).
 Per key, from the engine's ``/metrics`` (``loraplex_engine_fair_*{fairness_key}``, deltas):
@@ -169,15 +176,31 @@ class FairnessScenario:
             "keys": self.keys(before, after, [0] if fifo else [0, 1]),
         }
 
+    async def window(self, runs: list[asyncio.Task]) -> tuple[dict, float, bool]:
+        """The engine's per-key counters over ``--fair-window-s`` from ``--fair-window-at-s``
+        after ``runs`` started -> (before, after, seconds between the two reads, whether
+        every run was still going at the end)."""
+        a = self.args
+        await asyncio.sleep(a.fair_window_at_s)
+        w0, t0 = await self.fair_metrics(), time.perf_counter()
+        await asyncio.sleep(a.fair_window_s)
+        w1, t1 = await self.fair_metrics(), time.perf_counter()
+        return (w0, w1), t1 - t0, not any(r.done() for r in runs)
+
     async def run_one_key(self) -> dict:
         a = self.args
         before = await self.settled()
         plan = self.plan(2, 2 * a.fair_pair_requests)
-        records, seconds, _ = await self.closed(plan, 2 * a.fair_pair_streams, 2 * a.fair_procs)
+        run = asyncio.create_task(self.closed(plan, 2 * a.fair_pair_streams, 2 * a.fair_procs))
+        (w0, w1), span, on = await self.window([run])
+        records, seconds, _ = await run
         after = await self.settled()
+        k2 = self.keys(w0, w1, [2])[self.ids[2]]
         return {
             "all": self.summary(records, seconds),
             "adapters": len({p.adapter for p in plan}),
+            "window_decode_tok_s": k2["decode_tokens"] / span,
+            "window_backlogged": on,
             "keys": self.keys(before, after, [2]),
         }
 
@@ -193,11 +216,7 @@ class FairnessScenario:
             asyncio.create_task(self.closed(plan, a.fair_pair_streams, a.fair_procs))
             for plan in plans
         ]
-        await asyncio.sleep(a.fair_window_at_s)
-        w0 = await self.fair_metrics()
-        await asyncio.sleep(a.fair_window_s)
-        w1 = await self.fair_metrics()
-        both_on = not any(r.done() for r in runs)
+        (w0, w1), span, both_on = await self.window(runs)
         (r2, s2, _), (r3, s3, _) = await asyncio.gather(*runs)
         seconds = time.perf_counter() - t0
         after = await self.settled()
@@ -210,6 +229,7 @@ class FairnessScenario:
             "tenant2": self.summary(r2, s2),
             "tenant3": self.summary(r3, s3),
             "out_tok_s": out_tokens / seconds,
+            "window_decode_tok_s": (k2["decode_tokens"] + k3["decode_tokens"]) / span,
             "window": window,
             "window_both_backlogged": both_on,
             "decode_share_ratio": k2["decode_tokens"] / k3["decode_tokens"]
@@ -239,17 +259,39 @@ class FairnessScenario:
             print(f"fairness: {name}", flush=True)
             out[name] = await run()
             print(f"  {brief(name, out[name], self.ids)}", flush=True)
-        pairs = [(out["one_key"]["all"]["out_tok_s"], out["two_keys"]["out_tok_s"])]
+        pairs = [cost_pair(out["one_key"], out["two_keys"])]
         for i in range(1, self.args.fair_cost_repeats):  # more pairs, the order alternated
             got = {}
             for name in ("two_keys", "one_key") if i % 2 else ("one_key", "two_keys"):
-                r = await (self.run_two_keys() if name == "two_keys" else self.run_one_key())
-                got[name] = r["out_tok_s"] if name == "two_keys" else r["all"]["out_tok_s"]
-            pairs.append((got["one_key"], got["two_keys"]))
-            print(f"fairness: cost pair {i + 1}: {1 - got['two_keys'] / got['one_key']:.4f}")
-        out["cost_pairs"] = [{"one_key": a, "two_keys": b, "cost": 1 - b / a} for a, b in pairs]
+                got[name] = await (
+                    self.run_two_keys() if name == "two_keys" else self.run_one_key()
+                )
+            pairs.append(cost_pair(got["one_key"], got["two_keys"]))
+            print(
+                f"fairness: cost pair {i + 1}: whole runs {pairs[-1]['cost']:.4f}, "
+                f"steady window {pairs[-1]['window_cost']:.4f}"
+            )
+        out["cost_pairs"] = pairs
         out["derived"] = derived(out, self.ids)
         print(f"fairness: {out['derived']}", flush=True)
+
+
+def cost_pair(one: dict, two: dict) -> dict:
+    """The cost of fairness from a one-key run and a two-key run: over the whole runs, and
+    over the steady window (both keys backlogged throughout: the load the same in both runs;
+    the whole two-key run ends with tenant 3 alone, whose ``--fair-pair-streams`` streams
+    leave the batch's seats empty for each request's round trip)."""
+    a, b = one["all"]["out_tok_s"], two["out_tok_s"]
+    wa, wb = one["window_decode_tok_s"], two["window_decode_tok_s"]
+    return {
+        "one_key": a,
+        "two_keys": b,
+        "cost": 1 - b / a,
+        "one_key_window": wa,
+        "two_keys_window": wb,
+        "window_cost": 1 - wb / wa if wa else float("nan"),
+        "windows_backlogged": bool(one["window_backlogged"] and two["window_both_backlogged"]),
+    }
 
 
 def brief(name: str, run: dict, ids: list[str]) -> str:
@@ -272,12 +314,13 @@ def brief(name: str, run: dict, ids: list[str]) -> str:
         )
     if name == "one_key":
         return (
-            f"{run['all']['out_tok_s']:.0f} out tok/s over {run['adapters']} adapters, "
-            f"errors {run['all']['errors'] or 'none'}"
+            f"{run['all']['out_tok_s']:.0f} out tok/s over {run['adapters']} adapters "
+            f"(steady window {run['window_decode_tok_s']:.0f} decode tok/s, backlogged "
+            f"{run['window_backlogged']}), errors {run['all']['errors'] or 'none'}"
         )
     return (
-        f"{run['out_tok_s']:.0f} out tok/s over {run['adapters']} adapters, "
-        f"decode share 3:1 -> {run['decode_share_ratio']:.2f}, "
+        f"{run['out_tok_s']:.0f} out tok/s over {run['adapters']} adapters "
+        f"(steady window {run['window_decode_tok_s']:.0f} decode tok/s), decode share 3:1 -> {run['decode_share_ratio']:.2f}, "
         f"weighted service -> {run['service_ratio']:.2f}, "
         f"both backlogged over the window: {run['window_both_backlogged']}"
     )
@@ -302,5 +345,9 @@ def derived(out: dict, ids: list[str]) -> dict:
         - out["two_keys"]["out_tok_s"] / out["one_key"]["all"]["out_tok_s"],
         # over every pair (--fair-cost-repeats): single runs spread by a few %
         "fairness_throughput_cost_median": statistics.median(c["cost"] for c in out["cost_pairs"]),
+        # the same load in both runs (cost_pair): the scheduling's own cost
+        "fairness_window_cost_median": statistics.median(
+            c["window_cost"] for c in out["cost_pairs"]
+        ),
         "flood_ttft_ms": flood["flood"]["ttft_ms"],
     }

@@ -100,6 +100,10 @@ def test_fairness_smoke(bench, tmp_path):
     assert len(f["cost_pairs"]) == 2 and all(c["two_keys"] > 0 for c in f["cost_pairs"])
     costs = sorted(c["cost"] for c in f["cost_pairs"])
     assert f["derived"]["fairness_throughput_cost_median"] == (costs[0] + costs[1]) / 2
+    # the steady window's cost: decode tokens counted in both runs' windows
+    assert all(c["one_key_window"] > 0 and c["two_keys_window"] > 0 for c in f["cost_pairs"])
+    w = sorted(c["window_cost"] for c in f["cost_pairs"])
+    assert f["derived"]["fairness_window_cost_median"] == (w[0] + w[1]) / 2
     n = out["args"]["fair_light_requests"]
     for name in ("light_alone", "light_flood", "light_flood_fifo"):
         run = f[name]
