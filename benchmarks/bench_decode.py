@@ -11,11 +11,7 @@ batch 1/8/32/64/128 and three adapter mixes:
 - ``sharedN`` (e.g. ``shared132``): N distinct adapters, sequence i on adapter i % N.
 
 ``--force-segment`` times the adapter mixes again with every LoRA decode graph on the segment
-kernels (``DecodeGraphs.force_segment``, graphs recaptured), rows labelled ``-seg``;
-``--force-token`` the same on the per-token kernels (rows ``-tok``), and ``--token-order
-sorted,batch`` adds the per-token kernels walking the tokens in batch order instead of grouped
-by adapter (``lora_meta.SORTED_TOKEN_PATH`` off, graphs recaptured; rows ``-batch``, and with
-``--force-token`` ``-tok-batch``).
+kernels (``DecodeGraphs.force_segment``, graphs recaptured), rows labelled ``-seg``.
 
 Adapters are PEFT directories with random weights read by the runner's own reader; slot s
 holds weight file ``s % --weight-files`` (4): each slot is its own memory, so the bytes a step
@@ -59,7 +55,6 @@ from common import (
 )
 
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
-from loraplex.engine.kernels import lora_meta
 from loraplex.engine.model_runner import ModelRunner
 
 
@@ -81,14 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--force-segment", action="store_true",
         help="also time the adapter mixes with every LoRA graph on the segment kernels",
-    )  # fmt: skip
-    p.add_argument(
-        "--force-token", action="store_true",
-        help="also time the adapter mixes with every LoRA graph on the per-token kernels",
-    )  # fmt: skip
-    p.add_argument(
-        "--token-order", default="sorted",
-        help="sorted,batch: also time the per-token kernels in batch order (rows -batch)",
     )  # fmt: skip
     p.add_argument(
         "--compare-in-line",
@@ -252,34 +239,18 @@ def main(argv: list[str] | None = None) -> dict:
         text = host_profile(runner, decode_batch(b, args.context, per_seq, slots))
         Path(args.host_profile).mkdir(parents=True, exist_ok=True)
         (Path(args.host_profile) / "decode_host_profile.txt").write_text(text)
-
-    def variant(suffix: str, force: str = "", sorted_order: bool = True) -> None:
-        """The adapter mixes again with the graphs recaptured under a switch; the default
-        rows get ``gpu/<suffix>`` (default time over this variant's)."""
-        graphs = runner.graphs
-        if graphs is None:
-            return
-        graphs.force_segment, graphs.force_token = force == "segment", force == "token"
-        lora_meta.SORTED_TOKEN_PATH = sorted_order
-        graphs.capture()
+    if args.force_segment and runner.graphs is not None:
+        runner.graphs.force_segment = True
+        runner.graphs.capture()
         for b in batches:
             for mode in modes:
                 if mode != "base":
-                    row = measure(b, mode, f"{mode}-{suffix}")
+                    row = measure(b, mode, mode + "-seg")
                     beside = next(r for r in rows if r["batch"] == b and r["mode"] == mode)
-                    beside[f"gpu/{suffix}"] = beside["gpu_ms"] / row["gpu_ms"]
+                    beside["gpu/seg"] = beside["gpu_ms"] / row["gpu_ms"]
                     rows.append(row)
-        graphs.force_segment = graphs.force_token = False
-        lora_meta.SORTED_TOKEN_PATH = True
-        graphs.capture()
-
-    orders = args.token_order.split(",")
-    variants = [("seg", "segment", True)] if args.force_segment else []
-    variants += [("batch", "", False)] if "batch" in orders else []
-    variants += [("tok", "token", True)] if args.force_token else []
-    variants += [("tok-batch", "token", False)] if args.force_token and "batch" in orders else []
-    for suffix, force, sorted_order in variants:
-        variant(suffix, force, sorted_order)
+        runner.graphs.force_segment = False
+        runner.graphs.capture()
     if args.compare_in_line and runner.graphs is not None:
         # the baseline of the side-stream LoRA: every LoRA kernel in line after its GEMM
         runner.model.side_stream = None
@@ -300,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["step/base"] = r["step_ms"] / base[r["batch"]]["step_ms"]
     cols = ["batch", "mode", "adapters", "floor_ms", "gpu_ms", "gpu/floor", "step_ms"]
     cols += ["step/floor", "step/base"] + (["gpu/in-line"] if args.compare_in_line else [])
-    cols += [f"gpu/{suffix}" for suffix, _, _ in variants]
+    cols += ["gpu/seg"] if args.force_segment else []
     print("\n" + table(rows, cols))
     result = {
         "bench": "decode",

@@ -7,14 +7,12 @@
 One MoE layer at Qwen3-30B-A3B's shapes (hidden 2048, 128 experts, top-8, expert width 768) in
 bf16, ``--adapters`` adapters of ``--rank`` on every expert's gate/up/down in a LoRA pool of
 that max rank (as ``bench_throughput.py --rank 8`` sizes it), each token's adapter drawn
-Zipf(1.0). Per token count, five variants of the layer:
+Zipf(1.0). Per token count, four variants of the layer:
 
 - ``base``: no LoRA;
 - ``old``: the expert LoRA as before (per-token SGMV over every step's (token, expert) pairs,
   the shrink reading a repeated copy of the token rows: ``h.repeat_interleave(top_k)``);
-- ``token``: the per-token kernels reading each pair's token row (decode steps now), the
-  pairs walked grouped by (adapter, expert) (a device sort: ``lora_meta.SORTED_TOKEN_PATH``);
-- ``token-batch``: the same in the pairs' batch order (no sort: the decode path before);
+- ``token``: the per-token kernels reading each pair's token row (decode steps now);
 - ``grouped``: the segment kernels over the pairs grouped by (adapter, expert) on the device
   (prefill and mixed steps now, where their pairs fill the segments: ``expert_grouped``).
 
@@ -38,7 +36,7 @@ import numpy as np
 import torch
 
 from loraplex.engine import kernels as K
-from loraplex.engine.kernels import LoraMeta, build_lora_meta, lora_meta
+from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.lora.pool import LoraPool
 from loraplex.engine.lora.weights import LoraWeights, PackedGroup
 from loraplex.engine.model.config import ModelConfig
@@ -86,20 +84,6 @@ def moe_mlp_old(h, router, gate_up, down, config, groups, offsets, meta) -> torc
     out = K.moe_gemm(act, down, ids, True, blocks)
     lora(act, "experts_down", out)
     return (out.view(T, top_k, -1) * weights[:, :, None]).sum(dim=1)
-
-
-def batch_order(fn):
-    """``fn`` with the per-token kernels in batch order (read at launch, so a graph captured
-    inside keeps it)."""
-
-    def call():
-        lora_meta.SORTED_TOKEN_PATH = False
-        try:
-            return fn()
-        finally:
-            lora_meta.SORTED_TOKEN_PATH = True
-
-    return call
 
 
 def graph_ms(fn, reps: int) -> float:
@@ -168,7 +152,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     name = "a tiny MoE layer" if args.smoke else "one MoE layer of qwen3-30b-a3b"
     print(f"{name}, {dtype}, {args.adapters} adapters of rank {args.rank}")
-    print(f"{'tokens':>7} {'variant':>11} {'ms':>8} {'x base':>7} {'err':>8}")
+    print(f"{'tokens':>7} {'variant':>8} {'ms':>8} {'x base':>7} {'err':>8}")
     for T in [int(t) for t in args.tokens.split(",")]:
         h = torch.randn(T, H, generator=gen).to(dev, dtype)
         slots = torch.from_numpy(rng.choice(args.adapters, size=T, p=zipf).astype(np.int32))
@@ -176,9 +160,8 @@ def main() -> None:
         call = (h, router, gate_up, down, cfg)
         variants = {
             "base": partial(moe_mlp, *call, {}, offsets, None),
-            "old": batch_order(partial(moe_mlp_old, *call, groups, offsets, meta)),
+            "old": partial(moe_mlp_old, *call, groups, offsets, meta),
             "token": partial(moe_mlp, *call, groups, offsets, meta, grouped=False),
-            "token-batch": batch_order(partial(moe_mlp, *call, groups, offsets, meta)),
             "grouped": partial(moe_mlp, *call, groups, offsets, meta, grouped=True),
         }
         os.environ["LORAPLEX_KERNELS"] = "ref"
@@ -191,11 +174,10 @@ def main() -> None:
         ms = {name: graph_ms(fn, args.reps) for name, fn in variants.items()}
         for name, t in ms.items():
             err = f"{errs[name]:.1e}" if name in errs else ""
-            print(f"{T:>7} {name:>11} {t:>8.3f} {t / ms['base']:>7.3f} {err:>8}")
+            print(f"{T:>7} {name:>8} {t:>8.3f} {t / ms['base']:>7.3f} {err:>8}")
         new = "grouped" if expert_grouped(meta, cfg, T <= args.decode_max) else "token"
         print(
-            f"{T:>7} token-batch/token {ms['token-batch'] / ms['token']:.2f}x; "
-            f"old/new ({new}) {ms['old'] / ms[new]:.2f}x, old/grouped "
+            f"{T:>7} old/new ({new}) {ms['old'] / ms[new]:.2f}x, old/grouped "
             f"{ms['old'] / ms['grouped']:.2f}x; lora/base old {ms['old'] / ms['base']:.3f} "
             f"new {ms[new] / ms['base']:.3f}",
             flush=True,

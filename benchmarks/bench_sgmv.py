@@ -278,8 +278,6 @@ VARIANTS: list[tuple[str, dict | None, dict | None]] = [
     ("previous defaults (64 / 128 tokens)", *PREVIOUS),
     ("shrink previous", PREVIOUS[0], None),
     ("expand previous", None, PREVIOUS[1]),
-    # the per-token kernels walking the tokens in batch order, not grouped by adapter
-    ("per-token in batch order", {"sorted": False}, {"sorted": False}),
     ("default again", None, None),
 ]
 

@@ -58,7 +58,6 @@ from common import (
 
 from loraplex.engine.api import AdapterRef, Request, SamplingParams
 from loraplex.engine.config import EngineConfig
-from loraplex.engine.kernels import lora_meta
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.model_runner import ModelRunner
@@ -77,9 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cases; 0 = no adapters; a case may repeat; suffix i (e.g. 32i): LoRA in line, "
         "without the decode side stream (the baseline of that design); suffix s (0s, 32s): "
         "synchronous steps (no async scheduling); suffix u (0u, 32u): the heap not frozen "
-        "(the other cases run, as the engine server does, with gc.freeze() after warm-up); "
-        "suffix b (32b): the per-token LoRA kernels in batch order, not grouped by adapter "
-        "(lora_meta.SORTED_TOKEN_PATH off; graphs recaptured)",
+        "(the other cases run, as the engine server does, with gc.freeze() after warm-up)",
     )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument(
@@ -371,7 +368,7 @@ def profile_case(args, runner: ModelRunner, ids: list[list[int]], root: Path) ->
     import io
     import pstats
 
-    n = min(32, max(int(x.strip().rstrip("isub")) for x in args.adapters.split(",") if x.strip()))
+    n = min(32, max(int(x.strip().rstrip("isu")) for x in args.adapters.split(",") if x.strip()))
     engine = make_engine(args, runner, n)
     refs = adapter_refs(args, runner.config, n, root)
     preload(engine, refs)
@@ -416,17 +413,14 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
 
         side = runner.model.side_stream
         for case in cases:
-            n, in_line, sync = int(case.rstrip("isub")), "i" in case, "s" in case
-            unfrozen, batch_order = "u" in case, "b" in case
+            n, in_line, sync = int(case.rstrip("isu")), "i" in case, "s" in case
+            unfrozen = "u" in case
             if unfrozen:  # the startup heap back in the collector's reach, for this case
                 gc.unfreeze()
-            recapture = batch_order == lora_meta.SORTED_TOKEN_PATH
-            lora_meta.SORTED_TOKEN_PATH = not batch_order
             if side is not None and (runner.model.side_stream is None) != in_line:
                 runner.model.side_stream = None if in_line else side
-                recapture = True
-            if recapture and runner.graphs is not None:
-                runner.graphs.capture()  # the decode graphs hold the stream layout and order
+                if runner.graphs is not None:
+                    runner.graphs.capture()  # the decode graphs hold the stream layout
             engine = make_engine(args, runner, n, async_scheduling=not sync)
             refs = adapter_refs(args, cfg, n, Path(tmp))
             load_s = preload(engine, refs) if (refs and args.preload) else 0.0
@@ -436,7 +430,6 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
             if unfrozen:
                 freeze_heap()
             row["lora"] = "in line" if in_line else "beside"
-            row["token_order"] = "batch" if batch_order else "sorted"
             row["preload_s"] = load_s
             row["loads_per_s"] = len(refs) / load_s if load_s else float("nan")
             engine.shutdown()
@@ -447,7 +440,6 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
         if args.profile:
             profile_case(args, runner, ids, Path(tmp))
 
-    lora_meta.SORTED_TOKEN_PATH = True
     gc.unfreeze()  # the runner's cycles collectable again: its memory goes on return
     return rows
 

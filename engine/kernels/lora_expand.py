@@ -13,7 +13,7 @@ largest rank rounded to a tile (``lora_shrink.seg_rank``); the expand reads and 
 that width, with the shrink's rank buckets when the batch mixes ranks.
 
 Two kernels, picked on the host like the shrink's (``use_token_path``): per token (decode;
-grid ``(T, N ranges, P)``, tokens in the meta's slot order as the shrink's) or per tile of one segment
+grid ``(T, N ranges, P)``, slot from ``meta.token_slot``) or per tile of one segment
 (prefill; grid ``(NT, N ranges, P)``, tensor-core dots). Both grids are static for a given T.
 """
 
@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import torch
 
-from loraplex.engine.kernels import lora_meta as L
 from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
     cdiv,
@@ -190,8 +189,6 @@ if HAVE_TRITON:
         pages_ptr,  # [slots, P, MAXP] int32
         y_ptr,  # [T, N]
         token_slot_ptr,  # [T] int32, -1 = no adapter
-        sorted_ptr,  # [T] int32: SORTED, the token of each program
-        sorted_slot_ptr,  # [T] int32: SORTED, that token's slot
         T,
         R,
         MAXP,
@@ -220,14 +217,13 @@ if HAVE_TRITON:
         N_TILES: tl.constexpr,  # ONE_TILE: the program's B tiles (unrolled, one ahead)
         PRELOAD: tl.constexpr,  # ONE_TILE: load the first B tile before gdc_wait
         VEC: tl.constexpr,  # B's pages aligned to PR columns (_b_tile)
-        SORTED: tl.constexpr,  # program i takes token sorted[i] (lora_shrink's per-token note)
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
-        # projection p; multiply-reduce on the CUDA cores. SORTED: the tokens of one adapter
-        # run side by side, so all but the first find its B rows in L2.
+        # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
+        # tokens group into segments (tokens of one adapter find its B rows in L2).
         if USE_PDL and EARLY:
             gdc_launch_dependents()  # the next kernel may start (and load its weights) now
-        i = tl.program_id(0)
+        t = tl.program_id(0)
         ns = tl.program_id(1)
         p = tl.program_id(2)
         n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
@@ -235,14 +231,9 @@ if HAVE_TRITON:
         if n_start >= n_hi:
             return
         n_end = tl.minimum(n_start + N_PER_PROG, n_hi)
-        if SORTED:  # two independent loads: no extra round trip
-            t = tl.load(sorted_ptr + i)
-            slot = tl.load(sorted_slot_ptr + i)
-        else:
-            t = i
-            slot = tl.load(token_slot_ptr + t)
         t64 = t.to(tl.int64)
         y_row = y_ptr + t64 * stride_yt
+        slot = tl.load(token_slot_ptr + t)
         rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * P + p)
         if ONE_TILE:
             # every load issued before the first wait on one: two dependent round trips (the
@@ -657,8 +648,6 @@ def lora_expand(
             pages,
             y,
             meta.token_slot,
-            meta.sorted_tokens,
-            meta.sorted_slot,
             *tail,
             *strides,
             PR=PR,
@@ -672,7 +661,6 @@ def lora_expand(
             N_TILES=max(n_tiles, 1),
             PRELOAD=preload and pdl,
             VEC=vec,
-            SORTED=config.get("sorted", L.SORTED_TOKEN_PATH) if config else L.SORTED_TOKEN_PATH,
             **cfg,
         )
         return y

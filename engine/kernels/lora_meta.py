@@ -12,11 +12,7 @@ with torch ops only (no Python loop per token). The SGMV kernels read it:
   One SGMV program handles one tile, so the grid is static: ``NT = cdiv(T, block_m) + S``.
 - ``tile_slot[NT]``, ``tile_end[NT]``: per tile its adapter slot (-1 for padding) and the end of
   its segment, so that a program reads its whole work description in one round trip.
-- ``token_slot[T]``: each token's slot, in batch order.
-- ``sorted_slot[T]``: ``token_slot[sorted_tokens]``. The per-token (BGMV) decode kernels run
-  one program per position of ``sorted_tokens`` and read its token and slot from these two
-  (independent loads), so programs of one adapter run side by side and its A and B tiles,
-  read by the first, are in L2 for the others (``SORTED_TOKEN_PATH``; the kernels' docs).
+- ``token_slot[T]``: read by the per-token (BGMV) decode kernels (one program per token).
 
 ``num_segments`` is a host int. For CUDA graphs build with ``max_segments`` (e.g. the number
 of LoRA slots): the segment and tile arrays are padded to that bound with empty segments
@@ -33,17 +29,11 @@ import torch
 
 DEFAULT_BLOCK_M = 16
 
-# The per-token kernels walk the tokens grouped by slot (``sorted_tokens`` / ``sorted_slot``)
-# rather than in batch order. A benchmark's switch (bench_decode.py --token-order), read when a
-# kernel is launched, so a CUDA graph keeps the order it was captured with.
-SORTED_TOKEN_PATH = True
-
 
 @dataclass
 class LoraMeta:
     token_slot: torch.Tensor  # [T] int32, -1 = no adapter
     sorted_tokens: torch.Tensor  # [T] int32
-    sorted_slot: torch.Tensor  # [T] int32: token_slot[sorted_tokens]
     seg_start: torch.Tensor  # [S+1] int32
     seg_slot: torch.Tensor  # [S] int32 (-1 for padding segments)
     tile_seg: torch.Tensor  # [NT] int32 (-1 for padding tiles)
@@ -70,7 +60,6 @@ class LoraMeta:
         return LoraMeta(
             mv(self.token_slot),
             mv(self.sorted_tokens),
-            mv(self.sorted_slot),
             mv(self.seg_start),
             mv(self.seg_slot),
             mv(self.tile_seg),
@@ -86,22 +75,13 @@ class LoraMeta:
     def per_token(cls, token_slot: torch.Tensor) -> LoraMeta:
         """A meta for the per-token kernels only, built on ``token_slot``'s device with no
         sync (the expert LoRA's (token, expert) pairs, whose experts the device chose): the
-        tokens sorted by slot (a stable device sort, ``-1`` last; none with
-        :data:`SORTED_TOKEN_PATH` off) for the kernels' order, the segment arrays placeholders and ``num_segments`` ``T``, so :func:`use_token_path`
-        always picks the per-token kernels. Not for the references."""
+        segment arrays are placeholders and ``num_segments`` is ``T``, so
+        :func:`use_token_path` always picks the per-token kernels. Not for the references."""
         T, dev = token_slot.shape[0], token_slot.device
         one = torch.zeros(1, dtype=torch.int32, device=dev)
-        slot = token_slot.to(torch.int32)
-        if SORTED_TOKEN_PATH:
-            none = torch.iinfo(torch.int32).max
-            key, order = torch.sort(torch.where(slot < 0, none, slot), stable=True)
-            order, key = order.to(torch.int32), torch.where(key == none, -1, key)
-        else:  # batch order (the kernels read token_slot): no sort
-            order, key = torch.arange(T, dtype=torch.int32, device=dev), slot
         return cls(
-            token_slot=slot,
-            sorted_tokens=order,
-            sorted_slot=key,
+            token_slot=token_slot.to(torch.int32),
+            sorted_tokens=torch.arange(T, dtype=torch.int32, device=dev),
             seg_start=one,
             seg_slot=one,
             tile_seg=one,
@@ -164,7 +144,6 @@ class LoraMeta:
         return cls(
             token_slot=token_slot.to(i32),
             sorted_tokens=order.to(i32),
-            sorted_slot=slot_of.to(i32),
             seg_start=seg_start,
             seg_slot=put(S, is_seg, slot_of, -1),
             tile_seg=put(nt, is_tile, seg_of, -1),
@@ -183,7 +162,6 @@ class LoraMeta:
         for name in (
             "token_slot",
             "sorted_tokens",
-            "sorted_slot",
             "seg_start",
             "seg_slot",
             "tile_seg",
@@ -198,18 +176,6 @@ class LoraMeta:
                 src = src.pin_memory()  # pageable: the copy would wait for the stream
             dst.copy_(src, non_blocking=True)
         return self
-
-
-PER_TOKEN_FIELDS = ("token_slot", "sorted_tokens", "sorted_slot")
-
-
-def per_token_arrays(token_slot: torch.Tensor) -> torch.Tensor:
-    """``[3, T]`` int32 on the host: the rows of :data:`PER_TOKEN_FIELDS`, all that the
-    per-token kernels read (a decode graph on that path copies these into its static meta
-    in one copy, not the whole padded meta). Same order as :func:`build_lora_meta`'s."""
-    slot = token_slot.numpy().astype(np.int64)
-    order = np.argsort(np.where(slot < 0, np.iinfo(np.int64).max, slot), kind="stable")
-    return torch.from_numpy(np.stack([slot, order, slot[order]]).astype(np.int32))
 
 
 def build_lora_meta(
@@ -270,7 +236,6 @@ def build_lora_meta(
     return LoraMeta(
         token_slot=token_slot.to(torch.int32),
         sorted_tokens=i32(order),
-        sorted_slot=i32(slot[order]),
         seg_start=i32(seg_start),
         seg_slot=i32(seg_slot),
         tile_seg=i32(np.append(tile_seg, neg)),

@@ -15,8 +15,8 @@ segment kernels also take each tile's rank bucket (<= 16, <= 32, else the full t
 batch mixes ranks, as the per-token path does.
 
 Two kernels, picked on the host from ``T`` and ``meta.num_segments`` (:func:`use_token_path`):
-the per-token path (decode: one program per token, projection and K slice, the tokens taken
-in the meta's slot order, ``sorted_tokens`` / ``sorted_slot``; grid ``(T, P, KS)``) and the segment path (prefill: one program
+the per-token path (decode: one program per token, projection and K slice, the token's slot
+read from ``meta.token_slot``; grid ``(T, P, KS)``) and the segment path (prefill: one program
 per tile of one adapter's tokens, tensor-core dots; grid ``(NT, P, KS)``). Both grids depend on
 ``T`` and the meta's static shapes only, so either is CUDA-graph safe.
 """
@@ -27,7 +27,6 @@ import functools
 
 import torch
 
-from loraplex.engine.kernels import lora_meta as L
 from loraplex.engine.kernels._triton import (
     HAVE_TRITON,
     cdiv,
@@ -183,8 +182,6 @@ if HAVE_TRITON:
         pages_ptr,  # [slots, P, MAXP] int32
         buf_ptr,  # [KS, P, T, R] float32: this split writes buf[ks]
         token_slot_ptr,  # [T] int32, -1 = no adapter
-        sorted_ptr,  # [T] int32: SORTED, the token of each program
-        sorted_slot_ptr,  # [T] int32: SORTED, that token's slot
         T,
         K,
         R,
@@ -208,24 +205,16 @@ if HAVE_TRITON:
         RANK16_K: tl.constexpr,  # the K step of the rank <= 16 tiles
         RANK32_K: tl.constexpr,
         ROW_DIV: tl.constexpr,  # token t reads x row t // ROW_DIV
-        SORTED: tl.constexpr,  # program i takes token sorted[i] (the meta's slot order)
     ):
         # per-token path (decode): one program = one token, one projection p, one K slice;
-        # multiply-reduce on the CUDA cores. SORTED: programs in the order of the tokens
-        # grouped by slot, so the tokens of one adapter run side by side and all but the
-        # first find its A slice in L2 (in batch order they are scattered over the grid, and
-        # at many adapters a step's A outgrows L2 before a second token comes to it).
+        # multiply-reduce on the CUDA cores. Its cost does not depend on how the tokens group
+        # into segments (a second token of the same adapter finds the A slice in L2).
         if USE_PDL and EARLY:
             gdc_launch_dependents()  # the next kernel may start (and load its weights) now
-        i = tl.program_id(0)
+        t = tl.program_id(0)
         p = tl.program_id(1)
         ks = tl.program_id(2)
-        if SORTED:  # two independent loads: no extra round trip
-            t = tl.load(sorted_ptr + i)
-            slot = tl.load(sorted_slot_ptr + i)
-        else:
-            t = i
-            slot = tl.load(token_slot_ptr + t)
+        slot = tl.load(token_slot_ptr + t)
         if slot < 0:
             return
         rank = tl.load(ranks_ptr + slot * P + p)
@@ -467,8 +456,7 @@ def lora_shrink(
     which adapters a step runs); the segment path then sizes ``R`` by it (:func:`seg_rank`),
     the per-token path keeps the pool's (its shapes stay what a decode graph captured).
     Config ``"r_eff": False`` ignores it and ``"rank_split": False`` takes one tile shape for
-    every rank (the behaviour before both; bench_sgmv.py --seg-rank); ``"sorted"`` overrides
-    :data:`~loraplex.engine.kernels.lora_meta.SORTED_TOKEN_PATH` (the per-token order)."""
+    every rank (the behaviour before both; bench_sgmv.py --seg-rank)."""
     T, K = x.shape[0] * row_div, x.shape[1]
     _, P, PR, K2 = lora_a.shape
     S_, P2, maxp = pages.shape
@@ -504,7 +492,6 @@ def lora_shrink(
         num_sms(x.device) if x.is_cuda else 132,
     )  # fmt: skip
     pdl = pdl_ok(x)
-    sorted_order = config.get("sorted", L.SORTED_TOKEN_PATH) if config else L.SORTED_TOKEN_PATH
     # L2 prefetch of A before gdc_wait pays for small batches only (the one-tile kernel loads
     # its A tile into registers there instead)
     prefetch = pdl and T <= 16
@@ -538,8 +525,6 @@ def lora_shrink(
             pages,
             buf,
             meta.token_slot,
-            meta.sorted_tokens,
-            meta.sorted_slot,
             T,
             K,
             R,
@@ -560,7 +545,6 @@ def lora_shrink(
             RANK16_K=rank16_k,
             RANK32_K=rank32_k,
             ROW_DIV=row_div,
-            SORTED=sorted_order,
             **cfg,
         )
         return buf

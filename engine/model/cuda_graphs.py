@@ -21,7 +21,6 @@ import dataclasses
 import torch
 
 from loraplex.engine.kernels import LoraMeta, build_lora_meta
-from loraplex.engine.kernels.lora_meta import PER_TOKEN_FIELDS, per_token_arrays
 from loraplex.engine.kernels.lora_shrink import use_token_path
 from loraplex.engine.lora.pool import LoraPool
 from loraplex.engine.model.inputs import HostInputs, gather_sampled
@@ -59,24 +58,18 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(max_batch, dtype=i32, device=dev)
         self.cu_q_lens = torch.arange(max_batch + 1, dtype=i32, device=dev)
         self._metas: dict[tuple[int, str], LoraMeta] = {}
-        self._packed: dict[int, torch.Tensor] = {}  # bucket -> its token graph's [3, bs] arrays
         # (bucket, "" without LoRA | "segment" | "token") -> graph, output
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = None
         # a benchmark's switch (bench_decode --force-segment), set before capture: every LoRA
         # step of 2+ rows on the segment kernels, their meta padded to the bucket
         self.force_segment = False
-        # and the other way (bench_decode --force-token): every LoRA step on the per-token
-        # kernels, their meta padded to the bucket
-        self.force_token = False
         self.last_replayed: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
 
     def _lora_modes(self, bs: int) -> dict[str, int]:
         """The bucket's LoRA graphs -> the segments their meta is padded to (docstring)."""
         if self.lora is None:
             return {}
-        if self.force_token:
-            return {"token": bs}
         most = min(bs, self.lora.num_slots)  # a step of bs rows has at most bs adapters
         seg = most if bs >= 2 and self.force_segment else min(bs // 2, most)
         modes = {"segment": seg} if seg >= 1 else {}
@@ -109,13 +102,7 @@ class DecodeGraphs:
                     meta = dataclasses.replace(meta, num_segments=1)  # force_segment
                 if (mode == "token") != use_token_path(bs, meta):
                     raise AssertionError(f"bucket {bs}: {mode} graph on the other path")
-                meta = meta.to(self.model.device)
-                if mode == "token":  # its per-token arrays: rows of one buffer, one copy a step
-                    packed = torch.stack([getattr(meta, f) for f in PER_TOKEN_FIELDS])
-                    rows = dict(zip(PER_TOKEN_FIELDS, packed, strict=True))
-                    meta = dataclasses.replace(meta, **rows)
-                    self._packed[bs] = packed
-                self._metas[(bs, mode)] = meta
+                self._metas[(bs, mode)] = meta.to(self.model.device)
             for mode in ["", *self._lora_modes(bs)]:
                 inp = self._inputs(bs, mode)
                 lora = self.lora if mode else None
@@ -174,13 +161,13 @@ class DecodeGraphs:
             modes = self._lora_modes(bs)
             distinct = len(set(host.token_slot.tolist()) - {-1})
             mode = "segment" if distinct <= modes.get("segment", 0) else "token"
+            meta = self._metas[(bs, mode)]
             if mode == "token":
-                # this graph's SGMV kernels read the per-token arrays and nothing else: skip
+                # this graph's SGMV kernels read each token's slot and nothing else: skip
                 # grouping into segments (~1 ms of small host torch ops per step at 128 slots)
-                arrays = per_token_arrays(tok).pin_memory()
-                self._packed[bs].copy_(arrays, non_blocking=True)
+                meta.token_slot.copy_(tok.pin_memory(), non_blocking=True)
             else:
-                self._metas[(bs, mode)].copy_(build_lora_meta(tok, max_segments=modes["segment"]))
+                meta.copy_(build_lora_meta(tok, max_segments=modes["segment"]))
         g, out = self.last_replayed = self._graphs[(bs, mode)]
         g.replay()
         return out[:b]

@@ -87,11 +87,8 @@ def test_decode_graph_replay_equals_eager(tiny, dtype):
         for slot, path in enumerate(adapters):
             r.write_slot(slot, r.read_adapter(path))
     g = torch.Generator().manual_seed(1)
-    # buckets 1, 4, 8 (padded), and a smaller step after a bigger; the last, 4 rows on three
-    # adapters (more than the bucket's segment graph holds), replays the per-token graph with
-    # the tokens out of slot order (its kernels walk them grouped: per_token_arrays)
-    for n_seqs in (1, 3, 8, 5, 4):
-        slots = [2, 0, 1, 0] if n_seqs == 4 else [(-1, 0, 1, 2)[i % 4] for i in range(n_seqs)]
+    for n_seqs in (1, 3, 8, 5):  # buckets 1, 4, 8 (padded), and a smaller step after a bigger
+        slots = [(-1, 0, 1, 2)[i % 4] for i in range(n_seqs)]
         lens = torch.randint(1, 40, (n_seqs,), generator=g).tolist()
         prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in lens]
         tables = [list(range(i * 8, (i + 1) * 8)) for i in range(n_seqs)]
@@ -109,8 +106,6 @@ def test_decode_graph_replay_equals_eager(tiny, dtype):
                 assert batch.is_decode
                 steps.append(r.execute(batch).clone())
             outs.append(torch.stack(steps))
-        if n_seqs == 4:
-            assert graphed.graphs.last_replayed is graphed.graphs._graphs[(4, "token")]
         # bf16: the kernels may pick another tiling for the padded graph batch (DESIGN.md's
         # bf16 tolerance); float32 shows that the inputs and the math are the same
         tol = 1e-5 if dtype == torch.float32 else 3e-2

@@ -8,7 +8,6 @@ from kernel_testing import DEVICE, assert_close, gpu
 
 from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.kernels.lora_expand import lora_expand, lora_expand_ref
-from loraplex.engine.kernels.lora_meta import PER_TOKEN_FIELDS, per_token_arrays
 from loraplex.engine.kernels.lora_shrink import (
     lora_shrink,
     lora_shrink_ref,
@@ -292,13 +291,10 @@ def test_expand_store_mode_no_adapter_at_all():
     assert not y.any()
 
 
-@pytest.mark.parametrize("sorted_order", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_path_reads_the_per_token_arrays_only(dtype, sorted_order):
-    # a decode graph's static meta updates only the per-token arrays (token_slot,
-    # sorted_tokens, sorted_slot: per_token_arrays) on buckets that take the per-token path
-    # (cuda_graphs.DecodeGraphs.run): stale segment arrays must not change the result, in
-    # either program order
+def test_token_path_reads_token_slot_only(dtype):
+    # a decode graph's static meta updates only token_slot on buckets that take the per-token
+    # path (cuda_graphs.DecodeGraphs.run): stale segment arrays must not change the result
     gen = torch.Generator().manual_seed(4)
     T, k, outs, slots = 7, 96, [40, 24], 16
     a, b, ranks, offsets = make_weights(slots, outs, 16, k, dtype, gen, rank_choices=(1, 8, 16))
@@ -307,8 +303,7 @@ def test_token_path_reads_the_per_token_arrays_only(dtype, sorted_order):
     true_slot = make_token_slot(T, "some_none", slots, gen)
     stale = build_lora_meta(torch.full((T,), -1, dtype=torch.int32), max_segments=slots)
     assert use_token_path(T, stale)
-    for name, row in zip(PER_TOKEN_FIELDS, per_token_arrays(true_slot), strict=True):
-        getattr(stale, name).copy_(row)
+    stale.token_slot.copy_(true_slot)
     meta = build_lora_meta(true_slot, max_segments=slots)
     want = expand_ref(
         shrink_ref(x.float(), a.float(), ranks, meta), b.float(), ranks, offsets, meta,
@@ -317,47 +312,9 @@ def test_token_path_reads_the_per_token_arrays_only(dtype, sorted_order):
     m = stale.to(DEVICE)
     rk = ranks.to(DEVICE)
     A, B, pages, boffs = to_paged(a, b, offsets, gen)
-    cfg = {"sorted": sorted_order}
-    buf = lora_shrink(x.to(DEVICE), A, rk, pages, m, config=cfg)
-    y = lora_expand(
-        buf, B, rk, pages, offsets, m, y0.to(DEVICE).clone(), config=cfg, b_offsets=boffs
-    )
+    buf = lora_shrink(x.to(DEVICE), A, rk, pages, m)
+    y = lora_expand(buf, B, rk, pages, offsets, m, y0.to(DEVICE).clone(), b_offsets=boffs)
     assert_close(y, want, dtype)
-
-
-@pytest.mark.parametrize("pattern", ["zipf", "some_none"])
-def test_token_path_program_order_does_not_change_the_result(pattern):
-    """The per-token kernels in slot order (the default) and in batch order: the same
-    partials and outputs, in accumulate and store mode; a program that took its token from
-    one order and its slot from the other would apply the wrong adapter."""
-    gen = torch.Generator().manual_seed(11)
-    T, k, outs, slots = 19, 64, [32, 16], 6
-    a, b, ranks, offsets = make_weights(slots, outs, 16, k, torch.float32, gen, (8, 16))
-    tok = make_token_slot(T, pattern, slots, gen)
-    assert len(set(tok.tolist()) - {-1}) > 1 and tok.tolist() != sorted(tok.tolist())
-    x = torch.randn(T, k, generator=gen)
-    y0 = torch.randn(T, offsets[-1], generator=gen)
-    meta = build_lora_meta(tok, max_segments=T).to(DEVICE)
-    assert use_token_path(T, meta)
-    A, B, pages, boffs = to_paged(a, b, offsets, gen)
-    rk = ranks.to(DEVICE)
-    ref = build_lora_meta(tok)
-    want = expand_ref(shrink_ref(x, a, ranks, ref), b, ranks, offsets, ref, y0.clone())
-    for accumulate in (True, False):
-        got = []
-        for order in (True, False):
-            cfg = {"sorted": order}
-            buf = lora_shrink(x.to(DEVICE), A, rk, pages, meta, config=cfg)
-            y = lora_expand(buf, B, rk, pages, offsets, meta, y0.to(DEVICE).clone(),
-                            config=cfg, accumulate=accumulate, b_offsets=boffs)  # fmt: skip
-            got.append(y.cpu())
-        assert torch.equal(got[0], got[1])
-        if accumulate:
-            assert_close(got[0], want, torch.float32)
-        else:
-            delta = want - y0
-            delta[tok < 0] = 0
-            assert_close(got[0], delta, torch.float32)
 
 
 def meta_oracle(tok: list[int], max_segments, block_m: int) -> dict:
@@ -382,7 +339,6 @@ def meta_oracle(tok: list[int], max_segments, block_m: int) -> dict:
     return {
         "token_slot": tok,
         "sorted_tokens": order,
-        "sorted_slot": [tok[i] for i in order],
         "seg_start": starts,
         "seg_slot": slots,
         "tile_seg": list(cols[0]),
@@ -412,10 +368,6 @@ def test_meta_matches_loop_oracle(block_m):
                     assert got.dtype == torch.int32, f
                     got = got.tolist()
                 assert got == v, (f, tok.tolist(), max_segments)
-            fields = [getattr(m, f).tolist() for f in PER_TOKEN_FIELDS]
-            assert per_token_arrays(tok).tolist() == fields
-            pt = LoraMeta.per_token(tok)  # the device sort (the MoE pairs' per-token meta)
-            assert [getattr(pt, f).tolist() for f in PER_TOKEN_FIELDS] == fields
 
 
 @pytest.mark.parametrize("block_m", [16, 4])
@@ -438,7 +390,6 @@ def test_grouped_meta_matches_loop_oracle(block_m):
                 T, T // block_m + segs
             )
             assert m.sorted_tokens.tolist() == want["sorted_tokens"]
-            assert m.sorted_slot.tolist() == want["sorted_slot"]
             assert m.token_slot.tolist() == want["token_slot"]
             assert m.seg_slot.tolist() == want["seg_slot"] + [-1] * (segs - S)
             assert m.seg_start.tolist() == want["seg_start"] + want["seg_start"][-1:] * (segs - S)
