@@ -11,7 +11,8 @@ batch 1/8/32/64/128 and three adapter mixes:
 - ``sharedN`` (e.g. ``shared132``): N distinct adapters, sequence i on adapter i % N.
 
 ``--force-segment`` times the adapter mixes again with every LoRA decode graph on the segment
-kernels (``DecodeGraphs.force_segment``, graphs recaptured), rows labelled ``-seg``.
+kernels (``DecodeGraphs.force_segment``, graphs recaptured), rows labelled ``-seg``;
+``--force-token`` the same on the per-token kernels (rows ``-tok``).
 
 Adapters are PEFT directories with random weights read by the runner's own reader; slot s
 holds weight file ``s % --weight-files`` (4): each slot is its own memory, so the bytes a step
@@ -76,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--force-segment", action="store_true",
         help="also time the adapter mixes with every LoRA graph on the segment kernels",
+    )  # fmt: skip
+    p.add_argument(
+        "--force-token", action="store_true",
+        help="also time the adapter mixes with every LoRA graph on the per-token kernels",
     )  # fmt: skip
     p.add_argument(
         "--compare-in-line",
@@ -239,17 +244,21 @@ def main(argv: list[str] | None = None) -> dict:
         text = host_profile(runner, decode_batch(b, args.context, per_seq, slots))
         Path(args.host_profile).mkdir(parents=True, exist_ok=True)
         (Path(args.host_profile) / "decode_host_profile.txt").write_text(text)
-    if args.force_segment and runner.graphs is not None:
-        runner.graphs.force_segment = True
+    forced = [("seg", "force_segment")] if args.force_segment else []
+    forced += [("tok", "force_token")] if args.force_token else []
+    for suffix, switch in forced:
+        if runner.graphs is None:
+            break
+        setattr(runner.graphs, switch, True)
         runner.graphs.capture()
         for b in batches:
             for mode in modes:
                 if mode != "base":
-                    row = measure(b, mode, mode + "-seg")
+                    row = measure(b, mode, f"{mode}-{suffix}")
                     beside = next(r for r in rows if r["batch"] == b and r["mode"] == mode)
-                    beside["gpu/seg"] = beside["gpu_ms"] / row["gpu_ms"]
+                    beside[f"gpu/{suffix}"] = beside["gpu_ms"] / row["gpu_ms"]
                     rows.append(row)
-        runner.graphs.force_segment = False
+        setattr(runner.graphs, switch, False)
         runner.graphs.capture()
     if args.compare_in_line and runner.graphs is not None:
         # the baseline of the side-stream LoRA: every LoRA kernel in line after its GEMM
@@ -271,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["step/base"] = r["step_ms"] / base[r["batch"]]["step_ms"]
     cols = ["batch", "mode", "adapters", "floor_ms", "gpu_ms", "gpu/floor", "step_ms"]
     cols += ["step/floor", "step/base"] + (["gpu/in-line"] if args.compare_in_line else [])
-    cols += ["gpu/seg"] if args.force_segment else []
+    cols += [f"gpu/{suffix}" for suffix, _ in forced]
     print("\n" + table(rows, cols))
     result = {
         "bench": "decode",

@@ -64,12 +64,17 @@ class DecodeGraphs:
         # a benchmark's switch (bench_decode --force-segment), set before capture: every LoRA
         # step of 2+ rows on the segment kernels, their meta padded to the bucket
         self.force_segment = False
+        # and the other way (bench_decode --force-token): every LoRA step on the per-token
+        # kernels, their meta padded to the bucket
+        self.force_token = False
         self.last_replayed: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
 
     def _lora_modes(self, bs: int) -> dict[str, int]:
         """The bucket's LoRA graphs -> the segments their meta is padded to (docstring)."""
         if self.lora is None:
             return {}
+        if self.force_token:
+            return {"token": bs}
         most = min(bs, self.lora.num_slots)  # a step of bs rows has at most bs adapters
         seg = most if bs >= 2 and self.force_segment else min(bs // 2, most)
         modes = {"segment": seg} if seg >= 1 else {}
