@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issues 17/18/26: where the LoRA time of a decode step goes, on one GPU, from anywhere:
 #
-#   OUT=/some/dir [SECTIONS="tests decode moe"] bash benchmarks/gpu_lora_decode.sh   # ~10 min
+#   OUT=/some/dir [SECTIONS="tests decode sweep moe"] bash benchmarks/gpu_lora_decode.sh   # ~15 min
 #
 # tests: the GPU kernel tests (tests/kernels -m gpu);
 # decode: benchmarks/bench_decode.py, dummy:llama3-8b bf16, batch 32 and 256 at context 320,
@@ -9,6 +9,10 @@
 #   engine's default), each mix on the path the graphs pick, on the segment kernels (-seg)
 #   and on the per-token kernels (-tok); then a per-kernel profile of each mix at batch 256
 #   ($OUT/prof/decode_profile.txt);
+# sweep: benchmarks/sweep_decode_lora.py at batch 256 in a rank-64 pool, 132 adapters (the
+#   2,000-adapter case's steps) and 32 Zipf adapters on 128 slots (the offline throughput's):
+#   launch variants of the side-stream LoRA, above all runs of B tiles per expand program
+#   (one [256, 16] tile each today: ~43,000 short programs a layer at batch 256);
 # moe: benchmarks/bench_moe_lora.py, one Qwen3-30B-A3B MoE layer with 32 rank-8 expert
 #   adapters at 256 (a decode step) and 2,048 pairs' tokens: per-token against grouped.
 # (The H200 run of 2026-12-04 13:39 UTC used this script's earlier form, with BASE=<checkout>
@@ -23,12 +27,18 @@ LOG=$OUT/lora_decode.log
 status=0
 source benchmarks/gpu_step.sh  # step NAME SECONDS CMD..., has SECTION, banner
 banner
-SECTIONS=${SECTIONS:-tests decode moe}
+SECTIONS=${SECTIONS:-tests decode sweep moe}
 has tests && step "GPU kernel tests" 200 $PY -m pytest -m gpu -q -x -p no:cacheprovider tests/kernels
 has decode && step "bench_decode: paths and profile" 300 $PY benchmarks/bench_decode.py \
   --batches 32,256 --modes base,shared32,shared132,distinct --context 320 --rank 16 --steps 20 \
   --max-lora-rank 64 --force-segment --force-token --json "$OUT/decode_paths.json" \
   --profile "$OUT/prof" --profile-batch 256
+if has sweep; then
+  step "sweep: batch 256, 132 adapters" 240 $PY benchmarks/sweep_decode_lora.py --batch 256 \
+    --adapters 132 --max-lora-rank 64 --context 320 --steps 20
+  step "sweep: batch 256, 32 Zipf adapters on 128 slots" 240 $PY benchmarks/sweep_decode_lora.py \
+    --batch 256 --adapters 32 --zipf 1.0 --slots 128 --max-lora-rank 64 --context 320 --steps 20
+fi
 has moe && step "bench_moe_lora: per-token against grouped" 200 $PY benchmarks/bench_moe_lora.py \
   --tokens 256,2048 --adapters 32 --rank 8
 exit $status
