@@ -102,6 +102,28 @@ def graph_ms(fn, reps: int) -> float:
     return graph_median_ms(fn, torch.device("cuda"), reps)
 
 
+def launch_variants(token, ref: torch.Tensor, base_ms: float, T: int, reps: int) -> None:
+    """The per-token layer with the expert LoRA's kernels under each launch variant of
+    ``sweep_decode_lora.py`` (the in-line one aside: the MoE LoRA runs in line), each checked
+    against the reference first."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sweep_decode_lora as sw
+
+    for name, v in sw.VARIANTS:
+        if v.get("in_line"):
+            continue
+        sw.S.lora_shrink = sw._with_config(sw.ORIG_S, v.get("shrink"))
+        sw.E.lora_expand = sw._with_config(sw.ORIG_E, v.get("expand"))
+        try:
+            err = rel(token(), ref)
+            if not err < 3e-2:
+                raise SystemExit(f"T={T}, {name}: off the reference ({err:.1e})")
+            t = graph_ms(token, reps)
+        finally:
+            sw.S.lora_shrink, sw.E.lora_expand = sw.ORIG_S, sw.ORIG_E
+        print(f"{T:>7} token, {name}: {t:.3f} ms, {t / base_ms:.3f} x base", flush=True)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
@@ -113,6 +135,11 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--decode-max", type=int, default=512)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--launch-variants",
+        action="store_true",
+        help="also time the per-token layer under sweep_decode_lora.py's launch variants",
+    )
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -175,6 +202,8 @@ def main() -> None:
         for name, t in ms.items():
             err = f"{errs[name]:.1e}" if name in errs else ""
             print(f"{T:>7} {name:>8} {t:>8.3f} {t / ms['base']:>7.3f} {err:>8}")
+        if args.launch_variants:
+            launch_variants(variants["token"], ref, ms["base"], T, args.reps)
         new = "grouped" if expert_grouped(meta, cfg, T <= args.decode_max) else "token"
         print(
             f"{T:>7} old/new ({new}) {ms['old'] / ms[new]:.2f}x, old/grouped "

@@ -14,7 +14,8 @@
 #   launch variants of the side-stream LoRA, above all runs of B tiles per expand program
 #   (one [256, 16] tile each today: ~43,000 short programs a layer at batch 256);
 # moe: benchmarks/bench_moe_lora.py, one Qwen3-30B-A3B MoE layer with 32 rank-8 expert
-#   adapters at 256 (a decode step) and 2,048 pairs' tokens: per-token against grouped.
+#   adapters at 256 (a decode step) and 2,048 tokens: per-token against grouped, and the
+#   per-token layer under the sweep's launch variants (--launch-variants).
 # (The H200 run of 2026-12-04 13:39 UTC used this script's earlier form, with BASE=<checkout>
 # for a before / after of the expand's loads: git show 1e6e045:benchmarks/gpu_lora_decode.sh.)
 set -uo pipefail
@@ -40,5 +41,5 @@ if has sweep; then
     --batch 256 --adapters 32 --zipf 1.0 --slots 128 --max-lora-rank 64 --context 320 --steps 20
 fi
 has moe && step "bench_moe_lora: per-token against grouped" 200 $PY benchmarks/bench_moe_lora.py \
-  --tokens 256,2048 --adapters 32 --rank 8
+  --tokens 256,2048 --adapters 32 --rank 8 --launch-variants
 exit $status

@@ -56,11 +56,11 @@ VARIANTS: list[tuple[str, dict]] = [
 ]
 
 
-def _with_config(orig, config: dict | None):
-    """``orig`` (lora_shrink / lora_expand) with ``config`` (its tuning override)."""
-    if not config:
+def _with_config(orig, cfg: dict | None):
+    """``orig`` (lora_shrink / lora_expand) with ``cfg`` as its tuning override."""
+    if not cfg:
         return orig
-    return lambda *args, config=None, **kw: orig(*args, config=dict(config), **kw)
+    return lambda *args, config=None, **kw: orig(*args, config=dict(cfg), **kw)
 
 
 def apply(runner, side, v: dict) -> None:
