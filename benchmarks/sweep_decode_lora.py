@@ -49,7 +49,10 @@ VARIANTS: list[tuple[str, dict]] = [
         "expand 4 tiles, 4 warps",
         {"expand": {"block_n": 256, "n_per": 1024, "one_tile": True, "num_warps": 4}},
     ),
+    ("expand 1 tile, 4 warps", {"expand": {"num_warps": 4}}),
     ("shrink max_split 8", {"shrink": {"max_split": 8}}),
+    # 96 registers against 113 on sm_90: 5 programs an SM against 4 (kernel_resources.py)
+    ("shrink block_k 128", {"shrink": {"block_k": 128}}),
     ("shrink k_per 1024", {"shrink": {"k_per": 1024}}),
     ("shrink k_per 2048", {"shrink": {"k_per": 2048}}),
     ("default again", {}),

@@ -6,6 +6,9 @@ rather than on the GPU machine."""
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -150,3 +153,22 @@ def test_ttft_smoke(bench, tmp_path):
         assert r["load"] > 0 and r["steps"] >= 2
         assert r["steps_tokens_mean"] > alone["steps_tokens_mean"]
     sys.modules.pop("bench_ttft", None)
+
+
+def test_kernel_resources_compile_for_hopper_without_a_gpu(tmp_path):
+    """The per-token LoRA kernels compile for sm_90 here (Triton's bundled ptxas) and the
+    table reads their registers from the cubin: longer runs of B tiles per expand program
+    mean fewer programs, and no configuration spills. In a process of its own: these tests
+    run Triton interpreted, and the script compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = BENCH_DIR.parent
+    env["PYTHONPATH"] = str(root)
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(BENCH_DIR / "kernel_resources.py"), "--tokens", "32"]
+    subprocess.run([*cmd, "--json", str(out)], env=env, cwd=root, check=True, timeout=600)
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())}
+    one, eight = rows["expand beside, 1 tile (decode graphs)"], rows["expand beside, 8 tiles"]
+    assert one["programs_a_layer"] == 8 * eight["programs_a_layer"]
+    for r in rows.values():
+        assert 16 <= r["regs"] <= 255 and r["stack"] == 0, r
+        assert 1 <= r["programs_per_sm"] <= 64 // r["warps"], r
