@@ -127,9 +127,11 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request, or raise a typed error that concerns it alone."""
-        taken = time.perf_counter()  # the engine's own time for it starts here
+    def add_request(self, request: Request, received: float | None = None) -> None:
+        """Queue a request, or raise a typed error that concerns it alone. ``received``:
+        the ``time.perf_counter()`` at which the engine got it (the step loop's command
+        queue), when that was before this call; its time in the engine starts there."""
+        taken = time.perf_counter() if received is None else received
         p = request.sampling
         p.validate()
         if request.request_id in self._requests:
@@ -179,6 +181,7 @@ class LLMEngine:
                 fair_key=request.fairness_key or NO_KEY,
                 fair_weight=request.fairness_weight,
                 priority_tier=request.priority,
+                queued_at=taken,
             )
             self._next_seq_id += 1
             choice = Choice(seq)

@@ -111,7 +111,8 @@ class Scheduler:
             self._tiers[t] = self._tiers.get(t, 0) + 1
         if seq.queued_step < 0:
             seq.queued_step = self.steps
-            seq.queued_at = time.perf_counter()
+            if not seq.queued_at:  # (the engine sets when it received the request)
+                seq.queued_at = time.perf_counter()
 
     def _fair_order(self, seq: Sequence) -> tuple[int, float, int, int]:
         return (seq.priority_tier, self.fair.counter(seq.fair_key), seq.arrival, seq.index)

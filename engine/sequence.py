@@ -45,7 +45,7 @@ class Sequence:
     fair_weight: float = 1.0
     priority_tier: int = 1
     fair_counted: bool = False  # counted among its key's active sequences
-    queued_at: float = 0.0  # perf_counter when first queued (0: not yet)
+    queued_at: float = 0.0  # perf_counter when the engine received it (0: when first queued)
     queued_step: int = -1  # the scheduler's step count when first queued
     started: bool = False  # scheduled at least once
 

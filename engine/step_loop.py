@@ -129,7 +129,9 @@ class StepLoop:
     # -- commands (any thread) -----------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        self._put("add", request, None)
+        """Queue ``request``; its time in the engine (queue time, first token) counts from
+        here, the wait for the step in flight to end included."""
+        self._put("add", request, time.perf_counter())
 
     def abort(self, request_ids: list[str]) -> None:
         self._put("abort", request_ids, None)
@@ -234,7 +236,7 @@ class StepLoop:
                 try:
                     if self._stop:
                         raise EngineDead("the engine is shutting down")
-                    engine.add_request(arg)
+                    engine.add_request(arg, received=extra)
                 except Exception as exc:  # this request's own error
                     failures.append(failed(arg.request_id, exc))
             elif kind == "abort":

@@ -20,6 +20,7 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.errors import InvalidRequest
 from loraplex.engine.fairness import DECODE_COST, PREFILL_COST, FairShare
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.step_loop import StepLoop
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -467,3 +468,43 @@ def test_the_gateway_keys_requests_by_tenant_with_its_plan_weight():
     p = Principal(tid, "acme", None, frozenset(), tenant_limits=limits)
     assert p.fairness == (str(tid), 3.0, 0)  # the tenant's tier over its plan's
     assert Principal(tid, "acme", None, frozenset()).fairness == (str(tid), 1.0, 1)
+
+
+def test_queue_time_counts_from_the_step_loops_receipt(tok):
+    """A request that reaches the step loop while the step thread is busy waits in its
+    command queue until the thread comes round: that wait is engine queue time (and time to
+    the first token), not just the time from ``add_request`` to the first schedule."""
+    runner = ToyRunner(tok, num_blocks=256, block_size=4, num_slots=2)
+    config = EngineConfig(block_size=4, max_loras=2, max_num_seqs=4, max_num_batched_tokens=64)
+    outputs: list = []
+    ready = threading.Event()
+    loop = StepLoop(
+        lambda: LLMEngine(runner, config), outputs.extend, on_ready=lambda _e: ready.set()
+    )
+    loop.start()
+    try:
+        assert ready.wait(30), loop.failure
+        busy, release = threading.Event(), threading.Event()
+
+        def hold(_engine: LLMEngine) -> None:  # the step thread busy, as in a long step
+            busy.set()
+            release.wait(10)
+
+        loop.call(hold, lambda _result, _exc: None)
+        assert busy.wait(10)
+        loop.add(req("late", "k"))
+        held = 0.3
+        threading.Event().wait(held)
+        release.set()
+        deadline = threading.Event()
+        for _ in range(1000):
+            if any(o.request_id == "late" and o.finished for o in list(outputs)):
+                break
+            deadline.wait(0.01)
+        stats = loop.engine.scheduler.fair.stats["k"]  # type: ignore[union-attr]
+        assert stats.queued == 1 and stats.first_tokens == 1
+        assert stats.queue_seconds >= held, stats
+        assert stats.first_token_seconds >= held, stats
+    finally:
+        release.set()
+        loop.shutdown()
