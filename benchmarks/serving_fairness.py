@@ -320,7 +320,8 @@ def brief(name: str, run: dict, ids: list[str]) -> str:
         )
     return (
         f"{run['out_tok_s']:.0f} out tok/s over {run['adapters']} adapters "
-        f"(steady window {run['window_decode_tok_s']:.0f} decode tok/s), decode share 3:1 -> {run['decode_share_ratio']:.2f}, "
+        f"(steady window {run['window_decode_tok_s']:.0f} decode tok/s), "
+        f"decode share 3:1 -> {run['decode_share_ratio']:.2f}, "
         f"weighted service -> {run['service_ratio']:.2f}, "
         f"both backlogged over the window: {run['window_both_backlogged']}"
     )

@@ -59,7 +59,7 @@ VARIANTS: list[tuple[str, dict]] = [
 ]
 
 
-def _with_config(orig, cfg: dict | None):
+def with_config(orig, cfg: dict | None):
     """``orig`` (lora_shrink / lora_expand) with ``cfg`` as its tuning override."""
     if not cfg:
         return orig
@@ -67,8 +67,8 @@ def _with_config(orig, cfg: dict | None):
 
 
 def apply(runner, side, v: dict) -> None:
-    S.lora_shrink = _with_config(ORIG_S, v.get("shrink"))
-    E.lora_expand = _with_config(ORIG_E, v.get("expand"))
+    S.lora_shrink = with_config(ORIG_S, v.get("shrink"))
+    E.lora_expand = with_config(ORIG_E, v.get("expand"))
     if v.get("in_line"):
         runner.model.side_stream = None
     elif "priority" in v:
