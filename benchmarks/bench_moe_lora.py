@@ -112,8 +112,7 @@ def launch_variants(token, ref: torch.Tensor, base_ms: float, T: int, reps: int)
     for name, v in sw.VARIANTS:
         if v.get("in_line"):
             continue
-        sw.S.lora_shrink = sw.with_config(sw.ORIG_S, v.get("shrink"))
-        sw.E.lora_expand = sw.with_config(sw.ORIG_E, v.get("expand"))
+        sw.S.lora_shrink, sw.E.lora_expand = sw.kernels_for(v)
         try:
             err = rel(token(), ref)
             if not err < 3e-2:

@@ -11,8 +11,8 @@
 #   ($OUT/prof/decode_profile.txt);
 # sweep: benchmarks/sweep_decode_lora.py at batch 256 in a rank-64 pool, 132 adapters (the
 #   2,000-adapter case's steps) and 32 Zipf adapters on 128 slots (the offline throughput's):
-#   launch variants of the side-stream LoRA, above all runs of B tiles per expand program
-#   (one [256, 16] tile each today: ~43,000 short programs a layer at batch 256);
+#   launch variants of the side-stream LoRA against the defaults before 12-05 (one [256, 16]
+#   tile per expand program at every batch, ~49,000 short programs a layer at batch 256);
 # moe: benchmarks/bench_moe_lora.py, one Qwen3-30B-A3B MoE layer with 32 rank-8 expert
 #   adapters at 256 (a decode step) and 2,048 tokens: per-token against grouped, and the
 #   per-token layer under the sweep's launch variants (--launch-variants).

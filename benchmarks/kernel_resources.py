@@ -9,9 +9,10 @@ an SM holds at once, and at ``--tokens`` the grid of each Llama-3-8B projection 
 the waves it takes over ``--sms`` SMs (an upper bound on residency: beside the GEMMs, the
 GEMM's blocks hold part of every SM).
 
-Rows: the per-token expand as the decode graphs launch it beside the GEMMs (one ``[256,
-16]`` B tile per program, 8 warps), in line (4 warps), and with runs of 2/4/8 tiles per
-program (``sweep_decode_lora.py``'s variants); the per-token shrink beside the GEMMs
+Rows: the per-token expand beside the GEMMs as the decode graphs launch it at each batch
+size (``lora_expand._beside_gemm_tiles``: one ``[256, 16]`` B tile per program with 8 warps
+below 64 tokens, runs of 2 below 128, runs of 4 with 4 warps from 128), in line (4 warps),
+and the other runs of ``sweep_decode_lora.py``'s variants; the per-token shrink beside the GEMMs
 (256-wide K steps over 512-wide slices).
 """
 
@@ -89,12 +90,12 @@ def shrink_consts(pdl: bool, block_k: int = 256) -> dict:
 def rows(arch: int, tokens: int, sms: int) -> list[dict]:
     out = []
     cases = [
-        ("expand beside, 1 tile (decode graphs)", "expand", 1, 8, False, False),
+        ("expand beside, 1 tile (decode graphs < 64 tokens)", "expand", 1, 8, False, False),
         ("expand in line, 1 tile", "expand", 1, 4, True, True),
-        ("expand beside, 2 tiles", "expand", 2, 8, False, False),
+        ("expand beside, 2 tiles (64-127 tokens)", "expand", 2, 8, False, False),
         ("expand beside, 4 tiles", "expand", 4, 8, False, False),
         ("expand beside, 8 tiles", "expand", 8, 8, False, False),
-        ("expand beside, 4 tiles, 4 warps", "expand", 4, 4, False, False),
+        ("expand beside, 4 tiles, 4 warps (>= 128 tokens)", "expand", 4, 4, False, False),
         ("shrink beside, 512-wide slices", "shrink", 256, 4, False, False),
         ("shrink beside, 8 warps", "shrink", 256, 8, False, False),
         ("shrink beside, 128-wide K steps", "shrink", 128, 4, False, False),

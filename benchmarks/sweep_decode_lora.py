@@ -7,7 +7,8 @@ batch-32 step (graph replay + LM head, device time as in bench_decode.py) with b
 and 32 distinct adapters (``--batch``, ``--adapters``, ``--zipf``, ``--slots``: other mixes,
 e.g. the throughput benchmark's ~250-sequence steps over 32 Zipf adapters on 128 slots).
 Variants: LoRA in line, and SGMV launch options (``config=`` of ``lora_shrink`` /
-``lora_expand``, applied by wrapping the module functions the model calls).
+``lora_expand``, applied by wrapping the module functions the model calls); ``--only`` runs
+the named ones (``--only "default|before 12-05"``: the launch configs before the 12-05 rules).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from common import (
     write_peft_adapter,
 )
 
+from loraplex.engine.kernels._triton import cdiv, num_sms
+from loraplex.engine.kernels.lora_shrink import use_token_path
+
 # the modules (engine.kernels re-exports functions of the same names)
 S = importlib.import_module("loraplex.engine.kernels.lora_shrink")
 E = importlib.import_module("loraplex.engine.kernels.lora_expand")
@@ -39,9 +43,13 @@ VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
     ("in line", {"in_line": True}),
     ("expand loop", {"expand": {"one_tile": False}}),
-    # beside the GEMMs the expand takes one [256, 16] tile of B per program (8 warps), the
-    # best at batch 32 on the H100; at batch 256 that is ~43,000 programs a layer, each a
-    # chain of dependent loads (slot, rank and pages, B): runs of tiles per program
+    # the launch configs before 2026-12-05, per call (before_shrink / before_expand): beside
+    # the GEMMs one [256, 16] tile of B per per-token expand program (8 warps; ~49,000
+    # programs a layer at batch 256, each a chain of dependent loads) and 256-wide K slices
+    # in a rank-64 pool; the segment path's wave-sized splits; in line past one wave a loop
+    # over two tiles. Now runs of tiles and longer K slices as the batch grows
+    # (lora_expand._beside_gemm_tiles, lora_shrink._shrink_config)
+    ("before 12-05", {"before": True}),
     ("expand 2 tiles a program", {"expand": {"block_n": 256, "n_per": 512, "one_tile": True}}),
     ("expand 4 tiles a program", {"expand": {"block_n": 256, "n_per": 1024, "one_tile": True}}),
     ("expand 8 tiles a program", {"expand": {"block_n": 256, "n_per": 2048, "one_tile": True}}),
@@ -55,6 +63,22 @@ VARIANTS: list[tuple[str, dict]] = [
     ("shrink block_k 128", {"shrink": {"block_k": 128}}),
     ("shrink k_per 1024", {"shrink": {"k_per": 1024}}),
     ("shrink k_per 2048", {"shrink": {"k_per": 2048}}),
+    # the two best of the H100 sweep at batch 256 (132 adapters in a rank-64 pool), together
+    (
+        "expand 4 tiles, 4 warps; shrink k_per 2048",
+        {
+            "expand": {"block_n": 256, "n_per": 1024, "one_tile": True, "num_warps": 4},
+            "shrink": {"k_per": 2048},
+        },
+    ),
+    (
+        "expand 4 tiles; shrink k_per 2048",
+        {"expand": {"block_n": 256, "n_per": 1024, "one_tile": True}, "shrink": {"k_per": 2048}},
+    ),
+    (
+        "expand 2 tiles, 4 warps",
+        {"expand": {"block_n": 256, "n_per": 512, "one_tile": True, "num_warps": 4}},
+    ),
     ("default again", {}),
 ]
 
@@ -66,9 +90,53 @@ def with_config(orig, cfg: dict | None):
     return lambda *args, config=None, **kw: orig(*args, config=dict(cfg), **kw)
 
 
+def _sms(t: torch.Tensor) -> int:
+    return num_sms(t.device) if t.is_cuda else 132
+
+
+def before_shrink(x, lora_a, ranks, pages, meta, config=None, **kw):
+    """lora_shrink with the K slices it took before 2026-12-05 (GPU only)."""
+    T, K = x.shape[0] * kw.get("row_div", 1), x.shape[1]
+    P, R = lora_a.shape[1], pages.shape[2] * lora_a.shape[2]
+    beside = not kw.get("early_launch", True)
+    cfg = None
+    if beside and use_token_path(T, meta):
+        cfg = {"k_per": 256} if R > 16 else None  # rank-16 pools: unchanged since
+    elif beside and K >= 1024:  # the segment path's wave-sized splits, at every T
+        tiles = cdiv(T, meta.block_m)
+        split = max(1, min(cdiv(8 * _sms(x), max(1, tiles * P)), cdiv(K, 512), 16))
+        cfg = {"k_per": cdiv(cdiv(K, split), 256) * 256}
+    return ORIG_S(x, lora_a, ranks, pages, meta, config=cfg, **kw)
+
+
+def before_expand(buf, lora_b, ranks, pages, offsets, meta, y, config=None, **kw):
+    """lora_expand with the tiles it took before 2026-12-05 (GPU only)."""
+    T = buf.shape[2]
+    outs = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
+    beside, rows = not kw.get("early_launch", True), use_token_path(T, meta)
+    cfg = None
+    if beside and rows:  # one [256, 16] tile a program, 8 warps
+        cfg = {"block_n": 256, "n_per": 256, "one_tile": True, "num_warps": 8}
+    elif beside and max(outs) >= 1024:  # the segment path's wave-sized N splits
+        n_blocks = cdiv(max(outs), 128)
+        units = cdiv(T, meta.block_m) * len(outs)
+        n_split = max(1, min(n_blocks, cdiv(8 * _sms(y), units)))
+        cfg = {"block_n": 128, "n_per": cdiv(n_blocks, n_split) * 128, "num_warps": 4}
+    elif rows and buf.shape[3] <= 16:  # in line past one wave: a loop over two tiles
+        if T * sum(cdiv(o, 2048) for o in outs) > 4 * _sms(y):
+            cfg = {"block_n": 256, "n_per": 512, "one_tile": False, "num_warps": 4}
+    return ORIG_E(buf, lora_b, ranks, pages, offsets, meta, y, config=cfg, **kw)
+
+
+def kernels_for(v: dict):
+    """(lora_shrink, lora_expand) under variant ``v``."""
+    if v.get("before"):
+        return before_shrink, before_expand
+    return with_config(ORIG_S, v.get("shrink")), with_config(ORIG_E, v.get("expand"))
+
+
 def apply(runner, side, v: dict) -> None:
-    S.lora_shrink = with_config(ORIG_S, v.get("shrink"))
-    E.lora_expand = with_config(ORIG_E, v.get("expand"))
+    S.lora_shrink, E.lora_expand = kernels_for(v)
     if v.get("in_line"):
         runner.model.side_stream = None
     elif "priority" in v:
@@ -90,7 +158,14 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="per-kernel device time of the default's steps"
     )
+    ap.add_argument(
+        "--only", default="", help="variant names to run, separated by | (default: all)"
+    )
     args = ap.parse_args()
+    only = {v.strip() for v in args.only.split("|") if v.strip()}
+    unknown = only - {name for name, _ in VARIANTS}
+    if unknown:
+        ap.error(f"unknown variants: {sorted(unknown)}")
     n_ad = args.adapters or args.batch
     n_slots = max(args.slots, n_ad)
     ns = argparse.Namespace(
@@ -137,6 +212,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     with torch.inference_mode():
         for name, v in VARIANTS:
+            if only and name not in only:
+                continue
             apply(runner, side, v)
             out = []
             for batch, lora in ((base_b, False), (dist_b, True)):

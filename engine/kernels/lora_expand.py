@@ -506,11 +506,13 @@ def _expand_config(
     P, max_out = len(outs), max(outs)
     if rows and on_gpu and R > 16:
         # a pool wider than rank 16: each token's own rank in 16-wide steps (a rank-16 adapter
-        # takes one), [256, 16] tiles of B, one per program. Tiles of the pool's width
-        # ([32, 64] at 64) made each program a walk of 150 small dependent loads over a
-        # projection's columns: latency-bound, 6x its bytes (H200, decode at batch 256 with
-        # 132 adapters in a rank-64 pool: the gate/up expand 345 us a layer; docs/benchmarks.md)
-        return 16, 256, 256, 8 if not in_line else 4, True, False
+        # takes one), [256, 16] tiles of B. Tiles of the pool's width ([32, 64] at 64) made
+        # each program a walk of 150 small dependent loads over a projection's columns:
+        # latency-bound, 6x its bytes (H200, decode at batch 256 with 132 adapters in a
+        # rank-64 pool: the gate/up expand 345 us a layer; docs/benchmarks.md)
+        if in_line:
+            return 16, 256, 256, 4, True, False
+        return _beside_gemm_tiles(16, T, sms)
     block_r = 16 if R <= 16 else 32 if R <= 32 else 64
     if rows:  # one token: a [BLOCK_N, BLOCK_R] tile of B per step (sm_90 build, 4 warps:
         # r16 x n256 and r32 x n128 64 registers, r64 x n64 168, r64 x n32 80)
@@ -523,25 +525,49 @@ def _expand_config(
         block_r, block_n = min(block_r, 32), 32
     elif rows and block_r == 16:
         if not in_line:
-            # beside the GEMM: one [256, 16] tile of B per program, 8 warps: the most
-            # programs, best in the H100 sweeps of the decode step (sweep_decode_lora.py)
-            return block_r, block_n, block_n, 8, True, False
+            return _beside_gemm_tiles(block_r, T, sms)
         # in line, 4 warps: if one wave holds every program (4 per SM: a [512, 16] tile takes
         # 96 registers), each program's first tile loads before gdc_wait, overlapping the
         # previous kernel's tail, and its later tiles are one ahead; the fewest columns per
-        # program that fit. Else two 256-column tiles in a pipelined loop (the early loads of
+        # program that fit. Else runs of 256-column tiles without the early loads (those of
         # more programs than fit only compete). H100, bench_sgmv.py --variants, 64 tokens:
         # o, down expand 7.5 / 8.4 -> 6.1 / 6.8 us in one tile; the layer 78.7 -> 76.3 us
-        # with qkv in two 512-column tiles (docs/benchmarks.md)
+        # with qkv in two 512-column tiles (docs/benchmarks.md). Past one wave, runs of four
+        # 256-column tiles (the MoE layer's (token, expert) pairs: H100, bench_moe_lora.py
+        # --launch-variants, 256 / 2,048 tokens 0.776 / 1.947 -> 0.743 / 1.820 ms against a
+        # pipelined loop over two)
         for bn, tiles in ((512, 1), (512, 2), (256, 8)):
             if T * sum(cdiv(o, bn * tiles) for o in outs) <= 4 * sms:
                 return block_r, bn, bn * tiles, 4, True, True
-        return block_r, 256, 512, 4, False, False
+        return block_r, 256, 1024, 4, True, False
+    elif not rows and not in_line and max_out >= 1024 and T * 132 >= 256 * sms:
+        # the segment path beside the GEMMs (a decode graph of 256 over at most half as many
+        # slots, e.g. the offline throughput's steps): 256-wide tiles, four to a program,
+        # with the shrink's 2,048-wide K slices (H100, batch 256 over 32 Zipf adapters on 128
+        # slots: 15.47 -> 14.96 ms a step; either alone ~15.2; sweep_decode_lora.py)
+        return block_r, 256, 1024, 4, False, False
     want = 8 * sms if on_gpu else 4  # a few waves of programs on this device's SMs
     n_blocks = cdiv(max_out, block_n)
     n_split = max(1, min(n_blocks, cdiv(want, max(1, units * P))))
     n_per = cdiv(n_blocks, n_split) * block_n
     return block_r, block_n, n_per, 4, n_per == block_n, False
+
+
+def _beside_gemm_tiles(block_r: int, T: int, sms: int):
+    """The per-token expand beside the GEMMs (a decode graph's side stream): runs of [256, 16]
+    tiles of B per program, longer as the batch grows. One tile a program is ~5,400 programs
+    a Llama-3-8B layer at batch 32 but ~43,000 at batch 256, each a chain of dependent loads
+    (slot, rank and pages, then B) that the SMs beside the GEMMs hide only a few at a time
+    (benchmarks/kernel_resources.py: 5 programs an SM at 8 warps). H100, decode step in a
+    rank-64 pool, distinct adapters (sweep_decode_lora.py, docs/benchmarks.md), one tile ->
+    this rule: batch 64 9.77 -> 9.61 ms (2 tiles); 128, with the shrink's longer K slices
+    (lora_shrink._shrink_config), 13.41 -> 12.82 ms; 256 with 132 adapters 19.44 -> 17.21 ms
+    (4 tiles, 4 warps); batch 32 within 0.5 % of one tile. Thresholds in tokens per SM."""
+    if T * 132 >= 128 * sms:
+        return block_r, 256, 1024, 4, True, False
+    if T * 132 >= 64 * sms:
+        return block_r, 256, 512, 8, True, False
+    return block_r, 256, 256, 8, True, False
 
 
 def _tile_run(one_tile: bool, block_n: int, n_per: int) -> int:

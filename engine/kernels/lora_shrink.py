@@ -420,9 +420,23 @@ def _shrink_config(
             # step (benchmarks/sweep_decode_lora.py, docs/benchmarks.md)
             return block_r, 256, min(512, cdiv(K, 256) * 256), False
         # BLOCK_K 32 for wide ranks (sm_90 build: r16 x k128 48 registers, r64 x k128 254 and
-        # spills, r64 x k32 80)
-        return block_r, 32, min(256, cdiv(K, 32) * 32), False
+        # spills, r64 x k32 80). Beside the GEMMs, longer K slices as the batch grows: each
+        # slice writes a [T, R] fp32 partial that the expand reads back (at batch 256, 256-wide
+        # slices of the down projection's 14,336 are 56 partials, 3.7 MB a layer). H100,
+        # decode step in a rank-64 pool with the expand's tile runs (lora_expand.
+        # _beside_gemm_tiles): batch 128 13.0 -> 12.8 ms, 256 with 132 adapters 18.1 -> 17.2
+        # (sweep_decode_lora.py, docs/benchmarks.md)
+        k_per = 256
+        if not in_line and T * 132 >= 128 * sms:
+            k_per = 2048
+        elif not in_line and T * 132 >= 64 * sms:
+            k_per = 1024
+        return block_r, 32, min(k_per, cdiv(K, 32) * 32), False
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
+    if on_gpu and not in_line and K >= 1024 and T * 132 >= 256 * sms:
+        # the segment path beside the GEMMs at a decode graph of 256: two to seven long K
+        # slices, fewer partials for the expand to read (lora_expand._expand_config)
+        return block_r, block_k, 2048, False
     want = 8 * sms if on_gpu else 16  # a few waves of programs on this device's SMs
     tiles = cdiv(T, block_m)
     # at most MAX_SPLIT splits (the expand's tensor-core path adds the partials one by one)

@@ -99,10 +99,11 @@ def make_weights(num_slots, outs, max_rank, k, dtype, gen, rank_choices=(1, 8, 6
 
 def run_case(
     T, k, outs, pattern, dtype, num_slots, max_rank, seed, max_segments=None, config=None,
-    page_rows=PAGE_ROWS, step_rank=None, nan_past_rank=False, **kw,
+    page_rows=PAGE_ROWS, step_rank=None, nan_past_rank=False, early_launch=True, **kw,
 ):  # fmt: skip
     """-> the shrink's partials. ``step_rank``: lora_shrink's ``max_rank`` (the largest rank
-    of the slots the tokens use, as the runner claims it)."""
+    of the slots the tokens use, as the runner claims it). ``early_launch=False``: the launch
+    configs of kernels beside another stream's GEMMs (a decode graph's side stream)."""
     gen = torch.Generator().manual_seed(seed)
     token_slot = make_token_slot(T, pattern, num_slots, gen)
     if max_segments is not None and T > 1:
@@ -125,7 +126,10 @@ def run_case(
     meta_d = meta.to(dev)
     A, B, pages, boffs = to_paged(a, b, offsets, gen, page_rows)
     rk = ranks.to(dev)
-    buf = lora_shrink(x.to(dev), A, rk, pages, meta_d, config=config, max_rank=step_rank)
+    buf = lora_shrink(
+        x.to(dev), A, rk, pages, meta_d, config=config, max_rank=step_rank,
+        early_launch=early_launch,
+    )  # fmt: skip
     # only what the expand reads is defined: tokens with an adapter, r < rank
     W = buf.shape[3]
     slot = token_slot.long().clamp_min(0)
@@ -135,7 +139,10 @@ def run_case(
     )
     assert_close(buf.sum(0).cpu()[defined], buf_ref.sum(0)[..., :W][defined], dtype)
     y = y0.to(dev).clone()
-    lora_expand(buf, B, rk, pages, offsets, meta_d, y, config=config, b_offsets=boffs)
+    lora_expand(
+        buf, B, rk, pages, offsets, meta_d, y, config=config, b_offsets=boffs,
+        early_launch=early_launch,
+    )  # fmt: skip
     assert_close(y, y_ref, dtype)
     none = token_slot < 0
     assert torch.equal(y.cpu()[none], y0[none]), "a token with no adapter was touched"
@@ -496,6 +503,43 @@ def test_sgmv_llama_bf16_graph_padded(group, T, pattern):
         max_segments=128,
         rank_choices=(8, 16),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [True, False])
+def test_decode_graph_launch_shapes(rows, dtype):
+    # the shapes the GPU rules take at large decode batches beside the GEMMs, walked in the
+    # interpreter: runs of four 256-wide B tiles per expand program (per-token path; segment
+    # path: 256-wide tiles, four to a program) over 2,048-wide shrink K slices, ranks 8-64
+    # in a rank-64 pool with tokens of no adapter among them
+    cfg = {"rows": rows, "block_n": 256, "n_per": 1024, "num_warps": 4, "k_per": 2048}
+    if rows:
+        cfg["one_tile"] = True
+    run_case(
+        40, 4160, [1100, 300], "some_none", dtype, num_slots=6, max_rank=64, seed=5,
+        config=cfg, early_launch=False,
+    )  # fmt: skip
+
+
+@gpu
+@pytest.mark.parametrize("early_launch", [False, True])
+@pytest.mark.parametrize("pool_rank", [16, 64])
+@pytest.mark.parametrize("T", [32, 64, 128, 256])
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("rows", [True, False])
+def test_decode_launch_rules_bf16(rows, group, T, pool_rank, early_launch):
+    # the default launch configs at decode batch sizes, beside the GEMMs (early_launch
+    # False; per-token path: runs of 1, 2 or 4 B tiles per expand program and K slices of 256
+    # to 2,048 as the batch grows; segment path at 256: four 256-wide tiles a program over
+    # 2,048-wide K slices) and in line (per-token path past one wave: runs of four tiles), in
+    # a rank-16 pool and the engine's rank-64 pool of mixed ranks
+    k, outs = LLAMA_GROUPS[group]
+    choices = (8, 16) if pool_rank == 16 else (8, 16, 32, 64)
+    run_case(
+        T, k, outs, "zipf", torch.bfloat16, num_slots=64, max_rank=pool_rank, seed=T,
+        max_segments=64, rank_choices=choices, early_launch=early_launch,
+        config={"rows": rows}, step_rank=pool_rank,
+    )  # fmt: skip
 
 
 @gpu
