@@ -132,6 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FP8: FP8 activations from this step size",
     )
     p.add_argument("--kernel-config-dir", default=None, help="per-GPU launch-config cache")
+    p.add_argument(
+        "--launch-variant",
+        default=None,
+        help="run every case under this variant of sweep_decode_lora.py's LoRA launch configs "
+        '(e.g. "before 12-05": the configs before the 12-05 rules; not "in line")',
+    )
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -447,6 +453,17 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.smoke)
+    if args.launch_variant:  # before the runner captures its graphs
+        import sweep_decode_lora as sw
+
+        variants = dict(sw.VARIANTS)
+        v = variants.get(args.launch_variant)
+        if v is None or v.get("in_line"):
+            raise SystemExit(
+                f"--launch-variant: one of {sorted(n for n in variants if n != 'in line')}"
+            )
+        sw.S.lora_shrink, sw.E.lora_expand = sw.kernels_for(v)
+        print(f"LoRA launch configs: {args.launch_variant}", flush=True)
     cases = [x.strip() for x in args.adapters.split(",") if x.strip()]
     hf_cases = [int(x) for x in args.hf_adapters.split(",") if x != ""]
     if not args.model.startswith("dummy:"):
