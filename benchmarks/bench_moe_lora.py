@@ -14,7 +14,10 @@ Zipf(1.0). Per token count, four variants of the layer:
   the shrink reading a repeated copy of the token rows: ``h.repeat_interleave(top_k)``);
 - ``token``: the per-token kernels reading each pair's token row (decode steps now);
 - ``grouped``: the segment kernels over the pairs grouped by (adapter, expert) on the device
-  (prefill and mixed steps now, where their pairs fill the segments: ``expert_grouped``).
+  (prefill and mixed steps now, where their pairs fill the segments: ``expert_grouped``);
+- ``beside``: ``token``'s kernels writing deltas on a high-priority side stream beside the
+  grouped GEMMs (``moe_mlp(beside=True)``, as the model's ``moe_lora_beside`` runs decode
+  steps; off by default until measured).
 
 First the check: every LoRA variant's output against the torch references' (the same routing),
 max |diff| / max |ref| < 3e-2. Then the times, each variant captured in a CUDA graph (the whole
@@ -184,12 +187,18 @@ def main() -> None:
         slots = torch.from_numpy(rng.choice(args.adapters, size=T, p=zipf).astype(np.int32))
         meta = build_lora_meta(slots).to(dev)
         call = (h, router, gate_up, down, cfg)
+        side = torch.cuda.Stream(dev, priority=-1) if dev.type == "cuda" else None
         variants = {
             "base": partial(moe_mlp, *call, {}, offsets, None),
             "old": partial(moe_mlp_old, *call, groups, offsets, meta),
             "token": partial(moe_mlp, *call, groups, offsets, meta, grouped=False),
             "grouped": partial(moe_mlp, *call, groups, offsets, meta, grouped=True),
-        }
+            # decode: the per-token LoRA as deltas beside the grouped GEMMs on a side stream
+            "beside": partial(
+                moe_mlp, *call, groups, offsets, meta, grouped=False, beside=True,
+                side_stream=side,
+            ),
+        }  # fmt: skip
         os.environ["LORAPLEX_KERNELS"] = "ref"
         ref = moe_mlp(*call, groups, offsets, meta)
         os.environ["LORAPLEX_KERNELS"] = kernels
@@ -207,7 +216,7 @@ def main() -> None:
         print(
             f"{T:>7} old/new ({new}) {ms['old'] / ms[new]:.2f}x, old/grouped "
             f"{ms['old'] / ms['grouped']:.2f}x; lora/base old {ms['old'] / ms['base']:.3f} "
-            f"new {ms[new] / ms['base']:.3f}",
+            f"new {ms[new] / ms['base']:.3f}; beside/token {ms['beside'] / ms['token']:.3f}",
             flush=True,
         )
 

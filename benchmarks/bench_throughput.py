@@ -138,6 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run every case under this variant of sweep_decode_lora.py's LoRA launch configs "
         '(e.g. "before 12-05": the configs before the 12-05 rules; not "in line")',
     )
+    p.add_argument(
+        "--moe-lora-beside",
+        action="store_true",
+        help="MoE: decode steps' expert LoRA beside the grouped GEMMs (the model's "
+        "moe_lora_beside, off by default)",
+    )
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -399,6 +405,11 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
     t0 = time.perf_counter()
     runner = make_runner(args, device)
     cfg = runner.config
+    if args.moe_lora_beside:
+        runner.model.moe_lora_beside = True
+        if runner.graphs is not None:  # the decode graphs again, with the flag
+            with torch.inference_mode():
+                runner.graphs.capture()
     print(
         f"{args.model} on {device}: runner ready in {time.perf_counter() - t0:.1f}s "
         f"({runner.num_blocks} KV blocks, {args.max_loras} LoRA slots, "

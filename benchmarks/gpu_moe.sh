@@ -3,6 +3,7 @@
 #
 #   OUT=/some/dir SECTIONS="layer tests" bash benchmarks/gpu_moe.sh   # one call, ~6 min
 #   OUT=/some/dir SECTIONS=throughput bash benchmarks/gpu_moe.sh      # a second, ~7 min
+#   OUT=/some/dir SECTIONS=throughput_beside bash benchmarks/gpu_moe.sh  # a third, ~7 min
 #
 # layer: benchmarks/bench_moe_lora.py, one Qwen3-30B-A3B MoE layer with 32 rank-8 expert
 # adapters (Zipf): the old expert-LoRA path (per-token SGMV over repeated rows, every step)
@@ -16,6 +17,9 @@
 # weights), no adapters vs 32 adapters (rank 8 on attention and every expert, Zipf), HF
 # skipped. The adapter arena gets 60 % of what the weights leave (32 resident adapters at
 # ~0.85 GB each), the host cache 40 % of the machine's memory. Target: >= 0.85x.
+# throughput_beside: the same with --moe-lora-beside (decode steps' expert LoRA as deltas
+# beside the grouped GEMMs, off by default until this measures it), its own no-adapter case.
+# (layer prints the same choice for one layer: the "beside" row and beside/token.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/loraplex-gpu-moe}
@@ -52,6 +56,13 @@ for s in $SECTIONS; do
         --num-requests 512 --prompt-len 256 --output-len 128 --hf-adapters '' \
         --lora-memory-fraction 0.6 --host-lora-memory-fraction 0.4 \
         --json "$OUT/throughput_moe.json"
+      ;;
+    throughput_beside)
+      step "bench_throughput moe, expert LoRA beside" 420 $PY benchmarks/bench_throughput.py \
+        --model dummy:qwen3-30b-a3b --adapters 0,32 --rank 8 --weight-files 4 \
+        --num-requests 512 --prompt-len 256 --output-len 128 --hf-adapters '' \
+        --lora-memory-fraction 0.6 --host-lora-memory-fraction 0.4 --moe-lora-beside \
+        --json "$OUT/throughput_moe_beside.json"
       ;;
     *) echo "unknown section $s" | tee -a "$LOG"; status=1 ;;
   esac

@@ -163,6 +163,10 @@ class LlamaModel:
         # decode steps run each group's LoRA on this stream, beside the base GEMM (CUDA only;
         # high priority so that its small kernels are scheduled ahead of the GEMM's tail)
         self.side_stream = torch.cuda.Stream(dev, priority=-1) if dev.type == "cuda" else None
+        # MoE: the expert LoRA of decode steps as deltas beside the grouped GEMMs (moe_mlp's
+        # ``beside``). Off until measured on a GPU: bench_moe_lora.py's "token beside" and
+        # bench_throughput.py --moe-lora-beside (recapture the decode graphs after setting it)
+        self.moe_lora_beside = False
 
     @property
     def device(self) -> torch.device:
@@ -415,13 +419,16 @@ class LlamaModel:
         else:
             o, _ = self._proj(attn, w.o, groups, "o", inp, beside=beside, residual=residual)
             h, residual = K.rms_norm(o, w.post_norm, c.rms_norm_eps, residual)
-        if w.router is not None:  # experts' LoRA in line (engine/model/moe.py)
+        if w.router is not None:  # the experts and their LoRA (engine/model/moe.py)
             ex = {g: v for g, v in (groups or {}).items() if g.startswith("experts_")}
             ex = {g: v for g, v in ex.items() if self._uses(inp, g)}
             gate_up, down = cast(torch.Tensor, w.gate_up), cast(torch.Tensor, w.down)
             lm = inp.lora
             grouped = lm is not None and bool(ex) and expert_grouped(lm, c, inp.is_decode)
-            x = moe_mlp(h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped)
+            x = moe_mlp(
+                h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped,
+                beside=beside and self.moe_lora_beside, side_stream=self.side_stream,
+            )  # fmt: skip
             return x, residual
         gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
         act = K.silu_and_mul(gu, d, gelu=self.gelu)

@@ -80,10 +80,42 @@ def _lora(
     meta: LoraMeta,
     y: torch.Tensor,
     row_div: int = 1,
+    beside: bool = False,
 ) -> None:
-    buf = K.lora_shrink(x, group.a, group.ranks, group.pages, meta, row_div=row_div)
+    """``y`` += the group's LoRA of ``x``; ``beside``: ``y`` = the delta (store mode, zero rows
+    where no adapter applies), launched as kernels beside another stream's GEMM."""
+    early = not beside
+    buf = K.lora_shrink(
+        x, group.a, group.ranks, group.pages, meta, row_div=row_div, early_launch=early
+    )
     b_pages = group.b_pages if group.b_pages is not None else group.pages
-    K.lora_expand(buf, group.b, group.ranks, b_pages, offsets, meta, y, b_offsets=group.b_offsets)
+    K.lora_expand(
+        buf, group.b, group.ranks, b_pages, offsets, meta, y, accumulate=not beside,
+        early_launch=early, b_offsets=group.b_offsets,
+    )  # fmt: skip
+
+
+class _Side:
+    """Work issued inside ``with``-blocks of one of these runs on ``stream`` (forked from the
+    current stream at entry) beside what the current stream issues next; :meth:`join` makes
+    the current stream wait for it. ``stream`` None: in line."""
+
+    def __init__(self, stream: torch.cuda.Stream | None):
+        self.stream = stream
+
+    def __enter__(self) -> None:
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self.stream is not None:
+            self._ctx.__exit__(*exc)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 def moe_mlp(
@@ -97,20 +129,42 @@ def moe_mlp(
     meta: LoraMeta | None,
     *,
     grouped: bool = False,  # the expert LoRA's kernels: segment or per-token (docstring)
+    beside: bool = False,  # the expert LoRA as deltas beside the grouped GEMMs
+    side_stream: torch.cuda.Stream | None = None,  # beside: their stream (None: in line)
 ) -> torch.Tensor:  # [T, H]
+    """``beside``: each expert group's LoRA writes a delta (store mode, no early launch) on
+    ``side_stream`` while the main stream runs that group's grouped GEMM; the gate/up delta
+    goes into the activation (``silu_and_mul``'s delta), the down delta is added to the
+    pairs' outputs before the weighted sum. The same result as in line."""
     T, top_k, E = h.shape[0], config.num_experts_per_tok, config.num_experts
     weights, ids = route(h, router, config)
     blocks = K.moe_blocks(ids, E)
-    inter = K.moe_gemm(h, gate_up, ids, False, blocks)  # [T * k, 2I]
     pmeta = None
     if groups and meta is not None:
         rows = next(iter(groups.values())).ranks.shape[0]
         pmeta = expert_meta(meta, ids, E, h, grouped=grouped, rows=rows)
-    if pmeta is not None and "experts_gate_up" in groups:
-        g = "experts_gate_up"
-        _lora(h, groups[g], offsets[g], pmeta, inter, row_div=top_k)  # pair q reads h[q // k]
-    act = K.silu_and_mul(inter)  # [T * k, I]
+    g_up, g_down = "experts_gate_up", "experts_down"
+    lora_up = pmeta is not None and g_up in groups
+    lora_down = pmeta is not None and g_down in groups
+    side = _Side(side_stream if beside else None)
+    d_up = d_down = None
+    if beside and lora_up:  # allocated on the main stream, written beside
+        d_up = torch.empty(T * top_k, gate_up.shape[1], dtype=h.dtype, device=h.device)
+        with side:  # pair q reads h[q // k]
+            _lora(h, groups[g_up], offsets[g_up], pmeta, d_up, row_div=top_k, beside=True)
+    inter = K.moe_gemm(h, gate_up, ids, False, blocks)  # [T * k, 2I]
+    if lora_up and not beside:
+        _lora(h, groups[g_up], offsets[g_up], pmeta, inter, row_div=top_k)
+    side.join()
+    act = K.silu_and_mul(inter, d_up)  # [T * k, I]
+    if beside and lora_down:
+        d_down = torch.empty(T * top_k, down.shape[1], dtype=h.dtype, device=h.device)
+        with side:
+            _lora(act, groups[g_down], offsets[g_down], pmeta, d_down, beside=True)
     out = K.moe_gemm(act, down, ids, True, blocks)  # [T * k, H]
-    if pmeta is not None and "experts_down" in groups:
-        _lora(act, groups["experts_down"], offsets["experts_down"], pmeta, out)
+    if lora_down and not beside:
+        _lora(act, groups[g_down], offsets[g_down], pmeta, out)
+    side.join()
+    if d_down is not None:
+        out = out + d_down
     return (out.view(T, top_k, -1) * weights[:, :, None]).sum(dim=1)

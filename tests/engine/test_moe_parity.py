@@ -127,11 +127,15 @@ def moe(tmp_path_factory) -> tuple[Path, list[Path]]:
     return base, adapters
 
 
-def test_moe_base_and_three_adapters_in_one_batch(moe):
+@pytest.mark.parametrize("beside", [False, True], ids=["in-line", "beside"])
+def test_moe_base_and_three_adapters_in_one_batch(moe, beside):
+    # beside: decode steps take the expert LoRA as deltas beside the grouped GEMMs
+    # (moe_mlp's beside; in line here, on a side stream on CUDA)
     base, adapters = moe
     prompts = prompts_for(4, VOCAB, seed=1)
     refs = parity_references(base, adapters, prompts)
     runner = runner_for(str(base))
+    runner.model.moe_lora_beside = beside
     assert runner.config.architecture == "Qwen3MoeForCausalLM" and runner.config.num_experts == E
     check_batch(runner, adapters, prompts, refs, greedy=True)
 

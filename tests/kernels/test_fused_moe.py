@@ -97,13 +97,22 @@ def test_expert_lora_triton_matches_reference(dtype, grouped, tmp_path, monkeypa
     meta = build_lora_meta(slots).to(DEVICE)
     offsets = {"experts_gate_up": [0, MI, 2 * MI], "experts_down": [0, H]}
     outs = {}
+    side = torch.cuda.Stream() if DEVICE == "cuda" else None
     for mode in ("ref", "triton"):
         monkeypatch.setenv("LORAPLEX_KERNELS", mode)
         layer = pool.layers[1]  # the second layer: its rows sit past the first's
         groups = {g: layer[g] for g in offsets}
         outs[mode] = moe_mlp(h, router, gate_up, down, CFG, groups, offsets, meta, grouped=grouped)
+        # the LoRA as deltas beside the grouped GEMMs (store mode: rows of no adapter zero,
+        # though the buffers start uninitialized), on a stream of its own on CUDA
+        outs[f"{mode} beside"] = moe_mlp(
+            h, router, gate_up, down, CFG, groups, offsets, meta, grouped=grouped, beside=True,
+            side_stream=side,
+        )  # fmt: skip
         base = moe_mlp(h, router, gate_up, down, CFG, {}, offsets, None)
     assert_close(outs["triton"], outs["ref"], dtype)
+    assert_close(outs["triton beside"], outs["triton"], dtype)
+    assert_close(outs["ref beside"], outs["ref"], dtype)
     # rows of padding as a decode graph's bucket adds them (no adapter; they route to experts
     # too and share the sorted blocks and the LoRA kernels' grids) change no real row
     pad = torch.randn(6, H, generator=gen).to(DEVICE, dtype)
