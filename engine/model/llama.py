@@ -28,7 +28,7 @@ from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
 from loraplex.engine.model.fp8 import Fp8Weight, Weight
-from loraplex.engine.model.moe import expert_grouped, moe_mlp
+from loraplex.engine.model.moe import SideStream, expert_grouped, moe_mlp
 
 if TYPE_CHECKING:
     from loraplex.engine.parallel import TPGroup
@@ -199,18 +199,11 @@ class LlamaModel:
     def _beside(self) -> Iterator[None]:
         """Work issued inside runs beside the main stream's next ops (the side stream on CUDA,
         forked after everything issued so far; in line elsewhere). :meth:`_join` ends it."""
-        side = self.side_stream
-        if side is None:
-            yield
-            return
-        side.wait_stream(torch.cuda.current_stream(side.device))
-        with torch.cuda.stream(side):
+        with SideStream(self.side_stream):
             yield
 
     def _join(self) -> None:
-        side = self.side_stream
-        if side is not None:
-            torch.cuda.current_stream(side.device).wait_stream(side)
+        SideStream(self.side_stream).join()
 
     def _proj(
         self,

@@ -95,7 +95,7 @@ def _lora(
     )  # fmt: skip
 
 
-class _Side:
+class SideStream:
     """Work issued inside ``with``-blocks of one of these runs on ``stream`` (forked from the
     current stream at entry) beside what the current stream issues next; :meth:`join` makes
     the current stream wait for it. ``stream`` None: in line."""
@@ -146,7 +146,7 @@ def moe_mlp(
     g_up, g_down = "experts_gate_up", "experts_down"
     lora_up = pmeta is not None and g_up in groups
     lora_down = pmeta is not None and g_down in groups
-    side = _Side(side_stream if beside else None)
+    side = SideStream(side_stream if beside else None)
     d_up = d_down = None
     if beside and lora_up:  # allocated on the main stream, written beside
         d_up = torch.empty(T * top_k, gate_up.shape[1], dtype=h.dtype, device=h.device)
