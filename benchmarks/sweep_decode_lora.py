@@ -6,9 +6,10 @@ context 512) once; for each variant it recaptures the decode graphs and times th
 batch-32 step (graph replay + LM head, device time as in bench_decode.py) with base only,
 and 32 distinct adapters (``--batch``, ``--adapters``, ``--zipf``, ``--slots``: other mixes,
 e.g. the throughput benchmark's ~250-sequence steps over 32 Zipf adapters on 128 slots).
-Variants: LoRA in line, and SGMV launch options (``config=`` of ``lora_shrink`` /
-``lora_expand``, applied by wrapping the module functions the model calls); ``--only`` runs
-the named ones (``--only "default|before 12-05"``: the launch configs before the 12-05 rules).
+Each variant's adapter-step logits are checked against the first variant's (``logits off``:
+max |diff| / max |first|; the script fails past 3e-2). Variants: LoRA in line, and SGMV
+launch options (``config=`` of ``lora_shrink`` / ``lora_expand``, applied by wrapping the
+module functions the model calls); ``--only`` runs the named ones (``--only "default|before 12-05"``: the launch configs before the 12-05 rules).
 """
 
 from __future__ import annotations
@@ -208,8 +209,9 @@ def main() -> None:
     print(f"batch {b}, {used} adapters used of {n_ad} ({n_slots} slots, zipf {args.zipf}); "
           f"copy bw {bw / 1e9:.0f} GB/s; floors: base {base_floor * 1e3:.3f} ms, "
           f"with adapters {lora_floor * 1e3:.3f} ms")  # fmt: skip
-    print("| variant | base ms | adapters ms | adapters/floor | LoRA over base ms |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | base ms | adapters ms | adapters/floor | LoRA over base ms | logits off |")
+    print("|---|---:|---:|---:|---:|---:|")
+    first, off = None, []
     with torch.inference_mode():
         for name, v in VARIANTS:
             if only and name not in only:
@@ -218,15 +220,24 @@ def main() -> None:
             out = []
             for batch, lora in ((base_b, False), (dist_b, True)):
                 for _ in range(3):
-                    runner.execute(batch)
+                    logits = runner.execute(batch)
                 out.append(gpu_step_seconds(runner, batch, lora, args.steps))
+            # the adapters step's logits against the first variant's: a launch config may
+            # change the sums' order, not the result
+            if first is None:
+                first = logits.clone()
+            err = float((logits - first).abs().max() / first.abs().max())
+            if not err < 3e-2:
+                off.append(name)
             tb, td = out
             print(
                 f"| {name} | {tb * 1e3:.3f} | {td * 1e3:.3f} | {td / lora_floor:.3f} | "
-                f"{(td - tb) * 1e3:.3f} |",
+                f"{(td - tb) * 1e3:.3f} | {err:.1e} |",
                 flush=True,
             )
     apply(runner, side, {})
+    if off:
+        raise SystemExit(f"variants whose logits left the first variant's: {off}")
     if args.profile:
         with torch.inference_mode():
             for label, batch, lora in (("base", base_b, False), ("adapters", dist_b, True)):
