@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 
 from loraplex.engine.errors import AdapterIncompatible, AdapterLoadError
 from loraplex.engine.lora.safetensors_file import (
+    CACHED_HEADER_BYTES,
     SafetensorsError,
     SafetensorsFile,
     TensorEntry,
@@ -286,16 +289,49 @@ def read_adapter(
     cfg = _read_config(path)
     _check_config(cfg)
     st = _open_file(path)
-    pairs: dict[tuple[int, str], dict[str, TensorEntry]] = {}
-    for e in st.entries:  # offset order, the order safetensors' load_file gives
-        layer, module, ab = _parse_key(e.name, config)
-        pairs.setdefault((layer, module), {})[ab] = e
-    if not pairs:
-        raise AdapterIncompatible("the adapter holds no LoRA weights")
-    mods = _plan(st, pairs, cfg, config, max_rank)
+    # the plan is a function of the header, the config, the base and max_rank alone: an
+    # adapter laid out as one read before (same base, rank and targets) reuses its plan
+    key = (st.header, json.dumps(cfg, sort_keys=True), config, max_rank)
+    mods = _PLANS.get(key) if st.header else None
+    if mods is None:
+        pairs: dict[tuple[int, str], dict[str, TensorEntry]] = {}
+        for e in st.entries:  # offset order, the order safetensors' load_file gives
+            layer, module, ab = _parse_key(e.name, config)
+            pairs.setdefault((layer, module), {})[ab] = e
+        if not pairs:
+            raise AdapterIncompatible("the adapter holds no LoRA weights")
+        mods = _plan(st, pairs, cfg, config, max_rank)
+        if len(st.header) <= CACHED_HEADER_BYTES:
+            _PLANS.put(key, mods)
     if not _all_finite(st):
         _raise_first_nonfinite(st, mods)
     return _pack(st, mods, config, dtype, pin_memory)
+
+
+class _PlanCache:
+    """The plans of the last ``size`` adapter layouts (thread-safe: the loader's workers
+    read adapters side by side). Only plans that passed every check are kept."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.items: OrderedDict[tuple, list[_Module]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> list[_Module] | None:
+        with self.lock:
+            mods = self.items.get(key)
+            if mods is not None:
+                self.items.move_to_end(key)
+            return mods
+
+    def put(self, key: tuple, mods: list[_Module]) -> None:
+        with self.lock:
+            self.items[key] = mods
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_PLANS = _PlanCache()
 
 
 def _plan(

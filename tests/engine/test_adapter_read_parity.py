@@ -221,3 +221,78 @@ def test_host_memory_flat_over_load_and_unload(tmp_path):
         assert loader.loads == 1050
     finally:
         loader.shutdown()
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ([1, 2], "header entry is not an object"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}, None),  # extra key
+        ({"dtype": 5, "shape": [2], "data_offsets": [0, 8]}, "unknown dtype 5"),
+        ({"dtype": "F32", "shape": (2,), "data_offsets": [0, 8]}, None),  # JSON: a list
+        ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "shape must be a list"),
+        ({"dtype": "F32", "shape": [2, -1], "data_offsets": [0, 8]}, "shape must be a list"),
+        ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "shape must be a list"),
+        ({"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}, "shape must be a list"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0]}, "data_offsets must be"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": "0,8"}, "data_offsets must be"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8.0]}, "data_offsets must be"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "data_offsets must be"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "data_offsets must be"),
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "byte length does not match"),
+        ({"dtype": "F32", "shape": [], "data_offsets": [0, 8]}, "byte length does not match"),
+        ({"dtype": "F32", "shape": [2, 0], "data_offsets": [0, 8]}, "byte length does not match"),
+    ],
+)
+def test_header_entry_checks(tmp_path, entry, message):
+    """Each tensor's header entry is checked as safetensors checks it (a shape of
+    non-negative ints, [begin, end] offsets, a byte length that matches), with its own
+    message; a well-formed one opens (the JSON has no tuples: a tuple is written as a list)."""
+    from loraplex.engine.lora.safetensors_file import SafetensorsError, open_safetensors
+
+    body = json.dumps({"t": entry}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 8)
+    if message is None:
+        (e,) = open_safetensors(path).entries
+        assert (e.name, e.dtype, e.shape, e.begin, e.end) == ("t", torch.float32, (2,), 0, 8)
+        return
+    with pytest.raises(SafetensorsError, match=message):
+        open_safetensors(path)
+
+
+def test_adapters_of_one_layout_share_the_checks_not_the_data(tmp_path):
+    """Adapters with the same header (one base, rank and targets) reuse the header's entries
+    and the validated plan, never what depends on the file or its config: another adapter's
+    weights, a NaN in one, another alpha (scale), a config whose rank disagrees, a smaller
+    max_rank; each read equals the old reader's, error for error."""
+    ranks = {(i, m): 8 for i in (0, 1) for m in ALL}
+    cases = {
+        "a": (_tensors(ranks, torch.bfloat16, 1), {"r": 8, "lora_alpha": 16}),
+        "b": (_tensors(ranks, torch.bfloat16, 2), {"r": 8, "lora_alpha": 16}),
+        "alpha": (_tensors(ranks, torch.bfloat16, 3), {"r": 8, "lora_alpha": 4}),
+        "r-says-4": (_tensors(ranks, torch.bfloat16, 4), {"r": 4, "lora_alpha": 16}),
+    }
+    nan = _tensors(ranks, torch.bfloat16, 5)
+    nan[f"{PREFIX}.1.mlp.up_proj.lora_B.weight"][3, 2] = float("nan")
+    cases["nan"] = (nan, {"r": 8, "lora_alpha": 16})
+    paths = {name: _write(tmp_path / name, t, **cfg) for name, (t, cfg) in cases.items()}
+    raws = [(p / "adapter_model.safetensors").read_bytes() for p in paths.values()]
+    assert len({r[8 : 8 + int.from_bytes(r[:8], "little")] for r in raws}) == 1  # one layout: the caches' keys differ only by config
+    for max_rank in (16, 16, 4):  # twice: the second pass reads with every cache warm
+        for name, path in paths.items():
+            got = []
+            for read in (read_adapter_old, read_adapter):
+                try:
+                    w = read(path, CFG, max_rank=max_rank, dtype=torch.float32)
+                    got.append({k: (m.a.clone(), m.b.clone()) for k, m in w.modules.items()})
+                except (AdapterIncompatible, AdapterLoadError) as e:
+                    got.append((type(e), str(e)))
+            old, new = got
+            if isinstance(old, tuple):
+                assert new == old, name
+                continue
+            assert old.keys() == new.keys()
+            for k in old:
+                assert torch.equal(old[k][0], new[k][0]) and torch.equal(old[k][1], new[k][1])
+    assert not isinstance(got[1], dict)  # max_rank 4 refuses rank 8 (the last read)
