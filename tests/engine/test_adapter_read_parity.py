@@ -278,7 +278,9 @@ def test_adapters_of_one_layout_share_the_checks_not_the_data(tmp_path):
     cases["nan"] = (nan, {"r": 8, "lora_alpha": 16})
     paths = {name: _write(tmp_path / name, t, **cfg) for name, (t, cfg) in cases.items()}
     raws = [(p / "adapter_model.safetensors").read_bytes() for p in paths.values()]
-    assert len({r[8 : 8 + int.from_bytes(r[:8], "little")] for r in raws}) == 1  # one layout: the caches' keys differ only by config
+    assert (
+        len({r[8 : 8 + int.from_bytes(r[:8], "little")] for r in raws}) == 1
+    )  # one layout: the caches' keys differ only by config
     for max_rank in (16, 16, 4):  # twice: the second pass reads with every cache warm
         for name, path in paths.items():
             got = []
