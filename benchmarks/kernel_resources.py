@@ -81,10 +81,14 @@ def expand_consts(n_tiles: int, pdl: bool, accumulate: bool) -> dict:
                 PRELOAD=pdl, VEC=True)  # fmt: skip
 
 
-def shrink_consts(pdl: bool, block_k: int = 256) -> dict:
-    return dict(P=4, PR=8, BLOCK_R=16, BLOCK_K=block_k, USE_PDL=pdl, LINE=64, EARLY=pdl,
-                ONE_TILE=False, PRELOAD=False, RANK_SPLIT=False, RANK16_K=256, RANK32_K=128,
-                ROW_DIV=1)  # fmt: skip
+def shrink_consts(pdl: bool, block_k: int = 256, k_per: int = 512) -> dict:
+    """A rank-16 pool's shrink (``block_k`` steps), or with ``block_k`` 32 the rank-64 pool's
+    (the engine's default): BLOCK_R 64 with rank-bucketed steps over ``k_per`` slices."""
+    wide = block_k == 32
+    kp2 = 1 << (k_per - 1).bit_length()
+    return dict(P=4, PR=8, BLOCK_R=64 if wide else 16, BLOCK_K=block_k, USE_PDL=pdl,
+                LINE=64, EARLY=pdl, ONE_TILE=False, PRELOAD=False, RANK_SPLIT=wide,
+                RANK16_K=min(256, kp2), RANK32_K=min(128, kp2), ROW_DIV=1)  # fmt: skip
 
 
 def rows(arch: int, tokens: int, sms: int) -> list[dict]:
@@ -99,17 +103,23 @@ def rows(arch: int, tokens: int, sms: int) -> list[dict]:
         ("shrink beside, 512-wide slices", "shrink", 256, 4, False, False),
         ("shrink beside, 8 warps", "shrink", 256, 8, False, False),
         ("shrink beside, 128-wide K steps", "shrink", 128, 4, False, False),
+        # the rank-64 pool (the engine's default): 32-wide K steps, rank-bucketed, over
+        # K slices of 256 (below 64 tokens) or 2,048 (from 128: lora_shrink._shrink_config)
+        ("shrink beside, rank-64 pool, 256-wide slices", "shrink", 32, 4, False, 256),
+        ("shrink beside, rank-64 pool, 2,048-wide slices", "shrink", 32, 4, False, 2048),
     ]
-    for label, kind, tiles, warps, pdl, acc in cases:  # shrink: tiles = its BLOCK_K
+    for label, kind, tiles, warps, pdl, acc in cases:  # shrink: tiles = BLOCK_K, acc = k_per
         if kind == "expand":
             k = compile_kernel(LE._bgmv_expand_kernel, expand_consts(tiles, pdl, acc), warps, arch)
             # (T, N ranges of the widest projection, P); past a projection's end, exits
             n_per = 256 * tiles
             grid = {g: tokens * len(o) * -(-max(o) // n_per) for g, (_, o) in GROUPS.items()}
         else:
-            k = compile_kernel(LS._bgmv_shrink_kernel, shrink_consts(pdl, tiles), warps, arch)
+            k_per = acc if acc > 1 else 512
+            consts = shrink_consts(pdl, tiles, k_per)
+            k = compile_kernel(LS._bgmv_shrink_kernel, consts, warps, arch)
             # (T, P, K slices)
-            grid = {g: tokens * len(o) * -(-K // 512) for g, (K, o) in GROUPS.items()}
+            grid = {g: tokens * len(o) * -(-K // k_per) for g, (K, o) in GROUPS.items()}
         regs, stack, shared = resources(k)
         per_sm = programs_per_sm(regs, warps, shared)
         layer = sum(grid.values())
