@@ -47,6 +47,13 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def tokens_at_132_sms(T: int, sms: int) -> int:
+    """``T`` tokens on ``sms`` SMs as the batch that loads a 132-SM device (H100 SXM, H200)
+    as much: the decode-graph launch rules of ``lora_shrink`` / ``lora_expand`` were
+    measured there and compare this against their batch sizes."""
+    return T * 132 // sms
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     """The device's multiprocessor count (grids are sized in waves of it, never a constant)."""

@@ -33,6 +33,7 @@ from loraplex.engine.kernels._triton import (
     pdl_ok,
     prefetch_l2,
     tl,
+    tokens_at_132_sms,
     triton,
 )
 from loraplex.engine.kernels.lora_meta import LoraMeta
@@ -540,7 +541,7 @@ def _expand_config(
             if T * sum(cdiv(o, bn * tiles) for o in outs) <= 4 * sms:
                 return block_r, bn, bn * tiles, 4, True, True
         return block_r, 256, 1024, 4, True, False
-    elif not rows and not in_line and max_out >= 1024 and T * 132 >= 256 * sms:
+    elif not rows and not in_line and max_out >= 1024 and tokens_at_132_sms(T, sms) >= 256:
         # the segment path beside the GEMMs (a decode graph of 256 over at most half as many
         # slots, e.g. the offline throughput's steps): 256-wide tiles, four to a program,
         # with the shrink's 2,048-wide K slices (H100, batch 256 over 32 Zipf adapters on 128
@@ -563,9 +564,10 @@ def _beside_gemm_tiles(block_r: int, T: int, sms: int):
     this rule: batch 64 9.77 -> 9.61 ms (2 tiles); 128, with the shrink's longer K slices
     (lora_shrink._shrink_config), 13.41 -> 12.82 ms; 256 with 132 adapters 19.44 -> 17.21 ms
     (4 tiles, 4 warps); batch 32 within 0.5 % of one tile. Thresholds in tokens per SM."""
-    if T * 132 >= 128 * sms:
+    t = tokens_at_132_sms(T, sms)
+    if t >= 128:
         return block_r, 256, 1024, 4, True, False
-    if T * 132 >= 64 * sms:
+    if t >= 64:
         return block_r, 256, 512, 8, True, False
     return block_r, 256, 256, 8, True, False
 

@@ -37,6 +37,7 @@ from loraplex.engine.kernels._triton import (
     pdl_ok,
     prefetch_l2,
     tl,
+    tokens_at_132_sms,
     triton,
 )
 from loraplex.engine.kernels.lora_meta import LoraMeta
@@ -426,14 +427,11 @@ def _shrink_config(
         # decode step in a rank-64 pool with the expand's tile runs (lora_expand.
         # _beside_gemm_tiles): batch 128 13.0 -> 12.8 ms, 256 with 132 adapters 18.1 -> 17.2
         # (sweep_decode_lora.py, docs/benchmarks.md)
-        k_per = 256
-        if not in_line and T * 132 >= 128 * sms:
-            k_per = 2048
-        elif not in_line and T * 132 >= 64 * sms:
-            k_per = 1024
+        t = 0 if in_line else tokens_at_132_sms(T, sms)
+        k_per = 2048 if t >= 128 else 1024 if t >= 64 else 256
         return block_r, 32, min(k_per, cdiv(K, 32) * 32), False
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
-    if on_gpu and not in_line and K >= 1024 and T * 132 >= 256 * sms:
+    if on_gpu and not in_line and K >= 1024 and tokens_at_132_sms(T, sms) >= 256:
         # the segment path beside the GEMMs at a decode graph of 256: two to seven long K
         # slices, fewer partials for the expand to read (lora_expand._expand_config)
         return block_r, block_k, 2048, False

@@ -291,8 +291,9 @@ def read_adapter(
     st = _open_file(path)
     # the plan is a function of the header, the config, the base and max_rank alone: an
     # adapter laid out as one read before (same base, rank and targets) reuses its plan
+    cacheable = 0 < len(st.header) <= CACHED_HEADER_BYTES
     key = (st.header, json.dumps(cfg, sort_keys=True), config, max_rank)
-    mods = _PLANS.get(key) if st.header else None
+    mods = _PLANS.get(key) if cacheable else None
     if mods is None:
         pairs: dict[tuple[int, str], dict[str, TensorEntry]] = {}
         for e in st.entries:  # offset order, the order safetensors' load_file gives
@@ -301,7 +302,7 @@ def read_adapter(
         if not pairs:
             raise AdapterIncompatible("the adapter holds no LoRA weights")
         mods = _plan(st, pairs, cfg, config, max_rank)
-        if len(st.header) <= CACHED_HEADER_BYTES:
+        if cacheable:
             _PLANS.put(key, mods)
     if not _all_finite(st):
         _raise_first_nonfinite(st, mods)

@@ -164,7 +164,7 @@ class LlamaModel:
         # high priority so that its small kernels are scheduled ahead of the GEMM's tail)
         self.side_stream = torch.cuda.Stream(dev, priority=-1) if dev.type == "cuda" else None
         # MoE: the expert LoRA of decode steps as deltas beside the grouped GEMMs (moe_mlp's
-        # ``beside``). Off until measured on a GPU: bench_moe_lora.py's "token beside" and
+        # ``beside``). Off until measured on a GPU: bench_moe_lora.py's "beside" row and
         # bench_throughput.py --moe-lora-beside (recapture the decode graphs after setting it)
         self.moe_lora_beside = False
 
