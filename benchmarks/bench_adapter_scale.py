@@ -227,11 +227,15 @@ def section_cpu(args, device: torch.device, root: Path) -> list[dict]:
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in readers}
         for fn in readers.values():
             fn()  # warm: imports, allocator
-        for _ in range(args.reps):
-            for name, fn in readers.items():  # interleaved: both see the same machine
-                w0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                res[name].append((time.perf_counter() - w0, time.process_time() - c0))
+        # in alternating blocks: both see the same machine, and each its own steady state of
+        # the allocator (the new reader's pool keeps the buffers the old one's frees left
+        # to glibc; call by call, the old one then faults in fresh pages every time)
+        for block in range(6):
+            for name, fn in readers.items():
+                for _ in range(args.reps // 6 + (block < args.reps % 6)):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    fn()
+                    res[name].append((time.perf_counter() - w0, time.process_time() - c0))
         row: dict = {"preset": args.cpu_preset, "dtype": str(dt).removeprefix("torch.")}
         row["torch_threads"] = n_threads
         row["file_mib"] = (path / "adapter_model.safetensors").stat().st_size / 2**20

@@ -209,3 +209,42 @@ def test_runner_reads_peft_adapter_with_patterns_and_layers(tmp_path):
     tokens, ref = hf_greedy(peft, prompt, 4)
     (got,) = runner_logits(runner, [Seq(prompt, 1, tokens)], 4)
     assert rel_err(got, ref) < 1e-4
+
+
+def test_dropped_adapters_buffer_is_reused_only_when_nothing_refers_to_it(tmp_path):
+    """A dropped adapter's host buffer serves the next read of its size (no fresh pages to
+    fault in); while any view of it survives, it is left alone and the view keeps its values."""
+    import gc
+
+    from loraplex.engine.lora import weights as weights_mod
+
+    pool = weights_mod._BUFFERS
+    pool.clear()
+    a = _write(tmp_path / "a", _qv(seed=1))
+    tb = _qv(seed=2)
+    b = _write(tmp_path / "b", tb)
+    key = f"{PREFIX}.0.self_attn.v_proj.lora_"
+
+    w = _read(a)
+    ptr, size = w.buffer.data_ptr(), w.buffer.numel()
+    a_view, a_vals = w.groups["qkv"].b, w.groups["qkv"].b.clone()
+    del w
+    gc.collect()
+    w2 = _read(b)  # A's view is alive: its memory is not handed out
+    assert w2.buffer.data_ptr() != ptr and w2.buffer.numel() == size
+    torch.testing.assert_close(a_view, a_vals)
+
+    dropped = {ptr, w2.buffer.data_ptr()}
+    del a_view, w2
+    gc.collect()
+    reused = pool.reused
+    w3 = _read(b)  # nothing refers to the dropped buffers now: one of them is taken
+    assert pool.reused == reused + 1 and w3.buffer.data_ptr() in dropped
+    torch.testing.assert_close(w3.modules[(0, "v_proj")].a, tb[key + "A.weight"])
+    torch.testing.assert_close(w3.modules[(0, "v_proj")].b, tb[key + "B.weight"] * 2.0)
+    pool.clear()
+    fresh = _read(b)
+    for g, p in fresh.groups.items():
+        torch.testing.assert_close(w3.groups[g].a, p.a)
+        torch.testing.assert_close(w3.groups[g].b, p.b)
+        torch.testing.assert_close(w3.groups[g].ranks, p.ranks)
