@@ -486,16 +486,21 @@ class _BufferPool:
             self.free.clear()
 
 
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _use_count(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    assert _STORAGE_USE_COUNT is not None
+    return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
 
 
-# what a tensor that alone owns its memory reads (the count includes torch's own handle)
-_SOLE = _use_count(torch.empty(1))
+# what a tensor that alone owns its memory reads (the count includes torch's own handle);
+# a torch without the count reuses nothing
+_SOLE = _use_count(torch.empty(1)) if _STORAGE_USE_COUNT is not None else -1
 
 
 def _sole_owner(t: torch.Tensor) -> bool:
-    return _use_count(t) <= _SOLE
+    return _STORAGE_USE_COUNT is not None and _use_count(t) <= _SOLE
 
 
 _BUFFERS = _BufferPool()
