@@ -381,3 +381,27 @@ async def test_a_gateway_sending_garbage_is_dropped_alone(tok_dir):
             h.client, Request("alive", [3], SamplingParams(max_tokens=2, **GREEDY))
         )
         assert outs[-1].finished
+
+
+def test_a_gateway_saying_hello_is_heard():
+    """Until the model is loaded a gateway says hello every heartbeat and nothing else; a load
+    longer than the silence timeout must not forget it (its first ping after the load was
+    refused with "say hello first", and it logged the engine as unreachable)."""
+    import time
+
+    from loraplex.engine.server import EngineServer
+    from loraplex.engine.wire import Hello
+
+    server = EngineServer(lambda: None, "ipc:///nonexistent/engine.sock", client_timeout_s=1.0)
+    try:
+        server._handle(b"gw", Hello(""))
+        server._clients[b"gw"].last_seen -= 5.0  # its first hello came 5 s ago
+        server._handle(b"gw", Hello(""))  # and another now
+        server._check_clients(time.monotonic())
+        assert b"gw" in server._clients
+        server._clients[b"gw"].last_seen -= 5.0  # then 5 s of silence: forgotten
+        server._check_clients(time.monotonic())
+        assert b"gw" not in server._clients
+    finally:
+        server._wake_rx.close()
+        server._wake_tx.close()
