@@ -4,6 +4,7 @@ validating uploads against the tiny Llama's ``config.json``."""
 from __future__ import annotations
 
 import secrets
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,7 +60,7 @@ def adapter_server(
             object_store_url=f"s3://{bucket}/{PREFIX}",
             s3_endpoint_url=moto.url,
             adapter_cache_dir=cache_dir,
-            **settings,
+            **{"data_dir": Path(tempfile.mkdtemp(prefix="lpx-rest-")), **settings},
         )
         factory = None if engine_factory is None else (lambda: engine_factory(config))
         with live_server(create_app(config, engine_factory=factory)) as base:

@@ -4,8 +4,10 @@ admin auth, a real OpenID Provider (``oidc_tool``) whose tokens the server takes
 from __future__ import annotations
 
 import secrets
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,11 +31,15 @@ class AdminServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
 
-def _serve(admin_token: str | None) -> Iterator[AdminServer]:
+def _serve(admin_token: str | None, data_dir: Path) -> Iterator[AdminServer]:
     secret = secrets.token_hex(32)
     with fresh_database() as url:
         settings = GatewaySettings(
-            database_url=url, admin_token=admin_token, secret_key=secret, key_cache_ttl_s=0.5
+            database_url=url,
+            admin_token=admin_token,
+            secret_key=secret,
+            key_cache_ttl_s=0.5,
+            data_dir=data_dir,  # (the usage outbox; the default is the checkout's .loraplex)
         )
         with live_server(create_app(settings)) as base:
             yield AdminServer(
@@ -42,15 +48,15 @@ def _serve(admin_token: str | None) -> Iterator[AdminServer]:
 
 
 @pytest.fixture(scope="module")
-def admin_server() -> Iterator[AdminServer]:
+def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminServer]:
     """Admin auth by a configured ``LORAPLEX_ADMIN_TOKEN``."""
-    yield from _serve(secrets.token_hex(16))
+    yield from _serve(secrets.token_hex(16), tmp_path_factory.mktemp("admin-data"))
 
 
 @pytest.fixture(scope="module")
-def bootstrap_server() -> Iterator[AdminServer]:
+def bootstrap_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminServer]:
     """No configured admin token: the bootstrap token (a hash in the database) is used."""
-    yield from _serve(None)
+    yield from _serve(None, tmp_path_factory.mktemp("bootstrap-data"))
 
 
 @pytest.fixture
@@ -112,6 +118,7 @@ def oidc_settings(database_url: str, issuer: str, **overrides: object) -> Gatewa
         "oidc_role_map": ROLE_MAP,
         "oidc_leeway_s": 0,
         "oidc_jwks_min_refresh_s": 0.5,
+        "data_dir": Path(tempfile.mkdtemp(prefix="lpx-oidc-")),
         **overrides,
     }
     return GatewaySettings(**values)  # type: ignore[arg-type]

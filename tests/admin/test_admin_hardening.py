@@ -83,7 +83,7 @@ def sqlite_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Cli
     services.migrate(url)
     token = secrets.token_hex(16)
     settings = GatewaySettings(
-        database_url=url, admin_token=token, secret_key=secrets.token_hex(32)
+        database_url=url, admin_token=token, secret_key=secrets.token_hex(32), data_dir=path.parent
     )
     with live_server(create_app(settings)) as base:
         headers = {"Authorization": f"Bearer {token}"}
