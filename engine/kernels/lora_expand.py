@@ -37,7 +37,7 @@ from loraplex.engine.kernels._triton import (
     triton,
 )
 from loraplex.engine.kernels.lora_meta import LoraMeta
-from loraplex.engine.kernels.lora_shrink import paged_rows, use_token_path
+from loraplex.engine.kernels.lora_shrink import segment_ranks, use_token_path
 
 
 def lora_expand_ref(
@@ -59,10 +59,9 @@ def lora_expand_ref(
     # B through its storage (b_offsets may point before the view's first element)
     flat = lora_b.as_strided((lora_b.untyped_storage().nbytes() // lora_b.element_size(),), (1,), 0)
     s0, s1, s2 = lora_b.stride()
-    within = torch.arange(buf.shape[2], device=buf.device) % PR
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
-    ranks_h = ranks.tolist()
+    ranks_h = segment_ranks(ranks, seg_slot)
     for s in range(len(seg_slot)):
         slot, a, b = seg_slot[s], seg_start[s], seg_start[s + 1]
         if slot < 0 or b <= a:
@@ -72,13 +71,15 @@ def lora_expand_ref(
             r = ranks_h[slot][p]
             if r:
                 n0, n1 = out_offsets[p], out_offsets[p + 1]
-                pg = paged_rows(pages, slot, p, r, PR)
-                cols = flat[  # [r, n]: element (page, n, r % PR), shifted by b_offsets[p]
-                    lora_b.storage_offset() + boffs[p] + pg[:, None] * s0
-                    + torch.arange(n0, n1, device=buf.device)[None, :] * s1
-                    + within[:r, None] * s2
-                ]  # fmt: skip
-                d = buf[p, toks, :r] @ cols.float()
+                base = lora_b.storage_offset() + boffs[p] + n0 * s1
+                cols = torch.cat(  # [n, r]: each page's [n, PR] block, shifted by b_offsets[p]
+                    [
+                        flat.as_strided((n1 - n0, PR), (s1, s2), base + g * s0)
+                        for g in pages[slot, p, : -(-r // PR)].tolist()
+                    ],
+                    1,
+                )[:, :r]
+                d = buf[p, toks, :r] @ cols.float().T
                 y[toks, n0:n1] = (y[toks, n0:n1].float() + d).to(y.dtype)
     return y
 

@@ -43,10 +43,15 @@ from loraplex.engine.kernels._triton import (
 from loraplex.engine.kernels.lora_meta import LoraMeta
 
 
-def paged_rows(pages: torch.Tensor, slot: int, p: int, r: int, page_rows: int) -> torch.Tensor:
-    """[r] int64: the page (first index of the pool's views) of each of the first r rows of
-    a slot's projection p."""
-    return pages[slot, p].long().repeat_interleave(page_rows)[:r]
+def segment_ranks(ranks: torch.Tensor, seg_slot: list[int]) -> dict[int, list[int]]:
+    """Each segment slot's row of the rank table, as host ints: only those rows (the table
+    has a row for every slot of the pool, ~1,700 in a CPU server's default pool, and the
+    reference ops run per layer and group)."""
+    live = sorted({s for s in seg_slot if s >= 0})
+    if not live:
+        return {}
+    rows = ranks[torch.tensor(live, device=ranks.device)].tolist()
+    return dict(zip(live, rows, strict=True))
 
 
 SEG_RANK_TILE = 16  # the segment path's partials width is a multiple of this (tl.dot's least)
@@ -81,8 +86,7 @@ def lora_shrink_ref(
     buf = torch.zeros(1, P, T, R, dtype=torch.float32, device=x.device)
     seg_start = meta.seg_start.tolist()
     seg_slot = meta.seg_slot.tolist()
-    ranks_h = ranks.tolist()
-    within = torch.arange(R, device=x.device) % PR
+    ranks_h = segment_ranks(ranks, seg_slot)
     for s in range(len(seg_slot)):
         slot, a, b = seg_slot[s], seg_start[s], seg_start[s + 1]
         if slot < 0 or b <= a:
@@ -91,8 +95,8 @@ def lora_shrink_ref(
         xs = x[toks].float()
         for p in range(P):
             r = ranks_h[slot][p]
-            if r:
-                rows = lora_a[paged_rows(pages, slot, p, r, PR), p, within[:r]]  # [r, in]
+            if r:  # the slot's pages of projection p, PR rank rows each, in rank order
+                rows = lora_a[pages[slot, p, : -(-r // PR)].long(), p].flatten(0, 1)[:r]
                 buf[0, p, toks, :r] = xs @ rows.float().T
     return buf
 
