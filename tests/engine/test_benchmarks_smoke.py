@@ -40,6 +40,11 @@ def test_decode_smoke(bench, tmp_path):
     assert (tmp_path / "d.json").is_file()
 
 
+def test_cpu_lora_smoke(bench):
+    out = bench("bench_cpu_lora").main(["--reps", "1", "--prompt-len", "8", "--rank", "8"])
+    assert out["base_ms"] > 0 and out["adapter_ms"] > 0 and out["slots"] > 0
+
+
 def test_fp8_smoke(bench, tmp_path):
     out = bench("bench_fp8").main(["--smoke", "--json", str(tmp_path / "f.json")])
     assert {(r["weights"], r["mode"]) for r in out["decode"]} == {

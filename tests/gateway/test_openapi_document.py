@@ -14,11 +14,12 @@ ENVELOPE = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
 @pytest.fixture(scope="module")
-def doc() -> dict[str, Any]:
+def doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     settings = GatewaySettings(
         database_url="postgresql+asyncpg://unused/unused",
         admin_token=secrets.token_hex(16),
         secret_key=secrets.token_hex(32),
+        data_dir=tmp_path_factory.mktemp("openapi"),  # (the app makes its local object store)
     )
     document: dict[str, Any] = create_app(settings).openapi()
     return document

@@ -10,6 +10,8 @@ no shrinking beyond hypothesis' default phases; about a minute on two cores.
 from __future__ import annotations
 
 import secrets
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,12 +53,14 @@ def fuzz_key(gateway: Gateway) -> str:
 def _document() -> dict[str, Any]:
     """The document the live gateway serves: the app factory's routes do not depend on
     settings, and the lazy (fixture) loader of schemathesis 4.32 fails on pytest 9.2."""
-    settings = GatewaySettings(
-        database_url="postgresql+asyncpg://unused/unused",
-        admin_token=secrets.token_hex(16),
-        secret_key=secrets.token_hex(32),
-    )
-    return create_app(settings).openapi()
+    with tempfile.TemporaryDirectory() as data_dir:  # (the app makes its local object store)
+        settings = GatewaySettings(
+            database_url="postgresql+asyncpg://unused/unused",
+            admin_token=secrets.token_hex(16),
+            secret_key=secrets.token_hex(32),
+            data_dir=Path(data_dir),
+        )
+        return create_app(settings).openapi()
 
 
 def _aim(case: Any) -> None:
