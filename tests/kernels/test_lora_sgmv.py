@@ -522,11 +522,11 @@ def test_decode_graph_launch_shapes(rows, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("rows", [False, True])  # (first: the paths alternate in the run)
 @pytest.mark.parametrize("early_launch", [False, True])
 @pytest.mark.parametrize("pool_rank", [16, 64])
 @pytest.mark.parametrize("T", [32, 64, 128, 256])
 @pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
-@pytest.mark.parametrize("rows", [True, False])
 def test_decode_launch_rules_bf16(rows, group, T, pool_rank, early_launch):
     # the default launch configs at decode batch sizes, beside the GEMMs (early_launch
     # False; per-token path: runs of 1, 2 or 4 B tiles per expand program and K slices of 256
