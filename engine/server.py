@@ -438,11 +438,12 @@ class EngineServer:
             if self._token and msg.token != self._token:
                 self._send(ident, Refused("wrong or missing engine token"))
                 return
-            client = self._clients[ident] = self._clients.get(ident) or _Client(time.monotonic())
             # a gateway says hello every heartbeat until the model is loaded: that is hearing
             # from it (a load longer than the timeout forgot every gateway, which then
             # heard "say hello first" for its first ping once the engine was ready)
-            client.last_seen = time.monotonic()
+            now = time.monotonic()
+            client = self._clients[ident] = self._clients.get(ident) or _Client(now)
+            client.last_seen = now
             self._send(ident, self._status())
             if self._info is not None:
                 self._send(ident, Info(self._info))

@@ -534,8 +534,10 @@ def _pack(
         plan.append((g, r, tuple(offs), total))
         total += _align(L * P * r * in_f * elem) + _align(L * offs[-1] * r * elem)
         total += _align(L * P * 4)
-    buf = torch.empty(total, dtype=torch.uint8, pin_memory=True) if pin_memory else None
-    buf = _BUFFERS.take(total) if buf is None else buf
+    if pin_memory:
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    else:
+        buf = _BUFFERS.take(total)
     flat = st.flat_views()  # every tensor's 1-D view in one call (one dtype: the usual case)
     groups: dict[str, PackedGroup] = {}
     ranks: dict[tuple[int, str], int] = {}
