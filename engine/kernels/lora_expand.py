@@ -542,11 +542,14 @@ def _expand_config(
             if T * sum(cdiv(o, bn * tiles) for o in outs) <= 4 * sms:
                 return block_r, bn, bn * tiles, 4, True, True
         return block_r, 256, 1024, 4, True, False
-    elif not rows and not in_line and max_out >= 1024 and tokens_at_132_sms(T, sms) >= 256:
+    elif (
+        not rows and not in_line and max_out >= 1024 and R > 16 and tokens_at_132_sms(T, sms) >= 256
+    ):
         # the segment path beside the GEMMs (a decode graph of 256 over at most half as many
-        # slots, e.g. the offline throughput's steps): 256-wide tiles, four to a program,
-        # with the shrink's 2,048-wide K slices (H100, batch 256 over 32 Zipf adapters on 128
-        # slots: 15.47 -> 14.96 ms a step; either alone ~15.2; sweep_decode_lora.py)
+        # slots, e.g. the offline throughput's steps) in a pool wider than rank 16: 256-wide
+        # tiles, four to a program, with the shrink's 2,048-wide K slices (H100, batch 256
+        # over 32 Zipf adapters on 128 slots in a rank-64 pool: 15.47 -> 14.96 ms a step;
+        # either alone ~15.2; sweep_decode_lora.py). Rank-16 pools: lora_shrink's note
         return block_r, 256, 1024, 4, False, False
     want = 8 * sms if on_gpu else 4  # a few waves of programs on this device's SMs
     n_blocks = cdiv(max_out, block_n)

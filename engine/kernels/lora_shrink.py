@@ -435,9 +435,12 @@ def _shrink_config(
         k_per = 2048 if t >= 128 else 1024 if t >= 64 else 256
         return block_r, 32, min(k_per, cdiv(K, 32) * 32), False
     block_k = (256 if K >= 1024 else 128) if on_gpu else 128 if K >= 128 else 32
-    if on_gpu and not in_line and K >= 1024 and tokens_at_132_sms(T, sms) >= 256:
-        # the segment path beside the GEMMs at a decode graph of 256: two to seven long K
-        # slices, fewer partials for the expand to read (lora_expand._expand_config)
+    if on_gpu and not in_line and K >= 1024 and R > 16 and tokens_at_132_sms(T, sms) >= 256:
+        # the segment path beside the GEMMs at a decode graph of 256 in a pool wider than
+        # rank 16: two to seven long K slices, fewer partials for the expand to read
+        # (lora_expand._expand_config). Measured at rank 64; in a rank-16 pool the split by
+        # waves below is faster (H100, offline throughput with 32 adapters: 14.57 against
+        # 14.25 ms of GPU a step; docs/benchmarks.md)
         return block_r, block_k, 2048, False
     want = 8 * sms if on_gpu else 16  # a few waves of programs on this device's SMs
     tiles = cdiv(T, block_m)

@@ -7,8 +7,9 @@ import torch
 from kernel_testing import DEVICE, assert_close, gpu
 
 from loraplex.engine.kernels import LoraMeta, build_lora_meta
-from loraplex.engine.kernels.lora_expand import lora_expand, lora_expand_ref
+from loraplex.engine.kernels.lora_expand import _expand_config, lora_expand, lora_expand_ref
 from loraplex.engine.kernels.lora_shrink import (
+    _shrink_config,
     lora_shrink,
     lora_shrink_ref,
     seg_rank,
@@ -521,6 +522,26 @@ def test_decode_graph_launch_shapes(rows, dtype):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("sms", [132, 78])
+def test_segment_rule_beside_the_gemms_takes_pools_wider_than_rank_16(sms):
+    # the segment path beside the GEMMs at a decode graph of 256 (at 132 SMs): long K slices
+    # and runs of four B tiles in a rank-64 pool; in a rank-16 pool the split by waves, which
+    # measured faster there (H100, offline throughput; docs/benchmarks.md). Neither in line.
+    T = -(-256 * sms // 132)  # as many tokens per SM as 256 on 132
+    for K, outs in ((4096, (4096, 1024, 1024)), (14336, (4096,))):
+        P = len(outs)
+        wide = _shrink_config(T, K, P, 64, True, False, 64, in_line=False, sms=sms)
+        narrow = _shrink_config(T, K, P, 16, True, False, 64, in_line=False, sms=sms)
+        inline = _shrink_config(T, K, P, 64, True, False, 64, in_line=True, sms=sms)
+        assert wide[2] == 2048
+        assert narrow[2] != 2048 and inline[2] != 2048
+        assert _expand_config(T, 64, outs, True, False, 64, False, sms)[1:3] == (256, 1024)
+        assert _expand_config(T, 16, outs, True, False, 64, False, sms)[1:3] != (256, 1024)
+        # below a graph of 256 the split by waves, whatever the pool
+        half = _shrink_config(T // 2, K, P, 64, True, False, 64, in_line=False, sms=sms)
+        assert half[2] != 2048
+
+
 @gpu
 @pytest.mark.parametrize("rows", [False, True])  # (first: the paths alternate in the run)
 @pytest.mark.parametrize("early_launch", [False, True])
@@ -530,9 +551,9 @@ def test_decode_graph_launch_shapes(rows, dtype):
 def test_decode_launch_rules_bf16(rows, group, T, pool_rank, early_launch):
     # the default launch configs at decode batch sizes, beside the GEMMs (early_launch
     # False; per-token path: runs of 1, 2 or 4 B tiles per expand program and K slices of 256
-    # to 2,048 as the batch grows; segment path at 256: four 256-wide tiles a program over
-    # 2,048-wide K slices) and in line (per-token path past one wave: runs of four tiles), in
-    # a rank-16 pool and the engine's rank-64 pool of mixed ranks
+    # to 2,048 as the batch grows; segment path at 256 in the rank-64 pool: four 256-wide
+    # tiles a program over 2,048-wide K slices) and in line (per-token path past one wave:
+    # runs of four tiles), in a rank-16 pool and the engine's rank-64 pool of mixed ranks
     k, outs = LLAMA_GROUPS[group]
     choices = (8, 16) if pool_rank == 16 else (8, 16, 32, 64)
     run_case(
