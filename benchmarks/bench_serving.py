@@ -114,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--fair-window-at-s", type=float, default=3.0)
     f.add_argument("--fair-window-s", type=float, default=6.0)
     f.add_argument(
+        "--fair-pair-output-spread",
+        type=float,
+        default=0.5,
+        help="cost pairs: output lengths uniform over --output-len +- this fraction of it",
+    )
+    f.add_argument(
         "--fair-cost-repeats",
         type=int,
         default=1,

@@ -20,6 +20,8 @@ Runs, one after the other:
   ``one_key`` (``adapters`` in each run's result), so the cost is the scheduling's alone.
 - ``--fair-cost-repeats`` R > 1: R - 1 more pairs of the last two, their order alternated;
   the cost's median over the R pairs (single pairs spread by a few %).
+  The pairs' requests take mixed output lengths (``--fair-pair-output-spread``), the same
+  draw in every run (:meth:`FairnessScenario.pair_lengths`).
 
 The cost of fairness is reported twice: over the whole runs, and over the steady window
 (``--fair-window-at-s`` / ``--fair-window-s``, decode tokens from the engine's per-key
@@ -38,6 +40,7 @@ step after it arrived), service tokens (prefill, decode), preemptions.
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import time
 
@@ -86,9 +89,12 @@ class FairnessScenario:
                 )
                 r.raise_for_status()
 
-    def plan(self, tenant: int, n: int, adapters: int | None = None) -> list[Planned]:
+    def plan(
+        self, tenant: int, n: int, adapters: int | None = None, lengths: list[int] | None = None
+    ) -> list[Planned]:
         """``n`` requests of tenant ``tenant``'s adapters (its first ``adapters`` of them)
-        in turn, fresh prompts, with its key."""
+        in turn, fresh prompts, with its key; ``lengths``: each request's output tokens
+        (default ``--output-len`` each)."""
         t = self.tenancy
         mine = self.adapters_of(tenant)
         mine = mine[: max(1, adapters)] if adapters is not None else mine
@@ -98,9 +104,22 @@ class FairnessScenario:
         out = []
         for i, prompt in enumerate(ids):
             adapter = mine[i % len(mine)]
-            body = completion_body(t.adapters[adapter], prompt, self.args.output_len)
+            n_out = lengths[i] if lengths is not None else self.args.output_len
+            body = completion_body(t.adapters[adapter], prompt, n_out)
             out.append(Planned(i, tenant, adapter, key, "/v1/completions", body))
         return out
+
+    def pair_lengths(self, n: int) -> list[int]:
+        """The output lengths of a cost pair's ``n`` requests: uniform over ``--output-len``
+        +- ``--fair-pair-output-spread`` of it, the same draw for every run. Closed loops of
+        one fixed length run in waves (their requests end in the same step and the next
+        start together), and a window of a few seconds then sees a different phase in each
+        run (H100: window costs from -8 % to +9 % in one run); mixed lengths spread the
+        loops' ends over the steps."""
+        a = self.args
+        rng, lo = random.Random(a.seed), a.output_len * (1 - a.fair_pair_output_spread)
+        hi = a.output_len * (1 + a.fair_pair_output_spread)
+        return [max(1, round(rng.uniform(lo, hi))) for _ in range(n)]
 
     def adapters_of(self, tenant: int) -> list[int]:
         """Tenant ``tenant``'s adapters (indices into ``tenancy.adapters``)."""
@@ -129,10 +148,10 @@ class FairnessScenario:
             self.url, self.args.request_timeout, plan, concurrency=streams, procs=procs
         )
 
-    def summary(self, records, seconds: float) -> dict:  # type: ignore[no-untyped-def]
+    def summary(self, records, seconds: float, lengths: list[int] | None = None) -> dict:  # type: ignore[no-untyped-def]
         a = self.args
         for r in records:
-            check_output(r, a.output_len)
+            check_output(r, lengths[r.index] if lengths is not None else a.output_len)
         row = summarize(records, seconds, a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3)
         out = {k: row[k] for k in ("completed", "errors", "out_tok_s", "req_s", "ttft_ms")} | {
             "tpot_ms": row["tpot_ms"],
@@ -190,14 +209,16 @@ class FairnessScenario:
     async def run_one_key(self) -> dict:
         a = self.args
         before = await self.settled()
-        plan = self.plan(2, 2 * a.fair_pair_requests)
+        lengths = self.pair_lengths(2 * a.fair_pair_requests)
+        plan = self.plan(2, 2 * a.fair_pair_requests, lengths=lengths)
         run = asyncio.create_task(self.closed(plan, 2 * a.fair_pair_streams, 2 * a.fair_procs))
         (w0, w1), span, on = await self.window([run])
         records, seconds, _ = await run
         after = await self.settled()
         k2 = self.keys(w0, w1, [2])[self.ids[2]]
         return {
-            "all": self.summary(records, seconds),
+            "all": self.summary(records, seconds, lengths),
+            "output_len_range": [min(lengths), max(lengths)],
             "adapters": len({p.adapter for p in plan}),
             "window_decode_tok_s": k2["decode_tokens"] / span,
             "window_backlogged": on,
@@ -210,7 +231,9 @@ class FairnessScenario:
         # each key half its tenant's adapters: as many distinct adapters in the batch as
         # run_one_key's (tenant 2's all), so the cost compares the scheduling alone
         half = len(self.adapters_of(2)) // 2
-        plans = [self.plan(t, a.fair_pair_requests, half) for t in (2, 3)]
+        drawn = self.pair_lengths(2 * a.fair_pair_requests)  # the one-key run's lengths
+        lengths = [drawn[0::2], drawn[1::2]]
+        plans = [self.plan(t, a.fair_pair_requests, half, lengths[i]) for i, t in enumerate((2, 3))]
         t0 = time.perf_counter()
         runs = [
             asyncio.create_task(self.closed(plan, a.fair_pair_streams, a.fair_procs))
@@ -226,8 +249,8 @@ class FairnessScenario:
         return {
             "weights": {"tenant2": 3, "tenant3": 1},
             "adapters": len({p.adapter for plan in plans for p in plan}),
-            "tenant2": self.summary(r2, s2),
-            "tenant3": self.summary(r3, s3),
+            "tenant2": self.summary(r2, s2, lengths[0]),
+            "tenant3": self.summary(r3, s3, lengths[1]),
             "out_tok_s": out_tokens / seconds,
             "window_decode_tok_s": (k2["decode_tokens"] + k3["decode_tokens"]) / span,
             "window": window,

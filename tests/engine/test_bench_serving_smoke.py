@@ -123,6 +123,11 @@ def test_fairness_smoke(bench, tmp_path):
     for name in ("one_key", "two_keys"):
         run = f[name]["all"] if name == "one_key" else f[name]
         assert run["out_tok_s"] > 0
+    # the cost pairs' requests of mixed lengths, each answered with exactly its own
+    lo, hi = f["one_key"]["output_len_range"]
+    assert 1 <= lo < out["args"]["output_len"] < hi
+    assert f["one_key"]["all"]["errors"] == {}
+    assert f["two_keys"]["tenant2"]["errors"] == {} and f["two_keys"]["tenant3"]["errors"] == {}
     # two adapters a tenant: one key over its two, two keys over one each
     assert (f["one_key"]["adapters"], f["two_keys"]["adapters"]) == (2, 2)
     assert f["derived"]["light_queue_ms"]["alone"] >= 0
