@@ -63,6 +63,9 @@ def engine_replicas(
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     full = clean_env({**ENGINE_ENV, **(env or {})})
+    # the engines' data dir (their local object store's scratch) out of the checkout, where
+    # their cwd is; shared by this call's engines, as the default one was
+    full.setdefault("LORAPLEX_DATA_DIR", str(logs / "data"))
     full["PYTHONPATH"] = f"{ROOT}{os.pathsep}{full.get('PYTHONPATH', '')}"
     replicas: list[EngineReplica] = []
     try:
