@@ -127,13 +127,15 @@ class HermesParser:
 
     def finish(self) -> list[Event]:
         """The end of the output: an unclosed block counts if its JSON is whole (the model
-        stopped at end-of-sequence instead of writing ``</tool_call>``)."""
+        stopped at end-of-sequence instead of writing ``</tool_call>``, or ``max_tokens``
+        cut that tag short: ``{...}\n</tool_call``)."""
         rest, self._buf = self._buf, ""
         if not self._in_call:
             return self._content(rest)
         self._in_call = False
+        body = rest[: len(rest) - _held_prefix(rest, self.CLOSE)]
         try:
-            call = _call_from(json.loads(rest), ("arguments", "parameters"))
+            call = _call_from(json.loads(body), ("arguments", "parameters"))
         except json.JSONDecodeError:
             call = None
         if call is None:

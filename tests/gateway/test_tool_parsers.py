@@ -48,6 +48,13 @@ def _streamed(name: str, text: str, step: int) -> tuple[str, list[Call]]:
             [Call("get_weather", ARGS), Call("now", "{}")],
         ),
         (f"<tool_call>\n{WEATHER}", "", [Call("get_weather", ARGS)]),  # stopped before the close
+        # max_tokens cut the closing tag short: the call is whole
+        (f"<tool_call>\n{WEATHER}\n</tool_call", "", [Call("get_weather", ARGS)]),
+        (
+            f"<tool_call>{WEATHER}</tool_call>\n<tool_call>{WEATHER}</",
+            "",
+            [Call("get_weather", ARGS), Call("get_weather", ARGS)],
+        ),
         (
             "No tools needed: 1 < 2 and <tool_c is not a tag",
             "No tools needed: 1 < 2 and <tool_c is not a tag",
