@@ -18,6 +18,8 @@ Runs, one after the other:
   window while both are, and total throughput against ``one_key`` (the cost of fairness).
   Each over half its tenant's adapters: the batch holds as many distinct adapters as in
   ``one_key`` (``adapters`` in each run's result), so the cost is the scheduling's alone.
+  The ``2 * --fair-pair-requests`` requests of ``one_key`` split 3:1 as the weights do, so
+  that both loops end about together.
 - ``--fair-cost-repeats`` R > 1: R - 1 more pairs of the last two, their order alternated;
   the cost's median over the R pairs (single pairs spread by a few %).
   The pairs' requests take mixed output lengths (``--fair-pair-output-spread``), the same
@@ -25,10 +27,12 @@ Runs, one after the other:
 
 The cost of fairness is reported twice: over the whole runs, and over the steady window
 (``--fair-window-at-s`` / ``--fair-window-s``, decode tokens from the engine's per-key
-counters) in which every loop is still backlogged. Only the window compares the same load:
-tenant 2's weight ends its loop first, and the rest of the two-key run is tenant 3 alone with
-``--fair-pair-streams`` (= ``max_num_seqs``) streams, no queue, a seat empty for each request's
-round trip, which the one-key run (twice the streams) never has.
+counters) in which every loop is still backlogged. Until 12-05 the two loops had as many
+requests each: tenant 2's weight ended its loop first, and the last third of the two-key run
+was tenant 3 alone with ``--fair-pair-streams`` (= ``max_num_seqs``) streams, no queue, a
+seat empty for each request's round trip, which the one-key run (twice the streams) never
+has; the whole runs' cost counted that tail. Split 3:1, the loops run out together and the
+whole runs compare the same load but for the last requests' drain.
 
 The light runs' TTFT is split with the usage ledger's own ``ttft_ms`` afterwards
 (``bench_serving.ledger_split``: the gateway's engine call to its first token, and the rest).
@@ -231,9 +235,11 @@ class FairnessScenario:
         # each key half its tenant's adapters: as many distinct adapters in the batch as
         # run_one_key's (tenant 2's all), so the cost compares the scheduling alone
         half = len(self.adapters_of(2)) // 2
-        drawn = self.pair_lengths(2 * a.fair_pair_requests)  # the one-key run's lengths
-        lengths = [drawn[0::2], drawn[1::2]]
-        plans = [self.plan(t, a.fair_pair_requests, half, lengths[i]) for i, t in enumerate((2, 3))]
+        # the one-key run's requests and lengths, split as the weights (3:1)
+        drawn = self.pair_lengths(2 * a.fair_pair_requests)
+        n2 = len(drawn) * 3 // 4
+        lengths = [drawn[:n2], drawn[n2:]]
+        plans = [self.plan(t, len(lengths[i]), half, lengths[i]) for i, t in enumerate((2, 3))]
         t0 = time.perf_counter()
         runs = [
             asyncio.create_task(self.closed(plan, a.fair_pair_streams, a.fair_procs))

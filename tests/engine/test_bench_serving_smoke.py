@@ -128,6 +128,9 @@ def test_fairness_smoke(bench, tmp_path):
     assert 1 <= lo < out["args"]["output_len"] < hi
     assert f["one_key"]["all"]["errors"] == {}
     assert f["two_keys"]["tenant2"]["errors"] == {} and f["two_keys"]["tenant3"]["errors"] == {}
+    # the one-key run's requests split 3:1 as the weights, so both loops end about together
+    done = (f["two_keys"]["tenant2"]["completed"], f["two_keys"]["tenant3"]["completed"])
+    assert done == (3 * done[1], f["one_key"]["all"]["completed"] // 4), done
     # two adapters a tenant: one key over its two, two keys over one each
     assert (f["one_key"]["adapters"], f["two_keys"]["adapters"]) == (2, 2)
     assert f["derived"]["light_queue_ms"]["alone"] >= 0
