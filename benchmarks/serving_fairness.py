@@ -68,6 +68,7 @@ def per_key(before: dict, after: dict, key: str) -> dict[str, float]:
         "decode_tokens": d("service_tokens", "decode"),
         "preemptions": d("preemptions"),
         "engine_first_token_ms_mean": split["first_token_ms_mean"],
+        "engine_first_token_steps_mean": split["first_token_steps_mean"],
     }
 
 
@@ -338,7 +339,8 @@ def brief(name: str, run: dict, ids: list[str]) -> str:
             f"light TTFT p50 {t['p50']:.1f} p99 {t['p99']:.1f} ms, "
             f"queue mean {q.get('queue_ms_mean', float('nan')):.1f} ms "
             f"({q.get('queue_steps_mean', float('nan')):.2f} steps), "
-            f"engine first token mean {q.get('engine_first_token_ms_mean', float('nan')):.1f} ms, "
+            f"engine first token mean {q.get('engine_first_token_ms_mean', float('nan')):.1f} ms "
+            f"({q.get('engine_first_token_steps_mean', float('nan')):.2f} steps), "
             f"{span}errors {run['light']['errors'] or 'none'}"
         )
     if name == "one_key":
@@ -367,6 +369,13 @@ def derived(out: dict, ids: list[str]) -> dict:
         "light_queue_ms": {"alone": q_alone, "flood": q_flood},
         "light_queue_steps": {
             run: out[f"light_{run}"]["keys"][ids[1]]["queue_steps_mean"]
+            for run in ("alone", "flood")
+        },
+        # arrival in the engine to first token in the engine's steps: beside the flood as
+        # many as alone when the light request is scheduled at once (its milliseconds are
+        # the flood's steps, longer than an idle engine's)
+        "light_first_token_steps": {
+            run: out[f"light_{run}"]["keys"][ids[1]]["engine_first_token_steps_mean"]
             for run in ("alone", "flood")
         },
         "share_ratio_3_to_1": out["two_keys"]["decode_share_ratio"],

@@ -25,7 +25,14 @@ COUNTERS = {  # the engine's counters read before and after a run
 GAUGES = {"batch": "loraplex_engine_batch_size", "running": "loraplex_engine_requests_running"}
 FAIR = "loraplex_engine_fair_"  # the engine's per-fairness-key families
 # summed over the keys into "fair:<family>" by parse_metrics (queue_split's inputs)
-FAIR_SUMS = ("scheduled", "queue_seconds", "queue_steps", "first_token_seconds", "first_tokens")
+FAIR_SUMS = (
+    "scheduled",
+    "queue_seconds",
+    "queue_steps",
+    "first_token_seconds",
+    "first_token_steps",
+    "first_tokens",
+)
 
 
 def server_cpu(pid: int | None) -> dict[str, float]:
@@ -217,12 +224,15 @@ def queue_split(d: dict[str, float]) -> dict[str, float]:
     """From the engine's per-key counters over a run (``fair:<family>`` deltas): where its
     share of the TTFT goes, in the mean over the run's requests. Queue: from arrival in the
     engine to being scheduled (in ms and in steps); first token: from arrival in the engine
-    to its first token."""
+    to its first token (likewise)."""
     n, firsts = d.get("fair:scheduled", 0.0), d.get("fair:first_tokens", 0.0)
     return {
         "queue_ms_mean": d.get("fair:queue_seconds", 0.0) * 1e3 / n if n else math.nan,
         "queue_steps_mean": d.get("fair:queue_steps", 0.0) / n if n else math.nan,
         "first_token_ms_mean": (
             d.get("fair:first_token_seconds", 0.0) * 1e3 / firsts if firsts else math.nan
+        ),
+        "first_token_steps_mean": (
+            d.get("fair:first_token_steps", 0.0) / firsts if firsts else math.nan
         ),
     }

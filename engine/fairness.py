@@ -41,6 +41,7 @@ class KeyStats:
     queued: int = 0  # sequences that were scheduled for the first time
     preemptions: int = 0
     first_token_seconds: float = 0.0  # summed over requests: in the engine to first token
+    first_token_steps: int = 0  # the same in scheduler steps
     first_tokens: int = 0
 
 
@@ -131,9 +132,10 @@ class FairShare:
     def preempted(self, key: str) -> None:
         self._stats(key).preemptions += 1
 
-    def first_token(self, key: str, seconds: float) -> None:
-        """A request of ``key`` has its first token on the host, ``seconds`` after it
-        reached the engine."""
+    def first_token(self, key: str, seconds: float, steps: int) -> None:
+        """A request of ``key`` has its first token on the host, ``seconds`` (and ``steps``
+        scheduler steps) after it reached the engine."""
         s = self._stats(key)
         s.first_token_seconds += seconds
+        s.first_token_steps += steps
         s.first_tokens += 1

@@ -501,7 +501,8 @@ class LLMEngine:
                 state.cached_tokens = seq.num_cached_tokens
                 self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
                 self._fork_siblings(state)
-                self.scheduler.fair.first_token(seq.fair_key, now - state.arrival_s)
+                steps = self.scheduler.steps - max(0, seq.queued_step)
+                self.scheduler.fair.first_token(seq.fair_key, now - state.arrival_s, steps)
             lp = None
             if res.logprobs is not None and state.params.logprobs is not None:
                 got = res.logprob_of(i)
@@ -638,6 +639,7 @@ class LLMEngine:
                     scheduled=f.queued,
                     preemptions=f.preemptions,
                     first_token_seconds=f.first_token_seconds,
+                    first_token_steps=f.first_token_steps,
                     first_tokens=f.first_tokens,
                 )
                 for k, f in self.scheduler.fair.stats.items()

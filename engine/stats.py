@@ -30,6 +30,7 @@ class FairKeyStats(msgspec.Struct, frozen=True, kw_only=True):
     scheduled: int = 0  # sequences scheduled for the first time
     preemptions: int = 0
     first_token_seconds: float = 0.0  # summed over requests: in the engine to first token
+    first_token_steps: int = 0  # the same in scheduler steps
     first_tokens: int = 0  # requests that have their first token
 
 

@@ -153,6 +153,12 @@ def _fairness_families(stats: EngineStats) -> tuple[Metric, ...]:
         "fairness key",
         labels=["fairness_key"],
     )
+    first_steps = CounterMetricFamily(
+        "loraplex_engine_fair_first_token_steps",
+        "Scheduler steps from a request's arrival in the engine to its first token on the "
+        "host, summed per fairness key",
+        labels=["fairness_key"],
+    )
     firsts = CounterMetricFamily(
         "loraplex_engine_fair_first_tokens",
         "Requests that had their first token, per fairness key",
@@ -167,8 +173,9 @@ def _fairness_families(stats: EngineStats) -> tuple[Metric, ...]:
         scheduled.add_metric([label], float(f.scheduled))
         preempted.add_metric([label], float(f.preemptions))
         first.add_metric([label], f.first_token_seconds)
+        first_steps.add_metric([label], float(f.first_token_steps))
         firsts.add_metric([label], float(f.first_tokens))
-    return (service, queue, queue_steps, scheduled, preempted, first, firsts)
+    return (service, queue, queue_steps, scheduled, preempted, first, first_steps, firsts)
 
 
 class EngineCollector(Collector):

@@ -114,6 +114,7 @@ def test_fairness_smoke(bench, tmp_path):
         assert finite(mine["queue_ms_mean"]) and mine["queue_ms_mean"] >= 0
         assert finite(mine["queue_steps_mean"]) and mine["queue_steps_mean"] >= 1
         assert finite(mine["engine_first_token_ms_mean"]) and mine["engine_first_token_ms_mean"] > 0
+        assert mine["engine_first_token_steps_mean"] >= 1
         assert mine["prefill_tokens"] >= n * out["args"]["prompt_len"]
     for name in ("light_flood", "light_flood_fifo"):
         run = f[name]

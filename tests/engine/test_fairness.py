@@ -142,6 +142,13 @@ def test_light_key_is_not_held_back_by_a_flooding_one(make_engine):
     assert steps["alone"]["light"].queue_steps == steps["alone"]["light"].scheduled == 12
     assert steps["flooded"]["light"].queue_steps == 12
     assert steps["fifo"]["same"].queue_steps > 5 * (120 + 12)
+    # loraplex_engine_fair_first_token_steps_total: arrival to first token in steps, beside
+    # the flood within 1.5x of alone, and under one key far more
+    first = {name: f.first_token_steps / f.first_tokens for name, f in
+             (("alone", steps["alone"]["light"]), ("flooded", steps["flooded"]["light"]),
+              ("fifo", steps["fifo"]["same"]))}  # fmt: skip
+    assert 1 <= first["alone"] <= first["flooded"] <= 1.5 * first["alone"], first
+    assert first["fifo"] > 5 * first["alone"], first
 
 
 Step = tuple[bool, int, dict[str, int], bool, int]

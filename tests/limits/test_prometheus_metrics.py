@@ -101,7 +101,7 @@ def test_engine_service_per_fairness_key() -> None:
         fairness={
             "t1": FairKeyStats(prefill_tokens=300, decode_tokens=40, queue_seconds=0.5,
                                queue_steps=3, scheduled=4, preemptions=1,
-                               first_token_seconds=1.25, first_tokens=4),
+                               first_token_seconds=1.25, first_token_steps=9, first_tokens=4),
             "": FairKeyStats(decode_tokens=2),
         }
     )  # fmt: skip
@@ -111,5 +111,6 @@ def test_engine_service_per_fairness_key() -> None:
     assert get("loraplex_engine_fair_queue_seconds_total", one) == 0.5
     assert get("loraplex_engine_fair_queue_steps_total", one) == 3
     assert get("loraplex_engine_fair_first_token_seconds_total", one) == 1.25
+    assert get("loraplex_engine_fair_first_token_steps_total", one) == 9
     assert get("loraplex_engine_fair_first_tokens_total", one) == 4
     assert get("loraplex_engine_fair_first_tokens_total", {"fairness_key": "none"}) == 0
