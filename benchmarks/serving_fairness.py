@@ -54,6 +54,8 @@ from serving_metrics import check_output, summarize
 from serving_offline import prompt_set
 from serving_runs import FAIR_SUMS, parse_fair, queue_split, server_cpu
 
+WEIGHTS = (3, 1)  # tenants 2 and 3's scheduling_weight (the two-key run)
+
 
 def per_key(before: dict, after: dict, key: str) -> dict[str, float]:
     def d(family: str, kind: str = "") -> float:
@@ -88,7 +90,7 @@ class FairnessScenario:
                 r = await h.get(f"/admin/v1/tenants/{name}")
                 r.raise_for_status()
                 self.ids.append(str(r.json()["id"]))
-            for name, w in ((self.tenancy.tenants[2], 3), (self.tenancy.tenants[3], 1)):
+            for name, w in zip(self.tenancy.tenants[2:4], WEIGHTS, strict=True):
                 r = await h.patch(
                     f"/admin/v1/tenants/{name}", json={"limits": {"scheduling_weight": w}}
                 )
@@ -236,9 +238,9 @@ class FairnessScenario:
         # each key half its tenant's adapters: as many distinct adapters in the batch as
         # run_one_key's (tenant 2's all), so the cost compares the scheduling alone
         half = len(self.adapters_of(2)) // 2
-        # the one-key run's requests and lengths, split as the weights (3:1)
+        # the one-key run's requests and lengths, split as the weights
         drawn = self.pair_lengths(2 * a.fair_pair_requests)
-        n2 = len(drawn) * 3 // 4
+        n2 = len(drawn) * WEIGHTS[0] // sum(WEIGHTS)
         lengths = [drawn[:n2], drawn[n2:]]
         plans = [self.plan(t, len(lengths[i]), half, lengths[i]) for i, t in enumerate((2, 3))]
         t0 = time.perf_counter()
@@ -254,7 +256,7 @@ class FairnessScenario:
         k2, k3 = window[self.ids[2]], window[self.ids[3]]
         out_tokens = sum(r.output_tokens for r in r2 + r3 if r.error is None)
         return {
-            "weights": {"tenant2": 3, "tenant3": 1},
+            "weights": {"tenant2": WEIGHTS[0], "tenant3": WEIGHTS[1]},
             "adapters": len({p.adapter for plan in plans for p in plan}),
             "tenant2": self.summary(r2, s2, lengths[0]),
             "tenant3": self.summary(r3, s3, lengths[1]),
@@ -379,7 +381,7 @@ def derived(out: dict, ids: list[str]) -> dict:
             for run in ("alone", "flood")
         },
         "share_ratio_3_to_1": out["two_keys"]["decode_share_ratio"],
-        "share_error": abs(out["two_keys"]["decode_share_ratio"] / 3.0 - 1.0),
+        "share_error": abs(out["two_keys"]["decode_share_ratio"] * WEIGHTS[1] / WEIGHTS[0] - 1),
         "fairness_throughput_cost": 1.0
         - out["two_keys"]["out_tok_s"] / out["one_key"]["all"]["out_tok_s"],
         # over every pair (--fair-cost-repeats): single runs spread by a few %

@@ -501,7 +501,7 @@ class LLMEngine:
                 state.cached_tokens = seq.num_cached_tokens
                 self._counters.prefix_cache_hit_tokens += seq.num_cached_tokens
                 self._fork_siblings(state)
-                steps = self.scheduler.steps - max(0, seq.queued_step)
+                steps = self.scheduler.steps - seq.queued_step  # as the queue steps
                 self.scheduler.fair.first_token(seq.fair_key, now - state.arrival_s, steps)
             lp = None
             if res.logprobs is not None and state.params.logprobs is not None:
