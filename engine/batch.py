@@ -17,7 +17,9 @@ class SeqChunk:
     return that token's final hidden state (the last chunk of an embedding request: an
     embedding chunk never samples). ``block_table`` is the
     sequence's own list (not a copy): valid while the runner builds this step's inputs, it
-    grows with the next scheduling step.
+    grows with the next scheduling step. ``local_table``: likewise the sequence's table in
+    the local layers' pool of a model with sliding-window layers (``WindowedBlocks``); empty:
+    none, or ``block_table`` serves both (the runner's own warm-up chunks).
     """
 
     seq_id: int
@@ -27,6 +29,7 @@ class SeqChunk:
     adapter_slot: int
     sample: bool
     pool: bool = False
+    local_table: list[int] = field(default_factory=list)
 
 
 @dataclass

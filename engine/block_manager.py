@@ -5,6 +5,11 @@ rooted at the adapter key, so KV is never shared across adapters (or adapter ver
 A block is registered only once its KV has been computed (:meth:`commit`), so a prefix
 hit never reads KV that a chunked prefill has not written yet. Freed blocks keep their
 hash and can be revived by a later hit until they are handed out again (LRU order).
+
+:class:`WindowedBlocks`: a model with sliding-window (local) layers beside full ones
+(Gemma 2/3) keeps two pools with their own storage, the full layers' blocks (every block of
+a sequence) and the local layers' (only those a query can still see: the blocks wholly
+behind the window of the next position go back to the pool as the sequence advances).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from loraplex.engine.sequence import Sequence
 
@@ -93,10 +99,7 @@ class BlockManager:
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
         blocks = self.match_prefix(seq)
-        for b in blocks:
-            if self._ref[b] == 0:
-                del self._free[b]
-            self._ref[b] += 1
+        self._acquire(blocks)
         seq.block_table = blocks
         seq.num_committed_blocks = len(blocks)
         seq.num_computed_tokens = len(blocks) * self.block_size
@@ -133,13 +136,16 @@ class BlockManager:
         start = seq.num_committed_blocks
         if full <= start:
             return
-        hashes = self._hashes(seq, full)
-        for i in range(start, full):
-            h, block = hashes[i], seq.block_table[i]
+        self._register(self._hashes(seq, full), seq.block_table, start, full)
+        seq.num_committed_blocks = full
+
+    def _register(self, hashes: list[bytes], table: list[int], start: int, end: int) -> None:
+        """Offer ``table[start:end]`` (computed, full) to the prefix cache under ``hashes``."""
+        for i in range(start, end):
+            h, block = hashes[i], table[i]
             if h not in self._cached and self._hash[block] is None:
                 self._cached[h] = block
                 self._hash[block] = h
-        seq.num_committed_blocks = full
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share the parent's full prompt blocks with a fresh child (leaves >= 1 token)."""
@@ -158,13 +164,26 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; tail blocks become the first to be reused."""
-        for b in reversed(seq.block_table):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
-                self._free[b] = None
+        self._release(reversed(seq.block_table))
         seq.block_table = []
         seq.num_committed_blocks = 0
         seq.num_computed_tokens = 0
+
+    def _acquire(self, blocks: list[int]) -> None:
+        """One more reference to each of ``blocks`` (a free one is revived: off the list)."""
+        for b in blocks:
+            if self._ref[b] == 0:
+                del self._free[b]
+            self._ref[b] += 1
+
+    def _release(self, blocks: Iterable[int]) -> None:
+        """One reference less to each of ``blocks``; unreferenced ones go on the free list
+        (keeping their hash: a later hit revives them until they are handed out again)."""
+        ref, free = self._ref, self._free
+        for b in blocks:
+            ref[b] -= 1
+            if ref[b] == 0:
+                free[b] = None
 
     def _take_free(self) -> int:
         block, _ = self._free.popitem(last=False)
@@ -175,3 +194,149 @@ class BlockManager:
             self._hash[block] = None
         self._ref[block] = 1
         return block
+
+
+class WindowedBlocks(BlockManager):
+    """The KV blocks of a model whose local layers see the last ``window`` positions and
+    whose other layers see all (Gemma 2 and 3): two pools with their own storage. This
+    manager, as a :class:`BlockManager`, is the full layers' pool and ``seq.block_table``
+    its table; ``local`` is the local layers' pool and ``seq.local_table`` its table, of the
+    same length, whose entries before ``seq.local_start`` are given back (0: the kernels
+    never read a block outside the window, ``engine/kernels/paged_decode_attention.py``).
+
+    After each step (:meth:`commit`) the local blocks wholly behind the window of the next
+    position go back to the local pool, where they stay cached under their hash until they
+    are handed out again; a sequence whose siblings fork off its prompt (``hold_local``)
+    keeps them until they have. A prefix hit is as long as both pools can serve: the full
+    pool's hit, cut to the longest prefix whose last window of local blocks is cached too.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        num_local_blocks: int,
+        block_size: int,
+        window: int,
+        enable_prefix_caching: bool,
+    ) -> None:
+        if window < 1:
+            raise ValueError("a windowed pool needs a window of at least one position")
+        super().__init__(num_blocks, block_size, enable_prefix_caching)
+        self.local = BlockManager(num_local_blocks, block_size, enable_prefix_caching)
+        self.window = window
+
+    def first_live(self, pos: int) -> int:
+        """The first block that a local layer's query at ``pos`` reads."""
+        return max(0, pos - self.window + 1) // self.block_size
+
+    def is_whole(self) -> bool:
+        return super().is_whole() and self.local.is_whole()
+
+    def _hit(self, seq: Sequence) -> tuple[list[int], list[int], int]:
+        """-> (full blocks, local blocks from the first live one, that block's index) of the
+        longest prefix both pools hold."""
+        full = super().match_prefix(seq)
+        k = len(full)
+        hashes, cached = seq.block_hashes, self.local._cached
+        while k > 0:  # a miss at j: no prefix longer than j blocks can use the local pool
+            lo = self.first_live(k * self.block_size)
+            miss = next((j for j in range(k - 1, lo - 1, -1) if hashes[j] not in cached), None)
+            if miss is None:
+                break
+            k = miss
+        lo = self.first_live(k * self.block_size) if k else 0
+        return full[:k], [cached[hashes[j]] for j in range(lo, k)], lo
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        return self._hit(seq)[0]
+
+    def can_admit(self, seq: Sequence, budget: int) -> bool:
+        full, local, _ = self._hit(seq)
+        cached = len(full) * self.block_size
+        new = self.blocks_for(cached + min(seq.num_tokens - cached, budget)) - len(full)
+        revived = sum(1 for b in full if self._ref[b] == 0)
+        revived_local = sum(1 for b in local if self.local._ref[b] == 0)
+        return new + revived <= len(self._free) and new + revived_local <= len(self.local._free)
+
+    def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        n = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        return n - len(seq.block_table) <= len(self._free) and n - len(seq.local_table) <= len(
+            self.local._free
+        )
+
+    def admit(self, seq: Sequence) -> None:
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        full, local, lo = self._hit(seq)
+        self._acquire(full)
+        self.local._acquire(local)
+        seq.block_table = full
+        seq.local_table = [0] * lo + local
+        seq.local_start = lo
+        seq.num_committed_blocks = len(full)
+        seq.num_computed_tokens = len(full) * self.block_size
+        seq.num_cached_tokens = min(seq.num_computed_tokens, seq.prompt_len)
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
+        if not self.grow_if_fits(seq, num_new_tokens):
+            raise RuntimeError("out of KV blocks; call can_grow first")
+
+    def grow_if_fits(self, seq: Sequence, num_new_tokens: int) -> bool:
+        n = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        table, local = seq.block_table, seq.local_table
+        need, need_local = n - len(table), n - len(local)
+        if need > len(self._free) or need_local > len(self.local._free):
+            return False
+        for _ in range(need):
+            table.append(self._take_free())
+        take = self.local._take_free
+        for _ in range(need_local):
+            local.append(take())
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """As :meth:`BlockManager.commit` in both pools; then the local blocks behind the
+        window of the next position go back (unless ``seq.hold_local``)."""
+        start = seq.num_committed_blocks
+        super().commit(seq)
+        end = seq.num_committed_blocks
+        first = max(start, seq.local_start)
+        if end > first:
+            self.local._register(seq.block_hashes, seq.local_table, first, end)
+        if not seq.hold_local:
+            self.drop_behind(seq)
+
+    def drop_behind(self, seq: Sequence) -> None:
+        """Give back the local blocks no query from ``seq.num_computed_tokens`` on reads."""
+        table = seq.local_table
+        upto = min(self.first_live(seq.num_computed_tokens), len(table))
+        if upto > seq.local_start:
+            self.local._release(table[seq.local_start : upto])
+            table[seq.local_start : upto] = [0] * (upto - seq.local_start)
+            seq.local_start = upto
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """As :meth:`BlockManager.fork`; the child shares the parent's local blocks in the
+        window of its first position, or nothing when the parent has given them back."""
+        if child.block_table:
+            raise RuntimeError(f"sequence {child.seq_id} already holds blocks")
+        bs = self.block_size
+        shared = min((child.num_tokens - 1) // bs, parent.num_computed_tokens // bs)
+        lo = self.first_live(shared * bs)
+        if lo < parent.local_start:
+            shared = lo = 0
+        full, local = parent.block_table[:shared], parent.local_table[lo:shared]
+        self._acquire(full)
+        self.local._acquire(local)
+        child.block_table = list(full)
+        child.local_table = [0] * lo + local
+        child.local_start = lo
+        child.num_committed_blocks = shared
+        child.num_computed_tokens = shared * bs
+        child.num_cached_tokens = 0
+
+    def free(self, seq: Sequence) -> None:
+        self.local._release(reversed(seq.local_table[seq.local_start :]))
+        seq.local_table = []
+        seq.local_start = 0
+        super().free(seq)

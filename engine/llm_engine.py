@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from loraplex.engine.api import AdapterRef, AdapterResidency, EngineOutput, Request, TokenLogprobs
-from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.block_manager import BlockManager, WindowedBlocks
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.errors import (
     AdapterLoadError,
@@ -70,8 +70,16 @@ class LLMEngine:
         self.config = config
         self.tokenizer = runner.tokenizer
         self.max_model_len = min(runner.max_model_len, config.max_model_len or runner.max_model_len)
-        self.blocks = BlockManager(
-            runner.num_blocks, runner.block_size, config.enable_prefix_caching
+        self.blocks = (
+            WindowedBlocks(
+                runner.num_blocks,
+                runner.num_local_blocks,
+                runner.block_size,
+                runner.kv_window,
+                config.enable_prefix_caching,
+            )
+            if runner.kv_window
+            else BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
         )
         self.slots = SlotTable(runner.lora_plan)
         self.scheduler = Scheduler(
@@ -182,6 +190,7 @@ class LLMEngine:
                 fair_weight=request.fairness_weight,
                 priority_tier=request.priority,
                 queued_at=taken,
+                hold_local=i == 0 and p.n > 1,  # its siblings fork off its prompt's blocks
             )
             self._next_seq_id += 1
             choice = Choice(seq)
@@ -588,6 +597,7 @@ class LLMEngine:
         for c in reversed(state.choices[1:]):
             self.blocks.fork(parent, c.seq)
             self.scheduler.add_front(c.seq)
+        parent.hold_local = False  # (its blocks behind the window go back with its next step)
 
     # -- adapters ----------------------------------------------------------------------
 
@@ -614,12 +624,15 @@ class LLMEngine:
     # -- stats -------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
+        local = self.blocks.local if isinstance(self.blocks, WindowedBlocks) else None
         return EngineStats(
             num_requests=len(self._requests),
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_used,
+            kv_local_blocks_total=local.num_blocks if local else 0,
+            kv_local_blocks_used=local.num_used if local else 0,
             preemptions=self.scheduler.num_preemptions,
             adapter_loads=self.loader.loads,
             adapter_load_failures=self.loader.failures,

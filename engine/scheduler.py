@@ -483,6 +483,7 @@ class Scheduler:
                 token_ids=tokens[start:end],
                 start_pos=start,
                 block_table=seq.block_table,  # read by the runner before it grows again
+                local_table=seq.local_table,
                 adapter_slot=seq.slot,
                 sample=last and not seq.embed,
                 pool=last and seq.embed,

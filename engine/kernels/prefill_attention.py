@@ -33,10 +33,12 @@ def prefill_attention_ref(
         lq = q1 - q0
         if lq <= 0:
             continue
-        k = _gather_kv(k_cache, block_tables[b], n)
-        v = _gather_kv(v_cache, block_tables[b], n)
+        # from the first query's window on: a block before it may have been given back
+        lo = max(0, n - lq - window + 1) if window > 0 else 0
+        k = _gather_kv(k_cache, block_tables[b], n)[lo:]
+        v = _gather_kv(v_cache, block_tables[b], n)[lo:]
         qpos = torch.arange(n - lq, n, device=q.device)
-        kpos = torch.arange(n, device=q.device)[None, :]
+        kpos = torch.arange(lo, n, device=q.device)[None, :]
         mask = kpos <= qpos[:, None]
         if window > 0:
             mask &= kpos > qpos[:, None] - window

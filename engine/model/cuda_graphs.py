@@ -45,7 +45,10 @@ class DecodeGraphs:
         *,
         max_batch: int,
         max_blocks: int,
+        windowed: bool = False,
     ) -> None:
+        """``windowed``: the sliding-window layers' KV is in a pool of its own (their block
+        tables and slot mapping are inputs too)."""
         self.model, self.kv_caches, self.lora = model, kv_caches, lora
         self.buckets = batch_buckets(max_batch)
         self.max_batch, self.max_blocks = max_batch, max_blocks
@@ -56,6 +59,10 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_batch,), -1, dtype=i64, device=dev)
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=i32, device=dev)
         self.context_lens = torch.zeros(max_batch, dtype=i32, device=dev)
+        self.local_block_tables = self.local_slot_mapping = None
+        if windowed:
+            self.local_block_tables = torch.zeros_like(self.block_tables)
+            self.local_slot_mapping = torch.full_like(self.slot_mapping, -1)
         self.cu_q_lens = torch.arange(max_batch + 1, dtype=i32, device=dev)
         self._metas: dict[tuple[int, str], LoraMeta] = {}
         # (bucket, "" without LoRA | "segment" | "token") -> graph, output
@@ -83,6 +90,7 @@ class DecodeGraphs:
         return modes
 
     def _inputs(self, bs: int, mode: str) -> ForwardInputs:
+        lbt, lsm = self.local_block_tables, self.local_slot_mapping
         return ForwardInputs(
             input_ids=self.input_ids[:bs],
             positions=self.positions[:bs],
@@ -93,6 +101,8 @@ class DecodeGraphs:
             is_decode=True,
             max_q_len=1,
             lora=self._metas[(bs, mode)] if mode else None,
+            local_block_tables=None if lbt is None else lbt[:bs],
+            local_slot_mapping=None if lsm is None else lsm[:bs],
         )
 
     def capture(self) -> None:
@@ -150,15 +160,25 @@ class DecodeGraphs:
             host.slot_mapping,
             host.context_lens,
         )
-        for dst, src in (
+        copies = [
             (self.input_ids, ids),
             (self.positions, pos),
             (self.slot_mapping, slots),
             (self.context_lens, ctx),
-        ):
+        ]
+        if self.local_slot_mapping is not None:
+            if host.local_slot_mapping is None or host.local_block_tables is None:
+                raise ValueError("the local layers' pool needs its block tables")
+            local_slots = torch.full((bs,), -1, dtype=torch.int64)
+            local_slots[:b] = host.local_slot_mapping
+            copies.append((self.local_slot_mapping, local_slots))
+        for dst, src in copies:
             dst[:bs].copy_(src.pin_memory(), non_blocking=True)
         gather_sampled(self.input_ids, gather or [], prev_tokens)
         self.block_tables[:b, :mb].copy_(host.block_tables.pin_memory(), non_blocking=True)
+        if self.local_block_tables is not None and host.local_block_tables is not None:
+            lbt = host.local_block_tables.pin_memory()
+            self.local_block_tables[:b, :mb].copy_(lbt, non_blocking=True)
         mode = ""
         if host.has_lora and self.lora is not None:
             tok = torch.full((bs,), -1, dtype=torch.int32)

@@ -36,6 +36,9 @@ class HostInputs:
     has_lora: bool
     max_q_len: int  # longest chunk of the step, known here so no kernel reads it back
     pool_idx: torch.Tensor | None = None  # [P] int64: rows pooled (embeddings); None: none
+    # the local layers' pool of a model with sliding-window layers (None: no such pool)
+    local_block_tables: torch.Tensor | None = None  # [B, MB] int32
+    local_slot_mapping: torch.Tensor | None = None  # [T] int64
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +60,7 @@ class HostInputs:
             meta = build_lora_meta(self.token_slot)
             if cuda:
                 meta = meta.to(device, non_blocking=True)
+        local = self.local_block_tables is not None and self.local_slot_mapping is not None
         return ForwardInputs(
             input_ids=mv(self.input_ids),
             positions=mv(self.positions),
@@ -67,6 +71,8 @@ class HostInputs:
             is_decode=self.is_decode,
             max_q_len=self.max_q_len,
             lora=meta,
+            local_block_tables=mv(self.local_block_tables) if local else None,
+            local_slot_mapping=mv(self.local_slot_mapping) if local else None,
         )
 
 
@@ -95,9 +101,27 @@ def _tensor(typecode: str, ints: Iterable[int]) -> torch.Tensor:
     return torch.frombuffer(packed, dtype=_DTYPES[typecode]).clone()
 
 
+def _block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Tables of several lengths -> ``[B, longest]`` int32, zero-padded (joined into one flat
+    array in C, scattered under a mask)."""
+    nb = _tensor("q", map(len, tables))
+    bt = torch.zeros(len(tables), int(nb.max()), dtype=torch.int32)
+    bt[torch.arange(bt.shape[1]) < nb.unsqueeze(1)] = _tensor("i", chain.from_iterable(tables))
+    return bt
+
+
 def build_host_inputs(
-    batch: ScheduledBatch, *, block_size: int, max_model_len: int, num_slots: int
+    batch: ScheduledBatch,
+    *,
+    block_size: int,
+    max_model_len: int,
+    num_slots: int,
+    num_local_blocks: int = 0,
 ) -> HostInputs:
+    """``num_local_blocks``: the size of the local layers' pool of a model with
+    sliding-window layers (``WindowedBlocks``), whose tables and slot mapping are built
+    too; 0: no such pool. A chunk without a ``local_table`` (the runner's warm-up) uses its
+    ``block_table`` in both pools, and must then fit the smaller."""
     chunks = batch.chunks
     if not chunks:
         raise ValueError("empty batch")
@@ -125,13 +149,15 @@ def build_host_inputs(
         positions = _tensor(
             "q", chain.from_iterable(map(range, starts_l, map(add, starts_l, lens_l)))
         )
-    # block tables: joined into one flat array in C, scattered into the zero-padded [B, MB]
-    nb = _tensor("q", [len(c.block_table) for c in chunks])
-    bt = torch.zeros(B, int(nb.max()), dtype=torch.int32)
-    bt[torch.arange(bt.shape[1]) < nb.unsqueeze(1)] = _tensor(
-        "i", chain.from_iterable(c.block_table for c in chunks)
-    )
-    slot_mapping = bt[seq_idx, positions // block_size].long() * block_size + positions % block_size
+    bt = _block_tables([c.block_table for c in chunks])
+    in_block, offset = positions // block_size, positions % block_size
+    slot_mapping = bt[seq_idx, in_block].long() * block_size + offset
+    local_bt = local_slots = None
+    if num_local_blocks:
+        local_bt = _block_tables([c.local_table or c.block_table for c in chunks])
+        if any(not c.local_table for c in chunks) and int(local_bt.max()) >= num_local_blocks:
+            raise ValueError(f"a block table reaches past the local pool ({num_local_blocks})")
+        local_slots = local_bt[seq_idx, in_block].long() * block_size + offset
 
     slots = _tensor("i", [c.adapter_slot for c in chunks])
     sample = torch.tensor([c.sample for c in chunks], dtype=torch.bool)
@@ -152,4 +178,6 @@ def build_host_inputs(
         has_lora=bool((slots >= 0).any()),
         max_q_len=max(lens_l),
         pool_idx=(cu[1:] - 1)[pool] if pool else None,
+        local_block_tables=local_bt,
+        local_slot_mapping=local_slots,
     )

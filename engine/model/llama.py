@@ -96,6 +96,10 @@ class ForwardInputs:
     # the groups the step's adapters touch -> their largest rank there (host ints; sizes the
     # segment-path LoRA kernels). None: every group, at the pool's max rank (CUDA graphs)
     lora_groups: Mapping[str, int] | None = None
+    # a model with sliding-window layers whose KV lives in a pool of its own (the runner's
+    # ``kv_window``): those layers' block tables and slot mapping. None: one pool for all
+    local_block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    local_slot_mapping: torch.Tensor | None = None  # [T] int64
 
 
 @dataclass
@@ -338,6 +342,9 @@ class LlamaModel:
         if w.q_norm is not None and w.k_norm is not None:
             qkv, d = self._qk_norm(qkv, d, w.q_norm, w.k_norm), None
         k_cache, v_cache = kv_caches[i]
+        slot_mapping = inp.slot_mapping
+        if self.windows[i] and inp.local_slot_mapping is not None:
+            slot_mapping = inp.local_slot_mapping
         cos_sin = self.cos_sin
         if self.local_cos_sin is not None and c.sliding_layers[i]:
             cos_sin = self.local_cos_sin
@@ -348,7 +355,7 @@ class LlamaModel:
             cos_sin,
             k_cache,
             v_cache,
-            inp.slot_mapping,
+            slot_mapping,
             c.num_heads,
             c.num_kv_heads,
             delta=d,
@@ -368,9 +375,12 @@ class LlamaModel:
         c = self.config
         k_cache, v_cache = kv_caches[i]
         window = self.windows[i]
+        tables = inp.block_tables
+        if window and inp.local_block_tables is not None:
+            tables = inp.local_block_tables
         if inp.is_decode:
             attn = K.paged_decode_attention(
-                q, k_cache, v_cache, inp.block_tables, inp.context_lens, self.scale,
+                q, k_cache, v_cache, tables, inp.context_lens, self.scale,
                 window=window, softcap=self.softcap,
             )  # fmt: skip
         else:
@@ -378,7 +388,7 @@ class LlamaModel:
                 q,
                 k_cache,
                 v_cache,
-                inp.block_tables,
+                tables,
                 inp.cu_q_lens,
                 inp.context_lens,
                 self.scale,

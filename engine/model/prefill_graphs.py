@@ -68,7 +68,9 @@ class PrefillGraphs:
         *,
         max_tokens: int,
         capture: bool = True,
+        windowed: bool = False,
     ) -> None:
+        """``windowed``: as :class:`DecodeGraphs`' (the sliding-window layers' own pool)."""
         if model.tp is not None or model.config.is_moe:
             raise ValueError("prefill graphs: not for tensor-parallel or MoE models")
         self.model, self.kv_caches, self.lora = model, kv_caches, lora
@@ -81,6 +83,7 @@ class PrefillGraphs:
         self.input_ids = torch.zeros(top, dtype=i64, device=dev)
         self.positions = torch.zeros(top, dtype=i64, device=dev)
         self.slot_mapping = torch.full((top,), -1, dtype=i64, device=dev)
+        self.local_slot_mapping = torch.full_like(self.slot_mapping, -1) if windowed else None
         self.q_buf = torch.zeros(top, c.q_size, dtype=dt, device=dev)
         self.attn_buf = torch.zeros(top, c.q_size, dtype=dt, device=dev)
         self.res_buf = torch.zeros(top, c.hidden_size, dtype=dt, device=dev)
@@ -147,6 +150,10 @@ class PrefillGraphs:
                     lora=meta,
                     lora_groups=dict.fromkeys(self.model.offsets, width) if width else None,
                 )
+                lsm = self.local_slot_mapping
+                if lsm is not None:
+                    inp.local_slot_mapping = lsm[:bucket]
+                    inp.local_block_tables = inp.block_tables
                 self._inputs[key] = inp
                 pieces = [
                     functools.partial(self._piece, k, inp) for k in range(self.num_layers + 1)
@@ -156,11 +163,11 @@ class PrefillGraphs:
                     continue
                 # warm-up (compiles, autotunes, allocates), the attention over one sequence
                 # of the whole bucket reading block 0 (slot -1: nothing is written)
+                tables = torch.zeros(1, -(-bucket // block_size), dtype=torch.int32, device=dev)
                 warm = dataclasses.replace(
                     inp,
-                    block_tables=torch.zeros(
-                        1, -(-bucket // block_size), dtype=torch.int32, device=dev
-                    ),
+                    block_tables=tables,
+                    local_block_tables=None if lsm is None else tables,
                     context_lens=torch.full((1,), bucket, dtype=torch.int32, device=dev),
                     cu_q_lens=torch.tensor([0, bucket], dtype=torch.int32, device=dev),
                 )
@@ -220,7 +227,16 @@ class PrefillGraphs:
         pos = torch.zeros(bucket, dtype=torch.int64)
         slots = torch.full((bucket,), -1, dtype=torch.int64)
         ids[:T], pos[:T], slots[:T] = host.input_ids, host.positions, host.slot_mapping
-        for dst, src in ((self.input_ids, ids), (self.positions, pos), (self.slot_mapping, slots)):
+        copies = [(self.input_ids, ids), (self.positions, pos), (self.slot_mapping, slots)]
+        local_bt = None
+        if self.local_slot_mapping is not None:
+            if host.local_slot_mapping is None or host.local_block_tables is None:
+                raise ValueError("the local layers' pool needs its block tables")
+            local_slots = torch.full((bucket,), -1, dtype=torch.int64)
+            local_slots[:T] = host.local_slot_mapping
+            copies.append((self.local_slot_mapping, local_slots))
+            local_bt = mv(host.local_block_tables)
+        for dst, src in copies:
             dst[:bucket].copy_(mv(src), non_blocking=cuda)
         gather_sampled(self.input_ids, gather or [], prev_tokens)
         if width:
@@ -231,6 +247,7 @@ class PrefillGraphs:
         attn = dataclasses.replace(
             self._inputs[key],
             block_tables=mv(host.block_tables),
+            local_block_tables=local_bt,
             context_lens=mv(host.context_lens),
             cu_q_lens=mv(host.cu_q_lens),
             max_q_len=host.max_q_len,

@@ -188,20 +188,42 @@ def runner_logits(runner, seqs: list[Seq], steps: int, split: int = 3) -> list[t
     per = -(-runner.max_model_len // runner.block_size)
     # interleave block ids across sequences so a block-table bug reads someone else's KV
     tables = [[b * len(seqs) + i for b in range(per)] for i in range(len(seqs))]
-    first = [SeqChunk(i, s.prompt[:split], 0, tables[i], s.slot, False) for i, s in enumerate(seqs)]
-    runner.execute(ScheduledBatch(first))
-    rest = [
-        SeqChunk(i, s.prompt[split:], split, tables[i], s.slot, True) for i, s in enumerate(seqs)
-    ]
+    poison = _poison_local_block(runner, per * len(seqs))
+
+    def chunk(i: int, tokens: list[int], start: int, sample: bool) -> SeqChunk:
+        """Sliding-window layers in a pool of their own: the blocks behind the window of
+        the chunk's first query point at a block of NaNs, as if given back."""
+        local: list[int] = []
+        if poison is not None:
+            lo = max(0, start - runner.kv_window + 1) // runner.block_size
+            local = [poison] * lo + tables[i][lo:]
+        return SeqChunk(i, tokens, start, tables[i], seqs[i].slot, sample, local_table=local)
+
+    runner.execute(
+        ScheduledBatch([chunk(i, s.prompt[:split], 0, False) for i, s in enumerate(seqs)])
+    )
+    rest = [chunk(i, s.prompt[split:], split, True) for i, s in enumerate(seqs)]
     out = [[row] for row in runner.execute(ScheduledBatch(rest))]
     for step in range(steps):
-        chunks = [
-            SeqChunk(i, [s.feed[step]], len(s.prompt) + step, tables[i], s.slot, True)
-            for i, s in enumerate(seqs)
-        ]
+        chunks = [chunk(i, [s.feed[step]], len(s.prompt) + step, True) for i, s in enumerate(seqs)]
         for i, row in enumerate(runner.execute(ScheduledBatch(chunks))):
             out[i].append(row)
     return [torch.stack(rows).cpu() for rows in out]
+
+
+def _poison_local_block(runner, used: int) -> int | None:
+    """The last block of the sliding-window layers' own pool, filled with NaN in each of
+    them (None: the runner has no such pool, or its caches live in other processes: tensor
+    parallelism). The tables must leave it free."""
+    if not getattr(runner, "kv_window", 0) or not hasattr(runner, "kv_caches"):
+        return None
+    poison = runner.num_local_blocks - 1
+    assert poison >= used, "the runner's local pool has no block to spare"
+    for w, (k, v) in zip(runner.model.windows, runner.kv_caches, strict=True):
+        if w:
+            k[poison].fill_(float("nan"))
+            v[poison].fill_(float("nan"))
+    return poison
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.block_manager import BlockManager, WindowedBlocks
 from loraplex.engine.sequence import Sequence
 
 _ids = itertools.count()
@@ -139,3 +139,141 @@ def test_disabled_prefix_cache_never_hits():
     bm.free(a)
     bm.free(b)
     assert bm.is_whole()
+
+
+# -- a model with sliding-window layers: the local layers' own pool ---------------------------
+
+
+@pytest.fixture
+def wb():
+    """Window 6 over blocks of 4: a query at p reads the local blocks from (p - 5) // 4 on."""
+    manager = WindowedBlocks(32, 6, block_size=4, window=6, enable_prefix_caching=True)
+    yield manager
+    assert manager.is_whole(), "KV pool leaked blocks"
+
+
+def step(wb: WindowedBlocks, seq: Sequence, n: int) -> None:
+    """Schedule and run ``n`` tokens of ``seq`` (its blocks admitted already)."""
+    assert wb.grow_if_fits(seq, n)
+    seq.num_computed_tokens += n
+    wb.commit(seq)
+
+
+def live(seq: Sequence) -> list[int]:
+    return seq.local_table[seq.local_start :]
+
+
+def test_local_blocks_behind_the_window_go_back(wb):
+    seq = make_seq(list(range(10)))
+    wb.admit(seq)
+    step(wb, seq, 10)  # next query at 10 reads positions 5..10: blocks 1, 2
+    assert len(seq.block_table) == 3 and len(seq.local_table) == 3
+    assert seq.local_start == 1 and seq.local_table[0] == 0 and wb.local.num_free == 4
+    for _ in range(30):  # decode: the full table grows, the local one keeps two or three
+        seq.token_ids.append(7)
+        step(wb, seq, 1)
+        p = seq.num_computed_tokens
+        assert seq.local_start == (p - 5) // 4
+        assert len(live(seq)) == len(seq.block_table) - seq.local_start <= 3
+    assert len(seq.block_table) == 10 and wb.num_free == 22
+    wb.free(seq)
+    assert seq.local_table == [] and seq.local_start == 0
+
+
+def test_local_pool_bounds_admission_and_growth(wb):
+    a = make_seq(list(range(24)))
+    assert wb.can_admit(a, budget=24)  # 6 blocks: the whole local pool
+    assert not wb.can_admit(make_seq(list(range(25))), budget=25)  # 7 local blocks
+    wb.admit(a)
+    step(wb, a, 24)  # the first 4 local blocks go back
+    b = make_seq([100 + i for i in range(20)])
+    assert wb.can_admit(b, budget=16) and not wb.can_admit(b, budget=17)
+    wb.admit(b)
+    assert wb.can_grow(b, 16) and not wb.can_grow(b, 17)
+    assert wb.grow_if_fits(b, 16) and b.local_table == b.local_table[:4]
+    for s in (a, b):
+        wb.free(s)
+
+
+def test_windowed_prefix_hit_needs_the_local_window_cached(wb):
+    a = make_seq(list(range(17)))
+    wb.admit(a)
+    assert wb.grow_if_fits(a, 17)
+    local = list(a.local_table)
+    a.num_computed_tokens = 17
+    wb.commit(a)  # a query at 17 reads positions 12..17: local blocks 0..2 given back
+    assert a.local_start == 3 and a.local_table[:3] == [0, 0, 0]
+    b = make_seq([*range(17), 99])
+    wb.admit(b)  # 4 full blocks hit; a query at 16 reads local blocks 2 (revived) and 3
+    assert b.num_cached_tokens == 16 and b.block_table == a.block_table[:4]
+    assert b.local_start == 2 and live(b) == local[2:4]
+    wb.free(b)
+    wb.free(a)
+    c = make_seq([500 + i for i in range(24)])  # takes every local block: the hashes go
+    wb.admit(c)
+    assert wb.grow_if_fits(c, 24)
+    wb.free(c)
+    d = make_seq([*range(17), 99])
+    wb.admit(d)  # the full layers' blocks are still cached, the local ones are not
+    assert d.num_cached_tokens == 0 and d.block_table == [] and live(d) == []
+    wb.free(d)
+
+
+def test_windowed_prefix_hit_cut_to_what_the_local_pool_holds():
+    wb = WindowedBlocks(32, 8, block_size=4, window=5, enable_prefix_caching=True)
+    a = make_seq(list(range(32)))
+    wb.admit(a)
+    for _ in range(4):
+        step(wb, a, 8)  # each step gives back the local blocks behind the window
+    wb.free(a)
+    # a's local blocks went back oldest first and are handed out in that order: 0..5 go
+    # to the filler, while the larger full pool hands out blocks a never used
+    filler = make_seq([900 + i for i in range(24)])
+    wb.admit(filler)
+    assert wb.grow_if_fits(filler, 24)
+    b = make_seq([*range(32), 1])
+    wb.admit(b)  # a query at 32 reads positions 28..32: local block 7, still cached
+    assert b.num_cached_tokens == 32 and b.local_start == 7
+    wb.free(b)
+    c = make_seq([*range(25), 1])
+    assert len(BlockManager.match_prefix(wb, c)) == 6  # the full layers' pool holds 6
+    wb.admit(c)  # but each prefix's window needs a local block 0..5: no hit
+    assert c.num_cached_tokens == 0 and c.block_table == []
+    for s in (c, filler):
+        wb.free(s)
+    assert wb.is_whole()
+
+
+def test_windowed_fork_needs_the_parent_to_hold_its_prompt(wb):
+    held = make_seq(list(range(14)))
+    held.hold_local = True
+    wb.admit(held)
+    step(wb, held, 14)
+    assert held.local_start == 0 and len(live(held)) == 4  # nothing given back
+    child = make_seq(list(range(14)))
+    wb.fork(held, child)  # 3 full blocks; a query at 12 reads local blocks 1, 2
+    assert child.block_table == held.block_table[:3] and child.num_computed_tokens == 12
+    assert child.local_start == 1 and live(child) == held.local_table[1:3]
+    held.hold_local = False
+    held.token_ids.append(5)
+    step(wb, held, 1)  # now the parent gives back blocks 0 and 1; 1 is still the child's
+    assert held.local_start == 2 and wb.local.num_free == 6 - 4 + 1
+    late = make_seq(list(range(14)))
+    wb.fork(held, late)  # the parent no longer holds local block 1: nothing to share
+    assert late.block_table == [] and late.num_computed_tokens == 0
+    for s in (held, child, late):
+        wb.free(s)
+
+
+def test_windowed_disabled_prefix_cache_still_gives_blocks_back():
+    wb = WindowedBlocks(8, 5, block_size=2, window=3, enable_prefix_caching=False)
+    a = make_seq(list(range(9)))
+    wb.admit(a)
+    step(wb, a, 9)  # a query at 9 reads positions 7..9: blocks 3, 4
+    assert a.local_start == 3 and wb.local.num_free == 3 and wb.num_free == 3
+    b = make_seq(list(range(9)))
+    wb.admit(b)
+    assert b.num_cached_tokens == 0
+    for s in (a, b):
+        wb.free(s)
+    assert wb.is_whole()

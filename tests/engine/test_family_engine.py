@@ -4,6 +4,7 @@ equal HF + PEFT's for it alone, also with preemption, chunked prefill and a pref
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from engine_drive import drive_mixed, mixed_requests
 from model_builders import build_adapter, build_hf_model, hf_greedy, load_hf
@@ -18,12 +19,11 @@ MAX_TOKENS = 6
 GREEDY = dict(temperature=0.0, ignore_eos=True, max_tokens=MAX_TOKENS)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
-    """(kind, model dir, adapter dirs, HF reference: (adapter index or None, prompt) -> tokens)."""
+def _family(kind: str, tmp_path_factory):
+    """(kind, model dir, adapter dirs, HF reference: (adapter index or None, prompt[, steps])
+    -> tokens)."""
     from peft import PeftModel
 
-    kind = request.param
     root = tmp_path_factory.mktemp(f"engine-{kind}")
     base = build_hf_model(root / "base", kind, seed=9)
     adapters = [build_adapter(base, root / f"lora{i}", s) for i, s in enumerate(FAMILIES[kind])]
@@ -31,14 +31,24 @@ def family(request, tmp_path_factory):
     for i, a in enumerate(adapters[1:], 1):
         peft.load_adapter(str(a), adapter_name=str(i))
 
-    def reference(adapter: int | None, prompt: list[int]) -> list[int]:
+    def reference(adapter: int | None, prompt: list[int], steps: int = MAX_TOKENS) -> list[int]:
         if adapter is None:
             with peft.disable_adapter():
-                return hf_greedy(peft, prompt, MAX_TOKENS)[0]
+                return hf_greedy(peft, prompt, steps)[0]
         peft.set_adapter(str(adapter))
-        return hf_greedy(peft, prompt, MAX_TOKENS)[0]
+        return hf_greedy(peft, prompt, steps)[0]
 
     return kind, base, adapters, reference
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    return _family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def windowed_family(request, tmp_path_factory):
+    return _family(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize(
@@ -64,5 +74,34 @@ def test_family_engine_matches_hf(family, overrides):
         assert stats.preemptions > 0
     else:
         assert cached["p"] == len(reqs[1].prompt) // 4 * 4  # r1's full blocks
+    assert engine.blocks.is_whole() and engine.slots.is_idle()
+    engine.shutdown()
+
+
+def test_sliding_window_layers_give_their_blocks_back(windowed_family):
+    """Gemma's local layers keep their KV in a pool of their own, sized to what the seats
+    can read (a window each) and smaller than the full layers' pool, which gets the memory
+    that leaves; blocks behind the window go back and are handed out again while the
+    requests run past several windows (two choices forking off one prompt among them), and
+    every token still equals HF + PEFT's."""
+    kind, base, adapters, reference = windowed_family
+    cfg = EngineConfig(
+        num_gpu_blocks=40, max_num_seqs=3, max_num_batched_tokens=8, block_size=4,
+        max_loras=4, max_lora_rank=32, device="cpu", dtype="float32",
+    )  # fmt: skip
+    engine = LLMEngine.from_model(str(base), cfg)
+    runner = engine.runner
+    # seats of a window (5 positions: 2 blocks) and a block each side, plus a step's 8 tokens
+    assert runner.kv_window == 5 and runner.num_local_blocks == 3 * 4 + 2
+    assert runner.num_blocks == 40 + (40 - 14)  # one local layer, one full: blocks alike
+    long = dict(temperature=0.0, ignore_eos=True, max_tokens=24)
+    reqs, names = mixed_requests(kind, adapters, [None, 0, 1, 2], long, prefix_of=1)
+    reqs[3].sampling = msgspec.structs.replace(reqs[3].sampling, n=2)  # siblings fork off it
+    got, _ = drive_mixed(engine, reqs)
+    for r in reqs:
+        assert isinstance(r.prompt, list)
+        want = reference(names[r.request_id], r.prompt, 24)
+        assert got[r.request_id] == want * r.sampling.n, r.request_id
+    assert engine.blocks.local.num_blocks < engine.blocks.num_blocks
     assert engine.blocks.is_whole() and engine.slots.is_idle()
     engine.shutdown()

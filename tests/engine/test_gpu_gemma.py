@@ -100,7 +100,7 @@ def make_runner(model: LoadedModel, max_len: int, device: str = "cuda", eager: b
     return ModelRunner(
         model, device=device, dtype=dtype, block_size=16, max_num_seqs=8,
         max_model_len=max_len, max_loras=4, max_lora_rank=64,
-        num_blocks=4 * -(-max_len // 16), enforce_eager=eager,
+        num_blocks=4 * -(-max_len // 16) + 1, enforce_eager=eager,
     )  # fmt: skip
 
 
