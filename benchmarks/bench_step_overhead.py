@@ -56,7 +56,7 @@ class StubRunner:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.kv_window = self.num_local_blocks = 0
+        self.kv_window = self.kv_local_groups = 0
         self.max_model_len, self.num_slots = max_model_len, slots
         self.lora_plan = PagePlan(slots, 0, 1, {})  # adapters take no pages here
         gen = torch.Generator().manual_seed(0)

@@ -17,9 +17,9 @@ class SeqChunk:
     return that token's final hidden state (the last chunk of an embedding request: an
     embedding chunk never samples). ``block_table`` is the
     sequence's own list (not a copy): valid while the runner builds this step's inputs, it
-    grows with the next scheduling step. ``local_table``: likewise the sequence's table in
-    the local layers' pool of a model with sliding-window layers (``WindowedBlocks``); empty:
-    none, or ``block_table`` serves both (the runner's own warm-up chunks).
+    grows with the next scheduling step. ``local_tables``: likewise the tables of a model's
+    sliding-window layer groups (``WindowedBlocks``); empty: none, or derived from
+    ``block_table`` (``build_host_inputs``: warm-up and test chunks).
     """
 
     seq_id: int
@@ -29,7 +29,7 @@ class SeqChunk:
     adapter_slot: int
     sample: bool
     pool: bool = False
-    local_table: list[int] = field(default_factory=list)
+    local_tables: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

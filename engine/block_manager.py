@@ -7,9 +7,9 @@ hit never reads KV that a chunked prefill has not written yet. Freed blocks keep
 hash and can be revived by a later hit until they are handed out again (LRU order).
 
 :class:`WindowedBlocks`: a model with sliding-window (local) layers beside full ones
-(Gemma 2/3) keeps two pools with their own storage, the full layers' blocks (every block of
-a sequence) and the local layers' (only those a query can still see: the blocks wholly
-behind the window of the next position go back to the pool as the sequence advances).
+(Gemma 2/3) keeps a table per group of layers over the same pool: the full layers' blocks
+(every block of a sequence) and the local layers' (only those a query can still see: the
+blocks wholly behind the window of the next position go back as the sequence advances).
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def held(self, seq: Sequence) -> int:
+        """The block ids ``seq`` holds (its share of the pool)."""
+        return len(seq.block_table)
+
+    def capacity_tokens(self, chunk: int) -> int:
+        """The longest sequence the pool can hold alone (prefilled ``chunk`` tokens a step)."""
+        return self.num_blocks * self.block_size
 
     def is_whole(self) -> bool:
         """Every block free and unreferenced: nothing leaked."""
@@ -196,56 +204,88 @@ class BlockManager:
         return block
 
 
+def _group_hash(h: bytes, group: int) -> bytes:
+    """The prefix-cache key of a block's KV in local layer group ``group`` (its own namespace
+    beside the full layers' key ``h``)."""
+    return hashlib.blake2b(h + b"local" + bytes([group]), digest_size=16).digest()
+
+
 class WindowedBlocks(BlockManager):
     """The KV blocks of a model whose local layers see the last ``window`` positions and
-    whose other layers see all (Gemma 2 and 3): two pools with their own storage. This
-    manager, as a :class:`BlockManager`, is the full layers' pool and ``seq.block_table``
-    its table; ``local`` is the local layers' pool and ``seq.local_table`` its table, of the
-    same length, whose entries before ``seq.local_start`` are given back (0: the kernels
-    never read a block outside the window, ``engine/kernels/paged_decode_attention.py``).
+    whose other layers see all (Gemma 2 and 3), over one pool of block ids. The layers are
+    cut into groups of as many layers as the full ones (``ModelRunner.kv_groups``: one full
+    group, ``groups`` local ones, the last maybe partly empty), and each group's layers read
+    their own table; a block id holds one group's KV, so memory goes to whichever kind needs
+    it (vLLM's hybrid KV cache manager lays memory out the same way). ``seq.block_table`` is
+    the full group's table; ``seq.local_tables`` the local groups', as long, whose entries
+    before ``seq.local_start`` have been given back (0: the kernels never read a block
+    outside the window, ``engine/kernels/paged_decode_attention.py``). A logical block thus
+    costs one id for the full layers and ``groups`` ids for the local ones while a query can
+    still read it.
 
     After each step (:meth:`commit`) the local blocks wholly behind the window of the next
-    position go back to the local pool, where they stay cached under their hash until they
-    are handed out again; a sequence whose siblings fork off its prompt (``hold_local``)
-    keeps them until they have. A prefix hit is as long as both pools can serve: the full
-    pool's hit, cut to the longest prefix whose last window of local blocks is cached too.
+    position go back to the pool, where they stay cached under their hash until they are
+    handed out again; a sequence whose siblings fork off its prompt (``hold_local``) keeps
+    them until they have. A prefix hit is as long as the full group's hit, cut to the
+    longest prefix whose last window of local blocks is cached too.
     """
 
     def __init__(
         self,
         num_blocks: int,
-        num_local_blocks: int,
         block_size: int,
         window: int,
+        groups: int,
         enable_prefix_caching: bool,
     ) -> None:
-        if window < 1:
-            raise ValueError("a windowed pool needs a window of at least one position")
+        if window < 1 or groups < 1:
+            raise ValueError("a windowed pool needs a window and a local layer group")
         super().__init__(num_blocks, block_size, enable_prefix_caching)
-        self.local = BlockManager(num_local_blocks, block_size, enable_prefix_caching)
         self.window = window
+        self.groups = groups
 
     def first_live(self, pos: int) -> int:
         """The first block that a local layer's query at ``pos`` reads."""
         return max(0, pos - self.window + 1) // self.block_size
 
-    def is_whole(self) -> bool:
-        return super().is_whole() and self.local.is_whole()
+    def held(self, seq: Sequence) -> int:
+        return len(seq.block_table) + self.groups * (
+            len(seq.local_tables[0]) - seq.local_start if seq.local_tables else 0
+        )
 
-    def _hit(self, seq: Sequence) -> tuple[list[int], list[int], int]:
-        """-> (full blocks, local blocks from the first live one, that block's index) of the
-        longest prefix both pools hold."""
+    def capacity_tokens(self, chunk: int) -> int:
+        """The longest sequence the pool can hold alone, prefilled ``chunk`` tokens a step:
+        a full block for every position, and in each local group at most a window, a block
+        each side and a chunk (every block, for a sequence shorter than that)."""
+        bs = self.block_size
+        live = -(-self.window // bs) + 2 + -(-chunk // bs)
+        n = self.num_blocks - self.groups * live
+        if n < live:
+            n = self.num_blocks // (1 + self.groups)
+        return n * bs
+
+    def _hit(self, seq: Sequence) -> tuple[list[int], list[list[int]], int]:
+        """-> (full blocks, each local group's blocks from the first live one, that block's
+        index) of the longest prefix the pool holds for every group."""
         full = super().match_prefix(seq)
         k = len(full)
-        hashes, cached = seq.block_hashes, self.local._cached
-        while k > 0:  # a miss at j: no prefix longer than j blocks can use the local pool
+        hashes, cached, groups = seq.block_hashes, self._cached, range(self.groups)
+        while k > 0:  # a miss at j: no prefix longer than j blocks can use the local groups
             lo = self.first_live(k * self.block_size)
-            miss = next((j for j in range(k - 1, lo - 1, -1) if hashes[j] not in cached), None)
+            miss = next(
+                (
+                    j
+                    for j in range(k - 1, lo - 1, -1)
+                    if any(_group_hash(hashes[j], g) not in cached for g in groups)
+                ),
+                None,
+            )
             if miss is None:
                 break
             k = miss
         lo = self.first_live(k * self.block_size) if k else 0
-        return full[:k], [cached[hashes[j]] for j in range(lo, k)], lo
+        local = [[cached[_group_hash(hashes[j], g)] for j in range(lo, k)] for g in groups]
+        return full[:k], local, lo
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         return self._hit(seq)[0]
@@ -254,24 +294,30 @@ class WindowedBlocks(BlockManager):
         full, local, _ = self._hit(seq)
         cached = len(full) * self.block_size
         new = self.blocks_for(cached + min(seq.num_tokens - cached, budget)) - len(full)
-        revived = sum(1 for b in full if self._ref[b] == 0)
-        revived_local = sum(1 for b in local if self.local._ref[b] == 0)
-        return new + revived <= len(self._free) and new + revived_local <= len(self.local._free)
+        ref = self._ref
+        revived = sum(1 for b in full if ref[b] == 0)
+        revived += sum(1 for t in local for b in t if ref[b] == 0)
+        return new * (1 + self.groups) + revived <= len(self._free)
+
+    def _need(self, seq: Sequence, num_new_tokens: int) -> tuple[int, int]:
+        """-> (new full blocks, new blocks per local group) for ``num_new_tokens`` more."""
+        n = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        local = len(seq.local_tables[0]) if seq.local_tables else 0
+        return n - len(seq.block_table), n - local
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
-        n = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
-        return n - len(seq.block_table) <= len(self._free) and n - len(seq.local_table) <= len(
-            self.local._free
-        )
+        need, need_local = self._need(seq, num_new_tokens)
+        return need + self.groups * need_local <= len(self._free)
 
     def admit(self, seq: Sequence) -> None:
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
         full, local, lo = self._hit(seq)
         self._acquire(full)
-        self.local._acquire(local)
+        for t in local:
+            self._acquire(t)
         seq.block_table = full
-        seq.local_table = [0] * lo + local
+        seq.local_tables = [[0] * lo + t for t in local]
         seq.local_start = lo
         seq.num_committed_blocks = len(full)
         seq.num_computed_tokens = len(full) * self.block_size
@@ -282,37 +328,45 @@ class WindowedBlocks(BlockManager):
             raise RuntimeError("out of KV blocks; call can_grow first")
 
     def grow_if_fits(self, seq: Sequence, num_new_tokens: int) -> bool:
-        n = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
-        table, local = seq.block_table, seq.local_table
-        need, need_local = n - len(table), n - len(local)
-        if need > len(self._free) or need_local > len(self.local._free):
+        need, need_local = self._need(seq, num_new_tokens)
+        if need + self.groups * need_local > len(self._free):
             return False
+        take, table = self._take_free, seq.block_table
         for _ in range(need):
-            table.append(self._take_free())
-        take = self.local._take_free
-        for _ in range(need_local):
-            local.append(take())
+            table.append(take())
+        if need_local > 0:
+            if not seq.local_tables:
+                seq.local_tables = [[] for _ in range(self.groups)]
+            for t in seq.local_tables:
+                for _ in range(need_local):
+                    t.append(take())
         return True
 
     def commit(self, seq: Sequence) -> None:
-        """As :meth:`BlockManager.commit` in both pools; then the local blocks behind the
+        """As :meth:`BlockManager.commit` for every group; then the local blocks behind the
         window of the next position go back (unless ``seq.hold_local``)."""
         start = seq.num_committed_blocks
         super().commit(seq)
         end = seq.num_committed_blocks
         first = max(start, seq.local_start)
         if end > first:
-            self.local._register(seq.block_hashes, seq.local_table, first, end)
+            hashes = seq.block_hashes
+            for g, table in enumerate(seq.local_tables):
+                keys = [_group_hash(h, g) for h in hashes[first:end]]
+                self._register(keys, table[first:end], 0, end - first)
         if not seq.hold_local:
             self.drop_behind(seq)
 
     def drop_behind(self, seq: Sequence) -> None:
         """Give back the local blocks no query from ``seq.num_computed_tokens`` on reads."""
-        table = seq.local_table
-        upto = min(self.first_live(seq.num_computed_tokens), len(table))
-        if upto > seq.local_start:
-            self.local._release(table[seq.local_start : upto])
-            table[seq.local_start : upto] = [0] * (upto - seq.local_start)
+        if not seq.local_tables:
+            return
+        start = seq.local_start
+        upto = min(self.first_live(seq.num_computed_tokens), len(seq.local_tables[0]))
+        if upto > start:
+            for t in seq.local_tables:
+                self._release(t[start:upto])
+                t[start:upto] = [0] * (upto - start)
             seq.local_start = upto
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -323,20 +377,23 @@ class WindowedBlocks(BlockManager):
         bs = self.block_size
         shared = min((child.num_tokens - 1) // bs, parent.num_computed_tokens // bs)
         lo = self.first_live(shared * bs)
-        if lo < parent.local_start:
+        if lo < parent.local_start or not parent.local_tables:
             shared = lo = 0
-        full, local = parent.block_table[:shared], parent.local_table[lo:shared]
+        full = parent.block_table[:shared]
+        local = [t[lo:shared] for t in parent.local_tables] if shared else []
         self._acquire(full)
-        self.local._acquire(local)
+        for t in local:
+            self._acquire(t)
         child.block_table = list(full)
-        child.local_table = [0] * lo + local
+        child.local_tables = [[0] * lo + t for t in local]
         child.local_start = lo
         child.num_committed_blocks = shared
         child.num_computed_tokens = shared * bs
         child.num_cached_tokens = 0
 
     def free(self, seq: Sequence) -> None:
-        self.local._release(reversed(seq.local_table[seq.local_start :]))
-        seq.local_table = []
+        for t in seq.local_tables:
+            self._release(reversed(t[seq.local_start :]))
+        seq.local_tables = []
         seq.local_start = 0
         super().free(seq)

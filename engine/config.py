@@ -31,9 +31,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class EngineConfig:
     """What the operator chooses. The runner sizes the KV pool; the scheduler gets ints.
 
-    ``num_gpu_blocks`` pins the KV pool to an exact size (tests, benchmarks); otherwise the
-    runner derives it from ``kv_cache_bytes`` or, on GPU, from ``gpu_memory_utilization``
-    of the memory left after a warm-up.
+    ``num_gpu_blocks`` pins the KV pool to an exact size (tests, benchmarks): the memory of
+    that many blocks of every layer (a model with sliding-window layers gets more block ids,
+    each of one group of layers: ``ModelRunner._kv_layout``); otherwise the runner derives
+    it from ``kv_cache_bytes`` or, on GPU, from ``gpu_memory_utilization`` of the memory
+    left after a warm-up.
     """
 
     block_size: int = 16

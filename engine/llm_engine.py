@@ -73,9 +73,9 @@ class LLMEngine:
         self.blocks = (
             WindowedBlocks(
                 runner.num_blocks,
-                runner.num_local_blocks,
                 runner.block_size,
                 runner.kv_window,
+                runner.kv_local_groups,
                 config.enable_prefix_caching,
             )
             if runner.kv_window
@@ -131,7 +131,7 @@ class LLMEngine:
 
     @property
     def kv_tokens(self) -> int:
-        return self.blocks.num_blocks * self.blocks.block_size
+        return self.blocks.capacity_tokens(self.config.max_num_batched_tokens)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -624,15 +624,12 @@ class LLMEngine:
     # -- stats -------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        local = self.blocks.local if isinstance(self.blocks, WindowedBlocks) else None
         return EngineStats(
             num_requests=len(self._requests),
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_used,
-            kv_local_blocks_total=local.num_blocks if local else 0,
-            kv_local_blocks_used=local.num_used if local else 0,
             preemptions=self.scheduler.num_preemptions,
             adapter_loads=self.loader.loads,
             adapter_load_failures=self.loader.failures,

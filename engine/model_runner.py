@@ -137,12 +137,7 @@ class ModelRunner:
             self.num_slots,
         )
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        # sliding-window layers beside full ones (Gemma 2/3): their KV in a pool of its own,
-        # from which blocks behind the window go back (block_manager.WindowedBlocks)
-        windows = set(self.model.windows)
-        w = max(windows)
-        self.kv_window = w if 0 in windows and len(windows) == 2 and w < self.max_model_len else 0
+        self._kv_layout(self.model.windows)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         # prefill graphs: not for tensor parallelism (collectives inside the pieces) nor MoE
@@ -161,8 +156,9 @@ class ModelRunner:
             num_blocks = tp.min_int(num_blocks)
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache")
-        self.num_blocks, self.num_local_blocks = self._split_pools(num_blocks)
-        self.kv_caches = self._alloc_kv(self.num_blocks, self.num_local_blocks)
+        # block ids: each holds one group's layers (all layers without a sliding window)
+        self.num_blocks = num_blocks * cfg.num_layers // self.kv_group_size
+        self.kv_caches = self._alloc_kv(self.num_blocks)
         triton_on_gpu = self.device.type == "cuda" and K.use_triton(model.weights.embed)
         if triton_on_gpu and kernel_tuning and kernel_config_dir is not None:
             self.tune_kernels()
@@ -175,7 +171,6 @@ class ModelRunner:
                 self.lora,
                 max_batch=max_num_seqs,
                 max_blocks=self.max_blocks_per_seq,
-                windowed=bool(self.kv_window),
             )
             with torch.inference_mode():
                 self.graphs.capture()
@@ -185,7 +180,6 @@ class ModelRunner:
                         self.kv_caches,
                         self.lora,
                         max_tokens=self.prefill_graph_tokens,
-                        windowed=bool(self.kv_window),
                     )
                     pg = self.prefill_graphs
                     log.info(
@@ -223,50 +217,49 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
 
-    def _split_pools(self, num_blocks: int) -> tuple[int, int]:
-        """The memory of ``num_blocks`` blocks of every layer -> (blocks of the full
-        layers' pool, blocks of the local layers' pool; 0: one pool). The local pool holds
-        what the running sequences can read at most (each seat a window and a block on
-        each side, plus a step's prefill), if that is less than ``num_blocks``; the memory
-        it leaves goes to the full layers' pool."""
-        if not self.kv_window:
-            return num_blocks, 0
-        bs = self.block_size
-        most = self.max_num_seqs * (-(-self.kv_window // bs) + 2)
-        local = min(num_blocks, most + -(-self.max_num_batched_tokens // bs))
-        n_local = sum(1 for w in self.model.windows if w)
-        n_full = len(self.model.windows) - n_local
-        full = num_blocks + (num_blocks - local) * n_local // n_full
-        log.info(
-            "KV pools: %d blocks for the %d full layers, %d for the %d sliding-window layers",
-            full, n_full, local, n_local,
-        )  # fmt: skip
-        return full, local
+    def _kv_layout(self, windows: list[int]) -> None:
+        """Sliding-window layers beside full ones (Gemma 2/3) keep their KV apart: the layers
+        are cut into groups of as many as the full ones (the full layers one group, the
+        local ones the next, in order; the last maybe partly empty), a block id holds one
+        group's KV and each group reads its own table (``block_manager.WindowedBlocks``), so
+        the blocks the local layers give back behind the window serve any group. Layer
+        ``i`` keeps its KV at ``kv_slot[i]`` of the arena and reads table
+        ``model.kv_groups[i]`` (0: the full layers'). Without a window (or one that spans
+        the context, or more full layers than local ones): one group of every layer."""
+        n_full = windows.count(0)
+        n_local = len(windows) - n_full
+        w = max(windows)
+        windowed = 0 < n_full <= n_local and len(set(windows)) == 2 and w < self.max_model_len
+        self.kv_window = w if windowed else 0
+        self.kv_group_size = n_full if windowed else len(windows)
+        self.kv_local_groups = -(-n_local // n_full) if windowed else 0
+        self.kv_slot = list(range(len(windows)))
+        if windowed:
+            seen = [0, 0]  # full, local layers so far
+            for i, win in enumerate(windows):
+                local = int(win > 0)
+                j = seen[local]
+                seen[local] += 1
+                self.kv_slot[i] = j % n_full
+                self.model.kv_groups[i] = 1 + j // n_full if local else 0
+            log.info(
+                "KV: %d full layers, %d sliding-window layers in %d groups over one pool",
+                n_full, n_local, self.kv_local_groups,
+            )  # fmt: skip
 
-    def _alloc_kv(
-        self, num_blocks: int, num_local_blocks: int = 0
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (K, V) cache: one pool, or with ``num_local_blocks`` the windowed
-        layers' in a pool of that many blocks and the others' in one of ``num_blocks``."""
+    def _id_bytes(self) -> int:
+        """The bytes of one block id (a group's layers)."""
         c = self.local_config
-        kv = (self.block_size, c.num_kv_heads, c.head_dim)
-        if not num_local_blocks:
-            pool = torch.zeros((c.num_layers, 2, num_blocks, *kv), dtype=self.dtype,
-                               device=self.device)  # fmt: skip
-            return [(pool[i, 0], pool[i, 1]) for i in range(c.num_layers)]
-        windowed = [bool(w) for w in self.model.windows]
-        pools = {
-            kind: torch.zeros((windowed.count(kind), 2, n, *kv), dtype=self.dtype,
-                              device=self.device)
-            for kind, n in ((False, num_blocks), (True, num_local_blocks))
-        }  # fmt: skip
-        seen = {False: 0, True: 0}
-        caches = []
-        for kind in windowed:
-            p, j = pools[kind], seen[kind]
-            seen[kind] += 1
-            caches.append((p[j, 0], p[j, 1]))
-        return caches
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.kv_group_size * self.block_size * c.num_kv_heads * c.head_dim * elem
+
+    def _alloc_kv(self, num_ids: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (K, V) cache: views of one arena of ``num_ids`` blocks of a group's
+        layers (``_kv_layout``)."""
+        c = self.local_config
+        shape = (self.kv_group_size, 2, num_ids, self.block_size, c.num_kv_heads, c.head_dim)
+        arena = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return [(arena[j, 0], arena[j, 1]) for j in self.kv_slot]
 
     def _cpu_num_blocks(self, kv_cache_bytes: int | None) -> int:
         if kv_cache_bytes is None:
@@ -283,9 +276,9 @@ class ModelRunner:
         seq_len = min(self.max_model_len, max_tokens)
         n_seqs = max(1, min(self.max_num_seqs, max_tokens // seq_len))
         per_seq = -(-seq_len // self.block_size)
-        n = n_seqs * per_seq
-        self.kv_caches = self._alloc_kv(n, n if self.kv_window else 0)
-        temp_bytes = n_seqs * per_seq * self.block_bytes()
+        ids = n_seqs * per_seq * (self.kv_local_groups + 1)  # (build_host_inputs' stride)
+        self.kv_caches = self._alloc_kv(ids)
+        temp_bytes = ids * self._id_bytes()
         chunks = [
             SeqChunk(
                 seq_id=i,
@@ -347,7 +340,8 @@ class ModelRunner:
             block_size=self.block_size,
             max_model_len=self.max_model_len,
             num_slots=self.num_slots,
-            num_local_blocks=self.num_local_blocks,
+            local_groups=self.kv_local_groups,
+            num_blocks=self.num_blocks,
         )
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host, batch.gather, prev_tokens)
@@ -397,7 +391,8 @@ class ModelRunner:
             block_size=self.block_size,
             max_model_len=self.max_model_len,
             num_slots=self.num_slots,
-            num_local_blocks=self.num_local_blocks,
+            local_groups=self.kv_local_groups,
+            num_blocks=self.num_blocks,
         )
         rank = self.max_lora_rank if rank is None else rank
         hidden = self._eager(host, dict.fromkeys(self.model.offsets, rank))
@@ -416,7 +411,7 @@ class ModelRunner:
         sequence holds yet."""
         if self.num_slots < 1:
             return
-        pool = min(self.num_blocks, self.num_local_blocks or self.num_blocks)  # (both pools)
+        pool = self.num_blocks // (self.kv_local_groups + 1)  # (build_host_inputs' stride)
         m = min(64, self.max_model_len, pool * self.block_size)
         blocks = list(range(-(-m // self.block_size)))
         self._warm_forward(ScheduledBatch([SeqChunk(0, [0] * m, 0, blocks, 0, True)]))

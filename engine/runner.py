@@ -34,10 +34,11 @@ class Runner(Protocol):
     dtype: torch.dtype
     num_blocks: int
     block_size: int
-    # sliding-window layers beside full ones (Gemma 2/3) with their KV in a pool of their
-    # own (block_manager.WindowedBlocks): the window and that pool's blocks; 0: one pool
+    # sliding-window layers beside full ones (Gemma 2/3) in groups that read tables of
+    # their own over the same pool (block_manager.WindowedBlocks): the window and the local
+    # layer groups; 0: one table for every layer
     kv_window: int
-    num_local_blocks: int
+    kv_local_groups: int
     max_model_len: int
     vocab_size: int
     eos_token_ids: Any  # a collection of ints

@@ -190,8 +190,9 @@ class Scheduler:
         past its weighted share of the pool, if one does; None also when ``exclude`` itself,
         with ``need`` blocks more, would be past its own share."""
         held: Counter[str] = Counter()
+        blocks_of = self.blocks.held
         for s in seqs:
-            held[s.fair_key] += len(s.block_table)
+            held[s.fair_key] += blocks_of(s)
         pool, share = self.blocks.num_blocks, self.fair.share
         if exclude is not None and held[exclude] + need > share(exclude) * pool:
             return None
@@ -483,7 +484,7 @@ class Scheduler:
                 token_ids=tokens[start:end],
                 start_pos=start,
                 block_table=seq.block_table,  # read by the runner before it grows again
-                local_table=seq.local_table,
+                local_tables=seq.local_tables,
                 adapter_slot=seq.slot,
                 sample=last and not seq.embed,
                 pool=last and seq.embed,

@@ -32,9 +32,10 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
     block_table: list[int] = field(default_factory=list)
-    # a model with sliding-window layers (block_manager.WindowedBlocks): their pool's
-    # blocks, as long as block_table; those before local_start are given back (0)
-    local_table: list[int] = field(default_factory=list)
+    # a model with sliding-window layers (block_manager.WindowedBlocks): the tables of
+    # their layer groups, each as long as block_table; those before local_start are given
+    # back (0)
+    local_tables: list[list[int]] = field(default_factory=list)
     local_start: int = 0
     hold_local: bool = False  # keep them: siblings fork off this prompt (n > 1)
     block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks (memo)

@@ -40,9 +40,6 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     num_running: int = 0
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
-    # sliding-window layers' own pool (block_manager.WindowedBlocks); 0 total: none
-    kv_local_blocks_total: int = 0
-    kv_local_blocks_used: int = 0
     last_batch_seqs: int = 0  # sequences in the last step's batch
     last_batch_tokens: int = 0
     steps: int = 0
@@ -87,12 +84,7 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def kv_usage(self) -> float:
-        """The fuller pool's share of blocks in use (with a sliding-window pool, either may
-        be what bounds the batch)."""
-        full = self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
-        if not self.kv_local_blocks_total:
-            return full
-        return max(full, self.kv_local_blocks_used / self.kv_local_blocks_total)
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 @dataclass

@@ -135,7 +135,7 @@ class TPRunner:
         self.config = r.config
         self.device, self.dtype = r.device, r.dtype
         self.num_blocks, self.block_size = r.num_blocks, r.block_size
-        self.kv_window, self.num_local_blocks = r.kv_window, r.num_local_blocks
+        self.kv_window, self.kv_local_groups = r.kv_window, r.kv_local_groups
         self.max_model_len, self.vocab_size = r.max_model_len, r.vocab_size
         self.eos_token_ids, self.tokenizer = r.eos_token_ids, r.tokenizer
         self.lora_plan = r.lora_plan

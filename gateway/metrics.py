@@ -33,17 +33,7 @@ _ENGINE_GAUGES: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
     ("requests_running", "Sequences in the running batch", lambda s: s.num_running),
     ("kv_blocks_used", "Paged KV cache blocks in use", lambda s: s.kv_blocks_used),
     ("kv_blocks_total", "Paged KV cache blocks in all", lambda s: s.kv_blocks_total),
-    (
-        "kv_local_blocks_used",
-        "KV blocks in use in the sliding-window layers' pool",
-        lambda s: s.kv_local_blocks_used,
-    ),
-    (
-        "kv_local_blocks_total",
-        "KV blocks of the sliding-window layers' pool (0: none)",
-        lambda s: s.kv_local_blocks_total,
-    ),
-    ("kv_usage_ratio", "Share of KV cache blocks in use (the fuller pool)", lambda s: s.kv_usage),
+    ("kv_usage_ratio", "Share of KV cache blocks in use", lambda s: s.kv_usage),
     ("batch_size", "Sequences in the last engine step", lambda s: s.last_batch_seqs),
     ("batch_tokens", "Tokens in the last engine step", lambda s: s.last_batch_tokens),
     ("adapters_resident", "LoRA adapters in GPU slots", lambda s: s.adapters_resident),

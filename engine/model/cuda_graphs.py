@@ -45,10 +45,7 @@ class DecodeGraphs:
         *,
         max_batch: int,
         max_blocks: int,
-        windowed: bool = False,
     ) -> None:
-        """``windowed``: the sliding-window layers' KV is in a pool of its own (their block
-        tables and slot mapping are inputs too)."""
         self.model, self.kv_caches, self.lora = model, kv_caches, lora
         self.buckets = batch_buckets(max_batch)
         self.max_batch, self.max_blocks = max_batch, max_blocks
@@ -60,9 +57,13 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=i32, device=dev)
         self.context_lens = torch.zeros(max_batch, dtype=i32, device=dev)
         self.local_block_tables = self.local_slot_mapping = None
-        if windowed:
-            self.local_block_tables = torch.zeros_like(self.block_tables)
-            self.local_slot_mapping = torch.full_like(self.slot_mapping, -1)
+        # the sliding-window layer groups that read tables of their own (LlamaModel.kv_groups):
+        # their block tables and slot mappings are inputs too
+        local_groups = max(model.kv_groups, default=0)
+        if local_groups:
+            g = local_groups
+            self.local_block_tables = torch.zeros(g, max_batch, max_blocks, dtype=i32, device=dev)
+            self.local_slot_mapping = torch.full((g, max_batch), -1, dtype=i64, device=dev)
         self.cu_q_lens = torch.arange(max_batch + 1, dtype=i32, device=dev)
         self._metas: dict[tuple[int, str], LoraMeta] = {}
         # (bucket, "" without LoRA | "segment" | "token") -> graph, output
@@ -101,8 +102,8 @@ class DecodeGraphs:
             is_decode=True,
             max_q_len=1,
             lora=self._metas[(bs, mode)] if mode else None,
-            local_block_tables=None if lbt is None else lbt[:bs],
-            local_slot_mapping=None if lsm is None else lsm[:bs],
+            local_block_tables=None if lbt is None else lbt[:, :bs],
+            local_slot_mapping=None if lsm is None else lsm[:, :bs],
         )
 
     def capture(self) -> None:
@@ -169,16 +170,16 @@ class DecodeGraphs:
         if self.local_slot_mapping is not None:
             if host.local_slot_mapping is None or host.local_block_tables is None:
                 raise ValueError("the local layers' pool needs its block tables")
-            local_slots = torch.full((bs,), -1, dtype=torch.int64)
-            local_slots[:b] = host.local_slot_mapping
+            local_slots = torch.full((len(self.local_slot_mapping), bs), -1, dtype=torch.int64)
+            local_slots[:, :b] = host.local_slot_mapping
             copies.append((self.local_slot_mapping, local_slots))
         for dst, src in copies:
-            dst[:bs].copy_(src.pin_memory(), non_blocking=True)
+            dst[..., :bs].copy_(src.pin_memory(), non_blocking=True)
         gather_sampled(self.input_ids, gather or [], prev_tokens)
         self.block_tables[:b, :mb].copy_(host.block_tables.pin_memory(), non_blocking=True)
         if self.local_block_tables is not None and host.local_block_tables is not None:
             lbt = host.local_block_tables.pin_memory()
-            self.local_block_tables[:b, :mb].copy_(lbt, non_blocking=True)
+            self.local_block_tables[:, :b, :mb].copy_(lbt, non_blocking=True)
         mode = ""
         if host.has_lora and self.lora is not None:
             tok = torch.full((bs,), -1, dtype=torch.int32)

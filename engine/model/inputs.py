@@ -36,9 +36,9 @@ class HostInputs:
     has_lora: bool
     max_q_len: int  # longest chunk of the step, known here so no kernel reads it back
     pool_idx: torch.Tensor | None = None  # [P] int64: rows pooled (embeddings); None: none
-    # the local layers' pool of a model with sliding-window layers (None: no such pool)
-    local_block_tables: torch.Tensor | None = None  # [B, MB] int32
-    local_slot_mapping: torch.Tensor | None = None  # [T] int64
+    # a model's sliding-window layer groups (None: none; ModelRunner.kv_groups)
+    local_block_tables: torch.Tensor | None = None  # [G, B, MB] int32
+    local_slot_mapping: torch.Tensor | None = None  # [G, T] int64
 
     @property
     def num_tokens(self) -> int:
@@ -116,12 +116,14 @@ def build_host_inputs(
     block_size: int,
     max_model_len: int,
     num_slots: int,
-    num_local_blocks: int = 0,
+    local_groups: int = 0,
+    num_blocks: int = 0,
 ) -> HostInputs:
-    """``num_local_blocks``: the size of the local layers' pool of a model with
-    sliding-window layers (``WindowedBlocks``), whose tables and slot mapping are built
-    too; 0: no such pool. A chunk without a ``local_table`` (the runner's warm-up) uses its
-    ``block_table`` in both pools, and must then fit the smaller."""
+    """``local_groups``: a model's sliding-window layer groups (``WindowedBlocks``), whose
+    tables and slot mappings are built too; 0: none. A chunk without ``local_tables`` (the
+    runner's warm-up, tests) takes, in group ``g``, block ``b + (g + 1) * stride`` for its
+    block ``b``, with ``stride = num_blocks // (local_groups + 1)``: its block ids must be
+    below ``stride``."""
     chunks = batch.chunks
     if not chunks:
         raise ValueError("empty batch")
@@ -153,11 +155,20 @@ def build_host_inputs(
     in_block, offset = positions // block_size, positions % block_size
     slot_mapping = bt[seq_idx, in_block].long() * block_size + offset
     local_bt = local_slots = None
-    if num_local_blocks:
-        local_bt = _block_tables([c.local_table or c.block_table for c in chunks])
-        if any(not c.local_table for c in chunks) and int(local_bt.max()) >= num_local_blocks:
-            raise ValueError(f"a block table reaches past the local pool ({num_local_blocks})")
-        local_slots = local_bt[seq_idx, in_block].long() * block_size + offset
+    if local_groups:
+        stride = num_blocks // (local_groups + 1)
+        derived = [c for c in chunks if not c.local_tables]
+        if derived and max(max(c.block_table, default=0) for c in derived) >= stride:
+            raise ValueError(f"a chunk without local tables uses a block past {stride - 1}")
+        shift = torch.tensor([0 if c.local_tables else 1 for c in chunks], dtype=torch.int32)
+        groups = []
+        for g in range(local_groups):
+            t = _block_tables(
+                [c.local_tables[g] if c.local_tables else c.block_table for c in chunks]
+            )
+            groups.append(t + shift.unsqueeze(1) * ((g + 1) * stride) if derived else t)
+        local_bt = torch.stack(groups)
+        local_slots = local_bt[:, seq_idx, in_block].long() * block_size + offset
 
     slots = _tensor("i", [c.adapter_slot for c in chunks])
     sample = torch.tensor([c.sample for c in chunks], dtype=torch.bool)

@@ -96,10 +96,10 @@ class ForwardInputs:
     # the groups the step's adapters touch -> their largest rank there (host ints; sizes the
     # segment-path LoRA kernels). None: every group, at the pool's max rank (CUDA graphs)
     lora_groups: Mapping[str, int] | None = None
-    # a model with sliding-window layers whose KV lives in a pool of its own (the runner's
-    # ``kv_window``): those layers' block tables and slot mapping. None: one pool for all
-    local_block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
-    local_slot_mapping: torch.Tensor | None = None  # [T] int64
+    # a model whose sliding-window layers read tables of their own (``LlamaModel.kv_groups``):
+    # each local layer group's block tables and slot mapping. None: one table for all
+    local_block_tables: torch.Tensor | None = None  # [G, B, max_blocks] int32
+    local_slot_mapping: torch.Tensor | None = None  # [G, T] int64
 
 
 @dataclass
@@ -147,6 +147,9 @@ class LlamaModel:
         self.scale = config.attn_scale
         self.softcap = config.attn_logit_softcap or 0.0
         self.windows = [config.layer_window(i) for i in range(config.num_layers)]
+        # each layer's KV table: 0 the step's block tables, g > 0 local layer group g's
+        # (ModelRunner.kv_groups sets them when the sliding-window layers keep their own)
+        self.kv_groups = [0] * config.num_layers
         # Gemma: embeddings times sqrt(hidden), rounded to the model dtype as transformers does
         self.embed_scale = (
             torch.tensor(config.hidden_size**0.5, dtype=weights.embed.dtype, device=dev)
@@ -342,9 +345,11 @@ class LlamaModel:
         if w.q_norm is not None and w.k_norm is not None:
             qkv, d = self._qk_norm(qkv, d, w.q_norm, w.k_norm), None
         k_cache, v_cache = kv_caches[i]
-        slot_mapping = inp.slot_mapping
-        if self.windows[i] and inp.local_slot_mapping is not None:
-            slot_mapping = inp.local_slot_mapping
+        slot_mapping, g = inp.slot_mapping, self.kv_groups[i]
+        if g:  # (its blocks are not the full layers': never write through their mapping)
+            if inp.local_slot_mapping is None:
+                raise ValueError(f"layer {i} reads local group {g}'s tables: none given")
+            slot_mapping = inp.local_slot_mapping[g - 1]
         cos_sin = self.cos_sin
         if self.local_cos_sin is not None and c.sliding_layers[i]:
             cos_sin = self.local_cos_sin
@@ -375,9 +380,11 @@ class LlamaModel:
         c = self.config
         k_cache, v_cache = kv_caches[i]
         window = self.windows[i]
-        tables = inp.block_tables
-        if window and inp.local_block_tables is not None:
-            tables = inp.local_block_tables
+        tables, g = inp.block_tables, self.kv_groups[i]
+        if g:
+            if inp.local_block_tables is None:
+                raise ValueError(f"layer {i} reads local group {g}'s tables: none given")
+            tables = inp.local_block_tables[g - 1]
         if inp.is_decode:
             attn = K.paged_decode_attention(
                 q, k_cache, v_cache, tables, inp.context_lens, self.scale,

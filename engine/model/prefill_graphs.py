@@ -68,9 +68,7 @@ class PrefillGraphs:
         *,
         max_tokens: int,
         capture: bool = True,
-        windowed: bool = False,
     ) -> None:
-        """``windowed``: as :class:`DecodeGraphs`' (the sliding-window layers' own pool)."""
         if model.tp is not None or model.config.is_moe:
             raise ValueError("prefill graphs: not for tensor-parallel or MoE models")
         self.model, self.kv_caches, self.lora = model, kv_caches, lora
@@ -83,7 +81,10 @@ class PrefillGraphs:
         self.input_ids = torch.zeros(top, dtype=i64, device=dev)
         self.positions = torch.zeros(top, dtype=i64, device=dev)
         self.slot_mapping = torch.full((top,), -1, dtype=i64, device=dev)
-        self.local_slot_mapping = torch.full_like(self.slot_mapping, -1) if windowed else None
+        local_groups = max(model.kv_groups, default=0)  # as DecodeGraphs'
+        self.local_slot_mapping = (
+            torch.full((local_groups, top), -1, dtype=i64, device=dev) if local_groups else None
+        )
         self.q_buf = torch.zeros(top, c.q_size, dtype=dt, device=dev)
         self.attn_buf = torch.zeros(top, c.q_size, dtype=dt, device=dev)
         self.res_buf = torch.zeros(top, c.hidden_size, dtype=dt, device=dev)
@@ -152,8 +153,8 @@ class PrefillGraphs:
                 )
                 lsm = self.local_slot_mapping
                 if lsm is not None:
-                    inp.local_slot_mapping = lsm[:bucket]
-                    inp.local_block_tables = inp.block_tables
+                    inp.local_slot_mapping = lsm[:, :bucket]
+                    inp.local_block_tables = inp.block_tables.expand(len(lsm), -1, -1)
                 self._inputs[key] = inp
                 pieces = [
                     functools.partial(self._piece, k, inp) for k in range(self.num_layers + 1)
@@ -167,7 +168,7 @@ class PrefillGraphs:
                 warm = dataclasses.replace(
                     inp,
                     block_tables=tables,
-                    local_block_tables=None if lsm is None else tables,
+                    local_block_tables=None if lsm is None else tables.expand(len(lsm), -1, -1),
                     context_lens=torch.full((1,), bucket, dtype=torch.int32, device=dev),
                     cu_q_lens=torch.tensor([0, bucket], dtype=torch.int32, device=dev),
                 )
@@ -232,12 +233,12 @@ class PrefillGraphs:
         if self.local_slot_mapping is not None:
             if host.local_slot_mapping is None or host.local_block_tables is None:
                 raise ValueError("the local layers' pool needs its block tables")
-            local_slots = torch.full((bucket,), -1, dtype=torch.int64)
-            local_slots[:T] = host.local_slot_mapping
+            local_slots = torch.full((len(self.local_slot_mapping), bucket), -1, dtype=torch.int64)
+            local_slots[:, :T] = host.local_slot_mapping
             copies.append((self.local_slot_mapping, local_slots))
             local_bt = mv(host.local_block_tables)
         for dst, src in copies:
-            dst[:bucket].copy_(mv(src), non_blocking=cuda)
+            dst[..., :bucket].copy_(mv(src), non_blocking=cuda)
         gather_sampled(self.input_ids, gather or [], prev_tokens)
         if width:
             tok = torch.full((bucket,), -1, dtype=torch.int32)

@@ -43,18 +43,19 @@ def mixed_requests(
 
 
 def drive(engine: LLMEngine, reqs: list[Request], cached: dict[str, int]) -> dict[str, list[int]]:
-    """Submit ``reqs`` and step until all end. -> each request's tokens; ``cached`` gets
-    each one's prefix-cache tokens."""
+    """Submit ``reqs`` and step until all end. -> each request's tokens (its choices' one
+    after another, by index); ``cached`` gets each one's prefix-cache tokens."""
     for r in reqs:
         engine.add_request(r)
-    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    got: dict[str, dict[int, list[int]]] = {r.request_id: {} for r in reqs}
     for _ in range(5000):
         for o in engine.step():
             assert o.error is None, o.error
-            got[o.request_id] += [t for c in o.choices for t in c.token_ids]
+            for c in o.choices:
+                got[o.request_id].setdefault(c.index, []).extend(c.token_ids)
             cached[o.request_id] = o.cached_tokens
         if not engine.has_unfinished():
-            return got
+            return {r: [t for i in sorted(ch) for t in ch[i]] for r, ch in got.items()}
         if not engine.last_step_ran:
             time.sleep(0.002)  # adapter loads run in loader threads
     raise AssertionError("engine did not finish")

@@ -189,15 +189,21 @@ def runner_logits(runner, seqs: list[Seq], steps: int, split: int = 3) -> list[t
     # interleave block ids across sequences so a block-table bug reads someone else's KV
     tables = [[b * len(seqs) + i for b in range(per)] for i in range(len(seqs))]
     poison = _poison_local_block(runner, per * len(seqs))
+    groups = getattr(runner, "kv_local_groups", 0)
+    stride = runner.num_blocks // (groups + 1)
 
     def chunk(i: int, tokens: list[int], start: int, sample: bool) -> SeqChunk:
-        """Sliding-window layers in a pool of their own: the blocks behind the window of
-        the chunk's first query point at a block of NaNs, as if given back."""
-        local: list[int] = []
+        """Sliding-window layer groups with tables of their own: their blocks as the runner
+        derives them (``build_host_inputs``), except those behind the window of the chunk's
+        first query, which point at a block of NaNs, as if given back."""
+        local: list[list[int]] = []
         if poison is not None:
             lo = max(0, start - runner.kv_window + 1) // runner.block_size
-            local = [poison] * lo + tables[i][lo:]
-        return SeqChunk(i, tokens, start, tables[i], seqs[i].slot, sample, local_table=local)
+            local = [
+                [poison] * lo + [b + (g + 1) * stride for b in tables[i][lo:]]
+                for g in range(groups)
+            ]
+        return SeqChunk(i, tokens, start, tables[i], seqs[i].slot, sample, local_tables=local)
 
     runner.execute(
         ScheduledBatch([chunk(i, s.prompt[:split], 0, False) for i, s in enumerate(seqs)])
@@ -212,13 +218,15 @@ def runner_logits(runner, seqs: list[Seq], steps: int, split: int = 3) -> list[t
 
 
 def _poison_local_block(runner, used: int) -> int | None:
-    """The last block of the sliding-window layers' own pool, filled with NaN in each of
-    them (None: the runner has no such pool, or its caches live in other processes: tensor
-    parallelism). The tables must leave it free."""
-    if not getattr(runner, "kv_window", 0) or not hasattr(runner, "kv_caches"):
+    """A block id of the sliding-window layer groups that no table of ``used`` blocks
+    reaches, filled with NaN in their layers (None: no such groups, or the caches live in
+    other processes: tensor parallelism)."""
+    groups = getattr(runner, "kv_local_groups", 0)
+    if not groups or not hasattr(runner, "kv_caches"):
         return None
-    poison = runner.num_local_blocks - 1
-    assert poison >= used, "the runner's local pool has no block to spare"
+    stride = runner.num_blocks // (groups + 1)
+    assert used < stride, "the runner's pool has no block to spare"
+    poison = (groups + 1) * stride - 1  # the last group's block for stride - 1: unused
     for w, (k, v) in zip(runner.model.windows, runner.kv_caches, strict=True):
         if w:
             k[poison].fill_(float("nan"))

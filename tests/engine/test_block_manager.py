@@ -141,13 +141,13 @@ def test_disabled_prefix_cache_never_hits():
     assert bm.is_whole()
 
 
-# -- a model with sliding-window layers: the local layers' own pool ---------------------------
+# -- a model with sliding-window layers: their groups' tables over the same pool --------------
 
 
 @pytest.fixture
 def wb():
     """Window 6 over blocks of 4: a query at p reads the local blocks from (p - 5) // 4 on."""
-    manager = WindowedBlocks(32, 6, block_size=4, window=6, enable_prefix_caching=True)
+    manager = WindowedBlocks(32, block_size=4, window=6, groups=1, enable_prefix_caching=True)
     yield manager
     assert manager.is_whole(), "KV pool leaked blocks"
 
@@ -159,85 +159,93 @@ def step(wb: WindowedBlocks, seq: Sequence, n: int) -> None:
     wb.commit(seq)
 
 
-def live(seq: Sequence) -> list[int]:
-    return seq.local_table[seq.local_start :]
+def live(seq: Sequence, group: int = 0) -> list[int]:
+    return seq.local_tables[group][seq.local_start :]
 
 
-def test_local_blocks_behind_the_window_go_back(wb):
+@pytest.mark.parametrize("groups", [1, 5])
+def test_local_blocks_behind_the_window_go_back(groups):
+    wb = WindowedBlocks(64, block_size=4, window=6, groups=groups, enable_prefix_caching=True)
     seq = make_seq(list(range(10)))
     wb.admit(seq)
-    step(wb, seq, 10)  # next query at 10 reads positions 5..10: blocks 1, 2
-    assert len(seq.block_table) == 3 and len(seq.local_table) == 3
-    assert seq.local_start == 1 and seq.local_table[0] == 0 and wb.local.num_free == 4
-    for _ in range(30):  # decode: the full table grows, the local one keeps two or three
+    step(wb, seq, 10)  # the next query, at 10, reads positions 5..10: blocks 1, 2
+    assert len(seq.block_table) == 3 and [len(t) for t in seq.local_tables] == [3] * groups
+    assert seq.local_start == 1 and all(t[0] == 0 for t in seq.local_tables)
+    assert wb.num_free == 64 - 3 - 2 * groups == 64 - wb.held(seq)
+    for _ in range(30):  # decode: the full table grows, the local ones keep two or three
         seq.token_ids.append(7)
         step(wb, seq, 1)
         p = seq.num_computed_tokens
         assert seq.local_start == (p - 5) // 4
         assert len(live(seq)) == len(seq.block_table) - seq.local_start <= 3
-    assert len(seq.block_table) == 10 and wb.num_free == 22
+    assert len(seq.block_table) == 10 and wb.num_free == 64 - 10 - 2 * groups
+    ids = seq.block_table + [b for t in seq.local_tables for b in t[seq.local_start :]]
+    assert len(set(ids)) == len(ids)  # every group's blocks its own
     wb.free(seq)
-    assert seq.local_table == [] and seq.local_start == 0
+    assert seq.local_tables == [] and seq.local_start == 0 and wb.is_whole()
 
 
-def test_local_pool_bounds_admission_and_growth(wb):
+def test_blocks_given_back_serve_any_group():
+    wb = WindowedBlocks(16, block_size=4, window=6, groups=1, enable_prefix_caching=True)
     a = make_seq(list(range(24)))
-    assert wb.can_admit(a, budget=24)  # 6 blocks: the whole local pool
-    assert not wb.can_admit(make_seq(list(range(25))), budget=25)  # 7 local blocks
+    assert wb.can_admit(a, budget=24)  # 6 full + 6 local blocks
+    assert not wb.can_admit(make_seq(list(range(36))), budget=36)  # 9 + 9
     wb.admit(a)
-    step(wb, a, 24)  # the first 4 local blocks go back
+    step(wb, a, 24)  # 4 local blocks go back: a holds 6 + 2
+    assert wb.held(a) == 8 and wb.num_free == 8
     b = make_seq([100 + i for i in range(20)])
     assert wb.can_admit(b, budget=16) and not wb.can_admit(b, budget=17)
     wb.admit(b)
     assert wb.can_grow(b, 16) and not wb.can_grow(b, 17)
-    assert wb.grow_if_fits(b, 16) and b.local_table == b.local_table[:4]
+    assert wb.grow_if_fits(b, 16) and wb.num_free == 0  # its full blocks among a's old ones
     for s in (a, b):
         wb.free(s)
+    assert wb.is_whole()
 
 
 def test_windowed_prefix_hit_needs_the_local_window_cached(wb):
     a = make_seq(list(range(17)))
     wb.admit(a)
     assert wb.grow_if_fits(a, 17)
-    local = list(a.local_table)
+    local = list(a.local_tables[0])
     a.num_computed_tokens = 17
     wb.commit(a)  # a query at 17 reads positions 12..17: local blocks 0..2 given back
-    assert a.local_start == 3 and a.local_table[:3] == [0, 0, 0]
+    assert a.local_start == 3 and a.local_tables[0][:3] == [0, 0, 0]
     b = make_seq([*range(17), 99])
     wb.admit(b)  # 4 full blocks hit; a query at 16 reads local blocks 2 (revived) and 3
     assert b.num_cached_tokens == 16 and b.block_table == a.block_table[:4]
     assert b.local_start == 2 and live(b) == local[2:4]
     wb.free(b)
     wb.free(a)
-    c = make_seq([500 + i for i in range(24)])  # takes every local block: the hashes go
+    c = make_seq([500 + i for i in range(64)])  # takes every block: the hashes go
     wb.admit(c)
-    assert wb.grow_if_fits(c, 24)
+    assert wb.grow_if_fits(c, 64)
     wb.free(c)
     d = make_seq([*range(17), 99])
-    wb.admit(d)  # the full layers' blocks are still cached, the local ones are not
+    wb.admit(d)
     assert d.num_cached_tokens == 0 and d.block_table == [] and live(d) == []
     wb.free(d)
 
 
-def test_windowed_prefix_hit_cut_to_what_the_local_pool_holds():
-    wb = WindowedBlocks(32, 8, block_size=4, window=5, enable_prefix_caching=True)
+def test_windowed_prefix_hit_cut_to_what_the_local_groups_hold():
+    wb = WindowedBlocks(40, block_size=4, window=5, groups=1, enable_prefix_caching=True)
     a = make_seq(list(range(32)))
     wb.admit(a)
     for _ in range(4):
         step(wb, a, 8)  # each step gives back the local blocks behind the window
     wb.free(a)
-    # a's local blocks went back oldest first and are handed out in that order: 0..5 go
-    # to the filler, while the larger full pool hands out blocks a never used
-    filler = make_seq([900 + i for i in range(24)])
+    # the pool hands out blocks never used first, then the oldest given back: a's local
+    # blocks 0..5 (given back during its run) go before its last local ones and its full ones
+    filler = make_seq([900 + i for i in range(60)])
     wb.admit(filler)
-    assert wb.grow_if_fits(filler, 24)
+    assert wb.grow_if_fits(filler, 60) and wb.num_free == 10
     b = make_seq([*range(32), 1])
     wb.admit(b)  # a query at 32 reads positions 28..32: local block 7, still cached
     assert b.num_cached_tokens == 32 and b.local_start == 7
     wb.free(b)
     c = make_seq([*range(25), 1])
-    assert len(BlockManager.match_prefix(wb, c)) == 6  # the full layers' pool holds 6
-    wb.admit(c)  # but each prefix's window needs a local block 0..5: no hit
+    assert len(BlockManager.match_prefix(wb, c)) == 6  # the full layers' blocks are there
+    wb.admit(c)  # but each prefix's window needs one of local blocks 0..5: no hit
     assert c.num_cached_tokens == 0 and c.block_table == []
     for s in (c, filler):
         wb.free(s)
@@ -253,11 +261,12 @@ def test_windowed_fork_needs_the_parent_to_hold_its_prompt(wb):
     child = make_seq(list(range(14)))
     wb.fork(held, child)  # 3 full blocks; a query at 12 reads local blocks 1, 2
     assert child.block_table == held.block_table[:3] and child.num_computed_tokens == 12
-    assert child.local_start == 1 and live(child) == held.local_table[1:3]
+    assert child.local_start == 1 and live(child) == held.local_tables[0][1:3]
+    free = wb.num_free
     held.hold_local = False
     held.token_ids.append(5)
-    step(wb, held, 1)  # now the parent gives back blocks 0 and 1; 1 is still the child's
-    assert held.local_start == 2 and wb.local.num_free == 6 - 4 + 1
+    step(wb, held, 1)  # the parent gives back blocks 0 and 1; 1 is still the child's
+    assert held.local_start == 2 and wb.num_free == free + 1
     late = make_seq(list(range(14)))
     wb.fork(held, late)  # the parent no longer holds local block 1: nothing to share
     assert late.block_table == [] and late.num_computed_tokens == 0
@@ -266,11 +275,11 @@ def test_windowed_fork_needs_the_parent_to_hold_its_prompt(wb):
 
 
 def test_windowed_disabled_prefix_cache_still_gives_blocks_back():
-    wb = WindowedBlocks(8, 5, block_size=2, window=3, enable_prefix_caching=False)
+    wb = WindowedBlocks(16, block_size=2, window=3, groups=1, enable_prefix_caching=False)
     a = make_seq(list(range(9)))
     wb.admit(a)
     step(wb, a, 9)  # a query at 9 reads positions 7..9: blocks 3, 4
-    assert a.local_start == 3 and wb.local.num_free == 3 and wb.num_free == 3
+    assert a.local_start == 3 and wb.num_free == 16 - 5 - 2
     b = make_seq(list(range(9)))
     wb.admit(b)
     assert b.num_cached_tokens == 0

@@ -59,6 +59,9 @@ def windowed_family(request, tmp_path_factory):
 def test_family_engine_matches_hf(family, overrides):
     kind, base, adapters, reference = family
     cfg = dict(block_size=4, max_loras=4, max_lora_rank=32, device="cpu", dtype="float32")
+    if "num_gpu_blocks" in overrides and "gemma" in kind:
+        # the local layer gives its blocks behind the window back: a smaller pool preempts
+        overrides = {**overrides, "num_gpu_blocks": 8}
     engine = LLMEngine.from_model(
         str(base), EngineConfig(**{"num_gpu_blocks": 256, **cfg, **overrides})
     )
@@ -79,21 +82,30 @@ def test_family_engine_matches_hf(family, overrides):
 
 
 def test_sliding_window_layers_give_their_blocks_back(windowed_family):
-    """Gemma's local layers keep their KV in a pool of their own, sized to what the seats
-    can read (a window each) and smaller than the full layers' pool, which gets the memory
-    that leaves; blocks behind the window go back and are handed out again while the
-    requests run past several windows (two choices forking off one prompt among them), and
-    every token still equals HF + PEFT's."""
+    """Gemma's local layers read a table of their own over the same pool of blocks, and the
+    blocks behind their window go back to it as the requests run past several windows
+    (two choices forking off one prompt among them) in a pool small enough to preempt:
+    every token still equals HF + PEFT's, and nothing leaks."""
+    _sliding_window_run(windowed_family, "cpu")
+
+
+@pytest.mark.gpu
+def test_sliding_window_layers_on_the_gpu(windowed_family):
+    """The same through the GPU's kernels and CUDA graphs (fp32: the same greedy tokens)."""
+    _sliding_window_run(windowed_family, "cuda")
+
+
+def _sliding_window_run(windowed_family, device: str) -> None:
     kind, base, adapters, reference = windowed_family
     cfg = EngineConfig(
-        num_gpu_blocks=40, max_num_seqs=3, max_num_batched_tokens=8, block_size=4,
-        max_loras=4, max_lora_rank=32, device="cpu", dtype="float32",
+        num_gpu_blocks=14, max_num_seqs=3, max_num_batched_tokens=8, block_size=4,
+        max_loras=4, max_lora_rank=32, device=device, dtype="float32",
     )  # fmt: skip
     engine = LLMEngine.from_model(str(base), cfg)
     runner = engine.runner
-    # seats of a window (5 positions: 2 blocks) and a block each side, plus a step's 8 tokens
-    assert runner.kv_window == 5 and runner.num_local_blocks == 3 * 4 + 2
-    assert runner.num_blocks == 40 + (40 - 14)  # one local layer, one full: blocks alike
+    # one local layer, one global: a block id is one layer's, twice as many as blocks of both
+    assert runner.kv_window == 5 and runner.kv_local_groups == 1
+    assert runner.num_blocks == 28 and engine.blocks.num_blocks == 28
     long = dict(temperature=0.0, ignore_eos=True, max_tokens=24)
     reqs, names = mixed_requests(kind, adapters, [None, 0, 1, 2], long, prefix_of=1)
     reqs[3].sampling = msgspec.structs.replace(reqs[3].sampling, n=2)  # siblings fork off it
@@ -102,6 +114,6 @@ def test_sliding_window_layers_give_their_blocks_back(windowed_family):
         assert isinstance(r.prompt, list)
         want = reference(names[r.request_id], r.prompt, 24)
         assert got[r.request_id] == want * r.sampling.n, r.request_id
-    assert engine.blocks.local.num_blocks < engine.blocks.num_blocks
+    assert engine.stats().preemptions > 0
     assert engine.blocks.is_whole() and engine.slots.is_idle()
     engine.shutdown()

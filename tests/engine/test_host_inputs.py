@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
@@ -45,3 +46,31 @@ def test_host_inputs_match_a_per_token_reference():
         assert h.context_lens.tolist() == [c.start_pos + len(c.token_ids) for c in chunks]
         assert h.is_decode == ScheduledBatch(chunks).is_decode == decode
         assert h.has_lora and h.max_q_len == max(len(c.token_ids) for c in chunks)
+
+
+def test_local_group_tables_and_slot_mappings():
+    """Sliding-window layer groups: each group's table and slot mapping from the chunk's own
+    tables, or derived from its block table (block b in group g at b + (g + 1) * stride)."""
+    bs, groups, num_blocks = 4, 2, 300  # stride 100
+    own = SeqChunk(0, [5, 6, 7], 5, [3, 9], -1, True, local_tables=[[0, 140], [0, 250]])
+    derived = SeqChunk(1, [8], 6, [7, 2], -1, True)
+    h = build_host_inputs(
+        ScheduledBatch([own, derived]), block_size=bs, max_model_len=64, num_slots=3,
+        local_groups=groups, num_blocks=num_blocks,
+    )  # fmt: skip
+    assert h.local_block_tables is not None and h.local_slot_mapping is not None
+    assert h.local_block_tables.tolist() == [[[0, 140], [107, 102]], [[0, 250], [207, 202]]]
+    # positions 5, 6, 7 (block 1) and 6 (block 1)
+    assert h.local_slot_mapping.tolist() == [
+        [140 * 4 + 1, 140 * 4 + 2, 140 * 4 + 3, 102 * 4 + 2],
+        [250 * 4 + 1, 250 * 4 + 2, 250 * 4 + 3, 202 * 4 + 2],
+    ]
+    assert h.slot_mapping.tolist() == [9 * 4 + 1, 9 * 4 + 2, 9 * 4 + 3, 2 * 4 + 2]
+    past = SeqChunk(2, [1], 4, [100, 101], -1, True)  # derived ids would reach group 0's 200
+    with pytest.raises(ValueError, match="past 99"):
+        build_host_inputs(
+            ScheduledBatch([past]), block_size=bs, max_model_len=64, num_slots=3,
+            local_groups=groups, num_blocks=num_blocks,
+        )  # fmt: skip
+    plain = build_host_inputs(ScheduledBatch([own]), block_size=bs, max_model_len=64, num_slots=3)
+    assert plain.local_block_tables is None and plain.local_slot_mapping is None

@@ -73,7 +73,7 @@ class ToyRunner:
         self.vocab_size = len(tokenizer)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_window = self.num_local_blocks = 0
+        self.kv_window = self.kv_local_groups = 0
         self.max_model_len = max_model_len
         self.eos_token_ids = eos
         self.device = torch.device("cpu")

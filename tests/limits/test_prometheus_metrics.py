@@ -62,13 +62,6 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
     assert get("loraplex_engine_batch_size") == 5
     assert get("loraplex_engine_adapters_resident") == 2
     assert get("loraplex_engine_adapter_cache_hits_total") == 9
-    assert get("loraplex_engine_kv_local_blocks_total") == 0
-    # a sliding-window model: the usage is the fuller pool's
-    current[0] = EngineStats(
-        kv_blocks_total=100, kv_blocks_used=40, kv_local_blocks_total=20, kv_local_blocks_used=15
-    )
-    assert get("loraplex_engine_kv_local_blocks_used") == 15
-    assert get("loraplex_engine_kv_usage_ratio") == 0.75
 
 
 def test_engine_adapter_loads_by_source_tier() -> None:
