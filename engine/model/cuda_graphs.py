@@ -23,7 +23,7 @@ import torch
 from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.kernels.lora_shrink import use_token_path
 from loraplex.engine.lora.pool import LoraPool
-from loraplex.engine.model.inputs import HostInputs, gather_sampled
+from loraplex.engine.model.inputs import HostInputs, gather_sampled, padded_local_slots
 from loraplex.engine.model.llama import ForwardInputs, LlamaModel
 
 
@@ -168,11 +168,8 @@ class DecodeGraphs:
             (self.context_lens, ctx),
         ]
         if self.local_slot_mapping is not None:
-            if host.local_slot_mapping is None or host.local_block_tables is None:
-                raise ValueError("the local layers' pool needs its block tables")
-            local_slots = torch.full((len(self.local_slot_mapping), bs), -1, dtype=torch.int64)
-            local_slots[:, :b] = host.local_slot_mapping
-            copies.append((self.local_slot_mapping, local_slots))
+            local = padded_local_slots(host, len(self.local_slot_mapping), bs)
+            copies.append((self.local_slot_mapping, local))
         for dst, src in copies:
             dst[..., :bs].copy_(src.pin_memory(), non_blocking=True)
         gather_sampled(self.input_ids, gather or [], prev_tokens)

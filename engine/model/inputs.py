@@ -76,6 +76,16 @@ class HostInputs:
         )
 
 
+def padded_local_slots(host: HostInputs, groups: int, n: int) -> torch.Tensor:
+    """The step's sliding-window layer groups' slot mappings, padded with -1 (nothing
+    written) to ``n`` tokens: a graph's static buffer ``[groups, n]``."""
+    if host.local_slot_mapping is None or host.local_block_tables is None:
+        raise ValueError("the sliding-window layer groups need their block tables")
+    out = torch.full((groups, n), -1, dtype=torch.int64)
+    out[:, : host.local_slot_mapping.shape[1]] = host.local_slot_mapping
+    return out
+
+
 def gather_sampled(
     input_ids: torch.Tensor, gather: list[tuple[int, int]], prev_tokens: torch.Tensor | None
 ) -> None:

@@ -17,7 +17,7 @@ import torch
 from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.kernels.lora_shrink import seg_rank, use_token_path
 from loraplex.engine.lora.pool import LoraPool
-from loraplex.engine.model.inputs import HostInputs, gather_sampled
+from loraplex.engine.model.inputs import HostInputs, gather_sampled, padded_local_slots
 from loraplex.engine.model.llama import ForwardInputs, LlamaModel
 
 
@@ -231,11 +231,8 @@ class PrefillGraphs:
         copies = [(self.input_ids, ids), (self.positions, pos), (self.slot_mapping, slots)]
         local_bt = None
         if self.local_slot_mapping is not None:
-            if host.local_slot_mapping is None or host.local_block_tables is None:
-                raise ValueError("the local layers' pool needs its block tables")
-            local_slots = torch.full((len(self.local_slot_mapping), bucket), -1, dtype=torch.int64)
-            local_slots[:, :T] = host.local_slot_mapping
-            copies.append((self.local_slot_mapping, local_slots))
+            local = padded_local_slots(host, len(self.local_slot_mapping), bucket)
+            copies.append((self.local_slot_mapping, local))
             local_bt = mv(host.local_block_tables)
         for dst, src in copies:
             dst[..., :bucket].copy_(mv(src), non_blocking=cuda)
