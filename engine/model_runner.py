@@ -78,7 +78,11 @@ class ModelRunner:
         kernel_config_dir: Path | None = None,
         kernel_tuning: bool = True,
         tp: TPGroup | None = None,
+        window_groups: bool = True,
     ) -> None:
+        """``window_groups``: sliding-window layers read tables of their own and give the
+        blocks behind the window back (``_kv_layout``); False: one table for every layer
+        (the layout before, benchmarks/bench_window_kv.py's baseline)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -137,7 +141,7 @@ class ModelRunner:
             self.num_slots,
         )
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
-        self._kv_layout(self.model.windows)
+        self._kv_layout(self.model.windows if window_groups else [0] * cfg.num_layers)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         # prefill graphs: not for tensor parallelism (collectives inside the pieces) nor MoE

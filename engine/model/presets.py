@@ -214,6 +214,28 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_ids=(2,),
         architecture="Qwen3MoeForCausalLM",
     ),
+    # Gemma 3's layout in a few MB (5 local layers to 1 global, a 32-position window):
+    # CPU smoke runs of the sliding-window KV layout (benchmarks/bench_window_kv.py)
+    "tiny-gemma3": ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        qk_norm=True,
+        gemma_norm=True,
+        hidden_act="gelu_pytorch_tanh",
+        query_pre_attn_scalar=16.0,
+        sliding_window=32,
+        sliding_layers=tuple((i + 1) % 6 != 0 for i in range(6)),
+        local_rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        architecture="Gemma3ForCausalLM",
+    ),
     # Mixture of experts (config of Qwen/Qwen3-30B-A3B): 128 experts, 8 routed per token;
     # 30.5 B parameters, ~61 GB in bf16 (fits one 80 GB+ GPU, with room for KV and LoRA on
     # an H200); expert LoRA pages are large (rank 8 on every expert projection: ~0.83 GB)

@@ -26,7 +26,10 @@ def bench(monkeypatch):
         return importlib.import_module(name)
 
     yield load
-    for name in ("bench_decode", "bench_throughput", "bench_lora_paging", "bench_fp8", "common"):
+    for name in (
+        "bench_decode", "bench_throughput", "bench_lora_paging", "bench_fp8", "bench_window_kv",
+        "common",
+    ):  # fmt: skip
         sys.modules.pop(name, None)
 
 
@@ -158,6 +161,18 @@ def test_ttft_smoke(bench, tmp_path):
         assert r["load"] > 0 and r["steps"] >= 2
         assert r["steps_tokens_mean"] > alone["steps_tokens_mean"]
     sys.modules.pop("bench_ttft", None)
+
+
+def test_window_kv_smoke(bench, tmp_path):
+    """Both layouts serve the same requests to the end; the windowed one has more block ids
+    (one layer group's each) and takes a longer request in the same memory."""
+    out = bench("bench_window_kv").main(["--smoke", "--json", str(tmp_path / "w.json")])
+    one, win = out["rows"]
+    assert (one["layout"], win["layout"]) == ("one table", "windowed")
+    assert win["block_ids"] == 6 * one["block_ids"]  # tiny-gemma3: 6 layers, 1 global
+    assert win["request_tokens"] > one["request_tokens"]
+    assert win["most_running"] >= one["most_running"]
+    assert out["ratios"]["request_tokens"] > 1 and (tmp_path / "w.json").is_file()
 
 
 def test_kernel_resources_compile_for_hopper_without_a_gpu(tmp_path):
