@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from loraplex.engine.sequence import Sequence
 
@@ -210,6 +210,21 @@ def _group_hash(h: bytes, group: int) -> bytes:
     return hashlib.blake2b(h + b"local" + bytes([group]), digest_size=16).digest()
 
 
+def _longest_window_hit(
+    k: int, first_live: Callable[[int], int], cached: Callable[[int], bool]
+) -> int:
+    """The longest prefix of at most ``k`` blocks whose last window of blocks (from
+    ``first_live(blocks)``) is all ``cached``: a miss at block j leaves prefixes of at most
+    j blocks (a block's chain hash names every token before it, so a cached block proves
+    the prefix up to it)."""
+    while k > 0:
+        miss = next((j for j in range(k - 1, first_live(k) - 1, -1) if not cached(j)), None)
+        if miss is None:
+            return k
+        k = miss
+    return 0
+
+
 class WindowedBlocks(BlockManager):
     """The KV blocks of a model whose local layers see the last ``window`` positions and
     whose other layers see all (Gemma 2 and 3), over one pool of block ids. The layers are
@@ -268,21 +283,12 @@ class WindowedBlocks(BlockManager):
         """-> (full blocks, each local group's blocks from the first live one, that block's
         index) of the longest prefix the pool holds for every group."""
         full = super().match_prefix(seq)
-        k = len(full)
         hashes, cached, groups = seq.block_hashes, self._cached, range(self.groups)
-        while k > 0:  # a miss at j: no prefix longer than j blocks can use the local groups
-            lo = self.first_live(k * self.block_size)
-            miss = next(
-                (
-                    j
-                    for j in range(k - 1, lo - 1, -1)
-                    if any(_group_hash(hashes[j], g) not in cached for g in groups)
-                ),
-                None,
-            )
-            if miss is None:
-                break
-            k = miss
+        k = _longest_window_hit(
+            len(full),
+            lambda n: self.first_live(n * self.block_size),
+            lambda j: all(_group_hash(hashes[j], g) in cached for g in groups),
+        )
         lo = self.first_live(k * self.block_size) if k else 0
         local = [[cached[_group_hash(hashes[j], g)] for j in range(lo, k)] for g in groups]
         return full[:k], local, lo
@@ -397,3 +403,115 @@ class WindowedBlocks(BlockManager):
         seq.local_tables = []
         seq.local_start = 0
         super().free(seq)
+
+
+# a sequence may take any length when a window of blocks fits: its context bounds it
+UNBOUNDED_TOKENS = 1 << 40
+
+
+class LocalBlocks(BlockManager):
+    """The KV blocks of a model whose every layer sees the last ``window`` positions
+    (Mistral v0.1's config): one table, whose entries before ``seq.local_start`` have been
+    given back (0, never read), as :class:`WindowedBlocks`' local groups do. A sequence holds
+    a window of blocks however long it runs; a prefix hit needs the blocks of the last
+    window before its end cached, not the ones before."""
+
+    def __init__(
+        self, num_blocks: int, block_size: int, window: int, enable_prefix_caching: bool
+    ) -> None:
+        if window < 1:
+            raise ValueError("a windowed pool needs a window of at least one position")
+        super().__init__(num_blocks, block_size, enable_prefix_caching)
+        self.window = window
+
+    def first_live(self, pos: int) -> int:
+        """The first block that a query at ``pos`` reads."""
+        return max(0, pos - self.window + 1) // self.block_size
+
+    def held(self, seq: Sequence) -> int:
+        return len(seq.block_table) - seq.local_start
+
+    def capacity_tokens(self, chunk: int) -> int:
+        bs = self.block_size
+        live = -(-self.window // bs) + 2 + -(-chunk // bs)
+        return UNBOUNDED_TOKENS if live <= self.num_blocks else self.num_blocks * bs
+
+    def _hit(self, seq: Sequence) -> tuple[list[int], int, int]:
+        """-> (the cached blocks of the hit's last window, its first block's index, the
+        hit's length in blocks)."""
+        if not self.enable_prefix_caching:
+            return [], 0, 0
+        hashes, cached = self._hashes(seq, (seq.num_tokens - 1) // self.block_size), self._cached
+        k = _longest_window_hit(
+            len(hashes),
+            lambda n: self.first_live(n * self.block_size),
+            lambda j: hashes[j] in cached,
+        )
+        lo = self.first_live(k * self.block_size) if k else 0
+        return [cached[hashes[j]] for j in range(lo, k)], lo, k
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        blocks, lo, _ = self._hit(seq)
+        return [0] * lo + blocks
+
+    def can_admit(self, seq: Sequence, budget: int) -> bool:
+        blocks, _, k = self._hit(seq)
+        cached = k * self.block_size
+        new = self.blocks_for(cached + min(seq.num_tokens - cached, budget)) - k
+        return new + sum(1 for b in blocks if self._ref[b] == 0) <= len(self._free)
+
+    def admit(self, seq: Sequence) -> None:
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        blocks, lo, k = self._hit(seq)
+        self._acquire(blocks)
+        seq.block_table = [0] * lo + blocks
+        seq.local_start = lo
+        seq.num_committed_blocks = k
+        seq.num_computed_tokens = k * self.block_size
+        seq.num_cached_tokens = min(seq.num_computed_tokens, seq.prompt_len)
+
+    def commit(self, seq: Sequence) -> None:
+        """Offer the computed full blocks still held to the prefix cache; then the blocks
+        behind the window of the next position go back (unless ``seq.hold_local``)."""
+        if self.enable_prefix_caching:
+            known = len(seq.token_ids) - seq.num_pending
+            full = min(seq.num_computed_tokens, known) // self.block_size
+            start = max(seq.num_committed_blocks, seq.local_start)
+            if full > start:
+                self._register(self._hashes(seq, full), seq.block_table, start, full)
+            seq.num_committed_blocks = max(seq.num_committed_blocks, full)
+        if not seq.hold_local:
+            self.drop_behind(seq)
+
+    def drop_behind(self, seq: Sequence) -> None:
+        """Give back the blocks no query from ``seq.num_computed_tokens`` on reads."""
+        table, start = seq.block_table, seq.local_start
+        upto = min(self.first_live(seq.num_computed_tokens), len(table))
+        if upto > start:
+            self._release(table[start:upto])
+            table[start:upto] = [0] * (upto - start)
+            seq.local_start = upto
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        if child.block_table:
+            raise RuntimeError(f"sequence {child.seq_id} already holds blocks")
+        bs = self.block_size
+        shared = min((child.num_tokens - 1) // bs, parent.num_computed_tokens // bs)
+        lo = self.first_live(shared * bs)
+        if lo < parent.local_start:
+            shared = lo = 0
+        blocks = parent.block_table[lo:shared]
+        self._acquire(blocks)
+        child.block_table = [0] * lo + blocks
+        child.local_start = lo
+        child.num_committed_blocks = shared
+        child.num_computed_tokens = shared * bs
+        child.num_cached_tokens = 0
+
+    def free(self, seq: Sequence) -> None:
+        self._release(reversed(seq.block_table[seq.local_start :]))
+        seq.block_table = []
+        seq.local_start = 0
+        seq.num_committed_blocks = 0
+        seq.num_computed_tokens = 0

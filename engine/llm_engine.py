@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from loraplex.engine.api import AdapterRef, AdapterResidency, EngineOutput, Request, TokenLogprobs
-from loraplex.engine.block_manager import BlockManager, WindowedBlocks
+from loraplex.engine.block_manager import BlockManager, LocalBlocks, WindowedBlocks
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.errors import (
     AdapterLoadError,
@@ -70,17 +70,14 @@ class LLMEngine:
         self.config = config
         self.tokenizer = runner.tokenizer
         self.max_model_len = min(runner.max_model_len, config.max_model_len or runner.max_model_len)
-        self.blocks = (
-            WindowedBlocks(
-                runner.num_blocks,
-                runner.block_size,
-                runner.kv_window,
-                runner.kv_local_groups,
-                config.enable_prefix_caching,
-            )
-            if runner.kv_window
-            else BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
-        )
+        n, bs, prefix = runner.num_blocks, runner.block_size, config.enable_prefix_caching
+        self.blocks: BlockManager
+        if runner.kv_window and runner.kv_local_groups:  # local layers beside global ones
+            self.blocks = WindowedBlocks(n, bs, runner.kv_window, runner.kv_local_groups, prefix)
+        elif runner.kv_window:  # every layer local
+            self.blocks = LocalBlocks(n, bs, runner.kv_window, prefix)
+        else:
+            self.blocks = BlockManager(n, bs, prefix)
         self.slots = SlotTable(runner.lora_plan)
         self.scheduler = Scheduler(
             self.blocks,

@@ -229,12 +229,15 @@ class ModelRunner:
         the blocks the local layers give back behind the window serve any group. Layer
         ``i`` keeps its KV at ``kv_slot[i]`` of the arena and reads table
         ``model.kv_groups[i]`` (0: the full layers'). Without a window (or one that spans
-        the context, or more full layers than local ones): one group of every layer."""
+        the context, or more full layers than local ones): one group of every layer; every
+        layer local: one group too, with ``kv_window`` set (``block_manager.LocalBlocks``)."""
         n_full = windows.count(0)
         n_local = len(windows) - n_full
         w = max(windows)
-        windowed = 0 < n_full <= n_local and len(set(windows)) == 2 and w < self.max_model_len
-        self.kv_window = w if windowed else 0
+        one_window = len(set(windows) - {0}) == 1 and w < self.max_model_len
+        windowed = one_window and 0 < n_full <= n_local
+        # every layer local (Mistral v0.1): one table that gives blocks back itself
+        self.kv_window = w if windowed or (one_window and not n_full) else 0
         self.kv_group_size = n_full if windowed else len(windows)
         self.kv_local_groups = -(-n_local // n_full) if windowed else 0
         self.kv_slot = list(range(len(windows)))

@@ -36,7 +36,8 @@ class Runner(Protocol):
     block_size: int
     # sliding-window layers beside full ones (Gemma 2/3) in groups that read tables of
     # their own over the same pool (block_manager.WindowedBlocks): the window and the local
-    # layer groups; 0: one table for every layer
+    # layer groups; a window and 0 groups: every layer local (block_manager.LocalBlocks);
+    # no window: one table for every layer
     kv_window: int
     kv_local_groups: int
     max_model_len: int

@@ -297,10 +297,26 @@ def _layer_kinds(d: dict[str, Any], arch: str, n_layers: int) -> tuple[bool, ...
     if not types:
         every = 2 if arch == "Gemma2ForCausalLM" else int(d.get("sliding_window_pattern", 6))
         return tuple(bool((i + 1) % every) for i in range(n_layers))
+    return _kinds_of(types, n_layers)
+
+
+def _kinds_of(types: list[str], n_layers: int) -> tuple[bool, ...]:
+    """A config's ``layer_types`` -> which layers are local (sliding)."""
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown or len(types) != n_layers:
         raise UnsupportedModel(f"layer_types {sorted(unknown) or types} are not supported")
     return tuple(t == "sliding_attention" for t in types)
+
+
+def _window_layers(d: dict[str, Any], n_layers: int, qwen: bool) -> tuple[bool, ...]:
+    """Mistral and Qwen2/3 with a sliding window: which layers are local, from
+    ``layer_types``, else as transformers derives them (Mistral every layer; Qwen from
+    ``max_window_layers`` on)."""
+    types = d.get("layer_types")
+    if types:
+        return _kinds_of(types, n_layers)
+    first = int(d.get("max_window_layers", n_layers)) if qwen else 0
+    return tuple(i >= first for i in range(n_layers))
 
 
 def _window(v: Any) -> int | None:
@@ -376,8 +392,16 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     if scaling.kind == "longrope":  # the long factors are not served: the original context
         max_pos = min(max_pos, scaling.original_max_position_embeddings)
     window = d.get("sliding_window")
-    if window and not gemma and (not is_qwen or d.get("use_sliding_window")):
-        max_pos = min(max_pos, int(window))  # served without a window: cap the context to it
+    if (
+        window
+        and int(window) < max_pos
+        and not gemma
+        and (not is_qwen or d.get("use_sliding_window"))
+    ):
+        # served windowed at the full context (the layers' kinds as transformers has them);
+        # a window as long as the context is none (Phi-4-mini's 262,144)
+        extra = {**extra, "sliding_window": int(window),
+                 "sliding_layers": _window_layers(d, n_layers, is_qwen)}  # fmt: skip
     cfg = ModelConfig(
         vocab_size=int(d["vocab_size"]),
         hidden_size=int(d["hidden_size"]),

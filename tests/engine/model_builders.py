@@ -15,7 +15,7 @@ TOL = 1e-4  # relative to the largest logit
 SLOTS = [2, 0, 3]  # where check_batch puts adapters 0, 1, 2 (slot 1 stays empty)
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 320
-WINDOW = 5  # Gemma's sliding window in the tiny models
+WINDOW = 5  # the sliding window of the tiny models that have one (Gemma, *-window)
 
 
 def _hf_config(kind: str):
@@ -61,6 +61,13 @@ def _hf_config(kind: str):
         return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
     if kind == "mistral":
         return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    # sliding windows shorter than the sequences: Mistral's on every layer; Qwen2's from
+    # max_window_layers on (layer 0 global, layer 1 local)
+    if kind == "mistral-window":
+        return MistralConfig(**common, sliding_window=WINDOW, tie_word_embeddings=False)
+    if kind == "qwen2-window":
+        return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True,
+                           sliding_window=WINDOW, max_window_layers=1)  # fmt: skip
     # head_dim 32 with 4 heads: q is 128 wide on a 64 hidden (not hidden / heads)
     if kind == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)

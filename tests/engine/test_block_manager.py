@@ -6,7 +6,12 @@ import itertools
 
 import pytest
 
-from loraplex.engine.block_manager import BlockManager, WindowedBlocks
+from loraplex.engine.block_manager import (
+    UNBOUNDED_TOKENS,
+    BlockManager,
+    LocalBlocks,
+    WindowedBlocks,
+)
 from loraplex.engine.sequence import Sequence
 
 _ids = itertools.count()
@@ -286,3 +291,65 @@ def test_windowed_disabled_prefix_cache_still_gives_blocks_back():
     for s in (a, b):
         wb.free(s)
     assert wb.is_whole()
+
+
+# -- every layer local: one table that gives its blocks back ------------------------------------
+
+
+def test_local_table_gives_back_and_holds_a_window():
+    lb = LocalBlocks(8, block_size=4, window=6, enable_prefix_caching=True)
+    seq = make_seq(list(range(10)))
+    lb.admit(seq)
+    step(lb, seq, 10)  # the next query, at 10, reads blocks 1 and 2
+    assert seq.local_start == 1 and seq.block_table[0] == 0 and lb.num_free == 6
+    for _ in range(60):  # 70 tokens: 18 blocks of table, never more than 3 held
+        seq.token_ids.append(7)
+        step(lb, seq, 1)
+        assert lb.held(seq) == len(seq.block_table) - seq.local_start <= 3
+    assert len(seq.block_table) == 18 and lb.capacity_tokens(4) == UNBOUNDED_TOKENS
+    lb.free(seq)
+    assert lb.is_whole() and seq.block_table == []
+
+
+def test_local_table_prefix_hit_needs_only_the_last_window():
+    lb = LocalBlocks(16, block_size=4, window=5, enable_prefix_caching=True)
+    a = make_seq(list(range(32)))
+    lb.admit(a)
+    for _ in range(4):
+        step(lb, a, 8)
+    lb.free(a)
+    # the filler takes the 8 blocks never used, then a's blocks 0..3 (given back first)
+    filler = make_seq([900 + i for i in range(48)])
+    lb.admit(filler)
+    assert lb.grow_if_fits(filler, 48) and lb.num_free == 4
+    b = make_seq([*range(32), 1])
+    lb.admit(b)  # a query at 32 reads block 7 only: all 32 tokens hit
+    assert b.num_cached_tokens == 32 and b.local_start == 7 and b.block_table[:7] == [0] * 7
+    c = make_seq([*range(25), 1])
+    lb.admit(c)  # a query at 24 reads block 5 (still cached): 24 tokens hit
+    assert c.num_cached_tokens == 24 and c.local_start == 5
+    d = make_seq([*range(17), 1])
+    lb.admit(d)  # each prefix of at most 4 blocks needs one of blocks 0..3: no hit
+    assert d.num_cached_tokens == 0 and d.block_table == []
+    for s in (b, c, d, filler):
+        lb.free(s)
+    assert lb.is_whole()
+
+
+def test_local_table_fork_and_disabled_cache():
+    lb = LocalBlocks(16, block_size=4, window=6, enable_prefix_caching=False)
+    parent = make_seq(list(range(14)))
+    parent.hold_local = True
+    lb.admit(parent)
+    step(lb, parent, 14)
+    child = make_seq(list(range(14)))
+    lb.fork(parent, child)  # a query at 12 reads blocks 1, 2
+    assert child.local_start == 1 and child.block_table == [0, *parent.block_table[1:3]]
+    parent.hold_local = False
+    parent.token_ids.append(3)
+    step(lb, parent, 1)
+    again = make_seq(list(range(14)))
+    assert lb.match_prefix(again) == [] and again.num_cached_tokens == 0
+    for s in (parent, child):
+        lb.free(s)
+    assert lb.is_whole()

@@ -10,6 +10,7 @@ from engine_drive import drive_mixed, mixed_requests
 from model_builders import build_adapter, build_hf_model, hf_greedy, load_hf
 from test_family_parity import FAMILIES
 
+from loraplex.engine.block_manager import LocalBlocks, WindowedBlocks
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model.config import FUSED_MODULES, SPLIT_MODULES
@@ -46,7 +47,12 @@ def family(request, tmp_path_factory):
     return _family(request.param, tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+# local layers beside global ones (their own tables), or every layer local (one table)
+WINDOW_GROUPS = ("gemma2", "gemma3", "qwen2-window")
+WINDOWED = (*WINDOW_GROUPS, "mistral-window")
+
+
+@pytest.fixture(scope="module", params=WINDOWED)
 def windowed_family(request, tmp_path_factory):
     return _family(request.param, tmp_path_factory)
 
@@ -59,7 +65,7 @@ def windowed_family(request, tmp_path_factory):
 def test_family_engine_matches_hf(family, overrides):
     kind, base, adapters, reference = family
     cfg = dict(block_size=4, max_loras=4, max_lora_rank=32, device="cpu", dtype="float32")
-    if "num_gpu_blocks" in overrides and "gemma" in kind:
+    if "num_gpu_blocks" in overrides and kind in WINDOWED:
         # the local layer gives its blocks behind the window back: a smaller pool preempts
         overrides = {**overrides, "num_gpu_blocks": 8}
     engine = LLMEngine.from_model(
@@ -82,8 +88,9 @@ def test_family_engine_matches_hf(family, overrides):
 
 
 def test_sliding_window_layers_give_their_blocks_back(windowed_family):
-    """Gemma's local layers read a table of their own over the same pool of blocks, and the
-    blocks behind their window go back to it as the requests run past several windows
+    """Gemma's (and Qwen2's) local layers read a table of their own over the same pool of
+    blocks (Mistral's, all local, one table), and the blocks behind their window go back to
+    it as the requests run past several windows
     (two choices forking off one prompt among them) in a pool small enough to preempt:
     every token still equals HF + PEFT's, and nothing leaks."""
     _sliding_window_run(windowed_family, "cpu")
@@ -97,15 +104,21 @@ def test_sliding_window_layers_on_the_gpu(windowed_family):
 
 def _sliding_window_run(windowed_family, device: str) -> None:
     kind, base, adapters, reference = windowed_family
+    grouped = kind in WINDOW_GROUPS
     cfg = EngineConfig(
-        num_gpu_blocks=14, max_num_seqs=3, max_num_batched_tokens=8, block_size=4,
+        num_gpu_blocks=14 if grouped else 8, max_num_seqs=3, max_num_batched_tokens=8, block_size=4,
         max_loras=4, max_lora_rank=32, device=device, dtype="float32",
     )  # fmt: skip
     engine = LLMEngine.from_model(str(base), cfg)
     runner = engine.runner
-    # one local layer, one global: a block id is one layer's, twice as many as blocks of both
-    assert runner.kv_window == 5 and runner.kv_local_groups == 1
-    assert runner.num_blocks == 28 and engine.blocks.num_blocks == 28
+    if grouped:
+        # one local layer, one global: a block id is one layer's, twice as many as of both
+        assert runner.kv_window == 5 and runner.kv_local_groups == 1
+        assert runner.num_blocks == 28 and isinstance(engine.blocks, WindowedBlocks)
+    else:  # both layers local: one table of blocks of both, given back behind the window,
+        # so 8 blocks serve requests of 43 tokens (11 blocks) three at a time
+        assert runner.kv_window == 5 and runner.kv_local_groups == 0
+        assert runner.num_blocks == 8 and isinstance(engine.blocks, LocalBlocks)
     long = dict(temperature=0.0, ignore_eos=True, max_tokens=24)
     reqs, names = mixed_requests(kind, adapters, [None, 0, 1, 2], long, prefix_of=1)
     reqs[3].sampling = msgspec.structs.replace(reqs[3].sampling, n=2)  # siblings fork off it

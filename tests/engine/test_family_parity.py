@@ -51,6 +51,10 @@ FAMILIES = {
     # Gemma 3's q/k norms and two rope bases
     "gemma2": SPLIT_SPECS,
     "gemma3": SPLIT_SPECS,
+    # a window on every layer (Mistral v0.1's config), and Qwen2's on the layers from
+    # max_window_layers on: served at the full context
+    "mistral-window": SPLIT_SPECS,
+    "qwen2-window": SPLIT_SPECS,
 }
 
 
@@ -132,8 +136,8 @@ def test_family_adapter_for_another_layout_refused(family, tmp_path):
         runner.read_adapter(out)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-def test_gemma_window_and_caps_matter(kind, tmp_path):
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "mistral-window", "qwen2-window"])
+def test_window_and_caps_matter(kind, tmp_path):
     """The same weights served without the window (or without Gemma 2's soft-caps) are far
     from the reference: the parity above checks the window and the caps, not just shapes."""
     import dataclasses

@@ -43,7 +43,19 @@ def test_config_architectures():
     mistral = config_from_hf(
         {**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 1024}
     )
-    assert mistral.max_position_embeddings == 1024  # served without a window: capped to it
+    # served windowed at the full context: every layer local (Mistral); Qwen's layers from
+    # max_window_layers on, or as layer_types says
+    assert mistral.max_position_embeddings == 4096 and mistral.sliding_window == 1024
+    assert mistral.sliding_layers == (True,) * BASE["num_hidden_layers"]
+    n = BASE["num_hidden_layers"]
+    qwen_window = {**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64,
+                   "use_sliding_window": True, "max_window_layers": 1}  # fmt: skip
+    q = config_from_hf(qwen_window)
+    assert q.sliding_window == 64 and q.sliding_layers == (False,) + (True,) * (n - 1)
+    types = ["sliding_attention"] * (n - 1) + ["full_attention"]
+    assert config_from_hf({**qwen_window, "layer_types": types}).sliding_layers[-1] is False
+    with pytest.raises(UnsupportedModel, match="layer_types"):
+        config_from_hf({**qwen_window, "layer_types": ["chunked_attention"] * n})
 
 
 @pytest.mark.parametrize(
