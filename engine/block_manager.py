@@ -62,6 +62,11 @@ class BlockManager:
         """The longest sequence the pool can hold alone (prefilled ``chunk`` tokens a step)."""
         return self.num_blocks * self.block_size
 
+    def fits_held(self, num_tokens: int) -> bool:
+        """Whether a sequence of ``num_tokens`` fits the pool alone with every block held
+        (none given back behind a window: ``Sequence.hold_local``)."""
+        return self.blocks_for(num_tokens) <= self.num_blocks
+
     def is_whole(self) -> bool:
         """Every block free and unreferenced: nothing leaked."""
         return len(self._free) == self.num_blocks and not any(self._ref)
@@ -278,6 +283,9 @@ class WindowedBlocks(BlockManager):
         if n < live:
             n = self.num_blocks // (1 + self.groups)
         return n * bs
+
+    def fits_held(self, num_tokens: int) -> bool:
+        return (1 + self.groups) * self.blocks_for(num_tokens) <= self.num_blocks
 
     def _hit(self, seq: Sequence) -> tuple[list[int], list[list[int]], int]:
         """-> (full blocks, each local group's blocks from the first live one, that block's

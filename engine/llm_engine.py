@@ -187,7 +187,9 @@ class LLMEngine:
                 fair_weight=request.fairness_weight,
                 priority_tier=request.priority,
                 queued_at=taken,
-                hold_local=i == 0 and p.n > 1,  # its siblings fork off its prompt's blocks
+                # its siblings fork off its prompt's blocks: it keeps them all until they
+                # have, where it could run alone so (else they recompute the prompt)
+                hold_local=i == 0 and p.n > 1 and self.blocks.fits_held(max_total),
             )
             self._next_seq_id += 1
             choice = Choice(seq)

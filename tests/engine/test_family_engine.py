@@ -4,12 +4,15 @@ equal HF + PEFT's for it alone, also with preemption, chunked prefill and a pref
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
-from engine_drive import drive_mixed, mixed_requests
+from engine_drive import drive, drive_mixed, mixed_requests
 from model_builders import build_adapter, build_hf_model, hf_greedy, load_hf
 from test_family_parity import FAMILIES
 
+from loraplex.engine.api import Request, SamplingParams
 from loraplex.engine.block_manager import LocalBlocks, WindowedBlocks
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
@@ -106,7 +109,7 @@ def _sliding_window_run(windowed_family, device: str) -> None:
     kind, base, adapters, reference = windowed_family
     grouped = kind in WINDOW_GROUPS
     cfg = EngineConfig(
-        num_gpu_blocks=14 if grouped else 8, max_num_seqs=3, max_num_batched_tokens=8, block_size=4,
+        num_gpu_blocks=14 if grouped else 6, max_num_seqs=3, max_num_batched_tokens=8, block_size=4,
         max_loras=4, max_lora_rank=32, device=device, dtype="float32",
     )  # fmt: skip
     engine = LLMEngine.from_model(str(base), cfg)
@@ -116,9 +119,9 @@ def _sliding_window_run(windowed_family, device: str) -> None:
         assert runner.kv_window == 5 and runner.kv_local_groups == 1
         assert runner.num_blocks == 28 and isinstance(engine.blocks, WindowedBlocks)
     else:  # both layers local: one table of blocks of both, given back behind the window,
-        # so 8 blocks serve requests of 43 tokens (11 blocks) three at a time
+        # so 6 blocks serve requests of 43 tokens (11 blocks), preempting one another
         assert runner.kv_window == 5 and runner.kv_local_groups == 0
-        assert runner.num_blocks == 8 and isinstance(engine.blocks, LocalBlocks)
+        assert runner.num_blocks == 6 and isinstance(engine.blocks, LocalBlocks)
     long = dict(temperature=0.0, ignore_eos=True, max_tokens=24)
     reqs, names = mixed_requests(kind, adapters, [None, 0, 1, 2], long, prefix_of=1)
     reqs[3].sampling = msgspec.structs.replace(reqs[3].sampling, n=2)  # siblings fork off it
@@ -129,4 +132,30 @@ def _sliding_window_run(windowed_family, device: str) -> None:
         assert got[r.request_id] == want * r.sampling.n, r.request_id
     assert engine.stats().preemptions > 0
     assert engine.blocks.is_whole() and engine.slots.is_idle()
+    engine.shutdown()
+
+
+def test_sliding_window_forks_never_hold_more_than_the_pool(windowed_family):
+    """n = 2 on a prompt whose blocks, all held until the sibling forks, would not fit the
+    pool: the first choice gives its blocks back as usual (the sibling recomputes the
+    prompt) instead of preempting itself forever; a shorter prompt holds and shares. (No
+    prefix cache: a hit on its own blocks after the preemption would hide the loop.)"""
+    kind, base, _, reference = windowed_family
+    grouped = kind in WINDOW_GROUPS
+    cfg = EngineConfig(
+        num_gpu_blocks=14 if grouped else 6, max_num_seqs=3, max_num_batched_tokens=8,
+        block_size=4, max_loras=4, max_lora_rank=32, device="cpu", dtype="float32",
+        enable_prefix_caching=False,
+    )  # fmt: skip
+    engine = LLMEngine.from_model(str(base), cfg)
+    assert engine.blocks.num_blocks == (28 if grouped else 6)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4, n=2)
+    rng = random.Random(3)
+    long, short = ([rng.randrange(3, 300) for _ in range(n)] for n in (60, 12))
+    assert not engine.blocks.fits_held(len(long) + 4) and engine.blocks.fits_held(16)
+    reqs = [Request("long", long, params), Request("short", short, params)]
+    got = drive(engine, reqs, {})
+    for r in reqs:
+        assert got[r.request_id] == reference(None, r.prompt, 4) * 2, r.request_id
+    assert engine.blocks.is_whole()
     engine.shutdown()
