@@ -233,7 +233,7 @@ def _longest_window_hit(
 class WindowedBlocks(BlockManager):
     """The KV blocks of a model whose local layers see the last ``window`` positions and
     whose other layers see all (Gemma 2 and 3), over one pool of block ids. The layers are
-    cut into groups of as many layers as the full ones (``ModelRunner.kv_groups``: one full
+    cut into groups of as many layers as the full ones (``ModelRunner._kv_layout``: one full
     group, ``groups`` local ones, the last maybe partly empty), and each group's layers read
     their own table; a block id holds one group's KV, so memory goes to whichever kind needs
     it (vLLM's hybrid KV cache manager lays memory out the same way). ``seq.block_table`` is

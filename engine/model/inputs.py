@@ -36,7 +36,7 @@ class HostInputs:
     has_lora: bool
     max_q_len: int  # longest chunk of the step, known here so no kernel reads it back
     pool_idx: torch.Tensor | None = None  # [P] int64: rows pooled (embeddings); None: none
-    # a model's sliding-window layer groups (None: none; ModelRunner.kv_groups)
+    # a model's sliding-window layer groups (None: none; ModelRunner._kv_layout)
     local_block_tables: torch.Tensor | None = None  # [G, B, MB] int32
     local_slot_mapping: torch.Tensor | None = None  # [G, T] int64
 

@@ -148,7 +148,7 @@ class LlamaModel:
         self.softcap = config.attn_logit_softcap or 0.0
         self.windows = [config.layer_window(i) for i in range(config.num_layers)]
         # each layer's KV table: 0 the step's block tables, g > 0 local layer group g's
-        # (ModelRunner.kv_groups sets them when the sliding-window layers keep their own)
+        # (ModelRunner._kv_layout sets them when the sliding-window layers keep their own)
         self.kv_groups = [0] * config.num_layers
         # Gemma: embeddings times sqrt(hidden), rounded to the model dtype as transformers does
         self.embed_scale = (
