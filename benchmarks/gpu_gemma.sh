@@ -3,13 +3,17 @@
 #
 #   SECTIONS="tests gemma3" OUT=/some/dir bash benchmarks/gpu_gemma.sh      (~6 min)
 #   SECTIONS="gemma2 long" OUT=/some/dir bash benchmarks/gpu_gemma.sh       (~7 min)
+#   SECTIONS="window" OUT=/some/dir bash benchmarks/gpu_gemma.sh            (~5 min)
 #
 # tests: the windowed / soft-capped attention kernels in bf16 at Gemma's head shapes, and
 # tests/engine/test_gpu_gemma.py (bf16, CUDA graphs, gemma-2-9b's and gemma-3-12b's shapes
 # and windows, prompts past the window, base + 3 adapters vs HF+PEFT float32);
 # gemma3 / gemma2: bench_throughput on dummy:gemma3-12b / dummy:gemma2-9b, no adapters
 # against 32 (the default workload: 1,000 requests of 256 + 128 tokens, Zipf 1.0);
-# long: dummy:gemma3-12b with 2,048-token prompts (twice its 1,024 window), 0 and 32.
+# long: dummy:gemma3-12b with 2,048-token prompts (twice its 1,024 window), 0 and 32;
+# window: the sliding-window KV layout on the GPU: the engine through the windowed tables
+# with CUDA graphs (tests/engine/test_family_engine.py -m gpu), then bench_window_kv.py on
+# dummy:gemma3-12b (the local layers' blocks given back, against one table for every layer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/loraplex-gpu-gemma}
@@ -49,6 +53,12 @@ for s in $SECTIONS; do
       step "bench_throughput gemma3-12b, 2k prompts" 280 $PY benchmarks/bench_throughput.py \
         --model dummy:gemma3-12b --adapters 0,32 --hf-adapters "" --num-requests 256 \
         --prompt-len 2048 --output-len 128 --json "$OUT/throughput_gemma3_long.json"
+      ;;
+    window)
+      step "windowed engine on the GPU" 120 $PY -m pytest -m gpu -q -p no:cacheprovider -rs \
+        --confcutdir=tests/engine tests/engine/test_family_engine.py
+      step "bench_window_kv gemma3-12b" 300 $PY benchmarks/bench_window_kv.py \
+        --json "$OUT/window_kv.json"
       ;;
     *) echo "unknown section $s" | tee -a "$LOG" && status=1 ;;
   esac
