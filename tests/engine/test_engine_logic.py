@@ -38,8 +38,11 @@ def make_engine(tok, request):
     before step n's tokens are read, placeholders filled on the "device") and without."""
     engines: list[OfflineEngine] = []
 
-    def make(num_blocks=64, block_size=4, slots=4, **cfg) -> OfflineEngine:
-        runner = ToyRunner(tok, num_blocks=num_blocks, block_size=block_size, num_slots=slots)
+    def make(num_blocks=64, block_size=4, slots=4, window=0, groups=0, **cfg) -> OfflineEngine:
+        runner = ToyRunner(
+            tok, num_blocks=num_blocks, block_size=block_size, num_slots=slots,
+            kv_window=window, local_groups=groups,
+        )  # fmt: skip
         cfg.setdefault("async_scheduling", request.param == "async")
         cfg.setdefault("max_cpu_loras", max(slots, 4))
         config = EngineConfig(block_size=block_size, max_loras=slots, **cfg)
@@ -333,15 +336,33 @@ def test_seeded_sampling_survives_preemption(make_engine):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_random_workload_with_aborts(make_engine, tmp_path, tok, seed):
+    random_workload(make_engine, tmp_path, tok, seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "groups", [1, 2, 0], ids=["one-local-group", "two-local-groups", "all-local"]
+)
+def test_random_workload_with_sliding_windows(make_engine, tmp_path, tok, seed, groups):
+    """The same with toy sliding-window layers (window 5, blocks of 4): local groups whose
+    blocks behind the window go back to the shared pool, every query's window read back
+    through their tables checked against the full table's, under preemption, forks, prefix
+    hits and aborts; or every layer local, with windowed logits."""
+    random_workload(make_engine, tmp_path, tok, seed, window=5, groups=groups)
+
+
+def random_workload(make_engine, tmp_path, tok, seed: int, window: int = 0, groups: int = 0):
     import random
 
     rng = random.Random(seed)
     engine = make_engine(
-        num_blocks=rng.choice([14, 24, 64]),
+        num_blocks=rng.choice([14, 24, 64]) * (1 + groups),
         slots=rng.choice([1, 2, 3]),
         max_num_batched_tokens=rng.choice([6, 16, 64]),
         max_num_seqs=rng.choice([2, 4, 16]),
         enable_prefix_caching=rng.random() < 0.7,
+        window=window,
+        groups=groups,
     )
     refs = [adapter(tmp_path, f"w{i}", 30 + i) for i in range(4)]
     expected: dict[str, list[int]] = {}
@@ -361,7 +382,11 @@ def test_random_workload_with_aborts(make_engine, tmp_path, tok, seed):
                 )
             )
             expected[rid] = reference_greedy(
-                prompt, w, engine.core._requests[rid].params.max_tokens, len(tok)
+                prompt,
+                w,
+                engine.core._requests[rid].params.max_tokens,
+                len(tok),
+                window=window if window and not groups else 0,
             )
             live.append(rid)
         if live and rng.random() < 0.05:

@@ -36,12 +36,20 @@ def toy_embedding(context: list[tuple[int, int]], hidden: int) -> torch.Tensor:
 
 
 def reference_greedy(
-    prompt: list[int], weights: int, max_tokens: int, vocab: int, eos: int | None = None
+    prompt: list[int],
+    weights: int,
+    max_tokens: int,
+    vocab: int,
+    eos: int | None = None,
+    window: int = 0,
 ) -> list[int]:
+    """``window``: every toy layer local (``ToyRunner(kv_window=..., local_groups=0)``): the
+    logits are a function of the last ``window`` positions only."""
     tokens = list(prompt)
     out: list[int] = []
     for _ in range(max_tokens):
-        tok = int(toy_logits([(t, weights) for t in tokens], vocab).argmax())
+        seen = tokens[-window:] if window else tokens
+        tok = int(toy_logits([(t, weights) for t in seen], vocab).argmax())
         out.append(tok)
         tokens.append(tok)
         if tok == eos:
@@ -66,14 +74,23 @@ class ToyRunner:
         num_slots=4,
         eos=(1,),
         num_pages=None,
+        kv_window=0,
+        local_groups=0,
     ):
         """``num_pages``: GPU pages in all (one group, one page per chunk); an adapter of toy
-        weights ``w`` takes ``1 + w % 3`` of them. None: room for every slot at 3 pages."""
+        weights ``w`` takes ``1 + w % 3`` of them. None: room for every slot at 3 pages.
+
+        ``kv_window`` with ``local_groups``: toy sliding-window layer groups beside the full
+        one (``block_manager.WindowedBlocks``): each writes the chunk through its own table
+        into the same pool, and every query position's window read back through each local
+        table must equal the full table's (else RuntimeError); the logits stay the full
+        context's. With no local groups every toy layer is local (``LocalBlocks``): the
+        logits are the window's (``reference_greedy(window=...)``)."""
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_window = self.kv_local_groups = 0
+        self.kv_window, self.kv_local_groups = kv_window, local_groups
         self.max_model_len = max_model_len
         self.eos_token_ids = eos
         self.device = torch.device("cpu")
@@ -143,18 +160,25 @@ class ToyRunner:
             w = 0 if c.adapter_slot < 0 else self.slot_weights[c.adapter_slot]
             if w is None:
                 raise RuntimeError(f"slot {c.adapter_slot} used before it was written")
+            if self.kv_local_groups and len(c.local_tables) != self.kv_local_groups:
+                raise RuntimeError(f"seq {c.seq_id}: {len(c.local_tables)} local tables")
             for j, t in enumerate(c.token_ids):
                 t = filled.get(offset + j, t)
                 if t < 0:
                     raise RuntimeError(f"seq {c.seq_id}: an unfilled placeholder")
                 pos = c.start_pos + j
-                self.pool[c.block_table[pos // bs]][pos % bs] = (t, w)
+                for table in (c.block_table, *c.local_tables):
+                    self.pool[table[pos // bs]][pos % bs] = (t, w)
             offset += len(c.token_ids)
         pooled = []
         for c in batch.chunks:  # read after every write, as a layer's attention does
+            if self.kv_window:
+                self._check_windows(c)
             if c.sample or c.pool:
                 end = c.start_pos + len(c.token_ids)
-                ctx = [self.pool[c.block_table[p // bs]][p % bs] for p in range(end)]
+                all_local = self.kv_window and not self.kv_local_groups
+                start = max(0, end - self.kv_window) if all_local else 0
+                ctx = [self.pool[c.block_table[p // bs]][p % bs] for p in range(start, end)]
                 if any(x is None for x in ctx):
                     raise RuntimeError("read an unwritten KV slot")
                 if c.sample:
@@ -163,6 +187,21 @@ class ToyRunner:
                     pooled.append(toy_embedding(ctx, self.config.hidden_size))  # type: ignore[arg-type]
         logits = torch.stack(rows) if rows else torch.empty(0, self.vocab_size)
         return StepTensors(logits, torch.stack(pooled) if pooled else None)
+
+    def _check_windows(self, c) -> None:
+        """Each query of chunk ``c`` reads its window through every local table (the one
+        table when every layer is local): what the full table holds there, never a block
+        given back or reused."""
+        bs, w = self.block_size, self.kv_window
+        for q in range(c.start_pos, c.start_pos + len(c.token_ids)):
+            for p in range(max(0, q - w + 1), q + 1):
+                want = self.pool[c.block_table[p // bs]][p % bs]
+                if want is None:
+                    raise RuntimeError(f"seq {c.seq_id}: position {p} never written")
+                for g, table in enumerate(c.local_tables):
+                    got = self.pool[table[p // bs]][p % bs]
+                    if got != want:
+                        raise RuntimeError(f"seq {c.seq_id}: local group {g} at {p}: {got}")
 
     def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None):
         return self.run(batch, prev_tokens).logits
