@@ -6,12 +6,15 @@ the gateway ready."""
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import boto3
 import httpx
+import openai
 import pytest
 from harness.tcp_proxy import ThreadedProxy
 from outage_live import OutageGateway, Proxies
@@ -22,6 +25,8 @@ from loraplex.engine_wiring import inproc_engine
 from loraplex.gateway.app import create_app
 from loraplex.gateway.settings import GatewaySettings
 from tests.gateway.live import BASE, Gateway, fresh_database, live_server, ok, wait_until
+
+T = TypeVar("T")
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
        "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
@@ -47,6 +52,21 @@ def fast_settings(**kw: object) -> GatewaySettings:
         usage_export_enabled=False,
         **kw,  # type: ignore[arg-type]
     )
+
+
+def until_available(setup: Callable[[], T], within_s: float = 30.0) -> T:
+    """Run a setup step again while the gateway answers 503: with the fast settings a
+    database call past 0.5 s on a loaded box counts as a failure, and two open the breaker
+    for 2 s (a fast 503, as designed), before any outage is staged."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return setup()
+        except (AssertionError, openai.APIStatusError) as exc:
+            busy = getattr(exc, "status_code", 503) == 503 and "unavailable" in str(exc)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="package")
@@ -90,8 +110,8 @@ def outage_gw(
                     wait_until(lambda: probe.get(f"{base}/ready").status_code == 200, 120)
                 gw = Gateway(url=base, app=app, database_url=url, admin_token=token)
                 og = OutageGateway(gw, proxies, make_peft_adapter(tiny_llama_dir, rank=4, seed=71))
-                warm = og.tenant(adapters={"warm": og.warm_dir})
-                og.chat(warm, "warm")  # its bytes are now in the disk cache
+                warm = until_available(lambda: og.tenant(adapters={"warm": og.warm_dir}))
+                until_available(lambda: og.chat(warm, "warm"))  # its bytes: in the disk cache
                 yield og
         finally:
             for proxy in proxies.all():
