@@ -7,7 +7,6 @@ then holds one row per action, and none holds a secret."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,13 +61,11 @@ class Page:
         return self.d.find_element(By.CSS_SELECTOR, selector)
 
     def text(self, selector: str) -> str:
-        """The element's text, found again if a re-render detaches it while it is read."""
-        for _ in range(20):
-            try:
-                return str(self.css(selector).text)
-            except WebDriverException:
-                time.sleep(0.1)
-        return str(self.css(selector).text)
+        """The element's text once it is there (a page's script may render it after the
+        load: on a loaded box, past 2 s), found again if a re-render detaches it while it
+        is read."""
+        found = self.wait(lambda d: (d.find_element(By.CSS_SELECTOR, selector).text,))
+        return str(found[0])  # (a tuple: an empty text is an answer too)
 
     def status(self, text: str) -> None:
         self.wait(ec.text_to_be_present_in_element((By.ID, "status"), text))
