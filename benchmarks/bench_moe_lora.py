@@ -126,6 +126,39 @@ def launch_variants(token, ref: torch.Tensor, base_ms: float, T: int, reps: int)
         print(f"{T:>7} token, {name}: {t:.3f} ms, {t / base_ms:.3f} x base", flush=True)
 
 
+def kernel_profile(fn, steps: int = 5) -> str:
+    """Per kernel name and grid, the device time per call of ``fn`` (eager, synced; from the
+    profiler's trace), largest first: where a variant's time goes."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    by: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("cat") == "kernel":
+            k = (e["name"][:60], str(e.get("args", {}).get("grid")))
+            by.setdefault(k, []).append(e["dur"])
+    total = sum(sum(d) for d in by.values()) / steps
+    text = f"kernels {total:.1f} us a call; (name, grid): us a call, calls, mean us\n"
+    for (name, grid), durs in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:30]:
+        text += (
+            f"{sum(durs) / steps:9.1f} {len(durs) // steps:5d} {sum(durs) / len(durs):8.2f}"
+            f"  {name} {grid}\n"
+        )
+    return text
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
@@ -142,8 +175,14 @@ def main() -> None:
         action="store_true",
         help="also time the per-token layer under sweep_decode_lora.py's launch variants",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="dir: per-kernel device time of each variant at each token count (CUDA)",
+    )
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
+    profiles: list[str] = []
     dev, dtype = torch.device("cuda"), torch.bfloat16
     cfg = dataclasses.replace(PRESETS["qwen3-30b-a3b"], num_layers=1)
     kernels = ""  # the default: Triton on CUDA
@@ -210,6 +249,9 @@ def main() -> None:
         for name, t in ms.items():
             err = f"{errs[name]:.1e}" if name in errs else ""
             print(f"{T:>7} {name:>8} {t:>8.3f} {t / ms['base']:>7.3f} {err:>8}")
+        if args.profile and dev.type == "cuda":
+            for name, fn in variants.items():
+                profiles.append(f"==== {T} tokens, {name}\n" + kernel_profile(fn))
         if args.launch_variants:
             launch_variants(variants["token"], ref, ms["base"], T, args.reps)
         new = "grouped" if expert_grouped(meta, cfg, T <= args.decode_max) else "token"
@@ -219,6 +261,10 @@ def main() -> None:
             f"new {ms[new] / ms['base']:.3f}; beside/token {ms['beside'] / ms['token']:.3f}",
             flush=True,
         )
+    if profiles:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / "moe_lora_profile.txt").write_text("\n".join(profiles))
+        print(f"kernel profiles written to {args.profile}", flush=True)
 
 
 if __name__ == "__main__":
