@@ -285,6 +285,7 @@ class ModelRunner:
         per_seq = -(-seq_len // self.block_size)
         ids = n_seqs * per_seq * (self.kv_local_groups + 1)  # (build_host_inputs' stride)
         self.kv_caches = self._alloc_kv(ids)
+        self.num_blocks = ids  # the warm forward's host inputs derive the local ids from it
         temp_bytes = ids * self._id_bytes()
         chunks = [
             SeqChunk(

@@ -133,6 +133,10 @@ class AdapterSpec:
 def load_hf(base_dir: Path, **kwargs):
     from transformers import AutoModelForCausalLM
 
+    # eager attention: transformers' SDPA path drops Gemma 2's attention soft-capping in some
+    # releases (the GPU machine's 4.x gave other greedy tokens than 5.x's eager), so the
+    # reference is the plain attention in every version
+    kwargs.setdefault("attn_implementation", "eager")
     return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **kwargs).eval()
 
 
