@@ -19,7 +19,8 @@ class SeqChunk:
     sequence's own list (not a copy): valid while the runner builds this step's inputs, it
     grows with the next scheduling step. ``local_tables``: likewise the tables of a model's
     sliding-window layer groups (``WindowedBlocks``); empty: none, or derived from
-    ``block_table`` (``build_host_inputs``: warm-up and test chunks).
+    ``block_table`` (``build_host_inputs``: warm-up and test chunks). ``local_start``: the
+    sequence's ``local_start`` (the local tables' entries before it are given back: zeros).
     """
 
     seq_id: int
@@ -30,6 +31,7 @@ class SeqChunk:
     sample: bool
     pool: bool = False
     local_tables: list[list[int]] = field(default_factory=list)
+    local_start: int = 0
 
 
 @dataclass

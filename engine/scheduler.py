@@ -485,6 +485,7 @@ class Scheduler:
                 start_pos=start,
                 block_table=seq.block_table,  # read by the runner before it grows again
                 local_tables=seq.local_tables,
+                local_start=seq.local_start,
                 adapter_slot=seq.slot,
                 sample=last and not seq.embed,
                 pool=last and seq.embed,

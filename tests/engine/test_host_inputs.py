@@ -74,3 +74,34 @@ def test_local_group_tables_and_slot_mappings():
         )  # fmt: skip
     plain = build_host_inputs(ScheduledBatch([own]), block_size=bs, max_model_len=64, num_slots=3)
     assert plain.local_block_tables is None and plain.local_slot_mapping is None
+
+
+def test_local_tables_read_from_local_start_on():
+    """Chunks that all carry their own local tables: only each one's entries from its
+    ``local_start`` on are read (those before it are given back: zero in the tables), and
+    the tables are padded to the longest; the result equals the tables read whole."""
+    bs, groups = 4, 2
+    chunks = [
+        SeqChunk(0, [1], 13, [1, 2, 3, 4], -1, True,
+                 local_tables=[[0, 0, 31, 41], [0, 0, 32, 42]], local_start=2),
+        SeqChunk(1, [2, 3], 4, [5, 6], -1, True, local_tables=[[51, 61], [52, 62]]),
+        SeqChunk(2, [4], 9, [7, 8, 9], -1, True,
+                 local_tables=[[0, 81, 91], [0, 82, 92]], local_start=1),
+    ]  # fmt: skip
+    kw = dict(block_size=bs, max_model_len=64, num_slots=3, local_groups=groups, num_blocks=300)
+    h = build_host_inputs(ScheduledBatch(chunks), **kw)
+    assert h.local_block_tables is not None and h.local_slot_mapping is not None
+    assert h.local_block_tables.dtype == torch.int32
+    assert h.local_block_tables.tolist() == [
+        [[0, 0, 31, 41], [51, 61, 0, 0], [0, 81, 91, 0]],
+        [[0, 0, 32, 42], [52, 62, 0, 0], [0, 82, 92, 0]],
+    ]
+    # positions 13 (block 3), 4 and 5 (block 1), 9 (block 2)
+    assert h.local_slot_mapping.tolist() == [
+        [41 * 4 + 1, 61 * 4, 61 * 4 + 1, 91 * 4 + 1],
+        [42 * 4 + 1, 62 * 4, 62 * 4 + 1, 92 * 4 + 1],
+    ]
+    for c in chunks:  # read whole: the same
+        c.local_start = 0
+    whole = build_host_inputs(ScheduledBatch(chunks), **kw)
+    assert torch.equal(whole.local_block_tables, h.local_block_tables)
