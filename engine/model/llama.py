@@ -174,6 +174,11 @@ class LlamaModel:
         # ``beside``). Off until measured on a GPU: bench_moe_lora.py's "beside" row and
         # bench_throughput.py --moe-lora-beside (recapture the decode graphs after setting it)
         self.moe_lora_beside = False
+        # MoE: the per-token expert LoRA takes the pairs sorted by expert (the grouped GEMMs'
+        # order), so the pairs of one (adapter, expert) read its A and B from L2 after the
+        # first (moe_mlp's ``expert_order``). Off until measured on a GPU: bench_moe_lora.py's
+        # "token-eo" row and bench_throughput.py --moe-lora-expert-order
+        self.moe_lora_expert_order = False
 
     @property
     def device(self) -> torch.device:
@@ -438,6 +443,7 @@ class LlamaModel:
             x = moe_mlp(
                 h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped,
                 beside=beside and self.moe_lora_beside, side_stream=self.side_stream,
+                expert_order=self.moe_lora_expert_order,
             )  # fmt: skip
             return x, residual
         gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
