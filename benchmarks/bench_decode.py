@@ -46,6 +46,7 @@ from common import (
     base_step_bytes,
     copy_bandwidth,
     device_info,
+    kernel_table,
     kv_read_bytes,
     median_synced,
     pick_device,
@@ -331,9 +332,6 @@ def host_profile(runner: ModelRunner, batch: ScheduledBatch, steps: int = 30) ->
 def profile_steps(runner: ModelRunner, batch: ScheduledBatch, steps: int = 5) -> str:
     """torch.profiler over a few synced ``execute`` steps -> op table, and per kernel name and
     grid the time per step (from the trace), largest first."""
-    import json
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
     cuda = runner.device.type == "cuda"
@@ -346,19 +344,7 @@ def profile_steps(runner: ModelRunner, batch: ScheduledBatch, steps: int = 5) ->
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     text = prof.key_averages().table(sort_by=key, row_limit=30)
     text += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
-    by: dict[tuple[str, str], list[float]] = {}
-    for e in events:
-        if e.get("cat") == "kernel":
-            k = (e["name"][:60], str(e.get("args", {}).get("grid")))
-            by.setdefault(k, []).append(e["dur"])
-    rows = sorted(by.items(), key=lambda kv: -sum(kv[1]))
-    text += "\nkernel (name, grid): us per step, calls per step, mean us\n"
-    for (name, grid), durs in rows[:25]:
-        text += f"{sum(durs) / steps:9.1f} {len(durs) // steps:5d} {sum(durs) / len(durs):8.2f}  {name} {grid}\n"
-    return text
+    return text + "\n" + kernel_table(prof, steps)
 
 
 if __name__ == "__main__":

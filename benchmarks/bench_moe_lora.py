@@ -131,9 +131,6 @@ def launch_variants(token, ref: torch.Tensor, base_ms: float, T: int, reps: int)
 def kernel_profile(fn, steps: int = 5) -> str:
     """Per kernel name and grid, the device time per call of ``fn`` (eager, synced; from the
     profiler's trace), largest first: where a variant's time goes."""
-    import json
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -143,22 +140,10 @@ def kernel_profile(fn, steps: int = 5) -> str:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
-    by: dict[tuple[str, str], list[float]] = {}
-    for e in events:
-        if e.get("cat") == "kernel":
-            k = (e["name"][:60], str(e.get("args", {}).get("grid")))
-            by.setdefault(k, []).append(e["dur"])
-    total = sum(sum(d) for d in by.values()) / steps
-    text = f"kernels {total:.1f} us a call; (name, grid): us a call, calls, mean us\n"
-    for (name, grid), durs in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:30]:
-        text += (
-            f"{sum(durs) / steps:9.1f} {len(durs) // steps:5d} {sum(durs) / len(durs):8.2f}"
-            f"  {name} {grid}\n"
-        )
-    return text
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import kernel_table
+
+    return kernel_table(prof, steps, rows=30)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -136,6 +136,31 @@ def median_synced(fn: Callable[[], object], device: torch.device, n: int) -> flo
 # ---- byte counts for the floor -------------------------------------------------------------
 
 
+def kernel_table(prof, calls: int, rows: int = 25) -> str:
+    """From a finished ``torch.profiler`` run over ``calls`` calls: per kernel name and grid,
+    the device time per call, the launches per call and the mean time of one, largest first
+    (from the trace, where each kernel carries its grid)."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    by: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("cat") == "kernel":
+            k = (e["name"][:60], str(e.get("args", {}).get("grid")))
+            by.setdefault(k, []).append(e["dur"])
+    total = sum(sum(d) for d in by.values()) / calls
+    text = f"kernels {total:.1f} us a call; (name, grid): us a call, calls, mean us\n"
+    for (name, grid), durs in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        text += (
+            f"{sum(durs) / calls:9.1f} {len(durs) // calls:5d} {sum(durs) / len(durs):8.2f}"
+            f"  {name} {grid}\n"
+        )
+    return text
+
+
 def adapter_bytes(cfg: ModelConfig, rank: int, elem: int, targets=ALL_TARGETS) -> int:
     """Bytes of one adapter's A and B (what a decode step must read per distinct adapter)."""
     dims = module_dims(cfg)
