@@ -191,21 +191,21 @@ def build_host_inputs(
         derived = [c for c in chunks if not c.local_tables]
         if derived and max(max(c.block_table, default=0) for c in derived) >= stride:
             raise ValueError(f"a chunk without local tables uses a block past {stride - 1}")
-        if derived:
-            groups = [
-                _block_tables(
-                    [c.local_tables[g] if c.local_tables else c.block_table for c in chunks]
-                )
-                for g in range(local_groups)
-            ]
-            local_bt = torch.stack(groups)
-        else:  # only the entries from each sequence's local_start on: the rest are zeros
-            local_bt = _live_tables(chunks, local_groups)
         if derived:  # (never in the engine's steps: the scheduler gives every chunk its own)
+            local_bt = torch.stack(
+                [
+                    _block_tables(
+                        [c.local_tables[g] if c.local_tables else c.block_table for c in chunks]
+                    )
+                    for g in range(local_groups)
+                ]
+            )
             shift = torch.tensor([0 if c.local_tables else stride for c in chunks])
             local_bt += shift.to(torch.int32).view(1, -1, 1) * torch.arange(
                 1, local_groups + 1, dtype=torch.int32
             ).view(-1, 1, 1)
+        else:  # only the entries from each sequence's local_start on: the rest are zeros
+            local_bt = _live_tables(chunks, local_groups)
         local_slots = local_bt[:, seq_idx, in_block].long() * block_size + offset
 
     slots = _tensor("i", [c.adapter_slot for c in chunks])
