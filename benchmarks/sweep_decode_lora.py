@@ -42,6 +42,9 @@ ORIG_S, ORIG_E = S.lora_shrink, E.lora_expand
 
 VARIANTS: list[tuple[str, dict]] = [
     ("default", {}),
+    # the table the engine's warm-up fills for this GPU model (ModelRunner.tune_lora, timed
+    # before the benchmark's adapters are written; its picks are printed)
+    ("tuned", {"tuned": True}),
     ("in line", {"in_line": True}),
     ("expand loop", {"expand": {"one_tile": False}}),
     # the launch configs before 2026-12-05, per call (before_shrink / before_expand): beside
@@ -136,8 +139,9 @@ def kernels_for(v: dict):
     return with_config(ORIG_S, v.get("shrink")), with_config(ORIG_E, v.get("expand"))
 
 
-def apply(runner, side, v: dict) -> None:
+def apply(runner, side, v: dict, tuned=None) -> None:
     S.lora_shrink, E.lora_expand = kernels_for(v)
+    runner.model.lora_configs = tuned if v.get("tuned") else None
     if v.get("in_line"):
         runner.model.side_stream = None
     elif "priority" in v:
@@ -180,7 +184,15 @@ def main() -> None:
     runner = build_runner(ns, dev, b, n_slots)
     cfg = runner.config
     per_seq = -(-(ns.context + 1) // ns.block_size)
+    tuned = None
     with torch.inference_mode():
+        if not only or "tuned" in only:
+            report = runner.tune_lora(save=False)
+            tuned = runner.launch_configs
+            for key in report:
+                print(f"tuned {key}: {tuned.get('lora_decode', key) or 'the rules'}")
+                for c, ms in sorted(report[key].items(), key=lambda kv: kv[1]):
+                    print(f"    {ms:.3f} ms  {c}")
         for kc, vc in runner.kv_caches:
             kc.normal_()
             vc.normal_()
@@ -216,7 +228,7 @@ def main() -> None:
         for name, v in VARIANTS:
             if only and name not in only:
                 continue
-            apply(runner, side, v)
+            apply(runner, side, v, tuned)
             out = []
             for batch, lora in ((base_b, False), (dist_b, True)):
                 for _ in range(3):

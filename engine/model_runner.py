@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,12 @@ from loraplex.engine.kernels.lora_expand import token_path_sizes
 from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
 from loraplex.engine.lora.slots import PageNeed, PagePlan
-from loraplex.engine.lora.weights import LoraWeights, read_adapter
+from loraplex.engine.lora.weights import (
+    LoraWeights,
+    groups_of,
+    random_lora_weights,
+    read_adapter,
+)
 from loraplex.engine.model.cuda_graphs import DecodeGraphs
 from loraplex.engine.model.fp8 import Fp8Weight
 from loraplex.engine.model.inputs import HostInputs, build_host_inputs, gather_sampled
@@ -176,7 +182,10 @@ class ModelRunner:
                 max_batch=max_num_seqs,
                 max_blocks=self.max_blocks_per_seq,
             )
+            self.model.lora_configs = self.launch_configs
             with torch.inference_mode():
+                if kernel_tuning and kernel_config_dir is not None:
+                    self.tune_lora()
                 self.graphs.capture()
                 if self.prefill_graph_tokens > 0:
                     self.prefill_graphs = PrefillGraphs(
@@ -502,6 +511,44 @@ class ModelRunner:
         if measured and save:
             self.launch_configs.save()
         return measured
+
+    def tune_lora(self, save: bool = True) -> dict[str, dict[str, float]]:
+        """Fill the launch-config table's decode-graph LoRA entries for this GPU model and
+        this model's shapes (``DecodeGraphs.tune_lora``): adapters of rank
+        ``min(16, max_lora_rank)`` on the attention and dense MLP groups written into as many
+        slots as the largest graph has rows (or the pool's pages hold), each candidate timed
+        over whole decode steps, the slots cleared after. Entries already there are kept.
+        -> times (ms) by key and candidate, also in ``tuning_report``."""
+        if self.graphs is None or self.num_slots < 1:
+            return {}
+        t0 = time.perf_counter()
+        groups = tuple(g for g in groups_of(self.local_config) if not g.startswith("experts_"))
+        rank = min(16, self.max_lora_rank)
+        weights = random_lora_weights(
+            self.local_config, rank, self.dtype, groups=groups, device=self.device
+        )
+        filled = 0
+        try:
+            for slot in range(min(self.num_slots, self.max_num_seqs)):
+                try:
+                    self.lora.write(slot, weights)
+                except RuntimeError:  # the pool's pages are spent
+                    break
+                filled += 1
+            report = self.graphs.tune_lora(self.launch_configs, filled)
+        finally:
+            for slot in range(filled):
+                self.lora.clear(slot)
+            torch.cuda.synchronize(self.device)
+        if report:
+            log.info(
+                "kernel tuning: %d decode LoRA shapes over %d adapters in %.1f s",
+                len(report), filled, time.perf_counter() - t0,
+            )  # fmt: skip
+            if save:
+                self.launch_configs.save()
+        self.tuning_report.update(report)
+        return report
 
     # ---- adapters ------------------------------------------------------------------------
 

@@ -52,15 +52,17 @@ def lora_shrink(
     early_launch: bool = True,
     max_rank: int | None = None,
     row_div: int = 1,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """``early_launch``: a launch option of the Triton kernel (see there), not of the math.
     ``max_rank``: the step's largest adapter rank (host int; None: the pool's), which sizes
     the partials on the segment path. ``row_div``: token ``t`` reads ``x[t // row_div]``
-    (the MoE layer's pairs)."""
+    (the MoE layer's pairs). ``config``: a launch-config override of the Triton kernel (a
+    tuned entry, :mod:`~loraplex.engine.kernels.tuning`); the reference ignores it."""
     if use_triton(x):
         return _shrink.lora_shrink(
-            x, lora_a, ranks, pages, meta, early_launch=early_launch, max_rank=max_rank,
-            row_div=row_div,
+            x, lora_a, ranks, pages, meta, config=config, early_launch=early_launch,
+            max_rank=max_rank, row_div=row_div,
         )  # fmt: skip
     return _shrink.lora_shrink_ref(x, lora_a, ranks, pages, meta, max_rank, row_div)
 
@@ -76,12 +78,14 @@ def lora_expand(
     accumulate: bool = True,
     early_launch: bool = True,
     b_offsets: Sequence[int] | None = None,
+    config: dict | None = None,
 ):
     args = (buf, lora_b, ranks, pages, out_offsets, meta, y)
     if use_triton(y):
         return _expand.lora_expand(
-            *args, accumulate=accumulate, early_launch=early_launch, b_offsets=b_offsets
-        )
+            *args, config=config, accumulate=accumulate, early_launch=early_launch,
+            b_offsets=b_offsets,
+        )  # fmt: skip
     return _expand.lora_expand_ref(*args, accumulate=accumulate, b_offsets=b_offsets)
 
 

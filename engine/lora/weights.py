@@ -155,6 +155,42 @@ class LoraWeights:
         return 1 << (n - 1).bit_length() if self.buffer.is_pinned() else n
 
 
+def random_lora_weights(
+    config: ModelConfig,
+    rank: int,
+    dtype: torch.dtype,
+    *,
+    groups: tuple[str, ...] | None = None,
+    seed: int = 0,
+    std: float = 0.02,
+    device: torch.device | str = "cpu",
+) -> LoraWeights:
+    """An adapter of rank ``rank`` on every projection of ``groups`` (default: all of the
+    model's) with normal random A and B, built on ``device``, no file. For what needs an
+    adapter's shape and bytes, not its values: the warm-up's launch-config tuning, which
+    times the decode graphs with adapters in many slots (written from device memory)."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = module_dims(config)
+    packed: dict[str, PackedGroup] = {}
+    ranks: dict[tuple[int, str], int] = {}
+    rows: dict[str, tuple[int, ...]] = {}
+    for g in groups or groups_of(config):
+        mods = ALL_GROUPS[g]
+        L, in_f = group_rows(config, g), dims[mods[0]][0]
+        offs = [0]
+        for m in mods:
+            offs.append(offs[-1] + dims[m][1])
+        a = (torch.randn(L, len(mods), rank, in_f, generator=gen) * std).to(device, dtype)
+        b = (torch.randn(L, offs[-1], rank, generator=gen) * std).to(device, dtype)
+        rk = torch.full((L, len(mods)), rank, dtype=torch.int32, device=device)
+        packed[g] = PackedGroup(a, b, rk)
+        rows[g] = tuple(offs)
+        for layer in range(config.num_layers):
+            for m in mods:
+                ranks[(layer, m)] = rank
+    return LoraWeights(packed, ranks, torch.empty(0, dtype=torch.uint8), rows)
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():

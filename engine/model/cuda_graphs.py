@@ -17,14 +17,18 @@ steps with more. The number of adapter slots does not set the path (there may be
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.kernels.lora_shrink import use_token_path
-from loraplex.engine.lora.pool import LoraPool
+from loraplex.engine.kernels.tuning import LORA_DECODE_CANDIDATES, LaunchConfigs
+from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool
 from loraplex.engine.model.inputs import HostInputs, gather_sampled, padded_local_slots
 from loraplex.engine.model.llama import ForwardInputs, LlamaModel
+
+log = logging.getLogger("loraplex.engine.tuning")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -133,6 +137,87 @@ class DecodeGraphs:
                 self._graphs[(bs, mode)] = (g, out)
         self.context_lens.zero_()
         torch.cuda.synchronize()
+
+    def tune_lora(
+        self,
+        configs: LaunchConfigs,
+        filled: int,
+        min_bucket: int = 16,
+        reps: int = 5,
+        margin: float = 0.01,
+        tol: float = 3e-2,
+    ) -> dict[str, dict[str, float]]:
+        """Fill ``configs``' ``"lora_decode"`` entries missing for this model's LoRA graphs
+        (buckets of ``min_bucket`` rows and up, each path): each candidate of
+        ``LORA_DECODE_CANDIDATES`` times the whole step (a CUDA graph of the forward,
+        replayed ``reps`` times), with the first ``filled`` slots holding adapters (the
+        caller writes them): the per-token graph spreads its rows over as many slots as
+        the bucket holds, the segment graph groups them into its padded segment count. A
+        candidate whose hidden states differ from the rules' by more than ``tol`` (relative
+        to their largest) is dropped; another must beat the rules by ``margin`` to be kept.
+        Call before :meth:`capture`. -> times (ms) by key and candidate."""
+        report: dict[str, dict[str, float]] = {}
+        if self.lora is None or filled < 1:
+            return report
+        model = self.model
+        self.context_lens.fill_(1)  # as at capture: read block 0, write nothing
+        try:
+            for bs in self.buckets:
+                if bs < min_bucket:
+                    continue
+                for mode, segs in self._lora_modes(bs).items():
+                    key = model.lora_tune_key(bs, mode, self.lora.max_pages * PAGE_ROWS)
+                    if configs.get("lora_decode", key) is not None:
+                        continue
+                    if mode == "token":
+                        tok = torch.arange(bs, dtype=torch.int32) % min(filled, segs)
+                    else:  # segs runs of consecutive rows
+                        tok = (torch.arange(bs) * segs // bs % filled).to(torch.int32)
+                    meta = build_lora_meta(tok, max_segments=segs)
+                    if (mode == "token") != use_token_path(bs, meta):
+                        continue  # a forced mode (bench switches): not what serving runs
+                    self._metas[(bs, mode)] = meta.to(model.device)
+                    report[key] = self._sweep(configs, key, bs, mode, reps, margin, tol)
+        finally:
+            model.lora_launch = None
+            self.context_lens.zero_()
+            self._metas.clear()
+        torch.cuda.synchronize()
+        return report
+
+    def _sweep(
+        self,
+        configs: LaunchConfigs,
+        key: str,
+        bs: int,
+        mode: str,
+        reps: int,
+        margin: float,
+        tol: float,
+    ) -> dict[str, float]:
+        inp = self._inputs(bs, mode)
+
+        def run(cfg: dict) -> torch.Tensor:
+            self.model.lora_launch = cfg
+            return self.model.forward(inp, self.kv_caches, self.lora)
+
+        cands = LORA_DECODE_CANDIDATES[mode]
+        ref = run(cands[0]).float()
+        scale = ref.abs().max().clamp_min(1e-6)
+        ok = [cands[0]]
+        for cfg in cands[1:]:
+            try:
+                off = float((run(cfg).float() - ref).abs().max() / scale)
+            except Exception as exc:  # a config this part cannot launch
+                log.debug("lora_decode %s: %s failed: %s", key, cfg, exc)
+                continue
+            if off <= tol:
+                ok.append(cfg)
+            else:
+                log.warning("lora_decode %s: %s off by %.3g, dropped", key, cfg, off)
+        best, times = configs.sweep("lora_decode", key, ok, run, reps=reps, margin=margin)
+        log.info("kernel tuning: lora_decode %s -> %s", key, best or "the rules")
+        return times
 
     def can_run(self, host: HostInputs) -> bool:
         return bool(self._graphs) and host.is_decode and host.num_seqs <= self.max_batch

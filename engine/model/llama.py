@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from loraplex.engine import kernels as K
 from loraplex.engine.kernels import LoraMeta
 from loraplex.engine.kernels.fp8_linear import fp8_mode
+from loraplex.engine.kernels.lora_shrink import use_token_path
 from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import LoraGroup, LoraPool
 from loraplex.engine.model.config import ModelConfig
@@ -179,6 +180,12 @@ class LlamaModel:
         # first (moe_mlp's ``expert_order``). Off until measured on a GPU: bench_moe_lora.py's
         # "token-eo" row and bench_throughput.py --moe-lora-expert-order
         self.moe_lora_expert_order = False
+        # the decode graphs' LoRA launch configs, per batch bucket, path and pool rank, as the
+        # warm-up measured them on this GPU model (DecodeGraphs.tune_lora; None or no entry:
+        # the kernels' rules). ``lora_launch``: one override for every decode step's LoRA
+        # while a tuning run times a candidate
+        self.lora_configs: LaunchConfigs | None = None
+        self.lora_launch: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -202,6 +209,25 @@ class LlamaModel:
             x, w.qweight, w.scale, w.block, bias,
             w8a8_min_tokens=self.fp8.w8a8_min_tokens, config=cfg,
         )  # fmt: skip
+
+    def lora_tune_key(self, tokens: int, path: str, pool_rank: int) -> str:
+        """The launch-config key of a decode step's LoRA (``"lora_decode"`` entries): its
+        tokens (the graph's bucket), the SGMV path ("token" or "segment", as
+        ``use_token_path`` picks it), the pool's rank, and this model's (shard's) widths."""
+        c = self.config
+        qkv = c.q_size + 2 * c.kv_size
+        return f"{path}:b{tokens}:r{pool_rank}:h{c.hidden_size}:qkv{qkv}:i{c.intermediate_size}"
+
+    def _decode_launch(self, tokens: int, group: LoraGroup, meta: LoraMeta) -> dict:
+        """The launch configs of a decode step's LoRA beside the GEMMs -> ``{"shrink": ...,
+        "expand": ...}`` (empty: the kernels' rules). Host ints only: graph-safe."""
+        if self.lora_launch is not None:
+            return self.lora_launch
+        if self.lora_configs is None:
+            return {}
+        path = "token" if use_token_path(tokens, meta) else "segment"
+        rank = group.pages.shape[2] * group.a.shape[2]  # the pool's: pages x PAGE_ROWS
+        return self.lora_configs.get("lora_decode", self.lora_tune_key(tokens, path, rank)) or {}
 
     @staticmethod
     def _uses(inp: ForwardInputs, name: str) -> bool:
@@ -249,10 +275,12 @@ class LlamaModel:
         delta = None
         if residual is None:  # allocated on the main stream, written beside
             delta = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        launch = self._decode_launch(x.shape[0], group, inp.lora) if inp.is_decode else {}
         with self._beside():  # no early launch beside the GEMM (lora_shrink's docstring)
             buf = K.lora_shrink(
-                x, group.a, group.ranks, group.pages, inp.lora, early_launch=False, max_rank=rank
-            )
+                x, group.a, group.ranks, group.pages, inp.lora, early_launch=False,
+                max_rank=rank, config=launch.get("shrink"),
+            )  # fmt: skip
             out, acc = (residual, True) if delta is None else (delta, False)
             K.lora_expand(
                 buf,
@@ -265,6 +293,7 @@ class LlamaModel:
                 accumulate=acc,
                 early_launch=False,
                 b_offsets=group.b_offsets,
+                config=launch.get("expand"),
             )
         y = self.linear(x, weight, bias)
         self._join()

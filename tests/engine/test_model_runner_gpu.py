@@ -348,3 +348,38 @@ def test_async_scheduling_matches_synchronous_steps_on_graphs(tiny):
         tokens[mode] = got
         assert all(len(got[f"r{i}"]) == 6 + 3 * i for i in range(len(prompts)))
     assert tokens[True] == tokens[False]
+
+
+def test_warm_up_tunes_the_decode_lora_once_per_gpu_model(tiny, tmp_path):
+    """With a kernel-config directory the warm-up times the decode graphs' LoRA launch
+    configs (every bucket from 16 rows, each path it captures) and saves them; a second
+    runner on the same GPU model reads them instead of timing again; and the graphs it
+    captures with the tuned entries decode as the rules' graphs do."""
+    base, _, adapters = tiny
+    loaded = load_model(str(base), dtype=torch.bfloat16, device="cuda")
+    kw = dict(max_num_seqs=32, max_loras=40, num_blocks=256)
+    cache = tmp_path / "kernel-configs"
+    tuned = _runner(loaded, eager=False, kernel_config_dir=cache, **kw)
+    want = {
+        tuned.model.lora_tune_key(bs, path, 64) for bs in (16, 32) for path in ("segment", "token")
+    }
+    assert set(tuned.tuning_report) == want
+    for key, times in tuned.tuning_report.items():
+        assert "{}" in times and len(times) > 1, key  # the rules and at least one candidate
+    assert tuned.launch_configs.path is not None and tuned.launch_configs.path.is_file()
+    assert set(tuned.launch_configs.table["lora_decode"]) == want
+    assert tuned.lora.ranks_used(set(range(32))) == {}  # the tuning adapters are gone
+    again = _runner(loaded, eager=False, kernel_config_dir=cache, **kw)
+    assert not again.tuning_report
+    rules = _runner(loaded, eager=False, **kw)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in range(5, 29)]
+    outs = []
+    for r in (again, rules):
+        for slot, path in enumerate(adapters):
+            r.write_slot(slot, r.read_adapter(path))
+        # 24 sequences (the bucket of 32): over 3 adapters the segment graph, then the base
+        seqs = [Seq(p, i % 4 - 1, [7, 8, 9]) for i, p in enumerate(prompts)]
+        outs.append(runner_logits(r, seqs, 3))
+    for a, b in zip(*outs, strict=True):
+        assert rel_err(a, b) < 3e-2

@@ -4,6 +4,8 @@ version, read back only for the same key, and consulted by the FP8 projections b
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +56,78 @@ def test_projection_uses_the_table_entry(monkeypatch):
     cfgs.put("fp8_w8a16", fp8_shape_key(w, 3), bad)
     with pytest.raises(ValueError, match="block_k 32"):
         model.linear(x, w)
+
+
+def _tiny_lora_runner(tmp_path, monkeypatch, max_lora_rank: int):
+    """A tiny Llama on the Triton kernels (the interpreter on a CPU machine) with random
+    rank-8 adapters (``random_lora_weights``) in slots 0 and 1."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from model_builders import build_hf_model
+
+    from loraplex.engine.lora.weights import random_lora_weights
+    from loraplex.engine.model_runner import ModelRunner
+
+    monkeypatch.setenv("LORAPLEX_KERNELS", "triton")
+    base = build_hf_model(tmp_path / "base", "llama", seed=3)
+    runner = ModelRunner(
+        str(base), device=DEVICE, dtype=torch.float16, block_size=4, max_num_seqs=4,
+        max_model_len=32, max_loras=4, max_lora_rank=max_lora_rank, num_blocks=40,
+        enforce_eager=True,
+    )  # fmt: skip
+    for slot in (0, 1):
+        w = random_lora_weights(runner.local_config, 8, torch.float16, seed=slot, std=0.1)
+        runner.write_slot(slot, w)
+    return runner
+
+
+@pytest.mark.parametrize("pool_rank", [16, 64])
+def test_decode_lora_launches_with_the_tuned_entry(tmp_path, monkeypatch, pool_rank):
+    """A decode step's LoRA (beside the GEMMs) takes the table's ``lora_decode`` entry for
+    its tokens, path and pool rank: every candidate the warm-up may pick gives the rules'
+    logits, and an entry the kernel cannot launch (a 48-wide tile) fails the step, so the
+    entry is what ran. Prefill steps keep the rules."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from model_builders import Seq, rel_err, runner_logits
+
+    from loraplex.engine.kernels.tuning import LORA_DECODE_CANDIDATES
+
+    runner = _tiny_lora_runner(tmp_path, monkeypatch, pool_rank)
+    model = runner.model
+    # three sequences on slots 0, 1 and 0: two segments, 3 < 2 * 2 -> the per-token path
+    seqs = [
+        Seq([1, 2, 3, 4, 5], 0, [6, 7]),
+        Seq([9, 8, 7, 6], 1, [5, 4]),
+        Seq([3, 3, 4, 2], 0, [2, 1]),
+    ]
+    ref = runner_logits(runner, seqs, 1)
+    cfgs = LaunchConfigs("test")
+    model.lora_configs = cfgs
+    key = model.lora_tune_key(3, "token", pool_rank)
+    assert key == model.lora_tune_key(3, "token", runner.lora.max_rank)
+    for cand in LORA_DECODE_CANDIDATES["token"][1:]:
+        cfgs.put("lora_decode", key, cand)
+        got = runner_logits(runner, seqs, 1)
+        for r, g in zip(ref, got, strict=True):
+            assert rel_err(g, r) < 1e-2, cand
+    cfgs.put("lora_decode", key, {"expand": {"block_n": 48}})
+    with pytest.raises(Exception, match=r"power of 2|power-of-2|power of two"):
+        runner_logits(runner, seqs, 1)
+    # the same entry under another bucket's key is not read
+    cfgs.table.clear()
+    cfgs.put("lora_decode", model.lora_tune_key(4, "token", pool_rank), {"expand": {"block_n": 48}})
+    for r, g in zip(ref, runner_logits(runner, seqs, 1), strict=True):
+        assert rel_err(g, r) < 1e-2
+
+
+def test_random_lora_weights_fill_a_slot_at_their_rank(tmp_path, monkeypatch):
+    """The tuning adapters: every projection of the groups asked for at the rank asked for,
+    in the pool's pages as a read adapter would be."""
+    runner = _tiny_lora_runner(tmp_path, monkeypatch, 64)
+    assert runner.lora.ranks_used({0, 1}) == {"qkv": 8, "o": 8, "gate_up": 8, "down": 8}
+    from loraplex.engine.lora.weights import random_lora_weights
+
+    w = random_lora_weights(runner.local_config, 16, torch.float16, groups=("qkv", "down"))
+    assert set(w.groups) == {"qkv", "down"} and w.max_rank == 16
+    assert w.groups["qkv"].a.shape == (runner.config.num_layers, 3, 16, runner.config.hidden_size)
+    runner.write_slot(2, w)
+    assert runner.lora.ranks_used({2}) == {"qkv": 16, "down": 16}
