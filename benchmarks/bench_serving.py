@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.fair_light_requests, args.fair_flood_requests, args.fair_settle_s = 4, 600, 0.5
             args.fair_pair_requests, args.fair_window_at_s, args.fair_window_s = 40, 0.5, 1.0
             args.fair_cost_repeats = min(args.fair_cost_repeats, 2)
+            # the pairs' longest outputs (28 tokens) past output_len + the context margin
+            # (24): the server's context must be sized by the longest (longest_output)
+            args.fair_pair_output_spread = 2.5
     if not args.model.startswith("dummy:"):
         raise SystemExit("--model must be a dummy:<preset> (random adapters of its shapes)")
     args.rate_list = [float(x) for x in args.rates.split(",") if x.strip()]
@@ -159,13 +163,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def longest_output(args: argparse.Namespace) -> int:
+    """The most tokens a request of the run asks for: ``--output-len``, or with
+    ``--fairness`` the cost pairs' longest (``--fair-pair-output-spread`` past it). The
+    H100 run of 12-06 sized the context by ``--output-len`` and lost 599 of 800 one-key
+    requests to context_length_exceeded."""
+    if not args.fairness:
+        return args.output_len
+    return math.ceil(args.output_len * (1 + args.fair_pair_output_spread))
+
+
 def engine_settings(args: argparse.Namespace) -> dict[str, str]:
     """The engine's settings, for the server and for the offline baseline alike."""
     s = {
         "LORAPLEX_MODEL": args.model,
         "LORAPLEX_DEVICE": args.device,
         "LORAPLEX_DTYPE": args.dtype,
-        "LORAPLEX_MAX_MODEL_LEN": args.prompt_len + args.output_len + 16,
+        "LORAPLEX_MAX_MODEL_LEN": args.prompt_len + longest_output(args) + 16,
         "LORAPLEX_MAX_NUM_SEQS": args.max_num_seqs,
         "LORAPLEX_MAX_NUM_BATCHED_TOKENS": args.max_num_batched_tokens,
         "LORAPLEX_MAX_LORAS": args.max_loras,

@@ -313,6 +313,13 @@ def cost_pair(one: dict, two: dict) -> dict:
     over the steady window (both keys backlogged throughout: the load the same in both runs;
     the whole two-key run ends with tenant 3 alone, whose ``--fair-pair-streams`` streams
     leave the batch's seats empty for each request's round trip)."""
+    failed = {
+        k: run["errors"]
+        for k, run in (("one key", one["all"]), *((t, two[t]) for t in ("tenant2", "tenant3")))
+        if run["errors"]
+    }
+    if failed:  # a run that lost requests did less work: its throughput is no cost
+        raise RuntimeError(f"fairness cost pair: requests failed, no cost taken: {failed}")
     a, b = one["all"]["out_tok_s"], two["out_tok_s"]
     wa, wb = one["window_decode_tok_s"], two["window_decode_tok_s"]
     return {

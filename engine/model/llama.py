@@ -177,8 +177,9 @@ class LlamaModel:
         self.moe_lora_beside = False
         # MoE: the per-token expert LoRA takes the pairs sorted by expert (the grouped GEMMs'
         # order), so the pairs of one (adapter, expert) read its A and B from L2 after the
-        # first (moe_mlp's ``expert_order``). Off until measured on a GPU: bench_moe_lora.py's
-        # "token-eo" row and bench_throughput.py --moe-lora-expert-order
+        # first (moe_mlp's ``expert_order``). Off: one H100 layer measured it 0.1-2 % slower
+        # (bench_moe_lora.py's "token-eo" row, docs/benchmarks.md); the whole model's
+        # measure is bench_throughput.py --moe-lora-expert-order
         self.moe_lora_expert_order = False
         # the decode graphs' LoRA launch configs, per batch bucket, path and pool rank, as the
         # warm-up measured them on this GPU model (DecodeGraphs.tune_lora; None or no entry:
