@@ -15,7 +15,8 @@
 # line (with a cProfile of the step loop); hf: no adapters, 32 adapters and HF+PEFT (the
 # two do not fit one call together); sweep: benchmarks/sweep_decode_lora.py; variants: the
 # SGMV launch variants (bench_sgmv --variants, sweep_decode_lora at batch 32 and at ~250
-# sequences over 32 Zipf adapters).
+# sequences over 32 Zipf adapters); tuned: sweep_decode_lora's rules against the table the
+# runner's warm-up tuning fills (ModelRunner.tune_lora), at three decode mixes.
 # Each step runs under its own time limit; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,16 @@ for s in $SECTIONS; do
       step "sweep_decode_lora (batch 32, 32 distinct)" 150 $PY benchmarks/sweep_decode_lora.py
       step "sweep_decode_lora (batch 256, 32 Zipf adapters, 128 slots)" 200 $PY \
         benchmarks/sweep_decode_lora.py --batch 256 --adapters 32 --zipf 1.0 --slots 128 --profile
+      ;;
+    tuned)  # the warm-up's decode LoRA tuning against the rules (~4 min on an H100)
+      step "tuned: batch 32, 32 distinct" 150 $PY benchmarks/sweep_decode_lora.py \
+        --only "default|tuned"
+      step "tuned: batch 256, 32 Zipf adapters, 128 slots" 150 $PY \
+        benchmarks/sweep_decode_lora.py --batch 256 --adapters 32 --zipf 1.0 --slots 128 \
+        --only "default|tuned"
+      step "tuned: batch 128, 16 Zipf adapters, rank-64 pool" 150 $PY \
+        benchmarks/sweep_decode_lora.py --batch 128 --adapters 16 --zipf 1.0 --slots 128 \
+        --max-lora-rank 64 --only "default|tuned"
       ;;
     hf)
       step "bench_throughput (32 adapters + HF+PEFT)" 400 $PY benchmarks/bench_throughput.py \

@@ -3,6 +3,7 @@
 #
 #   SECTIONS="tests throughput" bash benchmarks/gpu_serving.sh
 #   SECTIONS="serving" bash benchmarks/gpu_serving.sh
+#   OUT=$OUT SECTIONS=fairness FAIR_LIMIT=500 bash benchmarks/gpu_serving.sh
 #
 # setup (always): the gateway's packages from .whl/ (carried; see docs/benchmarks.md) into
 #   /tmp/site, unless there already;
@@ -11,6 +12,9 @@
 #   GPU-busy window;
 # serving: bench_serving.py, the offline baseline then loraplex serve over HTTP: closed loop
 #   of 256 streams, Poisson at 21.6 req/s and a rate sweep.
+# fairness: bench_serving.py --fairness (issue #21: a light tenant beside a flood, 3:1
+#   weights, the throughput cost of fairness over one-key / two-key pairs) under FAIR_LIMIT
+#   seconds (540; set it under the device call's limit);
 # profile: Poisson at 21.6 req/s only (the offline replay of both request shapes first),
 #   the whole run under py-spy (a wheel of .whl/); benchmarks/pyspy_summary.py's view of the
 #   engine process in $OUT/profile.txt (PROFILE_ARGS= replaces the benchmark's arguments).
@@ -61,6 +65,11 @@ for s in $SECTIONS; do
       step serving python3 benchmarks/bench_serving.py --baseline --concurrency 256 \
         --rates "$RATES" --workers "${WORKERS:-6}" --client-procs "${CLIENT_PROCS:-4}" \
         --json "$OUT/serving.json" ;;
+    fairness)  # issue #21 (~250 s on an H100): every run's result reaches fairness.json as
+      # it ends, so a call cut short by its time limit keeps what finished
+      step fairness timeout "${FAIR_LIMIT:-540}" python3 benchmarks/bench_serving.py \
+        --fairness --adapters 8 --tenants 4 --workers 4 --client-procs 8 \
+        --fair-cost-repeats "${FAIR_REPEATS:-3}" --json "$OUT/fairness.json" ;;
     profile)
       step profile /tmp/site/bin/py-spy record --nonblocking --subprocesses --threads --idle \
         -r 50 -f raw -o /tmp/serving-prof.txt -- python3 benchmarks/bench_serving.py \

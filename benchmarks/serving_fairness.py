@@ -49,6 +49,7 @@ import statistics
 import time
 
 import httpx
+from common import write_json
 from serving_client import Planned, completion_body, poisson
 from serving_metrics import check_output, summarize
 from serving_offline import prompt_set
@@ -291,6 +292,7 @@ class FairnessScenario:
             print(f"fairness: {name}", flush=True)
             out[name] = await run()
             print(f"  {brief(name, out[name], self.ids)}", flush=True)
+            write_json(self.args.json, result)  # what a run cut short by a time limit keeps
         pairs = [cost_pair(out["one_key"], out["two_keys"])]
         for i in range(1, self.args.fair_cost_repeats):  # more pairs, the order alternated
             got = {}
@@ -299,6 +301,8 @@ class FairnessScenario:
                     self.run_two_keys() if name == "two_keys" else self.run_one_key()
                 )
             pairs.append(cost_pair(got["one_key"], got["two_keys"]))
+            out["cost_pairs"] = pairs
+            write_json(self.args.json, result)
             print(
                 f"fairness: cost pair {i + 1}: whole runs {pairs[-1]['cost']:.4f}, "
                 f"steady window {pairs[-1]['window_cost']:.4f}"

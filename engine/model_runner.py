@@ -517,9 +517,12 @@ class ModelRunner:
         this model's shapes (``DecodeGraphs.tune_lora``): adapters of rank
         ``min(16, max_lora_rank)`` on the attention and dense MLP groups written into as many
         slots as the largest graph has rows (or the pool's pages hold), each candidate timed
-        over whole decode steps, the slots cleared after. Entries already there are kept.
+        over whole decode steps, the slots cleared after. Entries already there are kept; a
+        tensor-parallel rank tunes nothing (the rules or the cached entries).
         -> times (ms) by key and candidate, also in ``tuning_report``."""
-        if self.graphs is None or self.num_slots < 1:
+        if self.graphs is None or self.num_slots < 1 or self.tp is not None:
+            # tensor parallelism: each rank would time its own candidates, and a candidate
+            # dropped on one rank only would leave the ranks' collectives out of step
             return {}
         t0 = time.perf_counter()
         groups = tuple(g for g in groups_of(self.local_config) if not g.startswith("experts_"))
