@@ -86,24 +86,34 @@ class LaunchConfigs:
         so that noise between equals does not pick a config. -> (best, times in ms by
         candidate)."""
         times: dict[str, float] = {}
-        best, best_ms, first_ms = None, float("inf"), None
         for cfg in candidates:
             try:
-                ms = time_ms(lambda cfg=cfg: run(cfg), reps)
+                times[json.dumps(cfg, sort_keys=True)] = time_ms(lambda cfg=cfg: run(cfg), reps)
             except Exception as exc:
                 log.debug("%s %s: %s failed: %s", op, shape, cfg, exc)
-                continue
-            times[json.dumps(cfg, sort_keys=True)] = ms
-            if first_ms is None and cfg is candidates[0]:
-                first_ms = ms
-            if ms < best_ms:
-                best, best_ms = cfg, ms
+        best = pick(candidates, times, margin)
         if best is None:
             raise RuntimeError(f"{op} {shape}: no candidate config ran")
-        if first_ms is not None and best_ms > first_ms * (1 - margin):
-            best = candidates[0]
         self.put(op, shape, best)
         return best, times
+
+
+def pick(candidates: Sequence[Config], times: dict[str, float], margin: float) -> Config | None:
+    """The fastest of ``candidates`` by ``times`` (ms, keyed by each config's sorted JSON;
+    a candidate without a time failed), unless the first (the defaults) is within ``margin``
+    of it. None: none ran."""
+    ran = [
+        (times[k], i)
+        for i, c in enumerate(candidates)
+        if (k := json.dumps(c, sort_keys=True)) in times
+    ]
+    if not ran:
+        return None
+    best_ms, best = min(ran)
+    first = json.dumps(candidates[0], sort_keys=True)
+    if first in times and best_ms > times[first] * (1 - margin):
+        return candidates[0]
+    return candidates[best]
 
 
 # The decode graphs' LoRA launch configs the warm-up tries (``DecodeGraphs.tune_lora``), one

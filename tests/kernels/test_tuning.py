@@ -104,7 +104,10 @@ def test_decode_lora_launches_with_the_tuned_entry(tmp_path, monkeypatch, pool_r
     model.lora_configs = cfgs
     key = model.lora_tune_key(3, "token", pool_rank)
     assert key == model.lora_tune_key(3, "token", runner.lora.max_rank)
-    for cand in LORA_DECODE_CANDIDATES["token"][1:]:
+    cands = LORA_DECODE_CANDIDATES["token"][1:]
+    if pool_rank == 16:  # the same overrides; two of them show the rank-16 rules give way
+        cands = cands[:1] + cands[-1:]
+    for cand in cands:
         cfgs.put("lora_decode", key, cand)
         got = runner_logits(runner, seqs, 1)
         for r, g in zip(ref, got, strict=True):
@@ -131,3 +134,21 @@ def test_random_lora_weights_fill_a_slot_at_their_rank(tmp_path, monkeypatch):
     assert w.groups["qkv"].a.shape == (runner.config.num_layers, 3, 16, runner.config.hidden_size)
     runner.write_slot(2, w)
     assert runner.lora.ranks_used({2}) == {"qkv": 16, "down": 16}
+
+
+def test_a_candidate_must_beat_the_defaults_by_the_margin():
+    """The sweep's choice: the fastest candidate that ran, unless the first (the kernels'
+    own rules) is within the margin of it; failed candidates (no time) never win."""
+    from loraplex.engine.kernels.tuning import pick
+
+    rules, a, b = {}, {"shrink": {"k_per": 1024}}, {"expand": {"n_per": 512}}
+    t = {json.dumps(c, sort_keys=True): ms for c, ms in ((rules, 10.0), (a, 9.95), (b, 9.8))}
+    assert pick([rules, a, b], t, 0.01) == b  # 2 % faster
+    assert pick([rules, a, b], t, 0.03) == rules  # within 3 %
+    assert pick([rules, a], t, 0.01) == rules  # 0.5 % faster: noise
+    assert pick([rules, a], t, 0.0) == a
+    del t[json.dumps(b, sort_keys=True)]
+    assert pick([rules, b], t, 0.0) == rules  # b failed
+    assert pick([b], t, 0.0) is None
+    # the defaults failed: the fastest of the rest
+    assert pick([b, a], {json.dumps(a, sort_keys=True): 5.0}, 0.5) == a
