@@ -13,8 +13,6 @@ Zipf(1.0). Per token count, four variants of the layer:
 - ``old``: the expert LoRA as before (per-token SGMV over every step's (token, expert) pairs,
   the shrink reading a repeated copy of the token rows: ``h.repeat_interleave(top_k)``);
 - ``token``: the per-token kernels reading each pair's token row (decode steps now);
-- ``token-eo``: the same with the pairs taken in the grouped GEMMs' order, sorted by expert
-  (``moe_mlp(expert_order=True)``, the model's ``moe_lora_expert_order``, off until measured);
 - ``grouped``: the segment kernels over the pairs grouped by (adapter, expert) on the device
   (prefill and mixed steps now, where their pairs fill the segments: ``expert_grouped``);
 - ``beside``: ``token``'s kernels writing deltas on a high-priority side stream beside the
@@ -218,9 +216,6 @@ def main() -> None:
             "base": partial(moe_mlp, *call, {}, offsets, None),
             "old": partial(moe_mlp_old, *call, groups, offsets, meta),
             "token": partial(moe_mlp, *call, groups, offsets, meta, grouped=False),
-            "token-eo": partial(
-                moe_mlp, *call, groups, offsets, meta, grouped=False, expert_order=True
-            ),
             "grouped": partial(moe_mlp, *call, groups, offsets, meta, grouped=True),
             # decode: the per-token LoRA as deltas beside the grouped GEMMs on a side stream
             "beside": partial(
@@ -248,8 +243,7 @@ def main() -> None:
         print(
             f"{T:>7} old/new ({new}) {ms['old'] / ms[new]:.2f}x, old/grouped "
             f"{ms['old'] / ms['grouped']:.2f}x; lora/base old {ms['old'] / ms['base']:.3f} "
-            f"new {ms[new] / ms['base']:.3f}; beside/token {ms['beside'] / ms['token']:.3f}; "
-            f"token in expert order / batch order {ms['token-eo'] / ms['token']:.3f}",
+            f"new {ms[new] / ms['base']:.3f}; beside/token {ms['beside'] / ms['token']:.3f}",
             flush=True,
         )
     if profiles:

@@ -144,12 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MoE: decode steps' expert LoRA beside the grouped GEMMs (the model's "
         "moe_lora_beside, off by default)",
     )
-    p.add_argument(
-        "--moe-lora-expert-order",
-        action="store_true",
-        help="MoE: the per-token expert LoRA takes the pairs sorted by expert (the model's "
-        "moe_lora_expert_order, off by default)",
-    )
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -411,9 +405,8 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
     t0 = time.perf_counter()
     runner = make_runner(args, device)
     cfg = runner.config
-    if args.moe_lora_beside or args.moe_lora_expert_order:
-        runner.model.moe_lora_beside = args.moe_lora_beside
-        runner.model.moe_lora_expert_order = args.moe_lora_expert_order
+    if args.moe_lora_beside:
+        runner.model.moe_lora_beside = True
         if runner.graphs is not None:  # the decode graphs again, with the flag
             with torch.inference_mode():
                 runner.graphs.capture()

@@ -4,7 +4,6 @@
 #   OUT=/some/dir SECTIONS="layer tests" bash benchmarks/gpu_moe.sh   # one call, ~6 min
 #   OUT=/some/dir SECTIONS=throughput bash benchmarks/gpu_moe.sh      # a second, ~7 min
 #   OUT=/some/dir SECTIONS=throughput_beside bash benchmarks/gpu_moe.sh  # a third, ~7 min
-#   OUT=/some/dir SECTIONS=throughput_expert_order bash benchmarks/gpu_moe.sh  # ~7 min
 #
 # layer: benchmarks/bench_moe_lora.py, one Qwen3-30B-A3B MoE layer with 32 rank-8 expert
 # adapters (Zipf): the old expert-LoRA path (per-token SGMV over repeated rows, every step)
@@ -20,10 +19,7 @@
 # ~0.85 GB each), the host cache 40 % of the machine's memory. Target: >= 0.85x.
 # throughput_beside: the same with --moe-lora-beside (decode steps' expert LoRA as deltas
 # beside the grouped GEMMs, off by default until this measures it), its own no-adapter case.
-# throughput_expert_order: the same with --moe-lora-expert-order (decode steps' per-token
-# expert LoRA takes the pairs sorted by expert, so repeats of an (adapter, expert) read its
-# A and B from L2; off by default until this measures it).
-# (layer prints the same choices for one layer: the "beside" and "token-eo" rows.)
+# (layer prints the same choice for one layer: the "beside" row and beside/token.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/loraplex-gpu-moe}
@@ -67,13 +63,6 @@ for s in $SECTIONS; do
         --num-requests 512 --prompt-len 256 --output-len 128 --hf-adapters '' \
         --lora-memory-fraction 0.6 --host-lora-memory-fraction 0.4 --moe-lora-beside \
         --json "$OUT/throughput_moe_beside.json"
-      ;;
-    throughput_expert_order)
-      step "bench_throughput moe, expert LoRA in expert order" 420 $PY \
-        benchmarks/bench_throughput.py --model dummy:qwen3-30b-a3b --adapters 0,32 --rank 8 \
-        --weight-files 4 --num-requests 512 --prompt-len 256 --output-len 128 \
-        --hf-adapters '' --lora-memory-fraction 0.6 --host-lora-memory-fraction 0.4 \
-        --moe-lora-expert-order --json "$OUT/throughput_moe_expert_order.json"
       ;;
     *) echo "unknown section $s" | tee -a "$LOG"; status=1 ;;
   esac

@@ -40,7 +40,6 @@ GROUPS = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)),
 PTRS = {
     "buf_ptr": "*fp32", "b_ptr": "*bf16", "ranks_ptr": "*i32", "pages_ptr": "*i32",
     "y_ptr": "*bf16", "token_slot_ptr": "*i32", "x_ptr": "*bf16", "a_ptr": "*bf16",
-    "order_ptr": "*i32",
 }  # fmt: skip
 
 
@@ -79,7 +78,7 @@ def programs_per_sm(regs: int, warps: int, shared: int) -> int:
 def expand_consts(n_tiles: int, pdl: bool, accumulate: bool) -> dict:
     return dict(P=4, PR=8, BLOCK_N=256, BLOCK_R=16, BLOCK_KS=16, USE_PDL=pdl,
                 ACCUMULATE=accumulate, EARLY=pdl, ONE_TILE=True, N_TILES=n_tiles,
-                PRELOAD=pdl, VEC=True, ORDERED=False)  # fmt: skip
+                PRELOAD=pdl, VEC=True)  # fmt: skip
 
 
 def shrink_consts(pdl: bool, block_k: int = 256, k_per: int = 512) -> dict:
@@ -89,8 +88,7 @@ def shrink_consts(pdl: bool, block_k: int = 256, k_per: int = 512) -> dict:
     kp2 = 1 << (k_per - 1).bit_length()
     return dict(P=4, PR=8, BLOCK_R=64 if wide else 16, BLOCK_K=block_k, USE_PDL=pdl,
                 LINE=64, EARLY=pdl, ONE_TILE=False, PRELOAD=False, RANK_SPLIT=wide,
-                RANK16_K=min(256, kp2), RANK32_K=min(128, kp2), ROW_DIV=1,
-                ORDERED=False)  # fmt: skip
+                RANK16_K=min(256, kp2), RANK32_K=min(128, kp2), ROW_DIV=1)  # fmt: skip
 
 
 def rows(arch: int, tokens: int, sms: int) -> list[dict]:

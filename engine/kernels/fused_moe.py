@@ -30,7 +30,6 @@ class MoeBlocks:
     num_padded: torch.Tensor  # [1] int32: rows in use (a multiple of block_m)
     num_pairs: int
     block_m: int
-    order: torch.Tensor | None = None  # [pairs] int64: the pair ids sorted by expert, unpadded
 
 
 def moe_block_m(num_pairs: int, num_experts: int) -> int:
@@ -67,7 +66,6 @@ def moe_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeBlo
         pad_end[-1:].to(torch.int32),
         n,
         block_m,
-        order,  # as argsort gives it: no cast in steps that never read it
     )
 
 

@@ -219,8 +219,6 @@ if HAVE_TRITON:
         N_TILES: tl.constexpr,  # ONE_TILE: the program's B tiles (unrolled, one ahead)
         PRELOAD: tl.constexpr,  # ONE_TILE: load the first B tile before gdc_wait
         VEC: tl.constexpr,  # B's pages aligned to PR columns (_b_tile)
-        order_ptr,  # [T] int32: ORDERED, program i takes token order[i]
-        ORDERED: tl.constexpr,
     ):
         # per-token path (decode): one program = one token, a range of N_PER_PROG columns of
         # projection p; multiply-reduce on the CUDA cores. Its cost does not depend on how the
@@ -228,8 +226,6 @@ if HAVE_TRITON:
         if USE_PDL and EARLY:
             gdc_launch_dependents()  # the next kernel may start (and load its weights) now
         t = tl.program_id(0)
-        if ORDERED:  # tokens that share B run side by side: its repeats come from L2
-            t = tl.load(order_ptr + t)
         ns = tl.program_id(1)
         p = tl.program_id(2)
         n_lo, n_hi = _proj_cols(p, OFF1, OFF2, OFF3, OFF4)
@@ -697,8 +693,6 @@ def lora_expand(
             N_TILES=max(n_tiles, 1),
             PRELOAD=preload and pdl,
             VEC=vec,
-            order_ptr=meta.sorted_tokens,
-            ORDERED=meta.ordered,
             **cfg,
         )
         return y

@@ -43,9 +43,6 @@ class LoraMeta:
     num_segments: int  # S (host int; the padded bound when built with max_segments)
     num_lora_tokens: int  # tokens with an adapter (host int; T when built with max_segments)
     block_m: int = DEFAULT_BLOCK_M
-    # the per-token kernels take their tokens in ``sorted_tokens``' order (program i token
-    # sorted_tokens[i]), not in batch order: :meth:`per_token` with an ``order``
-    ordered: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -72,30 +69,19 @@ class LoraMeta:
             self.num_segments,
             self.num_lora_tokens,
             self.block_m,
-            self.ordered,
         )
 
     @classmethod
-    def per_token(cls, token_slot: torch.Tensor, order: torch.Tensor | None = None) -> LoraMeta:
+    def per_token(cls, token_slot: torch.Tensor) -> LoraMeta:
         """A meta for the per-token kernels only, built on ``token_slot``'s device with no
         sync (the expert LoRA's (token, expert) pairs, whose experts the device chose): the
         segment arrays are placeholders and ``num_segments`` is ``T``, so
-        :func:`use_token_path` always picks the per-token kernels. Not for the references.
-
-        ``order`` (``[T]``, a permutation): the kernels' programs take the tokens in this
-        order, e.g. the MoE pairs sorted by expert, so that the pairs of one (adapter,
-        expert) run side by side and read its A and B from L2 after the first."""
+        :func:`use_token_path` always picks the per-token kernels. Not for the references."""
         T, dev = token_slot.shape[0], token_slot.device
         one = torch.zeros(1, dtype=torch.int32, device=dev)
-        if order is not None and order.shape != (T,):
-            raise ValueError(f"order of shape {tuple(order.shape)} for {T} tokens")
         return cls(
             token_slot=token_slot.to(torch.int32),
-            sorted_tokens=(
-                torch.arange(T, dtype=torch.int32, device=dev)
-                if order is None
-                else order.to(torch.int32)
-            ),
+            sorted_tokens=torch.arange(T, dtype=torch.int32, device=dev),
             seg_start=one,
             seg_slot=one,
             tile_seg=one,
@@ -104,7 +90,6 @@ class LoraMeta:
             tile_end=one,
             num_segments=T,
             num_lora_tokens=T,
-            ordered=order is not None,
         )
 
     @classmethod

@@ -210,8 +210,6 @@ if HAVE_TRITON:
         RANK16_K: tl.constexpr,  # the K step of the rank <= 16 tiles
         RANK32_K: tl.constexpr,
         ROW_DIV: tl.constexpr,  # token t reads x row t // ROW_DIV
-        order_ptr,  # [T] int32: ORDERED, program i takes token order[i]
-        ORDERED: tl.constexpr,
     ):
         # per-token path (decode): one program = one token, one projection p, one K slice;
         # multiply-reduce on the CUDA cores. Its cost does not depend on how the tokens group
@@ -219,8 +217,6 @@ if HAVE_TRITON:
         if USE_PDL and EARLY:
             gdc_launch_dependents()  # the next kernel may start (and load its weights) now
         t = tl.program_id(0)
-        if ORDERED:  # tokens that share A run side by side: its repeats come from L2
-            t = tl.load(order_ptr + t)
         p = tl.program_id(1)
         ks = tl.program_id(2)
         slot = tl.load(token_slot_ptr + t)
@@ -568,8 +564,6 @@ def lora_shrink(
             RANK16_K=rank16_k,
             RANK32_K=rank32_k,
             ROW_DIV=row_div,
-            order_ptr=meta.sorted_tokens,
-            ORDERED=meta.ordered,
             **cfg,
         )
         return buf

@@ -175,12 +175,6 @@ class LlamaModel:
         # ``beside``). Off until measured on a GPU: bench_moe_lora.py's "beside" row and
         # bench_throughput.py --moe-lora-beside (recapture the decode graphs after setting it)
         self.moe_lora_beside = False
-        # MoE: the per-token expert LoRA takes the pairs sorted by expert (the grouped GEMMs'
-        # order), so the pairs of one (adapter, expert) read its A and B from L2 after the
-        # first (moe_mlp's ``expert_order``). Off: one H100 layer measured it 0.1-2 % slower
-        # (bench_moe_lora.py's "token-eo" row, docs/benchmarks.md); the whole model's
-        # measure is bench_throughput.py --moe-lora-expert-order
-        self.moe_lora_expert_order = False
         # the decode graphs' LoRA launch configs, per batch bucket, path and pool rank, as the
         # warm-up measured them on this GPU model (DecodeGraphs.tune_lora; None or no entry:
         # the kernels' rules). ``lora_launch``: one override for every decode step's LoRA
@@ -473,7 +467,6 @@ class LlamaModel:
             x = moe_mlp(
                 h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped,
                 beside=beside and self.moe_lora_beside, side_stream=self.side_stream,
-                expert_order=self.moe_lora_expert_order,
             )  # fmt: skip
             return x, residual
         gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)

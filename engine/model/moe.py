@@ -57,23 +57,20 @@ def expert_meta(
     *,
     grouped: bool,
     rows: int,
-    order: torch.Tensor | None = None,
 ) -> LoraMeta:
     """The (token, k) pairs' meta over virtual slots ``slot * E + expert`` (-1: no adapter).
 
     The Triton path builds it on the device (no sync: the expert ids live there), grouped
     for the segment kernels or for the per-token ones (module docstring); ``rows``: the
     virtual slots (``slots * E``), a bound on the segments. The reference path groups
-    segments on the host. ``order``: the pairs sorted by expert (``MoeBlocks.order``, the
-    grouped GEMMs' sort): the per-token kernels take the pairs in that order, so the pairs
-    of one (adapter, expert) run side by side and its A and B repeat from L2."""
+    segments on the host."""
     slot = meta.token_slot.to(ids.device).long()[:, None]
     vslot = torch.where(slot >= 0, slot * num_experts + ids.long(), -1).reshape(-1)
     if not K.use_triton(x):
         return build_lora_meta(vslot.cpu()).to(x.device)
     if grouped:
         return LoraMeta.grouped(vslot, rows)
-    return LoraMeta.per_token(vslot.to(torch.int32), order)
+    return LoraMeta.per_token(vslot.to(torch.int32))
 
 
 def _lora(
@@ -134,7 +131,6 @@ def moe_mlp(
     grouped: bool = False,  # the expert LoRA's kernels: segment or per-token (docstring)
     beside: bool = False,  # the expert LoRA as deltas beside the grouped GEMMs
     side_stream: torch.cuda.Stream | None = None,  # beside: their stream (None: in line)
-    expert_order: bool = False,  # the per-token expert LoRA in expert order (expert_meta)
 ) -> torch.Tensor:  # [T, H]
     """``beside``: each expert group's LoRA writes a delta (store mode, no early launch) on
     ``side_stream`` while the main stream runs that group's grouped GEMM; the gate/up delta
@@ -146,8 +142,7 @@ def moe_mlp(
     pmeta = None
     if groups and meta is not None:
         rows = next(iter(groups.values())).ranks.shape[0]
-        order = blocks.order if blocks is not None and expert_order else None
-        pmeta = expert_meta(meta, ids, E, h, grouped=grouped, rows=rows, order=order)
+        pmeta = expert_meta(meta, ids, E, h, grouped=grouped, rows=rows)
     g_up, g_down = "experts_gate_up", "experts_down"
     lora_up = pmeta is not None and g_up in groups
     lora_down = pmeta is not None and g_down in groups

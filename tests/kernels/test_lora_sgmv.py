@@ -325,41 +325,6 @@ def test_token_path_reads_token_slot_only(dtype):
     assert_close(y, want, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_path_in_a_given_order(dtype):
-    # LoraMeta.per_token(slots, order): the per-token kernels' programs take the tokens in
-    # that order (the MoE pairs sorted by expert): the same result as batch order for any
-    # permutation, and the order is read (one that repeats a token leaves another unwritten)
-    gen = torch.Generator().manual_seed(5)
-    T, k, outs, slots = 11, 96, [40, 24], 8
-    a, b, ranks, offsets = make_weights(slots, outs, 16, k, dtype, gen, rank_choices=(1, 8, 16))
-    x = torch.randn(T, k, generator=gen).to(dtype)
-    y0 = torch.randn(T, offsets[-1], generator=gen).to(dtype)
-    tok = make_token_slot(T, "some_none", slots, gen)
-    want = expand_ref(
-        shrink_ref(x.float(), a.float(), ranks, build_lora_meta(tok)), b.float(), ranks,
-        offsets, build_lora_meta(tok), y0.float().clone(),
-    )  # fmt: skip
-    rk = ranks.to(DEVICE)
-    A, B, pages, boffs = to_paged(a, b, offsets, gen)
-
-    def run(order):
-        m = LoraMeta.per_token(tok.to(DEVICE), None if order is None else order.to(DEVICE))
-        assert m.ordered == (order is not None) and use_token_path(T, m)
-        buf = lora_shrink(x.to(DEVICE), A, rk, pages, m)
-        return lora_expand(buf, B, rk, pages, offsets, m, y0.to(DEVICE).clone(), b_offsets=boffs)
-
-    by_slot = torch.sort(tok, stable=True).indices.to(torch.int32)
-    for order in (None, by_slot, torch.randperm(T, generator=gen).to(torch.int32)):
-        assert_close(run(order), want, dtype)
-    twice = torch.arange(T, dtype=torch.int32)
-    live = int(torch.nonzero(tok >= 0)[0])
-    twice[live] = (live + 1) % T  # token `live` never runs: its row keeps y0
-    assert torch.equal(run(twice)[live].cpu(), y0[live])
-    with pytest.raises(ValueError, match="order of shape"):
-        LoraMeta.per_token(tok, torch.arange(T - 1))
-
-
 def meta_oracle(tok: list[int], max_segments, block_m: int) -> dict:
     """build_lora_meta's arrays by plain Python loops (an independent statement of the layout)."""
     slots = sorted({s for s in tok if s >= 0})
