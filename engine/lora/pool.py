@@ -58,6 +58,12 @@ class LoraGroup:
     # moved to that expert's B rows; ``pages`` to its A rows); None: ``pages`` serves both
     b_pages: torch.Tensor | None = None
 
+    @property
+    def width(self) -> int:
+        """The pool's rank: each slot's pages x PAGE_ROWS (what the per-token kernels size
+        their tiles by, and the decode LoRA's launch-config keys name)."""
+        return self.pages.shape[2] * self.a.shape[2]
+
 
 def _modules(config: ModelConfig) -> list[str]:
     """The page classes: every projection of the model's groups."""

@@ -24,7 +24,7 @@ import torch
 from loraplex.engine.kernels import LoraMeta, build_lora_meta
 from loraplex.engine.kernels.lora_shrink import use_token_path
 from loraplex.engine.kernels.tuning import LORA_DECODE_CANDIDATES, LaunchConfigs
-from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool
+from loraplex.engine.lora.pool import LoraPool
 from loraplex.engine.model.inputs import HostInputs, gather_sampled, padded_local_slots
 from loraplex.engine.model.llama import ForwardInputs, LlamaModel
 
@@ -164,21 +164,22 @@ class DecodeGraphs:
         replayed ``reps`` times), with the first ``filled`` slots holding adapters (the
         caller writes them): the per-token graph spreads its rows over as many slots as
         the bucket holds, the segment graph over a quarter of its segment count with Zipf
-        popularity (``_zipf_rows``). A
-        candidate whose hidden states differ from the rules' by more than ``tol`` (relative
-        to their largest) is dropped; another must beat the rules by ``margin`` to be kept.
+        popularity (``_zipf_rows``). A candidate whose hidden states differ from the rules'
+        by more than ``tol`` (relative to their largest) is dropped; another must beat the
+        rules by ``margin`` to be kept.
         Call before :meth:`capture`. -> times (ms) by key and candidate."""
         report: dict[str, dict[str, float]] = {}
         if self.lora is None or filled < 1:
             return report
         model = self.model
+        width = next(iter(self.lora.layers[0].values())).width  # as the step reads it
         self.context_lens.fill_(1)  # as at capture: read block 0, write nothing
         try:
             for bs in self.buckets:
                 if bs < min_bucket:
                     continue
                 for mode, segs in self._lora_modes(bs).items():
-                    key = model.lora_tune_key(bs, mode, self.lora.max_pages * PAGE_ROWS)
+                    key = model.lora_tune_key(bs, mode, width)
                     if configs.get("lora_decode", key) is not None:
                         continue
                     if mode == "token":

@@ -221,8 +221,8 @@ class LlamaModel:
         if self.lora_configs is None:
             return {}
         path = "token" if use_token_path(tokens, meta) else "segment"
-        rank = group.pages.shape[2] * group.a.shape[2]  # the pool's: pages x PAGE_ROWS
-        return self.lora_configs.get("lora_decode", self.lora_tune_key(tokens, path, rank)) or {}
+        key = self.lora_tune_key(tokens, path, group.width)
+        return self.lora_configs.get("lora_decode", key) or {}
 
     @staticmethod
     def _uses(inp: ForwardInputs, name: str) -> bool:
