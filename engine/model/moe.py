@@ -40,13 +40,24 @@ def route(h: torch.Tensor, router: torch.Tensor, config: ModelConfig):
     return top.to(h.dtype), ids.to(torch.int32)
 
 
+# The fewest (token, expert) pairs a step's expert LoRA takes the segment kernels from. One
+# Qwen3-30B-A3B layer on the H100 (bench_moe_lora.py, rank 8, Zipf adapters), per-token
+# against grouped, ms: 32 adapters 1,024 tokens (8,192 pairs, 2 per (adapter, expert))
+# 1.217 / 1.320, 1,536 tokens 1.476 / 1.429, 2,048 tokens 1.808 / 1.603; 8 adapters 512
+# tokens (4 per (adapter, expert)) 0.851 / 0.918. Below ~10,000 pairs the device grouping's
+# ~25 small ops cost more than the repeated A and B reads they save.
+GROUPED_MIN_PAIRS = 12_288
+
+
 def expert_grouped(meta: LoraMeta, config: ModelConfig, decode: bool) -> bool:
     """The segment kernels for a step's expert LoRA: when its adapters' tokens route at least
     2 pairs per (adapter, expert) on average (:func:`use_token_path`'s rule over each
-    adapter's E experts; host ints of the step's meta). Decode steps take the per-token
-    kernels (a graph's meta is padded: its counts are bounds)."""
+    adapter's E experts) and :data:`GROUPED_MIN_PAIRS` in all (host ints of the step's
+    meta). Decode steps take the per-token kernels (a graph's meta is padded: its counts are
+    bounds; and no decode batch reaches that many pairs)."""
     pairs = meta.num_lora_tokens * config.num_experts_per_tok
-    return not decode and pairs >= 2 * meta.num_segments * config.num_experts
+    need = max(2 * meta.num_segments * config.num_experts, GROUPED_MIN_PAIRS)
+    return not decode and pairs >= need
 
 
 def expert_meta(

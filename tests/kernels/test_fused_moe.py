@@ -128,20 +128,27 @@ def test_expert_lora_triton_matches_reference(dtype, grouped, tmp_path, monkeypa
 
 
 def test_expert_grouped_when_pairs_fill_segments():
-    # host ints only: at least 2 pairs per (adapter, expert) on average, never in decode
-    from loraplex.engine.model.moe import expert_grouped
+    # host ints only: at least 2 pairs per (adapter, expert) on average and GROUPED_MIN_PAIRS
+    # in all (12,288: 1,536 tokens at top-8), never in decode
+    from loraplex.engine.model.moe import GROUPED_MIN_PAIRS, expert_grouped
 
     cfg = dataclasses.replace(CFG, num_experts=128, num_experts_per_tok=8)
-    spread = torch.arange(2048, dtype=torch.int32) % 32  # 32 adapters
-    assert expert_grouped(build_lora_meta(spread), cfg, decode=False)  # 16384 pairs >= 8192
-    assert not expert_grouped(build_lora_meta(spread[:256]), cfg, decode=False)
-    assert not expert_grouped(build_lora_meta(spread), cfg, decode=True)
-    one = torch.zeros(16, dtype=torch.int32)  # one adapter: 128 pairs < 256
-    assert not expert_grouped(build_lora_meta(one), cfg, decode=False)
-    assert expert_grouped(build_lora_meta(one.repeat(2)), cfg, decode=False)
-    some_none = torch.tensor([0] * 32 + [-1] * 500, dtype=torch.int32)  # base tokens count not
-    assert expert_grouped(build_lora_meta(some_none), cfg, decode=False)
-    assert not expert_grouped(build_lora_meta(some_none[24:]), cfg, decode=False)
+    assert GROUPED_MIN_PAIRS == 1536 * 8
+
+    def grouped(slots, decode=False):
+        return expert_grouped(build_lora_meta(torch.tensor(slots, dtype=torch.int32)), cfg, decode)
+
+    spread = [i % 32 for i in range(2048)]  # 32 adapters
+    assert grouped(spread)  # 16,384 pairs >= 8,192 and >= 12,288
+    assert grouped(spread[:1536])
+    assert not grouped(spread[:1535])  # 2 pairs per (adapter, expert), but too few in all
+    assert not grouped(spread[:1024])  # the H100's per-token layer was 8 % faster here
+    assert not grouped(spread, decode=True)
+    assert not grouped([i % 96 for i in range(2048)])  # 96 adapters: 1.3 per (adapter, expert)
+    assert grouped([i % 64 for i in range(2048)])  # 64: 2
+    assert not grouped([i % 8 for i in range(512)])  # 4 per (adapter, expert), 4,096 in all
+    assert grouped([0] * 1536 + [-1] * 500)  # tokens with no adapter count not
+    assert not grouped([0] * 1535 + [-1] * 600)
 
 
 @gpu
