@@ -40,7 +40,7 @@ from test_moe_parity import (
     write_adapter,
 )
 
-from loraplex.engine.model import moe
+from loraplex.engine.model import llama, moe
 from loraplex.engine.model_runner import ModelRunner
 
 pytestmark = pytest.mark.gpu
@@ -75,9 +75,16 @@ def test_moe_bf16_gpu_matches_hf(tmp_path, monkeypatch):
     # graphs; eager; graphs with GROUPED_MIN_PAIRS off, so that the prefills' expert LoRA
     # takes the segment kernels over the pairs grouped on the device (these prompts route
     # fewer pairs than that bound, and 2 per (adapter, expert) and more)
-    min_pairs = moe.GROUPED_MIN_PAIRS
+    min_pairs, chose = moe.GROUPED_MIN_PAIRS, []
+
+    def recorded(*args, **kw):  # the path each MoE layer takes, so the mode shows it ran
+        chose.append(moe.expert_grouped(*args, **kw))
+        return chose[-1]
+
+    monkeypatch.setattr(llama, "expert_grouped", recorded)
     for mode in ("graphs", "eager", "graphs grouped"):
         monkeypatch.setattr(moe, "GROUPED_MIN_PAIRS", 0 if mode == "graphs grouped" else min_pairs)
+        chose.clear()
         runner = ModelRunner(
             str(base), device="cuda", dtype=torch.bfloat16, block_size=16, max_num_seqs=8,
             max_model_len=256, max_loras=4, max_lora_rank=64, num_blocks=16 * 8,
@@ -92,6 +99,7 @@ def test_moe_bf16_gpu_matches_hf(tmp_path, monkeypatch):
             med, top = position_errors(logits, ref)
             print(f"{mode} seq {i}: rel err median {med:.2e} max {top:.2e}")
             errors[(mode, i)] = med, top
+        assert any(chose) == (mode == "graphs grouped"), f"{mode}: grouped path {chose}"
     bad = {
         k: f"{m:.2e}/{t:.2e}"
         for k, (m, t) in errors.items()

@@ -133,22 +133,22 @@ def test_expert_grouped_when_pairs_fill_segments():
     from loraplex.engine.model.moe import GROUPED_MIN_PAIRS, expert_grouped
 
     cfg = dataclasses.replace(CFG, num_experts=128, num_experts_per_tok=8)
-    assert GROUPED_MIN_PAIRS == 1536 * 8
+    n = GROUPED_MIN_PAIRS // 8  # tokens at top-8
 
     def grouped(slots, decode=False):
         return expert_grouped(build_lora_meta(torch.tensor(slots, dtype=torch.int32)), cfg, decode)
 
     spread = [i % 32 for i in range(2048)]  # 32 adapters
-    assert grouped(spread)  # 16,384 pairs >= 8,192 and >= 12,288
-    assert grouped(spread[:1536])
-    assert not grouped(spread[:1535])  # 2 pairs per (adapter, expert), but too few in all
+    assert grouped(spread)  # 16,384 pairs >= 8,192 and >= GROUPED_MIN_PAIRS
+    assert grouped(spread[:n])
+    assert not grouped(spread[: n - 1])  # 2 pairs per (adapter, expert), but too few in all
     assert not grouped(spread[:1024])  # the H100's per-token layer was 8 % faster here
     assert not grouped(spread, decode=True)
     assert not grouped([i % 96 for i in range(2048)])  # 96 adapters: 1.3 per (adapter, expert)
     assert grouped([i % 64 for i in range(2048)])  # 64: 2
     assert not grouped([i % 8 for i in range(512)])  # 4 per (adapter, expert), 4,096 in all
-    assert grouped([0] * 1536 + [-1] * 500)  # tokens with no adapter count not
-    assert not grouped([0] * 1535 + [-1] * 600)
+    assert grouped([0] * n + [-1] * 500)  # tokens with no adapter count not
+    assert not grouped([0] * (n - 1) + [-1] * 600)
 
 
 @gpu
