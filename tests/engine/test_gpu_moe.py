@@ -18,7 +18,8 @@ the same tokens) lands further from float32, within 1.25x of its median; and no 
 3.05-3.48e-2 with adapters, and transformers' bf16 on the CPU 3.2-6.1e-2 on the same
 sequences (1.6e-2 on the base one; ours 1.3e-2). Graph replay equals eager (same kernels)
 within 3e-2, and the prefills' expert LoRA on the segment kernels over grouped pairs (forced:
-these prompts route fewer pairs than ``moe.GROUPED_MIN_PAIRS``) equals the per-token one."""
+these prompts route fewer pairs than ``moe.GROUPED_MIN_PAIRS``) equals the per-token one by
+the same per-position bounds (another summation order: a near tie may flip)."""
 
 from __future__ import annotations
 
@@ -108,4 +109,11 @@ def test_moe_bf16_gpu_matches_hf(tmp_path, monkeypatch):
     assert not bad, f"(mode, sequence): relative error median/max {bad}; median bounds {median_tol}"
     for i, (g, e, gg) in enumerate(zip(*got_by_mode.values(), strict=True)):
         assert rel_err(g, e) < 3e-2, f"sequence {i}: graph replay differs from eager"
-        assert rel_err(gg, g) < 3e-2, f"sequence {i}: grouped expert LoRA differs from per-token"
+        # per position, as against the reference: the grouped kernels sum in another order,
+        # and bf16 rounding then flips a near-tied expert now and then (H100, 12-06: one
+        # position of sequence 1 0.10 apart, both as near float32 as the other modes)
+        med, top = position_errors(gg, g)
+        assert med < MEDIAN_TOL and top < SPIKE_TOL, (
+            f"sequence {i}: grouped expert LoRA differs from per-token: median {med:.2e}, "
+            f"max {top:.2e}"
+        )
