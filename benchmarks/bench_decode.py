@@ -99,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FP8: FP8 activations from this step size",
     )
     p.add_argument("--kernel-config-dir", default=None, help="per-GPU launch-config cache")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="fp8: the KV cache in e4m3 (scale 1)",
+    )
     p.add_argument("--smoke", action="store_true", help="dummy:tiny, tiny counts (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -123,6 +129,7 @@ def build_runner(args, device: torch.device, max_batch: int, num_slots: int) -> 
         quantization=args.quantization,
         fp8_w8a8_min_tokens=args.fp8_w8a8_min_tokens,
         kernel_config_dir=Path(args.kernel_config_dir) if args.kernel_config_dir else None,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -197,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with torch.inference_mode():
         for k_cache, v_cache in runner.kv_caches:  # random KV (never time on zeros)
-            k_cache.normal_()
-            v_cache.normal_()
+            for c in (k_cache, v_cache):  # (FP8 caches have no normal_)
+                c.copy_(torch.randn(c.shape, device=c.device, dtype=runner.dtype))
         with tempfile.TemporaryDirectory(prefix="lpx-decode-") as tmp:
             files = [
                 runner.read_adapter(write_peft_adapter(Path(tmp) / f"w{i}", cfg, args.rank, seed=i))
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         floor_bytes = (
             base_step_bytes(cfg, w_bytes, b, elem)
             + n_adapters * a_bytes
-            + kv_read_bytes(cfg, b, args.context, elem)
+            + kv_read_bytes(cfg, b, args.context, runner.kv_caches[0][0].element_size())
         )
         floor = floor_bytes / bw
         row = {

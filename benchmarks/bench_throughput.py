@@ -133,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--kernel-config-dir", default=None, help="per-GPU launch-config cache")
     p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="fp8: the KV cache in e4m3 (scale 1)",
+    )
+    p.add_argument(
         "--launch-variant",
         default=None,
         help="run every case under this variant of sweep_decode_lora.py's LoRA launch configs "
@@ -172,6 +178,7 @@ def make_runner(args, device: torch.device) -> ModelRunner:
         quantization=args.quantization,
         fp8_w8a8_min_tokens=args.fp8_w8a8_min_tokens,
         kernel_config_dir=Path(args.kernel_config_dir) if args.kernel_config_dir else None,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -85,6 +85,9 @@ class EngineConfig:
     # token inside the Triton GEMM up to 32 tokens, per token for torch._scaled_mm past that);
     # below it the weight-only FP8 kernel (bf16 activations). 1: every step
     fp8_w8a8_min_tokens: int = 1
+    # "fp8": the KV cache in e4m3 (scale 1, saturating at +-448): twice the tokens in the
+    # same memory, half the KV bytes a decode step reads; "auto": the model's dtype
+    kv_cache_dtype: str = "auto"
     # where measured kernel launch configs are kept, one JSON file per GPU model (None: none
     # kept; the kernels size themselves from the device's properties); with
     # ``kernel_tuning`` the warm-up measures the shapes missing from it
@@ -187,6 +190,11 @@ class EngineConfig:
                 "fp8 is not served with tensor_parallel_size > 1 yet",
             ),
             (self.fp8_w8a8_min_tokens >= 1, "fp8_w8a8_min_tokens", "must be positive"),
+            (
+                self.kv_cache_dtype in ("auto", "fp8"),
+                "kv_cache_dtype",
+                "must be auto or fp8",
+            ),
             (
                 self.dtype == "auto" or self.dtype in _DTYPES,
                 "dtype",

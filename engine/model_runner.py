@@ -23,6 +23,7 @@ from loraplex.engine.batch import ScheduledBatch, SeqChunk
 from loraplex.engine.devices import configure_pinned_memory
 from loraplex.engine.kernels._triton import l2_bytes
 from loraplex.engine.kernels.fp8_linear import fp8_candidates, fp8_linear_w8a16, fp8_mode
+from loraplex.engine.kernels.kv_cache_write import FP8_KV
 from loraplex.engine.kernels.lora_expand import token_path_sizes
 from loraplex.engine.kernels.tuning import LaunchConfigs
 from loraplex.engine.lora.pool import PAGE_ROWS, LoraPool, page_bytes
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_LORA_MEMORY_FRACTION = 0.2  # of the GPU memory left after the weights
 GRAPH_RESERVE_BYTES = 256 * 2**20  # left free for CUDA graph pools and allocator slack
+KV_CACHE_DTYPES = ("auto", "fp8")  # the model's dtype; e4m3 with a scale of 1
 DEFAULT_PREFILL_GRAPH_TOKENS = 1024  # steps up to this many tokens replay PrefillGraphs
 
 
@@ -85,10 +87,15 @@ class ModelRunner:
         kernel_tuning: bool = True,
         tp: TPGroup | None = None,
         window_groups: bool = True,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """``window_groups``: sliding-window layers read tables of their own and give the
         blocks behind the window back (``_kv_layout``); False: one table for every layer
-        (the layout before, benchmarks/bench_window_kv.py's baseline)."""
+        (the layout before, benchmarks/bench_window_kv.py's baseline). ``kv_cache_dtype``:
+        "auto" (the model's dtype) or "fp8" (e4m3, scale 1: half the bytes of bf16 a token,
+        so twice the tokens in the same memory and half the KV reads of a decode step)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: one of {KV_CACHE_DTYPES}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -109,6 +116,10 @@ class ModelRunner:
         self.tp = tp
         self.local_config = cfg if tp is None else shard_config(cfg, tp.size)
         self.dtype = model.weights.embed.dtype
+        self.kv_dtype = FP8_KV if kv_cache_dtype == "fp8" else self.dtype
+        if self.kv_dtype == FP8_KV and K.use_triton(model.weights.embed):
+            if not K.fp8_ok(model.weights.embed):
+                raise ValueError("kv_cache_dtype fp8 needs a GPU of compute capability >= 8.9")
         # adapters read into pinned host memory on CUDA (their GPU writes are async copies);
         # False keeps them pageable (bench_adapter_scale --host-pageable: each new pinned
         # buffer is a cudaHostAlloc, whose cost that benchmark's ``pin`` section measures)
@@ -227,7 +238,7 @@ class ModelRunner:
 
     def block_bytes(self) -> int:
         c = self.local_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
 
     def _kv_layout(self, windows: list[int]) -> None:
@@ -266,7 +277,7 @@ class ModelRunner:
     def _id_bytes(self) -> int:
         """The bytes of one block id (a group's layers)."""
         c = self.local_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * self.kv_group_size * self.block_size * c.num_kv_heads * c.head_dim * elem
 
     def _alloc_kv(self, num_ids: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -274,7 +285,7 @@ class ModelRunner:
         layers (``_kv_layout``)."""
         c = self.local_config
         shape = (self.kv_group_size, 2, num_ids, self.block_size, c.num_kv_heads, c.head_dim)
-        arena = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        arena = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         return [(arena[j, 0], arena[j, 1]) for j in self.kv_slot]
 
     def _cpu_num_blocks(self, kv_cache_bytes: int | None) -> int:

@@ -102,6 +102,7 @@ def runner_options(config: EngineConfig) -> dict[str, Any]:
         "seed": config.seed,
         "quantization": config.quantization,
         "fp8_w8a8_min_tokens": config.fp8_w8a8_min_tokens,
+        "kv_cache_dtype": config.kv_cache_dtype,
         "kernel_config_dir": config.kernel_config_dir,
         "kernel_tuning": config.kernel_tuning,
     }

@@ -28,6 +28,8 @@ class GatewaySettings(StoreSettings, AdminAuthSettings):
     # FP8 projections: W8A8 (torch._scaled_mm) from this many tokens in a step, the
     # weight-only FP8 kernel below
     fp8_w8a8_min_tokens: int = Field(default=1, ge=1)
+    # "fp8": the KV cache in e4m3 (scale 1): twice the tokens in the same memory
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # measured kernel launch configs, one JSON file per GPU model (default
     # <data_dir>/kernel-configs); kernel_tuning: the warm-up measures missing shapes
     kernel_config_dir: Path | None = None

@@ -46,6 +46,7 @@ def engine_config(settings: GatewaySettings) -> EngineConfig:
         prefill_graph_tokens=settings.prefill_graph_tokens,
         quantization=settings.quantization,
         fp8_w8a8_min_tokens=settings.fp8_w8a8_min_tokens,
+        kv_cache_dtype=settings.kv_cache_dtype,
         kernel_config_dir=settings.kernel_config_dir or settings.data_dir / "kernel-configs",
         kernel_tuning=settings.kernel_tuning,
         tensor_parallel_size=settings.tensor_parallel_size,

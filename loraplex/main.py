@@ -56,6 +56,22 @@ QuantOpt = Annotated[
 ]
 
 
+class KvCacheDType(StrEnum):
+    auto = "auto"
+    fp8 = "fp8"
+
+
+KvCacheOpt = Annotated[
+    KvCacheDType | None,
+    typer.Option(
+        "--kv-cache-dtype",
+        help="auto: the KV cache in the model's dtype; fp8: in e4m3 with a scale of 1 "
+        "(values past +-448 saturate), twice the tokens in the same memory "
+        "(LORAPLEX_KV_CACHE_DTYPE; default auto). Needs compute capability >= 8.9 on GPU.",
+    ),
+]
+
+
 DataDir = Annotated[
     Path | None,
     typer.Option(help="Embedded-mode data directory (LORAPLEX_DATA_DIR; default ./.loraplex)."),
@@ -97,6 +113,7 @@ def serve(
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
     quantization: QuantOpt = None,
+    kv_cache_dtype: KvCacheOpt = None,
     tensor_parallel_size: TensorParallel = None,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (LORAPLEX_HOST; default 127.0.0.1).")
@@ -121,6 +138,7 @@ def serve(
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
         quantization=quantization.value if quantization else None,
+        kv_cache_dtype=kv_cache_dtype.value if kv_cache_dtype else None,
         tensor_parallel_size=tensor_parallel_size,
         host=host,
         port=port,
@@ -137,6 +155,7 @@ def engine_command(
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
     quantization: QuantOpt = None,
+    kv_cache_dtype: KvCacheOpt = None,
     tensor_parallel_size: TensorParallel = None,
     listen: Annotated[
         str,
@@ -161,6 +180,7 @@ def engine_command(
         device=device.value if device else None,
         dtype=dtype.value if dtype else None,
         quantization=quantization.value if quantization else None,
+        kv_cache_dtype=kv_cache_dtype.value if kv_cache_dtype else None,
         tensor_parallel_size=tensor_parallel_size,
         data_dir=data_dir,
         engine_http=http,

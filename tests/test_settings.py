@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import typer
 from harness.cli import SECRET as GOOD_SECRET
 from pydantic import ValidationError
 
@@ -158,3 +159,19 @@ def test_engine_config_takes_quantization_and_kernel_configs(
     monkeypatch.setenv("LORAPLEX_QUANTIZATION", "int4")
     with pytest.raises(ValidationError):
         GatewaySettings()
+
+
+def test_kv_cache_dtype_reaches_the_engine(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from loraplex.engine.runner import runner_options
+    from loraplex.engine_wiring import engine_config
+    from loraplex.serve import load_settings
+
+    assert runner_options(engine_config(GatewaySettings()))["kv_cache_dtype"] == "auto"
+    monkeypatch.setenv("LORAPLEX_KV_CACHE_DTYPE", "fp8")
+    assert runner_options(engine_config(GatewaySettings()))["kv_cache_dtype"] == "fp8"
+    # the command line's option over the environment
+    assert load_settings(kv_cache_dtype="auto").kv_cache_dtype == "auto"
+    monkeypatch.setenv("LORAPLEX_KV_CACHE_DTYPE", "int8")
+    with pytest.raises(typer.Exit):  # one line naming the setting, exit status 2
+        load_settings()
+    assert "LORAPLEX_KV_CACHE_DTYPE" in capsys.readouterr().err

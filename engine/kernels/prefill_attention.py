@@ -112,6 +112,7 @@ if HAVE_TRITON:
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(kc_ptr + kv_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(vc_ptr + kv_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache: widened in registers
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:

@@ -10,6 +10,9 @@ not stored). The k and v columns of ``qkv`` are undefined afterwards (the refere
 k in place there; the kernel leaves them); attention reads K and V from the cache.
 
 One launch instead of three (the delta add, rotary, the cache write) per layer.
+
+An FP8 cache (``float8_e4m3fn``, ``--kv-cache-dtype fp8``) stores K and V cast with a scale of
+1 (vLLM's default without calibrated scales), saturated at +-448 (e4m3's largest finite).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.kernels._triton import HAVE_TRITON, next_pow2, tl, triton
-from loraplex.engine.kernels.kv_cache_write import kv_cache_write_ref
+from loraplex.engine.kernels.kv_cache_write import FP8_KV, kv_cache_write_ref
 from loraplex.engine.kernels.rotary import rotary_ref
 
 
@@ -53,6 +56,13 @@ def rope_cache_ref(
 if HAVE_TRITON:
 
     @triton.jit
+    def _to_cache(x, c_ty: tl.constexpr, SAT: tl.constexpr):
+        """float32 -> the cache's type; FP8 caches saturate at e4m3's +-448."""
+        if SAT:
+            x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        return x.to(c_ty)
+
+    @triton.jit
     def _rope_cache_kernel(
         qkv_ptr,
         d_ptr,
@@ -75,6 +85,7 @@ if HAVE_TRITON:
         BLOCK_DV: tl.constexpr,
         HAS_DELTA: tl.constexpr,
         HAS_PASS: tl.constexpr,  # partial rotary: dims 2 * HALF .. D pass unturned
+        SAT: tl.constexpr,  # an FP8 cache: values clamped to +-448 before the cast
     ):
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -118,8 +129,8 @@ if HAVE_TRITON:
             if HAS_DELTA:
                 k1 += tl.load(drow + pk, mask=mk, other=0.0).to(tl.float32)
                 k2 += tl.load(drow + pk + HALF, mask=mk, other=0.0).to(tl.float32)
-            tl.store(kc_ptr + dst, (k1 * cos - k2 * sin).to(c_ty), mask=mk)
-            tl.store(kc_ptr + dst + HALF, (k2 * cos + k1 * sin).to(c_ty), mask=mk)
+            tl.store(kc_ptr + dst, _to_cache(k1 * cos - k2 * sin, c_ty, SAT), mask=mk)
+            tl.store(kc_ptr + dst + HALF, _to_cache(k2 * cos + k1 * sin, c_ty, SAT), mask=mk)
             if HAS_PASS:
                 mkp = gmask & pmask[None, :]
                 pkp = HQ * D + offs_g[:, None] * D + offs_p[None, :]
@@ -127,7 +138,7 @@ if HAVE_TRITON:
                 if HAS_DELTA:
                     kp += tl.load(drow + pkp, mask=mkp, other=0.0).to(tl.float32)
                 dstp = slot * HKV * D + offs_g[:, None] * D + offs_p[None, :]
-                tl.store(kc_ptr + dstp, kp.to(c_ty), mask=mkp)
+                tl.store(kc_ptr + dstp, _to_cache(kp, c_ty, SAT), mask=mkp)
             # v: the whole head, unturned
             offs_v = tl.arange(0, BLOCK_DV)
             mv = gmask & (offs_v[None, :] < D)
@@ -136,7 +147,7 @@ if HAVE_TRITON:
             if HAS_DELTA:
                 v += tl.load(drow + pv, mask=mv, other=0.0).to(tl.float32)
             dstv = slot * HKV * D + offs_g[:, None] * D + offs_v[None, :]
-            tl.store(vc_ptr + dstv, v.to(c_ty), mask=mv)
+            tl.store(vc_ptr + dstv, _to_cache(v, c_ty, SAT), mask=mv)
 
 
 def rope_cache(
@@ -181,5 +192,6 @@ def rope_cache(
             BLOCK_DV=next_pow2(d),
             HAS_DELTA=delta is not None,
             HAS_PASS=rot < d,
+            SAT=k_cache.dtype == FP8_KV,
         )  # fmt: skip
     return qkv[:, : num_heads * d].reshape(T, num_heads, d)

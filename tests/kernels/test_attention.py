@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, assert_close, gpu
 
+from loraplex.engine.kernels.kv_cache_write import FP8_KV
 from loraplex.engine.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
@@ -80,6 +81,48 @@ def test_prefill(case, dtype, host_max):
     max_q = max(qlens) if host_max else None
     args = (q.to(dv), kc.to(dv), vc.to(dv), bt.to(dv), cu.to(dv), cl.to(dv), scale)
     out = prefill_attention(*args, max_q_len=max_q)
+    assert_close(out, ref, dtype, tol=2e-5 if dtype == torch.float32 else None)
+
+
+def fp8_caches(kc, vc, scale=3.0):
+    """The caches in e4m3 (values spread over its exponents), and their float32 values."""
+    k8, v8 = (kc.float() * scale).to(FP8_KV), (vc.float() * scale).to(FP8_KV)
+    return k8, v8, k8.float(), v8.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [1, 3])
+def test_paged_decode_fp8_cache(case, dtype):
+    """An e4m3 cache (``--kv-cache-dtype fp8``): the kernel widens K and V to the query's
+    dtype in registers; the same values as a float32 cache."""
+    lens, bs, hq, hkv, d = DECODE_CASES[case]
+    gen = torch.Generator().manual_seed(50 + case)
+    kc, vc, bt = make_cache(lens, bs, hkv, d, torch.float32, gen)
+    k8, v8, kf, vf = fp8_caches(kc, vc)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_decode_attention_ref(q.float(), kf, vf, bt, cl, d**-0.5)
+    assert torch.equal(paged_decode_attention_ref(q.float(), k8, v8, bt, cl, d**-0.5), ref)
+    dv = DEVICE
+    out = paged_decode_attention(q.to(dv), k8.to(dv), v8.to(dv), bt.to(dv), cl.to(dv), d**-0.5)
+    assert_close(out, ref, dtype, tol=2e-5 if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_fp8_cache(dtype):
+    qlens, cached, bs, hq, hkv, d = PREFILL_CASES[2]
+    gen = torch.Generator().manual_seed(60)
+    lens = [a + b for a, b in zip(qlens, cached, strict=True)]
+    kc, vc, bt = make_cache(lens, bs, hkv, d, torch.float32, gen)
+    k8, v8, kf, vf = fp8_caches(kc, vc)
+    q = torch.randn(sum(qlens), hq, d, generator=gen).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    ref = prefill_attention_ref(q.float(), kf, vf, bt, cu, cl, d**-0.5)
+    assert torch.equal(prefill_attention_ref(q.float(), k8, v8, bt, cu, cl, d**-0.5), ref)
+    dv = DEVICE
+    args = (q.to(dv), k8.to(dv), v8.to(dv), bt.to(dv), cu.to(dv), cl.to(dv), d**-0.5)
+    out = prefill_attention(*args, max_q_len=max(qlens))
     assert_close(out, ref, dtype, tol=2e-5 if dtype == torch.float32 else None)
 
 

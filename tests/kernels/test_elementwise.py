@@ -7,7 +7,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, assert_close, gpu
 
-from loraplex.engine.kernels.kv_cache_write import kv_cache_write_ref
+from loraplex.engine.kernels.kv_cache_write import FP8_KV, kv_cache_write_ref
 from loraplex.engine.kernels.rms_norm import rms_norm, rms_norm_ref
 from loraplex.engine.kernels.rope_cache import rope_cache, rope_cache_ref
 from loraplex.engine.kernels.rotary import rotary_cos_sin_cache, rotary_ref
@@ -169,6 +169,40 @@ def test_rope_cache_partial_rotary(T, hq, hkv, d, rot, with_delta):
     )
     torch.testing.assert_close(q[..., rot:], qkv[:, : hq * d].reshape(T, hq, d)[..., rot:])
     assert not torch.allclose(q[1:, :, :rot], qkv[1:, : hq * d].reshape(T - 1, hq, d)[..., :rot])
+
+
+def test_rope_cache_fp8_cache():
+    """An e4m3 cache: K and V stored at their slots, cast with a scale of 1 and saturated at
+    +-448, by the kernel as by the reference. Position 0 leaves k unturned (cos 1, sin 0) and
+    the inputs are e4m3 values or far past its range, so that both casts are exact (Triton's
+    interpreter rounds some float32 -> e4m3 casts wrongly; the GPU test checks rounding)."""
+    T, hq, hkv, d, bs = 6, 4, 2, 16, 4
+    gen = torch.Generator().manual_seed(3)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos_sin = rotary_cos_sin_cache(inv, 64)
+    width = (hq + 2 * hkv) * d
+    qkv = (torch.randn(T, width, generator=gen) * 40).to(FP8_KV).float()
+    qkv[0, hq * d] = 1000.0  # k past the range
+    qkv[1, (hq + hkv) * d + 3] = -3000.0  # v past the range
+    nb = 4
+    kc = torch.zeros(nb, bs, hkv, d, dtype=FP8_KV)
+    vc = torch.zeros(nb, bs, hkv, d, dtype=FP8_KV)
+    pos = torch.zeros(T, dtype=torch.long)
+    slots = torch.tensor([5, 0, -1, 9, 15, 2])
+    kr, vr = kc.clone(), vc.clone()
+    rope_cache_ref(qkv.clone(), pos, cos_sin, kr, vr, slots, hq, hkv)
+    k_in = qkv[:, hq * d : (hq + hkv) * d].reshape(T, hkv, d)
+    v_in = qkv[:, (hq + hkv) * d :].reshape(T, hkv, d)
+    for t, s_ in enumerate(slots.tolist()):
+        if s_ >= 0:
+            assert torch.equal(kr.view(-1, hkv, d)[s_].float(), k_in[t].clamp(-448, 448))
+            assert torch.equal(vr.view(-1, hkv, d)[s_].float(), v_in[t].clamp(-448, 448))
+    assert kr.view(-1, hkv, d)[5, 0, 0].float() == 448 and vr.view(-1, hkv, d)[0, 0, 3] == -448
+    kd, vd = kc.to(DEVICE), vc.to(DEVICE)
+    args = (pos.to(DEVICE), cos_sin.to(DEVICE), kd, vd, slots.to(DEVICE), hq, hkv)
+    rope_cache(qkv.clone().to(DEVICE), *args)
+    assert kd.dtype == FP8_KV
+    assert torch.equal(kd.cpu().float(), kr.float()) and torch.equal(vd.cpu().float(), vr.float())
 
 
 def test_rope_cache_rejects_bad_shapes():
