@@ -11,10 +11,9 @@ adapters work as with any cache; a bad setting is refused in one line.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from engine_drive import drive
 from model_builders import (
     VOCAB,
     AdapterSpec,
@@ -96,17 +95,8 @@ def test_engine_with_fp8_cache_prefix_hit_and_adapter(tmp_path):
     got: dict[str, list[int]] = {}
     cached: dict[str, int] = {}
     for batch in ([("a", 0, None), ("b", 1, ref)], [("c", 0, None), ("d", 1, ref)]):
-        for rid, p, a in batch:
-            engine.add_request(Request(rid, prompts[p], greedy, a))
-            got[rid] = []
-        for _ in range(3000):
-            for o in engine.step():
-                got[o.request_id] += [t for c in o.choices for t in c.token_ids]
-                cached[o.request_id] = o.cached_tokens
-            if not engine.has_unfinished():
-                break
-            if not engine.last_step_ran:
-                time.sleep(0.002)
+        reqs = [Request(rid, prompts[p], greedy, a) for rid, p, a in batch]
+        got.update(drive(engine, reqs, cached))
     engine.shutdown()
     assert all(len(t) == 5 for t in got.values()), got
     assert got["c"] == got["a"] and got["d"] == got["b"]
