@@ -10,6 +10,8 @@ import torch
 
 from loraplex.engine.errors import InvalidRequest
 
+KV_CACHE_DTYPES = ("auto", "fp8")  # the model's dtype; e4m3 with a scale of 1
+
 
 def host_memory_bytes() -> int:
     """The memory this process may use: physical memory, or the cgroup's limit if lower."""
@@ -191,9 +193,9 @@ class EngineConfig:
             ),
             (self.fp8_w8a8_min_tokens >= 1, "fp8_w8a8_min_tokens", "must be positive"),
             (
-                self.kv_cache_dtype in ("auto", "fp8"),
+                self.kv_cache_dtype in KV_CACHE_DTYPES,
                 "kv_cache_dtype",
-                "must be auto or fp8",
+                f"must be one of {', '.join(KV_CACHE_DTYPES)}",
             ),
             (
                 self.dtype == "auto" or self.dtype in _DTYPES,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from loraplex.engine import kernels as K
 from loraplex.engine.batch import ScheduledBatch, SeqChunk
+from loraplex.engine.config import KV_CACHE_DTYPES
 from loraplex.engine.devices import configure_pinned_memory
 from loraplex.engine.kernels._triton import l2_bytes
 from loraplex.engine.kernels.fp8_linear import fp8_candidates, fp8_linear_w8a16, fp8_mode
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_LORA_MEMORY_FRACTION = 0.2  # of the GPU memory left after the weights
 GRAPH_RESERVE_BYTES = 256 * 2**20  # left free for CUDA graph pools and allocator slack
-KV_CACHE_DTYPES = ("auto", "fp8")  # the model's dtype; e4m3 with a scale of 1
 DEFAULT_PREFILL_GRAPH_TOKENS = 1024  # steps up to this many tokens replay PrefillGraphs
 
 
@@ -117,9 +117,9 @@ class ModelRunner:
         self.local_config = cfg if tp is None else shard_config(cfg, tp.size)
         self.dtype = model.weights.embed.dtype
         self.kv_dtype = FP8_KV if kv_cache_dtype == "fp8" else self.dtype
-        if self.kv_dtype == FP8_KV and K.use_triton(model.weights.embed):
-            if not K.fp8_ok(model.weights.embed):
-                raise ValueError("kv_cache_dtype fp8 needs a GPU of compute capability >= 8.9")
+        embed = model.weights.embed
+        if self.kv_dtype == FP8_KV and K.use_triton(embed) and not K.fp8_ok(embed):
+            raise ValueError("kv_cache_dtype fp8 needs a GPU of compute capability >= 8.9")
         # adapters read into pinned host memory on CUDA (their GPU writes are async copies);
         # False keeps them pageable (bench_adapter_scale --host-pageable: each new pinned
         # buffer is a cudaHostAlloc, whose cost that benchmark's ``pin`` section measures)
