@@ -176,7 +176,7 @@ def main() -> None:
     ns = argparse.Namespace(
         model="dummy:llama3-8b", context=args.context, block_size=16, rank=16,
         max_lora_rank=args.max_lora_rank, quantization=None, fp8_w8a8_min_tokens=1,
-        kernel_config_dir=None,
+        kernel_config_dir=None, kv_cache_dtype="auto",
     )  # fmt: skip
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev, nbytes=1 << 30)
