@@ -59,6 +59,7 @@ from common import (
 from loraplex.engine.api import AdapterRef, Request, SamplingParams
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model.prefill_graphs import PrefillGraphs
 from loraplex.engine.model.presets import PRESETS
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.heap import freeze_heap
@@ -76,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cases; 0 = no adapters; a case may repeat; suffix i (e.g. 32i): LoRA in line, "
         "without the decode side stream (the baseline of that design); suffix s (0s, 32s): "
         "synchronous steps (no async scheduling); suffix u (0u, 32u): the heap not frozen "
-        "(the other cases run, as the engine server does, with gc.freeze() after warm-up)",
+        "(the other cases run, as the engine server does, with gc.freeze() after warm-up); "
+        "suffix f (32f): the gate/up LoRA of prefill and mixed steps unfused (expand, then "
+        "the activation: the layout before lora_silu_and_mul; the prefill graphs recaptured)",
     )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument(
@@ -154,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.num_requests, args.prompt_len, args.output_len = "dummy:tiny", 24, 20, 8
-        args.adapters, args.weight_files, args.max_num_seqs = "0,1,4,16,4u", 2, 8
+        args.adapters, args.weight_files, args.max_num_seqs = "0,1,4,16,4u,4f", 2, 8
         args.max_num_batched_tokens, args.max_loras, args.load_workers = 64, 4, 2
         args.hf_adapters, args.hf_requests, args.hf_batch = "4", 4, 4
     return args
@@ -437,7 +440,8 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
 
         side = runner.model.side_stream
         for case in cases:
-            n, in_line, sync = int(case.rstrip("isu")), "i" in case, "s" in case
+            n, in_line, sync = int(case.rstrip("isuf")), "i" in case, "s" in case
+            set_fused_act(runner, "f" not in case)
             unfrozen = "u" in case
             if unfrozen:  # the startup heap back in the collector's reach, for this case
                 gc.unfreeze()
@@ -453,7 +457,9 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
             row["heap"] = "default" if unfrozen else "frozen"
             if unfrozen:
                 freeze_heap()
-            row["lora"] = "in line" if in_line else "beside"
+            row["lora"] = ("in line" if in_line else "beside") + (
+                ", unfused" if "f" in case else ""
+            )
             row["preload_s"] = load_s
             row["loads_per_s"] = len(refs) / load_s if load_s else float("nan")
             engine.shutdown()
@@ -466,6 +472,23 @@ def run_engine_cases(args, device: torch.device, cases: list[str], ids) -> list[
 
     gc.unfreeze()  # the runner's cycles collectable again: its memory goes on return
     return rows
+
+
+def set_fused_act(runner, on: bool) -> None:  # type: ignore[no-untyped-def]
+    """The gate/up expand inside the activation (``LlamaModel.fuse_lora_act``) on or off; the
+    prefill graphs, which hold the kernels they were captured with, captured again."""
+    if runner.model.fuse_lora_act == on:
+        return
+    runner.model.fuse_lora_act = on
+    if runner.prefill_graphs is not None:
+        tokens = runner.prefill_graphs.buckets[-1]
+        runner.prefill_graphs = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        with torch.inference_mode():
+            runner.prefill_graphs = PrefillGraphs(
+                runner.model, runner.kv_caches, runner.lora, max_tokens=tokens
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,6 +18,7 @@ from loraplex.engine.kernels import fp8_linear as _fp8
 from loraplex.engine.kernels import fused_moe as _moe
 from loraplex.engine.kernels import lora_expand as _expand
 from loraplex.engine.kernels import lora_shrink as _shrink
+from loraplex.engine.kernels import lora_silu_and_mul as _lora_act
 from loraplex.engine.kernels import paged_decode_attention as _decode
 from loraplex.engine.kernels import prefill_attention as _prefill
 from loraplex.engine.kernels import rms_norm as _rms
@@ -87,6 +88,22 @@ def lora_expand(
             b_offsets=b_offsets,
         )  # fmt: skip
     return _expand.lora_expand_ref(*args, accumulate=accumulate, b_offsets=b_offsets)
+
+
+def lora_silu_and_mul(
+    gu,
+    buf,
+    lora_b,
+    ranks,
+    pages,
+    meta: LoraMeta,
+    gelu: bool = False,
+    b_offsets: Sequence[int] | None = None,
+):
+    """The gate/up group's LoRA expand (``buf``: its shrink's partials) added to the GEMM's
+    output ``gu`` inside the gated activation -> ``[T, I]``; ``gelu``: GeGLU."""
+    fn = _pick(_lora_act, "lora_silu_and_mul", gu)
+    return fn(gu, buf, lora_b, ranks, pages, meta, gelu, b_offsets)
 
 
 def moe_blocks(topk_ids, num_experts: int) -> _moe.MoeBlocks | None:
@@ -211,6 +228,7 @@ __all__ = [
     "fp8_ok",
     "lora_expand",
     "lora_shrink",
+    "lora_silu_and_mul",
     "moe_blocks",
     "moe_gemm",
     "paged_decode_attention",

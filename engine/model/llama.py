@@ -175,6 +175,10 @@ class LlamaModel:
         # ``beside``). Off until measured on a GPU: bench_moe_lora.py's "beside" row and
         # bench_throughput.py --moe-lora-beside (recapture the decode graphs after setting it)
         self.moe_lora_beside = False
+        # steps with the LoRA in line on the segment path: the gate/up expand inside the
+        # activation (_gate_up_act). False: expand, then activation (benchmarks' control;
+        # recapture the prefill graphs after setting it)
+        self.fuse_lora_act = True
         # the decode graphs' LoRA launch configs, per batch bucket, path and pool rank, as the
         # warm-up measured them on this GPU model (DecodeGraphs.tune_lora; None or no entry:
         # the kernels' rules). ``lora_launch``: one override for every decode step's LoRA
@@ -469,8 +473,7 @@ class LlamaModel:
                 beside=beside and self.moe_lora_beside, side_stream=self.side_stream,
             )  # fmt: skip
             return x, residual
-        gu, d = self._proj(h, w.gate_up, groups, "gate_up", inp, beside=beside)
-        act = K.silu_and_mul(gu, d, gelu=self.gelu)
+        act = self._gate_up_act(h, w.gate_up, groups, inp, beside)
         if w.post_ff_norm is not None:
             x = self._out(act, w.down, groups, "down", inp, beside, w.post_ff_norm)
         elif tp is not None:
@@ -478,6 +481,37 @@ class LlamaModel:
         else:
             x, _ = self._proj(act, w.down, groups, "down", inp, beside=beside, residual=residual)
         return x, residual
+
+    def _gate_up_act(
+        self,
+        h: torch.Tensor,
+        weight: Weight,
+        groups: dict[str, LoraGroup] | None,
+        inp: ForwardInputs,
+        beside: bool,
+    ) -> torch.Tensor:
+        """gate/up with its LoRA, then the gated activation. A step whose LoRA runs in line
+        on the segment path (prefill and mixed steps) takes the fused kernel
+        (``lora_silu_and_mul``: the expand's delta added inside the activation, so the GEMM's
+        ``[T, 2I]`` output is read once instead of read, rewritten and read again)."""
+        lm = inp.lora
+        if (
+            self.fuse_lora_act
+            and not beside
+            and groups is not None
+            and lm is not None
+            and self._uses(inp, "gate_up")
+            and not use_token_path(h.shape[0], lm)
+        ):
+            group = groups["gate_up"]
+            rank = None if inp.lora_groups is None else inp.lora_groups["gate_up"]
+            gu = self.linear(h, weight)
+            buf = K.lora_shrink(h, group.a, group.ranks, group.pages, lm, max_rank=rank)
+            return K.lora_silu_and_mul(
+                gu, buf, group.b, group.ranks, group.pages, lm, self.gelu, group.b_offsets
+            )
+        gu, d = self._proj(h, weight, groups, "gate_up", inp, beside=beside)
+        return K.silu_and_mul(gu, d, gelu=self.gelu)
 
     def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The last layer's output added into the residual stream, then the final norm."""

@@ -35,12 +35,14 @@ def test_llama_ranks_8_32_in_rank_64_pool_triton_equals_reference(tmp_path, monk
     adapters = [build_adapter(base, tmp_path / f"lora{i}", s) for i, s in enumerate(specs)]
     prompts = prompts_for(3, 320, seed=5)
 
-    def run(kernels: str) -> list[torch.Tensor]:
+    def run(kernels: str, fused: bool = True) -> list[torch.Tensor]:
         monkeypatch.setenv("LORAPLEX_KERNELS", kernels)
         runner = ModelRunner(
             str(base), device=DEVICE, dtype=torch.float16, block_size=4, max_num_seqs=4,
             max_model_len=32, max_loras=4, max_lora_rank=64, num_blocks=40, enforce_eager=True,
         )  # fmt: skip
+        # prefill steps: the gate/up expand inside the activation (lora_silu_and_mul), or not
+        runner.model.fuse_lora_act = fused
         for slot, path in enumerate(adapters):
             runner.write_slot(slot, runner.read_adapter(path))
         # the host's bound per group: the largest rank of the step's adapters there
@@ -49,7 +51,8 @@ def test_llama_ranks_8_32_in_rank_64_pool_triton_equals_reference(tmp_path, monk
         seqs = [Seq(prompts[0], 0, [5, 6]), Seq(prompts[1], 1, [8, 9]), Seq(prompts[2], -1, [4, 3])]
         return runner_logits(runner, seqs, 2)
 
-    ref, tri = run("ref"), run("triton")
-    for r, t in zip(ref, tri, strict=True):
-        assert torch.isfinite(t).all()
+    ref, tri, unfused = run("ref"), run("triton"), run("triton", fused=False)
+    for r, t, f in zip(ref, tri, unfused, strict=True):
+        assert torch.isfinite(t).all() and torch.isfinite(f).all()
         assert rel_err(t, r) < 1e-2
+        assert rel_err(f, r) < 1e-2
