@@ -14,7 +14,9 @@ Zipf(1.0). Per token count, four variants of the layer:
   the shrink reading a repeated copy of the token rows: ``h.repeat_interleave(top_k)``);
 - ``token``: the per-token kernels reading each pair's token row (decode steps now);
 - ``grouped``: the segment kernels over the pairs grouped by (adapter, expert) on the device
-  (prefill and mixed steps now, where their pairs fill the segments: ``expert_grouped``);
+  (prefill and mixed steps now, where their pairs fill the segments: ``expert_grouped``),
+  the gate/up delta added inside the activation (``lora_silu_and_mul``); ``unfused``: the
+  same with the delta added into the GEMM's output before the activation;
 - ``beside``: ``token``'s kernels writing deltas on a high-priority side stream beside the
   grouped GEMMs (``moe_mlp(beside=True)``, as the model's ``moe_lora_beside`` runs decode
   steps; off by default until measured).
@@ -217,6 +219,10 @@ def main() -> None:
             "old": partial(moe_mlp_old, *call, groups, offsets, meta),
             "token": partial(moe_mlp, *call, groups, offsets, meta, grouped=False),
             "grouped": partial(moe_mlp, *call, groups, offsets, meta, grouped=True),
+            # the same with the gate/up expand into the GEMM output, then the activation
+            "unfused": partial(
+                moe_mlp, *call, groups, offsets, meta, grouped=True, fuse_act=False
+            ),
             # decode: the per-token LoRA as deltas beside the grouped GEMMs on a side stream
             "beside": partial(
                 moe_mlp, *call, groups, offsets, meta, grouped=False, beside=True,
@@ -243,7 +249,8 @@ def main() -> None:
         print(
             f"{T:>7} old/new ({new}) {ms['old'] / ms[new]:.2f}x, old/grouped "
             f"{ms['old'] / ms['grouped']:.2f}x; lora/base old {ms['old'] / ms['base']:.3f} "
-            f"new {ms[new] / ms['base']:.3f}; beside/token {ms['beside'] / ms['token']:.3f}",
+            f"new {ms[new] / ms['base']:.3f}; beside/token {ms['beside'] / ms['token']:.3f}; "
+            f"grouped fused/unfused {ms['grouped'] / ms['unfused']:.3f}",
             flush=True,
         )
     if profiles:

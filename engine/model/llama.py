@@ -471,6 +471,7 @@ class LlamaModel:
             x = moe_mlp(
                 h, w.router, gate_up, down, c, ex, self.offsets, inp.lora, grouped=grouped,
                 beside=beside and self.moe_lora_beside, side_stream=self.side_stream,
+                fuse_act=self.fuse_lora_act,
             )  # fmt: skip
             return x, residual
         act = self._gate_up_act(h, w.gate_up, groups, inp, beside)

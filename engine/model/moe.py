@@ -142,11 +142,14 @@ def moe_mlp(
     grouped: bool = False,  # the expert LoRA's kernels: segment or per-token (docstring)
     beside: bool = False,  # the expert LoRA as deltas beside the grouped GEMMs
     side_stream: torch.cuda.Stream | None = None,  # beside: their stream (None: in line)
+    fuse_act: bool = True,  # grouped, in line: the gate/up expand inside the activation
 ) -> torch.Tensor:  # [T, H]
     """``beside``: each expert group's LoRA writes a delta (store mode, no early launch) on
     ``side_stream`` while the main stream runs that group's grouped GEMM; the gate/up delta
     goes into the activation (``silu_and_mul``'s delta), the down delta is added to the
-    pairs' outputs before the weighted sum. The same result as in line."""
+    pairs' outputs before the weighted sum. The same result as in line. Grouped and in line
+    (prefill steps) with ``fuse_act``, the gate/up delta is added inside the activation
+    (``lora_silu_and_mul``) instead of into the GEMM's ``[T * k, 2I]`` output."""
     T, top_k, E = h.shape[0], config.num_experts_per_tok, config.num_experts
     weights, ids = route(h, router, config)
     blocks = K.moe_blocks(ids, E)
@@ -164,10 +167,16 @@ def moe_mlp(
         with side:  # pair q reads h[q // k]
             _lora(h, groups[g_up], offsets[g_up], pmeta, d_up, row_div=top_k, beside=True)
     inter = K.moe_gemm(h, gate_up, ids, False, blocks)  # [T * k, 2I]
-    if lora_up and not beside:
-        _lora(h, groups[g_up], offsets[g_up], pmeta, inter, row_div=top_k)
-    side.join()
-    act = K.silu_and_mul(inter, d_up)  # [T * k, I]
+    if lora_up and not beside and grouped and fuse_act:  # the segment path's tiles: fused
+        g = groups[g_up]
+        buf = K.lora_shrink(h, g.a, g.ranks, g.pages, pmeta, row_div=top_k)
+        b_pages = g.b_pages if g.b_pages is not None else g.pages
+        act = K.lora_silu_and_mul(inter, buf, g.b, g.ranks, b_pages, pmeta, False, g.b_offsets)
+    else:
+        if lora_up and not beside:
+            _lora(h, groups[g_up], offsets[g_up], pmeta, inter, row_div=top_k)
+        side.join()
+        act = K.silu_and_mul(inter, d_up)  # [T * k, I]
     if beside and lora_down:
         d_down = torch.empty(T * top_k, down.shape[1], dtype=h.dtype, device=h.device)
         with side:

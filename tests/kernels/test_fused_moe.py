@@ -109,8 +109,15 @@ def test_expert_lora_triton_matches_reference(dtype, grouped, tmp_path, monkeypa
             h, router, gate_up, down, CFG, groups, offsets, meta, grouped=grouped, beside=True,
             side_stream=side,
         )  # fmt: skip
+        # grouped: the gate/up delta into the GEMM output, then the activation (the fused
+        # kernel's control)
+        outs[f"{mode} unfused"] = moe_mlp(
+            h, router, gate_up, down, CFG, groups, offsets, meta, grouped=grouped, fuse_act=False
+        )
         base = moe_mlp(h, router, gate_up, down, CFG, {}, offsets, None)
     assert_close(outs["triton"], outs["ref"], dtype)
+    assert_close(outs["triton unfused"], outs["ref"], dtype)
+    assert_close(outs["ref unfused"], outs["ref"], dtype)
     assert_close(outs["triton beside"], outs["triton"], dtype)
     assert_close(outs["ref beside"], outs["ref"], dtype)
     # rows of padding as a decode graph's bucket adds them (no adapter; they route to experts
