@@ -248,6 +248,8 @@ def lora_silu_and_mul(
     if config:
         block_n, n_per = config.get("block_n", block_n), config.get("n_per", n_per)
         cfg.update({k: v for k, v in config.items() if k in cfg})
+    if n_per % block_n:
+        raise ValueError(f"n_per {n_per} must be whole blocks of {block_n}")
     strides = (lora_b.stride(0), lora_b.stride(1))
     vec = all(v % PR == 0 for v in (*boffs, *strides, lora_b.storage_offset()))
     nt = meta.tile_seg.shape[0]
