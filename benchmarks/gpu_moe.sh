@@ -16,7 +16,8 @@
 # throughput: benchmarks/bench_throughput.py on dummy:qwen3-30b-a3b (~61 GB of bf16
 # weights), no adapters vs 32 adapters (rank 8 on attention and every expert, Zipf), HF
 # skipped. The adapter arena gets 60 % of what the weights leave (32 resident adapters at
-# ~0.85 GB each), the host cache 40 % of the machine's memory. Target: >= 0.85x.
+# ~0.85 GB each), the host cache 40 % of the machine's memory. Target: >= 0.85x. The case
+# 32f: the same with the experts' gate/up delta added before the activation, not in it.
 # throughput_beside: the same with --moe-lora-beside (decode steps' expert LoRA as deltas
 # beside the grouped GEMMs, off by default until this measures it), its own no-adapter case.
 # (layer prints the same choice for one layer: the "beside" row and beside/token.)
@@ -52,7 +53,7 @@ for s in $SECTIONS; do
       ;;
     throughput)
       step "bench_throughput moe" 420 $PY benchmarks/bench_throughput.py \
-        --model dummy:qwen3-30b-a3b --adapters 0,32 --rank 8 --weight-files 4 \
+        --model dummy:qwen3-30b-a3b --adapters 0,32,32f --rank 8 --weight-files 4 \
         --num-requests 512 --prompt-len 256 --output-len 128 --hf-adapters '' \
         --lora-memory-fraction 0.6 --host-lora-memory-fraction 0.4 \
         --json "$OUT/throughput_moe.json"
