@@ -481,13 +481,15 @@ def set_fused_act(runner, on: bool) -> None:  # type: ignore[no-untyped-def]
         return
     runner.model.fuse_lora_act = on
     if runner.prefill_graphs is not None:
-        tokens = runner.prefill_graphs.buckets[-1]
         runner.prefill_graphs = None
         gc.collect()
         torch.cuda.empty_cache()
         with torch.inference_mode():
             runner.prefill_graphs = PrefillGraphs(
-                runner.model, runner.kv_caches, runner.lora, max_tokens=tokens
+                runner.model,
+                runner.kv_caches,
+                runner.lora,
+                max_tokens=runner.prefill_graph_tokens,
             )
 
 

@@ -49,13 +49,7 @@ def lora_silu_and_mul_ref(
 
 if HAVE_TRITON:
     from loraplex.engine.kernels.lora_expand import _b_tile, _col_offs, _drop, _page_mask
-
-    @triton.jit
-    def _act(g, u, GELU: tl.constexpr):
-        if GELU:  # 0.5 g (1 + tanh(z)) = g sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            return g / (1.0 + tl.exp(-2.0 * z)) * u
-        return g / (1.0 + tl.exp(-g)) * u
+    from loraplex.engine.kernels.silu_and_mul import _act
 
     @triton.jit
     def _tile_x(x_rows, KSTRIDE, KS, xmask, IEEE: tl.constexpr, DT: tl.constexpr):

@@ -28,6 +28,15 @@ def silu_and_mul_ref(
 if HAVE_TRITON:
 
     @triton.jit
+    def _act(g, u, GELU: tl.constexpr):
+        """float32 ``silu(g) * u``, or with ``GELU`` ``gelu_tanh(g) * u`` (also the fused
+        LoRA activation's, ``lora_silu_and_mul``)."""
+        if GELU:  # 0.5 g (1 + tanh(z)) = g sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            return g / (1.0 + tl.exp(-2.0 * z)) * u
+        return g / (1.0 + tl.exp(-g)) * u
+
+    @triton.jit
     def _silu_and_mul_kernel(
         x_ptr,
         d_ptr,
@@ -48,11 +57,7 @@ if HAVE_TRITON:
         if HAS_DELTA:
             g += tl.load(d_ptr + t * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
             u += tl.load(d_ptr + t * stride_d + n_inner + offs, mask=mask, other=0.0).to(tl.float32)
-        if GELU:  # 0.5 g (1 + tanh(z)) = g sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            out = g / (1.0 + tl.exp(-2.0 * z)) * u
-        else:
-            out = g / (1.0 + tl.exp(-g)) * u
+        out = _act(g, u, GELU)
         tl.store(out_ptr + t * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -59,6 +59,11 @@ class LoraGroup:
     b_pages: torch.Tensor | None = None
 
     @property
+    def b_table(self) -> torch.Tensor:
+        """The page table the expand reads B through: ``b_pages``, else ``pages``."""
+        return self.b_pages if self.b_pages is not None else self.pages
+
+    @property
     def width(self) -> int:
         """The pool's rank: each slot's pages x PAGE_ROWS (what the per-token kernels size
         their tiles by, and the decode LoRA's launch-config keys name)."""

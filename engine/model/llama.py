@@ -509,7 +509,7 @@ class LlamaModel:
             gu = self.linear(h, weight)
             buf = K.lora_shrink(h, group.a, group.ranks, group.pages, lm, max_rank=rank)
             return K.lora_silu_and_mul(
-                gu, buf, group.b, group.ranks, group.pages, lm, self.gelu, group.b_offsets
+                gu, buf, group.b, group.ranks, group.b_table, lm, self.gelu, group.b_offsets
             )
         gu, d = self._proj(h, weight, groups, "gate_up", inp, beside=beside)
         return K.silu_and_mul(gu, d, gelu=self.gelu)

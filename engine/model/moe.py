@@ -99,9 +99,8 @@ def _lora(
     buf = K.lora_shrink(
         x, group.a, group.ranks, group.pages, meta, row_div=row_div, early_launch=early
     )
-    b_pages = group.b_pages if group.b_pages is not None else group.pages
     K.lora_expand(
-        buf, group.b, group.ranks, b_pages, offsets, meta, y, accumulate=not beside,
+        buf, group.b, group.ranks, group.b_table, offsets, meta, y, accumulate=not beside,
         early_launch=early, b_offsets=group.b_offsets,
     )  # fmt: skip
 
@@ -170,8 +169,7 @@ def moe_mlp(
     if lora_up and not beside and grouped and fuse_act:  # the segment path's tiles: fused
         g = groups[g_up]
         buf = K.lora_shrink(h, g.a, g.ranks, g.pages, pmeta, row_div=top_k)
-        b_pages = g.b_pages if g.b_pages is not None else g.pages
-        act = K.lora_silu_and_mul(inter, buf, g.b, g.ranks, b_pages, pmeta, False, g.b_offsets)
+        act = K.lora_silu_and_mul(inter, buf, g.b, g.ranks, g.b_table, pmeta, False, g.b_offsets)
     else:
         if lora_up and not beside:
             _lora(h, groups[g_up], offsets[g_up], pmeta, inter, row_div=top_k)
